@@ -1,0 +1,1 @@
+"""mitmproxy addons for the opt-in inspection tier (installed as gateway.addons)."""

@@ -1,0 +1,1 @@
+"""DNS interceptor (installed as gateway.dns; the folder is dns/)."""

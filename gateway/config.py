@@ -1,0 +1,273 @@
+"""Configuration: one TOML file with documented defaults, every option overridable by environment.
+
+Environment variables are `GATEWAY_<SECTION>__<KEY>` (double underscore between
+section and key), e.g. `GATEWAY_STORE__REDIS_URL=redis://127.0.0.1:6379/0`. A value
+is read as a TOML value when it parses as one (numbers, booleans, lists, inline
+tables) and as a plain string otherwise. `GATEWAY_CONFIG` names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.decision import DEFAULT_LIMITS
+from gateway.errors import GatewayError
+from gateway.policy import LIMIT_RANGES, IPNetwork, Limits
+from gateway.presets import BUILTIN_PRESETS, Preset, make_preset
+from gateway.state import PolicyContext
+
+ENV_PREFIX = "GATEWAY_"
+SCOPES = (
+    "admin",
+    "sandboxes:read",
+    "sandboxes:write",
+    "templates:read",
+    "templates:write",
+    "network:registry",
+    "network:allowlisted",
+    "network:unrestricted",
+)
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "network": {"sandbox_subnets": ["10.75.0.0/16", "fdd4:1476:6c7e::/48"]},
+    "store": {
+        "backend": "auto",
+        "path": "var/policies.json",
+        "poll_interval": 0.5,
+        "redis_url": "",
+        "redis_prefix": "gw:",
+        "stream_maxlen": 100_000,
+        "resync_interval": 60.0,
+        "node_id": "",
+    },
+    "api": {"host": "127.0.0.1", "port": 8470, "tokens": []},
+    "limits": {
+        "connections_per_minute": DEFAULT_LIMITS.connections_per_minute,
+        "bandwidth_mbit": DEFAULT_LIMITS.bandwidth_mbit,
+        "burst_mbit": DEFAULT_LIMITS.burst_mbit,
+        "dns_queries_per_minute": DEFAULT_LIMITS.dns_queries_per_minute,
+    },
+    "log": {"format": "auto", "level": "info"},
+    "presets": {},
+}
+
+
+def _invalid(message: str, where: str) -> GatewayError:
+    return GatewayError("CONFIG_INVALID", message, where)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    name: str
+    sha256: str
+    scopes: frozenset[str]
+
+    def matches(self, presented: str) -> bool:
+        digest = hashlib.sha256(presented.encode()).hexdigest()
+        return hmac.compare_digest(digest, self.sha256)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    backend: str
+    path: Path
+    poll_interval: float
+    redis_url: str
+    redis_prefix: str
+    stream_maxlen: int
+    resync_interval: float
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    sandbox_subnets: tuple[IPNetwork, ...]
+    store: StoreConfig
+    api_host: str
+    api_port: int
+    tokens: tuple[ApiToken, ...]
+    default_limits: Limits
+    log_format: str
+    log_level: str
+    presets: Mapping[str, Preset] = field(default_factory=dict)
+    source: str = "defaults"
+
+    def policy_context(self) -> PolicyContext:
+        return PolicyContext(self.sandbox_subnets, self.presets, self.default_limits)
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _merge(base: dict[str, dict[str, Any]], overlay: Mapping[str, Any], where: str) -> None:
+    for section, values in overlay.items():
+        if section not in base:
+            raise _invalid(f"unknown section [{section}]; known: {', '.join(sorted(base))}", f"{where}:{section}")
+        if not isinstance(values, Mapping):
+            raise _invalid(f"[{section}] must be a table", f"{where}:{section}")
+        for key, value in values.items():
+            if section != "presets" and key not in DEFAULTS[section]:
+                known = ", ".join(sorted(DEFAULTS[section]))
+                raise _invalid(f"unknown option {section}.{key}; known: {known}", f"{where}:{section}.{key}")
+            base[section][key] = value
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then the TOML file, then environment overrides. Raises GatewayError(CONFIG_INVALID)."""
+    environ = os.environ if environ is None else environ
+    merged: dict[str, dict[str, Any]] = {section: dict(values) for section, values in DEFAULTS.items()}
+    path = path or environ.get(f"{ENV_PREFIX}CONFIG")
+    source = "defaults"
+    if path:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise _invalid(f"config file {path} does not exist", str(path)) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise _invalid(f"config file {path} is not valid TOML: {exc}", str(path)) from None
+        _merge(merged, data, str(path))
+        source = str(path)
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        overrides.setdefault(section, {})[key] = _parse_env_value(text)
+    _merge(merged, overrides, "environment")
+    return _build(merged, source)
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise _invalid(f"expected a string, got {type(value).__name__}", where)
+    return value
+
+
+def _number(value: Any, where: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise _invalid(f"expected a number in {low}-{high}, got {value!r}", where)
+    return value
+
+
+def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
+    net = merged["network"]
+    subnets: list[IPNetwork] = []
+    if not isinstance(net["sandbox_subnets"], list) or not net["sandbox_subnets"]:
+        raise _invalid("expected a non-empty list of CIDRs", "network.sandbox_subnets")
+    for index, text in enumerate(net["sandbox_subnets"]):
+        try:
+            subnets.append(ipaddress.ip_network(_str(text, "network.sandbox_subnets"), strict=True))
+        except ValueError as exc:
+            raise _invalid(f"{text!r} is not a CIDR ({exc})", f"network.sandbox_subnets[{index}]") from None
+
+    st = merged["store"]
+    backend = _str(st["backend"], "store.backend")
+    if backend not in ("auto", "embedded", "redis"):
+        raise _invalid(f"{backend!r} is not a store backend; use auto, embedded or redis", "store.backend")
+    redis_url = _str(st["redis_url"], "store.redis_url")
+    if backend == "auto":
+        backend = "redis" if redis_url else "embedded"
+    if backend == "redis" and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise _invalid("the redis backend needs store.redis_url (redis://host:port/db)", "store.redis_url")
+    store = StoreConfig(
+        backend=backend,
+        path=Path(_str(st["path"], "store.path")),
+        poll_interval=_number(st["poll_interval"], "store.poll_interval", 0.05, 60),
+        redis_url=redis_url,
+        redis_prefix=_str(st["redis_prefix"], "store.redis_prefix"),
+        stream_maxlen=int(_number(st["stream_maxlen"], "store.stream_maxlen", 100, 10_000_000)),
+        resync_interval=_number(st["resync_interval"], "store.resync_interval", 1, 86_400),
+        node_id=_str(st["node_id"], "store.node_id") or os.uname().nodename,
+    )
+
+    api = merged["api"]
+    tokens = _tokens(api["tokens"])
+
+    limit_values: dict[str, int] = {}
+    for name, value in merged["limits"].items():
+        low, high = LIMIT_RANGES[name]
+        limit_values[name] = int(_number(value, f"limits.{name}", low, high))
+    if limit_values["burst_mbit"] < limit_values["bandwidth_mbit"]:
+        raise _invalid("burst_mbit must be at least bandwidth_mbit", "limits.burst_mbit")
+
+    log = merged["log"]
+    log_format = _str(log["format"], "log.format")
+    if log_format not in ("auto", "json", "console"):
+        raise _invalid(f"{log_format!r} is not a log format; use auto, json or console", "log.format")
+    level = _str(log["level"], "log.level").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise _invalid(f"{level!r} is not a log level", "log.level")
+
+    presets: dict[str, Preset] = dict(BUILTIN_PRESETS)
+    for name, spec in merged["presets"].items():
+        where = f"presets.{name}"
+        if name in BUILTIN_PRESETS:
+            raise _invalid(f"{name!r} is a built-in preset; choose another name", where)
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("hosts"), list) or not spec["hosts"]:
+            raise _invalid("a preset is a table with a non-empty hosts list (and optional ports, description)", where)
+        unknown = set(spec) - {"hosts", "ports", "description"}
+        if unknown:
+            raise _invalid(f"unknown preset option(s) {', '.join(sorted(unknown))}", where)
+        try:
+            presets[name] = make_preset(name, spec["hosts"], spec.get("ports"), str(spec.get("description", "")))
+        except GatewayError as exc:
+            raise _invalid(exc.message, exc.field or where) from None
+
+    return Config(
+        sandbox_subnets=tuple(subnets),
+        store=store,
+        api_host=_str(api["host"], "api.host"),
+        api_port=int(_number(api["port"], "api.port", 1, 65535)),
+        tokens=tokens,
+        default_limits=Limits(**limit_values),
+        log_format=log_format,
+        log_level=level,
+        presets=presets,
+        source=source,
+    )
+
+
+def _tokens(raw: Any) -> tuple[ApiToken, ...]:
+    if not isinstance(raw, list):
+        raise _invalid("expected a list of {name, token | token_sha256, scopes}", "api.tokens")
+    tokens: list[ApiToken] = []
+    for index, entry in enumerate(raw):
+        where = f"api.tokens[{index}]"
+        if not isinstance(entry, Mapping):
+            raise _invalid("expected a table {name, token | token_sha256, scopes}", where)
+        unknown = set(entry) - {"name", "token", "token_sha256", "scopes"}
+        if unknown:
+            raise _invalid(f"unknown token option(s) {', '.join(sorted(unknown))}", where)
+        name = _str(entry.get("name", f"token-{index}"), f"{where}.name")
+        if ("token" in entry) == ("token_sha256" in entry):
+            raise _invalid("give exactly one of token (plain) or token_sha256 (hex digest)", where)
+        if "token" in entry:
+            secret = _str(entry["token"], f"{where}.token")
+            if len(secret) < 16:
+                raise _invalid("a token must be at least 16 characters", f"{where}.token")
+            digest = hashlib.sha256(secret.encode()).hexdigest()
+        else:
+            digest = _str(entry["token_sha256"], f"{where}.token_sha256").lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise _invalid("token_sha256 must be 64 hex digits", f"{where}.token_sha256")
+        scopes = entry.get("scopes", [])
+        if not isinstance(scopes, list) or not scopes:
+            raise _invalid(f"scopes must be a non-empty list of: {', '.join(SCOPES)}", f"{where}.scopes")
+        for scope in scopes:
+            if scope not in SCOPES:
+                raise _invalid(f"unknown scope {scope!r}; known: {', '.join(SCOPES)}", f"{where}.scopes")
+        tokens.append(ApiToken(name, digest, frozenset(scopes)))
+    return tuple(tokens)

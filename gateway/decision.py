@@ -1,0 +1,263 @@
+"""Per-connection decisions: a policy compiled once, then `decide()` in O(1) of its list sizes.
+
+`compile_policy` merges a sandbox over its template and applies the profile's
+ceiling; `decide` is a pure function of the compiled policy and the connection's
+(hostname, address, port, protocol). Host lookups are one dict probe for the exact
+name and one for the parent of a first-level wildcard; CIDR lookups are one dict
+probe per distinct prefix length present (at most 33 for IPv4, 129 for IPv6),
+whatever the number of entries.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from gateway.hostnames import normalize_query_name
+from gateway.policy import PROFILE_EGRESS_FIELDS, Egress, IPAddress, IPNetwork, Limits, Sandbox, Template
+from gateway.presets import REGISTRY_PRESET, Preset
+
+#: Refused in every profile (seed 000 "Default Blocked": spam prevention).
+ALWAYS_BLOCKED_PORTS: Mapping[int, str] = {25: "SMTP", 465: "SMTPS", 587: "SMTP submission"}
+DEFAULT_LIMITS = Limits(connections_per_minute=1000, bandwidth_mbit=100, burst_mbit=1000, dns_queries_per_minute=500)
+PROTOCOLS = ("tls", "http", "tcp", "udp", "dns")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    reason: str
+    rule: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"allowed": self.allowed, "reason": self.reason, "rule": self.rule}
+
+
+@dataclass(frozen=True, slots=True)
+class EffectiveLimits:
+    connections_per_minute: int
+    bandwidth_mbit: int
+    burst_mbit: int
+    dns_queries_per_minute: int
+
+
+def address_key(address: str | IPAddress) -> tuple[int, int]:
+    """(IP version, integer value) of an address; IPv4-mapped IPv6 is unwrapped to IPv4.
+
+    Raises ValueError for a string that is not an address.
+    """
+    if isinstance(address, str):
+        try:
+            return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, address))
+        except OSError:
+            try:
+                value = int.from_bytes(socket.inet_pton(socket.AF_INET6, address.split("%", 1)[0]))
+            except OSError:
+                raise ValueError(f"{address!r} is not an IP address") from None
+    else:
+        if address.version == 4:
+            return 4, int(address)
+        value = int(address)
+    if value >> 32 == 0xFFFF:  # ::ffff:a.b.c.d
+        return 4, value & 0xFFFFFFFF
+    return 6, value
+
+
+class NetSet:
+    """A set of CIDRs answering "which entry contains this address" with one probe per prefix length."""
+
+    __slots__ = ("_tables",)
+
+    def __init__(self, networks: Iterable[IPNetwork]) -> None:
+        by_version: dict[int, dict[int, dict[int, str]]] = {4: {}, 6: {}}
+        for net in networks:
+            bits = net.max_prefixlen
+            shift = bits - net.prefixlen
+            table = by_version[net.version].setdefault(shift, {})
+            table.setdefault(int(net.network_address) >> shift, str(net))
+        # Smallest shift first: the most specific entry answers.
+        self._tables: dict[int, tuple[tuple[int, dict[int, str]], ...]] = {
+            version: tuple(sorted(tables.items())) for version, tables in by_version.items()
+        }
+
+    def match(self, key: tuple[int, int]) -> str | None:
+        version, value = key
+        for shift, table in self._tables[version]:
+            hit = table.get(value >> shift)
+            if hit is not None:
+                return hit
+        return None
+
+    def __bool__(self) -> bool:
+        return any(self._tables.values())
+
+
+HostRule = tuple[frozenset[int] | None, str]  # (ports or None for any port, rule label)
+
+
+class CompiledPolicy:
+    """Everything `decide` needs for one sandbox, in lookup-ready form."""
+
+    __slots__ = (
+        "sandbox_id", "profile", "allow_internet", "allow_all", "_exact", "_wildcard",
+        "_allow_nets", "_deny_nets", "_allow_ports", "limits", "effective_egress",
+    )
+
+    def __init__(
+        self,
+        sandbox_id: str,
+        profile: str,
+        egress: Egress,
+        host_rules: Iterable[tuple[str, frozenset[int] | None, str]],
+        limits: EffectiveLimits,
+    ) -> None:
+        self.sandbox_id = sandbox_id
+        self.profile = profile
+        self.effective_egress = egress
+        self.allow_internet = egress.allow_internet is not False
+        self.allow_all = profile == "unrestricted" and egress.mode != "deny_all"
+        exact: dict[str, list[HostRule]] = {}
+        wildcard: dict[str, list[HostRule]] = {}
+        for pattern, ports, label in host_rules:
+            if pattern.startswith("*."):
+                wildcard.setdefault(pattern[2:], []).append((ports, label))
+            else:
+                exact.setdefault(pattern, []).append((ports, label))
+        self._exact = {name: tuple(rules) for name, rules in exact.items()}
+        self._wildcard = {name: tuple(rules) for name, rules in wildcard.items()}
+        self._allow_nets = NetSet(egress.allow_cidrs or ())
+        self._deny_nets = NetSet(egress.deny_cidrs or ())
+        self._allow_ports = frozenset(egress.allow_ports) if egress.allow_ports else None
+        self.limits = limits
+
+    def _host_rules(self, name: str) -> tuple[HostRule, ...]:
+        rules = self._exact.get(name, ())
+        dot = name.find(".")
+        if dot > 0:
+            parent = self._wildcard.get(name[dot + 1 :])
+            if parent:
+                rules = rules + parent
+        return rules
+
+    def name_allowed(self, name: str) -> Verdict:
+        """Whether a name may be resolved (the DNS question), regardless of port."""
+        return decide(self, name, None, None, "dns")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "sandbox": self.sandbox_id,
+            "profile": self.profile,
+            "allow_internet": self.allow_internet,
+            "mode": "allow_all" if self.allow_all else "deny_all",
+            "egress": self.effective_egress.to_dict(),
+            "limits": {
+                "connections_per_minute": self.limits.connections_per_minute,
+                "bandwidth_mbit": self.limits.bandwidth_mbit,
+                "burst_mbit": self.limits.burst_mbit,
+                "dns_queries_per_minute": self.limits.dns_queries_per_minute,
+            },
+        }
+
+
+_SMTP_VERDICTS = {
+    port: Verdict(False, f"port {port} blocked ({what}) in every profile", "builtin:smtp")
+    for port, what in ALWAYS_BLOCKED_PORTS.items()
+}
+_ISOLATED = Verdict(False, "profile isolated allows no network", "profile:isolated")
+_NO_INTERNET = Verdict(False, "egress disabled (allow_internet is false)", "egress.allow_internet")
+_ALLOW_ALL = Verdict(True, "profile unrestricted allows all egress", "egress.mode:allow_all")
+_NOT_LISTED = Verdict(False, "host not in allowlist", "default:deny")
+_NO_NAME = Verdict(False, "no hostname (SNI/Host) and address not in allow_cidrs", "default:deny")
+
+
+def decide(
+    policy: CompiledPolicy,
+    hostname: str | None,
+    address: str | IPAddress | None,
+    port: int | None,
+    protocol: str,
+) -> Verdict:
+    """The one decision function. Pure; fails closed; the reason says which rule decided.
+
+    `hostname` is the TLS SNI, HTTP Host or DNS question (None when the connection
+    carries no name). `address` is None for a DNS question, which is decided on the
+    name alone.
+    """
+    if port is not None and port in _SMTP_VERDICTS:
+        return _SMTP_VERDICTS[port]
+    if policy.profile == "isolated":
+        return _ISOLATED
+    if not policy.allow_internet:
+        return _NO_INTERNET
+    key = None
+    if address is not None:
+        try:
+            key = address_key(address)
+        except ValueError:
+            return Verdict(False, f"unparseable address {address!r}", "default:deny")
+        denied_by = policy._deny_nets.match(key)
+        if denied_by is not None:
+            return Verdict(False, f"address in deny_cidrs {denied_by}", f"deny_cidrs {denied_by}")
+    if policy.allow_all:
+        return _ALLOW_ALL
+    name = normalize_query_name(hostname) if hostname else None
+    port_miss: str | None = None
+    if name:
+        for ports, label in policy._host_rules(name):
+            if ports is None or port is None or port in ports:
+                return Verdict(True, f"host {name} allowed by {label}", label)
+            port_miss = label
+    if key is not None:
+        allowed_by = policy._allow_nets.match(key)
+        if allowed_by is not None:
+            if policy._allow_ports is None or port in policy._allow_ports:
+                return Verdict(True, f"address in allow_cidrs {allowed_by}", f"allow_cidrs {allowed_by}")
+            if port_miss is None:
+                return Verdict(False, f"port {port} not in allow_ports for allow_cidrs {allowed_by}", "allow_ports")
+    if port_miss is not None:
+        return Verdict(False, f"port {port} not allowed for host {name} ({port_miss})", port_miss)
+    return _NOT_LISTED if name else _NO_NAME
+
+
+def compile_policy(
+    sandbox: Sandbox,
+    template: Template | None,
+    presets: Mapping[str, Preset],
+    default_limits: Limits = DEFAULT_LIMITS,
+) -> CompiledPolicy:
+    """Merge sandbox over template, apply the profile's ceiling, and index the result.
+
+    Template fields the sandbox's profile may not use are ignored (a registry sandbox
+    never gains a template's allow_hosts); the sandbox's own fields were already
+    checked against its profile when it was parsed.
+    """
+    merged = sandbox.egress.merged_over(template.egress if template else Egress())
+    allowed_fields = PROFILE_EGRESS_FIELDS[sandbox.profile]
+    egress = Egress(**{name: getattr(merged, name) for name in merged.set_fields() if name in allowed_fields})
+    if sandbox.profile != "unrestricted" and egress.mode == "allow_all":
+        egress = replace(egress, mode="deny_all")
+
+    host_rules: list[tuple[str, frozenset[int] | None, str]] = []
+    if sandbox.profile != "isolated":
+        preset_names = list(egress.presets or ())
+        if sandbox.profile == "registry":
+            preset_names.insert(0, REGISTRY_PRESET)
+        for preset_name in dict.fromkeys(preset_names):
+            preset = presets.get(preset_name)
+            if preset is None:  # removed from config since the record was accepted: grants nothing
+                continue
+            host_rules.extend((pattern, preset.ports, f"preset {preset_name}") for pattern in preset.hosts)
+        host_ports = frozenset(egress.host_ports) if egress.host_ports else None
+        host_rules.extend((pattern, host_ports, f"allow_hosts {pattern}") for pattern in egress.allow_hosts or ())
+
+    base_limits = template.limits.merged_over(default_limits) if template else default_limits
+    limits = sandbox.limits.merged_over(base_limits)
+    effective = EffectiveLimits(
+        connections_per_minute=limits.connections_per_minute or 1,
+        bandwidth_mbit=limits.bandwidth_mbit or 1,
+        burst_mbit=max(limits.burst_mbit or 1, limits.bandwidth_mbit or 1),
+        dns_queries_per_minute=limits.dns_queries_per_minute or 1,
+    )
+    return CompiledPolicy(sandbox.id, sandbox.profile, egress, host_rules, effective)

@@ -1,0 +1,114 @@
+"""Hostname patterns: validation and normalisation (pure, no I/O).
+
+A pattern is an exact hostname (`api.example.com`) or a first-level wildcard
+(`*.example.com`, which matches exactly one extra label: `a.example.com`, not
+`example.com` and not `a.b.example.com`). The rules are the seeds' API-edge rules:
+no scheme, no path, no `**`, no mid-label wildcard, RFC 1035 labels of 1-63
+characters. Internationalised names are stored as punycode (IDNA 2008 / UTS 46,
+via the `idna` package, which the standard library's IDNA 2003 codec is not), and a
+trailing dot is folded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+import idna
+
+from gateway.errors import GatewayError
+
+MAX_HOSTNAME_LENGTH = 253
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _invalid(value: str, why: str) -> GatewayError:
+    return GatewayError("INVALID_HOSTNAME", f"{value!r} {why}")
+
+
+def _to_ascii_label(label: str, original: str) -> str:
+    if label.isascii():
+        label = label.lower()
+        if label.startswith("xn--"):
+            try:
+                idna.decode(label)
+            except idna.IDNAError as exc:
+                raise _invalid(original, f"has an invalid punycode label {label!r} ({exc})") from None
+        return label
+    try:
+        return idna.encode(label, uts46=True).decode("ascii")
+    except idna.IDNAError as exc:
+        raise _invalid(original, f"has a label that is not a valid internationalised name ({exc})") from None
+
+
+def normalize_pattern(value: object) -> str:
+    """Validate a hostname or `*.` pattern and return its canonical form.
+
+    Raises GatewayError(INVALID_HOSTNAME) naming exactly what is wrong.
+    """
+    if not isinstance(value, str):
+        raise GatewayError("INVALID_HOSTNAME", f"expected a hostname string, got {type(value).__name__}")
+    original = value
+    if not value:
+        raise _invalid(original, "is empty; give a hostname such as api.example.com")
+    if "://" in value:
+        raise _invalid(original, "is a URL; give a hostname such as api.example.com")
+    if any(ch.isspace() for ch in value):
+        raise _invalid(original, "contains whitespace")
+    if "/" in value or "?" in value or "#" in value:
+        raise _invalid(original, "contains a path; give only the hostname")
+    if "@" in value:
+        raise _invalid(original, "contains user information; give only the hostname")
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        raise _invalid(original, "is an IP address; put addresses in allow_cidrs / deny_cidrs")
+    if ":" in value:
+        raise _invalid(original, "contains a port; give only the hostname (ports are separate rules)")
+    if value.endswith("."):
+        value = value[:-1]
+    labels = value.split(".")
+    wildcard = labels[0] == "*"
+    if wildcard:
+        labels = labels[1:]
+        if not labels or labels == [""]:
+            raise _invalid(original, "matches every host; use the unrestricted profile instead")
+    for label in labels:
+        if "*" in label:
+            if label.startswith("**") or (wildcard and label == "*"):
+                raise _invalid(original, "uses a double wildcard; only a first-level '*.' is allowed")
+            raise _invalid(original, "has a wildcard inside a name; only a leading '*.' label is allowed")
+    if "**" in original:
+        raise _invalid(original, "uses a double wildcard; only a first-level '*.' is allowed")
+    ascii_labels: list[str] = []
+    for label in labels:
+        if not label:
+            raise _invalid(original, "has an empty label (two dots in a row, or a leading dot)")
+        ascii_label = _to_ascii_label(label, original)
+        if len(ascii_label) > 63:
+            raise _invalid(original, f"has a label longer than 63 characters ({ascii_label[:20]}...)")
+        if not _LABEL.match(ascii_label):
+            raise _invalid(
+                original,
+                f"has an invalid label {ascii_label!r}: labels use letters, digits and inner hyphens (RFC 1035)",
+            )
+        ascii_labels.append(ascii_label)
+    if ascii_labels[-1].isdigit():
+        raise _invalid(original, "ends in an all-numeric label, which no top-level domain is")
+    if wildcard and len(ascii_labels) < 2:
+        raise _invalid(original, "wildcards a whole top-level domain; give at least *.name.tld")
+    name = ".".join(ascii_labels)
+    if len(name) + (2 if wildcard else 0) > MAX_HOSTNAME_LENGTH:
+        raise _invalid(original, f"is longer than {MAX_HOSTNAME_LENGTH} characters")
+    return ("*." if wildcard else "") + name
+
+
+def normalize_query_name(name: str) -> str:
+    """The form a name takes when it is looked up (SNI, Host, DNS question): lowercased, no trailing dot.
+
+    Cheap on purpose: it runs per connection. Names that are not valid simply match nothing.
+    """
+    name = name.lower()
+    return name[:-1] if name.endswith(".") else name

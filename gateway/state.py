@@ -1,0 +1,233 @@
+"""The policy state every component reads: records, compiled policies, address index.
+
+Pure and synchronous. Both stores funnel every change through here, so the rules
+that span records (profile is immutable, templates must exist, addresses are unique,
+a template in use cannot go) hold the same for API writes, file edits and records
+another service wrote to Redis. Records from outside that fail validation are not
+applied: the last good version stays in force and the rejection is kept, visible
+through the API, until a valid version arrives.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.decision import CompiledPolicy, Verdict, address_key, compile_policy, decide
+from gateway.errors import Conflict, ErrorBody, GatewayError, NotFound
+from gateway.policy import IPNetwork, Limits, Sandbox, Template, parse_sandbox, parse_template
+from gateway.presets import Preset
+
+SANDBOX = "sandbox"
+TEMPLATE = "template"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyContext:
+    """What validation and compilation need from the configuration."""
+
+    subnets: tuple[IPNetwork, ...]
+    presets: Mapping[str, Preset]
+    default_limits: Limits
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An invalid record written by someone other than this API (a file edit, another service)."""
+
+    kind: str
+    key: str
+    error: ErrorBody
+    at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "key": self.key, "at": self.at, **self.error.to_dict()}
+
+
+class PolicyState:
+    def __init__(self, context: PolicyContext) -> None:
+        self.context = context
+        self.sandboxes: dict[str, Sandbox] = {}
+        self.templates: dict[str, Template] = {}
+        self.compiled: dict[str, CompiledPolicy] = {}
+        self.by_address: dict[tuple[int, int], str] = {}
+        self.rejections: dict[tuple[str, str], Rejection] = {}
+
+    # ------------------------------------------------------------------ parsing
+
+    def parse_sandbox(self, raw: object, sandbox_id: str | None = None) -> Sandbox:
+        return parse_sandbox(
+            raw, subnets=self.context.subnets, known_presets=self.context.presets, sandbox_id=sandbox_id
+        )
+
+    def parse_template(self, raw: object, name: str | None = None) -> Template:
+        return parse_template(raw, known_presets=self.context.presets, name=name)
+
+    # ------------------------------------------------------------------ reads
+
+    def policy_for_address(self, address: str) -> CompiledPolicy | None:
+        """The compiled policy of the sandbox that owns this source address; None fails closed."""
+        try:
+            sandbox_id = self.by_address.get(address_key(address))
+        except ValueError:
+            return None
+        return self.compiled.get(sandbox_id) if sandbox_id else None
+
+    def get_sandbox(self, sandbox_id: str) -> Sandbox:
+        try:
+            return self.sandboxes[sandbox_id]
+        except KeyError:
+            raise NotFound("SANDBOX_NOT_FOUND", f"no sandbox {sandbox_id!r}", "id") from None
+
+    def get_template(self, name: str) -> Template:
+        try:
+            return self.templates[name]
+        except KeyError:
+            raise NotFound("TEMPLATE_NOT_FOUND", f"no template {name!r}", "name") from None
+
+    def explain(
+        self, sandbox_id: str, hostname: str | None, address: str | None, port: int | None, protocol: str
+    ) -> tuple[Verdict, CompiledPolicy]:
+        policy = self.compiled.get(sandbox_id)
+        if policy is None:
+            raise NotFound("SANDBOX_NOT_FOUND", f"no sandbox {sandbox_id!r}", "id")
+        return decide(policy, hostname, address, port, protocol), policy
+
+    def dependents(self, template_name: str) -> list[str]:
+        return sorted(sid for sid, sb in self.sandboxes.items() if sb.template == template_name)
+
+    # ------------------------------------------------------------------ checks (raise, change nothing)
+
+    def check_sandbox(self, sandbox: Sandbox, *, create: bool | None) -> None:
+        """`create`: True must be new, False must exist, None either (records from outside)."""
+        current = self.sandboxes.get(sandbox.id)
+        if create is True and current is not None:
+            raise Conflict("SANDBOX_EXISTS", f"sandbox {sandbox.id!r} already exists", "id")
+        if create is False and current is None:
+            raise NotFound("SANDBOX_NOT_FOUND", f"no sandbox {sandbox.id!r}", "id")
+        if current is not None and current.profile != sandbox.profile:
+            raise Conflict(
+                "PROFILE_IMMUTABLE",
+                f"profile is set at creation and cannot change ({current.profile} -> {sandbox.profile}); "
+                "create a new sandbox with the new profile",
+                "profile",
+            )
+        if sandbox.template is not None and sandbox.template not in self.templates:
+            raise GatewayError("TEMPLATE_NOT_FOUND", f"no template {sandbox.template!r}", "template")
+        for index, addr in enumerate(sandbox.addresses):
+            owner = self.by_address.get(address_key(addr))
+            if owner is not None and owner != sandbox.id:
+                raise Conflict("ADDRESS_IN_USE", f"{addr} belongs to sandbox {owner!r}", f"addresses[{index}]")
+
+    def check_template(self, template: Template, *, create: bool | None) -> None:
+        exists = template.name in self.templates
+        if create is True and exists:
+            raise Conflict("TEMPLATE_EXISTS", f"template {template.name!r} already exists", "name")
+        if create is False and not exists:
+            raise NotFound("TEMPLATE_NOT_FOUND", f"no template {template.name!r}", "name")
+
+    def check_remove_template(self, name: str) -> None:
+        self.get_template(name)
+        users = self.dependents(name)
+        if users:
+            shown = ", ".join(users[:10]) + (" ..." if len(users) > 10 else "")
+            raise Conflict("TEMPLATE_IN_USE", f"template {name!r} is used by {len(users)} sandbox(es): {shown}", "name")
+
+    # ------------------------------------------------------------------ commits (after checks passed)
+
+    def set_sandbox(self, sandbox: Sandbox) -> None:
+        template = self.templates.get(sandbox.template) if sandbox.template else None
+        compiled = compile_policy(sandbox, template, self.context.presets, self.context.default_limits)
+        self._unindex(sandbox.id)
+        self.sandboxes[sandbox.id] = sandbox
+        self.compiled[sandbox.id] = compiled
+        for addr in sandbox.addresses:
+            self.by_address[address_key(addr)] = sandbox.id
+        self.rejections.pop((SANDBOX, sandbox.id), None)
+
+    def remove_sandbox(self, sandbox_id: str) -> Sandbox:
+        sandbox = self.get_sandbox(sandbox_id)
+        self._unindex(sandbox_id)
+        del self.sandboxes[sandbox_id]
+        del self.compiled[sandbox_id]
+        self.rejections.pop((SANDBOX, sandbox_id), None)
+        return sandbox
+
+    def set_template(self, template: Template) -> None:
+        self.templates[template.name] = template
+        self.rejections.pop((TEMPLATE, template.name), None)
+        for sandbox_id in self.dependents(template.name):
+            self.set_sandbox(self.sandboxes[sandbox_id])
+
+    def remove_template(self, name: str) -> Template:
+        self.check_remove_template(name)
+        self.rejections.pop((TEMPLATE, name), None)
+        return self.templates.pop(name)
+
+    def _unindex(self, sandbox_id: str) -> None:
+        old = self.sandboxes.get(sandbox_id)
+        if old is not None:
+            for addr in old.addresses:
+                if self.by_address.get(address_key(addr)) == sandbox_id:
+                    del self.by_address[address_key(addr)]
+
+    # ------------------------------------------------------------------ records from outside
+
+    def apply_external(self, kind: str, key: str, raw: object | None) -> Rejection | None:
+        """Apply one record as another writer left it (`None`: deleted). Invalid: keep last good, record why."""
+        try:
+            if kind == SANDBOX:
+                if raw is None:
+                    if key in self.sandboxes:
+                        self.remove_sandbox(key)
+                    self.rejections.pop((SANDBOX, key), None)
+                    return None
+                sandbox = self.parse_sandbox(raw, sandbox_id=key)
+                self.check_sandbox(sandbox, create=None)
+                self.set_sandbox(sandbox)
+            elif kind == TEMPLATE:
+                if raw is None:
+                    if key in self.templates:
+                        self.remove_template(key)
+                    self.rejections.pop((TEMPLATE, key), None)
+                    return None
+                template = self.parse_template(raw, name=key)
+                self.set_template(template)
+            else:
+                raise GatewayError("UNKNOWN_KIND", f"unknown record kind {kind!r}", "kind")
+        except GatewayError as exc:
+            rejection = Rejection(kind, key, exc.body, time.time())
+            self.rejections[(kind, key)] = rejection
+            return rejection
+        return None
+
+    def replace_all(self, templates: Mapping[str, object], sandboxes: Mapping[str, object]) -> list[Rejection]:
+        """Reconcile with a whole snapshot: add, change and remove so the state matches it.
+
+        Invalid records keep their last good version. Order-independent: a record that
+        failed only because of another record's old state (an address moving between
+        sandboxes) is retried once the others are applied.
+        """
+        for sandbox_id in [sid for sid in self.sandboxes if sid not in sandboxes]:
+            self.apply_external(SANDBOX, sandbox_id, None)
+        for name, raw in sorted(templates.items()):
+            self.apply_external(TEMPLATE, name, raw)
+        pending = sorted(sandboxes.items())
+        while pending:
+            failed = [(sid, raw) for sid, raw in pending if self.apply_external(SANDBOX, sid, raw) is not None]
+            if len(failed) == len(pending):
+                break
+            pending = failed
+        for name in [n for n in self.templates if n not in templates]:
+            self.apply_external(TEMPLATE, name, None)
+        return list(self.rejections.values())
+
+    def records(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """(templates, sandboxes) as plain data, the form the stores persist."""
+        return (
+            {name: t.to_dict() for name, t in self.templates.items()},
+            {sid: s.to_dict() for sid, s in self.sandboxes.items()},
+        )
+

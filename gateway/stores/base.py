@@ -1,0 +1,99 @@
+"""What every policy store does: validate against the state, persist, then apply.
+
+A write is checked completely before anything is persisted, and applied to the
+in-memory state only after the backend confirmed it, so a failed write changes
+nothing. Backends implement `_persist` (one record, with an optimistic condition)
+and the loading/following of changes made by other writers.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from typing import Any, Literal
+
+from gateway.errors import GatewayError
+from gateway.policy import Sandbox, Template
+from gateway.state import SANDBOX, TEMPLATE, PolicyContext, PolicyState, Rejection
+
+#: What must hold in the backend for a write to go through: the key absent (create),
+#: present (update, delete) or either.
+Expect = Literal["absent", "present", "any"]
+
+
+class StoreUnavailable(GatewayError):
+    status = 503
+
+
+class PolicyStore(abc.ABC):
+    backend: str = "?"
+
+    def __init__(self, context: PolicyContext) -> None:
+        self.state = PolicyState(context)
+        self.ready = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the current records and begin following changes from other writers; sets `ready`."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _persist(self, kind: str, key: str, record: dict[str, Any] | None, expect: Expect) -> None:
+        """Durably write (or delete, `record=None`) one record; raise if `expect` does not hold."""
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "ready": self.ready.is_set(),
+            "sandboxes": len(self.state.sandboxes),
+            "templates": len(self.state.templates),
+            "rejected": [r.to_dict() for r in self.rejections()],
+        }
+
+    def rejections(self) -> list[Rejection]:
+        return sorted(self.state.rejections.values(), key=lambda r: (r.kind, r.key))
+
+    # ------------------------------------------------------------------ writes
+
+    async def create_sandbox(self, raw: object) -> Sandbox:
+        async with self._write_lock:
+            sandbox = self.state.parse_sandbox(raw)
+            self.state.check_sandbox(sandbox, create=True)
+            await self._persist(SANDBOX, sandbox.id, sandbox.to_dict(), "absent")
+            self.state.set_sandbox(sandbox)
+            return sandbox
+
+    async def replace_sandbox(self, sandbox_id: str, raw: object) -> Sandbox:
+        async with self._write_lock:
+            sandbox = self.state.parse_sandbox(raw, sandbox_id=sandbox_id)
+            self.state.check_sandbox(sandbox, create=False)
+            await self._persist(SANDBOX, sandbox.id, sandbox.to_dict(), "present")
+            self.state.set_sandbox(sandbox)
+            return sandbox
+
+    async def delete_sandbox(self, sandbox_id: str) -> Sandbox:
+        async with self._write_lock:
+            sandbox = self.state.get_sandbox(sandbox_id)
+            await self._persist(SANDBOX, sandbox_id, None, "present")
+            self.state.remove_sandbox(sandbox_id)
+            return sandbox
+
+    async def put_template(self, name: str, raw: object, *, create: bool | None) -> Template:
+        async with self._write_lock:
+            template = self.state.parse_template(raw, name=name)
+            self.state.check_template(template, create=create)
+            expect: Expect = "absent" if create is True else "present" if create is False else "any"
+            await self._persist(TEMPLATE, name, template.to_dict(), expect)
+            self.state.set_template(template)
+            return template
+
+    async def delete_template(self, name: str) -> Template:
+        async with self._write_lock:
+            self.state.check_remove_template(name)
+            await self._persist(TEMPLATE, name, None, "present")
+            return self.state.remove_template(name)

@@ -1,0 +1,1 @@
+"""Ingress tunnel service (installed as gateway.tunnel; the folder is tunnel/)."""

@@ -101,8 +101,17 @@ class CompiledPolicy:
     """Everything `decide` needs for one sandbox, in lookup-ready form."""
 
     __slots__ = (
-        "sandbox_id", "profile", "allow_internet", "allow_all", "_exact", "_wildcard",
-        "_allow_nets", "_deny_nets", "_allow_ports", "limits", "effective_egress",
+        "_allow_nets",
+        "_allow_ports",
+        "_deny_nets",
+        "_exact",
+        "_wildcard",
+        "allow_all",
+        "allow_internet",
+        "effective_egress",
+        "limits",
+        "profile",
+        "sandbox_id",
     )
 
     def __init__(

@@ -87,7 +87,9 @@ def _port(value: object, path: str) -> int:
 T = TypeVar("T")
 
 
-def _list(value: object, path: str, item: Callable[[object, str], T], *, limit: int = MAX_LIST_ENTRIES) -> tuple[T, ...]:
+def _list[T](
+    value: object, path: str, item: Callable[[object, str], T], *, limit: int = MAX_LIST_ENTRIES
+) -> tuple[T, ...]:
     if not isinstance(value, list | tuple):
         raise _fail("INVALID_TYPE", f"expected a list, got {_type_name(value)}", path)
     if len(value) > limit:
@@ -128,7 +130,7 @@ def _address(value: object, path: str) -> IPAddress:
 
 
 def _identifier(value: object, path: str, what: str = "id") -> str:
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):  # fullmatch: `$` also matches before a final \n
         raise _fail(
             "INVALID_ID",
             f"{value!r} is not a valid {what}: 1-63 characters, lowercase letters, digits, '-' and '_', "
@@ -192,7 +194,8 @@ class Limits:
     dns_queries_per_minute: int | None = None
 
     def merged_over(self, base: Limits) -> Limits:
-        return replace(base, **{f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None})
+        own = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(base, **{name: value for name, value in own.items() if value is not None})
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -205,7 +208,11 @@ class Ingress:
     public_access: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sources": [str(n) for n in self.sources], "ports": list(self.ports), "public_access": self.public_access}
+        return {
+            "sources": [str(n) for n in self.sources],
+            "ports": list(self.ports),
+            "public_access": self.public_access,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,8 +353,11 @@ def _check_egress_rules(egress: Egress, path: str) -> None:
                     f"{path}.{name}",
                 )
     if egress.allow_ports and not egress.allow_cidrs:
-        raise _fail("ALLOW_PORTS_WITHOUT_CIDRS", "allow_ports restricts allow_cidrs, so allow_cidrs must be set",
-                    f"{path}.allow_ports")
+        raise _fail(
+            "ALLOW_PORTS_WITHOUT_CIDRS",
+            "allow_ports restricts allow_cidrs, so allow_cidrs must be set",
+            f"{path}.allow_ports",
+        )
     for index, net in enumerate(egress.deny_cidrs or ()):
         if net.version == 4 and net.overlaps(METADATA_RANGE):
             raise _fail(
@@ -361,7 +371,8 @@ def _check_egress_rules(egress: Egress, path: str) -> None:
             if getattr(egress, name):
                 raise _fail(
                     "EGRESS_DISABLED_WITH_RULES",
-                    f"allow_internet is false, which blocks all outbound traffic; clear {name} or set allow_internet true",
+                    f"allow_internet is false, which blocks all outbound traffic; "
+                    f"clear {name} or set allow_internet true",
                     f"{path}.{name}",
                 )
 
@@ -371,14 +382,15 @@ def parse_limits(data: object, path: str) -> Limits:
         return Limits()
     data = _expect_mapping(data, path)
     _check_known(data, LIMIT_RANGES, path)
-    values = {
-        name: _int(raw, f"{path}.{name}", *LIMIT_RANGES[name]) for name, raw in data.items() if raw is not None
-    }
+    values = {name: _int(raw, f"{path}.{name}", *LIMIT_RANGES[name]) for name, raw in data.items() if raw is not None}
     limits = Limits(**values)
-    if limits.burst_mbit is not None and limits.bandwidth_mbit is not None and limits.burst_mbit < limits.bandwidth_mbit:
-        raise _fail("BURST_BELOW_SUSTAINED",
-                    f"burst_mbit {limits.burst_mbit} is below bandwidth_mbit {limits.bandwidth_mbit}",
-                    f"{path}.burst_mbit")
+    burst, sustained = limits.burst_mbit, limits.bandwidth_mbit
+    if burst is not None and sustained is not None and burst < sustained:
+        raise _fail(
+            "BURST_BELOW_SUSTAINED",
+            f"burst_mbit {limits.burst_mbit} is below bandwidth_mbit {limits.bandwidth_mbit}",
+            f"{path}.burst_mbit",
+        )
     return limits
 
 
@@ -438,7 +450,7 @@ def parse_sandbox(
         raise _fail("ID_MISMATCH", f"record id {sid!r} does not match {sandbox_id!r}", "id")
 
     profile = data.get("profile", DEFAULT_PROFILE)
-    if profile in UNSUPPORTED_PROFILES:
+    if isinstance(profile, str) and profile in UNSUPPORTED_PROFILES:  # a list or object is unhashable
         raise _fail("PROFILE_NOT_SUPPORTED", UNSUPPORTED_PROFILES[profile], "profile")
     if profile not in PROFILES:
         raise _fail("INVALID_PROFILE", f"{profile!r} is not a profile; use one of {', '.join(PROFILES)}", "profile")
@@ -495,11 +507,15 @@ def _check_profile_fields(profile: str, egress: Egress) -> None:
                 else "the registry profile allows only the built-in registries and presets; "
                 "use profile allowlisted for your own hosts and CIDRs"
             )
-            raise _fail("PROFILE_CONFLICT", f"egress.{name} is not available in profile {profile}: {hint}",
-                        f"egress.{name}")
+            raise _fail(
+                "PROFILE_CONFLICT", f"egress.{name} is not available in profile {profile}: {hint}", f"egress.{name}"
+            )
     if egress.mode == "allow_all" and profile != "unrestricted":
-        raise _fail("PROFILE_CONFLICT", f"mode allow_all is the unrestricted profile; profile {profile} cannot use it",
-                    "egress.mode")
+        raise _fail(
+            "PROFILE_CONFLICT",
+            f"mode allow_all is the unrestricted profile; profile {profile} cannot use it",
+            "egress.mode",
+        )
 
 
 def parse_template(data: object, *, known_presets: Iterable[str], name: str | None = None) -> Template:

@@ -230,4 +230,3 @@ class PolicyState:
             {name: t.to_dict() for name, t in self.templates.items()},
             {sid: s.to_dict() for sid, s in self.sandboxes.items()},
         )
-

@@ -1,0 +1,170 @@
+"""The embedded store: every policy in one local JSON file, reloaded when it changes.
+
+The file is the source of truth, so an operator can edit it by hand or ship it with
+configuration management. API writes rewrite it atomically (temp file, fsync, rename).
+A hand edit that breaks the file (bad JSON) is rejected whole; a single invalid record
+keeps its last good version. Either way the error is logged and shown in the status,
+and the last good policy stays in force.
+
+File format: `{"templates": {name: record}, "sandboxes": {id: record}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gateway.errors import Conflict, ErrorBody, NotFound
+from gateway.state import SANDBOX, PolicyContext, Rejection
+from gateway.stores.base import Expect, PolicyStore, StoreUnavailable
+
+log = structlog.get_logger("gateway.store.embedded")
+
+FILE = "file"
+SECTIONS = {"sandboxes": SANDBOX, "templates": "template"}
+
+
+class PolicyFileError(ValueError):
+    pass
+
+
+def parse_policy_file(text: str) -> dict[str, dict[str, Any]]:
+    """The file's two sections; raises PolicyFileError when the file as a whole is unusable."""
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise PolicyFileError(f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PolicyFileError("the top level must be an object with 'templates' and 'sandboxes'")
+    unknown = set(data) - set(SECTIONS)
+    if unknown:
+        raise PolicyFileError(f"unknown top-level key(s) {', '.join(sorted(unknown))}; expected templates, sandboxes")
+    sections: dict[str, dict[str, Any]] = {}
+    for name in SECTIONS:
+        section = data.get(name, {})
+        if not isinstance(section, dict):
+            raise PolicyFileError(f"'{name}' must be an object keyed by {'id' if name == 'sandboxes' else 'name'}")
+        sections[name] = section
+    return sections
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class EmbeddedStore(PolicyStore):
+    backend = "embedded"
+
+    def __init__(self, context: PolicyContext, path: Path, poll_interval: float = 0.5) -> None:
+        super().__init__(context)
+        self.path = Path(path)
+        self.poll_interval = poll_interval
+        self._sections: dict[str, dict[str, Any]] | None = None  # the file as last read, invalid records included
+        self._signature: tuple[int, int, int] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._write({"templates": {}, "sandboxes": {}})
+            log.info("policy_file_created", path=str(self.path))
+        self._reload()
+        self.ready.set()
+        self._watcher = asyncio.create_task(self._watch(), name="policy-file-watcher")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), "path": str(self.path)}
+
+    # ------------------------------------------------------------------ reading
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            if _signature(self.path) != self._signature:
+                async with self._write_lock:
+                    self._reload()
+
+    def _reload(self) -> None:
+        signature = _signature(self.path)
+        try:
+            sections = parse_policy_file(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, PolicyFileError) as exc:
+            self._signature = signature
+            self._sections = None
+            body = ErrorBody("POLICY_FILE_INVALID", f"{self.path}: {exc}; the last good policies stay in force")
+            self.state.rejections[(FILE, str(self.path))] = Rejection(FILE, str(self.path), body, time.time())
+            log.error("policy_file_rejected", path=str(self.path), code=body.code, message=body.message)
+            return
+        self._signature = signature
+        self._sections = sections
+        self.state.rejections.pop((FILE, str(self.path)), None)
+        before = set(self.state.rejections)
+        self.state.replace_all(sections["templates"], sections["sandboxes"])
+        for key, rejection in self.state.rejections.items():
+            if key not in before:
+                log.error("policy_record_rejected", **rejection.to_dict())
+        log.info(
+            "policy_file_loaded",
+            path=str(self.path),
+            sandboxes=len(self.state.sandboxes),
+            templates=len(self.state.templates),
+            rejected=len(self.state.rejections),
+        )
+
+    # ------------------------------------------------------------------ writing
+
+    async def _persist(self, kind: str, key: str, record: dict[str, Any] | None, expect: Expect) -> None:
+        if self._sections is None:
+            raise StoreUnavailable(
+                "POLICY_FILE_INVALID",
+                f"{self.path} cannot be parsed; fix or restore it before changing policies through the API",
+            )
+        section_name = "sandboxes" if kind == SANDBOX else "templates"
+        section = dict(self._sections[section_name])
+        present = key in section
+        if expect == "absent" and present:
+            raise Conflict(f"{kind.upper()}_EXISTS", f"{kind} {key!r} already exists in {self.path}", "id")
+        if expect == "present" and not present:
+            raise NotFound(f"{kind.upper()}_NOT_FOUND", f"no {kind} {key!r} in {self.path}", "id")
+        if record is None:
+            section.pop(key, None)
+        else:
+            section[key] = record
+        sections = {**self._sections, section_name: section}
+        self._write(sections)
+        self._sections = sections
+
+    def _write(self, sections: dict[str, dict[str, Any]]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        data = json.dumps(sections, indent=2, sort_keys=True).encode() + b"\n"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._signature = _signature(self.path)

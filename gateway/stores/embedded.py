@@ -140,16 +140,20 @@ class EmbeddedStore(PolicyStore):
         section_name = "sandboxes" if kind == SANDBOX else "templates"
         section = dict(self._sections[section_name])
         present = key in section
+        key_field = "id" if kind == SANDBOX else "name"
         if expect == "absent" and present:
-            raise Conflict(f"{kind.upper()}_EXISTS", f"{kind} {key!r} already exists in {self.path}", "id")
+            raise Conflict(f"{kind.upper()}_EXISTS", f"{kind} {key!r} already exists in {self.path}", key_field)
         if expect == "present" and not present:
-            raise NotFound(f"{kind.upper()}_NOT_FOUND", f"no {kind} {key!r} in {self.path}", "id")
+            raise NotFound(f"{kind.upper()}_NOT_FOUND", f"no {kind} {key!r} in {self.path}", key_field)
         if record is None:
             section.pop(key, None)
         else:
             section[key] = record
         sections = {**self._sections, section_name: section}
-        self._write(sections)
+        try:
+            self._write(sections)
+        except OSError as exc:
+            raise StoreUnavailable("STORE_WRITE_FAILED", f"could not write {self.path}: {exc}") from exc
         self._sections = sections
 
     def _write(self, sections: dict[str, dict[str, Any]]) -> None:

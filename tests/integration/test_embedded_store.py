@@ -145,3 +145,18 @@ async def test_deleting_a_sandbox_removes_it_from_the_file(store: EmbeddedStore)
     await store.delete_sandbox("sb-1")
     assert json.loads(store.path.read_text())["sandboxes"] == {}
     assert store.state.policy_for_address("10.75.0.10") is None
+
+
+async def test_a_failed_file_write_is_a_503_and_changes_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "state"
+    store = EmbeddedStore(CONTEXT, folder / "policies.json", poll_interval=60)
+    await store.start()
+    try:
+        (folder / "policies.json").unlink()
+        folder.rmdir()  # the write's temp file cannot be created any more
+        with pytest.raises(GatewayError) as failed:
+            await store.create_sandbox(SANDBOX)
+        assert (failed.value.code, failed.value.status) == ("STORE_WRITE_FAILED", 503)
+        assert "sb-1" not in store.state.sandboxes
+    finally:
+        await store.close()

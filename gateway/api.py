@@ -1,0 +1,679 @@
+"""The control API (aiohttp): sandboxes, templates, presets, explain, status.
+
+Every answer is JSON; every error is `{"code", "message", "field"}` with the HTTP
+status the error carries (`GatewayError.status`), so a caller can branch on `code`
+and show `message` to a person.
+
+Authentication is `Authorization: Bearer <token>` against `config.tokens` (only
+SHA-256 digests are kept; comparison is constant time). Scopes: reads need
+`sandboxes:read` / `templates:read`, writes `sandboxes:write` / `templates:write`,
+`admin` implies every scope. Writing a sandbox whose profile is not `isolated` also
+needs `network:<profile>` (seed 001), checked after the body is parsed and before
+the store is touched, so a refused caller changes nothing.
+
+With no tokens configured the API is *open*, and therefore refuses to be built
+unless it listens on loopback only (`check_api_exposure`). In open mode it also
+refuses requests whose Host header is not a loopback name, so a web page cannot
+reach it through DNS rebinding, and every request with a body must be JSON
+(`Content-Type: application/json`), which a cross-site form cannot send without a
+CORS preflight that this API never grants.
+
+PUT replaces an existing record and answers 404 when there is none (create is
+POST), so a typo in a URL never creates a record. PATCH on a sandbox is a JSON
+merge patch (RFC 7396) applied to the stored record and validated as a whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+from aiohttp import web
+
+from gateway.config import ApiToken, Config
+from gateway.decision import PROTOCOLS
+from gateway.errors import Forbidden, GatewayError
+from gateway.hostnames import normalize_pattern
+from gateway.openapi import openapi_document
+from gateway.policy import DEFAULT_PROFILE, PROFILES
+from gateway.stores.base import PolicyStore
+
+__all__ = [
+    "AUTHENTICATED",
+    "MAX_BODY_BYTES",
+    "PUBLIC",
+    "Caller",
+    "ExplainRequest",
+    "RouteSpec",
+    "apply_merge_patch",
+    "check_api_exposure",
+    "create_app",
+    "is_loopback_host",
+    "parse_explain_query",
+    "route_specs",
+]
+
+log = structlog.get_logger("gateway.api")
+
+MAX_BODY_BYTES: Final = 1024 * 1024
+JSON_TYPES: Final = frozenset({"application/json", "application/merge-patch+json"})
+WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: Route scopes that are not a token scope: PUBLIC needs no token, AUTHENTICATED any valid token.
+PUBLIC: Final = "public"
+AUTHENTICATED: Final = "authenticated"
+#: Default ports for explain when the caller gives none; tcp/udp have no sensible default.
+DEFAULT_PORTS: Final[Mapping[str, int | None]] = {"tls": 443, "http": 80, "dns": None}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling: the token's name (never its value) and its scopes."""
+
+    name: str
+    scopes: frozenset[str]
+
+    def has(self, scope: str) -> bool:
+        return "admin" in self.scopes or scope in self.scopes
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    method: str
+    path: str
+    handler: Handler
+    scope: str  # a token scope, PUBLIC or AUTHENTICATED
+    action: str  # the name writes are logged under; also the OpenAPI operationId
+
+
+STORE_KEY: Final = web.AppKey("store", PolicyStore)
+CONFIG_KEY: Final = web.AppKey("config", Config)
+ROUTES_KEY: Final = web.AppKey("routes", dict)  # (method, canonical path) -> RouteSpec
+OPEN_KEY: Final = web.AppKey("open_mode", bool)
+WRITE_LOCK_KEY: Final = web.AppKey("write_lock", asyncio.Lock)
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """Per-request facts the middleware and the handler share: who called, which record a write named."""
+
+    caller: Caller | None = None
+    target: str | None = None
+
+
+# A context variable rather than request storage: each request runs in its own task, and
+# typed request keys (web.RequestKey) only exist in recent aiohttp releases.
+_EXCHANGE: ContextVar[_Exchange] = ContextVar("gateway_api_exchange")
+
+
+# --------------------------------------------------------------------------- exposure / auth
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a listen address (or Host header name) can only be reached from this machine."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_api_exposure(config: Config) -> None:
+    """Refuse an API without tokens unless it listens on loopback only. Raises CONFIG_INVALID."""
+    if not config.tokens and not is_loopback_host(config.api_host):
+        raise GatewayError(
+            "CONFIG_INVALID",
+            f"the API would listen on {config.api_host} with no tokens, so anyone who can reach it could change "
+            "every policy; add [[api.tokens]] or listen on 127.0.0.1 / ::1",
+            "api.tokens",
+        )
+
+
+def _authenticate(tokens: Iterable[ApiToken], header: str | None) -> Caller:
+    if not header:
+        raise _unauthenticated("missing Authorization: Bearer <token> header")
+    scheme, _, presented = header.partition(" ")
+    presented = presented.strip()
+    if scheme.lower() != "bearer" or not presented:
+        raise _unauthenticated("the Authorization header must be 'Bearer <token>'")
+    found: ApiToken | None = None
+    for token in tokens:  # no early exit: the time taken does not say which token matched
+        if token.matches(presented) and found is None:
+            found = token
+    if found is None:
+        raise _unauthenticated("unknown token", invalid=True)
+    return Caller(found.name, found.scopes)
+
+
+class _Unauthenticated(GatewayError):
+    status = 401
+
+    def __init__(self, message: str, challenge: str) -> None:
+        super().__init__("UNAUTHENTICATED", message, "Authorization")
+        self.challenge = challenge
+
+
+def _unauthenticated(message: str, *, invalid: bool = False) -> _Unauthenticated:
+    challenge = 'Bearer realm="gateway"' + (', error="invalid_token"' if invalid else "")
+    return _Unauthenticated(message, challenge)
+
+
+def _require(caller: Caller, scope: str) -> None:
+    if not caller.has(scope):
+        raise Forbidden("INSUFFICIENT_SCOPE", f"token {caller.name!r} lacks scope {scope}")
+
+
+def _require_network(caller: Caller, profile: str) -> None:
+    """Seed 001: each profile beyond isolated is gated by its own permission."""
+    if profile != DEFAULT_PROFILE and not caller.has(f"network:{profile}"):
+        raise Forbidden(
+            "NETWORK_PROFILE_DENIED",
+            f"token {caller.name!r} may not give a sandbox the {profile} profile (needs scope network:{profile})",
+            "profile",
+        )
+
+
+# --------------------------------------------------------------------------- responses and bodies
+
+
+def _error(status: int, code: str, message: str, field: str | None = None, **headers: str) -> web.Response:
+    return web.json_response({"code": code, "message": message, "field": field}, status=status, headers=headers)
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            # Two parsers could pick different copies; refuse rather than guess.
+            raise GatewayError("INVALID_JSON", f"duplicate key {key!r} in the request body")
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise GatewayError("INVALID_JSON", f"{name} is not valid JSON")
+
+
+async def _read_json(request: web.Request) -> Any:
+    media = request.content_type
+    if media not in JSON_TYPES:
+        raise GatewayError(
+            "UNSUPPORTED_MEDIA_TYPE",
+            f"the body must be JSON (Content-Type: application/json), got {media or 'none'}",
+            "Content-Type",
+            status=415,
+        )
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise _too_large()
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large() from None
+    if not raw.strip():
+        raise GatewayError("INVALID_JSON", "the request body is empty; expected a JSON object")
+    try:
+        return json.loads(raw, object_pairs_hook=_reject_duplicate_keys, parse_constant=_no_constants)
+    except UnicodeDecodeError:
+        raise GatewayError("INVALID_JSON", "the request body is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise GatewayError("INVALID_JSON", f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise GatewayError("INVALID_JSON", "the request body is nested too deeply") from None
+
+
+def _too_large() -> GatewayError:
+    return GatewayError("BODY_TOO_LARGE", f"the request body is larger than {MAX_BODY_BYTES} bytes", status=413)
+
+
+def _query(request: web.Request, allowed: Iterable[str]) -> dict[str, str]:
+    """The query parameters, refusing unknown or repeated ones (a typo should not be silently ignored)."""
+    allowed = tuple(allowed)
+    out: dict[str, str] = {}
+    for key, value in request.query.items():
+        if key not in allowed:
+            expected = ", ".join(allowed) if allowed else "none"
+            raise GatewayError("UNKNOWN_PARAMETER", f"unknown query parameter {key!r}; expected: {expected}", key)
+        if key in out:
+            raise GatewayError("INVALID_PARAMETER", f"query parameter {key!r} is given more than once", key)
+        out[key] = value
+    return out
+
+
+def apply_merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON merge patch: objects merge recursively, null deletes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = apply_merge_patch(result.get(key), value)
+    return result
+
+
+def _caller() -> Caller:
+    caller = _EXCHANGE.get().caller
+    if caller is None:  # only authenticated routes ask, and the middleware admitted someone
+        raise RuntimeError("no authenticated caller for this request")
+    return caller
+
+
+def _set_target(target: str) -> None:
+    _EXCHANGE.get().target = target
+
+
+# --------------------------------------------------------------------------- middleware
+
+
+@web.middleware
+async def _middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authentication, scope checks, JSON errors and the write log, in one place for every route."""
+    exchange = _Exchange()
+    reset = _EXCHANGE.set(exchange)
+    try:
+        return await _handle(request, handler, exchange)
+    finally:
+        _EXCHANGE.reset(reset)
+
+
+async def _handle(request: web.Request, handler: Handler, exchange: _Exchange) -> web.StreamResponse:
+    spec: RouteSpec | None = None
+    try:
+        match = request.match_info
+        if match.http_exception is None:
+            spec = request.app[ROUTES_KEY].get((request.method, match.route.resource.canonical))
+        if spec is not None and spec.scope != PUBLIC:
+            exchange.caller = _admit(request)
+            if spec.scope != AUTHENTICATED:
+                _require(exchange.caller, spec.scope)
+        response = await handler(request)
+    except _Unauthenticated as exc:
+        log.warning(
+            "api.unauthenticated", method=request.method, path=request.path, remote=request.remote, reason=exc.message
+        )
+        return _error(exc.status, exc.code, exc.message, exc.field, **{"WWW-Authenticate": exc.challenge})
+    except GatewayError as exc:
+        response = _error(exc.status, exc.code, exc.message, exc.field)
+        _log_write(request, spec, exchange, response.status, exc.code)
+        return response
+    except web.HTTPException as exc:
+        return _http_error(exc)
+    except Exception:
+        # Logged with the traceback for the operator; the client gets no internals.
+        log.exception("api.internal_error", method=request.method, path=request.path)
+        response = _error(500, "INTERNAL", "internal error; the gateway logged the details")
+        _log_write(request, spec, exchange, 500, "INTERNAL")
+        return response
+    _log_write(request, spec, exchange, response.status, "ok")
+    return response
+
+
+def _admit(request: web.Request) -> Caller:
+    config = request.app[CONFIG_KEY]
+    if request.app[OPEN_KEY]:
+        host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+        if not is_loopback_host(host):
+            raise Forbidden(
+                "HOST_NOT_ALLOWED",
+                "this API has no tokens and answers only requests addressed to a loopback name "
+                "(127.0.0.1, [::1], localhost)",
+                "Host",
+            )
+        return Caller("anonymous", frozenset({"admin"}))
+    return _authenticate(config.tokens, request.headers.get("Authorization"))
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    if exc.status == 404:
+        return _error(404, "NOT_FOUND", "no such route; see /openapi.json")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return _error(405, "METHOD_NOT_ALLOWED", f"{exc.method} is not allowed here; use {allowed}", Allow=allowed)
+    if exc.status == 413:
+        return _error(413, "BODY_TOO_LARGE", f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    return _error(exc.status, f"HTTP_{exc.status}", exc.reason)
+
+
+def _log_write(request: web.Request, spec: RouteSpec | None, exchange: _Exchange, status: int, result: str) -> None:
+    if spec is None or request.method not in WRITE_METHODS:
+        return
+    target = exchange.target or request.match_info.get("id") or request.match_info.get("name")
+    event = log.info if result == "ok" else log.warning
+    event(
+        "api.write",
+        token=exchange.caller.name if exchange.caller else None,
+        action=spec.action,
+        target=target,
+        status=status,
+        result=result,
+    )
+
+
+# --------------------------------------------------------------------------- handlers: service
+
+
+async def healthz(request: web.Request) -> web.Response:
+    _query(request, ())
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    _query(request, ())
+    store = request.app[STORE_KEY]
+    if not store.ready.is_set():
+        return _error(503, "STORE_NOT_READY", f"the {store.backend} policy store has not loaded yet")
+    return web.json_response({"ready": True, "backend": store.backend})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    _query(request, ())
+    return web.json_response(openapi_document())
+
+
+async def status(request: web.Request) -> web.Response:
+    _query(request, ())
+    body = request.app[STORE_KEY].status()
+    body["auth"] = "open-loopback" if request.app[OPEN_KEY] else "tokens"
+    return web.json_response(body)
+
+
+async def list_presets(request: web.Request) -> web.Response:
+    _query(request, ())
+    presets = request.app[CONFIG_KEY].presets
+    return web.json_response({"presets": [presets[name].to_dict() for name in sorted(presets)]})
+
+
+# --------------------------------------------------------------------------- handlers: sandboxes
+
+
+def _sandbox_url(sandbox_id: str) -> str:
+    return f"/v1/sandboxes/{sandbox_id}"
+
+
+async def list_sandboxes(request: web.Request) -> web.Response:
+    query = _query(request, ("profile", "template"))
+    profile = query.get("profile")
+    if profile is not None and profile not in PROFILES:
+        raise GatewayError(
+            "INVALID_PROFILE", f"{profile!r} is not a profile; use one of {', '.join(PROFILES)}", "profile"
+        )
+    template = query.get("template")
+    sandboxes = request.app[STORE_KEY].state.sandboxes
+    records = [
+        sandboxes[sid].to_dict()
+        for sid in sorted(sandboxes)
+        if (profile is None or sandboxes[sid].profile == profile)
+        and (template is None or sandboxes[sid].template == template)
+    ]
+    return web.json_response({"sandboxes": records})
+
+
+async def create_sandbox(request: web.Request) -> web.Response:
+    _query(request, ())
+    store = request.app[STORE_KEY]
+    raw = await _read_json(request)
+    async with _write_lock(request):
+        parsed = store.state.parse_sandbox(raw)  # validates, and tells us the profile to check
+        _set_target(parsed.id)
+        _require_network(_caller(), parsed.profile)
+        sandbox = await store.create_sandbox(raw)
+    return web.json_response(sandbox.to_dict(), status=201, headers={"Location": _sandbox_url(sandbox.id)})
+
+
+async def get_sandbox(request: web.Request) -> web.Response:
+    _query(request, ())
+    return web.json_response(request.app[STORE_KEY].state.get_sandbox(request.match_info["id"]).to_dict())
+
+
+async def replace_sandbox(request: web.Request) -> web.Response:
+    _query(request, ())
+    store = request.app[STORE_KEY]
+    sandbox_id = request.match_info["id"]
+    raw = await _read_json(request)
+    async with _write_lock(request):
+        parsed = store.state.parse_sandbox(raw, sandbox_id=sandbox_id)
+        _require_network(_caller(), parsed.profile)
+        sandbox = await store.replace_sandbox(sandbox_id, raw)
+    return web.json_response(sandbox.to_dict())
+
+
+async def patch_sandbox(request: web.Request) -> web.Response:
+    _query(request, ())
+    store = request.app[STORE_KEY]
+    sandbox_id = request.match_info["id"]
+    patch = await _read_json(request)
+    if not isinstance(patch, dict):
+        raise GatewayError("INVALID_TYPE", "a merge patch is a JSON object (RFC 7396)")
+    # Read, merge and write under one lock so a concurrent API write is never lost.
+    async with _write_lock(request):
+        current = store.state.get_sandbox(sandbox_id)
+        merged = apply_merge_patch(current.to_dict(), patch)
+        parsed = store.state.parse_sandbox(merged, sandbox_id=sandbox_id)
+        _require_network(_caller(), parsed.profile)
+        sandbox = await store.replace_sandbox(sandbox_id, merged)
+    return web.json_response(sandbox.to_dict())
+
+
+async def delete_sandbox(request: web.Request) -> web.Response:
+    _query(request, ())
+    async with _write_lock(request):
+        await request.app[STORE_KEY].delete_sandbox(request.match_info["id"])
+    return web.Response(status=204)
+
+
+async def sandbox_policy(request: web.Request) -> web.Response:
+    _query(request, ())
+    state = request.app[STORE_KEY].state
+    sandbox_id = request.match_info["id"]
+    state.get_sandbox(sandbox_id)  # 404 with the usual code when unknown
+    return web.json_response(state.compiled[sandbox_id].describe())
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainRequest:
+    host: str | None
+    address: str | None
+    port: int | None
+    protocol: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "address": self.address, "port": self.port, "protocol": self.protocol}
+
+
+def _parse_port(text: str, field: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise GatewayError("INVALID_PORT", f"{text!r} is not a port in 1-65535", field)
+    return int(text)
+
+
+def _parse_address(text: str, field: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise GatewayError("INVALID_ADDRESS", f"{text!r} is not an IPv4 or IPv6 address", field) from None
+
+
+def _split_host_port(text: str) -> tuple[str, str | None]:
+    """`name`, `name:port`, `[v6]`, `[v6]:port`, or a bare IPv6 address (no port)."""
+    if "://" in text:
+        return text, None  # a URL: let the hostname check say so, rather than read "//x" as a port
+    if text.startswith("["):
+        inner, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise GatewayError("INVALID_HOSTNAME", f"{text!r} is not host, host:port or [v6]:port", "host")
+        return inner, rest[1:] if rest else None
+    if text.count(":") == 1:
+        name, _, port = text.partition(":")
+        return name, port
+    return text, None
+
+
+def parse_explain_query(query: Mapping[str, str]) -> ExplainRequest:
+    """Validate explain's inputs; `host` may carry the port (`example.com:8443`, `[2001:db8::1]:443`)."""
+    protocol = query.get("protocol", "tls").lower()
+    if protocol not in PROTOCOLS:
+        raise GatewayError(
+            "INVALID_PROTOCOL", f"{protocol!r} is not a protocol; use one of {', '.join(PROTOCOLS)}", "protocol"
+        )
+    hostname: str | None = None
+    address = _parse_address(query["address"], "address") if query.get("address") else None
+    port = _parse_port(query["port"], "port") if query.get("port") else None
+    if query.get("host"):
+        name, host_port = _split_host_port(query["host"])
+        if host_port is not None:
+            in_host = _parse_port(host_port, "host")
+            if port is not None and port != in_host:
+                raise GatewayError("INVALID_PORT", f"host says port {in_host} but port says {port}", "port")
+            port = in_host
+        try:
+            literal = str(ipaddress.ip_address(name))
+        except ValueError:
+            literal = None
+        if literal is not None:
+            # A connection to a bare address carries no name (no SNI / Host); explain it as that.
+            if address is not None and address != literal:
+                raise GatewayError(
+                    "INVALID_ADDRESS", f"host is the address {literal} but address says {address}", "address"
+                )
+            address = literal
+        else:
+            try:
+                hostname = normalize_pattern(name)
+            except GatewayError as exc:
+                raise GatewayError(exc.code, exc.message, "host") from None
+            if hostname.startswith("*."):
+                raise GatewayError("INVALID_HOSTNAME", "explain takes one concrete hostname, not a wildcard", "host")
+    if hostname is None and address is None:
+        raise GatewayError("MISSING_FIELD", "give host (a name, name:port or an address) and/or address", "host")
+    if protocol == "dns":
+        if hostname is None:
+            raise GatewayError("MISSING_FIELD", "a DNS question needs a host name", "host")
+        return ExplainRequest(hostname, None, None, protocol)  # decided on the name alone, like the resolver
+    if port is None:
+        port = DEFAULT_PORTS.get(protocol)
+        if port is None:
+            raise GatewayError("MISSING_FIELD", f"protocol {protocol} has no default port; give port", "port")
+    return ExplainRequest(hostname, address, port, protocol)
+
+
+async def explain(request: web.Request) -> web.Response:
+    query = _query(request, ("host", "port", "address", "protocol"))
+    sandbox_id = request.match_info["id"]
+    state = request.app[STORE_KEY].state
+    state.get_sandbox(sandbox_id)  # unknown sandbox: 404 before input errors would mislead
+    asked = parse_explain_query(query)
+    verdict, policy = state.explain(sandbox_id, asked.host, asked.address, asked.port, asked.protocol)
+    return web.json_response(
+        {**verdict.to_dict(), "sandbox": sandbox_id, "request": asked.to_dict(), "policy": policy.describe()}
+    )
+
+
+# --------------------------------------------------------------------------- handlers: templates
+
+
+async def list_templates(request: web.Request) -> web.Response:
+    _query(request, ())
+    templates = request.app[STORE_KEY].state.templates
+    return web.json_response({"templates": [templates[name].to_dict() for name in sorted(templates)]})
+
+
+async def create_template(request: web.Request) -> web.Response:
+    _query(request, ())
+    store = request.app[STORE_KEY]
+    raw = await _read_json(request)
+    async with _write_lock(request):
+        name = store.state.parse_template(raw).name
+        _set_target(name)
+        template = await store.put_template(name, raw, create=True)
+    return web.json_response(template.to_dict(), status=201, headers={"Location": f"/v1/templates/{name}"})
+
+
+async def get_template(request: web.Request) -> web.Response:
+    _query(request, ())
+    return web.json_response(request.app[STORE_KEY].state.get_template(request.match_info["name"]).to_dict())
+
+
+async def replace_template(request: web.Request) -> web.Response:
+    _query(request, ())
+    raw = await _read_json(request)
+    async with _write_lock(request):
+        template = await request.app[STORE_KEY].put_template(request.match_info["name"], raw, create=False)
+    return web.json_response(template.to_dict())
+
+
+async def delete_template(request: web.Request) -> web.Response:
+    _query(request, ())
+    async with _write_lock(request):
+        await request.app[STORE_KEY].delete_template(request.match_info["name"])
+    return web.Response(status=204)
+
+
+def _write_lock(request: web.Request) -> asyncio.Lock:
+    return request.app[WRITE_LOCK_KEY]
+
+
+# --------------------------------------------------------------------------- the application
+
+
+def route_specs() -> tuple[RouteSpec, ...]:
+    """Every route the API serves; the OpenAPI document is tested against this table."""
+    return (
+        RouteSpec("GET", "/healthz", healthz, PUBLIC, "healthz"),
+        RouteSpec("GET", "/readyz", readyz, PUBLIC, "readyz"),
+        RouteSpec("GET", "/openapi.json", openapi_json, PUBLIC, "openapi"),
+        RouteSpec("GET", "/v1/status", status, "sandboxes:read", "status"),
+        RouteSpec("GET", "/v1/presets", list_presets, AUTHENTICATED, "presets.list"),
+        RouteSpec("GET", "/v1/sandboxes", list_sandboxes, "sandboxes:read", "sandboxes.list"),
+        RouteSpec("POST", "/v1/sandboxes", create_sandbox, "sandboxes:write", "sandboxes.create"),
+        RouteSpec("GET", "/v1/sandboxes/{id}", get_sandbox, "sandboxes:read", "sandboxes.get"),
+        RouteSpec("PUT", "/v1/sandboxes/{id}", replace_sandbox, "sandboxes:write", "sandboxes.replace"),
+        RouteSpec("PATCH", "/v1/sandboxes/{id}", patch_sandbox, "sandboxes:write", "sandboxes.patch"),
+        RouteSpec("DELETE", "/v1/sandboxes/{id}", delete_sandbox, "sandboxes:write", "sandboxes.delete"),
+        RouteSpec("GET", "/v1/sandboxes/{id}/policy", sandbox_policy, "sandboxes:read", "sandboxes.policy"),
+        RouteSpec("GET", "/v1/sandboxes/{id}/explain", explain, "sandboxes:read", "sandboxes.explain"),
+        RouteSpec("GET", "/v1/templates", list_templates, "templates:read", "templates.list"),
+        RouteSpec("POST", "/v1/templates", create_template, "templates:write", "templates.create"),
+        RouteSpec("GET", "/v1/templates/{name}", get_template, "templates:read", "templates.get"),
+        RouteSpec("PUT", "/v1/templates/{name}", replace_template, "templates:write", "templates.replace"),
+        RouteSpec("DELETE", "/v1/templates/{name}", delete_template, "templates:write", "templates.delete"),
+    )
+
+
+def create_app(store: PolicyStore, config: Config) -> web.Application:
+    """The API over `store` (started by the caller). Raises CONFIG_INVALID for an exposed API without tokens."""
+    check_api_exposure(config)
+    app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY_BYTES)
+    app[STORE_KEY] = store
+    app[CONFIG_KEY] = config
+    app[OPEN_KEY] = not config.tokens
+    app[WRITE_LOCK_KEY] = asyncio.Lock()
+    table: dict[tuple[str, str], RouteSpec] = {}
+    for spec in route_specs():
+        # add_route, not add_get: no implicit HEAD routes, so the route table is exactly the documented one.
+        app.router.add_route(spec.method, spec.path, spec.handler, name=spec.action)
+        table[(spec.method, spec.path)] = spec
+    app[ROUTES_KEY] = table
+    if app[OPEN_KEY]:
+        app.on_startup.append(_warn_open)
+    return app
+
+
+async def _warn_open(app: web.Application) -> None:
+    config = app[CONFIG_KEY]
+    log.warning(
+        "api.open_mode",
+        message="NO API TOKENS CONFIGURED: every local process can read and change every policy. "
+        "The API listens on loopback only; add [[api.tokens]] to require authentication.",
+        host=config.api_host,
+        port=config.api_port,
+    )

@@ -1,0 +1,758 @@
+"""The `gateway` command: run the gateway, check its configuration, and drive the control API.
+
+Exit codes: 0 success; 1 the API refused the request (`CODE: message (field x)` on
+stderr); 2 bad invocation or invalid configuration; 3 the API could not be reached.
+
+Client commands find the API from `--api`, else `GATEWAY_API_URL`, else the configured
+`[api] host/port`; the token from `--token`, else `GATEWAY_TOKEN`. `--json` prints the
+API's JSON answers verbatim (errors too, on stderr). The client never follows redirects
+and never uses an HTTP proxy, so the token is only ever sent to the URL given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from gateway.errors import GatewayError
+
+EXIT_OK = 0
+EXIT_API_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+DEFAULT_TIMEOUT = 15.0
+
+
+class CliExit(Exception):
+    """Stop with a message on stderr and an exit code."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --------------------------------------------------------------------------- HTTP client
+
+
+@dataclass(frozen=True, slots=True)
+class ApiResponse:
+    status: int
+    text: str
+
+    @property
+    def data(self) -> Any:
+        return json.loads(self.text) if self.text else None
+
+
+class ApiError(Exception):
+    def __init__(self, response: ApiResponse) -> None:
+        super().__init__(f"HTTP {response.status}")
+        self.response = response
+
+    def describe(self) -> str:
+        """`CODE: message (field x)`, the same form GatewayError prints."""
+        try:
+            body = self.response.data
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("code"), str):
+            field = body.get("field")
+            return f"{body['code']}: {body.get('message', '')}" + (f" (field {field})" if field else "")
+        return f"HTTP_{self.response.status}: {self.response.text.strip()[:200] or 'no body'}"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # a redirect would carry the bearer token elsewhere; the API never sends one
+
+
+class ApiClient:
+    """A small synchronous client (urllib) for the control API."""
+
+    def __init__(self, base_url: str, token: str | None, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        query: Mapping[str, str | None] | None = None,
+        content_type: str = "application/json",
+    ) -> ApiResponse:
+        url = self.base_url + path
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method=method)
+        request.add_header("Accept", "application/json")
+        if data is not None:
+            request.add_header("Content-Type", content_type)
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with self._opener.open(request, timeout=self.timeout) as answer:
+                return ApiResponse(answer.status, answer.read().decode("utf-8", "replace"))
+        except urllib.error.HTTPError as exc:
+            raise ApiError(ApiResponse(exc.code, exc.read().decode("utf-8", "replace"))) from None
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            why = "connection refused" if isinstance(reason, ConnectionRefusedError) else str(reason)
+            raise CliExit(EXIT_UNREACHABLE, self._unreachable(why)) from None
+        except (TimeoutError, ConnectionError) as exc:
+            raise CliExit(EXIT_UNREACHABLE, self._unreachable(str(exc) or type(exc).__name__)) from None
+
+    def _unreachable(self, why: str) -> str:
+        return (
+            f"UNREACHABLE: cannot reach the gateway API at {self.base_url}: {why} "
+            "(is `gateway run` running? set --api or GATEWAY_API_URL)"
+        )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == [] or value == {}:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    return str(value)
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Left-aligned columns separated by two spaces; the last column is not padded."""
+    cells = [list(headers)] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)) + "  " + row[-1] for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "labels":
+            out.extend(_flatten(value, f"{name}."))
+        else:
+            out.append((name, value))
+    return out
+
+
+def format_block(data: Mapping[str, Any]) -> str:
+    """`key: value` lines, nested objects as dotted keys, aligned on the colon."""
+    pairs = _flatten(data)
+    width = max((len(k) for k, _ in pairs), default=0) + 1
+    return "\n".join(f"{(key + ':').ljust(width)} {_cell(value)}" for key, value in pairs)
+
+
+def _egress_summary(egress: Mapping[str, Any]) -> str:
+    parts: list[str] = []
+    if egress.get("allow_internet") is False:
+        parts.append("internet off")
+    if egress.get("mode"):
+        parts.append(str(egress["mode"]))
+    for key, word in (
+        ("allow_hosts", "host"),
+        ("presets", "preset"),
+        ("allow_cidrs", "allow-cidr"),
+        ("deny_cidrs", "deny-cidr"),
+    ):
+        count = len(egress.get(key) or ())
+        if count:
+            parts.append(f"{count} {word}{'s' if count > 1 else ''}")
+    return ", ".join(parts) or "-"
+
+
+def _target(request: Mapping[str, Any]) -> str:
+    where = request.get("host") or request.get("address") or "?"
+    if ":" in where:
+        where = f"[{where}]"
+    if request.get("port") is not None:
+        where += f":{request['port']}"
+    if request.get("protocol") not in (None, "tls"):
+        where += f"/{request['protocol']}"
+    if request.get("host") and request.get("address"):
+        where += f" via {request['address']}"
+    return where
+
+
+def format_verdict(answer: Mapping[str, Any]) -> str:
+    """`DENY  evil.com:443  host not in allowlist  (rule default:deny)`."""
+    word = "ALLOW" if answer.get("allowed") else "DENY"
+    return f"{word}  {_target(answer.get('request') or {})}  {answer.get('reason')}  (rule {answer.get('rule')})"
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+def _split(values: Iterable[str] | None) -> list[str]:
+    """Repeatable flags also take comma-separated lists: `--allow-host a.com,b.com`."""
+    return [part.strip() for value in values or () for part in value.split(",") if part.strip()]
+
+
+def _ports(values: Iterable[str] | None) -> list[int]:
+    ports: list[int] = []
+    for text in _split(values):
+        if not text.isdigit():
+            raise CliExit(EXIT_USAGE, f"INVALID_PORT: {text!r} is not a port number")
+        ports.append(int(text))
+    return ports
+
+
+def egress_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The egress object the flags describe (empty when none was given).
+
+    Seed 004: an allowed CIDR means "only these", so `--allow-cidr` implies mode
+    deny_all unless `--egress-mode` says otherwise.
+    """
+    egress: dict[str, Any] = {}
+    for flag, key in (
+        ("allow_host", "allow_hosts"),
+        ("preset", "presets"),
+        ("allow_cidr", "allow_cidrs"),
+        ("deny_cidr", "deny_cidrs"),
+    ):
+        values = _split(getattr(args, flag, None))
+        if values:
+            egress[key] = values
+    for flag, key in (("allow_port", "allow_ports"), ("host_port", "host_ports")):
+        ports = _ports(getattr(args, flag, None))
+        if ports:
+            egress[key] = ports
+    mode = getattr(args, "egress_mode", None) or ("deny_all" if "allow_cidrs" in egress else None)
+    if mode:
+        egress["mode"] = mode
+    if getattr(args, "no_internet", False):
+        egress["allow_internet"] = False
+    return egress
+
+
+def _labels(values: Iterable[str] | None) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for text in values or ():
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise CliExit(EXIT_USAGE, f"INVALID_LABEL: {text!r} is not KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def _load_body(args: argparse.Namespace) -> Any | None:
+    """The JSON body from --file (`-` = stdin) or --data, or None when neither was given."""
+    file, data = getattr(args, "file", None), getattr(args, "data", None)
+    if file is not None and data is not None:
+        raise CliExit(EXIT_USAGE, "give either --file or --data, not both")
+    if file is not None:
+        source = "stdin" if file == "-" else file
+        try:
+            text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CliExit(EXIT_USAGE, f"cannot read {source}: {exc.strerror or exc}") from None
+    elif data is not None:
+        source, text = "--data", data
+    else:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliExit(EXIT_USAGE, f"INVALID_JSON: {source} is not valid JSON: {exc}") from None
+
+
+def _require_body(args: argparse.Namespace) -> Any:
+    body = _load_body(args)
+    if body is None:
+        raise CliExit(EXIT_USAGE, "give the record with --file FILE (- for stdin) or --data JSON")
+    return body
+
+
+def sandbox_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.id or not args.address:
+        raise CliExit(EXIT_USAGE, "sandbox create needs --id and --address (or the whole record with --file/--data)")
+    record: dict[str, Any] = {"id": args.id, "addresses": _split(args.address)}
+    if args.profile:
+        record["profile"] = args.profile
+    if args.template:
+        record["template"] = args.template
+    egress = egress_from_flags(args)
+    if egress:
+        record["egress"] = egress
+    labels = _labels(args.label)
+    if labels:
+        record["labels"] = labels
+    return record
+
+
+def _flags_given(args: argparse.Namespace, names: Iterable[str]) -> list[str]:
+    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name, None) not in (None, [], False)]
+
+
+SANDBOX_FLAGS = ("id", "address", "profile", "template", "label")
+TEMPLATE_FLAGS = ("name", "description")
+EGRESS_FLAGS = (
+    "allow_host",
+    "preset",
+    "allow_cidr",
+    "deny_cidr",
+    "allow_port",
+    "host_port",
+    "egress_mode",
+    "no_internet",
+)
+
+
+def _record_from(args: argparse.Namespace, flag_names: Sequence[str], build: Callable[[], dict[str, Any]]) -> Any:
+    body = _load_body(args)
+    if body is None:
+        return build()
+    flags = _flags_given(args, flag_names)
+    if flags:
+        raise CliExit(EXIT_USAGE, f"give the record either with --file/--data or with flags, not both ({flags[0]})")
+    return body
+
+
+def template_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.name:
+        raise CliExit(EXIT_USAGE, "template create needs --name (or the whole record with --file/--data)")
+    record: dict[str, Any] = {"name": args.name}
+    if args.description:
+        record["description"] = args.description
+    egress = egress_from_flags(args)
+    if egress:
+        record["egress"] = egress
+    return record
+
+
+# --------------------------------------------------------------------------- client commands
+
+
+@dataclass
+class Context:
+    client: ApiClient
+    json_output: bool
+    out: TextIO
+
+    def emit(self, response: ApiResponse, human: Callable[[Any], str] | None) -> None:
+        if self.json_output:
+            if response.text:
+                self.out.write(response.text.rstrip("\n") + "\n")
+            return
+        if human is not None:
+            text = human(response.data)
+            if text:
+                self.out.write(text + "\n")
+
+
+def _quote(segment: str) -> str:
+    return urllib.parse.quote(segment, safe="")
+
+
+def _sandbox_rows(data: Any) -> str:
+    sandboxes = data["sandboxes"]
+    if not sandboxes:
+        return "no sandboxes"
+    rows = [(s["id"], s["profile"], s["template"], s["addresses"], _egress_summary(s["egress"])) for s in sandboxes]
+    return format_table(("ID", "PROFILE", "TEMPLATE", "ADDRESSES", "EGRESS"), rows)
+
+
+def _template_rows(data: Any) -> str:
+    templates = data["templates"]
+    if not templates:
+        return "no templates"
+    rows = [(t["name"], _egress_summary(t["egress"]), t["limits"], t["description"]) for t in templates]
+    return format_table(("NAME", "EGRESS", "LIMITS", "DESCRIPTION"), rows)
+
+
+def _preset_rows(data: Any) -> str:
+    rows = [
+        (p["name"], p["ports"] if p["ports"] is not None else "any", len(p["hosts"]), p["description"])
+        for p in data["presets"]
+    ]
+    return format_table(("NAME", "PORTS", "HOSTS", "DESCRIPTION"), rows)
+
+
+def _status_block(data: Any) -> str:
+    rejected = data.get("rejected") or []
+    lines = [format_block({k: v for k, v in data.items() if k != "rejected"} | {"rejected": len(rejected)})]
+    for item in rejected:
+        field = f" (field {item['field']})" if item.get("field") else ""
+        lines.append(f"  {item['kind']} {item['key']}: {item['code']}: {item['message']}{field}")
+    return "\n".join(lines)
+
+
+def cmd_sandbox(ctx: Context, args: argparse.Namespace) -> None:
+    c = ctx.client
+    action = args.action
+    if action == "list":
+        answer = c.request("GET", "/v1/sandboxes", query={"profile": args.profile, "template": args.template})
+        ctx.emit(answer, _sandbox_rows)
+    elif action == "get":
+        ctx.emit(c.request("GET", f"/v1/sandboxes/{_quote(args.id)}"), format_block)
+    elif action == "policy":
+        ctx.emit(c.request("GET", f"/v1/sandboxes/{_quote(args.id)}/policy"), format_block)
+    elif action == "create":
+        body = _record_from(args, SANDBOX_FLAGS + EGRESS_FLAGS, lambda: sandbox_from_flags(args))
+        answer = c.request("POST", "/v1/sandboxes", body)
+        ctx.emit(answer, lambda d: f"created sandbox {d['id']}\n" + format_block(d))
+    elif action == "update":
+        answer = c.request("PUT", f"/v1/sandboxes/{_quote(args.id)}", _require_body(args))
+        ctx.emit(answer, lambda d: f"replaced sandbox {d['id']}\n" + format_block(d))
+    elif action == "patch":
+        patch = _require_body(args)
+        answer = c.request(
+            "PATCH", f"/v1/sandboxes/{_quote(args.id)}", patch, content_type="application/merge-patch+json"
+        )
+        ctx.emit(answer, lambda d: f"patched sandbox {d['id']}\n" + format_block(d))
+    elif action == "delete":
+        ctx.emit(c.request("DELETE", f"/v1/sandboxes/{_quote(args.id)}"), lambda _: f"deleted sandbox {args.id}")
+
+
+def cmd_template(ctx: Context, args: argparse.Namespace) -> None:
+    c = ctx.client
+    action = args.action
+    if action == "list":
+        ctx.emit(c.request("GET", "/v1/templates"), _template_rows)
+    elif action == "get":
+        ctx.emit(c.request("GET", f"/v1/templates/{_quote(args.name)}"), format_block)
+    elif action == "create":
+        body = _record_from(args, TEMPLATE_FLAGS + EGRESS_FLAGS, lambda: template_from_flags(args))
+        answer = c.request("POST", "/v1/templates", body)
+        ctx.emit(answer, lambda d: f"created template {d['name']}\n" + format_block(d))
+    elif action == "update":
+        answer = c.request("PUT", f"/v1/templates/{_quote(args.name)}", _require_body(args))
+        ctx.emit(answer, lambda d: f"replaced template {d['name']}\n" + format_block(d))
+    elif action == "delete":
+        ctx.emit(c.request("DELETE", f"/v1/templates/{_quote(args.name)}"), lambda _: f"deleted template {args.name}")
+
+
+def cmd_explain(ctx: Context, args: argparse.Namespace) -> None:
+    query = {"host": args.host, "address": args.address, "protocol": args.protocol, "port": args.port}
+    ctx.emit(ctx.client.request("GET", f"/v1/sandboxes/{_quote(args.sandbox)}/explain", query=query), format_verdict)
+
+
+def cmd_status(ctx: Context, args: argparse.Namespace) -> None:
+    ctx.emit(ctx.client.request("GET", "/v1/status"), _status_block)
+
+
+def cmd_presets(ctx: Context, args: argparse.Namespace) -> None:
+    ctx.emit(ctx.client.request("GET", "/v1/presets"), _preset_rows)
+
+
+# --------------------------------------------------------------------------- run / check-config
+
+
+def _load_config(path: str | None) -> Any:
+    from gateway.config import load_config
+
+    try:
+        return load_config(path)
+    except GatewayError as exc:
+        raise CliExit(EXIT_USAGE, str(exc)) from None
+
+
+def _api_url(host: str, port: int) -> str:
+    if host in ("0.0.0.0", ""):  # listening everywhere: reach it on loopback
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def _redact_url(url: str) -> str:
+    """A Redis URL without its credentials, for printing."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def _store_description(config: Any) -> str:
+    if config.store.backend == "redis":
+        return f"redis {_redact_url(config.store.redis_url)} (prefix {config.store.redis_prefix})"
+    return f"embedded {config.store.path.resolve()}"
+
+
+def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
+    from gateway.api import check_api_exposure
+    from gateway.presets import BUILTIN_PRESETS
+
+    config = _load_config(args.config)
+    try:
+        check_api_exposure(config)
+    except GatewayError as exc:
+        raise CliExit(EXIT_USAGE, str(exc)) from None
+    limits = config.default_limits
+    lines = [
+        f"config:          {config.source}",
+        f"store:           {_store_description(config)}",
+        f"api:             {_api_url(config.api_host, config.api_port)}",
+        f"sandbox subnets: {', '.join(str(n) for n in config.sandbox_subnets)}",
+        f"default limits:  {limits.connections_per_minute} conn/min, {limits.bandwidth_mbit} Mbit/s "
+        f"(burst {limits.burst_mbit}), {limits.dns_queries_per_minute} DNS queries/min",
+    ]
+    if config.tokens:
+        lines.append(f"tokens:          {len(config.tokens)}")
+        width = max(len(t.name) for t in config.tokens)
+        lines += [f"  {t.name.ljust(width)}  {', '.join(sorted(t.scopes))}" for t in config.tokens]
+    else:
+        lines.append("tokens:          none: the API is open to every local process (it listens on loopback only)")
+    lines.append(f"presets:         {len(config.presets)}")
+    width = max(len(name) for name in config.presets)
+    for name in sorted(config.presets):
+        preset = config.presets[name]
+        ports = ", ".join(map(str, sorted(preset.ports))) if preset.ports is not None else "any"
+        kind = "built-in" if name in BUILTIN_PRESETS else "configured"
+        lines.append(f"  {name.ljust(width)}  {kind:<10}  {len(preset.hosts)} hosts, ports {ports}")
+    lines.append("configuration is valid")
+    out.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+    from gateway.logs import configure_logging
+
+    config = _load_config(args.config)
+    configure_logging(config.log_format, config.log_level)
+    return asyncio.run(_serve(config, out))
+
+
+async def _serve(config: Any, out: TextIO) -> int:
+    import structlog
+    from aiohttp import web
+
+    from gateway.api import create_app
+    from gateway.stores import open_store
+
+    log = structlog.get_logger("gateway.cli")
+    store = open_store(config)
+    try:
+        app = create_app(store, config)  # refuses an exposed API without tokens before anything starts
+    except GatewayError as exc:
+        raise CliExit(EXIT_USAGE, str(exc)) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    try:
+        try:
+            await store.start()
+        except GatewayError as exc:
+            raise CliExit(EXIT_API_ERROR, str(exc)) from None
+        await runner.setup()
+        site = web.TCPSite(runner, config.api_host, config.api_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise CliExit(
+                EXIT_API_ERROR,
+                f"LISTEN_FAILED: cannot listen on {config.api_host}:{config.api_port}: {exc.strerror or exc}",
+            ) from None
+        out.write(
+            f"gateway API listening on {_api_url(config.api_host, config.api_port)}, "
+            f"store {_store_description(config)}\n"
+        )
+        out.flush()
+        await stop.wait()
+        log.info("gateway.stopping")
+    finally:
+        await runner.cleanup()
+        await store.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- argument parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise CliExit(EXIT_USAGE, f"{self.prog}: error: {message}")
+
+
+def _client_options(defaults: bool) -> argparse.ArgumentParser:
+    """Options accepted both before and after the subcommand (`gateway --json sandbox list` or
+    `gateway sandbox list --json`). Subcommand copies default to SUPPRESS so they do not
+    overwrite a value given before the subcommand."""
+    parser = argparse.ArgumentParser(add_help=False)
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--api",
+        metavar="URL",
+        default=default(None),
+        help="API base URL (default: $GATEWAY_API_URL, else the configured [api] host and port)",
+    )
+    parser.add_argument(
+        "--token",
+        default=default(None),
+        help="API token (default: $GATEWAY_TOKEN, which is better: other local users can see a flag in ps)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="print the API's JSON answers verbatim"
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default(None),
+        help="configuration file (default: $GATEWAY_CONFIG, else built-in defaults)",
+    )
+    return parser
+
+
+def _egress_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("egress (repeatable flags also take comma-separated lists)")
+    group.add_argument("--allow-host", action="append", metavar="HOST", help="allowed hostname or *.domain")
+    group.add_argument("--preset", action="append", metavar="NAME", help="include a preset (see `gateway presets`)")
+    group.add_argument(
+        "--allow-cidr", action="append", metavar="CIDR", help="allowed destination CIDR; implies --egress-mode deny_all"
+    )
+    group.add_argument("--deny-cidr", action="append", metavar="CIDR", help="refused destination CIDR")
+    group.add_argument("--allow-port", action="append", metavar="PORT", help="restrict --allow-cidr to this port")
+    group.add_argument("--host-port", action="append", metavar="PORT", help="restrict --allow-host to this port")
+    group.add_argument("--egress-mode", metavar="MODE", help="allow_all or deny_all")
+    group.add_argument("--no-internet", action="store_true", help="allow_internet false: block all egress")
+
+
+def _body_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--file", "-f", metavar="FILE", help="JSON record from a file (- for stdin)")
+    parser.add_argument("--data", "-d", metavar="JSON", help="JSON record inline")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _client_options(defaults=False)
+    parser = _Parser(
+        prog="gateway",
+        description="Sandbox network gateway: run it, check its configuration, manage policies through its API.",
+        parents=[_client_options(defaults=True)],
+        epilog="Exit codes: 0 ok, 1 the API refused the request, 2 bad usage or configuration, 3 API unreachable.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    commands.add_parser("run", parents=[common], help="run the gateway (control API and policy store)")
+    commands.add_parser("check-config", parents=[common], help="validate the configuration and summarise it")
+
+    sandbox = commands.add_parser("sandbox", help="manage sandboxes").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    p = sandbox.add_parser("list", parents=[common], help="list sandboxes")
+    p.add_argument("--profile")
+    p.add_argument("--template")
+    for name, text in (("get", "show a sandbox"), ("policy", "show its effective policy"), ("delete", "delete it")):
+        sandbox.add_parser(name, parents=[common], help=text).add_argument("id")
+    p = sandbox.add_parser("create", parents=[common], help="create a sandbox from a record or from flags")
+    _body_options(p)
+    p.add_argument("--id")
+    p.add_argument("--address", action="append", metavar="IP", help="sandbox source address (repeatable)")
+    # No argparse choices for values the API validates: its errors explain more (e.g. why not transit).
+    p.add_argument("--profile", help="isolated (default), registry, allowlisted or unrestricted")
+    p.add_argument("--template")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE")
+    _egress_options(p)
+    for name, text in (("update", "replace a sandbox (PUT)"), ("patch", "merge-patch a sandbox (RFC 7396)")):
+        p = sandbox.add_parser(name, parents=[common], help=text)
+        p.add_argument("id")
+        _body_options(p)
+
+    template = commands.add_parser("template", help="manage templates").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    template.add_parser("list", parents=[common], help="list templates")
+    for name, text in (("get", "show a template"), ("delete", "delete it")):
+        template.add_parser(name, parents=[common], help=text).add_argument("name")
+    p = template.add_parser("create", parents=[common], help="create a template from a record or from flags")
+    _body_options(p)
+    p.add_argument("--name")
+    p.add_argument("--description")
+    _egress_options(p)
+    p = template.add_parser("update", parents=[common], help="replace a template (PUT)")
+    p.add_argument("name")
+    _body_options(p)
+
+    p = commands.add_parser("explain", parents=[common], help="would this connection be allowed?")
+    p.add_argument("sandbox")
+    p.add_argument("host", metavar="HOST[:PORT]", nargs="?", help="hostname (or address), optionally with :port")
+    p.add_argument("--address", help="destination address, for CIDR rules")
+    p.add_argument("--port")
+    p.add_argument("--protocol", help="tls (default), http, tcp, udp or dns")
+
+    commands.add_parser("status", parents=[common], help="store backend, counts, rejected records")
+    commands.add_parser("presets", parents=[common], help="list presets")
+    return parser
+
+
+def _client(args: argparse.Namespace) -> ApiClient:
+    url = args.api or os.environ.get("GATEWAY_API_URL")
+    if not url:
+        config = _load_config(args.config)
+        url = _api_url(config.api_host, config.api_port)
+    if not url.startswith(("http://", "https://")):
+        raise CliExit(EXIT_USAGE, f"--api {url!r} must start with http:// or https://")
+    return ApiClient(url, args.token or os.environ.get("GATEWAY_TOKEN") or None)
+
+
+CLIENT_COMMANDS: dict[str, Callable[[Context, argparse.Namespace], None]] = {
+    "sandbox": cmd_sandbox,
+    "template": cmd_template,
+    "explain": cmd_explain,
+    "status": cmd_status,
+    "presets": cmd_presets,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    out, err = sys.stdout, sys.stderr
+    args: argparse.Namespace | None = None
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "run":
+            return cmd_run(args, out)
+        if args.command == "check-config":
+            return cmd_check_config(args, out)
+        ctx = Context(_client(args), args.json, out)
+        CLIENT_COMMANDS[args.command](ctx, args)
+        return EXIT_OK
+    except ApiError as exc:
+        if args is not None and args.json and exc.response.text:
+            err.write(exc.response.text.rstrip("\n") + "\n")
+        else:
+            err.write(exc.describe() + "\n")
+        return EXIT_API_ERROR
+    except CliExit as exc:
+        if exc.message:
+            err.write(exc.message + "\n")
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,802 @@
+"""The control API over a real embedded store: routes, errors, auth, and the OpenAPI document's truth.
+
+Every answer in these tests goes through `Api.call`, which also checks it against the
+OpenAPI document: the status must be documented for that operation and the body must
+validate against the documented schema. So the document cannot drift from the API
+without a test failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate as validate_spec
+
+from gateway.api import MAX_BODY_BYTES, PUBLIC, apply_merge_patch, create_app, parse_explain_query, route_specs
+from gateway.config import Config, load_config
+from gateway.errors import GatewayError
+from gateway.openapi import SANDBOX_EXAMPLES, SANDBOX_PATCH_EXAMPLES, TEMPLATE_EXAMPLES, openapi_document
+from gateway.policy import parse_sandbox, parse_template
+from gateway.stores.embedded import EmbeddedStore
+
+AiohttpClient = Callable[[web.Application], Awaitable[TestClient]]
+
+TOKENS: dict[str, tuple[str, list[str]]] = {
+    "admin": ("admin-secret-0123456789", ["admin"]),
+    "reader": ("reader-secret-0123456789", ["sandboxes:read", "templates:read"]),
+    "writer": (
+        "writer-secret-0123456789",
+        ["sandboxes:read", "sandboxes:write", "templates:read", "network:allowlisted"],
+    ),
+    "isolated-only": ("isolated-secret-0123456789", ["sandboxes:read", "sandboxes:write"]),
+    "templater": ("templater-secret-0123456789", ["templates:read", "templates:write"]),
+}
+
+DOC = openapi_document()
+
+ALLOWLISTED = {
+    "id": "agent-1",
+    "addresses": ["10.75.0.10"],
+    "profile": "allowlisted",
+    "egress": {"allow_hosts": ["api.github.com", "*.example.com"]},
+    "labels": {"team": "research"},
+}
+
+
+def write_config(tmp_path: Path, *, tokens: bool = True, host: str = "127.0.0.1") -> Config:
+    lines = [
+        "[store]",
+        'backend = "embedded"',
+        f'path = "{tmp_path / "policies.json"}"',
+        "[api]",
+        f'host = "{host}"',
+        "port = 8470",
+    ]
+    if tokens:
+        entries = ", ".join(
+            f'{{ name = "{name}", token = "{secret}", scopes = {json.dumps(scopes)} }}'
+            for name, (secret, scopes) in TOKENS.items()
+        )
+        lines.append(f"tokens = [{entries}]")
+    lines += ["[presets.internal]", 'hosts = ["*.corp.example"]', "ports = [443]"]
+    path = tmp_path / "gateway.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return load_config(path, environ={})
+
+
+# --------------------------------------------------------------------------- answers checked against the document
+
+
+def _operation(method: str, path: str) -> dict[str, Any] | None:
+    for template, item in DOC["paths"].items():
+        pattern = "^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path) and method.lower() in item:
+            return item[method.lower()]
+    return None
+
+
+def _validator(schema: dict[str, Any]) -> Draft202012Validator:
+    # The document's components travel along so `#/components/...` references resolve.
+    return Draft202012Validator({**schema, "components": DOC["components"]})
+
+
+class Answer:
+    def __init__(self, status: int, body: Any, headers: dict[str, str]) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+    @property
+    def code(self) -> str | None:
+        return self.body.get("code") if isinstance(self.body, dict) else None
+
+
+class Api:
+    def __init__(self, client: TestClient) -> None:
+        self.client = client
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = "admin",
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        expect: int | None = None,
+    ) -> Answer:
+        sent = dict(headers or {})
+        if token is not None:
+            sent.setdefault("Authorization", f"Bearer {TOKENS[token][0]}")
+        if body is not None:
+            data = json.dumps(body).encode()
+        if data is not None:
+            sent.setdefault("Content-Type", "application/json")
+        response = await self.client.request(method, path, data=data, headers=sent)
+        text = await response.text()
+        parsed = json.loads(text) if text else None
+        answer = Answer(response.status, parsed, dict(response.headers))
+        self._check_documented(method, path.split("?", 1)[0], answer)
+        if expect is not None:
+            assert answer.status == expect, f"{method} {path}: {answer.status} {text}"
+        return answer
+
+    @staticmethod
+    def _check_documented(method: str, path: str, answer: Answer) -> None:
+        operation = _operation(method, path)
+        if operation is None:  # unknown route or method: the documented error body all the same
+            assert answer.status in (404, 405), (method, path, answer.status)
+            _validator({"$ref": "#/components/schemas/Error"}).validate(answer.body)
+            return
+        documented = operation["responses"].get(str(answer.status))
+        assert documented is not None, f"{method} {path} answered {answer.status}, which the document does not list"
+        content = documented.get("content")
+        if content is None:
+            assert answer.body is None, f"{method} {path} {answer.status} has a body the document does not describe"
+            return
+        assert answer.headers.get("Content-Type", "").startswith("application/json")
+        _validator(content["application/json"]["schema"]).validate(answer.body)
+        for header in documented.get("headers", {}):
+            assert header in answer.headers, f"{method} {path} {answer.status} lacks the documented {header}"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return write_config(tmp_path)
+
+
+@pytest.fixture
+async def store(config: Config) -> AsyncIterator[EmbeddedStore]:
+    instance = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
+    await instance.start()
+    yield instance
+    await instance.close()
+
+
+@pytest.fixture
+async def api(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config) -> Api:
+    return Api(await aiohttp_client(create_app(store, config)))
+
+
+# --------------------------------------------------------------------------- service routes
+
+
+async def test_health_and_readiness_need_no_token(api: Api) -> None:
+    assert (await api.call("GET", "/healthz", token=None, expect=200)).body == {"status": "ok"}
+    assert (await api.call("GET", "/readyz", token=None, expect=200)).body == {"ready": True, "backend": "embedded"}
+
+
+async def test_readyz_is_503_until_the_store_has_loaded(aiohttp_client: AiohttpClient, config: Config) -> None:
+    store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
+    api = Api(await aiohttp_client(create_app(store, config)))
+    answer = await api.call("GET", "/readyz", token=None, expect=503)
+    assert answer.code == "STORE_NOT_READY"
+    await store.start()
+    try:
+        await api.call("GET", "/readyz", token=None, expect=200)
+    finally:
+        await store.close()
+
+
+async def test_status_counts_and_shows_records_rejected_from_the_file(api: Api, store: EmbeddedStore) -> None:
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    status = (await api.call("GET", "/v1/status", expect=200)).body
+    assert status["backend"] == "embedded" and status["ready"] is True and status["auth"] == "tokens"
+    assert (status["sandboxes"], status["templates"], status["rejected"]) == (1, 0, [])
+
+    # Someone edits the file by hand and breaks one record: the API shows why, the last good version stays.
+    data = json.loads(store.path.read_text())
+    data["sandboxes"]["agent-1"]["egress"]["allow_hosts"] = ["https://bad.example.com"]
+    edited = store.path.with_name("edited.json")
+    edited.write_text(json.dumps(data))
+    edited.replace(store.path)  # atomic, so the watcher never reads half a file
+    for _ in range(200):
+        status = (await api.call("GET", "/v1/status", expect=200)).body
+        if status["rejected"]:
+            break
+        await asyncio.sleep(0.02)
+    [rejection] = status["rejected"]
+    assert (rejection["kind"], rejection["key"], rejection["code"]) == ("sandbox", "agent-1", "INVALID_HOSTNAME")
+    explain = await api.call("GET", "/v1/sandboxes/agent-1/explain?host=api.github.com", expect=200)
+    assert explain.body["allowed"] is True
+
+
+async def test_presets_lists_built_in_and_configured_presets_for_any_token(api: Api) -> None:
+    presets = {
+        p["name"]: p for p in (await api.call("GET", "/v1/presets", token="templater", expect=200)).body["presets"]
+    }
+    assert {"package-registries", "git-hosts", "ai-apis", "internal"} <= set(presets)
+    assert presets["internal"] == {"name": "internal", "description": "", "hosts": ["*.corp.example"], "ports": [443]}
+    assert (await api.call("GET", "/v1/presets", token=None, expect=401)).code == "UNAUTHENTICATED"
+
+
+# --------------------------------------------------------------------------- sandboxes: CRUD
+
+
+async def test_sandbox_crud_round_trip(api: Api, store: EmbeddedStore) -> None:
+    created = await api.call("POST", "/v1/sandboxes", ALLOWLISTED, token="writer", expect=201)
+    assert created.headers["Location"] == "/v1/sandboxes/agent-1"
+    assert created.body["egress"] == {"allow_hosts": ["api.github.com", "*.example.com"]}
+    assert (await api.call("GET", "/v1/sandboxes/agent-1", token="reader", expect=200)).body == created.body
+    assert json.loads(store.path.read_text())["sandboxes"]["agent-1"] == created.body
+
+    listed = await api.call("GET", "/v1/sandboxes", token="reader", expect=200)
+    assert [s["id"] for s in listed.body["sandboxes"]] == ["agent-1"]
+
+    replacement = {"addresses": ["10.75.0.11"], "profile": "allowlisted", "egress": {"allow_hosts": ["pypi.org"]}}
+    replaced = await api.call("PUT", "/v1/sandboxes/agent-1", replacement, token="writer", expect=200)
+    assert replaced.body["addresses"] == ["10.75.0.11"]
+    assert replaced.body["labels"] == {}  # PUT is a full replace: what the body leaves out is gone
+    assert store.state.policy_for_address("10.75.0.10") is None  # the old address no longer maps to it
+
+    await api.call("DELETE", "/v1/sandboxes/agent-1", token="writer", expect=204)
+    assert (await api.call("GET", "/v1/sandboxes/agent-1", expect=404)).code == "SANDBOX_NOT_FOUND"
+    assert (await api.call("DELETE", "/v1/sandboxes/agent-1", expect=404)).code == "SANDBOX_NOT_FOUND"
+    assert json.loads(store.path.read_text())["sandboxes"] == {}
+
+
+async def test_list_filters_by_profile_and_template(api: Api) -> None:
+    await api.call("POST", "/v1/templates", {"name": "base", "egress": {"presets": ["ai-apis"]}}, expect=201)
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    await api.call("POST", "/v1/sandboxes", {"id": "plain", "addresses": ["10.75.0.20"]}, expect=201)
+    await api.call(
+        "POST",
+        "/v1/sandboxes",
+        {"id": "reg", "addresses": ["10.75.0.21"], "profile": "registry", "template": "base"},
+        expect=201,
+    )
+
+    async def ids(query: str) -> list[str]:
+        return [s["id"] for s in (await api.call("GET", f"/v1/sandboxes{query}", expect=200)).body["sandboxes"]]
+
+    assert await ids("") == ["agent-1", "plain", "reg"]
+    assert await ids("?profile=isolated") == ["plain"]
+    assert await ids("?template=base") == ["reg"]
+    assert await ids("?profile=allowlisted&template=base") == []
+    bad = await api.call("GET", "/v1/sandboxes?profile=wide-open", expect=400)
+    assert (bad.code, bad.body["field"]) == ("INVALID_PROFILE", "profile")
+    typo = await api.call("GET", "/v1/sandboxes?profle=isolated", expect=400)
+    assert (typo.code, typo.body["field"]) == ("UNKNOWN_PARAMETER", "profle")
+
+
+async def test_create_conflicts(api: Api) -> None:
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    assert (await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=409)).code == "SANDBOX_EXISTS"
+    other = {"id": "other", "addresses": ["10.75.0.10"]}
+    taken = await api.call("POST", "/v1/sandboxes", other, expect=409)
+    assert (taken.code, taken.body["field"]) == ("ADDRESS_IN_USE", "addresses[0]")
+    missing = await api.call("POST", "/v1/sandboxes", {**other, "addresses": ["10.75.0.99"], "template": "nope"})
+    assert (missing.status, missing.code) == (400, "TEMPLATE_NOT_FOUND")
+
+
+async def test_put_on_a_missing_sandbox_is_404_and_creates_nothing(api: Api, store: EmbeddedStore) -> None:
+    answer = await api.call("PUT", "/v1/sandboxes/ghost", {"addresses": ["10.75.0.30"]}, expect=404)
+    assert answer.code == "SANDBOX_NOT_FOUND"
+    assert "ghost" not in json.loads(store.path.read_text())["sandboxes"]
+    mismatch = await api.call("PUT", "/v1/sandboxes/ghost", {"id": "other", "addresses": ["10.75.0.30"]}, expect=400)
+    assert (mismatch.code, mismatch.body["field"]) == ("ID_MISMATCH", "id")
+
+
+# --------------------------------------------------------------------------- sandboxes: profiles and scopes
+
+
+async def test_network_profile_denied_writes_nothing(api: Api, store: EmbeddedStore) -> None:
+    before = store.path.read_bytes()
+    record = {"id": "wide", "addresses": ["10.75.0.40"], "profile": "unrestricted"}
+    denied = await api.call("POST", "/v1/sandboxes", record, token="writer", expect=403)
+    assert (denied.code, denied.body["field"]) == ("NETWORK_PROFILE_DENIED", "profile")
+    assert "network:unrestricted" in denied.body["message"]
+    assert (await api.call("GET", "/v1/sandboxes/wide", expect=404)).code == "SANDBOX_NOT_FOUND"
+    assert store.path.read_bytes() == before
+    assert "wide" not in store.state.sandboxes
+
+    registry = {"id": "reg", "addresses": ["10.75.0.41"], "profile": "registry"}
+    assert (await api.call("POST", "/v1/sandboxes", registry, token="isolated-only", expect=403)).code == (
+        "NETWORK_PROFILE_DENIED"
+    )
+    isolated = {"id": "iso", "addresses": ["10.75.0.42"]}
+    await api.call("POST", "/v1/sandboxes", isolated, token="isolated-only", expect=201)  # no network scope needed
+    await api.call("POST", "/v1/sandboxes", record, token="admin", expect=201)  # admin implies network:*
+
+
+async def test_replace_and_patch_also_need_the_network_scope(api: Api, store: EmbeddedStore) -> None:
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, token="writer", expect=201)
+    before = store.path.read_bytes()
+    widened = {"egress": {"allow_hosts": ["*.anything.example"]}}
+    patch = await api.call("PATCH", "/v1/sandboxes/agent-1", widened, token="isolated-only", expect=403)
+    assert patch.code == "NETWORK_PROFILE_DENIED"
+    put = await api.call("PUT", "/v1/sandboxes/agent-1", ALLOWLISTED, token="isolated-only", expect=403)
+    assert put.code == "NETWORK_PROFILE_DENIED"
+    assert store.path.read_bytes() == before
+    # Deleting narrows access (the sandbox then fails closed), so it needs no network scope.
+    await api.call("DELETE", "/v1/sandboxes/agent-1", token="isolated-only", expect=204)
+
+
+async def test_profile_is_immutable(api: Api, store: EmbeddedStore) -> None:
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    before = store.path.read_bytes()
+    put = await api.call("PUT", "/v1/sandboxes/agent-1", {**ALLOWLISTED, "profile": "unrestricted"}, expect=409)
+    assert (put.code, put.body["field"]) == ("PROFILE_IMMUTABLE", "profile")
+    patch = await api.call("PATCH", "/v1/sandboxes/agent-1", {"profile": "registry", "egress": None}, expect=409)
+    assert patch.code == "PROFILE_IMMUTABLE"
+    # Leaving the profile out of a PUT means the default, isolated: a change, also refused.
+    implicit = {k: v for k, v in ALLOWLISTED.items() if k not in ("profile", "egress")}
+    assert (await api.call("PUT", "/v1/sandboxes/agent-1", implicit, expect=409)).code == "PROFILE_IMMUTABLE"
+    assert store.path.read_bytes() == before
+
+
+async def test_transit_profile_is_not_supported(api: Api) -> None:
+    answer = await api.call("POST", "/v1/sandboxes", {"id": "l2", "addresses": ["10.75.0.50"], "profile": "transit"})
+    assert (answer.status, answer.code, answer.body["field"]) == (400, "PROFILE_NOT_SUPPORTED", "profile")
+
+
+# --------------------------------------------------------------------------- sandboxes: merge patch
+
+
+def test_merge_patch_follows_rfc_7396_examples() -> None:
+    # RFC 7396 appendix A.
+    cases = [
+        ({"a": "b"}, {"a": "c"}, {"a": "c"}),
+        ({"a": "b"}, {"b": "c"}, {"a": "b", "b": "c"}),
+        ({"a": "b"}, {"a": None}, {}),
+        ({"a": "b", "b": "c"}, {"a": None}, {"b": "c"}),
+        ({"a": ["b"]}, {"a": "c"}, {"a": "c"}),
+        ({"a": "c"}, {"a": ["b"]}, {"a": ["b"]}),
+        ({"a": {"b": "c"}}, {"a": {"b": "d", "c": None}}, {"a": {"b": "d"}}),
+        ({"a": [{"b": "c"}]}, {"a": [1]}, {"a": [1]}),
+        (["a", "b"], ["c", "d"], ["c", "d"]),
+        ({"a": "b"}, ["c"], ["c"]),
+        ({"a": "foo"}, None, None),
+        ({"a": "foo"}, "bar", "bar"),
+        ({"e": None}, {"a": 1}, {"e": None, "a": 1}),
+        ([1, 2], {"a": "b", "c": None}, {"a": "b"}),
+        ({}, {"a": {"bb": {"ccc": None}}}, {"a": {"bb": {}}}),
+    ]
+    for target, patch, expected in cases:
+        assert apply_merge_patch(target, patch) == expected, (target, patch)
+
+
+async def test_patch_merges_into_the_stored_record(api: Api, store: EmbeddedStore) -> None:
+    await api.call("POST", "/v1/sandboxes", {**ALLOWLISTED, "limits": {"bandwidth_mbit": 20}}, expect=201)
+    patched = await api.call(
+        "PATCH",
+        "/v1/sandboxes/agent-1",
+        {"labels": {"owner": "ana"}, "egress": {"presets": ["ai-apis"]}, "limits": None},
+        headers={"Content-Type": "application/merge-patch+json"},
+        expect=200,
+    )
+    body = patched.body
+    assert body["labels"] == {"team": "research", "owner": "ana"}  # objects merge
+    assert body["egress"] == {"allow_hosts": ["api.github.com", "*.example.com"], "presets": ["ai-apis"]}
+    assert body["limits"] == {}  # null removes
+    assert json.loads(store.path.read_text())["sandboxes"]["agent-1"] == body
+
+    lists_replace = await api.call("PATCH", "/v1/sandboxes/agent-1", {"egress": {"allow_hosts": ["pypi.org"]}})
+    assert lists_replace.body["egress"]["allow_hosts"] == ["pypi.org"]
+    removed = await api.call("PATCH", "/v1/sandboxes/agent-1", {"labels": {"team": None}}, expect=200)
+    assert removed.body["labels"] == {"owner": "ana"}
+
+
+async def test_patch_result_is_validated_as_a_whole(api: Api, store: EmbeddedStore) -> None:
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    before = store.path.read_bytes()
+    bad_host = await api.call("PATCH", "/v1/sandboxes/agent-1", {"egress": {"allow_hosts": ["**.x.com"]}}, expect=400)
+    assert (bad_host.code, bad_host.body["field"]) == ("INVALID_HOSTNAME", "egress.allow_hosts[0]")
+    # Each field alone is fine, but the result breaks a cross-field rule (seed 004).
+    ports = await api.call("PATCH", "/v1/sandboxes/agent-1", {"egress": {"allow_ports": [443]}}, expect=400)
+    assert ports.code == "ALLOW_PORTS_WITHOUT_CIDRS"
+    no_addresses = await api.call("PATCH", "/v1/sandboxes/agent-1", {"addresses": None}, expect=400)
+    assert (no_addresses.code, no_addresses.body["field"]) == ("MISSING_FIELD", "addresses")
+    unknown = await api.call("PATCH", "/v1/sandboxes/agent-1", {"colour": "blue"}, expect=400)
+    assert (unknown.code, unknown.body["field"]) == ("UNKNOWN_FIELD", "colour")
+    renamed = await api.call("PATCH", "/v1/sandboxes/agent-1", {"id": "agent-2"}, expect=400)
+    assert renamed.code == "ID_MISMATCH"
+    not_object = await api.call("PATCH", "/v1/sandboxes/agent-1", ["egress"], expect=400)
+    assert not_object.code == "INVALID_TYPE"
+    assert store.path.read_bytes() == before
+    assert (await api.call("PATCH", "/v1/sandboxes/nobody", {"labels": {}}, expect=404)).code == "SANDBOX_NOT_FOUND"
+
+
+# --------------------------------------------------------------------------- explain and the effective policy
+
+
+async def test_explain_allowed_and_denied_with_the_deciding_rule(api: Api) -> None:
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    allowed = (await api.call("GET", "/v1/sandboxes/agent-1/explain?host=api.github.com", token="reader")).body
+    assert (allowed["allowed"], allowed["rule"]) == (True, "allow_hosts api.github.com")
+    assert allowed["sandbox"] == "agent-1"
+    assert allowed["request"] == {"host": "api.github.com", "address": None, "port": 443, "protocol": "tls"}
+    assert allowed["policy"]["egress"]["allow_hosts"] == ["api.github.com", "*.example.com"]
+
+    wildcard = (await api.call("GET", "/v1/sandboxes/agent-1/explain?host=Docs.Example.com.:8443")).body
+    assert (wildcard["allowed"], wildcard["rule"], wildcard["request"]["port"]) == (
+        True,
+        "allow_hosts *.example.com",
+        8443,
+    )
+    assert wildcard["request"]["host"] == "docs.example.com"
+
+    denied = (await api.call("GET", "/v1/sandboxes/agent-1/explain?host=evil.com")).body
+    assert (denied["allowed"], denied["rule"], denied["reason"]) == (False, "default:deny", "host not in allowlist")
+    smtp = (await api.call("GET", "/v1/sandboxes/agent-1/explain?host=api.github.com&port=25&protocol=tcp")).body
+    assert (smtp["allowed"], smtp["rule"]) == (False, "builtin:smtp")
+    http = (await api.call("GET", "/v1/sandboxes/agent-1/explain?host=api.github.com&protocol=http")).body
+    assert http["request"]["port"] == 80
+    dns = (await api.call("GET", "/v1/sandboxes/agent-1/explain?host=a.example.com&protocol=dns")).body
+    assert (dns["allowed"], dns["request"]["port"]) == (True, None)
+
+
+async def test_explain_addresses_and_cidr_rules(api: Api) -> None:
+    record = {
+        "id": "cidr",
+        "addresses": ["10.75.0.60"],
+        "profile": "allowlisted",
+        "egress": {
+            "mode": "deny_all",
+            "allow_cidrs": ["1.1.1.0/24"],
+            "deny_cidrs": ["1.1.1.128/25"],
+            "allow_ports": [443],
+        },
+    }
+    await api.call("POST", "/v1/sandboxes", record, expect=201)
+
+    async def verdict(query: str) -> dict[str, Any]:
+        return (await api.call("GET", f"/v1/sandboxes/cidr/explain?{query}", expect=200)).body
+
+    ok = await verdict("host=1.1.1.1")  # an address as host: a connection that carries no name
+    assert (ok["allowed"], ok["rule"], ok["request"]["host"], ok["request"]["address"]) == (
+        True,
+        "allow_cidrs 1.1.1.0/24",
+        None,
+        "1.1.1.1",
+    )
+    assert (await verdict("address=1.1.1.200"))["rule"] == "deny_cidrs 1.1.1.128/25"
+    assert (await verdict("address=1.1.1.1&port=80&protocol=tcp"))["rule"] == "allow_ports"
+    v6 = await verdict("host=[2606:4700::1111]:443")
+    assert (v6["allowed"], v6["request"]["address"]) == (False, "2606:4700::1111")
+    named = await verdict("host=one.one.one.one&address=1.1.1.1")
+    assert (named["allowed"], named["request"]["host"]) == (True, "one.one.one.one")
+
+
+@pytest.mark.parametrize(
+    ("query", "code", "field"),
+    [
+        ("host=a.com:0", "INVALID_PORT", "host"),
+        ("host=a.com:http", "INVALID_PORT", "host"),
+        ("host=a.com&port=70000", "INVALID_PORT", "port"),
+        ("host=a.com&port=-1", "INVALID_PORT", "port"),
+        ("host=a.com:443&port=80", "INVALID_PORT", "port"),
+        ("address=1.2.3", "INVALID_ADDRESS", "address"),
+        ("host=a.com&address=example.org", "INVALID_ADDRESS", "address"),
+        ("host=1.1.1.1&address=8.8.8.8", "INVALID_ADDRESS", "address"),
+        ("host=https://a.com", "INVALID_HOSTNAME", "host"),
+        ("host=*.a.com", "INVALID_HOSTNAME", "host"),
+        ("host=[::1", "INVALID_HOSTNAME", "host"),
+        ("host=a.com&protocol=quic", "INVALID_PROTOCOL", "protocol"),
+        ("host=a.com&protocol=tcp", "MISSING_FIELD", "port"),
+        ("address=1.1.1.1&protocol=dns", "MISSING_FIELD", "host"),
+        ("", "MISSING_FIELD", "host"),
+        ("hostname=a.com", "UNKNOWN_PARAMETER", "hostname"),
+        ("host=a.com&host=b.com", "INVALID_PARAMETER", "host"),
+    ],
+)
+async def test_explain_rejects_bad_input(api: Api, query: str, code: str, field: str) -> None:
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    answer = await api.call("GET", f"/v1/sandboxes/agent-1/explain?{query}", expect=400)
+    assert (answer.code, answer.body["field"]) == (code, field)
+
+
+async def test_explain_and_policy_of_an_unknown_sandbox_are_404(api: Api) -> None:
+    assert (await api.call("GET", "/v1/sandboxes/ghost/explain?host=a.com", expect=404)).code == "SANDBOX_NOT_FOUND"
+    assert (await api.call("GET", "/v1/sandboxes/ghost/policy", expect=404)).code == "SANDBOX_NOT_FOUND"
+
+
+def test_explain_query_parsing_normalises_names_and_defaults_ports() -> None:
+    asked = parse_explain_query({"host": "BÜCHER.example:8080", "protocol": "HTTP"})
+    assert (asked.host, asked.port, asked.protocol) == ("xn--bcher-kva.example", 8080, "http")
+    assert parse_explain_query({"host": "2001:db8::1"}).address == "2001:db8::1"
+    with pytest.raises(GatewayError) as caught:
+        parse_explain_query({"host": "a.com", "port": "٣"})  # a non-ASCII digit is not a port
+    assert caught.value.code == "INVALID_PORT"
+
+
+async def test_template_inheritance_is_visible_and_follows_template_changes(api: Api) -> None:
+    template = {
+        "name": "agents",
+        "description": "AI agents",
+        "egress": {"allow_hosts": ["api.openai.com"]},
+        "limits": {"connections_per_minute": 300},
+    }
+    await api.call("POST", "/v1/templates", template, token="templater", expect=201)
+    sandbox = {
+        "id": "bot",
+        "addresses": ["10.75.0.70"],
+        "profile": "allowlisted",
+        "template": "agents",
+        "limits": {"bandwidth_mbit": 10},
+    }
+    await api.call("POST", "/v1/sandboxes", sandbox, expect=201)
+
+    policy = (await api.call("GET", "/v1/sandboxes/bot/policy", token="reader", expect=200)).body
+    assert policy["egress"]["allow_hosts"] == ["api.openai.com"]
+    assert policy["limits"]["connections_per_minute"] == 300  # from the template
+    assert policy["limits"]["bandwidth_mbit"] == 10  # the sandbox's own
+    assert policy["limits"]["dns_queries_per_minute"] == 500  # the configured default
+    allowed = (await api.call("GET", "/v1/sandboxes/bot/explain?host=api.openai.com")).body
+    assert (allowed["allowed"], allowed["rule"]) == (True, "allow_hosts api.openai.com")
+
+    changed = {"description": "AI agents", "egress": {"allow_hosts": ["api.anthropic.com"]}}
+    await api.call("PUT", "/v1/templates/agents", changed, token="templater", expect=200)
+    policy = (await api.call("GET", "/v1/sandboxes/bot/policy", expect=200)).body
+    assert policy["egress"]["allow_hosts"] == ["api.anthropic.com"]
+    assert policy["limits"]["connections_per_minute"] == 1000  # the template no longer sets it
+    assert (await api.call("GET", "/v1/sandboxes/bot/explain?host=api.openai.com")).body["allowed"] is False
+
+    # The sandbox's own list overrides the template's.
+    await api.call("PATCH", "/v1/sandboxes/bot", {"egress": {"allow_hosts": ["pypi.org"]}}, expect=200)
+    policy = (await api.call("GET", "/v1/sandboxes/bot/policy", expect=200)).body
+    assert policy["egress"]["allow_hosts"] == ["pypi.org"]
+
+
+# --------------------------------------------------------------------------- templates
+
+
+async def test_template_crud_and_conflicts(api: Api, store: EmbeddedStore) -> None:
+    base = {"name": "base", "egress": {"presets": ["git-hosts"]}}
+    created = await api.call("POST", "/v1/templates", base, token="templater", expect=201)
+    assert created.headers["Location"] == "/v1/templates/base"
+    assert created.body == {"name": "base", "description": "", "egress": {"presets": ["git-hosts"]}, "limits": {}}
+    assert (await api.call("POST", "/v1/templates", base, expect=409)).code == "TEMPLATE_EXISTS"
+    assert (await api.call("GET", "/v1/templates", token="reader", expect=200)).body == {"templates": [created.body]}
+    assert (await api.call("GET", "/v1/templates/base", token="reader", expect=200)).body == created.body
+
+    missing = await api.call("PUT", "/v1/templates/ghost", {"description": "x"}, token="templater", expect=404)
+    assert missing.code == "TEMPLATE_NOT_FOUND"
+    assert "ghost" not in json.loads(store.path.read_text())["templates"]
+    assert (await api.call("POST", "/v1/templates", {"description": "no name"}, expect=400)).code == "MISSING_FIELD"
+
+    await api.call("POST", "/v1/sandboxes", {"id": "user", "addresses": ["10.75.0.80"], "template": "base"}, expect=201)
+    in_use = await api.call("DELETE", "/v1/templates/base", token="templater", expect=409)
+    assert in_use.code == "TEMPLATE_IN_USE" and "user" in in_use.body["message"]
+    await api.call("DELETE", "/v1/sandboxes/user", expect=204)
+    await api.call("DELETE", "/v1/templates/base", token="templater", expect=204)
+    assert (await api.call("GET", "/v1/templates/base", expect=404)).code == "TEMPLATE_NOT_FOUND"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+async def test_request_body_errors(api: Api, store: EmbeddedStore) -> None:
+    before = store.path.read_bytes()
+    bad_json = await api.call("POST", "/v1/sandboxes", data=b'{"id": "x",', expect=400)
+    assert (bad_json.code, bad_json.body["field"]) == ("INVALID_JSON", None)
+    assert (await api.call("POST", "/v1/sandboxes", data=b"", expect=400)).code == "INVALID_JSON"
+    duplicate = await api.call("POST", "/v1/sandboxes", data=b'{"id": "a", "id": "b", "addresses": ["10.75.0.9"]}')
+    assert (duplicate.status, duplicate.code) == (400, "INVALID_JSON")
+    nan = await api.call("POST", "/v1/sandboxes", data=b'{"id": "a", "addresses": ["10.75.0.9"], "limits": NaN}')
+    assert (nan.status, nan.code) == (400, "INVALID_JSON")
+    form = await api.call("POST", "/v1/sandboxes", data=b"id=a", headers={"Content-Type": "text/plain"}, expect=415)
+    assert form.code == "UNSUPPORTED_MEDIA_TYPE"
+    big = {"id": "big", "addresses": ["10.75.0.9"], "labels": {"pad": "x" * MAX_BODY_BYTES}}
+    assert (await api.call("POST", "/v1/sandboxes", big, expect=413)).code == "BODY_TOO_LARGE"
+    unknown = await api.call("POST", "/v1/sandboxes", {"id": "a", "addresses": ["10.75.0.9"], "ttl": 5}, expect=400)
+    assert (unknown.code, unknown.body["field"]) == ("UNKNOWN_FIELD", "ttl")
+    outside = await api.call("POST", "/v1/sandboxes", {"id": "a", "addresses": ["192.0.2.1"]}, expect=400)
+    assert (outside.code, outside.body["field"]) == ("ADDRESS_OUTSIDE_SUBNETS", "addresses[0]")
+    assert store.path.read_bytes() == before
+
+
+async def test_body_too_large_without_content_length(api: Api) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(17):
+            yield b" " * 65536  # 1 MiB + 64 KiB of whitespace, streamed (chunked, no Content-Length)
+
+    response = await api.client.post(
+        "/v1/sandboxes",
+        data=chunks(),
+        headers={"Authorization": f"Bearer {TOKENS['admin'][0]}", "Content-Type": "application/json"},
+    )
+    assert response.status == 413
+    assert (await response.json())["code"] == "BODY_TOO_LARGE"
+
+
+async def test_unknown_route_and_wrong_method_answer_json(api: Api) -> None:
+    missing = await api.call("GET", "/v1/nothing-here", expect=404)
+    assert missing.body == {"code": "NOT_FOUND", "message": "no such route; see /openapi.json", "field": None}
+    assert (await api.call("GET", "/v2/sandboxes", token=None, expect=404)).code == "NOT_FOUND"
+    wrong = await api.call("DELETE", "/v1/sandboxes", expect=405)
+    assert wrong.code == "METHOD_NOT_ALLOWED"
+    assert set(wrong.headers["Allow"].split(", ")) == {"GET", "POST"}
+    assert (await api.call("POST", "/v1/templates/base", {}, expect=405)).code == "METHOD_NOT_ALLOWED"
+
+
+async def test_unexpected_exceptions_become_a_logged_500_without_internals(
+    aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config
+) -> None:
+    app = create_app(store, config)
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("secret internal detail")
+
+    app.router.add_route("GET", "/broken", broken)  # on this test's own app; the real route table is untouched
+    client = await aiohttp_client(app)
+    with structlog.testing.capture_logs() as logs:
+        response = await client.get("/broken")
+    assert response.status == 500
+    body = await response.json()
+    assert body == {"code": "INTERNAL", "message": "internal error; the gateway logged the details", "field": None}
+    assert "secret" not in await response.text()
+    assert any(entry["event"] == "api.internal_error" for entry in logs)
+
+
+# --------------------------------------------------------------------------- authentication and scopes
+
+
+async def test_authentication_failures(api: Api) -> None:
+    missing = await api.call("GET", "/v1/sandboxes", token=None, expect=401)
+    assert missing.code == "UNAUTHENTICATED"
+    assert missing.headers["WWW-Authenticate"] == 'Bearer realm="gateway"'
+    wrong = await api.call(
+        "GET", "/v1/sandboxes", token=None, headers={"Authorization": "Bearer not-a-real-token-at-all"}, expect=401
+    )
+    assert wrong.headers["WWW-Authenticate"] == 'Bearer realm="gateway", error="invalid_token"'
+    basic = await api.call("GET", "/v1/sandboxes", token=None, headers={"Authorization": "Basic YTpi"}, expect=401)
+    assert basic.code == "UNAUTHENTICATED"
+    # 401 comes before the body is looked at: a write without a token reveals nothing about validation.
+    assert (await api.call("POST", "/v1/sandboxes", data=b"{", token=None, expect=401)).code == "UNAUTHENTICATED"
+    lowercase = {"Authorization": f"bearer {TOKENS['reader'][0]}"}
+    await api.call("GET", "/v1/sandboxes", token=None, headers=lowercase, expect=200)
+
+
+@pytest.mark.parametrize(
+    ("token", "method", "path", "body"),
+    [
+        ("reader", "POST", "/v1/sandboxes", {"id": "x", "addresses": ["10.75.0.90"]}),
+        ("reader", "DELETE", "/v1/sandboxes/agent-1", None),
+        ("reader", "POST", "/v1/templates", {"name": "t"}),
+        ("writer", "POST", "/v1/templates", {"name": "t"}),
+        ("writer", "DELETE", "/v1/templates/t", None),
+        ("templater", "GET", "/v1/sandboxes", None),
+        ("templater", "GET", "/v1/status", None),
+        ("templater", "GET", "/v1/sandboxes/agent-1/explain?host=a.com", None),
+        ("isolated-only", "GET", "/v1/templates", None),
+    ],
+)
+async def test_scopes_are_enforced(
+    api: Api, store: EmbeddedStore, token: str, method: str, path: str, body: Any
+) -> None:
+    before = store.path.read_bytes()
+    answer = await api.call(method, path, body, token=token, expect=403)
+    assert answer.code == "INSUFFICIENT_SCOPE"
+    assert TOKENS[token][0] not in json.dumps(answer.body)
+    assert store.path.read_bytes() == before
+
+
+async def test_writes_are_logged_with_the_token_name_never_its_value(api: Api) -> None:
+    with structlog.testing.capture_logs() as logs:
+        await api.call("POST", "/v1/sandboxes", ALLOWLISTED, token="writer", expect=201)
+        await api.call(
+            "POST",
+            "/v1/sandboxes",
+            {"id": "x", "addresses": ["10.75.0.91"], "profile": "unrestricted"},
+            token="writer",
+            expect=403,
+        )
+        await api.call("GET", "/v1/sandboxes", token="writer", expect=200)
+    writes = [entry for entry in logs if entry["event"] == "api.write"]
+    assert [(w["token"], w["action"], w["target"], w["status"], w["result"]) for w in writes] == [
+        ("writer", "sandboxes.create", "agent-1", 201, "ok"),
+        ("writer", "sandboxes.create", "x", 403, "NETWORK_PROFILE_DENIED"),
+    ]
+    assert all(secret not in repr(logs) for secret, _ in TOKENS.values())
+
+
+# --------------------------------------------------------------------------- no tokens configured
+
+
+async def test_without_tokens_loopback_callers_need_none(aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
+    config = write_config(tmp_path, tokens=False)
+    store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
+    await store.start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            api = Api(await aiohttp_client(create_app(store, config)))
+        assert any(entry["event"] == "api.open_mode" and entry["log_level"] == "warning" for entry in logs)
+        record = {"id": "open", "addresses": ["10.75.0.95"], "profile": "unrestricted"}
+        await api.call("POST", "/v1/sandboxes", record, token=None, expect=201)
+        assert (await api.call("GET", "/v1/status", token=None, expect=200)).body["auth"] == "open-loopback"
+        # A page that rebinds its own name to 127.0.0.1 still sends its own Host: refused.
+        rebound = await api.call("GET", "/v1/sandboxes", token=None, headers={"Host": "evil.example:8470"}, expect=403)
+        assert rebound.code == "HOST_NOT_ALLOWED"
+        for host in ("localhost:8470", "[::1]:8470", "127.0.0.1"):
+            await api.call("GET", "/v1/sandboxes", token=None, headers={"Host": host}, expect=200)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "gateway.internal"])
+def test_without_tokens_the_api_refuses_to_listen_beyond_loopback(tmp_path: Path, host: str) -> None:
+    config = write_config(tmp_path, tokens=False, host=host)
+    store = EmbeddedStore(config.policy_context(), config.store.path)
+    with pytest.raises(GatewayError) as caught:
+        create_app(store, config)
+    assert (caught.value.code, caught.value.field) == ("CONFIG_INVALID", "api.tokens")
+
+
+# --------------------------------------------------------------------------- the OpenAPI document
+
+
+async def test_openapi_is_served_without_a_token_and_is_a_valid_3_1_document(api: Api) -> None:
+    served = (await api.call("GET", "/openapi.json", token=None, expect=200)).body
+    assert served == DOC
+    assert served["openapi"].startswith("3.1")
+    validate_spec(served)
+
+
+def test_every_route_is_documented_and_every_documented_route_exists(config: Config, tmp_path: Path) -> None:
+    app = create_app(EmbeddedStore(config.policy_context(), tmp_path / "p.json"), config)
+    registered: dict[str, set[str]] = {}
+    for route in app.router.routes():
+        registered.setdefault(route.resource.canonical, set()).add(route.method.lower())
+    methods = {"get", "put", "post", "patch", "delete", "head", "options", "trace"}
+    documented = {path: {m for m in item if m in methods} for path, item in DOC["paths"].items()}
+    assert registered == documented
+
+    specs = {(spec.method.lower(), spec.path): spec for spec in route_specs()}
+    for path, item in DOC["paths"].items():
+        for method in documented[path]:
+            operation, spec = item[method], specs[(method, path)]
+            assert operation["operationId"] == spec.action
+            assert operation["x-required-scope"] == spec.scope, (method, path)
+            assert (operation.get("security") == []) == (spec.scope == PUBLIC), (method, path)
+            for status in ("400", "500") + (() if spec.scope == PUBLIC else ("401", "403")):
+                assert status in operation["responses"], (method, path, status)
+
+
+def test_example_bodies_pass_the_real_parser_and_their_schema(config: Config) -> None:
+    context = config.policy_context()
+
+    def sandbox(raw: Any, sandbox_id: str | None = None) -> None:
+        parse_sandbox(raw, subnets=context.subnets, known_presets=context.presets, sandbox_id=sandbox_id)
+
+    def examples(path: str, method: str) -> list[tuple[str, Any, dict[str, Any]]]:
+        out = []
+        for media in DOC["paths"][path][method]["requestBody"]["content"].values():
+            out += [(name, ex["value"], media["schema"]) for name, ex in media["examples"].items()]
+        assert out, (path, method)
+        return out
+
+    for _name, value, schema in examples("/v1/sandboxes", "post"):
+        sandbox(value)
+        _validator(schema).validate(value)
+    for name, value, schema in examples("/v1/sandboxes/{id}", "put"):
+        sandbox(value, sandbox_id=name.replace("_", "-"))
+        _validator(schema).validate(value)
+    for _, value, schema in examples("/v1/sandboxes/{id}", "patch"):
+        base = parse_sandbox(SANDBOX_EXAMPLES["allowlisted"], subnets=context.subnets, known_presets=context.presets)
+        sandbox(apply_merge_patch(base.to_dict(), value), sandbox_id=base.id)
+        _validator(schema).validate(value)
+    for path, method in (("/v1/templates", "post"), ("/v1/templates/{name}", "put")):
+        for _, value, schema in examples(path, method):
+            parse_template(value, known_presets=context.presets)
+            _validator(schema).validate(value)
+    assert SANDBOX_PATCH_EXAMPLES and TEMPLATE_EXAMPLES
+
+    # And a record the parser refuses is refused by the schema too, where the schema can say so.
+    for bad in (
+        {"addresses": ["10.75.0.1"]},
+        {"id": "x", "addresses": [], "ttl": 1},
+        {"id": "UPPER", "addresses": ["a"]},
+    ):
+        assert not _validator({"$ref": "#/components/schemas/SandboxCreate"}).is_valid(bad)

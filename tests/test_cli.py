@@ -1,0 +1,391 @@
+"""The `gateway` command end to end: a real `gateway run` subprocess, driven by the CLI as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ADMIN_TOKEN = "cli-admin-token-0123456789"
+LIMITED_TOKEN = "cli-limited-token-0123456789"  # sandboxes only, no network:* scope
+CLI = [sys.executable, "-m", "gateway.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(directory: Path, port: int, *, tokens: bool = True, host: str = "127.0.0.1") -> Path:
+    lines = [
+        "[store]",
+        'backend = "embedded"',
+        f'path = "{directory / "policies.json"}"',
+        "poll_interval = 0.1",
+        "[api]",
+        f'host = "{host}"',
+        f"port = {port}",
+    ]
+    if tokens:
+        lines.append(
+            f'tokens = [{{ name = "ops", token = "{ADMIN_TOKEN}", scopes = ["admin"] }}, '
+            f'{{ name = "ci", token = "{LIMITED_TOKEN}", scopes = ["sandboxes:read", "sandboxes:write"] }}]'
+        )
+    lines += ["[log]", 'format = "json"', "[presets.internal]", 'hosts = ["*.corp.example"]', "ports = [443]"]
+    path = directory / "gateway.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    config: Path
+    stdout: Path
+    stderr: Path
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        return self.process.returncode
+
+
+def start_server(directory: Path) -> Server:
+    port = free_port()
+    config = write_config(directory, port)
+    stdout, stderr = directory / "run.out", directory / "run.err"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        process = subprocess.Popen([*CLI, "run", "--config", str(config)], stdout=out, stderr=err, env=clean_env())
+    server = Server(process, f"http://127.0.0.1:{port}", config, stdout, stderr)
+    deadline = time.monotonic() + 20
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"gateway run exited with {process.returncode}: {stderr.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/readyz", timeout=1) as answer:
+                if answer.status == 200:
+                    return server
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise AssertionError(f"gateway run never became ready: {stderr.read_text()}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    instance = start_server(tmp_path_factory.mktemp("gateway-run"))
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+def gateway(
+    *args: str, server: Server | None = None, token: str | None = ADMIN_TOKEN, stdin: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    extra = dict(env)
+    if server is not None:
+        extra.setdefault("GATEWAY_API_URL", server.url)
+    if token is not None:
+        extra.setdefault("GATEWAY_TOKEN", token)
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=30, input=stdin, env=clean_env(**extra), check=False
+    )
+
+
+# --------------------------------------------------------------------------- run / check-config
+
+
+def test_run_says_where_it_listens_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    try:
+        line = server.stdout.read_text().strip()
+        assert line == f"gateway API listening on {server.url}, store embedded {tmp_path / 'policies.json'}"
+    finally:
+        assert server.stop() == 0
+    logs = [json.loads(entry) for entry in server.stderr.read_text().splitlines() if entry.startswith("{")]
+    assert any(entry["event"] == "gateway.stopping" for entry in logs)
+    assert ADMIN_TOKEN not in server.stderr.read_text()
+
+
+def test_run_with_an_invalid_config_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[api]\nport = "eighty"\n')
+    result = gateway("run", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.startswith("CONFIG_INVALID: ") and "(field api.port)" in result.stderr
+
+
+def test_run_refuses_an_exposed_api_without_tokens(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port(), tokens=False, host="0.0.0.0")
+    result = gateway("run", "--config", str(config))
+    assert result.returncode == 2
+    assert "CONFIG_INVALID" in result.stderr and "(field api.tokens)" in result.stderr
+
+
+def test_check_config_summarises_a_good_config(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 18999)
+    result = gateway("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"store:           embedded {tmp_path / 'policies.json'}" in out
+    assert "api:             http://127.0.0.1:18999" in out
+    assert "sandbox subnets: 10.75.0.0/16, fdd4:1476:6c7e::/48" in out
+    assert "  ops  admin" in out and "  ci   sandboxes:read, sandboxes:write" in out
+    assert "internal" in out and "configured" in out and "package-registries" in out
+    assert ADMIN_TOKEN not in out and LIMITED_TOKEN not in out
+    assert out.rstrip().endswith("configuration is valid")
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        ("[api]\ncolour = 1\n", "api.colour"),
+        ('[network]\nsandbox_subnets = ["10.75.0.1/16"]\n', "network.sandbox_subnets[0]"),
+        ('[store]\nbackend = "etcd"\n', "store.backend"),
+        ("[api\n", None),
+    ],
+)
+def test_check_config_reports_errors_with_exit_2(tmp_path: Path, content: str, field: str | None) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(content)
+    result = gateway("check-config", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("CONFIG_INVALID: ")
+    if field:  # unknown options are located in the file: (field /path/gateway.toml:api.colour)
+        assert result.stderr.rstrip().endswith(f"{field})") and "(field " in result.stderr
+
+
+def test_check_config_without_tokens_on_loopback_warns_but_passes(tmp_path: Path) -> None:
+    result = gateway("check-config", "--config", str(write_config(tmp_path, 18998, tokens=False)))
+    assert result.returncode == 0
+    assert "tokens:          none" in result.stdout
+
+
+# --------------------------------------------------------------------------- client commands
+
+
+def test_sandbox_lifecycle_through_the_cli(server: Server, tmp_path: Path) -> None:
+    created = gateway(
+        "sandbox", "create", "--id", "cli-agent", "--address", "10.75.1.1", "--profile", "allowlisted",
+        "--allow-host", "api.github.com,*.example.com", "--preset", "ai-apis", "--label", "team=research",
+        server=server,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.startswith("created sandbox cli-agent\n")
+    assert "egress.allow_hosts:    api.github.com, *.example.com" in created.stdout
+
+    listed = gateway("sandbox", "list", server=server)
+    assert listed.returncode == 0
+    header, *rows = listed.stdout.splitlines()
+    assert header.split() == ["ID", "PROFILE", "TEMPLATE", "ADDRESSES", "EGRESS"]
+    row = next(r for r in rows if r.startswith("cli-agent "))
+    assert row.split()[:4] == ["cli-agent", "allowlisted", "-", "10.75.1.1"]
+    assert header.index("PROFILE") == row.index("allowlisted")  # columns line up
+
+    got = gateway("sandbox", "get", "cli-agent", "--json", server=server)
+    assert got.returncode == 0
+    record = json.loads(got.stdout)
+    assert record["egress"] == {"allow_hosts": ["api.github.com", "*.example.com"], "presets": ["ai-apis"]}
+    assert record["labels"] == {"team": "research"}
+    # Global flags work before the subcommand too.
+    assert json.loads(gateway("--json", "sandbox", "get", "cli-agent", server=server).stdout) == record
+
+    allow = gateway("explain", "cli-agent", "api.github.com", server=server)
+    assert allow.returncode == 0
+    assert allow.stdout == (
+        "ALLOW  api.github.com:443  host api.github.com allowed by allow_hosts api.github.com  "
+        "(rule allow_hosts api.github.com)\n"
+    )
+    deny = gateway("explain", "cli-agent", "evil.com", server=server)
+    assert deny.stdout == "DENY  evil.com:443  host not in allowlist  (rule default:deny)\n"
+    preset = gateway("explain", "cli-agent", "api.openai.com:8443", server=server)
+    assert preset.stdout.startswith("DENY  api.openai.com:8443  port 8443 not allowed")
+    http = gateway("explain", "cli-agent", "docs.example.com", "--protocol", "http", "--json", server=server)
+    assert json.loads(http.stdout)["request"] == {
+        "host": "docs.example.com", "address": None, "port": 80, "protocol": "http",
+    }  # fmt: skip
+
+    patch_file = tmp_path / "patch.json"
+    patch_file.write_text(json.dumps({"labels": {"team": None, "owner": "ana"}, "egress": {"presets": None}}))
+    patched = gateway("sandbox", "patch", "cli-agent", "--file", str(patch_file), "--json", server=server)
+    assert patched.returncode == 0, patched.stderr
+    assert json.loads(patched.stdout)["labels"] == {"owner": "ana"}
+    assert json.loads(patched.stdout)["egress"] == {"allow_hosts": ["api.github.com", "*.example.com"]}
+    from_stdin = gateway("sandbox", "patch", "cli-agent", "--file", "-", stdin='{"labels": {"x": "y"}}', server=server)
+    assert from_stdin.returncode == 0 and "labels:                owner=ana, x=y" in from_stdin.stdout
+
+    replaced = gateway(
+        "sandbox", "update", "cli-agent", "--data", '{"addresses": ["10.75.1.2"], "profile": "allowlisted"}',
+        "--json", server=server,
+    )  # fmt: skip
+    assert replaced.returncode == 0 and json.loads(replaced.stdout)["egress"] == {}
+
+    deleted = gateway("sandbox", "delete", "cli-agent", server=server)
+    assert (deleted.returncode, deleted.stdout) == (0, "deleted sandbox cli-agent\n")
+    gone = gateway("sandbox", "get", "cli-agent", server=server)
+    assert gone.returncode == 1
+    assert gone.stderr == "SANDBOX_NOT_FOUND: no sandbox 'cli-agent' (field id)\n"
+
+
+def test_allow_cidr_implies_deny_all(server: Server) -> None:
+    created = gateway(
+        "sandbox", "create", "--id", "cli-cidr", "--address", "10.75.1.10", "--profile", "allowlisted",
+        "--allow-cidr", "1.1.1.1/32", "--allow-cidr", "1.0.0.1/32", "--allow-port", "443", "--json", server=server,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["egress"] == {
+        "mode": "deny_all", "allow_cidrs": ["1.1.1.1/32", "1.0.0.1/32"], "allow_ports": [443],
+    }  # fmt: skip
+    ok = gateway("explain", "cli-cidr", "1.1.1.1:443", server=server)
+    assert ok.stdout == "ALLOW  1.1.1.1:443  address in allow_cidrs 1.1.1.1/32  (rule allow_cidrs 1.1.1.1/32)\n"
+    port = gateway("explain", "cli-cidr", "--address", "1.1.1.1", "--port", "22", "--protocol", "tcp", server=server)
+    assert port.stdout.startswith("DENY  1.1.1.1:22/tcp  port 22 not in allow_ports")
+
+
+def test_api_errors_print_the_code_and_exit_1(server: Server) -> None:
+    bad = gateway(
+        "sandbox", "create", "--id", "cli-bad", "--address", "10.75.1.20", "--profile", "allowlisted",
+        "--allow-host", "https://example.com", server=server,
+    )  # fmt: skip
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("INVALID_HOSTNAME: ") and bad.stderr.endswith("(field egress.allow_hosts[0])\n")
+
+    as_json = gateway("sandbox", "get", "nobody", "--json", server=server)
+    assert as_json.returncode == 1 and as_json.stdout == ""
+    assert json.loads(as_json.stderr) == {"code": "SANDBOX_NOT_FOUND", "message": "no sandbox 'nobody'", "field": "id"}
+
+    denied = gateway(
+        "sandbox", "create", "--id", "cli-wide", "--address", "10.75.1.21", "--profile", "unrestricted",
+        server=server, token=LIMITED_TOKEN,
+    )  # fmt: skip
+    assert denied.returncode == 1 and denied.stderr.startswith("NETWORK_PROFILE_DENIED: ")
+    assert gateway("sandbox", "get", "cli-wide", server=server).returncode == 1  # nothing was written
+
+    unauthenticated = gateway("status", server=server, token="wrong-token-0123456789")
+    assert unauthenticated.returncode == 1 and unauthenticated.stderr.startswith("UNAUTHENTICATED: unknown token")
+    no_token = gateway("presets", server=server, token=None)
+    assert no_token.returncode == 1 and no_token.stderr.startswith("UNAUTHENTICATED: ")
+    explained = gateway("explain", "nobody", "a.com", server=server)
+    assert (explained.returncode, explained.stderr) == (1, "SANDBOX_NOT_FOUND: no sandbox 'nobody' (field id)\n")
+    bad_port = gateway("explain", "nobody", "a.com:99999", server=server)
+    assert bad_port.returncode == 1
+
+
+def test_templates_through_the_cli(server: Server, tmp_path: Path) -> None:
+    created = gateway(
+        "template", "create", "--name", "cli-base", "--description", "git and AI", "--preset", "git-hosts",
+        server=server,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    listed = gateway("template", "list", server=server)
+    assert any(line.split()[:3] == ["cli-base", "1", "preset"] for line in listed.stdout.splitlines())
+    assert "git and AI" in listed.stdout
+
+    user = gateway(
+        "sandbox", "create", "--id", "cli-user", "--address", "10.75.1.30", "--profile", "allowlisted",
+        "--template", "cli-base", server=server,
+    )  # fmt: skip
+    assert user.returncode == 0, user.stderr
+    assert gateway("explain", "cli-user", "github.com:22", server=server).stdout.startswith("ALLOW  github.com:22")
+
+    record = tmp_path / "template.json"
+    record.write_text(json.dumps({"description": "AI only", "egress": {"presets": ["ai-apis"]}}))
+    updated = gateway("template", "update", "cli-base", "--file", str(record), server=server)
+    assert updated.returncode == 0 and "egress.presets: ai-apis" in updated.stdout
+    assert gateway("explain", "cli-user", "github.com:22", server=server).stdout.startswith("DENY  github.com:22")
+
+    in_use = gateway("template", "delete", "cli-base", server=server)
+    assert in_use.returncode == 1 and in_use.stderr.startswith("TEMPLATE_IN_USE: ")
+    assert gateway("sandbox", "delete", "cli-user", server=server).returncode == 0
+    assert gateway("template", "delete", "cli-base", server=server).returncode == 0
+    assert gateway("template", "get", "cli-base", server=server).stderr.startswith("TEMPLATE_NOT_FOUND: ")
+
+
+def test_status_and_presets(server: Server) -> None:
+    status = gateway("status", server=server)
+    assert status.returncode == 0
+    assert "backend:   embedded" in status.stdout and "auth:      tokens" in status.stdout
+    presets = gateway("presets", server=server)
+    header, *rows = presets.stdout.splitlines()
+    assert header.split() == ["NAME", "PORTS", "HOSTS", "DESCRIPTION"]
+    assert any(row.split()[:3] == ["internal", "443", "1"] for row in rows)
+    raw = json.loads(gateway("presets", "--json", server=server).stdout)
+    assert {p["name"] for p in raw["presets"]} >= {"git-hosts", "internal"}
+
+
+def test_the_api_address_comes_from_the_config_file(server: Server) -> None:
+    # No --api and no GATEWAY_API_URL: the client reads [api] host/port from the same config file.
+    result = gateway("status", "--config", str(server.config))
+    assert result.returncode == 0, result.stderr
+
+
+def test_console_script_runs(server: Server) -> None:
+    script = Path(sys.executable).with_name("gateway")
+    if not script.exists():
+        pytest.skip("the console script is not installed in this environment")
+    result = subprocess.run(
+        [str(script), "--api", server.url, "--token", ADMIN_TOKEN, "sandbox", "list", "--json"],
+        capture_output=True, text=True, timeout=30, env=clean_env(), check=False,
+    )  # fmt: skip
+    assert result.returncode == 0 and "sandboxes" in json.loads(result.stdout)
+
+
+def test_unreachable_api_exits_3() -> None:
+    result = gateway("sandbox", "list", GATEWAY_API_URL=f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 3
+    assert result.stderr.startswith("UNREACHABLE: cannot reach the gateway API at http://127.0.0.1:")
+    assert "connection refused" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["sandbox", "create", "--address", "10.75.1.40"], "needs --id and --address"),
+        (["sandbox", "create", "--data", "{}", "--id", "x"], "not both (--id)"),
+        (["sandbox", "patch", "x"], "give the record with --file"),
+        (["sandbox", "patch", "x", "--data", "{nope"], "INVALID_JSON: --data is not valid JSON"),
+        (["sandbox", "create", "--id", "x", "--address", "10.75.1.40", "--allow-port", "https"], "INVALID_PORT"),
+        (["sandbox", "create", "--id", "x", "--address", "10.75.1.40", "--label", "novalue"], "INVALID_LABEL"),
+        (["sandbox", "frobnicate"], "invalid choice"),
+        (["--api", "127.0.0.1:1", "status"], "must start with http://"),
+    ],
+)
+def test_usage_errors_exit_2(args: list[str], message: str) -> None:
+    result = gateway(*args, GATEWAY_API_URL="http://127.0.0.1:9")  # never contacted: usage is checked first
+    assert result.returncode == 2, result
+    assert message in result.stderr
+
+
+def test_profiles_the_gateway_does_not_support_get_the_api_explanation(server: Server) -> None:
+    result = gateway("sandbox", "create", "--id", "cli-l2", "--address", "10.75.1.50", "--profile", "transit",
+                     server=server)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith("PROFILE_NOT_SUPPORTED: the transit profile") and "(field profile)" in result.stderr

@@ -145,7 +145,9 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
-        overrides.setdefault(section, {})[key] = _parse_env_value(text)
+        # String options take the text as it is, so GATEWAY_STORE__NODE_ID=123 stays "123".
+        is_text = isinstance(DEFAULTS.get(section, {}).get(key), str)
+        overrides.setdefault(section, {})[key] = text if is_text else _parse_env_value(text)
     _merge(merged, overrides, "environment")
     return _build(merged, source)
 

@@ -43,19 +43,23 @@ class EffectiveLimits:
     dns_queries_per_minute: int
 
 
+# Bound once: address_key runs per connection, and attribute lookups are a good part of its cost.
+_inet_pton, _AF_INET, _AF_INET6, _from_bytes = socket.inet_pton, socket.AF_INET, socket.AF_INET6, int.from_bytes
+
+
 def address_key(address: str | IPAddress) -> tuple[int, int]:
     """(IP version, integer value) of an address; IPv4-mapped IPv6 is unwrapped to IPv4.
 
     Raises ValueError for a string that is not an address.
     """
     if isinstance(address, str):
+        # IPv4 text never contains ':' and IPv6 text always does: pick the family instead of failing over.
         try:
-            return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, address))
+            if ":" not in address:
+                return 4, _from_bytes(_inet_pton(_AF_INET, address))
+            value = _from_bytes(_inet_pton(_AF_INET6, address.split("%", 1)[0]))
         except OSError:
-            try:
-                value = int.from_bytes(socket.inet_pton(socket.AF_INET6, address.split("%", 1)[0]))
-            except OSError:
-                raise ValueError(f"{address!r} is not an IP address") from None
+            raise ValueError(f"{address!r} is not an IP address") from None
     else:
         if address.version == 4:
             return 4, int(address)
@@ -103,8 +107,11 @@ class CompiledPolicy:
     __slots__ = (
         "_allow_nets",
         "_allow_ports",
+        "_allow_verdicts",
         "_deny_nets",
+        "_deny_verdicts",
         "_exact",
+        "_exact_verdicts",
         "_wildcard",
         "allow_all",
         "allow_internet",
@@ -136,19 +143,15 @@ class CompiledPolicy:
                 exact.setdefault(pattern, []).append((ports, label))
         self._exact = {name: tuple(rules) for name, rules in exact.items()}
         self._wildcard = {name: tuple(rules) for name, rules in wildcard.items()}
+        # Verdicts whose reason depends only on the rule (an exact name's, a CIDR's) are built on the rule's
+        # first hit and reused: bounded by the number of rules, and compiling stays as cheap as before.
+        self._exact_verdicts: dict[tuple[str, str], Verdict] = {}
+        self._allow_verdicts: dict[str, Verdict] = {}
+        self._deny_verdicts: dict[str, Verdict] = {}
         self._allow_nets = NetSet(egress.allow_cidrs or ())
         self._deny_nets = NetSet(egress.deny_cidrs or ())
         self._allow_ports = frozenset(egress.allow_ports) if egress.allow_ports else None
         self.limits = limits
-
-    def _host_rules(self, name: str) -> tuple[HostRule, ...]:
-        rules = self._exact.get(name, ())
-        dot = name.find(".")
-        if dot > 0:
-            parent = self._wildcard.get(name[dot + 1 :])
-            if parent:
-                rules = rules + parent
-        return rules
 
     def name_allowed(self, name: str) -> Verdict:
         """Whether a name may be resolved (the DNS question), regardless of port."""
@@ -176,6 +179,7 @@ _SMTP_VERDICTS = {
 }
 _ISOLATED = Verdict(False, "profile isolated allows no network", "profile:isolated")
 _NO_INTERNET = Verdict(False, "egress disabled (allow_internet is false)", "egress.allow_internet")
+_DNS_UNRESTRICTED = Verdict(True, "profile unrestricted resolves every name", "profile:unrestricted")
 _ALLOW_ALL = Verdict(True, "profile unrestricted allows all egress", "egress.mode:allow_all")
 _NOT_LISTED = Verdict(False, "host not in allowlist", "default:deny")
 _NO_NAME = Verdict(False, "no hostname (SNI/Host) and address not in allow_cidrs", "default:deny")
@@ -198,7 +202,13 @@ def decide(
         return _SMTP_VERDICTS[port]
     if policy.profile == "isolated":
         return _ISOLATED
-    if not policy.allow_internet:
+    if protocol == "dns":
+        # Seed 001: unrestricted resolves every name (also under mode deny_all, whose CIDR rules
+        # need names to resolve). Seed 003: with allow_internet false, DNS still resolves and only
+        # connections are refused.
+        if policy.profile == "unrestricted":
+            return _DNS_UNRESTRICTED
+    elif not policy.allow_internet:
         return _NO_INTERNET
     key = None
     if address is not None:
@@ -208,21 +218,40 @@ def decide(
             return Verdict(False, f"unparseable address {address!r}", "default:deny")
         denied_by = policy._deny_nets.match(key)
         if denied_by is not None:
-            return Verdict(False, f"address in deny_cidrs {denied_by}", f"deny_cidrs {denied_by}")
+            verdict = policy._deny_verdicts.get(denied_by)
+            if verdict is None:
+                verdict = Verdict(False, f"address in deny_cidrs {denied_by}", f"deny_cidrs {denied_by}")
+                policy._deny_verdicts[denied_by] = verdict
+            return verdict
     if policy.allow_all:
         return _ALLOW_ALL
     name = normalize_query_name(hostname) if hostname else None
     port_miss: str | None = None
     if name:
-        for ports, label in policy._host_rules(name):
+        # Exact rules first, then the first-level wildcard of the parent name.
+        for ports, label in policy._exact.get(name, ()):
             if ports is None or port is None or port in ports:
-                return Verdict(True, f"host {name} allowed by {label}", label)
+                verdict = policy._exact_verdicts.get((name, label))
+                if verdict is None:
+                    verdict = Verdict(True, f"host {name} allowed by {label}", label)
+                    policy._exact_verdicts[name, label] = verdict
+                return verdict
             port_miss = label
+        dot = name.find(".")
+        if dot > 0:
+            for ports, label in policy._wildcard.get(name[dot + 1 :], ()):
+                if ports is None or port is None or port in ports:
+                    return Verdict(True, f"host {name} allowed by {label}", label)
+                port_miss = label
     if key is not None:
         allowed_by = policy._allow_nets.match(key)
         if allowed_by is not None:
             if policy._allow_ports is None or port in policy._allow_ports:
-                return Verdict(True, f"address in allow_cidrs {allowed_by}", f"allow_cidrs {allowed_by}")
+                verdict = policy._allow_verdicts.get(allowed_by)
+                if verdict is None:
+                    verdict = Verdict(True, f"address in allow_cidrs {allowed_by}", f"allow_cidrs {allowed_by}")
+                    policy._allow_verdicts[allowed_by] = verdict
+                return verdict
             if port_miss is None:
                 return Verdict(False, f"port {port} not in allow_ports for allow_cidrs {allowed_by}", "allow_ports")
     if port_miss is not None:

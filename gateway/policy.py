@@ -500,7 +500,7 @@ PROFILE_EGRESS_FIELDS: Mapping[str, frozenset[str]] = {
 def _check_profile_fields(profile: str, egress: Egress) -> None:
     allowed = PROFILE_EGRESS_FIELDS[profile]
     for name in egress.set_fields():
-        if name not in allowed:
+        if name not in allowed and getattr(egress, name) != ():  # an explicitly empty list widens nothing
             hint = (
                 "an isolated sandbox has no network at all; create it with profile allowlisted"
                 if profile == "isolated"

@@ -1,0 +1,604 @@
+"""Every path through `decide`, with the exact verdict (allowed, reason, rule)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from gateway.decision import (
+    DEFAULT_LIMITS,
+    CompiledPolicy,
+    EffectiveLimits,
+    Verdict,
+    address_key,
+    compile_policy,
+    decide,
+)
+from gateway.policy import PROFILES, parse_sandbox, parse_template
+from gateway.presets import BUILTIN_PRESETS, Preset, make_preset
+from gateway.state import PolicyContext
+
+CONTEXT = PolicyContext(
+    (ipaddress.ip_network("10.75.0.0/16"), ipaddress.ip_network("fdd4:1476:6c7e::/48")),
+    BUILTIN_PRESETS,
+    DEFAULT_LIMITS,
+)
+PUBLIC = "93.184.216.34"
+
+NOT_LISTED = Verdict(False, "host not in allowlist", "default:deny")
+NO_NAME = Verdict(False, "no hostname (SNI/Host) and address not in allow_cidrs", "default:deny")
+ISOLATED = Verdict(False, "profile isolated allows no network", "profile:isolated")
+NO_INTERNET = Verdict(False, "egress disabled (allow_internet is false)", "egress.allow_internet")
+ALLOW_ALL = Verdict(True, "profile unrestricted allows all egress", "egress.mode:allow_all")
+
+
+def policy(
+    profile: str = "allowlisted",
+    egress: object = None,
+    *,
+    template: Mapping[str, Any] | None = None,
+    limits: Mapping[str, Any] | None = None,
+    presets: Mapping[str, Preset] = BUILTIN_PRESETS,
+) -> CompiledPolicy:
+    """Parse a sandbox (and optional template) the way the API would, then compile it."""
+    data: dict[str, Any] = {"id": "sb1", "addresses": ["10.75.0.2"], "profile": profile}
+    if egress is not None:
+        data["egress"] = egress
+    if limits is not None:
+        data["limits"] = limits
+    parsed_template = None
+    if template is not None:
+        parsed_template = parse_template({"name": "tpl", **template}, known_presets=presets)
+        data["template"] = "tpl"
+    sandbox = parse_sandbox(data, subnets=CONTEXT.subnets, known_presets=presets)
+    return compile_policy(sandbox, parsed_template, presets, CONTEXT.default_limits)
+
+
+def host_allowed(name: str, rule: str) -> Verdict:
+    return Verdict(True, f"host {name} allowed by {rule}", rule)
+
+
+def cidr_allowed(cidr: str) -> Verdict:
+    return Verdict(True, f"address in allow_cidrs {cidr}", f"allow_cidrs {cidr}")
+
+
+def cidr_denied(cidr: str) -> Verdict:
+    return Verdict(False, f"address in deny_cidrs {cidr}", f"deny_cidrs {cidr}")
+
+
+def port_denied(port: int, name: str, rule: str) -> Verdict:
+    return Verdict(False, f"port {port} not allowed for host {name} ({rule})", rule)
+
+
+# --------------------------------------------------------------------------- SMTP, isolated, allow_internet
+
+SMTP = {25: "SMTP", 465: "SMTPS", 587: "SMTP submission"}
+
+
+@pytest.mark.parametrize("port", sorted(SMTP))
+@pytest.mark.parametrize(
+    ("profile", "egress"),
+    [
+        ("isolated", None),
+        ("registry", None),
+        ("allowlisted", {"allow_hosts": ["smtp.example.com"], "allow_cidrs": ["0.0.0.0/0"]}),
+        ("unrestricted", None),
+        ("unrestricted", {"mode": "allow_all"}),
+    ],
+)
+def test_smtp_blocked_in_every_profile(profile: str, egress: object, port: int) -> None:
+    expected = Verdict(False, f"port {port} blocked ({SMTP[port]}) in every profile", "builtin:smtp")
+    p = policy(profile, egress)
+    assert decide(p, "smtp.example.com", PUBLIC, port, "tcp") == expected
+    assert decide(p, None, PUBLIC, port, "tcp") == expected
+
+
+def test_smtp_blocked_even_when_the_host_allows_the_port() -> None:
+    p = policy(egress={"allow_hosts": ["smtp.example.com"], "host_ports": [25, 587, 2525]})
+    assert decide(p, "smtp.example.com", PUBLIC, 587, "tcp").rule == "builtin:smtp"
+    assert decide(p, "smtp.example.com", PUBLIC, 2525, "tcp") == host_allowed(
+        "smtp.example.com", "allow_hosts smtp.example.com"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "address", "port", "protocol"),
+    [
+        ("github.com", PUBLIC, 443, "tls"),
+        ("github.com", None, None, "dns"),
+        ("pypi.org", None, None, "dns"),
+        (None, "1.1.1.1", 53, "udp"),
+        (None, "10.75.0.3", 22, "tcp"),
+        ("x", "not-an-address", 80, "http"),
+    ],
+)
+def test_isolated_denies_everything_including_dns(
+    name: str | None, address: str | None, port: int | None, protocol: str
+) -> None:
+    assert decide(policy("isolated"), name, address, port, protocol) == ISOLATED
+
+
+def test_isolated_ignores_a_permissive_template() -> None:
+    p = policy("isolated", template={"egress": {"allow_hosts": ["github.com"], "allow_cidrs": ["0.0.0.0/0"]}})
+    assert decide(p, "github.com", PUBLIC, 443, "tls") == ISOLATED
+    assert p.effective_egress.is_empty()
+
+
+@pytest.mark.parametrize("profile", ["registry", "allowlisted", "unrestricted"])
+def test_allow_internet_false_denies_every_connection(profile: str) -> None:
+    p = policy(profile, {"allow_internet": False})
+    assert decide(p, "pypi.org", PUBLIC, 443, "tls") == NO_INTERNET
+    assert decide(p, None, "1.1.1.1", 443, "tcp") == NO_INTERNET
+
+
+def test_allow_internet_false_still_resolves_names_the_policy_allows() -> None:
+    """Seed 003: "DNS still resolves but connections are refused"."""
+    assert decide(policy("registry", {"allow_internet": False}), "pypi.org", None, None, "dns").allowed
+    assert not decide(policy("registry", {"allow_internet": False}), "evil.com", None, None, "dns").allowed
+    assert decide(policy("unrestricted", {"allow_internet": False}), "evil.com", None, None, "dns").allowed
+
+
+def test_unrestricted_resolves_every_name_even_under_deny_all_cidr_rules() -> None:
+    """Seed 004's "all but a subnet" policy is about addresses: its names must resolve."""
+    p = policy("unrestricted", {"mode": "deny_all", "allow_cidrs": ["0.0.0.0/0"], "deny_cidrs": ["10.0.0.0/8"]})
+    verdict = decide(p, "anything.example", None, None, "dns")
+    assert (verdict.allowed, verdict.rule) == (True, "profile:unrestricted")
+    assert not decide(p, None, "10.1.2.3", 443, "tcp").allowed
+
+
+def test_allowlisted_with_only_cidrs_resolves_no_names() -> None:
+    """No DNS channel out of a CIDR-only allowlist: names must be listed to resolve."""
+    p = policy("allowlisted", {"allow_cidrs": ["0.0.0.0/0"]})
+    assert not decide(p, "anything.example", None, None, "dns").allowed
+
+
+def test_allow_internet_false_beats_inherited_rules() -> None:
+    p = policy("allowlisted", {"allow_internet": False}, template={"egress": {"allow_hosts": ["a.com"]}})
+    assert decide(p, "a.com", PUBLIC, 443, "tls") == NO_INTERNET
+
+
+# --------------------------------------------------------------------------- CIDRs
+
+
+def test_deny_cidrs_beat_allow_cidrs() -> None:
+    p = policy(egress={"allow_cidrs": ["10.0.0.0/8"], "deny_cidrs": ["10.1.0.0/16"]})
+    assert decide(p, None, "10.1.2.3", 443, "tcp") == cidr_denied("10.1.0.0/16")
+    assert decide(p, None, "10.2.0.1", 443, "tcp") == cidr_allowed("10.0.0.0/8")
+
+
+def test_deny_cidrs_beat_an_allowed_host() -> None:
+    p = policy(egress={"allow_hosts": ["api.example.com"], "deny_cidrs": ["10.0.0.0/8"]})
+    assert decide(p, "api.example.com", "10.9.9.9", 443, "tls") == cidr_denied("10.0.0.0/8")
+    assert decide(p, "api.example.com", PUBLIC, 443, "tls") == host_allowed(
+        "api.example.com", "allow_hosts api.example.com"
+    )
+
+
+def test_deny_cidrs_beat_unrestricted() -> None:
+    p = policy("unrestricted", {"deny_cidrs": ["10.0.0.0/8", "2001:db8::/32"]})
+    assert decide(p, "anything.example", "10.3.3.3", 443, "tls") == cidr_denied("10.0.0.0/8")
+    assert decide(p, "anything.example", "2001:db8::1", 443, "tls") == cidr_denied("2001:db8::/32")
+    assert decide(p, "anything.example", PUBLIC, 443, "tls") == ALLOW_ALL
+
+
+def test_most_specific_cidr_names_the_rule() -> None:
+    p = policy(egress={"allow_cidrs": ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24"]})
+    assert decide(p, None, "10.1.2.3", 443, "tcp") == cidr_allowed("10.1.2.0/24")
+    assert decide(p, None, "10.1.3.3", 443, "tcp") == cidr_allowed("10.1.0.0/16")
+    assert decide(p, None, "10.2.0.0", 443, "tcp") == cidr_allowed("10.0.0.0/8")
+
+
+@pytest.mark.parametrize("egress", [None, {"mode": "allow_all"}])
+def test_unrestricted_allows_all(egress: object) -> None:
+    p = policy("unrestricted", egress)
+    assert p.allow_all
+    assert decide(p, "anything.example", PUBLIC, 443, "tls") == ALLOW_ALL
+    assert decide(p, None, "1.1.1.1", 12345, "tcp") == ALLOW_ALL
+    assert decide(p, "anything.example", None, None, "dns") == Verdict(
+        True, "profile unrestricted resolves every name", "profile:unrestricted"
+    )
+
+
+def test_seed_004_deny_all_with_carve_out() -> None:
+    # "Allow all external traffic but deny a specific subnet."
+    p = policy("unrestricted", {"mode": "deny_all", "allow_cidrs": ["0.0.0.0/0"], "deny_cidrs": ["10.0.0.0/8"]})
+    assert not p.allow_all
+    assert decide(p, None, "8.8.8.8", 443, "tcp") == cidr_allowed("0.0.0.0/0")
+    assert decide(p, "example.com", PUBLIC, 443, "tls") == cidr_allowed("0.0.0.0/0")
+    assert decide(p, None, "10.5.5.5", 443, "tcp") == cidr_denied("10.0.0.0/8")
+    assert decide(p, "example.com", "10.5.5.5", 443, "tls") == cidr_denied("10.0.0.0/8")
+    assert decide(p, None, "2001:db8::1", 443, "tcp") == NO_NAME  # 0.0.0.0/0 is IPv4 only
+
+
+def test_seed_004_template_blocks_rfc1918() -> None:
+    template = {
+        "egress": {
+            "mode": "deny_all",
+            "allow_cidrs": ["0.0.0.0/0"],
+            "deny_cidrs": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
+        }
+    }
+    p = policy("unrestricted", template=template)
+    assert decide(p, None, "172.20.1.1", 80, "tcp") == cidr_denied("172.16.0.0/12")
+    assert decide(p, None, "192.168.1.1", 80, "tcp") == cidr_denied("192.168.0.0/16")
+    assert decide(p, None, "1.1.1.1", 80, "tcp") == cidr_allowed("0.0.0.0/0")
+
+
+def test_seed_004_cloudflare_https_only() -> None:
+    p = policy("unrestricted", {"mode": "deny_all", "allow_cidrs": ["1.1.1.1/32", "1.0.0.1/32"], "allow_ports": [443]})
+    assert decide(p, None, "1.1.1.1", 443, "tcp") == cidr_allowed("1.1.1.1/32")
+    assert decide(p, None, "1.0.0.1", 443, "tcp") == cidr_allowed("1.0.0.1/32")
+    assert decide(p, None, "1.0.0.1", 80, "tcp") == Verdict(
+        False, "port 80 not in allow_ports for allow_cidrs 1.0.0.1/32", "allow_ports"
+    )
+    assert decide(p, None, "8.8.8.8", 443, "tcp") == NO_NAME
+
+
+def test_allow_cidrs_with_allow_ports() -> None:
+    p = policy(egress={"allow_cidrs": ["203.0.113.0/24"], "allow_ports": [443, 8080]})
+    assert decide(p, None, "203.0.113.9", 443, "tcp") == cidr_allowed("203.0.113.0/24")
+    assert decide(p, None, "203.0.113.9", 8080, "tcp") == cidr_allowed("203.0.113.0/24")
+    assert decide(p, None, "203.0.113.9", 22, "tcp") == Verdict(
+        False, "port 22 not in allow_ports for allow_cidrs 203.0.113.0/24", "allow_ports"
+    )
+    assert decide(p, "named.example", "203.0.113.9", 22, "tls") == Verdict(
+        False, "port 22 not in allow_ports for allow_cidrs 203.0.113.0/24", "allow_ports"
+    )
+
+
+def test_allow_cidrs_without_allow_ports_allow_any_port() -> None:
+    p = policy(egress={"allow_cidrs": ["203.0.113.0/24"]})
+    for port in (1, 22, 443, 65535):
+        assert decide(p, None, "203.0.113.200", port, "tcp") == cidr_allowed("203.0.113.0/24")
+
+
+def test_no_hostname_and_address_not_in_allow_cidrs() -> None:
+    p = policy(egress={"allow_hosts": ["a.com"], "allow_cidrs": ["203.0.113.0/24"]})
+    assert decide(p, None, PUBLIC, 443, "tcp") == NO_NAME
+    assert decide(p, "", PUBLIC, 443, "tcp") == NO_NAME
+    assert decide(p, None, None, None, "dns") == NO_NAME
+
+
+def test_name_not_listed_and_address_not_in_allow_cidrs() -> None:
+    p = policy(egress={"allow_hosts": ["a.com"], "allow_cidrs": ["203.0.113.0/24"]})
+    assert decide(p, "b.com", PUBLIC, 443, "tls") == NOT_LISTED
+    assert decide(p, "b.com", "203.0.113.1", 443, "tls") == cidr_allowed("203.0.113.0/24")
+
+
+def test_ipv4_mapped_ipv6_is_unwrapped() -> None:
+    p = policy(egress={"allow_cidrs": ["10.0.0.0/8"], "deny_cidrs": ["10.66.0.0/16"]})
+    assert decide(p, None, "::ffff:10.1.2.3", 443, "tcp") == cidr_allowed("10.0.0.0/8")
+    assert decide(p, None, ipaddress.ip_address("::ffff:10.1.2.3"), 443, "tcp") == cidr_allowed("10.0.0.0/8")
+    assert decide(p, None, "::ffff:10.66.0.1", 443, "tcp") == cidr_denied("10.66.0.0/16")
+    assert decide(p, None, "::ffff:11.0.0.1", 443, "tcp") == NO_NAME
+    assert address_key("::ffff:10.1.2.3") == address_key("10.1.2.3") == (4, 0x0A010203)
+
+
+def test_ipv6_cidrs() -> None:
+    p = policy(egress={"allow_cidrs": ["2001:db8::/32", "2606:4700::1111/128"], "deny_cidrs": ["2001:db8:bad::/48"]})
+    assert decide(p, None, "2001:db8:1::5", 443, "tcp") == cidr_allowed("2001:db8::/32")
+    assert decide(p, None, "2001:DB8:0001::5", 443, "tcp") == cidr_allowed("2001:db8::/32")
+    assert decide(p, None, "2606:4700::1111", 443, "tcp") == cidr_allowed("2606:4700::1111/128")
+    assert decide(p, None, "2001:db8:bad::1", 443, "tcp") == cidr_denied("2001:db8:bad::/48")
+    assert decide(p, None, "2001:db9::1", 443, "tcp") == NO_NAME
+    assert decide(p, None, "fe80::1%eth0", 443, "tcp") == NO_NAME  # a zone index is ignored, not an error
+
+
+def test_ipv4_cidr_never_matches_an_ipv6_address_with_the_same_bits() -> None:
+    p = policy(egress={"allow_cidrs": ["0.0.0.0/8"]})
+    assert decide(p, None, "::1", 443, "tcp") == NO_NAME  # ::1 is integer 1, inside 0.0.0.0/8 as an int
+
+
+@pytest.mark.parametrize(
+    "address",
+    [ipaddress.ip_address("203.0.113.5"), ipaddress.ip_address("2001:db8::5"), "203.0.113.5", "2001:db8::5"],
+)
+def test_preparsed_and_string_addresses_decide_the_same(address: object) -> None:
+    p = policy(egress={"allow_cidrs": ["203.0.113.0/24", "2001:db8::/32"]})
+    verdict = decide(p, None, address, 443, "tcp")  # type: ignore[arg-type]
+    assert verdict.allowed
+    assert verdict.rule in ("allow_cidrs 203.0.113.0/24", "allow_cidrs 2001:db8::/32")
+
+
+@pytest.mark.parametrize("address", ["not-an-ip", "999.1.1.1", "10.0.0.0/8", "", "1.2.3", "::g"])
+def test_unparseable_address_is_denied(address: str) -> None:
+    p = policy(egress={"allow_hosts": ["a.com"], "allow_cidrs": ["0.0.0.0/0"]})
+    assert decide(p, "a.com", address, 443, "tls") == Verdict(False, f"unparseable address {address!r}", "default:deny")
+
+
+def test_unparseable_address_is_denied_in_unrestricted_too() -> None:
+    assert decide(policy("unrestricted"), "a.com", "bogus", 443, "tls").allowed is False
+
+
+# --------------------------------------------------------------------------- hosts
+
+
+def test_exact_host() -> None:
+    p = policy(egress={"allow_hosts": ["api.example.com"]})
+    assert decide(p, "api.example.com", PUBLIC, 443, "tls") == host_allowed(
+        "api.example.com", "allow_hosts api.example.com"
+    )
+    assert decide(p, "example.com", PUBLIC, 443, "tls") == NOT_LISTED
+    assert decide(p, "x.api.example.com", PUBLIC, 443, "tls") == NOT_LISTED
+    assert decide(p, "api.example.com.evil.net", PUBLIC, 443, "tls") == NOT_LISTED
+
+
+def test_wildcard_matches_one_level_only() -> None:
+    p = policy(egress={"allow_hosts": ["*.example.com"]})
+    assert decide(p, "a.example.com", PUBLIC, 443, "tls") == host_allowed("a.example.com", "allow_hosts *.example.com")
+    assert decide(p, "example.com", PUBLIC, 443, "tls") == NOT_LISTED
+    assert decide(p, "a.b.example.com", PUBLIC, 443, "tls") == NOT_LISTED
+    assert decide(p, "aexample.com", PUBLIC, 443, "tls") == NOT_LISTED
+    assert decide(p, ".example.com", PUBLIC, 443, "tls") == NOT_LISTED
+
+
+def test_wildcard_and_exact_together() -> None:
+    p = policy(egress={"allow_hosts": ["*.example.com", "example.com"]})
+    assert decide(p, "example.com", PUBLIC, 443, "tls") == host_allowed("example.com", "allow_hosts example.com")
+    assert decide(p, "www.example.com", PUBLIC, 443, "tls").allowed
+
+
+@pytest.mark.parametrize("query", ["API.Example.COM", "api.example.com.", "Api.Example.Com.", "API.EXAMPLE.COM"])
+def test_query_names_are_case_insensitive_and_may_end_in_a_dot(query: str) -> None:
+    p = policy(egress={"allow_hosts": ["api.example.com", "*.wild.example"]})
+    assert decide(p, query, PUBLIC, 443, "tls") == host_allowed("api.example.com", "allow_hosts api.example.com")
+    assert decide(
+        p,
+        query.replace("api.example.com", "x.wild.example").replace("API.EXAMPLE.COM", "X.WILD.EXAMPLE"),
+        None,
+        None,
+        "dns",
+    ).allowed
+
+
+def test_idn_pattern_matches_its_punycode_query() -> None:
+    p = policy(egress={"allow_hosts": ["bücher.de"]})
+    assert decide(p, "xn--bcher-kva.de", PUBLIC, 443, "tls") == host_allowed(
+        "xn--bcher-kva.de", "allow_hosts xn--bcher-kva.de"
+    )
+
+
+def test_host_ports_restrict_allowed_hosts() -> None:
+    p = policy(egress={"allow_hosts": ["a.com", "*.b.com"], "host_ports": [443]})
+    assert decide(p, "a.com", PUBLIC, 443, "tls") == host_allowed("a.com", "allow_hosts a.com")
+    assert decide(p, "a.com", PUBLIC, 80, "http") == port_denied(80, "a.com", "allow_hosts a.com")
+    assert decide(p, "x.b.com", PUBLIC, 8443, "tls") == port_denied(8443, "x.b.com", "allow_hosts *.b.com")
+    assert decide(p, "a.com", None, None, "dns") == host_allowed("a.com", "allow_hosts a.com")
+
+
+def test_host_without_host_ports_allows_any_port() -> None:
+    p = policy(egress={"allow_hosts": ["a.com"]})
+    for port in (22, 80, 443, 5432):
+        assert decide(p, "a.com", PUBLIC, port, "tcp") == host_allowed("a.com", "allow_hosts a.com")
+
+
+def test_host_port_miss_falls_back_to_allow_cidrs() -> None:
+    p = policy(egress={"allow_hosts": ["a.com"], "host_ports": [443], "allow_cidrs": ["203.0.113.0/24"]})
+    assert decide(p, "a.com", "203.0.113.7", 80, "http") == cidr_allowed("203.0.113.0/24")
+    assert decide(p, "a.com", PUBLIC, 80, "http") == port_denied(80, "a.com", "allow_hosts a.com")
+
+
+def test_host_port_miss_is_reported_over_the_cidr_port_miss() -> None:
+    p = policy(
+        egress={"allow_hosts": ["a.com"], "host_ports": [443], "allow_cidrs": ["203.0.113.0/24"], "allow_ports": [8443]}
+    )
+    assert decide(p, "a.com", "203.0.113.7", 8443, "tls") == cidr_allowed("203.0.113.0/24")
+    assert decide(p, "a.com", "203.0.113.7", 80, "http") == port_denied(80, "a.com", "allow_hosts a.com")
+
+
+@pytest.mark.parametrize(
+    ("name", "port", "expected"),
+    [
+        ("github.com", 22, host_allowed("github.com", "preset git-hosts")),
+        ("github.com", 443, host_allowed("github.com", "preset git-hosts")),
+        ("gitlab.com", 22, host_allowed("gitlab.com", "preset git-hosts")),
+        ("github.com", 80, port_denied(80, "github.com", "preset git-hosts")),
+        ("github.com", 9418, port_denied(9418, "github.com", "preset git-hosts")),
+        ("api.openai.com", 443, host_allowed("api.openai.com", "preset ai-apis")),
+        ("api.anthropic.com", 443, host_allowed("api.anthropic.com", "preset ai-apis")),
+        ("api.openai.com", 22, port_denied(22, "api.openai.com", "preset ai-apis")),
+        ("api.openai.com", 80, port_denied(80, "api.openai.com", "preset ai-apis")),
+        ("pypi.org", 443, NOT_LISTED),
+    ],
+)
+def test_presets_with_their_ports(name: str, port: int, expected: Verdict) -> None:
+    p = policy(egress={"presets": ["git-hosts", "ai-apis"]})
+    assert decide(p, name, PUBLIC, port, "tcp") == expected
+
+
+def test_a_host_in_a_preset_and_in_allow_hosts_takes_the_wider_rule() -> None:
+    p = policy(egress={"presets": ["ai-apis"], "allow_hosts": ["api.openai.com"]})
+    assert decide(p, "api.openai.com", PUBLIC, 443, "tls") == host_allowed("api.openai.com", "preset ai-apis")
+    assert decide(p, "api.openai.com", PUBLIC, 8080, "tcp") == host_allowed(
+        "api.openai.com", "allow_hosts api.openai.com"
+    )
+
+
+def test_operator_preset() -> None:
+    internal = make_preset("internal", ["*.corp.example", "git.corp.example"], [443, 8443])
+    presets = {**BUILTIN_PRESETS, "internal": internal}
+    p = policy(egress={"presets": ["internal"]}, presets=presets)
+    assert decide(p, "svc.corp.example", PUBLIC, 8443, "tls") == host_allowed("svc.corp.example", "preset internal")
+    assert decide(p, "svc.corp.example", PUBLIC, 80, "http") == port_denied(80, "svc.corp.example", "preset internal")
+    # A preset removed from the configuration since the record was accepted grants nothing.
+    sandbox = parse_sandbox(
+        {"id": "sb1", "addresses": ["10.75.0.2"], "profile": "allowlisted", "egress": {"presets": ["internal"]}},
+        subnets=CONTEXT.subnets,
+        known_presets=presets,
+    )
+    gone = compile_policy(sandbox, None, BUILTIN_PRESETS)
+    assert decide(gone, "svc.corp.example", PUBLIC, 443, "tls") == NOT_LISTED
+
+
+def test_unlisted_port_is_allowed_for_dns() -> None:
+    p = policy(egress={"presets": ["ai-apis"]})
+    assert decide(p, "api.openai.com", None, None, "dns") == host_allowed("api.openai.com", "preset ai-apis")
+    assert p.name_allowed("api.openai.com") == host_allowed("api.openai.com", "preset ai-apis")
+    assert p.name_allowed("evil.example") == NOT_LISTED
+
+
+# --------------------------------------------------------------------------- registry profile
+
+
+@pytest.mark.parametrize("name", ["pypi.org", "files.pythonhosted.org", "registry.npmjs.org", "crates.io"])
+def test_registry_profile_allows_package_registries(name: str) -> None:
+    p = policy("registry")
+    assert decide(p, name, PUBLIC, 443, "tls") == host_allowed(name, "preset package-registries")
+    assert decide(p, name, None, None, "dns") == host_allowed(name, "preset package-registries")
+
+
+def test_registry_profile_allows_nothing_else() -> None:
+    p = policy("registry")
+    assert decide(p, "github.com", PUBLIC, 443, "tls") == NOT_LISTED
+    assert decide(p, "example.com", None, None, "dns") == NOT_LISTED
+    assert decide(p, None, "1.1.1.1", 443, "tcp") == NO_NAME
+    assert decide(p, "pypi.org", PUBLIC, 22, "tcp") == port_denied(22, "pypi.org", "preset package-registries")
+    assert decide(p, "deb.debian.org", PUBLIC, 80, "http") == host_allowed(
+        "deb.debian.org", "preset package-registries"
+    )
+
+
+def test_registry_profile_ignores_a_templates_hosts_and_cidrs() -> None:
+    template = {"egress": {"allow_hosts": ["github.com"], "allow_cidrs": ["0.0.0.0/0"], "host_ports": [443]}}
+    p = policy("registry", template=template)
+    assert not policy("registry", template={"egress": {"mode": "allow_all"}}).allow_all
+    assert decide(p, "github.com", PUBLIC, 443, "tls") == NOT_LISTED
+    assert decide(p, None, "1.1.1.1", 443, "tcp") == NO_NAME
+    assert decide(p, "pypi.org", PUBLIC, 80, "http").allowed  # host_ports did not narrow the registry preset
+    assert p.effective_egress.allow_hosts is None
+    assert p.effective_egress.allow_cidrs is None
+
+
+def test_registry_profile_with_extra_presets_and_deny_cidrs() -> None:
+    p = policy("registry", {"presets": ["git-hosts"], "deny_cidrs": ["10.0.0.0/8"]})
+    assert decide(p, "github.com", PUBLIC, 22, "tcp") == host_allowed("github.com", "preset git-hosts")
+    assert decide(p, "pypi.org", "10.1.1.1", 443, "tls") == cidr_denied("10.0.0.0/8")
+
+
+# --------------------------------------------------------------------------- templates and limits
+
+
+def test_template_fields_are_inherited_when_unset() -> None:
+    p = policy(
+        "allowlisted",
+        {"host_ports": [443]},
+        template={"egress": {"allow_hosts": ["a.com"], "deny_cidrs": ["10.0.0.0/8"]}},
+    )
+    assert decide(p, "a.com", PUBLIC, 443, "tls") == host_allowed("a.com", "allow_hosts a.com")
+    assert decide(p, "a.com", PUBLIC, 80, "http") == port_denied(80, "a.com", "allow_hosts a.com")
+    assert decide(p, "a.com", "10.0.0.1", 443, "tls") == cidr_denied("10.0.0.0/8")
+
+
+def test_sandbox_field_overrides_the_template_field() -> None:
+    p = policy("allowlisted", {"allow_hosts": ["b.com"]}, template={"egress": {"allow_hosts": ["a.com"]}})
+    assert decide(p, "b.com", PUBLIC, 443, "tls") == host_allowed("b.com", "allow_hosts b.com")
+    assert decide(p, "a.com", PUBLIC, 443, "tls") == NOT_LISTED
+
+
+def test_an_empty_list_overrides_the_template_too() -> None:
+    p = policy("allowlisted", {"allow_hosts": []}, template={"egress": {"allow_hosts": ["a.com"]}})
+    assert decide(p, "a.com", PUBLIC, 443, "tls") == NOT_LISTED
+
+
+def test_template_allow_all_is_capped_by_the_profile() -> None:
+    template = {"egress": {"mode": "allow_all"}}
+    assert decide(policy("allowlisted", template=template), "a.com", PUBLIC, 443, "tls") == NOT_LISTED
+    assert decide(policy("unrestricted", template=template), "a.com", PUBLIC, 443, "tls") == ALLOW_ALL
+
+
+def test_sandbox_deny_all_overrides_an_unrestricted_template() -> None:
+    p = policy(
+        "unrestricted", {"mode": "deny_all", "allow_hosts": ["a.com"]}, template={"egress": {"mode": "allow_all"}}
+    )
+    assert decide(p, "a.com", PUBLIC, 443, "tls") == host_allowed("a.com", "allow_hosts a.com")
+    assert decide(p, "b.com", PUBLIC, 443, "tls") == NOT_LISTED
+
+
+def test_limits_default() -> None:
+    assert policy().limits == EffectiveLimits(1000, 100, 1000, 500)
+    assert DEFAULT_LIMITS.bandwidth_mbit == 100  # seed 000's defaults
+
+
+def test_limits_are_layered_sandbox_over_template_over_defaults() -> None:
+    p = policy(
+        template={"limits": {"bandwidth_mbit": 50, "connections_per_minute": 10, "burst_mbit": 500}},
+        limits={"connections_per_minute": 20},
+    )
+    assert p.limits == EffectiveLimits(
+        connections_per_minute=20, bandwidth_mbit=50, burst_mbit=500, dns_queries_per_minute=500
+    )
+
+
+@pytest.mark.parametrize(
+    ("template_limits", "sandbox_limits", "bandwidth", "burst"),
+    [
+        (None, {"bandwidth_mbit": 2000}, 2000, 2000),  # default burst 1000 < sandbox bandwidth 2000
+        ({"burst_mbit": 200}, {"bandwidth_mbit": 500}, 500, 500),
+        ({"bandwidth_mbit": 800}, {"burst_mbit": 300}, 800, 800),  # each record is valid on its own
+        ({"bandwidth_mbit": 10}, None, 10, 1000),
+    ],
+)
+def test_burst_is_never_below_sustained(
+    template_limits: dict[str, int] | None, sandbox_limits: dict[str, int] | None, bandwidth: int, burst: int
+) -> None:
+    template = {"limits": template_limits} if template_limits else None
+    p = policy(template=template, limits=sandbox_limits)
+    assert (p.limits.bandwidth_mbit, p.limits.burst_mbit) == (bandwidth, burst)
+
+
+def test_compile_policy_accepts_a_custom_default() -> None:
+    sandbox = parse_sandbox({"id": "a", "addresses": ["10.75.0.9"]}, subnets=CONTEXT.subnets, known_presets=())
+    from gateway.policy import Limits
+
+    compiled = compile_policy(sandbox, None, {}, Limits(7, 8, 9, 10))
+    assert compiled.limits == EffectiveLimits(7, 8, 9, 10)
+
+
+def test_describe() -> None:
+    p = policy("allowlisted", {"allow_hosts": ["a.com"], "allow_internet": True})
+    described = p.describe()
+    assert described["sandbox"] == "sb1"
+    assert described["profile"] == "allowlisted"
+    assert described["mode"] == "deny_all"
+    assert described["egress"] == {"allow_internet": True, "allow_hosts": ["a.com"]}
+    assert described["limits"]["bandwidth_mbit"] == 100
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_fails_closed_for_an_unknown_name(profile: str) -> None:
+    verdict = decide(policy(profile), "unknown.invalid", PUBLIC, 443, "tls")
+    assert verdict.allowed is (profile == "unrestricted")
+
+
+def test_repeated_decisions_on_one_policy_keep_their_own_reasons() -> None:
+    # Verdicts are reused between connections; each must still name its own host and CIDR.
+    p = policy(
+        egress={
+            "presets": ["git-hosts"],
+            "allow_hosts": ["*.example.com"],
+            "allow_cidrs": ["203.0.113.0/24", "198.51.100.0/24"],
+            "deny_cidrs": ["10.0.0.0/8", "192.168.0.0/16"],
+        }
+    )
+    for _ in range(3):
+        assert decide(p, "github.com", PUBLIC, 443, "tls") == host_allowed("github.com", "preset git-hosts")
+        assert decide(p, "gitlab.com", PUBLIC, 22, "tcp") == host_allowed("gitlab.com", "preset git-hosts")
+        assert decide(p, "github.com", PUBLIC, 80, "http") == port_denied(80, "github.com", "preset git-hosts")
+        assert decide(p, "a.example.com", PUBLIC, 443, "tls") == host_allowed(
+            "a.example.com", "allow_hosts *.example.com"
+        )
+        assert decide(p, "b.example.com", PUBLIC, 443, "tls") == host_allowed(
+            "b.example.com", "allow_hosts *.example.com"
+        )
+        assert decide(p, None, "203.0.113.1", 443, "tcp") == cidr_allowed("203.0.113.0/24")
+        assert decide(p, None, "198.51.100.1", 443, "tcp") == cidr_allowed("198.51.100.0/24")
+        assert decide(p, None, "10.0.0.1", 443, "tcp") == cidr_denied("10.0.0.0/8")
+        assert decide(p, None, "192.168.1.1", 443, "tcp") == cidr_denied("192.168.0.0/16")
+
+
+def test_a_cidr_in_both_lists_is_denied() -> None:
+    p = policy(egress={"allow_cidrs": ["203.0.113.0/24"], "deny_cidrs": ["203.0.113.0/24"]})
+    assert decide(p, None, "203.0.113.1", 443, "tcp") == cidr_denied("203.0.113.0/24")

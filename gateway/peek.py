@@ -1,0 +1,1111 @@
+"""Protocol logic of the egress engine's peek: bytes in, events out, no I/O.
+
+The egress engine accepts a sandbox's TCP connection, reads (without forwarding) the
+first bytes under a deadline and a size bound, and asks this module what they are:
+
+- `classify(data)` -> `TrafficKind.TLS | HTTP | OPAQUE`, or `NeedMore` while undecidable.
+- `ClientHelloParser.feed(data)` -> `NeedMore | ClientHello | PeekError`: the TLS
+  ClientHello reassembled across records and segments (post-quantum key shares make
+  hellos larger than one TCP segment; 1-byte records are legal and handled), with SNI,
+  ALPN, supported_versions and the presence of Encrypted Client Hello.
+- `HttpRequestTracker.feed(data)` -> events for every request head on a plain-HTTP
+  (keep-alive, pipelined) client->server stream: message framing is followed
+  (Content-Length, chunked) so that the Host of EVERY request is reported.
+- `tls_alert(...)` / `http_forbidden(...)`: the explicit denials, as bytes to write.
+
+Nothing here touches a socket, a clock or asyncio, in the style of h11 / mitmproxy's
+layers: the same code is exercised by unit tests byte by byte. Every parser keeps
+offsets, so a feed costs time proportional to the new bytes only, and every buffer is
+bounded (TLS: the handshake bound; HTTP: one request head or one line; bodies are
+counted, never stored).
+
+Parsing is deliberately strict. For TLS every length field is checked against what
+remains, duplicate extensions are refused (RFC 8446 4.2), and the hello must end
+exactly at a record boundary (RFC 8446 5.1). For HTTP, anything two implementations
+could frame differently is refused rather than guessed at (request smuggling): bare LF
+or bare CR line endings, obs-fold, whitespace before a header colon, Content-Length
+together with Transfer-Encoding, differing Content-Lengths, a final coding other than
+chunked, duplicate Host. A refusal carries a stable `code` and a human `message`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Final
+
+__all__ = [
+    "CLASSIFY_MAX_BYTES",
+    "MAX_HANDSHAKE_SIZE",
+    "MAX_HEADERS",
+    "MAX_HEAD_SIZE",
+    "MAX_LINE_LENGTH",
+    "NEED_MORE",
+    "AlertDescription",
+    "ClientHello",
+    "ClientHelloParser",
+    "HttpError",
+    "HttpErrorCode",
+    "HttpEvent",
+    "HttpRequestTracker",
+    "NeedMore",
+    "PeekError",
+    "RequestEnd",
+    "RequestHead",
+    "TlsErrorCode",
+    "TrafficKind",
+    "Upgraded",
+    "classify",
+    "http_forbidden",
+    "parse_client_hello",
+    "sanitize_reason",
+    "tls_alert",
+]
+
+# --------------------------------------------------------------------------- shared types
+
+
+@dataclass(frozen=True, slots=True)
+class NeedMore:
+    """Not decidable yet: feed more bytes (or give up when the engine's deadline passes)."""
+
+
+#: The one instance every parser returns (compare with `is` or `isinstance`).
+NEED_MORE: Final = NeedMore()
+
+
+class TlsErrorCode(StrEnum):
+    TLS_MALFORMED = "TLS_MALFORMED"
+    TLS_TOO_LARGE = "TLS_TOO_LARGE"
+    TLS_NOT_CLIENT_HELLO = "TLS_NOT_CLIENT_HELLO"
+    TLS_SNI_INVALID = "TLS_SNI_INVALID"
+
+
+@dataclass(frozen=True, slots=True)
+class PeekError:
+    """The first bytes of a TLS connection are not an acceptable ClientHello."""
+
+    code: TlsErrorCode
+    message: str
+
+
+# --------------------------------------------------------------------------- classification
+
+
+class TrafficKind(StrEnum):
+    TLS = "tls"
+    HTTP = "http"
+    OPAQUE = "opaque"
+
+
+#: Longest method token `classify` recognises; methods in use are far shorter.
+_MAX_METHOD_LENGTH: Final = 24
+#: `classify` always decides once it has this many bytes.
+CLASSIFY_MAX_BYTES: Final = _MAX_METHOD_LENGTH + 1
+_METHOD_BYTES: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
+
+
+def classify(data: bytes | bytearray | memoryview) -> TrafficKind | NeedMore:
+    """What the first bytes a client sent look like.
+
+    TLS: a handshake record header (0x16, version 0x03 0x00..0x04). HTTP/1.x: a method
+    token followed by a space. The token is restricted to upper-case letters, '-' and
+    '_' (every registered method; methods are case-sensitive), so that banners such as
+    `SSH-2.0-OpenSSH_9.6 ...` stay opaque instead of being refused as broken HTTP.
+    Anything else, including SSLv2-compatible hellos, is OPAQUE. Decides with at most
+    `CLASSIFY_MAX_BYTES` bytes.
+    """
+    n = len(data)
+    if n == 0:
+        return NEED_MORE
+    first = data[0]
+    if first == 0x16:
+        if n >= 2 and data[1] != 0x03:
+            return TrafficKind.OPAQUE
+        if n >= 3:
+            return TrafficKind.TLS if data[2] <= 0x04 else TrafficKind.OPAQUE
+        return NEED_MORE
+    if first not in _METHOD_BYTES or first in b"-_":
+        return TrafficKind.OPAQUE
+    limit = min(n, _MAX_METHOD_LENGTH + 1)
+    for k in range(1, limit):
+        byte = data[k]
+        if byte == 0x20:
+            return TrafficKind.HTTP
+        if byte not in _METHOD_BYTES:
+            return TrafficKind.OPAQUE
+    return NEED_MORE if n <= _MAX_METHOD_LENGTH else TrafficKind.OPAQUE
+
+
+# --------------------------------------------------------------------------- host names
+
+_HOSTNAME: Final = re.compile(r"[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*\Z")
+# Labels getaddrinfo/inet_aton would read as numbers (decimal, octal or hex): a name made
+# only of such labels, or ending in an all-digit label, is an IP literal in disguise
+# (`2130706433`, `0x7f.1`, `127.1`, `1.2.3.4`) and would "resolve" without DNS.
+_NUMERIC_NAME: Final = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)(?:\.(?:[0-9]+|0x[0-9a-f]*))*\Z")
+_MAX_HOSTNAME: Final = 253
+
+
+def _hostname_problem(name: str) -> str | None:
+    """Why a lower-cased, trailing-dot-stripped name is not a DNS host name (None if it is).
+
+    Cheap on the success path (two regex matches): it runs per connection.
+    """
+    if not name:
+        return "is empty"
+    if len(name) > _MAX_HOSTNAME:
+        return f"is longer than {_MAX_HOSTNAME} characters"
+    if _HOSTNAME.match(name) is None:
+        if ":" in name and _is_ip(name):
+            return "is an IP address literal"
+        return "is not a DNS host name (letters, digits, '-', '_' in dot-separated labels of 1-63 characters)"
+    if _NUMERIC_NAME.match(name) is not None or name.rpartition(".")[2].isdigit():
+        return "is an IP address literal" if _is_ip(name) else "is a numeric IP address form, not a host name"
+    return None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _fold(name: str) -> str:
+    name = name.lower()
+    return name[:-1] if name.endswith(".") else name
+
+
+# --------------------------------------------------------------------------- TLS ClientHello
+
+#: Default bound on the ClientHello handshake message body.
+MAX_HANDSHAKE_SIZE: Final = 16 * 1024
+_MAX_RECORD: Final = 1 << 14  # TLSPlaintext.length bound (RFC 8446 5.1)
+
+_EXT_SERVER_NAME: Final = 0x0000
+_EXT_ALPN: Final = 0x0010
+_EXT_PRE_SHARED_KEY: Final = 0x0029
+_EXT_SUPPORTED_VERSIONS: Final = 0x002B
+_EXT_ECH: Final = 0xFE0D
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    """What the policy needs from a ClientHello.
+
+    `sni` is lower-cased without a trailing dot, None when the client sent no
+    server_name. With `has_ech` the SNI is the ECH *outer* (public) name: the real
+    destination is encrypted and not visible here.
+    """
+
+    sni: str | None
+    alpn: tuple[bytes, ...]
+    supported_versions: tuple[int, ...]
+    has_ech: bool
+    legacy_version: int
+    record_version: int
+    extension_types: tuple[int, ...]
+    handshake_length: int
+
+
+class _TlsFail(Exception):
+    def __init__(self, code: TlsErrorCode, message: str) -> None:
+        self.code = code
+        self.message = message
+
+
+def _malformed(message: str) -> _TlsFail:
+    return _TlsFail(TlsErrorCode.TLS_MALFORMED, message)
+
+
+def _sni_invalid(message: str) -> _TlsFail:
+    return _TlsFail(TlsErrorCode.TLS_SNI_INVALID, message)
+
+
+class ClientHelloParser:
+    """Incremental ClientHello reader: feed it the client's bytes as they arrive.
+
+    Returns NEED_MORE until the hello is complete, then the ClientHello or a PeekError;
+    the result is final (later feeds return it again without looking at the bytes).
+    Holds at most `max_handshake_size` + 4 handshake bytes and one 5-byte record header.
+    """
+
+    __slots__ = ("_hdr", "_hs", "_hs_len", "_max", "_rec_left", "_record_version", "_records", "_result")
+
+    def __init__(self, max_handshake_size: int = MAX_HANDSHAKE_SIZE) -> None:
+        if max_handshake_size < 35:
+            raise ValueError("max_handshake_size cannot hold even an empty ClientHello")
+        self._max = max_handshake_size
+        self._hdr = bytearray()
+        self._hs = bytearray()
+        self._hs_len = -1
+        self._rec_left = 0
+        self._records = 0
+        self._record_version = 0
+        self._result: ClientHello | PeekError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes currently held (record header fragment + handshake message so far)."""
+        return len(self._hdr) + len(self._hs)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> NeedMore | ClientHello | PeekError:
+        if self._result is not None:
+            return self._result
+        try:
+            result = self._feed(memoryview(data).cast("B"))
+        except _TlsFail as fail:
+            result = PeekError(fail.code, fail.message)
+        if result is not NEED_MORE:
+            self._result = result
+            self._hs = bytearray()
+            self._hdr = bytearray()
+        return result
+
+    def _check_header(self, hdr: bytearray) -> None:
+        first = self._records == 0
+        if hdr[0] != 0x16:
+            if first:
+                raise _TlsFail(TlsErrorCode.TLS_NOT_CLIENT_HELLO, f"first TLS record has content type {hdr[0]}, not 22")
+            raise _malformed(f"record of content type {hdr[0]} interleaved with the ClientHello's handshake records")
+        if len(hdr) >= 2 and hdr[1] != 0x03:
+            raise _malformed(f"record version major byte is {hdr[1]}, not 3")
+        if len(hdr) >= 3 and hdr[2] > 0x04:
+            raise _malformed(f"record version 0x03{hdr[2]:02x} is not a TLS version")
+
+    def _feed(self, data: memoryview) -> NeedMore | ClientHello | PeekError:
+        i = 0
+        n = len(data)
+        hdr = self._hdr
+        hs = self._hs
+        while i < n:
+            left = self._rec_left
+            if left == 0:
+                take = min(5 - len(hdr), n - i)
+                hdr += data[i : i + take]
+                i += take
+                self._check_header(hdr)
+                if len(hdr) < 5:
+                    break
+                length = hdr[3] << 8 | hdr[4]
+                if length == 0:
+                    raise _malformed("zero-length handshake record (forbidden by RFC 8446 5.1)")
+                if length > _MAX_RECORD:
+                    raise _malformed(f"record of {length} bytes exceeds the 16384-byte limit")
+                if self._records == 0:
+                    self._record_version = hdr[1] << 8 | hdr[2]
+                self._records += 1
+                self._rec_left = length
+                hdr.clear()
+                continue
+            take = min(left, n - i)
+            if self._hs_len < 0:
+                take = min(take, 4 - len(hs))
+                hs += data[i : i + take]
+                i += take
+                self._rec_left = left - take
+                if hs[0] != 0x01:
+                    raise _TlsFail(
+                        TlsErrorCode.TLS_NOT_CLIENT_HELLO,
+                        f"first handshake message has type {hs[0]}, not ClientHello (1)",
+                    )
+                if len(hs) == 4:
+                    self._hs_len = hs[1] << 16 | hs[2] << 8 | hs[3]
+                    if self._hs_len > self._max:
+                        raise _TlsFail(
+                            TlsErrorCode.TLS_TOO_LARGE,
+                            f"ClientHello claims {self._hs_len} bytes, more than the {self._max}-byte bound",
+                        )
+                    if self._hs_len < 35:
+                        raise _malformed(f"ClientHello of {self._hs_len} bytes is shorter than its fixed fields")
+                continue
+            missing = self._hs_len + 4 - len(hs)
+            if take > missing:
+                raise _malformed("data follows the ClientHello inside its last record (RFC 8446 5.1)")
+            hs += data[i : i + take]
+            i += take
+            self._rec_left = left - take
+            if take == missing:
+                if self._rec_left:
+                    raise _malformed("data follows the ClientHello inside its last record (RFC 8446 5.1)")
+                return _parse_hello_body(bytes(hs[4:]), self._record_version)
+        return NEED_MORE
+
+
+def parse_client_hello(
+    data: bytes | bytearray | memoryview, max_handshake_size: int = MAX_HANDSHAKE_SIZE
+) -> NeedMore | ClientHello | PeekError:
+    """One-shot form of `ClientHelloParser` for bytes already collected."""
+    return ClientHelloParser(max_handshake_size).feed(data)
+
+
+def _parse_hello_body(b: bytes, record_version: int) -> ClientHello:
+    n = len(b)  # at least 35: checked from the handshake header
+    if b[0] != 0x03:
+        raise _malformed(f"ClientHello legacy_version 0x{b[0]:02x}{b[1]:02x} is not a TLS version")
+    legacy_version = b[0] << 8 | b[1]
+    sid_len = b[34]
+    if sid_len > 32:
+        raise _malformed(f"legacy_session_id of {sid_len} bytes (at most 32)")
+    i = 35 + sid_len
+    if i + 2 > n:
+        raise _malformed("ClientHello ends inside legacy_session_id or before cipher_suites")
+    cs_len = b[i] << 8 | b[i + 1]
+    i += 2
+    if cs_len < 2 or cs_len & 1:
+        raise _malformed(f"cipher_suites length {cs_len} is not a positive even number")
+    if i + cs_len > n:
+        raise _malformed(f"cipher_suites length {cs_len} exceeds the {n - i} bytes that remain")
+    i += cs_len
+    if i >= n:
+        raise _malformed("ClientHello ends before legacy_compression_methods")
+    cm_len = b[i]
+    i += 1
+    if cm_len < 1:
+        raise _malformed("legacy_compression_methods is empty")
+    if i + cm_len > n:
+        raise _malformed(f"legacy_compression_methods length {cm_len} exceeds the {n - i} bytes that remain")
+    i += cm_len
+    sni: str | None = None
+    alpn: tuple[bytes, ...] = ()
+    versions: tuple[int, ...] = ()
+    has_ech = False
+    types: list[int] = []
+    if i < n:
+        if i + 2 > n:
+            raise _malformed("one stray byte where the extensions length should be")
+        ext_total = b[i] << 8 | b[i + 1]
+        i += 2
+        if i + ext_total != n:
+            raise _malformed(
+                f"extensions length {ext_total} does not match the {n - i} bytes that remain in the ClientHello"
+            )
+        seen: set[int] = set()
+        while i < n:
+            if i + 4 > n:
+                raise _malformed("extensions block ends inside an extension header")
+            ext_type = b[i] << 8 | b[i + 1]
+            ext_len = b[i + 2] << 8 | b[i + 3]
+            i += 4
+            end = i + ext_len
+            if end > n:
+                raise _malformed(f"extension {ext_type} length {ext_len} exceeds the {n - i} bytes that remain")
+            if ext_type in seen:
+                raise _malformed(f"extension {ext_type} appears twice (RFC 8446 4.2)")
+            if _EXT_PRE_SHARED_KEY in seen:
+                raise _malformed("pre_shared_key is not the last extension (RFC 8446 4.2.11)")
+            seen.add(ext_type)
+            types.append(ext_type)
+            if ext_type == _EXT_SERVER_NAME:
+                sni = _parse_sni(b, i, end)
+            elif ext_type == _EXT_ALPN:
+                alpn = _parse_alpn(b, i, end)
+            elif ext_type == _EXT_SUPPORTED_VERSIONS:
+                versions = _parse_versions(b, i, end)
+            elif ext_type == _EXT_ECH:
+                has_ech = True
+            i = end
+    return ClientHello(
+        sni=sni,
+        alpn=alpn,
+        supported_versions=versions,
+        has_ech=has_ech,
+        legacy_version=legacy_version,
+        record_version=record_version,
+        extension_types=tuple(types),
+        handshake_length=n,
+    )
+
+
+def _parse_sni(b: bytes, i: int, end: int) -> str | None:
+    if end - i < 2:
+        raise _malformed("server_name extension is too short for its list length")
+    list_len = b[i] << 8 | b[i + 1]
+    i += 2
+    if list_len == 0 or i + list_len != end:
+        raise _malformed(f"server_name list length {list_len} does not match the extension's {end - i} bytes")
+    host: bytes | None = None
+    while i < end:
+        if i + 3 > end:
+            raise _malformed("server_name list ends inside an entry header")
+        name_type = b[i]
+        name_len = b[i + 1] << 8 | b[i + 2]
+        i += 3
+        if i + name_len > end:
+            raise _malformed(f"server name length {name_len} exceeds the {end - i} bytes that remain")
+        if name_type == 0:
+            if host is not None:
+                raise _sni_invalid("more than one host_name in server_name (RFC 6066 3)")
+            host = b[i : i + name_len]
+        i += name_len
+    if host is None:
+        return None
+    if not host:
+        raise _sni_invalid("SNI host_name is empty")
+    if b"\x00" in host:
+        raise _sni_invalid("SNI host_name contains a NUL byte")
+    if not host.isascii():
+        raise _sni_invalid("SNI host_name is not ASCII (internationalised names travel as punycode)")
+    name = _fold(host.decode("ascii"))
+    problem = _hostname_problem(name)
+    if problem is not None:
+        if problem.startswith("is an IP"):
+            problem += ", which RFC 6066 3 forbids in SNI"
+        raise _sni_invalid(f"SNI {name[:80]!r} {problem}")
+    return name
+
+
+def _parse_alpn(b: bytes, i: int, end: int) -> tuple[bytes, ...]:
+    if end - i < 2:
+        raise _malformed("ALPN extension is too short for its list length")
+    list_len = b[i] << 8 | b[i + 1]
+    i += 2
+    if list_len < 2 or i + list_len != end:
+        raise _malformed(f"ALPN list length {list_len} does not match the extension's {end - i} bytes")
+    out: list[bytes] = []
+    while i < end:
+        plen = b[i]
+        i += 1
+        if plen == 0 or i + plen > end:
+            raise _malformed(f"ALPN protocol name length {plen} is empty or exceeds what remains")
+        out.append(b[i : i + plen])
+        i += plen
+    return tuple(out)
+
+
+def _parse_versions(b: bytes, i: int, end: int) -> tuple[int, ...]:
+    if end - i < 1:
+        raise _malformed("supported_versions extension is empty")
+    vlen = b[i]
+    i += 1
+    if vlen < 2 or vlen & 1 or i + vlen != end:
+        raise _malformed(f"supported_versions length {vlen} is odd, empty or does not match the extension")
+    return tuple(b[k] << 8 | b[k + 1] for k in range(i, end, 2))
+
+
+# --------------------------------------------------------------------------- TLS alert
+
+
+class AlertDescription(IntEnum):
+    HANDSHAKE_FAILURE = 40
+    ACCESS_DENIED = 49
+    DECODE_ERROR = 50
+    UNRECOGNIZED_NAME = 112
+
+
+def tls_alert(description: AlertDescription | int, record_version: int = 0x0303) -> bytes:
+    """A fatal alert record (plaintext, before any key exchange), ready to write.
+
+    Pass the client's `ClientHello.record_version` as `record_version`.
+    """
+    description = AlertDescription(description)
+    if not 0x0300 <= record_version <= 0x0304:
+        raise ValueError(f"record_version 0x{record_version:04x} is not a TLS version")
+    return bytes((0x15, record_version >> 8, record_version & 0xFF, 0x00, 0x02, 0x02, description))
+
+
+# --------------------------------------------------------------------------- HTTP/1.x
+
+MAX_HEAD_SIZE: Final = 32 * 1024
+MAX_HEADERS: Final = 100
+MAX_LINE_LENGTH: Final = 8 * 1024
+
+
+class HttpErrorCode(StrEnum):
+    HTTP_MALFORMED = "HTTP_MALFORMED"
+    HTTP_UNSUPPORTED_VERSION = "HTTP_UNSUPPORTED_VERSION"
+    HTTP_CONNECT_REFUSED = "HTTP_CONNECT_REFUSED"
+    HTTP_MISSING_HOST = "HTTP_MISSING_HOST"
+    HTTP_DUPLICATE_HOST = "HTTP_DUPLICATE_HOST"
+    HTTP_INVALID_HOST = "HTTP_INVALID_HOST"
+    HTTP_TARGET_HOST_MISMATCH = "HTTP_TARGET_HOST_MISMATCH"
+    HTTP_AMBIGUOUS_LENGTH = "HTTP_AMBIGUOUS_LENGTH"
+    HTTP_INVALID_CONTENT_LENGTH = "HTTP_INVALID_CONTENT_LENGTH"
+    HTTP_CONFLICTING_CONTENT_LENGTH = "HTTP_CONFLICTING_CONTENT_LENGTH"
+    HTTP_INVALID_TRANSFER_ENCODING = "HTTP_INVALID_TRANSFER_ENCODING"
+    HTTP_INVALID_CHUNK = "HTTP_INVALID_CHUNK"
+    HTTP_BAD_LINE_ENDING = "HTTP_BAD_LINE_ENDING"
+    HTTP_OBS_FOLD = "HTTP_OBS_FOLD"
+    HTTP_INVALID_HEADER = "HTTP_INVALID_HEADER"
+    HTTP_HEAD_TOO_LARGE = "HTTP_HEAD_TOO_LARGE"
+    HTTP_TOO_MANY_HEADERS = "HTTP_TOO_MANY_HEADERS"
+    HTTP_LINE_TOO_LONG = "HTTP_LINE_TOO_LONG"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """A complete, validated request head.
+
+    `headers` are (lower-cased name, value decoded as latin-1) in order. `host` is the
+    authority's host lower-cased without a trailing dot (IPv6 without brackets, in
+    canonical form), None only for an HTTP/1.0 request that names no host at all.
+    `offset` is where the request line starts in the client->server stream.
+    """
+
+    method: str
+    target: str
+    version: str
+    headers: tuple[tuple[str, str], ...]
+    host: str | None
+    port_from_host: int | None
+    host_is_ip: bool
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEnd:
+    """The request that began with the previous RequestHead ends at stream `offset`."""
+
+    offset: int
+    body_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Upgraded:
+    """The previous request asked for a protocol upgrade; from stream `offset` on the bytes
+    are no longer tracked (terminal: later feeds return no events)."""
+
+    offset: int
+    protocols: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpError:
+    """The stream is refused (terminal: later feeds return this same error)."""
+
+    code: HttpErrorCode
+    message: str
+
+
+type HttpEvent = RequestHead | RequestEnd | Upgraded | NeedMore | HttpError
+
+
+class _HttpFail(Exception):
+    def __init__(self, code: HttpErrorCode, message: str) -> None:
+        self.code = code
+        self.message = message
+
+
+_TCHAR: Final = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+_TOKEN_RE: Final = re.compile(rb"[" + _TCHAR + rb"]+\Z")
+_FIELD_NAME_RE: Final = re.compile(rb"[" + _TCHAR + rb"]+:")
+_NAME_SPACE_COLON_RE: Final = re.compile(rb"[" + _TCHAR + rb"]+[ \t]+:")
+_BAD_VALUE_CHAR_RE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TARGET_RE: Final = re.compile(rb"[\x21-\x7e]+\Z")
+_VERSION_RE: Final = re.compile(rb"HTTP/[0-9]\.[0-9]\Z")
+_ABSOLUTE_RE: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)([/?].*)?\Z", re.S)
+_QUOTED: Final = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_CHUNK_LINE_RE: Final = re.compile(
+    rb"([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*["
+    + _TCHAR
+    + rb"]+(?:[ \t]*=[ \t]*(?:["
+    + _TCHAR
+    + rb"]+|"
+    + _QUOTED
+    + rb"))?)*)\Z"
+)
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+# Parser states.
+_HEAD: Final = 0
+_BODY: Final = 1
+_CHUNK_SIZE: Final = 2
+_CHUNK_DATA: Final = 3
+_CHUNK_CRLF: Final = 4
+_TRAILER: Final = 5
+_PASS: Final = 6
+_ERROR: Final = 7
+_LINE_STATES: Final = frozenset((_HEAD, _CHUNK_SIZE, _TRAILER))
+
+
+def _parse_authority(value: str, what: str) -> tuple[str, int | None, bool]:
+    """`host[:port]` -> (host, port, is_ip). Raises HTTP_INVALID_HOST."""
+
+    def bad(why: str) -> _HttpFail:
+        return _HttpFail(HttpErrorCode.HTTP_INVALID_HOST, f"{what} {value[:100]!r} {why}")
+
+    if not value.isascii():
+        raise bad("is not ASCII (internationalised names travel as punycode)")
+    if "@" in value:
+        raise bad("contains user information")
+    port: int | None = None
+    if value.startswith("["):
+        close = value.find("]")
+        if close < 0:
+            raise bad("has an unclosed '['")
+        literal, rest = value[1:close], value[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise bad("has characters after the bracketed address")
+            port = _parse_port(rest[1:])
+            if port is None:
+                raise bad("has an invalid port")
+        if "%" in literal:
+            raise bad("has an IPv6 zone identifier")
+        try:
+            return str(ipaddress.IPv6Address(literal)), port, True
+        except ValueError:
+            raise bad("is not a valid bracketed IPv6 address") from None
+    host, sep, port_text = value.partition(":")
+    if sep:
+        if ":" in port_text:
+            raise bad("is an IPv6 address without brackets or has several ':'")
+        port = _parse_port(port_text)
+        if port is None:
+            raise bad("has an invalid port")
+    host = _fold(host)
+    if host and host[0].isdigit():
+        try:
+            return str(ipaddress.IPv4Address(host)), port, True
+        except ValueError:
+            pass
+    problem = _hostname_problem(host)
+    if problem is not None:
+        raise bad(problem)
+    return host, port, False
+
+
+def _parse_port(text: str) -> int | None:
+    if text.isdigit() and text.isascii() and len(text) <= 5 and 0 < int(text) <= 65535:
+        return int(text)
+    return None
+
+
+class HttpRequestTracker:
+    """Follows a client->server HTTP/1.x byte stream and reports every request head.
+
+    `feed(data)` returns the events the new bytes complete, in stream order:
+    `RequestHead` (decide on its host before forwarding any byte at or after its
+    `offset`), `RequestEnd`, and finally one of `NeedMore` (waiting for bytes: the normal
+    state, between requests too), `HttpError` (terminal) or `Upgraded` (terminal).
+
+    Upgrade limitation: the server's `101 Switching Protocols` travels the other way and
+    is not seen here. A request with `Upgrade:` and `Connection: upgrade` is therefore
+    taken as switching protocols once its body ends: `Upgraded` is emitted and the rest
+    of the stream is passed through unparsed. If the server declines the upgrade, later
+    requests on that connection are not checked (an engine that wants to close this gap
+    can watch the response status line and refuse further bytes unless it is 101).
+
+    Memory: at most one request head (`max_head_size`) or one chunk-size/trailer line is
+    held; bodies are counted and dropped.
+    """
+
+    __slots__ = (
+        "_body_length",
+        "_crlf_seen",
+        "_error",
+        "_head_size",
+        "_headers",
+        "_line",
+        "_max_head",
+        "_max_headers",
+        "_max_line",
+        "_pos",
+        "_remaining",
+        "_request_line",
+        "_request_offset",
+        "_state",
+        "_upgrade",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_head_size: int = MAX_HEAD_SIZE,
+        max_headers: int = MAX_HEADERS,
+        max_line_length: int = MAX_LINE_LENGTH,
+    ) -> None:
+        if min(max_head_size, max_headers, max_line_length) < 1:
+            raise ValueError("bounds must be positive")
+        self._max_head = max_head_size
+        self._max_headers = max_headers
+        self._max_line = min(max_line_length, max_head_size)
+        self._state = _HEAD
+        self._line = bytearray()
+        self._pos = 0
+        self._error: HttpError | None = None
+        self._upgrade: tuple[str, ...] | None = None
+        self._remaining = 0
+        self._body_length = 0
+        self._crlf_seen = 0
+        self._reset_head()
+
+    def _reset_head(self) -> None:
+        self._head_size = 0
+        self._headers: list[tuple[str, str]] = []
+        self._request_line: tuple[str, str, str] | None = None
+        self._request_offset = self._pos
+
+    @property
+    def offset(self) -> int:
+        """Stream bytes consumed so far."""
+        return self._pos
+
+    @property
+    def buffered(self) -> int:
+        """Bytes currently held: the partial line (complete head lines are kept decoded)."""
+        return len(self._line) + (self._head_size if self._state == _HEAD else 0)
+
+    @property
+    def passthrough(self) -> bool:
+        return self._state == _PASS
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[HttpEvent]:
+        if self._state == _ERROR:
+            assert self._error is not None
+            return [self._error]
+        data = bytes(data)
+        if self._state == _PASS:
+            self._pos += len(data)
+            return []
+        events: list[HttpEvent] = []
+        try:
+            self._feed(data, events)
+        except _HttpFail as fail:
+            self._state = _ERROR
+            self._error = HttpError(fail.code, fail.message)
+            self._line = bytearray()
+            events.append(self._error)
+            return events
+        if self._state != _PASS:
+            events.append(NEED_MORE)
+        return events
+
+    def _feed(self, data: bytes, events: list[HttpEvent]) -> None:
+        i = 0
+        n = len(data)
+        base = self._pos
+        while i < n:
+            state = self._state
+            if state in _LINE_STATES:
+                j = data.find(b"\n", i)
+                if j < 0:
+                    self._partial_line(data, i, n)
+                    self._pos = base + n
+                    return
+                line_len = len(self._line) + j - i
+                if line_len > self._max_line + 1:
+                    raise self._too_long()
+                if self._line:
+                    self._line += data[i:j]
+                    line = bytes(self._line)
+                    self._line.clear()
+                else:
+                    line = data[i:j]
+                # Strict CRLF, on purpose: a bare LF or a CR not followed by LF is a line end for
+                # some implementations and not for others, the classic request-smuggling vector.
+                if line.find(b"\r", 0, len(line) - 1) >= 0:
+                    raise _HttpFail(HttpErrorCode.HTTP_BAD_LINE_ENDING, "CR not followed by LF inside a line")
+                if not line.endswith(b"\r"):
+                    raise _HttpFail(HttpErrorCode.HTTP_BAD_LINE_ENDING, "line ends with a bare LF (CRLF required)")
+                line = line[:-1]
+                line_start = base + j + 1 - (line_len + 1)
+                i = j + 1
+                self._pos = base + i
+                if state == _HEAD:
+                    self._head_line(line, line_start, line_len + 1, events)
+                elif state == _CHUNK_SIZE:
+                    self._chunk_size_line(line, events)
+                else:
+                    self._trailer_line(line, line_len + 1, events)
+                if self._state == _PASS:
+                    self._pos = base + n
+                    return
+            elif state == _CHUNK_CRLF:
+                expected = 0x0D if self._crlf_seen == 0 else 0x0A
+                if data[i] != expected:
+                    raise _HttpFail(HttpErrorCode.HTTP_INVALID_CHUNK, "chunk data is not followed by CRLF")
+                i += 1
+                self._pos = base + i
+                if self._crlf_seen == 0:
+                    self._crlf_seen = 1
+                else:
+                    self._state = _CHUNK_SIZE
+            else:  # _BODY or _CHUNK_DATA: count, never store
+                take = min(self._remaining, n - i)
+                i += take
+                self._pos = base + i
+                self._remaining -= take
+                self._body_length += take
+                if self._remaining == 0:
+                    if state == _BODY:
+                        self._end_request(events)
+                        if self._state == _PASS:
+                            self._pos = base + n
+                            return
+                    else:
+                        self._state = _CHUNK_CRLF
+                        self._crlf_seen = 0
+        self._pos = base + n
+
+    def _too_long(self) -> _HttpFail:
+        return _HttpFail(HttpErrorCode.HTTP_LINE_TOO_LONG, f"a line is longer than {self._max_line} bytes")
+
+    def _partial_line(self, data: bytes, i: int, n: int) -> None:
+        # A CR inside the segment that is not its last byte, or a held CR followed by more
+        # bytes, is a CR not followed by LF (there is no LF in this segment).
+        if data.find(b"\r", i, n - 1) >= 0 or (self._line and self._line[-1] == 0x0D):
+            raise _HttpFail(HttpErrorCode.HTTP_BAD_LINE_ENDING, "CR not followed by LF inside a line")
+        size = len(self._line) + n - i
+        if size > self._max_line + 1:
+            raise self._too_long()
+        if self._state == _HEAD and self._head_size + size > self._max_head:
+            raise self._head_too_large()
+        if self._state == _TRAILER and self._head_size + size > self._max_head:
+            raise self._head_too_large("trailer section")
+        self._line += data[i:n]
+
+    def _head_too_large(self, what: str = "request head") -> _HttpFail:
+        return _HttpFail(HttpErrorCode.HTTP_HEAD_TOO_LARGE, f"{what} is larger than {self._max_head} bytes")
+
+    # ------------------------------------------------------------------ request head
+
+    def _head_line(self, line: bytes, line_start: int, size: int, events: list[HttpEvent]) -> None:
+        self._head_size += size
+        if self._head_size > self._max_head:
+            raise self._head_too_large()
+        if self._request_line is None:
+            if not line:
+                return  # RFC 9112 2.2: ignore empty lines before a request line (some clients send a CRLF after a body)
+            self._request_offset = line_start
+            self._request_line = _parse_request_line(line)
+            return
+        if not line:
+            self._finish_head(events)
+            return
+        if len(self._headers) >= self._max_headers:
+            raise _HttpFail(HttpErrorCode.HTTP_TOO_MANY_HEADERS, f"more than {self._max_headers} header fields")
+        self._headers.append(_parse_field_line(line))
+
+    def _finish_head(self, events: list[HttpEvent]) -> None:
+        assert self._request_line is not None
+        method, target, version = self._request_line
+        headers = self._headers
+        hosts: list[str] = []
+        lengths: list[str] = []
+        codings: list[str] = []
+        connection: list[str] = []
+        upgrade: list[str] = []
+        for name, value in headers:
+            if name == "host":
+                hosts.append(value)
+            elif name == "content-length":
+                lengths.append(value)
+            elif name == "transfer-encoding":
+                codings.append(value)
+            elif name == "connection":
+                connection.extend(_split_list(value))
+            elif name == "upgrade":
+                upgrade.extend(_split_list(value, lower=False))
+
+        if len(hosts) > 1:
+            raise _HttpFail(HttpErrorCode.HTTP_DUPLICATE_HOST, f"{len(hosts)} Host header fields")
+        host: str | None = None
+        port: int | None = None
+        is_ip = False
+        if hosts:
+            host, port, is_ip = _parse_authority(hosts[0], "Host")
+        elif version == "HTTP/1.1":
+            raise _HttpFail(HttpErrorCode.HTTP_MISSING_HOST, "HTTP/1.1 request without a Host header field")
+
+        if not target.startswith("/") and target != "*":
+            match = _ABSOLUTE_RE.match(target)
+            if match is None:
+                raise _HttpFail(HttpErrorCode.HTTP_MALFORMED, f"request target {target[:80]!r} is not a valid URL")
+            scheme = match.group(1).lower()
+            if scheme not in _DEFAULT_PORTS:
+                raise _HttpFail(HttpErrorCode.HTTP_MALFORMED, f"request target scheme {scheme!r} is not http(s)")
+            t_host, t_port, t_is_ip = _parse_authority(match.group(2), "request target authority")
+            default = _DEFAULT_PORTS[scheme]
+            if host is None:
+                host, port, is_ip = t_host, t_port, t_is_ip
+            elif (t_host, t_port or default) != (host, port or default):
+                raise _HttpFail(
+                    HttpErrorCode.HTTP_TARGET_HOST_MISMATCH,
+                    f"request target names {match.group(2)!r} but Host is {hosts[0]!r}",
+                )
+
+        if lengths and codings:
+            raise _HttpFail(
+                HttpErrorCode.HTTP_AMBIGUOUS_LENGTH, "both Content-Length and Transfer-Encoding (request smuggling)"
+            )
+        chunked = False
+        length = 0
+        if codings:
+            chunked = _check_transfer_encoding(codings, version)
+        elif lengths:
+            length = _content_length(lengths)
+
+        events.append(
+            RequestHead(
+                method=method,
+                target=target,
+                version=version,
+                headers=tuple(headers),
+                host=host,
+                port_from_host=port,
+                host_is_ip=is_ip,
+                offset=self._request_offset,
+            )
+        )
+        self._upgrade = (
+            tuple(upgrade) if upgrade and version == "HTTP/1.1" and "upgrade" in connection else None
+        )  # RFC 9110 7.8: Upgrade is ignored in HTTP/1.0
+        self._body_length = 0
+        if chunked:
+            self._state = _CHUNK_SIZE
+        elif length:
+            self._state = _BODY
+            self._remaining = length
+        else:
+            self._end_request(events)
+
+    def _end_request(self, events: list[HttpEvent]) -> None:
+        events.append(RequestEnd(self._pos, self._body_length))
+        if self._upgrade is not None:
+            events.append(Upgraded(self._pos, self._upgrade))
+            self._state = _PASS
+            return
+        self._state = _HEAD
+        self._reset_head()
+
+    # ------------------------------------------------------------------ chunked body
+
+    def _chunk_size_line(self, line: bytes, events: list[HttpEvent]) -> None:
+        m = _CHUNK_LINE_RE.match(line)
+        if m is None:
+            raise _HttpFail(HttpErrorCode.HTTP_INVALID_CHUNK, f"invalid chunk-size line {line[:60]!r}")
+        size = int(m.group(1), 16)
+        if size == 0:
+            self._state = _TRAILER
+            self._head_size = 0
+            self._headers = []
+        else:
+            self._state = _CHUNK_DATA
+            self._remaining = size
+
+    def _trailer_line(self, line: bytes, size: int, events: list[HttpEvent]) -> None:
+        self._head_size += size
+        if self._head_size > self._max_head:
+            raise self._head_too_large("trailer section")
+        if not line:
+            self._end_request(events)
+            return
+        if len(self._headers) >= self._max_headers:
+            raise _HttpFail(HttpErrorCode.HTTP_TOO_MANY_HEADERS, f"more than {self._max_headers} trailer fields")
+        self._headers.append(_parse_field_line(line))
+
+
+def _parse_request_line(line: bytes) -> tuple[str, str, str]:
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        if len(parts) == 2 and _TOKEN_RE.match(parts[0]):
+            raise _HttpFail(HttpErrorCode.HTTP_MALFORMED, "HTTP/0.9 request line (no version) is not supported")
+        raise _HttpFail(HttpErrorCode.HTTP_MALFORMED, f"invalid request line {line[:80]!r}")
+    method, target, version = parts
+    if _TOKEN_RE.match(method) is None:
+        raise _HttpFail(HttpErrorCode.HTTP_MALFORMED, f"invalid method {method[:40]!r}")
+    if _VERSION_RE.match(version) is None:
+        raise _HttpFail(HttpErrorCode.HTTP_MALFORMED, f"invalid HTTP version {version[:20]!r}")
+    if method == b"PRI" and version == b"HTTP/2.0":
+        raise _HttpFail(HttpErrorCode.HTTP_UNSUPPORTED_VERSION, "HTTP/2 prior-knowledge preface (only HTTP/1.x)")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise _HttpFail(HttpErrorCode.HTTP_UNSUPPORTED_VERSION, f"{version.decode()} is not HTTP/1.0 or HTTP/1.1")
+    if method == b"CONNECT":
+        raise _HttpFail(HttpErrorCode.HTTP_CONNECT_REFUSED, "CONNECT is not allowed through the gateway")
+    if _TARGET_RE.match(target) is None:
+        raise _HttpFail(HttpErrorCode.HTTP_MALFORMED, "request target contains characters outside visible ASCII")
+    if target == b"*":
+        if method != b"OPTIONS":
+            raise _HttpFail(HttpErrorCode.HTTP_MALFORMED, "asterisk-form target is only valid with OPTIONS")
+    elif not target.startswith(b"/") and b"://" not in target:
+        raise _HttpFail(HttpErrorCode.HTTP_MALFORMED, f"request target {target[:80]!r} is neither a path nor a URL")
+    return method.decode("ascii"), target.decode("ascii"), version.decode("ascii")
+
+
+def _parse_field_line(line: bytes) -> tuple[str, str]:
+    if line[0] in b" \t":
+        raise _HttpFail(HttpErrorCode.HTTP_OBS_FOLD, "obsolete line folding (header continuation line)")
+    m = _FIELD_NAME_RE.match(line)
+    if m is None:
+        if _NAME_SPACE_COLON_RE.match(line):
+            raise _HttpFail(HttpErrorCode.HTTP_INVALID_HEADER, "whitespace between header name and colon")
+        raise _HttpFail(HttpErrorCode.HTTP_INVALID_HEADER, f"invalid header line {line[:60]!r}")
+    value = line[m.end() :].strip(b" \t")
+    if _BAD_VALUE_CHAR_RE.search(value):
+        raise _HttpFail(HttpErrorCode.HTTP_INVALID_HEADER, "control character in a header value")
+    return line[: m.end() - 1].decode("ascii").lower(), value.decode("latin-1")
+
+
+def _split_list(value: str, *, lower: bool = True) -> list[str]:
+    items = (item.strip(" \t") for item in value.split(","))
+    return [item.lower() if lower else item for item in items if item]
+
+
+def _check_transfer_encoding(values: list[str], version: str) -> bool:
+    if version == "HTTP/1.0":
+        raise _HttpFail(
+            HttpErrorCode.HTTP_INVALID_TRANSFER_ENCODING, "Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)"
+        )
+    if len(values) > 1:
+        raise _HttpFail(HttpErrorCode.HTTP_INVALID_TRANSFER_ENCODING, "several Transfer-Encoding header fields")
+    codings = [item.strip(" \t").lower() for item in values[0].split(",")]
+    for coding in codings:
+        if not coding or _TOKEN_RE.match(coding.encode("latin-1")) is None:
+            raise _HttpFail(HttpErrorCode.HTTP_INVALID_TRANSFER_ENCODING, f"invalid Transfer-Encoding {values[0]!r}")
+    if codings[-1] != "chunked" or codings.count("chunked") != 1:
+        raise _HttpFail(
+            HttpErrorCode.HTTP_INVALID_TRANSFER_ENCODING,
+            f"Transfer-Encoding {values[0]!r}: chunked must be the final coding, applied once",
+        )
+    return True
+
+
+def _content_length(values: list[str]) -> int:
+    found: set[int] = set()
+    for value in values:
+        for item in value.split(","):
+            item = item.strip(" \t")
+            if not (item.isdigit() and item.isascii() and len(item) <= 18):
+                raise _HttpFail(HttpErrorCode.HTTP_INVALID_CONTENT_LENGTH, f"invalid Content-Length {value[:40]!r}")
+            found.add(int(item))
+    if len(found) > 1:
+        raise _HttpFail(
+            HttpErrorCode.HTTP_CONFLICTING_CONTENT_LENGTH, f"differing Content-Length values {sorted(found)}"
+        )
+    return found.pop()
+
+
+# --------------------------------------------------------------------------- HTTP 403
+
+_REASON_LIMIT: Final = 200
+_SPACES_RE: Final = re.compile(r"\s+")
+_NOT_VISIBLE_RE: Final = re.compile(r"[^\x20-\x7e]")
+
+
+def sanitize_reason(text: str, limit: int = _REASON_LIMIT) -> str:
+    """One line of visible ASCII (plus single spaces), at most `limit` characters."""
+    text = _NOT_VISIBLE_RE.sub("?", _SPACES_RE.sub(" ", text)).strip()
+    return text[:limit].rstrip()
+
+
+def http_forbidden(reason: str, rule: str = "") -> bytes:
+    """`HTTP/1.1 403 Forbidden` with the reason in `X-Gateway-Reason` and the body, and
+    `Connection: close` (the engine closes the connection after writing it)."""
+    clean = sanitize_reason(reason) or "denied"
+    body = f"Blocked by sandbox egress policy: {clean}\n".encode("ascii")
+    lines = [
+        "HTTP/1.1 403 Forbidden",
+        "Content-Type: text/plain",
+        f"Content-Length: {len(body)}",
+        f"X-Gateway-Reason: {clean}",
+    ]
+    clean_rule = sanitize_reason(rule)
+    if clean_rule:
+        lines.append(f"X-Gateway-Rule: {clean_rule}")
+    lines += ["Cache-Control: no-store", "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("ascii") + body

@@ -1,0 +1,408 @@
+"""The gateway's nftables table, rendered as text from a `SteeringConfig` (pure: no I/O).
+
+The whole table is one `nft -f` transaction (`add table` + `delete table` + the full
+definition), so every apply replaces the previous table atomically: a packet sees either
+the old table or the new one, never a half-written one, and a ruleset the kernel refuses
+changes nothing. `gateway.netplumb.apply_ruleset` runs it.
+
+What the table does (seed 002's model: a static host route per sandbox address on its
+interface, proxy ARP, no bridge):
+
+* Sandbox traffic is recognised by the interface it arrives on (`sandbox_interfaces`,
+  e.g. `vif*`) or by a source inside the sandbox subnets, and goes into regular chains
+  (`from_sandbox`, `sandbox_input`, `sandbox_forward`) whose last rule is an unconditional
+  `drop`. Only the rules listed there accept; anything not foreseen is dropped. The base
+  chains keep `policy accept` because they also see the host's own traffic, which this
+  table must not touch.
+* `prerouting` (priority mangle): neighbour discovery passes; a source must be attached
+  (`@sandbox_v4` / `@sandbox_v6`) and must arrive on the interface its host route points
+  at (`fib saddr . iif oif missing` = strict reverse-path check, so sandbox A cannot use
+  B's address); replies to connections opened *towards* the sandbox (ingress tunnel,
+  private links) pass; `(src . dst . dport)` in the private-link set passes; anything else
+  to a sandbox subnet is dropped; TCP/UDP 53 is TPROXYed to the DNS interceptor; anything
+  else to the gateway's own addresses (control API, Redis, SSH) is dropped; TCP to any
+  other address and port is TPROXYed to the egress engine and marked so the fwmark
+  `ip rule` delivers it locally; everything else (QUIC and other UDP, ICMP, ...) is dropped.
+  The mark is set before `tproxy`: if no listener is there, the packet is dropped by the
+  chain's last rule (and even without that rule it would be routed to `lo`, not forwarded).
+  ICMP: only NDP neighbour solicitation/advertisement (hop limit 255) is accepted, because
+  IPv6 does not work on the link without it. Ping to the gateway is not answered.
+* `input`: sandbox traffic reaches local sockets only if it was TPROXYed (marked and
+  assigned to a transparent socket), is NDP, or is a reply to a connection the gateway
+  opened. The TPROXY ports themselves are closed to direct (unmarked) connections from
+  any non-loopback interface.
+* `forward`: between sandboxes only the private links (and their replies) are forwarded;
+  nothing from or to the sandbox subnets or interfaces is forwarded otherwise. TPROXYed
+  traffic is delivered locally and never reaches `forward`, so if the egress engine dies
+  its sandboxes' traffic is dropped, not forwarded unfiltered.
+* `output` (only with `dial_mark`): connections the egress engine dials with
+  `SO_MARK = dial_mark` can never reach the gateway's own addresses (including loopback)
+  or the sandbox subnets, whatever the engine decides.
+
+Set elements (attached addresses, private links, gateway addresses) are the only part
+that grows with sandboxes: the rule count is constant.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from gateway.errors import GatewayError
+from gateway.policy import IPAddress, IPNetwork
+
+TABLE = "sandbox_gateway"
+DEFAULT_EGRESS_PORT = 15001
+DEFAULT_DNS_PORT = 15053
+DEFAULT_FWMARK = 0x1
+DEFAULT_ROUTE_TABLE = 100
+DEFAULT_RULE_PRIORITY = 100
+MAX_U32 = 0xFFFFFFFF
+RESERVED_ROUTE_TABLES = frozenset({0, 253, 254, 255})  # unspec, default, main, local
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+_TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+_NDP = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255"
+
+
+def _invalid(message: str, where: str) -> GatewayError:
+    return GatewayError("STEERING_INVALID", message, where)
+
+
+def _addr_key(address: IPAddress) -> tuple[int, int]:
+    return (address.version, int(address))
+
+
+@dataclass(frozen=True, slots=True)
+class LinkRule:
+    """`source` may open TCP/UDP connections to `destination` on `ports` (empty: any port). One direction."""
+
+    source: IPAddress
+    destination: IPAddress
+    ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRouting:
+    """The `ip rule` + local route that deliver marked (TPROXYed) packets to local sockets."""
+
+    fwmark: int
+    fwmark_mask: int
+    table: int
+    priority: int
+
+    def commands(self) -> list[list[str]]:
+        """The equivalent `ip` commands (for documentation and operators; netplumb uses netlink)."""
+        mark = f"{self.fwmark:#x}" if self.fwmark_mask == MAX_U32 else f"{self.fwmark:#x}/{self.fwmark_mask:#x}"
+        out: list[list[str]] = []
+        for family, default in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
+            out.append(
+                ["ip", family, "rule", "add", "fwmark", mark, "lookup", str(self.table), "priority", str(self.priority)]
+            )
+            out.append(["ip", family, "route", "add", "local", default, "dev", "lo", "table", str(self.table)])
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class SteeringConfig:
+    """Everything the gateway's nftables table depends on. Validated on construction."""
+
+    sandbox_subnets: tuple[IPNetwork, ...]
+    #: Names or trailing-`*` patterns of the gateway-side sandbox interfaces (e.g. `vif*`). At least one.
+    sandbox_interfaces: tuple[str, ...]
+    #: Sandbox addresses that are attached (host route + policy). Anything else in the subnets is dropped.
+    attached: frozenset[IPAddress] = frozenset()
+    #: The gateway's own addresses (sandboxes may not reach their services; `fib daddr type local` covers the rest).
+    gateway_addresses: frozenset[IPAddress] = frozenset()
+    private_links: tuple[LinkRule, ...] = ()
+    egress_port: int = DEFAULT_EGRESS_PORT
+    dns_port: int = DEFAULT_DNS_PORT
+    fwmark: int = DEFAULT_FWMARK
+    fwmark_mask: int = MAX_U32
+    route_table: int = DEFAULT_ROUTE_TABLE
+    rule_priority: int = DEFAULT_RULE_PRIORITY
+    #: SO_MARK the egress engine sets on upstream sockets; enables the `output` guard. None: no output chain.
+    dial_mark: int | None = None
+    table: str = TABLE
+
+    def __post_init__(self) -> None:
+        if not self.sandbox_subnets:
+            raise _invalid("at least one sandbox subnet is needed", "sandbox_subnets")
+        for i, net in enumerate(self.sandbox_subnets):
+            if not isinstance(net, ipaddress.IPv4Network | ipaddress.IPv6Network):
+                raise _invalid(f"{net!r} is not an IP network", f"sandbox_subnets[{i}]")
+        if not self.sandbox_interfaces:
+            # Fail closed: traffic from these interfaces is filtered whatever source address it claims.
+            raise _invalid("name the gateway-side sandbox interfaces (e.g. vif*)", "sandbox_interfaces")
+        for i, pattern in enumerate(self.sandbox_interfaces):
+            name = pattern.removesuffix("*")
+            if not _IFNAME.match(name):
+                raise _invalid(
+                    f"{pattern!r} is not an interface name or a name with a trailing *", f"sandbox_interfaces[{i}]"
+                )
+        for name, port in (("egress_port", self.egress_port), ("dns_port", self.dns_port)):
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise _invalid(f"{port!r} is not a port (1-65535)", name)
+        if self.egress_port == self.dns_port:
+            raise _invalid("the egress and DNS ports must differ", "dns_port")
+        if not 0 < self.fwmark_mask <= MAX_U32 or not 0 < self.fwmark <= MAX_U32:
+            raise _invalid("fwmark and fwmark_mask must be non-zero 32-bit values", "fwmark")
+        if self.fwmark & ~self.fwmark_mask:
+            raise _invalid(f"fwmark {self.fwmark:#x} has bits outside fwmark_mask {self.fwmark_mask:#x}", "fwmark")
+        if not 0 < self.route_table <= MAX_U32 or self.route_table in RESERVED_ROUTE_TABLES:
+            raise _invalid(f"{self.route_table} is reserved or out of range for a routing table", "route_table")
+        if not 0 < self.rule_priority < 32766:
+            raise _invalid("the rule priority must be in 1-32765 (before the main table)", "rule_priority")
+        if self.dial_mark is not None and (
+            not 0 < self.dial_mark <= MAX_U32 or self.dial_mark & self.fwmark_mask == self.fwmark
+        ):
+            raise _invalid("dial_mark must be a non-zero 32-bit value that the fwmark rule does not match", "dial_mark")
+        if not _TABLE_NAME.match(self.table):
+            raise _invalid(f"{self.table!r} is not a valid table name", "table")
+        for address in self.attached:
+            if not self.in_subnets(address):
+                raise _invalid(f"{address} is not inside the sandbox subnets", "attached")
+        for address in self.gateway_addresses:
+            if self.in_subnets(address):
+                raise _invalid(f"gateway address {address} is inside the sandbox subnets", "gateway_addresses")
+        for i, link in enumerate(self.private_links):
+            where = f"private_links[{i}]"
+            if link.source.version != link.destination.version:
+                raise _invalid("a private link joins two addresses of the same IP version", where)
+            for end in (link.source, link.destination):
+                if not self.in_subnets(end):
+                    raise _invalid(f"{end} is not inside the sandbox subnets", where)
+            for port in link.ports:
+                if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                    raise _invalid(f"{port!r} is not a port (1-65535)", f"{where}.ports")
+
+    def in_subnets(self, address: IPAddress) -> bool:
+        return any(address.version == net.version and address in net for net in self.sandbox_subnets)
+
+    @property
+    def policy_routing(self) -> PolicyRouting:
+        return PolicyRouting(self.fwmark, self.fwmark_mask, self.route_table, self.rule_priority)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _mark_match(cfg: SteeringConfig, *, negate: bool = False) -> str:
+    op = "!=" if negate else "=="
+    if cfg.fwmark_mask == MAX_U32:
+        return f"meta mark {op} {cfg.fwmark:#x}"
+    return f"meta mark & {cfg.fwmark_mask:#x} {op} {cfg.fwmark:#x}"
+
+
+def _mark_set(cfg: SteeringConfig) -> str:
+    if cfg.fwmark_mask == MAX_U32:
+        return f"meta mark set {cfg.fwmark:#x}"
+    return f"meta mark set meta mark & {~cfg.fwmark_mask & MAX_U32:#x} | {cfg.fwmark:#x}"
+
+
+def _anon(items: Iterable[str]) -> str:
+    return "{ " + ", ".join(items) + " }"
+
+
+def _elements(items: list[str], indent: str = "\t\t") -> list[str]:
+    if not items:
+        return []
+    if len(items) <= 4:
+        return [f"{indent}elements = {_anon(items)}"]
+    body = [f"{indent}\t{item}," for item in items]
+    body[-1] = body[-1].rstrip(",")
+    return [f"{indent}elements = {{", *body, f"{indent}}}"]
+
+
+def _set(name: str, type_: str, items: list[str], *, interval: bool = False, comment: str = "") -> list[str]:
+    lines = [f"\tset {name} {{", f"\t\ttype {type_}"]
+    if interval:
+        lines.append("\t\tflags interval")
+    if comment:
+        lines.append(f'\t\tcomment "{comment}"')
+    lines += _elements(items)
+    lines.append("\t}")
+    return lines
+
+
+def _link_elements(links: Iterable[LinkRule], attached: frozenset[IPAddress], version: int) -> list[str]:
+    """One element per (src, dst, port); `any port` is the interval 1-65535 and absorbs the specific ports.
+
+    Links with an end that is not attached are left out (a detached sandbox's links are inert, not an error).
+    """
+    ports: dict[tuple[IPAddress, IPAddress], set[int] | None] = {}
+    for link in links:
+        if link.source.version != version or link.source not in attached or link.destination not in attached:
+            continue
+        key = (link.source, link.destination)
+        if not link.ports:
+            ports[key] = None
+        elif key not in ports or ports[key] is not None:
+            current = ports.get(key) or set()
+            ports[key] = current | set(link.ports)
+    out: list[str] = []
+    for (src, dst), chosen in sorted(ports.items(), key=lambda kv: (_addr_key(kv[0][0]), _addr_key(kv[0][1]))):
+        if chosen is None:
+            out.append(f"{src} . {dst} . 1-65535")
+        else:
+            out.extend(f"{src} . {dst} . {port}" for port in sorted(chosen))
+    return out
+
+
+def _sorted_addresses(addresses: Iterable[IPAddress], version: int) -> list[str]:
+    return [str(a) for a in sorted((a for a in addresses if a.version == version), key=_addr_key)]
+
+
+def _classify(cfg: SteeringConfig, target: str, *, outbound_too: bool = False) -> list[str]:
+    """Base-chain rules that send sandbox traffic (by interface or by sandbox-subnet source) to `target`."""
+    rules: list[str] = []
+    ifaces = [f'"{name}"' for name in cfg.sandbox_interfaces]
+    if ifaces:
+        rules.append(f"iifname {_anon(ifaces)} jump {target}")
+        if outbound_too:
+            rules.append(f"oifname {_anon(ifaces)} jump {target}")
+    for family, version in (("ip", 4), ("ip6", 6)):
+        nets = [str(n) for n in cfg.sandbox_subnets if n.version == version]
+        if nets:
+            rules.append(f"{family} saddr {_anon(nets)} jump {target}")
+            if outbound_too:
+                rules.append(f"{family} daddr {_anon(nets)} jump {target}")
+    return rules
+
+
+def _chain(name: str, rules: list[str], hook: str | None = None, comment: str = "") -> list[str]:
+    lines = [f"\tchain {name} {{"]
+    if comment:
+        lines.append(f'\t\tcomment "{comment}"')
+    if hook:
+        lines.append(f"\t\t{hook}")
+    lines += [f"\t\t{rule}" for rule in rules]
+    lines.append("\t}")
+    return lines
+
+
+def render_table(cfg: SteeringConfig) -> str:
+    """The table definition alone (`table inet <name> { ... }`), deterministic for a given config."""
+    subnets = {v: [str(n) for n in cfg.sandbox_subnets if n.version == v] for v in (4, 6)}
+    mark_set, mark = _mark_set(cfg), _mark_match(cfg)
+    out: list[str] = [f"table inet {cfg.table} {{"]
+
+    out += _set("sandbox_v4", "ipv4_addr", _sorted_addresses(cfg.attached, 4), comment="attached sandbox addresses")
+    out += _set("sandbox_v6", "ipv6_addr", _sorted_addresses(cfg.attached, 6), comment="attached sandbox addresses")
+    out += _set("gateway_v4", "ipv4_addr", _sorted_addresses(cfg.gateway_addresses, 4))
+    out += _set("gateway_v6", "ipv6_addr", _sorted_addresses(cfg.gateway_addresses, 6))
+    out += _set(
+        "link_v4",
+        "ipv4_addr . ipv4_addr . inet_service",
+        _link_elements(cfg.private_links, cfg.attached, 4),
+        interval=True,
+        comment="private links: src . dst . dport",
+    )
+    out += _set(
+        "link_v6",
+        "ipv6_addr . ipv6_addr . inet_service",
+        _link_elements(cfg.private_links, cfg.attached, 6),
+        interval=True,
+        comment="private links: src . dst . dport",
+    )
+
+    # ---- prerouting: classify, then steer or drop
+    out += _chain(
+        "prerouting",
+        _classify(cfg, "from_sandbox"),
+        hook="type filter hook prerouting priority mangle; policy accept;",
+    )
+    steer: list[str] = [
+        f"{_NDP} accept",
+        'fib saddr . iif oif missing counter drop comment "source not routed via this interface"',
+        'ip saddr != @sandbox_v4 counter drop comment "unattached source"',
+        'ip6 saddr != @sandbox_v6 counter drop comment "unattached source"',
+        'ct direction reply accept comment "replies to connections opened towards the sandbox"',
+        "meta l4proto { tcp, udp } ip saddr . ip daddr . th dport @link_v4 accept",
+        "meta l4proto { tcp, udp } ip6 saddr . ip6 daddr . th dport @link_v6 accept",
+    ]
+    if subnets[4]:
+        steer.append(f'ip daddr {_anon(subnets[4])} counter drop comment "sandbox to sandbox, not linked"')
+    if subnets[6]:
+        steer.append(f'ip6 daddr {_anon(subnets[6])} counter drop comment "sandbox to sandbox, not linked"')
+    steer += [
+        f"meta nfproto ipv4 meta l4proto {{ tcp, udp }} th dport 53 {mark_set} tproxy ip to :{cfg.dns_port} accept",
+        f"meta nfproto ipv6 meta l4proto {{ tcp, udp }} th dport 53 {mark_set} tproxy ip6 to :{cfg.dns_port} accept",
+        'fib daddr type local counter drop comment "the gateway\'s own services"',
+        'ip daddr @gateway_v4 counter drop comment "the gateway\'s own services"',
+        'ip6 daddr @gateway_v6 counter drop comment "the gateway\'s own services"',
+        f"meta l4proto tcp socket transparent 1 {mark_set} accept",
+        f"meta nfproto ipv4 meta l4proto tcp {mark_set} tproxy ip to :{cfg.egress_port} accept",
+        f"meta nfproto ipv6 meta l4proto tcp {mark_set} tproxy ip6 to :{cfg.egress_port} accept",
+        'counter drop comment "everything else: QUIC, other UDP, ICMP, no listener"',
+    ]
+    out += _chain("from_sandbox", steer)
+
+    # ---- input: the TPROXY ports only via TPROXY; sandboxes reach nothing else local
+    out += _chain(
+        "input",
+        [
+            f"iif != lo meta l4proto {{ tcp, udp }} th dport {{ {cfg.egress_port}, {cfg.dns_port} }} "
+            f'{_mark_match(cfg, negate=True)} counter drop comment "TPROXY ports: only via TPROXY"',
+            *_classify(cfg, "sandbox_input"),
+        ],
+        hook="type filter hook input priority filter; policy accept;",
+    )
+    out += _chain(
+        "sandbox_input",
+        [
+            f"{_NDP} accept",
+            f'{mark} socket transparent 1 accept comment "TPROXYed to the egress engine or DNS interceptor"',
+            'ct direction reply accept comment "replies to the gateway\'s own connections (ingress tunnel)"',
+            "counter drop",
+        ],
+    )
+
+    # ---- forward: only private links between sandboxes
+    out += _chain(
+        "forward",
+        _classify(cfg, "sandbox_forward", outbound_too=True),
+        hook="type filter hook forward priority filter; policy accept;",
+    )
+    out += _chain(
+        "sandbox_forward",
+        [
+            "meta l4proto { tcp, udp } ip saddr . ip daddr . th dport @link_v4 accept",
+            "meta l4proto { tcp, udp } ip6 saddr . ip6 daddr . th dport @link_v6 accept",
+            "ct direction reply meta l4proto { tcp, udp } ip daddr . ip saddr . th sport @link_v4 accept",
+            "ct direction reply meta l4proto { tcp, udp } ip6 daddr . ip6 saddr . th sport @link_v6 accept",
+            "counter drop",
+        ],
+    )
+
+    if cfg.dial_mark is not None:
+        dial = f"meta mark & {cfg.dial_mark:#x} == {cfg.dial_mark:#x}"
+        # reject, not drop: the engine's connect() fails at once instead of timing out.
+        no = "counter reject with icmpx type admin-prohibited"
+        guard = [f'{dial} fib daddr type local {no} comment "engine dials never reach the gateway itself"']
+        guard += [f"{dial} ip daddr @gateway_v4 {no}", f"{dial} ip6 daddr @gateway_v6 {no}"]
+        if subnets[4]:
+            guard.append(f"{dial} ip daddr {_anon(subnets[4])} {no}")
+        if subnets[6]:
+            guard.append(f"{dial} ip6 daddr {_anon(subnets[6])} {no}")
+        out += _chain("output", guard, hook="type filter hook output priority filter; policy accept;")
+
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def render_ruleset(cfg: SteeringConfig) -> str:
+    """The whole `nft -f` transaction: create-if-missing, delete, define. Atomic and idempotent."""
+    header = [
+        "#!/usr/sbin/nft -f",
+        "# Generated by gateway.nft. Applied as one transaction: the previous table is replaced atomically.",
+        f"add table inet {cfg.table}",
+        f"delete table inet {cfg.table}",
+    ]
+    return "\n".join(header) + "\n" + render_table(cfg)
+
+
+def render_delete(table: str = TABLE) -> str:
+    """Remove the table if present (idempotent)."""
+    return f"add table inet {table}\ndelete table inet {table}\n"

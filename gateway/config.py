@@ -20,7 +20,7 @@ from typing import Any
 
 from gateway.decision import DEFAULT_LIMITS
 from gateway.errors import GatewayError
-from gateway.policy import LIMIT_RANGES, IPNetwork, Limits
+from gateway.policy import LIMIT_RANGES, IPAddress, IPNetwork, Limits
 from gateway.presets import BUILTIN_PRESETS, Preset, make_preset
 from gateway.state import PolicyContext
 
@@ -56,6 +56,26 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "dns_queries_per_minute": DEFAULT_LIMITS.dns_queries_per_minute,
     },
     "log": {"format": "auto", "level": "info"},
+    "egress": {
+        "listen_port": 15001,
+        "dns_port": 15053,
+        "peek_timeout": 5.0,
+        "peek_max_bytes": 16384,
+        "max_peeking_per_sandbox": 64,
+        "max_peeking_total": 4096,
+        "connect_timeout": 10.0,
+        "idle_timeout": 300.0,
+        "rate_limit_max_wait": 5.0,
+        "blocklist_path": "",
+        "public_ranges": [],
+        "gateway_addresses": [],
+        "sandbox_interfaces": ["vif*"],
+        "fwmark": 1,
+        "route_table": 100,
+        "dial_mark": 2,
+    },
+    "resolver": {"upstreams": [], "timeout": 2.0, "min_ttl": 5, "max_ttl": 3600},
+    "audit": {"dir": "var/audit", "flush_interval": 1.0, "redis_stream": "", "redis_maxlen": 100_000},
     "presets": {},
 }
 
@@ -88,6 +108,42 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EgressConfig:
+    listen_port: int
+    dns_port: int
+    peek_timeout: float
+    peek_max_bytes: int
+    max_peeking_per_sandbox: int
+    max_peeking_total: int
+    connect_timeout: float
+    idle_timeout: float
+    rate_limit_max_wait: float
+    blocklist_path: Path | None
+    public_ranges: tuple[IPNetwork, ...]
+    gateway_addresses: tuple[IPAddress, ...]
+    sandbox_interfaces: tuple[str, ...]
+    fwmark: int
+    route_table: int
+    dial_mark: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResolverConfig:
+    upstreams: tuple[str, ...]  # "address" or "address:port" / "[v6]:port"; empty: /etc/resolv.conf
+    timeout: float
+    min_ttl: int
+    max_ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    dir: Path
+    flush_interval: float
+    redis_stream: str
+    redis_maxlen: int
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     sandbox_subnets: tuple[IPNetwork, ...]
     store: StoreConfig
@@ -97,6 +153,9 @@ class Config:
     default_limits: Limits
     log_format: str
     log_level: str
+    egress: EgressConfig
+    resolver: ResolverConfig
+    audit: AuditConfig
     presets: Mapping[str, Preset] = field(default_factory=dict)
     source: str = "defaults"
 
@@ -237,8 +296,83 @@ def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
         default_limits=Limits(**limit_values),
         log_format=log_format,
         log_level=level,
+        egress=_egress(merged["egress"]),
+        resolver=_resolver(merged["resolver"]),
+        audit=_audit(merged["audit"]),
         presets=presets,
         source=source,
+    )
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _invalid("expected a list of strings", where)
+    return value
+
+
+def _networks(value: Any, where: str) -> tuple[IPNetwork, ...]:
+    out: list[IPNetwork] = []
+    for index, text in enumerate(_str_list(value, where)):
+        try:
+            out.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as exc:
+            raise _invalid(f"{text!r} is not a CIDR ({exc})", f"{where}[{index}]") from None
+    return tuple(out)
+
+
+def _egress(section: dict[str, Any]) -> EgressConfig:
+    def num(key: str, low: float, high: float) -> float:
+        return _number(section[key], f"egress.{key}", low, high)
+
+    addresses: list[IPAddress] = []
+    for index, text in enumerate(_str_list(section["gateway_addresses"], "egress.gateway_addresses")):
+        try:
+            addresses.append(ipaddress.ip_address(text))
+        except ValueError:
+            raise _invalid(f"{text!r} is not an IP address", f"egress.gateway_addresses[{index}]") from None
+    blocklist = _str(section["blocklist_path"], "egress.blocklist_path")
+    config = EgressConfig(
+        listen_port=int(num("listen_port", 1, 65535)),
+        dns_port=int(num("dns_port", 1, 65535)),
+        peek_timeout=num("peek_timeout", 0.05, 120),
+        peek_max_bytes=int(num("peek_max_bytes", 1024, 1 << 20)),
+        max_peeking_per_sandbox=int(num("max_peeking_per_sandbox", 1, 1_000_000)),
+        max_peeking_total=int(num("max_peeking_total", 1, 10_000_000)),
+        connect_timeout=num("connect_timeout", 0.1, 300),
+        idle_timeout=num("idle_timeout", 1, 86_400),
+        rate_limit_max_wait=num("rate_limit_max_wait", 0, 300),
+        blocklist_path=Path(blocklist) if blocklist else None,
+        public_ranges=_networks(section["public_ranges"], "egress.public_ranges"),
+        gateway_addresses=tuple(addresses),
+        sandbox_interfaces=tuple(_str_list(section["sandbox_interfaces"], "egress.sandbox_interfaces")),
+        fwmark=int(num("fwmark", 1, 0xFFFFFFFF)),
+        route_table=int(num("route_table", 1, 0xFFFFFFFE)),
+        dial_mark=int(num("dial_mark", 1, 0xFFFFFFFF)),
+    )
+    if config.listen_port == config.dns_port:
+        raise _invalid("listen_port and dns_port must differ", "egress.dns_port")
+    if config.fwmark & config.dial_mark:
+        raise _invalid(
+            "dial_mark must share no bit with fwmark (dialled packets would be steered back)", "egress.dial_mark"
+        )
+    return config
+
+
+def _resolver(section: dict[str, Any]) -> ResolverConfig:
+    upstreams = tuple(_str_list(section["upstreams"], "resolver.upstreams"))
+    min_ttl = int(_number(section["min_ttl"], "resolver.min_ttl", 0, 86_400))
+    max_ttl = int(_number(section["max_ttl"], "resolver.max_ttl", 1, 604_800))
+    if min_ttl > max_ttl:
+        raise _invalid("min_ttl must not exceed max_ttl", "resolver.min_ttl")
+    return ResolverConfig(upstreams, _number(section["timeout"], "resolver.timeout", 0.05, 60), min_ttl, max_ttl)
+
+
+def _audit(section: dict[str, Any]) -> AuditConfig:
+    return AuditConfig(
+        dir=Path(_str(section["dir"], "audit.dir")),
+        flush_interval=_number(section["flush_interval"], "audit.flush_interval", 0.05, 3600),
+        redis_stream=_str(section["redis_stream"], "audit.redis_stream"),
+        redis_maxlen=int(_number(section["redis_maxlen"], "audit.redis_maxlen", 100, 100_000_000)),
     )
 
 

@@ -369,3 +369,36 @@ def test_preset_that_is_not_a_table(tmp_path: Path) -> None:
 def test_string_options_take_environment_text_verbatim() -> None:
     config = load_config(environ={"GATEWAY_STORE__NODE_ID": "123", "GATEWAY_STORE__REDIS_PREFIX": "true"})
     assert (config.store.node_id, config.store.redis_prefix) == ("123", "true")
+
+
+@pytest.mark.parametrize(
+    ("environ", "field"),
+    [
+        ({"GATEWAY_EGRESS__DIAL_MARK": "1"}, "egress.dial_mark"),  # shares a bit with fwmark 1
+        ({"GATEWAY_EGRESS__DNS_PORT": "15001"}, "egress.dns_port"),
+        ({"GATEWAY_EGRESS__PUBLIC_RANGES": '["198.18.0.1/15"]'}, "egress.public_ranges[0]"),
+        ({"GATEWAY_EGRESS__GATEWAY_ADDRESSES": '["gw"]'}, "egress.gateway_addresses[0]"),
+        ({"GATEWAY_EGRESS__PEEK_TIMEOUT": "0"}, "egress.peek_timeout"),
+        ({"GATEWAY_RESOLVER__MIN_TTL": "7200", "GATEWAY_RESOLVER__MAX_TTL": "60"}, "resolver.min_ttl"),
+        ({"GATEWAY_RESOLVER__UPSTREAMS": "[1]"}, "resolver.upstreams"),
+        ({"GATEWAY_AUDIT__FLUSH_INTERVAL": "0"}, "audit.flush_interval"),
+    ],
+)
+def test_data_plane_options_are_validated(environ: dict[str, str], field: str) -> None:
+    with pytest.raises(GatewayError) as excinfo:
+        load_config(environ=environ)
+    assert (excinfo.value.code, excinfo.value.field) == ("CONFIG_INVALID", field)
+
+
+def test_data_plane_options_from_environment() -> None:
+    config = load_config(
+        environ={
+            "GATEWAY_EGRESS__PUBLIC_RANGES": '["198.18.0.0/15"]',
+            "GATEWAY_RESOLVER__UPSTREAMS": '["198.18.1.53", "[2001:db8::53]:5353"]',
+            "GATEWAY_EGRESS__BLOCKLIST_PATH": "/etc/gateway/blocklist.txt",
+        }
+    )
+    assert [str(n) for n in config.egress.public_ranges] == ["198.18.0.0/15"]
+    assert config.resolver.upstreams == ("198.18.1.53", "[2001:db8::53]:5353")
+    assert str(config.egress.blocklist_path) == "/etc/gateway/blocklist.txt"
+    assert load_config(environ={}).egress.blocklist_path is None

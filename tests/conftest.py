@@ -1,0 +1,34 @@
+"""Fixtures shared by the whole test suite."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `tests.redis_server` is importable however pytest was started
+    sys.path.insert(0, str(REPO))
+
+from tests.redis_server import RedisServer, RedisServerError, find_redis_server  # noqa: E402
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private `redis-server` (loopback, free port, own directory, AOF fsync always), stopped afterwards.
+
+    Fails, never skips, when redis-server is missing: these tests are the proof that the
+    Redis store works, and CI installs it.
+    """
+    try:
+        executable = find_redis_server()
+    except RedisServerError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    server = RedisServer(tmp_path_factory.mktemp("redis"), executable=executable)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
+
+from tests.redis_server import RedisServer
 
 ADMIN_TOKEN = "cli-admin-token-0123456789"
 LIMITED_TOKEN = "cli-limited-token-0123456789"  # sandboxes only, no network:* scope
@@ -74,12 +77,12 @@ class Server:
         return self.process.returncode
 
 
-def start_server(directory: Path) -> Server:
+def start_server(directory: Path, **env: str) -> Server:
     port = free_port()
     config = write_config(directory, port)
     stdout, stderr = directory / "run.out", directory / "run.err"
     with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = subprocess.Popen([*CLI, "run", "--config", str(config)], stdout=out, stderr=err, env=clean_env())
+        process = subprocess.Popen([*CLI, "run", "--config", str(config)], stdout=out, stderr=err, env=clean_env(**env))
     server = Server(process, f"http://127.0.0.1:{port}", config, stdout, stderr)
     deadline = time.monotonic() + 20
     while True:
@@ -120,6 +123,42 @@ def gateway(
 
 
 # --------------------------------------------------------------------------- run / check-config
+
+
+def test_run_on_redis_serves_api_writes_and_applies_writes_of_other_services(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    server = start_server(tmp_path, GATEWAY_STORE__BACKEND="redis", GATEWAY_STORE__REDIS_URL=redis_server.url)
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        created = gateway(
+            "sandbox", "create", "--id", "r1", "--address", "10.75.0.21", "--profile", "registry", server=server
+        )
+        assert created.returncode == 0, created.stderr
+        assert json.loads(client.hget("gw:sandboxes", "r1"))["profile"] == "registry"
+
+        record = {
+            "id": "r2",
+            "addresses": ["10.75.0.22"],
+            "profile": "allowlisted",
+            "egress": {"allow_hosts": ["api.example.com"]},
+        }
+        with client.pipeline(transaction=True) as tx:  # the README's contract, as another service writes it
+            tx.hset("gw:sandboxes", "r2", json.dumps(record))
+            tx.xadd("gw:changes", {"kind": "sandbox", "key": "r2", "op": "put", "source": "test"})
+            tx.execute()
+        deadline = time.monotonic() + 2
+        while True:
+            explained = gateway("--json", "explain", "r2", "api.example.com", server=server)
+            if explained.returncode == 0 and json.loads(explained.stdout)["allowed"]:
+                break
+            assert time.monotonic() < deadline, explained.stdout + explained.stderr
+            time.sleep(0.05)
+        status = json.loads(gateway("--json", "status", server=server).stdout)
+        assert (status["backend"], status["sandboxes"]) == ("redis", 2)
+    finally:
+        client.close()
+        server.stop()
 
 
 def test_run_says_where_it_listens_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ whatever the number of entries.
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -101,6 +102,32 @@ class NetSet:
 HostRule = tuple[frozenset[int] | None, str]  # (ports or None for any port, rule label)
 
 
+@dataclass(frozen=True, slots=True)
+class HostTable:
+    """Host rules indexed for lookup: exact names, and first-level wildcards by their parent name."""
+
+    exact: Mapping[str, tuple[HostRule, ...]]
+    wildcard: Mapping[str, tuple[HostRule, ...]]
+
+    @classmethod
+    def build(cls, rules: Iterable[tuple[str, frozenset[int] | None, str]]) -> HostTable:
+        exact: dict[str, list[HostRule]] = {}
+        wildcard: dict[str, list[HostRule]] = {}
+        for pattern, ports, label in rules:
+            if pattern.startswith("*."):
+                wildcard.setdefault(pattern[2:], []).append((ports, label))
+            else:
+                exact.setdefault(pattern, []).append((ports, label))
+        return cls({name: tuple(r) for name, r in exact.items()}, {name: tuple(r) for name, r in wildcard.items()})
+
+
+@functools.lru_cache(maxsize=1024)
+def preset_table(preset: Preset) -> HostTable:
+    """One table per preset, shared by every policy that uses it (a 500-name preset is indexed once)."""
+    label = f"preset {preset.name}"
+    return HostTable.build((pattern, preset.ports, label) for pattern in preset.hosts)
+
+
 class CompiledPolicy:
     """Everything `decide` needs for one sandbox, in lookup-ready form."""
 
@@ -110,9 +137,8 @@ class CompiledPolicy:
         "_allow_verdicts",
         "_deny_nets",
         "_deny_verdicts",
-        "_exact",
         "_exact_verdicts",
-        "_wildcard",
+        "_host_tables",
         "allow_all",
         "allow_internet",
         "effective_egress",
@@ -126,7 +152,7 @@ class CompiledPolicy:
         sandbox_id: str,
         profile: str,
         egress: Egress,
-        host_rules: Iterable[tuple[str, frozenset[int] | None, str]],
+        host_tables: tuple[HostTable, ...],
         limits: EffectiveLimits,
     ) -> None:
         self.sandbox_id = sandbox_id
@@ -134,15 +160,7 @@ class CompiledPolicy:
         self.effective_egress = egress
         self.allow_internet = egress.allow_internet is not False
         self.allow_all = profile == "unrestricted" and egress.mode != "deny_all"
-        exact: dict[str, list[HostRule]] = {}
-        wildcard: dict[str, list[HostRule]] = {}
-        for pattern, ports, label in host_rules:
-            if pattern.startswith("*."):
-                wildcard.setdefault(pattern[2:], []).append((ports, label))
-            else:
-                exact.setdefault(pattern, []).append((ports, label))
-        self._exact = {name: tuple(rules) for name, rules in exact.items()}
-        self._wildcard = {name: tuple(rules) for name, rules in wildcard.items()}
+        self._host_tables = host_tables
         # Verdicts whose reason depends only on the rule (an exact name's, a CIDR's) are built on the rule's
         # first hit and reused: bounded by the number of rules, and compiling stays as cheap as before.
         self._exact_verdicts: dict[tuple[str, str], Verdict] = {}
@@ -228,21 +246,22 @@ def decide(
     name = normalize_query_name(hostname) if hostname else None
     port_miss: str | None = None
     if name:
-        # Exact rules first, then the first-level wildcard of the parent name.
-        for ports, label in policy._exact.get(name, ()):
-            if ports is None or port is None or port in ports:
-                verdict = policy._exact_verdicts.get((name, label))
-                if verdict is None:
-                    verdict = Verdict(True, f"host {name} allowed by {label}", label)
-                    policy._exact_verdicts[name, label] = verdict
-                return verdict
-            port_miss = label
         dot = name.find(".")
-        if dot > 0:
-            for ports, label in policy._wildcard.get(name[dot + 1 :], ()):
+        parent = name[dot + 1 :] if dot > 0 else None
+        for table in policy._host_tables:
+            for ports, label in table.exact.get(name, ()):
                 if ports is None or port is None or port in ports:
-                    return Verdict(True, f"host {name} allowed by {label}", label)
+                    verdict = policy._exact_verdicts.get((name, label))
+                    if verdict is None:
+                        verdict = Verdict(True, f"host {name} allowed by {label}", label)
+                        policy._exact_verdicts[name, label] = verdict
+                    return verdict
                 port_miss = label
+            if parent is not None:
+                for ports, label in table.wildcard.get(parent, ()):
+                    if ports is None or port is None or port in ports:
+                        return Verdict(True, f"host {name} allowed by {label}", label)
+                    port_miss = label
     if key is not None:
         allowed_by = policy._allow_nets.match(key)
         if allowed_by is not None:
@@ -277,18 +296,20 @@ def compile_policy(
     if sandbox.profile != "unrestricted" and egress.mode == "allow_all":
         egress = replace(egress, mode="deny_all")
 
-    host_rules: list[tuple[str, frozenset[int] | None, str]] = []
+    host_tables: list[HostTable] = []
     if sandbox.profile != "isolated":
         preset_names = list(egress.presets or ())
         if sandbox.profile == "registry":
             preset_names.insert(0, REGISTRY_PRESET)
         for preset_name in dict.fromkeys(preset_names):
             preset = presets.get(preset_name)
-            if preset is None:  # removed from config since the record was accepted: grants nothing
-                continue
-            host_rules.extend((pattern, preset.ports, f"preset {preset_name}") for pattern in preset.hosts)
-        host_ports = frozenset(egress.host_ports) if egress.host_ports else None
-        host_rules.extend((pattern, host_ports, f"allow_hosts {pattern}") for pattern in egress.allow_hosts or ())
+            if preset is not None:  # a preset removed from the config since the record was accepted grants nothing
+                host_tables.append(preset_table(preset))
+        if egress.allow_hosts:
+            host_ports = frozenset(egress.host_ports) if egress.host_ports else None
+            host_tables.append(
+                HostTable.build((pattern, host_ports, f"allow_hosts {pattern}") for pattern in egress.allow_hosts)
+            )
 
     base_limits = template.limits.merged_over(default_limits) if template else default_limits
     limits = sandbox.limits.merged_over(base_limits)
@@ -298,4 +319,4 @@ def compile_policy(
         burst_mbit=max(limits.burst_mbit or 1, limits.bandwidth_mbit or 1),
         dns_queries_per_minute=limits.dns_queries_per_minute or 1,
     )
-    return CompiledPolicy(sandbox.id, sandbox.profile, egress, host_rules, effective)
+    return CompiledPolicy(sandbox.id, sandbox.profile, egress, tuple(host_tables), effective)

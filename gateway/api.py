@@ -7,9 +7,10 @@ and show `message` to a person.
 Authentication is `Authorization: Bearer <token>` against `config.tokens` (only
 SHA-256 digests are kept; comparison is constant time). Scopes: reads need
 `sandboxes:read` / `templates:read`, writes `sandboxes:write` / `templates:write`,
-`admin` implies every scope. Writing a sandbox whose profile is not `isolated` also
-needs `network:<profile>` (seed 001), checked after the body is parsed and before
-the store is touched, so a refused caller changes nothing.
+`admin` implies every scope; flow record batches need `audit:read`. Writing a
+sandbox whose profile is not `isolated` also needs `network:<profile>` (seed 001),
+checked after the body is parsed and before the store is touched, so a refused
+caller changes nothing.
 
 With no tokens configured the API is *open*, and therefore refuses to be built
 unless it listens on loopback only (`check_api_exposure`). In open mode it also
@@ -38,7 +39,8 @@ from aiohttp import web
 
 from gateway.config import ApiToken, Config
 from gateway.decision import PROTOCOLS
-from gateway.errors import Forbidden, GatewayError
+from gateway.errors import Forbidden, GatewayError, NotFound
+from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, check_batch_name
 from gateway.hostnames import normalize_pattern
 from gateway.openapi import openapi_document
 from gateway.policy import DEFAULT_PROFILE, PROFILES
@@ -98,6 +100,8 @@ CONFIG_KEY: Final = web.AppKey("config", Config)
 ROUTES_KEY: Final = web.AppKey("routes", dict)  # (method, canonical path) -> RouteSpec
 OPEN_KEY: Final = web.AppKey("open_mode", bool)
 WRITE_LOCK_KEY: Final = web.AppKey("write_lock", asyncio.Lock)
+FLOWS_KEY: Final = web.AppKey("flows", FlowLog)  # absent when the API was built without a flow log
+NDJSON: Final = "application/x-ndjson"
 
 
 @dataclass(slots=True)
@@ -578,6 +582,51 @@ async def explain(request: web.Request) -> web.Response:
     )
 
 
+# --------------------------------------------------------------------------- handlers: audit batches
+
+
+def _audit_sandbox(request: web.Request) -> tuple[FlowLog, str]:
+    """The flow log and a sandbox id that has a record or batches. Batches outlive the sandbox's record, so a
+    deleted sandbox's audit trail stays readable; an id with neither is 404."""
+    flows = request.app.get(FLOWS_KEY)
+    if flows is None:
+        raise GatewayError(
+            "AUDIT_DISABLED", "this gateway was started without a flow log, so there are no audit batches", status=503
+        )
+    sandbox_id = request.match_info["id"]
+    if sandbox_id not in request.app[STORE_KEY].state.sandboxes and not flows.has_sandbox(sandbox_id):
+        raise NotFound("SANDBOX_NOT_FOUND", f"no sandbox {sandbox_id!r} and no audit batches for it", "id")
+    return flows, sandbox_id
+
+
+def _int_parameter(query: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    text = query.get(name)
+    if text is None:
+        return default
+    if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+        raise GatewayError("INVALID_PARAMETER", f"{name} must be an integer in {low}-{high}, got {text!r}", name)
+    return int(text)
+
+
+async def list_audit_batches(request: web.Request) -> web.Response:
+    query = _query(request, ("since_us", "continuation_token", "limit"))
+    flows, sandbox_id = _audit_sandbox(request)
+    since_us = _int_parameter(query, "since_us", 0, 0, 2**63 - 1)
+    limit = _int_parameter(query, "limit", 100, 1, MAX_LIST_LIMIT)
+    token = query.get("continuation_token") or None
+    # The directory listing touches the disk: off the event loop, which also runs the data plane.
+    batches, next_token = await asyncio.to_thread(flows.list_batches, sandbox_id, since_us, token, limit)
+    return web.json_response({"batches": batches, "next_continuation_token": next_token})
+
+
+async def get_audit_batch(request: web.Request) -> web.Response:
+    _query(request, ())
+    flows, sandbox_id = _audit_sandbox(request)
+    name = check_batch_name(request.match_info["name"])
+    body = await asyncio.to_thread(flows.read_batch, sandbox_id, name)
+    return web.Response(body=body, content_type=NDJSON)
+
+
 # --------------------------------------------------------------------------- handlers: templates
 
 
@@ -641,6 +690,8 @@ def route_specs() -> tuple[RouteSpec, ...]:
         RouteSpec("DELETE", "/v1/sandboxes/{id}", delete_sandbox, "sandboxes:write", "sandboxes.delete"),
         RouteSpec("GET", "/v1/sandboxes/{id}/policy", sandbox_policy, "sandboxes:read", "sandboxes.policy"),
         RouteSpec("GET", "/v1/sandboxes/{id}/explain", explain, "sandboxes:read", "sandboxes.explain"),
+        RouteSpec("GET", "/v1/sandboxes/{id}/audit-batches", list_audit_batches, "audit:read", "audit.list"),
+        RouteSpec("GET", "/v1/sandboxes/{id}/audit-batches/{name}", get_audit_batch, "audit:read", "audit.get"),
         RouteSpec("GET", "/v1/templates", list_templates, "templates:read", "templates.list"),
         RouteSpec("POST", "/v1/templates", create_template, "templates:write", "templates.create"),
         RouteSpec("GET", "/v1/templates/{name}", get_template, "templates:read", "templates.get"),
@@ -649,14 +700,17 @@ def route_specs() -> tuple[RouteSpec, ...]:
     )
 
 
-def create_app(store: PolicyStore, config: Config) -> web.Application:
-    """The API over `store` (started by the caller). Raises CONFIG_INVALID for an exposed API without tokens."""
+def create_app(store: PolicyStore, config: Config, *, flows: FlowLog | None = None) -> web.Application:
+    """The API over `store` (started by the caller) and, when given, the flow log's audit batches (without
+    one those routes answer 503 AUDIT_DISABLED). Raises CONFIG_INVALID for an exposed API without tokens."""
     check_api_exposure(config)
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY_BYTES)
     app[STORE_KEY] = store
     app[CONFIG_KEY] = config
     app[OPEN_KEY] = not config.tokens
     app[WRITE_LOCK_KEY] = asyncio.Lock()
+    if flows is not None:
+        app[FLOWS_KEY] = flows
     table: dict[tuple[str, str], RouteSpec] = {}
     for spec in route_specs():
         # add_route, not add_get: no implicit HEAD routes, so the route table is exactly the documented one.

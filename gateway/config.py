@@ -34,6 +34,7 @@ SCOPES = (
     "network:registry",
     "network:allowlisted",
     "network:unrestricted",
+    "audit:read",
 )
 
 DEFAULTS: dict[str, dict[str, Any]] = {

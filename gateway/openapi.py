@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from gateway import __version__
 from gateway.decision import PROTOCOLS
+from gateway.flowlog import BATCH_NAME_PATTERN, FIELD_NAMES, MAX_LIST_LIMIT
 from gateway.policy import (
     EGRESS_MODES,
     ID_PATTERN,
@@ -24,6 +25,7 @@ from gateway.policy import (
 )
 
 JSON: Final = "application/json"
+NDJSON: Final = "application/x-ndjson"
 MERGE_PATCH: Final = "application/merge-patch+json"
 
 
@@ -322,6 +324,57 @@ def _schemas() -> dict[str, Any]:
                 },
             },
         },
+        "AuditBatch": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name", "size", "first_ts_us"],
+            "properties": {
+                "name": {"type": "string", "pattern": BATCH_NAME_PATTERN.pattern},
+                "size": {"type": "integer", "minimum": 0, "description": "Bytes."},
+                "first_ts_us": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "When the batch's first record was written (its end_us), µs since the epoch.",
+                },
+            },
+        },
+        "AuditBatchList": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["batches", "next_continuation_token"],
+            "properties": {
+                "batches": {"type": "array", "items": _ref("AuditBatch"), "maxItems": MAX_LIST_LIMIT},
+                "next_continuation_token": {
+                    "type": ["string", "null"],
+                    "description": "Pass as continuation_token for the next page; null: this was the last page.",
+                },
+            },
+        },
+        "FlowRecord": {
+            "type": "object",
+            "description": "One line of an audit batch: one connection's metadata (never payload or credentials).",
+            "additionalProperties": False,
+            "required": list(FIELD_NAMES),
+            "properties": {
+                "start_us": {"type": "integer", "description": "µs since the epoch."},
+                "end_us": {"type": "integer", "description": "µs since the epoch."},
+                "sandbox": {"type": "string"},
+                "src_addr": _ADDRESS,
+                "src_port": {"type": "integer"},
+                "dst_addr": {**_ADDRESS, "description": "The address the gateway dialled."},
+                "dst_port": {"type": "integer"},
+                "orig_dst_addr": {**_ADDRESS, "description": "The destination the sandbox asked for."},
+                "orig_dst_port": {"type": "integer"},
+                "hostname": {"type": ["string", "null"], "description": "TLS SNI or HTTP Host."},
+                "protocol": {"type": "string", "enum": ["tls", "http", "tcp", "dns"]},
+                "bytes_up": {"type": "integer", "minimum": 0},
+                "bytes_down": {"type": "integer", "minimum": 0},
+                "duration_ms": {"type": "number", "minimum": 0},
+                "verdict": {"type": "string", "enum": ["allow", "deny"]},
+                "reason": {"type": "string"},
+                "rule": {"type": "string"},
+            },
+        },
         "Health": {
             "type": "object",
             "required": ["status"],
@@ -350,7 +403,7 @@ ERROR_CODES: Final[dict[int, str]] = {
     401: "UNAUTHENTICATED: no token, a malformed Authorization header, or an unknown token.",
     403: "INSUFFICIENT_SCOPE: the token lacks the scope in x-required-scope. HOST_NOT_ALLOWED: no tokens are "
     "configured and the request was not addressed to a loopback name.",
-    404: "SANDBOX_NOT_FOUND / TEMPLATE_NOT_FOUND.",
+    404: "SANDBOX_NOT_FOUND / TEMPLATE_NOT_FOUND / BATCH_NOT_FOUND.",
     409: "Conflict with the stored state.",
     413: "BODY_TOO_LARGE: the body is over 1 MiB.",
     415: "UNSUPPORTED_MEDIA_TYPE: the body is not sent as application/json.",
@@ -459,6 +512,14 @@ TEMPLATE_EXAMPLES: Final[dict[str, Any]] = {
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": _IDENT, "description": "Sandbox id."}
 _NAME = {"name": "name", "in": "path", "required": True, "schema": _IDENT, "description": "Template name."}
+_BATCH = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": BATCH_NAME_PATTERN.pattern},
+    "description": "A batch name from the listing: {ts_us}-{pid}.ndjson.",
+}
+_AUDIT_DISABLED = "AUDIT_DISABLED: the gateway runs without a flow log."
 _PUBLIC: Final[list[Any]] = []  # `security: []`: no token needed
 
 
@@ -694,6 +755,73 @@ def _paths() -> dict[str, Any]:
                 ],
             ),
         },
+        "/v1/sandboxes/{id}/audit-batches": {
+            "parameters": [_ID],
+            "get": _op(
+                "audit.list",
+                "List the sandbox's flow record batches, oldest first",
+                "audit:read",
+                _responses(
+                    {200: _ok(200, "AuditBatchList", "One page of batches in chronological order.")},
+                    400,
+                    404,
+                    503,
+                    e400="INVALID_PARAMETER (since_us, limit), INVALID_CONTINUATION_TOKEN, UNKNOWN_PARAMETER.",
+                    e404="SANDBOX_NOT_FOUND: no such sandbox and no batches for that id.",
+                    e503=_AUDIT_DISABLED,
+                ),
+                "audit",
+                description="Seed 001's audit batches: NDJSON files named {ts_us}-{pid}.ndjson whose lexical order "
+                "is chronological. Follow next_continuation_token until it is null. Batches outlive the sandbox's "
+                "record: a deleted sandbox's batches stay listable.",
+                parameters=[
+                    {
+                        "name": "since_us",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 0, "default": 0},
+                        "description": "Only batches whose first record was written at or after this time "
+                        "(µs since the epoch).",
+                    },
+                    {
+                        "name": "continuation_token",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "Opaque; from the previous page.",
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 100},
+                    },
+                ],
+            ),
+        },
+        "/v1/sandboxes/{id}/audit-batches/{name}": {
+            "parameters": [_ID, _BATCH],
+            "get": _op(
+                "audit.get",
+                "Fetch one batch",
+                "audit:read",
+                _responses(
+                    {
+                        200: {
+                            "description": "NDJSON: one FlowRecord (see components.schemas.FlowRecord) per line.",
+                            "content": {NDJSON: {"schema": {"type": "string"}}},
+                        }
+                    },
+                    400,
+                    404,
+                    503,
+                    e400="INVALID_BATCH_NAME: not a {ts_us}-{pid}.ndjson name. UNKNOWN_PARAMETER.",
+                    e404="SANDBOX_NOT_FOUND, BATCH_NOT_FOUND.",
+                    e503=_AUDIT_DISABLED,
+                ),
+                "audit",
+            ),
+        },
         "/v1/templates": {
             "get": _op(
                 "templates.list",
@@ -766,7 +894,7 @@ Control API of the sandbox network gateway: per-sandbox egress policies, templat
 and `explain`, which answers what the data plane would decide for a connection.
 
 Authentication: `Authorization: Bearer <token>`; each operation's `x-required-scope` names the
-scope it needs (`admin` implies every scope; `authenticated` means any valid token; `public`
+scope it needs (`admin` implies every scope, including `audit:read`; `authenticated` means any valid token; `public`
 needs none). Writing a sandbox whose profile is not `isolated` also needs `network:<profile>`.
 With no tokens configured the gateway only listens on loopback and admits every local caller.
 
@@ -790,6 +918,7 @@ _DOCUMENT: Final[dict[str, Any]] = {
         {"name": "sandboxes", "description": "Sandbox policies."},
         {"name": "templates", "description": "Shared defaults sandboxes inherit."},
         {"name": "presets", "description": "Named host lists."},
+        {"name": "audit", "description": "Flow record batches (metadata of every connection, never payload)."},
     ],
     "paths": _paths(),
     "components": {

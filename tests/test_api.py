@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from openapi_spec_validator import validate as validate_spec
 from gateway.api import MAX_BODY_BYTES, PUBLIC, apply_merge_patch, create_app, parse_explain_query, route_specs
 from gateway.config import Config, load_config
 from gateway.errors import GatewayError
+from gateway.flowlog import FIELD_NAMES, FlowLog, FlowRecord
 from gateway.openapi import SANDBOX_EXAMPLES, SANDBOX_PATCH_EXAMPLES, TEMPLATE_EXAMPLES, openapi_document
 from gateway.policy import parse_sandbox, parse_template
 from gateway.stores.embedded import EmbeddedStore
@@ -40,6 +43,7 @@ TOKENS: dict[str, tuple[str, list[str]]] = {
     ),
     "isolated-only": ("isolated-secret-0123456789", ["sandboxes:read", "sandboxes:write"]),
     "templater": ("templater-secret-0123456789", ["templates:read", "templates:write"]),
+    "auditor": ("auditor-secret-0123456789", ["audit:read"]),
 }
 
 DOC = openapi_document()
@@ -125,7 +129,8 @@ class Api:
             sent.setdefault("Content-Type", "application/json")
         response = await self.client.request(method, path, data=data, headers=sent)
         text = await response.text()
-        parsed = json.loads(text) if text else None
+        # JSON answers are parsed; anything else (an NDJSON audit batch) is kept as text.
+        parsed = json.loads(text) if text and response.content_type == "application/json" else (text or None)
         answer = Answer(response.status, parsed, dict(response.headers))
         self._check_documented(method, path.split("?", 1)[0], answer)
         if expect is not None:
@@ -145,8 +150,12 @@ class Api:
         if content is None:
             assert answer.body is None, f"{method} {path} {answer.status} has a body the document does not describe"
             return
-        assert answer.headers.get("Content-Type", "").startswith("application/json")
-        _validator(content["application/json"]["schema"]).validate(answer.body)
+        media = answer.headers.get("Content-Type", "").split(";", 1)[0].strip()
+        assert media in content, f"{method} {path} {answer.status} answered {media}, documented: {list(content)}"
+        if media == "application/json":
+            _validator(content[media]["schema"]).validate(answer.body)
+        else:
+            assert isinstance(answer.body, str)
         for header in documented.get("headers", {}):
             assert header in answer.headers, f"{method} {path} {answer.status} lacks the documented {header}"
 
@@ -671,6 +680,9 @@ async def test_authentication_failures(api: Api) -> None:
         ("templater", "GET", "/v1/status", None),
         ("templater", "GET", "/v1/sandboxes/agent-1/explain?host=a.com", None),
         ("isolated-only", "GET", "/v1/templates", None),
+        ("reader", "GET", "/v1/sandboxes/agent-1/audit-batches", None),
+        ("writer", "GET", "/v1/sandboxes/agent-1/audit-batches/1700000000000000-1.ndjson", None),
+        ("auditor", "GET", "/v1/sandboxes", None),
     ],
 )
 async def test_scopes_are_enforced(
@@ -800,3 +812,155 @@ def test_example_bodies_pass_the_real_parser_and_their_schema(config: Config) ->
         {"id": "UPPER", "addresses": ["a"]},
     ):
         assert not _validator({"$ref": "#/components/schemas/SandboxCreate"}).is_valid(bad)
+
+
+# --------------------------------------------------------------------------- audit batches
+
+T0 = 1_700_000_000_000_000
+
+
+def flow_record(sandbox: str, end_us: int, **changes: Any) -> FlowRecord:
+    values: dict[str, Any] = {
+        "start_us": end_us - 1000,
+        "end_us": end_us,
+        "sandbox": sandbox,
+        "src_addr": "10.75.0.10",
+        "src_port": 40001,
+        "dst_addr": "140.82.112.5",
+        "dst_port": 443,
+        "orig_dst_addr": "140.82.112.5",
+        "orig_dst_port": 443,
+        "hostname": "api.github.com",
+        "protocol": "tls",
+        "bytes_up": 700,
+        "bytes_down": 5000,
+        "duration_ms": 1.0,
+        "verdict": "allow",
+        "reason": "allowed by policy",
+        "rule": "allow_hosts api.github.com",
+    }
+    return FlowRecord(**{**values, **changes})
+
+
+@pytest.fixture
+async def flows(tmp_path: Path, config: Config) -> AsyncIterator[FlowLog]:
+    instance = FlowLog(replace(config.audit, dir=tmp_path / "audit", flush_interval=3600.0))
+    await instance.start()
+    yield instance
+    await instance.close()
+
+
+@pytest.fixture
+async def audit_api(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config, flows: FlowLog) -> Api:
+    return Api(await aiohttp_client(create_app(store, config, flows=flows)))
+
+
+async def _write_batches(flows: FlowLog, sandbox: str, count: int) -> None:
+    for i in range(count):
+        flows.record(flow_record(sandbox, T0 + i * 1000, bytes_up=i))
+        await flows.flush()
+
+
+async def test_audit_batches_are_listed_in_pages_and_fetched_as_ndjson(audit_api: Api, flows: FlowLog) -> None:
+    await audit_api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    await _write_batches(flows, "agent-1", 5)
+    flows.record(flow_record("agent-1", T0 + 10_000, verdict="deny", reason="host not in allowlist", rule="x"))
+    flows.record(flow_record("agent-1", T0 + 10_001))
+    await flows.flush()
+    await _write_batches(flows, "other", 1)
+
+    names: list[str] = []
+    pages = 0
+    url = "/v1/sandboxes/agent-1/audit-batches?limit=4"
+    while True:
+        page = (await audit_api.call("GET", url, token="auditor", expect=200)).body
+        pages += 1
+        names += [batch["name"] for batch in page["batches"]]
+        if page["next_continuation_token"] is None:
+            break
+        url = f"/v1/sandboxes/agent-1/audit-batches?limit=4&continuation_token={page['next_continuation_token']}"
+    assert pages == 2 and len(names) == 6 and names == sorted(names)
+    assert all(name.endswith(f"-{os.getpid()}.ndjson") for name in names)
+
+    since = (await audit_api.call("GET", f"/v1/sandboxes/agent-1/audit-batches?since_us={T0 + 3000}")).body
+    assert [b["first_ts_us"] for b in since["batches"]] == [T0 + 3000, T0 + 4000, T0 + 10_000]
+
+    fetched = await audit_api.call("GET", f"/v1/sandboxes/agent-1/audit-batches/{names[-1]}", token="auditor")
+    assert fetched.status == 200 and fetched.headers["Content-Type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in fetched.body.splitlines()]
+    assert [line["end_us"] for line in lines] == [T0 + 10_000, T0 + 10_001]
+    assert lines[0]["verdict"] == "deny" and all(list(line) == list(FIELD_NAMES) for line in lines)
+    flow_schema = _validator({"$ref": "#/components/schemas/FlowRecord"})
+    for line in lines:
+        flow_schema.validate(line)
+    assert set(DOC["components"]["schemas"]["FlowRecord"]["properties"]) == set(FIELD_NAMES)
+
+
+async def test_audit_batches_outlive_the_sandbox_record(audit_api: Api, flows: FlowLog) -> None:
+    await audit_api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    listed = (await audit_api.call("GET", "/v1/sandboxes/agent-1/audit-batches", expect=200)).body
+    assert listed == {"batches": [], "next_continuation_token": None}  # a known sandbox with no traffic yet
+    await _write_batches(flows, "agent-1", 1)
+    await audit_api.call("DELETE", "/v1/sandboxes/agent-1", expect=204)
+    [batch] = (await audit_api.call("GET", "/v1/sandboxes/agent-1/audit-batches", expect=200)).body["batches"]
+    await audit_api.call("GET", f"/v1/sandboxes/agent-1/audit-batches/{batch['name']}", expect=200)
+
+
+async def test_audit_not_found(audit_api: Api, flows: FlowLog) -> None:
+    await _write_batches(flows, "agent-1", 1)
+    ghost = await audit_api.call("GET", "/v1/sandboxes/ghost/audit-batches", expect=404)
+    assert (ghost.code, ghost.body["field"]) == ("SANDBOX_NOT_FOUND", "id")
+    batch = "/v1/sandboxes/ghost/audit-batches/1700000000000000-1.ndjson"
+    assert (await audit_api.call("GET", batch, expect=404)).code == "SANDBOX_NOT_FOUND"
+    missing = await audit_api.call("GET", "/v1/sandboxes/agent-1/audit-batches/1111111111111111-1.ndjson", expect=404)
+    assert (missing.code, missing.body["field"]) == ("BATCH_NOT_FOUND", "name")
+
+
+@pytest.mark.parametrize(
+    ("path", "code", "field"),
+    [
+        ("audit-batches?since_us=-1", "INVALID_PARAMETER", "since_us"),
+        ("audit-batches?since_us=1e6", "INVALID_PARAMETER", "since_us"),
+        ("audit-batches?limit=0", "INVALID_PARAMETER", "limit"),
+        ("audit-batches?limit=1001", "INVALID_PARAMETER", "limit"),
+        ("audit-batches?limit=ten", "INVALID_PARAMETER", "limit"),
+        ("audit-batches?continuation_token=bm90LWEtbmFtZQ", "INVALID_CONTINUATION_TOKEN", "continuation_token"),
+        ("audit-batches?since=5", "UNKNOWN_PARAMETER", "since"),
+        ("audit-batches?limit=1&limit=2", "INVALID_PARAMETER", "limit"),
+        ("audit-batches/...", "INVALID_BATCH_NAME", "name"),
+        ("audit-batches/..%2F..%2Fpolicies.json", "INVALID_BATCH_NAME", "name"),
+        ("audit-batches/.tmp-1-1700000000000000.ndjson", "INVALID_BATCH_NAME", "name"),
+        ("audit-batches/1700000000000000-1.json", "INVALID_BATCH_NAME", "name"),
+        ("audit-batches/1700000000000000-1.ndjson?x=1", "UNKNOWN_PARAMETER", "x"),
+    ],
+)
+async def test_audit_bad_parameters_are_400(audit_api: Api, flows: FlowLog, path: str, code: str, field: str) -> None:
+    await _write_batches(flows, "agent-1", 1)
+    answer = await audit_api.call("GET", f"/v1/sandboxes/agent-1/{path}", expect=400)
+    assert (answer.code, answer.body["field"]) == (code, field)
+
+
+async def test_audit_traversal_never_reads_outside_the_audit_directory(audit_api: Api, flows: FlowLog) -> None:
+    await _write_batches(flows, "agent-1", 1)
+    # Whatever the client's URL handling does with dot segments, the answer is an error, never a file.
+    for path in (
+        "/v1/sandboxes/agent-1/audit-batches/..",
+        "/v1/sandboxes/agent-1/audit-batches/%2E%2E%2Fpolicies.json",
+        "/v1/sandboxes/agent-1/audit-batches/..%5C..%5Cgateway.toml",
+        "/v1/sandboxes/..%2F..%2F/audit-batches",
+    ):
+        response = await audit_api.client.get(path, headers={"Authorization": f"Bearer {TOKENS['admin'][0]}"})
+        assert response.status in (400, 404), path
+        body = await response.json()
+        assert body["code"] in ("INVALID_BATCH_NAME", "SANDBOX_NOT_FOUND", "NOT_FOUND"), (path, body)
+
+
+async def test_audit_routes_are_503_without_a_flow_log(api: Api) -> None:
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    listed = await api.call("GET", "/v1/sandboxes/agent-1/audit-batches", token="auditor", expect=503)
+    assert listed.code == "AUDIT_DISABLED"
+    fetched = await api.call("GET", "/v1/sandboxes/agent-1/audit-batches/1700000000000000-1.ndjson", expect=503)
+    assert fetched.code == "AUDIT_DISABLED"
+    assert (await api.call("GET", "/v1/sandboxes/agent-1/audit-batches", token=None, expect=401)).code == (
+        "UNAUTHENTICATED"
+    )

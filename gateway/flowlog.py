@@ -1,0 +1,380 @@
+"""Flow records: one metadata record per connection (and per denial), never payload or credentials.
+
+Each record goes three ways:
+
+- a structured log line (event `flow`), at once;
+- an NDJSON audit batch per sandbox (seed 001): every `flush_interval` a background task
+  writes the records queued for each sandbox to `<dir>/<sandbox id>/<ts_us>-<pid>.ndjson`,
+  where `ts_us` is the first record's `end_us` (records are queued when a connection
+  closes, so this follows the order batches are written in), zero-padded to 16 digits
+  so that the names' lexical order is chronological. Files are written to a temporary
+  name, fsynced and then linked to their final name, so a reader never sees half a
+  batch, and an existing batch (say from an earlier process that had the same pid, as
+  every container's pid 1 does) is never overwritten;
+- optionally a Redis stream (`audit.redis_stream`), capped near `audit.redis_maxlen`
+  entries (`XADD MAXLEN ~`). The mirror has its own queue and task: Redis being slow or
+  down delays or loses only the mirror, never the files.
+
+`record()` is what the data plane calls: it never blocks and never raises. The queue is
+bounded; when it is full the record is dropped and counted (the log line is still
+written), with one warning per flush interval rather than one per record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import os
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import structlog
+
+from gateway.config import AuditConfig
+from gateway.errors import GatewayError, NotFound
+from gateway.policy import ID_PATTERN
+
+if TYPE_CHECKING:
+    import redis.asyncio
+
+__all__ = [
+    "BATCH_NAME_PATTERN",
+    "FIELD_NAMES",
+    "MAX_LIST_LIMIT",
+    "FlowLog",
+    "FlowRecord",
+    "check_batch_name",
+    "check_sandbox_id",
+    "now_us",
+]
+
+log = structlog.get_logger("gateway.flowlog")
+
+Protocol = Literal["tls", "http", "tcp", "dns"]
+Verdict = Literal["allow", "deny"]
+
+#: `{ts_us}-{pid}.ndjson`: 16 digits keep lexical order chronological until the year 2286.
+BATCH_NAME_PATTERN: Final = re.compile(r"^(\d{16})-(\d{1,10})\.ndjson$")
+TS_DIGITS: Final = 16
+MAX_LIST_LIMIT: Final = 1000
+DEFAULT_QUEUE_SIZE: Final = 100_000
+#: Records per file at most; a busier interval is split over several files.
+MAX_BATCH_RECORDS: Final = 10_000
+REDIS_TIMEOUT: Final = 5.0
+FILE_MODE: Final = 0o640
+DIR_MODE: Final = 0o750
+
+
+def now_us() -> int:
+    """Microseconds since the epoch (wall clock, as flow records carry)."""
+    return time.time_ns() // 1000
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRecord:
+    """One connection's metadata. Deliberately has no field for payload, headers or credentials."""
+
+    start_us: int
+    end_us: int
+    sandbox: str
+    src_addr: str
+    src_port: int
+    dst_addr: str
+    dst_port: int
+    orig_dst_addr: str
+    orig_dst_port: int
+    hostname: str | None
+    protocol: Protocol
+    bytes_up: int
+    bytes_down: int
+    duration_ms: float
+    verdict: Verdict
+    reason: str
+    rule: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in FIELD_NAMES}
+
+
+FIELD_NAMES: Final = tuple(f.name for f in fields(FlowRecord))
+
+
+def _encode_token(name: str) -> str:
+    return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> str:
+    try:
+        name = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        name = ""
+    if not BATCH_NAME_PATTERN.fullmatch(name):
+        raise GatewayError("INVALID_CONTINUATION_TOKEN", "the continuation token is not one this API gave out",
+                           "continuation_token")  # fmt: skip
+    return name
+
+
+def check_sandbox_id(sandbox_id: str) -> str:
+    if not isinstance(sandbox_id, str) or not ID_PATTERN.fullmatch(sandbox_id):
+        raise GatewayError("INVALID_ID", f"{sandbox_id!r} is not a sandbox id", "id")
+    return sandbox_id
+
+
+def check_batch_name(name: str) -> str:
+    """Batch names are exactly `{16 digits}-{pid}.ndjson`: nothing else (no `..`, no `/`) reaches the disk."""
+    if not isinstance(name, str) or not BATCH_NAME_PATTERN.fullmatch(name):
+        raise GatewayError("INVALID_BATCH_NAME", f"{name!r} is not a batch name ({{ts_us}}-{{pid}}.ndjson)", "name")
+    return name
+
+
+class FlowLog:
+    """The flow record sink: structured log, NDJSON batches per sandbox, optional Redis stream."""
+
+    def __init__(
+        self,
+        config: AuditConfig,
+        redis: redis.asyncio.Redis | None = None,
+        *,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+    ) -> None:
+        self.config = config
+        self.dir = Path(config.dir)
+        self.redis = redis if config.redis_stream else None
+        self.queue_size = queue_size
+        self.pid = os.getpid()
+        self._pending: list[FlowRecord] = []
+        self._mirror: deque[FlowRecord] = deque()
+        self._last_ts: dict[str, int] = {}  # per sandbox: batch names strictly increase within this process
+        self._task: asyncio.Task[None] | None = None
+        self._mirror_task: asyncio.Task[None] | None = None
+        self._flush_lock = asyncio.Lock()
+        self._drop_warned = False
+        self._mirror_warned = False
+        self.dropped = 0  # records not written to files because the queue was full
+        self.mirror_dropped = 0  # records not mirrored (queue full or Redis failed)
+        self.written = 0  # records written to batch files
+        self.mirrored = 0
+        self.write_errors = 0
+
+    # ------------------------------------------------------------------ the data plane's side
+
+    def record(self, rec: FlowRecord) -> None:
+        """Queue one record. Never blocks and never raises: the data plane must not wait on its audit trail."""
+        try:
+            log.info("flow", **rec.to_dict())
+            if len(self._pending) >= self.queue_size:
+                self.dropped += 1
+                if not self._drop_warned:
+                    self._drop_warned = True
+                    log.warning("flowlog.queue_full", queue_size=self.queue_size, dropped_total=self.dropped,
+                                message="flow records are being dropped: the audit writer cannot keep up")  # fmt: skip
+            else:
+                self._pending.append(rec)
+            if self.redis is not None:
+                if len(self._mirror) >= self.queue_size:
+                    self._count_mirror_drop(1, "queue full")
+                else:
+                    self._mirror.append(rec)
+        except Exception:  # a broken log sink must not break a connection
+            with contextlib.suppress(Exception):
+                self.dropped += 1
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "pending": len(self._pending),
+            "written": self.written,
+            "dropped": self.dropped,
+            "write_errors": self.write_errors,
+            "mirrored": self.mirrored,
+            "mirror_dropped": self.mirror_dropped,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="flowlog-writer")
+        if self.redis is not None and self._mirror_task is None:
+            self._mirror_task = asyncio.create_task(self._run_mirror(), name="flowlog-redis")
+
+    async def close(self) -> None:
+        """Stop the tasks, then write what is queued (and try the mirror once more, briefly)."""
+        for task in (self._task, self._mirror_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._mirror_task = None
+        await self.flush()
+        if self.redis is not None and self._mirror:
+            await self._mirror_once(timeout=1.0)  # shutting down: do not hang on an unreachable Redis
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.flush_interval)
+            try:
+                await self.flush()
+            except Exception:  # keep writing later batches whatever happened to this one
+                log.exception("flowlog.flush_failed")
+
+    # ------------------------------------------------------------------ files
+
+    async def flush(self) -> int:
+        """Write every queued record to batch files now; returns how many were written."""
+        async with self._flush_lock:
+            self._drop_warned = False
+            self._mirror_warned = False
+            if not self._pending:
+                return 0
+            pending, self._pending = self._pending, []
+            groups: dict[str, list[FlowRecord]] = {}
+            for rec in pending:
+                groups.setdefault(rec.sandbox, []).append(rec)
+            written = 0
+            for sandbox, records in groups.items():
+                for i in range(0, len(records), MAX_BATCH_RECORDS):
+                    chunk = records[i : i + MAX_BATCH_RECORDS]
+                    try:
+                        await asyncio.to_thread(self._write_batch, sandbox, chunk)
+                        written += len(chunk)
+                    except Exception as exc:
+                        self.write_errors += len(chunk)
+                        log.error("flowlog.write_failed", sandbox=sandbox, records=len(chunk), error=str(exc))
+            self.written += written
+            return written
+
+    def _write_batch(self, sandbox: str, records: list[FlowRecord]) -> Path:
+        if not ID_PATTERN.fullmatch(sandbox):
+            raise GatewayError("INVALID_ID", f"{sandbox!r} is not a sandbox id; its records cannot be filed", "sandbox")
+        directory = self.dir / sandbox
+        directory.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        ts = max(records[0].end_us, self._last_ts.get(sandbox, -1) + 1, 0)
+        # default=str: a caller passing an ipaddress object instead of text must not cost the whole batch.
+        body = "".join(json.dumps(r.to_dict(), separators=(",", ":"), default=str) + "\n" for r in records).encode()
+        temp = directory / f".tmp-{self.pid}-{ts}.ndjson"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+        try:
+            os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away; the mode is part of the contract
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            while True:
+                final = directory / f"{ts:0{TS_DIGITS}d}-{self.pid}.ndjson"
+                try:
+                    os.link(temp, final)  # atomic, and unlike rename never replaces an existing batch
+                    break
+                except FileExistsError:
+                    ts += 1
+        finally:
+            os.unlink(temp)
+        self._last_ts[sandbox] = ts
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return final
+
+    # ------------------------------------------------------------------ reading
+
+    def list_batches(
+        self, sandbox_id: str, since_us: int = 0, continuation_token: str | None = None, limit: int = 100
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Batches of one sandbox in chronological order: those whose first record is at or after `since_us`,
+        after the batch the token names, at most `limit`. Returns (batches, next token or None when done).
+        A sandbox with no batches gives an empty list. Raises GatewayError (400) for bad input."""
+        check_sandbox_id(sandbox_id)
+        if isinstance(since_us, bool) or not isinstance(since_us, int) or since_us < 0:
+            raise GatewayError("INVALID_PARAMETER", "since_us must be a non-negative integer", "since_us")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise GatewayError("INVALID_PARAMETER", f"limit must be an integer in 1-{MAX_LIST_LIMIT}", "limit")
+        after = _decode_token(continuation_token) if continuation_token else None
+        directory = self.dir / sandbox_id
+        names: list[tuple[str, int, int]] = []
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    match = BATCH_NAME_PATTERN.fullmatch(entry.name)
+                    if match is None or not entry.is_file(follow_symlinks=False):
+                        continue  # temp files and anything else in the directory are not batches
+                    first = int(match.group(1))
+                    if first < since_us or (after is not None and entry.name <= after):
+                        continue
+                    names.append((entry.name, first, entry.stat(follow_symlinks=False).st_size))
+        except FileNotFoundError:
+            return [], None
+        names.sort()
+        page = names[:limit]
+        batches = [{"name": name, "size": size, "first_ts_us": first} for name, first, size in page]
+        token = _encode_token(page[-1][0]) if len(names) > limit else None
+        return batches, token
+
+    def has_sandbox(self, sandbox_id: str) -> bool:
+        """Whether batches were ever written for this sandbox (they outlive the sandbox's policy record)."""
+        return bool(ID_PATTERN.fullmatch(sandbox_id)) and (self.dir / sandbox_id).is_dir()
+
+    def read_batch(self, sandbox_id: str, name: str) -> bytes:
+        """The batch's NDJSON bytes. Raises GatewayError 400 for a malformed name, NotFound (BATCH_NOT_FOUND)."""
+        check_sandbox_id(sandbox_id)
+        check_batch_name(name)
+        path = self.dir / sandbox_id / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound("BATCH_NOT_FOUND", f"sandbox {sandbox_id} has no audit batch {name}", "name") from None
+        except OSError as exc:  # e.g. ELOOP: a symlink planted in the directory is not followed
+            raise NotFound("BATCH_NOT_FOUND", f"audit batch {name} cannot be read ({exc.strerror})", "name") from None
+        with os.fdopen(fd, "rb") as handle:
+            return handle.read()
+
+    # ------------------------------------------------------------------ Redis mirror
+
+    def _count_mirror_drop(self, count: int, why: str) -> None:
+        self.mirror_dropped += count
+        if not self._mirror_warned:
+            self._mirror_warned = True
+            log.warning("flowlog.mirror_dropped", stream=self.config.redis_stream, records=count, reason=why,
+                        dropped_total=self.mirror_dropped)  # fmt: skip
+
+    async def _run_mirror(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.flush_interval)
+            if self._mirror:
+                await self._mirror_once()
+
+    async def _mirror_once(self, timeout: float = REDIS_TIMEOUT) -> None:
+        if self.redis is None:
+            return
+        batch = [self._mirror.popleft() for _ in range(min(len(self._mirror), MAX_BATCH_RECORDS))]
+        if not batch:
+            return
+        stream, maxlen = self.config.redis_stream, self.config.redis_maxlen
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for rec in batch:
+                # Flat string fields, so XRANGE readers need no JSON; a missing hostname is simply absent.
+                entry = {k: str(v) for k, v in rec.to_dict().items() if v is not None}
+                pipe.xadd(stream, entry, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+            await asyncio.wait_for(pipe.execute(), timeout)
+            self.mirrored += len(batch)
+        except asyncio.CancelledError:
+            self._count_mirror_drop(len(batch), "cancelled")
+            raise
+        except Exception as exc:  # Redis down or slow: the files already have these records
+            self._count_mirror_drop(len(batch), f"{type(exc).__name__}: {exc}")

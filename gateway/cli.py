@@ -537,20 +537,26 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 
     config = _load_config(args.config)
     configure_logging(config.log_format, config.log_level)
-    return asyncio.run(_serve(config, out))
+    data_plane = bool(getattr(args, "data_plane", False))
+    steer = bool(getattr(args, "steer", False))
+    if steer and not data_plane:
+        raise CliExit(EXIT_USAGE, "--steer needs --data-plane (steering without the engine would drop all traffic)")
+    return asyncio.run(_serve(config, out, data_plane=data_plane, steer=steer))
 
 
-async def _serve(config: Any, out: TextIO) -> int:
+async def _serve(config: Any, out: TextIO, *, data_plane: bool = False, steer: bool = False) -> int:
     import structlog
     from aiohttp import web
 
     from gateway.api import create_app
+    from gateway.flowlog import FlowLog
     from gateway.stores import open_store
 
     log = structlog.get_logger("gateway.cli")
     store = open_store(config)
+    flows = FlowLog(config.audit)  # one flow log for the API's audit routes and every data-plane component
     try:
-        app = create_app(store, config)  # refuses an exposed API without tokens before anything starts
+        app = create_app(store, config, flows=flows)  # refuses an exposed API without tokens before anything starts
     except GatewayError as exc:
         raise CliExit(EXIT_USAGE, str(exc)) from None
     stop = asyncio.Event()
@@ -558,11 +564,13 @@ async def _serve(config: Any, out: TextIO) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    plane: Any = None
     try:
         try:
             await store.start()
         except GatewayError as exc:
             raise CliExit(EXIT_API_ERROR, str(exc)) from None
+        await flows.start()
         await runner.setup()
         site = web.TCPSite(runner, config.api_host, config.api_port)
         try:
@@ -577,10 +585,25 @@ async def _serve(config: Any, out: TextIO) -> int:
             f"store {_store_description(config)}\n"
         )
         out.flush()
+        if data_plane:
+            from gateway.egress import DataPlane
+
+            plane = DataPlane(config, store, flows, steer=steer)
+            try:
+                await plane.start()
+            except (GatewayError, OSError) as exc:
+                await plane.close()
+                raise CliExit(EXIT_API_ERROR, f"DATA_PLANE_FAILED: {exc}") from None
+            steering = " (steering applied)" if steer else ""
+            out.write(f"egress engine listening on port {config.egress.listen_port}{steering}\n")
+            out.flush()
         await stop.wait()
         log.info("gateway.stopping")
     finally:
+        if plane is not None:
+            await plane.close()
         await runner.cleanup()
+        await flows.close()  # writes what is still queued
         await store.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -657,7 +680,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    commands.add_parser("run", parents=[common], help="run the gateway (control API and policy store)")
+    p = commands.add_parser("run", parents=[common], help="run the gateway (control API and policy store)")
+    p.add_argument(
+        "--data-plane",
+        action="store_true",
+        help="also run the egress engine (transparent listeners on egress.listen_port; needs CAP_NET_ADMIN)",
+    )
+    p.add_argument(
+        "--steer",
+        action="store_true",
+        help="with --data-plane: apply the nftables table and policy routing for the store's sandboxes "
+        "in this network namespace, and re-apply when they change",
+    )
     commands.add_parser("check-config", parents=[common], help="validate the configuration and summarise it")
 
     sandbox = commands.add_parser("sandbox", help="manage sandboxes").add_subparsers(
@@ -706,6 +740,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("status", parents=[common], help="store backend, counts, rejected records")
     commands.add_parser("presets", parents=[common], help="list presets")
+    _audit_parser(commands, common)
+    from gateway.tunnel.cli import add_parsers as _tunnel_parsers  # here: gateway.tunnel.cli imports this module
+
+    _tunnel_parsers(commands, common)
     return parser
 
 
@@ -719,12 +757,66 @@ def _client(args: argparse.Namespace) -> ApiClient:
     return ApiClient(url, args.token or os.environ.get("GATEWAY_TOKEN") or None)
 
 
+# --------------------------------------------------------------------------- audit batches (flow records)
+
+
+def _audit_rows(batches: Sequence[Mapping[str, Any]]) -> str:
+    from datetime import UTC, datetime
+
+    if not batches:
+        return "no audit batches"
+    rows = [
+        (b["name"], datetime.fromtimestamp(b["first_ts_us"] / 1e6, UTC).isoformat(timespec="milliseconds"), b["size"])
+        for b in batches
+    ]
+    return format_table(("NAME", "FIRST RECORD (UTC)", "BYTES"), rows)
+
+
+def cmd_audit(ctx: Context, args: argparse.Namespace) -> None:
+    """`audit list` pages through the batches (every page with --all); `audit get` prints a batch's NDJSON."""
+    path = f"/v1/sandboxes/{_quote(args.sandbox)}/audit-batches"
+    if args.action == "get":
+        answer = ctx.client.request("GET", f"{path}/{_quote(args.name)}")
+        ctx.out.write(answer.text if answer.text.endswith("\n") or not answer.text else answer.text + "\n")
+        return
+    batches: list[Any] = []
+    token: str | None = None
+    while True:
+        query = {"since_us": str(args.since_us), "limit": str(args.limit), "continuation_token": token}
+        page = ctx.client.request("GET", path, query=query).data
+        batches += page["batches"]
+        token = page["next_continuation_token"]
+        if token is None or not args.all:
+            break
+    if ctx.json_output:
+        ctx.out.write(json.dumps({"batches": batches, "next_continuation_token": token}) + "\n")
+        return
+    ctx.out.write(_audit_rows(batches) + "\n")
+    if token is not None:
+        ctx.out.write("more batches follow: use --all, or --since-us after the last one shown\n")
+
+
+def _audit_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    audit = commands.add_parser("audit", help="flow record batches (NDJSON) of a sandbox").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    p = audit.add_parser("list", parents=[common], help="list a sandbox's audit batches, oldest first")
+    p.add_argument("sandbox")
+    p.add_argument("--since-us", type=int, default=0, metavar="N", help="only batches from this time (µs since epoch)")
+    p.add_argument("--limit", type=int, default=100, metavar="N", help="batches per page (1-1000)")
+    p.add_argument("--all", action="store_true", help="follow the continuation tokens to the last batch")
+    p = audit.add_parser("get", parents=[common], help="print one batch (NDJSON, one flow record per line)")
+    p.add_argument("sandbox")
+    p.add_argument("name", help="a batch name from `audit list`")
+
+
 CLIENT_COMMANDS: dict[str, Callable[[Context, argparse.Namespace], None]] = {
     "sandbox": cmd_sandbox,
     "template": cmd_template,
     "explain": cmd_explain,
     "status": cmd_status,
     "presets": cmd_presets,
+    "audit": cmd_audit,
 }
 
 
@@ -737,6 +829,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args, out)
         if args.command == "check-config":
             return cmd_check_config(args, out)
+        if args.command in ("certs", "tunnel"):
+            from gateway.tunnel.cli import run_command
+
+            return run_command(args, out)
         ctx = Context(_client(args), args.json, out)
         CLIENT_COMMANDS[args.command](ctx, args)
         return EXIT_OK

@@ -1,0 +1,257 @@
+"""Which destination addresses the egress engine refuses whatever the name: special-purpose, own, blocklisted.
+
+Pure except for two inputs read from the host: the operator blocklist file (reloaded
+when it changes) and, optionally, the local interface addresses (passed in by the
+caller, e.g. from netlink). `check(address)` answers in a few dict probes (one per
+distinct prefix length, via `decision.NetSet`).
+
+Three kinds of refusal, in this order:
+
+* `blocklist` (operator threat feed) and `gateway` (the gateway's own addresses): refused
+  in every profile, even when a CIDR rule of the policy would allow them. A sandbox has
+  no business reaching the gateway's services, and a threat feed outranks a policy.
+* `special`: loopback, RFC 1918, CGNAT, link-local (incl. the 169.254.169.254 metadata
+  service), multicast, reserved, documentation and benchmarking ranges, IPv6 ULA /
+  link-local / multicast, and the IPv6 forms that embed an IPv4 address (mapped,
+  compatible, 6to4, Teredo, NAT64), which are unwrapped and the embedded IPv4 checked.
+  These are refused unless an explicit `allow_cidrs` rule of the sandbox's policy
+  allows the address (`Refusal.overridable`). Ranges in `public_ranges` (config) count
+  as public: tests declare their fake internet (198.18/15, 2001:db8::/32) that way.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from gateway.decision import NetSet, address_key
+from gateway.policy import IPAddress, IPNetwork
+
+log = structlog.get_logger("gateway.destinations")
+
+#: How often (seconds) the blocklist file's signature is looked at, at most.
+BLOCKLIST_CHECK_INTERVAL = 1.0
+
+_V4_SPECIAL: tuple[tuple[str, str], ...] = (
+    ("0.0.0.0/8", "'this network' address (0.0.0.0/8)"),
+    ("10.0.0.0/8", "private address (RFC 1918)"),
+    ("100.64.0.0/10", "shared address space (CGNAT 100.64.0.0/10)"),
+    ("127.0.0.0/8", "loopback address"),
+    ("169.254.0.0/16", "link-local address"),
+    ("169.254.169.254/32", "metadata service"),
+    ("172.16.0.0/12", "private address (RFC 1918)"),
+    ("192.0.0.0/24", "IETF protocol assignment (192.0.0.0/24)"),
+    ("192.0.2.0/24", "documentation address (TEST-NET-1)"),
+    ("192.88.99.0/24", "6to4 relay anycast (deprecated)"),
+    ("192.168.0.0/16", "private address (RFC 1918)"),
+    ("198.18.0.0/15", "benchmarking address (198.18.0.0/15)"),
+    ("198.51.100.0/24", "documentation address (TEST-NET-2)"),
+    ("203.0.113.0/24", "documentation address (TEST-NET-3)"),
+    ("224.0.0.0/4", "multicast address"),
+    ("240.0.0.0/4", "reserved address (240.0.0.0/4)"),
+    ("255.255.255.255/32", "broadcast address"),
+)
+_V6_SPECIAL: tuple[tuple[str, str], ...] = (
+    ("::/128", "unspecified address"),
+    ("::1/128", "loopback address"),
+    ("64:ff9b:1::/48", "local-use NAT64 address (64:ff9b:1::/48)"),
+    ("100::/64", "discard-only address (100::/64)"),
+    ("2001:2::/48", "benchmarking address (2001:2::/48)"),
+    ("2001:10::/28", "ORCHID address (deprecated)"),
+    ("2001:20::/28", "ORCHIDv2 address"),
+    ("2001:db8::/32", "documentation address (2001:db8::/32)"),
+    ("3fff::/20", "documentation address (3fff::/20)"),
+    ("fc00::/7", "unique local address (fc00::/7)"),
+    ("fe80::/10", "link-local address"),
+    ("fec0::/10", "site-local address (deprecated)"),
+    ("ff00::/8", "multicast address"),
+)
+
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_COMPAT = ipaddress.ip_network("::/96")
+_6TO4 = ipaddress.ip_network("2002::/16")
+_TEREDO = ipaddress.ip_network("2001::/32")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a destination address is refused. `overridable`: an allow_cidrs rule may still allow it."""
+
+    kind: str  # "special" | "gateway" | "blocklist"
+    reason: str
+    rule: str
+    overridable: bool
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """The IPv4 addresses an IPv6 address carries (mapped, compatible, 6to4, Teredo, NAT64), with the form's name."""
+    value = int(address)
+    out: list[tuple[str, ipaddress.IPv4Address]] = []
+    if address in _MAPPED:
+        out.append(("IPv4-mapped", ipaddress.IPv4Address(value & 0xFFFFFFFF)))
+    elif address in _COMPAT and value > 1:
+        out.append(("IPv4-compatible", ipaddress.IPv4Address(value & 0xFFFFFFFF)))
+    elif address in _6TO4:
+        out.append(("6to4", ipaddress.IPv4Address((value >> 80) & 0xFFFFFFFF)))
+    elif address in _TEREDO:
+        # RFC 4380 4: server IPv4 in bits 32-63, client IPv4 obfuscated (inverted) in the last 32 bits.
+        out.append(("Teredo server", ipaddress.IPv4Address((value >> 64) & 0xFFFFFFFF)))
+        out.append(("Teredo client", ipaddress.IPv4Address(~value & 0xFFFFFFFF)))
+    elif address in _NAT64:
+        out.append(("NAT64", ipaddress.IPv4Address(value & 0xFFFFFFFF)))
+    return out
+
+
+def parse_blocklist(text: str, source: str = "blocklist") -> tuple[dict[str, int], list[tuple[int, str]]]:
+    """(network text -> line number, [(line number, problem)]). One IP or CIDR per line; `#` comments."""
+    entries: dict[str, int] = {}
+    problems: list[tuple[int, str]] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            net = ipaddress.ip_network(line, strict=False)
+        except ValueError:
+            problems.append((number, f"{line[:80]!r} is not an IP address or CIDR"))
+            continue
+        entries.setdefault(str(net), number)
+    return entries, problems
+
+
+class Destinations:
+    """The destination check the egress engine runs on every address it would dial."""
+
+    def __init__(
+        self,
+        public_ranges: Iterable[IPNetwork] = (),
+        gateway_addresses: Iterable[IPAddress] = (),
+        blocklist_path: Path | None = None,
+        *,
+        local_addresses: Iterable[IPAddress] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._public = NetSet(public_ranges)
+        self._labels: dict[str, str] = {}
+        nets: list[IPNetwork] = []
+        for text, label in (*_V4_SPECIAL, *_V6_SPECIAL):
+            net = ipaddress.ip_network(text)
+            nets.append(net)
+            self._labels[str(net)] = label
+        self._special = NetSet(nets)
+        self._configured_own = tuple(gateway_addresses)
+        self._own: set[tuple[int, int]] = set()
+        self.set_local_addresses(local_addresses)
+        self.blocklist_path = blocklist_path
+        self._clock = clock
+        self._block = NetSet(())
+        self._block_lines: dict[str, int] = {}
+        self._block_signature: tuple[int, int, int] | str | None = "unread"
+        self._block_checked = float("-inf")
+        self.reload_blocklist(force=True)
+
+    # ------------------------------------------------------------------ inputs
+
+    def set_local_addresses(self, addresses: Iterable[IPAddress]) -> None:
+        """The gateway's own addresses: configured ones plus these (the host's interface addresses)."""
+        own = {address_key(a) for a in self._configured_own}
+        own.update(address_key(a) for a in addresses)
+        self._own = own
+
+    def reload_blocklist(self, *, force: bool = False) -> bool:
+        """Re-read the blocklist if its file changed (inode, mtime, size). True when the list was replaced."""
+        path = self.blocklist_path
+        if path is None:
+            return False
+        now = self._clock()
+        if not force and now - self._block_checked < BLOCKLIST_CHECK_INTERVAL:
+            return False
+        self._block_checked = now
+        try:
+            st = os.stat(path)
+            signature: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            signature = None
+        except OSError as exc:
+            log.warning("blocklist.unreadable", path=str(path), error=str(exc))
+            return False
+        if signature == self._block_signature:
+            return False
+        self._block_signature = signature
+        if signature is None:
+            log.warning("blocklist.missing", path=str(path), note="no operator blocklist in force")
+            entries: dict[str, int] = {}
+        else:
+            try:
+                text = Path(path).read_text(encoding="utf-8", errors="replace")
+            except OSError as exc:
+                log.warning("blocklist.unreadable", path=str(path), error=str(exc))
+                return False
+            entries, problems = parse_blocklist(text)
+            for number, problem in problems:
+                log.warning("blocklist.bad_line", path=str(path), line=number, problem=problem)
+        self._block = NetSet(ipaddress.ip_network(net) for net in entries)
+        self._block_lines = entries
+        log.info("blocklist.loaded", path=str(path), entries=len(entries))
+        return True
+
+    # ------------------------------------------------------------------ the check
+
+    def check(self, address: str | IPAddress) -> Refusal | None:
+        """None when the address may be dialled (policy permitting); else why not."""
+        self.reload_blocklist()
+        try:
+            key = address_key(address)  # IPv4-mapped is unwrapped here already
+        except ValueError:
+            return Refusal("special", f"unparseable address {address!r}", "builtin:special", False)
+        text = str(address)
+        if self._block:
+            hit = self._block.match(key)
+            if hit is not None:
+                line = self._block_lines.get(hit)
+                where = f" (line {line})" if line else ""
+                return Refusal("blocklist", f"operator blocklist {hit}{where}", "builtin:blocklist", False)
+        if key in self._own:
+            return Refusal("gateway", f"the gateway's own address {text}", "builtin:gateway", False)
+        if self._public.match(key) is not None:
+            return None
+        hit = self._special.match(key)
+        if hit is not None:
+            label = self._labels[hit]
+            shown = str(ipaddress.ip_address(key[1]) if key[0] == 4 else text)
+            return Refusal("special", f"{label} {shown}", "builtin:special", True)
+        if key[0] == 6:
+            for form, inner in embedded_ipv4(ipaddress.IPv6Address(key[1])):
+                inner_refusal = self.check(inner)
+                if inner_refusal is not None:
+                    why = inner_refusal.reason.rsplit(" ", 1)[0]
+                    return Refusal(
+                        inner_refusal.kind,
+                        f"IPv4 {inner} embedded in {form} {text} is refused: {why}",
+                        inner_refusal.rule,
+                        inner_refusal.overridable,
+                    )
+        return None
+
+
+def read_local_addresses() -> list[IPAddress]:
+    """Every address on this host's interfaces (netlink; synchronous: call it via asyncio.to_thread)."""
+    from pyroute2 import IPRoute
+
+    out: list[IPAddress] = []
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            text = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
+            if text:
+                try:
+                    out.append(ipaddress.ip_address(text.split("%", 1)[0]))
+                except ValueError:
+                    continue
+    return out

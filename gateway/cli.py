@@ -741,9 +741,6 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("status", parents=[common], help="store backend, counts, rejected records")
     commands.add_parser("presets", parents=[common], help="list presets")
     _audit_parser(commands, common)
-    from gateway.tunnel.cli import add_parsers as _tunnel_parsers  # here: gateway.tunnel.cli imports this module
-
-    _tunnel_parsers(commands, common)
     return parser
 
 
@@ -829,10 +826,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args, out)
         if args.command == "check-config":
             return cmd_check_config(args, out)
-        if args.command in ("certs", "tunnel"):
-            from gateway.tunnel.cli import run_command
-
-            return run_command(args, out)
         ctx = Context(_client(args), args.json, out)
         CLIENT_COMMANDS[args.command](ctx, args)
         return EXIT_OK

@@ -76,6 +76,24 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "dial_mark": 2,
     },
     "resolver": {"upstreams": [], "timeout": 2.0, "min_ttl": 5, "max_ttl": 3600},
+    "dns": {
+        "malware_blocklist": "",
+        "blocklist_check_interval": 1.0,
+        "blocked_ttl": 10,
+        "negative_max_ttl": 300,
+        "other_qtypes": "empty",
+        "extra_qtypes": [],
+        "require_ad": False,
+        "cache_per_sandbox": 2048,
+        "cache_total": 200_000,
+        "rate_limit_max_wait": 1.0,
+        "tcp_idle_timeout": 10.0,
+        "tcp_max_connections": 1024,
+        "tcp_max_per_sandbox": 64,
+        "max_inflight": 4096,
+        "max_inflight_per_sandbox": 256,
+        "query_log_size": 1000,
+    },
     "audit": {"dir": "var/audit", "flush_interval": 1.0, "redis_stream": "", "redis_maxlen": 100_000},
     "presets": {},
 }
@@ -137,6 +155,28 @@ class ResolverConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsSection:
+    """`[dns]`: the interceptor's own options (its port and upstreams come from [egress] and [resolver])."""
+
+    malware_blocklist: Path | None
+    blocklist_check_interval: float
+    blocked_ttl: int
+    negative_max_ttl: int
+    other_qtypes: str
+    extra_qtypes: frozenset[int]
+    require_ad: bool
+    cache_per_sandbox: int
+    cache_total: int
+    rate_limit_max_wait: float
+    tcp_idle_timeout: float
+    tcp_max_connections: int
+    tcp_max_per_sandbox: int
+    max_inflight: int
+    max_inflight_per_sandbox: int
+    query_log_size: int
+
+
+@dataclass(frozen=True, slots=True)
 class AuditConfig:
     dir: Path
     flush_interval: float
@@ -156,6 +196,7 @@ class Config:
     log_level: str
     egress: EgressConfig
     resolver: ResolverConfig
+    dns: DnsSection
     audit: AuditConfig
     presets: Mapping[str, Preset] = field(default_factory=dict)
     source: str = "defaults"
@@ -299,6 +340,7 @@ def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
         log_level=level,
         egress=_egress(merged["egress"]),
         resolver=_resolver(merged["resolver"]),
+        dns=_dns(merged["dns"]),
         audit=_audit(merged["audit"]),
         presets=presets,
         source=source,
@@ -366,6 +408,42 @@ def _resolver(section: dict[str, Any]) -> ResolverConfig:
     if min_ttl > max_ttl:
         raise _invalid("min_ttl must not exceed max_ttl", "resolver.min_ttl")
     return ResolverConfig(upstreams, _number(section["timeout"], "resolver.timeout", 0.05, 60), min_ttl, max_ttl)
+
+
+def _dns(section: dict[str, Any]) -> DnsSection:
+    def num(key: str, low: float, high: float) -> float:
+        return _number(section[key], f"dns.{key}", low, high)
+
+    other = _str(section["other_qtypes"], "dns.other_qtypes")
+    if other not in ("empty", "refuse"):
+        raise _invalid(f"{other!r} is not a choice; use empty or refuse", "dns.other_qtypes")
+    extra = section["extra_qtypes"]
+    if not isinstance(extra, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in extra):
+        raise _invalid("expected a list of DNS type numbers (e.g. [33] for SRV)", "dns.extra_qtypes")
+    for qtype in extra:
+        if not 1 <= qtype <= 65535 or qtype in (251, 252, 255):  # IXFR, AXFR, ANY are always refused
+            raise _invalid(f"{qtype} is not a type that can be forwarded", "dns.extra_qtypes")
+    if not isinstance(section["require_ad"], bool):
+        raise _invalid("expected true or false", "dns.require_ad")
+    blocklist = _str(section["malware_blocklist"], "dns.malware_blocklist")
+    return DnsSection(
+        malware_blocklist=Path(blocklist) if blocklist else None,
+        blocklist_check_interval=num("blocklist_check_interval", 0.05, 3600),
+        blocked_ttl=int(num("blocked_ttl", 0, 86_400)),
+        negative_max_ttl=int(num("negative_max_ttl", 0, 86_400)),
+        other_qtypes=other,
+        extra_qtypes=frozenset(extra),
+        require_ad=section["require_ad"],
+        cache_per_sandbox=int(num("cache_per_sandbox", 0, 10_000_000)),
+        cache_total=int(num("cache_total", 0, 100_000_000)),
+        rate_limit_max_wait=num("rate_limit_max_wait", 0, 30),
+        tcp_idle_timeout=num("tcp_idle_timeout", 0.1, 3600),
+        tcp_max_connections=int(num("tcp_max_connections", 1, 1_000_000)),
+        tcp_max_per_sandbox=int(num("tcp_max_per_sandbox", 1, 1_000_000)),
+        max_inflight=int(num("max_inflight", 1, 10_000_000)),
+        max_inflight_per_sandbox=int(num("max_inflight_per_sandbox", 1, 10_000_000)),
+        query_log_size=int(num("query_log_size", 0, 1_000_000)),
+    )
 
 
 def _audit(section: dict[str, Any]) -> AuditConfig:

@@ -49,6 +49,8 @@ import structlog
 from gateway.config import Config
 from gateway.decision import CompiledPolicy, decide
 from gateway.destinations import Destinations, read_local_addresses
+from gateway.dns.policy import DnsConfig
+from gateway.dns.server import DnsInterceptor
 from gateway.flowlog import FlowLog, FlowRecord
 from gateway.learned import LearnedDestinations
 from gateway.peek import (
@@ -890,9 +892,10 @@ class DataPlane:
         self.store = store
         self.steer = steer
         self.engine: EgressEngine | None = None
+        self.dns: DnsInterceptor | None = None
         self.destinations: Destinations | None = None
         self.flowlog = flowlog
-        #: Shared with the DNS interceptor when it is wired in: its answers are what opaque TCP may reach.
+        #: Shared with the DNS interceptor: its answers are what opaque TCP may reach.
         self.learned = LearnedDestinations()
         self._tasks: list[asyncio.Task[None]] = []
         self._attached: frozenset[Any] | None = None
@@ -914,8 +917,13 @@ class DataPlane:
             connection_limiter=ConnectionRateLimiter(),
             bandwidth=BandwidthLimiter(),
         )
+        # The interceptor has its own rate limiter: DNS queries and connections are separate budgets.
+        self.dns = DnsInterceptor(
+            DnsConfig.from_config(self.config), lambda: self.store.state, learned=self.learned, flowlog=self.flowlog
+        )
         if self.steer:
             await self.apply_steering()
+        await self.dns.start_transparent()
         await self.engine.start()
         self._tasks.append(asyncio.create_task(self._refresh_local_addresses()))
         if self.steer:
@@ -928,6 +936,8 @@ class DataPlane:
         self._tasks.clear()
         if self.engine is not None:
             await self.engine.close()
+        if self.dns is not None:
+            await self.dns.close()
 
     def _wanted(self) -> frozenset[Any]:
         return frozenset(a for sandbox in self.store.state.sandboxes.values() for a in sandbox.addresses)

@@ -5,8 +5,9 @@ gateway's resolver upstream), HTTPS (a test CA made here) and plain HTTP origins
 every origin address that answer with their own identity (local address, Host, SNI),
 an SSH-like banner service and an SMTP-like one. Sandboxes use real clients (curl,
 openssl s_client, Python sockets). Names in the sandbox are pinned with curl's
-`--resolve` (the DNS interceptor is not part of this test): that is exactly how a
-sandbox would try to send an allowed name to an address of its choosing.
+`--resolve`: that is exactly how a
+sandbox would try to send an allowed name to an address of its choosing. The DNS tests
+query the gateway's interceptor with dig, at addresses that are not resolvers at all.
 """
 
 from __future__ import annotations
@@ -495,6 +496,42 @@ def test_smtp_is_refused_in_every_profile_and_opaque_tcp_needs_a_cidr_rule(env: 
     )
     denied = [d for d in env.log_events("egress.deny") if d.get("dst") == "198.18.1.3" and d.get("port") == 22]
     assert denied and denied[-1]["reason"] == "no hostname (SNI/Host) and address not in allow_cidrs"
+
+
+@pytest.mark.root
+def test_dns_is_answered_by_the_gateway_and_only_for_allowed_names(env: Env) -> None:
+    def dig(sb: str, *args: str) -> str:
+        out = env.topo.run(sb, ["dig", "+time=2", "+tries=1", *args], check=False, timeout=10)
+        return out.stdout + out.stderr
+
+    # Sent to an address that is no resolver at all (an origin): intercepted and answered by the gateway.
+    assert dig("sb1", "@198.18.1.2", "allowed.test", "A", "+short").split() == ["198.18.1.1"]
+    assert dig("sb1", "@2001:db8:1::2", "allowed.test", "AAAA", "+short").split() == ["2001:db8:1::1"]
+    assert dig("sb1", "@198.18.1.2", "+tcp", "allowed.test", "A", "+short").split() == ["198.18.1.1"]
+    denied = dig("sb1", "@198.18.1.2", "denied.test", "A")
+    assert "status: NXDOMAIN" in denied, denied
+    assert "EDE: 15 (Blocked)" in denied and "host not in allowlist" in denied, denied
+    https = dig("sb1", "@198.18.1.2", "allowed.test", "HTTPS")
+    assert "status: NOERROR" in https and "ANSWER: 0" in https, https
+    # unrestricted resolves everything
+    assert dig("sb2", "@198.18.1.2", "denied.test", "A", "+short").split() == ["198.18.1.2"]
+
+
+@pytest.mark.root
+def test_opaque_tcp_reaches_an_address_the_sandbox_learned_from_dns_for_an_allowed_name(env: Env) -> None:
+    # 198.18.1.1 port 22 is in no allow_cidrs rule: refused until the sandbox's own DNS answer for an
+    # allowed name (allowed.test) returns it; the answer of a denied name never unlocks anything.
+    assert env.topo.python("sb1", BANNER_CLIENT, "198.18.1.2", "22").strip() == "RESET"
+    env.topo.run("sb1", ["dig", "+time=2", "+tries=1", "@198.18.1.2", "denied.test", "A"], check=False, timeout=10)
+    assert env.topo.python("sb1", BANNER_CLIENT, "198.18.1.2", "22").strip() == "RESET"
+    fresh = env.topo.python("sb3", BANNER_CLIENT, "198.18.1.1", "22").strip()
+    assert fresh != "DATA SSH-2.0-TestOrigin 198.18.1.1|ECHO SSH-2.0-TestClient|"  # sb3 has no policy yet
+    answer = env.topo.run(
+        "sb1", ["dig", "+time=2", "+tries=1", "@198.18.1.2", "allowed.test", "A", "+short"], check=False, timeout=10
+    )
+    assert answer.stdout.split() == ["198.18.1.1"], answer.stdout + answer.stderr
+    out = env.topo.python("sb1", BANNER_CLIENT, "198.18.1.1", "22").strip()
+    assert out == "DATA SSH-2.0-TestOrigin 198.18.1.1|ECHO SSH-2.0-TestClient|", out
 
 
 @pytest.mark.root

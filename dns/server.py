@@ -1,0 +1,695 @@
+"""The DNS interceptor's asyncio shell: UDP and TCP listeners around the pure core (policy.py, cache.py).
+
+Two ways to listen, same handling:
+
+- **transparent** (the data plane): `IP_TRANSPARENT` / `IPV6_TRANSPARENT` sockets on `dns_port`, fed by
+  the nft TPROXY rule for UDP/TCP 53 whatever address the sandbox sent to. UDP learns the original
+  destination from the `IP_ORIGDSTADDR` control message and answers from it (a transparent socket bound
+  to that address and port with SO_REUSEADDR), so the sandbox sees the answer come from the resolver it
+  asked; TCP gets it as the accepted socket's local address, and answers on that socket.
+- **plain**: an ordinary bind to one address (tests on loopback, or a fallback without TPROXY).
+
+Per query (`DnsInterceptor.handle`): the sandbox is the owner of the source address in the live
+`PolicyState` (`state_provider()`); unknown sources are REFUSED. The pure `decide` says drop, answer or
+forward; the sandbox's `dns_queries_per_minute` is enforced (wait up to `rate_limit_max_wait`, then
+REFUSED); forwarded queries are answered from the sandbox's cache or sent to the upstreams with
+`gateway.resolver.exchange` (random id on the wire, UDP with TCP fallback, source checks), concurrent
+identical queries of one sandbox sharing one upstream exchange. Addresses of allowed A/AAAA answers go to
+`LearnedDestinations`; every query goes to the sandbox's query-log ring and, when a FlowLog is given, to
+the flow log (protocol "dns"). A bad packet can cost its own answer, never the server: each packet is
+handled in its own task under a catch-all, bounded in number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+from dnslib import RCODE
+
+from gateway.dns.cache import DnsCache
+from gateway.dns.policy import (
+    ANSWER,
+    DROP,
+    EDE_NO_REACHABLE_AUTHORITY,
+    EDE_OTHER,
+    REFUSED,
+    Answer,
+    Code,
+    Decision,
+    DnsConfig,
+    DomainBlocklist,
+    Query,
+    accept_upstream,
+    decide,
+    failure_answer,
+    render,
+    synthetic,
+    upstream_packet,
+)
+from gateway.ratelimit import ConnectionRateLimiter, TokenBucket
+from gateway.resolver import ResolveError, Upstream, exchange, parse_upstream, system_upstreams
+
+if TYPE_CHECKING:
+    from gateway.decision import CompiledPolicy
+    from gateway.flowlog import FlowLog
+    from gateway.learned import LearnedDestinations
+    from gateway.state import PolicyState
+
+__all__ = ["DnsInterceptor", "QueryLogEntry"]
+
+log = structlog.get_logger("gateway.dns")
+
+IP_TRANSPARENT, IPV6_TRANSPARENT = 19, 75
+IP_RECVORIGDSTADDR, IPV6_RECVORIGDSTADDR = 20, 74
+RATE_LIMIT_REASON: Final = "dns query rate limit"
+RATE_LIMIT_RULE: Final = "limits.dns_queries_per_minute"
+#: `counts` key of packets whose handling raised (a bug: each is answered with nothing and logged at debug).
+INTERNAL_ERROR: Final = "INTERNAL_ERROR"
+#: Datagrams read per wake-up of the UDP reader before yielding to the loop (fairness with TCP and tasks).
+UDP_BATCH: Final = 64
+#: Receive buffer per datagram: a query is at most a few hundred bytes (4096 is the largest EDNS size in use);
+#: anything longer arrives cut and is answered FORMERR. Not 65535: that would be allocated for every packet.
+UDP_BUFFER: Final = 4096
+TCP_MAX_MESSAGE: Final = 65535
+MAX_LOGGED_SANDBOXES: Final = 100_000
+DEBUG_LOG_BURST: Final = 20  # malformed-packet debug lines per DEBUG_LOG_WINDOW seconds at most
+DEBUG_LOG_WINDOW: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueryLogEntry:
+    time: float  # wall clock, seconds
+    sandbox: str
+    client: str
+    transport: str
+    name: str
+    type: str
+    rcode: str
+    answers: tuple[str, ...]
+    latency_ms: float
+    allowed: bool
+    code: str
+    reason: str
+    rule: str
+    cached: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "time": self.time,
+            "sandbox": self.sandbox,
+            "client": self.client,
+            "transport": self.transport,
+            "name": self.name,
+            "type": self.type,
+            "rcode": self.rcode,
+            "answers": list(self.answers),
+            "latency_ms": self.latency_ms,
+            "allowed": self.allowed,
+            "code": self.code,
+            "reason": self.reason,
+            "rule": self.rule,
+            "cached": self.cached,
+        }
+
+
+class _CappedDebug:
+    """At most `burst` debug lines per `window` seconds: a flood of garbage must not become a flood of logs."""
+
+    def __init__(self, burst: int = DEBUG_LOG_BURST, window: float = DEBUG_LOG_WINDOW) -> None:
+        self.burst, self.window = burst, window
+        self._start, self._count, self.suppressed = 0.0, 0, 0
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        now = time.monotonic()
+        if now - self._start >= self.window:
+            if self.suppressed:
+                log.debug("dns.debug_suppressed", count=self.suppressed)
+            self._start, self._count, self.suppressed = now, 0, 0
+        if self._count < self.burst:
+            self._count += 1
+            log.debug(event, **fields)
+        else:
+            self.suppressed += 1
+
+
+def _rcode_name(rcode: int) -> str:
+    if rcode < 0:
+        return "DROPPED"
+    if rcode == 16:
+        return "BADVERS"
+    return str(RCODE.get(rcode, rcode))
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One query on its way: what `handle_now` found out, for `complete` to finish."""
+
+    started: float
+    start_us: int
+    data: bytes
+    client: tuple[Any, ...]
+    server: tuple[Any, ...]
+    transport: str
+    policy: CompiledPolicy | None = None
+    sandbox_id: str = ""
+    decision: Decision | None = None
+    bucket: TokenBucket | None = None
+    wait: float = 0.0
+
+
+class DnsInterceptor:
+    """The DNS interceptor: `start_plain` / `start_transparent`, then `close`. See the module doc."""
+
+    def __init__(
+        self,
+        config: DnsConfig,
+        state_provider: Callable[[], PolicyState | None],
+        *,
+        upstreams: Sequence[Upstream] | None = None,
+        learned: LearnedDestinations | None = None,
+        flowlog: FlowLog | None = None,
+        limiter: ConnectionRateLimiter | None = None,
+        cache: DnsCache | None = None,
+        blocklist: DomainBlocklist | None = None,
+    ) -> None:
+        self.config = config
+        self.state_provider = state_provider
+        if upstreams is None:
+            upstreams = tuple(parse_upstream(u) for u in config.upstreams) or system_upstreams()
+        self.upstreams = tuple(upstreams)
+        self.learned = learned
+        self.flowlog = flowlog
+        self.limiter = limiter or ConnectionRateLimiter()
+        self.cache = cache or DnsCache(config.cache_per_sandbox, config.cache_total)
+        if blocklist is None and config.malware_blocklist is not None:
+            blocklist = DomainBlocklist(config.malware_blocklist, config.blocklist_check_interval)
+        self.blocklist = blocklist
+        self.counts: Counter[str] = Counter()
+        self.upstream_queries = 0  # exchanges sent upstream (tests, metrics)
+        self._logs: OrderedDict[str, deque[QueryLogEntry]] = OrderedDict()
+        self._inflight: dict[tuple[str, int, str, int, bool], asyncio.Future[Answer]] = {}
+        self._udp: list[_UdpListener] = []
+        self._tcp_servers: list[asyncio.Server] = []
+        self._tcp_count = 0
+        self._tcp_by_source: Counter[str] = Counter()
+        self._tcp_tasks: set[asyncio.Task[None]] = set()
+        self._debug = _CappedDebug()
+
+    # ------------------------------------------------------------------ listeners
+
+    async def start_plain(self, host: str, port: int = 0) -> int:
+        """Listen on `host` (UDP and TCP, the same port; 0 picks a free one). Returns the port."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        last: OSError | None = None
+        for _ in range(20 if port == 0 else 1):
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                udp.bind((host, port))
+                bound = udp.getsockname()[1]
+                tcp = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    tcp.bind((host, bound))
+                except OSError:
+                    tcp.close()
+                    raise
+            except OSError as exc:
+                udp.close()
+                last = exc
+                continue
+            await self._serve(udp, tcp, transparent=False)
+            return bound
+        raise last or OSError("could not bind")
+
+    async def start_transparent(
+        self, port: int | None = None, families: Sequence[int] = (socket.AF_INET, socket.AF_INET6)
+    ) -> None:
+        """Listen on the TPROXY port (default `config.port`) for every address, IPv4 and IPv6."""
+        port = self.config.port if port is None else port
+        for family in families:
+            udp = _transparent_socket(family, socket.SOCK_DGRAM)
+            tcp = _transparent_socket(family, socket.SOCK_STREAM)
+            try:
+                if family == socket.AF_INET6:
+                    udp.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+                else:
+                    udp.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+                wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+                udp.bind((wildcard, port))
+                tcp.bind((wildcard, port))
+            except OSError:
+                udp.close()
+                tcp.close()
+                raise
+            await self._serve(udp, tcp, transparent=True)
+
+    async def _serve(self, udp: socket.socket, tcp: socket.socket, *, transparent: bool) -> None:
+        udp.setblocking(False)
+        self._udp.append(_UdpListener(self, udp, transparent))
+        tcp.listen(512)
+        tcp.setblocking(False)
+        self._tcp_servers.append(await asyncio.start_server(self._on_tcp, sock=tcp))
+
+    async def close(self) -> None:
+        for listener in self._udp:
+            listener.close()
+        self._udp.clear()
+        for server in self._tcp_servers:
+            server.close()
+        for task in list(self._tcp_tasks):
+            task.cancel()
+        for server in self._tcp_servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+        self._tcp_servers.clear()
+
+    # ------------------------------------------------------------------ reads for the API
+
+    def query_log(self, sandbox_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The sandbox's last `limit` queries, oldest first."""
+        ring = self._logs.get(sandbox_id)
+        if not ring or limit <= 0:
+            return []
+        entries = list(ring)[-limit:]
+        return [e.to_dict() for e in entries]
+
+    def flush(self, sandbox_id: str) -> int:
+        """Drop the sandbox's cached answers (its policy changed). Returns how many."""
+        return self.cache.flush(sandbox_id)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "counts": dict(self.counts),
+            "cache_entries": len(self.cache),
+            "cache_hits": self.cache.hits,
+            "cache_misses": self.cache.misses,
+            "upstream_queries": self.upstream_queries,
+            "tcp_connections": self._tcp_count,
+        }
+
+    # ------------------------------------------------------------------ one query
+
+    async def handle(
+        self, data: bytes, client: tuple[Any, ...], server: tuple[Any, ...], transport: str
+    ) -> bytes | None:
+        """The answer to one query packet from `client` sent to `server` (the original destination), or None."""
+        result = self.handle_now(data, client, server, transport)
+        if isinstance(result, _Pending):
+            return await self.complete(result)
+        return result
+
+    def handle_now(
+        self, data: bytes, client: tuple[Any, ...], server: tuple[Any, ...], transport: str
+    ) -> bytes | _Pending | None:
+        """Everything that needs no waiting, synchronously: the answer (or None to drop it), or a `_Pending` for
+        `complete` when the query must wait for the rate limit or go upstream. Denied and cached queries never
+        cost a task."""
+        ctx = _Pending(time.monotonic(), time.time_ns() // 1000, data, client, server, transport)
+        state = self.state_provider()
+        policy = ctx.policy = state.policy_for_address(client[0]) if state is not None else None
+        if policy is not None:
+            ctx.sandbox_id = policy.sandbox_id
+            self.cache.bind_policy(ctx.sandbox_id, policy)
+        decision = ctx.decision = decide(data, policy, self.config, self.blocklist)
+        self.counts[decision.code] += 1
+        if decision.action == DROP:
+            self._debug("dns.dropped", client=client[0], reason=decision.reason, size=len(data))
+            return None
+        query = decision.query
+        if query is None:
+            self._debug("dns.malformed", client=client[0], reason=decision.reason, size=len(data))
+        if policy is not None:
+            bucket = ctx.bucket = self.limiter.bucket(ctx.sandbox_id, policy.limits.dns_queries_per_minute)
+            wait = bucket.try_reserve(1, self.config.rate_limit_max_wait)
+            if wait is None:  # over the limit by more than the longest wait: refused, no token taken
+                self.counts[Code.REFUSED_RATE_LIMIT] += 1
+                if query is None:
+                    return None
+                response = render(synthetic(query, REFUSED), (), 0, query, ede=(EDE_OTHER, RATE_LIMIT_REASON))
+                self._record(
+                    ctx,
+                    REFUSED,
+                    (),
+                    False,
+                    Code.REFUSED_RATE_LIMIT,
+                    RATE_LIMIT_REASON,
+                    RATE_LIMIT_RULE,
+                    False,
+                    response,
+                )
+                return response
+            if wait > 0:
+                ctx.wait = wait
+                return ctx
+        return self._respond(ctx)
+
+    def _respond(self, ctx: _Pending) -> bytes | _Pending:
+        decision = ctx.decision
+        assert decision is not None
+        query = decision.query
+        if decision.action == ANSWER:
+            response = decision.response or b""  # synthetic answers are small: they always fit
+            self._record(
+                ctx,
+                decision.rcode,
+                (),
+                decision.allowed,
+                decision.code,
+                decision.reason,
+                decision.rule,
+                False,
+                response,
+            )
+            return response
+        assert query is not None  # FORWARD always has a query
+        hit = self.cache.get(ctx.sandbox_id, query.name, query.qtype, query.do)
+        if hit is None:
+            return ctx
+        entry, elapsed = hit
+        return self._deliver(ctx, entry.answer, elapsed, cached=True)
+
+    async def complete(self, ctx: _Pending) -> bytes | None:
+        """The waiting part: the rate-limit delay, then the upstream exchange when the cache did not answer."""
+        if ctx.wait > 0:
+            try:
+                await self.limiter.sleep(ctx.wait)
+            except asyncio.CancelledError:
+                if ctx.bucket is not None:
+                    ctx.bucket.refund(1)  # the client went away while queued: its token is not spent
+                raise
+            ctx.wait = 0.0
+            result = self._respond(ctx)
+            if not isinstance(result, _Pending):
+                return result
+        assert ctx.decision is not None and ctx.decision.query is not None and ctx.policy is not None
+        answer = await self._forward(ctx.sandbox_id, ctx.decision.query, ctx.policy)
+        return self._deliver(ctx, answer, 0.0, cached=False)
+
+    def _deliver(self, ctx: _Pending, answer: Answer, elapsed: float, *, cached: bool) -> bytes:
+        decision = ctx.decision
+        assert decision is not None and decision.query is not None
+        query = decision.query
+        limit = query.udp_limit() if ctx.transport == "udp" else TCP_MAX_MESSAGE
+        response = render(answer.wire, answer.offsets, elapsed, query, ede=answer.ede, limit=limit)
+        if answer.addresses and self.learned is not None:
+            remaining = answer.addresses_ttl - int(elapsed)
+            if remaining > 0:
+                self.learned.add(ctx.sandbox_id, query.name, answer.addresses, remaining)
+        code = Code.CACHED if cached else answer.code
+        self._record(
+            ctx,
+            answer.rcode,
+            answer.addresses,
+            True,
+            code,
+            answer.reason or decision.reason,
+            decision.rule,
+            cached,
+            response,
+        )
+        return response
+
+    async def _forward(self, sandbox_id: str, query: Query, policy: CompiledPolicy) -> Answer:
+        """Ask the upstreams (one exchange for concurrent identical queries of one sandbox); cache the answer."""
+        key = (sandbox_id, id(policy), query.name, query.qtype, query.do)
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            self.upstream_queries += 1
+            try:
+                data = await exchange(upstream_packet(query, self.config), self.upstreams, self.config.upstream_timeout)
+            except ResolveError as exc:
+                answer = failure_answer(query, Code.UPSTREAM_FAILED, f"upstream: {exc}", EDE_NO_REACHABLE_AUTHORITY)
+            else:
+                answer = accept_upstream(query, data, policy, self.config)
+                if self.cache.bound(sandbox_id) is policy:  # not if the policy changed meanwhile
+                    self.cache.put(sandbox_id, query.name, query.qtype, query.do, answer)
+            future.set_result(answer)
+            return answer
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved: nobody else may be waiting
+            raise
+        finally:
+            del self._inflight[key]
+
+    def _record(
+        self,
+        ctx: _Pending,
+        rcode: int,
+        answers: tuple[str, ...],
+        allowed: bool,
+        code: Code,
+        reason: str,
+        rule: str,
+        cached: bool,
+        response: bytes | None,
+    ) -> None:
+        sandbox_id, client, server, transport = ctx.sandbox_id, ctx.client, ctx.server, ctx.transport
+        query = ctx.decision.query if ctx.decision is not None else None
+        started, start_us, data = ctx.started, ctx.start_us, ctx.data
+        if not sandbox_id:
+            self._debug("dns.unknown_source", client=client[0], code=str(code))
+            return  # no sandbox to file it under; the counters still count it
+        latency_ms = round((time.monotonic() - started) * 1000, 3)
+        name = query.name if query is not None else ""
+        entry = QueryLogEntry(
+            time=start_us / 1e6,
+            sandbox=sandbox_id,
+            client=f"[{client[0]}]:{client[1]}" if ":" in str(client[0]) else f"{client[0]}:{client[1]}",
+            transport=transport,
+            name=name,
+            type=query.type_name if query is not None else "",
+            rcode=_rcode_name(rcode),
+            answers=answers,
+            latency_ms=latency_ms,
+            allowed=allowed,
+            code=str(code),
+            reason=reason,
+            rule=rule,
+            cached=cached,
+        )
+        ring = self._logs.get(sandbox_id)
+        if ring is None:
+            ring = self._logs[sandbox_id] = deque(maxlen=self.config.query_log_size)
+            while len(self._logs) > MAX_LOGGED_SANDBOXES:
+                self._logs.popitem(last=False)
+        else:
+            self._logs.move_to_end(sandbox_id)
+        ring.append(entry)
+        if self.flowlog is None:
+            return
+        try:
+            from gateway.flowlog import FlowRecord
+
+            end_us = time.time_ns() // 1000
+            self.flowlog.record(
+                FlowRecord(
+                    start_us=start_us,
+                    end_us=end_us,
+                    sandbox=sandbox_id,
+                    src_addr=str(client[0]),
+                    src_port=int(client[1]),
+                    dst_addr=str(server[0]),
+                    dst_port=int(server[1]),
+                    orig_dst_addr=str(server[0]),
+                    orig_dst_port=int(server[1]),
+                    hostname=name or None,
+                    protocol="dns",
+                    bytes_up=len(data),
+                    bytes_down=len(response or b""),
+                    duration_ms=latency_ms,
+                    verdict="allow" if allowed else "deny",
+                    reason=reason,
+                    rule=rule,
+                )
+            )
+        except Exception:  # the audit trail must never break DNS
+            self._debug("dns.flowlog_failed")
+
+    # ------------------------------------------------------------------ TCP
+
+    async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        local = writer.get_extra_info("sockname") or ("?", 0)
+        source = str(peer[0])
+        if self._tcp_count >= self.config.tcp_max_connections or (
+            self._tcp_by_source[source] >= self.config.tcp_max_per_sandbox
+        ):
+            self.counts["TCP_REFUSED_CONNECTION_LIMIT"] += 1
+            writer.close()
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._tcp_tasks.add(task)
+        self._tcp_count += 1
+        self._tcp_by_source[source] += 1
+        idle = self.config.tcp_idle_timeout
+        try:
+            while True:
+                try:
+                    (size,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), idle))
+                    if size == 0:
+                        break
+                    data = await asyncio.wait_for(reader.readexactly(size), idle)
+                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
+                    break
+                try:
+                    response = await self.handle(data, peer, local, "tcp")
+                except Exception as exc:
+                    self.counts[INTERNAL_ERROR] += 1
+                    self._debug("dns.handle_failed", error=repr(exc))
+                    response = None
+                if response is None:
+                    continue
+                writer.write(struct.pack("!H", len(response)) + response)
+                try:
+                    await asyncio.wait_for(writer.drain(), idle)
+                except (TimeoutError, ConnectionError, OSError):
+                    break
+        finally:
+            self._tcp_count -= 1
+            self._tcp_by_source[source] -= 1
+            if self._tcp_by_source[source] <= 0:
+                del self._tcp_by_source[source]
+            if task is not None:
+                self._tcp_tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+
+def _transparent_socket(family: int, kind: int) -> socket.socket:
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _orig_dst(family: int, ancillary: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
+    for level, ctype, cdata in ancillary:
+        if family == socket.AF_INET and level == socket.SOL_IP and ctype == IP_RECVORIGDSTADDR and len(cdata) >= 8:
+            return socket.inet_ntop(socket.AF_INET, cdata[4:8]), struct.unpack("!H", cdata[2:4])[0]
+        if (
+            family == socket.AF_INET6
+            and level == socket.IPPROTO_IPV6
+            and ctype == IPV6_RECVORIGDSTADDR
+            and len(cdata) >= 24
+        ):
+            return socket.inet_ntop(socket.AF_INET6, cdata[8:24]), struct.unpack("!H", cdata[2:4])[0]
+    return None
+
+
+class _UdpListener:
+    """A non-blocking UDP socket read with `recvmsg` (asyncio's datagram endpoints hide the control messages)."""
+
+    def __init__(self, owner: DnsInterceptor, sock: socket.socket, transparent: bool) -> None:
+        self.owner = owner
+        self.sock = sock
+        self.transparent = transparent
+        self.family = sock.family
+        self.local = sock.getsockname()
+        self.loop = asyncio.get_running_loop()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.by_source: Counter[str] = Counter()
+        self.loop.add_reader(sock.fileno(), self._readable)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for task in list(self.tasks):
+            task.cancel()
+
+    def _readable(self) -> None:
+        owner, config = self.owner, self.owner.config
+        for _ in range(UDP_BATCH):
+            try:
+                if self.transparent:
+                    data, ancillary, _flags, peer = self.sock.recvmsg(UDP_BUFFER, 256)
+                else:
+                    data, peer = self.sock.recvfrom(UDP_BUFFER)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. ICMP errors reported on the socket: nothing to do with the next packet
+                owner._debug("dns.udp_recv_error", error=str(exc))
+                return
+            if self.transparent:
+                dst = _orig_dst(self.family, ancillary)
+                if dst is None:
+                    owner._debug("dns.udp_no_orig_dst", client=peer[0])
+                    continue
+            else:
+                dst = self.local
+            try:
+                result = owner.handle_now(data, peer, dst, "udp")
+            except Exception as exc:  # one bad packet costs its own answer, nothing more
+                owner.counts[INTERNAL_ERROR] += 1
+                owner._debug("dns.handle_failed", error=repr(exc))
+                continue
+            if result is None:
+                continue
+            if not isinstance(result, _Pending):
+                self._send(result, peer, dst)
+                continue
+            source = str(peer[0])
+            if len(self.tasks) >= config.max_inflight or self.by_source[source] >= config.max_inflight_per_sandbox:
+                owner.counts["UDP_DROPPED_INFLIGHT"] += 1
+                if result.bucket is not None:
+                    result.bucket.refund(1)  # not answered: the token is not spent
+                continue
+            self.by_source[source] += 1
+            task = self.loop.create_task(self._serve(result, peer, dst, source))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, pending: _Pending, peer: tuple[Any, ...], dst: tuple[Any, ...], source: str) -> None:
+        try:
+            response = await self.owner.complete(pending)
+            if response is not None:
+                self._send(response, peer, dst)
+        except Exception as exc:
+            self.owner.counts[INTERNAL_ERROR] += 1
+            self.owner._debug("dns.handle_failed", error=repr(exc))
+        finally:
+            self.by_source[source] -= 1
+            if self.by_source[source] <= 0:
+                del self.by_source[source]
+
+    def _send(self, response: bytes, peer: tuple[Any, ...], dst: tuple[Any, ...]) -> None:
+        try:
+            if not self.transparent:
+                self.sock.sendto(response, peer)
+                return
+            # From the original destination: a transparent socket bound to it, closed at once. Kept open it
+            # would be found by TPROXY's socket lookup for the next query to that address and swallow it.
+            reply = _transparent_socket(self.family, socket.SOCK_DGRAM)
+            try:
+                reply.setblocking(False)
+                reply.bind((str(dst[0]), int(dst[1])))
+                reply.sendto(response, peer)
+            finally:
+                reply.close()
+        except OSError as exc:  # a full socket buffer or a vanished route: the client retries
+            self.owner._debug("dns.udp_send_error", error=str(exc), client=peer[0])

@@ -7,7 +7,8 @@ and show `message` to a person.
 Authentication is `Authorization: Bearer <token>` against `config.tokens` (only
 SHA-256 digests are kept; comparison is constant time). Scopes: reads need
 `sandboxes:read` / `templates:read`, writes `sandboxes:write` / `templates:write`,
-`admin` implies every scope; flow record batches need `audit:read`. Writing a
+`admin` implies every scope; flow record batches need `audit:read`; tunnels (seed 000's
+temporary port exposure) need `tunnels:read` / `tunnels:write`. Writing a
 sandbox whose profile is not `isolated` also needs `network:<profile>` (seed 001),
 checked after the body is parsed and before the store is touched, so a refused
 caller changes nothing.
@@ -45,6 +46,7 @@ from gateway.hostnames import normalize_pattern
 from gateway.openapi import openapi_document
 from gateway.policy import DEFAULT_PROFILE, PROFILES
 from gateway.stores.base import PolicyStore
+from gateway.tunnel.store import TunnelStore
 
 __all__ = [
     "AUTHENTICATED",
@@ -101,6 +103,7 @@ ROUTES_KEY: Final = web.AppKey("routes", dict)  # (method, canonical path) -> Ro
 OPEN_KEY: Final = web.AppKey("open_mode", bool)
 WRITE_LOCK_KEY: Final = web.AppKey("write_lock", asyncio.Lock)
 FLOWS_KEY: Final = web.AppKey("flows", FlowLog)  # absent when the API was built without a flow log
+TUNNELS_KEY: Final = web.AppKey("tunnels", TunnelStore)  # absent when the API was built without the tunnel service
 NDJSON: Final = "application/x-ndjson"
 
 
@@ -470,8 +473,14 @@ async def patch_sandbox(request: web.Request) -> web.Response:
 
 async def delete_sandbox(request: web.Request) -> web.Response:
     _query(request, ())
+    sandbox_id = request.match_info["id"]
     async with _write_lock(request):
-        await request.app[STORE_KEY].delete_sandbox(request.match_info["id"])
+        await request.app[STORE_KEY].delete_sandbox(sandbox_id)
+    tunnels = request.app.get(TUNNELS_KEY)
+    if tunnels is not None:
+        # Seed 000: exposure lasts "until the session ends". The tunnel store's maintenance would find these
+        # too (and does, for deletions by other writers); here it happens before the answer.
+        await tunnels.revoke_sandbox(sandbox_id)
     return web.Response(status=204)
 
 
@@ -627,6 +636,53 @@ async def get_audit_batch(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type=NDJSON)
 
 
+# --------------------------------------------------------------------------- handlers: tunnels
+
+
+def _tunnels(request: web.Request) -> TunnelStore:
+    tunnels = request.app.get(TUNNELS_KEY)
+    if tunnels is None:
+        raise GatewayError(
+            "TUNNELS_DISABLED",
+            "this gateway was started without the tunnel service, so there are no tunnels",
+            status=503,
+        )
+    return tunnels
+
+
+async def list_tunnels(request: web.Request) -> web.Response:
+    _query(request, ())
+    tunnels = _tunnels(request)
+    sandbox_id = request.match_info["id"]
+    request.app[STORE_KEY].state.get_sandbox(sandbox_id)
+    return web.json_response({"tunnels": [tunnels.public(t) for t in tunnels.for_sandbox(sandbox_id)]})
+
+
+async def create_tunnel(request: web.Request) -> web.Response:
+    _query(request, ())
+    tunnels = _tunnels(request)
+    sandbox_id = request.match_info["id"]
+    request.app[STORE_KEY].state.get_sandbox(sandbox_id)  # 404 before body errors would mislead
+    raw = await _read_json(request)
+    tunnel = await tunnels.create(sandbox_id, raw)
+    _set_target(f"{sandbox_id}/tunnel:{tunnel.id[:4]}")  # the id is the URL: log only a prefix
+    return web.json_response(tunnels.public(tunnel), status=201, headers={"Location": f"/v1/tunnels/{tunnel.id}"})
+
+
+async def get_tunnel(request: web.Request) -> web.Response:
+    _query(request, ())
+    tunnels = _tunnels(request)
+    return web.json_response(tunnels.public(tunnels.get(request.match_info["id"])))
+
+
+async def revoke_tunnel(request: web.Request) -> web.Response:
+    _query(request, ())
+    tunnels = _tunnels(request)
+    tunnel_id = request.match_info["id"]
+    _set_target(f"tunnel:{tunnel_id[:4]}")
+    return web.json_response(tunnels.public(await tunnels.revoke(tunnel_id)))
+
+
 # --------------------------------------------------------------------------- handlers: templates
 
 
@@ -692,6 +748,10 @@ def route_specs() -> tuple[RouteSpec, ...]:
         RouteSpec("GET", "/v1/sandboxes/{id}/explain", explain, "sandboxes:read", "sandboxes.explain"),
         RouteSpec("GET", "/v1/sandboxes/{id}/audit-batches", list_audit_batches, "audit:read", "audit.list"),
         RouteSpec("GET", "/v1/sandboxes/{id}/audit-batches/{name}", get_audit_batch, "audit:read", "audit.get"),
+        RouteSpec("GET", "/v1/sandboxes/{id}/tunnels", list_tunnels, "tunnels:read", "tunnels.list"),
+        RouteSpec("POST", "/v1/sandboxes/{id}/tunnels", create_tunnel, "tunnels:write", "tunnels.create"),
+        RouteSpec("GET", "/v1/tunnels/{id}", get_tunnel, "tunnels:read", "tunnels.get"),
+        RouteSpec("DELETE", "/v1/tunnels/{id}", revoke_tunnel, "tunnels:write", "tunnels.revoke"),
         RouteSpec("GET", "/v1/templates", list_templates, "templates:read", "templates.list"),
         RouteSpec("POST", "/v1/templates", create_template, "templates:write", "templates.create"),
         RouteSpec("GET", "/v1/templates/{name}", get_template, "templates:read", "templates.get"),
@@ -700,9 +760,12 @@ def route_specs() -> tuple[RouteSpec, ...]:
     )
 
 
-def create_app(store: PolicyStore, config: Config, *, flows: FlowLog | None = None) -> web.Application:
+def create_app(
+    store: PolicyStore, config: Config, *, flows: FlowLog | None = None, tunnels: TunnelStore | None = None
+) -> web.Application:
     """The API over `store` (started by the caller) and, when given, the flow log's audit batches (without
-    one those routes answer 503 AUDIT_DISABLED). Raises CONFIG_INVALID for an exposed API without tokens."""
+    one those routes answer 503 AUDIT_DISABLED) and the tunnel store (without it, 503 TUNNELS_DISABLED).
+    Raises CONFIG_INVALID for an exposed API without tokens."""
     check_api_exposure(config)
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY_BYTES)
     app[STORE_KEY] = store
@@ -711,6 +774,8 @@ def create_app(store: PolicyStore, config: Config, *, flows: FlowLog | None = No
     app[WRITE_LOCK_KEY] = asyncio.Lock()
     if flows is not None:
         app[FLOWS_KEY] = flows
+    if tunnels is not None:
+        app[TUNNELS_KEY] = tunnels
     table: dict[tuple[str, str], RouteSpec] = {}
     for spec in route_specs():
         # add_route, not add_get: no implicit HEAD routes, so the route table is exactly the documented one.

@@ -551,12 +551,17 @@ async def _serve(config: Any, out: TextIO, *, data_plane: bool = False, steer: b
     from gateway.api import create_app
     from gateway.flowlog import FlowLog
     from gateway.stores import open_store
+    from gateway.tunnel.server import TunnelService
 
     log = structlog.get_logger("gateway.cli")
     store = open_store(config)
     flows = FlowLog(config.audit)  # one flow log for the API's audit routes and every data-plane component
+    tunnels: TunnelService | None = None
     try:
-        app = create_app(store, config, flows=flows)  # refuses an exposed API without tokens before anything starts
+        if config.tunnel.enabled:  # loads the certificate now: a missing one stops start-up with CERT_INVALID
+            tunnels = TunnelService(store, config, config.tunnel, flows=flows)
+        # refuses an exposed API without tokens before anything starts
+        app = create_app(store, config, flows=flows, tunnels=tunnels.store if tunnels else None)
     except GatewayError as exc:
         raise CliExit(EXIT_USAGE, str(exc)) from None
     stop = asyncio.Event()
@@ -571,6 +576,9 @@ async def _serve(config: Any, out: TextIO, *, data_plane: bool = False, steer: b
         except GatewayError as exc:
             raise CliExit(EXIT_API_ERROR, str(exc)) from None
         await flows.start()
+        if tunnels is not None:
+            await tunnels.start()
+            out.write(f"tunnels served on https://*.{config.tunnel.domain}:{config.tunnel.origin_port}/\n")
         await runner.setup()
         site = web.TCPSite(runner, config.api_host, config.api_port)
         try:
@@ -603,6 +611,8 @@ async def _serve(config: Any, out: TextIO, *, data_plane: bool = False, steer: b
         if plane is not None:
             await plane.close()
         await runner.cleanup()
+        if tunnels is not None:
+            await tunnels.close()
         await flows.close()  # writes what is still queued
         await store.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -741,6 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("status", parents=[common], help="store backend, counts, rejected records")
     commands.add_parser("presets", parents=[common], help="list presets")
     _audit_parser(commands, common)
+    from gateway.tunnel.cli import add_parsers as _tunnel_parsers  # here: gateway.tunnel.cli imports this module
+
+    _tunnel_parsers(commands, common)
     return parser
 
 
@@ -826,6 +839,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args, out)
         if args.command == "check-config":
             return cmd_check_config(args, out)
+        if args.command in ("certs", "tunnel"):
+            from gateway.tunnel.cli import run_command
+
+            return run_command(args, out)
         ctx = Context(_client(args), args.json, out)
         CLIENT_COMMANDS[args.command](ctx, args)
         return EXIT_OK

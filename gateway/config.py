@@ -23,6 +23,8 @@ from gateway.errors import GatewayError
 from gateway.policy import LIMIT_RANGES, IPAddress, IPNetwork, Limits
 from gateway.presets import BUILTIN_PRESETS, Preset, make_preset
 from gateway.state import PolicyContext
+from gateway.tunnel.config import DEFAULTS as TUNNEL_DEFAULTS
+from gateway.tunnel.config import TunnelConfig, build_tunnel_config
 
 ENV_PREFIX = "GATEWAY_"
 SCOPES = (
@@ -35,6 +37,8 @@ SCOPES = (
     "network:allowlisted",
     "network:unrestricted",
     "audit:read",
+    "tunnels:read",
+    "tunnels:write",
 )
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -94,6 +98,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_inflight_per_sandbox": 256,
         "query_log_size": 1000,
     },
+    "tunnel": dict(TUNNEL_DEFAULTS),
     "audit": {"dir": "var/audit", "flush_interval": 1.0, "redis_stream": "", "redis_maxlen": 100_000},
     "presets": {},
 }
@@ -197,6 +202,7 @@ class Config:
     egress: EgressConfig
     resolver: ResolverConfig
     dns: DnsSection
+    tunnel: TunnelConfig
     audit: AuditConfig
     presets: Mapping[str, Preset] = field(default_factory=dict)
     source: str = "defaults"
@@ -341,6 +347,7 @@ def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
         egress=_egress(merged["egress"]),
         resolver=_resolver(merged["resolver"]),
         dns=_dns(merged["dns"]),
+        tunnel=build_tunnel_config(merged["tunnel"]),
         audit=_audit(merged["audit"]),
         presets=presets,
         source=source,

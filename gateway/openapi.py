@@ -375,6 +375,82 @@ def _schemas() -> dict[str, Any]:
                 "rule": {"type": "string"},
             },
         },
+        "TunnelCreate": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["port"],
+            "properties": {
+                "port": {**_PORT, "description": "The port inside the sandbox to expose (plain HTTP there)."},
+                "label": {"type": "string", "minLength": 1, "maxLength": 64, "description": "For people only."},
+                "password": {
+                    "type": "string",
+                    "minLength": 8,
+                    "maxLength": 256,
+                    "writeOnly": True,
+                    "description": "Protects the tunnel (login page, or HTTP Basic with any user name). Stored as "
+                    "an scrypt hash; never returned or logged.",
+                },
+                "ttl": {
+                    "type": "number",
+                    "minimum": 10,
+                    "description": "Seconds until the tunnel expires (default and maximum: [tunnel] default_ttl, "
+                    "max_ttl).",
+                },
+                "rewrite_host": {
+                    "type": "boolean",
+                    "default": False,
+                    "description": "Send Host: localhost:<port> upstream, for dev servers that check Host.",
+                },
+            },
+        },
+        "Tunnel": {
+            "type": "object",
+            "description": "A temporary HTTPS URL for a sandbox port. Its id is the random first label of the URL.",
+            "additionalProperties": False,
+            "required": [
+                "id",
+                "sandbox",
+                "address",
+                "port",
+                "label",
+                "url",
+                "password_protected",
+                "rewrite_host",
+                "created_at",
+                "expires_at",
+                "revoked_at",
+                "revoked_reason",
+                "state",
+            ],
+            "properties": {
+                "id": {"type": "string", "pattern": "^[a-z2-7]{16}$"},
+                "sandbox": {"type": "string"},
+                "address": {**_ADDRESS, "description": "The sandbox address the tunnel forwards to."},
+                "port": _PORT,
+                "label": {"type": ["string", "null"]},
+                "url": {"type": "string", "description": "https://<id>.<tunnel domain>/"},
+                "password_protected": {"type": "boolean"},
+                "rewrite_host": {"type": "boolean"},
+                "created_at": {"type": "string", "format": "date-time"},
+                "expires_at": {"type": "string", "format": "date-time"},
+                "revoked_at": {"type": ["string", "null"], "format": "date-time"},
+                "revoked_reason": {
+                    "type": ["string", "null"],
+                    "description": "revoked (by the API) or sandbox_deleted.",
+                },
+                "state": {
+                    "type": "string",
+                    "enum": ["active", "expired", "revoked", "sandbox_gone"],
+                    "description": "sandbox_gone: the sandbox was deleted or lost the address; about to be revoked.",
+                },
+            },
+        },
+        "TunnelList": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["tunnels"],
+            "properties": {"tunnels": {"type": "array", "items": _ref("Tunnel")}},
+        },
         "Health": {
             "type": "object",
             "required": ["status"],
@@ -508,9 +584,22 @@ TEMPLATE_EXAMPLES: Final[dict[str, Any]] = {
 }
 
 
+TUNNEL_EXAMPLES: Final[dict[str, Any]] = {
+    "public_preview": {"port": 3000, "label": "Web Server"},
+    "password_protected": {"port": 8080, "label": "Admin UI", "password": "correct horse battery", "ttl": 3600},
+    "vite_dev_server": {"port": 5173, "rewrite_host": True},
+}
+
 # --------------------------------------------------------------------------- paths
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": _IDENT, "description": "Sandbox id."}
+_TUNNEL_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[a-z2-7]{16}$"},
+    "description": "Tunnel id (the first label of its URL).",
+}
 _NAME = {"name": "name", "in": "path", "required": True, "schema": _IDENT, "description": "Template name."}
 _BATCH = {
     "name": "name",
@@ -520,6 +609,9 @@ _BATCH = {
     "description": "A batch name from the listing: {ts_us}-{pid}.ndjson.",
 }
 _AUDIT_DISABLED = "AUDIT_DISABLED: the gateway runs without a flow log."
+_TUNNELS_DISABLED = (
+    "TUNNELS_DISABLED: this API was started without the tunnel service. Also STORE_UNAVAILABLE / STORE_WRITE_FAILED."
+)
 _PUBLIC: Final[list[Any]] = []  # `security: []`: no token needed
 
 
@@ -822,6 +914,78 @@ def _paths() -> dict[str, Any]:
                 "audit",
             ),
         },
+        "/v1/sandboxes/{id}/tunnels": {
+            "parameters": [_ID],
+            "get": _op(
+                "tunnels.list",
+                "List the sandbox's tunnels (live and recently ended), oldest first",
+                "tunnels:read",
+                _responses(
+                    {200: _ok(200, "TunnelList", "The tunnels; passwords are never returned.")},
+                    400,
+                    404,
+                    503,
+                    e404="SANDBOX_NOT_FOUND.",
+                    e503=_TUNNELS_DISABLED,
+                ),
+                "tunnels",
+            ),
+            "post": _op(
+                "tunnels.create",
+                "Expose a sandbox port at a temporary HTTPS URL",
+                "tunnels:write",
+                _responses(
+                    {201: _ok(201, "Tunnel", "Created.", Location="/v1/tunnels/{id}")},
+                    400,
+                    404,
+                    409,
+                    413,
+                    415,
+                    503,
+                    e400="MISSING_FIELD, UNKNOWN_FIELD, INVALID_TYPE, INVALID_PORT, INVALID_LABEL, INVALID_PASSWORD, "
+                    "INVALID_TTL, INVALID_JSON.",
+                    e404="SANDBOX_NOT_FOUND.",
+                    e409="TOO_MANY_TUNNELS: the sandbox already has the most live tunnels allowed (20 by default).",
+                    e503=_TUNNELS_DISABLED,
+                ),
+                "tunnels",
+                description="The URL is https://<random>.<tunnel domain>/ with 80 random bits, never derived from "
+                "the sandbox id. The tunnel ends at expires_at, when revoked, or when the sandbox is deleted; live "
+                "connections (WebSockets and streams included) are closed then.",
+                requestBody=_body("TunnelCreate", TUNNEL_EXAMPLES),
+            ),
+        },
+        "/v1/tunnels/{id}": {
+            "parameters": [_TUNNEL_ID],
+            "get": _op(
+                "tunnels.get",
+                "Get a tunnel",
+                "tunnels:read",
+                _responses(
+                    {200: _ok(200, "Tunnel", "The tunnel.")},
+                    400,
+                    404,
+                    503,
+                    e404="TUNNEL_NOT_FOUND.",
+                    e503=_TUNNELS_DISABLED,
+                ),
+                "tunnels",
+            ),
+            "delete": _op(
+                "tunnels.revoke",
+                "Revoke a tunnel (idempotent); its live connections are closed on every node",
+                "tunnels:write",
+                _responses(
+                    {200: _ok(200, "Tunnel", "The tunnel as revoked.")},
+                    400,
+                    404,
+                    503,
+                    e404="TUNNEL_NOT_FOUND.",
+                    e503=_TUNNELS_DISABLED,
+                ),
+                "tunnels",
+            ),
+        },
         "/v1/templates": {
             "get": _op(
                 "templates.list",
@@ -918,6 +1082,7 @@ _DOCUMENT: Final[dict[str, Any]] = {
         {"name": "sandboxes", "description": "Sandbox policies."},
         {"name": "templates", "description": "Shared defaults sandboxes inherit."},
         {"name": "presets", "description": "Named host lists."},
+        {"name": "tunnels", "description": "Temporary HTTPS URLs for sandbox ports (seeds 000, 003)."},
         {"name": "audit", "description": "Flow record batches (metadata of every connection, never payload)."},
     ],
     "paths": _paths(),

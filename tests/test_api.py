@@ -28,9 +28,18 @@ from gateway.api import MAX_BODY_BYTES, PUBLIC, apply_merge_patch, create_app, p
 from gateway.config import Config, load_config
 from gateway.errors import GatewayError
 from gateway.flowlog import FIELD_NAMES, FlowLog, FlowRecord
-from gateway.openapi import SANDBOX_EXAMPLES, SANDBOX_PATCH_EXAMPLES, TEMPLATE_EXAMPLES, openapi_document
+from gateway.openapi import (
+    SANDBOX_EXAMPLES,
+    SANDBOX_PATCH_EXAMPLES,
+    TEMPLATE_EXAMPLES,
+    TUNNEL_EXAMPLES,
+    openapi_document,
+)
 from gateway.policy import parse_sandbox, parse_template
 from gateway.stores.embedded import EmbeddedStore
+from gateway.tunnel.config import TunnelConfig
+from gateway.tunnel.model import parse_request
+from gateway.tunnel.store import FileTunnelStore, TunnelStore
 
 AiohttpClient = Callable[[web.Application], Awaitable[TestClient]]
 
@@ -44,6 +53,7 @@ TOKENS: dict[str, tuple[str, list[str]]] = {
     "isolated-only": ("isolated-secret-0123456789", ["sandboxes:read", "sandboxes:write"]),
     "templater": ("templater-secret-0123456789", ["templates:read", "templates:write"]),
     "auditor": ("auditor-secret-0123456789", ["audit:read"]),
+    "tunnel-viewer": ("tunnel-viewer-secret-0123456789", ["tunnels:read"]),
 }
 
 DOC = openapi_document()
@@ -964,3 +974,103 @@ async def test_audit_routes_are_503_without_a_flow_log(api: Api) -> None:
     assert (await api.call("GET", "/v1/sandboxes/agent-1/audit-batches", token=None, expect=401)).code == (
         "UNAUTHENTICATED"
     )
+
+
+# --------------------------------------------------------------------------- tunnels
+
+
+@pytest.fixture
+async def tunnels(store: EmbeddedStore, tmp_path: Path) -> AsyncIterator[TunnelStore]:
+    instance = FileTunnelStore(
+        store.state, TunnelConfig(max_per_sandbox=3, poll_interval=0.05), tmp_path / "tunnels.json"
+    )
+    await instance.start()
+    yield instance
+    await instance.close()
+
+
+@pytest.fixture
+async def tunnel_api(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config, tunnels: TunnelStore) -> Api:
+    api = Api(await aiohttp_client(create_app(store, config, tunnels=tunnels)))
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    return api
+
+
+async def test_tunnel_lifecycle_never_shows_the_password(tunnel_api: Api, tunnels: TunnelStore, tmp_path: Path) -> None:
+    body = {"port": 3000, "label": "Web Server", "password": "s3cret-password", "ttl": 600}
+    created = await tunnel_api.call("POST", "/v1/sandboxes/agent-1/tunnels", body, expect=201)
+    tid = created.body["id"]
+    assert re.fullmatch(r"[a-z2-7]{16}", tid) and "agent" not in tid
+    assert created.body["url"] == f"https://{tid}.tunnel.localhost:8443/"
+    assert created.headers["Location"] == f"/v1/tunnels/{tid}"
+    assert created.body["password_protected"] is True and created.body["state"] == "active"
+    assert created.body["address"] == "10.75.0.10" and created.body["label"] == "Web Server"
+    stored = (tmp_path / "tunnels.json").read_text()
+    assert "s3cret-password" not in json.dumps(created.body) and "s3cret-password" not in stored
+    assert "scrypt$" in stored and (tmp_path / "tunnels.json").stat().st_mode & 0o777 == 0o600
+
+    listed = await tunnel_api.call("GET", "/v1/sandboxes/agent-1/tunnels", token="tunnel-viewer", expect=200)
+    assert [t["id"] for t in listed.body["tunnels"]] == [tid]
+    got = await tunnel_api.call("GET", f"/v1/tunnels/{tid}", token="tunnel-viewer", expect=200)
+    assert got.body == created.body
+    # Tunnels have scopes of their own: reading sandboxes is not enough, and a viewer cannot revoke.
+    assert (await tunnel_api.call("GET", f"/v1/tunnels/{tid}", token="reader", expect=403)).code == (
+        "INSUFFICIENT_SCOPE"
+    )
+    await tunnel_api.call("DELETE", f"/v1/tunnels/{tid}", token="tunnel-viewer", expect=403)
+
+    revoked = await tunnel_api.call("DELETE", f"/v1/tunnels/{tid}", expect=200)
+    assert revoked.body["state"] == "revoked" and revoked.body["revoked_reason"] == "revoked"
+    again = await tunnel_api.call("DELETE", f"/v1/tunnels/{tid}", expect=200)  # idempotent
+    assert again.body["revoked_at"] == revoked.body["revoked_at"]
+    assert not tunnels.alive(tunnels.get(tid))
+
+
+async def test_tunnel_limits_and_errors(tunnel_api: Api) -> None:
+    for port in (3000, 3001, 3002):
+        await tunnel_api.call("POST", "/v1/sandboxes/agent-1/tunnels", {"port": port}, expect=201)
+    over = await tunnel_api.call("POST", "/v1/sandboxes/agent-1/tunnels", {"port": 3003}, expect=409)
+    assert over.code == "TOO_MANY_TUNNELS"
+    missing = await tunnel_api.call("POST", "/v1/sandboxes/nope/tunnels", {"port": 1}, expect=404)
+    assert missing.code == "SANDBOX_NOT_FOUND"
+    assert (await tunnel_api.call("GET", "/v1/sandboxes/nope/tunnels", expect=404)).code == "SANDBOX_NOT_FOUND"
+    assert (await tunnel_api.call("GET", "/v1/tunnels/aaaaaaaaaaaaaaaa", expect=404)).code == "TUNNEL_NOT_FOUND"
+    for body, code, field in (
+        ({"port": 0}, "INVALID_PORT", "port"),
+        ({"port": True}, "INVALID_PORT", "port"),
+        ({}, "MISSING_FIELD", "port"),
+        ({"port": 80, "passwd": "x"}, "UNKNOWN_FIELD", "passwd"),
+        ({"port": 80, "password": "short"}, "INVALID_PASSWORD", "password"),
+        ({"port": 80, "ttl": 10**9}, "INVALID_TTL", "ttl"),
+        ({"port": 80, "label": ""}, "INVALID_LABEL", "label"),
+    ):
+        answer = await tunnel_api.call("POST", "/v1/sandboxes/agent-1/tunnels", body, expect=400)
+        assert (answer.code, answer.body["field"]) == (code, field), body
+        assert "short" not in answer.body["message"]
+    denied = await tunnel_api.call("POST", "/v1/sandboxes/agent-1/tunnels", {"port": 1}, token="reader", expect=403)
+    assert denied.code == "INSUFFICIENT_SCOPE"
+
+
+async def test_deleting_a_sandbox_revokes_its_tunnels(tunnel_api: Api, tunnels: TunnelStore) -> None:
+    created = await tunnel_api.call("POST", "/v1/sandboxes/agent-1/tunnels", {"port": 3000}, expect=201)
+    await tunnel_api.call("DELETE", "/v1/sandboxes/agent-1", expect=204)
+    tunnel = tunnels.get(created.body["id"])
+    assert tunnel.revoked_reason == "sandbox_deleted" and not tunnels.alive(tunnel)
+    # Recreating the sandbox under the same id does not bring the tunnel back.
+    await tunnel_api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    assert not tunnels.alive(tunnels.get(created.body["id"]))
+
+
+async def test_tunnel_routes_are_503_without_the_tunnel_service(api: Api) -> None:
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    answer = await api.call("POST", "/v1/sandboxes/agent-1/tunnels", {"port": 3000}, expect=503)
+    assert answer.code == "TUNNELS_DISABLED"
+    assert (await api.call("GET", "/v1/tunnels/aaaaaaaaaaaaaaaa", expect=503)).code == "TUNNELS_DISABLED"
+
+
+def test_tunnel_example_bodies_pass_the_real_parser_and_their_schema() -> None:
+    media = DOC["paths"]["/v1/sandboxes/{id}/tunnels"]["post"]["requestBody"]["content"]["application/json"]
+    for example in media["examples"].values():
+        parse_request(example["value"], default_ttl=3600, max_ttl=86400)
+        _validator(media["schema"]).validate(example["value"])
+    assert set(TUNNEL_EXAMPLES) == set(media["examples"])

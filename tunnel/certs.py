@@ -1,0 +1,290 @@
+"""The tunnel's TLS material: a local CA and a wildcard leaf for `*.<domain>`, and a reloading SSLContext.
+
+`init_certs` is idempotent: a CA and leaf that still load, match the domain, chain to
+each other and are not close to expiry are kept (so browsers that already trust the CA
+keep trusting it); `force=True` renews them. Private keys are written 0600 through a
+temporary file and an atomic rename, so a reader never sees half a key.
+
+`ReloadingTLS` serves an operator-supplied certificate too: every handshake's SNI
+callback swaps in the newest SSLContext, rebuilt when the files' signatures change.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gateway.errors import GatewayError
+
+log = structlog.get_logger("gateway.tunnel.certs")
+
+CA_DAYS = 3650
+LEAF_DAYS = 397  # browsers refuse leaves valid for longer than 398 days
+RENEW_BEFORE = dt.timedelta(days=30)
+
+
+@dataclass(frozen=True, slots=True)
+class CertPaths:
+    ca_cert: Path
+    ca_key: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class CertResult:
+    created_ca: bool
+    created_leaf: bool
+    paths: CertPaths
+    domain: str
+    ca_fingerprint: str  # SHA-256, hex with colons
+
+    def trust_instructions(self) -> str:
+        ca = self.paths.ca_cert
+        return "\n".join(
+            [
+                f"Tunnel certificate for *.{self.domain} and {self.domain}: {self.paths.cert}",
+                f"Local CA: {ca} (SHA-256 {self.ca_fingerprint})",
+                "Trust the CA (only on machines that should reach the tunnels):",
+                f"  Debian/Ubuntu: sudo cp {ca} /usr/local/share/ca-certificates/gateway-tunnel-ca.crt"
+                " && sudo update-ca-certificates",
+                f"  Chromium/Firefox (NSS): certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n gateway-tunnel-ca -i {ca}",
+                f"  macOS: sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain {ca}",
+                f"  curl / Python: --cacert {ca} / ssl.create_default_context(cafile='{ca}')",
+            ]
+        )
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)  # O_CREAT's mode is masked by the umask, and an old tmp may have other bits
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    encoding, fmt = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
+    return key.private_bytes(encoding, fmt, serialization.NoEncryption())
+
+
+def _load_pair(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, object] | None:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        return None
+    if cert.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[attr-defined]
+        return None
+    return cert, key
+
+
+def _fresh(cert: x509.Certificate) -> bool:
+    now = _now()
+    return cert.not_valid_before_utc <= now and cert.not_valid_after_utc - RENEW_BEFORE > now
+
+
+def _leaf_names(domain: str) -> list[str]:
+    return [f"*.{domain}", domain]
+
+
+def _leaf_matches(leaf: x509.Certificate, ca: x509.Certificate, domain: str) -> bool:
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName
+        )
+        leaf.verify_directly_issued_by(ca)
+    except (x509.ExtensionNotFound, ValueError, TypeError, Exception):
+        return False
+    return sorted(names) == sorted(_leaf_names(domain))
+
+
+def _make_ca(domain: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Sandbox gateway (local)"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"Sandbox gateway tunnel CA for {domain}"),
+        ]
+    )
+    now = _now()
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        # Only names under the tunnel domain: a stolen CA key cannot impersonate other sites
+        # to machines that trust it (name constraints are enforced by browsers and OpenSSL).
+        .add_extension(
+            x509.NameConstraints(permitted_subtrees=[x509.DNSName(domain)], excluded_subtrees=None), critical=True
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _make_leaf(
+    domain: str, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"*.{domain}")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=LEAF_DAYS), ca.not_valid_after_utc))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in _leaf_names(domain)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    return ":".join(f"{b:02X}" for b in cert.fingerprint(hashes.SHA256()))
+
+
+def init_certs(domain: str, paths: CertPaths, *, force: bool = False) -> CertResult:
+    """Create (or keep) the local CA and the wildcard leaf. Raises GatewayError(CERT_WRITE_FAILED)."""
+    domain = domain.strip().lower().rstrip(".")
+    try:
+        ipaddress.ip_address(domain)
+        raise GatewayError("INVALID_DOMAIN", "the tunnel domain must be a DNS name, not an address", "domain")
+    except ValueError:
+        pass
+    try:
+        ca_pair = None if force else _load_pair(paths.ca_cert, paths.ca_key)
+        created_ca = False
+        if ca_pair is None or not _fresh(ca_pair[0]):
+            ca_cert, ca_key = _make_ca(domain)
+            _write_atomic(paths.ca_key, _key_pem(ca_key), 0o600)
+            _write_atomic(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            created_ca = True
+        else:
+            ca_cert, ca_key = ca_pair  # type: ignore[assignment]
+        leaf_pair = None if (force or created_ca) else _load_pair(paths.cert, paths.key)
+        created_leaf = False
+        if leaf_pair is None or not _fresh(leaf_pair[0]) or not _leaf_matches(leaf_pair[0], ca_cert, domain):
+            leaf, leaf_key = _make_leaf(domain, ca_cert, ca_key)
+            _write_atomic(paths.key, _key_pem(leaf_key), 0o600)
+            # The chain (leaf then CA) so clients that only trust the CA can build the path.
+            chain = leaf.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)
+            _write_atomic(paths.cert, chain, 0o644)
+            created_leaf = True
+    except OSError as exc:
+        raise GatewayError("CERT_WRITE_FAILED", f"could not write the tunnel certificates: {exc}") from exc
+    return CertResult(created_ca, created_leaf, paths, domain, _fingerprint(ca_cert))
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def _signature(*paths: Path) -> tuple[tuple[int, int, int], ...] | None:
+    try:
+        return tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in (p.stat() for p in paths))
+    except OSError:
+        return None
+
+
+def build_server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context for the certificate chain and key. Raises GatewayError(CERT_INVALID)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])  # aiohttp serves HTTP/1.1 only
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise GatewayError(
+            "CERT_INVALID", f"cannot load the tunnel certificate {cert} / key {key}: {exc}", "tunnel.cert_path"
+        ) from None
+    return context
+
+
+class ReloadingTLS:
+    """An SSLContext whose certificate follows the files: a changed pair is loaded at the next handshake.
+
+    The outer context is what the listening socket uses; its SNI callback hands each
+    handshake the newest inner context. A pair that fails to load (a half-written
+    renewal) is logged and the previous one keeps serving.
+    """
+
+    def __init__(self, cert: Path, key: Path, *, check_interval: float = 1.0) -> None:
+        self.cert = Path(cert)
+        self.key = Path(key)
+        self.check_interval = check_interval
+        self._lock = threading.Lock()
+        self._signature = _signature(self.cert, self.key)
+        self._current = build_server_context(self.cert, self.key)
+        self._checked = 0.0
+        self.reloads = 0
+        self.context = build_server_context(self.cert, self.key)
+        self.context.sni_callback = self._on_sni
+
+    def _on_sni(self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        sslobj.context = self.current()
+
+    def current(self) -> ssl.SSLContext:
+        now = time.monotonic()
+        if now - self._checked < self.check_interval:
+            return self._current
+        with self._lock:
+            self._checked = now
+            signature = _signature(self.cert, self.key)
+            if signature is not None and signature != self._signature:
+                try:
+                    self._current = build_server_context(self.cert, self.key)
+                    self.reloads += 1
+                    log.info("tunnel_cert_reloaded", cert=str(self.cert))
+                except GatewayError as exc:
+                    log.error("tunnel_cert_reload_failed", cert=str(self.cert), error=exc.message)
+                self._signature = signature
+        return self._current

@@ -1,0 +1,152 @@
+"""CLI commands for the tunnel: `gateway certs init` (local) and `gateway tunnel ...` (through the control API).
+
+Registered from `gateway/cli.py` by two small hooks: `add_parsers(commands, common)` in its
+parser and `run_command(args, out)` in its `main` for the commands in `COMMANDS`.
+Passwords are never taken from the command line (they would land in shell history and
+`ps`): `--password` prompts, `--password-file` reads the first line of a file (- for stdin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from gateway.cli import EXIT_OK, EXIT_USAGE, CliExit, Context, _client, _Parser, _quote, format_table
+from gateway.config import load_config
+from gateway.errors import GatewayError
+from gateway.tunnel.certs import CertPaths, init_certs
+from gateway.tunnel.config import TunnelConfig
+
+COMMANDS = ("certs", "tunnel")
+
+
+def add_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
+    certs = commands.add_parser("certs", help="TLS certificates for the tunnel").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    p = certs.add_parser("init", parents=[common], help="create a local CA and the wildcard certificate for tunnels")
+    p.add_argument("--domain", help="tunnel domain (default: [tunnel] domain)")
+    p.add_argument("--dir", metavar="DIR", help="write into DIR instead of the configured paths")
+    p.add_argument("--force", action="store_true", help="renew the CA and certificate even if they are still valid")
+
+    tunnel = commands.add_parser("tunnel", help="temporary HTTPS URLs for sandbox ports").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    p = tunnel.add_parser("expose", parents=[common], help="expose a sandbox port at a new https URL")
+    p.add_argument("sandbox")
+    p.add_argument("port", type=int)
+    p.add_argument("--label", help="a name for people (shown on the login page)")
+    p.add_argument("--ttl", type=float, metavar="SECONDS", help="lifetime (default: [tunnel] default_ttl)")
+    p.add_argument("--rewrite-host", action="store_true", help="send Host: localhost:<port> to the app")
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument("--password", action="store_true", help="protect it with a password (prompted)")
+    secret.add_argument("--password-file", metavar="FILE", help="protect it with the first line of FILE (- stdin)")
+    p = tunnel.add_parser("list", parents=[common], help="list a sandbox's tunnels")
+    p.add_argument("sandbox")
+    for name, text in (("get", "show a tunnel"), ("revoke", "revoke a tunnel now (closes its connections)")):
+        tunnel.add_parser(name, parents=[common], help=text).add_argument("id")
+
+
+def run_command(args: argparse.Namespace, out: TextIO) -> int:
+    if args.command == "certs":
+        return cmd_certs(args, out)
+    cmd_tunnel(Context(_client(args), args.json, out), args)
+    return EXIT_OK
+
+
+def _tunnel_config(path: str | None) -> TunnelConfig:
+    try:
+        return load_config(path).tunnel
+    except GatewayError as exc:
+        raise CliExit(EXIT_USAGE, str(exc)) from None
+
+
+def cmd_certs(args: argparse.Namespace, out: TextIO) -> int:
+    config = _tunnel_config(args.config)
+    if args.dir:
+        base = Path(args.dir)
+        paths = CertPaths(base / "ca.crt", base / "ca.key", base / "tunnel.crt", base / "tunnel.key")
+    else:
+        paths = CertPaths(config.ca_cert_path, config.ca_key_path, config.cert_path, config.key_path)
+    try:
+        result = init_certs(args.domain or config.domain, paths, force=args.force)
+    except GatewayError as exc:
+        raise CliExit(EXIT_USAGE if exc.status < 500 else 1, str(exc)) from None
+    if result.created_ca or result.created_leaf:
+        made = [name for name, flag in (("CA", result.created_ca), ("certificate", result.created_leaf)) if flag]
+        out.write(f"created {' and '.join(made)} (keys are mode 0600; never commit them)\n")
+    else:
+        out.write("the existing CA and certificate are valid; nothing changed (use --force to renew)\n")
+    out.write(result.trust_instructions() + "\n")
+    return EXIT_OK
+
+
+def _read_password(args: argparse.Namespace) -> str | None:
+    if args.password_file:
+        handle = sys.stdin if args.password_file == "-" else open(args.password_file, encoding="utf-8")  # noqa: SIM115
+        try:
+            return handle.readline().rstrip("\r\n")
+        finally:
+            if handle is not sys.stdin:
+                handle.close()
+    if args.password:
+        first = getpass.getpass("Tunnel password: ")
+        if getpass.getpass("Again: ") != first:
+            raise CliExit(EXIT_USAGE, "the passwords differ")
+        return first
+    return None
+
+
+def _rows(data: Any) -> str:
+    tunnels = data["tunnels"]
+    if not tunnels:
+        return "no tunnels"
+    return format_table(
+        ("ID", "PORT", "STATE", "PASSWORD", "EXPIRES", "LABEL", "URL"),
+        [
+            (
+                t["id"],
+                t["port"],
+                t["state"],
+                "yes" if t["password_protected"] else "no",
+                t["expires_at"],
+                t["label"] or "",
+                t["url"],
+            )
+            for t in tunnels
+        ],
+    )
+
+
+def _block(data: Any) -> str:
+    keys = ("id", "url", "sandbox", "address", "port", "label", "state", "password_protected", "expires_at")
+    lines = [f"{key}: {data.get(key)}" for key in keys]
+    if data.get("revoked_at"):
+        lines.append(f"revoked_at: {data['revoked_at']} ({data.get('revoked_reason')})")
+    return "\n".join(lines)
+
+
+def cmd_tunnel(ctx: Context, args: argparse.Namespace) -> None:
+    c = ctx.client
+    if args.action == "expose":
+        body: dict[str, Any] = {"port": args.port}
+        if args.label:
+            body["label"] = args.label
+        if args.ttl is not None:
+            body["ttl"] = args.ttl
+        if args.rewrite_host:
+            body["rewrite_host"] = True
+        password = _read_password(args)
+        if password is not None:
+            body["password"] = password
+        answer = c.request("POST", f"/v1/sandboxes/{_quote(args.sandbox)}/tunnels", body)
+        ctx.emit(answer, lambda d: f"{d['url']}\n" + _block(d))
+    elif args.action == "list":
+        ctx.emit(c.request("GET", f"/v1/sandboxes/{_quote(args.sandbox)}/tunnels"), _rows)
+    elif args.action == "get":
+        ctx.emit(c.request("GET", f"/v1/tunnels/{_quote(args.id)}"), _block)
+    elif args.action == "revoke":
+        ctx.emit(c.request("DELETE", f"/v1/tunnels/{_quote(args.id)}"), lambda d: f"revoked {d['url']}")

@@ -725,6 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sandbox.add_parser(name, parents=[common], help=text)
         p.add_argument("id")
         _body_options(p)
+    from gateway.attach import add_attach_commands  # local commands (root, no API)
+
+    add_attach_commands(sandbox)
 
     template = commands.add_parser("template", help="manage templates").add_subparsers(
         dest="action", required=True, metavar="ACTION", parser_class=_Parser
@@ -839,6 +842,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args, out)
         if args.command == "check-config":
             return cmd_check_config(args, out)
+        if args.command == "sandbox" and args.action in ("attach", "detach"):
+            from gateway.attach import run_attach_command
+
+            return run_attach_command(args, out, err)
         if args.command in ("certs", "tunnel"):
             from gateway.tunnel.cli import run_command
 

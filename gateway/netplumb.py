@@ -50,6 +50,8 @@ ENOENT, ESRCH = 2, 3
 INTERFACE_SYSCTLS: tuple[tuple[str, str], ...] = (
     ("net/ipv4/conf/{if}/forwarding", "1"),
     ("net/ipv4/conf/{if}/proxy_arp", "1"),
+    # Proxy ARP answers are otherwise delayed up to 0.8 s, stalling every sandbox's first connection.
+    ("net/ipv4/neigh/{if}/proxy_delay", "0"),
     ("net/ipv4/conf/{if}/rp_filter", "2"),
     ("net/ipv6/conf/{if}/proxy_ndp", "1"),
     ("net/ipv6/conf/{if}/accept_ra", "0"),

@@ -40,6 +40,7 @@ from aiohttp import web
 
 from gateway.config import ApiToken, Config
 from gateway.decision import PROTOCOLS
+from gateway.dns.server import DnsInterceptor
 from gateway.errors import Forbidden, GatewayError, NotFound
 from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, check_batch_name
 from gateway.hostnames import normalize_pattern
@@ -104,6 +105,8 @@ OPEN_KEY: Final = web.AppKey("open_mode", bool)
 WRITE_LOCK_KEY: Final = web.AppKey("write_lock", asyncio.Lock)
 FLOWS_KEY: Final = web.AppKey("flows", FlowLog)  # absent when the API was built without a flow log
 TUNNELS_KEY: Final = web.AppKey("tunnels", TunnelStore)  # absent when the API was built without the tunnel service
+DNS_KEY: Final = web.AppKey("dns", DnsInterceptor)  # absent when the API was built without the data plane
+MAX_DNS_LOG: Final = 1000
 NDJSON: Final = "application/x-ndjson"
 
 
@@ -636,6 +639,19 @@ async def get_audit_batch(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type=NDJSON)
 
 
+async def dns_log(request: web.Request) -> web.Response:
+    query = _query(request, ("limit",))
+    dns = request.app.get(DNS_KEY)
+    if dns is None:
+        raise GatewayError(
+            "DNS_DISABLED", "this gateway runs without the data plane, so there is no DNS query log", status=503
+        )
+    sandbox_id = request.match_info["id"]
+    request.app[STORE_KEY].state.get_sandbox(sandbox_id)
+    limit = _int_parameter(query, "limit", 100, 1, MAX_DNS_LOG)
+    return web.json_response({"queries": dns.query_log(sandbox_id, limit)})
+
+
 # --------------------------------------------------------------------------- handlers: tunnels
 
 
@@ -748,6 +764,7 @@ def route_specs() -> tuple[RouteSpec, ...]:
         RouteSpec("GET", "/v1/sandboxes/{id}/explain", explain, "sandboxes:read", "sandboxes.explain"),
         RouteSpec("GET", "/v1/sandboxes/{id}/audit-batches", list_audit_batches, "audit:read", "audit.list"),
         RouteSpec("GET", "/v1/sandboxes/{id}/audit-batches/{name}", get_audit_batch, "audit:read", "audit.get"),
+        RouteSpec("GET", "/v1/sandboxes/{id}/dns-log", dns_log, "audit:read", "dns.log"),
         RouteSpec("GET", "/v1/sandboxes/{id}/tunnels", list_tunnels, "tunnels:read", "tunnels.list"),
         RouteSpec("POST", "/v1/sandboxes/{id}/tunnels", create_tunnel, "tunnels:write", "tunnels.create"),
         RouteSpec("GET", "/v1/tunnels/{id}", get_tunnel, "tunnels:read", "tunnels.get"),
@@ -761,11 +778,17 @@ def route_specs() -> tuple[RouteSpec, ...]:
 
 
 def create_app(
-    store: PolicyStore, config: Config, *, flows: FlowLog | None = None, tunnels: TunnelStore | None = None
+    store: PolicyStore,
+    config: Config,
+    *,
+    flows: FlowLog | None = None,
+    tunnels: TunnelStore | None = None,
+    dns: DnsInterceptor | None = None,
 ) -> web.Application:
     """The API over `store` (started by the caller) and, when given, the flow log's audit batches (without
-    one those routes answer 503 AUDIT_DISABLED) and the tunnel store (without it, 503 TUNNELS_DISABLED).
-    Raises CONFIG_INVALID for an exposed API without tokens."""
+    one those routes answer 503 AUDIT_DISABLED), the tunnel store (without it, 503 TUNNELS_DISABLED) and the
+    DNS interceptor's query log (without it, 503 DNS_DISABLED). Raises CONFIG_INVALID for an exposed API
+    without tokens."""
     check_api_exposure(config)
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY_BYTES)
     app[STORE_KEY] = store
@@ -776,6 +799,8 @@ def create_app(
         app[FLOWS_KEY] = flows
     if tunnels is not None:
         app[TUNNELS_KEY] = tunnels
+    if dns is not None:
+        app[DNS_KEY] = dns
     table: dict[tuple[str, str], RouteSpec] = {}
     for spec in route_specs():
         # add_route, not add_get: no implicit HEAD routes, so the route table is exactly the documented one.

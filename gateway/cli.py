@@ -549,6 +549,7 @@ async def _serve(config: Any, out: TextIO, *, data_plane: bool = False, steer: b
     from aiohttp import web
 
     from gateway.api import create_app
+    from gateway.egress import DataPlane
     from gateway.flowlog import FlowLog
     from gateway.stores import open_store
     from gateway.tunnel.server import TunnelService
@@ -557,11 +558,18 @@ async def _serve(config: Any, out: TextIO, *, data_plane: bool = False, steer: b
     store = open_store(config)
     flows = FlowLog(config.audit)  # one flow log for the API's audit routes and every data-plane component
     tunnels: TunnelService | None = None
+    plane = DataPlane(config, store, flows, steer=steer) if data_plane else None  # nothing listens until start()
     try:
         if config.tunnel.enabled:  # loads the certificate now: a missing one stops start-up with CERT_INVALID
             tunnels = TunnelService(store, config, config.tunnel, flows=flows)
         # refuses an exposed API without tokens before anything starts
-        app = create_app(store, config, flows=flows, tunnels=tunnels.store if tunnels else None)
+        app = create_app(
+            store,
+            config,
+            flows=flows,
+            tunnels=tunnels.store if tunnels else None,
+            dns=plane.dns if plane else None,
+        )
     except GatewayError as exc:
         raise CliExit(EXIT_USAGE, str(exc)) from None
     stop = asyncio.Event()
@@ -569,7 +577,7 @@ async def _serve(config: Any, out: TextIO, *, data_plane: bool = False, steer: b
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    plane: Any = None
+    started: DataPlane | None = None
     try:
         try:
             await store.start()
@@ -593,23 +601,21 @@ async def _serve(config: Any, out: TextIO, *, data_plane: bool = False, steer: b
             f"store {_store_description(config)}\n"
         )
         out.flush()
-        if data_plane:
-            from gateway.egress import DataPlane
-
-            plane = DataPlane(config, store, flows, steer=steer)
+        if plane is not None:
             try:
                 await plane.start()
             except (GatewayError, OSError) as exc:
                 await plane.close()
                 raise CliExit(EXIT_API_ERROR, f"DATA_PLANE_FAILED: {exc}") from None
+            started = plane
             steering = " (steering applied)" if steer else ""
             out.write(f"egress engine listening on port {config.egress.listen_port}{steering}\n")
             out.flush()
         await stop.wait()
         log.info("gateway.stopping")
     finally:
-        if plane is not None:
-            await plane.close()
+        if started is not None:
+            await started.close()
         await runner.cleanup()
         if tunnels is not None:
             await tunnels.close()
@@ -785,8 +791,35 @@ def _audit_rows(batches: Sequence[Mapping[str, Any]]) -> str:
     return format_table(("NAME", "FIRST RECORD (UTC)", "BYTES"), rows)
 
 
+def _dns_rows(queries: Sequence[Mapping[str, Any]]) -> str:
+    from datetime import UTC, datetime
+
+    if not queries:
+        return "no DNS queries"
+    rows = [
+        (
+            datetime.fromtimestamp(q["time"], UTC).isoformat(timespec="milliseconds"),
+            q["name"],
+            q["type"],
+            q["rcode"],
+            ", ".join(q["answers"]) or "-",
+            "allow" if q["allowed"] else "DENY",
+            q["reason"],
+        )
+        for q in queries
+    ]
+    return format_table(("TIME (UTC)", "NAME", "TYPE", "RCODE", "ANSWERS", "VERDICT", "REASON"), rows)
+
+
 def cmd_audit(ctx: Context, args: argparse.Namespace) -> None:
-    """`audit list` pages through the batches (every page with --all); `audit get` prints a batch's NDJSON."""
+    """`audit list` pages through the batches (every page with --all); `audit get` prints a batch's NDJSON;
+    `audit dns` shows the sandbox's recent DNS queries."""
+    if args.action == "dns":
+        answer = ctx.client.request(
+            "GET", f"/v1/sandboxes/{_quote(args.sandbox)}/dns-log", query={"limit": str(args.limit)}
+        )
+        ctx.emit(answer, lambda data: _dns_rows(data["queries"]))
+        return
     path = f"/v1/sandboxes/{_quote(args.sandbox)}/audit-batches"
     if args.action == "get":
         answer = ctx.client.request("GET", f"{path}/{_quote(args.name)}")
@@ -821,6 +854,9 @@ def _audit_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     p = audit.add_parser("get", parents=[common], help="print one batch (NDJSON, one flow record per line)")
     p.add_argument("sandbox")
     p.add_argument("name", help="a batch name from `audit list`")
+    p = audit.add_parser("dns", parents=[common], help="a sandbox's recent DNS queries (needs --data-plane)")
+    p.add_argument("sandbox")
+    p.add_argument("--limit", type=int, default=100, metavar="N", help="how many of the latest queries (1-1000)")
 
 
 CLIENT_COMMANDS: dict[str, Callable[[Context, argparse.Namespace], None]] = {

@@ -892,11 +892,15 @@ class DataPlane:
         self.store = store
         self.steer = steer
         self.engine: EgressEngine | None = None
-        self.dns: DnsInterceptor | None = None
         self.destinations: Destinations | None = None
         self.flowlog = flowlog
         #: Shared with the DNS interceptor: its answers are what opaque TCP may reach.
         self.learned = LearnedDestinations()
+        # Built now (no sockets yet) so the control API can serve its query log; it has its own rate
+        # limiter: DNS queries and connections are separate budgets.
+        self.dns = DnsInterceptor(
+            DnsConfig.from_config(config), lambda: store.state, learned=self.learned, flowlog=flowlog
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._attached: frozenset[Any] | None = None
 
@@ -917,10 +921,6 @@ class DataPlane:
             connection_limiter=ConnectionRateLimiter(),
             bandwidth=BandwidthLimiter(),
         )
-        # The interceptor has its own rate limiter: DNS queries and connections are separate budgets.
-        self.dns = DnsInterceptor(
-            DnsConfig.from_config(self.config), lambda: self.store.state, learned=self.learned, flowlog=self.flowlog
-        )
         if self.steer:
             await self.apply_steering()
         await self.dns.start_transparent()
@@ -936,8 +936,7 @@ class DataPlane:
         self._tasks.clear()
         if self.engine is not None:
             await self.engine.close()
-        if self.dns is not None:
-            await self.dns.close()
+        await self.dns.close()
 
     def _wanted(self) -> frozenset[Any]:
         return frozenset(a for sandbox in self.store.state.sandboxes.values() for a in sandbox.addresses)

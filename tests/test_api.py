@@ -21,11 +21,14 @@ import pytest
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from dnslib import RCODE, DNSRecord
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_spec
 
 from gateway.api import MAX_BODY_BYTES, PUBLIC, apply_merge_patch, create_app, parse_explain_query, route_specs
 from gateway.config import Config, load_config
+from gateway.dns.policy import DnsConfig
+from gateway.dns.server import DnsInterceptor
 from gateway.errors import GatewayError
 from gateway.flowlog import FIELD_NAMES, FlowLog, FlowRecord
 from gateway.openapi import (
@@ -1074,3 +1077,30 @@ def test_tunnel_example_bodies_pass_the_real_parser_and_their_schema() -> None:
         parse_request(example["value"], default_ttl=3600, max_ttl=86400)
         _validator(media["schema"]).validate(example["value"])
     assert set(TUNNEL_EXAMPLES) == set(media["examples"])
+
+
+# --------------------------------------------------------------------------- DNS query log
+
+
+async def test_dns_query_log_of_a_sandbox(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config) -> None:
+    dns = DnsInterceptor(DnsConfig.from_config(config), lambda: store.state, upstreams=())
+    api = Api(await aiohttp_client(create_app(store, config, dns=dns)))
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    # A real query packet from the sandbox's address, for a name its policy does not allow (no upstream needed).
+    query = DNSRecord.question("evil.example.net", "A").pack()
+    answer = DNSRecord.parse(await dns.handle(query, ("10.75.0.10", 40000), ("198.51.100.53", 53), "udp"))
+    assert answer.header.rcode == RCODE.NXDOMAIN
+
+    log = await api.call("GET", "/v1/sandboxes/agent-1/dns-log", token="auditor", expect=200)
+    (entry,) = log.body["queries"]
+    seen = (entry["name"], entry["type"], entry["rcode"], entry["allowed"])
+    assert seen == ("evil.example.net", "A", "NXDOMAIN", False)
+    assert entry["reason"] == "blocked by sandbox policy: host not in allowlist"
+    await api.call("GET", "/v1/sandboxes/agent-1/dns-log", token="reader", expect=403)  # needs audit:read
+    assert (await api.call("GET", "/v1/sandboxes/nope/dns-log", expect=404)).code == "SANDBOX_NOT_FOUND"
+    assert (await api.call("GET", "/v1/sandboxes/agent-1/dns-log?limit=0", expect=400)).code == "INVALID_PARAMETER"
+
+
+async def test_dns_query_log_without_the_data_plane_is_503(api: Api) -> None:
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    assert (await api.call("GET", "/v1/sandboxes/agent-1/dns-log", expect=503)).code == "DNS_DISABLED"

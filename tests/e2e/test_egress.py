@@ -516,6 +516,14 @@ def test_dns_is_answered_by_the_gateway_and_only_for_allowed_names(env: Env) -> 
     # unrestricted resolves everything
     assert dig("sb2", "@198.18.1.2", "denied.test", "A", "+short").split() == ["198.18.1.2"]
 
+    # The sandbox's query log, through the CLI and the API of the running gateway.
+    cli = [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", "--json", "audit", "dns", "sb1"]
+    shown = env.topo.run("gw", cli, check=False, timeout=20)
+    queries = json.loads(shown.stdout)["queries"]
+    blocked = [q for q in queries if q["name"] == "denied.test"]
+    assert blocked and blocked[-1]["rcode"] == "NXDOMAIN" and not blocked[-1]["allowed"], shown.stdout
+    assert any(q["name"] == "allowed.test" and q["answers"] == ["198.18.1.1"] for q in queries), shown.stdout
+
 
 @pytest.mark.root
 def test_opaque_tcp_reaches_an_address_the_sandbox_learned_from_dns_for_an_allowed_name(env: Env) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import ssl
 import threading
 import time
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import GatewayError
+from gateway.files import write_atomic
 
 log = structlog.get_logger("gateway.tunnel.certs")
 
@@ -69,19 +69,6 @@ class CertResult:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)  # O_CREAT's mode is masked by the umask, and an old tmp may have other bits
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -206,8 +193,8 @@ def init_certs(domain: str, paths: CertPaths, *, force: bool = False) -> CertRes
         created_ca = False
         if ca_pair is None or not _fresh(ca_pair[0]):
             ca_cert, ca_key = _make_ca(domain)
-            _write_atomic(paths.ca_key, _key_pem(ca_key), 0o600)
-            _write_atomic(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            write_atomic(paths.ca_key, _key_pem(ca_key), 0o600)
+            write_atomic(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
             created_ca = True
         else:
             ca_cert, ca_key = ca_pair  # type: ignore[assignment]
@@ -215,10 +202,10 @@ def init_certs(domain: str, paths: CertPaths, *, force: bool = False) -> CertRes
         created_leaf = False
         if leaf_pair is None or not _fresh(leaf_pair[0]) or not _leaf_matches(leaf_pair[0], ca_cert, domain):
             leaf, leaf_key = _make_leaf(domain, ca_cert, ca_key)
-            _write_atomic(paths.key, _key_pem(leaf_key), 0o600)
+            write_atomic(paths.key, _key_pem(leaf_key), 0o600)
             # The chain (leaf then CA) so clients that only trust the CA can build the path.
             chain = leaf.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)
-            _write_atomic(paths.cert, chain, 0o644)
+            write_atomic(paths.cert, chain, 0o644)
             created_leaf = True
     except OSError as exc:
         raise GatewayError("CERT_WRITE_FAILED", f"could not write the tunnel certificates: {exc}") from exc

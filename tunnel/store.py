@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import ipaddress
 import json
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -39,6 +38,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.errors import Conflict, GatewayError, NotFound
+from gateway.files import Signature, file_signature, write_atomic
 from gateway.state import PolicyState
 from gateway.stores.base import StoreUnavailable
 from gateway.tunnel.config import TunnelConfig
@@ -332,14 +332,6 @@ class TunnelStore(abc.ABC):
 # --------------------------------------------------------------------------- embedded
 
 
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
 class FileTunnelStore(TunnelStore):
     """Tunnels in one JSON file `{"tunnels": {id: record}}`, mode 0600 (it holds password hashes)."""
 
@@ -348,11 +340,11 @@ class FileTunnelStore(TunnelStore):
     def __init__(self, policy: PolicyState, config: TunnelConfig, path: Path) -> None:
         super().__init__(policy, config)
         self.path = Path(path)
-        self._signature: tuple[int, int, int] | None = None
+        self._signature: Signature | None = None
         self._next_poll = 0.0
 
     async def _load(self) -> None:
-        self._signature = _signature(self.path)
+        self._signature = file_signature(self.path)
         if self._signature is None:
             self._replace_all({})
             return
@@ -375,7 +367,7 @@ class FileTunnelStore(TunnelStore):
 
     async def _follow_once(self) -> None:
         await asyncio.sleep(self.config.poll_interval)
-        if _signature(self.path) != self._signature:
+        if file_signature(self.path) != self._signature:
             async with self._lock:
                 await self._load()
 
@@ -412,16 +404,8 @@ class FileTunnelStore(TunnelStore):
             raise StoreUnavailable("STORE_WRITE_FAILED", f"could not write {self.path}: {exc}") from exc
 
     def _write(self, data: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        self._signature = _signature(self.path)
+        write_atomic(self.path, data)
+        self._signature = file_signature(self.path)
 
 
 # --------------------------------------------------------------------------- redis

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import structlog
 
 from gateway.errors import Conflict, ErrorBody, NotFound
+from gateway.files import Signature, file_signature, write_atomic
 from gateway.state import SANDBOX, PolicyContext, Rejection
 from gateway.stores.base import Expect, PolicyStore, StoreUnavailable
 
@@ -55,14 +55,6 @@ def parse_policy_file(text: str) -> dict[str, dict[str, Any]]:
     return sections
 
 
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
 class EmbeddedStore(PolicyStore):
     backend = "embedded"
 
@@ -71,7 +63,7 @@ class EmbeddedStore(PolicyStore):
         self.path = Path(path)
         self.poll_interval = poll_interval
         self._sections: dict[str, dict[str, Any]] | None = None  # the file as last read, invalid records included
-        self._signature: tuple[int, int, int] | None = None
+        self._signature: Signature | None = None
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -98,12 +90,12 @@ class EmbeddedStore(PolicyStore):
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval)
-            if _signature(self.path) != self._signature:
+            if file_signature(self.path) != self._signature:
                 async with self._write_lock:
                     self._reload()
 
     def _reload(self) -> None:
-        signature = _signature(self.path)
+        signature = file_signature(self.path)
         try:
             sections = parse_policy_file(self.path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, PolicyFileError) as exc:
@@ -157,18 +149,5 @@ class EmbeddedStore(PolicyStore):
         self._sections = sections
 
     def _write(self, sections: dict[str, dict[str, Any]]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        data = json.dumps(sections, indent=2, sort_keys=True).encode() + b"\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        self._signature = _signature(self.path)
+        write_atomic(self.path, json.dumps(sections, indent=2, sort_keys=True).encode() + b"\n")
+        self._signature = file_signature(self.path)

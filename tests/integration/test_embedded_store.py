@@ -153,7 +153,8 @@ async def test_a_failed_file_write_is_a_503_and_changes_nothing(tmp_path: Path) 
     await store.start()
     try:
         (folder / "policies.json").unlink()
-        folder.rmdir()  # the write's temp file cannot be created any more
+        folder.rmdir()
+        folder.write_text("")  # a file where the folder was: the write cannot create its temp file
         with pytest.raises(GatewayError) as failed:
             await store.create_sandbox(SANDBOX)
         assert (failed.value.code, failed.value.status) == ("STORE_WRITE_FAILED", 503)

@@ -90,6 +90,10 @@ LISTEN_BACKLOG = 4096
 _RST_LINGER = struct.pack("ii", 1, 0)
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), spelled out for Pythons built without it
 PIPE_SIZE = 1 << 20
+#: A new pipe's capacity (16 pages): a flow that moved this much is grown to PIPE_SIZE, small flows never pay for that.
+DEFAULT_PIPE_SIZE = 64 * 1024
+#: Upper bound of the idle sweeper's period (it is also at most a quarter of the idle timeout).
+IDLE_SWEEP_INTERVAL = 1.0
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 #: Rules of `decide` whose denial needs neither a name nor an address.
 _PORT_OR_PROFILE_RULES = frozenset({"builtin:smtp", "profile:isolated", "egress.allow_internet"})
@@ -355,6 +359,7 @@ class EgressEngine:
         self._connections: set[asyncio.Task[None]] = set()
         self._peeking: dict[str, int] = {}
         self._peeking_total = 0
+        self._sweeper: _IdleSweeper | None = None
         self.stats = {"accepted": 0, "allowed": 0, "denied": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -390,6 +395,9 @@ class EgressEngine:
             task.cancel()
         await asyncio.gather(*self._accepting, *self._connections, return_exceptions=True)
         self._accepting.clear()
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
         for listener in self.listeners:
             listener.close()
         self.listeners.clear()
@@ -498,7 +506,7 @@ class EgressEngine:
                 alert = AlertDescription.UNRECOGNIZED_NAME if plan.unresolvable else AlertDescription.ACCESS_DENIED
                 await _deny_with(conn, tls_alert(alert, hello.record_version))
                 return
-            await self._relay(conn, flow, policy, plan, bytes(peeked.data), None)
+            await self._relay(conn, flow, policy, plan, _take_data(peeked), None)
             return
         if kind is TrafficKind.HTTP:
             flow.protocol = "http"
@@ -520,7 +528,7 @@ class EgressEngine:
                 return
             assert peeked.tracker is not None
             guard = _HttpGuard(policy, peeked.tracker, head.host, port)
-            await self._relay(conn, flow, policy, plan, bytes(peeked.data), guard, peeked.later)
+            await self._relay(conn, flow, policy, plan, _take_data(peeked), guard, peeked.later)
             return
         # Opaque TCP (or a client that said nothing): by address only.
         if kind is not TrafficKind.OPAQUE or peeked.problem:
@@ -532,7 +540,7 @@ class EgressEngine:
             self._deny(flow, plan.reason, plan.rule)
             _reset(conn)
             return
-        await self._relay(conn, flow, policy, plan, bytes(peeked.data), None)
+        await self._relay(conn, flow, policy, plan, _take_data(peeked), None)
 
     # ------------------------------------------------------------------ dial + relay
 
@@ -557,7 +565,7 @@ class EgressEngine:
         flow: _Flow,
         policy: CompiledPolicy,
         plan: Plan,
-        first: bytes,
+        first: bytes | bytearray,
         guard: _HttpGuard | None,
         later_events: list[Any] | None = None,
     ) -> None:
@@ -580,7 +588,11 @@ class EgressEngine:
             limits = policy.limits
             up_bucket = self.bandwidth.bucket(flow.sandbox, "up", limits.bandwidth_mbit, limits.burst_mbit)
             down_bucket = self.bandwidth.bucket(flow.sandbox, "down", limits.bandwidth_mbit, limits.burst_mbit)
-        pipe = _Pipe(self.egress.idle_timeout)
+        sweeper = self._sweeper
+        loop = asyncio.get_running_loop()
+        if sweeper is None or sweeper.loop is not loop:
+            sweeper = self._sweeper = _IdleSweeper(loop, min(IDLE_SWEEP_INTERVAL, self.egress.idle_timeout / 4))
+        pipe = _Pipe(self.egress.idle_timeout, sweeper)
         cut: list[tuple[str, str]] = []  # set when a later HTTP request is refused
 
         def count_up(n: int) -> None:
@@ -596,7 +608,8 @@ class EgressEngine:
             flow.bytes_up += len(data)
 
         async def upstream_direction() -> None:
-            data = first
+            nonlocal first
+            data, first = first, b""  # the only reference once sent: an idle connection keeps no ClientHello
             if guard is not None and later_events:
                 refused = guard.check(later_events, 0)
                 if refused is not None:
@@ -604,6 +617,7 @@ class EgressEngine:
                     cut.append(refused[1:])
             if data:
                 await send_up(data)
+                data = b""
             if cut:
                 _shutdown_write(upstream)
                 return
@@ -654,6 +668,7 @@ class EgressEngine:
             for task in (up, down):
                 task.cancel()
             await asyncio.gather(up, down, return_exceptions=True)
+            pipe.release()
             upstream.close()
         self._emit(flow)
 
@@ -708,9 +723,53 @@ class EgressEngine:
 # --------------------------------------------------------------------------- the relay
 
 
+def _take_data(peeked: Peeked) -> bytearray:
+    """The bytes read while peeking, handed over (not copied) to the relay: the peek result keeps none."""
+    data, peeked.data = peeked.data, bytearray()
+    return data
+
+
 def _set_ready(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class _IdleSweeper:
+    """One periodic check for the idle timeouts of all relayed connections (instead of a timer per wait).
+
+    Every `interval` seconds each registered pipe whose idle clock ran out has its current waits
+    failed with TimeoutError (a pipe nobody waits on is checked again at the next sweep). The
+    sweep is scheduled only while some pipe is registered.
+    """
+
+    __slots__ = ("handle", "interval", "loop", "pipes")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        self.loop = loop
+        self.interval = interval
+        self.pipes: set[_Pipe] = set()
+        self.handle: asyncio.TimerHandle | None = None
+
+    def add(self, pipe: _Pipe) -> None:
+        self.pipes.add(pipe)
+        if self.handle is None:
+            self.handle = self.loop.call_later(self.interval, self._sweep)
+
+    def discard(self, pipe: _Pipe) -> None:
+        self.pipes.discard(pipe)
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _sweep(self) -> None:
+        self.handle = None
+        now = time.monotonic()
+        for pipe in [p for p in self.pipes if p.waiters and now - p.last >= p.idle]:
+            pipe.expire()
+        if self.pipes:
+            self.handle = self.loop.call_later(self.interval, self._sweep)
 
 
 class _Pipe:
@@ -720,17 +779,54 @@ class _Pipe:
     Backpressure is natural: nothing more is taken from the source while the pipe cannot be
     emptied into the destination, so the source's receive window closes. Bandwidth is charged
     between the two halves, i.e. before the bytes are forwarded.
+
+    With a sweeper the idle timeout is enforced by it (no timer per wait); without one (the short
+    drains after a denial) every wait carries its own timer.
     """
 
-    def __init__(self, idle_timeout: float) -> None:
+    __slots__ = ("idle", "last", "sweeper", "waiters")
+
+    def __init__(self, idle_timeout: float, sweeper: _IdleSweeper | None = None) -> None:
         self.idle = idle_timeout
         self.last = time.monotonic()
+        self.sweeper = sweeper
+        self.waiters: list[asyncio.Future[None]] = []
+        if sweeper is not None:
+            sweeper.add(self)
+
+    def release(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.discard(self)
+            self.sweeper = None
+
+    def expire(self) -> None:
+        """The idle timeout ran out: every current wait raises TimeoutError."""
+        for future in self.waiters:
+            if not future.done():
+                future.set_exception(TimeoutError())
 
     async def _wait(self, fd: int, *, write: bool) -> None:
         """Until `fd` is ready; TimeoutError once neither direction moved for the idle timeout."""
         loop = asyncio.get_running_loop()
-        while True:
+        if self.sweeper is not None:
             future: asyncio.Future[None] = loop.create_future()
+            waiters = self.waiters
+            waiters.append(future)
+            if write:
+                loop.add_writer(fd, _set_ready, future)
+            else:
+                loop.add_reader(fd, _set_ready, future)
+            try:
+                await future
+            finally:
+                waiters.remove(future)
+                if write:
+                    loop.remove_writer(fd)
+                else:
+                    loop.remove_reader(fd)
+            return
+        while True:
+            future = loop.create_future()
             if write:
                 loop.add_writer(fd, _set_ready, future)
             else:
@@ -757,16 +853,19 @@ class _Pipe:
             self.last = time.monotonic()
             return data
 
-    async def send(self, sock: socket.socket, data: bytes | memoryview) -> None:
+    async def send(self, sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
-        while view:
-            try:
-                sent = sock.send(view)
-            except (BlockingIOError, InterruptedError):
-                await self._wait(sock.fileno(), write=True)
-                continue
-            view = view[sent:]
-            self.last = time.monotonic()
+        try:
+            while view:
+                try:
+                    sent = sock.send(view)
+                except (BlockingIOError, InterruptedError):
+                    await self._wait(sock.fileno(), write=True)
+                    continue
+                view = view[sent:]
+                self.last = time.monotonic()
+        finally:
+            view.release()  # a bytearray cannot be resized while exported
 
     async def pump(
         self,
@@ -791,9 +890,9 @@ class _Pipe:
         # The pipe is made once data flows, so an idle connection holds no pipe (memory and descriptors).
         await self._wait(sfd, write=False)
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Grown to PIPE_SIZE (fewer wake-ups) only once the flow has moved 64 KiB: small flows skip the resize.
+        moved = 0
         try:
-            with contextlib.suppress(OSError):  # a bigger pipe means fewer wake-ups; the default works too
-                fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
             while True:
                 try:
                     n = os.splice(sfd, write_end, PIPE_SIZE, flags=_SPLICE_FLAGS)
@@ -804,6 +903,11 @@ class _Pipe:
                     on_eof()
                     return
                 self.last = time.monotonic()
+                if moved < DEFAULT_PIPE_SIZE:
+                    moved += n
+                    if moved >= DEFAULT_PIPE_SIZE:
+                        with contextlib.suppress(OSError):  # the default size works too
+                            fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
                 if bucket is not None:
                     await bucket.consume(n)
                 left = n

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
+import time
 
 import pytest
 
 from gateway.destinations import Destinations
-from gateway.egress import _HttpGuard, peek, plan_named, plan_unnamed
+from gateway.egress import _HttpGuard, _IdleSweeper, _Pipe, peek, plan_named, plan_unnamed
 from gateway.learned import LearnedDestinations
 from gateway.peek import HttpRequestTracker, TrafficKind
 from tests.unit.test_decision import policy
@@ -159,3 +161,28 @@ def test_http_guard_refuses_smuggling_shapes_later_in_the_stream(bad: bytes) -> 
     guard = _HttpGuard(policy("allowlisted", {"allow_hosts": ["a.test"]}), tracker, "a.test", 80)
     cut = guard.feed(bad)
     assert cut is not None and cut[0] == 0 and cut[2] == "builtin:http"
+
+
+async def test_idle_sweeper_times_out_a_wait_only_after_the_shared_idle_clock_ran_out() -> None:
+    loop = asyncio.get_running_loop()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    sweeper = _IdleSweeper(loop, 0.05)
+    pipe = _Pipe(0.3, sweeper)
+    try:
+        reader = asyncio.create_task(pipe.recv(a))
+        await asyncio.sleep(0.2)
+        b.send(b"x")  # activity restarts the idle clock
+        assert await reader == b"x"
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await pipe.recv(a)
+        assert 0.25 <= time.monotonic() - started < 1.0
+        assert not pipe.waiters
+    finally:
+        pipe.release()
+        sweeper.stop()
+        a.close()
+        b.close()
+    assert not sweeper.pipes

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from procstat import cpu_seconds, descendants, fmt, have, rss_kib  # bench/ is on sys.path when a script runs
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -286,10 +288,6 @@ sys.exit(main())
 # --------------------------------------------------------------------------- helpers
 
 
-def have(binary: str) -> bool:
-    return shutil.which(binary) is not None or Path("/usr/sbin", binary).exists()
-
-
 def ensure_packages(subjects: Iterable[str], install: bool) -> None:
     """nginx is always needed (the HTTPS origin is nginx); its stream module and haproxy when measured."""
     missing = set()
@@ -321,47 +319,6 @@ def _drain(stream: Any) -> None:
     with contextlib.suppress(Exception):
         for _ in stream:
             pass
-
-
-def descendants(root: int) -> list[int]:
-    """`root` and every process below it (scanning /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [root], [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [child for child, parent in parents.items() if parent == pid]
-        found += children
-        frontier += children
-    return found
-
-
-def cpu_seconds(pids: Iterable[int]) -> tuple[float, float]:
-    """(user + system, system) CPU seconds of `pids`."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    user = system = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            user, system = user + int(fields[11]), system + int(fields[12])  # utime, stime (fields 14, 15)
-    return (user + system) / ticks, system / ticks
-
-
-def rss_kib(pids: Iterable[int]) -> int:
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-    return total
 
 
 def make_pki(directory: Path) -> tuple[Path, Path]:
@@ -731,10 +688,6 @@ class Bench:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def report(results: dict[str, Result], opts: Options, subjects: list[str]) -> bool:

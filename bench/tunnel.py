@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from procstat import cpu_seconds, descendants, fmt, have  # bench/ is on sys.path when a script runs
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -216,10 +218,6 @@ def taskset(cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu)] if cpu is not None else []
 
 
-def have(binary: str) -> bool:
-    return shutil.which(binary) is not None or Path("/usr/sbin", binary).exists()
-
-
 def ensure_packages(install: bool) -> None:
     missing = sorted(pkg for binary, pkg in APT_PACKAGES.items() if not have(binary))
     if not missing:
@@ -237,32 +235,6 @@ def ensure_packages(install: bool) -> None:
         if subprocess.run(argv, env=env, timeout=600, check=False).returncode != 0:
             print(f"apt failed; run:\n  {command}", file=sys.stderr)
             sys.exit(2)
-
-
-def descendants(root: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    found, frontier = [root], [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [child for child, parent in parents.items() if parent == pid]
-        found += children
-        frontier += children
-    return found
-
-
-def cpu_seconds(pids: list[int]) -> tuple[float, float]:
-    """(user + system, system) CPU seconds of `pids`."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    user = system = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            user, system = user + int(fields[11]), system + int(fields[12])
-    return (user + system) / ticks, system / ticks
 
 
 def wait_port(proc: subprocess.Popen[Any], host: str, port: int, log: Path, seconds: float = 15.0) -> None:
@@ -502,10 +474,6 @@ class Bench:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def report(results: dict[str, Result], opts: Options) -> bool:

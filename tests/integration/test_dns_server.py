@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from dnslib import AAAA, CNAME, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
-from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
+from dnslib.server import BaseResolver
 
 from gateway.config import AuditConfig
 from gateway.decision import DEFAULT_LIMITS
@@ -29,6 +29,7 @@ from gateway.learned import LearnedDestinations
 from gateway.presets import BUILTIN_PRESETS
 from gateway.resolver import Upstream
 from gateway.state import PolicyContext, PolicyState
+from tests import authdns
 from tests.unit.test_dns_policy import ede_of, query
 
 ZONE: dict[str, list[tuple[str, Any, int]]] = {
@@ -80,40 +81,11 @@ class Zone(BaseResolver):
         return reply
 
 
-class TruncatingHandler(DNSHandler):
-    udplen = 512  # big.test does not fit: the gateway's upstream exchange falls back to TCP
-
-
-class Quiet(DNSLogger):
-    def __init__(self) -> None:
-        super().__init__(log="-recv,-send,-request,-reply,-truncated,-error,-data")
-
-
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[tuple[Zone, int]]:
     zone = Zone()
-    for _ in range(20):
-        udp = DNSServer(zone, address="127.0.0.1", port=0, handler=TruncatingHandler, logger=Quiet())
-        port = udp.server.server_address[1]
-        try:
-            tcp = DNSServer(zone, address="127.0.0.1", port=port, tcp=True, handler=TruncatingHandler, logger=Quiet())
-        except OSError:
-            udp.server.server_close()
-            continue
-        break
-    else:
-        pytest.fail("no free port for the test DNS server")
-    udp.start_thread()
-    tcp.start_thread()
-    yield zone, port
-    # shutdown() waits up to one poll interval (0.5 s) per server: stop both at once.
-    stoppers = [threading.Thread(target=srv.stop) for srv in (udp, tcp)]
-    for t in stoppers:
-        t.start()
-    for t in stoppers:
-        t.join(5)
-    for srv in (udp, tcp):
-        srv.server.server_close()
+    with authdns.serve(zone) as port:
+        yield zone, port
 
 
 SANDBOXES: dict[str, dict[str, Any]] = {

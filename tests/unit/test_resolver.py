@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 from dnslib import AAAA, CNAME, QTYPE, RR, A, DNSRecord
-from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
+from dnslib.server import BaseResolver
 
 from gateway.config import ResolverConfig
 from gateway.resolver import ResolveError, Resolver, Upstream, exchange, parse_upstream
+from tests import authdns
 
 ZONE: dict[str, list[tuple[str, str, int]]] = {
     "one.test": [("A", "192.0.2.1", 300), ("AAAA", "2001:db8::1", 300)],
@@ -63,35 +64,11 @@ class Zone(BaseResolver):
         return reply
 
 
-class TruncatingHandler(DNSHandler):
-    udplen = 512  # a classic UDP limit: big.test's answer does not fit
-
-
-class Quiet(DNSLogger):
-    def __init__(self) -> None:
-        super().__init__(log="-recv,-send,-request,-reply,-truncated,-error,-data")
-
-
 @pytest.fixture
 def server() -> Iterator[tuple[Zone, int]]:
     zone = Zone()
-    for _ in range(20):  # UDP and TCP on the same free port
-        udp = DNSServer(zone, address="127.0.0.1", port=0, handler=TruncatingHandler, logger=Quiet())
-        port = udp.server.server_address[1]
-        try:
-            tcp = DNSServer(zone, address="127.0.0.1", port=port, tcp=True, handler=TruncatingHandler, logger=Quiet())
-        except OSError:
-            udp.server.server_close()
-            continue
-        break
-    else:
-        pytest.fail("no free port for the test DNS server")
-    udp.start_thread()
-    tcp.start_thread()
-    yield zone, port
-    for srv in (udp, tcp):
-        srv.stop()
-        srv.server.server_close()
+    with authdns.serve(zone) as port:
+        yield zone, port
 
 
 def make(port: int, *, min_ttl: int = 5, max_ttl: int = 3600, timeout: float = 1.0, extra: tuple[Upstream, ...] = ()):

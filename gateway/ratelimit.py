@@ -38,7 +38,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 __all__ = [
     "CONNECTION_RATE_REASON",
@@ -148,8 +148,12 @@ class TokenBucket:
 # --------------------------------------------------------------------------- connections per minute
 
 
-class ConnectionRateLimiter:
-    """Connections per minute per sandbox, with a bounded wait (seed 000: throttle, not terminate)."""
+class _Idle(Protocol):
+    def is_idle(self, idle_for: float) -> bool: ...
+
+
+class _PerSandboxBuckets[K, B: _Idle]:
+    """Buckets keyed per sandbox, forgotten once idle and full again (bounded memory, no behaviour change)."""
 
     def __init__(
         self,
@@ -163,11 +167,23 @@ class ConnectionRateLimiter:
         self.sleep = sleep
         self.idle_seconds = idle_seconds
         self.sweep_interval = sweep_interval
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets: dict[K, B] = {}
         self._last_sweep = clock()
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+    def _maybe_sweep(self) -> None:
+        now = self.clock()
+        if now - self._last_sweep < self.sweep_interval:
+            return
+        self._last_sweep = now
+        for key in [k for k, b in self._buckets.items() if b.is_idle(self.idle_seconds)]:
+            del self._buckets[key]
+
+
+class ConnectionRateLimiter(_PerSandboxBuckets[str, TokenBucket]):
+    """Connections per minute per sandbox, with a bounded wait (seed 000: throttle, not terminate)."""
 
     def bucket(self, sandbox_id: str, per_minute: int) -> TokenBucket:
         """The sandbox's bucket, with its limits set from the current policy."""
@@ -200,14 +216,6 @@ class ConnectionRateLimiter:
                 bucket.refund(1)  # the connection went away while queued: its token is not spent
                 raise
         return True
-
-    def _maybe_sweep(self) -> None:
-        now = self.clock()
-        if now - self._last_sweep < self.sweep_interval:
-            return
-        self._last_sweep = now
-        for key in [k for k, b in self._buckets.items() if b.is_idle(self.idle_seconds)]:
-            del self._buckets[key]
 
 
 # --------------------------------------------------------------------------- bandwidth
@@ -264,8 +272,13 @@ class SharedBucket:
         return self.sustained.is_idle(idle_for) and self.peak.is_idle(idle_for)
 
 
-class BandwidthLimiter:
-    """Shared per-sandbox, per-direction bandwidth buckets."""
+class BandwidthLimiter(_PerSandboxBuckets[tuple[str, Direction], SharedBucket]):
+    """Shared per-sandbox, per-direction bandwidth buckets.
+
+    Strong references (the base's map) keep a recently used bucket (and its debt) even between connections,
+    so closing and reopening connections never earns a fresh burst. The weak map finds a bucket a live
+    connection still holds after the sweep dropped it, so two connections never get separate buckets.
+    """
 
     def __init__(
         self,
@@ -275,19 +288,8 @@ class BandwidthLimiter:
         idle_seconds: float = IDLE_SECONDS,
         sweep_interval: float = SWEEP_INTERVAL,
     ) -> None:
-        self.clock = clock
-        self.sleep = sleep
-        self.idle_seconds = idle_seconds
-        self.sweep_interval = sweep_interval
-        # Strong references keep a recently used bucket (and its debt) even between connections, so closing
-        # and reopening connections never earns a fresh burst. The weak map finds a bucket a live connection
-        # still holds after the sweep dropped it, so two connections never get separate buckets.
-        self._buckets: dict[tuple[str, Direction], SharedBucket] = {}
+        super().__init__(clock, sleep, idle_seconds=idle_seconds, sweep_interval=sweep_interval)
         self._held: weakref.WeakValueDictionary[tuple[str, Direction], SharedBucket] = weakref.WeakValueDictionary()
-        self._last_sweep = clock()
-
-    def __len__(self) -> int:
-        return len(self._buckets)
 
     def bucket(self, sandbox_id: str, direction: Direction, sustained_mbit: float, burst_mbit: float) -> SharedBucket:
         """The bucket for this sandbox and direction, its limits set from the current policy."""
@@ -305,11 +307,3 @@ class BandwidthLimiter:
             found.update(sustained_mbit, burst_mbit)
         self._buckets[key] = found
         return found
-
-    def _maybe_sweep(self) -> None:
-        now = self.clock()
-        if now - self._last_sweep < self.sweep_interval:
-            return
-        self._last_sweep = now
-        for key in [k for k, b in self._buckets.items() if b.is_idle(self.idle_seconds)]:
-            del self._buckets[key]

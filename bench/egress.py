@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests import authdns  # noqa: E402
 from tests.netns import INET_V4, Topology, TopologyError, live_namespaces, wait_for_line  # noqa: E402
 
 SUBJECTS = ("kernel", "gateway", "nginx", "haproxy", "gateway-nocap")
@@ -75,27 +76,6 @@ GIB = 1 << 30
 
 # --------------------------------------------------------------------------- programs run in the namespaces
 
-DNS_SERVER = r"""
-import json, sys, time
-from dnslib import QTYPE, RR, A
-from dnslib.server import BaseResolver, DNSLogger, DNSServer
-zone = json.loads(sys.argv[2])
-class Zone(BaseResolver):
-    def resolve(self, request, handler):
-        reply = request.reply()
-        name = str(request.q.qname).rstrip(".").lower()
-        if name not in zone:
-            reply.header.rcode = 3
-        elif QTYPE[request.q.qtype] == "A":
-            reply.add_answer(RR(name, QTYPE.A, rdata=A(zone[name]), ttl=300))
-        return reply
-quiet = DNSLogger(log="-recv,-send,-request,-reply,-truncated,-error,-data")
-for tcp in (False, True):
-    DNSServer(Zone(), address=sys.argv[1], port=53, tcp=tcp, logger=quiet).start_thread()
-print("ready", flush=True)
-while True:
-    time.sleep(3600)
-"""
 
 #: Raw origin: reads one TLS record (the ClientHello), then on the bulk address streams argv[3] bytes from
 #: memory and closes, on the idle address answers one byte and holds the connection until the client closes.
@@ -535,7 +515,9 @@ class Bench:
         )
         # Many short connections from one address: let the client reuse TIME_WAIT ports (sandbox namespace only).
         netplumb.write_sysctls({"net/ipv4/tcp_tw_reuse": "1"}, netns=topo.sandbox(1).netns)
-        topo.start_python("inet", DNS_SERVER, str(INET_V4), json.dumps(NAMES))
+        topo.start_python(
+            "inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps({n: {"A": [a]} for n, a in NAMES.items()})
+        )
         topo.start_python("inet", RAW_ORIGIN, NAMES["bulk.test"], NAMES["idle.test"], str(self.opts.bulk_bytes))
         conf = self.workdir / "origin-nginx.conf"
         conf.write_text(nginx_origin_conf(self.workdir, self.cert, self.key))

@@ -45,3 +45,31 @@ def serve(resolver: BaseResolver, host: str = "127.0.0.1") -> Iterator[int]:
             thread.join(5)
         for srv in (udp, tcp):
             srv.server.server_close()
+
+
+#: The same kind of server as a script for `Topology.start_python(ns, ZONE_SERVER_SCRIPT, address, zone_json)`:
+#: authoritative for the zone `{name: {"A": [...], "AAAA": [...]}}` on port 53 (UDP and TCP) of `address`,
+#: NXDOMAIN for every other name; prints "ready" once listening.
+ZONE_SERVER_SCRIPT = r"""
+import json, sys, time
+from dnslib import AAAA, QTYPE, RR, A
+from dnslib.server import BaseResolver, DNSLogger, DNSServer
+zone = json.loads(sys.argv[2])
+class Zone(BaseResolver):
+    def resolve(self, request, handler):
+        reply = request.reply()
+        name = str(request.q.qname).rstrip(".").lower()
+        qtype = QTYPE[request.q.qtype]
+        if name not in zone:
+            reply.header.rcode = 3
+            return reply
+        for value in zone[name].get(qtype, []):
+            reply.add_answer(RR(name, getattr(QTYPE, qtype), rdata=A(value) if qtype == "A" else AAAA(value), ttl=30))
+        return reply
+quiet = DNSLogger(log="-recv,-send,-request,-reply,-truncated,-error,-data")
+for tcp in (False, True):
+    DNSServer(Zone(), address=sys.argv[1], port=53, tcp=tcp, logger=quiet).start_thread()
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+"""

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests import authdns
 from tests.netns import INET_V4, Topology, live_namespaces, wait_for_line
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,29 +42,6 @@ ZONE = {
     "meta.test": {"A": ["169.254.169.254"]},
 }
 
-DNS_SERVER = r"""
-import json, sys, time
-from dnslib import AAAA, QTYPE, RR, A
-from dnslib.server import BaseResolver, DNSLogger, DNSServer
-zone = json.loads(sys.argv[2])
-class Zone(BaseResolver):
-    def resolve(self, request, handler):
-        reply = request.reply()
-        name = str(request.q.qname).rstrip(".").lower()
-        qtype = QTYPE[request.q.qtype]
-        if name not in zone:
-            reply.header.rcode = 3
-            return reply
-        for value in zone[name].get(qtype, []):
-            reply.add_answer(RR(name, getattr(QTYPE, qtype), rdata=A(value) if qtype == "A" else AAAA(value), ttl=30))
-        return reply
-quiet = DNSLogger(log="-recv,-send,-request,-reply,-truncated,-error,-data")
-for tcp in (False, True):
-    DNSServer(Zone(), address=sys.argv[1], port=53, tcp=tcp, logger=quiet).start_thread()
-print("ready", flush=True)
-while True:
-    time.sleep(3600)
-"""
 
 ORIGINS = r"""
 import socket, ssl, sys, threading
@@ -361,7 +339,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         # Sysctls, host routes and policy routing as the attach tooling would leave them; the gateway then
         # writes its own table for the sandboxes in its store.
         topo.plumb(topo.steering_config(dial_mark=2))
-        topo.start_python("inet", DNS_SERVER, str(INET_V4), json.dumps(ZONE))
+        topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(ZONE))
         origins = topo.popen("inet", [sys.executable, "-u", "-c", ORIGINS, str(e.cert), str(e.key)])
         wait_for_line(origins, "ready", 10)
         e.write_policies(_policies())

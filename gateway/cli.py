@@ -541,7 +541,12 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     steer = bool(getattr(args, "steer", False))
     if steer and not data_plane:
         raise CliExit(EXIT_USAGE, "--steer needs --data-plane (steering without the engine would drop all traffic)")
-    return asyncio.run(_serve(config, out, data_plane=data_plane, steer=steer))
+    loop_factory = None
+    if getattr(args, "event_loop", "uvloop") == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    return asyncio.run(_serve(config, out, data_plane=data_plane, steer=steer), loop_factory=loop_factory)
 
 
 async def _serve(config: Any, out: TextIO, *, data_plane: bool = False, steer: bool = False) -> int:
@@ -707,6 +712,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --data-plane: apply the nftables table and policy routing for the store's sandboxes "
         "in this network namespace, and re-apply when they change",
+    )
+    p.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="uvloop (default: libuv, about twice as fast per connection) or the standard library's loop",
     )
     commands.add_parser("check-config", parents=[common], help="validate the configuration and summarise it")
 

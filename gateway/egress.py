@@ -18,16 +18,16 @@ Per accepted connection (original destination = the accepted socket's own addres
    rule or by a DNS-learned address of this sandbox.
 5. Deny explicitly (TLS alert, HTTP 403 with X-Gateway-Reason, RST for opaque) or dial
    with `SO_MARK = dial_mark` and relay both ways with backpressure, half-close, an idle
-   timeout, bandwidth buckets and byte counts. The relay is `os.splice` through a kernel
-   pipe (zero-copy; the bytes never enter Python) except for the client->server side of
-   plain HTTP, where every later request head on the connection is checked too: a Host
-   other than the one dialled is cut with a 403 once the upstream has finished the
-   earlier responses.
+   timeout, bandwidth buckets and byte counts (`gateway.relay`: a handshake-sized start by
+   copying, then `os.splice` through a kernel pipe so bulk bytes never enter Python). The
+   client->server side of plain HTTP is always copied, because every later request head on
+   the connection is checked too: a Host other than the one dialled is cut with a 403 once
+   the upstream has finished the earlier responses.
 
-Sockets are driven directly on the event loop (sock_accept, add_reader/add_writer), not
-through asyncio streams: splice needs the raw descriptors, and an idle relayed connection
-then costs two sockets and one small task pair, no transport buffers and no pipes (the
-pipes are made when data first flows).
+Sockets are driven directly on the event loop (add_reader/add_writer), not through
+asyncio streams: splice needs the raw descriptors. The deciding steps run in one task per
+connection; once relayed (`gateway.relay`), a connection is only loop callbacks, so an idle
+one costs two sockets and a few small objects: no task, no buffers, no pipes.
 6. One flow record per connection (allowed or denied), and a structured log line.
 """
 
@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import os
+import functools
 import socket
 import struct
 import time
@@ -69,7 +68,8 @@ from gateway.peek import (
     sanitize_reason,
     tls_alert,
 )
-from gateway.ratelimit import BandwidthLimiter, ConnectionRateLimiter, SharedBucket
+from gateway.ratelimit import BandwidthLimiter, ConnectionRateLimiter
+from gateway.relay import CAN_SPLICE, IdleSweeper, Relay
 from gateway.resolver import ResolveError, Resolver
 from gateway.state import PolicyState
 from gateway.stores.base import PolicyStore
@@ -78,7 +78,7 @@ log = structlog.get_logger("gateway.egress")
 
 IP_TRANSPARENT = 19  # SOL_IP
 IPV6_TRANSPARENT = 75  # IPPROTO_IPV6
-RELAY_CHUNK = 64 * 1024
+READ_CHUNK = 64 * 1024
 #: After a denial is written, how long the client's remaining bytes are drained (so closing does not RST
 #: away the 403 / alert before the client read it).
 DRAIN_AFTER_DENIAL = 1.0
@@ -87,14 +87,11 @@ DRAIN_MAX_BYTES = 256 * 1024
 HTTP_CUT_GRACE = 5.0
 LISTEN_BACKLOG = 4096
 
+ACCEPT_BATCH = 64
+#: After accept() failed (EMFILE, ENOBUFS...), the listener is left alone this long.
+ACCEPT_BACKOFF = 0.05
+
 _RST_LINGER = struct.pack("ii", 1, 0)
-F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), spelled out for Pythons built without it
-PIPE_SIZE = 1 << 20
-#: A new pipe's capacity (16 pages): a flow that moved this much is grown to PIPE_SIZE, small flows never pay for that.
-DEFAULT_PIPE_SIZE = 64 * 1024
-#: Upper bound of the idle sweeper's period (it is also at most a quarter of the idle timeout).
-IDLE_SWEEP_INTERVAL = 1.0
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 #: Rules of `decide` whose denial needs neither a name nor an address.
 _PORT_OR_PROFILE_RULES = frozenset({"builtin:smtp", "profile:isolated", "egress.allow_internet"})
 
@@ -204,72 +201,106 @@ class Peeked:
     problem: str | None = None  # timeout / too large / closed early
 
 
-async def peek(recv: Callable[[int], Awaitable[bytes]], timeout: float, max_bytes: int) -> Peeked:
-    """Read (never forward) until the traffic is classified and its name known, within `timeout` and `max_bytes`."""
-    deadline = time.monotonic() + timeout
-    buf = bytearray()
-    kind: TrafficKind | None = None
-    parser: ClientHelloParser | None = None
-    tracker: HttpRequestTracker | None = None
-    events: list[Any] = []
-    out = Peeked(None, buf)
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            if not buf:
-                out.kind = TrafficKind.OPAQUE  # nothing said: a server-speaks-first protocol
-            else:
-                out.kind = kind
-                out.problem = f"no complete {kind or 'protocol'} header within {timeout}s"
-            return out
-        want = max_bytes - len(buf)
-        if want <= 0:
-            out.kind = kind
-            out.problem = f"{kind or 'protocol'} header larger than {max_bytes} bytes"
-            return out
-        try:
-            chunk = await asyncio.wait_for(recv(min(want, RELAY_CHUNK)), remaining)
-        except TimeoutError:
-            continue
+class Peeker:
+    """Sans-I/O peek: bytes in, a `Peeked` out once the traffic is classified and its name known (or not
+    decidable within `max_bytes`). Nothing read is ever forwarded by the peek itself."""
+
+    __slots__ = ("buf", "events", "kind", "max_bytes", "out", "parser", "tracker")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.buf = bytearray()
+        self.kind: TrafficKind | None = None
+        self.parser: ClientHelloParser | None = None
+        self.tracker: HttpRequestTracker | None = None
+        self.events: list[Any] = []
+        self.out = Peeked(None, self.buf)
+
+    @property
+    def want(self) -> int:
+        """How many more bytes may be read (0: the bound is reached, see `too_large`)."""
+        return self.max_bytes - len(self.buf)
+
+    def too_large(self) -> Peeked:
+        self.out.kind = self.kind
+        self.out.problem = f"{self.kind or 'protocol'} header larger than {self.max_bytes} bytes"
+        return self.out
+
+    def timed_out(self, timeout: float) -> Peeked:
+        out = self.out
+        if not self.buf:
+            out.kind = TrafficKind.OPAQUE  # nothing said: a server-speaks-first protocol
+        else:
+            out.kind = self.kind
+            out.problem = f"no complete {self.kind or 'protocol'} header within {timeout}s"
+        return out
+
+    def feed(self, chunk: bytes) -> Peeked | None:
+        """The next bytes from the client (b"" = it closed); the result once decided, else None."""
+        out, buf = self.out, self.buf
         if not chunk:
-            out.kind = kind
+            out.kind = self.kind
             out.problem = "client closed the connection before its request was complete" if buf else "closed"
             return out
         start = len(buf)
         buf += chunk
-        if kind is None:
+        if self.kind is None:
             decided = classify(buf)
             if decided is NEED_MORE:
-                continue
-            kind = decided  # type: ignore[assignment]
+                return None
+            self.kind = kind = decided  # type: ignore[assignment]
             start = 0  # the parsers get everything read so far
             if kind is TrafficKind.OPAQUE:
                 out.kind = kind
                 return out
             if kind is TrafficKind.TLS:
-                parser = ClientHelloParser(max_handshake_size=max_bytes)
+                self.parser = ClientHelloParser(max_handshake_size=self.max_bytes)
             else:
-                tracker = HttpRequestTracker(max_head_size=max_bytes)
-                out.tracker = tracker
+                self.tracker = out.tracker = HttpRequestTracker(max_head_size=self.max_bytes)
         new = bytes(buf[start:])
-        if parser is not None:
-            result = parser.feed(new)
+        if self.parser is not None:
+            result = self.parser.feed(new)
             if isinstance(result, ClientHello):
-                out.kind, out.hello = kind, result
+                out.kind, out.hello = self.kind, result
                 return out
             if isinstance(result, PeekError):
-                out.kind, out.tls_error = kind, result
+                out.kind, out.tls_error = self.kind, result
                 return out
-        elif tracker is not None:
-            events.extend(e for e in tracker.feed(new) if e is not NEED_MORE)
+        elif self.tracker is not None:
+            events = self.events
+            events.extend(e for e in self.tracker.feed(new) if e is not NEED_MORE)
             for index, event in enumerate(events):
                 if isinstance(event, HttpError):
-                    out.kind, out.http_error = kind, event
+                    out.kind, out.http_error = self.kind, event
                     return out
                 if isinstance(event, RequestHead):
-                    out.kind, out.head = kind, event
+                    out.kind, out.head = self.kind, event
                     out.later = events[index + 1 :]
                     return out
+        return None
+
+
+async def peek(
+    recv: Callable[[int], Awaitable[bytes]], timeout: float, max_bytes: int, peeker: Peeker | None = None
+) -> Peeked:
+    """Read (never forward) until the traffic is classified and its name known, within `timeout` and `max_bytes`.
+    `peeker` continues a peek that already has some bytes."""
+    deadline = time.monotonic() + timeout
+    peeker = peeker or Peeker(max_bytes)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return peeker.timed_out(timeout)
+        want = peeker.want
+        if want <= 0:
+            return peeker.too_large()
+        try:
+            chunk = await asyncio.wait_for(recv(min(want, READ_CHUNK)), remaining)
+        except TimeoutError:
+            continue
+        peeked = peeker.feed(chunk)
+        if peeked is not None:
+            return peeked
 
 
 # --------------------------------------------------------------------------- the engine
@@ -353,13 +384,12 @@ class EgressEngine:
         self.bandwidth = bandwidth
         self.host = host
         #: Relay TLS and opaque bytes with os.splice (kernel pipes, no copy through Python) where available.
-        self.splice = splice and hasattr(os, "splice")
+        self.splice = splice and CAN_SPLICE
         self.listeners: list[socket.socket] = []
-        self._accepting: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._peeking: dict[str, int] = {}
         self._peeking_total = 0
-        self._sweeper: _IdleSweeper | None = None
+        self._sweeper: IdleSweeper | None = None
         self.stats = {"accepted": 0, "allowed": 0, "denied": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -384,63 +414,82 @@ class EgressEngine:
 
     async def start(self) -> None:
         """Open the IPv4 and IPv6 transparent listeners (needs CAP_NET_ADMIN)."""
+        loop = asyncio.get_running_loop()
         for family in (socket.AF_INET, socket.AF_INET6):
             listener = self._listener(family)
             self.listeners.append(listener)
-            self._accepting.append(asyncio.create_task(self._accept_loop(listener)))
+            loop.add_reader(listener.fileno(), self._accept_ready, listener)
         log.info("egress.listening", port=self.egress.listen_port, splice=self.splice)
 
     async def close(self) -> None:
-        for task in (*self._accepting, *self._connections):
-            task.cancel()
-        await asyncio.gather(*self._accepting, *self._connections, return_exceptions=True)
-        self._accepting.clear()
-        if self._sweeper is not None:
-            self._sweeper.stop()
-            self._sweeper = None
+        loop = asyncio.get_running_loop()
         for listener in self.listeners:
+            loop.remove_reader(listener.fileno())
             listener.close()
         self.listeners.clear()
+        for task in self._connections:
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._sweeper is not None:
+            for relay in list(self._sweeper.relays):
+                relay.finish(ConnectionAbortedError("the gateway is shutting down"))
+            self._sweeper.stop()
+            self._sweeper = None
+        # Denials started by relays that just ended.
+        await asyncio.gather(*self._connections, return_exceptions=True)
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    def _accept_ready(self, listener: socket.socket) -> None:
+        """Accept what the backlog holds (bounded per wake-up, so one listener cannot starve the loop)."""
+        for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = await loop.sock_accept(listener)
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:  # EMFILE, ENOBUFS...: the listener stays; back off a little
                 log.warning("egress.accept_failed", error=str(exc))
-                await asyncio.sleep(0.05)
-                continue
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(listener.fileno())
+                loop.call_later(ACCEPT_BACKOFF, self._resume_accepting, listener)
+                return
             conn.setblocking(False)
-            task = asyncio.create_task(self._handle(conn))
-            self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
+            self._track(asyncio.create_task(self._handle(conn)))
+
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        if listener in self.listeners:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept_ready, listener)
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
 
     # ------------------------------------------------------------------ per connection
 
     async def _handle(self, conn: socket.socket) -> None:
+        relayed = False
         try:
-            await self._connection(conn)
+            relayed = await self._connection(conn)
         except Exception:
             log.exception("egress.error")
             _reset(conn)
         finally:
-            conn.close()
+            if not relayed:  # once relayed, the relay's end closes it
+                conn.close()
 
-    async def _connection(self, conn: socket.socket) -> None:
+    async def _connection(self, conn: socket.socket) -> bool:
+        """Decide one accepted connection; True when it was handed to a relay (which then owns the socket)."""
         self.stats["accepted"] += 1
         try:
             peer = conn.getpeername()
             local = conn.getsockname()
         except OSError:
-            return  # already gone
+            return False  # already gone
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         flow = _Flow(time.time_ns() // 1000, "", peer[0], peer[1], local[0], local[1])
         policy = self.state_provider().policy_for_address(flow.src_addr)
         if policy is None:
             self._deny(flow, "unknown sandbox (source address not attached to any sandbox)", "default:unknown-source")
             _reset(conn)
-            return
+            return False
         flow.sandbox = policy.sandbox_id
         sandbox = policy.sandbox_id
         # Denials that depend on nothing the peek could reveal (SMTP ports, isolated, internet off) are given
@@ -449,16 +498,24 @@ class EgressEngine:
         if not early.allowed and early.rule in _PORT_OR_PROFILE_RULES:
             self._deny(flow, early.reason, early.rule)
             _reset(conn)
-            return
-        if (
+            return False
+        peeker = Peeker(self.egress.peek_max_bytes)
+        try:  # the ClientHello or request head is usually here already: then nothing waits for first bytes
+            ready = conn.recv(min(READ_CHUNK, peeker.want))
+        except (BlockingIOError, InterruptedError):
+            ready = None
+        peeked = None if ready is None else peeker.feed(ready)
+        waiting = peeked is None  # only connections that must wait for their first bytes count against the caps
+        if waiting and (
             self._peeking_total >= self.egress.max_peeking_total
             or self._peeking.get(sandbox, 0) >= self.egress.max_peeking_per_sandbox
         ):
             self._deny(flow, "too many connections waiting for their first bytes", "builtin:peek-cap")
             _reset(conn)
-            return
-        self._peeking_total += 1
-        self._peeking[sandbox] = self._peeking.get(sandbox, 0) + 1
+            return False
+        if waiting:
+            self._peeking_total += 1
+            self._peeking[sandbox] = self._peeking.get(sandbox, 0) + 1
         loop = asyncio.get_running_loop()
         try:
             if self.connection_limiter is not None and not await self.connection_limiter.admit(
@@ -466,26 +523,30 @@ class EgressEngine:
             ):
                 self._deny(flow, "connection rate limit", "limits.connections_per_minute")
                 _reset(conn)
-                return
-            peeked = await peek(lambda n: loop.sock_recv(conn, n), self.egress.peek_timeout, self.egress.peek_max_bytes)
+                return False
+            if peeked is None:
+                peeked = await peek(
+                    lambda n: loop.sock_recv(conn, n), self.egress.peek_timeout, self.egress.peek_max_bytes, peeker
+                )
         finally:
-            self._peeking_total -= 1
-            left = self._peeking[sandbox] - 1
-            if left:
-                self._peeking[sandbox] = left
-            else:
-                del self._peeking[sandbox]
-        await self._after_peek(conn, flow, policy, peeked)
+            if waiting:
+                self._peeking_total -= 1
+                left = self._peeking[sandbox] - 1
+                if left:
+                    self._peeking[sandbox] = left
+                else:
+                    del self._peeking[sandbox]
+        return await self._after_peek(conn, flow, policy, peeked)
 
-    async def _after_peek(self, conn: socket.socket, flow: _Flow, policy: CompiledPolicy, peeked: Peeked) -> None:
+    async def _after_peek(self, conn: socket.socket, flow: _Flow, policy: CompiledPolicy, peeked: Peeked) -> bool:
         orig, port = flow.orig_dst_addr, flow.orig_dst_port
         kind = peeked.kind
         if kind is None:
             if peeked.problem == "closed":
-                return  # connected and closed without a byte: nothing to decide, nothing to record
+                return False  # connected and closed without a byte: nothing to decide, nothing to record
             self._deny(flow, peeked.problem or "nothing decidable", "builtin:peek")
             _reset(conn)
-            return
+            return False
         if kind is TrafficKind.TLS:
             flow.protocol = "tls"
             if peeked.tls_error is not None or peeked.hello is None:
@@ -494,7 +555,7 @@ class EgressEngine:
                 )
                 self._deny(flow, reason, "builtin:tls")
                 await _deny_with(conn, tls_alert(AlertDescription.DECODE_ERROR))
-                return
+                return False
             hello = peeked.hello
             flow.hostname = hello.sni
             if hello.sni:
@@ -505,9 +566,8 @@ class EgressEngine:
                 self._deny(flow, plan.reason, plan.rule)
                 alert = AlertDescription.UNRECOGNIZED_NAME if plan.unresolvable else AlertDescription.ACCESS_DENIED
                 await _deny_with(conn, tls_alert(alert, hello.record_version))
-                return
-            await self._relay(conn, flow, policy, plan, _take_data(peeked), None)
-            return
+                return False
+            return await self._relay(conn, flow, policy, plan, _take_data(peeked), None)
         if kind is TrafficKind.HTTP:
             flow.protocol = "http"
             head = peeked.head
@@ -516,7 +576,7 @@ class EgressEngine:
                 reason = f"{error.code}: {error.message}" if error else peeked.problem or "incomplete request"
                 self._deny(flow, reason, "builtin:http")
                 await _deny_with(conn, http_forbidden(reason, "builtin:http"))
-                return
+                return False
             flow.hostname = head.host
             if head.host and not head.host_is_ip:
                 plan = await plan_named(policy, head.host, orig, port, "http", self.destinations, self.resolver)
@@ -525,22 +585,21 @@ class EgressEngine:
             if not plan.allowed:
                 self._deny(flow, plan.reason, plan.rule)
                 await _deny_with(conn, http_forbidden(plan.reason, plan.rule))
-                return
+                return False
             assert peeked.tracker is not None
             guard = _HttpGuard(policy, peeked.tracker, head.host, port)
-            await self._relay(conn, flow, policy, plan, _take_data(peeked), guard, peeked.later)
-            return
+            return await self._relay(conn, flow, policy, plan, _take_data(peeked), guard, peeked.later)
         # Opaque TCP (or a client that said nothing): by address only.
         if kind is not TrafficKind.OPAQUE or peeked.problem:
             self._deny(flow, peeked.problem or "undecidable", "builtin:peek")
             _reset(conn)
-            return
+            return False
         plan = plan_unnamed(policy, orig, port, "tcp", self.destinations, self.learned)
         if not plan.allowed:
             self._deny(flow, plan.reason, plan.rule)
             _reset(conn)
-            return
-        await self._relay(conn, flow, policy, plan, _take_data(peeked), None)
+            return False
+        return await self._relay(conn, flow, policy, plan, _take_data(peeked), None)
 
     # ------------------------------------------------------------------ dial + relay
 
@@ -568,7 +627,8 @@ class EgressEngine:
         first: bytes | bytearray,
         guard: _HttpGuard | None,
         later_events: list[Any] | None = None,
-    ) -> None:
+    ) -> bool:
+        """Dial and hand both sockets to a `Relay`; True when it owns the client socket from now on."""
         assert plan.dial is not None
         flow.dst_addr, flow.dst_port = plan.dial, flow.orig_dst_port
         flow.verdict, flow.reason, flow.rule = "allow", plan.reason, plan.rule
@@ -581,95 +641,51 @@ class EgressEngine:
                 await _deny_with(conn, _bad_gateway(flow.reason))
             else:
                 _reset(conn)
-            return
+            return False
         self.stats["allowed"] += 1
         up_bucket = down_bucket = None
         if self.bandwidth is not None:
             limits = policy.limits
             up_bucket = self.bandwidth.bucket(flow.sandbox, "up", limits.bandwidth_mbit, limits.burst_mbit)
             down_bucket = self.bandwidth.bucket(flow.sandbox, "down", limits.bandwidth_mbit, limits.burst_mbit)
-        sweeper = self._sweeper
+        cut = None
+        if guard is not None and later_events:  # requests pipelined behind the first one, read while peeking
+            refused = guard.check(later_events, 0)
+            if refused is not None:
+                first, cut = first[: refused[0]], refused[1:]
         loop = asyncio.get_running_loop()
+        sweeper = self._sweeper
         if sweeper is None or sweeper.loop is not loop:
-            sweeper = self._sweeper = _IdleSweeper(loop, min(IDLE_SWEEP_INTERVAL, self.egress.idle_timeout / 4))
-        pipe = _Pipe(self.egress.idle_timeout, sweeper)
-        cut: list[tuple[str, str]] = []  # set when a later HTTP request is refused
+            sweeper = self._sweeper = IdleSweeper(loop, self.egress.idle_timeout)
+        Relay(
+            conn,
+            upstream,
+            functools.partial(self._relayed, conn, flow),
+            sweeper=sweeper,
+            first=first,
+            cut=cut,
+            guard=guard,
+            up_bucket=up_bucket,
+            down_bucket=down_bucket,
+            splice=self.splice,
+            cut_grace=HTTP_CUT_GRACE,
+        )
+        return True
 
-        def count_up(n: int) -> None:
-            flow.bytes_up += n
-
-        def count_down(n: int) -> None:
-            flow.bytes_down += n
-
-        async def send_up(data: bytes) -> None:
-            if up_bucket is not None:
-                await up_bucket.consume(len(data))
-            await pipe.send(upstream, data)
-            flow.bytes_up += len(data)
-
-        async def upstream_direction() -> None:
-            nonlocal first
-            data, first = first, b""  # the only reference once sent: an idle connection keeps no ClientHello
-            if guard is not None and later_events:
-                refused = guard.check(later_events, 0)
-                if refused is not None:
-                    data = data[: refused[0]]
-                    cut.append(refused[1:])
-            if data:
-                await send_up(data)
-                data = b""
-            if cut:
-                _shutdown_write(upstream)
-                return
-            if guard is None:
-                await pipe.pump(conn, upstream, count_up, up_bucket, lambda: _shutdown_write(upstream), self.splice)
-                return
-            while True:  # plain HTTP: every byte goes through the request tracker
-                chunk = await pipe.recv(conn)
-                if not chunk:
-                    _shutdown_write(upstream)
-                    return
-                refused = guard.feed(chunk)
-                if refused is not None:
-                    if refused[0]:
-                        await send_up(chunk[: refused[0]])
-                    cut.append(refused[1:])
-                    _shutdown_write(upstream)  # the upstream finishes the earlier responses, then closes
-                    return
-                await send_up(chunk)
-
-        def client_eof() -> None:
-            if not cut:
-                _shutdown_write(conn)
-
-        up = asyncio.create_task(upstream_direction())
-        down = asyncio.create_task(pipe.pump(upstream, conn, count_down, down_bucket, client_eof, self.splice))
-        try:
-            done, pending = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-            failed = _failure(done)
-            if failed is None and pending:
-                if cut:
-                    # Let the upstream finish the responses to the requests it already has (bounded).
-                    await asyncio.wait(pending, timeout=HTTP_CUT_GRACE)
-                else:
-                    # Half-closed: the other direction runs on until its own EOF (or the idle timeout).
-                    await asyncio.wait(pending)
-                failed = _failure({up, down})
-            if failed is not None:
-                if isinstance(failed, TimeoutError):
-                    flow.reason += f"; closed after {self.egress.idle_timeout}s idle"
-                _reset(conn)
-            elif cut:
-                reason, rule = cut[0]
-                flow.verdict, flow.reason, flow.rule = "deny", reason, rule
-                self._log_denial(flow)
-                await _deny_with(conn, http_forbidden(reason, rule))
-        finally:
-            for task in (up, down):
-                task.cancel()
-            await asyncio.gather(up, down, return_exceptions=True)
-            pipe.release()
-            upstream.close()
+    def _relayed(self, conn: socket.socket, flow: _Flow, relay: Relay) -> None:
+        """The relay ended: close (or reset) the client, deliver a cut's denial, record the flow."""
+        flow.bytes_up, flow.bytes_down = relay.bytes_up, relay.bytes_down
+        if relay.error is not None:
+            if isinstance(relay.error, TimeoutError):
+                flow.reason += f"; closed after {self.egress.idle_timeout}s idle"
+            _reset(conn)
+        elif relay.cut is not None:
+            reason, rule = relay.cut
+            flow.verdict, flow.reason, flow.rule = "deny", reason, rule
+            self._log_denial(flow)
+            self._track(asyncio.get_running_loop().create_task(_deny_with(conn, http_forbidden(reason, rule))))
+        else:
+            conn.close()
         self._emit(flow)
 
     # ------------------------------------------------------------------ records
@@ -729,201 +745,6 @@ def _take_data(peeked: Peeked) -> bytearray:
     return data
 
 
-def _set_ready(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class _IdleSweeper:
-    """One periodic check for the idle timeouts of all relayed connections (instead of a timer per wait).
-
-    Every `interval` seconds each registered pipe whose idle clock ran out has its current waits
-    failed with TimeoutError (a pipe nobody waits on is checked again at the next sweep). The
-    sweep is scheduled only while some pipe is registered.
-    """
-
-    __slots__ = ("handle", "interval", "loop", "pipes")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
-        self.loop = loop
-        self.interval = interval
-        self.pipes: set[_Pipe] = set()
-        self.handle: asyncio.TimerHandle | None = None
-
-    def add(self, pipe: _Pipe) -> None:
-        self.pipes.add(pipe)
-        if self.handle is None:
-            self.handle = self.loop.call_later(self.interval, self._sweep)
-
-    def discard(self, pipe: _Pipe) -> None:
-        self.pipes.discard(pipe)
-
-    def stop(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-
-    def _sweep(self) -> None:
-        self.handle = None
-        now = time.monotonic()
-        for pipe in [p for p in self.pipes if p.waiters and now - p.last >= p.idle]:
-            pipe.expire()
-        if self.pipes:
-            self.handle = self.loop.call_later(self.interval, self._sweep)
-
-
-class _Pipe:
-    """Moves bytes one way between two non-blocking sockets, with a shared idle clock for both directions.
-
-    With splice: socket -> pipe -> socket inside the kernel (Linux), never copied into Python.
-    Backpressure is natural: nothing more is taken from the source while the pipe cannot be
-    emptied into the destination, so the source's receive window closes. Bandwidth is charged
-    between the two halves, i.e. before the bytes are forwarded.
-
-    With a sweeper the idle timeout is enforced by it (no timer per wait); without one (the short
-    drains after a denial) every wait carries its own timer.
-    """
-
-    __slots__ = ("idle", "last", "sweeper", "waiters")
-
-    def __init__(self, idle_timeout: float, sweeper: _IdleSweeper | None = None) -> None:
-        self.idle = idle_timeout
-        self.last = time.monotonic()
-        self.sweeper = sweeper
-        self.waiters: list[asyncio.Future[None]] = []
-        if sweeper is not None:
-            sweeper.add(self)
-
-    def release(self) -> None:
-        if self.sweeper is not None:
-            self.sweeper.discard(self)
-            self.sweeper = None
-
-    def expire(self) -> None:
-        """The idle timeout ran out: every current wait raises TimeoutError."""
-        for future in self.waiters:
-            if not future.done():
-                future.set_exception(TimeoutError())
-
-    async def _wait(self, fd: int, *, write: bool) -> None:
-        """Until `fd` is ready; TimeoutError once neither direction moved for the idle timeout."""
-        loop = asyncio.get_running_loop()
-        if self.sweeper is not None:
-            future: asyncio.Future[None] = loop.create_future()
-            waiters = self.waiters
-            waiters.append(future)
-            if write:
-                loop.add_writer(fd, _set_ready, future)
-            else:
-                loop.add_reader(fd, _set_ready, future)
-            try:
-                await future
-            finally:
-                waiters.remove(future)
-                if write:
-                    loop.remove_writer(fd)
-                else:
-                    loop.remove_reader(fd)
-            return
-        while True:
-            future = loop.create_future()
-            if write:
-                loop.add_writer(fd, _set_ready, future)
-            else:
-                loop.add_reader(fd, _set_ready, future)
-            try:
-                await asyncio.wait_for(future, self.idle)
-                return
-            except TimeoutError:
-                if time.monotonic() - self.last >= self.idle:
-                    raise
-            finally:
-                if write:
-                    loop.remove_writer(fd)
-                else:
-                    loop.remove_reader(fd)
-
-    async def recv(self, sock: socket.socket) -> bytes:
-        while True:
-            try:
-                data = sock.recv(RELAY_CHUNK)
-            except (BlockingIOError, InterruptedError):
-                await self._wait(sock.fileno(), write=False)
-                continue
-            self.last = time.monotonic()
-            return data
-
-    async def send(self, sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                try:
-                    sent = sock.send(view)
-                except (BlockingIOError, InterruptedError):
-                    await self._wait(sock.fileno(), write=True)
-                    continue
-                view = view[sent:]
-                self.last = time.monotonic()
-        finally:
-            view.release()  # a bytearray cannot be resized while exported
-
-    async def pump(
-        self,
-        src: socket.socket,
-        dst: socket.socket,
-        count: Callable[[int], None],
-        bucket: SharedBucket | None,
-        on_eof: Callable[[], None],
-        splice: bool,
-    ) -> None:
-        if not splice:
-            while True:
-                data = await self.recv(src)
-                if not data:
-                    on_eof()
-                    return
-                if bucket is not None:
-                    await bucket.consume(len(data))
-                await self.send(dst, data)
-                count(len(data))
-        sfd, dfd = src.fileno(), dst.fileno()
-        # The pipe is made once data flows, so an idle connection holds no pipe (memory and descriptors).
-        await self._wait(sfd, write=False)
-        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # Grown to PIPE_SIZE (fewer wake-ups) only once the flow has moved 64 KiB: small flows skip the resize.
-        moved = 0
-        try:
-            while True:
-                try:
-                    n = os.splice(sfd, write_end, PIPE_SIZE, flags=_SPLICE_FLAGS)
-                except (BlockingIOError, InterruptedError):
-                    await self._wait(sfd, write=False)
-                    continue
-                if n == 0:
-                    on_eof()
-                    return
-                self.last = time.monotonic()
-                if moved < DEFAULT_PIPE_SIZE:
-                    moved += n
-                    if moved >= DEFAULT_PIPE_SIZE:
-                        with contextlib.suppress(OSError):  # the default size works too
-                            fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
-                if bucket is not None:
-                    await bucket.consume(n)
-                left = n
-                while left:
-                    try:
-                        left -= os.splice(read_end, dfd, left, flags=_SPLICE_FLAGS)
-                    except (BlockingIOError, InterruptedError):
-                        await self._wait(dfd, write=True)
-                        continue
-                    self.last = time.monotonic()
-                count(n)
-        finally:
-            os.close(read_end)
-            os.close(write_end)
-
-
 # --------------------------------------------------------------------------- denial helpers
 
 
@@ -942,28 +763,21 @@ def _reset(sock: socket.socket) -> None:
 async def _deny_with(sock: socket.socket, payload: bytes) -> None:
     """Write the denial, send FIN, and drain what the client still sends for a moment, so that closing with
     unread bytes (which makes the kernel send RST) cannot destroy the denial before the client reads it."""
-    pipe = _Pipe(DRAIN_AFTER_DENIAL)
+    loop = asyncio.get_running_loop()
     try:
-        await pipe.send(sock, payload)
-        _shutdown_write(sock)
-        deadline = time.monotonic() + DRAIN_AFTER_DENIAL
-        drained = 0
-        while drained < DRAIN_MAX_BYTES and time.monotonic() < deadline:
-            chunk = await asyncio.wait_for(pipe.recv(sock), max(0.0, deadline - time.monotonic()))
-            if not chunk:
-                break
-            drained += len(chunk)
+        async with asyncio.timeout(DRAIN_AFTER_DENIAL):
+            await loop.sock_sendall(sock, payload)
+            _shutdown_write(sock)
+            drained = 0
+            while drained < DRAIN_MAX_BYTES:
+                chunk = await loop.sock_recv(sock, READ_CHUNK)
+                if not chunk:
+                    break
+                drained += len(chunk)
     except (OSError, TimeoutError):
         pass
     finally:
         sock.close()
-
-
-def _failure(tasks: set[asyncio.Task[None]]) -> BaseException | None:
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            return task.exception()
-    return None
 
 
 def _bad_gateway(reason: str) -> bytes:

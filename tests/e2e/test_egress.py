@@ -185,6 +185,18 @@ while chunk := s.recv(4096):
 print(data.decode().strip())
 """
 
+SILENT_CLIENTS = r"""
+import socket, sys
+socks = [socket.create_connection((sys.argv[1], 22), timeout=8) for _ in range(int(sys.argv[2]))]
+out = []
+for s in socks:  # say nothing: each connection waits in the peek phase until the peek deadline
+    try:
+        out.append("DATA" if s.recv(64).startswith(b"SSH-2.0") else "EOF")
+    except ConnectionResetError:
+        out.append("RESET")
+print(" ".join(out))
+"""
+
 SERVER_FIRST_CLIENT = r"""
 import socket, sys
 try:
@@ -240,6 +252,9 @@ def _make_pki(directory: Path) -> tuple[Path, Path, Path]:
 # --------------------------------------------------------------------------- the running gateway
 
 
+PEEK_CAP = 8
+
+
 def _policies(later_allowed: bool = False) -> dict[str, Any]:
     hosts = ["allowed.test", "rebind.test", "meta.test", *(["later.test"] if later_allowed else [])]
     return {
@@ -286,6 +301,7 @@ class Env:
                     'format = "json"',
                     "[egress]",
                     "peek_timeout = 2.0",
+                    f"max_peeking_per_sandbox = {PEEK_CAP}",
                     "connect_timeout = 3.0",
                     'gateway_addresses = ["198.18.0.2", "2001:db8:ff::2"]',
                     "[resolver]",
@@ -474,6 +490,18 @@ def test_smtp_is_refused_in_every_profile_and_opaque_tcp_needs_a_cidr_rule(env: 
     )
     denied = [d for d in env.log_events("egress.deny") if d.get("dst") == "198.18.1.3" and d.get("port") == 22]
     assert denied and denied[-1]["reason"] == "no hostname (SNI/Host) and address not in allow_cidrs"
+
+
+@pytest.mark.root
+def test_connections_waiting_for_first_bytes_are_capped_per_sandbox(env: Env) -> None:
+    out = env.topo.python("sb1", SILENT_CLIENTS, "198.18.1.4", str(PEEK_CAP + 4), timeout=20).split()
+    # The first PEEK_CAP wait out the peek deadline and are then relayed by address (allow_cidrs); the rest are
+    # refused at once instead of piling up.
+    assert out == ["DATA"] * PEEK_CAP + ["RESET"] * 4, out
+    capped = [d for d in env.log_events("egress.deny") if d.get("rule") == "builtin:peek-cap"]
+    assert len(capped) == 4 and capped[-1]["reason"] == "too many connections waiting for their first bytes"
+    # The cap counts only connections still waiting: once those were decided, a new one waits again.
+    assert env.topo.python("sb1", SILENT_CLIENTS, "198.18.1.4", "1", timeout=20).split() == ["DATA"]
 
 
 @pytest.mark.root

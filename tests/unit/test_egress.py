@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
-import time
 
 import pytest
 
 from gateway.destinations import Destinations
-from gateway.egress import _HttpGuard, _IdleSweeper, _Pipe, peek, plan_named, plan_unnamed
+from gateway.egress import Peeker, _HttpGuard, peek, plan_named, plan_unnamed
 from gateway.learned import LearnedDestinations
 from gateway.peek import HttpRequestTracker, TrafficKind
 from tests.unit.test_decision import policy
+from tests.unit.test_peek import genuine_hello
 from tests.unit.test_resolver import make, server  # noqa: F401  (the fixture)
 
 # The loopback zone uses documentation ranges; here they stand for the public internet.
@@ -163,26 +162,15 @@ def test_http_guard_refuses_smuggling_shapes_later_in_the_stream(bad: bytes) -> 
     assert cut is not None and cut[0] == 0 and cut[2] == "builtin:http"
 
 
-async def test_idle_sweeper_times_out_a_wait_only_after_the_shared_idle_clock_ran_out() -> None:
-    loop = asyncio.get_running_loop()
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    sweeper = _IdleSweeper(loop, 0.05)
-    pipe = _Pipe(0.3, sweeper)
-    try:
-        reader = asyncio.create_task(pipe.recv(a))
-        await asyncio.sleep(0.2)
-        b.send(b"x")  # activity restarts the idle clock
-        assert await reader == b"x"
-        started = time.monotonic()
-        with pytest.raises(TimeoutError):
-            await pipe.recv(a)
-        assert 0.25 <= time.monotonic() - started < 1.0
-        assert not pipe.waiters
-    finally:
-        pipe.release()
-        sweeper.stop()
-        a.close()
-        b.close()
-    assert not sweeper.pipes
+def test_peeker_decides_from_bytes_already_read_and_keeps_every_byte() -> None:
+    hello = genuine_hello("one.test")
+    whole = Peeker(16384).feed(hello)
+    assert whole is not None and whole.kind is TrafficKind.TLS and whole.hello is not None
+    assert whole.hello.sni == "one.test" and bytes(whole.data) == hello
+    split = Peeker(16384)
+    assert split.feed(hello[:3]) is None and split.feed(hello[3:40]) is None  # undecided: the engine waits
+    rest = split.feed(hello[40:])
+    assert rest is not None and rest.hello is not None and bytes(rest.data) == hello
+    bounded = Peeker(64)
+    assert bounded.feed(b"GET /" + b"a" * 59) is None and bounded.want == 0
+    assert bounded.too_large().problem == "http header larger than 64 bytes"

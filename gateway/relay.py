@@ -1,0 +1,347 @@
+"""Relaying one allowed connection both ways, driven by event-loop callbacks (no task per connection).
+
+Each direction (`_Half`) keeps a reader callback on its source for as long as it may read, so a
+wait costs no future, no task switch and no epoll change. A direction moves its first
+`SPLICE_AFTER` bytes by copying (`recv`/`send`: a TLS handshake and a small request/response
+never pay for a kernel pipe's creation) and then switches to `os.splice` through a pipe, so bulk
+bytes never enter Python.
+
+Backpressure: when the destination cannot take everything, the direction stops reading its
+source (the sender's TCP window closes) and waits for the destination to be writable. Bandwidth
+buckets are charged between reading and forwarding; a direction that must wait stops reading and
+resumes from a timer. An end of file is forwarded as a write shutdown once everything before it
+was delivered (half-close); the relay ends when both directions have ended, on an error, at the
+idle timeout (one periodic sweep for all relays) or when closed.
+
+Plain HTTP's client->server direction always copies: every chunk goes through the request guard,
+which may end the direction early ("cut") at a refused request; the relay then lets the upstream
+finish the earlier responses for at most `cut_grace` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+COPY_CHUNK = 64 * 1024
+#: Bytes a direction moves by copying before it switches to splice.
+SPLICE_AFTER = 64 * 1024
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), spelled out for Pythons built without it
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+CAN_SPLICE = hasattr(os, "splice")
+
+
+class Bucket(Protocol):
+    """A bandwidth bucket: `reserve(n)` takes n bytes and says how many seconds to wait before forwarding them."""
+
+    def reserve(self, nbytes: int) -> float: ...
+
+
+class Guard(Protocol):
+    """Checks client->server bytes; (bytes that may still go, reason, rule) at the first refused request."""
+
+    def feed(self, chunk: bytes) -> tuple[int, str, str] | None: ...
+
+
+class IdleSweeper:
+    """One periodic check of every live relay's idle clock (instead of a timer per relay or per wait).
+
+    Scheduled only while some relay is registered; a relay waiting on a bandwidth timer is not idle.
+    """
+
+    __slots__ = ("handle", "idle_timeout", "interval", "loop", "relays")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float, interval: float = 1.0) -> None:
+        self.loop = loop
+        self.idle_timeout = idle_timeout
+        self.interval = min(interval, idle_timeout / 4)  # a relay lives at most a quarter over its idle timeout
+        self.relays: set[Relay] = set()
+        self.handle: asyncio.TimerHandle | None = None
+
+    def add(self, relay: Relay) -> None:
+        self.relays.add(relay)
+        if self.handle is None:
+            self.handle = self.loop.call_later(self.interval, self._sweep)
+
+    def discard(self, relay: Relay) -> None:
+        self.relays.discard(relay)
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _sweep(self) -> None:
+        self.handle = None
+        now = time.monotonic()
+        for relay in [r for r in self.relays if now - r.last >= self.idle_timeout and not r.throttled()]:
+            relay.finish(TimeoutError())
+        if self.relays:
+            self.handle = self.loop.call_later(self.interval, self._sweep)
+
+
+class Relay:
+    """Both directions of one connection. `on_done(relay)` is called once, from a loop callback, when it ends:
+    `error` is None for a clean end (both sides closed, or a guard cut), TimeoutError for the idle timeout,
+    or the OSError that broke it. The relay closes the upstream socket; the client socket is the caller's."""
+
+    __slots__ = (
+        "client",
+        "cut",
+        "cut_grace",
+        "down",
+        "error",
+        "grace",
+        "last",
+        "loop",
+        "on_done",
+        "sweeper",
+        "up",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        on_done: Callable[[Relay], None],
+        *,
+        sweeper: IdleSweeper,
+        first: bytes | bytearray = b"",
+        cut: tuple[str, str] | None = None,
+        guard: Guard | None = None,
+        up_bucket: Bucket | None = None,
+        down_bucket: Bucket | None = None,
+        splice: bool = True,
+        cut_grace: float = 5.0,
+    ) -> None:
+        self.loop = sweeper.loop
+        self.client = client
+        self.upstream = upstream
+        self.on_done: Callable[[Relay], None] | None = on_done
+        self.sweeper: IdleSweeper | None = sweeper
+        self.last = time.monotonic()
+        self.error: BaseException | None = None
+        #: (reason, rule) of the request the guard refused; the client gets the denial after the relay ends.
+        self.cut = cut
+        self.cut_grace = cut_grace
+        self.grace: asyncio.TimerHandle | None = None
+        splice = splice and CAN_SPLICE
+        self.up = _Half(self, client, upstream, up_bucket, guard, splice and guard is None)
+        self.down = _Half(self, upstream, client, down_bucket, None, splice)
+        sweeper.add(self)
+        if first or cut is not None:
+            self.up.pending = memoryview(bytes(first))
+            self.up.eof = cut is not None  # a cut before the relay started: forward the allowed prefix only
+            self.up.flush()
+        else:
+            self.up.resume_reading()
+        self.down.resume_reading()
+
+    @property
+    def bytes_up(self) -> int:
+        return self.up.forwarded
+
+    @property
+    def bytes_down(self) -> int:
+        return self.down.forwarded
+
+    @property
+    def done(self) -> bool:
+        return self.on_done is None
+
+    def throttled(self) -> bool:
+        return self.up.timer is not None or self.down.timer is not None
+
+    def half_done(self, half: _Half) -> None:
+        if self.up.ended and self.down.ended:
+            self.finish(None)
+        elif self.cut is not None and half is self.up and self.grace is None:
+            self.grace = self.loop.call_later(self.cut_grace, self.finish, None)
+
+    def finish(self, error: BaseException | None) -> None:
+        """End the relay (idempotent): stop both directions, close the upstream, report once."""
+        on_done = self.on_done
+        if on_done is None:
+            return
+        self.on_done = None
+        self.error = error
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
+        self.up.stop()
+        self.down.stop()
+        if self.sweeper is not None:
+            self.sweeper.discard(self)
+            self.sweeper = None
+        self.upstream.close()
+        on_done(self)
+
+
+class _Half:
+    """One direction: source -> destination, by copying first and then by splice."""
+
+    __slots__ = (
+        "bucket",
+        "dfd",
+        "dst",
+        "ended",
+        "eof",
+        "forwarded",
+        "guard",
+        "in_pipe",
+        "pending",
+        "pipe_r",
+        "pipe_w",
+        "reading",
+        "relay",
+        "sfd",
+        "splice",
+        "src",
+        "timer",
+        "writing",
+    )
+
+    def __init__(
+        self,
+        relay: Relay,
+        src: socket.socket,
+        dst: socket.socket,
+        bucket: Bucket | None,
+        guard: Guard | None,
+        splice: bool,
+    ) -> None:
+        self.relay = relay
+        self.src, self.dst = src, dst
+        self.sfd, self.dfd = src.fileno(), dst.fileno()
+        self.bucket = bucket
+        self.guard = guard
+        self.splice = splice
+        self.pending: memoryview | None = None  # copied bytes not yet forwarded
+        self.pipe_r = self.pipe_w = -1
+        self.in_pipe = 0  # spliced bytes waiting in the pipe
+        self.forwarded = 0
+        self.eof = False  # the source ended (or the guard cut): shut the destination's write side once flushed
+        self.ended = False
+        self.reading = self.writing = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def resume_reading(self) -> None:
+        if not self.reading:
+            self.reading = True
+            self.relay.loop.add_reader(self.sfd, self.readable)
+
+    def _pause_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.relay.loop.remove_reader(self.sfd)
+
+    def stop(self) -> None:
+        self._pause_reading()
+        if self.writing:
+            self.writing = False
+            self.relay.loop.remove_writer(self.dfd)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.pending = None
+        if self.pipe_r >= 0:
+            os.close(self.pipe_r)
+            os.close(self.pipe_w)
+            self.pipe_r = self.pipe_w = -1
+
+    def readable(self) -> None:
+        try:
+            if self.pipe_w >= 0:
+                n = os.splice(self.sfd, self.pipe_w, PIPE_SIZE, flags=_SPLICE_FLAGS)
+                self.in_pipe += n
+            else:
+                data = self.src.recv(COPY_CHUNK)
+                n = len(data)
+                if n and self.guard is not None:
+                    refused = self.guard.feed(data)
+                    if refused is not None:
+                        data = data[: refused[0]]
+                        n = len(data)
+                        self.relay.cut = refused[1:]
+                        self.eof = True
+                if data:
+                    self.pending = memoryview(data)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.relay.finish(exc)
+            return
+        self.relay.last = time.monotonic()
+        if n == 0:
+            self.eof = True
+        elif self.bucket is not None:
+            wait = self.bucket.reserve(n)
+            if wait > 0:  # the bytes wait in Python or in the pipe; the source is not read meanwhile
+                self._pause_reading()
+                self.timer = self.relay.loop.call_later(wait, self.flush)
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        """Forward what is pending; then read on, wait for the destination, or end the direction."""
+        self.timer = None
+        try:
+            if self.pending is not None:
+                view = self.pending
+                while view:
+                    sent = self.dst.send(view)
+                    self.forwarded += sent
+                    view = view[sent:]
+                self.pending = None
+            while self.in_pipe:
+                sent = os.splice(self.pipe_r, self.dfd, self.in_pipe, flags=_SPLICE_FLAGS)
+                self.forwarded += sent
+                self.in_pipe -= sent
+        except (BlockingIOError, InterruptedError):
+            if self.pending is not None:
+                self.pending = view
+            self.relay.last = time.monotonic()
+            self._pause_reading()
+            if not self.writing:
+                self.writing = True
+                self.relay.loop.add_writer(self.dfd, self.flush)
+            return
+        except OSError as exc:
+            self.relay.finish(exc)
+            return
+        if self.writing:
+            self.writing = False
+            self.relay.loop.remove_writer(self.dfd)
+        if self.eof:
+            self._end()
+            return
+        if self.splice and self.pipe_w < 0 and self.forwarded >= SPLICE_AFTER:
+            self._open_pipe()
+        self.resume_reading()
+
+    def _open_pipe(self) -> None:
+        try:
+            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # out of descriptors: copying works too
+            self.splice = False
+            return
+        with contextlib.suppress(OSError):  # fewer wake-ups for a bulk flow; the default size works too
+            fcntl.fcntl(self.pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
+
+    def _end(self) -> None:
+        self._pause_reading()
+        self.ended = True
+        relay = self.relay
+        # After a cut the client's write side stays open: the denial is still to be written to it.
+        if not (self is relay.down and relay.cut is not None):
+            with contextlib.suppress(OSError):
+                self.dst.shutdown(socket.SHUT_WR)
+        relay.half_done(self)

@@ -1,0 +1,222 @@
+"""The callback relay on real loopback TCP sockets, under the stdlib loop and under uvloop (`gateway run`'s).
+
+Topology of every test: client app <-> [client | Relay | upstream] <-> origin app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import uvloop
+
+from gateway.egress import _HttpGuard
+from gateway.peek import HttpRequestTracker
+from gateway.ratelimit import BandwidthLimiter
+from gateway.relay import SPLICE_AFTER, IdleSweeper, Relay
+from tests.unit.test_decision import policy
+
+Scenario = Callable[["Wired"], Coroutine[Any, Any, None]]
+
+
+def on_both_loops(scenario: Scenario) -> Callable[[str], None]:
+    """A test of `scenario` on a fresh loop of each kind, with freshly wired sockets."""
+
+    @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+    def test(loop_kind: str) -> None:
+        async def main() -> None:
+            client_app, client = tcp_pair()
+            upstream, origin_app = tcp_pair()
+            wired = Wired(client_app, origin_app, client, upstream, asyncio.get_running_loop().create_future())
+            try:
+                await scenario(wired)
+            finally:
+                for sock in (client_app, origin_app, client, upstream):
+                    sock.close()
+
+        asyncio.run(main(), loop_factory=uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop)
+
+    test.__name__ = test.__qualname__ = scenario.__name__
+    return test
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    for sock in (a, b):
+        sock.setblocking(False)
+    return a, b
+
+
+@dataclass
+class Wired:
+    client_app: socket.socket
+    origin_app: socket.socket
+    client: socket.socket
+    upstream: socket.socket
+    ended: asyncio.Future[Relay]
+
+    def start(self, sweeper: IdleSweeper, **options: object) -> Relay:
+        ended = self.ended
+        return Relay(self.client, self.upstream, ended.set_result, sweeper=sweeper, **options)  # type: ignore[arg-type]
+
+
+async def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while len(data) < size:
+        chunk = await loop.sock_recv(sock, min(1 << 20, size - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+async def recv_to_eof(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while chunk := await loop.sock_recv(sock, 1 << 20):
+        data += chunk
+    return bytes(data)
+
+
+def sweeper(idle: float = 30.0) -> IdleSweeper:
+    return IdleSweeper(asyncio.get_running_loop(), idle, interval=0.05)
+
+
+@on_both_loops
+async def test_first_bytes_both_directions_half_close_and_counts(wired: Wired) -> None:
+    loop = asyncio.get_running_loop()
+    relay = wired.start(sweeper(), first=b"hello")
+    assert await recv_exactly(wired.origin_app, 5) == b"hello"
+    await loop.sock_sendall(wired.client_app, b" world")
+    wired.client_app.shutdown(socket.SHUT_WR)  # the client is done talking; its answer must still come back
+    assert await recv_to_eof(wired.origin_app) == b" world"
+    await loop.sock_sendall(wired.origin_app, b"answer")
+    wired.origin_app.shutdown(socket.SHUT_WR)
+    assert await recv_to_eof(wired.client_app) == b"answer"
+    done = await asyncio.wait_for(wired.ended, 5)
+    assert done is relay and relay.error is None and relay.cut is None
+    assert (relay.bytes_up, relay.bytes_down) == (11, 6)
+    assert wired.upstream.fileno() == -1  # the relay closed its upstream; the client socket is the caller's
+    assert wired.client.fileno() != -1
+
+
+@on_both_loops
+async def test_bulk_moves_to_splice_and_keeps_every_byte_in_order_under_backpressure(wired: Wired) -> None:
+    loop = asyncio.get_running_loop()
+    payload = os.urandom(24 << 20)
+    relay = wired.start(sweeper())
+
+    async def origin() -> None:
+        await loop.sock_sendall(wired.origin_app, payload)
+        wired.origin_app.shutdown(socket.SHUT_WR)
+
+    sender = asyncio.create_task(origin())
+    await asyncio.sleep(0.3)  # the client reads nothing yet: the relay must stop reading, not buffer 24 MiB
+    assert relay.down.forwarded < len(payload)
+    assert relay.down.pipe_r >= 0  # past SPLICE_AFTER the direction splices
+    received = await asyncio.wait_for(recv_to_eof(wired.client_app), 30)
+    await sender
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    wired.client_app.shutdown(socket.SHUT_WR)
+    await asyncio.wait_for(wired.ended, 5)
+    assert relay.error is None and relay.bytes_down == len(payload) and relay.bytes_up == 0
+
+
+@on_both_loops
+async def test_without_splice_everything_is_copied(wired: Wired) -> None:
+    loop = asyncio.get_running_loop()
+    payload = os.urandom(4 * SPLICE_AFTER)
+    relay = wired.start(sweeper(), splice=False)
+    await loop.sock_sendall(wired.client_app, payload)
+    wired.client_app.shutdown(socket.SHUT_WR)
+    assert await asyncio.wait_for(recv_to_eof(wired.origin_app), 10) == payload
+    assert relay.up.pipe_r == -1
+    wired.origin_app.shutdown(socket.SHUT_WR)
+    await asyncio.wait_for(wired.ended, 5)
+
+
+@on_both_loops
+async def test_idle_timeout_ends_the_relay_only_after_the_shared_idle_clock_ran_out(wired: Wired) -> None:
+    loop = asyncio.get_running_loop()
+    sweep = sweeper(0.3)
+    started = time.monotonic()
+    relay = wired.start(sweep)
+    await asyncio.sleep(0.2)
+    await loop.sock_sendall(wired.origin_app, b"x")  # activity in either direction restarts the clock
+    assert await recv_exactly(wired.client_app, 1) == b"x"
+    moved = time.monotonic()
+    await asyncio.wait_for(wired.ended, 5)
+    assert isinstance(relay.error, TimeoutError)
+    assert time.monotonic() - moved >= 0.29 and time.monotonic() - started < 2
+    assert not sweep.relays
+
+
+@on_both_loops
+async def test_a_reset_breaks_the_relay_with_the_error(wired: Wired) -> None:
+    relay = wired.start(sweeper())
+    wired.client_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wired.client_app.close()  # RST
+    await asyncio.wait_for(wired.ended, 5)
+    assert isinstance(relay.error, OSError)
+
+
+@on_both_loops
+async def test_bandwidth_bucket_throttles_and_a_throttled_relay_is_not_idle(wired: Wired) -> None:
+    loop = asyncio.get_running_loop()
+    bucket = BandwidthLimiter().bucket("sb", "down", 16, 16)  # 2 MB/s, 2 MB sustained depth, 64 KiB peak depth
+    payload = os.urandom(2_000_000)
+    started = time.monotonic()
+    relay = wired.start(sweeper(0.3), down_bucket=bucket)  # chunk waits are longer than the idle timeout
+    await loop.sock_sendall(wired.origin_app, payload)
+    wired.origin_app.shutdown(socket.SHUT_WR)
+    received = await asyncio.wait_for(recv_to_eof(wired.client_app), 10)
+    elapsed = time.monotonic() - started
+    assert received == payload
+    assert elapsed >= 0.8  # the peak bucket caps the burst at 2 MB/s (minus its 64 KiB depth)
+    wired.client_app.shutdown(socket.SHUT_WR)
+    await asyncio.wait_for(wired.ended, 5)
+    assert relay.error is None
+
+
+@on_both_loops
+async def test_http_guard_cut_forwards_the_allowed_prefix_lets_the_upstream_answer_then_ends(wired: Wired) -> None:
+    loop = asyncio.get_running_loop()
+    tracker = HttpRequestTracker()
+    first = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+    tracker.feed(first)
+    guard = _HttpGuard(policy("allowlisted", {"allow_hosts": ["a.test"]}), tracker, "a.test", 80)
+    relay = wired.start(sweeper(), first=first, guard=guard, cut_grace=5.0)
+    assert await recv_exactly(wired.origin_app, len(first)) == first
+    await loop.sock_sendall(
+        wired.client_app, b"GET /2 HTTP/1.1\r\nHost: a.test\r\n\r\nGET / HTTP/1.1\r\nHost: b.test\r\n\r\n"
+    )
+    # Only the request for the dialled host reaches the upstream, then its write side is shut.
+    assert await recv_to_eof(wired.origin_app) == b"GET /2 HTTP/1.1\r\nHost: a.test\r\n\r\n"
+    await loop.sock_sendall(wired.origin_app, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" * 2)
+    wired.origin_app.shutdown(socket.SHUT_WR)
+    await asyncio.wait_for(wired.ended, 5)
+    assert relay.error is None and relay.cut is not None and relay.cut[0].startswith("host b.test: ")
+    # Both responses reached the client, whose write side stays open for the denial.
+    assert await recv_exactly(wired.client_app, 76) == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" * 2
+
+
+@on_both_loops
+async def test_a_cut_before_the_relay_started_and_the_grace_bound(wired: Wired) -> None:
+    sweep = sweeper()
+    relay = wired.start(sweep, first=b"GET / HTTP/1.1\r\n\r\n", cut=("refused", "builtin:http"), cut_grace=0.2)
+    assert await recv_to_eof(wired.origin_app) == b"GET / HTTP/1.1\r\n\r\n"
+    started = time.monotonic()
+    await asyncio.wait_for(wired.ended, 5)  # the upstream never answers: the grace ends the relay
+    assert 0.15 <= time.monotonic() - started < 2
+    assert relay.error is None and relay.cut == ("refused", "builtin:http") and not sweep.relays

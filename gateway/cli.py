@@ -561,7 +561,7 @@ async def _serve(config: Any, out: TextIO, *, data_plane: bool = False, steer: b
 
     log = structlog.get_logger("gateway.cli")
     store = open_store(config)
-    flows = FlowLog(config.audit)  # one flow log for the API's audit routes and every data-plane component
+    flows = FlowLog.from_config(config)  # one flow log for the API's audit routes and every data-plane component
     tunnels: TunnelService | None = None
     plane = DataPlane(config, store, flows, steer=steer) if data_plane else None  # nothing listens until start()
     try:

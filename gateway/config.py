@@ -335,6 +335,10 @@ def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
         except GatewayError as exc:
             raise _invalid(exc.message, exc.field or where) from None
 
+    audit = _audit(merged["audit"])
+    if audit.redis_stream and not store.redis_url:
+        raise _invalid("the flow-record mirror writes to the Redis at store.redis_url; set it", "audit.redis_stream")
+
     return Config(
         sandbox_subnets=tuple(subnets),
         store=store,
@@ -348,7 +352,7 @@ def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
         resolver=_resolver(merged["resolver"]),
         dns=_dns(merged["dns"]),
         tunnel=build_tunnel_config(merged["tunnel"]),
-        audit=_audit(merged["audit"]),
+        audit=audit,
         presets=presets,
         source=source,
     )

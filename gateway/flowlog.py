@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import structlog
 
-from gateway.config import AuditConfig
+from gateway.config import AuditConfig, Config
 from gateway.errors import GatewayError, NotFound
 from gateway.policy import ID_PATTERN
 
@@ -147,6 +147,7 @@ class FlowLog:
         self.config = config
         self.dir = Path(config.dir)
         self.redis = redis if config.redis_stream else None
+        self._owns_redis = False
         self.queue_size = queue_size
         self.pid = os.getpid()
         self._pending: list[FlowRecord] = []
@@ -162,6 +163,18 @@ class FlowLog:
         self.written = 0  # records written to batch files
         self.mirrored = 0
         self.write_errors = 0
+
+    @classmethod
+    def from_config(cls, config: Config) -> FlowLog:
+        """The flow log `gateway run` uses: with the Redis mirror on its own client when `audit.redis_stream` is set
+        (the configuration guarantees `store.redis_url` then); the flow log closes that client."""
+        if not config.audit.redis_stream:
+            return cls(config.audit)
+        import redis.asyncio
+
+        flows = cls(config.audit, redis.asyncio.Redis.from_url(config.store.redis_url, socket_timeout=REDIS_TIMEOUT))
+        flows._owns_redis = True
+        return flows
 
     # ------------------------------------------------------------------ the data plane's side
 
@@ -220,6 +233,8 @@ class FlowLog:
         await self.flush()
         if self.redis is not None and self._mirror:
             await self._mirror_once(timeout=1.0)  # shutting down: do not hang on an unreachable Redis
+        if self.redis is not None and self._owns_redis:
+            await self.redis.aclose()
 
     async def _run(self) -> None:
         while True:

@@ -17,7 +17,7 @@ import pytest
 import structlog
 from redis.asyncio import Redis
 
-from gateway.config import AuditConfig
+from gateway.config import AuditConfig, load_config
 from gateway.errors import GatewayError
 from gateway.flowlog import BATCH_NAME_PATTERN, FlowLog, FlowRecord
 
@@ -392,3 +392,33 @@ async def test_without_a_stream_name_redis_is_not_used(tmp_path: Path, redis_ser
         assert flows.written == 1
     finally:
         await client.aclose()
+
+
+async def test_gateway_run_wiring_mirrors_to_the_store_redis_when_a_stream_is_configured(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    environ = {
+        "GATEWAY_STORE__REDIS_URL": redis_server.url,
+        "GATEWAY_AUDIT__DIR": str(tmp_path / "audit"),
+        "GATEWAY_AUDIT__FLUSH_INTERVAL": "0.05",
+        "GATEWAY_AUDIT__REDIS_STREAM": "gw:flows:wired",
+    }
+    flows = FlowLog.from_config(load_config(None, environ))
+    assert flows.redis is not None
+    await flows.start()
+    flows.record(flow())
+    await flows.close()  # mirrors what is queued, then closes the client it made
+    assert flows.mirrored == 1
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        [(_, entry)] = await client.xrange("gw:flows:wired")
+        assert entry["hostname"] == "example.com" and entry["verdict"] == "allow"
+    finally:
+        await client.aclose()
+    assert FlowLog.from_config(load_config(None, {"GATEWAY_AUDIT__DIR": str(tmp_path)})).redis is None
+
+
+def test_a_stream_without_a_redis_url_is_a_configuration_error() -> None:
+    with pytest.raises(GatewayError) as caught:
+        load_config(None, {"GATEWAY_AUDIT__REDIS_STREAM": "gw:flows"})
+    assert caught.value.code == "CONFIG_INVALID" and caught.value.field == "audit.redis_stream"

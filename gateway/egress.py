@@ -69,7 +69,7 @@ from gateway.peek import (
     tls_alert,
 )
 from gateway.ratelimit import BandwidthLimiter, ConnectionRateLimiter
-from gateway.relay import CAN_SPLICE, IdleSweeper, Relay
+from gateway.relay import CAN_SPLICE, GuardStop, IdleSweeper, Relay
 from gateway.resolver import ResolveError, Resolver
 from gateway.state import PolicyState
 from gateway.stores.base import PolicyStore
@@ -334,28 +334,28 @@ class _HttpGuard:
         self.host = host
         self.port = port
 
-    def check(self, events: list[Any], chunk_start: int) -> tuple[int, str, str] | None:
-        """(bytes of the chunk that may be forwarded, reason, rule) at the first refused event, or None."""
+    def check(self, events: list[Any], chunk_start: int) -> GuardStop | None:
+        """Where the chunk that produced `events` must stop, or None when all of it may go."""
         for event in events:
             if isinstance(event, HttpError):
-                return 0, f"{event.code}: {event.message}", "builtin:http"
-            if isinstance(event, Upgraded):
-                return None  # the rest is another protocol (the tracker passes it through unparsed)
+                return GuardStop(0, (f"{event.code}: {event.message}", "builtin:http"))
+            if isinstance(event, Upgraded):  # the rest waits for the server's answer
+                return GuardStop(max(0, event.offset - chunk_start), None)
             if isinstance(event, RequestHead) and event.host != self.host:
                 cut = max(0, event.offset - chunk_start)
                 verdict = decide(self.policy, None if event.host_is_ip else event.host, None, self.port, "http")
                 if not verdict.allowed:
-                    return cut, f"host {event.host}: {verdict.reason}", verdict.rule
-                return (
-                    cut,
-                    f"request for host {event.host} on a connection opened for {self.host} (domain fronting)",
-                    "builtin:host-mismatch",
-                )
+                    return GuardStop(cut, (f"host {event.host}: {verdict.reason}", verdict.rule))
+                reason = f"request for host {event.host} on a connection opened for {self.host} (domain fronting)"
+                return GuardStop(cut, (reason, "builtin:host-mismatch"))
         return None
 
-    def feed(self, chunk: bytes) -> tuple[int, str, str] | None:
+    def feed(self, chunk: bytes) -> GuardStop | None:
         start = self.tracker.offset
         return self.check(self.tracker.feed(chunk), start)
+
+    def upgrade_answered(self, switched: bool) -> None:
+        self.tracker.upgrade_answered(switched)
 
 
 class EgressEngine:
@@ -648,11 +648,6 @@ class EgressEngine:
             limits = policy.limits
             up_bucket = self.bandwidth.bucket(flow.sandbox, "up", limits.bandwidth_mbit, limits.burst_mbit)
             down_bucket = self.bandwidth.bucket(flow.sandbox, "down", limits.bandwidth_mbit, limits.burst_mbit)
-        cut = None
-        if guard is not None and later_events:  # requests pipelined behind the first one, read while peeking
-            refused = guard.check(later_events, 0)
-            if refused is not None:
-                first, cut = first[: refused[0]], refused[1:]
         loop = asyncio.get_running_loop()
         sweeper = self._sweeper
         if sweeper is None or sweeper.loop is not loop:
@@ -663,7 +658,8 @@ class EgressEngine:
             functools.partial(self._relayed, conn, flow),
             sweeper=sweeper,
             first=first,
-            cut=cut,
+            # Requests pipelined behind the first one, read while peeking, are checked like later chunks.
+            first_stop=guard.check(later_events, 0) if guard is not None and later_events else None,
             guard=guard,
             up_bucket=up_bucket,
             down_bucket=down_bucket,

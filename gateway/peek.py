@@ -56,6 +56,7 @@ __all__ = [
     "RequestHead",
     "TlsErrorCode",
     "TrafficKind",
+    "UpgradeAnswer",
     "Upgraded",
     "classify",
     "http_forbidden",
@@ -566,8 +567,9 @@ class RequestEnd:
 
 @dataclass(frozen=True, slots=True)
 class Upgraded:
-    """The previous request asked for a protocol upgrade; from stream `offset` on the bytes
-    are no longer tracked (terminal: later feeds return no events)."""
+    """The previous request asked for a protocol upgrade. Nothing from stream `offset` on is
+    consumed until the caller reports the server's answer (`HttpRequestTracker.upgrade_answered`):
+    a `101` makes the rest another protocol, anything else resumes tracking at `offset`."""
 
     offset: int
     protocols: tuple[str, ...]
@@ -582,6 +584,38 @@ class HttpError:
 
 
 type HttpEvent = RequestHead | RequestEnd | Upgraded | NeedMore | HttpError
+
+
+class UpgradeAnswer:
+    """Sans-I/O: the server's bytes after an upgrade request in, the answer out: True at a `101` status line,
+    False at any other final status (interim 1xx heads are skipped), a malformed one or a head over
+    `max_head_size`; None while undecided. It only observes: the bytes are forwarded as they are."""
+
+    __slots__ = ("_buf", "_max")
+
+    def __init__(self, max_head_size: int = MAX_HEAD_SIZE) -> None:
+        self._buf = bytearray()
+        self._max = max_head_size
+
+    def feed(self, data: bytes | bytearray | memoryview) -> bool | None:
+        buf = self._buf
+        buf += data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return False if len(buf) > self._max else None
+            parts = bytes(buf[: buf.find(b"\r\n")]).split(b" ", 2)
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not _STATUS_RE.fullmatch(parts[1]):
+                return False
+            status = int(parts[1])
+            if status == 101:
+                return True
+            if not 100 <= status < 200:
+                return False
+            del buf[: end + 4]
+
+
+_STATUS_RE: Final = re.compile(rb"[1-5][0-9][0-9]")
 
 
 class _HttpFail(Exception):
@@ -619,6 +653,7 @@ _CHUNK_CRLF: Final = 4
 _TRAILER: Final = 5
 _PASS: Final = 6
 _ERROR: Final = 7
+_UPGRADING: Final = 8
 _LINE_STATES: Final = frozenset((_HEAD, _CHUNK_SIZE, _TRAILER))
 
 
@@ -683,12 +718,12 @@ class HttpRequestTracker:
     `offset`), `RequestEnd`, and finally one of `NeedMore` (waiting for bytes: the normal
     state, between requests too), `HttpError` (terminal) or `Upgraded` (terminal).
 
-    Upgrade limitation: the server's `101 Switching Protocols` travels the other way and
-    is not seen here. A request with `Upgrade:` and `Connection: upgrade` is therefore
-    taken as switching protocols once its body ends: `Upgraded` is emitted and the rest
-    of the stream is passed through unparsed. If the server declines the upgrade, later
-    requests on that connection are not checked (an engine that wants to close this gap
-    can watch the response status line and refuse further bytes unless it is 101).
+    Upgrades: the server's `101 Switching Protocols` travels the other way. When a request
+    with `Upgrade:` and `Connection: upgrade` ends, `Upgraded` is emitted and the tracker
+    stops consuming (`offset` stays at the request's end) until the caller reports the
+    server's answer with `upgrade_answered` (see `UpgradeAnswer`): after a 101 the rest of
+    the stream passes unparsed; after any other status the bytes from `offset` on are fed
+    again and checked as requests, so a declined upgrade cannot smuggle later requests.
 
     Memory: at most one request head (`max_head_size`) or one chunk-size/trailer line is
     held; bodies are counted and dropped.
@@ -754,6 +789,21 @@ class HttpRequestTracker:
     def passthrough(self) -> bool:
         return self._state == _PASS
 
+    @property
+    def awaiting_upgrade(self) -> bool:
+        return self._state == _UPGRADING
+
+    def upgrade_answered(self, switched: bool) -> None:
+        """The server's answer to the upgrade request: switched (101) or not (feed the held bytes again)."""
+        if self._state != _UPGRADING:
+            raise RuntimeError("no upgrade is awaiting an answer")
+        if switched:
+            self._state = _PASS
+            return
+        self._upgrade = None
+        self._state = _HEAD
+        self._reset_head()
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[HttpEvent]:
         if self._state == _ERROR:
             assert self._error is not None
@@ -762,6 +812,8 @@ class HttpRequestTracker:
         if self._state == _PASS:
             self._pos += len(data)
             return []
+        if self._state == _UPGRADING:
+            raise RuntimeError("an upgrade awaits the server's answer: call upgrade_answered() first")
         events: list[HttpEvent] = []
         try:
             self._feed(data, events)
@@ -771,7 +823,7 @@ class HttpRequestTracker:
             self._line = bytearray()
             events.append(self._error)
             return events
-        if self._state != _PASS:
+        if self._state not in (_PASS, _UPGRADING):
             events.append(NEED_MORE)
         return events
 
@@ -812,9 +864,8 @@ class HttpRequestTracker:
                     self._chunk_size_line(line, events)
                 else:
                     self._trailer_line(line, line_len + 1, events)
-                if self._state == _PASS:
-                    self._pos = base + n
-                    return
+                if self._state == _UPGRADING:
+                    return  # nothing after the upgrade request is consumed before the server answered
             elif state == _CHUNK_CRLF:
                 expected = 0x0D if self._crlf_seen == 0 else 0x0A
                 if data[i] != expected:
@@ -834,8 +885,7 @@ class HttpRequestTracker:
                 if self._remaining == 0:
                     if state == _BODY:
                         self._end_request(events)
-                        if self._state == _PASS:
-                            self._pos = base + n
+                        if self._state == _UPGRADING:
                             return
                     else:
                         self._state = _CHUNK_CRLF
@@ -968,7 +1018,7 @@ class HttpRequestTracker:
         events.append(RequestEnd(self._pos, self._body_length))
         if self._upgrade is not None:
             events.append(Upgraded(self._pos, self._upgrade))
-            self._state = _PASS
+            self._state = _UPGRADING
             return
         self._state = _HEAD
         self._reset_head()

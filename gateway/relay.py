@@ -15,7 +15,11 @@ idle timeout (one periodic sweep for all relays) or when closed.
 
 Plain HTTP's client->server direction always copies: every chunk goes through the request guard,
 which may end the direction early ("cut") at a refused request; the relay then lets the upstream
-finish the earlier responses for at most `cut_grace` seconds.
+finish the earlier responses for at most `cut_grace` seconds. At an upgrade request the guard
+stops the direction after that request and the relay holds the client's further bytes until the
+server answered (`UpgradeAnswer` on the other direction, which copies meanwhile): after a `101`
+the rest is another protocol and passes (by splice too); after anything else the held bytes are
+checked as HTTP requests again.
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
+
+from gateway.peek import UpgradeAnswer
 
 COPY_CHUNK = 64 * 1024
 #: Bytes a direction moves by copying before it switches to splice.
@@ -44,10 +51,21 @@ class Bucket(Protocol):
     def reserve(self, nbytes: int) -> float: ...
 
 
-class Guard(Protocol):
-    """Checks client->server bytes; (bytes that may still go, reason, rule) at the first refused request."""
+@dataclass(frozen=True, slots=True)
+class GuardStop:
+    """Where a client->server chunk stops: `forward` bytes of it may go; then either the connection is cut
+    (`refusal` = (reason, rule)) or, with `refusal` None, an upgrade request awaits the server's answer."""
 
-    def feed(self, chunk: bytes) -> tuple[int, str, str] | None: ...
+    forward: int
+    refusal: tuple[str, str] | None
+
+
+class Guard(Protocol):
+    """Checks client->server bytes of a plain-HTTP connection."""
+
+    def feed(self, chunk: bytes) -> GuardStop | None: ...
+
+    def upgrade_answered(self, switched: bool) -> None: ...
 
 
 class IdleSweeper:
@@ -99,9 +117,11 @@ class Relay:
         "down",
         "error",
         "grace",
+        "guard",
         "last",
         "loop",
         "on_done",
+        "splice",
         "sweeper",
         "up",
         "upstream",
@@ -115,7 +135,7 @@ class Relay:
         *,
         sweeper: IdleSweeper,
         first: bytes | bytearray = b"",
-        cut: tuple[str, str] | None = None,
+        first_stop: GuardStop | None = None,
         guard: Guard | None = None,
         up_bucket: Bucket | None = None,
         down_bucket: Bucket | None = None,
@@ -130,20 +150,19 @@ class Relay:
         self.last = time.monotonic()
         self.error: BaseException | None = None
         #: (reason, rule) of the request the guard refused; the client gets the denial after the relay ends.
-        self.cut = cut
+        self.cut: tuple[str, str] | None = None
         self.cut_grace = cut_grace
         self.grace: asyncio.TimerHandle | None = None
-        splice = splice and CAN_SPLICE
-        self.up = _Half(self, client, upstream, up_bucket, guard, splice and guard is None)
-        self.down = _Half(self, upstream, client, down_bucket, None, splice)
+        self.guard = guard
+        self.splice = splice and CAN_SPLICE
+        self.up = _Half(self, client, upstream, up_bucket, guard, self.splice and guard is None)
+        self.down = _Half(self, upstream, client, down_bucket, None, self.splice)
         sweeper.add(self)
-        if first or cut is not None:
-            self.up.pending = memoryview(bytes(first))
-            self.up.eof = cut is not None  # a cut before the relay started: forward the allowed prefix only
-            self.up.flush()
+        self.down.resume_reading()
+        if first:
+            self.up.take(bytes(first), first_stop)
         else:
             self.up.resume_reading()
-        self.down.resume_reading()
 
     @property
     def bytes_up(self) -> int:
@@ -159,6 +178,24 @@ class Relay:
 
     def throttled(self) -> bool:
         return self.up.timer is not None or self.down.timer is not None
+
+    def await_upgrade(self) -> None:
+        """The client asked to upgrade: watch the server's answer (copying that direction meanwhile)."""
+        self.down.watch = UpgradeAnswer()
+
+    def upgrade_answered(self, switched: bool) -> None:
+        """The server answered the upgrade: let the held client bytes go as the new protocol, or check them again."""
+        up = self.up
+        assert self.guard is not None and up.held is not None
+        self.guard.upgrade_answered(switched)
+        held, up.held = up.held, None
+        if switched:
+            up.guard = None  # another protocol: nothing more to check, and bulk may splice
+            up.splice = self.splice
+        if not held:
+            up.flush()  # reads on
+        else:
+            up.take(held, None if switched else self.guard.feed(held))
 
     def half_done(self, half: _Half) -> None:
         if self.up.ended and self.down.ended:
@@ -196,6 +233,7 @@ class _Half:
         "eof",
         "forwarded",
         "guard",
+        "held",
         "in_pipe",
         "pending",
         "pipe_r",
@@ -206,6 +244,7 @@ class _Half:
         "splice",
         "src",
         "timer",
+        "watch",
         "writing",
     )
 
@@ -232,6 +271,8 @@ class _Half:
         self.ended = False
         self.reading = self.writing = False
         self.timer: asyncio.TimerHandle | None = None
+        self.held: bytes | None = None  # client bytes after an upgrade request, until the server answered it
+        self.watch: UpgradeAnswer | None = None  # on the server->client direction while an upgrade awaits
 
     def resume_reading(self) -> None:
         if not self.reading:
@@ -258,31 +299,52 @@ class _Half:
             self.pipe_r = self.pipe_w = -1
 
     def readable(self) -> None:
+        spliced = self.pipe_w >= 0 and self.watch is None  # an upgrade answer is watched in copied bytes
         try:
-            if self.pipe_w >= 0:
+            if spliced:
                 n = os.splice(self.sfd, self.pipe_w, PIPE_SIZE, flags=_SPLICE_FLAGS)
                 self.in_pipe += n
             else:
                 data = self.src.recv(COPY_CHUNK)
-                n = len(data)
-                if n and self.guard is not None:
-                    refused = self.guard.feed(data)
-                    if refused is not None:
-                        data = data[: refused[0]]
-                        n = len(data)
-                        self.relay.cut = refused[1:]
-                        self.eof = True
-                if data:
-                    self.pending = memoryview(data)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self.relay.finish(exc)
             return
         self.relay.last = time.monotonic()
-        if n == 0:
+        if spliced:
+            if n == 0:
+                self.eof = True
+            self._charge(n)
+            return
+        self.take(data, self.guard.feed(data) if data and self.guard is not None else None)
+
+    def take(self, data: bytes, stop: GuardStop | None) -> None:
+        """Bytes copied from the source (b"" = its end), with where the guard stopped them: forward what may go."""
+        relay = self.relay
+        if self.watch is not None:
+            answer = self.watch.feed(data) if data else False  # the server closed: no upgrade
+            if answer is not None:
+                self.watch = None
+                relay.upgrade_answered(answer)
+                if relay.done:
+                    return
+        if not data:
             self.eof = True
-        elif self.bucket is not None:
+        elif stop is not None:
+            if stop.refusal is not None:
+                relay.cut = stop.refusal
+                self.eof = True
+            else:
+                self.held = data[stop.forward :]
+                relay.await_upgrade()
+            data = data[: stop.forward]
+        if data:
+            self.pending = memoryview(data)
+        self._charge(len(data))
+
+    def _charge(self, n: int) -> None:
+        if n and self.bucket is not None:
             wait = self.bucket.reserve(n)
             if wait > 0:  # the bytes wait in Python or in the pipe; the source is not read meanwhile
                 self._pause_reading()
@@ -322,6 +384,9 @@ class _Half:
             self.relay.loop.remove_writer(self.dfd)
         if self.eof:
             self._end()
+            return
+        if self.held is not None:
+            self._pause_reading()  # nothing more from the client before the server answered its upgrade
             return
         if self.splice and self.pipe_w < 0 and self.forwarded >= SPLICE_AFTER:
             self._open_pipe()

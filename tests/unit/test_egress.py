@@ -123,7 +123,8 @@ async def test_peek_http_head_split_across_segments_and_pipelined_requests() -> 
     refused = guard.check(peeked.later, 0)
     if refused is None:  # the second head had not arrived when the first decided: it comes through the relay
         refused = guard.feed(await reader.read(1024))
-    assert refused is not None and refused[1] == "host b.test: host not in allowlist"
+    assert refused is not None and refused.refusal is not None
+    assert refused.refusal[0] == "host b.test: host not in allowlist"
 
 
 async def test_peek_gives_up_within_bounds() -> None:
@@ -147,8 +148,8 @@ def test_http_guard_cuts_a_fronted_request_at_its_offset() -> None:
     chunk = b"GET /again HTTP/1.1\r\nHost: a.test\r\n\r\nGET / HTTP/1.1\r\nHost: b.test\r\n\r\n"
     cut = guard.feed(chunk)
     assert cut is not None
-    assert chunk[: cut[0]] == b"GET /again HTTP/1.1\r\nHost: a.test\r\n\r\n"
-    assert cut[2] == "builtin:host-mismatch"
+    assert chunk[: cut.forward] == b"GET /again HTTP/1.1\r\nHost: a.test\r\n\r\n"
+    assert cut.refusal is not None and cut.refusal[1] == "builtin:host-mismatch"
 
 
 @pytest.mark.parametrize(
@@ -159,7 +160,7 @@ def test_http_guard_refuses_smuggling_shapes_later_in_the_stream(bad: bytes) -> 
     tracker.feed(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
     guard = _HttpGuard(policy("allowlisted", {"allow_hosts": ["a.test"]}), tracker, "a.test", 80)
     cut = guard.feed(bad)
-    assert cut is not None and cut[0] == 0 and cut[2] == "builtin:http"
+    assert cut is not None and cut.forward == 0 and cut.refusal is not None and cut.refusal[1] == "builtin:http"
 
 
 def test_peeker_decides_from_bytes_already_read_and_keeps_every_byte() -> None:

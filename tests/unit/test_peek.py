@@ -35,6 +35,7 @@ from gateway.peek import (
     RequestHead,
     TlsErrorCode,
     TrafficKind,
+    UpgradeAnswer,
     Upgraded,
     classify,
     http_forbidden,
@@ -694,8 +695,8 @@ def events_of(data: bytes | Iterable[bytes], **bounds: int) -> list[HttpEvent]:
     out: list[HttpEvent] = []
     for piece in pieces:
         out += [e for e in tracker.feed(piece) if e is not NEED_MORE]
-        if out and isinstance(out[-1], HttpError):
-            break  # terminal: later feeds would repeat it
+        if out and isinstance(out[-1], HttpError | Upgraded):
+            break  # terminal (an error repeats; an upgrade awaits the server's answer)
     return out
 
 
@@ -1107,15 +1108,51 @@ def test_identical_content_lengths_are_accepted() -> None:
 # --------------------------------------------------------------------------- HTTP: upgrade
 
 
-def test_upgrade_stops_tracking_after_the_request() -> None:
+def test_upgrade_holds_what_follows_until_the_server_answered() -> None:
     tracker = HttpRequestTracker()
     head = request("GET /ws HTTP/1.1\nHost: ws.example\nUpgrade: websocket\nConnection: keep-alive, Upgrade\n\n")
     events = tracker.feed(head + b"\x81\x05hello GET / HTTP/1.1\r\nHost: evil\r\n\r\n")
     assert [type(e) for e in events] == [RequestHead, RequestEnd, Upgraded]
     assert events[2] == Upgraded(len(head), ("websocket",))
+    assert tracker.awaiting_upgrade and tracker.offset == len(head)  # nothing after the request was consumed
+    with pytest.raises(RuntimeError):
+        tracker.feed(b"more")
+    tracker.upgrade_answered(True)  # 101: another protocol from here on
     assert tracker.passthrough
-    assert tracker.feed(b"\x00\xff anything \r\n\n\r") == []
+    assert tracker.feed(b"\x81\x05hello GET / HTTP/1.1\r\nHost: evil\r\n\r\n\x00\xff \r\n\n\r") == []
     assert tracker.buffered == 0
+
+
+def test_a_declined_upgrade_keeps_checking_the_requests_that_follow() -> None:
+    tracker = HttpRequestTracker()
+    head = request("GET /ws HTTP/1.1\nHost: ws.example\nUpgrade: websocket\nConnection: Upgrade\n\n")
+    assert isinstance(tracker.feed(head)[-1], Upgraded)
+    tracker.upgrade_answered(False)  # the server said 200: still HTTP
+    later = request("GET / HTTP/1.1\nHost: evil\n\n")
+    [head_event, *_] = tracker.feed(later)
+    assert isinstance(head_event, RequestHead) and head_event.host == "evil" and head_event.offset == len(head)
+    with pytest.raises(RuntimeError):
+        tracker.upgrade_answered(True)  # nothing awaits an answer
+
+
+@pytest.mark.parametrize(
+    ("pieces", "answer"),
+    [
+        ([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x00"], True),
+        ([b"HTTP/1.1 10", b"1 OK\r\n", b"\r\n"], True),
+        ([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\nHTTP/1.1 101 S\r\n\r\n"], True),
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"], False),
+        ([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 426 Upgrade Required\r\n\r\n"], False),
+        ([b"SSH-2.0-x\r\n\r\n"], False),
+        ([b"HTTP/1.1 1O1 x\r\n\r\n"], False),
+        ([b"HTTP/1.1 101 x\r\n" + b"X: y\r\n" * 5000], False),  # a head over the bound
+        ([b"HTTP/1.1 101 Switching"], None),
+    ],
+)
+def test_upgrade_answer(pieces: list[bytes], answer: bool | None) -> None:
+    watch = UpgradeAnswer(max_head_size=16384)
+    results = [watch.feed(piece) for piece in pieces]
+    assert results[-1] is answer and all(r is None for r in results[:-1])
 
 
 def test_upgrade_with_body_switches_after_the_body() -> None:
@@ -1247,6 +1284,8 @@ def test_arbitrary_bytes_yield_events_not_exceptions(data: bytes, step: int) -> 
         for event in tracker.feed(data[i : i + step]):
             assert isinstance(event, RequestHead | RequestEnd | Upgraded | NeedMore | HttpError)
         assert tracker.buffered <= 256 + 65
+        if tracker.awaiting_upgrade:
+            tracker.upgrade_answered(i % 2 == 0)
 
 
 @settings(max_examples=200, deadline=None)

@@ -21,7 +21,7 @@ import uvloop
 from gateway.egress import _HttpGuard
 from gateway.peek import HttpRequestTracker
 from gateway.ratelimit import BandwidthLimiter
-from gateway.relay import SPLICE_AFTER, IdleSweeper, Relay
+from gateway.relay import SPLICE_AFTER, GuardStop, IdleSweeper, Relay
 from tests.unit.test_decision import policy
 
 Scenario = Callable[["Wired"], Coroutine[Any, Any, None]]
@@ -214,9 +214,65 @@ async def test_http_guard_cut_forwards_the_allowed_prefix_lets_the_upstream_answ
 @on_both_loops
 async def test_a_cut_before_the_relay_started_and_the_grace_bound(wired: Wired) -> None:
     sweep = sweeper()
-    relay = wired.start(sweep, first=b"GET / HTTP/1.1\r\n\r\n", cut=("refused", "builtin:http"), cut_grace=0.2)
+    first = b"GET / HTTP/1.1\r\n\r\nGET /x HTTP/1.1\r\n"  # a refused request pipelined behind the first
+    stop = GuardStop(18, ("refused", "builtin:http"))
+    relay = wired.start(sweep, first=first, first_stop=stop, cut_grace=0.2)
     assert await recv_to_eof(wired.origin_app) == b"GET / HTTP/1.1\r\n\r\n"
     started = time.monotonic()
     await asyncio.wait_for(wired.ended, 5)  # the upstream never answers: the grace ends the relay
     assert 0.15 <= time.monotonic() - started < 2
     assert relay.error is None and relay.cut == ("refused", "builtin:http") and not sweep.relays
+
+
+def guard_for(first: bytes, *hosts: str) -> _HttpGuard:
+    tracker = HttpRequestTracker()
+    tracker.feed(first)
+    return _HttpGuard(policy("allowlisted", {"allow_hosts": list(hosts)}), tracker, hosts[0], 80)
+
+
+UPGRADE = b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+#: After an upgrade these bytes are another protocol's; on a declined upgrade they are a fronted request.
+FRONTED = b"GET / HTTP/1.1\r\nHost: b.test\r\n\r\n"
+
+
+@on_both_loops
+async def test_an_accepted_upgrade_passes_the_new_protocol_unchecked(wired: Wired) -> None:
+    loop = asyncio.get_running_loop()
+    first = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+    relay = wired.start(sweeper(), first=first, guard=guard_for(first, "a.test"))
+    assert await recv_exactly(wired.origin_app, len(first)) == first
+    await loop.sock_sendall(wired.client_app, UPGRADE + FRONTED)  # the client does not wait for the 101
+    assert await recv_exactly(wired.origin_app, len(UPGRADE)) == UPGRADE
+    await asyncio.sleep(0.1)
+    with pytest.raises(BlockingIOError):
+        wired.origin_app.recv(1)  # held until the server answered
+    answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+    await loop.sock_sendall(wired.origin_app, answer)
+    assert await recv_exactly(wired.origin_app, len(FRONTED)) == FRONTED
+    assert await recv_exactly(wired.client_app, len(answer)) == answer
+    bulk = os.urandom(2 * SPLICE_AFTER)
+    await loop.sock_sendall(wired.client_app, bulk)
+    assert await recv_exactly(wired.origin_app, len(bulk)) == bulk
+    assert relay.up.guard is None and relay.up.pipe_r >= 0  # nothing left to check: the new protocol splices
+    wired.client_app.shutdown(socket.SHUT_WR)
+    wired.origin_app.shutdown(socket.SHUT_WR)
+    await asyncio.wait_for(wired.ended, 5)
+    assert relay.error is None and relay.cut is None
+
+
+@on_both_loops
+async def test_a_declined_upgrade_cannot_smuggle_a_request_for_another_host(wired: Wired) -> None:
+    loop = asyncio.get_running_loop()
+    plain = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+    relay = wired.start(sweeper(), first=plain, guard=guard_for(plain, "a.test"))
+    assert await recv_exactly(wired.origin_app, len(plain)) == plain
+    await loop.sock_sendall(wired.client_app, UPGRADE + FRONTED)
+    assert await recv_exactly(wired.origin_app, len(UPGRADE)) == UPGRADE
+    declined = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno"
+    await loop.sock_sendall(wired.origin_app, declined)
+    # The held bytes are checked as HTTP again: the request for b.test never reaches the upstream.
+    assert await recv_to_eof(wired.origin_app) == b""
+    wired.origin_app.shutdown(socket.SHUT_WR)
+    await asyncio.wait_for(wired.ended, 5)
+    assert relay.cut is not None and relay.cut[0].startswith("host b.test: ")
+    assert await recv_exactly(wired.client_app, len(declined)) == declined

@@ -541,15 +541,44 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     steer = bool(getattr(args, "steer", False))
     if steer and not data_plane:
         raise CliExit(EXIT_USAGE, "--steer needs --data-plane (steering without the engine would drop all traffic)")
+    workers = args.workers if args.workers > 0 else (os.cpu_count() or 1)
+    if workers > 1 and not data_plane:
+        raise CliExit(EXIT_USAGE, "--workers is for the egress engine: it needs --data-plane")
+    if workers > 1:
+        from gateway.nft import check_worker_ports
+
+        try:
+            check_worker_ports(config.egress.listen_port, config.egress.dns_port, workers)
+        except GatewayError as exc:
+            raise CliExit(EXIT_USAGE, f"--workers {workers}: {exc.message}") from None
     loop_factory = None
-    if getattr(args, "event_loop", "uvloop") == "uvloop":
+    if args.event_loop == "uvloop":
         import uvloop
 
         loop_factory = uvloop.new_event_loop
-    return asyncio.run(_serve(config, out, data_plane=data_plane, steer=steer), loop_factory=loop_factory)
+    if args.worker_index is not None:  # started by a main process's pool (see gateway.workers)
+        from gateway.workers import serve_worker
+
+        return asyncio.run(serve_worker(config, args.worker_index, workers), loop_factory=loop_factory)
+
+    def worker_argv(index: int) -> list[str]:
+        argv = [sys.executable, "-m", "gateway.cli", "run", "--data-plane", "--event-loop", args.event_loop]
+        argv += ["--workers", str(workers), "--worker-index", str(index)]
+        return argv + (["--config", args.config] if args.config else [])
+
+    serve = _serve(config, out, data_plane=data_plane, steer=steer, workers=workers, worker_argv=worker_argv)
+    return asyncio.run(serve, loop_factory=loop_factory)
 
 
-async def _serve(config: Any, out: TextIO, *, data_plane: bool = False, steer: bool = False) -> int:
+async def _serve(
+    config: Any,
+    out: TextIO,
+    *,
+    data_plane: bool = False,
+    steer: bool = False,
+    workers: int = 1,
+    worker_argv: Callable[[int], list[str]] | None = None,
+) -> int:
     import structlog
     from aiohttp import web
 
@@ -558,12 +587,14 @@ async def _serve(config: Any, out: TextIO, *, data_plane: bool = False, steer: b
     from gateway.flowlog import FlowLog
     from gateway.stores import open_store
     from gateway.tunnel.server import TunnelService
+    from gateway.workers import WorkerPool
 
     log = structlog.get_logger("gateway.cli")
     store = open_store(config)
     flows = FlowLog.from_config(config)  # one flow log for the API's audit routes and every data-plane component
     tunnels: TunnelService | None = None
-    plane = DataPlane(config, store, flows, steer=steer) if data_plane else None  # nothing listens until start()
+    pool = WorkerPool(workers, worker_argv) if workers > 1 and worker_argv is not None else None
+    plane = DataPlane(config, store, flows, steer=steer, pool=pool) if data_plane else None  # nothing listens yet
     try:
         if config.tunnel.enabled:  # loads the certificate now: a missing one stops start-up with CERT_INVALID
             tunnels = TunnelService(store, config, config.tunnel, flows=flows)
@@ -614,7 +645,9 @@ async def _serve(config: Any, out: TextIO, *, data_plane: bool = False, steer: b
                 raise CliExit(EXIT_API_ERROR, f"DATA_PLANE_FAILED: {exc}") from None
             started = plane
             steering = " (steering applied)" if steer else ""
-            out.write(f"egress engine listening on port {config.egress.listen_port}{steering}\n")
+            first = config.egress.listen_port
+            ports = f"ports {first}-{first + workers - 1} ({workers} workers)" if workers > 1 else f"port {first}"
+            out.write(f"egress engine listening on {ports}{steering}\n")
             out.flush()
         await stop.wait()
         log.info("gateway.stopping")
@@ -719,6 +752,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="uvloop",
         help="uvloop (default: libuv, about twice as fast per connection) or the standard library's loop",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --data-plane: run the egress engine in N processes (0: one per CPU); worker k listens on "
+        "egress.listen_port + k and serves the sandboxes the steering assigns to it",
+    )
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # set by the main process
     commands.add_parser("check-config", parents=[common], help="validate the configuration and summarise it")
 
     sandbox = commands.add_parser("sandbox", help="manage sandboxes").add_subparsers(

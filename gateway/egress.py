@@ -73,6 +73,7 @@ from gateway.relay import CAN_SPLICE, GuardStop, IdleSweeper, Relay
 from gateway.resolver import ResolveError, Resolver
 from gateway.state import PolicyState
 from gateway.stores.base import PolicyStore
+from gateway.workers import LearnedFanout, WorkerPool, worker_index
 
 log = structlog.get_logger("gateway.egress")
 
@@ -801,22 +802,36 @@ class DataPlane:
     TPROXYed traffic finds no listener and is dropped, never forwarded.
     """
 
-    def __init__(self, config: Config, store: PolicyStore, flowlog: FlowLog, *, steer: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: PolicyStore,
+        flowlog: FlowLog,
+        *,
+        steer: bool = False,
+        pool: WorkerPool | None = None,
+        dns: bool = True,
+    ) -> None:
         self.config = config
         self.store = store
         self.steer = steer
+        #: The other egress processes (`--workers`); this one is worker 0.
+        self.pool = pool
+        self.workers = pool.workers if pool is not None else 1
         self.engine: EgressEngine | None = None
         self.destinations: Destinations | None = None
         self.flowlog = flowlog
         #: Shared with the DNS interceptor: its answers are what opaque TCP may reach.
-        self.learned = LearnedDestinations()
+        self.learned = LearnedFanout(pool.workers, pool.send) if pool is not None else LearnedDestinations()
         # Built now (no sockets yet) so the control API can serve its query log; it has its own rate
-        # limiter: DNS queries and connections are separate budgets.
-        self.dns = DnsInterceptor(
-            DnsConfig.from_config(config), lambda: store.state, learned=self.learned, flowlog=flowlog
+        # limiter: DNS queries and connections are separate budgets. A worker process has none.
+        self.dns = (
+            DnsInterceptor(DnsConfig.from_config(config), lambda: store.state, learned=self.learned, flowlog=flowlog)
+            if dns
+            else None
         )
         self._tasks: list[asyncio.Task[None]] = []
-        self._attached: frozenset[Any] | None = None
+        self._attached: frozenset[tuple[Any, int]] | None = None
 
     async def start(self) -> None:
         _raise_fd_limit()
@@ -837,8 +852,11 @@ class DataPlane:
         )
         if self.steer:
             await self.apply_steering()
-        await self.dns.start_transparent()
+        if self.dns is not None:
+            await self.dns.start_transparent()
         await self.engine.start()
+        if self.pool is not None:
+            await self.pool.start()
         self._tasks.append(asyncio.create_task(self._refresh_local_addresses()))
         if self.steer:
             self._tasks.append(asyncio.create_task(self._follow_store()))
@@ -848,12 +866,20 @@ class DataPlane:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.pool is not None:
+            await self.pool.close()
         if self.engine is not None:
             await self.engine.close()
-        await self.dns.close()
+        if self.dns is not None:
+            await self.dns.close()
 
-    def _wanted(self) -> frozenset[Any]:
-        return frozenset(a for sandbox in self.store.state.sandboxes.values() for a in sandbox.addresses)
+    def _wanted(self) -> frozenset[tuple[Any, int]]:
+        """Every attached address with the worker that serves its sandbox."""
+        return frozenset(
+            (address, worker_index(sandbox.id, self.workers) if self.workers > 1 else 0)
+            for sandbox in self.store.state.sandboxes.values()
+            for address in sandbox.addresses
+        )
 
     async def apply_steering(self) -> None:
         from gateway import netplumb
@@ -861,11 +887,13 @@ class DataPlane:
 
         egress = self.config.egress
         subnets = self.config.sandbox_subnets
-        attached = self._wanted()
+        wanted = self._wanted()
         steering = SteeringConfig(
             sandbox_subnets=subnets,
             sandbox_interfaces=egress.sandbox_interfaces,
-            attached=attached,
+            attached=frozenset(address for address, _ in wanted),
+            workers=self.workers,
+            worker_of=dict(wanted) if self.workers > 1 else {},
             gateway_addresses=frozenset(
                 a for a in egress.gateway_addresses if not any(a.version == n.version and a in n for n in subnets)
             ),
@@ -877,8 +905,8 @@ class DataPlane:
         )
         await asyncio.to_thread(netplumb.ensure_routing_for, steering.policy_routing)
         await asyncio.to_thread(netplumb.apply_ruleset, render_ruleset(steering))
-        self._attached = attached
-        log.info("steering.applied", attached=len(attached))
+        self._attached = wanted
+        log.info("steering.applied", attached=len(wanted), workers=self.workers)
 
     async def _follow_store(self) -> None:
         while True:

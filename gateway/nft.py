@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from gateway.errors import GatewayError
 from gateway.policy import IPAddress, IPNetwork
@@ -58,6 +58,7 @@ DEFAULT_EGRESS_PORT = 15001
 DEFAULT_DNS_PORT = 15053
 DEFAULT_FWMARK = 0x1
 DEFAULT_ROUTE_TABLE = 100
+MAX_WORKERS = 256
 DEFAULT_RULE_PRIORITY = 100
 MAX_U32 = 0xFFFFFFFF
 RESERVED_ROUTE_TABLES = frozenset({0, 253, 254, 255})  # unspec, default, main, local
@@ -104,6 +105,17 @@ class PolicyRouting:
         return out
 
 
+def check_worker_ports(egress_port: int, dns_port: int, workers: int) -> None:
+    """Worker k of the egress engine listens on egress_port + k: the range must fit and miss the DNS port."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        raise _invalid(f"{workers!r} is not a number of workers (1-{MAX_WORKERS})", "workers")
+    last = egress_port + workers - 1
+    if last > 65535:
+        raise _invalid(f"{workers} workers need the ports {egress_port}-{last}", "workers")
+    if egress_port <= dns_port <= last:
+        raise _invalid(f"the DNS port {dns_port} is inside the egress ports {egress_port}-{last}", "dns_port")
+
+
 @dataclass(frozen=True, slots=True)
 class SteeringConfig:
     """Everything the gateway's nftables table depends on. Validated on construction."""
@@ -125,6 +137,10 @@ class SteeringConfig:
     #: SO_MARK the egress engine sets on upstream sockets; enables the `output` guard. None: no output chain.
     dial_mark: int | None = None
     table: str = TABLE
+    #: Egress engine processes (`gateway run --workers`): worker k listens on egress_port + k and gets the
+    #: TCP of the sandbox addresses `worker_of` maps to k (all addresses of a sandbox to one worker).
+    workers: int = 1
+    worker_of: Mapping[IPAddress, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.sandbox_subnets:
@@ -144,8 +160,10 @@ class SteeringConfig:
         for name, port in (("egress_port", self.egress_port), ("dns_port", self.dns_port)):
             if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
                 raise _invalid(f"{port!r} is not a port (1-65535)", name)
-        if self.egress_port == self.dns_port:
-            raise _invalid("the egress and DNS ports must differ", "dns_port")
+        check_worker_ports(self.egress_port, self.dns_port, self.workers)
+        for address, worker in self.worker_of.items():
+            if address not in self.attached or not 0 <= worker < self.workers:
+                raise _invalid(f"{address} -> worker {worker}: not an attached address and a worker", "worker_of")
         if not 0 < self.fwmark_mask <= MAX_U32 or not 0 < self.fwmark <= MAX_U32:
             raise _invalid("fwmark and fwmark_mask must be non-zero 32-bit values", "fwmark")
         if self.fwmark & ~self.fwmark_mask:
@@ -226,6 +244,18 @@ def _set(name: str, type_: str, items: list[str], *, interval: bool = False, com
     return lines
 
 
+def _map(name: str, type_: str, items: list[str]) -> list[str]:
+    return [f"\tmap {name} {{", f"\t\ttype {type_}", *_elements(items), "\t}"]
+
+
+def _to_egress(cfg: SteeringConfig, port: int) -> list[str]:
+    mark_set = _mark_set(cfg)
+    return [
+        f"meta nfproto ipv4 meta l4proto tcp {mark_set} tproxy ip to :{port} accept",
+        f"meta nfproto ipv6 meta l4proto tcp {mark_set} tproxy ip6 to :{port} accept",
+    ]
+
+
 def _link_elements(links: Iterable[LinkRule], attached: frozenset[IPAddress], version: int) -> list[str]:
     """One element per (src, dst, port); `any port` is the interval 1-65535 and absorbs the specific ports.
 
@@ -299,6 +329,11 @@ def render_table(cfg: SteeringConfig) -> str:
         interval=True,
         comment="private links: src . dst . dport",
     )
+    if cfg.workers > 1:
+        for family, version in (("ipv4_addr", 4), ("ipv6_addr", 6)):
+            pairs = sorted((a, w) for a, w in cfg.worker_of.items() if a.version == version)
+            jumps = [f"{a} : jump egress_worker_{w}" for a, w in pairs]
+            out += _map(f"worker_v{version}", f"{family} : verdict", jumps)
     out += _set(
         "link_v6",
         "ipv6_addr . ipv6_addr . inet_service",
@@ -333,17 +368,24 @@ def render_table(cfg: SteeringConfig) -> str:
         'ip daddr @gateway_v4 counter drop comment "the gateway\'s own services"',
         'ip6 daddr @gateway_v6 counter drop comment "the gateway\'s own services"',
         f"meta l4proto tcp socket transparent 1 {mark_set} accept",
-        f"meta nfproto ipv4 meta l4proto tcp {mark_set} tproxy ip to :{cfg.egress_port} accept",
-        f"meta nfproto ipv6 meta l4proto tcp {mark_set} tproxy ip6 to :{cfg.egress_port} accept",
+        *(
+            _to_egress(cfg, cfg.egress_port)
+            if cfg.workers == 1
+            else ["meta l4proto tcp ip saddr vmap @worker_v4", "meta l4proto tcp ip6 saddr vmap @worker_v6"]
+        ),
         'counter drop comment "everything else: QUIC, other UDP, ICMP, no listener"',
     ]
     out += _chain("from_sandbox", steer)
+    if cfg.workers > 1:
+        for worker in range(cfg.workers):
+            out += _chain(f"egress_worker_{worker}", [*_to_egress(cfg, cfg.egress_port + worker), "counter drop"])
 
     # ---- input: the TPROXY ports only via TPROXY; sandboxes reach nothing else local
     out += _chain(
         "input",
         [
-            f"iif != lo meta l4proto {{ tcp, udp }} th dport {{ {cfg.egress_port}, {cfg.dns_port} }} "
+            f"iif != lo meta l4proto {{ tcp, udp }} th dport {{ {cfg.egress_port}-{cfg.egress_port + cfg.workers - 1}, "
+            f"{cfg.dns_port} }} "
             f'{_mark_match(cfg, negate=True)} counter drop comment "TPROXY ports: only via TPROXY"',
             *_classify(cfg, "sandbox_input"),
         ],

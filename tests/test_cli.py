@@ -181,6 +181,15 @@ def test_run_with_an_invalid_config_exits_2(tmp_path: Path) -> None:
     assert result.stderr.startswith("CONFIG_INVALID: ") and "(field api.port)" in result.stderr
 
 
+def test_run_workers_need_the_data_plane_and_ports_that_fit(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port())
+    result = gateway("run", "--config", str(config), "--workers", "2")
+    assert result.returncode == 2 and "--workers is for the egress engine: it needs --data-plane" in result.stderr
+    result = gateway("run", "--config", str(config), "--data-plane", "--workers", "60")
+    assert result.returncode == 2
+    assert "--workers 60: the DNS port 15053 is inside the egress ports 15001-15060" in result.stderr
+
+
 def test_run_refuses_an_exposed_api_without_tokens(tmp_path: Path) -> None:
     config = write_config(tmp_path, free_port(), tokens=False, host="0.0.0.0")
     result = gateway("run", "--config", str(config))

@@ -285,7 +285,7 @@ class Env:
         tmp.write_text(json.dumps(data))
         tmp.replace(self.policy_file)  # atomic: the store never reads half a file
 
-    def start_gateway(self) -> None:
+    def start_gateway(self, *extra: str) -> None:
         config = self.workdir / "gateway.toml"
         config.write_text(
             "\n".join(
@@ -318,7 +318,7 @@ class Env:
         log = self.log_file.open("a")
         self.gateway = self.topo.popen(
             "gw",
-            [sys.executable, "-m", "gateway.cli", "run", "--data-plane", "--steer", "--config", str(config)],
+            [sys.executable, "-m", "gateway.cli", "run", "--data-plane", "--steer", "--config", str(config), *extra],
             stderr=log,
             env=env,
             cwd=str(REPO),

@@ -341,6 +341,19 @@ def test_render_is_deterministic_and_has_the_documented_shape() -> None:
     assert "chain output" not in text  # only with dial_mark
 
 
+def test_workers_get_the_tcp_of_their_sandboxes_through_a_verdict_map() -> None:
+    a, b, c = (ipaddress.ip_address(x) for x in ("10.75.0.1", "10.75.0.2", "fdd4:1476:6c7e::1"))
+    text = render_ruleset(_config(workers=3, worker_of={a: 0, b: 2, c: 2}))
+    assert "elements = { 10.75.0.1 : jump egress_worker_0, 10.75.0.2 : jump egress_worker_2 }" in text
+    assert "elements = { fdd4:1476:6c7e::1 : jump egress_worker_2 }" in text
+    steer = text.split("chain from_sandbox {\n", 1)[1].split("\n\t}", 1)[0]
+    assert "meta l4proto tcp ip saddr vmap @worker_v4" in steer and "tproxy ip to :15001" not in steer
+    for worker in range(3):
+        body = text.split(f"chain egress_worker_{worker} {{\n", 1)[1].split("\n\t}", 1)[0].splitlines()
+        assert body[0].endswith(f"tproxy ip to :{15001 + worker} accept") and body[-1].strip() == "counter drop"
+    assert "th dport { 15001-15003, 15053 }" in text  # every worker's port is closed to direct connections
+
+
 def test_links_any_port_absorbs_specific_ports_and_links_to_detached_addresses_are_inert() -> None:
     a, b = ipaddress.ip_address("10.75.0.1"), ipaddress.ip_address("10.75.0.2")
     gone = ipaddress.ip_address("10.75.0.9")
@@ -361,6 +374,11 @@ def test_links_any_port_absorbs_specific_ports_and_links_to_detached_addresses_a
         ({"sandbox_interfaces": ('vif"; drop',)}, "sandbox_interfaces[0]"),
         ({"sandbox_interfaces": ()}, "sandbox_interfaces"),
         ({"gateway_addresses": frozenset({ipaddress.ip_address("10.75.9.9")})}, "gateway_addresses"),
+        ({"workers": 0}, "workers"),
+        ({"workers": 2, "egress_port": 65535}, "workers"),
+        ({"workers": 60, "dns_port": 15053}, "dns_port"),
+        ({"workers": 2, "worker_of": {ipaddress.ip_address("10.75.0.9"): 1}}, "worker_of"),
+        ({"workers": 2, "worker_of": {ipaddress.ip_address("10.75.0.1"): 2}}, "worker_of"),
     ],
 )
 def test_invalid_configs_are_refused(changes: dict[str, Any], field: str) -> None:

@@ -1,0 +1,38 @@
+"""The pure parts of `--workers`: which worker serves a sandbox, and the learned-address lines between processes."""
+
+from __future__ import annotations
+
+import zlib
+
+from gateway.learned import LearnedDestinations
+from gateway.workers import LearnedFanout, apply_learned_line, worker_index
+
+
+def test_worker_index_is_stable_and_spreads() -> None:
+    assert worker_index("alpha", 2) == zlib.crc32(b"alpha") % 2 == 0
+    assert worker_index("beta", 2) == 1
+    assert all(worker_index(f"sb-{i}", 1) == 0 for i in range(50))
+    assert {worker_index(f"sb-{i}", 4) for i in range(200)} == {0, 1, 2, 3}
+
+
+def test_learned_addresses_stay_local_or_travel_to_the_sandbox_worker_and_apply_there() -> None:
+    sent: list[tuple[int, bytes]] = []
+    fanout = LearnedFanout(2, lambda worker, line: sent.append((worker, line)))
+    fanout.add("alpha", "git.example", ["192.0.2.7"], 60)  # worker 0: this process
+    fanout.add("beta", "git.example", ["192.0.2.8", "2001:db8::8"], 60)
+    fanout.add("beta", "gone.example", ["192.0.2.9"], 0)  # expired already: nothing to send
+    assert fanout.lookup("alpha", "192.0.2.7") == "git.example"
+    assert fanout.lookup("beta", "192.0.2.8") is None
+    [(worker, line)] = sent
+    assert worker == 1 and line.endswith(b"\n")
+    remote = LearnedDestinations()
+    assert apply_learned_line(remote, line)
+    assert remote.lookup("beta", "2001:db8::8") == "git.example"
+    assert remote.lookup("alpha", "192.0.2.7") is None
+
+
+def test_a_bad_line_changes_nothing() -> None:
+    remote = LearnedDestinations()
+    for line in (b"", b"not json\n", b'{"a": 1}\n', b'[1, "n", [], 5]\n', b'["sb", "n", ["192.0.2.1"], "x"]\n'):
+        assert not apply_learned_line(remote, line)
+    assert len(remote) == 0

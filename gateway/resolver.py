@@ -267,6 +267,9 @@ class Resolver:
         name = name.rstrip(".").lower()
         if not name or len(name) > 253:
             raise ResolveError("INVALID", f"{name!r} is not a host name")
+        cached = self._cached(name)
+        if cached is not None:
+            return cached
         a, aaaa = await asyncio.gather(
             self.lookup(name, QTYPE.A), self.lookup(name, QTYPE.AAAA), return_exceptions=True
         )
@@ -283,6 +286,17 @@ class Resolver:
             if isinstance(error, BaseException) and not isinstance(error, ResolveError):
                 raise error
         raise ResolveError("NODATA", f"{name} has no A or AAAA record")
+
+    def _cached(self, name: str) -> ResolveResult | None:
+        """Both answers fresh in the cache, with an address: the common case, answered without tasks or waits."""
+        now = time.monotonic()
+        results = (self._cache.get((name, QTYPE.A)), self._cache.get((name, QTYPE.AAAA)))
+        if any(r is None or r.expires <= now or r.error is not None for r in results):
+            return None
+        addresses = tuple(addr for r in results if r is not None for addr in r.addresses)
+        if not addresses:
+            return None  # the slow path says why (NODATA)
+        return ResolveResult(addresses, min(r.ttl for r in results if r is not None and r.addresses))
 
     async def lookup(self, name: str, qtype: int) -> _Entry:
         key = (name, qtype)

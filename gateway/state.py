@@ -22,6 +22,8 @@ from gateway.presets import Preset
 
 SANDBOX = "sandbox"
 TEMPLATE = "template"
+#: Source addresses (as text) whose owner `policy_for_address` remembers; past that it starts over.
+ADDRESS_MEMO_SIZE = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,9 @@ class PolicyState:
         self.compiled: dict[str, CompiledPolicy] = {}
         self.by_address: dict[tuple[int, int], str] = {}
         self.rejections: dict[tuple[str, str], Rejection] = {}
+        # policy_for_address runs for every DNS query and connection, and parsing the address text is most of
+        # its cost: the answer per text, forgotten whenever a sandbox (so the index or a policy) changes.
+        self._by_text: dict[str, CompiledPolicy | None] = {}
 
     # ------------------------------------------------------------------ parsing
 
@@ -69,11 +74,17 @@ class PolicyState:
 
     def policy_for_address(self, address: str) -> CompiledPolicy | None:
         """The compiled policy of the sandbox that owns this source address; None fails closed."""
+        if address in self._by_text:
+            return self._by_text[address]
         try:
             sandbox_id = self.by_address.get(address_key(address))
         except ValueError:
             return None
-        return self.compiled.get(sandbox_id) if sandbox_id else None
+        policy = self.compiled.get(sandbox_id) if sandbox_id else None
+        if len(self._by_text) >= ADDRESS_MEMO_SIZE:
+            self._by_text.clear()
+        self._by_text[address] = policy
+        return policy
 
     def get_sandbox(self, sandbox_id: str) -> Sandbox:
         try:
@@ -143,6 +154,7 @@ class PolicyState:
         self._unindex(sandbox.id)
         self.sandboxes[sandbox.id] = sandbox
         self.compiled[sandbox.id] = compiled
+        self._by_text.clear()
         for addr in sandbox.addresses:
             self.by_address[address_key(addr)] = sandbox.id
         self.rejections.pop((SANDBOX, sandbox.id), None)
@@ -152,6 +164,7 @@ class PolicyState:
         self._unindex(sandbox_id)
         del self.sandboxes[sandbox_id]
         del self.compiled[sandbox_id]
+        self._by_text.clear()
         self.rejections.pop((SANDBOX, sandbox_id), None)
         return sandbox
 

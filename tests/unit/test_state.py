@@ -150,6 +150,21 @@ def test_remove_frees_the_addresses(state: PolicyState) -> None:
     assert state.policy_for_address("10.75.0.2") is state.compiled["b"]
 
 
+def test_the_owner_of_an_address_follows_every_change(state: PolicyState) -> None:
+    create(state, record("a", "10.75.0.2"))
+    first = state.compiled["a"]
+    assert state.policy_for_address("10.75.0.2") is first  # remembered per address text from here on
+    assert state.policy_for_address("10.75.0.9") is None
+    changed = state.parse_sandbox(record("a", "10.75.0.2", egress={"allow_hosts": ["a.com"]}))
+    state.check_sandbox(changed, create=False)
+    state.set_sandbox(changed)
+    assert state.policy_for_address("10.75.0.2") is state.compiled["a"] is not first
+    create(state, record("b", "10.75.0.9"))
+    assert state.policy_for_address("10.75.0.9") is state.compiled["b"]  # no one's a moment ago
+    state.remove_sandbox("a")
+    assert state.policy_for_address("10.75.0.2") is None
+
+
 def test_explain(state: PolicyState) -> None:
     create(state, record("a", egress={"allow_hosts": ["a.com"]}))
     verdict, compiled = state.explain("a", "a.com", PUBLIC, 443, "tls")

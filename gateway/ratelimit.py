@@ -112,15 +112,20 @@ class TokenBucket:
 
     def reserve(self, n: float) -> float:
         """Take `n` tokens now, going into debt if need be; return how long the caller must wait for them."""
-        self.last_used = self._refill()
-        self._tokens -= n
-        return -self._tokens / self.rate if self._tokens < 0 else 0.0
+        return self._take(n, self._refill())
 
     def try_reserve(self, n: float, max_wait: float) -> float | None:
         """Like `reserve`, but only when the wait would be at most `max_wait`; None (nothing taken) otherwise."""
-        if self.wait_for(n) > max_wait:
+        now = self._refill()  # once for the check and the take: this runs for every DNS query and connection
+        missing = n - self._tokens
+        if missing > 0 and missing / self.rate > max_wait:
             return None
-        return self.reserve(n)
+        return self._take(n, now)
+
+    def _take(self, n: float, now: float) -> float:
+        self.last_used = now
+        self._tokens -= n
+        return -self._tokens / self.rate if self._tokens < 0 else 0.0
 
     def refund(self, n: float) -> None:
         """Give back tokens a caller reserved but did not use (it was cancelled while waiting)."""

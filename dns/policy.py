@@ -27,6 +27,11 @@ Answers are kept as wire bytes without OPT record and with id 0 (`Answer.wire`),
 hand out the same bytes to later queries: `render` puts the client's id and question back, lowers
 the TTLs by the time spent in the cache, appends an OPT record when the client sent one, and
 truncates (TC) what does not fit in the client's UDP size.
+
+Every answer is a function of the query packet but for its id and the letter case of the question
+(and of the policy, the malware list, the cache and the clock), so `query_key` names a packet without
+parsing it, and `splice` turns the response made for one packet into the response to another packet
+with the same key: the interceptor's shorter way for a query it has answered before.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from dnslib import QTYPE, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
@@ -59,13 +64,16 @@ __all__ = [
     "DnsConfig",
     "DomainBlocklist",
     "Malformed",
+    "Outcome",
     "Query",
     "accept_upstream",
     "decide",
     "decide_query",
     "failure_answer",
     "parse_query",
+    "query_key",
     "render",
+    "splice",
     "synthetic",
     "ttl_offsets",
     "upstream_packet",
@@ -209,6 +217,7 @@ class DomainBlocklist:
     A listed domain blocks its subdomains too. The file is re-read when its (inode, size, mtime) changes,
     checked at most every `check_interval` seconds; a missing or unreadable file blocks nothing and keeps
     the last good list (an operator's typo must not cut DNS for every sandbox, nor silently drop the list).
+    `generation` counts the lists read, so answers decided under an older list can be told apart.
     """
 
     def __init__(self, path: Path, check_interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -219,6 +228,7 @@ class DomainBlocklist:
         self._stamp: tuple[int, int, int] | None = None
         self._checked = float("-inf")
         self.error: str | None = None
+        self.generation = 0
         self._reload()
 
     @staticmethod
@@ -252,6 +262,7 @@ class DomainBlocklist:
         self._domains = self.parse(text.splitlines())
         self._stamp = stamp
         self.error = None
+        self.generation += 1
 
     def maybe_reload(self) -> None:
         now = self._clock()
@@ -409,7 +420,51 @@ def parse_query(data: bytes) -> Query:
     )
 
 
+def query_key(data: bytes) -> tuple[bytes, int] | None:
+    """(key, end of the question) of a query packet without parsing it: the key is the packet after its id
+    with the question name lowercased, so two packets with one key have one answer but for the id and the
+    question's letter case (0x20 randomisation), which `splice` copies from each. None when the question
+    name is not plain labels: only `parse_query` judges those.
+
+    Label lengths are below 64 here, and `lower` changes only the bytes of letters, so it cannot change the
+    lengths: the key is a function of the packet with its name case-folded, nothing more."""
+    i = 12
+    try:
+        length = data[i]
+        while length:
+            if length > 63:
+                return None
+            i += 1 + length
+            length = data[i]
+    except IndexError:
+        return None
+    end = i + 5  # the root label, type and class
+    if end > len(data):
+        return None
+    return b"".join((data[2:12], data[12:i].lower(), data[i:])), end  # bytes (hashable) from a bytearray too
+
+
+def splice(query: bytes, end: int, response: bytes) -> bytes:
+    """`response` (made for a packet with the same `query_key`) with this query's id and question bytes."""
+    return b"".join((query[:2], response[2:12], query[12:end], response[end:]))
+
+
 # --------------------------------------------------------------------------- decisions
+
+
+class Outcome(NamedTuple):
+    """What a query came to: the query log's fields, kept as they are and formatted only when the log is read
+    (a response kept for a repeated query keeps its outcome too)."""
+
+    name: str
+    type: str
+    rcode: int  # -1: dropped
+    answers: tuple[str, ...]
+    allowed: bool
+    code: Code
+    reason: str
+    rule: str
+    cached: bool
 
 
 @dataclass(frozen=True, slots=True)

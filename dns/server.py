@@ -18,6 +18,15 @@ identical queries of one sandbox sharing one upstream exchange. Addresses of all
 `LearnedDestinations`; every query goes to the sandbox's query-log ring and, when a FlowLog is given, to
 the flow log (protocol "dns"). A bad packet can cost its own answer, never the server: each packet is
 handled in its own task under a catch-all, bounded in number.
+
+The common UDP cases, a name the sandbox asked before (a cached answer) and a denied name asked again,
+take a shorter way (`_answer_again`): the sandbox's cache keeps the response last sent to that very
+packet (`cache.Ready`, keyed by `policy.query_key`), so the query is answered by copying its id and
+question into it, with no parsing, policy walk or rendering. Everything around the answer is the same as
+on the slow way: the rate limit, the counts, the query log, the flow record, the DNS-learned addresses
+refreshed. It holds only while the policy object (the cache is flushed when it changes) and the malware
+list's generation are the ones it was decided under. Query-log entries are kept as tuples and turned into
+dicts only when read.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 from dnslib import RCODE
 
-from gateway.dns.cache import DnsCache
+from gateway.dns.cache import CacheEntry, DnsCache, Ready
 from gateway.dns.policy import (
     ANSWER,
     DROP,
@@ -47,11 +56,15 @@ from gateway.dns.policy import (
     Decision,
     DnsConfig,
     DomainBlocklist,
+    Outcome,
     Query,
     accept_upstream,
     decide,
     failure_answer,
+    parse_query,
+    query_key,
     render,
+    splice,
     synthetic,
     upstream_packet,
 )
@@ -64,7 +77,7 @@ if TYPE_CHECKING:
     from gateway.learned import LearnedDestinations
     from gateway.state import PolicyState
 
-__all__ = ["DnsInterceptor", "QueryLogEntry"]
+__all__ = ["DnsInterceptor"]
 
 log = structlog.get_logger("gateway.dns")
 
@@ -85,40 +98,9 @@ DEBUG_LOG_BURST: Final = 20  # malformed-packet debug lines per DEBUG_LOG_WINDOW
 DEBUG_LOG_WINDOW: Final = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class QueryLogEntry:
-    time: float  # wall clock, seconds
-    sandbox: str
-    client: str
-    transport: str
-    name: str
-    type: str
-    rcode: str
-    answers: tuple[str, ...]
-    latency_ms: float
-    allowed: bool
-    code: str
-    reason: str
-    rule: str
-    cached: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "time": self.time,
-            "sandbox": self.sandbox,
-            "client": self.client,
-            "transport": self.transport,
-            "name": self.name,
-            "type": self.type,
-            "rcode": self.rcode,
-            "answers": list(self.answers),
-            "latency_ms": self.latency_ms,
-            "allowed": self.allowed,
-            "code": self.code,
-            "reason": self.reason,
-            "rule": self.rule,
-            "cached": self.cached,
-        }
+#: A query-log entry as kept: (start, wall clock in µs; client address; transport; latency in seconds; outcome).
+#: A tuple because one is made per query; `_log_dict` gives it its documented shape when the log is read.
+LogEntry = tuple[int, tuple[Any, ...], str, float, Outcome]
 
 
 class _CappedDebug:
@@ -149,6 +131,43 @@ def _rcode_name(rcode: int) -> str:
     return str(RCODE.get(rcode, rcode))
 
 
+def _log_dict(sandbox_id: str, entry: LogEntry) -> dict[str, Any]:
+    start_us, client, transport, latency, outcome = entry
+    return {
+        "time": start_us / 1e6,
+        "sandbox": sandbox_id,
+        "client": f"[{client[0]}]:{client[1]}" if ":" in str(client[0]) else f"{client[0]}:{client[1]}",
+        "transport": transport,
+        "name": outcome.name,
+        "type": outcome.type,
+        "rcode": _rcode_name(outcome.rcode),
+        "answers": list(outcome.answers),
+        "latency_ms": round(latency * 1000, 3),
+        "allowed": outcome.allowed,
+        "code": str(outcome.code),
+        "reason": outcome.reason,
+        "rule": outcome.rule,
+        "cached": outcome.cached,
+    }
+
+
+def _rate_limited(query: Query) -> tuple[bytes, Outcome]:
+    """REFUSED with the reason (EDE) for a query over its sandbox's rate limit, and its log outcome."""
+    response = render(synthetic(query, REFUSED), (), 0, query, ede=(EDE_OTHER, RATE_LIMIT_REASON))
+    outcome = Outcome(
+        query.name,
+        query.type_name,
+        REFUSED,
+        (),
+        False,
+        Code.REFUSED_RATE_LIMIT,
+        RATE_LIMIT_REASON,
+        RATE_LIMIT_RULE,
+        False,
+    )
+    return response, outcome
+
+
 @dataclass(slots=True)
 class _Pending:
     """One query on its way: what `handle_now` found out, for `complete` to finish."""
@@ -162,6 +181,7 @@ class _Pending:
     policy: CompiledPolicy | None = None
     sandbox_id: str = ""
     decision: Decision | None = None
+    generation: int = 0  # of the malware list the decision was made under
     bucket: TokenBucket | None = None
     wait: float = 0.0
 
@@ -188,15 +208,16 @@ class DnsInterceptor:
         self.upstreams = tuple(upstreams)
         self.learned = learned
         self.flowlog = flowlog
-        self.limiter = limiter or ConnectionRateLimiter()
-        self.cache = cache or DnsCache(config.cache_per_sandbox, config.cache_total)
+        # `is not None`, not `or`: an empty limiter or cache has a length of 0, so it is falsy.
+        self.limiter = limiter if limiter is not None else ConnectionRateLimiter()
+        self.cache = cache if cache is not None else DnsCache(config.cache_per_sandbox, config.cache_total)
         if blocklist is None and config.malware_blocklist is not None:
             blocklist = DomainBlocklist(config.malware_blocklist, config.blocklist_check_interval)
         self.blocklist = blocklist
         self.counts: Counter[str] = Counter()
         self.upstream_queries = 0  # exchanges sent upstream (tests, metrics)
-        self._logs: OrderedDict[str, deque[QueryLogEntry]] = OrderedDict()
-        self._inflight: dict[tuple[str, int, str, int, bool], asyncio.Future[Answer]] = {}
+        self._logs: OrderedDict[str, deque[LogEntry]] = OrderedDict()
+        self._inflight: dict[tuple[str, int, str, int, bool], asyncio.Future[tuple[Answer, CacheEntry | None]]] = {}
         self._udp: list[_UdpListener] = []
         self._tcp_servers: list[asyncio.Server] = []
         self._tcp_count = 0
@@ -279,8 +300,7 @@ class DnsInterceptor:
         ring = self._logs.get(sandbox_id)
         if not ring or limit <= 0:
             return []
-        entries = list(ring)[-limit:]
-        return [e.to_dict() for e in entries]
+        return [_log_dict(sandbox_id, entry) for entry in list(ring)[-limit:]]
 
     def flush(self, sandbox_id: str) -> int:
         """Drop the sandbox's cached answers (its policy changed). Returns how many."""
@@ -290,6 +310,7 @@ class DnsInterceptor:
         return {
             "counts": dict(self.counts),
             "cache_entries": len(self.cache),
+            "ready_responses": self.cache.ready_size(),
             "cache_hits": self.cache.hits,
             "cache_misses": self.cache.misses,
             "upstream_queries": self.upstream_queries,
@@ -313,13 +334,20 @@ class DnsInterceptor:
         """Everything that needs no waiting, synchronously: the answer (or None to drop it), or a `_Pending` for
         `complete` when the query must wait for the rate limit or go upstream. Denied and cached queries never
         cost a task."""
-        ctx = _Pending(time.monotonic(), time.time_ns() // 1000, data, client, server, transport)
+        started = time.monotonic()
         state = self.state_provider()
-        policy = ctx.policy = state.policy_for_address(client[0]) if state is not None else None
+        policy = state.policy_for_address(client[0]) if state is not None else None
+        if policy is not None:
+            self.cache.bind_policy(policy.sandbox_id, policy)
+            if transport == "udp":  # TCP answers have another size limit, and TCP is rare: always the slow way
+                again = self._answer_again(data, client, server, policy, started)
+                if again is not None:
+                    return again
+        ctx = _Pending(started, time.time_ns() // 1000, data, client, server, transport, policy)
         if policy is not None:
             ctx.sandbox_id = policy.sandbox_id
-            self.cache.bind_policy(ctx.sandbox_id, policy)
         decision = ctx.decision = decide(data, policy, self.config, self.blocklist)
+        ctx.generation = self._generation()
         self.counts[decision.code] += 1
         if decision.action == DROP:
             self._debug("dns.dropped", client=client[0], reason=decision.reason, size=len(data))
@@ -328,29 +356,89 @@ class DnsInterceptor:
         if query is None:
             self._debug("dns.malformed", client=client[0], reason=decision.reason, size=len(data))
         if policy is not None:
-            bucket = ctx.bucket = self.limiter.bucket(ctx.sandbox_id, policy.limits.dns_queries_per_minute)
+            bucket = ctx.bucket = self._bucket(policy)
             wait = bucket.try_reserve(1, self.config.rate_limit_max_wait)
             if wait is None:  # over the limit by more than the longest wait: refused, no token taken
                 self.counts[Code.REFUSED_RATE_LIMIT] += 1
                 if query is None:
                     return None
-                response = render(synthetic(query, REFUSED), (), 0, query, ede=(EDE_OTHER, RATE_LIMIT_REASON))
-                self._record(
-                    ctx,
-                    REFUSED,
-                    (),
-                    False,
-                    Code.REFUSED_RATE_LIMIT,
-                    RATE_LIMIT_REASON,
-                    RATE_LIMIT_RULE,
-                    False,
-                    response,
-                )
+                response, outcome = _rate_limited(query)
+                self._record_pending(ctx, outcome, response)
                 return response
             if wait > 0:
                 ctx.wait = wait
                 return ctx
         return self._respond(ctx)
+
+    def _answer_again(
+        self,
+        data: bytes,
+        client: tuple[Any, ...],
+        server: tuple[Any, ...],
+        policy: CompiledPolicy,
+        started: float,
+    ) -> bytes | None:
+        """The UDP answer to a packet the sandbox sent before (same `query_key`, same policy and malware list),
+        from its ready response; with the rate limit, counts, log, flow record and learned addresses of the slow
+        way. None: not known, or the query must wait for its token: the slow way does that."""
+        found = query_key(data)
+        if found is None:
+            return None
+        key, end = found
+        sandbox_id = policy.sandbox_id
+        hit = self.cache.get_ready(sandbox_id, key)
+        if hit is None:
+            return None
+        ready, elapsed = hit
+        if ready.generation != self._generation():
+            return None
+        start_us = time.time_ns() // 1000
+        bucket = self._bucket(policy)
+        wait = bucket.try_reserve(1, self.config.rate_limit_max_wait)
+        if wait is not None and wait > 0:
+            bucket.refund(1)  # the slow way takes it again and queues the query for it
+            return None
+        self.counts[ready.code] += 1
+        # parse_query(data) below cannot fail: a packet with this key was parsed before.
+        if wait is None:  # over the limit by more than the longest wait: refused, no token taken
+            self.counts[Code.REFUSED_RATE_LIMIT] += 1
+            response, outcome = _rate_limited(parse_query(data))
+        else:
+            entry = ready.entry
+            if entry is not None:
+                second = int(elapsed)
+                if second != ready.second:  # its TTLs count down once a second
+                    ready.response = self._render(entry.answer, elapsed, parse_query(data), "udp")
+                    ready.second = second
+                self.cache.hits += 1
+                self._learn(sandbox_id, ready.outcome.name, entry.answer, elapsed)
+            response = splice(data, end, ready.response)
+            outcome = ready.outcome
+        self._record(sandbox_id, outcome, started, start_us, client, server, "udp", len(data), len(response))
+        return response
+
+    def _generation(self) -> int:
+        if self.blocklist is None:
+            return 0
+        self.blocklist.maybe_reload()
+        return self.blocklist.generation
+
+    def _bucket(self, policy: CompiledPolicy) -> TokenBucket:
+        return self.limiter.bucket(policy.sandbox_id, policy.limits.dns_queries_per_minute)
+
+    def _keep_ready(
+        self, ctx: _Pending, response: bytes, outcome: Outcome, entry: CacheEntry | None = None, second: int = 0
+    ) -> None:
+        """Keep a UDP response for `_answer_again` (made from `entry` rendered `second` seconds into its life),
+        unless the policy changed while it was made."""
+        decision = ctx.decision
+        if ctx.transport != "udp" or decision is None or decision.query is None or ctx.policy is None:
+            return
+        found = query_key(ctx.data)
+        if found is None or self.cache.bound(ctx.sandbox_id) is not ctx.policy:
+            return
+        ready = Ready(response, str(decision.code), outcome, ctx.generation, entry, second)
+        self.cache.put_ready(ctx.sandbox_id, found[0], ready)
 
     def _respond(self, ctx: _Pending) -> bytes | _Pending:
         decision = ctx.decision
@@ -358,8 +446,9 @@ class DnsInterceptor:
         query = decision.query
         if decision.action == ANSWER:
             response = decision.response or b""  # synthetic answers are small: they always fit
-            self._record(
-                ctx,
+            outcome = Outcome(
+                query.name if query is not None else "",
+                query.type_name if query is not None else "",
                 decision.rcode,
                 (),
                 decision.allowed,
@@ -367,15 +456,16 @@ class DnsInterceptor:
                 decision.reason,
                 decision.rule,
                 False,
-                response,
             )
+            self._record_pending(ctx, outcome, response)
+            self._keep_ready(ctx, response, outcome)
             return response
         assert query is not None  # FORWARD always has a query
         hit = self.cache.get(ctx.sandbox_id, query.name, query.qtype, query.do)
         if hit is None:
             return ctx
         entry, elapsed = hit
-        return self._deliver(ctx, entry.answer, elapsed, cached=True)
+        return self._deliver(ctx, entry.answer, elapsed, cached=True, entry=entry)
 
     async def complete(self, ctx: _Pending) -> bytes | None:
         """The waiting part: the rate-limit delay, then the upstream exchange when the cache did not answer."""
@@ -391,43 +481,58 @@ class DnsInterceptor:
             if not isinstance(result, _Pending):
                 return result
         assert ctx.decision is not None and ctx.decision.query is not None and ctx.policy is not None
-        answer = await self._forward(ctx.sandbox_id, ctx.decision.query, ctx.policy)
-        return self._deliver(ctx, answer, 0.0, cached=False)
+        answer, entry = await self._forward(ctx.sandbox_id, ctx.decision.query, ctx.policy)
+        return self._deliver(ctx, answer, 0.0, cached=False, entry=entry)
 
-    def _deliver(self, ctx: _Pending, answer: Answer, elapsed: float, *, cached: bool) -> bytes:
-        decision = ctx.decision
-        assert decision is not None and decision.query is not None
-        query = decision.query
-        limit = query.udp_limit() if ctx.transport == "udp" else TCP_MAX_MESSAGE
-        response = render(answer.wire, answer.offsets, elapsed, query, ede=answer.ede, limit=limit)
+    def _render(self, answer: Answer, elapsed: float, query: Query, transport: str) -> bytes:
+        limit = query.udp_limit() if transport == "udp" else TCP_MAX_MESSAGE
+        return render(answer.wire, answer.offsets, elapsed, query, ede=answer.ede, limit=limit)
+
+    def _learn(self, sandbox_id: str, name: str, answer: Answer, elapsed: float) -> None:
+        """The answer's addresses become (again) DNS-learned destinations of the sandbox, for what is left of
+        their TTL: every answer refreshes them, so an entry the learned table dropped comes back with it."""
         if answer.addresses and self.learned is not None:
             remaining = answer.addresses_ttl - int(elapsed)
             if remaining > 0:
-                self.learned.add(ctx.sandbox_id, query.name, answer.addresses, remaining)
-        code = Code.CACHED if cached else answer.code
-        self._record(
-            ctx,
+                self.learned.add(sandbox_id, name, answer.addresses, remaining)
+
+    def _deliver(
+        self, ctx: _Pending, answer: Answer, elapsed: float, *, cached: bool, entry: CacheEntry | None
+    ) -> bytes:
+        """The client's response from an answer (`entry`: the cache entry holding it, when it was stored)."""
+        decision = ctx.decision
+        assert decision is not None and decision.query is not None
+        query = decision.query
+        response = self._render(answer, elapsed, query, ctx.transport)
+        self._learn(ctx.sandbox_id, query.name, answer, elapsed)
+        outcome = Outcome(
+            query.name,
+            query.type_name,
             answer.rcode,
             answer.addresses,
             True,
-            code,
+            Code.CACHED if cached else answer.code,
             answer.reason or decision.reason,
             decision.rule,
             cached,
-            response,
         )
+        self._record_pending(ctx, outcome, response)
+        if entry is not None:  # the same packet again is answered from the cache: log it as such
+            self._keep_ready(ctx, response, outcome._replace(code=Code.CACHED, cached=True), entry, int(elapsed))
         return response
 
-    async def _forward(self, sandbox_id: str, query: Query, policy: CompiledPolicy) -> Answer:
-        """Ask the upstreams (one exchange for concurrent identical queries of one sandbox); cache the answer."""
+    async def _forward(self, sandbox_id: str, query: Query, policy: CompiledPolicy) -> tuple[Answer, CacheEntry | None]:
+        """Ask the upstreams (one exchange for concurrent identical queries of one sandbox); cache the answer.
+        Returns the answer and its cache entry (None: not cached)."""
         key = (sandbox_id, id(policy), query.name, query.qtype, query.do)
         pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[Answer, CacheEntry | None]] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
             self.upstream_queries += 1
+            entry = None
             try:
                 data = await exchange(upstream_packet(query, self.config), self.upstreams, self.config.upstream_timeout)
             except ResolveError as exc:
@@ -435,9 +540,9 @@ class DnsInterceptor:
             else:
                 answer = accept_upstream(query, data, policy, self.config)
                 if self.cache.bound(sandbox_id) is policy:  # not if the policy changed meanwhile
-                    self.cache.put(sandbox_id, query.name, query.qtype, query.do, answer)
-            future.set_result(answer)
-            return answer
+                    entry = self.cache.put(sandbox_id, query.name, query.qtype, query.do, answer)
+            future.set_result((answer, entry))
+            return answer, entry
         except BaseException as exc:
             if not future.done():
                 future.set_exception(exc)
@@ -446,42 +551,36 @@ class DnsInterceptor:
         finally:
             del self._inflight[key]
 
+    def _record_pending(self, ctx: _Pending, outcome: Outcome, response: bytes) -> None:
+        self._record(
+            ctx.sandbox_id,
+            outcome,
+            ctx.started,
+            ctx.start_us,
+            ctx.client,
+            ctx.server,
+            ctx.transport,
+            len(ctx.data),
+            len(response),
+        )
+
     def _record(
         self,
-        ctx: _Pending,
-        rcode: int,
-        answers: tuple[str, ...],
-        allowed: bool,
-        code: Code,
-        reason: str,
-        rule: str,
-        cached: bool,
-        response: bytes | None,
+        sandbox_id: str,
+        outcome: Outcome,
+        started: float,
+        start_us: int,
+        client: tuple[Any, ...],
+        server: tuple[Any, ...],
+        transport: str,
+        bytes_up: int,
+        bytes_down: int,
     ) -> None:
-        sandbox_id, client, server, transport = ctx.sandbox_id, ctx.client, ctx.server, ctx.transport
-        query = ctx.decision.query if ctx.decision is not None else None
-        started, start_us, data = ctx.started, ctx.start_us, ctx.data
+        """File one query in the sandbox's query log and, with a FlowLog, as a flow record."""
         if not sandbox_id:
-            self._debug("dns.unknown_source", client=client[0], code=str(code))
+            self._debug("dns.unknown_source", client=client[0], code=str(outcome.code))
             return  # no sandbox to file it under; the counters still count it
-        latency_ms = round((time.monotonic() - started) * 1000, 3)
-        name = query.name if query is not None else ""
-        entry = QueryLogEntry(
-            time=start_us / 1e6,
-            sandbox=sandbox_id,
-            client=f"[{client[0]}]:{client[1]}" if ":" in str(client[0]) else f"{client[0]}:{client[1]}",
-            transport=transport,
-            name=name,
-            type=query.type_name if query is not None else "",
-            rcode=_rcode_name(rcode),
-            answers=answers,
-            latency_ms=latency_ms,
-            allowed=allowed,
-            code=str(code),
-            reason=reason,
-            rule=rule,
-            cached=cached,
-        )
+        latency = time.monotonic() - started
         ring = self._logs.get(sandbox_id)
         if ring is None:
             ring = self._logs[sandbox_id] = deque(maxlen=self.config.query_log_size)
@@ -489,17 +588,16 @@ class DnsInterceptor:
                 self._logs.popitem(last=False)
         else:
             self._logs.move_to_end(sandbox_id)
-        ring.append(entry)
+        ring.append((start_us, client, transport, latency, outcome))
         if self.flowlog is None:
             return
         try:
             from gateway.flowlog import FlowRecord
 
-            end_us = time.time_ns() // 1000
             self.flowlog.record(
                 FlowRecord(
                     start_us=start_us,
-                    end_us=end_us,
+                    end_us=time.time_ns() // 1000,
                     sandbox=sandbox_id,
                     src_addr=str(client[0]),
                     src_port=int(client[1]),
@@ -507,14 +605,14 @@ class DnsInterceptor:
                     dst_port=int(server[1]),
                     orig_dst_addr=str(server[0]),
                     orig_dst_port=int(server[1]),
-                    hostname=name or None,
+                    hostname=outcome.name or None,
                     protocol="dns",
-                    bytes_up=len(data),
-                    bytes_down=len(response or b""),
-                    duration_ms=latency_ms,
-                    verdict="allow" if allowed else "deny",
-                    reason=reason,
-                    rule=rule,
+                    bytes_up=bytes_up,
+                    bytes_down=bytes_down,
+                    duration_ms=round(latency * 1000, 3),
+                    verdict="allow" if outcome.allowed else "deny",
+                    reason=outcome.reason,
+                    rule=outcome.rule,
                 )
             )
         except Exception:  # the audit trail must never break DNS

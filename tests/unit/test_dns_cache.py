@@ -7,8 +7,17 @@ import struct
 import pytest
 from dnslib import QTYPE, RR, A, DNSRecord
 
-from gateway.dns.cache import DnsCache
-from gateway.dns.policy import Answer, DnsConfig, accept_upstream, parse_query, render, upstream_packet
+from gateway.dns.cache import DnsCache, Ready
+from gateway.dns.policy import (
+    Answer,
+    Code,
+    DnsConfig,
+    Outcome,
+    accept_upstream,
+    parse_query,
+    render,
+    upstream_packet,
+)
 from tests.unit.test_decision import policy
 from tests.unit.test_dns_policy import query
 
@@ -110,3 +119,31 @@ def test_answer_wire_ttl_offsets_are_right() -> None:
 def test_invalid_sizes() -> None:
     with pytest.raises(ValueError):
         DnsCache(max_per_sandbox=0)
+
+
+def test_ready_responses_expire_with_their_answer_and_go_with_the_sandboxs_entries() -> None:
+    clock = Clock()
+    cache = DnsCache(max_per_sandbox=2, max_total=3, clock=clock)
+    outcome = Outcome("one.test", "A", 0, (), True, Code.CACHED, "", "", True)
+    entry = cache.put("sb1", "one.test", QTYPE.A, False, answer_for("one.test", "192.0.2.1", 60))
+    assert entry is not None
+    cache.put_ready("sb1", b"from-answer", Ready(b"r1", Code.FORWARDED, outcome, 0, entry))
+    cache.put_ready("sb1", b"from-policy", Ready(b"r2", Code.BLOCKED_POLICY, outcome, 0))
+    clock.now += 30.5
+    hit = cache.get_ready("sb1", b"from-answer")
+    assert hit is not None and hit[0].response == b"r1" and hit[1] == 30.5
+    assert cache.get_ready("sb2", b"from-answer") is None  # per sandbox
+    clock.now += 30
+    assert cache.get_ready("sb1", b"from-answer") is None  # its answer's TTL is over
+    assert cache.get_ready("sb1", b"from-policy") is not None  # lives until the policy changes
+    for key in (b"a", b"b", b"c"):
+        cache.put_ready("sb1", key, Ready(b"r", Code.BLOCKED_POLICY, outcome, 0))
+    assert cache.ready_size("sb1") == 2 and cache.size("sb1") == 1  # bounded on their own
+    cache.put_ready("sb2", b"a", Ready(b"r", Code.BLOCKED_POLICY, outcome, 0))
+    cache.put_ready("sb3", b"a", Ready(b"r", Code.BLOCKED_POLICY, outcome, 0))
+    assert cache.ready_size() == 3 and cache.ready_size("sb1") == 1  # globally too: sb1 was the least recent
+    cache.bind_policy("sb2", policy("allowlisted", {"allow_hosts": ["one.test"]}))
+    cache.bind_policy("sb2", policy("allowlisted", {"allow_hosts": ["two.test"]}))
+    assert cache.ready_size("sb2") == 0  # a policy change flushes them
+    cache.flush("sb3")
+    assert cache.ready_size("sb3") == 0

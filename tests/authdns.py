@@ -49,12 +49,16 @@ def serve(resolver: BaseResolver, host: str = "127.0.0.1") -> Iterator[int]:
 
 #: The same kind of server as a script for `Topology.start_python(ns, ZONE_SERVER_SCRIPT, address, zone_json)`:
 #: authoritative for the zone `{name: {"A": [...], "AAAA": [...]}}` on port 53 (UDP and TCP) of `address`,
-#: NXDOMAIN for every other name; prints "ready" once listening.
+#: NXDOMAIN for every other name; prints "ready" once listening. `{n}` in an address is replaced by how many
+#: times that name and type have been asked, this query included ("198.18.2.{n}"): a client that gets the
+#: same address twice got a cached answer, a new one proves its query reached this server.
 ZONE_SERVER_SCRIPT = r"""
-import json, sys, time
+import collections, json, sys, threading, time
 from dnslib import AAAA, QTYPE, RR, A
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 zone = json.loads(sys.argv[2])
+asked = collections.Counter()
+lock = threading.Lock()
 class Zone(BaseResolver):
     def resolve(self, request, handler):
         reply = request.reply()
@@ -63,7 +67,11 @@ class Zone(BaseResolver):
         if name not in zone:
             reply.header.rcode = 3
             return reply
+        with lock:
+            asked[name, qtype] += 1
+            n = str(asked[name, qtype])
         for value in zone[name].get(qtype, []):
+            value = value.replace("{n}", n)
             reply.add_answer(RR(name, getattr(QTYPE, qtype), rdata=A(value) if qtype == "A" else AAAA(value), ttl=30))
         return reply
 quiet = DNSLogger(log="-recv,-send,-request,-reply,-truncated,-error,-data")

@@ -40,7 +40,10 @@ ZONE = {
     "later.test": {"A": ["198.18.1.3"], "AAAA": ["2001:db8:1::3"]},
     "rebind.test": {"A": ["10.1.2.3"]},
     "meta.test": {"A": ["169.254.169.254"]},
+    "serial.test": {"A": ["198.18.2.{n}"]},  # {n}: the number of queries the zone server got for it
 }
+#: sb4's DNS budget (per minute) and the longest a query over it waits before it is refused (gateway [dns]).
+DNS_LIMIT, DNS_MAX_WAIT = 60, 2.0
 
 
 ORIGINS = r"""
@@ -197,6 +200,50 @@ for s in socks:  # say nothing: each connection waits in the peek phase until th
 print(" ".join(out))
 """
 
+#: Ask `name` (A) `count` times with the same packet but for its id, one after another; print each answer's
+#: addresses (one line per answer).
+REPEAT_CLIENT = r"""
+import socket, sys
+from dnslib import DNSRecord
+server, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((server, 53))
+s.settimeout(3)
+query = DNSRecord.question(name, "A")
+for qid in range(1, count + 1):
+    query.header.id = qid
+    s.send(query.pack())
+    print(" ".join(str(rr.rdata) for rr in DNSRecord.parse(s.recv(4096)).rr))
+"""
+
+#: Send `count` queries for `name` (A, with EDNS) at once from one socket, then collect the answers for at most
+#: 8 s; print, in the order sent, {"rcode", "after" (seconds from the burst), "ede" (its text)} or null.
+BURST_CLIENT = r"""
+import json, socket, sys, time
+from dnslib import EDNS0, DNSRecord
+server, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((server, 53))
+s.settimeout(0.2)
+query = DNSRecord.question(name, "A")
+query.add_ar(EDNS0(udp_len=1232))
+start = time.monotonic()
+for qid in range(1, count + 1):
+    query.header.id = qid
+    s.send(query.pack())
+answers = {}
+while len(answers) < count and time.monotonic() - start < 8:
+    try:
+        data = s.recv(4096)
+    except TimeoutError:
+        continue
+    reply = DNSRecord.parse(data)
+    ede = [o.data[2:].decode() for rr in reply.ar if rr.rtype == 41 for o in rr.rdata if o.code == 15]
+    after = time.monotonic() - start
+    answers[reply.header.id] = {"rcode": reply.header.rcode, "after": after, "ede": ede[0] if ede else None}
+print(json.dumps([answers.get(qid) for qid in range(1, count + 1)]))
+"""
+
 SERVER_FIRST_CLIENT = r"""
 import socket, sys
 try:
@@ -256,7 +303,7 @@ PEEK_CAP = 8
 
 
 def _policies(later_allowed: bool = False) -> dict[str, Any]:
-    hosts = ["allowed.test", "rebind.test", "meta.test", *(["later.test"] if later_allowed else [])]
+    hosts = ["allowed.test", "rebind.test", "meta.test", "serial.test", *(["later.test"] if later_allowed else [])]
     return {
         "templates": {},
         "sandboxes": {
@@ -267,6 +314,13 @@ def _policies(later_allowed: bool = False) -> dict[str, Any]:
                 "egress": {"allow_hosts": hosts, "allow_cidrs": ["198.18.1.4/32"]},
             },
             "sb2": {"id": "sb2", "addresses": ["10.75.0.2", "fdd4:1476:6c7e::2"], "profile": "unrestricted"},
+            "sb4": {
+                "id": "sb4",
+                "addresses": ["10.75.0.4", "fdd4:1476:6c7e::4"],
+                "profile": "allowlisted",
+                "egress": {"allow_hosts": ["allowed.test"]},
+                "limits": {"dns_queries_per_minute": DNS_LIMIT},
+            },
         },
     }
 
@@ -308,6 +362,8 @@ class Env:
                     f'upstreams = ["{INET_V4}:53"]',
                     "timeout = 1.0",
                     "min_ttl = 1",
+                    "[dns]",
+                    f"rate_limit_max_wait = {DNS_MAX_WAIT}",
                 ]
             )
             + "\n"
@@ -332,6 +388,17 @@ class Env:
         argv = ["curl", "-sS", "-g", "--connect-timeout", "3", "-m", str(timeout), "--cacert", str(self.ca)]
         return self.topo.run(sb, [*argv, *extra, url], check=False, timeout=timeout + 5)
 
+    def dig(self, sb: str, *args: str) -> str:
+        out = self.topo.run(sb, ["dig", "+time=3", "+tries=1", *args], check=False, timeout=10)
+        return out.stdout + out.stderr
+
+    def dns_log(self, sb: str) -> list[dict[str, Any]]:
+        """The sandbox's DNS query log, through the CLI and the API of the running gateway."""
+        cli = [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", "--json", "audit", "dns", sb]
+        shown = self.topo.run("gw", cli, check=False, timeout=20)
+        queries: list[dict[str, Any]] = json.loads(shown.stdout)["queries"]
+        return queries
+
     def log_events(self, event: str) -> list[dict[str, Any]]:
         out = []
         for line in self.log_file.read_text().splitlines():
@@ -350,7 +417,7 @@ def pin(name: str, port: int, address: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    with Topology(sandboxes=3, origins=4) as topo:
+    with Topology(sandboxes=4, origins=4) as topo:
         e = Env(topo, tmp_path_factory.mktemp("egress"))
         # Sysctls, host routes and policy routing as the attach tooling would leave them; the gateway then
         # writes its own table for the sandboxes in its store.
@@ -506,10 +573,7 @@ def test_connections_waiting_for_first_bytes_are_capped_per_sandbox(env: Env) ->
 
 @pytest.mark.root
 def test_dns_is_answered_by_the_gateway_and_only_for_allowed_names(env: Env) -> None:
-    def dig(sb: str, *args: str) -> str:
-        out = env.topo.run(sb, ["dig", "+time=2", "+tries=1", *args], check=False, timeout=10)
-        return out.stdout + out.stderr
-
+    dig = env.dig
     # Sent to an address that is no resolver at all (an origin): intercepted and answered by the gateway.
     assert dig("sb1", "@198.18.1.2", "allowed.test", "A", "+short").split() == ["198.18.1.1"]
     assert dig("sb1", "@2001:db8:1::2", "allowed.test", "AAAA", "+short").split() == ["2001:db8:1::1"]
@@ -523,12 +587,56 @@ def test_dns_is_answered_by_the_gateway_and_only_for_allowed_names(env: Env) -> 
     assert dig("sb2", "@198.18.1.2", "denied.test", "A", "+short").split() == ["198.18.1.2"]
 
     # The sandbox's query log, through the CLI and the API of the running gateway.
-    cli = [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", "--json", "audit", "dns", "sb1"]
-    shown = env.topo.run("gw", cli, check=False, timeout=20)
-    queries = json.loads(shown.stdout)["queries"]
+    queries = env.dns_log("sb1")
     blocked = [q for q in queries if q["name"] == "denied.test"]
-    assert blocked and blocked[-1]["rcode"] == "NXDOMAIN" and not blocked[-1]["allowed"], shown.stdout
-    assert any(q["name"] == "allowed.test" and q["answers"] == ["198.18.1.1"] for q in queries), shown.stdout
+    assert blocked and blocked[-1]["rcode"] == "NXDOMAIN" and not blocked[-1]["allowed"], queries
+    assert any(q["name"] == "allowed.test" and q["answers"] == ["198.18.1.1"] for q in queries), queries
+
+
+@pytest.mark.root
+def test_dns_caches_are_per_sandbox(env: Env) -> None:
+    # serial.test's address counts the queries the authoritative server got for it: the same address again is
+    # a cached answer, a new one a query that went upstream. Several packets each (dig sends a fresh cookie, a
+    # Python client the very same bytes), so both of the interceptor's ways to answer from its cache are seen.
+    def ask(sb: str) -> list[str]:
+        return [
+            *env.dig(sb, "@198.18.1.2", "serial.test", "A", "+short").split(),
+            *env.topo.python(sb, REPEAT_CLIENT, "198.18.1.2", "serial.test", "3", timeout=15).split(),
+        ]
+
+    first = ask("sb1")
+    assert len(first) == 4 and len(set(first)) == 1 and first[0].startswith("198.18.2."), first
+    assert ask("sb1") == first  # from sb1's cache: the zone server was not asked again
+    second = ask("sb2")
+    assert len(second) == 4 and len(set(second)) == 1, second
+    assert second != first  # sb2's first query went upstream: sb1's cached answer never answers sb2
+    assert ask("sb2") == second and ask("sb1") == first
+    for sb, seen, asked in (("sb1", first, 3), ("sb2", second, 2)):
+        logged = [(q["answers"], q["cached"]) for q in env.dns_log(sb) if q["name"] == "serial.test"]
+        assert logged == [(seen[:1], False)] + [(seen[:1], True)] * (4 * asked - 1), (sb, logged)
+
+
+@pytest.mark.root
+def test_dns_rate_limit_throttles_then_refuses(env: Env) -> None:
+    # sb4 may ask DNS_LIMIT queries a minute: a full bucket of DNS_LIMIT at once, then one a second. A burst of
+    # DNS_LIMIT + 4 identical queries: the bucket's worth is answered at once, the next two wait about 1 and 2 s
+    # for their tokens (throttled), the last two would wait longer than DNS_MAX_WAIT and are REFUSED at once.
+    count = DNS_LIMIT + 4
+    out = env.topo.python("sb4", BURST_CLIENT, "198.18.1.2", "allowed.test", str(count), timeout=20)
+    answers = json.loads(out)
+    assert None not in answers, answers  # nothing dropped
+    rcodes = [a["rcode"] for a in answers]
+    assert rcodes == [0] * (DNS_LIMIT + 2) + [5] * 2, rcodes  # NOERROR, then REFUSED
+    assert all(a["after"] < 0.5 for a in answers[:DNS_LIMIT]), answers[:DNS_LIMIT]
+    delays = [a["after"] for a in answers[DNS_LIMIT : DNS_LIMIT + 2]]
+    assert 0.7 < delays[0] < 1.6 and 1.7 < delays[1] < 2.6, delays
+    refused = answers[DNS_LIMIT + 2 :]
+    assert all(a["after"] < 0.5 and a["ede"] == "dns query rate limit" for a in refused), refused
+    # Throttled, not cut off: the next query is answered once a token is back, and other sandboxes never waited.
+    assert env.dig("sb4", "@198.18.1.2", "allowed.test", "A", "+short").split() == ["198.18.1.1"]
+    assert env.dig("sb1", "@198.18.1.2", "allowed.test", "A", "+short").split() == ["198.18.1.1"]
+    codes = [q["code"] for q in env.dns_log("sb4")]
+    assert codes.count("REFUSED_RATE_LIMIT") == 2 and len(codes) == count + 1, codes
 
 
 @pytest.mark.root

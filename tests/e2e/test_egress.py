@@ -63,6 +63,16 @@ class Handler(BaseHTTPRequestHandler):
             self.request = CTX.wrap_socket(self.request, server_side=True)
         super().setup()
     def do_GET(self):
+        if self.headers.get("Upgrade") == "echo":  # a stand-in for WebSocket: 101, then echo raw bytes
+            self.send_response(101)
+            self.send_header("Upgrade", "echo")
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.flush()
+            while chunk := self.connection.recv(4096):
+                self.connection.sendall(chunk)
+            self.close_connection = True
+            return
         local = self.request.getsockname()[0].removeprefix("::ffff:")
         sni = getattr(self.request, "sni_name", None) if self.server.tls else "-"
         body = f"ORIGIN {local} host={self.headers.get('Host')} sni={sni} path={self.path}\n".encode()
@@ -244,6 +254,25 @@ while len(answers) < count and time.monotonic() - start < 8:
 print(json.dumps([answers.get(qid) for qid in range(1, count + 1)]))
 """
 
+UPGRADE_CLIENT = r"""
+import socket, sys
+protocol = sys.argv[2]
+s = socket.create_connection((sys.argv[1], 80), timeout=6)
+s.sendall(f"GET /ws HTTP/1.1\r\nHost: allowed.test\r\nUpgrade: {protocol}\r\nConnection: Upgrade\r\n\r\n".encode())
+data = b""
+while b"\r\n\r\n" not in data and (chunk := s.recv(4096)):
+    data += chunk
+status, _, rest = data.partition(b"\r\n")
+# After a 101 these bytes belong to the new protocol; after a 200 they are a request for another host.
+s.sendall(b"GET / HTTP/1.1\r\nHost: denied.test\r\n\r\n")
+try:
+    while (chunk := s.recv(4096)) and not (protocol == "echo" and b"denied.test" in rest):
+        rest += chunk
+except OSError as exc:
+    rest += f"<{type(exc).__name__}>".encode()
+print(status.decode(), "|", rest.decode(errors="replace").replace("\r\n", "|"))
+"""
+
 SERVER_FIRST_CLIENT = r"""
 import socket, sys
 try:
@@ -332,6 +361,8 @@ class Env:
         self.ca, self.cert, self.key = _make_pki(workdir)
         self.policy_file = workdir / "policies.json"
         self.log_file = workdir / "gateway.log"
+        self.blocklist = workdir / "blocklist.txt"  # the operator's threat feed; starts empty
+        self.blocklist.write_text("")
         self.gateway: subprocess.Popen[Any] | None = None
 
     def write_policies(self, data: dict[str, Any]) -> None:
@@ -358,6 +389,7 @@ class Env:
                     f"max_peeking_per_sandbox = {PEEK_CAP}",
                     "connect_timeout = 3.0",
                     'gateway_addresses = ["198.18.0.2", "2001:db8:ff::2"]',
+                    f'blocklist_path = "{self.blocklist}"',
                     "[resolver]",
                     f'upstreams = ["{INET_V4}:53"]',
                     "timeout = 1.0",
@@ -504,6 +536,37 @@ def test_a_later_keep_alive_request_for_another_host_is_refused(env: Env) -> Non
         assert refused["head"].startswith("HTTP/1.1 403"), refused
         assert f"X-Gateway-Reason: {reason}" in refused["head"]
         assert "ORIGIN" not in refused["body"]
+
+
+@pytest.mark.root
+def test_an_upgrade_passes_the_new_protocol_and_a_declined_one_smuggles_nothing(env: Env) -> None:
+    out = env.topo.python("sb1", UPGRADE_CLIENT, "198.18.1.1", "echo", timeout=15)
+    status, _, rest = out.strip().partition(" | ")
+    assert status == "HTTP/1.1 101 Switching Protocols", out
+    assert "GET / HTTP/1.1|Host: denied.test|" in rest  # echoed: after the 101 nothing is parsed as HTTP
+    # The origin ignores an Upgrade it does not speak and answers 200: the next request is checked as HTTP.
+    out = env.topo.python("sb1", UPGRADE_CLIENT, "198.18.1.1", "other", timeout=15)
+    status, _, rest = out.strip().partition(" | ")
+    assert status == "HTTP/1.1 200 OK" and "ORIGIN 198.18.1.1 host=allowed.test" in rest, out
+    assert "HTTP/1.1 403 Forbidden" in rest and "X-Gateway-Reason: host denied.test: host not in allowlist" in rest
+
+
+@pytest.mark.root
+def test_the_operator_blocklist_refuses_in_every_profile_and_reloads_without_restart(env: Env) -> None:
+    url = "https://allowed.test/"
+    try:
+        env.blocklist.write_text("# threat feed\n198.18.1.1\n2001:db8:1::/64\n")
+        time.sleep(1.5)  # the file's signature is looked at about once a second
+        for sb in ("sb1", "sb2"):  # allowlisted and unrestricted alike
+            for address in ("198.18.1.1", "2001:db8:1::1"):
+                result = env.curl(sb, url, *pin("allowed.test", 443, address))
+                assert result.returncode != 0 and "ORIGIN" not in result.stdout, (sb, address, result)
+        denied = [d for d in env.log_events("egress.deny") if d.get("rule") == "builtin:blocklist"]
+        assert denied and "operator blocklist" in denied[-1]["reason"]
+    finally:
+        env.blocklist.write_text("")
+    time.sleep(1.5)
+    assert env.curl("sb1", url, *pin("allowed.test", 443, "198.18.1.1")).stdout.startswith("ORIGIN 198.18.1.1")
 
 
 @pytest.mark.root

@@ -5,8 +5,8 @@ One run, one upstream "sandbox app" (a raw asyncio HTTP/1.1 server on 127.77.0.2
 `GET /download?mb=N` streams N MiB from memory), two subjects in front of it, each pinned to CPU 0:
 
 * `gateway`: the real `TunnelServer` (tunnel store + embedded policy store + flow records + JSON logs, as
-             `gateway run` wires it) in its own process, with a generated test CA and wildcard leaf (`init_certs`)
-             and one tunnel without a password to the app.
+             `gateway run` wires it, under uvloop as `gateway run` runs it) in its own process, with a
+             generated test CA and wildcard leaf (`init_certs`) and one tunnel without a password to the app.
 * `nginx`:   nginx (1 worker), the same certificate, `proxy_http_version 1.1`, keep-alive to the upstream,
              `proxy_buffering off`.
 
@@ -120,7 +120,7 @@ from gateway.tunnel.config import TunnelConfig
 from gateway.tunnel.server import TunnelServer
 from gateway.tunnel.store import FileTunnelStore
 
-workdir, domain, host, port, app_host, app_port = sys.argv[1:7]
+workdir, domain, host, port, app_host, app_port, event_loop = sys.argv[1:8]
 workdir = Path(workdir)
 
 async def main():
@@ -147,7 +147,11 @@ async def main():
     await store.close()
     await flows.close()
     await policy.close()
-asyncio.run(main())
+if event_loop == "uvloop":  # as `gateway run` runs (its default; --event-loop asyncio for the stdlib loop)
+    import uvloop
+    asyncio.run(main(), loop_factory=uvloop.new_event_loop)
+else:
+    asyncio.run(main())
 """
 
 #: One large download over TLS with the certificate verified against the test CA; prints JSON.
@@ -314,6 +318,7 @@ class Options:
     proxy_cpu: int | None
     client_cpu: int | None
     profile: Path | None = None
+    event_loop: str = "uvloop"
 
 
 @dataclass
@@ -398,7 +403,7 @@ class Bench:
         script.write_text(GATEWAY)
         profile = ["-m", "cProfile", "-o", str(self.opts.profile)] if self.opts.profile else []
         argv = [*taskset(self.opts.proxy_cpu), sys.executable, *profile, str(script)]
-        argv += [str(w), DOMAIN, PROXY_HOST, str(port), APP_HOST, str(self.app_port)]
+        argv += [str(w), DOMAIN, PROXY_HOST, str(port), APP_HOST, str(self.app_port), self.opts.event_loop]
         log = w / "gateway.log"
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         ready_file = w / "ready.json"
@@ -551,6 +556,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="run the gateway under cProfile (its numbers are then inflated); stats to FILE, top 25 printed",
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the gateway's event loop, as `gateway run --event-loop` (default uvloop, as `gateway run`)",
+    )
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs, certificates and logs")
     args = parser.parse_args(argv)
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
@@ -565,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         proxy_cpu=proxy_cpu,
         client_cpu=client_cpu,
         profile=args.profile_gateway.resolve() if args.profile_gateway else None,
+        event_loop=args.event_loop,
     )
     ensure_packages(install=not args.no_install)
     if not have("taskset") and proxy_cpu is not None:
@@ -602,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{pinning if proxy_cpu is not None else 'no pinning (one CPU)'}; total {time.monotonic() - started:.0f} s"
     )
     print(
+        f"Gateway event loop: {opts.event_loop}. "
         "Upstream: raw asyncio HTTP/1.1 app on 127.77.0.2. Proxy CPU = utime+stime of the proxy's processes "
         "(nginx: master + 1 worker); softirq work is not attributed. Proxy core busy < ~95% means that subject "
         "was bound by the client/upstream core, not by itself."

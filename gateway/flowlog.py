@@ -1,8 +1,12 @@
 """Flow records: one metadata record per connection (and per denial), never payload or credentials.
 
-Each record goes three ways:
+Each record is rendered to JSON once (`render`, a fixed template: about a quarter of `json.dumps`' cost)
+and goes three ways:
 
-- a structured log line (event `flow`), at once;
+- a structured log line (event `flow`): with JSON logging (`gateway.logs.json_line_stream`) the
+  rendered record plus `event`, `level` and `timestamp`, the lines of one event-loop turn written
+  together at the end of that turn; otherwise (console logging, or a test capturing logs) through
+  structlog at once;
 - an NDJSON audit batch per sandbox (seed 001): every `flush_interval` a background task
   writes the records queued for each sandbox to `<dir>/<sandbox id>/<ts_us>-<pid>.ndjson`,
   where `ts_us` is the first record's `end_us` (records are queued when a connection
@@ -26,7 +30,9 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import datetime
 import json
+import math
 import os
 import re
 import time
@@ -39,6 +45,7 @@ import structlog
 
 from gateway.config import AuditConfig, Config
 from gateway.errors import GatewayError, NotFound
+from gateway.logs import json_line_stream
 from gateway.policy import ID_PATTERN
 
 if TYPE_CHECKING:
@@ -53,6 +60,7 @@ __all__ = [
     "check_batch_name",
     "check_sandbox_id",
     "now_us",
+    "render",
 ]
 
 log = structlog.get_logger("gateway.flowlog")
@@ -105,6 +113,78 @@ class FlowRecord:
 
 FIELD_NAMES: Final = tuple(f.name for f in fields(FlowRecord))
 
+_TEMPLATE: Final = (
+    '{"start_us":%d,"end_us":%d,"sandbox":%s,"src_addr":%s,"src_port":%d,"dst_addr":%s,"dst_port":%d,'
+    '"orig_dst_addr":%s,"orig_dst_port":%d,"hostname":%s,"protocol":%s,"bytes_up":%d,"bytes_down":%d,'
+    '"duration_ms":%r,"verdict":%s,"reason":%s,"rule":%s}'
+)
+_quote = json.encoder.encode_basestring_ascii  # C: escapes exactly as json.dumps does
+
+
+#: JSON text of strings seen in records (addresses, names, reasons and rules recur), None as null; bounded.
+_QUOTED: dict[object, str] = {None: "null"}
+_QUOTED_MAX: Final = 4096
+_INTS: Final = {int}
+
+
+def _quoted(value: object) -> str:
+    if type(value) is not str:
+        return "null" if value is None else _quote(str(value))
+    if len(_QUOTED) >= _QUOTED_MAX:
+        _QUOTED.clear()
+        _QUOTED[None] = "null"
+    found = _QUOTED[value] = _quote(value)
+    return found
+
+
+def render(rec: FlowRecord) -> str:
+    """The record as one compact JSON object (no newline): what `json.dumps(rec.to_dict())` would say, made from
+    a fixed template. Anything of an unexpected type goes through `json.dumps` (text for unknown objects)."""
+    duration = rec.duration_ms
+    types = {type(rec.start_us), type(rec.end_us), type(rec.src_port), type(rec.dst_port), type(rec.orig_dst_port),
+             type(rec.bytes_up), type(rec.bytes_down)}  # fmt: skip
+    if types != _INTS or type(duration) not in (float, int) or not math.isfinite(duration):
+        # default=str: a caller passing an ipaddress object instead of text must not cost the whole batch.
+        return json.dumps(rec.to_dict(), separators=(",", ":"), default=str)
+    texts = (rec.sandbox, rec.src_addr, rec.dst_addr, rec.orig_dst_addr, rec.hostname, rec.protocol, rec.verdict,
+             rec.reason, rec.rule)  # fmt: skip
+    quoted = _QUOTED
+    try:
+        sandbox, src, dst, orig, hostname, protocol, verdict, reason, rule = [quoted[t] for t in texts]
+    except (KeyError, TypeError):
+        sandbox, src, dst, orig, hostname, protocol, verdict, reason, rule = map(_quoted, texts)
+    return _TEMPLATE % (
+        rec.start_us,
+        rec.end_us,
+        sandbox,
+        src,
+        rec.src_port,
+        dst,
+        rec.dst_port,
+        orig,
+        rec.orig_dst_port,
+        hostname,
+        protocol,
+        rec.bytes_up,
+        rec.bytes_down,
+        duration,
+        verdict,
+        reason,
+        rule,
+    )
+
+
+_SECOND: list[object] = [None, ""]  # the last whole second formatted, and its text
+
+
+def _timestamp() -> str:
+    """Now, as structlog's `TimeStamper(fmt="iso", utc=True)` writes it (the date and time formatted once a
+    second)."""
+    second, micro = divmod(time.time_ns() // 1000, 1_000_000)
+    if _SECOND[0] != second:
+        _SECOND[:] = [second, datetime.datetime.fromtimestamp(second, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_SECOND[1]}.{micro:06d}Z"
+
 
 def _encode_token(name: str) -> str:
     return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
@@ -150,7 +230,9 @@ class FlowLog:
         self._owns_redis = False
         self.queue_size = queue_size
         self.pid = os.getpid()
-        self._pending: list[FlowRecord] = []
+        self._pending: list[tuple[FlowRecord, str]] = []  # with its rendered JSON
+        self._log_lines: list[str] = []  # rendered records waiting for the end of this event-loop turn
+        self._log_scheduled = False
         self._mirror: deque[FlowRecord] = deque()
         self._last_ts: dict[str, int] = {}  # per sandbox: batch names strictly increase within this process
         self._task: asyncio.Task[None] | None = None
@@ -181,7 +263,14 @@ class FlowLog:
     def record(self, rec: FlowRecord) -> None:
         """Queue one record. Never blocks and never raises: the data plane must not wait on its audit trail."""
         try:
-            log.info("flow", **rec.to_dict())
+            line = render(rec)
+            if self._log_scheduled:  # JSON lines were on at the start of this turn of the loop
+                self._log_lines.append(line)
+            elif json_line_stream() is not None:
+                self._log_lines.append(line)
+                self._schedule_log_lines()
+            else:
+                log.info("flow", **rec.to_dict())
             if len(self._pending) >= self.queue_size:
                 self.dropped += 1
                 if not self._drop_warned:
@@ -189,7 +278,7 @@ class FlowLog:
                     log.warning("flowlog.queue_full", queue_size=self.queue_size, dropped_total=self.dropped,
                                 message="flow records are being dropped: the audit writer cannot keep up")  # fmt: skip
             else:
-                self._pending.append(rec)
+                self._pending.append((rec, line))
             if self.redis is not None:
                 if len(self._mirror) >= self.queue_size:
                     self._count_mirror_drop(1, "queue full")
@@ -198,6 +287,31 @@ class FlowLog:
         except Exception:  # a broken log sink must not break a connection
             with contextlib.suppress(Exception):
                 self.dropped += 1
+
+    def _schedule_log_lines(self) -> None:
+        try:
+            asyncio.get_running_loop().call_soon(self._write_log_lines)
+            self._log_scheduled = True
+        except RuntimeError:  # no event loop (a script, a test): now
+            self._write_log_lines()
+
+    def _write_log_lines(self) -> None:
+        """The `flow` log lines queued during this turn of the event loop, in one write."""
+        self._log_scheduled = False
+        lines, self._log_lines = self._log_lines, []
+        stream = json_line_stream()
+        if not lines:
+            return
+        if stream is None:  # the logging configuration changed during this turn: through structlog, then
+            for line in lines:
+                log.info("flow", **json.loads(line))
+            return
+        tail = ',"event":"flow","level":"info","timestamp":"' + _timestamp() + '"}\n'
+        try:
+            stream.write("".join(line[:-1] + tail for line in lines))  # each line: the record's object, extended
+            stream.flush()
+        except Exception:  # a broken log sink must not break a connection
+            pass
 
     @property
     def pending(self) -> int:
@@ -224,6 +338,7 @@ class FlowLog:
 
     async def close(self) -> None:
         """Stop the tasks, then write what is queued (and try the mirror once more, briefly)."""
+        self._write_log_lines()
         for task in (self._task, self._mirror_task):
             if task is not None:
                 task.cancel()
@@ -254,9 +369,9 @@ class FlowLog:
             if not self._pending:
                 return 0
             pending, self._pending = self._pending, []
-            groups: dict[str, list[FlowRecord]] = {}
-            for rec in pending:
-                groups.setdefault(rec.sandbox, []).append(rec)
+            groups: dict[str, list[tuple[FlowRecord, str]]] = {}
+            for entry in pending:
+                groups.setdefault(entry[0].sandbox, []).append(entry)
             written = 0
             for sandbox, records in groups.items():
                 for i in range(0, len(records), MAX_BATCH_RECORDS):
@@ -270,14 +385,13 @@ class FlowLog:
             self.written += written
             return written
 
-    def _write_batch(self, sandbox: str, records: list[FlowRecord]) -> Path:
+    def _write_batch(self, sandbox: str, records: list[tuple[FlowRecord, str]]) -> Path:
         if not ID_PATTERN.fullmatch(sandbox):
             raise GatewayError("INVALID_ID", f"{sandbox!r} is not a sandbox id; its records cannot be filed", "sandbox")
         directory = self.dir / sandbox
         directory.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-        ts = max(records[0].end_us, self._last_ts.get(sandbox, -1) + 1, 0)
-        # default=str: a caller passing an ipaddress object instead of text must not cost the whole batch.
-        body = "".join(json.dumps(r.to_dict(), separators=(",", ":"), default=str) + "\n" for r in records).encode()
+        ts = max(records[0][0].end_us, self._last_ts.get(sandbox, -1) + 1, 0)
+        body = ("\n".join([line for _, line in records]) + "\n").encode()
         temp = directory / f".tmp-{self.pid}-{ts}.ndjson"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
         try:

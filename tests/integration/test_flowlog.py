@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import ipaddress
 import json
 import os
 import stat
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import fields, replace
@@ -19,7 +21,8 @@ from redis.asyncio import Redis
 
 from gateway.config import AuditConfig, load_config
 from gateway.errors import GatewayError
-from gateway.flowlog import BATCH_NAME_PATTERN, FlowLog, FlowRecord
+from gateway.flowlog import BATCH_NAME_PATTERN, FlowLog, FlowRecord, render
+from gateway.logs import configure_logging, json_line_stream
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer
@@ -422,3 +425,54 @@ def test_a_stream_without_a_redis_url_is_a_configuration_error() -> None:
     with pytest.raises(GatewayError) as caught:
         load_config(None, {"GATEWAY_AUDIT__REDIS_STREAM": "gw:flows"})
     assert caught.value.code == "CONFIG_INVALID" and caught.value.field == "audit.redis_stream"
+
+
+# --------------------------------------------------------------------------- rendering and fast log lines
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"hostname": None},
+        {"hostname": 'q"uo\\te\u00e9\u2028.example'},
+        {"src_addr": ipaddress.ip_address("10.75.0.10")},
+        {"duration_ms": 3},
+        {"duration_ms": float("nan")},
+        {"bytes_up": True},
+        {"bytes_down": 1.5},
+    ],
+)
+def test_render_says_what_json_dumps_says(changes: dict[str, object]) -> None:
+    rec = flow(**changes)
+    expected = json.dumps(rec.to_dict(), separators=(",", ":"), default=str)
+    assert render(rec) == expected
+
+
+async def test_with_json_logging_the_lines_of_one_loop_turn_are_written_together(
+    flows: FlowLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    saved = structlog.get_config()
+    configure_logging("json", "info")
+    try:
+        assert json_line_stream() is stream
+        flows.record(flow())
+        flows.record(flow(hostname=None))
+        assert stream.getvalue() == ""  # at the end of this turn of the loop, in one write
+        await asyncio.sleep(0)
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert [line["event"] for line in lines] == ["flow", "flow"]
+        assert all(line["level"] == "info" and line["timestamp"].endswith("Z") for line in lines)
+        assert {k: v for k, v in lines[1].items() if k not in ("event", "level", "timestamp")} == flow(
+            hostname=None
+        ).to_dict()
+        with structlog.testing.capture_logs() as logs:  # another configuration: structlog again, at once
+            assert json_line_stream() is None
+            flows.record(flow())
+        assert [entry["event"] for entry in logs] == ["flow"]
+        configure_logging("json", "warning")
+        assert json_line_stream() is None  # info lines are not wanted at all
+    finally:
+        structlog.configure(**saved)

@@ -226,7 +226,7 @@ def build_server_context(cert: Path, key: Path) -> ssl.SSLContext:
     """A server context for the certificate chain and key. Raises GatewayError(CERT_INVALID)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["http/1.1"])  # aiohttp serves HTTP/1.1 only
+    context.set_alpn_protocols(["http/1.1"])  # the tunnel serves HTTP/1.1 only
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:

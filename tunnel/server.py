@@ -1,15 +1,20 @@
 """The tunnel server: HTTPS in front of sandbox ports, reached as https://<tunnel id>.<domain>/.
 
-One low-level aiohttp server (no router: every request, CONNECT and absolute-form targets
-included, reaches `_handle`, which refuses what it does not serve). A request is routed only
-on an exact, lowercased Host match `<id>.<domain>[:port]` against a tunnel that is alive;
-the upstream is only ever the address and port recorded in that tunnel, so the service can
-never be used as an open proxy.
+A lean HTTP/1.1 server on the event loop's own TLS (`gateway.tunnel.wire`: llhttp parsing, a keep-alive
+pool of connections to the apps, bodies relayed chunk by chunk in the callbacks that receive them, with
+backpressure both ways). Every request, CONNECT and absolute-form targets included, reaches `_handle`,
+which refuses what it does not serve. A request is routed only on an exact, lowercased Host match
+`<id>.<domain>[:port]` against a tunnel that is alive; the upstream is only ever the address and port
+recorded in that tunnel, so the service can never be used as an open proxy.
 
 Password-protected tunnels: browsers get a login form and then a server-side session in a
 host-only `__Host-` cookie (Secure, HttpOnly, SameSite=Lax); tools send HTTP Basic (any
 user name). Wrong passwords are throttled per client address and per tunnel with
 exponential backoff; the gateway's cookie and Basic credentials never reach the sandbox.
+
+WebSockets: the handshake (after an Origin check) goes to the app as the client made it, and after the
+app's 101 the two streams are relayed byte for byte; the gateway follows frame boundaries from the app
+so that it can end the stream with a Close frame of its own.
 
 Every proxied exchange is registered under its tunnel; revocation, expiry and sandbox
 deletion close them (a store listener for changes this node hears about, and a sweeper
@@ -29,54 +34,62 @@ import html
 import json
 import socket
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Final
-from urllib.parse import parse_qs, quote
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import parse_qs, quote, unquote
 
-import aiohttp
 import structlog
-from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
 
 from gateway.config import Config
 from gateway.flowlog import FlowLog, FlowRecord, now_us
 from gateway.stores.base import PolicyStore
 from gateway.tunnel.certs import ReloadingTLS
 from gateway.tunnel.config import TunnelConfig
+from gateway.tunnel.http1 import (
+    LAST_CHUNK,
+    Forwarding,
+    FrameBoundary,
+    ResponseFraming,
+    chunk,
+    client_response_head,
+    close_frame,
+    connection_tokens,
+    cookie_value,
+    response_framing,
+    simple_response,
+    upstream_request_head,
+)
 from gateway.tunnel.model import ID_PATTERN, Tunnel, verify_password
 from gateway.tunnel.store import TunnelStore, open_tunnel_store
+from gateway.tunnel.wire import (
+    ClientConnection,
+    Request,
+    RequestBody,
+    ResponseHead,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamInvalid,
+    UpstreamPool,
+    UpstreamUnavailable,
+)
 
 log = structlog.get_logger("gateway.tunnel.server")
 
 COOKIE: Final = "__Host-gw-tunnel"
+COOKIE_BYTES: Final = COOKIE.encode()
 GATEWAY_PREFIX: Final = "/.gateway/"
 LOGIN_PATH: Final = "/.gateway/login"
 LOGOUT_PATH: Final = "/.gateway/logout"
 MAX_FORM_BYTES: Final = 8192
-WS_MAX_MESSAGE: Final = 16 * 1024 * 1024
 BASIC_CACHE_TTL: Final = 60.0  # a tool's repeated Basic requests cost one scrypt per minute, not one each
 BASIC_CACHE_MAX: Final = 10_000
 MAX_THROTTLE_ENTRIES: Final = 100_000
 #: Close code sent to WebSocket clients when the tunnel ends (1008: policy violation, RFC 6455).
 WS_CLOSE_REVOKED: Final = 1008
-
-HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-#: Client-supplied copies are dropped; the gateway sets its own X-Forwarded-* from what it saw.
-FORWARDING: Final = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"})
+#: A client connection with no request in progress (idle, or sending its head slowly) is closed after this.
+KEEPALIVE_TIMEOUT: Final = 75.0
+IDLE_CHECK_INTERVAL: Final = 5.0
 
 
 # --------------------------------------------------------------------------- throttling
@@ -185,25 +198,39 @@ ERROR_TITLES: Final = {
 # --------------------------------------------------------------------------- server
 
 
-@dataclass(eq=False, slots=True)
-class _Live:
-    """One proxied exchange, so revocation can end it."""
+class _Exchange:
+    """One request's facts, for its flow record."""
 
-    task: asyncio.Task[Any] | None
-    transport: asyncio.BaseTransport | None
-    ws: web.WebSocketResponse | None = None
-    upstream_ws: aiohttp.ClientWebSocketResponse | None = None
+    __slots__ = ("bytes_down", "bytes_up", "head_sent", "host", "reason", "started_us", "status", "tunnel")
+
+    def __init__(self) -> None:
+        self.tunnel: Tunnel | None = None
+        self.host: str | None = None
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.status = 0
+        self.reason = ""  # set only when the gateway itself refused
+        self.head_sent = False
+        self.started_us = now_us()
 
 
 @dataclass(slots=True)
-class _Exchange:
-    tunnel: Tunnel | None = None
-    host: str | None = None
-    bytes_up: int = 0
-    bytes_down: int = 0
-    status: int = 0
-    reason: str = ""
-    started_us: int = field(default_factory=now_us)
+class _Route:
+    """What the last request's Host on a connection led to (keep-alive requests mostly repeat it)."""
+
+    raw_host: bytes
+    tunnel: Tunnel
+    host: str
+    forwarding: Forwarding
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    """A complete answer the gateway gives itself."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
 
 
 class _Refused(Exception):
@@ -233,33 +260,28 @@ class TunnelServer:
         self.throttle = LoginThrottle(
             config.login_free_failures, config.login_tunnel_failures, config.login_window, config.login_max_backoff
         )
+        self.pool = UpstreamPool(config.connect_timeout)
+        self.connections: set[ClientConnection] = set()
         self._basic_ok: dict[bytes, float] = {}
-        self._live: dict[str, set[_Live]] = {}
-        self._closers: set[asyncio.Task[None]] = set()
-        self._client: aiohttp.ClientSession | None = None
-        self._runner: web.ServerRunner | None = None
+        self._live: dict[str, set[ClientConnection]] = {}  # client connections per tunnel they serve
+        self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._last_idle_check = 0.0
         self.port: int | None = None
         store.add_listener(self._on_tunnel_ended)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self._client = aiohttp.ClientSession(
-            auto_decompress=False,  # bytes pass through as the app sent them
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout, sock_read=None),
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
-            cookie_jar=aiohttp.DummyCookieJar(),  # never keep one visitor's cookies for another
-            trust_env=False,  # never through an HTTP proxy from the environment
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self._handle, self.connections, self._detach),
+            self.config.host,
+            self.config.port,
+            ssl=self.tls.context if self.tls else None,
+            backlog=1024,
         )
-        server = web.Server(self._handle, access_log=None)
-        self._runner = web.ServerRunner(server, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, self.config.host, self.config.port, ssl_context=self.tls.context if self.tls else None
-        )
-        await site.start()
-        sockets = [s for srv in self._runner.sites for s in (getattr(srv, "_server", None).sockets or ())]
+        sockets = self._server.sockets
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
         self._sweeper = asyncio.create_task(self._sweep(), name="tunnel-sweeper")
         log.info("tunnel_server_started", host=self.config.host, port=self.port, domain=self.config.domain)
@@ -269,15 +291,38 @@ class TunnelServer:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self._server is not None:
+            self._server.close()
         for tunnel_id in list(self._live):
             self._kill(tunnel_id, "server stopping")
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self._client is not None:
-            await self._client.close()
+        for conn in list(self.connections):
+            conn.close()
+        self.pool.close()
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await self._server.wait_closed()
+        for conn in list(self.connections):
+            conn.abort()
 
     def live_connections(self, tunnel_id: str) -> int:
+        """Client connections open to the tunnel (streaming, or idle between keep-alive requests)."""
         return len(self._live.get(tunnel_id, ()))
+
+    def _attach(self, conn: ClientConnection, tunnel: Tunnel) -> None:
+        if conn.tunnel_id != tunnel.id:
+            self._detach(conn)
+            conn.tunnel_id = tunnel.id
+            self._live.setdefault(tunnel.id, set()).add(conn)
+
+    def _detach(self, conn: ClientConnection) -> None:
+        if conn.tunnel_id is not None:
+            conns = self._live.get(conn.tunnel_id)
+            if conns is not None:
+                conns.discard(conn)
+                if not conns:
+                    del self._live[conn.tunnel_id]
+            conn.tunnel_id = None
 
     # ------------------------------------------------------------------ ending tunnels
 
@@ -289,28 +334,13 @@ class TunnelServer:
         if live:
             log.info("tunnel_connections_closed", tunnel=tunnel_id[:4], count=len(live), reason=reason)
         for conn in live:
-            if conn.ws is not None:
-                task = asyncio.create_task(self._close_ws(conn))
-                self._closers.add(task)  # a reference, so the task is not collected mid-way
-                task.add_done_callback(self._closers.discard)
+            conn.tunnel_id = None
+            if conn.closer is not None:
+                conn.closer()  # a Close frame (1008) to the client, then both connections close
             else:
-                if conn.transport is not None:
-                    conn.transport.close()  # the client sees the stream end now, whatever the handler is doing
+                conn.close()  # the client sees the stream end now, whatever the handler is doing
                 if conn.task is not None:
                     conn.task.cancel()
-
-    @staticmethod
-    async def _close_ws(conn: _Live) -> None:
-        with contextlib.suppress(Exception):
-            if conn.upstream_ws is not None:
-                await asyncio.wait_for(conn.upstream_ws.close(), 1.0)
-        with contextlib.suppress(Exception):
-            assert conn.ws is not None
-            await asyncio.wait_for(conn.ws.close(code=WS_CLOSE_REVOKED, message=b"tunnel ended"), 1.0)
-        if conn.transport is not None:
-            conn.transport.close()
-        if conn.task is not None:
-            conn.task.cancel()
 
     async def _sweep(self) -> None:
         while True:
@@ -324,65 +354,102 @@ class TunnelServer:
                 for key in [k for k, exp in self._basic_ok.items() if exp <= now]:
                     del self._basic_ok[key]
                 self.throttle.prune()
+                self._close_idle()
             except Exception:  # the sweeper must survive anything
                 log.exception("tunnel_sweep_failed")
 
+    def _close_idle(self) -> None:
+        """Client connections idle (between requests, or sending a head slowly) past KEEPALIVE_TIMEOUT."""
+        now = time.monotonic()
+        if now - self._last_idle_check < IDLE_CHECK_INTERVAL:
+            return
+        self._last_idle_check = now
+        for conn in [c for c in self.connections if c.current is None and now - c.idle_since > KEEPALIVE_TIMEOUT]:
+            conn.close()
+        self.pool.sweep(now)
+
     # ------------------------------------------------------------------ the request
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _handle(self, conn: ClientConnection, request: Request) -> None:
         exchange = _Exchange()
+        keep_alive = False
         try:
-            response = await self._route(request, exchange)
-        except _Refused as exc:
-            exchange.status, exchange.reason = exc.status, exc.code
-            response = self._refusal(request, exc)
+            try:
+                keep_alive = await self._route(conn, request, exchange)
+            except _Refused as exc:
+                exchange.status, exchange.reason = exc.status, exc.code
+                if not exchange.head_sent:
+                    keep_alive = not request.upgrade  # after an upgrade request, nothing more is parsed
+                    page = self._refusal(request, exc)
+                    conn.write(_encode(page, request, close=not keep_alive))
+        except Exception:
+            log.exception("tunnel_request_failed")
+            keep_alive = False
+            if not exchange.head_sent:
+                exchange.status, exchange.reason = 500, "INTERNAL_ERROR"
+                body = b'{"code": "INTERNAL_ERROR", "message": "the gateway failed", "field": null}'
+                conn.write(simple_response(500, [(b"Content-Type", b"application/json")], body, close=True))
         finally:
-            self._record(request, exchange)
-        return response
+            self._record(conn, exchange)
+            conn.finish(request, keep_alive=keep_alive)
 
-    async def _route(self, request: web.BaseRequest, exchange: _Exchange) -> web.StreamResponse:
-        if request.method == "CONNECT":
+    async def _route(self, conn: ClientConnection, request: Request, exchange: _Exchange) -> bool:
+        """Answers the request; returns whether the client connection may stay open."""
+        if request.method == b"CONNECT":
             raise _Refused(405, "METHOD_NOT_ALLOWED", "CONNECT is not served: this is not a proxy", {"Allow": "GET"})
-        if not request.raw_path.startswith("/"):
+        if not request.target.startswith(b"/"):
             raise _Refused(400, "ABSOLUTE_FORM_REFUSED", "only origin-form request targets (/path) are served")
-        tunnel, host = self._find(request)
+        tunnel, host = self._find(request, conn)
         exchange.tunnel, exchange.host = tunnel, host
-        path = request.rel_url.path
+        self._attach(conn, tunnel)
+        path = _path(request.target)
         if path.startswith(GATEWAY_PREFIX):
-            return await self._gateway_path(request, tunnel, path)
+            page = await self._gateway_path(conn, request, tunnel, path)
+            exchange.status = page.status
+            conn.write(_encode(page, request, close=False))
+            return True
         if tunnel.protected:
-            await self._authorize(request, tunnel)
-        if self._is_websocket(request):
-            return await self._proxy_ws(request, tunnel, host, exchange)
-        return await self._proxy_http(request, tunnel, host, exchange)
+            await self._authorize(conn, request, tunnel)
+        if _is_websocket(request):
+            return await self._proxy_ws(conn, request, tunnel, host, exchange)
+        return await self._proxy_http(conn, request, tunnel, host, exchange)
 
-    def _find(self, request: web.BaseRequest) -> tuple[Tunnel, str]:
-        host = request.headers.get("Host", "").strip().lower()
-        name = host.rsplit(":", 1)[0] if ":" in host else host
-        suffix = "." + self.config.domain
-        label = name[: -len(suffix)] if name.endswith(suffix) else ""
-        tunnel = self.store.tunnels.get(label) if ID_PATTERN.fullmatch(label) else None
-        if tunnel is None:
-            raise _Refused(404, "TUNNEL_NOT_FOUND", "there is no preview at this address")
+    def _find(self, request: Request, conn: ClientConnection | None = None) -> tuple[Tunnel, str]:
+        raw = request.fields.get(b"host", b"")
+        memo = conn.memo if conn is not None else None
+        if isinstance(memo, _Route) and memo.raw_host == raw and self.store.tunnels.get(memo.tunnel.id) is memo.tunnel:
+            tunnel, host = memo.tunnel, memo.host  # the same Host as the last request on this connection
+        else:
+            host = raw.decode("latin-1").strip().lower()
+            name = host.rsplit(":", 1)[0] if ":" in host else host
+            suffix = "." + self.config.domain
+            label = name[: -len(suffix)] if name.endswith(suffix) else ""
+            found = self.store.tunnels.get(label) if ID_PATTERN.fullmatch(label) else None
+            if found is None:
+                raise _Refused(404, "TUNNEL_NOT_FOUND", "there is no preview at this address")
+            tunnel = found
+            if conn is not None:
+                conn.memo = _Route(raw, tunnel, host, self._forwarding(conn, tunnel, host))
         if not self.store.alive(tunnel):
             raise _Refused(410, "TUNNEL_GONE", "this preview has ended (expired, revoked, or its sandbox is gone)")
         return tunnel, host
 
     # ------------------------------------------------------------------ authentication
 
-    def _client_address(self, request: web.BaseRequest) -> str:
-        return request.remote or "?"
+    @staticmethod
+    def _client_address(conn: ClientConnection) -> str:
+        return conn.remote or "?"
 
-    async def _has_session(self, request: web.BaseRequest, tunnel: Tunnel) -> bool:
-        token = request.cookies.get(COOKIE)
+    async def _has_session(self, request: Request, tunnel: Tunnel) -> bool:
+        token = _session_token(request)
         # Tokens are token_urlsafe(32): anything else is not worth a store lookup.
         if not token or len(token) > 64:
             return False
         return await self.store.find_session(token, tunnel.id)
 
-    async def _check_password(self, request: web.BaseRequest, tunnel: Tunnel, password: str) -> bool:
+    async def _check_password(self, conn: ClientConnection, tunnel: Tunnel, password: str) -> bool:
         """Throttled, constant-time (scrypt + compare_digest) password check; raises 429 while locked."""
-        client = self._client_address(request)
+        client = self._client_address(conn)
         wait = self.throttle.retry_after(tunnel.id, client)
         if wait > 0:
             raise _Refused(
@@ -400,10 +467,10 @@ class TunnelServer:
             log.info("tunnel_login_failed", tunnel=tunnel.id[:4], client=client)  # never the password
         return ok
 
-    async def _authorize(self, request: web.BaseRequest, tunnel: Tunnel) -> None:
+    async def _authorize(self, conn: ClientConnection, request: Request, tunnel: Tunnel) -> None:
         if await self._has_session(request, tunnel):
             return
-        authorization = request.headers.get("Authorization", "")
+        authorization = request.header(b"authorization")
         scheme, _, encoded = authorization.partition(" ")
         if scheme.lower() == "basic":
             try:
@@ -414,7 +481,7 @@ class TunnelServer:
                 cache_key = hashlib.sha256(f"{tunnel.id}\0{tunnel.password_hash}\0{password}".encode()).digest()
                 if self._basic_ok.get(cache_key, 0.0) > time.time():
                     return
-                if await self._check_password(request, tunnel, password):
+                if await self._check_password(conn, tunnel, password):
                     if len(self._basic_ok) < BASIC_CACHE_MAX:
                         self._basic_ok[cache_key] = time.time() + BASIC_CACHE_TTL
                     return
@@ -423,33 +490,35 @@ class TunnelServer:
             401, "PASSWORD_REQUIRED", "this preview needs a password", {"WWW-Authenticate": _basic_challenge(tunnel)}
         )
 
-    async def _gateway_path(self, request: web.BaseRequest, tunnel: Tunnel, path: str) -> web.StreamResponse:
+    async def _gateway_path(self, conn: ClientConnection, request: Request, tunnel: Tunnel, path: str) -> _Page:
         if path == LOGIN_PATH and tunnel.protected:
-            if request.method == "GET":
-                return self._login_response(tunnel, _safe_next(request.query.get("next", "/")), None, 200)
-            if request.method == "POST":
-                return await self._login(request, tunnel)
+            if request.method in (b"GET", b"HEAD"):
+                return self._login_response(tunnel, _safe_next(_query_value(request.target, "next") or "/"), None, 200)
+            if request.method == b"POST":
+                return await self._login(conn, request, tunnel)
             raise _Refused(405, "METHOD_NOT_ALLOWED", "use GET or POST", {"Allow": "GET, POST"})
         if path == LOGOUT_PATH:
-            token = request.cookies.get(COOKIE)
+            token = _session_token(request)
             if token and len(token) <= 64:
                 await self.store.end_session(token)
-            response = _see_other("/") if tunnel.protected else web.Response(status=204)
-            response.del_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="Lax")
-            return response
+            headers = [(b"Set-Cookie", _clear_cookie())]
+            if tunnel.protected:
+                return _see_other("/", headers)
+            return _Page(204, headers, b"")
         raise _Refused(404, "NOT_FOUND", f"{GATEWAY_PREFIX} is reserved for the gateway")
 
-    async def _login(self, request: web.BaseRequest, tunnel: Tunnel) -> web.StreamResponse:
-        if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
+    async def _login(self, conn: ClientConnection, request: Request, tunnel: Tunnel) -> _Page:
+        length = request.content_length
+        if length is not None and (not length.strip().isdigit() or int(length) > MAX_FORM_BYTES):
             raise _Refused(413, "BODY_TOO_LARGE", "the form is too large")
-        raw = await request.content.read(MAX_FORM_BYTES + 1)
+        raw = await request.body.read(MAX_FORM_BYTES) if request.body is not None else b""
         if len(raw) > MAX_FORM_BYTES:
             raise _Refused(413, "BODY_TOO_LARGE", "the form is too large")
         form = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True)
         password = (form.get("password") or [""])[0]
         next_path = _safe_next((form.get("next") or ["/"])[0])
         try:
-            ok = await self._check_password(request, tunnel, password)
+            ok = await self._check_password(conn, tunnel, password)
         except _Refused as exc:
             if exc.status != 429:
                 raise
@@ -458,292 +527,348 @@ class TunnelServer:
             return self._login_response(tunnel, next_path, "Wrong password. Please try again.", 401)
         lifetime = max(1.0, min(self.config.session_ttl, tunnel.expires_at - time.time()))
         token = await self.store.create_session(tunnel.id, lifetime)  # fresh on every login: no fixation
-        response = _see_other(next_path)
         # Host-only (no Domain), Path=/ and Secure: what the __Host- prefix requires, so no other tunnel
         # under the same domain can set or read it.
-        response.set_cookie(COOKIE, token, path="/", secure=True, httponly=True, samesite="Lax", max_age=int(lifetime))
-        response.headers["Cache-Control"] = "no-store"
-        return response
+        cookie = f"{COOKIE}={token}; HttpOnly; Max-Age={int(lifetime)}; Path=/; SameSite=Lax; Secure"
+        return _see_other(next_path, [(b"Set-Cookie", cookie.encode())])
 
     def _login_response(
         self, tunnel: Tunnel, next_path: str, error: str | None, status: int, headers: dict[str, str] | None = None
-    ) -> web.Response:
+    ) -> _Page:
         label = tunnel.label or f"Preview of port {tunnel.port}"
-        return web.Response(
-            status=status,
-            text=login_page(label, next_path, error),
-            content_type="text/html",
-            headers={
-                "Cache-Control": "no-store",
-                "X-Frame-Options": "DENY",
-                "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
-                "frame-ancestors 'none'",
-                **(headers or {}),
-            },
-        )
+        fields = {
+            "Content-Type": "text/html; charset=utf-8",
+            "Cache-Control": "no-store",
+            "X-Frame-Options": "DENY",
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+            "frame-ancestors 'none'",
+            **(headers or {}),
+        }
+        return _Page(status, _header_list(fields), login_page(label, next_path, error).encode())
 
-    def _refusal(self, request: web.BaseRequest, exc: _Refused) -> web.Response:
+    def _refusal(self, request: Request, exc: _Refused) -> _Page:
         headers = {"Cache-Control": "no-store", **exc.headers}
         if _wants_html(request):
             tunnel_for_login = None
-            if exc.code == "PASSWORD_REQUIRED" and request.method in ("GET", "HEAD"):
+            if exc.code == "PASSWORD_REQUIRED" and request.method in (b"GET", b"HEAD"):
                 with contextlib.suppress(_Refused):
                     tunnel_for_login = self._find(request)[0]
             if tunnel_for_login is not None:
-                next_path = _safe_next(request.raw_path)
+                next_path = _safe_next(request.target.decode("latin-1"))
                 headers.pop("WWW-Authenticate", None)  # a browser would show its own dialog over the form
                 return self._login_response(tunnel_for_login, next_path, None, 401, headers)
             title = ERROR_TITLES.get(exc.status, "Error")
             sentence = exc.message[:1].upper() + exc.message[1:]
             body = f"<h1>{html.escape(title)}</h1><p>{html.escape(sentence)}.</p>"
             body += f'<p class="muted">{exc.status} · {html.escape(exc.code)}</p>'
-            return web.Response(status=exc.status, text=_page(title, body), content_type="text/html", headers=headers)
-        return web.Response(
-            status=exc.status,
-            text=json.dumps({"code": exc.code, "message": exc.message, "field": None}),
-            content_type="application/json",
-            headers=headers,
-        )
+            headers["Content-Type"] = "text/html; charset=utf-8"
+            return _Page(exc.status, _header_list(headers), _page(title, body).encode())
+        headers["Content-Type"] = "application/json; charset=utf-8"
+        body = json.dumps({"code": exc.code, "message": exc.message, "field": None}).encode()
+        return _Page(exc.status, _header_list(headers), body)
 
     # ------------------------------------------------------------------ proxying
 
-    @staticmethod
-    def _is_websocket(request: web.BaseRequest) -> bool:
-        return (
-            request.method == "GET"
-            and request.headers.get("Upgrade", "").lower() == "websocket"
-            and "upgrade" in request.headers.get("Connection", "").lower()
+    def _forwarding(self, conn: ClientConnection, tunnel: Tunnel, host: str) -> Forwarding:
+        memo = conn.memo
+        if isinstance(memo, _Route) and memo.tunnel is tunnel and memo.host == host:
+            return memo.forwarding
+        upstream_host = f"localhost:{tunnel.port}" if tunnel.rewrite_host else host
+        return Forwarding(
+            host=upstream_host.encode("latin-1"),
+            forwarded_host=host.encode("latin-1"),
+            forwarded_for=self._client_address(conn).encode(),
+            strip_cookie=COOKIE_BYTES,
+            strip_basic=tunnel.protected,
         )
 
-    def _upstream_url(self, tunnel: Tunnel, request: web.BaseRequest, scheme: str) -> URL:
-        host = f"[{tunnel.address}]" if ":" in tunnel.address else tunnel.address
-        return URL(f"{scheme}://{host}:{tunnel.port}{request.raw_path}", encoded=True)
-
-    def _upstream_headers(
-        self, request: web.BaseRequest, tunnel: Tunnel, host: str, *, websocket: bool
-    ) -> CIMultiDict[str]:
-        listed = {h.strip().lower() for h in request.headers.get("Connection", "").split(",")}
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in request.headers.items():
-            lower = name.lower()
-            if lower in HOP_BY_HOP or lower in listed or lower in FORWARDING or lower in ("host", "expect"):
-                continue
-            if websocket and lower.startswith("sec-websocket-"):
-                continue  # the client library makes its own handshake with the sandbox
-            if lower == "cookie":
-                value = _strip_cookie(value)
-                if not value:
-                    continue
-            if lower == "authorization" and tunnel.protected and value[:6].lower() == "basic ":
-                continue  # the gateway's credentials, not the app's
-            headers.add(name, value)
-        headers["Host"] = f"localhost:{tunnel.port}" if tunnel.rewrite_host else host
-        headers["X-Forwarded-For"] = self._client_address(request)
-        headers["X-Forwarded-Proto"] = "https"
-        headers["X-Forwarded-Host"] = host
-        return headers
-
-    def _track(self, tunnel: Tunnel, request: web.BaseRequest) -> _Live:
-        conn = _Live(asyncio.current_task(), request.transport)
-        self._live.setdefault(tunnel.id, set()).add(conn)
-        return conn
-
-    def _untrack(self, tunnel: Tunnel, conn: _Live) -> None:
-        conns = self._live.get(tunnel.id)
-        if conns is not None:
-            conns.discard(conn)
-            if not conns:
-                del self._live[tunnel.id]
+    async def _open_exchange(
+        self, conn: ClientConnection, request: Request, tunnel: Tunnel, head: bytes, exchange: _Exchange
+    ) -> tuple[UpstreamConnection, ResponseHead]:
+        """Send the request (head now, body as it arrives) on a pooled connection and wait for the answer's head.
+        A reused connection the app closed meanwhile is retried once on a new one, when no body was sent."""
+        body = request.body
+        for attempt in (0, 1):
+            try:
+                upstream = (self.pool.take_idle(tunnel.address, tunnel.port) if attempt == 0 else None) or (
+                    await self.pool.connect(tunnel.address, tunnel.port)
+                )
+            except UpstreamUnavailable:
+                raise _Refused(
+                    502, "UPSTREAM_UNAVAILABLE", f"nothing answers on port {tunnel.port} in the sandbox"
+                ) from None
+            conn.peer = upstream
+            upstream.start(head, head_request=request.method == b"HEAD")
+            if body is not None:
+                _stream_body(conn, body, upstream, chunked=request.chunked)
+            try:
+                answer = await upstream.response_head()
+                if answer.status == 101:  # switching protocols without being asked to
+                    raise UpstreamInvalid("an upgrade nobody asked for")
+                return upstream, answer
+            except UpstreamUnavailable as exc:
+                upstream.close()
+                if attempt == 0 and upstream.reused and body is None and not conn.closed:
+                    continue  # the app closed an idle keep-alive connection just as it was reused
+                log.info("tunnel_upstream_unavailable", tunnel=tunnel.id[:4], error=str(exc))
+                raise _Refused(
+                    502, "UPSTREAM_UNAVAILABLE", f"nothing answers on port {tunnel.port} in the sandbox"
+                ) from None
+            except UpstreamError as exc:  # the app answered something that is not HTTP
+                upstream.close()
+                log.info("tunnel_upstream_failed", tunnel=tunnel.id[:4], error=str(exc))
+                raise _Refused(502, "UPSTREAM_ERROR", f"the app on port {tunnel.port} gave no valid answer") from None
+        raise AssertionError("unreachable")
 
     async def _proxy_http(
-        self, request: web.BaseRequest, tunnel: Tunnel, host: str, exchange: _Exchange
-    ) -> web.StreamResponse:
-        assert self._client is not None
-        conn = self._track(tunnel, request)
+        self, conn: ClientConnection, request: Request, tunnel: Tunnel, host: str, exchange: _Exchange
+    ) -> bool:
+        body = request.body
+        head = upstream_request_head(
+            request.method,
+            request.target,
+            request.headers,
+            self._forwarding(conn, tunnel, host),
+            content_length=request.content_length,
+            chunked=request.chunked,
+            websocket=False,
+            fields=request.fields,
+        )
+        if body is not None and request.http11 and request.fields.get(b"expect", b"").lower() == b"100-continue":
+            # Answered here (the app never sees Expect), so uploads from curl and the like start at once.
+            conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        upstream: UpstreamConnection | None = None
         try:
-            if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
-                # Answered here (the app never sees Expect), so uploads from curl and the like start at once.
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            body = _CountingBody(request.content, exchange) if request.body_exists else None
-            try:
-                upstream = await self._client.request(
-                    request.method,
-                    self._upstream_url(tunnel, request, "http"),
-                    headers=self._upstream_headers(request, tunnel, host, websocket=False),
-                    data=body,
-                    allow_redirects=False,
-                    skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-                )
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, TimeoutError) as exc:
-                log.info("tunnel_upstream_unavailable", tunnel=tunnel.id[:4], error=type(exc).__name__)
-                raise _Refused(
-                    502, "UPSTREAM_UNAVAILABLE", f"nothing answers on port {tunnel.port} in the sandbox"
-                ) from None
-            except aiohttp.ClientError as exc:  # the app broke off or answered something that is not HTTP
-                log.info("tunnel_upstream_failed", tunnel=tunnel.id[:4], error=type(exc).__name__)
-                raise _Refused(502, "UPSTREAM_ERROR", f"the app on port {tunnel.port} gave no valid answer") from None
-            async with upstream:
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                listed = {h.strip().lower() for h in upstream.headers.get("Connection", "").split(",")}
-                for name, value in upstream.headers.items():
-                    if name.lower() not in HOP_BY_HOP and name.lower() not in listed:
-                        response.headers.add(name, value)
-                exchange.status = upstream.status
-                await response.prepare(request)
-                try:
-                    async for chunk in upstream.content.iter_any():  # as it arrives: SSE and large bodies stream
-                        exchange.bytes_down += len(chunk)
-                        await response.write(chunk)
-                    await response.write_eof()
-                except (aiohttp.ClientError, ConnectionError) as exc:
-                    # The head is already sent: the only honest signal left is to cut the connection.
-                    log.info("tunnel_stream_aborted", tunnel=tunnel.id[:4], error=type(exc).__name__)
-                    if request.transport is not None:
-                        request.transport.close()
-                return response
+            upstream, answer = await self._open_exchange(conn, request, tunnel, head, exchange)
+            framing = response_framing(
+                answer.status,
+                answer.fields,
+                head_request=request.method == b"HEAD",
+                client_keep_alive=request.keep_alive,
+                client_http11=request.http11,
+            )
+            exchange.status = answer.status
+            out = client_response_head(answer.status, answer.reason, answer.headers, framing, fields=answer.fields)
+            exchange.head_sent = True
+            if framing.has_body:
+                # What came with the head goes out with the head: one TLS record for a small response.
+                held = upstream.take_held()
+                if held:
+                    out += chunk(held) if framing.chunk_to_client else held
+                if not upstream.complete:
+                    conn.write(out)
+                    out = b""
+                    conn.producer = upstream  # the client not taking more pauses reading from the app
+                    if framing.chunk_to_client:
+                        upstream.attach(lambda data: conn.write(chunk(data)))
+                    else:
+                        upstream.attach(conn.write)
+                    try:
+                        await upstream.wait_done()  # the body streams meanwhile, chunk by chunk, as it arrives
+                    except UpstreamError as exc:
+                        # The head is already sent: the only honest signal left is to cut the connection.
+                        log.info("tunnel_stream_aborted", tunnel=tunnel.id[:4], error=str(exc))
+                        conn.close()
+                        return False
+                if framing.chunk_to_client:
+                    out += LAST_CHUNK
+            if out:
+                conn.write(out)
+            if body is not None and not body.done:
+                upstream.reusable = False  # the app answered before it had the whole body
+            exchange.bytes_down = upstream.body_bytes
+            self.pool.release(upstream)
+            upstream = None
+            return not framing.close_client
         finally:
-            self._untrack(tunnel, conn)
+            conn.peer = conn.producer = None
+            if body is not None:
+                exchange.bytes_up = body.received
+            if upstream is not None:
+                exchange.bytes_down = upstream.body_bytes
+                upstream.close()
 
     async def _proxy_ws(
-        self, request: web.BaseRequest, tunnel: Tunnel, host: str, exchange: _Exchange
-    ) -> web.StreamResponse:
-        assert self._client is not None
-        origin = request.headers.get("Origin")
+        self, conn: ClientConnection, request: Request, tunnel: Tunnel, host: str, exchange: _Exchange
+    ) -> bool:
+        """The WebSocket handshake goes to the app as the client made it; on its 101 the two streams are relayed
+        byte for byte (the app and the client negotiate subprotocols and extensions between themselves)."""
+        origin = request.fields.get(b"origin")
         # Another site's page must not drive the app with the visitor's session (cross-site WebSocket hijacking).
-        if origin is not None and origin.lower() != f"https://{host}":
+        if origin is not None and origin.decode("latin-1").lower() != f"https://{host}":
             raise _Refused(403, "ORIGIN_NOT_ALLOWED", "WebSocket connections are only accepted from this preview")
-        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-        conn = self._track(tunnel, request)
+        head = upstream_request_head(
+            request.method,
+            request.target,
+            request.headers,
+            self._forwarding(conn, tunnel, host),
+            content_length=None,
+            chunked=False,
+            websocket=True,
+        )
+        upstream: UpstreamConnection | None = None
         try:
             try:
-                upstream = await self._client.ws_connect(
-                    self._upstream_url(tunnel, request, "ws"),
-                    headers=self._upstream_headers(request, tunnel, host, websocket=True),
-                    protocols=protocols,
-                    max_msg_size=WS_MAX_MESSAGE,
-                    autoping=True,
-                )
-            except aiohttp.WSServerHandshakeError as exc:
-                raise _Refused(
-                    502, "UPSTREAM_WEBSOCKET_REFUSED", f"the app refused the WebSocket ({exc.status})"
-                ) from None
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, TimeoutError):
+                upstream = await self.pool.connect(tunnel.address, tunnel.port)  # never pooled: it becomes the stream
+            except UpstreamUnavailable:
                 raise _Refused(
                     502, "UPSTREAM_UNAVAILABLE", f"nothing answers on port {tunnel.port} in the sandbox"
                 ) from None
-            conn.upstream_ws = upstream
-            ws = web.WebSocketResponse(
-                protocols=[upstream.protocol] if upstream.protocol else (), max_msg_size=WS_MAX_MESSAGE, autoping=True
-            )
-            await ws.prepare(request)
-            conn.ws = ws
+            conn.peer = upstream
+            upstream.start(head, head_request=False)
+            try:
+                answer = await upstream.response_head()
+            except UpstreamError:
+                raise _Refused(502, "UPSTREAM_UNAVAILABLE", f"the app on port {tunnel.port} did not answer") from None
+            if answer.status != 101 or not upstream.upgraded:
+                raise _Refused(502, "UPSTREAM_WEBSOCKET_REFUSED", f"the app refused the WebSocket ({answer.status})")
+            no_body = ResponseFraming(False, None, False, False, False)
+            upgrade = [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
+            conn.write(client_response_head(101, answer.reason, answer.headers, no_body, extra=upgrade))
             exchange.status = 101
+            exchange.head_sent = True
+            conn.closer = closer = _relay_upgraded(conn, upstream, exchange)
             if not self.store.alive(tunnel):  # revoked while we were connecting
-                await self._close_ws(conn)
-                return ws
-            await _relay_ws(ws, upstream, exchange)
-            return ws
+                closer()
+            await upstream.wait_closed()
+            return False
         finally:
-            self._untrack(tunnel, conn)
-            if conn.upstream_ws is not None and not conn.upstream_ws.closed:
-                with contextlib.suppress(Exception):
-                    await conn.upstream_ws.close()
+            conn.peer = conn.producer = conn.raw_sink = conn.closer = None
+            if upstream is not None:
+                exchange.bytes_down = upstream.body_bytes
+                upstream.close()
 
     # ------------------------------------------------------------------ flow records
 
-    def _record(self, request: web.BaseRequest, exchange: _Exchange) -> None:
+    def _record(self, conn: ClientConnection, exchange: _Exchange) -> None:
         if self.flows is None or exchange.tunnel is None:
             return
         tunnel = exchange.tunnel
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        local = request.transport.get_extra_info("sockname") if request.transport else None
         end = now_us()
         allowed = not exchange.reason  # a reason is set only when the gateway itself refused
+        local_addr, local_port = conn.local
+        # Positional (FIELD_NAMES order): binding 17 keywords costs more than the rest of the record here.
         self.flows.record(
             FlowRecord(
-                start_us=exchange.started_us,
-                end_us=end,
-                sandbox=tunnel.sandbox,
-                src_addr=str(peer[0]) if peer else (request.remote or ""),
-                src_port=int(peer[1]) if peer else 0,
-                dst_addr=tunnel.address,
-                dst_port=tunnel.port,
-                orig_dst_addr=str(local[0]) if local else self.config.host,
-                orig_dst_port=int(local[1]) if local else self.config.port,
-                hostname=exchange.host,
-                protocol="http",
-                bytes_up=exchange.bytes_up,
-                bytes_down=exchange.bytes_down,
-                duration_ms=(end - exchange.started_us) / 1000,
-                verdict="allow" if allowed else "deny",
-                reason=f"tunnel {exchange.reason or exchange.status}",
-                rule=f"tunnel:{tunnel.id[:4]}",
+                exchange.started_us,  # start_us
+                end,  # end_us
+                tunnel.sandbox,  # sandbox
+                conn.remote,  # src_addr
+                conn.remote_port,  # src_port
+                tunnel.address,  # dst_addr
+                tunnel.port,  # dst_port
+                local_addr or self.config.host,  # orig_dst_addr
+                local_port or self.config.port,  # orig_dst_port
+                exchange.host,  # hostname
+                "http",  # protocol
+                exchange.bytes_up,  # bytes_up
+                exchange.bytes_down,  # bytes_down
+                (end - exchange.started_us) / 1000,  # duration_ms
+                "allow" if allowed else "deny",  # verdict
+                f"tunnel {exchange.reason or exchange.status}",  # reason
+                f"tunnel:{tunnel.id[:4]}",  # rule
             )
         )
 
 
-class _CountingBody:
-    """The request body as an async iterator of chunks (streamed, never buffered whole), counted."""
-
-    def __init__(self, content: aiohttp.StreamReader, exchange: _Exchange) -> None:
-        self.content = content
-        self.exchange = exchange
-
-    def __aiter__(self) -> _CountingBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        chunk = await self.content.readany()
-        if not chunk:
-            raise StopAsyncIteration
-        self.exchange.bytes_up += len(chunk)
-        return chunk
+def _stream_body(conn: ClientConnection, body: RequestBody, upstream: UpstreamConnection, *, chunked: bool) -> None:
+    """The request body to the app as it arrives (re-chunked when the client chunked it), with backpressure."""
+    upstream.producer = conn  # the app not taking more pauses reading from the client
+    if chunked:
+        body.attach(lambda data: upstream.write(chunk(data)), lambda: upstream.write(LAST_CHUNK))
+    else:
+        body.attach(upstream.write, _nothing)
 
 
-async def _relay_ws(ws: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse, exchange: _Exchange) -> None:
-    async def client_to_app() -> None:
-        async for msg in ws:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                exchange.bytes_up += len(msg.data)
-                await upstream.send_str(msg.data)
-            elif msg.type == aiohttp.WSMsgType.BINARY:
-                exchange.bytes_up += len(msg.data)
-                await upstream.send_bytes(msg.data)
-        await upstream.close(code=ws.close_code or 1000)
+def _relay_upgraded(conn: ClientConnection, upstream: UpstreamConnection, exchange: _Exchange) -> Callable[[], None]:
+    """Relay an upgraded stream both ways; returns what ends it with a Close frame (code 1008) to the client."""
+    frames = FrameBoundary()
 
-    async def app_to_client() -> None:
-        async for msg in upstream:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                exchange.bytes_down += len(msg.data)
-                await ws.send_str(msg.data)
-            elif msg.type == aiohttp.WSMsgType.BINARY:
-                exchange.bytes_down += len(msg.data)
-                await ws.send_bytes(msg.data)
-        await ws.close(code=upstream.close_code or 1000)
+    def to_app(data: bytes) -> None:
+        exchange.bytes_up += len(data)
+        upstream.write(data)
 
-    tasks = [asyncio.create_task(client_to_app()), asyncio.create_task(app_to_client())]
-    try:
-        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError, aiohttp.ClientError):
-                await task
-    finally:
-        for task in tasks:
-            task.cancel()
+    def to_client(data: bytes) -> None:
+        frames.feed(data)
+        conn.write(data)
+
+    def close() -> None:
+        if frames.at_boundary:  # never inside a frame: the client would see garbage instead of a Close
+            conn.write(close_frame(WS_CLOSE_REVOKED, b"tunnel ended"))
+        conn.close()
+        upstream.close()
+
+    conn.producer, upstream.producer = upstream, conn
+    conn.raw_sink = to_app
+    tail, conn.upgrade_tail = conn.upgrade_tail, b""
+    if tail:
+        to_app(tail)
+    conn.set_paused("upgrade", False)
+    upstream.attach(to_client)
+    return close
 
 
-def _see_other(location: str) -> web.Response:
-    return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
+def _nothing() -> None:
+    pass
+
+
+def _encode(page: _Page, request: Request, *, close: bool) -> bytes:
+    return simple_response(
+        page.status,
+        page.headers,
+        page.body,
+        close=close or not request.keep_alive,
+        head_request=request.method == b"HEAD",
+    )
+
+
+def _header_list(fields: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields.items()]
+
+
+def _see_other(location: str, headers: list[tuple[bytes, bytes]] | None = None) -> _Page:
+    fields = [(b"Location", location.encode("latin-1")), (b"Cache-Control", b"no-store"), *(headers or ())]
+    return _Page(303, fields, b"")
+
+
+def _clear_cookie() -> bytes:
+    return (
+        f'{COOKIE}=""; expires=Thu, 01 Jan 1970 00:00:00 GMT; HttpOnly; Max-Age=0; Path=/; SameSite=Lax; Secure'
+    ).encode()
+
+
+def _session_token(request: Request) -> str | None:
+    value = cookie_value(request.fields.get(b"cookie"), COOKIE_BYTES)
+    return value.decode("latin-1") if value else None
+
+
+def _is_websocket(request: Request) -> bool:
+    return (
+        request.method == b"GET"
+        and request.upgrade
+        and request.fields.get(b"upgrade", b"").lower() == b"websocket"
+        and b"upgrade" in connection_tokens(request.fields.get(b"connection"))
+    )
+
+
+def _path(target: bytes) -> str:
+    """The request target's path, percent-decoded (the query string left out)."""
+    path = target.split(b"?", 1)[0].decode("latin-1")
+    return unquote(path) if "%" in path else path
+
+
+def _query_value(target: bytes, name: str) -> str | None:
+    _, _, query = target.decode("latin-1").partition("?")
+    values = parse_qs(query).get(name)
+    return values[0] if values else None
 
 
 def _basic_challenge(tunnel: Tunnel) -> str:
     return 'Basic realm="tunnel", charset="UTF-8"'
 
 
-def _wants_html(request: web.BaseRequest) -> bool:
-    return "text/html" in request.headers.get("Accept", "")
+def _wants_html(request: Request) -> bool:
+    return b"text/html" in request.fields.get(b"accept", b"")
 
 
 def _safe_next(value: str) -> str:
@@ -756,11 +881,6 @@ def _safe_next(value: str) -> str:
     ):
         return "/"
     return quote(value, safe="/?&=%#:@!$'()*+,;~-._")
-
-
-def _strip_cookie(header: str) -> str:
-    parts = [p for p in (part.strip() for part in header.split(";")) if p and p.split("=", 1)[0].strip() != COOKIE]
-    return "; ".join(parts)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -6,6 +6,9 @@ sessions); `FileTunnelStore` keeps the records in a JSON file next to the policy
 
 - `P tunnels`: hash, tunnel id -> JSON record (the truth; `P` = `store.redis_prefix`).
 - `P tunnel-sessions`: hash, SHA-256 of a login session's token -> {tunnel, expires_at}.
+- `P tunnels-of:<sandbox id>`: sorted set of that sandbox's tunnel ids (score: expiry), so that
+  creation counts the sandbox's live tunnels and writes the new one in one Lua script: the limit
+  of `max_per_sandbox` holds across nodes creating at the same instant.
 - `P tunnel-changes`: stream, one entry `{id}` per tunnel change (`{session}` per session
   change). Nodes follow it with a blocking XREAD, so a revocation made on one node reaches
   the others in well under a second, and reload everything every `RESYNC_INTERVAL` in case
@@ -23,6 +26,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import json
@@ -78,6 +82,15 @@ def session_key(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=4096)
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A tunnel's recorded address, parsed once (checked on every request against its sandbox's addresses)."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def pick_address(addresses: Iterable[object]) -> str:
     """The upstream for a new tunnel: the sandbox's first IPv4 address, else its first address."""
     items = [str(a) for a in addresses]
@@ -95,6 +108,7 @@ class TunnelStore(abc.ABC):
         self.config = config
         self.tunnels: dict[str, Tunnel] = {}
         self.sessions: dict[str, Session] = {}  # session_key(token) -> Session
+        self._address_checks: dict[str, tuple[object, bool]] = {}  # tunnel id -> (sandbox record, address in it)
         self._listeners: list[Listener] = []
         self._lock = asyncio.Lock()
         self._maintainer: asyncio.Task[None] | None = None
@@ -141,7 +155,18 @@ class TunnelStore(abc.ABC):
         if not tunnel.live(now):
             return False
         sandbox = self.policy.sandboxes.get(tunnel.sandbox)
-        return sandbox is not None and any(str(a) == tunnel.address for a in sandbox.addresses)
+        if sandbox is None:
+            return False
+        # Checked on every request: the answer for this very sandbox record (records are replaced, never
+        # changed in place) is remembered.
+        known = self._address_checks.get(tunnel.id)
+        if known is not None and known[0] is sandbox:
+            return known[1]
+        found = _address(tunnel.address) in sandbox.addresses
+        if len(self._address_checks) >= 10_000:
+            self._address_checks.clear()
+        self._address_checks[tunnel.id] = (sandbox, found)
+        return found
 
     def get(self, tunnel_id: str) -> Tunnel:
         tunnel = self.tunnels.get(tunnel_id)
@@ -177,16 +202,24 @@ class TunnelStore(abc.ABC):
             self.policy.get_sandbox(sandbox_id)  # it may have gone while the hash was computed
             live = [t for t in self.tunnels.values() if t.sandbox == sandbox_id and self.alive(t)]
             if len(live) >= self.config.max_per_sandbox:
-                raise Conflict(
-                    "TOO_MANY_TUNNELS",
-                    f"sandbox {sandbox_id!r} already has {len(live)} live tunnels, the most allowed "
-                    f"({self.config.max_per_sandbox}); revoke one first",
-                    "port",
-                )
-            await self._persist([tunnel], [])
+                raise self._too_many(sandbox_id, len(live))
+            await self._persist_new(tunnel, [str(a) for a in sandbox.addresses])
             self._apply(tunnel.id, tunnel)
         log.info("tunnel_created", tunnel=tunnel.id, sandbox=sandbox_id, port=tunnel.port, protected=tunnel.protected)
         return tunnel
+
+    def _too_many(self, sandbox_id: str, live: int) -> Conflict:
+        return Conflict(
+            "TOO_MANY_TUNNELS",
+            f"sandbox {sandbox_id!r} already has {live} live tunnels, the most allowed "
+            f"({self.config.max_per_sandbox}); revoke one first",
+            "port",
+        )
+
+    async def _persist_new(self, tunnel: Tunnel, addresses: list[str]) -> None:
+        """Store a new tunnel; the count was checked against this node's view (under its lock). A store that
+        other nodes write to concurrently checks the limit again, atomically, where it writes."""
+        await self._persist([tunnel], [])
 
     async def revoke(self, tunnel_id: str, reason: str = REVOKED_BY_API) -> Tunnel:
         """Revoke (idempotent: revoking a dead tunnel answers it as it is)."""
@@ -411,6 +444,38 @@ class FileTunnelStore(TunnelStore):
 # --------------------------------------------------------------------------- redis
 
 
+#: Creates a tunnel only if its sandbox has fewer than the allowed live tunnels, counted in Redis itself, so
+#: nodes writing at the same instant cannot both pass the check (a script runs atomically). The per-sandbox
+#: index (a sorted set of tunnel ids) is checked against the records on the way: revoked, expired, missing or
+#: moved (another address) tunnels do not count, and the first three leave the index.
+#: KEYS: tunnels hash, the sandbox's index, change stream. ARGV: id, record, now, limit, expires_at, stream
+#: maxlen, then the sandbox's addresses. Returns -1 when created, else the live count that refused it.
+CREATE_SCRIPT: Final = """
+local now = tonumber(ARGV[3])
+local addresses = {}
+for i = 7, #ARGV do addresses[ARGV[i]] = true end
+local live = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    local raw = redis.call('HGET', KEYS[1], id)
+    local current = false
+    if raw then
+        local ok, rec = pcall(cjson.decode, raw)
+        if ok and type(rec) == 'table' and rec.revoked_at == cjson.null and tonumber(rec.expires_at)
+                and tonumber(rec.expires_at) > now then
+            current = true
+            if addresses[rec.address] then live = live + 1 end
+        end
+    end
+    if not current then redis.call('ZREM', KEYS[2], id) end
+end
+if live >= tonumber(ARGV[4]) then return live end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'id', ARGV[1])
+return -1
+"""
+
+
 class RedisTunnelStore(TunnelStore):
     backend = "redis"
 
@@ -420,6 +485,7 @@ class RedisTunnelStore(TunnelStore):
         self.hash_key = f"{prefix}tunnels"
         self.stream_key = f"{prefix}tunnel-changes"
         self.sessions_key = f"{prefix}tunnel-sessions"
+        self.index_prefix = f"{prefix}tunnels-of:"  # + sandbox id: that sandbox's tunnel ids (for the limit)
         self._redis: Redis | None = None
         self._position = "0-0"
         self._next_resync = 0.0
@@ -428,6 +494,7 @@ class RedisTunnelStore(TunnelStore):
         self._redis = Redis.from_url(self.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
         try:
             await self._load()
+            await self._index_live()
         except RedisError as exc:
             await self._redis.aclose()
             self._redis = None
@@ -529,6 +596,25 @@ class RedisTunnelStore(TunnelStore):
             return Session.from_record(json.loads(raw)) if raw is not None else None
         except (RedisError, KeyError, TypeError, ValueError):
             return None
+
+    async def _index_live(self) -> None:
+        """Every live tunnel in its sandbox's index (idempotent; records written before the index existed)."""
+        pipe = self._client.pipeline(transaction=False)
+        for tunnel in self.tunnels.values():
+            if tunnel.live():
+                pipe.zadd(self.index_prefix + tunnel.sandbox, {tunnel.id: tunnel.expires_at})
+        await pipe.execute()
+
+    async def _persist_new(self, tunnel: Tunnel, addresses: list[str]) -> None:
+        args = [tunnel.id, json.dumps(tunnel.to_record()), time.time(), self.config.max_per_sandbox]
+        args += [tunnel.expires_at, STREAM_MAXLEN, *addresses]
+        keys = [self.hash_key, self.index_prefix + tunnel.sandbox, self.stream_key]
+        try:
+            refused = await self._client.eval(CREATE_SCRIPT, len(keys), *keys, *args)
+        except RedisError as exc:
+            raise StoreUnavailable("STORE_UNAVAILABLE", f"Redis is unavailable ({exc}); nothing was changed") from None
+        if int(refused) >= 0:
+            raise self._too_many(tunnel.sandbox, int(refused))  # other nodes made tunnels this one has not seen yet
 
     async def _persist(self, put: list[Tunnel], delete: list[str]) -> None:
         pipe = self._client.pipeline(transaction=True)

@@ -30,6 +30,7 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from cryptography import x509
+from redis.asyncio import Redis
 
 from gateway.config import AuditConfig, load_config
 from gateway.decision import DEFAULT_LIMITS
@@ -307,6 +308,14 @@ async def test_expose_and_fetch_with_forwarding_headers(env: Env) -> None:
     records = [json.loads(line) for b in batches for line in env.flows.read_batch("sb1", b["name"]).splitlines()]
     assert records and all(r["dst_addr"] == APP_HOST and r["protocol"] == "http" for r in records)
     assert all("Cookie" not in json.dumps(r) for r in records)
+    first = [r for r in records if r["rule"] == f"tunnel:{tunnel.id[:4]}"]
+    assert len(first) == 2
+    for r in first:
+        assert (r["sandbox"], r["src_addr"], r["dst_port"]) == ("sb1", "127.0.0.1", env.app_port)
+        assert (r["orig_dst_addr"], r["orig_dst_port"]) == ("127.0.0.1", env.server.port) and r["src_port"] > 0
+        assert r["hostname"] == f"{tunnel.id}.{DOMAIN}:{env.server.port}"
+        assert (r["verdict"], r["reason"]) == ("allow", "tunnel 200") and r["bytes_down"] > 0
+        assert r["end_us"] >= r["start_us"] and r["duration_ms"] >= 0
 
 
 async def test_unknown_gone_and_unreachable_pages(env: Env) -> None:
@@ -804,4 +813,139 @@ async def test_tunnel_service_wires_store_and_server_beside_the_policy_store(tmp
                 assert response.status == 502  # nothing listens on port 9: the whole path works up to the sandbox
     finally:
         await service.close()
+        await policy.close()
+
+
+# --------------------------------------------------------------------------- the lean proxy path
+
+
+async def test_keep_alive_to_the_app_and_a_stale_pooled_connection_is_retried(env: Env) -> None:
+    """Requests reuse one connection to the app; when the app has closed a pooled connection meanwhile (it
+    reads the next request and hangs up without answering), the gateway retries once on a new one."""
+    accepted: list[int] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        served = 0
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                if served == 3:
+                    break  # hang up on the 4th request, unanswered
+                served += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(app, APP_HOST, 0)
+    try:
+        tunnel = await env.expose(port=server.sockets[0].getsockname()[1])
+        for _ in range(5):
+            async with env.client.get(env.url(tunnel.id)) as response:
+                assert response.status == 200 and await response.read() == b"ok"
+        assert len(accepted) == 2  # three answers on the first connection, the retried request on the second
+    finally:
+        env.server.pool.close()  # the pooled connection would keep the app server's wait_closed() waiting
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_chunked_upload_streams_to_the_app_before_it_ends(env: Env) -> None:
+    tunnel = await env.expose()
+    release = asyncio.Event()
+    seen = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"a" * 1000
+        await asyncio.wait_for(release.wait(), 5)  # the rest only once the app has the first part
+        yield b"b" * 1000
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head.lower()
+        size = int((await reader.readline()).strip(), 16)
+        first = await reader.readexactly(size + 2)
+        seen.set()
+        release.set()
+        rest = b""
+        while not rest.endswith(b"0\r\n\r\n"):
+            rest += await reader.read(4096)
+        body = f"{len(first) - 2} then {len(rest)}".encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(app, APP_HOST, 0)
+    try:
+        tunnel = await env.expose(port=server.sockets[0].getsockname()[1])
+        async with env.client.post(env.url(tunnel.id, "/up"), data=body()) as response:
+            assert response.status == 200
+            assert (await response.read()).startswith(b"1000 then")
+        assert seen.is_set()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_http10_client_gets_a_chunked_answer_delimited_by_the_close(env: Env) -> None:
+    tunnel = await env.expose()
+    host = f"{tunnel.id}.{DOMAIN}"
+    answer = await raw_request(env, tunnel.id, f"GET /sse HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
+    assert b"Connection: close" in head and body.startswith(b"data: 0\n\n")
+
+
+async def test_revocation_sends_the_websocket_client_a_policy_close(env: Env) -> None:
+    tunnel = await env.expose()
+    async with env.client.ws_connect(env.url(tunnel.id, "/ws")) as ws:
+        await ws.send_str("x")
+        assert (await ws.receive(timeout=2)).data == "echo:x"
+        await env.store.revoke(tunnel.id)
+        message = await ws.receive(timeout=2)
+        assert message.type == aiohttp.WSMsgType.CLOSE and message.data == 1008
+
+
+async def test_the_tunnel_limit_holds_across_nodes_creating_at_the_same_instant(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    policy = EmbeddedStore(CONTEXT, tmp_path / "policies.json", poll_interval=0.05)
+    await policy.start()
+    await policy.create_sandbox({"id": "sb1", "addresses": [APP_HOST]})
+    config = TunnelConfig(max_per_sandbox=3)
+    nodes = [RedisTunnelStore(policy.state, config, redis_server.url, "gwrace:") for _ in range(2)]
+    for node in nodes:
+        await node.start()
+    try:
+        # Each node sees no tunnels yet, so each alone would let all of its own through: only Redis can say no.
+        attempts = [node.create("sb1", {"port": 3000 + i}) for i in range(3) for node in nodes]
+        results = await asyncio.gather(*attempts, return_exceptions=True)
+        made = [r for r in results if isinstance(r, Tunnel)]
+        refused = [r for r in results if not isinstance(r, Tunnel)]
+        assert len(made) == 3 and len(refused) == 3
+        assert all(getattr(r, "code", None) == "TOO_MANY_TUNNELS" for r in refused)
+        await within(2, lambda: all(len([t for t in n.tunnels.values() if n.alive(t)]) == 3 for n in nodes))
+        # A revoked tunnel frees its place, on either node.
+        await nodes[1].revoke(made[0].id)
+        again = await nodes[0].create("sb1", {"port": 4000})
+        assert again.sandbox == "sb1"
+        with pytest.raises(Exception, match="live tunnels"):
+            await nodes[1].create("sb1", {"port": 4001})
+        # A node restarted over records from before the index existed puts them in it.
+        client = Redis.from_url(redis_server.url)
+        await client.delete("gwrace:tunnels-of:sb1")
+        await client.aclose()
+        restarted = RedisTunnelStore(policy.state, config, redis_server.url, "gwrace:")
+        await restarted.start()
+        try:
+            with pytest.raises(Exception, match="live tunnels"):
+                await restarted.create("sb1", {"port": 4002})
+        finally:
+            await restarted.close()
+    finally:
+        for node in nodes:
+            await node.close()
         await policy.close()

@@ -1,0 +1,232 @@
+"""The tunnel's pure HTTP/1.1 rules: what reaches the app, what reaches the client, how bodies are framed,
+where WebSocket frames end."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.tunnel.http1 import (
+    MAX_HEAD_BYTES,
+    Forwarding,
+    FrameBoundary,
+    HeadBuilder,
+    HeadTooLarge,
+    chunk,
+    client_response_head,
+    close_frame,
+    cookie_value,
+    header_map,
+    response_framing,
+    simple_response,
+    strip_cookie,
+    upstream_request_head,
+)
+
+FWD = Forwarding(
+    host=b"abc.tunnel.test",
+    forwarded_host=b"abc.tunnel.test",
+    forwarded_for=b"203.0.113.7",
+    strip_cookie=b"__Host-gw",
+    strip_basic=True,
+)
+
+
+def head_lines(head: bytes) -> list[bytes]:
+    assert head.endswith(b"\r\n\r\n")
+    return head[:-4].split(b"\r\n")
+
+
+def test_the_app_gets_end_to_end_headers_and_the_gateways_forwarding_headers() -> None:
+    sent = [
+        (b"Host", b"evil.example"),
+        (b"Connection", b"keep-alive, X-Private"),
+        (b"X-Private", b"hop"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"TE", b"trailers"),
+        (b"X-Forwarded-For", b"6.6.6.6"),
+        (b"Forwarded", b"for=6.6.6.6"),
+        (b"X-Real-IP", b"6.6.6.6"),
+        (b"Expect", b"100-continue"),
+        (b"Cookie", b"a=1; __Host-gw=secret; b=2"),
+        (b"Authorization", b"Basic bWU6cHc="),
+        (b"Accept", b"*/*"),
+        (b"Content-Length", b"5"),
+    ]
+    head = upstream_request_head(b"POST", b"/x?y=1", sent, FWD, content_length=b"5", chunked=False, websocket=False)
+    lines = head_lines(head)
+    assert lines[0] == b"POST /x?y=1 HTTP/1.1"
+    assert lines[1:] == [
+        b"Host: abc.tunnel.test",
+        b"Cookie: a=1; b=2",
+        b"Accept: */*",
+        b"X-Forwarded-For: 203.0.113.7",
+        b"X-Forwarded-Proto: https",
+        b"X-Forwarded-Host: abc.tunnel.test",
+        b"Content-Length: 5",
+    ]
+
+
+def test_an_apps_own_credentials_and_a_lone_gateway_cookie() -> None:
+    open_tunnel = Forwarding(b"h", b"h", b"1.2.3.4", b"__Host-gw", strip_basic=False)
+    sent = [(b"Authorization", b"Basic bWU6cHc="), (b"Cookie", b"__Host-gw=secret")]
+    lines = head_lines(upstream_request_head(b"GET", b"/", sent, open_tunnel, content_length=None, chunked=False,
+                                             websocket=False))  # fmt: skip
+    assert b"Authorization: Basic bWU6cHc=" in lines  # no password on the tunnel: Basic is the app's
+    assert not any(line.lower().startswith(b"cookie") for line in lines)  # nothing left of the cookie header
+    bearer = [(b"Authorization", b"Bearer t")]
+    lines = head_lines(upstream_request_head(b"GET", b"/", bearer, FWD, content_length=None, chunked=False,
+                                             websocket=False))  # fmt: skip
+    assert b"Authorization: Bearer t" in lines
+
+
+def test_request_body_framing_and_websocket_handshake() -> None:
+    chunked = upstream_request_head(
+        b"PUT", b"/", [(b"Transfer-Encoding", b"chunked")], FWD, content_length=None, chunked=True, websocket=False
+    )
+    assert head_lines(chunked)[-1] == b"Transfer-Encoding: chunked"
+    assert chunked.count(b"Transfer-Encoding") == 1
+    ws = [
+        (b"Upgrade", b"websocket"),
+        (b"Connection", b"Upgrade"),
+        (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+        (b"Sec-WebSocket-Version", b"13"),
+        (b"Sec-WebSocket-Protocol", b"chat"),
+    ]
+    lines = head_lines(upstream_request_head(b"GET", b"/ws", ws, FWD, content_length=None, chunked=False,
+                                             websocket=True))  # fmt: skip
+    assert b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==" in lines and b"Sec-WebSocket-Protocol: chat" in lines
+    assert lines[-2:] == [b"Connection: Upgrade", b"Upgrade: websocket"]
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "head", "keep", "http11", "expected"),
+    [
+        (200, {b"content-length": b"3"}, False, True, True, (True, 3, False, False, False)),
+        (200, {b"transfer-encoding": b"chunked"}, False, True, True, (True, None, False, True, False)),
+        (200, {b"transfer-encoding": b"chunked"}, False, True, False, (True, None, False, False, True)),
+        (200, {}, False, True, True, (True, None, True, True, False)),  # until the app closes: re-chunked
+        (200, {}, False, True, False, (True, None, True, False, True)),  # HTTP/1.0: the close ends it
+        (200, {b"content-length": b"3"}, True, True, True, (False, None, False, False, False)),  # HEAD
+        (204, {}, False, True, True, (False, None, False, False, False)),
+        (304, {b"content-length": b"10"}, False, False, True, (False, None, False, False, True)),
+        (200, {b"content-length": b"3"}, False, False, True, (True, 3, False, False, True)),
+    ],
+)
+def test_response_framing(
+    status: int,
+    headers: dict[bytes, bytes],
+    head: bool,
+    keep: bool,
+    http11: bool,
+    expected: tuple[bool, int | None, bool, bool, bool],
+) -> None:
+    framing = response_framing(status, headers, head_request=head, client_keep_alive=keep, client_http11=http11)
+    assert (
+        framing.has_body,
+        framing.content_length,
+        framing.until_close,
+        framing.chunk_to_client,
+        framing.close_client,
+    ) == expected
+
+
+def test_the_client_gets_end_to_end_headers_and_the_gateways_framing() -> None:
+    headers = [
+        (b"Content-Type", b"text/plain"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Connection", b"keep-alive, X-Hop"),
+        (b"X-Hop", b"1"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
+    ]
+    framing = response_framing(200, header_map(headers), head_request=False, client_keep_alive=True, client_http11=True)
+    lines = head_lines(client_response_head(200, b"OK", headers, framing))
+    assert lines == [
+        b"HTTP/1.1 200 OK",
+        b"Content-Type: text/plain",
+        b"Set-Cookie: a=1",
+        b"Set-Cookie: b=2",
+        b"Transfer-Encoding: chunked",
+    ]
+    closing = response_framing(200, {}, head_request=False, client_keep_alive=True, client_http11=False)
+    assert head_lines(client_response_head(201, b"", [], closing)) == [b"HTTP/1.1 201 Created", b"Connection: close"]
+
+
+def test_simple_responses_and_chunks() -> None:
+    answer = simple_response(404, [(b"Content-Type", b"application/json")], b"{}", close=True)
+    assert answer == b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 2\r\n" + (
+        b"Connection: close\r\n\r\n{}"
+    )
+    assert simple_response(200, [], b"body", close=False, head_request=True).endswith(b"Content-Length: 4\r\n\r\n")
+    assert chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
+
+
+def test_cookies() -> None:
+    assert cookie_value(b"a=1; __Host-gw=tok; b=2", b"__Host-gw") == b"tok"
+    assert cookie_value(b'__Host-gw="tok"', b"__Host-gw") == b"tok"
+    assert cookie_value(b"x__Host-gw=tok", b"__Host-gw") is None
+    assert cookie_value(None, b"__Host-gw") is None
+    assert strip_cookie(b"a=1; __Host-gw=tok;b=2", b"__Host-gw") == b"a=1; b=2"
+    assert strip_cookie(b"a=1", b"__Host-gw") == b"a=1"
+
+
+def test_heads_are_bounded() -> None:
+    builder = HeadBuilder()
+    builder.add_first(b"/" * 100)
+    with pytest.raises(HeadTooLarge):
+        builder.add_header(b"X", b"v" * MAX_HEAD_BYTES)
+    many = HeadBuilder()
+    with pytest.raises(HeadTooLarge):
+        for i in range(1000):
+            many.add_header(b"X-%d" % i, b"1")
+
+
+# --------------------------------------------------------------------------- WebSocket frames
+
+
+def frame(payload: bytes, *, masked: bool = False, opcode: int = 0x2) -> bytes:
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x80 | opcode, size | (0x80 if masked else 0)))
+    elif size < 65536:
+        header = bytes((0x80 | opcode, 126 | (0x80 if masked else 0))) + size.to_bytes(2, "big")
+    else:
+        header = bytes((0x80 | opcode, 127 | (0x80 if masked else 0))) + size.to_bytes(8, "big")
+    if masked:
+        header += b"\x01\x02\x03\x04"  # the payload bytes need not be really masked for boundary tracking
+    return header + payload
+
+
+@given(
+    sizes=st.lists(st.sampled_from([0, 1, 125, 126, 127, 300, 65535, 65536, 70000]), min_size=1, max_size=6),
+    masked=st.booleans(),
+    cuts=st.lists(st.integers(min_value=1, max_value=70000), max_size=12),
+)
+def test_frame_boundaries_are_found_however_the_stream_is_cut(sizes: list[int], masked: bool, cuts: list[int]) -> None:
+    frames = [frame(b"\xa5" * size, masked=masked) for size in sizes]
+    stream = b"".join(frames)
+    ends = set()
+    offset = 0
+    for f in frames:
+        offset += len(f)
+        ends.add(offset)
+    tracker = FrameBoundary()
+    position = 0
+    points = sorted({min(c, len(stream)) for c in cuts} | {len(stream)})
+    for point in points:
+        if point <= position:
+            continue
+        tracker.feed(stream[position:point])
+        position = point
+        assert tracker.at_boundary == (position in ends)
+    assert tracker.at_boundary
+
+
+def test_close_frame() -> None:
+    assert close_frame(1008, b"tunnel ended") == b"\x88\x0e\x03\xf0tunnel ended"
+    tracker = FrameBoundary()
+    tracker.feed(close_frame(1000))
+    assert tracker.at_boundary

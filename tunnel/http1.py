@@ -1,0 +1,311 @@
+"""HTTP/1.1 for the tunnel, the pure part: request and response heads, header rewriting, body framing,
+WebSocket frame boundaries. No I/O here (that is `gateway.tunnel.wire`); everything is bytes in, bytes out.
+
+Header names are compared lowercased; values are passed through byte for byte (latin-1 text where the
+gateway reads them), so nothing the app or the client sent is re-encoded on the way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Final
+
+#: Connection-level headers (RFC 9110 7.6.1): never forwarded, each hop sets its own.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+#: Client-supplied copies are dropped; the gateway sets its own X-Forwarded-* from what it saw.
+FORWARDING: Final = frozenset(
+    {b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"}
+)
+#: Responses that never have a body, whatever their headers say (RFC 9110 6.4.1).
+NO_BODY_STATUS: Final = frozenset({204, 304})
+MAX_HEAD_BYTES: Final = 64 * 1024  # request line + headers from a client, and a response head from an app
+MAX_HEADERS: Final = 128
+
+Headers = list[tuple[bytes, bytes]]
+
+REASONS: Final = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+class HeadTooLarge(Exception):
+    """A request or response head over MAX_HEAD_BYTES or MAX_HEADERS."""
+
+
+@dataclass(slots=True)
+class HeadBuilder:
+    """Collects a head from parser callbacks (target or reason, then fields), bounded in size and count."""
+
+    first: bytes = b""
+    headers: Headers = field(default_factory=list)
+    size: int = 0
+
+    def add_first(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > MAX_HEAD_BYTES:
+            raise HeadTooLarge("head too large")
+        self.first += data
+
+    def add_header(self, name: bytes, value: bytes) -> None:
+        self.size += len(name) + len(value) + 4
+        if self.size > MAX_HEAD_BYTES or len(self.headers) >= MAX_HEADERS:
+            raise HeadTooLarge("head too large")
+        self.headers.append((name, value))
+
+
+def header_map(headers: Headers) -> dict[bytes, bytes]:
+    """Lowercased name -> value (a repeated field: the values joined with `, `, as RFC 9110 5.3 allows)."""
+    found: dict[bytes, bytes] = {}
+    for name, value in headers:
+        key = name.lower()
+        found[key] = found[key] + b", " + value if key in found else value
+    return found
+
+
+def connection_tokens(value: bytes | None) -> frozenset[bytes]:
+    """The lowercased tokens of a Connection header: the names it lists are hop-by-hop too."""
+    if not value:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(b","))
+
+
+def _listed(headers: Headers, fields: dict[bytes, bytes] | None) -> frozenset[bytes]:
+    if fields is not None:
+        return connection_tokens(fields.get(b"connection"))
+    return connection_tokens(b", ".join(value for name, value in headers if name.lower() == b"connection"))
+
+
+def is_chunked(transfer_encoding: bytes | None) -> bool:
+    return transfer_encoding is not None and transfer_encoding.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+
+
+def strip_cookie(value: bytes, name: bytes) -> bytes:
+    """The Cookie header without the cookie `name` (the gateway's own session cookie)."""
+    if name not in value:
+        return value
+    parts = [p.strip() for p in value.split(b";")]
+    return b"; ".join(p for p in parts if p and p.split(b"=", 1)[0].strip() != name)
+
+
+def cookie_value(value: bytes | None, name: bytes) -> bytes | None:
+    """The value of cookie `name` in a Cookie header, or None."""
+    if not value or name not in value:
+        return None
+    for part in value.split(b";"):
+        key, sep, found = part.strip().partition(b"=")
+        if sep and key == name:
+            return found.strip().strip(b'"')
+    return None
+
+
+@dataclass(slots=True)
+class Forwarding:
+    """What the gateway adds to a request for the app (and removes from it)."""
+
+    host: bytes  # the Host the app sees (the tunnel's, or `localhost:<port>` with host rewriting)
+    forwarded_host: bytes  # the Host the client used
+    forwarded_for: bytes  # the client's address
+    strip_cookie: bytes  # the gateway's session cookie name
+    strip_basic: bool  # the tunnel has a password: Basic credentials are the gateway's, not the app's
+
+
+def upstream_request_head(
+    method: bytes,
+    target: bytes,
+    headers: Headers,
+    fwd: Forwarding,
+    *,
+    content_length: bytes | None,
+    chunked: bool,
+    websocket: bool,
+    fields: dict[bytes, bytes] | None = None,
+) -> bytes:
+    """The request head sent to the app: the client's end-to-end headers, minus hop-by-hop ones, forwarding
+    headers, Host and Expect (the gateway answers 100-continue itself) and the gateway's credentials, plus the
+    gateway's Host and X-Forwarded-*, and the body framing the gateway relays (Content-Length as the client
+    sent it, or chunked). A WebSocket handshake keeps its Sec-WebSocket-* fields and asks for the upgrade.
+    `fields`: `header_map(headers)` when the caller has it (saves a pass over the headers)."""
+    listed = _listed(headers, fields)
+    out = [method, b" ", target, b" HTTP/1.1\r\nHost: ", fwd.host, b"\r\n"]
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in FORWARDING or lower in listed:
+            continue
+        if lower == b"host" or lower == b"expect" or lower == b"content-length":
+            continue
+        if lower == b"cookie":
+            value = strip_cookie(value, fwd.strip_cookie)
+            if not value:
+                continue
+        elif lower == b"authorization" and fwd.strip_basic and value[:6].lower() == b"basic ":
+            continue
+        out += (name, b": ", value, b"\r\n")
+    out += (b"X-Forwarded-For: ", fwd.forwarded_for, b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: ")
+    out += (fwd.forwarded_host, b"\r\n")
+    if websocket:
+        out.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    elif chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    elif content_length is not None:
+        out += (b"Content-Length: ", content_length, b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+@dataclass(slots=True)
+class ResponseFraming:
+    """How a response body is delimited: by the app (its Content-Length or chunks, or its closing the
+    connection) and towards the client (Content-Length passed through, chunked, or close)."""
+
+    has_body: bool
+    content_length: int | None  # the app's, when it gave one (and no chunking)
+    until_close: bool  # the app ends the body by closing the connection
+    chunk_to_client: bool  # the gateway re-chunks it for an HTTP/1.1 client
+    close_client: bool  # the client connection must close after this response
+
+
+def response_has_body(status: int, *, head_request: bool) -> bool:
+    return not (head_request or status in NO_BODY_STATUS or 100 <= status < 200)
+
+
+def response_length(headers: dict[bytes, bytes]) -> tuple[int | None, bool]:
+    """(Content-Length or None, whether the app ends the body by closing) for a response that has a body."""
+    if is_chunked(headers.get(b"transfer-encoding")):
+        return None, False
+    raw = headers.get(b"content-length")
+    if raw is not None and raw.strip().isdigit():
+        return int(raw), False
+    return None, True  # neither: the body runs until the app closes the connection (RFC 9112 6.3)
+
+
+def response_framing(
+    status: int, headers: dict[bytes, bytes], *, head_request: bool, client_keep_alive: bool, client_http11: bool
+) -> ResponseFraming:
+    if not response_has_body(status, head_request=head_request):
+        return ResponseFraming(False, None, False, False, not client_keep_alive)
+    length, until_close = response_length(headers)
+    if length is not None:
+        return ResponseFraming(True, length, False, False, not client_keep_alive)
+    if client_http11:
+        return ResponseFraming(True, None, until_close, True, not client_keep_alive)
+    return ResponseFraming(True, None, until_close, False, True)  # HTTP/1.0: the end of the body is the close
+
+
+def client_response_head(
+    status: int,
+    reason: bytes,
+    headers: Headers,
+    framing: ResponseFraming,
+    *,
+    extra: Headers = (),
+    fields: dict[bytes, bytes] | None = None,
+) -> bytes:
+    """The response head for the client: the app's end-to-end headers and the gateway's framing."""
+    listed = _listed(headers, fields)
+    out = [b"HTTP/1.1 %d " % status, reason or REASONS.get(status, b"Status"), b"\r\n"]
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in listed:
+            continue
+        if lower == b"content-length" and framing.has_body and framing.content_length is None:
+            continue  # the app sent both a length and chunks: the chunks win (and the length goes)
+        out += (name, b": ", value, b"\r\n")
+    for name, value in extra:
+        out += (name, b": ", value, b"\r\n")
+    if framing.chunk_to_client:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    if framing.close_client:
+        out.append(b"Connection: close\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def simple_response(status: int, headers: Headers, body: bytes, *, close: bool, head_request: bool = False) -> bytes:
+    """A complete response the gateway makes itself (pages, redirects, refusals)."""
+    out = [b"HTTP/1.1 %d " % status, REASONS.get(status, b"Status"), b"\r\n"]
+    for name, value in headers:
+        out += (name, b": ", value, b"\r\n")
+    out.append(b"Content-Length: %d\r\n" % len(body))
+    if close:
+        out.append(b"Connection: close\r\n")
+    out.append(b"\r\n")
+    if not head_request:
+        out.append(body)
+    return b"".join(out)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK: Final = b"0\r\n\r\n"
+
+
+# --------------------------------------------------------------------------- WebSocket
+
+
+def close_frame(code: int, reason: bytes = b"") -> bytes:
+    """A server-to-client (unmasked) Close frame (RFC 6455 5.5.1)."""
+    payload = code.to_bytes(2, "big") + reason[:123]
+    return bytes((0x88, len(payload))) + payload
+
+
+class FrameBoundary:
+    """Follows one direction of a relayed WebSocket stream just enough to know where frames end, so the
+    gateway can put a Close frame of its own between two frames (never inside one)."""
+
+    __slots__ = ("_header", "_left")
+
+    def __init__(self) -> None:
+        self._left = 0  # payload bytes of the current frame still to come
+        self._header = b""  # a frame header split across reads
+
+    @property
+    def at_boundary(self) -> bool:
+        return self._left == 0 and not self._header
+
+    def feed(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._left:
+                step = min(self._left, end - pos)
+                self._left -= step
+                pos += step
+                continue
+            header = self._header + data[pos : pos + 14]
+            size = _frame_header_size(header)
+            if size is None or len(header) < size:
+                self._header = header
+                return
+            used = size - len(self._header)
+            self._header = b""
+            pos += used
+            self._left = _frame_payload_length(header)
+
+
+def _frame_header_size(header: bytes) -> int | None:
+    if len(header) < 2:
+        return None
+    length = header[1] & 0x7F
+    extended = 2 if length == 126 else 8 if length == 127 else 0
+    return 2 + extended + (4 if header[1] & 0x80 else 0)
+
+
+def _frame_payload_length(header: bytes) -> int:
+    length = header[1] & 0x7F
+    if length == 126:
+        return int.from_bytes(header[2:4], "big")
+    if length == 127:
+        return int.from_bytes(header[2:10], "big")
+    return length

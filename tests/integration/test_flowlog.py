@@ -84,7 +84,7 @@ def test_record_fields_are_metadata_only() -> None:
     assert list(rec.to_dict()) == names
     assert json.loads(json.dumps(rec.to_dict())) == rec.to_dict()
     with pytest.raises(AttributeError):
-        rec.bytes_up = 1  # type: ignore[misc]
+        rec.payload = b"secret"  # type: ignore[attr-defined]  # slots: nothing outside the fields attaches
     with pytest.raises(TypeError):
         FlowRecord(**rec.to_dict(), payload=b"secret")  # type: ignore[call-arg]
 

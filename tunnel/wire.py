@@ -50,6 +50,29 @@ class Pausable:
         raise NotImplementedError
 
 
+class HeadCallbacks:
+    """The httptools callbacks that collect one message head, shared by the request and the response side.
+    The first line's callback (`on_url` for a request, `on_status` for a response) is `on_first_line`."""
+
+    _head: HeadBuilder | None
+
+    def on_message_begin(self) -> None:
+        self._head = HeadBuilder()
+
+    def on_first_line(self, data: bytes) -> None:
+        assert self._head is not None
+        self._head.add_first(data)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head is not None:  # None: a trailer after a chunked body (dropped, as hop-by-hop framing)
+            self._head.add_header(name, value)
+
+    def take_head(self) -> HeadBuilder:
+        head, self._head = self._head, None
+        assert head is not None
+        return head
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -178,7 +201,7 @@ Handler = Callable[["ClientConnection", Request], Awaitable[None]]
 # --------------------------------------------------------------------------- client connections
 
 
-class ClientConnection(asyncio.Protocol, Pausable):
+class ClientConnection(asyncio.Protocol, Pausable, HeadCallbacks):
     """A client's connection: requests parsed as they arrive and handled one at a time (pipelined ones wait,
     with reading paused), responses written by the handler through `write`."""
 
@@ -285,20 +308,10 @@ class ClientConnection(asyncio.Protocol, Pausable):
 
     # ------------------------------------------------------------------ httptools callbacks
 
-    def on_message_begin(self) -> None:
-        self._head = HeadBuilder()
-
-    def on_url(self, url: bytes) -> None:
-        assert self._head is not None
-        self._head.add_first(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._head is not None:  # None: a trailer after a chunked body (dropped, as hop-by-hop framing)
-            self._head.add_header(name, value)
+    on_url = HeadCallbacks.on_first_line
 
     def on_headers_complete(self) -> None:
-        head, self._head = self._head, None
-        assert head is not None
+        head = self.take_head()
         parser = self.parser
         request = Request(
             parser.get_method(),
@@ -426,7 +439,7 @@ class ResponseHead:
         self.keep_alive = keep_alive
 
 
-class UpstreamConnection(asyncio.Protocol, Pausable):
+class UpstreamConnection(asyncio.Protocol, Pausable, HeadCallbacks):
     """A connection to an app: one exchange at a time (`start`, `response_head`, `attach`, `wait_done`),
     then back to its pool when the response was read to its end and both sides allow keep-alive."""
 
@@ -450,7 +463,7 @@ class UpstreamConnection(asyncio.Protocol, Pausable):
         self._received = 0
         self._head_request = False
         self._informational = False
-        self._builder: HeadBuilder | None = None
+        self._head: HeadBuilder | None = None
         self._error: UpstreamError | None = None
         self._head_waiter: asyncio.Future[ResponseHead] | None = None
         self._done_waiter: asyncio.Future[None] | None = None
@@ -613,20 +626,10 @@ class UpstreamConnection(asyncio.Protocol, Pausable):
 
     # ------------------------------------------------------------------ httptools callbacks
 
-    def on_message_begin(self) -> None:
-        self._builder = HeadBuilder()
-
-    def on_status(self, reason: bytes) -> None:
-        assert self._builder is not None
-        self._builder.add_first(reason)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._builder is not None:  # None: a trailer after a chunked body (dropped, as hop-by-hop framing)
-            self._builder.add_header(name, value)
+    on_status = HeadCallbacks.on_first_line
 
     def on_headers_complete(self) -> None:
-        builder, self._builder = self._builder, None
-        assert builder is not None
+        builder = self.take_head()
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self._informational = True  # 100 Continue, 103 Early Hints: not passed on, the real answer follows

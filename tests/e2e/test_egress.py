@@ -443,6 +443,16 @@ class Env:
         return out
 
 
+def assert_dns_answer_unlocks_opaque_tcp(env: Env, sb: str) -> None:
+    """The sandbox's own DNS answer for allowed.test makes its address (port 22, SSH-like) reachable."""
+    answer = env.topo.run(
+        sb, ["dig", "+time=2", "+tries=1", "@198.18.1.2", "allowed.test", "A", "+short"], check=False, timeout=10
+    )
+    assert answer.stdout.split() == ["198.18.1.1"], answer.stdout + answer.stderr
+    out = env.topo.python(sb, BANNER_CLIENT, "198.18.1.1", "22").strip()
+    assert out == "DATA SSH-2.0-TestOrigin 198.18.1.1|ECHO SSH-2.0-TestClient|", out
+
+
 def pin(name: str, port: int, address: str) -> list[str]:
     return ["--resolve", f"{name}:{port}:{address}"]
 
@@ -711,12 +721,7 @@ def test_opaque_tcp_reaches_an_address_the_sandbox_learned_from_dns_for_an_allow
     assert env.topo.python("sb1", BANNER_CLIENT, "198.18.1.2", "22").strip() == "RESET"
     fresh = env.topo.python("sb3", BANNER_CLIENT, "198.18.1.1", "22").strip()
     assert fresh != "DATA SSH-2.0-TestOrigin 198.18.1.1|ECHO SSH-2.0-TestClient|"  # sb3 has no policy yet
-    answer = env.topo.run(
-        "sb1", ["dig", "+time=2", "+tries=1", "@198.18.1.2", "allowed.test", "A", "+short"], check=False, timeout=10
-    )
-    assert answer.stdout.split() == ["198.18.1.1"], answer.stdout + answer.stderr
-    out = env.topo.python("sb1", BANNER_CLIENT, "198.18.1.1", "22").strip()
-    assert out == "DATA SSH-2.0-TestOrigin 198.18.1.1|ECHO SSH-2.0-TestClient|", out
+    assert_dns_answer_unlocks_opaque_tcp(env, "sb1")
 
 
 @pytest.mark.root

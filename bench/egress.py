@@ -490,6 +490,7 @@ class Options:
     idle: int
     phase_seconds: float
     profile: Path | None = None  # run the gateway under cProfile, stats written here
+    event_loop: str = "uvloop"  # the gateway's --event-loop
 
 
 class Bench:
@@ -569,7 +570,7 @@ class Bench:
                 sys.executable,
                 *(["-m", "cProfile", "-o", str(self.opts.profile)] if self.opts.profile else []),
                 *(["-c", NOCAP_LAUNCHER] if subject == "gateway-nocap" else ["-m", "gateway.cli"]),
-                *["run", "--data-plane", "--steer", "--config", str(config)],
+                *["run", "--data-plane", "--steer", "--config", str(config), "--event-loop", self.opts.event_loop],
             ],
             stderr=log,
             env=env,
@@ -795,6 +796,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="run the gateway under cProfile (its CPU numbers are then inflated); stats to FILE, top 30 printed",
     )
+    parser.add_argument(
+        "--event-loop", choices=("uvloop", "asyncio"), default="uvloop", help="the gateway's loop (as gateway run)"
+    )
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs and logs (path printed)")
     args = parser.parse_args(argv)
 
@@ -811,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         idle=min(args.idle or (500 if quick else 5000), 8000),
         phase_seconds=args.phase_seconds or (10.0 if quick else 30.0),
         profile=args.profile_gateway.resolve() if args.profile_gateway else None,
+        event_loop=args.event_loop,
     )
     if os.geteuid() != 0:
         print("needs root (network namespaces, nftables)", file=sys.stderr)

@@ -750,7 +750,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--event-loop",
         choices=("uvloop", "asyncio"),
         default="uvloop",
-        help="uvloop (default: libuv, about twice as fast per connection) or the standard library's loop",
+        help="uvloop (default: libuv; cheaper TLS and loop work, the tunnel serves ~1.4x the requests) or the "
+        "standard library's loop",
     )
     p.add_argument(
         "--workers",

@@ -92,6 +92,8 @@ UDP_BATCH: Final = 64
 #: Receive buffer per datagram: a query is at most a few hundred bytes (4096 is the largest EDNS size in use);
 #: anything longer arrives cut and is answered FORMERR. Not 65535: that would be allocated for every packet.
 UDP_BUFFER: Final = 4096
+#: Transparent reply sockets kept open, one per original destination (resolver address) a sandbox asked.
+MAX_REPLY_SOCKETS: Final = 256
 TCP_MAX_MESSAGE: Final = 65535
 MAX_LOGGED_SANDBOXES: Final = 100_000
 DEBUG_LOG_BURST: Final = 20  # malformed-packet debug lines per DEBUG_LOG_WINDOW seconds at most
@@ -711,12 +713,17 @@ class _UdpListener:
         self.loop = asyncio.get_running_loop()
         self.tasks: set[asyncio.Task[None]] = set()
         self.by_source: Counter[str] = Counter()
+        #: Transparent mode: (address, port) a sandbox asked -> a socket bound there that sends the answers.
+        self.replies: OrderedDict[tuple[str, int], socket.socket] = OrderedDict()
         self.loop.add_reader(sock.fileno(), self._readable)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
+        for reply in self.replies.values():
+            reply.close()
+        self.replies.clear()
         for task in list(self.tasks):
             task.cancel()
 
@@ -775,19 +782,33 @@ class _UdpListener:
             if self.by_source[source] <= 0:
                 del self.by_source[source]
 
+    def _reply_socket(self, dst: tuple[Any, ...]) -> socket.socket:
+        """The answer must come from the address and port the sandbox asked: a transparent socket bound there,
+        kept for the next answers (opening one per answer is five system calls). It never receives a query:
+        TPROXY's lookup skips unconnected UDP sockets for established flows and finds the listener on the
+        TPROXY port, and nothing else is delivered locally to a foreign address."""
+        key = (str(dst[0]), int(dst[1]))
+        reply = self.replies.get(key)
+        if reply is not None:
+            self.replies.move_to_end(key)
+            return reply
+        reply = _transparent_socket(self.family, socket.SOCK_DGRAM)
+        try:
+            reply.setblocking(False)
+            reply.bind(key)
+        except OSError:
+            reply.close()
+            raise
+        self.replies[key] = reply
+        if len(self.replies) > MAX_REPLY_SOCKETS:
+            self.replies.popitem(last=False)[1].close()
+        return reply
+
     def _send(self, response: bytes, peer: tuple[Any, ...], dst: tuple[Any, ...]) -> None:
         try:
             if not self.transparent:
                 self.sock.sendto(response, peer)
                 return
-            # From the original destination: a transparent socket bound to it, closed at once. Kept open it
-            # would be found by TPROXY's socket lookup for the next query to that address and swallow it.
-            reply = _transparent_socket(self.family, socket.SOCK_DGRAM)
-            try:
-                reply.setblocking(False)
-                reply.bind((str(dst[0]), int(dst[1])))
-                reply.sendto(response, peer)
-            finally:
-                reply.close()
+            self._reply_socket(dst).sendto(response, peer)
         except OSError as exc:  # a full socket buffer or a vanished route: the client retries
             self.owner._debug("dns.udp_send_error", error=str(exc), client=peer[0])

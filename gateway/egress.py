@@ -505,6 +505,8 @@ class EgressEngine:
             ready = conn.recv(min(READ_CHUNK, peeker.want))
         except (BlockingIOError, InterruptedError):
             ready = None
+        except OSError:  # reset before its first byte: as if closed, nothing to decide or record
+            ready = b""
         peeked = None if ready is None else peeker.feed(ready)
         waiting = peeked is None  # only connections that must wait for their first bytes count against the caps
         if waiting and (

@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procstat import cpu_seconds, descendants, fmt, have, rss_kib  # bench/ is on sys.path when a script runs
+from aptget import install_missing  # bench/ is on sys.path when a script runs
+from procstat import cpu_seconds, descendants, fmt, have, rss_kib
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -277,22 +278,7 @@ def ensure_packages(subjects: Iterable[str], install: bool) -> None:
         missing.add("libnginx-mod-stream")
     if "haproxy" in subjects and not have("haproxy"):
         missing.add("haproxy")
-    if not missing:
-        return
-    packages = sorted(missing)
-    command = f"apt-get update && apt-get install -y --no-install-recommends {' '.join(packages)}"
-    if not install:
-        print(f"missing packages; run:\n  {command}", file=sys.stderr)
-        sys.exit(2)
-    print(f"installing: {' '.join(packages)}", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
-    ):
-        if subprocess.run(argv, env=env, timeout=600, check=False).returncode != 0:
-            print(f"apt failed; run:\n  {command}", file=sys.stderr)
-            sys.exit(2)
+    install_missing(missing, install)
 
 
 def _drain(stream: Any) -> None:

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procstat import cpu_seconds, descendants, fmt, have  # bench/ is on sys.path when a script runs
+from aptget import install_missing  # bench/ is on sys.path when a script runs
+from procstat import cpu_seconds, descendants, fmt, have
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -223,22 +224,7 @@ def taskset(cpu: int | None) -> list[str]:
 
 
 def ensure_packages(install: bool) -> None:
-    missing = sorted(pkg for binary, pkg in APT_PACKAGES.items() if not have(binary))
-    if not missing:
-        return
-    command = f"apt-get update && apt-get install -y --no-install-recommends {' '.join(missing)}"
-    if not install or os.geteuid() != 0:
-        print(f"missing packages; run:\n  {command}", file=sys.stderr)
-        sys.exit(2)
-    print(f"installing: {' '.join(missing)}", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-    ):
-        if subprocess.run(argv, env=env, timeout=600, check=False).returncode != 0:
-            print(f"apt failed; run:\n  {command}", file=sys.stderr)
-            sys.exit(2)
+    install_missing((pkg for binary, pkg in APT_PACKAGES.items() if not have(binary)), install)
 
 
 def wait_port(proc: subprocess.Popen[Any], host: str, port: int, log: Path, seconds: float = 15.0) -> None:

@@ -7,11 +7,12 @@ One run, one upstream "sandbox app" (a raw asyncio HTTP/1.1 server on 127.77.0.2
 * `gateway`: the real `TunnelServer` (tunnel store + embedded policy store + flow records + JSON logs, as
              `gateway run` wires it, under uvloop as `gateway run` runs it) in its own process, with a
              generated test CA and wildcard leaf (`init_certs`) and one tunnel without a password to the app.
-* `nginx`:   nginx (1 worker), the same certificate, `proxy_http_version 1.1`, keep-alive to the upstream,
-             `proxy_buffering off`.
+* `nginx`:   nginx (1 worker, a buffered access log), the same certificate, `proxy_http_version 1.1`,
+             keep-alive to the upstream, `proxy_buffering off`.
 
 Metrics per subject: keep-alive requests/s and p50/p99 latency with small responses (`wrk`, one thread,
-`--conns` connections, `--seconds` long, on CPU 1), the proxy's CPU per request (utime+stime from /proc),
+`--conns` connections, on CPU 1; `--rounds` phases of `--seconds` in which the subjects take turns, so a
+drift in the VM's speed falls on both), the proxy's CPU per request (utime+stime from /proc),
 and one large download (`--download-mib`) through each: MB/s at a Python client that verifies the
 certificate, and the proxy's CPU seconds per GiB.
 
@@ -32,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -261,7 +263,8 @@ pid {workdir}/nginx.pid;
 error_log {workdir}/nginx.err warn;
 events {{ worker_connections 8192; }}
 http {{
-    access_log off;
+    # As the gateway writes an access record per request (batched to files each second), so does nginx.
+    access_log {workdir}/nginx-access.log combined buffer=64k flush=1s;
     client_body_temp_path {workdir}/tmp-body;
     proxy_temp_path {workdir}/tmp-proxy;
     fastcgi_temp_path {workdir}/tmp-fcgi;
@@ -300,6 +303,7 @@ http {{
 class Options:
     conns: int
     seconds: float
+    rounds: int
     download_mib: int
     proxy_cpu: int | None
     client_cpu: int | None
@@ -308,19 +312,56 @@ class Options:
 
 
 @dataclass
+class Round:
+    """One request phase of one subject."""
+
+    rps: float
+    requests: int
+    cpu: float  # proxy CPU seconds (utime + stime)
+    sys: float  # of which stime
+    wall: float
+    wrk: dict[str, float]
+
+    @property
+    def cpu_us_per_req(self) -> float | None:
+        return self.cpu / self.requests * 1e6 if self.requests else None
+
+
+@dataclass
 class Result:
     subject: str
-    rps: float | None = None
-    p50_ms: float | None = None
-    p99_ms: float | None = None
-    requests: int = 0
-    errors: int = 0
-    cpu_us_per_req: float | None = None
-    rps_sys_share: float | None = None
-    proxy_busy: float | None = None  # proxy CPU seconds / wall seconds during the request phase
+    rounds: list[Round] = field(default_factory=list)
     download_mb_s: float | None = None
     cpu_s_per_gib: float | None = None
     notes: list[str] = field(default_factory=list)
+
+    # Over all rounds: requests / wall and CPU / requests; latency percentiles as the median of the rounds'.
+    @property
+    def requests(self) -> int:
+        return sum(r.requests for r in self.rounds)
+
+    @property
+    def rps(self) -> float | None:
+        seconds = sum(r.requests / r.rps for r in self.rounds if r.rps)  # wrk's own measured durations
+        return self.requests / seconds if seconds else None
+
+    @property
+    def cpu_us_per_req(self) -> float | None:
+        return sum(r.cpu for r in self.rounds) / self.requests * 1e6 if self.requests else None
+
+    @property
+    def rps_sys_share(self) -> float | None:
+        cpu = sum(r.cpu for r in self.rounds)
+        return sum(r.sys for r in self.rounds) / cpu if cpu else None
+
+    @property
+    def proxy_busy(self) -> float | None:
+        wall = sum(r.wall for r in self.rounds)
+        return sum(r.cpu for r in self.rounds) / wall if wall else None
+
+    def latency(self, key: str) -> float | None:
+        found = [r.wrk[key] for r in self.rounds if key in r.wrk]
+        return statistics.median(found) if found else None
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -421,47 +462,59 @@ class Bench:
             raise RuntimeError(f"download client failed: {out.stderr[-1500:]}")
         return json.loads(out.stdout)
 
-    def measure(self, subject: str) -> Result:
-        result = Result(subject)
-        proc, port, host = self.start(subject)
+    def measure(self, subjects: list[str]) -> dict[str, Result]:
+        """Every subject started once, then `rounds` request phases in which the subjects take turns (the
+        order reversed every other round, so a drift of the machine's speed during the run falls on both),
+        then one large download through each."""
+        running: dict[str, tuple[subprocess.Popen[Any], int, str]] = {}
+        results = {subject: Result(subject) for subject in subjects}
         try:
-            pids = descendants(proc.pid)
-            # Warm-up and a check that the path works at all: a verified download of 1 MiB, then 2 s of load.
-            check = self.download(port, host, 1, 20)
-            if check["status"] != 200 or check["bytes"] != MIB:
-                raise RuntimeError(f"{subject}: the path does not work: {check}")
-            warm = self.wrk(port, host, 2, self.opts.conns)
-            if warm["requests"] == 0 or warm["errors"] > 0:
-                raise RuntimeError(f"{subject}: warm-up failed: {warm}")
-
-            cpu0, sys0 = cpu_seconds(pids)
-            t0 = time.monotonic()
-            load = self.wrk(port, host, self.opts.seconds, self.opts.conns)
-            wall = time.monotonic() - t0
-            cpu1, sys1 = cpu_seconds(pids)
-            result.rps, result.p50_ms, result.p99_ms = load["rps"], load.get("p50"), load.get("p99")
-            result.requests, result.errors = int(load["requests"]), int(load["errors"])
-            if result.requests:
-                result.cpu_us_per_req = (cpu1 - cpu0) / result.requests * 1e6
-                result.rps_sys_share = (sys1 - sys0) / (cpu1 - cpu0) if cpu1 > cpu0 else None
-            result.proxy_busy = (cpu1 - cpu0) / wall
-            if result.errors:
-                result.notes.append(f"{result.errors} wrk errors (socket errors or non-2xx)")
-
-            mib = self.opts.download_mib
-            cpu0, _ = cpu_seconds(pids)
-            got = self.download(port, host, mib, timeout=max(60.0, mib / 20))
-            cpu1, _ = cpu_seconds(pids)
-            if got["bytes"] != mib * MIB:
-                result.notes.append(f"download incomplete: {got['bytes']} of {mib * MIB} bytes")
-            if got["bytes"]:
-                result.download_mb_s = got["bytes"] / got["seconds"] / 1e6
-                result.cpu_s_per_gib = (cpu1 - cpu0) / (got["bytes"] / GIB)
+            for subject in subjects:
+                proc, port, host = running[subject] = self.start(subject)
+                # A check that the path works at all (a verified download of 1 MiB), then 2 s of load.
+                check = self.download(port, host, 1, 20)
+                if check["status"] != 200 or check["bytes"] != MIB:
+                    raise RuntimeError(f"{subject}: the path does not work: {check}")
+                warm = self.wrk(port, host, 2, self.opts.conns)
+                if warm["requests"] == 0 or warm["errors"] > 0:
+                    raise RuntimeError(f"{subject}: warm-up failed: {warm}")
+            for index in range(self.opts.rounds):
+                print(f"  round {index + 1} of {self.opts.rounds} ...", flush=True)
+                for subject in subjects if index % 2 == 0 else subjects[::-1]:
+                    self._request_phase(running[subject], results[subject])
+            for subject in subjects:
+                self._download_phase(running[subject], results[subject])
         finally:
-            _stop(proc)
-            with contextlib.suppress(ValueError):
-                _PROCS.remove(proc)
-        return result
+            for proc, _, _ in running.values():
+                _stop(proc)
+                with contextlib.suppress(ValueError):
+                    _PROCS.remove(proc)
+        return results
+
+    def _request_phase(self, subject: tuple[subprocess.Popen[Any], int, str], result: Result) -> None:
+        proc, port, host = subject
+        pids = descendants(proc.pid)
+        cpu0, sys0 = cpu_seconds(pids)
+        t0 = time.monotonic()
+        load = self.wrk(port, host, self.opts.seconds, self.opts.conns)
+        wall = time.monotonic() - t0
+        cpu1, sys1 = cpu_seconds(pids)
+        result.rounds.append(Round(load["rps"], int(load["requests"]), cpu1 - cpu0, sys1 - sys0, wall, load))
+        if load["errors"]:
+            result.notes.append(f"{int(load['errors'])} wrk errors (socket errors or non-2xx)")
+
+    def _download_phase(self, subject: tuple[subprocess.Popen[Any], int, str], result: Result) -> None:
+        proc, port, host = subject
+        pids = descendants(proc.pid)
+        mib = self.opts.download_mib
+        cpu0, _ = cpu_seconds(pids)
+        got = self.download(port, host, mib, timeout=max(60.0, mib / 20))
+        cpu1, _ = cpu_seconds(pids)
+        if got["bytes"] != mib * MIB:
+            result.notes.append(f"download incomplete: {got['bytes']} of {mib * MIB} bytes")
+        if got["bytes"]:
+            result.download_mb_s = got["bytes"] / got["seconds"] / 1e6
+            result.cpu_s_per_gib = (cpu1 - cpu0) / (got["bytes"] / GIB)
 
 
 # --------------------------------------------------------------------------- report
@@ -471,8 +524,8 @@ def report(results: dict[str, Result], opts: Options) -> bool:
     order = [s for s in ("gateway", "nginx") if s in results]
     rows: list[tuple[str, Callable[[Result], str]]] = [
         (f"keep-alive req/s ({opts.conns} conns)", lambda r: fmt(r.rps, ".0f")),
-        ("latency p50 ms", lambda r: fmt(r.p50_ms, ".2f")),
-        ("latency p99 ms", lambda r: fmt(r.p99_ms, ".2f")),
+        ("latency p50 ms (median of rounds)", lambda r: fmt(r.latency("p50"), ".2f")),
+        ("latency p99 ms (median of rounds)", lambda r: fmt(r.latency("p99"), ".2f")),
         ("proxy CPU us / request", lambda r: fmt(r.cpu_us_per_req, ".1f")),
         ("  of which kernel (stime) %", lambda r: fmt(r.rps_sys_share and r.rps_sys_share * 100, ".0f")),
         ("requests / proxy CPU-second", lambda r: fmt(r.cpu_us_per_req and 1e6 / r.cpu_us_per_req, ".0f")),
@@ -493,6 +546,12 @@ def report(results: dict[str, Result], opts: Options) -> bool:
     if gw is None or ngx is None:
         print("\n(both subjects are needed for the targets: none checked)")
         return True
+    if len(gw.rounds) > 1:
+        print("\nper round, gateway / nginx (req/s; requests per proxy CPU-second):")
+        for index, (g, n) in enumerate(zip(gw.rounds, ngx.rounds, strict=True), 1):
+            rate = g.rps / n.rps if n.rps else 0.0
+            per_cpu = (g.requests / g.cpu) / (n.requests / n.cpu) if g.cpu and n.cpu and n.requests else 0.0
+            print(f"  round {index}: {g.rps:.0f} / {n.rps:.0f} = {rate:.0%}; per CPU-second {per_cpu:.0%}")
     print("\ntargets (issue 5, Performance), for the gateway:")
     ok = True
 
@@ -533,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short phases (< 60 s): checks the harness works")
     parser.add_argument("--subjects", default="gateway,nginx", help="comma-separated subset of gateway,nginx")
     parser.add_argument("--conns", type=int, help="wrk keep-alive connections (default 50)")
-    parser.add_argument("--seconds", type=float, help="request phase per subject (default 30, quick 5)")
+    parser.add_argument("--seconds", type=float, help="request phase per subject and round (default 10, quick 5)")
+    parser.add_argument("--rounds", type=int, help="request phases per subject, taking turns (default 3, quick 1)")
     parser.add_argument("--download-mib", type=int, help="large download size (default 1024, quick 256)")
     parser.add_argument("--no-install", action="store_true", help="print the apt command and exit 2 when missing")
     parser.add_argument(
@@ -550,14 +610,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs, certificates and logs")
     args = parser.parse_args(argv)
-    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
-    if not subjects or set(subjects) - {"gateway", "nginx"}:
+    asked = {s.strip() for s in args.subjects.split(",") if s.strip()}
+    subjects = [s for s in ("gateway", "nginx") if s in asked]
+    if not asked or asked - {"gateway", "nginx"}:
         parser.error("--subjects: choose from gateway,nginx")
     cpus = sorted(os.sched_getaffinity(0))
     proxy_cpu, client_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
     opts = Options(
         conns=max(1, min(args.conns or 50, 1000)),
-        seconds=min(args.seconds or (5.0 if args.quick else 30.0), 300.0),
+        seconds=min(args.seconds or (5.0 if args.quick else 10.0), 300.0),
+        rounds=max(1, min(args.rounds or (1 if args.quick else 3), 20)),
         download_mib=max(1, min(args.download_mib or (256 if args.quick else 1024), 8192)),
         proxy_cpu=proxy_cpu,
         client_cpu=client_cpu,
@@ -577,12 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench = Bench(workdir, opts)
         bench.setup()
-        for subject in ("gateway", "nginx"):
-            if subject in subjects:
-                t0 = time.monotonic()
-                print(f"measuring {subject} ...", flush=True)
-                results[subject] = bench.measure(subject)
-                print(f"  done in {time.monotonic() - t0:.1f} s", flush=True)
+        print(f"measuring {' and '.join(subjects)} ...", flush=True)
+        results = bench.measure(subjects)
     except RuntimeError as exc:
         print(f"cannot run: {exc}", file=sys.stderr)
         return 2
@@ -595,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pinning = f"proxy on CPU {proxy_cpu}, wrk + upstream + download client on CPU {client_cpu}"
     print(
-        f"\nwrk 1 thread, {opts.conns} keep-alive connections, {opts.seconds:.0f} s per subject, GET / (3-byte body); "
+        f"\nwrk 1 thread, {opts.conns} keep-alive connections, {opts.rounds} rounds of {opts.seconds:.0f} s per "
+        "subject (taking turns), GET / (3-byte body); "
         f"{opts.download_mib} MiB download over one TLS connection; {os.cpu_count()} CPUs, "
         f"{pinning if proxy_cpu is not None else 'no pinning (one CPU)'}; total {time.monotonic() - started:.0f} s"
     )

@@ -10,6 +10,8 @@ and measures every subject with the same client (Python, in the sandbox namespac
              allowlist. Not transparent (nginx cannot take a TPROXY listener): the client dials nginx's
              address 198.18.0.2:8443 directly.
 * `haproxy`: HAProxy (tcp mode, `tcp-request inspect-delay` + `req.ssl_sni` ACLs), same setup, 198.18.0.2:9443.
+* `uvloop-relay`: the floor of a Python relay: uvloop protocols in the gateway namespace, one port per
+             origin (no peek, policy, resolution, limits or records), dialled directly like the peers.
 * `gateway`: the real `gateway run --data-plane --steer` (nft TPROXY table, policy allowing the test names,
              names resolved through an authoritative DNS in the internet namespace, flow records on),
              the client dials the origin's own address and is steered transparently.
@@ -57,12 +59,13 @@ if str(REPO) not in sys.path:
 from tests import authdns  # noqa: E402
 from tests.netns import INET_V4, Topology, TopologyError, live_namespaces, wait_for_line  # noqa: E402
 
-SUBJECTS = ("kernel", "gateway", "nginx", "haproxy", "gateway-nocap")
-DEFAULT_SUBJECTS = SUBJECTS[:4]
+SUBJECTS = ("kernel", "gateway", "nginx", "haproxy", "uvloop-relay", "gateway-nocap")
+DEFAULT_SUBJECTS = SUBJECTS[:5]
 RUN_ORDER = (
     "kernel",
     "nginx",
     "haproxy",
+    "uvloop-relay",
     "gateway",
     "gateway-nocap",
 )  # the gateway last: its nft table drops the direct peers
@@ -70,6 +73,8 @@ APT_PACKAGES = ("nginx-light", "libnginx-mod-stream", "haproxy")
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 PROXY_ADDRESS = "198.18.0.2"  # the gateway namespace's up0 address: where the direct peers listen
 PEER_PORTS = {"nginx": 8443, "haproxy": 9443}
+#: The bare relay has no peek: one port per origin (name -> port) stands in for the SNI map.
+BARE_RELAY_PORTS = {"cps.test": 7443, "bulk.test": 7444, "idle.test": 7445}
 #: name -> origin address. cps: nginx HTTPS origin; bulk: raw origin streaming after the ClientHello; idle: holds.
 NAMES = {"cps.test": "198.18.1.1", "bulk.test": "198.18.1.2", "idle.test": "198.18.1.3"}
 BANDWIDTH_CAP_MBIT = 10_000  # the policy maximum (gateway.policy.LIMIT_RANGES)
@@ -253,6 +258,66 @@ elif mode == "idle":
     sys.stdin.readline()
     for s in socks:
         s.close()
+"""
+
+#: The floor of any Python relay here (`uvloop-relay`): uvloop protocols, one listening port per origin, no
+#: peek, policy, resolution, limits or records; backpressure both ways and half-close. argv: JSON {port: origin}.
+BARE_RELAY = r"""
+import asyncio, json, resource, sys, uvloop
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+host, routes = sys.argv[1], {int(p): o for p, o in json.loads(sys.argv[2]).items()}
+
+class Side(asyncio.Protocol):
+    def __init__(self):
+        self.peer = self.transport = None
+        self.held = []
+    def connection_made(self, transport):
+        self.transport = transport
+    def data_received(self, data):
+        if self.peer is None or self.peer.transport is None:
+            self.held.append(data)
+        else:
+            self.peer.transport.write(data)
+    def eof_received(self):
+        if self.peer is not None and self.peer.transport is not None and self.peer.transport.can_write_eof():
+            self.peer.transport.write_eof()
+        return True
+    def connection_lost(self, exc):
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+    def pause_writing(self):
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+    def resume_writing(self):
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+class Client(Side):
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        transport.pause_reading()
+        asyncio.get_running_loop().create_task(self.dial(routes[transport.get_extra_info("sockname")[1]]))
+    async def dial(self, origin):
+        try:
+            _, upstream = await asyncio.get_running_loop().create_connection(Side, origin, 443)
+        except OSError:
+            self.transport.close()
+            return
+        upstream.peer, self.peer = self, upstream
+        for data in self.held:
+            upstream.transport.write(data)
+        self.held = []
+        self.transport.resume_reading()
+
+async def main():
+    loop = asyncio.get_running_loop()
+    for port in routes:
+        await loop.create_server(Client, host, port, backlog=4096)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+uvloop.run(main())
 """
 
 #: Diagnostic only (`--subjects ...,gateway-nocap`): the same gateway with the per-sandbox bandwidth buckets
@@ -540,6 +605,11 @@ class Bench:
             conf.write_text(haproxy_conf())
             proc = self.start_and_wait("gw", ["haproxy", "-db", "-f", str(conf)], PROXY_ADDRESS, PEER_PORTS["haproxy"])
             return proc, lambda name: (PROXY_ADDRESS, PEER_PORTS["haproxy"])
+        if subject == "uvloop-relay":
+            routes = json.dumps({port: NAMES[name] for name, port in BARE_RELAY_PORTS.items()})
+            argv = [sys.executable, "-c", BARE_RELAY, PROXY_ADDRESS, routes]
+            proc = self.start_and_wait("gw", argv, PROXY_ADDRESS, BARE_RELAY_PORTS["cps.test"])
+            return proc, lambda name: (PROXY_ADDRESS, BARE_RELAY_PORTS[name])
         assert subject in ("gateway", "gateway-nocap")
         # The steering the attach tooling leaves (policy routing, nft table); the gateway then writes its own table.
         self.topo.plumb(self.topo.steering_config(dial_mark=2))
@@ -710,6 +780,14 @@ def report(results: dict[str, Result], opts: Options, subjects: list[str]) -> bo
         limit,
         lambda v, lim: v <= lim,
     )
+    bare = results.get("uvloop-relay")
+    if bare and bare.cpu_ms_per_conn and gw.cpu_ms_per_conn:
+        print(
+            f"        reference, a bare uvloop relay (no peek, policy, resolution, limits or records): "
+            f"{bare.cpu_ms_per_conn:.3f} ms per new connection, {fmt(bare.cpu_s_per_gib, '.3f')} CPU-s/GiB; "
+            f"the gateway's own work adds {gw.cpu_ms_per_conn - bare.cpu_ms_per_conn:.3f} ms"
+            + (f"; the target is {limit / bare.cpu_ms_per_conn:.2f}x the bare relay" if limit else "")
+        )
     check(f"CPU per GiB {fmt(gw.cpu_s_per_gib, '.3f')} s <= 0.5 s", gw.cpu_s_per_gib, 0.5, lambda v, lim: v <= lim)
     kern = results.get("kernel")
     cap_mb_s = BANDWIDTH_CAP_MBIT / 8
@@ -767,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--subjects",
         default=",".join(DEFAULT_SUBJECTS),
-        help=f"comma-separated subset of {SUBJECTS} (default: the first four; gateway-nocap is a diagnostic)",
+        help=f"comma-separated subset of {SUBJECTS} (default: the first five; gateway-nocap is a diagnostic)",
     )
     parser.add_argument("--conns", type=int, help="new TLS connections per subject (default 4000, quick 300)")
     parser.add_argument("--threads", type=int, default=8, help="client threads for the connection rate (default 8)")

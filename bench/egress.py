@@ -919,9 +919,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs; total {time.monotonic() - started:.0f} s"
     )
     print(
-        "nginx and haproxy are dialled directly at 198.18.0.2 (not transparent: nginx cannot take a TPROXY "
-        "listener); kernel and gateway are dialled at the origin's address. Proxy CPU = utime+stime of the "
-        "proxy's processes; softirq work is not attributed to any subject."
+        "nginx, haproxy and uvloop-relay are dialled directly at 198.18.0.2 (not transparent: nginx cannot take "
+        "a TPROXY listener); kernel and gateway are dialled at the origin's address. Proxy CPU = utime+stime of "
+        "the proxy's processes (softirq work done while a proxy is on the CPU counts as its stime here: tick "
+        "accounting; the rest, in ksoftirqd or on the other core, counts for no subject)."
     )
     ok = report(results, opts, subjects)
     if opts.profile is not None and opts.profile.exists():

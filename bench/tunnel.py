@@ -322,10 +322,6 @@ class Round:
     wall: float
     wrk: dict[str, float]
 
-    @property
-    def cpu_us_per_req(self) -> float | None:
-        return self.cpu / self.requests * 1e6 if self.requests else None
-
 
 @dataclass
 class Result:

@@ -272,6 +272,7 @@ class Side(asyncio.Protocol):
     def __init__(self):
         self.peer = self.transport = None
         self.held = []
+        self.eof = False
     def connection_made(self, transport):
         self.transport = transport
     def data_received(self, data):
@@ -280,9 +281,14 @@ class Side(asyncio.Protocol):
         else:
             self.peer.transport.write(data)
     def eof_received(self):
-        if self.peer is not None and self.peer.transport is not None and self.peer.transport.can_write_eof():
-            self.peer.transport.write_eof()
-        return True
+        self.eof = True
+        if self.peer is None or self.peer.transport is None:
+            return False
+        if self.peer.eof:  # both directions ended: done
+            self.peer.transport.close()
+            return False
+        self.peer.transport.write_eof()
+        return True  # half-close: the other direction goes on
     def connection_lost(self, exc):
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.close()

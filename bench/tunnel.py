@@ -391,6 +391,10 @@ def parse_wrk(out: str) -> dict[str, float]:
     return found
 
 
+#: A started subject: its process, port and the Host header that reaches the app through it.
+Running = tuple[subprocess.Popen[Any], int, str]
+
+
 class Bench:
     def __init__(self, workdir: Path, opts: Options) -> None:
         self.workdir = workdir
@@ -410,7 +414,7 @@ class Bench:
         )
         wait_port(proc, APP_HOST, self.app_port, log)
 
-    def start(self, subject: str) -> tuple[subprocess.Popen[Any], int, str]:
+    def start(self, subject: str) -> Running:
         """Start `subject` on the proxy CPU; returns (process, port, Host header value)."""
         w = self.workdir
         if subject == "nginx":
@@ -462,7 +466,7 @@ class Bench:
         """Every subject started once, then `rounds` request phases in which the subjects take turns (the
         order reversed every other round, so a drift of the machine's speed during the run falls on both),
         then one large download through each."""
-        running: dict[str, tuple[subprocess.Popen[Any], int, str]] = {}
+        running: dict[str, Running] = {}
         results = {subject: Result(subject) for subject in subjects}
         try:
             for subject in subjects:
@@ -487,7 +491,7 @@ class Bench:
                     _PROCS.remove(proc)
         return results
 
-    def _request_phase(self, subject: tuple[subprocess.Popen[Any], int, str], result: Result) -> None:
+    def _request_phase(self, subject: Running, result: Result) -> None:
         proc, port, host = subject
         pids = descendants(proc.pid)
         cpu0, sys0 = cpu_seconds(pids)
@@ -499,7 +503,7 @@ class Bench:
         if load["errors"]:
             result.notes.append(f"{int(load['errors'])} wrk errors (socket errors or non-2xx)")
 
-    def _download_phase(self, subject: tuple[subprocess.Popen[Any], int, str], result: Result) -> None:
+    def _download_phase(self, subject: Running, result: Result) -> None:
         proc, port, host = subject
         pids = descendants(proc.pid)
         mib = self.opts.download_mib

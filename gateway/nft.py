@@ -339,8 +339,11 @@ def _sorted_addresses(addresses: Iterable[IPAddress], version: int) -> list[str]
 
 
 def _classify(cfg: SteeringConfig, target: str, *, outbound_too: bool = False) -> list[str]:
-    """Base-chain rules that send sandbox traffic (by interface or by sandbox-subnet source) to `target`."""
-    rules: list[str] = []
+    """Base-chain rules that send sandbox traffic (by interface or by sandbox-subnet source) to `target`.
+
+    Loopback traffic is the host's own (nothing from a sandbox arrives on `lo`, TPROXYed packets keep their
+    interface), also when it carries an address of the gateway's inside the sandbox subnets: it passes."""
+    rules: list[str] = ['iif "lo" accept comment "the host\'s own traffic"']
     ifaces = [f'"{name}"' for name in cfg.sandbox_interfaces]
     if ifaces:
         rules.append(f"iifname {_anon(ifaces)} jump {target}")

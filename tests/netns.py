@@ -1,8 +1,13 @@
 """Throw-away network topologies in namespaces, for end-to-end tests and benchmarks (needs root).
 
     with Topology(sandboxes=2) as topo:
-        topo.plumb(topo.steering_config())          # sysctls, host routes, ip rules, nft table
+        topo.attach_with_cli()      # `gateway sandbox attach --interface vifN.0 --address ...`, as an operator
+        ...                         # start `gateway run --data-plane --steer` in topo.gw (tests/e2e/test_egress.Env)
         topo.run("sb1", ["curl", "-m", "3", "http://198.18.1.1/"])
+
+The topology plays the VMM: it creates the namespaces and veths. Everything the gateway host
+needs beyond that comes from the product (the attach CLI, then `gateway run --steer`: sysctls,
+ip rules, the nft table). `plumb` does the latter by hand, for benchmarks that run without it.
 
 Layout (every name starts with a unique prefix `gwt<6 hex>`, so parallel runs never collide):
 
@@ -321,6 +326,15 @@ class Topology:
             private_links=tuple(links),
             **overrides,
         )
+
+    def attach_with_cli(self, sandboxes: Iterable[Sandbox] | None = None) -> None:
+        """What an operator runs for each interface its VMM made: `gateway sandbox attach --interface vifN.0
+        --address A --address B` inside the gateway namespace (host routes + proxy ARP/NDP)."""
+        for sb in self.sandboxes if sandboxes is None else sandboxes:
+            argv = [sys.executable, "-m", "gateway.cli", "sandbox", "attach", "--interface", sb.gw_interface]
+            for address in sb.addresses:
+                argv += ["--address", str(address)]
+            self.run("gw", argv, timeout=30)
 
     def plumb(self, config: SteeringConfig) -> None:
         """Everything the gateway host needs for `config`: sysctls, host routes, ip rules, the nft table."""

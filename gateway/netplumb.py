@@ -374,9 +374,10 @@ def attach_sandbox(address: IPAddress | str, interface: str, *, netns: str | Non
     Idempotent; moves the route if it pointed at another interface. Returns True when the route changed.
     """
     address = ipaddress.ip_address(address)
-    write_sysctls(interface_sysctls(interface), netns=netns)
     with _iproute(netns) as ipr:
-        return _ensure_route(ipr, address, _ifindex(ipr, interface))
+        index = _ifindex(ipr, interface)  # a missing interface is INTERFACE_NOT_FOUND, before anything changes
+        write_sysctls(interface_sysctls(interface), netns=netns)
+        return _ensure_route(ipr, address, index)
 
 
 def detach_sandbox(address: IPAddress | str, interface: str | None = None, *, netns: str | None = None) -> bool:

@@ -922,8 +922,8 @@ class DataPlane:
             unattached_interval=egress.unattached_log_interval,
         )
 
-    async def apply_steering(self) -> None:
-        steering = self.steering_config()
+    async def apply_steering(self, steering: SteeringConfig | None = None) -> None:
+        steering = steering or self.steering_config()
         try:
             await asyncio.to_thread(self._apply, steering)
         finally:
@@ -960,14 +960,18 @@ class DataPlane:
         next_read = time.monotonic() + interval
         while True:
             await asyncio.sleep(STEERING_POLL)
-            if self.steering_config() != self._applied:
-                try:
-                    await self.apply_steering()
-                except Exception:  # keep the last good table; try again on the next change
-                    log.exception("steering.apply_failed")
+            try:
+                wanted = self.steering_config()
+                if wanted != self._applied:
+                    await self.apply_steering(wanted)
+            except Exception:  # keep the last good table; try again on the next change
+                log.exception("steering.apply_failed")
             if time.monotonic() >= next_read:
                 next_read = time.monotonic() + interval
-                self._log_unattached(await asyncio.to_thread(self._read_unattached))
+                try:
+                    self._log_unattached(await asyncio.to_thread(self._read_unattached))
+                except Exception:  # never stop following the store over a log line
+                    log.exception("steering.unattached_read_failed")
 
     def _log_unattached(self, sources: list[str]) -> None:
         due, more = self.unattached.observe(sources, time.monotonic())

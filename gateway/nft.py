@@ -13,7 +13,8 @@ interface, proxy ARP, no bridge):
   (`from_sandbox`, `sandbox_input`, `sandbox_forward`) whose last rule is an unconditional
   `drop`. Only the rules listed there accept; anything not foreseen is dropped. The base
   chains keep `policy accept` because they also see the host's own traffic, which this
-  table must not touch.
+  table must not touch; traffic on `lo` is the host's own whatever its addresses (the
+  gateway may hold addresses inside the sandbox subnets) and is never classified.
 * `prerouting` (priority mangle): neighbour discovery passes; a source must be attached
   (`@sandbox_v4` / `@sandbox_v6`) and must arrive on the interface its host route points
   at (`fib saddr . iif oif missing` = strict reverse-path check, so sandbox A cannot use

@@ -419,6 +419,8 @@ def render_table(cfg: SteeringConfig) -> str:
     )
     steer: list[str] = [
         f"{_NDP} accept",
+        # Router solicitations, MLD reports...: every sandbox sends them. Dropped, but not as an unattached source.
+        'ip6 saddr fe80::/10 counter drop comment "link-local source: neighbour discovery only"',
         'fib saddr . iif oif missing counter drop comment "source not routed via this interface"',
         # Remembering the source is a rule of its own: when the set is full its `add` fails and ends only that
         # rule, so the drop below still happens (fail closed) and is still counted.

@@ -311,6 +311,11 @@ def test_attach_interface_wires_an_interface_a_vmm_made_and_detach_interface_rem
     before = lab.state()
     again = attach()
     assert again.returncode == 0 and json.loads(again.stdout)["changed"] is False and lab.state() == before
+    # One of our routes on the wrong interface (a sandbox moved): attaching moves it back.
+    _ip("route", "replace", f"{SB_V4}/32", "dev", "up0", "proto", "247", netns=lab.gw)
+    moved = attach()
+    assert moved.returncode == 0 and json.loads(moved.stdout)["changed"] is True, moved.stderr
+    assert lab.state() == before
 
     # A route somebody else owns on the same interface is not ours to remove.
     _ip("route", "add", "10.75.0.200/32", "dev", "vif7.0", netns=lab.gw)

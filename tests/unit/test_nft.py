@@ -104,6 +104,10 @@ def test_unattached_sources_are_remembered_in_a_bounded_set_and_counted_and_stil
         assert "size 4096" in block and "flags dynamic,timeout" in block and "timeout 7s" in block
         steer = _chain(text, "from_sandbox")
         add = steer.index(f"{family} saddr != @sandbox_v{version} add @unattached_v{version} {{ {family} saddr }}")
+        # Link-local sources (router solicitations, MLD) are dropped before: they are no unattached sandbox.
+        assert (
+            steer.index('ip6 saddr fe80::/10 counter drop comment "link-local source: neighbour discovery only"') < add
+        )
         # The drop is its own rule after the `add`: a full set cannot skip it.
         assert steer[add + 1] == (
             f'{family} saddr != @sandbox_v{version} counter name "unattached" drop comment "unattached source"'

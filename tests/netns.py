@@ -14,7 +14,7 @@ Layout (every name starts with a unique prefix `gwt<6 hex>`, so parallel runs ne
 * `<prefix>-sbN`: sandbox N. `eth0` holds 10.75.0.N/32 and fdd4:1476:6c7e::N/128, with
   `default via 169.254.1.1 dev eth0 onlink` (answered by proxy ARP) and `default via fe80::1`.
 * `<prefix>-gw`: the gateway host. `vifN.0` faces sandbox N (no IPv4 address, fe80::1
-  link-local; the host route and proxy ARP come from `gateway.netplumb`, seed 002's model);
+  link-local; the host route and proxy ARP come from `gateway sandbox attach --interface`, seed 002's model);
   `up0` faces the internet: 198.18.0.2/24 and 2001:db8:ff::2/64, default routes via `.1`.
 * `<prefix>-inet`: "the internet". `eth0` holds 198.18.0.1/24 and 2001:db8:ff::1/64; origin
   addresses 198.18.1.1..K/32 and 2001:db8:1::1..K/128 sit on `lo`. It routes the sandbox
@@ -192,7 +192,7 @@ class Topology:
         self._ip("route", "add", str(SANDBOX_V4), "via", str(GATEWAY_V4), netns=inet)
         self._ip("-6", "route", "add", str(SANDBOX_V6), "via", str(GATEWAY_V6), netns=inet)
 
-        # gateway <-> each sandbox (no bridge; host route + proxy ARP are netplumb's job)
+        # gateway <-> each sandbox (no bridge; host route + proxy ARP come from the attach CLI)
         for sb in self.sandboxes:
             veth = ("type", "veth", "peer", "name", "eth0", "netns", sb.netns)
             self._ip("link", "add", sb.gw_interface, *veth, netns=gw)

@@ -106,6 +106,8 @@ WRITE_LOCK_KEY: Final = web.AppKey("write_lock", asyncio.Lock)
 FLOWS_KEY: Final = web.AppKey("flows", FlowLog)  # absent when the API was built without a flow log
 TUNNELS_KEY: Final = web.AppKey("tunnels", TunnelStore)  # absent when the API was built without the tunnel service
 DNS_KEY: Final = web.AppKey("dns", DnsInterceptor)  # absent when the API was built without the data plane
+#: The data plane's status (steering, unattached-source drops) for /v1/status; absent without the data plane.
+DATA_PLANE_STATUS_KEY: Final = web.AppKey("data_plane_status", Callable[[], dict[str, Any]])
 MAX_DNS_LOG: Final = 1000
 NDJSON: Final = "application/x-ndjson"
 
@@ -394,6 +396,8 @@ async def status(request: web.Request) -> web.Response:
     _query(request, ())
     body = request.app[STORE_KEY].status()
     body["auth"] = "open-loopback" if request.app[OPEN_KEY] else "tokens"
+    if DATA_PLANE_STATUS_KEY in request.app:
+        body["data_plane"] = request.app[DATA_PLANE_STATUS_KEY]()
     return web.json_response(body)
 
 
@@ -784,6 +788,7 @@ def create_app(
     flows: FlowLog | None = None,
     tunnels: TunnelStore | None = None,
     dns: DnsInterceptor | None = None,
+    data_plane_status: Callable[[], dict[str, Any]] | None = None,
 ) -> web.Application:
     """The API over `store` (started by the caller) and, when given, the flow log's audit batches (without
     one those routes answer 503 AUDIT_DISABLED), the tunnel store (without it, 503 TUNNELS_DISABLED) and the
@@ -801,6 +806,8 @@ def create_app(
         app[TUNNELS_KEY] = tunnels
     if dns is not None:
         app[DNS_KEY] = dns
+    if data_plane_status is not None:
+        app[DATA_PLANE_STATUS_KEY] = data_plane_status
     table: dict[tuple[str, str], RouteSpec] = {}
     for spec in route_specs():
         # add_route, not add_get: no implicit HEAD routes, so the route table is exactly the documented one.

@@ -2,6 +2,8 @@
 
     gateway sandbox attach --netns demo --address 10.75.0.9 --address fdd4:1476:6c7e::9
     gateway sandbox detach --netns demo
+    gateway sandbox attach --interface vif7.0 --address 10.75.0.7     # an interface a VMM created
+    gateway sandbox detach --interface vif7.0 [--address 10.75.0.7]
 
 builds what a VMM builds for a real sandbox (seed 002's model, no bridge):
 
@@ -15,8 +17,9 @@ It acts in the network namespace it runs in (`ip netns exec GW gateway sandbox a
 in `gateway_netns` when given. The gateway-side interface carries the alias `sandbox-netns:NAME`,
 which is how a second run (idempotent: it changes nothing) and `detach` find it again.
 
-`attach_interface` is the production-shaped half only: routes + proxy ARP for an interface the
-operator's VMM created. Link and namespace work uses `ip` (JSON output) because veth creation
+`attach_interface` (`--interface`) is the production-shaped half only: routes + proxy ARP for an
+interface the operator's VMM created (and `detach_interface` removes them). Link and namespace
+work uses `ip` (JSON output) because veth creation
 across namespaces is one line there; routes go through `netplumb` (pyroute2). Everything is
 synchronous: call it through `asyncio.to_thread` from an event loop.
 """
@@ -58,7 +61,8 @@ class AttachError(GatewayError):
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
-    netns: str
+    #: None for an interface somebody else created (`--interface`).
+    netns: str | None
     #: The gateway-side end of the veth (`vif<n>.0`).
     interface: str
     addresses: tuple[IPAddress, ...]
@@ -174,6 +178,39 @@ def attach_interface(
 
     (checked,) = _addresses([address], subnets)
     return netplumb.attach_sandbox(checked, ifname, netns=gateway_netns)
+
+
+def attach_interfaces(
+    addresses: Iterable[IPAddress | str],
+    ifname: str,
+    *,
+    gateway_netns: str | None = None,
+    subnets: Sequence[IPNetwork] = (),
+) -> Attachment:
+    """`attach_interface` for each address (all checked before anything changes)."""
+    _check_name(ifname, "interface")
+    wanted = _addresses(addresses, subnets)
+    changed = False
+    for address in wanted:
+        changed |= attach_interface(address, ifname, gateway_netns=gateway_netns)
+    return Attachment(None, ifname, wanted, gateway_netns, changed)
+
+
+def detach_interface(
+    ifname: str, addresses: Iterable[IPAddress | str] = (), *, gateway_netns: str | None = None
+) -> tuple[IPAddress, ...]:
+    """Remove our host routes via `ifname` (only those of `addresses` when given); the interface stays (the
+    VMM owns it). Idempotent; returns the addresses whose route was removed."""
+    from gateway import netplumb
+
+    _check_name(ifname, "interface")
+    only = set(_addresses(addresses, ())) if addresses else None
+    removed: list[IPAddress] = []
+    for address, interface in netplumb.attached_routes(netns=gateway_netns).items():
+        mine = interface == ifname and (only is None or address in only)
+        if mine and netplumb.detach_sandbox(address, ifname, netns=gateway_netns):
+            removed.append(address)
+    return tuple(removed)
 
 
 def attach_netns(
@@ -325,21 +362,35 @@ def add_attach_commands(subparsers: Any) -> None:
     gateway_netns.add_argument(
         "--gateway-netns", metavar="NAME", help="act in this gateway namespace instead of the current one"
     )
-    gateway_netns.add_argument("--netns", required=True, metavar="NAME", help="sandbox network namespace")
+
+    def target(parser: argparse.ArgumentParser) -> None:
+        which = parser.add_mutually_exclusive_group(required=True)
+        which.add_argument("--netns", metavar="NAME", help="sandbox network namespace (development helper)")
+        which.add_argument(
+            "--interface",
+            metavar="IF",
+            help="an existing gateway-side interface (created by a VMM): only its host routes and proxy ARP",
+        )
+
     p = subparsers.add_parser(
         "attach",
         parents=[config, gateway_netns],
-        help="(development, root) create a sandbox namespace wired to this gateway namespace",
-        description="Create network namespace NAME (if missing) with a veth vif<n>.0 <-> eth0 to the namespace this "
-        "runs in, the sandbox addresses, default routes, and the gateway-side host routes and proxy ARP.",
+        help="(root) wire a sandbox to this gateway namespace: an interface a VMM made, or a new namespace",
+        description="With --interface IF: the static host route of each sandbox address via IF and proxy ARP/NDP "
+        "on it (seed 002's model; IF must exist). With --netns NAME (development): create network namespace NAME "
+        "(if missing) with a veth vif<n>.0 <-> eth0 to the namespace this runs in, the sandbox addresses, default "
+        "routes, and the gateway-side host routes and proxy ARP.",
     )
+    target(p)
     p.add_argument("--address", action="append", required=True, metavar="IP", help="sandbox address (repeatable)")
-    p.add_argument("--ifname", metavar="VIF", help="gateway-side interface name (default: the first free vif<n>.0)")
-    subparsers.add_parser(
+    p.add_argument("--ifname", metavar="VIF", help="with --netns: the gateway-side interface name (default: vif<n>.0)")
+    d = subparsers.add_parser(
         "detach",
         parents=[gateway_netns],
-        help="(development, root) remove a namespace made by `attach`, its veth and host routes",
+        help="(root) remove the host routes via an interface, or a namespace made by `attach`, its veth and routes",
     )
+    target(d)
+    d.add_argument("--address", action="append", metavar="IP", help="with --interface: only these addresses' routes")
 
 
 def run_attach_command(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
@@ -348,16 +399,31 @@ def run_attach_command(args: argparse.Namespace, out: TextIO = sys.stdout, err: 
         err.write("attach/detach need root (network namespaces, links, routes)\n")
         return EXIT_USAGE
     try:
+        if args.action == "detach" and args.interface is not None:
+            gone = detach_interface(args.interface, args.address or (), gateway_netns=args.gateway_netns)
+            out.write(json.dumps({"interface": args.interface, "removed": [str(a) for a in gone]}) + "\n")
+            return EXIT_OK
         if args.action == "detach":
+            if args.address:
+                raise AttachError(
+                    "USAGE", "--address is for --interface; --netns removes the whole namespace", status=400
+                )
             removed = detach_netns(args.netns, gateway_netns=args.gateway_netns)
             out.write(json.dumps({"netns": args.netns, "removed": removed}) + "\n")
             return EXIT_OK
         from gateway.config import load_config
 
         subnets = load_config(getattr(args, "config", None)).sandbox_subnets
-        attachment = attach_netns(
-            args.netns, args.address, gateway_netns=args.gateway_netns, ifname=args.ifname, subnets=subnets
-        )
+        if args.interface is not None:
+            if args.ifname is not None:
+                raise AttachError("USAGE", "--ifname is for --netns; --interface names the interface", status=400)
+            attachment = attach_interfaces(
+                args.address, args.interface, gateway_netns=args.gateway_netns, subnets=subnets
+            )
+        else:
+            attachment = attach_netns(
+                args.netns, args.address, gateway_netns=args.gateway_netns, ifname=args.ifname, subnets=subnets
+            )
     except GatewayError as exc:
         err.write(f"{exc}\n")
         return EXIT_USAGE if exc.status == 400 else EXIT_FAILED

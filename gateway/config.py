@@ -78,6 +78,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "fwmark": 1,
         "route_table": 100,
         "dial_mark": 2,
+        "unattached_log_interval": 10.0,
     },
     "resolver": {"upstreams": [], "timeout": 2.0, "min_ttl": 5, "max_ttl": 3600},
     "dns": {
@@ -149,6 +150,7 @@ class EgressConfig:
     fwmark: int
     route_table: int
     dial_mark: int
+    unattached_log_interval: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +404,7 @@ def _egress(section: dict[str, Any]) -> EgressConfig:
         fwmark=int(num("fwmark", 1, 0xFFFFFFFF)),
         route_table=int(num("route_table", 1, 0xFFFFFFFE)),
         dial_mark=int(num("dial_mark", 1, 0xFFFFFFFF)),
+        unattached_log_interval=num("unattached_log_interval", 1, 3600),
     )
     if config.listen_port == config.dns_port:
         raise _invalid("listen_port and dns_port must differ", "egress.dns_port")

@@ -50,8 +50,10 @@ from gateway.decision import CompiledPolicy, decide
 from gateway.destinations import Destinations, read_local_addresses
 from gateway.dns.policy import DnsConfig
 from gateway.dns.server import DnsInterceptor
+from gateway.errors import GatewayError
 from gateway.flowlog import FlowLog, FlowRecord
 from gateway.learned import LearnedDestinations
+from gateway.nft import SteeringConfig, UnattachedSources, links_from_sandboxes, render_ruleset
 from gateway.peek import (
     NEED_MORE,
     AlertDescription,
@@ -797,11 +799,12 @@ STEERING_POLL = 1.0
 class DataPlane:
     """The resolver, destination checks, learned addresses and the engine, around one policy store.
 
-    With `steer`, also the nftables table and the fwmark policy routing in this network
-    namespace, re-applied when the store's set of sandbox addresses changes. Host routes and
-    proxy ARP for each sandbox's interface are the attach tooling's job (the store does not
-    know interfaces). The table outlives the process on purpose: if the gateway dies,
-    TPROXYed traffic finds no listener and is dropped, never forwarded.
+    With `steer`, also IPv4/IPv6 forwarding (`netplumb.ensure_forwarding`), the nftables table and
+    the fwmark policy routing in this network namespace; the table is re-applied whenever what it is
+    rendered from changes (attached addresses, their workers, private links). Host routes and proxy
+    ARP for each sandbox's interface are the attach tooling's job (the store does not know
+    interfaces). The table outlives the process on purpose: if the gateway dies, TPROXYed traffic
+    finds no listener and is dropped, never forwarded.
     """
 
     def __init__(
@@ -833,7 +836,9 @@ class DataPlane:
             else None
         )
         self._tasks: list[asyncio.Task[None]] = []
-        self._attached: frozenset[tuple[Any, int]] | None = None
+        #: The steering input last applied (or last refused: not retried until it changes).
+        self._applied: SteeringConfig | None = None
+        self.unattached = UnattachedSources(config.egress.unattached_log_interval)
 
     async def start(self) -> None:
         _raise_fd_limit()
@@ -853,6 +858,11 @@ class DataPlane:
             bandwidth=BandwidthLimiter(),
         )
         if self.steer:
+            from gateway import netplumb
+
+            changed = await asyncio.to_thread(netplumb.ensure_forwarding, egress.sandbox_interfaces)
+            if changed:
+                log.info("steering.sysctls_set", **{key.replace("/", "."): value for key, value in changed.items()})
             await self.apply_steering()
         if self.dns is not None:
             await self.dns.start_transparent()
@@ -875,27 +885,32 @@ class DataPlane:
         if self.dns is not None:
             await self.dns.close()
 
-    def _wanted(self) -> frozenset[tuple[Any, int]]:
-        """Every attached address with the worker that serves its sandbox."""
-        return frozenset(
-            (address, worker_index(sandbox.id, self.workers) if self.workers > 1 else 0)
-            for sandbox in self.store.state.sandboxes.values()
-            for address in sandbox.addresses
-        )
+    def status(self) -> dict[str, Any]:
+        """The data plane's part of `GET /v1/status`."""
+        return {
+            "steering": self.steer,
+            "steering_applied": self._applied is not None,
+            "unattached_dropped": self.unattached.total,
+            "unattached_recent": list(self.unattached.recent),
+        }
 
-    async def apply_steering(self) -> None:
-        from gateway import netplumb
-        from gateway.nft import SteeringConfig, render_ruleset
-
+    def steering_config(self) -> SteeringConfig:
+        """What the table must say now, from the store: attached addresses, their workers, private links."""
         egress = self.config.egress
         subnets = self.config.sandbox_subnets
-        wanted = self._wanted()
-        steering = SteeringConfig(
+        sandboxes = list(self.store.state.sandboxes.values())
+        worker_of = {
+            address: worker_index(sandbox.id, self.workers) if self.workers > 1 else 0
+            for sandbox in sandboxes
+            for address in sandbox.addresses
+        }
+        return SteeringConfig(
             sandbox_subnets=subnets,
             sandbox_interfaces=egress.sandbox_interfaces,
-            attached=frozenset(address for address, _ in wanted),
+            attached=frozenset(worker_of),
+            private_links=links_from_sandboxes(sandboxes),
             workers=self.workers,
-            worker_of=dict(wanted) if self.workers > 1 else {},
+            worker_of=worker_of if self.workers > 1 else {},
             gateway_addresses=frozenset(
                 a for a in egress.gateway_addresses if not any(a.version == n.version and a in n for n in subnets)
             ),
@@ -904,21 +919,71 @@ class DataPlane:
             fwmark=egress.fwmark,
             route_table=egress.route_table,
             dial_mark=egress.dial_mark,
+            unattached_interval=egress.unattached_log_interval,
         )
-        await asyncio.to_thread(netplumb.ensure_routing_for, steering.policy_routing)
-        await asyncio.to_thread(netplumb.apply_ruleset, render_ruleset(steering))
-        self._attached = wanted
-        log.info("steering.applied", attached=len(wanted), workers=self.workers)
+
+    async def apply_steering(self, steering: SteeringConfig | None = None) -> None:
+        steering = steering or self.steering_config()
+        try:
+            await asyncio.to_thread(self._apply, steering)
+        finally:
+            self._applied = steering  # a refused input is not retried until it changes
+        log.info(
+            "steering.applied",
+            attached=len(steering.attached),
+            private_links=len(steering.private_links),
+            workers=self.workers,
+        )
+
+    def _apply(self, steering: SteeringConfig) -> None:
+        """(In a thread.) Routing, then the table; the drops counted by the old table are read first."""
+        from gateway import netplumb
+
+        netplumb.ensure_routing_for(steering.policy_routing)
+        if self._applied is not None:
+            self._read_unattached()
+        netplumb.apply_ruleset(render_ruleset(steering))
+
+    def _read_unattached(self) -> list[str]:
+        from gateway import netplumb
+
+        try:
+            dropped, sources = netplumb.read_unattached()
+        except GatewayError as exc:  # e.g. the table was deleted by hand: nothing to read
+            log.warning("steering.unattached_read_failed", error=str(exc))
+            return []
+        self.unattached.count(dropped)
+        return sources
 
     async def _follow_store(self) -> None:
+        interval = self.config.egress.unattached_log_interval
+        next_read = time.monotonic() + interval
         while True:
             await asyncio.sleep(STEERING_POLL)
-            if self._wanted() != self._attached:
+            try:
+                wanted = self.steering_config()
+                if wanted != self._applied:
+                    await self.apply_steering(wanted)
+            except Exception:  # keep the last good table; try again on the next change
+                log.exception("steering.apply_failed")
+            if time.monotonic() >= next_read:
+                next_read = time.monotonic() + interval
                 try:
-                    await self.apply_steering()
-                except Exception:  # keep the last good table; try again on the next change
-                    log.exception("steering.apply_failed")
-                    self._attached = self._wanted()
+                    self._log_unattached(await asyncio.to_thread(self._read_unattached))
+                except Exception:  # never stop following the store over a log line
+                    log.exception("steering.unattached_read_failed")
+
+    def _log_unattached(self, sources: list[str]) -> None:
+        due, more = self.unattached.observe(sources, time.monotonic())
+        for address in due:
+            log.warning(
+                "steering.unattached_source",
+                address=address,
+                reason="a source routed to the gateway that no sandbox record holds: dropped",
+                total_dropped=self.unattached.total,
+            )
+        if more:
+            log.warning("steering.unattached_sources_not_logged", count=more, interval=self.unattached.interval)
 
     async def _refresh_local_addresses(self) -> None:
         while True:

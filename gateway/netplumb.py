@@ -31,7 +31,15 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from gateway.errors import GatewayError
-from gateway.nft import MAX_U32, TABLE, PolicyRouting, render_delete
+from gateway.nft import (
+    MAX_U32,
+    TABLE,
+    UNATTACHED_COUNTER,
+    PolicyRouting,
+    parse_counter_packets,
+    parse_set_elements,
+    render_delete,
+)
 from gateway.policy import IPAddress, IPNetwork
 
 #: rtm_protocol stamped on the host routes this module owns; `reconcile` only ever removes routes carrying it.
@@ -244,12 +252,54 @@ def write_sysctls(values: Mapping[str, str], *, netns: str | None = None) -> Non
     _run(in_netns(netns, ["sh", "-c", script]))
 
 
-def ensure_sysctls(*, forwarding: bool = True, netns: str | None = None) -> None:
-    """Namespace-wide settings. Forwarding is needed for private links and for proxy ARP/NDP to answer.
+def read_sysctls(pattern: str, *, netns: str | None = None) -> dict[str, str]:
+    """`/proc/sys/<pattern>` (a glob, e.g. `net/ipv6/conf/*/accept_ra`) -> value, keys without `/proc/sys/`."""
+    if ".." in pattern or pattern.startswith("/"):
+        raise PlumbingError("SYSCTL_INVALID", f"{pattern!r} is not a sysctl path", "sysctl")
+    if netns is None:
+        root = Path("/proc/sys")
+        return {str(path.relative_to(root)): path.read_text().strip() for path in root.glob(pattern)}
+    script = f'for f in /proc/sys/{pattern}; do [ -e "$f" ] && printf \'%s %s\\n\' "$f" "$(cat "$f")"; done; true'
+    out: dict[str, str] = {}
+    for line in _run(in_netns(netns, ["sh", "-c", script])).splitlines():
+        key, _, value = line.partition(" ")
+        out[key.removeprefix("/proc/sys/")] = value.strip()
+    return out
 
-    Careful on a real host: `net.ipv6.conf.all.forwarding=1` makes the kernel ignore router
-    advertisements on interfaces whose accept_ra is 1 (set accept_ra=2 on the uplink if it uses SLAAC).
+
+def _is_sandbox_interface(name: str, patterns: Iterable[str]) -> bool:
+    return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in patterns)
+
+
+def ensure_forwarding(sandbox_interfaces: Iterable[str], *, netns: str | None = None) -> dict[str, str]:
+    """What private links (forwarded between sandbox interfaces) and proxy NDP need: IPv4 and IPv6 forwarding.
+
+    Both are namespace-wide. IPv6 forwarding also makes every interface ignore router advertisements while
+    its `accept_ra` is 1, which would cost a host whose uplink uses SLAAC its addresses and default route;
+    so when this turns IPv6 forwarding on, every existing interface that is not a sandbox interface and has
+    `accept_ra = 1` gets `accept_ra = 2` (accept them even when forwarding). Idempotent; returns what it
+    wrote (key -> value), empty when everything was already so.
     """
+    patterns = tuple(sandbox_interfaces)
+    wanted: dict[str, str] = {}
+    current = read_sysctls("net/ipv4/ip_forward", netns=netns) | read_sysctls(
+        "net/ipv6/conf/all/forwarding", netns=netns
+    )
+    if current.get("net/ipv6/conf/all/forwarding") != "1":
+        for key, value in sorted(read_sysctls("net/ipv6/conf/*/accept_ra", netns=netns).items()):
+            name = key.split("/")[3]
+            if value == "1" and name not in ("all", "default") and not _is_sandbox_interface(name, patterns):
+                wanted[key] = "2"
+    for key in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"):
+        if current.get(key) != "1":
+            wanted[key] = "1"
+    write_sysctls(wanted, netns=netns)  # accept_ra first: no moment with forwarding on and RAs ignored
+    return wanted
+
+
+def ensure_sysctls(*, forwarding: bool = True, netns: str | None = None) -> None:
+    """Namespace-wide forwarding on or off, as is (tests and benchmarks; `gateway run --steer` uses
+    `ensure_forwarding`, which also keeps router advertisements working on the host's own interfaces)."""
     flag = "1" if forwarding else "0"
     write_sysctls(
         {"net/ipv4/ip_forward": flag, "net/ipv6/conf/all/forwarding": flag},
@@ -324,9 +374,10 @@ def attach_sandbox(address: IPAddress | str, interface: str, *, netns: str | Non
     Idempotent; moves the route if it pointed at another interface. Returns True when the route changed.
     """
     address = ipaddress.ip_address(address)
-    write_sysctls(interface_sysctls(interface), netns=netns)
     with _iproute(netns) as ipr:
-        return _ensure_route(ipr, address, _ifindex(ipr, interface))
+        index = _ifindex(ipr, interface)  # a missing interface is INTERFACE_NOT_FOUND, before anything changes
+        write_sysctls(interface_sysctls(interface), netns=netns)
+        return _ensure_route(ipr, address, index)
 
 
 def detach_sandbox(address: IPAddress | str, interface: str | None = None, *, netns: str | None = None) -> bool:
@@ -408,3 +459,23 @@ def reconcile(
             except (GatewayError, NetlinkError) as exc:
                 errors[str(address)] = str(exc)
     return ReconcileResult(tuple(added), tuple(moved), tuple(removed), tuple(unplaced), errors)
+
+
+# --------------------------------------------------------------------------- unattached sources
+
+
+def read_unattached(table: str = TABLE, *, netns: str | None = None) -> tuple[int, list[str]]:
+    """Packets dropped from unattached sources since the last call (the counter is reset as it is read), and
+    the sources seen within the table's unattached interval."""
+    nft = _tool("nft")
+    dropped = parse_counter_packets(
+        _run(in_netns(netns, [nft, "-j", "reset", "counter", "inet", table, UNATTACHED_COUNTER]))
+    )
+    sources = [
+        address
+        for version in (4, 6)
+        for address in parse_set_elements(
+            _run(in_netns(netns, [nft, "-j", "list", "set", "inet", table, f"unattached_v{version}"]))
+        )
+    ]
+    return dropped, sources

@@ -13,13 +13,18 @@ interface, proxy ARP, no bridge):
   (`from_sandbox`, `sandbox_input`, `sandbox_forward`) whose last rule is an unconditional
   `drop`. Only the rules listed there accept; anything not foreseen is dropped. The base
   chains keep `policy accept` because they also see the host's own traffic, which this
-  table must not touch.
+  table must not touch; traffic on `lo` is the host's own whatever its addresses (the
+  gateway may hold addresses inside the sandbox subnets) and is never classified.
 * `prerouting` (priority mangle): neighbour discovery passes; a source must be attached
   (`@sandbox_v4` / `@sandbox_v6`) and must arrive on the interface its host route points
   at (`fib saddr . iif oif missing` = strict reverse-path check, so sandbox A cannot use
-  B's address); replies to connections opened *towards* the sandbox (ingress tunnel,
-  private links) pass; `(src . dst . dport)` in the private-link set passes; anything else
-  to a sandbox subnet is dropped; TCP/UDP 53 is TPROXYed to the DNS interceptor; anything
+  B's address); a source routed here but not attached (no store record) is dropped, counted
+  in the named counter `unattached` and remembered for a while in the bounded dynamic sets
+  `unattached_v4`/`unattached_v6`, which the gateway reads to log it; replies to connections
+  opened *towards* the sandbox (ingress tunnel, private links) pass; `(src . dst . L4
+  protocol . dport)` in the private-link set passes; TCP/UDP 53 to any address (also one
+  inside the sandbox subnets, such as a resolver address the gateway has there) is TPROXYed
+  to the DNS interceptor; anything else to a sandbox subnet is dropped; anything
   else to the gateway's own addresses (control API, Redis, SSH) is dropped; TCP to any
   other address and port is TPROXYed to the egress engine and marked so the fwmark
   `ip rule` delivers it locally; everything else (QUIC and other UDP, ICMP, ...) is dropped.
@@ -41,17 +46,22 @@ interface, proxy ARP, no bridge):
 
 Set elements (attached addresses, private links, gateway addresses) are the only part
 that grows with sandboxes: the rule count is constant.
+
+Every apply re-creates the table, so the `unattached` counter and sets start empty again:
+the gateway reads (and resets) them before each apply and adds them up itself.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.errors import GatewayError
-from gateway.policy import IPAddress, IPNetwork
+from gateway.policy import IPAddress, IPNetwork, Sandbox
 
 TABLE = "sandbox_gateway"
 DEFAULT_EGRESS_PORT = 15001
@@ -65,6 +75,12 @@ RESERVED_ROUTE_TABLES = frozenset({0, 253, 254, 255})  # unspec, default, main, 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 _NDP = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255"
+LINK_PROTOCOLS = ("tcp", "udp")
+#: The named counter of packets dropped because their (routed) source is not attached.
+UNATTACHED_COUNTER = "unattached"
+#: Bound of each `unattached_v4`/`unattached_v6` set: a flood of sources costs at most this many elements.
+UNATTACHED_SET_SIZE = 4096
+DEFAULT_UNATTACHED_INTERVAL = 10.0
 
 
 def _invalid(message: str, where: str) -> GatewayError:
@@ -77,11 +93,12 @@ def _addr_key(address: IPAddress) -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)
 class LinkRule:
-    """`source` may open TCP/UDP connections to `destination` on `ports` (empty: any port). One direction."""
+    """`source` may open `protocol` connections to `destination` on `ports` (empty: any port). One direction."""
 
     source: IPAddress
     destination: IPAddress
     ports: tuple[int, ...] = ()
+    protocol: str = "tcp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +158,8 @@ class SteeringConfig:
     #: TCP of the sandbox addresses `worker_of` maps to k (all addresses of a sandbox to one worker).
     workers: int = 1
     worker_of: Mapping[IPAddress, int] = field(default_factory=dict)
+    #: How long an unattached source stays in the `unattached_v4`/`_v6` sets after its first dropped packet.
+    unattached_interval: float = DEFAULT_UNATTACHED_INTERVAL
 
     def __post_init__(self) -> None:
         if not self.sandbox_subnets:
@@ -194,6 +213,10 @@ class SteeringConfig:
             for port in link.ports:
                 if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
                     raise _invalid(f"{port!r} is not a port (1-65535)", f"{where}.ports")
+            if link.protocol not in LINK_PROTOCOLS:
+                raise _invalid(f"{link.protocol!r} is not tcp or udp", f"{where}.protocol")
+        if not 1 <= self.unattached_interval <= 3600:
+            raise _invalid("the unattached-source interval must be 1-3600 seconds", "unattached_interval")
 
     def in_subnets(self, address: IPAddress) -> bool:
         return any(address.version == net.version and address in net for net in self.sandbox_subnets)
@@ -248,6 +271,12 @@ def _map(name: str, type_: str, items: list[str]) -> list[str]:
     return [f"\tmap {name} {{", f"\t\ttype {type_}", *_elements(items), "\t}"]
 
 
+_LINK_MATCH = (
+    "meta l4proto { tcp, udp } ip saddr . ip daddr . meta l4proto . th dport @link_v4 accept",
+    "meta l4proto { tcp, udp } ip6 saddr . ip6 daddr . meta l4proto . th dport @link_v6 accept",
+)
+
+
 def _to_egress(cfg: SteeringConfig, port: int) -> list[str]:
     mark_set = _mark_set(cfg)
     return [
@@ -257,27 +286,53 @@ def _to_egress(cfg: SteeringConfig, port: int) -> list[str]:
 
 
 def _link_elements(links: Iterable[LinkRule], attached: frozenset[IPAddress], version: int) -> list[str]:
-    """One element per (src, dst, port); `any port` is the interval 1-65535 and absorbs the specific ports.
+    """One element per (src, dst, protocol, port); `any port` is the interval 1-65535 and absorbs the specific
+    ports of the same protocol.
 
     Links with an end that is not attached are left out (a detached sandbox's links are inert, not an error).
     """
-    ports: dict[tuple[IPAddress, IPAddress], set[int] | None] = {}
+    ports: dict[tuple[IPAddress, IPAddress, str], set[int] | None] = {}
     for link in links:
         if link.source.version != version or link.source not in attached or link.destination not in attached:
             continue
-        key = (link.source, link.destination)
+        key = (link.source, link.destination, link.protocol)
         if not link.ports:
             ports[key] = None
         elif key not in ports or ports[key] is not None:
             current = ports.get(key) or set()
             ports[key] = current | set(link.ports)
     out: list[str] = []
-    for (src, dst), chosen in sorted(ports.items(), key=lambda kv: (_addr_key(kv[0][0]), _addr_key(kv[0][1]))):
+    for (src, dst, proto), chosen in sorted(
+        ports.items(), key=lambda kv: (_addr_key(kv[0][0]), _addr_key(kv[0][1]), kv[0][2])
+    ):
         if chosen is None:
-            out.append(f"{src} . {dst} . 1-65535")
+            out.append(f"{src} . {dst} . {proto} . 1-65535")
         else:
-            out.extend(f"{src} . {dst} . {port}" for port in sorted(chosen))
+            out.extend(f"{src} . {dst} . {proto} . {port}" for port in sorted(chosen))
     return out
+
+
+def links_from_sandboxes(sandboxes: Iterable[Sandbox]) -> tuple[LinkRule, ...]:
+    """The address-level links the store's `private_links` grant, in a deterministic order.
+
+    A link lives on its target and names its source by id; a source that is not in the store (or the target
+    itself) grants nothing. Every address of the source may reach every address of the target of the same
+    IP version."""
+    by_id = {sandbox.id: sandbox for sandbox in sandboxes}
+    out: list[LinkRule] = []
+    for target_id in sorted(by_id):
+        target = by_id[target_id]
+        for link in target.private_links:
+            source = by_id.get(link.source)
+            if source is None or source.id == target.id:
+                continue
+            out.extend(
+                LinkRule(src, dst, tuple(sorted(link.ports)), link.protocol)
+                for src in source.addresses
+                for dst in target.addresses
+                if src.version == dst.version
+            )
+    return tuple(out)
 
 
 def _sorted_addresses(addresses: Iterable[IPAddress], version: int) -> list[str]:
@@ -285,8 +340,11 @@ def _sorted_addresses(addresses: Iterable[IPAddress], version: int) -> list[str]
 
 
 def _classify(cfg: SteeringConfig, target: str, *, outbound_too: bool = False) -> list[str]:
-    """Base-chain rules that send sandbox traffic (by interface or by sandbox-subnet source) to `target`."""
-    rules: list[str] = []
+    """Base-chain rules that send sandbox traffic (by interface or by sandbox-subnet source) to `target`.
+
+    Loopback traffic is the host's own (nothing from a sandbox arrives on `lo`, TPROXYed packets keep their
+    interface), also when it carries an address of the gateway's inside the sandbox subnets: it passes."""
+    rules: list[str] = ['iif "lo" accept comment "the host\'s own traffic"']
     ifaces = [f'"{name}"' for name in cfg.sandbox_interfaces]
     if ifaces:
         rules.append(f"iifname {_anon(ifaces)} jump {target}")
@@ -322,12 +380,23 @@ def render_table(cfg: SteeringConfig) -> str:
     out += _set("sandbox_v6", "ipv6_addr", _sorted_addresses(cfg.attached, 6), comment="attached sandbox addresses")
     out += _set("gateway_v4", "ipv4_addr", _sorted_addresses(cfg.gateway_addresses, 4))
     out += _set("gateway_v6", "ipv6_addr", _sorted_addresses(cfg.gateway_addresses, 6))
+    out += [f"\tcounter {UNATTACHED_COUNTER} {{", '\t\tcomment "packets from routed sources with no record"', "\t}"]
+    for family, version in (("ipv4_addr", 4), ("ipv6_addr", 6)):
+        out += [
+            f"\tset unattached_v{version} {{",
+            f"\t\ttype {family}",
+            f"\t\tsize {UNATTACHED_SET_SIZE}",
+            "\t\tflags dynamic,timeout",
+            f"\t\ttimeout {round(cfg.unattached_interval)}s",
+            '\t\tcomment "unattached sources seen recently (read by the gateway to log them)"',
+            "\t}",
+        ]
     out += _set(
         "link_v4",
-        "ipv4_addr . ipv4_addr . inet_service",
+        "ipv4_addr . ipv4_addr . inet_proto . inet_service",
         _link_elements(cfg.private_links, cfg.attached, 4),
         interval=True,
-        comment="private links: src . dst . dport",
+        comment="private links: src . dst . protocol . dport",
     )
     if cfg.workers > 1:
         for family, version in (("ipv4_addr", 4), ("ipv6_addr", 6)):
@@ -336,10 +405,10 @@ def render_table(cfg: SteeringConfig) -> str:
             out += _map(f"worker_v{version}", f"{family} : verdict", jumps)
     out += _set(
         "link_v6",
-        "ipv6_addr . ipv6_addr . inet_service",
+        "ipv6_addr . ipv6_addr . inet_proto . inet_service",
         _link_elements(cfg.private_links, cfg.attached, 6),
         interval=True,
-        comment="private links: src . dst . dport",
+        comment="private links: src . dst . protocol . dport",
     )
 
     # ---- prerouting: classify, then steer or drop
@@ -350,20 +419,27 @@ def render_table(cfg: SteeringConfig) -> str:
     )
     steer: list[str] = [
         f"{_NDP} accept",
+        # Router solicitations, MLD reports...: every sandbox sends them. Dropped, but not as an unattached source.
+        'ip6 saddr fe80::/10 counter drop comment "link-local source: neighbour discovery only"',
         'fib saddr . iif oif missing counter drop comment "source not routed via this interface"',
-        'ip saddr != @sandbox_v4 counter drop comment "unattached source"',
-        'ip6 saddr != @sandbox_v6 counter drop comment "unattached source"',
+        # Remembering the source is a rule of its own: when the set is full its `add` fails and ends only that
+        # rule, so the drop below still happens (fail closed) and is still counted.
+        "ip saddr != @sandbox_v4 add @unattached_v4 { ip saddr }",
+        f'ip saddr != @sandbox_v4 counter name "{UNATTACHED_COUNTER}" drop comment "unattached source"',
+        "ip6 saddr != @sandbox_v6 add @unattached_v6 { ip6 saddr }",
+        f'ip6 saddr != @sandbox_v6 counter name "{UNATTACHED_COUNTER}" drop comment "unattached source"',
         'ct direction reply accept comment "replies to connections opened towards the sandbox"',
-        "meta l4proto { tcp, udp } ip saddr . ip daddr . th dport @link_v4 accept",
-        "meta l4proto { tcp, udp } ip6 saddr . ip6 daddr . th dport @link_v6 accept",
+        *_LINK_MATCH,
+        # DNS before the sandbox-subnet drop: the resolver a sandbox is given may be an address inside the
+        # sandbox subnets (the gateway's own there, or none at all); it is intercepted like any other.
+        f"meta nfproto ipv4 meta l4proto {{ tcp, udp }} th dport 53 {mark_set} tproxy ip to :{cfg.dns_port} accept",
+        f"meta nfproto ipv6 meta l4proto {{ tcp, udp }} th dport 53 {mark_set} tproxy ip6 to :{cfg.dns_port} accept",
     ]
     if subnets[4]:
         steer.append(f'ip daddr {_anon(subnets[4])} counter drop comment "sandbox to sandbox, not linked"')
     if subnets[6]:
         steer.append(f'ip6 daddr {_anon(subnets[6])} counter drop comment "sandbox to sandbox, not linked"')
     steer += [
-        f"meta nfproto ipv4 meta l4proto {{ tcp, udp }} th dport 53 {mark_set} tproxy ip to :{cfg.dns_port} accept",
-        f"meta nfproto ipv6 meta l4proto {{ tcp, udp }} th dport 53 {mark_set} tproxy ip6 to :{cfg.dns_port} accept",
         'fib daddr type local counter drop comment "the gateway\'s own services"',
         'ip daddr @gateway_v4 counter drop comment "the gateway\'s own services"',
         'ip6 daddr @gateway_v6 counter drop comment "the gateway\'s own services"',
@@ -410,10 +486,11 @@ def render_table(cfg: SteeringConfig) -> str:
     out += _chain(
         "sandbox_forward",
         [
-            "meta l4proto { tcp, udp } ip saddr . ip daddr . th dport @link_v4 accept",
-            "meta l4proto { tcp, udp } ip6 saddr . ip6 daddr . th dport @link_v6 accept",
-            "ct direction reply meta l4proto { tcp, udp } ip daddr . ip saddr . th sport @link_v4 accept",
-            "ct direction reply meta l4proto { tcp, udp } ip6 daddr . ip6 saddr . th sport @link_v6 accept",
+            *_LINK_MATCH,
+            "ct direction reply meta l4proto { tcp, udp } ip daddr . ip saddr . meta l4proto . th sport @link_v4 "
+            "accept",
+            "ct direction reply meta l4proto { tcp, udp } ip6 daddr . ip6 saddr . meta l4proto . th sport @link_v6 "
+            "accept",
             "counter drop",
         ],
     )
@@ -448,3 +525,58 @@ def render_ruleset(cfg: SteeringConfig) -> str:
 def render_delete(table: str = TABLE) -> str:
     """Remove the table if present (idempotent)."""
     return f"add table inet {table}\ndelete table inet {table}\n"
+
+
+# --------------------------------------------------------------------------- reading `nft -j` answers
+
+
+def _nft_objects(text: str, kind: str) -> list[Mapping[str, Any]]:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise _invalid("nft did not answer JSON", "nft") from None
+    items = data.get("nftables", []) if isinstance(data, dict) else []
+    return [item[kind] for item in items if isinstance(item, dict) and isinstance(item.get(kind), dict)]
+
+
+def parse_counter_packets(text: str) -> int:
+    """The packet count in `nft -j list|reset counter ...` output (0 when the counter is not there)."""
+    return sum(int(c.get("packets", 0)) for c in _nft_objects(text, "counter"))
+
+
+def parse_set_elements(text: str) -> list[str]:
+    """The element values of `nft -j list set ...` output (plain, or `{"elem": {"val": ...}}` with timeouts)."""
+    out: list[str] = []
+    for found in _nft_objects(text, "set"):
+        for element in found.get("elem", ()):
+            value = element.get("elem", {}).get("val") if isinstance(element, dict) else element
+            if isinstance(value, str):
+                out.append(value)
+    return out
+
+
+@dataclass(slots=True)
+class UnattachedSources:
+    """Bookkeeping for the drops of unattached sources: a running total (the table's counter is reset at
+    every read and every re-apply) and which addresses to log now, at most once per address per `interval`.
+
+    Bounded: it remembers at most the addresses of the last interval, which the table's sets bound already."""
+
+    interval: float
+    max_logged: int = 64
+    total: int = 0
+    recent: tuple[str, ...] = ()
+    _logged: dict[str, float] = field(default_factory=dict)
+
+    def count(self, dropped: int) -> None:
+        self.total += max(0, dropped)
+
+    def observe(self, sources: Iterable[str], now: float) -> tuple[list[str], int]:
+        """The addresses to log now (at most `max_logged`) and how many more were due but left out."""
+        self._logged = {a: t for a, t in self._logged.items() if now - t < self.interval}
+        seen = sorted(set(sources))
+        self.recent = tuple(seen[: self.max_logged])
+        due = [a for a in seen if a not in self._logged]
+        for address in due[: self.max_logged]:
+            self._logged[address] = now
+        return due[: self.max_logged], max(0, len(due) - self.max_logged)

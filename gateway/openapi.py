@@ -18,6 +18,7 @@ from gateway.policy import (
     EGRESS_MODES,
     ID_PATTERN,
     LIMIT_RANGES,
+    LINK_PROTOCOLS,
     MAX_ADDRESSES,
     MAX_LIST_ENTRIES,
     PROFILES,
@@ -148,7 +149,16 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "additionalProperties": False,
             "required": ["source"],
-            "properties": {"source": _IDENT, "ports": _list_of(_PORT, "Ports allowed (empty: any).")},
+            "properties": {
+                "source": _IDENT,
+                "ports": _list_of(_PORT, "Ports allowed (empty: any)."),
+                "protocol": {
+                    "type": "string",
+                    "enum": list(LINK_PROTOCOLS),
+                    "default": "tcp",
+                    "description": "The L4 protocol the link opens (one per link; list a link twice for both).",
+                },
+            },
         },
         "Sandbox": {
             "type": "object",
@@ -321,6 +331,27 @@ def _schemas() -> dict[str, Any]:
                     "enum": ["tokens", "open-loopback"],
                     "description": "open-loopback: no tokens configured, so the API listens on loopback only "
                     "and admits every local caller.",
+                },
+                "data_plane": {
+                    "type": "object",
+                    "description": "Only with `gateway run --data-plane`.",
+                    "additionalProperties": False,
+                    "required": ["steering", "steering_applied", "unattached_dropped", "unattached_recent"],
+                    "properties": {
+                        "steering": {"type": "boolean", "description": "Started with --steer."},
+                        "steering_applied": {"type": "boolean"},
+                        "unattached_dropped": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "description": "Packets dropped since start-up because their source, routed to the "
+                            "gateway, is no sandbox's address (read every egress.unattached_log_interval).",
+                        },
+                        "unattached_recent": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "Such sources seen within the last interval (at most 64).",
+                        },
+                    },
                 },
             },
         },

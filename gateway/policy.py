@@ -30,6 +30,8 @@ UNSUPPORTED_PROFILES = {
     "it filters at L3/L4 and above. Use allowlisted or unrestricted.",
 }
 EGRESS_MODES = ("allow_all", "deny_all")
+#: L4 protocols a private link may open; one link opens one (list the link twice for both).
+LINK_PROTOCOLS = ("tcp", "udp")
 MAX_LIST_ENTRIES = 50
 MAX_ADDRESSES = 8
 METADATA_RANGE = ipaddress.ip_network("169.254.0.0/16")
@@ -217,13 +219,14 @@ class Ingress:
 
 @dataclass(frozen=True, slots=True)
 class PrivateLink:
-    """`source` may open connections to the sandbox that carries this link (one direction)."""
+    """`source` may open `protocol` connections to the sandbox that carries this link (one direction)."""
 
     source: str
     ports: tuple[int, ...] = ()  # empty: any port
+    protocol: str = "tcp"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "ports": list(self.ports)}
+        return {"source": self.source, "ports": list(self.ports), "protocol": self.protocol}
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,12 +419,20 @@ def _private_link(value: object, path: str) -> PrivateLink:
     if isinstance(value, str):
         return PrivateLink(_identifier(value, path, "sandbox id"))
     data = _expect_mapping(value, path)
-    _check_known(data, ("source", "ports"), path)
+    _check_known(data, ("source", "ports", "protocol"), path)
     if "source" not in data:
         raise _fail("MISSING_FIELD", "a private link names its source sandbox id", f"{path}.source")
+    protocol = data.get("protocol", "tcp")
+    if not isinstance(protocol, str) or protocol not in LINK_PROTOCOLS:
+        raise _fail(
+            "INVALID_PROTOCOL",
+            f"{protocol!r} is not a link protocol; use tcp or udp (list the link twice for both)",
+            f"{path}.protocol",
+        )
     return PrivateLink(
         _identifier(data["source"], f"{path}.source", "sandbox id"),
         _list(data.get("ports") or [], f"{path}.ports", _port),
+        protocol,
     )
 
 

@@ -1,15 +1,20 @@
 """Throw-away network topologies in namespaces, for end-to-end tests and benchmarks (needs root).
 
     with Topology(sandboxes=2) as topo:
-        topo.plumb(topo.steering_config())          # sysctls, host routes, ip rules, nft table
+        topo.attach_with_cli()      # `gateway sandbox attach --interface vifN.0 --address ...`, as an operator
+        ...                         # start `gateway run --data-plane --steer` in topo.gw (tests/e2e/test_egress.Env)
         topo.run("sb1", ["curl", "-m", "3", "http://198.18.1.1/"])
+
+The topology plays the VMM: it creates the namespaces and veths. Everything the gateway host
+needs beyond that comes from the product (the attach CLI, then `gateway run --steer`: sysctls,
+ip rules, the nft table). `plumb` does the latter by hand, for benchmarks that run without it.
 
 Layout (every name starts with a unique prefix `gwt<6 hex>`, so parallel runs never collide):
 
 * `<prefix>-sbN`: sandbox N. `eth0` holds 10.75.0.N/32 and fdd4:1476:6c7e::N/128, with
   `default via 169.254.1.1 dev eth0 onlink` (answered by proxy ARP) and `default via fe80::1`.
 * `<prefix>-gw`: the gateway host. `vifN.0` faces sandbox N (no IPv4 address, fe80::1
-  link-local; the host route and proxy ARP come from `gateway.netplumb`, seed 002's model);
+  link-local; the host route and proxy ARP come from `gateway sandbox attach --interface`, seed 002's model);
   `up0` faces the internet: 198.18.0.2/24 and 2001:db8:ff::2/64, default routes via `.1`.
 * `<prefix>-inet`: "the internet". `eth0` holds 198.18.0.1/24 and 2001:db8:ff::1/64; origin
   addresses 198.18.1.1..K/32 and 2001:db8:1::1..K/128 sit on `lo`. It routes the sandbox
@@ -187,7 +192,7 @@ class Topology:
         self._ip("route", "add", str(SANDBOX_V4), "via", str(GATEWAY_V4), netns=inet)
         self._ip("-6", "route", "add", str(SANDBOX_V6), "via", str(GATEWAY_V6), netns=inet)
 
-        # gateway <-> each sandbox (no bridge; host route + proxy ARP are netplumb's job)
+        # gateway <-> each sandbox (no bridge; host route + proxy ARP come from the attach CLI)
         for sb in self.sandboxes:
             veth = ("type", "veth", "peer", "name", "eth0", "netns", sb.netns)
             self._ip("link", "add", sb.gw_interface, *veth, netns=gw)
@@ -321,6 +326,15 @@ class Topology:
             private_links=tuple(links),
             **overrides,
         )
+
+    def attach_with_cli(self, sandboxes: Iterable[Sandbox] | None = None) -> None:
+        """What an operator runs for each interface its VMM made: `gateway sandbox attach --interface vifN.0
+        --address A --address B` inside the gateway namespace (host routes + proxy ARP/NDP)."""
+        for sb in self.sandboxes if sandboxes is None else sandboxes:
+            argv = [sys.executable, "-m", "gateway.cli", "sandbox", "attach", "--interface", sb.gw_interface]
+            for address in sb.addresses:
+                argv += ["--address", str(address)]
+            self.run("gw", argv, timeout=30)
 
     def plumb(self, config: SteeringConfig) -> None:
         """Everything the gateway host needs for `config`: sysctls, host routes, ip rules, the nft table."""

@@ -11,7 +11,6 @@ back to the sandbox address (the reply could not get back without it).
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import secrets
 import subprocess
@@ -23,17 +22,13 @@ from typing import Any
 
 import pytest
 
-from gateway.attach import attach_interface
-from gateway.errors import GatewayError
 from gateway.netplumb import ROUTE_PROTO
-from gateway.policy import IPNetwork
 from tests.netns import IP, live_namespaces, wait_for_line
 
 REPO = Path(__file__).resolve().parents[2]
 SB_V4, SB_V6 = "10.75.0.9", "fdd4:1476:6c7e::9"
 UPLINK_V4, UPLINK_V6 = "198.18.0.2", "2001:db8:ff::2"
 PORT = 7000
-SUBNETS: tuple[IPNetwork, ...] = (ipaddress.ip_network("10.75.0.0/16"), ipaddress.ip_network("fdd4:1476:6c7e::/48"))
 
 #: Answers every connection with `PEER <client address>`, on each address given (v6 may carry a %scope).
 PEER_SERVER = r"""
@@ -244,12 +239,10 @@ def test_attach_from_outside_creates_the_namespace_and_reattaches_with_new_addre
     sb_addrs = _ip("-br", "addr", "show", "eth0", netns=lab.sb)
     assert "10.75.0.10/32" in sb_addrs and SB_V4 not in sb_addrs and SB_V6 not in sb_addrs
     assert _ip("-6", "route", "show", "default", netns=lab.sb).strip() == ""  # no v6 address, no v6 default
-    # attach_interface: only the host route + proxy ARP, for an interface someone else created.
-    assert attach_interface("10.75.0.12", "vif1.0", gateway_netns=lab.gw) is True
-    assert attach_interface("10.75.0.12", "vif1.0", gateway_netns=lab.gw) is False
+    # --interface: only the host route + proxy ARP, for an interface someone else created.
+    out = lab.gateway_cli("attach", "--interface", "vif1.0", "--address", "10.75.0.12", "--gateway-netns", lab.gw)
+    assert out.returncode == 0 and json.loads(out.stdout)["changed"] is True, out.stderr
     assert "10.75.0.12 dev vif1.0 proto 247" in _ip("route", netns=lab.gw)
-    with pytest.raises(GatewayError, match="ADDRESS_OUTSIDE_SUBNETS"):
-        attach_interface("192.0.2.7", "vif1.0", gateway_netns=lab.gw, subnets=SUBNETS)
     # A second sandbox gets the next vif.
     other = f"{lab.prefix}-sb2"
     out = subprocess.run(
@@ -263,4 +256,75 @@ def test_attach_from_outside_creates_the_namespace_and_reattaches_with_new_addre
         assert out.returncode == 0 and json.loads(out.stdout)["removed"], out.stderr
     assert live_namespaces(lab.prefix) == [lab.gw]
     assert "vif" not in _ip("-br", "link", netns=lab.gw)
-    assert "10.75.0." not in _ip("route", netns=lab.gw)  # detach took attach_interface's route too
+    assert "10.75.0." not in _ip("route", netns=lab.gw)  # detach took the --interface route too
+
+
+@pytest.mark.root
+def test_attach_interface_wires_an_interface_a_vmm_made_and_detach_interface_removes_only_ours(lab: Lab) -> None:
+    # The VMM's part: a veth into the sandbox with its addresses and default routes (as tests/netns.py does).
+    _ip("netns", "add", lab.sb)
+    _ip("link", "add", "vif7.0", "type", "veth", "peer", "name", "eth0", "netns", lab.sb, netns=lab.gw)
+    _ip("addr", "add", "fe80::1/64", "dev", "vif7.0", "nodad", netns=lab.gw)
+    _ip("link", "set", "vif7.0", "up", netns=lab.gw)
+    for args in (
+        ("addr", "add", f"{SB_V4}/32", "dev", "eth0"),
+        ("addr", "add", f"{SB_V6}/128", "dev", "eth0", "nodad"),
+        ("link", "set", "eth0", "up"),
+        ("link", "set", "lo", "up"),
+        ("route", "add", "default", "via", "169.254.1.1", "dev", "eth0", "onlink"),
+        ("-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"),
+    ):
+        _ip(*args, netns=lab.sb)
+
+    def attach(*extra: str) -> subprocess.CompletedProcess[str]:
+        return lab.gateway_cli("attach", "--interface", "vif7.0", "--address", SB_V4, "--address", SB_V6, *extra)
+
+    # Refused before anything changes: an address outside the subnets, a missing interface, --ifname.
+    outside = lab.gateway_cli("attach", "--interface", "vif7.0", "--address", SB_V4, "--address", "192.0.2.7")
+    assert outside.returncode == 2 and "ADDRESS_OUTSIDE_SUBNETS" in outside.stderr, outside.stderr
+    missing = lab.gateway_cli("attach", "--interface", "vif9.0", "--address", SB_V4)
+    assert missing.returncode == 1 and "INTERFACE_NOT_FOUND" in missing.stderr, missing.stderr
+    both = attach("--ifname", "vif8.0")
+    assert both.returncode == 2 and "--ifname is for --netns" in both.stderr, both.stderr
+    neither = lab.gateway_cli("attach", "--address", SB_V4)
+    assert neither.returncode == 2, neither.stderr
+    assert SB_V4 not in _ip("route", netns=lab.gw)
+
+    first = attach()
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) == {
+        "netns": None,
+        "interface": "vif7.0",
+        "addresses": [SB_V4, SB_V6],
+        "gateway_netns": None,
+        "changed": True,
+    }
+    sysctl = _run([IP, "netns", "exec", lab.gw, "sysctl", "-n", "net.ipv4.conf.vif7/0.proxy_arp"])
+    assert sysctl.stdout.strip() == "1"
+    server = _start_server(lab, UPLINK_V4, UPLINK_V6)
+    try:
+        assert lab.connect(UPLINK_V4) == f"PEER {SB_V4}"  # proxy ARP next hop, and the host route back
+        assert lab.connect(UPLINK_V6) == f"PEER {SB_V6}"
+    finally:
+        server.kill()
+        server.wait(5)
+    before = lab.state()
+    again = attach()
+    assert again.returncode == 0 and json.loads(again.stdout)["changed"] is False and lab.state() == before
+    # One of our routes on the wrong interface (a sandbox moved): attaching moves it back.
+    _ip("route", "replace", f"{SB_V4}/32", "dev", "up0", "proto", "247", netns=lab.gw)
+    moved = attach()
+    assert moved.returncode == 0 and json.loads(moved.stdout)["changed"] is True, moved.stderr
+    assert lab.state() == before
+
+    # A route somebody else owns on the same interface is not ours to remove.
+    _ip("route", "add", "10.75.0.200/32", "dev", "vif7.0", netns=lab.gw)
+    out = lab.gateway_cli("detach", "--interface", "vif7.0", "--address", SB_V6)
+    assert out.returncode == 0 and json.loads(out.stdout) == {"interface": "vif7.0", "removed": [SB_V6]}, out.stderr
+    out = lab.gateway_cli("detach", "--interface", "vif7.0")
+    assert out.returncode == 0 and json.loads(out.stdout)["removed"] == [SB_V4], out.stderr
+    routes = _ip("route", netns=lab.gw)
+    assert SB_V4 not in routes and "10.75.0.200 dev vif7.0" in routes
+    assert "vif7.0" in _ip("-br", "link", netns=lab.gw)  # the interface is the VMM's: it stays
+    out = lab.gateway_cli("detach", "--interface", "vif7.0")
+    assert out.returncode == 0 and json.loads(out.stdout)["removed"] == [], out.stderr

@@ -369,6 +369,8 @@ class Env:
         self.blocklist = workdir / "blocklist.txt"  # the operator's threat feed; starts empty
         self.blocklist.write_text("")
         self.gateway: subprocess.Popen[Any] | None = None
+        #: More GATEWAY_<SECTION>__<KEY> settings for the gateway's environment (a module's own needs).
+        self.environment: dict[str, str] = {}
 
     def write_policies(self, data: dict[str, Any]) -> None:
         tmp = self.policy_file.with_suffix(".tmp")
@@ -408,6 +410,7 @@ class Env:
         env = dict(os.environ)
         env["GATEWAY_EGRESS__PUBLIC_RANGES"] = '["198.18.0.0/15", "2001:db8::/32"]'
         env["PYTHONPATH"] = str(REPO)
+        env.update(self.environment)
         log = self.log_file.open("a")
         self.gateway = self.topo.popen(
             "gw",
@@ -466,9 +469,8 @@ def pin(name: str, port: int, address: str) -> list[str]:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     with Topology(sandboxes=4, origins=4) as topo:
         e = Env(topo, tmp_path_factory.mktemp("egress"))
-        # Sysctls, host routes and policy routing as the attach tooling would leave them; the gateway then
-        # writes its own table for the sandboxes in its store.
-        topo.plumb(topo.steering_config(dial_mark=2))
+        # Host routes and proxy ARP from the operator's attach tooling; `gateway run --steer` does the rest.
+        topo.attach_with_cli()
         topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(ZONE))
         origins = topo.popen("inet", [sys.executable, "-u", "-c", ORIGINS, str(e.cert), str(e.key)])
         wait_for_line(origins, "ready", 10)

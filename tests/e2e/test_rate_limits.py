@@ -18,7 +18,6 @@ gateway is started by `Env` from test_egress (imported, not copied).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -139,20 +138,12 @@ def _policies(conn_per_minute: int = PER_MINUTE, mbit: int = MBIT) -> dict[str, 
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     with Topology(sandboxes=2, origins=1) as topo:
         e = Env(topo, tmp_path_factory.mktemp("ratelimits"))
-        topo.plumb(topo.steering_config(dial_mark=2))
+        topo.attach_with_cli()
         origin = topo.popen("inet", [sys.executable, "-u", "-c", BULK_ORIGIN])
         wait_for_line(origin, "ready", 10)
         e.write_policies(_policies())
-        # Env.start_gateway passes this process's environment on: the bounded wait comes in that way.
-        previous = os.environ.get("GATEWAY_EGRESS__RATE_LIMIT_MAX_WAIT")
-        os.environ["GATEWAY_EGRESS__RATE_LIMIT_MAX_WAIT"] = str(MAX_WAIT)
-        try:
-            e.start_gateway()
-        finally:
-            if previous is None:
-                del os.environ["GATEWAY_EGRESS__RATE_LIMIT_MAX_WAIT"]
-            else:
-                os.environ["GATEWAY_EGRESS__RATE_LIMIT_MAX_WAIT"] = previous
+        e.environment["GATEWAY_EGRESS__RATE_LIMIT_MAX_WAIT"] = str(MAX_WAIT)
+        e.start_gateway()
         yield e
     assert live_namespaces(topo.prefix) == []
 

@@ -46,7 +46,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     assert (worker_index(MAIN_SANDBOX, 2), worker_index(WORKER_SANDBOX, 2)) == (0, 1)
     with Topology(sandboxes=2, origins=4) as topo:
         e = Env(topo, tmp_path_factory.mktemp("workers"))
-        topo.plumb(topo.steering_config(dial_mark=2))
+        topo.attach_with_cli()
         topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(ZONE))
         origins = topo.popen("inet", [sys.executable, "-u", "-c", ORIGINS, str(e.cert), str(e.key)])
         wait_for_line(origins, "ready", 10)

@@ -647,6 +647,20 @@ def test_private_link_errors() -> None:
     fails("INVALID_TYPE", "private_links", private_links="agent-1")
 
 
+def test_private_links_carry_a_protocol_tcp_unless_they_say_udp() -> None:
+    sb = sandbox(private_links=["a", {"source": "b", "protocol": "udp", "ports": [53]}, {"source": "b"}])
+    assert [link.protocol for link in sb.private_links] == ["tcp", "udp", "tcp"]
+    assert sb.to_dict()["private_links"][1] == {"source": "b", "ports": [53], "protocol": "udp"}
+
+
+@pytest.mark.parametrize("protocol", ["TCP", "sctp", "both", "tcp,udp", "", None, 6, ["tcp"], "udp "])
+def test_private_link_protocol_errors(protocol: object) -> None:
+    error = fails(
+        "INVALID_PROTOCOL", "private_links[0].protocol", private_links=[{"source": "a", "protocol": protocol}]
+    )
+    assert "tcp or udp" in error.message
+
+
 # --------------------------------------------------------------------------- templates
 
 

@@ -145,3 +145,20 @@ def build_tunnel_config(values: Mapping[str, Any]) -> TunnelConfig:
         poll_interval=float(_number(v["poll_interval"], "poll_interval", 0.01, 60)),
     )
 
+
+def shared_site_warning(domain: str) -> str | None:
+    """A warning when tunnels under `domain` would share one site in browsers, else None.
+
+    Browsers scope cookies to a site: the name one label below a public suffix. Unless `domain` itself is a
+    public suffix, every `<id>.<domain>` is one site, so one tunnel's page can set cookies (Domain=<domain>)
+    that every other tunnel's app receives. The check uses the Public Suffix List bundled with the
+    `publicsuffixlist` package (offline; the rule for names it does not know, `*`, is the browsers' too)."""
+    from publicsuffixlist import PublicSuffixList
+
+    if PublicSuffixList().is_public(domain):
+        return None
+    return (
+        f"tunnel domain {domain} is not a public suffix: all tunnels share one site, so a tunnel's page can "
+        "set cookies that other tunnels' apps receive (the gateway's own login cookie stays safe); use a "
+        "domain on the Public Suffix List to isolate them"
+    )

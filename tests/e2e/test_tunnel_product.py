@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -61,6 +62,15 @@ INJECTED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected"
 COOKIES = ["__Host-gw-tunnel=planted; Path=/; Secure; HttpOnly", "__host-gw-tunnel=planted; Path=/; Secure",
            "__HOST-GW-TUNNEL=planted; Domain=tunnel.test; Path=/", " __Host-gw-tunnel =planted", "__Host-gw-tunnel",
            '__Host-gw-tunnel=""; Max-Age=0; Path=/; Secure', "app=1; Path=/"]
+COOKIE_PAGE = '''<!doctype html><title>tossing</title><script>
+for (const c of ["__Host-gw-tunnel=planted; path=/; secure",
+                 "__Host-gw-tunnel=planted; domain=tunnel.test; path=/; secure",
+                 "__HOST-gw-tunnel=planted; domain=tunnel.test; path=/; secure",
+                 "__Secure-gw-tunnel=planted; domain=tunnel.test; path=/; secure",
+                 "gw-tunnel=planted; domain=tunnel.test; path=/",
+                 "shared=from-a; domain=tunnel.test; path=/; secure"]) document.cookie = c;
+document.title = "done " + document.cookie;
+</script>'''
 def serve(conn, port, n):
     conn.settimeout(30)
     buf = b""
@@ -100,6 +110,8 @@ def serve(conn, port, n):
                 conn.sendall(answer("HTTP/1.1 200 OK", b"cookies", ["Set-Cookie: " + c for c in COOKIES]))
             elif port == 3003:
                 conn.sendall(("HTTP/1.1 %s Odd\r\nContent-Length: 2\r\n\r\nok" % path.strip("/")).encode())
+            elif port == 3004:  # a page whose script goes for the other tunnels' gateway session
+                conn.sendall(answer("HTTP/1.1 200 OK", COOKIE_PAGE.encode(), ["Content-Type: text/html"]))
     except OSError:
         log(port=port, conn=n, event="eof")
     finally:
@@ -397,7 +409,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         )
         assert made.returncode == 0, made.stdout + made.stderr
         for name, sb in (("sb1", topo.sandbox(1)), ("sb2", topo.sandbox(2))):
-            topo.start_python(name, APPS, str(e.app_logs[name]), str(sb.v4), "3000", "3001", "3002", "3003")
+            ports = ("3000", "3001", "3002", "3003", "3004")
+            topo.start_python(name, APPS, str(e.app_logs[name]), str(sb.v4), *ports)
         e.start_gateway()
         e.sandbox({"id": "sb1", "addresses": ["10.75.0.1"], "ingress": {"public_access": True}}, create=True)
         e.sandbox({"id": "sb2", "addresses": ["10.75.0.2"]}, create=True)
@@ -670,3 +683,64 @@ def test_check_config_warns_that_tunnels_under_a_private_domain_share_a_site(env
     )
     assert checked.returncode == 0, checked.stderr
     assert f"warning:         tunnel domain {DOMAIN} is not a public suffix" in checked.stdout
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+#: Chromium on the gateway host (argv: HOME trusting the CA, URL of the protected tunnel B, URL of tunnel A,
+#: the password): log in to B, let A's page script go for B's session, come back to B. Prints JSON.
+BROWSER = r"""
+import asyncio, json, sys
+from playwright.async_api import async_playwright
+home, b_url, a_url, password = sys.argv[1:5]
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--no-proxy-server",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--host-resolver-rules=MAP *.tunnel.test 127.0.0.1"]
+def session(cookies):
+    return [c["value"] for c in cookies if c["name"] == "__Host-gw-tunnel"]
+async def main():
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS,
+                                          env={"HOME": home, "PATH": "/usr/bin:/bin"}, timeout=30_000)
+        try:
+            page = await browser.new_page()
+            await page.goto(b_url, timeout=15_000)
+            await page.fill("#password", password)
+            await page.click("button[type=submit]")
+            await page.wait_for_selector("text=x-forwarded-for", timeout=10_000)
+            before = session(await page.context.cookies(b_url))
+            await page.goto(a_url, timeout=15_000)
+            await page.wait_for_function("document.title.startsWith('done')", timeout=10_000)
+            seen_by_a = await page.title()
+            response = await page.goto(b_url, timeout=15_000)
+            after = session(await page.context.cookies(b_url))
+            b_app_got = await page.inner_text("body")
+            print(json.dumps({"before": before, "after": after, "a_saw": seen_by_a, "b_status": response.status,
+                              "b_app_got": b_app_got}))
+        finally:
+            await browser.close()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not CHROMIUM.exists() or shutil.which("certutil") is None, reason="needs chromium and certutil")
+def test_another_tunnels_page_can_neither_read_nor_replace_the_session_in_a_browser(env: Env) -> None:
+    pytest.importorskip("playwright.async_api")
+    protected, tossing = env.expose("sb1", 3000, password=True), env.expose("sb1", 3004)
+    home = env.workdir / "browser-home"
+    nssdb = home / ".pki" / "nssdb"
+    nssdb.mkdir(parents=True)
+    subprocess.run(["certutil", "-d", f"sql:{nssdb}", "-N", "--empty-password"], check=True, timeout=30)
+    trust = ["certutil", "-d", f"sql:{nssdb}", "-A", "-t", "C,,", "-n", "gateway-test-ca", "-i", str(env.ca)]
+    subprocess.run(trust, check=True, timeout=30)
+    urls = [f"https://{env.host(t)}:{PORT}/" for t in (protected, tossing)]
+    seen = json.loads(env.topo.python("gw", BROWSER, str(home), *urls, PASSWORD, timeout=120))
+    assert len(seen["before"]) == 1 and seen["after"] == seen["before"], seen  # not replaced, not shadowed
+    assert seen["before"][0] not in seen["a_saw"]  # A's script sees A's cookies only
+    assert seen["b_status"] == 200  # still signed in
+    # What the shared site does allow (the README says so): A's cookies for the whole domain reach B's app;
+    # the gateway's session never does, nor does anything A planted under the session's own name.
+    got = json.loads(seen["b_app_got"])["headers"]
+    cookie = next(v for k, v in got if k.lower() == "cookie")
+    assert "shared=from-a" in cookie and "__Host-gw-tunnel" not in cookie and seen["before"][0] not in cookie

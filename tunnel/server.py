@@ -4,13 +4,16 @@ A lean HTTP/1.1 server on the event loop's own TLS (`gateway.tunnel.wire`: llhtt
 pool of connections to the apps, bodies relayed chunk by chunk in the callbacks that receive them, with
 backpressure both ways). Every request, CONNECT and absolute-form targets included, reaches `_handle`,
 which refuses what it does not serve. A request is routed only on an exact, lowercased Host match
-`<id>.<domain>[:port]` against a tunnel that is alive; the upstream is only ever the address and port
-recorded in that tunnel, so the service can never be used as an open proxy.
+`<id>.<domain>[:port]` (one Host, a numeric port) against a tunnel that is alive and that its sandbox's
+ingress rules permit; the upstream is only ever the address and port recorded in that tunnel, so the
+service can never be used as an open proxy.
 
 Password-protected tunnels: browsers get a login form and then a server-side session in a
 host-only `__Host-` cookie (Secure, HttpOnly, SameSite=Lax); tools send HTTP Basic (any
-user name). Wrong passwords are throttled per client address and per tunnel with
-exponential backoff; the gateway's cookie and Basic credentials never reach the sandbox.
+user name). Password attempts are counted before they are checked and throttled per client
+address (exponential backoff) and per tunnel (a token bucket that never locks anyone out for
+long); the gateway's cookie and Basic credentials never reach the sandbox, and the app cannot
+set the gateway's cookie.
 
 WebSockets: the handshake (after an Origin check) goes to the app as the client made it, and after the
 app's 101 the two streams are relayed byte for byte; the gateway follows frame boundaries from the app
@@ -64,7 +67,7 @@ from gateway.tunnel.http1 import (
     simple_response,
     upstream_request_head,
 )
-from gateway.tunnel.model import ID_PATTERN, Tunnel, verify_password
+from gateway.tunnel.model import ID_PATTERN, Tunnel, peer_address, verify_password
 from gateway.tunnel.store import TunnelStore, open_tunnel_store
 from gateway.tunnel.wire import (
     ClientConnection,
@@ -117,15 +120,12 @@ class _Bucket:
 
 def client_key(address: str) -> str:
     """Whose attempts these are: the address, or its /64 for IPv6 (one host commonly holds a whole /64)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    ip = peer_address(address)
+    if ip is None:
         return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
+    if ip.version == 6:
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return address
+    return str(ip)
 
 
 class LoginThrottle:

@@ -131,7 +131,8 @@ async def main():
     context = PolicyContext((ipaddress.ip_network("127.77.0.0/16"),), {}, DEFAULT_LIMITS)
     policy = EmbeddedStore(context, workdir / "policies.json")
     await policy.start()
-    await policy.create_sandbox({"id": "sb1", "addresses": [app_host]})
+    # public_access: a tunnel without a password (the sandbox's ingress rules allow it only so)
+    await policy.create_sandbox({"id": "sb1", "addresses": [app_host], "ingress": {"public_access": True}})
     config = TunnelConfig(domain=domain, host=host, port=int(port), cert_path=workdir / "tunnel.crt",
                           key_path=workdir / "tunnel.key", path=workdir / "tunnels.json")
     store = FileTunnelStore(policy.state, config, workdir / "tunnels.json")

@@ -499,6 +499,7 @@ def _store_description(config: Any) -> str:
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     from gateway.api import check_api_exposure
     from gateway.presets import BUILTIN_PRESETS
+    from gateway.tunnel.config import shared_site_warning
 
     config = _load_config(args.config)
     try:
@@ -527,6 +528,8 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
         ports = ", ".join(map(str, sorted(preset.ports))) if preset.ports is not None else "any"
         kind = "built-in" if name in BUILTIN_PRESETS else "configured"
         lines.append(f"  {name.ljust(width)}  {kind:<10}  {len(preset.hosts)} hosts, ports {ports}")
+    if config.tunnel.enabled and (shared := shared_site_warning(config.tunnel.domain)) is not None:
+        lines.append(f"warning:         {shared}")
     lines.append("configuration is valid")
     out.write("\n".join(lines) + "\n")
     return EXIT_OK

@@ -513,8 +513,9 @@ def _schemas() -> dict[str, Any]:
                 },
                 "state": {
                     "type": "string",
-                    "enum": ["active", "expired", "revoked", "sandbox_gone"],
-                    "description": "sandbox_gone: the sandbox was deleted or lost the address; about to be revoked.",
+                    "enum": ["active", "expired", "revoked", "sandbox_gone", "ingress_denied"],
+                    "description": "sandbox_gone: the sandbox was deleted or lost the address; about to be revoked. "
+                    "ingress_denied: the sandbox's ingress rules no longer permit it; not served while they do not.",
                 },
             },
         },
@@ -1047,6 +1048,8 @@ def _paths() -> dict[str, Any]:
                     e400="MISSING_FIELD, UNKNOWN_FIELD, INVALID_TYPE, INVALID_PORT, INVALID_LABEL, INVALID_PASSWORD, "
                     "INVALID_TTL, INVALID_JSON.",
                     e404="SANDBOX_NOT_FOUND.",
+                    e403="INSUFFICIENT_SCOPE; INGRESS_PORT_NOT_ALLOWED (the port is not in the sandbox's "
+                    "ingress.ports), INGRESS_PASSWORD_REQUIRED (its ingress.public_access is false and no password).",
                     e409="TOO_MANY_TUNNELS: the sandbox already has the most live tunnels allowed (20 by default).",
                     e503=_TUNNELS_DISABLED,
                 ),

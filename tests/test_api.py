@@ -995,7 +995,7 @@ async def tunnels(store: EmbeddedStore, tmp_path: Path) -> AsyncIterator[TunnelS
 @pytest.fixture
 async def tunnel_api(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config, tunnels: TunnelStore) -> Api:
     api = Api(await aiohttp_client(create_app(store, config, tunnels=tunnels)))
-    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    await api.call("POST", "/v1/sandboxes", {**ALLOWLISTED, "ingress": {"public_access": True}}, expect=201)
     return api
 
 
@@ -1052,6 +1052,25 @@ async def test_tunnel_limits_and_errors(tunnel_api: Api) -> None:
         assert "short" not in answer.body["message"]
     denied = await tunnel_api.call("POST", "/v1/sandboxes/agent-1/tunnels", {"port": 1}, token="reader", expect=403)
     assert denied.code == "INSUFFICIENT_SCOPE"
+
+
+async def test_the_sandboxs_ingress_rules_decide_what_may_be_exposed(tunnel_api: Api, tunnels: TunnelStore) -> None:
+    private = {**ALLOWLISTED, "id": "agent-2", "addresses": ["10.75.0.11"], "ingress": {"ports": [3000, 8080]}}
+    await tunnel_api.call("POST", "/v1/sandboxes", private, expect=201)
+    url = "/v1/sandboxes/agent-2/tunnels"
+    # ingress.public_access is false (the default): no tunnel without a password.
+    refused = await tunnel_api.call("POST", url, {"port": 3000}, expect=403)
+    assert (refused.code, refused.body["field"]) == ("INGRESS_PASSWORD_REQUIRED", "password")
+    # ingress.ports is set: only those ports, with or without a password.
+    for body in ({"port": 3001, "password": "s3cret-password"}, {"port": 22, "password": "s3cret-password"}):
+        assert (await tunnel_api.call("POST", url, body, expect=403)).code == "INGRESS_PORT_NOT_ALLOWED"
+    assert tunnels.for_sandbox("agent-2") == []  # nothing was written
+    created = await tunnel_api.call("POST", url, {"port": 8080, "password": "s3cret-password"}, expect=201)
+    assert created.body["state"] == "active"
+    # The record changes: the tunnel it no longer permits shows so (and stops serving: the tunnel tests).
+    await tunnel_api.call("PUT", "/v1/sandboxes/agent-2", {**private, "ingress": {"ports": [3000]}}, expect=200)
+    shown = await tunnel_api.call("GET", f"/v1/tunnels/{created.body['id']}", expect=200)
+    assert shown.body["state"] == "ingress_denied"
 
 
 async def test_deleting_a_sandbox_revokes_its_tunnels(tunnel_api: Api, tunnels: TunnelStore) -> None:

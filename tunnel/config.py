@@ -35,8 +35,11 @@ DEFAULTS: dict[str, Any] = {
     "default_ttl": 8 * 3600.0,  # seconds; seed 000: "until the session ends or manually closed"
     "max_ttl": 7 * 24 * 3600.0,
     "session_ttl": 12 * 3600.0,  # a login session never outlives its tunnel either
-    "login_free_failures": 5,  # wrong passwords per client and tunnel before backoff starts
-    "login_tunnel_failures": 50,  # wrong passwords per tunnel (all clients) before backoff starts
+    "login_free_failures": 5,  # password attempts per client and tunnel before backoff starts
+    # Password attempts per tunnel, all clients together: a bucket of `burst` refilled at `rate` a second.
+    # When it is empty every client waits under 1/rate seconds (the longest the right password can be refused).
+    "login_tunnel_rate": 1.0,
+    "login_tunnel_burst": 20,
     "login_window": 900.0,  # seconds after which failures are forgotten
     "login_max_backoff": 300.0,  # seconds, the longest lockout
     "connect_timeout": 5.0,  # seconds to reach the sandbox port before answering 502
@@ -62,7 +65,8 @@ class TunnelConfig:
     max_ttl: float = DEFAULTS["max_ttl"]
     session_ttl: float = DEFAULTS["session_ttl"]
     login_free_failures: int = DEFAULTS["login_free_failures"]
-    login_tunnel_failures: int = DEFAULTS["login_tunnel_failures"]
+    login_tunnel_rate: float = DEFAULTS["login_tunnel_rate"]
+    login_tunnel_burst: int = DEFAULTS["login_tunnel_burst"]
     login_window: float = DEFAULTS["login_window"]
     login_max_backoff: float = DEFAULTS["login_max_backoff"]
     connect_timeout: float = DEFAULTS["connect_timeout"]
@@ -132,10 +136,29 @@ def build_tunnel_config(values: Mapping[str, Any]) -> TunnelConfig:
         max_ttl=float(_number(v["max_ttl"], "max_ttl", 1, 365 * 86400)),
         session_ttl=float(_number(v["session_ttl"], "session_ttl", 1, 365 * 86400)),
         login_free_failures=_number(v["login_free_failures"], "login_free_failures", 1, 1000, integer=True),
-        login_tunnel_failures=_number(v["login_tunnel_failures"], "login_tunnel_failures", 1, 100000, integer=True),
+        login_tunnel_rate=float(_number(v["login_tunnel_rate"], "login_tunnel_rate", 0.01, 1000)),
+        login_tunnel_burst=_number(v["login_tunnel_burst"], "login_tunnel_burst", 1, 100000, integer=True),
         login_window=float(_number(v["login_window"], "login_window", 1, 86400)),
         login_max_backoff=float(_number(v["login_max_backoff"], "login_max_backoff", 0, 86400)),
         connect_timeout=float(_number(v["connect_timeout"], "connect_timeout", 0.1, 120)),
         sweep_interval=float(_number(v["sweep_interval"], "sweep_interval", 0.01, 1)),
         poll_interval=float(_number(v["poll_interval"], "poll_interval", 0.01, 60)),
+    )
+
+
+def shared_site_warning(domain: str) -> str | None:
+    """A warning when tunnels under `domain` would share one site in browsers, else None.
+
+    Browsers scope cookies to a site: the name one label below a public suffix. Unless `domain` itself is a
+    public suffix, every `<id>.<domain>` is one site, so one tunnel's page can set cookies (Domain=<domain>)
+    that every other tunnel's app receives. The check uses the Public Suffix List bundled with the
+    `publicsuffixlist` package (offline; the rule for names it does not know, `*`, is the browsers' too)."""
+    from publicsuffixlist import PublicSuffixList
+
+    if PublicSuffixList().is_public(domain):
+        return None
+    return (
+        f"tunnel domain {domain} is not a public suffix: all tunnels share one site, so a tunnel's page can "
+        "set cookies that other tunnels' apps receive (the gateway's own login cookie stays safe); use a "
+        "domain on the Public Suffix List to isolate them"
     )

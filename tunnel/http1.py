@@ -25,9 +25,43 @@ HOP_BY_HOP: Final = frozenset(
         b"upgrade",
     }
 )
-#: Client-supplied copies are dropped; the gateway sets its own X-Forwarded-* from what it saw.
+#: Forwarding and identity headers: a client's copies never reach the app (the gateway sets its own
+#: X-Forwarded-For/Proto/Host from what it saw). Names are compared with case and `_` folded to `-`, because
+#: CGI, WSGI and Rack map `X_Forwarded_For` and `X-Forwarded-For` alike to HTTP_X_FORWARDED_FOR. The list is
+#: what frameworks and their proxy middlewares read as the client's address, scheme, host, port or path:
+#: Werkzeug's ProxyFix, Django, Rack/Rails, Express, Spring, Symfony/IIS (X-Original-URL, X-Rewrite-URL) and
+#: the CDN headers (Cloudflare, Akamai, Fastly, App Engine); `Proxy` because CGI turns it into HTTP_PROXY.
 FORWARDING: Final = frozenset(
-    {b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"}
+    {
+        b"forwarded",
+        b"forwarded-for",
+        b"x-forwarded",
+        b"x-real-ip",
+        b"x-client-ip",
+        b"client-ip",
+        b"true-client-ip",
+        b"x-cluster-client-ip",
+        b"fastly-client-ip",
+        b"x-proxyuser-ip",
+        b"remote-addr",
+        b"x-host",
+        b"x-rewrite-url",
+        b"x-scheme",
+        b"x-url-scheme",
+        b"x-https",
+        b"front-end-https",
+        b"proxy",
+    }
+)
+FORWARDING_PREFIXES: Final = (
+    b"x-forwarded-",
+    b"x-original-",
+    b"x-real-",
+    b"x-client-",
+    b"x-remote-",
+    b"true-client-",
+    b"cf-",
+    b"x-appengine-",
 )
 #: Responses that never have a body, whatever their headers say (RFC 9110 6.4.1).
 NO_BODY_STATUS: Final = frozenset({204, 304})
@@ -73,11 +107,22 @@ def header_map(headers: Headers) -> dict[bytes, bytes]:
     return found
 
 
+def fold(name: bytes) -> bytes:
+    """A header name as CGI-style servers see it: lowercase, `_` the same as `-`."""
+    lower = name.lower()
+    return lower.replace(b"_", b"-") if b"_" in lower else lower
+
+
+def is_forwarding(folded: bytes) -> bool:
+    """Whether a (folded) request header claims something about the client or the path to it."""
+    return folded in FORWARDING or folded.startswith(FORWARDING_PREFIXES)
+
+
 def connection_tokens(value: bytes | None) -> frozenset[bytes]:
-    """The lowercased tokens of a Connection header: the names it lists are hop-by-hop too."""
+    """The folded tokens of a Connection header: the names it lists are hop-by-hop too."""
     if not value:
         return frozenset()
-    return frozenset(t.strip().lower() for t in value.split(b","))
+    return frozenset(fold(t.strip()) for t in value.split(b","))
 
 
 def _listed(headers: Headers, fields: dict[bytes, bytes] | None) -> frozenset[bytes]:
@@ -90,16 +135,25 @@ def is_chunked(transfer_encoding: bytes | None) -> bool:
     return transfer_encoding is not None and transfer_encoding.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
 
 
-def strip_cookie(value: bytes, name: bytes) -> bytes:
-    """The Cookie header without the cookie `name` (the gateway's own session cookie)."""
-    if name not in value:
-        return value
+def _cookie_name(pair: bytes) -> bytes:
+    """The lowercased name of a `name=value` cookie pair (a pair without `=` is all name, as browsers read it)."""
+    return pair.split(b"=", 1)[0].strip().lower()
+
+
+def strip_cookies(value: bytes, names: frozenset[bytes]) -> bytes:
+    """The Cookie header without the cookies `names` (lowercased: the gateway's own, in any case spelling)."""
     parts = [p.strip() for p in value.split(b";")]
-    return b"; ".join(p for p in parts if p and p.split(b"=", 1)[0].strip() != name)
+    return b"; ".join(p for p in parts if p and _cookie_name(p) not in names)
+
+
+def sets_cookie(value: bytes, names: frozenset[bytes]) -> bool:
+    """Whether a Set-Cookie value sets one of `names` (lowercased)."""
+    return _cookie_name(value.split(b";", 1)[0]) in names
 
 
 def cookie_value(value: bytes | None, name: bytes) -> bytes | None:
-    """The value of cookie `name` in a Cookie header, or None."""
+    """The value of cookie `name` in a Cookie header, or None. The name matches exactly: a cookie whose name
+    differs only in case is another cookie (one that a sibling site may have set)."""
     if not value or name not in value:
         return None
     for part in value.split(b";"):
@@ -109,14 +163,46 @@ def cookie_value(value: bytes | None, name: bytes) -> bytes | None:
     return None
 
 
+class InvalidHost(ValueError):
+    """A Host header that is not exactly one `name[:port]`."""
+
+
+def parse_host(value: bytes | None) -> tuple[str, int | None]:
+    """The one Host of a request as (lowercased name, port or None); raises InvalidHost otherwise.
+
+    The name is letters, digits, `-` and `.` only, so userinfo (`@`), a path (`/`), a second Host line (joined
+    as `a, b`), spaces and brackets are all refused; the port, when there is a `:`, is 1-5 digits in 1-65535."""
+    if value is None:
+        raise InvalidHost("the request has no Host header")
+    if b"," in value:
+        raise InvalidHost("the request has more than one Host header")
+    text = value.strip().decode("latin-1").lower()
+    name, colon, port = text.partition(":")
+    if not name or not all(c in _HOST_CHARS for c in name):
+        raise InvalidHost("Host must be a DNS name, optionally with :port")
+    if not colon:
+        return name, None
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise InvalidHost("the port in Host must be a number in 1-65535")
+    return name, int(port)
+
+
+_HOST_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
+
+
+def valid_reason(reason: bytes) -> bool:
+    """A status line's reason phrase: HTAB, SP, visible ASCII and obs-text only (RFC 9112 4)."""
+    return all(b == 0x09 or 0x20 <= b != 0x7F for b in reason)
+
+
 @dataclass(slots=True)
 class Forwarding:
     """What the gateway adds to a request for the app (and removes from it)."""
 
     host: bytes  # the Host the app sees (the tunnel's, or `localhost:<port>` with host rewriting)
-    forwarded_host: bytes  # the Host the client used
+    forwarded_host: bytes  # the Host the client used (validated and normalised)
     forwarded_for: bytes  # the client's address
-    strip_cookie: bytes  # the gateway's session cookie name
+    strip_cookies: frozenset[bytes]  # the gateway's own cookie names (lowercased)
     strip_basic: bool  # the tunnel has a password: Basic credentials are the gateway's, not the app's
 
 
@@ -135,20 +221,22 @@ def upstream_request_head(
     headers, Host and Expect (the gateway answers 100-continue itself) and the gateway's credentials, plus the
     gateway's Host and X-Forwarded-*, and the body framing the gateway relays (Content-Length as the client
     sent it, or chunked). A WebSocket handshake keeps its Sec-WebSocket-* fields and asks for the upgrade.
+    Names are folded (`fold`) before every rule, so `Transfer_Encoding` or `X_Forwarded_For` never pass as
+    end-to-end headers to an app whose server reads `_` as `-`.
     `fields`: `header_map(headers)` when the caller has it (saves a pass over the headers)."""
     listed = _listed(headers, fields)
     out = [method, b" ", target, b" HTTP/1.1\r\nHost: ", fwd.host, b"\r\n"]
     for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in FORWARDING or lower in listed:
+        folded = fold(name)
+        if folded in HOP_BY_HOP or folded in listed or is_forwarding(folded):
             continue
-        if lower == b"host" or lower == b"expect" or lower == b"content-length":
+        if folded == b"host" or folded == b"expect" or folded == b"content-length":
             continue
-        if lower == b"cookie":
-            value = strip_cookie(value, fwd.strip_cookie)
+        if folded == b"cookie":
+            value = strip_cookies(value, fwd.strip_cookies)
             if not value:
                 continue
-        elif lower == b"authorization" and fwd.strip_basic and value[:6].lower() == b"basic ":
+        elif folded == b"authorization" and fwd.strip_basic and value[:6].lower() == b"basic ":
             continue
         out += (name, b": ", value, b"\r\n")
     out += (b"X-Forwarded-For: ", fwd.forwarded_for, b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: ")
@@ -210,13 +298,18 @@ def client_response_head(
     *,
     extra: Headers = (),
     fields: dict[bytes, bytes] | None = None,
+    gateway_cookies: frozenset[bytes] = frozenset(),
 ) -> bytes:
-    """The response head for the client: the app's end-to-end headers and the gateway's framing."""
+    """The response head for the client: the app's end-to-end headers and the gateway's framing. A Set-Cookie
+    for one of `gateway_cookies` (lowercased names) is dropped: the app must not plant or end the gateway's
+    session."""
     listed = _listed(headers, fields)
     out = [b"HTTP/1.1 %d " % status, reason or REASONS.get(status, b"Status"), b"\r\n"]
     for name, value in headers:
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in listed:
+            continue
+        if lower == b"set-cookie" and sets_cookie(value, gateway_cookies):
             continue
         if lower == b"content-length" and framing.has_body and framing.content_length is None:
             continue  # the app sent both a length and chunks: the chunks win (and the length goes)

@@ -9,8 +9,10 @@ KDF, which is what RFC 7914 and OWASP accept beside argon2id), each with its own
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
+import ipaddress
 import math
 import re
 import secrets
@@ -19,7 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from gateway.errors import GatewayError
+from gateway.errors import Forbidden, GatewayError
+from gateway.policy import Ingress, IPAddress
 
 ID_BYTES: Final = 10  # 80 bits -> 16 base32 characters, no padding
 ID_PATTERN: Final = re.compile(r"^[a-z2-7]{16}$")
@@ -251,3 +254,45 @@ def new_tunnel(sandbox: str, address: str, request: TunnelRequest, now: float | 
         password_hash=hash_password(request.password) if request.password is not None else None,
         rewrite_host=request.rewrite_host,
     )
+
+
+# --------------------------------------------------------------------------- ingress rules
+
+
+def ingress_refusal(ingress: Ingress, port: int, *, protected: bool) -> Forbidden | None:
+    """Why a sandbox's ingress rules refuse a tunnel to `port` (checked at expose time and on every request,
+    against the record as it is then), or None. Stable codes: INGRESS_PORT_NOT_ALLOWED (`ingress.ports` is set
+    and does not hold the port), INGRESS_PASSWORD_REQUIRED (`ingress.public_access` is false and the tunnel
+    has no password: without public access nobody reaches the sandbox without a credential)."""
+    if ingress.ports and port not in ingress.ports:
+        allowed = ", ".join(map(str, ingress.ports))
+        return Forbidden("INGRESS_PORT_NOT_ALLOWED", f"port {port} is not in the sandbox's ingress.ports ({allowed})")
+    if not ingress.public_access and not protected:
+        return Forbidden(
+            "INGRESS_PASSWORD_REQUIRED",
+            "the sandbox's ingress.public_access is false: its tunnels need a password",
+            "password",
+        )
+    return None
+
+
+def source_refusal(ingress: Ingress, client: str) -> Forbidden | None:
+    """Why `ingress.sources` refuses a client address (the peer the tunnel server sees), or None."""
+    if not ingress.sources:
+        return None
+    address = peer_address(client)
+    if address is not None and any(address in network for network in ingress.sources):
+        return None
+    return Forbidden("INGRESS_SOURCE_DENIED", "this preview is not served to your address (ingress.sources)")
+
+
+@functools.lru_cache(maxsize=4096)
+def peer_address(text: str) -> IPAddress | None:
+    """A client's address as the ingress rules see it (an IPv4-mapped IPv6 address is the IPv4 address)."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

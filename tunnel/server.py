@@ -4,13 +4,16 @@ A lean HTTP/1.1 server on the event loop's own TLS (`gateway.tunnel.wire`: llhtt
 pool of connections to the apps, bodies relayed chunk by chunk in the callbacks that receive them, with
 backpressure both ways). Every request, CONNECT and absolute-form targets included, reaches `_handle`,
 which refuses what it does not serve. A request is routed only on an exact, lowercased Host match
-`<id>.<domain>[:port]` against a tunnel that is alive; the upstream is only ever the address and port
-recorded in that tunnel, so the service can never be used as an open proxy.
+`<id>.<domain>[:port]` (one Host, a numeric port) against a tunnel that is alive and that its sandbox's
+ingress rules permit; the upstream is only ever the address and port recorded in that tunnel, so the
+service can never be used as an open proxy.
 
 Password-protected tunnels: browsers get a login form and then a server-side session in a
 host-only `__Host-` cookie (Secure, HttpOnly, SameSite=Lax); tools send HTTP Basic (any
-user name). Wrong passwords are throttled per client address and per tunnel with
-exponential backoff; the gateway's cookie and Basic credentials never reach the sandbox.
+user name). Password attempts are counted before they are checked and throttled per client
+address (exponential backoff) and per tunnel (a token bucket that never locks anyone out for
+long); the gateway's cookie and Basic credentials never reach the sandbox, and the app cannot
+set the gateway's cookie.
 
 WebSockets: the handshake (after an Origin check) goes to the app as the client made it, and after the
 app's 101 the two streams are relayed byte for byte; the gateway follows frame boundaries from the app
@@ -31,10 +34,12 @@ import binascii
 import contextlib
 import hashlib
 import html
+import ipaddress
 import json
+import math
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qs, quote, unquote
@@ -50,17 +55,19 @@ from gateway.tunnel.http1 import (
     LAST_CHUNK,
     Forwarding,
     FrameBoundary,
+    InvalidHost,
     ResponseFraming,
     chunk,
     client_response_head,
     close_frame,
     connection_tokens,
     cookie_value,
+    parse_host,
     response_framing,
     simple_response,
     upstream_request_head,
 )
-from gateway.tunnel.model import ID_PATTERN, Tunnel, verify_password
+from gateway.tunnel.model import ID_PATTERN, Tunnel, peer_address, verify_password
 from gateway.tunnel.store import TunnelStore, open_tunnel_store
 from gateway.tunnel.wire import (
     ClientConnection,
@@ -78,6 +85,8 @@ log = structlog.get_logger("gateway.tunnel.server")
 
 COOKIE: Final = "__Host-gw-tunnel"
 COOKIE_BYTES: Final = COOKIE.encode()
+#: Every cookie name the gateway uses (lowercased): never sent to the app, never set by the app.
+GATEWAY_COOKIES: Final = frozenset({COOKIE_BYTES.lower()})
 GATEWAY_PREFIX: Final = "/.gateway/"
 LOGIN_PATH: Final = "/.gateway/login"
 LOGOUT_PATH: Final = "/.gateway/logout"
@@ -85,6 +94,7 @@ MAX_FORM_BYTES: Final = 8192
 BASIC_CACHE_TTL: Final = 60.0  # a tool's repeated Basic requests cost one scrypt per minute, not one each
 BASIC_CACHE_MAX: Final = 10_000
 MAX_THROTTLE_ENTRIES: Final = 100_000
+MAX_CONCURRENT_HASHES: Final = 2
 #: Close code sent to WebSocket clients when the tunnel ends (1008: policy violation, RFC 6455).
 WS_CLOSE_REVOKED: Final = 1008
 #: A client connection with no request in progress (idle, or sending its head slowly) is closed after this.
@@ -96,54 +106,88 @@ IDLE_CHECK_INTERVAL: Final = 5.0
 
 
 @dataclass(slots=True)
-class _Failures:
+class _Attempts:
     count: int = 0
     last: float = 0.0
     locked_until: float = 0.0
 
 
-class LoginThrottle:
-    """Wrong passwords per (tunnel, client address) and per tunnel; past a free allowance each further
-    failure locks that key for 1, 2, 4, ... seconds (capped). Failures are forgotten after `window`."""
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: float
 
-    def __init__(self, free: int, tunnel_free: int, window: float, max_backoff: float) -> None:
+
+def client_key(address: str) -> str:
+    """Whose attempts these are: the address, or its /64 for IPv6 (one host commonly holds a whole /64)."""
+    ip = peer_address(address)
+    if ip is None:
+        return address
+    if ip.version == 6:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class LoginThrottle:
+    """Password attempts, counted when they start (before the ~50 ms hash), so attempts still being checked
+    count too and a burst sent at once gets no more checks than one sent in turn.
+
+    * Per client (address, or IPv6 /64) and tunnel: `free` attempts, then each further one locks that client
+      out of that tunnel for 1, 2, 4, ... seconds (at most `max_backoff`); a success clears it, and attempts
+      are forgotten `window` seconds after the last one.
+    * Per tunnel, all clients together: a token bucket of `tunnel_burst` attempts refilled at `tunnel_rate`
+      a second bounds the guesses from many addresses. It never locks anyone out for long: when it is empty
+      the wait is under 1 / `tunnel_rate` seconds, for every client alike.
+    """
+
+    def __init__(self, free: int, window: float, max_backoff: float, tunnel_rate: float, tunnel_burst: int) -> None:
         self.free = free
-        self.tunnel_free = tunnel_free
         self.window = window
         self.max_backoff = max_backoff
-        self._entries: dict[tuple[str, str], _Failures] = {}
+        self.tunnel_rate = tunnel_rate
+        self.tunnel_burst = tunnel_burst
+        self._clients: dict[tuple[str, str], _Attempts] = {}
+        self._buckets: dict[str, _Bucket] = {}
 
-    def retry_after(self, tunnel_id: str, client: str, now: float | None = None) -> float:
+    def admit(self, tunnel_id: str, client: str, now: float | None = None) -> float:
+        """0.0: the attempt may be checked now, and is counted already; otherwise the seconds to wait."""
         now = time.monotonic() if now is None else now
-        waits = [e.locked_until - now for e in self._lookup(tunnel_id, client)]
-        return max([0.0, *waits])
-
-    def failure(self, tunnel_id: str, client: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        for key, free in (((tunnel_id, client), self.free), ((tunnel_id, ""), self.tunnel_free)):
-            entry = self._entries.get(key)
-            if entry is None or now - entry.last > self.window:
-                if entry is None and len(self._entries) >= MAX_THROTTLE_ENTRIES:
-                    self.prune(now)
-                entry = self._entries[key] = _Failures()
-            entry.count += 1
-            entry.last = now
-            if entry.count >= free:
-                entry.locked_until = now + min(self.max_backoff, 2.0 ** (entry.count - free))
+        key = (tunnel_id, client_key(client))
+        entry = self._clients.get(key)
+        if entry is not None and now < entry.locked_until:
+            return entry.locked_until - now
+        bucket = self._buckets.get(tunnel_id)
+        if bucket is None:
+            if len(self._buckets) >= MAX_THROTTLE_ENTRIES:
+                self.prune(now)
+            bucket = self._buckets[tunnel_id] = _Bucket(float(self.tunnel_burst), now)
+        else:
+            bucket.tokens = min(float(self.tunnel_burst), bucket.tokens + (now - bucket.at) * self.tunnel_rate)
+            bucket.at = now
+        if bucket.tokens < 1.0:
+            return (1.0 - bucket.tokens) / self.tunnel_rate
+        bucket.tokens -= 1.0
+        if entry is None or now - entry.last > self.window:
+            if entry is None and len(self._clients) >= MAX_THROTTLE_ENTRIES:
+                self.prune(now)
+            entry = self._clients[key] = _Attempts()
+        entry.count += 1
+        entry.last = now
+        if entry.count >= self.free:
+            entry.locked_until = now + min(self.max_backoff, 2.0 ** (entry.count - self.free))
+        return 0.0
 
     def success(self, tunnel_id: str, client: str) -> None:
-        self._entries.pop((tunnel_id, client), None)
+        self._clients.pop((tunnel_id, client_key(client)), None)
 
     def prune(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        for key in [k for k, e in self._entries.items() if now - e.last > self.window and now > e.locked_until]:
-            del self._entries[key]
-
-    def _lookup(self, tunnel_id: str, client: str) -> Iterable[_Failures]:
-        for key in ((tunnel_id, client), (tunnel_id, "")):
-            entry = self._entries.get(key)
-            if entry is not None:
-                yield entry
+        stale = [k for k, e in self._clients.items() if now - e.last > self.window and now > e.locked_until]
+        for key in stale:
+            del self._clients[key]
+        full = [k for k, b in self._buckets.items() if b.tokens + (now - b.at) * self.tunnel_rate >= self.tunnel_burst]
+        for tunnel_id in full:  # a full bucket is the same as none
+            del self._buckets[tunnel_id]
 
 
 # --------------------------------------------------------------------------- pages
@@ -218,7 +262,7 @@ class _Exchange:
 class _Route:
     """What the last request's Host on a connection led to (keep-alive requests mostly repeat it)."""
 
-    raw_host: bytes
+    raw_host: bytes | None
     tunnel: Tunnel
     host: str
     forwarding: Forwarding
@@ -258,8 +302,15 @@ class TunnelServer:
         self.tls = tls
         self.flows = flows
         self.throttle = LoginThrottle(
-            config.login_free_failures, config.login_tunnel_failures, config.login_window, config.login_max_backoff
+            config.login_free_failures,
+            config.login_window,
+            config.login_max_backoff,
+            config.login_tunnel_rate,
+            config.login_tunnel_burst,
         )
+        #: Password hashes (16 MiB and ~50 ms of CPU each) running at once, for all tunnels together: guesses
+        #: never hold every worker thread, so other tunnels' logins and tunnel creation keep going.
+        self._hashing = asyncio.Semaphore(MAX_CONCURRENT_HASHES)
         self.pool = UpstreamPool(config.connect_timeout)
         self.connections: set[ClientConnection] = set()
         self._basic_ok: dict[bytes, float] = {}
@@ -329,8 +380,16 @@ class TunnelServer:
     def _on_tunnel_ended(self, tunnel: Tunnel) -> None:
         self._kill(tunnel.id, tunnel.revoked_reason or "ended")
 
-    def _kill(self, tunnel_id: str, reason: str) -> None:
-        live = self._live.pop(tunnel_id, set())
+    def _kill(self, tunnel_id: str, reason: str, only: list[ClientConnection] | None = None) -> None:
+        """Close the tunnel's live connections (`only` these, when given)."""
+        if only is None:
+            live = self._live.pop(tunnel_id, set())
+        else:
+            live = set(only)
+            remaining = self._live.get(tunnel_id, set())
+            remaining -= live
+            if not remaining:
+                self._live.pop(tunnel_id, None)
         if live:
             log.info("tunnel_connections_closed", tunnel=tunnel_id[:4], count=len(live), reason=reason)
         for conn in live:
@@ -351,6 +410,14 @@ class TunnelServer:
                     tunnel = self.store.tunnels.get(tunnel_id)
                     if tunnel is None or not self.store.alive(tunnel, now):
                         self._kill(tunnel_id, "expired or revoked")
+                    elif (refusal := self.store.ingress_refusal(tunnel)) is not None:
+                        self._kill(tunnel_id, refusal.code)  # the sandbox record no longer permits it
+                    elif self.store.has_ingress_sources(tunnel):
+                        refused = [
+                            c for c in self._live[tunnel_id] if self.store.ingress_refusal(tunnel, c.remote) is not None
+                        ]
+                        if refused:
+                            self._kill(tunnel_id, "INGRESS_SOURCE_DENIED", refused)
                 for key in [k for k, exp in self._basic_ok.items() if exp <= now]:
                     del self._basic_ok[key]
                 self.throttle.prune()
@@ -401,6 +468,9 @@ class TunnelServer:
             raise _Refused(400, "ABSOLUTE_FORM_REFUSED", "only origin-form request targets (/path) are served")
         tunnel, host = self._find(request, conn)
         exchange.tunnel, exchange.host = tunnel, host
+        refusal = self.store.ingress_refusal(tunnel, conn.remote)
+        if refusal is not None:  # before the login page too: a source the record refuses may not even guess
+            raise _Refused(refusal.status, refusal.code, refusal.message)
         self._attach(conn, tunnel)
         path = _path(request.target)
         if path.startswith(GATEWAY_PREFIX):
@@ -415,13 +485,17 @@ class TunnelServer:
         return await self._proxy_http(conn, request, tunnel, host, exchange)
 
     def _find(self, request: Request, conn: ClientConnection | None = None) -> tuple[Tunnel, str]:
-        raw = request.fields.get(b"host", b"")
+        """The live tunnel the request's Host names, and that Host normalised (`name[:port]`)."""
+        raw = request.fields.get(b"host")
         memo = conn.memo if conn is not None else None
         if isinstance(memo, _Route) and memo.raw_host == raw and self.store.tunnels.get(memo.tunnel.id) is memo.tunnel:
             tunnel, host = memo.tunnel, memo.host  # the same Host as the last request on this connection
         else:
-            host = raw.decode("latin-1").strip().lower()
-            name = host.rsplit(":", 1)[0] if ":" in host else host
+            try:
+                name, port = parse_host(raw)
+            except InvalidHost as exc:
+                raise _Refused(400, "INVALID_HOST", str(exc)) from None
+            host = name if port is None else f"{name}:{port}"
             suffix = "." + self.config.domain
             label = name[: -len(suffix)] if name.endswith(suffix) else ""
             found = self.store.tunnels.get(label) if ID_PATTERN.fullmatch(label) else None
@@ -448,22 +522,23 @@ class TunnelServer:
         return await self.store.find_session(token, tunnel.id)
 
     async def _check_password(self, conn: ClientConnection, tunnel: Tunnel, password: str) -> bool:
-        """Throttled, constant-time (scrypt + compare_digest) password check; raises 429 while locked."""
+        """Throttled, constant-time (scrypt + compare_digest) password check; raises 429 while throttled."""
         client = self._client_address(conn)
-        wait = self.throttle.retry_after(tunnel.id, client)
+        wait = self.throttle.admit(tunnel.id, client)
         if wait > 0:
+            seconds = max(1, math.ceil(wait))
             raise _Refused(
                 429,
                 "TOO_MANY_ATTEMPTS",
-                f"too many wrong passwords; try again in {int(wait) + 1} s",
-                {"Retry-After": str(int(wait) + 1)},
+                f"too many password attempts; try again in {seconds} s",
+                {"Retry-After": str(seconds)},
             )
         assert tunnel.password_hash is not None
-        ok = await asyncio.to_thread(verify_password, password, tunnel.password_hash)
+        async with self._hashing:  # admitted attempts wait their turn here: counted already, never refused
+            ok = await asyncio.to_thread(verify_password, password, tunnel.password_hash)
         if ok:
             self.throttle.success(tunnel.id, client)
         else:
-            self.throttle.failure(tunnel.id, client)
             log.info("tunnel_login_failed", tunnel=tunnel.id[:4], client=client)  # never the password
         return ok
 
@@ -578,7 +653,7 @@ class TunnelServer:
             host=upstream_host.encode("latin-1"),
             forwarded_host=host.encode("latin-1"),
             forwarded_for=self._client_address(conn).encode(),
-            strip_cookie=COOKIE_BYTES,
+            strip_cookies=GATEWAY_COOKIES,
             strip_basic=tunnel.protected,
         )
 
@@ -648,7 +723,14 @@ class TunnelServer:
                 client_http11=request.http11,
             )
             exchange.status = answer.status
-            out = client_response_head(answer.status, answer.reason, answer.headers, framing, fields=answer.fields)
+            out = client_response_head(
+                answer.status,
+                answer.reason,
+                answer.headers,
+                framing,
+                fields=answer.fields,
+                gateway_cookies=GATEWAY_COOKIES,
+            )
             exchange.head_sent = True
             if framing.has_body:
                 # What came with the head goes out with the head: one TLS record for a small response.
@@ -724,7 +806,10 @@ class TunnelServer:
                 raise _Refused(502, "UPSTREAM_WEBSOCKET_REFUSED", f"the app refused the WebSocket ({answer.status})")
             no_body = ResponseFraming(False, None, False, False, False)
             upgrade = [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
-            conn.write(client_response_head(101, answer.reason, answer.headers, no_body, extra=upgrade))
+            head = client_response_head(
+                101, answer.reason, answer.headers, no_body, extra=upgrade, gateway_cookies=GATEWAY_COOKIES
+            )
+            conn.write(head)
             exchange.status = 101
             exchange.head_sent = True
             conn.closer = closer = _relay_upgraded(conn, upstream, exchange)

@@ -41,12 +41,21 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.errors import Conflict, GatewayError, NotFound
+from gateway.errors import Conflict, Forbidden, GatewayError, NotFound
 from gateway.files import Signature, file_signature, write_atomic
 from gateway.state import PolicyState
 from gateway.stores.base import StoreUnavailable
 from gateway.tunnel.config import TunnelConfig
-from gateway.tunnel.model import REVOKED_BY_API, REVOKED_SANDBOX_GONE, Tunnel, new_tunnel, parse_record, parse_request
+from gateway.tunnel.model import (
+    REVOKED_BY_API,
+    REVOKED_SANDBOX_GONE,
+    Tunnel,
+    ingress_refusal,
+    new_tunnel,
+    parse_record,
+    parse_request,
+    source_refusal,
+)
 
 log = structlog.get_logger("gateway.tunnel.store")
 
@@ -108,7 +117,9 @@ class TunnelStore(abc.ABC):
         self.config = config
         self.tunnels: dict[str, Tunnel] = {}
         self.sessions: dict[str, Session] = {}  # session_key(token) -> Session
-        self._address_checks: dict[str, tuple[object, bool]] = {}  # tunnel id -> (sandbox record, address in it)
+        #: tunnel id -> (sandbox record, address in it, what its ingress rules say): checked on every request,
+        #: so the answers for this very record (records are replaced, never changed in place) are remembered.
+        self._record_checks: dict[str, tuple[object, bool, Forbidden | None]] = {}
         self._listeners: list[Listener] = []
         self._lock = asyncio.Lock()
         self._maintainer: asyncio.Task[None] | None = None
@@ -154,19 +165,37 @@ class TunnelStore(abc.ABC):
     def alive(self, tunnel: Tunnel, now: float | None = None) -> bool:
         if not tunnel.live(now):
             return False
+        checks = self._checks(tunnel)
+        return checks is not None and checks[1]
+
+    def ingress_refusal(self, tunnel: Tunnel, client: str | None = None) -> Forbidden | None:
+        """Why the sandbox's ingress rules, as the record is now, refuse serving this tunnel (to `client`, when
+        given: `ingress.sources`), or None. A tunnel whose sandbox is gone is `alive`'s business."""
+        checks = self._checks(tunnel)
+        if checks is None:
+            return None
+        if checks[2] is not None or client is None:
+            return checks[2]
+        sandbox = self.policy.sandboxes.get(tunnel.sandbox)
+        return source_refusal(sandbox.ingress, client) if sandbox is not None else None
+
+    def has_ingress_sources(self, tunnel: Tunnel) -> bool:
+        sandbox = self.policy.sandboxes.get(tunnel.sandbox)
+        return sandbox is not None and bool(sandbox.ingress.sources)
+
+    def _checks(self, tunnel: Tunnel) -> tuple[object, bool, Forbidden | None] | None:
         sandbox = self.policy.sandboxes.get(tunnel.sandbox)
         if sandbox is None:
-            return False
-        # Checked on every request: the answer for this very sandbox record (records are replaced, never
-        # changed in place) is remembered.
-        known = self._address_checks.get(tunnel.id)
+            return None
+        known = self._record_checks.get(tunnel.id)
         if known is not None and known[0] is sandbox:
-            return known[1]
+            return known
         found = _address(tunnel.address) in sandbox.addresses
-        if len(self._address_checks) >= 10_000:
-            self._address_checks.clear()
-        self._address_checks[tunnel.id] = (sandbox, found)
-        return found
+        checks = (sandbox, found, ingress_refusal(sandbox.ingress, tunnel.port, protected=tunnel.protected))
+        if len(self._record_checks) >= 10_000:
+            self._record_checks.clear()
+        self._record_checks[tunnel.id] = checks
+        return checks
 
     def get(self, tunnel_id: str) -> Tunnel:
         tunnel = self.tunnels.get(tunnel_id)
@@ -179,8 +208,11 @@ class TunnelStore(abc.ABC):
 
     def public(self, tunnel: Tunnel) -> dict[str, Any]:
         body = tunnel.to_public(self.config.url_for(tunnel.id))
-        if body["state"] == "active" and not self.alive(tunnel):
-            body["state"] = "sandbox_gone"
+        if body["state"] == "active":
+            if not self.alive(tunnel):
+                body["state"] = "sandbox_gone"
+            elif self.ingress_refusal(tunnel) is not None:
+                body["state"] = "ingress_denied"
         return body
 
     def status(self) -> dict[str, Any]:
@@ -193,13 +225,16 @@ class TunnelStore(abc.ABC):
     # ------------------------------------------------------------------ writes
 
     async def create(self, sandbox_id: str, raw: object) -> Tunnel:
-        """Expose a port. Errors: SANDBOX_NOT_FOUND (404), TOO_MANY_TUNNELS (409), the request's 400s."""
+        """Expose a port. Errors: SANDBOX_NOT_FOUND (404), INGRESS_PORT_NOT_ALLOWED and INGRESS_PASSWORD_REQUIRED
+        (403: the sandbox's ingress rules), TOO_MANY_TUNNELS (409), the request's 400s."""
         sandbox = self.policy.get_sandbox(sandbox_id)
         request = parse_request(raw, default_ttl=self.config.default_ttl, max_ttl=self.config.max_ttl)
+        self._check_ingress(sandbox_id, request.port, protected=request.password is not None)
         # scrypt takes ~50 ms of CPU: not on the event loop, which also proxies traffic.
         tunnel = await asyncio.to_thread(new_tunnel, sandbox_id, pick_address(sandbox.addresses), request)
         async with self._lock:
-            self.policy.get_sandbox(sandbox_id)  # it may have gone while the hash was computed
+            # The record may have gone or changed while the hash was computed.
+            self._check_ingress(sandbox_id, tunnel.port, protected=tunnel.protected)
             live = [t for t in self.tunnels.values() if t.sandbox == sandbox_id and self.alive(t)]
             if len(live) >= self.config.max_per_sandbox:
                 raise self._too_many(sandbox_id, len(live))
@@ -207,6 +242,11 @@ class TunnelStore(abc.ABC):
             self._apply(tunnel.id, tunnel)
         log.info("tunnel_created", tunnel=tunnel.id, sandbox=sandbox_id, port=tunnel.port, protected=tunnel.protected)
         return tunnel
+
+    def _check_ingress(self, sandbox_id: str, port: int, *, protected: bool) -> None:
+        refusal = ingress_refusal(self.policy.get_sandbox(sandbox_id).ingress, port, protected=protected)
+        if refusal is not None:
+            raise refusal
 
     def _too_many(self, sandbox_id: str, live: int) -> Conflict:
         return Conflict(

@@ -14,6 +14,7 @@ HTTP is an upstream error.
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import time
 from collections import deque
@@ -31,6 +32,7 @@ from gateway.tunnel.http1 import (
     response_has_body,
     response_length,
     simple_response,
+    valid_reason,
 )
 
 #: Request body bytes held for a handler that has not taken the body yet; past this, reading pauses.
@@ -239,6 +241,7 @@ class ClientConnection(asyncio.Protocol, Pausable, HeadCallbacks):
         self._upgraded = False
         self._head: HeadBuilder | None = None
         self._receiving: Request | None = None
+        self._parsed: list[Request] = []  # heads completed by the read being parsed, not yet accepted
         self._queue: deque[Request] = deque()  # requests read and not yet handled
         self._next: asyncio.Future[None] | None = None  # the serving task waits here for a request
         self._paused: set[str] = set()
@@ -274,6 +277,9 @@ class ClientConnection(asyncio.Protocol, Pausable, HeadCallbacks):
             self.upgrade_tail = data[exc.args[0] :]
         except (httptools.HttpParserError, HeadTooLarge) as exc:
             self._bad_request(exc)
+            return
+        if self._parsed:
+            self._dispatch()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too (a TLS transport ignores half-close anyway)
@@ -325,13 +331,9 @@ class ClientConnection(asyncio.Protocol, Pausable, HeadCallbacks):
         if request.chunked or (length is not None and length.strip() != b"0"):
             request.body = RequestBody(self)
         self._receiving = request
-        self._queue.append(request)
-        if self.current is not None:
-            self.set_paused("pipeline", True)  # pipelined: it waits, and so does the rest of the stream
-        elif self.task is None:
-            self.task = self.loop.create_task(self._serve())
-        elif self._next is not None and not self._next.done():
-            self._next.set_result(None)
+        # Handed on only once feed_data returns without an error: llhttp refuses some heads (a Transfer-Encoding
+        # that is not chunked, say) only after this callback, and a refused request must never reach the app.
+        self._parsed.append(request)
 
     def on_body(self, data: bytes) -> None:
         request = self._receiving
@@ -399,6 +401,17 @@ class ClientConnection(asyncio.Protocol, Pausable, HeadCallbacks):
 
     # ------------------------------------------------------------------ internals
 
+    def _dispatch(self) -> None:
+        """The requests whose heads this read completed (and llhttp accepted) go to the serving task."""
+        self._queue.extend(self._parsed)
+        self._parsed.clear()
+        if self.current is not None:
+            self.set_paused("pipeline", True)  # pipelined: it waits, and so does the rest of the stream
+        elif self.task is None:
+            self.task = self.loop.create_task(self._serve())
+        elif self._next is not None and not self._next.done():
+            self._next.set_result(None)
+
     async def _serve(self) -> None:
         """The connection's requests, one after another as they come: one task for the connection's life
         rather than one per request."""
@@ -421,6 +434,10 @@ class ClientConnection(asyncio.Protocol, Pausable, HeadCallbacks):
         if self.current is None and self.transport is not None:
             body = b'{"code": "BAD_REQUEST", "message": "malformed HTTP request", "field": null}'
             self.write(simple_response(status, [(b"Content-Type", b"application/json")], body, close=True))
+        # Nothing read on this connection after the one in progress is handled: not the malformed request
+        # (whose head llhttp may have reported complete before refusing it), nor anything pipelined.
+        self._parsed.clear()
+        self._queue.clear()
         self.close()
         self._upgraded = True  # nothing more is parsed on this connection
 
@@ -551,6 +568,17 @@ class UpstreamConnection(asyncio.Protocol, Pausable, HeadCallbacks):
     def usable(self) -> bool:
         return not self.closed and self.transport is not None and not self.transport.is_closing()
 
+    def input_waiting(self) -> bool:
+        """Whether the app sent something (bytes, or its close) that the loop has not read yet. An idle
+        connection must have nothing to say: bytes there would be taken for the answer to the next request."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        fd = sock.fileno() if sock is not None else -1
+        if fd < 0:
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+
     # ------------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -563,8 +591,10 @@ class UpstreamConnection(asyncio.Protocol, Pausable, HeadCallbacks):
         if self.upgraded:
             self.on_body(data)
             return
-        if not self._active:
-            self.close()  # an app that talks out of turn is not reused
+        if not self._active or self.complete:
+            # Bytes after a complete response and before the next request: a second answer the app wants to
+            # slip in front of the next request. Nothing of it is passed on, and the connection is not reused.
+            self.abort(UpstreamInvalid("the app sent bytes after its response"))
             return
         self._received += len(data)
         try:
@@ -576,7 +606,8 @@ class UpstreamConnection(asyncio.Protocol, Pausable, HeadCallbacks):
             if tail:
                 self.on_body(tail)
         except (httptools.HttpParserError, HeadTooLarge) as exc:
-            self.abort(UpstreamInvalid(f"not HTTP: {type(exc).__name__}"))
+            reason = exc.__context__ if isinstance(exc.__context__, UpstreamInvalid) else None  # raised in a callback
+            self.abort(reason or UpstreamInvalid(f"not HTTP: {type(exc).__name__}"))
 
     def eof_received(self) -> bool | None:
         return None
@@ -628,9 +659,18 @@ class UpstreamConnection(asyncio.Protocol, Pausable, HeadCallbacks):
 
     on_status = HeadCallbacks.on_first_line
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second response in the same read: see data_received
+            raise UpstreamInvalid("the app sent more than one response")
+        HeadCallbacks.on_message_begin(self)
+
     def on_headers_complete(self) -> None:
         builder = self.take_head()
         status = self.parser.get_status_code()
+        if not 100 <= status <= 599 or self.parser.get_http_version() not in ("1.0", "1.1"):
+            raise UpstreamInvalid(f"not an HTTP/1.x status line (status {status})")
+        if not valid_reason(builder.first):
+            raise UpstreamInvalid("control characters in the status line")
         if 100 <= status < 200 and status != 101:
             self._informational = True  # 100 Continue, 103 Early Hints: not passed on, the real answer follows
             return
@@ -645,6 +685,8 @@ class UpstreamConnection(asyncio.Protocol, Pausable, HeadCallbacks):
             self._head_waiter.set_result(head)
 
     def on_body(self, data: bytes) -> None:
+        if self.complete and not self.upgraded:
+            return  # a body after a HEAD answer (the exchange has ended): never passed on
         self.body_bytes += len(data)
         if self._sink is not None:
             self._sink(data)
@@ -688,9 +730,10 @@ class UpstreamPool:
         idle = self._idle.get((host, port))
         while idle:
             conn = idle.pop()
-            if conn.usable:
+            if conn.usable and not conn.input_waiting():
                 conn.reused = True
                 return conn
+            conn.abort(UpstreamInvalid("the app sent bytes or closed while idle"))
         return None
 
     async def acquire(self, host: str, port: int) -> UpstreamConnection:

@@ -40,7 +40,7 @@ from gateway.stores.embedded import EmbeddedStore
 from gateway.tunnel.certs import CertPaths, ReloadingTLS, init_certs
 from gateway.tunnel.config import TunnelConfig, build_tunnel_config
 from gateway.tunnel.model import Tunnel, hash_password, new_tunnel_id, parse_request, verify_password
-from gateway.tunnel.server import COOKIE, LoginThrottle, TunnelServer
+from gateway.tunnel.server import COOKIE, LoginThrottle, TunnelServer, client_key
 from gateway.tunnel.store import FileTunnelStore, RedisTunnelStore, TunnelStore
 from tests.redis_server import RedisServer
 
@@ -48,6 +48,8 @@ DOMAIN = "tunnel.localhost"
 APP_HOST = "127.77.0.2"
 CONTEXT = PolicyContext((ipaddress.ip_network("127.77.0.0/16"),), {}, DEFAULT_LIMITS)
 PASSWORD = "correct horse battery"
+#: The sandbox every test exposes: public access, so tunnels without a password are allowed (ingress rules).
+SANDBOX = {"id": "sb1", "addresses": [APP_HOST], "ingress": {"public_access": True}}
 MB = 1024 * 1024
 #: The sandbox's page: it opens a WebSocket to its own origin and shows the round trip and the socket's state.
 APP_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>sandbox app</title></head>
@@ -169,13 +171,14 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     paths = make_certs(tmp_path / "certs")
     policy = EmbeddedStore(CONTEXT, tmp_path / "policies.json", poll_interval=0.05)
     await policy.start()
-    await policy.create_sandbox({"id": "sb1", "addresses": [APP_HOST]})
+    await policy.create_sandbox(SANDBOX)
     config = TunnelConfig(
         domain=DOMAIN,
         host="127.0.0.1",
         port=0,
         login_free_failures=3,
-        login_tunnel_failures=6,
+        login_tunnel_rate=2.0,
+        login_tunnel_burst=6,
         login_max_backoff=30.0,
         sweep_interval=0.1,
         poll_interval=0.05,
@@ -263,20 +266,26 @@ def test_tunnel_config_reads_the_file_and_environment(tmp_path: Path) -> None:
     assert load_config(None, environ={}).tunnel == build_tunnel_config({})
 
 
-def test_login_throttle_backs_off_per_client_and_per_tunnel() -> None:
-    throttle = LoginThrottle(free=2, tunnel_free=4, window=60, max_backoff=8)
-    throttle.failure("t", "a", now=0)
-    assert throttle.retry_after("t", "a", now=0) == 0
-    throttle.failure("t", "a", now=0)
-    assert throttle.retry_after("t", "a", now=0) == 1  # 2^0
-    throttle.failure("t", "a", now=1)
-    assert throttle.retry_after("t", "a", now=1) == 2
-    assert throttle.retry_after("t", "b", now=1) == 0  # another client is not locked by a's failures...
-    throttle.failure("t", "b", now=1)
-    assert throttle.retry_after("t", "b", now=1) > 0  # ...until the tunnel's own allowance runs out
-    assert throttle.retry_after("other", "a", now=1) == 0
+def test_login_throttle_counts_attempts_before_they_are_checked() -> None:
+    throttle = LoginThrottle(free=2, window=60, max_backoff=8, tunnel_rate=1.0, tunnel_burst=3)
+    assert throttle.admit("t", "a", now=0) == 0
+    assert throttle.admit("t", "a", now=0) == 0  # the second attempt is counted as it starts...
+    assert throttle.admit("t", "a", now=0) == 1  # ...so a third one sent at once waits (2^0 s), unchecked
+    assert throttle.admit("t", "a", now=1) == 0
+    assert throttle.admit("t", "a", now=1) == 2  # and the next lock is twice as long
+    throttle.success("t", "a")
+    assert throttle.admit("t", "a", now=1) == 0  # the right password clears the client's record
+    # The tunnel's bucket (3, one a second) holds the sum of every client's attempts: 4 spent by now, so b
+    # waits, but at most 1 / rate seconds, and never longer because of a's failures.
+    assert throttle.admit("t", "b", now=1) == pytest.approx(1.0)
+    assert throttle.admit("t", "b", now=1.5) == pytest.approx(0.5)
+    assert throttle.admit("t", "b", now=2) == 0
+    assert throttle.admit("other", "a", now=2) == 0  # other tunnels have their own
+    # An IPv6 client is its /64; an IPv4-mapped address is the IPv4 client.
+    assert client_key("2001:db8:1:2::5") == client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_key("::ffff:198.51.100.7") == "198.51.100.7"
     throttle.prune(now=1000)
-    assert throttle.retry_after("t", "a", now=1000) == 0
+    assert throttle.admit("t", "a", now=1000) == 0
 
 
 # --------------------------------------------------------------------------- serving
@@ -476,17 +485,28 @@ async def test_brute_force_is_throttled_per_client_and_per_tunnel(env: Env) -> N
     async with env.session(local_addr=("127.0.0.3", 0)) as other:
         async with other.get(env.url(tunnel.id), headers=basic(PASSWORD)) as response:
             assert response.status == 200
-        for _ in range(3):
-            async with other.get(env.url(tunnel.id), headers=basic("guess-guess")) as response:
-                assert response.status in (401, 429)
-        # ...but the tunnel as a whole backs off once its own allowance (6) is spent.
-        # (Two tries: on a slow machine the first, 1 s lock may be over, and that attempt then locks for 2 s.)
-        async with env.session(local_addr=("127.0.0.4", 0)) as third:
-            statuses = []
-            for _ in range(2):
-                async with third.get(env.url(tunnel.id), headers=basic("guess-again")) as response:
-                    statuses.append(response.status)
-            assert 429 in statuses
+        # ...but the tunnel's bucket (6 attempts, 2 more a second) holds every client's attempts together:
+        # once many addresses have spent it, everyone waits a moment, and never longer than 1 / rate.
+        throttled = None
+        for n in range(4, 30):
+            async with (
+                env.session(local_addr=(f"127.0.0.{n}", 0)) as guesser,
+                guesser.get(env.url(tunnel.id), headers=basic("guess-again")) as response,
+            ):
+                if response.status == 429:
+                    throttled = response
+                    break
+        assert throttled is not None and throttled.headers["Retry-After"] == "1"
+        for _ in range(50):  # bounded: a token is back within 1 / rate = 0.5 s
+            async with (
+                env.session(local_addr=("127.0.0.30", 0)) as right,
+                right.get(env.url(tunnel.id), headers=basic(PASSWORD)) as response,
+            ):
+                if response.status == 200:
+                    break
+                assert response.status == 429 and response.headers["Retry-After"] == "1"
+            await asyncio.sleep(0.1)
+        assert response.status == 200
 
 
 async def test_revocation_closes_open_websocket_and_sse(env: Env) -> None:
@@ -569,7 +589,7 @@ async def test_redis_store_shares_tunnels_and_revocations_across_nodes(
 ) -> None:
     policy = EmbeddedStore(CONTEXT, tmp_path / "policies.json", poll_interval=0.05)
     await policy.start()
-    await policy.create_sandbox({"id": "sb1", "addresses": [APP_HOST]})
+    await policy.create_sandbox(SANDBOX)
     config = TunnelConfig(max_per_sandbox=2)
     nodes = [RedisTunnelStore(policy.state, config, redis_server.url, "gwtest:") for _ in range(2)]
     for node in nodes:
@@ -801,7 +821,7 @@ async def test_tunnel_service_wires_store_and_server_beside_the_policy_store(tmp
     service = TunnelService(policy, config, tunnel_config)
     await service.start()
     try:
-        await policy.create_sandbox({"id": "sb1", "addresses": [APP_HOST]})
+        await policy.create_sandbox(SANDBOX)
         tunnel = await service.store.create("sb1", {"port": 9})
         assert (tmp_path / "tunnels.json").exists()  # next to the policy file
         connector = aiohttp.TCPConnector(
@@ -914,7 +934,7 @@ async def test_the_tunnel_limit_holds_across_nodes_creating_at_the_same_instant(
 ) -> None:
     policy = EmbeddedStore(CONTEXT, tmp_path / "policies.json", poll_interval=0.05)
     await policy.start()
-    await policy.create_sandbox({"id": "sb1", "addresses": [APP_HOST]})
+    await policy.create_sandbox(SANDBOX)
     config = TunnelConfig(max_per_sandbox=3)
     nodes = [RedisTunnelStore(policy.state, config, redis_server.url, "gwrace:") for _ in range(2)]
     for node in nodes:

@@ -273,3 +273,95 @@ async def test_trailers_after_a_chunked_body_are_dropped_not_fatal() -> None:
         head = await read_head(reader)
         assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(4) == b"/t z"
         writer.close()
+
+
+# --------------------------------------------------------------------------- hostile apps and heads
+
+
+async def test_bytes_after_a_complete_response_are_an_error_and_never_passed_on() -> None:
+    """A second response in the same write, or bytes sent later while the connection waits in the pool:
+    nothing of them is handed on, and the connection is closed rather than reused."""
+    smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected"
+
+    async def same_write(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + smuggled)
+            await writer.drain()
+
+    sent_later = asyncio.Event()
+
+    async def later(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            if not sent_later.is_set():
+                await asyncio.sleep(0.05)
+                writer.write(smuggled)  # while the connection is idle in the pool
+                await writer.drain()
+                sent_later.set()
+
+    pool = UpstreamPool(connect_timeout=2)
+    async with app(same_write) as (port, accepted):
+        for n in (1, 2):
+            assert await exchange(pool, port, GET) == (200, b"ok", False)
+            assert len(accepted) == n  # a new connection each time
+    async with app(later) as (port, accepted):
+        assert await exchange(pool, port, GET) == (200, b"ok", True)
+        await sent_later.wait()
+        # Whether the loop has read the bytes yet or they still wait in the socket: never handed out again.
+        assert await exchange(pool, port, GET) == (200, b"ok", True)
+        assert len(accepted) == 2
+        pool.close()
+
+
+@pytest.mark.parametrize(
+    "status_line",
+    [b"HTTP/1.1 001 OK", b"HTTP/1.1 099 Low", b"HTTP/1.1 600 High", b"HTTP/1.1 999 OK", b"HTTP/1.1 200 O\x01K"],
+)
+async def test_a_status_outside_100_599_or_a_control_character_is_not_http(status_line: bytes) -> None:
+    async def odd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(status_line + b"\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    pool = UpstreamPool(connect_timeout=2)
+    async with app(odd) as (port, _):
+        conn = await pool.acquire(APP_HOST, port)
+        conn.start(GET, head_request=False)
+        with pytest.raises(UpstreamInvalid):
+            await asyncio.wait_for(conn.response_head(), 5)
+        pool.release(conn)
+        assert pool.idle_count(APP_HOST, port) == 0
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n",
+        b'POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "chunked"\r\n\r\n',
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize("pipelined_after_a_good_one", [False, True])
+async def test_a_request_llhttp_refuses_after_its_head_is_never_handled(
+    head: bytes, pipelined_after_a_good_one: bool
+) -> None:
+    handled: list[bytes] = []
+
+    async def handler(conn: ClientConnection, request: Request) -> None:
+        handled.append(request.target)
+        await echo_target(conn, request)
+
+    async with plain_server(handler) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        first = b"GET /good HTTP/1.1\r\nHost: x\r\n\r\n" if pipelined_after_a_good_one else b""
+        writer.write(first + head + b"0\r\n\r\n")  # the body arrives with the head, as an attacker would send it
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+        assert handled == []
+        writer.close()

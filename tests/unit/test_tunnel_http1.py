@@ -13,22 +13,25 @@ from gateway.tunnel.http1 import (
     FrameBoundary,
     HeadBuilder,
     HeadTooLarge,
+    InvalidHost,
     chunk,
     client_response_head,
     close_frame,
     cookie_value,
     header_map,
+    parse_host,
     response_framing,
     simple_response,
-    strip_cookie,
+    strip_cookies,
     upstream_request_head,
+    valid_reason,
 )
 
 FWD = Forwarding(
     host=b"abc.tunnel.test",
     forwarded_host=b"abc.tunnel.test",
     forwarded_for=b"203.0.113.7",
-    strip_cookie=b"__Host-gw",
+    strip_cookies=frozenset({b"__host-gw"}),
     strip_basic=True,
 )
 
@@ -69,7 +72,7 @@ def test_the_app_gets_end_to_end_headers_and_the_gateways_forwarding_headers() -
 
 
 def test_an_apps_own_credentials_and_a_lone_gateway_cookie() -> None:
-    open_tunnel = Forwarding(b"h", b"h", b"1.2.3.4", b"__Host-gw", strip_basic=False)
+    open_tunnel = Forwarding(b"h", b"h", b"1.2.3.4", frozenset({b"__host-gw"}), strip_basic=False)
     sent = [(b"Authorization", b"Basic bWU6cHc="), (b"Cookie", b"__Host-gw=secret")]
     lines = head_lines(upstream_request_head(b"GET", b"/", sent, open_tunnel, content_length=None, chunked=False,
                                              websocket=False))  # fmt: skip
@@ -169,8 +172,10 @@ def test_cookies() -> None:
     assert cookie_value(b'__Host-gw="tok"', b"__Host-gw") == b"tok"
     assert cookie_value(b"x__Host-gw=tok", b"__Host-gw") is None
     assert cookie_value(None, b"__Host-gw") is None
-    assert strip_cookie(b"a=1; __Host-gw=tok;b=2", b"__Host-gw") == b"a=1; b=2"
-    assert strip_cookie(b"a=1", b"__Host-gw") == b"a=1"
+    gateway = frozenset({b"__host-gw"})
+    assert strip_cookies(b"a=1; __Host-gw=tok;b=2", gateway) == b"a=1; b=2"
+    assert strip_cookies(b"a=1; __HOST-GW=x; __host-gw ; c", gateway) == b"a=1; c"  # any case, even nameless
+    assert strip_cookies(b"a=1", gateway) == b"a=1"
 
 
 def test_heads_are_bounded() -> None:
@@ -230,3 +235,145 @@ def test_close_frame() -> None:
     tracker = FrameBoundary()
     tracker.feed(close_frame(1000))
     assert tracker.at_boundary
+
+
+# --------------------------------------------------------------------------- the rules for hostile input
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"abc.tunnel.test", ("abc.tunnel.test", None)),
+        (b"ABC.Tunnel.Test:8443", ("abc.tunnel.test", 8443)),
+        (b"abc.tunnel.test:08443", ("abc.tunnel.test", 8443)),
+    ],
+)
+def test_a_host_is_one_name_and_an_optional_numeric_port(value: bytes, expected: tuple[str, int | None]) -> None:
+    assert parse_host(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        b"",
+        b":8443",
+        b"abc.tunnel.test:",
+        b"abc.tunnel.test:443@evil.example",
+        b"abc.tunnel.test:abc",
+        b"abc.tunnel.test:0",
+        b"abc.tunnel.test:65536",
+        b"abc.tunnel.test:123456",
+        b"abc.tunnel.test:8443:1",
+        b"abc.tunnel.test/x",
+        b"abc.tunnel.test:8443/x",
+        b"user@abc.tunnel.test",
+        b"user:pw@abc.tunnel.test",
+        b"abc.tunnel.test, evil.example",  # two Host lines, as header_map joins them
+        b"abc.tunnel.test, abc.tunnel.test",
+        b"abc.tunnel.test\tevil",
+        b"abc tunnel.test",
+        b"[::1]:8443",
+        b"abc.tunnel.test:\xd9\xa1",  # a non-ASCII digit
+        b"\xc3\xa4bc.tunnel.test",
+        b"abc.tunnel.test?x",
+        b"abc.tunnel.test#x",
+    ],
+)
+def test_every_other_host_is_refused(value: bytes | None) -> None:
+    with pytest.raises(InvalidHost):
+        parse_host(value)
+
+
+FORGED = [
+    b"X-Forwarded-For",
+    b"X_Forwarded_For",
+    b"x_forwarded-for",
+    b"X-FORWARDED-HOST",
+    b"X-Forwarded-Port",
+    b"X-Forwarded-Prefix",
+    b"X-Forwarded-Scheme",
+    b"X-Forwarded-Ssl",
+    b"X-Forwarded-Server",
+    b"X-Forwarded-Proto",
+    b"X_Forwarded_Proto",
+    b"X-Forwarded",
+    b"Forwarded",
+    b"X-Real-IP",
+    b"X_Real_Ip",
+    b"X-Client-IP",
+    b"Client-IP",
+    b"Client_Ip",
+    b"True-Client-IP",
+    b"CF-Connecting-IP",
+    b"Cf_Connecting_Ip",
+    b"CF-Visitor",
+    b"Fastly-Client-IP",
+    b"X-Cluster-Client-IP",
+    b"X-Original-URL",
+    b"X-Original-Host",
+    b"X-Original-Forwarded-For",
+    b"X-Rewrite-URL",
+    b"X-Host",
+    b"X-Url-Scheme",
+    b"X-Scheme",
+    b"Front-End-Https",
+    b"X-Appengine-User-IP",
+    b"X-Remote-Addr",
+    b"Remote-Addr",
+    b"Proxy",  # httpoxy: CGI makes it HTTP_PROXY
+]
+
+
+def test_no_forwarding_or_identity_header_of_the_client_reaches_the_app_in_any_spelling() -> None:
+    sent = [(name, b"6.6.6.6") for name in FORGED] + [(b"X-Request-Id", b"keep"), (b"Accept", b"*/*")]
+    lines = head_lines(upstream_request_head(b"GET", b"/", sent, FWD, content_length=None, chunked=False,
+                                             websocket=False))  # fmt: skip
+    assert lines[1:] == [
+        b"Host: abc.tunnel.test",
+        b"X-Request-Id: keep",
+        b"Accept: */*",
+        b"X-Forwarded-For: 203.0.113.7",
+        b"X-Forwarded-Proto: https",
+        b"X-Forwarded-Host: abc.tunnel.test",
+    ]
+    assert b"6.6.6.6" not in b"".join(lines)
+
+
+def test_framing_and_credential_headers_in_underscore_spellings_never_pass() -> None:
+    sent = [
+        (b"Transfer_Encoding", b"chunked"),
+        (b"Content_Length", b"99"),
+        (b"Keep_Alive", b"1"),
+        (b"Proxy_Authorization", b"Basic eA=="),
+        (b"Connection", b"close, X_Hop"),
+        (b"X-Hop", b"1"),
+        (b"Host_", b"x"),
+    ]
+    lines = head_lines(upstream_request_head(b"POST", b"/", sent, FWD, content_length=b"5", chunked=False,
+                                             websocket=False))  # fmt: skip
+    assert [line for line in lines[1:] if not line.startswith(b"X-Forwarded-")] == [
+        b"Host: abc.tunnel.test",
+        b"Host_: x",
+        b"Content-Length: 5",
+    ]
+
+
+def test_the_app_cannot_set_or_clear_the_gateways_cookies() -> None:
+    headers = [
+        (b"Set-Cookie", b"__Host-gw=planted; Path=/; Secure"),
+        (b"set-cookie", b"__host-gw=planted"),
+        (b"SET-COOKIE", b" __HOST-GW =x; Domain=tunnel.test"),
+        (b"Set-Cookie", b"__Host-gw"),  # no `=`: browsers take the whole pair as the name
+        (b"Set-Cookie", b'__Host-gw=""; Max-Age=0'),
+        (b"Set-Cookie", b"app=1; Path=/"),
+        (b"Set-Cookie", b"x__Host-gw=1"),
+    ]
+    framing = response_framing(200, {}, head_request=True, client_keep_alive=True, client_http11=True)
+    lines = head_lines(client_response_head(200, b"OK", headers, framing, gateway_cookies=frozenset({b"__host-gw"})))
+    assert lines == [b"HTTP/1.1 200 OK", b"Set-Cookie: app=1; Path=/", b"Set-Cookie: x__Host-gw=1"]
+
+
+def test_reason_phrases() -> None:
+    assert valid_reason(b"OK") and valid_reason(b"Not\tFound \xe9") and valid_reason(b"")
+    assert not valid_reason(b"OK\x00") and not valid_reason(b"O\x7fK") and not valid_reason(b"\x1b[31m")

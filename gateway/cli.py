@@ -618,6 +618,7 @@ async def _serve(
             flows=flows,
             tunnels=tunnels.store if tunnels else None,
             dns=plane.dns if plane else None,
+            unready=plane.unready if plane else None,
         )
     except GatewayError as exc:
         raise CliExit(EXIT_USAGE, str(exc)) from None

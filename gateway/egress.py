@@ -874,6 +874,22 @@ class DataPlane:
         if self.steer:
             self._tasks.append(asyncio.create_task(self._follow_store()))
 
+    def unready(self) -> list[str]:
+        """What of the data plane does not serve yet (nothing: it all does), for readiness."""
+        egress = self.config.egress
+        waiting = []
+        if self.engine is None or not self.engine.listeners:
+            waiting.append(f"the egress engine does not listen on port {egress.listen_port} yet")
+        if self.pool is not None:
+            waiting += [
+                f"egress worker {k} does not listen on port {egress.listen_port + k}" for k in self.pool.not_listening()
+            ]
+        if self.dns is not None and not self.dns.listening:
+            waiting.append(f"the DNS interceptor does not listen on port {egress.dns_port} yet")
+        if self.steer and self._attached is None:
+            waiting.append("the steering table has not been applied yet")
+        return waiting
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -253,6 +253,11 @@ class DnsInterceptor:
             return bound
         raise last or OSError("could not bind")
 
+    @property
+    def listening(self) -> bool:
+        """Whether it serves queries (UDP and TCP) on some port."""
+        return bool(self._udp) and bool(self._tcp_servers)
+
     async def start_transparent(
         self, port: int | None = None, families: Sequence[int] = (socket.AF_INET, socket.AF_INET6)
     ) -> None:

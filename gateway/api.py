@@ -108,6 +108,8 @@ TUNNELS_KEY: Final = web.AppKey("tunnels", TunnelStore)  # absent when the API w
 DNS_KEY: Final = web.AppKey("dns", DnsInterceptor)  # absent when the API was built without the data plane
 #: The data plane's status (steering, unattached-source drops) for /v1/status; absent without the data plane.
 DATA_PLANE_STATUS_KEY: Final = web.AppKey("data_plane_status", Callable[[], dict[str, Any]])
+#: What, besides the store, does not serve yet (the data plane's parts); readiness waits for an empty list.
+READINESS_KEY: Final = web.AppKey("readiness", Callable[[], list[str]])
 MAX_DNS_LOG: Final = 1000
 NDJSON: Final = "application/x-ndjson"
 
@@ -384,6 +386,9 @@ async def readyz(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
     if not store.ready.is_set():
         return _error(503, "STORE_NOT_READY", f"the {store.backend} policy store has not loaded yet")
+    waiting = request.app[READINESS_KEY]()
+    if waiting:
+        return _error(503, "DATA_PLANE_NOT_READY", "; ".join(waiting))
     return web.json_response({"ready": True, "backend": store.backend})
 
 
@@ -789,17 +794,19 @@ def create_app(
     tunnels: TunnelStore | None = None,
     dns: DnsInterceptor | None = None,
     data_plane_status: Callable[[], dict[str, Any]] | None = None,
+    unready: Callable[[], list[str]] | None = None,
 ) -> web.Application:
     """The API over `store` (started by the caller) and, when given, the flow log's audit batches (without
     one those routes answer 503 AUDIT_DISABLED), the tunnel store (without it, 503 TUNNELS_DISABLED) and the
-    DNS interceptor's query log (without it, 503 DNS_DISABLED). Raises CONFIG_INVALID for an exposed API
-    without tokens."""
+    DNS interceptor's query log (without it, 503 DNS_DISABLED). `unready` says what else must serve before
+    /readyz is 200 (the data plane's parts). Raises CONFIG_INVALID for an exposed API without tokens."""
     check_api_exposure(config)
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY_BYTES)
     app[STORE_KEY] = store
     app[CONFIG_KEY] = config
     app[OPEN_KEY] = not config.tokens
     app[WRITE_LOCK_KEY] = asyncio.Lock()
+    app[READINESS_KEY] = unready or list
     if flows is not None:
         app[FLOWS_KEY] = flows
     if tunnels is not None:

@@ -480,6 +480,19 @@ def _api_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+def _listen_description(bound: Sequence[tuple[Any, ...]]) -> str:
+    """Where the API listens, `(host, port, ...)` per socket as bound; for a wildcard, how to reach it here."""
+    described = []
+    for host, port, *_ in bound:
+        if host in ("0.0.0.0", "::", ""):
+            every = {"0.0.0.0": "every IPv4 address", "::": "every IPv6 address", "": "every address"}[host]
+            shown = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
+            described.append(f"{shown} ({every}; from this host {_api_url(host, port)})")
+        else:
+            described.append(_api_url(host, port))
+    return " and ".join(described)
+
+
 def _redact_url(url: str) -> str:
     """A Redis URL without its credentials, for printing."""
     parts = urllib.parse.urlsplit(url)
@@ -510,7 +523,7 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     lines = [
         f"config:          {config.source}",
         f"store:           {_store_description(config)}",
-        f"api:             {_api_url(config.api_host, config.api_port)}",
+        f"api:             {_listen_description([(config.api_host, config.api_port)])}",
         f"sandbox subnets: {', '.join(str(n) for n in config.sandbox_subnets)}",
         f"default limits:  {limits.connections_per_minute} conn/min, {limits.bandwidth_mbit} Mbit/s "
         f"(burst {limits.burst_mbit}), {limits.dns_queries_per_minute} DNS queries/min",
@@ -609,6 +622,7 @@ async def _serve(
             tunnels=tunnels.store if tunnels else None,
             dns=plane.dns if plane else None,
             data_plane_status=plane.status if plane else None,
+            unready=plane.unready if plane else None,
         )
     except GatewayError as exc:
         raise CliExit(EXIT_USAGE, str(exc)) from None
@@ -636,10 +650,8 @@ async def _serve(
                 EXIT_API_ERROR,
                 f"LISTEN_FAILED: cannot listen on {config.api_host}:{config.api_port}: {exc.strerror or exc}",
             ) from None
-        out.write(
-            f"gateway API listening on {_api_url(config.api_host, config.api_port)}, "
-            f"store {_store_description(config)}\n"
-        )
+        listening = _listen_description(runner.addresses)  # as bound, not as configured
+        out.write(f"gateway API listening on {listening}, store {_store_description(config)}\n")
         out.flush()
         if plane is not None:
             try:

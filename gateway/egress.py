@@ -22,7 +22,8 @@ Per accepted connection (original destination = the accepted socket's own addres
    copying, then `os.splice` through a kernel pipe so bulk bytes never enter Python). The
    client->server side of plain HTTP is always copied, because every later request head on
    the connection is checked too: a Host other than the one dialled is cut with a 403 once
-   the upstream has finished the earlier responses.
+   the upstream has finished the earlier responses. Only a genuine WebSocket handshake ends
+   the checking (`gateway.peek`: h2c and other upgrades are refused).
 
 Sockets are driven directly on the event loop (add_reader/add_writer), not through
 asyncio streams: splice needs the raw descriptors. The deciding steps run in one task per
@@ -57,14 +58,16 @@ from gateway.nft import SteeringConfig, UnattachedSources, links_from_sandboxes,
 from gateway.peek import (
     NEED_MORE,
     AlertDescription,
+    Answer,
+    AnswerAwaited,
     ClientHello,
     ClientHelloParser,
     HttpError,
     HttpRequestTracker,
     PeekError,
     RequestHead,
+    ServerAnswer,
     TrafficKind,
-    Upgraded,
     classify,
     http_forbidden,
     sanitize_reason,
@@ -342,8 +345,9 @@ class _HttpGuard:
         for event in events:
             if isinstance(event, HttpError):
                 return GuardStop(0, (f"{event.code}: {event.message}", "builtin:http"))
-            if isinstance(event, Upgraded):  # the rest waits for the server's answer
-                return GuardStop(max(0, event.offset - chunk_start), None)
+            if isinstance(event, AnswerAwaited):  # the rest waits for the server's answer
+                watch = ServerAnswer(event.awaiting, event.websocket_key)
+                return GuardStop(max(0, event.offset - chunk_start), None, watch)
             if isinstance(event, RequestHead) and event.host != self.host:
                 cut = max(0, event.offset - chunk_start)
                 verdict = decide(self.policy, None if event.host_is_ip else event.host, None, self.port, "http")
@@ -357,8 +361,11 @@ class _HttpGuard:
         start = self.tracker.offset
         return self.check(self.tracker.feed(chunk), start)
 
-    def upgrade_answered(self, switched: bool) -> None:
-        self.tracker.upgrade_answered(switched)
+    def answered(self, answer: Answer | HttpError) -> Answer | tuple[str, str]:
+        if isinstance(answer, HttpError):
+            return (f"{answer.code}: {answer.message}", "builtin:http")
+        self.tracker.answered(answer)
+        return answer
 
 
 class EgressEngine:
@@ -685,6 +692,10 @@ class EgressEngine:
             flow.verdict, flow.reason, flow.rule = "deny", reason, rule
             self._log_denial(flow)
             self._track(asyncio.get_running_loop().create_task(_deny_with(conn, http_forbidden(reason, rule))))
+        elif relay.closed_early:
+            flow.reason += "; closed at the server's answer, the client's later bytes were not forwarded"
+            # Nothing to add to the server's answer; draining first keeps the close from resetting it away.
+            self._track(asyncio.get_running_loop().create_task(_deny_with(conn, b"")))
         else:
             conn.close()
         self._emit(flow)
@@ -872,6 +883,22 @@ class DataPlane:
         self._tasks.append(asyncio.create_task(self._refresh_local_addresses()))
         if self.steer:
             self._tasks.append(asyncio.create_task(self._follow_store()))
+
+    def unready(self) -> list[str]:
+        """What of the data plane does not serve yet (nothing: it all does), for readiness."""
+        egress = self.config.egress
+        waiting = []
+        if self.engine is None or not self.engine.listeners:
+            waiting.append(f"the egress engine does not listen on port {egress.listen_port} yet")
+        if self.pool is not None:
+            waiting += [
+                f"egress worker {k} does not listen on port {egress.listen_port + k}" for k in self.pool.not_listening()
+            ]
+        if self.dns is not None and not self.dns.listening:
+            waiting.append(f"the DNS interceptor does not listen on port {egress.dns_port} yet")
+        if self.steer and self._applied is None:
+            waiting.append("the steering table has not been applied yet")
+        return waiting
 
     async def close(self) -> None:
         for task in self._tasks:

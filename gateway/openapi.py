@@ -713,13 +713,15 @@ def _paths() -> dict[str, Any]:
         "/readyz": {
             "get": _op(
                 "readyz",
-                "Readiness: the policy store has loaded",
+                "Readiness: the policy store has loaded and, with the data plane, it all serves",
                 "public",
                 _responses(
-                    {200: _ok(200, "Ready", "The store is loaded.")},
+                    {200: _ok(200, "Ready", "The store is loaded; the engine, its workers and DNS listen; steered.")},
                     503,
                     public=True,
-                    e503="STORE_NOT_READY: the policy store has not loaded yet.",
+                    e503="STORE_NOT_READY: the policy store has not loaded yet. DATA_PLANE_NOT_READY: the message "
+                    "names each part that does not serve yet (the egress engine or a worker not listening, the DNS "
+                    "interceptor not listening, the steering table not applied).",
                 ),
                 "service",
             ),

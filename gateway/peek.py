@@ -3,14 +3,20 @@
 The egress engine accepts a sandbox's TCP connection, reads (without forwarding) the
 first bytes under a deadline and a size bound, and asks this module what they are:
 
-- `classify(data)` -> `TrafficKind.TLS | HTTP | OPAQUE`, or `NeedMore` while undecidable.
+- `classify(data)` -> `TrafficKind.TLS | HTTP | OPAQUE`, or `NeedMore` while undecidable: anything
+  some HTTP/1 server could read as a request line is HTTP (and then parsed strictly), so that no
+  request reaches an address the sandbox may reach "opaquely" without its Host being checked.
 - `ClientHelloParser.feed(data)` -> `NeedMore | ClientHello | PeekError`: the TLS
   ClientHello reassembled across records and segments (post-quantum key shares make
   hellos larger than one TCP segment; 1-byte records are legal and handled), with SNI,
   ALPN, supported_versions and the presence of Encrypted Client Hello.
 - `HttpRequestTracker.feed(data)` -> events for every request head on a plain-HTTP
   (keep-alive, pipelined) client->server stream: message framing is followed
-  (Content-Length, chunked) so that the Host of EVERY request is reported.
+  (Content-Length, chunked) so that the Host of EVERY request is reported. Only two things
+  make it wait for the server: a WebSocket handshake (the one upgrade allowed: h2c and every
+  other protocol would carry requests past the check) and a request with `Expect` and a body
+  (whose body the server might otherwise read as a request). `ServerAnswer` reads the server's
+  answer: only a genuine WebSocket `101` leaves HTTP.
 - `tls_alert(...)` / `http_forbidden(...)`: the explicit denials, as bytes to write.
 
 Nothing here touches a socket, a clock or asyncio, in the style of h11 / mitmproxy's
@@ -30,6 +36,9 @@ chunked, duplicate Host. A refusal carries a stable `code` and a human `message`
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -38,12 +47,16 @@ from typing import Final
 
 __all__ = [
     "CLASSIFY_MAX_BYTES",
+    "CONTINUE_TIMEOUT",
     "MAX_HANDSHAKE_SIZE",
     "MAX_HEADERS",
     "MAX_HEAD_SIZE",
     "MAX_LINE_LENGTH",
     "NEED_MORE",
     "AlertDescription",
+    "Answer",
+    "AnswerAwaited",
+    "Awaiting",
     "ClientHello",
     "ClientHelloParser",
     "HttpError",
@@ -54,15 +67,15 @@ __all__ = [
     "PeekError",
     "RequestEnd",
     "RequestHead",
+    "ServerAnswer",
     "TlsErrorCode",
     "TrafficKind",
-    "UpgradeAnswer",
-    "Upgraded",
     "classify",
     "http_forbidden",
     "parse_client_hello",
     "sanitize_reason",
     "tls_alert",
+    "websocket_accept",
 ]
 
 # --------------------------------------------------------------------------- shared types
@@ -101,22 +114,38 @@ class TrafficKind(StrEnum):
     OPAQUE = "opaque"
 
 
-#: Longest method token `classify` recognises; methods in use are far shorter.
+#: Longest method token the fast path of `classify` recognises; methods in use are far shorter.
 _MAX_METHOD_LENGTH: Final = 24
-#: `classify` always decides once it has this many bytes.
-CLASSIFY_MAX_BYTES: Final = _MAX_METHOD_LENGTH + 1
+#: `classify` always decides once it has this many bytes (the request line bound of `HttpRequestTracker`).
+CLASSIFY_MAX_BYTES: Final = 8 * 1024
 _METHOD_BYTES: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
+_TCHAR: Final = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+# What some HTTP/1 parser skips before a request line or splits its words at: RFC 9112 3 lets recipients split
+# at any whitespace, and Python's str.split() of a latin-1 line also splits at \x1c-\x1f, \x85 and \xa0.
+_LENIENT_SPACE: Final = rb" \t\x0b\x0c\r\x1c-\x1f\x85\xa0"
+_LENIENT_START_RE: Final = re.compile(
+    rb"[\n" + _LENIENT_SPACE + rb"]*([" + _TCHAR + rb"]{0,%d})(.?)" % (_MAX_METHOD_LENGTH + 1), re.S
+)
+_LENIENT_SEPARATOR_RE: Final = re.compile(rb"[" + _LENIENT_SPACE + rb"]")
+# Bytes no text protocol line holds (TAB, LF, VT, FF, CR and \x1c-\x1f are whitespace above): binary traffic.
+_CONTROL_RE: Final = re.compile(rb"[\x00-\x08\x0e-\x1b\x7f]")
+_VERSION_WORD_RE: Final = re.compile(rb"http/", re.IGNORECASE)
 
 
 def classify(data: bytes | bytearray | memoryview) -> TrafficKind | NeedMore:
     """What the first bytes a client sent look like.
 
-    TLS: a handshake record header (0x16, version 0x03 0x00..0x04). HTTP/1.x: a method
-    token followed by a space. The token is restricted to upper-case letters, '-' and
-    '_' (every registered method; methods are case-sensitive), so that banners such as
-    `SSH-2.0-OpenSSH_9.6 ...` stay opaque instead of being refused as broken HTTP.
-    Anything else, including SSLv2-compatible hellos, is OPAQUE. Decides with at most
-    `CLASSIFY_MAX_BYTES` bytes.
+    TLS: a handshake record header (0x16, version 0x03 0x00..0x04). HTTP/1.x: at once for a
+    registered method (upper-case letters, '-', '_') and a space; otherwise whatever a lenient
+    HTTP server could still take for a request line, so that the strict tracker refuses it
+    instead of it being relayed unchecked: blank lines or whitespace first, then a token of any
+    case (at most `_MAX_METHOD_LENGTH` bytes, longer than any method), a whitespace byte and,
+    by the end of that line, `HTTP/` in any case (`get / HTTP/1.1`,
+    `GET\t/\tHTTP/1.1`, `\r\nGET ...`). Banners such as `SSH-2.0-OpenSSH_9.6 ...` and
+    binary protocols stay opaque: a first word that is no token, a control byte in the first
+    line, or a first line without `HTTP/`. Anything else, including SSLv2-compatible hellos, is
+    OPAQUE. Waits for the first line's end (a text line without one is undecidable) and decides
+    with at most `CLASSIFY_MAX_BYTES` bytes (a longer line is HTTP: the tracker refuses it).
     """
     n = len(data)
     if n == 0:
@@ -128,16 +157,36 @@ def classify(data: bytes | bytearray | memoryview) -> TrafficKind | NeedMore:
         if n >= 3:
             return TrafficKind.TLS if data[2] <= 0x04 else TrafficKind.OPAQUE
         return NEED_MORE
-    if first not in _METHOD_BYTES or first in b"-_":
+    if first in _METHOD_BYTES and first not in b"-_":
+        for k in range(1, min(n, _MAX_METHOD_LENGTH + 1)):
+            byte = data[k]
+            if byte == 0x20:
+                return TrafficKind.HTTP
+            if byte not in _METHOD_BYTES:
+                break
+    return _classify_line(bytes(data[:CLASSIFY_MAX_BYTES]))
+
+
+def _classify_line(view: bytes) -> TrafficKind | NeedMore:
+    """The lenient request-line test of `classify`, on at most `CLASSIFY_MAX_BYTES` bytes."""
+    undecided = NEED_MORE if len(view) < CLASSIFY_MAX_BYTES else TrafficKind.HTTP
+    start = _LENIENT_START_RE.match(view)
+    assert start is not None  # every part of the pattern may be empty
+    word, after = start.group(1), start.group(2)
+    if len(word) > _MAX_METHOD_LENGTH:
+        return TrafficKind.OPAQUE  # longer than any method
+    if not after:
+        return undecided  # the bytes end before the first word did
+    if not word or _LENIENT_SEPARATOR_RE.fullmatch(after) is None:
+        return TrafficKind.OPAQUE  # the first word is no method: no HTTP server takes this for a request
+    rest = start.end(2) - 1
+    end = view.find(b"\n", rest)
+    line = view[rest : end if end >= 0 else len(view)]
+    if _CONTROL_RE.search(line) is not None:
         return TrafficKind.OPAQUE
-    limit = min(n, _MAX_METHOD_LENGTH + 1)
-    for k in range(1, limit):
-        byte = data[k]
-        if byte == 0x20:
-            return TrafficKind.HTTP
-        if byte not in _METHOD_BYTES:
-            return TrafficKind.OPAQUE
-    return NEED_MORE if n <= _MAX_METHOD_LENGTH else TrafficKind.OPAQUE
+    if end < 0:
+        return undecided
+    return TrafficKind.HTTP if _VERSION_WORD_RE.search(line) is not None else TrafficKind.OPAQUE
 
 
 # --------------------------------------------------------------------------- host names
@@ -535,6 +584,8 @@ class HttpErrorCode(StrEnum):
     HTTP_HEAD_TOO_LARGE = "HTTP_HEAD_TOO_LARGE"
     HTTP_TOO_MANY_HEADERS = "HTTP_TOO_MANY_HEADERS"
     HTTP_LINE_TOO_LONG = "HTTP_LINE_TOO_LONG"
+    HTTP_UPGRADE_REFUSED = "HTTP_UPGRADE_REFUSED"
+    HTTP_BAD_RESPONSE = "HTTP_BAD_RESPONSE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,14 +616,22 @@ class RequestEnd:
     body_length: int
 
 
+class Awaiting(StrEnum):
+    """What a held request waits for from the server."""
+
+    UPGRADE = "upgrade"  # a WebSocket handshake: a genuine 101 makes the rest WebSocket
+    CONTINUE = "continue"  # a request with Expect and a body: 100 Continue lets the body go
+
+
 @dataclass(frozen=True, slots=True)
-class Upgraded:
-    """The previous request asked for a protocol upgrade. Nothing from stream `offset` on is
-    consumed until the caller reports the server's answer (`HttpRequestTracker.upgrade_answered`):
-    a `101` makes the rest another protocol, anything else resumes tracking at `offset`."""
+class AnswerAwaited:
+    """Nothing from stream `offset` on is consumed until the caller reports the server's answer
+    (`HttpRequestTracker.answered`, read with a `ServerAnswer`). For an upgrade `offset` is the request's
+    end and `websocket_key` its Sec-WebSocket-Key; for `Expect` it is where the body starts."""
 
     offset: int
-    protocols: tuple[str, ...]
+    awaiting: Awaiting
+    websocket_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -583,38 +642,122 @@ class HttpError:
     message: str
 
 
-type HttpEvent = RequestHead | RequestEnd | Upgraded | NeedMore | HttpError
+type HttpEvent = RequestHead | RequestEnd | AnswerAwaited | NeedMore | HttpError
 
 
-class UpgradeAnswer:
-    """Sans-I/O: the server's bytes after an upgrade request in, the answer out: True at a `101` status line,
-    False at any other final status (interim 1xx heads are skipped), a malformed one or a head over
-    `max_head_size`; None while undecided. It only observes: the bytes are forwarded as they are."""
+#: How long a request with `Expect` holds its body for the server's `100 Continue` before it goes anyway
+#: (a server that ignores Expect waits for the body; curl's and Go's clients wait as long themselves).
+CONTINUE_TIMEOUT: Final = 1.0
+_WEBSOCKET_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
-    __slots__ = ("_buf", "_max")
 
-    def __init__(self, max_head_size: int = MAX_HEAD_SIZE) -> None:
+def websocket_accept(key: str) -> str:
+    """The Sec-WebSocket-Accept a server must answer `key` with (RFC 6455 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _WEBSOCKET_GUID).digest()).decode("ascii")
+
+
+class Answer(StrEnum):
+    """What the server's answer means for the client bytes held behind a request."""
+
+    SWITCH = "switch"  # a genuine WebSocket 101: the rest of the stream passes unparsed
+    RESUME = "resume"  # check the held bytes as HTTP (an upgrade declined; 100 Continue or no answer in time)
+    CLOSE = "close"  # forward nothing more from the client: the connection ends after the server's answer
+
+
+class ServerAnswer:
+    """Sans-I/O: the server's bytes after a held request in, what they mean out (`feed`: None while undecided).
+
+    It only observes: the bytes are forwarded as they are (up to a refusal). The answer is read from the
+    first bytes given, which must be the start of a response: an upgrade is refused unless it is the first
+    request on its connection, so a response body an earlier request made the server send can never pose
+    as the answer. Interim 1xx heads are skipped (for `Expect`, 100 is the answer).
+
+    - UPGRADE: a 101 with `Upgrade: websocket`, `Connection: upgrade` and the Sec-WebSocket-Accept of the
+      request's key is SWITCH, any other 101 a refusal (h2c, another protocol, a server that did not do
+      the WebSocket handshake); a final status is RESUME (declined).
+    - CONTINUE: 100 is RESUME; a final status CLOSE (the server answered without the body: whether it
+      would read the body as a body or as the next request is not known); a 101 a refusal.
+    - Either: a response head that cannot be read (or is over `max_head_size`) is a refusal; the
+      server's end of stream (`closed`) is CLOSE; for CONTINUE, `timed_out` after `timeout` is RESUME.
+    """
+
+    __slots__ = ("_accept", "_buf", "_max", "awaiting")
+
+    def __init__(
+        self, awaiting: Awaiting, websocket_key: str | None = None, *, max_head_size: int = MAX_HEAD_SIZE
+    ) -> None:
+        if (awaiting is Awaiting.UPGRADE) != (websocket_key is not None):
+            raise ValueError("a WebSocket key goes with an upgrade, and only there")
+        self.awaiting = awaiting
+        self._accept = websocket_accept(websocket_key) if websocket_key is not None else None
         self._buf = bytearray()
         self._max = max_head_size
 
-    def feed(self, data: bytes | bytearray | memoryview) -> bool | None:
+    @property
+    def timeout(self) -> float | None:
+        """After this many seconds without an answer, `timed_out` answers (None: wait for the server)."""
+        return CONTINUE_TIMEOUT if self.awaiting is Awaiting.CONTINUE else None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Answer | HttpError | None:
         buf = self._buf
         buf += data
         while True:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
-                return False if len(buf) > self._max else None
-            parts = bytes(buf[: buf.find(b"\r\n")]).split(b" ", 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not _STATUS_RE.fullmatch(parts[1]):
-                return False
+                if len(buf) > self._max:
+                    return _bad_response(f"the server's answer has a head over {self._max} bytes")
+                return None
+            lines = bytes(buf[:end]).split(b"\r\n")
+            del buf[: end + 4]
+            parts = lines[0].split(b" ", 2)
+            if len(parts) < 2 or _RESPONSE_VERSION_RE.fullmatch(parts[0]) is None or not _STATUS_RE.fullmatch(parts[1]):
+                return _bad_response(f"the server's answer starts {lines[0][:60]!r}, not with a status line")
             status = int(parts[1])
             if status == 101:
-                return True
-            if not 100 <= status < 200:
-                return False
-            del buf[: end + 4]
+                return self._switched(lines[1:])
+            if status == 100 and self.awaiting is Awaiting.CONTINUE:
+                return Answer.RESUME
+            if status >= 200:
+                return Answer.RESUME if self.awaiting is Awaiting.UPGRADE else Answer.CLOSE
+
+    def closed(self) -> Answer:
+        """The server ended its stream before answering."""
+        return Answer.CLOSE
+
+    def timed_out(self) -> Answer:
+        if self.awaiting is not Awaiting.CONTINUE:
+            raise RuntimeError("only Expect has a deadline")
+        return Answer.RESUME
+
+    def _switched(self, lines: list[bytes]) -> Answer | HttpError:
+        if self._accept is None:
+            return _upgrade_refused("the server switched protocols (101) for a request that did not ask to upgrade")
+        fields: dict[str, list[str]] = {}
+        for line in lines:
+            name, colon, value = line.partition(b":")
+            if not colon or _TOKEN_RE.match(name) is None:
+                return _bad_response(f"invalid header line {line[:60]!r} in the server's 101")
+            fields.setdefault(name.decode("ascii").lower(), []).append(value.strip(b" \t").decode("latin-1"))
+        protocols = [p for value in fields.get("upgrade", []) for p in _split_list(value, lower=False)]
+        if [p.lower() for p in protocols] != ["websocket"]:
+            named = ", ".join(protocols) or "no protocol"
+            return _upgrade_refused(f"the server switched to {named[:60]!r}, not to websocket")
+        if "upgrade" not in [t for value in fields.get("connection", []) for t in _split_list(value)]:
+            return _upgrade_refused("the server's 101 has no Connection: upgrade (RFC 6455 4.2.2)")
+        if fields.get("sec-websocket-accept") != [self._accept]:
+            return _upgrade_refused("the server's 101 does not answer the request's Sec-WebSocket-Key (RFC 6455 4.2.2)")
+        return Answer.SWITCH
 
 
+def _upgrade_refused(message: str) -> HttpError:
+    return HttpError(HttpErrorCode.HTTP_UPGRADE_REFUSED, message)
+
+
+def _bad_response(message: str) -> HttpError:
+    return HttpError(HttpErrorCode.HTTP_BAD_RESPONSE, message)
+
+
+_RESPONSE_VERSION_RE: Final = re.compile(rb"HTTP/1\.[0-9]")
 _STATUS_RE: Final = re.compile(rb"[1-5][0-9][0-9]")
 
 
@@ -624,7 +767,6 @@ class _HttpFail(Exception):
         self.message = message
 
 
-_TCHAR: Final = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _TOKEN_RE: Final = re.compile(rb"[" + _TCHAR + rb"]+\Z")
 _FIELD_NAME_RE: Final = re.compile(rb"[" + _TCHAR + rb"]+:")
 _NAME_SPACE_COLON_RE: Final = re.compile(rb"[" + _TCHAR + rb"]+[ \t]+:")
@@ -653,7 +795,8 @@ _CHUNK_CRLF: Final = 4
 _TRAILER: Final = 5
 _PASS: Final = 6
 _ERROR: Final = 7
-_UPGRADING: Final = 8
+_AWAITING: Final = 8
+_CLOSED: Final = 9
 _LINE_STATES: Final = frozenset((_HEAD, _CHUNK_SIZE, _TRAILER))
 
 
@@ -716,25 +859,37 @@ class HttpRequestTracker:
     `feed(data)` returns the events the new bytes complete, in stream order:
     `RequestHead` (decide on its host before forwarding any byte at or after its
     `offset`), `RequestEnd`, and finally one of `NeedMore` (waiting for bytes: the normal
-    state, between requests too), `HttpError` (terminal) or `Upgraded` (terminal).
+    state, between requests too), `HttpError` (terminal) or `AnswerAwaited`.
 
-    Upgrades: the server's `101 Switching Protocols` travels the other way. When a request
-    with `Upgrade:` and `Connection: upgrade` ends, `Upgraded` is emitted and the tracker
-    stops consuming (`offset` stays at the request's end) until the caller reports the
-    server's answer with `upgrade_answered` (see `UpgradeAnswer`): after a 101 the rest of
-    the stream passes unparsed; after any other status the bytes from `offset` on are fed
-    again and checked as requests, so a declined upgrade cannot smuggle later requests.
+    Leaving the checked state: an `Upgrade` header field, in any request, is refused
+    (HTTP_UPGRADE_REFUSED) unless the request is a complete WebSocket handshake (RFC 6455
+    4.1: HTTP/1.1 GET, `Upgrade: websocket` alone, `Connection: upgrade`, one valid
+    Sec-WebSocket-Key, Sec-WebSocket-Version 13, no body) and the first request on the
+    connection. h2c and every other protocol would let the client name any host per stream
+    after the switch; a server may honour an Upgrade without `Connection: upgrade` too. When
+    the handshake ends, `AnswerAwaited` is emitted and the tracker stops consuming until the
+    caller reports the server's answer (`ServerAnswer`, then `answered`): after SWITCH the
+    rest of the stream passes unparsed; after RESUME the bytes from the event's `offset` on
+    are fed again and checked as requests, so a declined upgrade cannot smuggle requests.
+
+    `Expect` (100-continue or anything else) on a request with a body: a server that answers
+    such a request at once and keeps the connection may read the body as the next request,
+    past the check. The tracker stops after the head (`AnswerAwaited` at the body's start):
+    RESUME (100 Continue, or no answer within `CONTINUE_TIMEOUT`) goes on with the body;
+    CLOSE (a final status first) means nothing more from the client may go.
 
     Memory: at most one request head (`max_head_size`) or one chunk-size/trailer line is
     held; bodies are counted and dropped.
     """
 
     __slots__ = (
+        "_awaiting",
         "_body_length",
         "_crlf_seen",
         "_error",
         "_head_size",
         "_headers",
+        "_heads",
         "_line",
         "_max_head",
         "_max_headers",
@@ -743,8 +898,9 @@ class HttpRequestTracker:
         "_remaining",
         "_request_line",
         "_request_offset",
+        "_resume",
         "_state",
-        "_upgrade",
+        "_websocket_key",
     )
 
     def __init__(
@@ -763,7 +919,10 @@ class HttpRequestTracker:
         self._line = bytearray()
         self._pos = 0
         self._error: HttpError | None = None
-        self._upgrade: tuple[str, ...] | None = None
+        self._websocket_key: str | None = None  # of the upgrade request being read
+        self._awaiting = Awaiting.UPGRADE
+        self._resume = _HEAD  # the state an Expect request's body goes on in
+        self._heads = 0
         self._remaining = 0
         self._body_length = 0
         self._crlf_seen = 0
@@ -790,19 +949,24 @@ class HttpRequestTracker:
         return self._state == _PASS
 
     @property
-    def awaiting_upgrade(self) -> bool:
-        return self._state == _UPGRADING
+    def awaiting_answer(self) -> bool:
+        return self._state == _AWAITING
 
-    def upgrade_answered(self, switched: bool) -> None:
-        """The server's answer to the upgrade request: switched (101) or not (feed the held bytes again)."""
-        if self._state != _UPGRADING:
-            raise RuntimeError("no upgrade is awaiting an answer")
-        if switched:
+    def answered(self, answer: Answer) -> None:
+        """The server's answer to the held request (see `ServerAnswer`); after RESUME feed the held bytes again."""
+        if self._state != _AWAITING:
+            raise RuntimeError("no request awaits the server's answer")
+        if answer is Answer.SWITCH:
+            if self._awaiting is not Awaiting.UPGRADE:
+                raise ValueError("only a WebSocket handshake may switch protocols")
             self._state = _PASS
-            return
-        self._upgrade = None
-        self._state = _HEAD
-        self._reset_head()
+        elif answer is Answer.CLOSE:
+            self._state = _CLOSED
+        elif self._awaiting is Awaiting.UPGRADE:
+            self._state = _HEAD
+            self._reset_head()
+        else:
+            self._state = self._resume
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[HttpEvent]:
         if self._state == _ERROR:
@@ -812,8 +976,10 @@ class HttpRequestTracker:
         if self._state == _PASS:
             self._pos += len(data)
             return []
-        if self._state == _UPGRADING:
-            raise RuntimeError("an upgrade awaits the server's answer: call upgrade_answered() first")
+        if self._state == _AWAITING:
+            raise RuntimeError("a request awaits the server's answer: call answered() first")
+        if self._state == _CLOSED:
+            raise RuntimeError("the connection ends at the server's answer: nothing more is checked")
         events: list[HttpEvent] = []
         try:
             self._feed(data, events)
@@ -823,7 +989,7 @@ class HttpRequestTracker:
             self._line = bytearray()
             events.append(self._error)
             return events
-        if self._state not in (_PASS, _UPGRADING):
+        if self._state != _AWAITING:
             events.append(NEED_MORE)
         return events
 
@@ -864,8 +1030,8 @@ class HttpRequestTracker:
                     self._chunk_size_line(line, events)
                 else:
                     self._trailer_line(line, line_len + 1, events)
-                if self._state == _UPGRADING:
-                    return  # nothing after the upgrade request is consumed before the server answered
+                if self._state == _AWAITING:
+                    return  # nothing after a held request (or head) is consumed before the server answered
             elif state == _CHUNK_CRLF:
                 expected = 0x0D if self._crlf_seen == 0 else 0x0A
                 if data[i] != expected:
@@ -885,7 +1051,7 @@ class HttpRequestTracker:
                 if self._remaining == 0:
                     if state == _BODY:
                         self._end_request(events)
-                        if self._state == _UPGRADING:
+                        if self._state == _AWAITING:
                             return
                     else:
                         self._state = _CHUNK_CRLF
@@ -939,7 +1105,10 @@ class HttpRequestTracker:
         lengths: list[str] = []
         codings: list[str] = []
         connection: list[str] = []
-        upgrade: list[str] = []
+        upgrade_fields: list[str] = []
+        expect = False
+        keys: list[str] = []
+        versions: list[str] = []
         for name, value in headers:
             if name == "host":
                 hosts.append(value)
@@ -950,7 +1119,13 @@ class HttpRequestTracker:
             elif name == "connection":
                 connection.extend(_split_list(value))
             elif name == "upgrade":
-                upgrade.extend(_split_list(value, lower=False))
+                upgrade_fields.append(value)
+            elif name == "expect":
+                expect = True
+            elif name == "sec-websocket-key":
+                keys.append(value)
+            elif name == "sec-websocket-version":
+                versions.append(value)
 
         if len(hosts) > 1:
             raise _HttpFail(HttpErrorCode.HTTP_DUPLICATE_HOST, f"{len(hosts)} Host header fields")
@@ -990,6 +1165,18 @@ class HttpRequestTracker:
         elif lengths:
             length = _content_length(lengths)
 
+        self._heads += 1
+        # Any Upgrade field, whatever Connection says: a server may switch on it all the same.
+        self._websocket_key = (
+            _websocket_key(method, version, upgrade_fields, connection, keys, versions, chunked or length > 0)
+            if upgrade_fields
+            else None
+        )
+        if self._websocket_key is not None and self._heads > 1:
+            raise _upgrade_fail(
+                "a WebSocket upgrade must be the first request on its connection "
+                "(the server's answer is then the first bytes it sends)"
+            )
         events.append(
             RequestHead(
                 method=method,
@@ -1002,26 +1189,30 @@ class HttpRequestTracker:
                 offset=self._request_offset,
             )
         )
-        self._upgrade = (
-            tuple(upgrade) if upgrade and version == "HTTP/1.1" and "upgrade" in connection else None
-        )  # RFC 9110 7.8: Upgrade is ignored in HTTP/1.0
         self._body_length = 0
-        if chunked:
-            self._state = _CHUNK_SIZE
-        elif length:
-            self._state = _BODY
-            self._remaining = length
-        else:
+        if not (chunked or length):
             self._end_request(events)
+            return
+        body = _CHUNK_SIZE if chunked else _BODY
+        self._remaining = length
+        if expect:
+            self._resume = body
+            self._await(events, Awaiting.CONTINUE, None)
+        else:
+            self._state = body
 
     def _end_request(self, events: list[HttpEvent]) -> None:
         events.append(RequestEnd(self._pos, self._body_length))
-        if self._upgrade is not None:
-            events.append(Upgraded(self._pos, self._upgrade))
-            self._state = _UPGRADING
+        if self._websocket_key is not None:
+            self._await(events, Awaiting.UPGRADE, self._websocket_key)
             return
         self._state = _HEAD
         self._reset_head()
+
+    def _await(self, events: list[HttpEvent], awaiting: Awaiting, websocket_key: str | None) -> None:
+        self._awaiting = awaiting
+        self._state = _AWAITING
+        events.append(AnswerAwaited(self._pos, awaiting, websocket_key))
 
     # ------------------------------------------------------------------ chunked body
 
@@ -1048,6 +1239,51 @@ class HttpRequestTracker:
         if len(self._headers) >= self._max_headers:
             raise _HttpFail(HttpErrorCode.HTTP_TOO_MANY_HEADERS, f"more than {self._max_headers} trailer fields")
         self._headers.append(_parse_field_line(line))
+
+
+def _upgrade_fail(message: str) -> _HttpFail:
+    return _HttpFail(HttpErrorCode.HTTP_UPGRADE_REFUSED, message)
+
+
+def _websocket_key(
+    method: str,
+    version: str,
+    upgrade_fields: list[str],
+    connection: list[str],
+    keys: list[str],
+    versions: list[str],
+    has_body: bool,
+) -> str:
+    """The Sec-WebSocket-Key of a request that has Upgrade fields, if it is a complete WebSocket handshake
+    (RFC 6455 4.1); else HTTP_UPGRADE_REFUSED saying what is missing."""
+    protocols = [p for value in upgrade_fields for p in _split_list(value, lower=False)]
+    if len(upgrade_fields) != 1 or [p.lower() for p in protocols] != ["websocket"]:
+        named = ", ".join(upgrade_fields)[:60]
+        raise _upgrade_fail(
+            f"Upgrade {named!r} refused: only a WebSocket upgrade may leave HTTP/1 "
+            "(h2c and other protocols would carry requests for any host past the check)"
+        )
+    if version != "HTTP/1.1":
+        raise _upgrade_fail(f"WebSocket upgrade in an {version} request (RFC 6455 4.1 needs HTTP/1.1)")
+    if method != "GET":
+        raise _upgrade_fail(f"WebSocket upgrade with method {method[:20]} (RFC 6455 4.1 needs GET)")
+    if "upgrade" not in connection:
+        raise _upgrade_fail("WebSocket upgrade without the 'upgrade' option in Connection")
+    if len(keys) != 1 or not _is_websocket_key(keys[0]):
+        raise _upgrade_fail("WebSocket upgrade without exactly one Sec-WebSocket-Key of 16 bytes in base64")
+    if versions != ["13"]:
+        shown = ", ".join(versions)[:20] or "none"
+        raise _upgrade_fail(f"WebSocket upgrade with Sec-WebSocket-Version {shown!r} (13 required)")
+    if has_body:
+        raise _upgrade_fail("WebSocket upgrade with a request body")
+    return keys[0]
+
+
+def _is_websocket_key(key: str) -> bool:
+    try:
+        return len(key) == 24 and len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
 
 
 def _parse_request_line(line: bytes) -> tuple[str, str, str]:

@@ -15,11 +15,14 @@ idle timeout (one periodic sweep for all relays) or when closed.
 
 Plain HTTP's client->server direction always copies: every chunk goes through the request guard,
 which may end the direction early ("cut") at a refused request; the relay then lets the upstream
-finish the earlier responses for at most `cut_grace` seconds. At an upgrade request the guard
-stops the direction after that request and the relay holds the client's further bytes until the
-server answered (`UpgradeAnswer` on the other direction, which copies meanwhile): after a `101`
-the rest is another protocol and passes (by splice too); after anything else the held bytes are
-checked as HTTP requests again.
+finish the earlier responses for at most `cut_grace` seconds. At a request that waits for the
+server (a WebSocket handshake, or `Expect` before a body) the guard stops the direction and the
+relay holds the client's further bytes until the server answered (the guard's `ServerAnswer`
+reads the other direction, which copies meanwhile; for `Expect` a timer answers too): after a
+genuine WebSocket `101` the rest passes (by splice too); after a declined upgrade or `100
+Continue` the held bytes are checked as HTTP again; after a final answer to `Expect` nothing
+more from the client goes (the connection ends after the server's answer); any other `101` or
+an unreadable answer cuts the connection before the answer reaches the client.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.peek import UpgradeAnswer
+from gateway.peek import Answer, HttpError, ServerAnswer
 
 COPY_CHUNK = 64 * 1024
 #: Bytes a direction moves by copying before it switches to splice.
@@ -54,10 +57,11 @@ class Bucket(Protocol):
 @dataclass(frozen=True, slots=True)
 class GuardStop:
     """Where a client->server chunk stops: `forward` bytes of it may go; then either the connection is cut
-    (`refusal` = (reason, rule)) or, with `refusal` None, an upgrade request awaits the server's answer."""
+    (`refusal` = (reason, rule)) or the rest waits for the server's answer, read by `watch`."""
 
     forward: int
     refusal: tuple[str, str] | None
+    watch: ServerAnswer | None = None
 
 
 class Guard(Protocol):
@@ -65,7 +69,9 @@ class Guard(Protocol):
 
     def feed(self, chunk: bytes) -> GuardStop | None: ...
 
-    def upgrade_answered(self, switched: bool) -> None: ...
+    def answered(self, answer: Answer | HttpError) -> Answer | tuple[str, str]:
+        """The server's answer to the held request: what to do, or the refusal (reason, rule) that cuts."""
+        ...
 
 
 class IdleSweeper:
@@ -107,11 +113,14 @@ class IdleSweeper:
 
 class Relay:
     """Both directions of one connection. `on_done(relay)` is called once, from a loop callback, when it ends:
-    `error` is None for a clean end (both sides closed, or a guard cut), TimeoutError for the idle timeout,
-    or the OSError that broke it. The relay closes the upstream socket; the client socket is the caller's."""
+    `error` is None for a clean end (both sides closed, a guard cut, or `closed_early`), TimeoutError for
+    the idle timeout, or the OSError that broke it. The relay closes the upstream socket; the client socket
+    is the caller's."""
 
     __slots__ = (
+        "answer_timer",
         "client",
+        "closed_early",
         "cut",
         "cut_grace",
         "down",
@@ -151,6 +160,9 @@ class Relay:
         self.error: BaseException | None = None
         #: (reason, rule) of the request the guard refused; the client gets the denial after the relay ends.
         self.cut: tuple[str, str] | None = None
+        #: The server answered a request with Expect before its body: nothing more from the client went.
+        self.closed_early = False
+        self.answer_timer: asyncio.TimerHandle | None = None
         self.cut_grace = cut_grace
         self.grace: asyncio.TimerHandle | None = None
         self.guard = guard
@@ -179,28 +191,48 @@ class Relay:
     def throttled(self) -> bool:
         return self.up.timer is not None or self.down.timer is not None
 
-    def await_upgrade(self) -> None:
-        """The client asked to upgrade: watch the server's answer (copying that direction meanwhile)."""
-        self.down.watch = UpgradeAnswer()
+    def await_answer(self, watch: ServerAnswer) -> None:
+        """The client's further bytes wait for the server's answer: watch it (copying that direction meanwhile)."""
+        self.down.watch = watch
+        if watch.timeout is not None:
+            self.answer_timer = self.loop.call_later(watch.timeout, self._answer_timed_out, watch)
 
-    def upgrade_answered(self, switched: bool) -> None:
-        """The server answered the upgrade: let the held client bytes go as the new protocol, or check them again."""
+    def _answer_timed_out(self, watch: ServerAnswer) -> None:
+        self.answer_timer = None
+        if self.down.watch is watch:
+            self.down.watch = None
+            self.answered(watch.timed_out())
+
+    def answered(self, answer: Answer | HttpError) -> None:
+        """The server answered the held request: act on what the guard makes of it."""
+        if self.answer_timer is not None:
+            self.answer_timer.cancel()
+            self.answer_timer = None
         up = self.up
         assert self.guard is not None and up.held is not None
-        self.guard.upgrade_answered(switched)
+        outcome = self.guard.answered(answer)
         held, up.held = up.held, None
-        if switched:
-            up.guard = None  # another protocol: nothing more to check, and bulk may splice
+        if isinstance(outcome, tuple):  # refused: the answer and everything after it stay where they are
+            self.cut = outcome
+            self.finish(None)
+            return
+        if outcome is Answer.CLOSE:
+            self.closed_early = True
+            up.eof = True
+            up.flush()  # what was forwarded before the hold, then the upstream's write side is shut
+            return
+        if outcome is Answer.SWITCH:
+            up.guard = None  # WebSocket: nothing more to check, and bulk may splice
             up.splice = self.splice
         if not held:
             up.flush()  # reads on
         else:
-            up.take(held, None if switched else self.guard.feed(held))
+            up.take(held, None if outcome is Answer.SWITCH else self.guard.feed(held))
 
     def half_done(self, half: _Half) -> None:
         if self.up.ended and self.down.ended:
             self.finish(None)
-        elif self.cut is not None and half is self.up and self.grace is None:
+        elif (self.cut is not None or self.closed_early) and half is self.up and self.grace is None:
             self.grace = self.loop.call_later(self.cut_grace, self.finish, None)
 
     def finish(self, error: BaseException | None) -> None:
@@ -213,6 +245,9 @@ class Relay:
         if self.grace is not None:
             self.grace.cancel()
             self.grace = None
+        if self.answer_timer is not None:
+            self.answer_timer.cancel()
+            self.answer_timer = None
         self.up.stop()
         self.down.stop()
         if self.sweeper is not None:
@@ -271,8 +306,8 @@ class _Half:
         self.ended = False
         self.reading = self.writing = False
         self.timer: asyncio.TimerHandle | None = None
-        self.held: bytes | None = None  # client bytes after an upgrade request, until the server answered it
-        self.watch: UpgradeAnswer | None = None  # on the server->client direction while an upgrade awaits
+        self.held: bytes | None = None  # client bytes after a held request, until the server answered it
+        self.watch: ServerAnswer | None = None  # on the server->client direction while an answer awaits
 
     def resume_reading(self) -> None:
         if not self.reading:
@@ -299,7 +334,7 @@ class _Half:
             self.pipe_r = self.pipe_w = -1
 
     def readable(self) -> None:
-        spliced = self.pipe_w >= 0 and self.watch is None  # an upgrade answer is watched in copied bytes
+        spliced = self.pipe_w >= 0 and self.watch is None  # an answer is watched in copied bytes
         try:
             if spliced:
                 n = os.splice(self.sfd, self.pipe_w, PIPE_SIZE, flags=_SPLICE_FLAGS)
@@ -323,10 +358,10 @@ class _Half:
         """Bytes copied from the source (b"" = its end), with where the guard stopped them: forward what may go."""
         relay = self.relay
         if self.watch is not None:
-            answer = self.watch.feed(data) if data else False  # the server closed: no upgrade
+            answer = self.watch.feed(data) if data else self.watch.closed()
             if answer is not None:
                 self.watch = None
-                relay.upgrade_answered(answer)
+                relay.answered(answer)
                 if relay.done:
                     return
         if not data:
@@ -336,8 +371,9 @@ class _Half:
                 relay.cut = stop.refusal
                 self.eof = True
             else:
+                assert stop.watch is not None
                 self.held = data[stop.forward :]
-                relay.await_upgrade()
+                relay.await_answer(stop.watch)
             data = data[: stop.forward]
         if data:
             self.pending = memoryview(data)

@@ -9,8 +9,9 @@ the connection rate limit, the shared bandwidth buckets and the DNS-learned addr
 main process's DNS interceptor sends to the sandbox's worker as JSON lines on its stdin.
 
 Failure: a worker that exits is started again after `RESTART_DELAY`; meanwhile its sandboxes' TCP
-finds no listener and is dropped (fail closed). A worker exits when its stdin closes, so no worker
-outlives the main process.
+finds no listener and is dropped (fail closed), and readiness says so (a worker writes
+`LISTENING_LINE` on its stdout once its engine listens). A worker exits when its stdin closes, so
+no worker outlives the main process.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ RESTART_DELAY = 1.0
 #: (the sandbox's next DNS answer brings them again).
 MAX_PENDING_BYTES = 4 << 20
 STOP_TIMEOUT = 5.0
+#: What a worker writes on its stdout once its engine listens (its only line there).
+LISTENING_LINE = b"listening\n"
 
 
 def worker_index(sandbox_id: str, workers: int) -> int:
@@ -84,6 +87,8 @@ class WorkerPool:
         self.processes: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = 0
         self.dropped_lines = 0
+        #: Workers whose current process said its engine listens.
+        self.listening: set[int] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -93,13 +98,25 @@ class WorkerPool:
             self._tasks.append(asyncio.create_task(self._watch(worker)))
 
     async def _spawn(self, worker: int) -> None:
-        process = await asyncio.create_subprocess_exec(*self.argv_for(worker), stdin=asyncio.subprocess.PIPE)
+        process = await asyncio.create_subprocess_exec(
+            *self.argv_for(worker), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        )
         self.processes[worker] = process
         log.info("worker.started", worker=worker, pid=process.pid)
 
+    async def _listened(self, worker: int, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        with contextlib.suppress(ValueError, OSError):  # a line over the reader's limit: not the signal
+            while line := await process.stdout.readline():
+                if line == LISTENING_LINE:
+                    self.listening.add(worker)
+
     async def _watch(self, worker: int) -> None:
         while True:
-            code = await self.processes[worker].wait()
+            process = self.processes[worker]
+            await self._listened(worker, process)  # until its stdout closes, i.e. it is exiting
+            code = await process.wait()
+            self.listening.discard(worker)
             if self._closing:
                 return
             self.restarts += 1
@@ -117,6 +134,10 @@ class WorkerPool:
             self.dropped_lines += 1
             return
         stdin.write(line)
+
+    def not_listening(self) -> list[int]:
+        """Workers whose engine does not listen now (starting, or exited and waiting to be restarted)."""
+        return [worker for worker in range(1, self.workers) if worker not in self.listening]
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -175,6 +196,8 @@ async def serve_worker(config: Config, worker: int, workers: int) -> int:
         await flows.start()
         await plane.start()
         log.info("worker.listening", worker=worker, of=workers, port=config.egress.listen_port + worker)
+        sys.stdout.buffer.write(LISTENING_LINE)
+        sys.stdout.buffer.flush()
         learning = asyncio.create_task(learn())
         await stop.wait()
         learning.cancel()

@@ -29,6 +29,7 @@ from gateway.api import MAX_BODY_BYTES, PUBLIC, apply_merge_patch, create_app, p
 from gateway.config import Config, load_config
 from gateway.dns.policy import DnsConfig
 from gateway.dns.server import DnsInterceptor
+from gateway.egress import DataPlane
 from gateway.errors import GatewayError
 from gateway.flowlog import FIELD_NAMES, FlowLog, FlowRecord
 from gateway.openapi import (
@@ -207,6 +208,27 @@ async def test_readyz_is_503_until_the_store_has_loaded(aiohttp_client: AiohttpC
     await store.start()
     try:
         await api.call("GET", "/readyz", token=None, expect=200)
+    finally:
+        await store.close()
+
+
+async def test_readyz_is_503_until_the_data_plane_serves(
+    aiohttp_client: AiohttpClient, config: Config, tmp_path: Path
+) -> None:
+    # A real data plane, built as `gateway run --data-plane --steer` builds it, before it has started: the API
+    # serves already, but nothing of the plane does yet.
+    store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
+    plane = DataPlane(config, store, FlowLog(replace(config.audit, dir=tmp_path / "audit")), steer=True)
+    api = Api(await aiohttp_client(create_app(store, config, dns=plane.dns, unready=plane.unready)))
+    await store.start()
+    try:
+        answer = await api.call("GET", "/readyz", token=None, expect=503)
+        assert answer.code == "DATA_PLANE_NOT_READY"
+        assert answer.body["message"] == (
+            f"the egress engine does not listen on port {config.egress.listen_port} yet; "
+            f"the DNS interceptor does not listen on port {config.egress.dns_port} yet; "
+            "the steering table has not been applied yet"
+        )
     finally:
         await store.close()
 

@@ -47,13 +47,51 @@ DNS_LIMIT, DNS_MAX_WAIT = 60, 2.0
 
 
 ORIGINS = r"""
-import socket, ssl, sys, threading
+import base64, hashlib, socket, ssl, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 CTX = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 CTX.load_cert_chain(sys.argv[1], sys.argv[2])
 def remember_sni(sock, name, ctx):
     sock.sni_name = name
 CTX.sni_callback = remember_sni
+
+def serve_h2c(handler):
+    # HTTP/2 after a 101, answering every stream with its :authority: what a server that routes h2 streams by
+    # authority (a CDN) does. The upgraded request is stream 1.
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import RequestReceived
+    conn = H2Connection(H2Configuration(client_side=False))
+    settings = handler.headers.get("HTTP2-Settings")
+    if settings:
+        conn.initiate_upgrade_connection(settings)
+    else:
+        conn.initiate_connection()
+    def answer(stream, authority, path):
+        body = f"ORIGIN h2 authority={authority} path={path}\n".encode()
+        conn.send_headers(stream, [(":status", "200"), ("content-length", str(len(body)))])
+        conn.send_data(stream, body, end_stream=True)
+    if settings:
+        answer(1, handler.headers.get("Host"), handler.path)
+    sock = handler.connection
+    sock.sendall(conn.data_to_send())
+    while data := sock.recv(65536):
+        for event in conn.receive_data(data):
+            if isinstance(event, RequestReceived):
+                fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in event.headers}
+                text = {k: v.decode() if isinstance(v, bytes) else v for k, v in fields.items()}
+                answer(event.stream_id, text[":authority"], text[":path"])
+        sock.sendall(conn.data_to_send())
+
+def websocket_101(handler, protocol, accept):
+    handler.send_response(101)
+    handler.send_header("Upgrade", protocol)
+    handler.send_header("Connection", "Upgrade")
+    handler.send_header("Sec-WebSocket-Accept", accept)
+    handler.end_headers()
+    handler.wfile.flush()
+    while chunk := handler.connection.recv(4096):  # then echo raw bytes: the gateway never looks inside
+        handler.connection.sendall(chunk)
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -63,14 +101,22 @@ class Handler(BaseHTTPRequestHandler):
             self.request = CTX.wrap_socket(self.request, server_side=True)
         super().setup()
     def do_GET(self):
-        if self.headers.get("Upgrade") == "echo":  # a stand-in for WebSocket: 101, then echo raw bytes
+        upgrade = (self.headers.get("Upgrade") or "").lower()
+        # h2c on any mention of it (with or without Connection: upgrade), and /h2c-anyway switches unasked.
+        if "h2c" in upgrade or self.path == "/h2c-anyway":
             self.send_response(101)
-            self.send_header("Upgrade", "echo")
+            self.send_header("Upgrade", "h2c")
             self.send_header("Connection", "Upgrade")
             self.end_headers()
             self.wfile.flush()
-            while chunk := self.connection.recv(4096):
-                self.connection.sendall(chunk)
+            serve_h2c(self)
+            self.close_connection = True
+            return
+        key = self.headers.get("Sec-WebSocket-Key", "")
+        accept = base64.b64encode(hashlib.sha1(key.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        if upgrade == "websocket" and self.path in ("/ws", "/ws-as-h2c", "/ws-wrong-accept"):
+            protocol = "h2c" if self.path == "/ws-as-h2c" else "websocket"
+            websocket_101(self, protocol, "d3Jvbmc=" if self.path == "/ws-wrong-accept" else accept.decode())
             self.close_connection = True
             return
         local = self.request.getsockname()[0].removeprefix("::ffff:")
@@ -80,6 +126,21 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+    def handle_expect_100(self):
+        # /early answers before the body, /quiet reads it without a 100: servers that ignore Expect.
+        return True if self.path in ("/early", "/quiet") else super().handle_expect_100()
+    def do_POST(self):
+        if self.path == "/early":  # and keeps the connection: the body is read as the next request
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        reply = f"ORIGIN got {len(body)} bytes path={self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
     def log_message(self, *args):
         pass
 
@@ -259,23 +320,103 @@ while len(answers) < count and time.monotonic() - start < 8:
 print(json.dumps([answers.get(qid) for qid in range(1, count + 1)]))
 """
 
+#: A WebSocket handshake for `path` of allowed.test, then (without waiting for the answer to be read) a request
+#: for denied.test: WebSocket bytes after a genuine 101 (the origin echoes them), a fronted request otherwise.
 UPGRADE_CLIENT = r"""
 import socket, sys
-protocol = sys.argv[2]
 s = socket.create_connection((sys.argv[1], 80), timeout=6)
-s.sendall(f"GET /ws HTTP/1.1\r\nHost: allowed.test\r\nUpgrade: {protocol}\r\nConnection: Upgrade\r\n\r\n".encode())
+s.sendall(
+    f"GET {sys.argv[2]} HTTP/1.1\r\nHost: allowed.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+)
 data = b""
 while b"\r\n\r\n" not in data and (chunk := s.recv(4096)):
     data += chunk
 status, _, rest = data.partition(b"\r\n")
-# After a 101 these bytes belong to the new protocol; after a 200 they are a request for another host.
 s.sendall(b"GET / HTTP/1.1\r\nHost: denied.test\r\n\r\n")
 try:
-    while (chunk := s.recv(4096)) and not (protocol == "echo" and b"denied.test" in rest):
+    while (chunk := s.recv(4096)) and not (b" 101 " in status and b"denied.test" in rest):
         rest += chunk
 except OSError as exc:
     rest += f"<{type(exc).__name__}>".encode()
 print(status.decode(), "|", rest.decode(errors="replace").replace("\r\n", "|"))
+"""
+
+#: A request for `path` of allowed.test with the header lines argv[3] ('|' between lines; SETTINGS stands for an
+#: HTTP2-Settings value). After a 101 it speaks HTTP/2 (h2c) and asks for a stream of denied.test on that
+#: connection. Prints {"head": the answer's head, "bodies": {stream: data}, "after": every byte after the head}.
+H2C_CLIENT = r"""
+import json, socket, sys
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import DataReceived, StreamEnded
+address, path, fields = sys.argv[1:4]
+conn = H2Connection(H2Configuration(client_side=True))
+settings = conn.initiate_upgrade_connection()
+settings = settings.decode() if isinstance(settings, bytes) else settings
+lines = "".join(f"{line}\r\n" for line in fields.replace("SETTINGS", settings).split("|") if line)
+s = socket.create_connection((address, 80), timeout=5)
+s.sendall(f"GET {path} HTTP/1.1\r\nHost: allowed.test\r\n{lines}\r\n".encode())
+data = b""
+while b"\r\n\r\n" not in data and (chunk := s.recv(65536)):
+    data += chunk
+head, _, rest = data.partition(b"\r\n\r\n")
+after = bytearray(rest)
+bodies = {}
+try:
+    if head.startswith(b"HTTP/1.1 101"):
+        if not fields:  # the server switched unasked: a fresh HTTP/2 connection
+            conn = H2Connection(H2Configuration(client_side=True))
+            conn.initiate_connection()
+        stream = conn.get_next_available_stream_id()
+        headers = [(":method", "GET"), (":scheme", "http"), (":authority", "denied.test"), (":path", "/fronted")]
+        conn.send_headers(stream, headers, end_stream=True)
+        s.sendall(conn.data_to_send())
+        done = False
+        while not done and rest:
+            for event in conn.receive_data(rest):
+                if isinstance(event, DataReceived):
+                    bodies[event.stream_id] = bodies.get(event.stream_id, "") + event.data.decode()
+                done = done or (isinstance(event, StreamEnded) and event.stream_id == stream)
+            s.sendall(conn.data_to_send())
+            rest = b"" if done else s.recv(65536)
+            after += rest
+    while chunk := s.recv(65536):
+        after += chunk
+except Exception as exc:  # not HTTP/2 after all (the gateway's own answer), a reset, a timeout
+    after += f"<{type(exc).__name__}>".encode()
+print(json.dumps({"head": head.decode(errors="replace"), "bodies": bodies, "after": after.decode(errors="replace")}))
+"""
+
+#: A POST with Expect: 100-continue whose body, sent at once (as by a client whose wait for 100 is over), is a
+#: request for denied.test; prints everything the connection returned until its end.
+EXPECT_CLIENT = r"""
+import socket, sys
+body = b"GET / HTTP/1.1\r\nHost: denied.test\r\n\r\n"
+s = socket.create_connection((sys.argv[1], 80), timeout=8)
+head = f"POST {sys.argv[2]} HTTP/1.1\r\nHost: allowed.test\r\nExpect: 100-continue\r\nContent-Length: {len(body)}\r\n"
+s.sendall(head.encode() + b"\r\n" + body)
+data = b""
+try:
+    while chunk := s.recv(4096):
+        data += chunk
+except OSError as exc:
+    data += f"<{type(exc).__name__}>".encode()
+print(data.decode(errors="replace").replace("\r\n", "|"))
+"""
+
+#: Sends argv[3] (a JSON string, as latin-1 bytes) to argv[1]:argv[2] and prints what comes back until the end.
+RAW_CLIENT = r"""
+import json, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.sendall(json.loads(sys.argv[3]).encode("latin-1"))
+data = b""
+try:
+    while chunk := s.recv(4096):
+        data += chunk
+except OSError as exc:
+    data += f"<{type(exc).__name__}>".encode()
+print(data.decode(errors="replace").replace("\r\n", "|"))
 """
 
 SERVER_FIRST_CLIENT = r"""
@@ -421,8 +562,17 @@ class Env:
         )
         log.close()
         wait_for_line(self.gateway, "egress engine listening", 20)
-        ready = self.topo.run("gw", ["curl", "-sS", "-m", "2", "http://127.0.0.1:8470/readyz"], check=False)
-        assert '"ready": true' in ready.stdout, ready.stdout + ready.stderr
+        self.wait_ready()
+
+    def readyz(self) -> subprocess.CompletedProcess[str]:
+        return self.topo.run("gw", ["curl", "-sS", "-m", "2", "http://127.0.0.1:8470/readyz"], check=False)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until /readyz says ready: the store loaded and every part of the data plane serves."""
+        deadline = time.monotonic() + timeout
+        while '"ready": true' not in (ready := self.readyz()).stdout:
+            assert time.monotonic() < deadline, ready.stdout + ready.stderr
+            time.sleep(0.05)
 
     def curl(self, sb: str, url: str, *extra: str, timeout: float = 6.0) -> subprocess.CompletedProcess[str]:
         argv = ["curl", "-sS", "-g", "--connect-timeout", "3", "-m", str(timeout), "--cacert", str(self.ca)]
@@ -557,15 +707,95 @@ def test_a_later_keep_alive_request_for_another_host_is_refused(env: Env) -> Non
 
 @pytest.mark.root
 def test_an_upgrade_passes_the_new_protocol_and_a_declined_one_smuggles_nothing(env: Env) -> None:
-    out = env.topo.python("sb1", UPGRADE_CLIENT, "198.18.1.1", "echo", timeout=15)
+    out = env.topo.python("sb1", UPGRADE_CLIENT, "198.18.1.1", "/ws", timeout=15)
     status, _, rest = out.strip().partition(" | ")
     assert status == "HTTP/1.1 101 Switching Protocols", out
-    assert "GET / HTTP/1.1|Host: denied.test|" in rest  # echoed: after the 101 nothing is parsed as HTTP
-    # The origin ignores an Upgrade it does not speak and answers 200: the next request is checked as HTTP.
-    out = env.topo.python("sb1", UPGRADE_CLIENT, "198.18.1.1", "other", timeout=15)
+    assert "GET / HTTP/1.1|Host: denied.test|" in rest  # echoed: after a WebSocket 101 nothing is parsed as HTTP
+    # The origin does no WebSocket on /plain and answers 200: the next request is checked as HTTP.
+    out = env.topo.python("sb1", UPGRADE_CLIENT, "198.18.1.1", "/plain", timeout=15)
     status, _, rest = out.strip().partition(" | ")
     assert status == "HTTP/1.1 200 OK" and "ORIGIN 198.18.1.1 host=allowed.test" in rest, out
     assert "HTTP/1.1 403 Forbidden" in rest and "X-Gateway-Reason: host denied.test: host not in allowlist" in rest
+
+
+#: Requests of allowed.test that ask to leave HTTP/1 other than by a WebSocket handshake (H2C_CLIENT's fields).
+REFUSED_UPGRADES = {
+    "h2c as curl asks": "Connection: Upgrade, HTTP2-Settings|Upgrade: h2c|HTTP2-Settings: SETTINGS",
+    "h2c without Connection": "Upgrade: h2c|HTTP2-Settings: SETTINGS",
+    "h2c in capitals": "Connection: upgrade|Upgrade: H2C|HTTP2-Settings: SETTINGS",
+    "h2c after websocket": "Connection: Upgrade|Upgrade: websocket, h2c|HTTP2-Settings: SETTINGS",
+    "h2c in a second field": "Connection: Upgrade|Upgrade: websocket|Upgrade: h2c|HTTP2-Settings: SETTINGS",
+    "another protocol": "Connection: Upgrade|Upgrade: TLS/1.0",
+    "websocket without its key": "Connection: Upgrade|Upgrade: websocket|Sec-WebSocket-Version: 13",
+}
+
+
+@pytest.mark.root
+def test_an_h2c_upgrade_is_refused_so_no_http2_stream_reaches_a_denied_host(env: Env) -> None:
+    # The origin speaks h2c whenever a request mentions it and serves each HTTP/2 stream by its :authority, as a
+    # CDN does: were the 101 let through, a stream for denied.test would be served on allowed.test's connection.
+    for form, fields in REFUSED_UPGRADES.items():
+        out = json.loads(env.topo.python("sb1", H2C_CLIENT, "198.18.1.1", "/", fields, timeout=20))
+        assert out["head"].startswith("HTTP/1.1 403 Forbidden"), (form, out)
+        assert "X-Gateway-Reason: HTTP_UPGRADE_REFUSED: " in out["head"], (form, out)
+        assert out["bodies"] == {} and "ORIGIN" not in out["after"], (form, out)
+    h2c = json.loads(env.topo.python("sb1", H2C_CLIENT, "198.18.1.1", "/", REFUSED_UPGRADES["h2c as curl asks"]))
+    assert "Upgrade 'h2c' refused: only a WebSocket upgrade may leave HTTP/1" in h2c["head"], h2c
+    # A real client asking for h2c is told why, and may retry with HTTP/1.1.
+    out = env.curl("sb1", "http://allowed.test/", "--http2", "-i", *pin("allowed.test", 80, "198.18.1.1"))
+    assert out.stdout.startswith("HTTP/1.1 403") and "HTTP_UPGRADE_REFUSED" in out.stdout, out.stdout + out.stderr
+    out = env.curl("sb1", "http://allowed.test/", "--http1.1", *pin("allowed.test", 80, "198.18.1.1"))
+    assert out.stdout.startswith("ORIGIN 198.18.1.1 host=allowed.test"), out.stderr
+    # Refused before anything was dialled: nothing reached the origin.
+    refused = [d for d in env.log_events("egress.deny") if d["reason"].startswith("HTTP_UPGRADE_REFUSED")]
+    assert len(refused) >= len(REFUSED_UPGRADES) + 2 and {d["rule"] for d in refused} == {"builtin:http"}
+
+
+@pytest.mark.root
+def test_a_101_the_client_did_not_ask_for_or_to_another_protocol_leaves_nothing_unchecked(env: Env) -> None:
+    # The origin switches to h2c for a plain request: the gateway still reads HTTP/1, so the client's HTTP/2
+    # preface is refused before it reaches the origin and no stream is served.
+    out = json.loads(env.topo.python("sb1", H2C_CLIENT, "198.18.1.1", "/h2c-anyway", "", timeout=20))
+    assert out["head"].startswith("HTTP/1.1 101"), out
+    assert out["bodies"] == {}, out
+    assert "HTTP/1.1 403 Forbidden" in out["after"], out
+    assert "X-Gateway-Reason: HTTP_UNSUPPORTED_VERSION" in out["after"], out
+    # A WebSocket handshake answered with a 101 to h2c, or by a server that did not do the handshake (its
+    # Sec-WebSocket-Accept is wrong): cut before the 101 reaches the client; the bytes after it never leave.
+    for path, why in (
+        ("/ws-as-h2c", "HTTP_UPGRADE_REFUSED: the server switched to 'h2c', not to websocket"),
+        ("/ws-wrong-accept", "HTTP_UPGRADE_REFUSED: the server's 101 does not answer the request's Sec-WebSocket-Key"),
+    ):
+        out = env.topo.python("sb1", UPGRADE_CLIENT, "198.18.1.1", path, timeout=15)
+        status, _, rest = out.strip().partition(" | ")
+        assert status == "HTTP/1.1 403 Forbidden" and f"X-Gateway-Reason: {why}" in rest, out
+        assert "Switching Protocols" not in rest and "Host: denied.test" not in rest, out  # nothing echoed back
+
+
+@pytest.mark.root
+def test_expect_100_continue_uploads_work_and_an_early_answer_smuggles_nothing(env: Env) -> None:
+    # /early answers 401 at once without reading the body and keeps the connection: it would read the body, a
+    # request for denied.test, as the next request. The gateway held the body, so it never went.
+    out = env.topo.python("sb1", EXPECT_CLIENT, "198.18.1.1", "/early", timeout=20).strip()
+    assert out.startswith("HTTP/1.1 401 Unauthorized|") and out.count("HTTP/1.") == 1, out  # its answer alone
+    assert "ORIGIN" not in out and "denied.test" not in out, out
+    assert not out.endswith(">"), out  # a clean end of stream, no reset or timeout
+    # Uploads: the origin's 100 Continue lets the body go; a server that sends none gets it after a second.
+    upload = env.workdir / "upload.bin"
+    upload.write_bytes(os.urandom(200_000))
+    for path in ("/upload", "/quiet"):
+        out = env.curl(
+            "sb1",
+            f"http://allowed.test{path}",
+            "--data-binary",
+            f"@{upload}",
+            "-H",
+            "Expect: 100-continue",
+            *pin("allowed.test", 80, "198.18.1.1"),
+        )
+        assert out.stdout.strip() == f"ORIGIN got 200000 bytes path={path}", out.stdout + out.stderr
+    early = [f for f in env.log_events("flow") if f.get("reason", "").endswith("later bytes were not forwarded")]
+    assert early and early[-1]["verdict"] == "allow" and early[-1]["hostname"] == "allowed.test", early
 
 
 @pytest.mark.root
@@ -729,6 +959,18 @@ def test_opaque_tcp_reaches_an_address_the_sandbox_learned_from_dns_for_an_allow
     fresh = env.topo.python("sb3", BANNER_CLIENT, "198.18.1.1", "22").strip()
     assert fresh != "DATA SSH-2.0-TestOrigin 198.18.1.1|ECHO SSH-2.0-TestClient|"  # sb3 has no policy yet
     assert_dns_answer_unlocks_opaque_tcp(env, "sb1")
+
+
+@pytest.mark.root
+def test_request_lines_only_a_lenient_server_reads_are_refused_not_relayed_as_opaque(env: Env) -> None:
+    # sb1 may reach 198.18.1.1 as opaque TCP once its DNS answer returned it for allowed.test; an HTTP server
+    # there that parses request lines loosely must still never get a request for a denied host.
+    assert_dns_answer_unlocks_opaque_tcp(env, "sb1")
+    for line in ("GET\t/\tHTTP/1.1", "get / HTTP/1.1", "\r\nGET / HTTP/1.1", " GET / HTTP/1.1", "GET\xa0/ HTTP/1.1"):
+        request = json.dumps(line + "\r\nHost: denied.test\r\n\r\n")
+        out = env.topo.python("sb1", RAW_CLIENT, "198.18.1.1", "80", request, timeout=15).strip()
+        assert out.startswith("HTTP/1.1 403 Forbidden|") and "X-Gateway-Reason: " in out, (line, out)
+        assert "ORIGIN" not in out, (line, out)
 
 
 @pytest.mark.root

@@ -20,9 +20,13 @@ from hypothesis import strategies as st
 
 from gateway.peek import (
     CLASSIFY_MAX_BYTES,
+    CONTINUE_TIMEOUT,
     MAX_HANDSHAKE_SIZE,
     NEED_MORE,
     AlertDescription,
+    Answer,
+    AnswerAwaited,
+    Awaiting,
     ClientHello,
     ClientHelloParser,
     HttpError,
@@ -33,15 +37,15 @@ from gateway.peek import (
     PeekError,
     RequestEnd,
     RequestHead,
+    ServerAnswer,
     TlsErrorCode,
     TrafficKind,
-    UpgradeAnswer,
-    Upgraded,
     classify,
     http_forbidden,
     parse_client_hello,
     sanitize_reason,
     tls_alert,
+    websocket_accept,
 )
 
 # --------------------------------------------------------------------------- genuine ClientHellos
@@ -214,33 +218,76 @@ def test_classify_genuine_tls_and_its_prefixes() -> None:
         (b"", NEED_MORE),
         (b"G", NEED_MORE),
         (b"GET", NEED_MORE),
-        (b"A" * (CLASSIFY_MAX_BYTES - 1), NEED_MORE),
-        (b"A" * CLASSIFY_MAX_BYTES, TrafficKind.OPAQUE),
+        (b"A" * 24, NEED_MORE),
+        (b"A" * 25, TrafficKind.OPAQUE),  # longer than any method
+        (b"x" * (3 << 20), TrafficKind.OPAQUE),
+        # A method-like word and a line that never ends within the bound: HTTP, refused by the tracker as too long.
+        (b"a " + b"x" * (CLASSIFY_MAX_BYTES - 3), NEED_MORE),
+        (b"a " + b"x" * (CLASSIFY_MAX_BYTES - 2), TrafficKind.HTTP),
         (b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3\r\n", TrafficKind.OPAQUE),
-        (b"get / HTTP/1.1\r\n", TrafficKind.OPAQUE),
-        (b"-GET / HTTP/1.1\r\n", TrafficKind.OPAQUE),
+        (b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3", NEED_MORE),  # its line may still turn out to be a request line
+        (b"SSH-2.0-TestClient\r\n", TrafficKind.OPAQUE),
+        # Request lines some lenient HTTP server reads (RFC 9112 2.2, 3): refused by the tracker, never opaque.
+        (b"get / HTTP/1.1\r\n", TrafficKind.HTTP),
+        (b"-GET / HTTP/1.1\r\n", TrafficKind.HTTP),
+        (b"GET\t/\tHTTP/1.1\r\n", TrafficKind.HTTP),
+        (b"GET\x0b/\x0cHTTP/1.1\r\n", TrafficKind.HTTP),
+        (b"GET\xa0/\x85HTTP/1.1\r\n", TrafficKind.HTTP),
+        (b"GET\x1f/ HTTP/1.1\n", TrafficKind.HTTP),
+        (b"\r\nGET / HTTP/1.1\r\n", TrafficKind.HTTP),
+        (b"\r\n\r\n \tgEt / hTtP/1.1\r\n", TrafficKind.HTTP),
+        (b"\nGET / HTTP/1.1\r\n", TrafficKind.HTTP),
+        (b"\r\n", NEED_MORE),
+        # Line protocols and binary ones stay opaque.
+        (b"get foo\r\n", TrafficKind.OPAQUE),  # memcached
+        (b"PING\r\n", TrafficKind.OPAQUE),
+        (b"*1\r\n$4\r\nPING\r\n", TrafficKind.OPAQUE),  # RESP
+        (b"<?xml version='1.0'?><stream:stream>", TrafficKind.OPAQUE),  # XMPP: no newline, decided anyway
+        (b"0\x0c\x02\x01\x01`\x07", TrafficKind.OPAQUE),  # an LDAP bind
+        (b"GET\t/\x01 HTTP/1.1\r\n", TrafficKind.OPAQUE),  # a control byte: binary (see the README's limits)
         (b"\x16\x04\x01", TrafficKind.OPAQUE),
         (b"\x16\x03\x05", TrafficKind.OPAQUE),
         (b"\x16\x03\x00", TrafficKind.TLS),
         (b"\x16\x03", NEED_MORE),
         (b"\x80\x2e\x01\x03\x01", TrafficKind.OPAQUE),  # SSLv2-compatible hello
         (b"\x00\x00\x00\x01", TrafficKind.OPAQUE),
-        (b" GET / HTTP/1.1", TrafficKind.OPAQUE),
+        (b" GET / HTTP/1.1", NEED_MORE),
+        (b" GET / HTTP/1.1\r\n", TrafficKind.HTTP),
     ],
 )
 def test_classify(data: bytes, expected: TrafficKind | NeedMore) -> None:
     assert classify(data) == expected
 
 
-@given(st.binary(max_size=64))
-def test_classify_is_total_and_decides_within_its_bound(data: bytes) -> None:
+_TEXTISH = st.binary(max_size=64) | st.lists(
+    st.sampled_from([b"GET", b"get", b" ", b"\t", b"\r", b"\n", b"/", b"HTTP/1.1", b"x", b"\xa0", b"\x00", b"-"]),
+    max_size=12,
+).map(b"".join)
+
+
+@given(_TEXTISH, st.binary(max_size=30))
+def test_classify_is_total_and_a_decision_never_changes(data: bytes, more: bytes) -> None:
     result = classify(data)
     assert result is NEED_MORE or isinstance(result, TrafficKind)
-    if len(data) >= CLASSIFY_MAX_BYTES:
-        assert result is not NEED_MORE
     if result is not NEED_MORE:
-        # A decision never changes when more bytes arrive.
-        assert classify(data + b"\x00" * 30) == result
+        assert classify(data + more) == result
+
+
+@given(_TEXTISH)
+def test_classify_decides_within_its_bound(data: bytes) -> None:
+    padded = data + b" " + b"a" * CLASSIFY_MAX_BYTES
+    assert classify(padded) is not NEED_MORE
+    assert classify(padded) == classify(padded[:CLASSIFY_MAX_BYTES])
+
+
+def test_classify_of_a_line_in_one_byte_segments_stays_cheap() -> None:
+    # The peek classifies everything read so far on every segment: a line sent a byte at a time must not cost
+    # quadratic Python work.
+    data = b"A " + b"x" * (CLASSIFY_MAX_BYTES - 2)
+    started = time.perf_counter()
+    for end in range(1, len(data) + 1):
+        classify(data[:end])
+    assert time.perf_counter() - started < 2.0
 
 
 # --------------------------------------------------------------------------- ClientHello: genuine
@@ -695,8 +742,8 @@ def events_of(data: bytes | Iterable[bytes], **bounds: int) -> list[HttpEvent]:
     out: list[HttpEvent] = []
     for piece in pieces:
         out += [e for e in tracker.feed(piece) if e is not NEED_MORE]
-        if out and isinstance(out[-1], HttpError | Upgraded):
-            break  # terminal (an error repeats; an upgrade awaits the server's answer)
+        if out and isinstance(out[-1], HttpError | AnswerAwaited):
+            break  # terminal (an error repeats; a held request awaits the server's answer)
     return out
 
 
@@ -842,15 +889,6 @@ def test_empty_lines_between_requests_are_ignored() -> None:
     events = events_of(data)
     assert [h.host for h in heads(events)] == ["a.com", "b.com"]
     assert data[heads(events)[1].offset :].startswith(b"GET ")
-
-
-def test_expect_100_continue_needs_no_special_handling() -> None:
-    tracker = HttpRequestTracker()
-    head = request("PUT /f HTTP/1.1\nHost: a.com\nExpect: 100-continue\nContent-Length: 4\n\n")
-    events = tracker.feed(head)
-    assert [type(e) for e in events] == [RequestHead, NeedMore]
-    events = tracker.feed(b"data" + request("GET / HTTP/1.1\nHost: b.com\n\n"))
-    assert [type(e) for e in events] == [RequestEnd, RequestHead, RequestEnd, NeedMore]
 
 
 def test_http_1_0_without_host_reports_none_and_absolute_form_supplies_it() -> None:
@@ -1105,19 +1143,31 @@ def test_identical_content_lengths_are_accepted() -> None:
     assert summary(events_of(data)) == [("a.com", None, "/", 3)]
 
 
-# --------------------------------------------------------------------------- HTTP: upgrade
+# --------------------------------------------------------------------------- HTTP: upgrade and Expect
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 1.3's example
+WS = "GET /ws HTTP/1.1\nHost: ws.example\nUpgrade: websocket\nConnection: keep-alive, Upgrade\n"
+WS += f"Sec-WebSocket-Key: {KEY}\nSec-WebSocket-Version: 13\n\n"
+SWITCHED = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
 
 
-def test_upgrade_holds_what_follows_until_the_server_answered() -> None:
+def test_websocket_accept_is_rfc_6455s_example() -> None:
+    assert websocket_accept(KEY) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_a_websocket_handshake_holds_what_follows_until_the_server_answered() -> None:
     tracker = HttpRequestTracker()
-    head = request("GET /ws HTTP/1.1\nHost: ws.example\nUpgrade: websocket\nConnection: keep-alive, Upgrade\n\n")
+    head = request(WS)
     events = tracker.feed(head + b"\x81\x05hello GET / HTTP/1.1\r\nHost: evil\r\n\r\n")
-    assert [type(e) for e in events] == [RequestHead, RequestEnd, Upgraded]
-    assert events[2] == Upgraded(len(head), ("websocket",))
-    assert tracker.awaiting_upgrade and tracker.offset == len(head)  # nothing after the request was consumed
+    assert [type(e) for e in events] == [RequestHead, RequestEnd, AnswerAwaited]
+    assert events[2] == AnswerAwaited(len(head), Awaiting.UPGRADE, KEY)
+    assert tracker.awaiting_answer and tracker.offset == len(head)  # nothing after the request was consumed
     with pytest.raises(RuntimeError):
         tracker.feed(b"more")
-    tracker.upgrade_answered(True)  # 101: another protocol from here on
+    tracker.answered(Answer.SWITCH)  # a genuine 101: WebSocket from here on
     assert tracker.passthrough
     assert tracker.feed(b"\x81\x05hello GET / HTTP/1.1\r\nHost: evil\r\n\r\n\x00\xff \r\n\n\r") == []
     assert tracker.buffered == 0
@@ -1125,56 +1175,220 @@ def test_upgrade_holds_what_follows_until_the_server_answered() -> None:
 
 def test_a_declined_upgrade_keeps_checking_the_requests_that_follow() -> None:
     tracker = HttpRequestTracker()
-    head = request("GET /ws HTTP/1.1\nHost: ws.example\nUpgrade: websocket\nConnection: Upgrade\n\n")
-    assert isinstance(tracker.feed(head)[-1], Upgraded)
-    tracker.upgrade_answered(False)  # the server said 200: still HTTP
+    head = request(WS)
+    assert isinstance(tracker.feed(head)[-1], AnswerAwaited)
+    tracker.answered(Answer.RESUME)  # the server said 200: still HTTP
     later = request("GET / HTTP/1.1\nHost: evil\n\n")
     [head_event, *_] = tracker.feed(later)
     assert isinstance(head_event, RequestHead) and head_event.host == "evil" and head_event.offset == len(head)
     with pytest.raises(RuntimeError):
-        tracker.upgrade_answered(True)  # nothing awaits an answer
+        tracker.answered(Answer.SWITCH)  # nothing awaits an answer
 
 
-@pytest.mark.parametrize(
-    ("pieces", "answer"),
-    [
-        ([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x00"], True),
-        ([b"HTTP/1.1 10", b"1 OK\r\n", b"\r\n"], True),
-        ([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\nHTTP/1.1 101 S\r\n\r\n"], True),
-        ([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"], False),
-        ([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 426 Upgrade Required\r\n\r\n"], False),
-        ([b"SSH-2.0-x\r\n\r\n"], False),
-        ([b"HTTP/1.1 1O1 x\r\n\r\n"], False),
-        ([b"HTTP/1.1 101 x\r\n" + b"X: y\r\n" * 5000], False),  # a head over the bound
-        ([b"HTTP/1.1 101 Switching"], None),
-    ],
-)
-def test_upgrade_answer(pieces: list[bytes], answer: bool | None) -> None:
-    watch = UpgradeAnswer(max_head_size=16384)
-    results = [watch.feed(piece) for piece in pieces]
-    assert results[-1] is answer and all(r is None for r in results[:-1])
+def _ws(line: str = "GET /ws HTTP/1.1", extra: str = "", **fields: str | None) -> bytes:
+    """The WebSocket handshake with `fields` replaced ('_' for '-'; None removes one) and `extra` lines added."""
+    named: dict[str, str | None] = {
+        "Host": "ws.example",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": KEY,
+        "Sec-WebSocket-Version": "13",
+    }
+    named.update({name.replace("_", "-"): value for name, value in fields.items()})
+    lines = [line, *(f"{k}: {v}" for k, v in named.items() if v is not None)]
+    return request("\n".join(lines) + "\n" + extra + "\n")
 
 
-def test_upgrade_with_body_switches_after_the_body() -> None:
-    data = request("POST / HTTP/1.1\nHost: a.com\nUpgrade: h2c\nConnection: Upgrade, HTTP2-Settings\n")
-    data += request("Content-Length: 3\n\nabc")
-    events = events_of([bytes([b]) for b in data + b"PRI * HTTP/2.0\r\n\r\n"])
-    assert [type(e) for e in events] == [RequestHead, RequestEnd, Upgraded]
-    assert events[2] == Upgraded(len(data), ("h2c",))
+# Every way a request could ask to leave HTTP other than a complete WebSocket handshake: refused as it is read.
+UPGRADE_REFUSALS = [
+    (
+        "h2c",
+        _ws(Upgrade="h2c", Connection="Upgrade, HTTP2-Settings", extra="HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\n"),
+    ),
+    ("H2C upper case", _ws(Upgrade="H2C")),
+    ("h2c without Connection", _ws(Upgrade="h2c", Connection=None)),
+    ("h2c with HTTP/1.0", _ws(line="GET / HTTP/1.0", Upgrade="h2c")),
+    ("h2c in a list", _ws(Upgrade="websocket, h2c")),
+    ("h2c first in a list", _ws(Upgrade="h2c, websocket")),
+    ("h2c in a second field", _ws(extra="Upgrade: h2c\n")),
+    ("websocket twice", _ws(extra="Upgrade: websocket\n")),
+    ("h2", _ws(Upgrade="h2")),
+    ("tls", _ws(Upgrade="TLS/1.0")),
+    ("other", _ws(Upgrade="echo")),
+    ("websocket with a version", _ws(Upgrade="websocket/13")),
+    ("empty", _ws(Upgrade="")),
+    ("list of nothing", _ws(Upgrade=" , ")),
+    ("websocket without Connection", _ws(Connection=None)),
+    ("websocket with Connection close", _ws(Connection="close")),
+    ("websocket in HTTP/1.0", _ws(line="GET /ws HTTP/1.0")),
+    ("websocket with POST", _ws(line="POST /ws HTTP/1.1")),
+    ("websocket with CONNECT-like method", _ws(line="OPTIONS /ws HTTP/1.1")),
+    ("websocket without key", _ws(Sec_WebSocket_Key=None)),
+    ("websocket with a short key", _ws(Sec_WebSocket_Key="c2hvcnQ=")),
+    ("websocket with a key not base64", _ws(Sec_WebSocket_Key="!GhlIHNhbXBsZSBub25jZQ==")),
+    ("websocket with two keys", _ws(extra=f"Sec-WebSocket-Key: {KEY}\n")),
+    ("websocket without version", _ws(Sec_WebSocket_Version=None)),
+    ("websocket version 8", _ws(Sec_WebSocket_Version="8")),
+    ("websocket with a body", _ws(extra="Content-Length: 2\n")),
+    ("websocket with a chunked body", _ws(extra="Transfer-Encoding: chunked\n")),
+]
+
+
+@pytest.mark.parametrize("data", [d for _, d in UPGRADE_REFUSALS], ids=[n for n, _ in UPGRADE_REFUSALS])
+def test_every_upgrade_but_a_complete_websocket_handshake_is_refused(data: bytes) -> None:
+    error = http_error(data)
+    assert error.code == HttpErrorCode.HTTP_UPGRADE_REFUSED and error.message, error
+    assert http_error(b"".join(bytes([b]) for b in data)) == error
+
+
+def test_the_h2c_refusal_says_why() -> None:
+    message = http_error(_ws(Upgrade="h2c")).message
+    assert "'h2c' refused" in message and "only a WebSocket upgrade" in message
+
+
+def test_a_websocket_handshake_is_refused_after_another_request() -> None:
+    # The server's answer must be the first bytes it sends: then no body an earlier request made it send can
+    # pose as the 101.
+    events = events_of(request("GET / HTTP/1.1\nHost: ws.example\n\n") + _ws())
+    assert heads(events)[0].host == "ws.example"
+    assert isinstance(events[-1], HttpError) and events[-1].code == HttpErrorCode.HTTP_UPGRADE_REFUSED
+    assert "first request" in events[-1].message
 
 
 @pytest.mark.parametrize(
     "head",
     [
-        "GET / HTTP/1.1\nHost: a.com\nUpgrade: websocket\n\n",  # no Connection: upgrade
-        "GET / HTTP/1.1\nHost: a.com\nConnection: upgrade\n\n",  # no Upgrade
-        "GET / HTTP/1.0\nHost: a.com\nUpgrade: websocket\nConnection: upgrade\n\n",  # ignored in 1.0
+        "GET / HTTP/1.1\nHost: a.com\nConnection: upgrade\n\n",  # no Upgrade: nothing to switch to
+        "GET / HTTP/1.1\nHost: a.com\nConnection: Upgrade, HTTP2-Settings\nHTTP2-Settings: AAMAAABk\n\n",
     ],
 )
-def test_incomplete_upgrade_keeps_tracking(head: str) -> None:
+def test_connection_upgrade_alone_is_an_ordinary_request(head: str) -> None:
     events = events_of(request(head) + request("GET / HTTP/1.1\nHost: b.com\n\n"))
     assert [h.host for h in heads(events)] == ["a.com", "b.com"]
-    assert not any(isinstance(e, Upgraded) for e in events)
+    assert not any(isinstance(e, AnswerAwaited | HttpError) for e in events)
+
+
+@pytest.mark.parametrize("expect", ["100-continue", "100-CONTINUE", "something-else"])
+@pytest.mark.parametrize("framing", ["Content-Length: 4", "Transfer-Encoding: chunked"])
+def test_expect_holds_the_body_until_the_server_answered(expect: str, framing: str) -> None:
+    tracker = HttpRequestTracker()
+    head = request(f"PUT /f HTTP/1.1\nHost: a.com\nExpect: {expect}\n{framing}\n\n")
+    body = b"data" if framing.startswith("Content") else b"4\r\ndata\r\n0\r\n\r\n"
+    smuggled = request("GET / HTTP/1.1\nHost: b.com\n\n")
+    events = tracker.feed(head + body + smuggled)
+    assert [type(e) for e in events] == [RequestHead, AnswerAwaited]
+    assert events[1] == AnswerAwaited(len(head), Awaiting.CONTINUE)
+    assert tracker.offset == len(head)
+    tracker.answered(Answer.RESUME)  # 100 Continue (or no answer in time): the body goes on as a body
+    events = tracker.feed(body + smuggled)
+    assert [type(e) for e in events] == [RequestEnd, RequestHead, RequestEnd, NeedMore]
+    assert events[0] == RequestEnd(len(head) + len(body), 4) and events[1].host == "b.com"  # type: ignore[union-attr]
+
+
+def test_expect_answered_with_a_final_status_ends_the_checking() -> None:
+    tracker = HttpRequestTracker()
+    tracker.feed(request("POST /f HTTP/1.1\nHost: a.com\nExpect: 100-continue\nContent-Length: 4\n\n"))
+    tracker.answered(Answer.CLOSE)
+    with pytest.raises(RuntimeError):
+        tracker.feed(b"data")
+    with pytest.raises(RuntimeError):
+        tracker.answered(Answer.RESUME)
+
+
+def test_expect_cannot_switch_protocols() -> None:
+    tracker = HttpRequestTracker()
+    tracker.feed(request("POST /f HTTP/1.1\nHost: a.com\nExpect: 100-continue\nContent-Length: 4\n\n"))
+    with pytest.raises(ValueError):
+        tracker.answered(Answer.SWITCH)
+
+
+def test_expect_without_a_body_holds_nothing() -> None:
+    events = events_of(request("GET / HTTP/1.1\nHost: a.com\nExpect: 100-continue\n\nGET / HTTP/1.1\nHost: b\n\n"))
+    assert [h.host for h in heads(events)] == ["a.com", "b"]
+    assert not any(isinstance(e, AnswerAwaited) for e in events)
+
+
+def _answer(awaiting: Awaiting, pieces: list[bytes]) -> list[Answer | HttpError | None]:
+    watch = ServerAnswer(awaiting, KEY if awaiting is Awaiting.UPGRADE else None, max_head_size=16384)
+    return [watch.feed(piece) for piece in pieces]
+
+
+@pytest.mark.parametrize(
+    ("pieces", "answer"),
+    [
+        ([SWITCHED + b"\x81\x00"], Answer.SWITCH),
+        ([bytes([b]) for b in SWITCHED], Answer.SWITCH),
+        ([SWITCHED.replace(b"websocket", b"WebSocket").replace(b"Upgrade\r\nSec", b"upgrade\r\nSec")], Answer.SWITCH),
+        ([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n" + SWITCHED], Answer.SWITCH),
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"], Answer.RESUME),
+        ([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 426 Upgrade Required\r\n\r\n"], Answer.RESUME),
+        ([b"HTTP/1.1 101 Switching"], None),
+    ],
+)
+def test_the_answer_to_a_websocket_handshake(pieces: list[bytes], answer: Answer | None) -> None:
+    results = _answer(Awaiting.UPGRADE, pieces)
+    assert results[-1] is answer and all(r is None for r in results[:-1])
+
+
+@pytest.mark.parametrize(
+    ("answer", "code", "says"),
+    [
+        (SWITCHED.replace(b"Upgrade: websocket", b"Upgrade: h2c"), "HTTP_UPGRADE_REFUSED", "'h2c', not to websocket"),
+        (SWITCHED.replace(b"Upgrade: websocket", b"Upgrade: websocket, h2c"), "HTTP_UPGRADE_REFUSED", "not to"),
+        (SWITCHED.replace(b"Upgrade: websocket\r\n", b""), "HTTP_UPGRADE_REFUSED", "no protocol"),
+        (SWITCHED.replace(b"Connection: Upgrade\r\n", b""), "HTTP_UPGRADE_REFUSED", "Connection"),
+        (SWITCHED.replace(b"s3pP", b"AAAA"), "HTTP_UPGRADE_REFUSED", "Sec-WebSocket-Key"),
+        (
+            SWITCHED.replace(b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n", b""),
+            "HTTP_UPGRADE_REFUSED",
+            "Key",
+        ),
+        (SWITCHED[:-2] + b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n", "HTTP_UPGRADE_REFUSED", "Key"),
+        (b"SSH-2.0-x\r\n\r\n", "HTTP_BAD_RESPONSE", "status line"),
+        (b"HTTP/1.1 1O1 x\r\n\r\n", "HTTP_BAD_RESPONSE", "status line"),
+        (b"HTTP/2 101\r\n\r\n", "HTTP_BAD_RESPONSE", "status line"),
+        (b"HTTP/1.1 101 x\r\nbad line\r\n\r\n", "HTTP_BAD_RESPONSE", "header line"),
+        (b"HTTP/1.1 101 x\r\n" + b"X: y\r\n" * 5000, "HTTP_BAD_RESPONSE", "over 16384"),
+    ],
+)
+def test_a_101_that_is_not_a_websocket_switch_is_refused(answer: bytes, code: str, says: str) -> None:
+    [result] = _answer(Awaiting.UPGRADE, [answer])
+    assert isinstance(result, HttpError) and result.code == code and says in result.message, result
+
+
+@pytest.mark.parametrize(
+    ("pieces", "answer"),
+    [
+        ([b"HTTP/1.1 100 Continue\r\n\r\n"], Answer.RESUME),
+        ([b"HTTP/1.1 100 Continue\r", b"\n\r\n"], Answer.RESUME),
+        ([b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n"], Answer.RESUME),
+        ([b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 0\r\n\r\n"], Answer.CLOSE),
+        ([b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 5\r\n\r\nnope!"], Answer.CLOSE),
+        ([b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.0 200 OK\r\n\r\n"], Answer.CLOSE),
+        ([b"HTTP/1.1 100 Cont"], None),
+    ],
+)
+def test_the_answer_to_expect(pieces: list[bytes], answer: Answer | None) -> None:
+    results = _answer(Awaiting.CONTINUE, pieces)
+    assert results[-1] is answer and all(r is None for r in results[:-1])
+
+
+def test_a_101_for_a_request_that_did_not_ask_to_upgrade_is_refused() -> None:
+    [result] = _answer(Awaiting.CONTINUE, [SWITCHED])
+    assert isinstance(result, HttpError) and result.code == HttpErrorCode.HTTP_UPGRADE_REFUSED
+    assert "did not ask to upgrade" in result.message
+
+
+def test_no_answer_and_the_end_of_the_servers_stream() -> None:
+    expect = ServerAnswer(Awaiting.CONTINUE)
+    assert expect.timeout == CONTINUE_TIMEOUT and expect.timed_out() is Answer.RESUME
+    assert expect.closed() is Answer.CLOSE
+    upgrade = ServerAnswer(Awaiting.UPGRADE, KEY)
+    assert upgrade.timeout is None and upgrade.closed() is Answer.CLOSE
+    with pytest.raises(RuntimeError):
+        upgrade.timed_out()  # a WebSocket handshake waits for the server (the idle timeout bounds it)
+    with pytest.raises(ValueError):
+        ServerAnswer(Awaiting.UPGRADE)
 
 
 # --------------------------------------------------------------------------- HTTP: bounds
@@ -1282,10 +1496,10 @@ def test_arbitrary_bytes_yield_events_not_exceptions(data: bytes, step: int) -> 
     tracker = HttpRequestTracker(max_head_size=256, max_line_length=64)
     for i in range(0, len(data), step):
         for event in tracker.feed(data[i : i + step]):
-            assert isinstance(event, RequestHead | RequestEnd | Upgraded | NeedMore | HttpError)
+            assert isinstance(event, RequestHead | RequestEnd | AnswerAwaited | NeedMore | HttpError)
         assert tracker.buffered <= 256 + 65
-        if tracker.awaiting_upgrade:
-            tracker.upgrade_answered(i % 2 == 0)
+        if tracker.awaiting_answer:
+            tracker.answered(Answer.RESUME)
 
 
 @settings(max_examples=200, deadline=None)

@@ -19,7 +19,7 @@ import pytest
 import uvloop
 
 from gateway.egress import _HttpGuard
-from gateway.peek import HttpRequestTracker
+from gateway.peek import CONTINUE_TIMEOUT, HttpRequestTracker
 from gateway.ratelimit import BandwidthLimiter
 from gateway.relay import SPLICE_AFTER, GuardStop, IdleSweeper, Relay
 from tests.unit.test_decision import policy
@@ -224,32 +224,44 @@ async def test_a_cut_before_the_relay_started_and_the_grace_bound(wired: Wired) 
     assert relay.error is None and relay.cut == ("refused", "builtin:http") and not sweep.relays
 
 
-def guard_for(first: bytes, *hosts: str) -> _HttpGuard:
-    tracker = HttpRequestTracker()
-    tracker.feed(first)
-    return _HttpGuard(policy("allowlisted", {"allow_hosts": list(hosts)}), tracker, hosts[0], 80)
-
-
-UPGRADE = b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: " + KEY.encode() + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+SWITCHED = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
 #: After an upgrade these bytes are another protocol's; on a declined upgrade they are a fronted request.
 FRONTED = b"GET / HTTP/1.1\r\nHost: b.test\r\n\r\n"
 
 
-@on_both_loops
-async def test_an_accepted_upgrade_passes_the_new_protocol_unchecked(wired: Wired) -> None:
-    loop = asyncio.get_running_loop()
-    first = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
-    relay = wired.start(sweeper(), first=first, guard=guard_for(first, "a.test"))
-    assert await recv_exactly(wired.origin_app, len(first)) == first
-    await loop.sock_sendall(wired.client_app, UPGRADE + FRONTED)  # the client does not wait for the 101
-    assert await recv_exactly(wired.origin_app, len(UPGRADE)) == UPGRADE
+def start_held(wired: Wired, first: bytes, **options: object) -> Relay:
+    """A relay whose first request (read by the peek, as in the engine) holds `first`'s rest for an answer."""
+    tracker = HttpRequestTracker()
+    events = tracker.feed(first)
+    guard = _HttpGuard(policy("allowlisted", {"allow_hosts": ["a.test"]}), tracker, "a.test", 80)
+    stop = guard.check(events, 0)
+    assert stop is not None and stop.watch is not None
+    return wired.start(sweeper(), first=first, first_stop=stop, guard=guard, **options)
+
+
+async def assert_held(sock: socket.socket) -> None:
     await asyncio.sleep(0.1)
     with pytest.raises(BlockingIOError):
-        wired.origin_app.recv(1)  # held until the server answered
-    answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
-    await loop.sock_sendall(wired.origin_app, answer)
+        sock.recv(1)
+
+
+@on_both_loops
+async def test_a_websocket_upgrade_passes_the_new_protocol_unchecked(wired: Wired) -> None:
+    loop = asyncio.get_running_loop()
+    relay = start_held(wired, UPGRADE + FRONTED)  # the client does not wait for the 101
+    assert await recv_exactly(wired.origin_app, len(UPGRADE)) == UPGRADE
+    await assert_held(wired.origin_app)  # held until the server answered
+    await loop.sock_sendall(wired.origin_app, SWITCHED)
     assert await recv_exactly(wired.origin_app, len(FRONTED)) == FRONTED
-    assert await recv_exactly(wired.client_app, len(answer)) == answer
+    assert await recv_exactly(wired.client_app, len(SWITCHED)) == SWITCHED
     bulk = os.urandom(2 * SPLICE_AFTER)
     await loop.sock_sendall(wired.client_app, bulk)
     assert await recv_exactly(wired.origin_app, len(bulk)) == bulk
@@ -263,10 +275,7 @@ async def test_an_accepted_upgrade_passes_the_new_protocol_unchecked(wired: Wire
 @on_both_loops
 async def test_a_declined_upgrade_cannot_smuggle_a_request_for_another_host(wired: Wired) -> None:
     loop = asyncio.get_running_loop()
-    plain = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
-    relay = wired.start(sweeper(), first=plain, guard=guard_for(plain, "a.test"))
-    assert await recv_exactly(wired.origin_app, len(plain)) == plain
-    await loop.sock_sendall(wired.client_app, UPGRADE + FRONTED)
+    relay = start_held(wired, UPGRADE + FRONTED)
     assert await recv_exactly(wired.origin_app, len(UPGRADE)) == UPGRADE
     declined = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno"
     await loop.sock_sendall(wired.origin_app, declined)
@@ -276,3 +285,63 @@ async def test_a_declined_upgrade_cannot_smuggle_a_request_for_another_host(wire
     await asyncio.wait_for(wired.ended, 5)
     assert relay.cut is not None and relay.cut[0].startswith("host b.test: ")
     assert await recv_exactly(wired.client_app, len(declined)) == declined
+
+
+@on_both_loops
+async def test_a_101_to_another_protocol_cuts_before_it_reaches_the_client(wired: Wired) -> None:
+    loop = asyncio.get_running_loop()
+    relay = start_held(wired, UPGRADE + FRONTED)
+    assert await recv_exactly(wired.origin_app, len(UPGRADE)) == UPGRADE
+    await loop.sock_sendall(wired.origin_app, SWITCHED.replace(b"Upgrade: websocket", b"Upgrade: h2c"))
+    await asyncio.wait_for(wired.ended, 5)
+    assert relay.cut is not None and relay.cut[0].startswith("HTTP_UPGRADE_REFUSED: the server switched to 'h2c'")
+    assert relay.cut[1] == "builtin:http"
+    assert await recv_to_eof(wired.origin_app) == b""  # the held bytes never went: the upstream is closed
+    await assert_held(wired.client_app)  # nor did the 101 reach the client (the caller writes the denial)
+
+
+EXPECT = b"POST /up HTTP/1.1\r\nHost: a.test\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"
+#: The body of EXPECT is a request for another host: a server that answers before reading the body and keeps
+#: the connection might read it as the next request.
+SMUGGLING_BODY = b"GET / HTTP/1.1\r\nHost: b.test\r\n\r\n"
+EXPECT_SMUGGLING = EXPECT.replace(b"Length: 4", b"Length: %d" % len(SMUGGLING_BODY))
+
+
+@on_both_loops
+async def test_expect_holds_the_body_until_100_continue(wired: Wired) -> None:
+    loop = asyncio.get_running_loop()
+    relay = start_held(wired, EXPECT + b"data")
+    assert await recv_exactly(wired.origin_app, len(EXPECT)) == EXPECT
+    await assert_held(wired.origin_app)
+    await loop.sock_sendall(wired.origin_app, b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert await recv_exactly(wired.origin_app, 4) == b"data"
+    # The connection is checked as before: a later request for another host is cut.
+    await loop.sock_sendall(wired.client_app, FRONTED)
+    assert await recv_to_eof(wired.origin_app) == b""
+    wired.origin_app.shutdown(socket.SHUT_WR)
+    await asyncio.wait_for(wired.ended, 5)
+    assert relay.cut is not None and relay.cut[0].startswith("host b.test: ")
+
+
+@on_both_loops
+async def test_expect_answered_at_once_forwards_nothing_more_from_the_client(wired: Wired) -> None:
+    loop = asyncio.get_running_loop()
+    relay = start_held(wired, EXPECT_SMUGGLING + SMUGGLING_BODY)
+    assert await recv_exactly(wired.origin_app, len(EXPECT_SMUGGLING)) == EXPECT_SMUGGLING
+    refused = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
+    await loop.sock_sendall(wired.origin_app, refused)
+    assert await recv_to_eof(wired.origin_app) == b""  # the body never went; the upstream's write side is shut
+    assert await recv_exactly(wired.client_app, len(refused)) == refused  # the server's answer did
+    wired.origin_app.shutdown(socket.SHUT_WR)
+    await asyncio.wait_for(wired.ended, 5)
+    assert relay.closed_early and relay.cut is None and relay.error is None
+    assert await recv_to_eof(wired.client_app) == b""  # and then the end
+
+
+@on_both_loops
+async def test_expect_without_an_answer_sends_the_body_after_the_timeout(wired: Wired) -> None:
+    started = time.monotonic()
+    relay = start_held(wired, EXPECT + b"data")
+    assert await recv_exactly(wired.origin_app, len(EXPECT) + 4) == EXPECT + b"data"
+    assert time.monotonic() - started >= CONTINUE_TIMEOUT * 0.9
+    relay.finish(None)

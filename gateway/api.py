@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -37,6 +37,7 @@ from typing import Any, Final
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.config import ApiToken, Config
 from gateway.decision import PROTOCOLS
@@ -48,6 +49,7 @@ from gateway.openapi import openapi_document
 from gateway.policy import DEFAULT_PROFILE, PROFILES
 from gateway.stores.base import PolicyStore
 from gateway.tunnel.store import TunnelStore
+from gateway.untrusted import InvalidJson, parse_decimal, parse_json
 
 __all__ = [
     "AUTHENTICATED",
@@ -199,20 +201,6 @@ def _error(status: int, code: str, message: str, field: str | None = None, **hea
     return web.json_response({"code": code, "message": message, "field": field}, status=status, headers=headers)
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            # Two parsers could pick different copies; refuse rather than guess.
-            raise GatewayError("INVALID_JSON", f"duplicate key {key!r} in the request body")
-        out[key] = value
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise GatewayError("INVALID_JSON", f"{name} is not valid JSON")
-
-
 async def _read_json(request: web.Request) -> Any:
     media = request.content_type
     if media not in JSON_TYPES:
@@ -231,13 +219,9 @@ async def _read_json(request: web.Request) -> Any:
     if not raw.strip():
         raise GatewayError("INVALID_JSON", "the request body is empty; expected a JSON object")
     try:
-        return json.loads(raw, object_pairs_hook=_reject_duplicate_keys, parse_constant=_no_constants)
-    except UnicodeDecodeError:
-        raise GatewayError("INVALID_JSON", "the request body is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise GatewayError("INVALID_JSON", f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise GatewayError("INVALID_JSON", "the request body is nested too deeply") from None
+        return parse_json(raw)
+    except InvalidJson as exc:
+        raise InvalidJson(f"the request body: {exc.message}") from None
 
 
 def _too_large() -> GatewayError:
@@ -251,7 +235,7 @@ def _query(request: web.Request, allowed: Iterable[str]) -> dict[str, str]:
     for key, value in request.query.items():
         if key not in allowed:
             expected = ", ".join(allowed) if allowed else "none"
-            raise GatewayError("UNKNOWN_PARAMETER", f"unknown query parameter {key!r}; expected: {expected}", key)
+            raise GatewayError("UNKNOWN_PARAMETER", f"unknown query parameter {_shown(key)}; expected: {expected}", key)
         if key in out:
             raise GatewayError("INVALID_PARAMETER", f"query parameter {key!r} is given more than once", key)
         out[key] = value
@@ -415,7 +399,7 @@ async def list_sandboxes(request: web.Request) -> web.Response:
     profile = query.get("profile")
     if profile is not None and profile not in PROFILES:
         raise GatewayError(
-            "INVALID_PROFILE", f"{profile!r} is not a profile; use one of {', '.join(PROFILES)}", "profile"
+            "INVALID_PROFILE", f"{_shown(profile)} is not a profile; use one of {', '.join(PROFILES)}", "profile"
         )
     template = query.get("template")
     sandboxes = request.app[STORE_KEY].state.sandboxes
@@ -507,16 +491,22 @@ class ExplainRequest:
 
 
 def _parse_port(text: str, field: str) -> int:
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise GatewayError("INVALID_PORT", f"{text!r} is not a port in 1-65535", field)
-    return int(text)
+    port = parse_decimal(text, 1, 65535)
+    if port is None:
+        raise GatewayError("INVALID_PORT", f"{_shown(text)} is not a port in 1-65535", field)
+    return port
+
+
+def _shown(text: str) -> str:
+    """`text` quoted for an error message, cut short: a hostile parameter may be 100 KiB long."""
+    return repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
 
 
 def _parse_address(text: str, field: str) -> str:
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
-        raise GatewayError("INVALID_ADDRESS", f"{text!r} is not an IPv4 or IPv6 address", field) from None
+        raise GatewayError("INVALID_ADDRESS", f"{_shown(text)} is not an IPv4 or IPv6 address", field) from None
 
 
 def _split_host_port(text: str) -> tuple[str, str | None]:
@@ -526,7 +516,7 @@ def _split_host_port(text: str) -> tuple[str, str | None]:
     if text.startswith("["):
         inner, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
-            raise GatewayError("INVALID_HOSTNAME", f"{text!r} is not host, host:port or [v6]:port", "host")
+            raise GatewayError("INVALID_HOSTNAME", f"{_shown(text)} is not host, host:port or [v6]:port", "host")
         return inner, rest[1:] if rest else None
     if text.count(":") == 1:
         name, _, port = text.partition(":")
@@ -539,7 +529,7 @@ def parse_explain_query(query: Mapping[str, str]) -> ExplainRequest:
     protocol = query.get("protocol", "tls").lower()
     if protocol not in PROTOCOLS:
         raise GatewayError(
-            "INVALID_PROTOCOL", f"{protocol!r} is not a protocol; use one of {', '.join(PROTOCOLS)}", "protocol"
+            "INVALID_PROTOCOL", f"{_shown(protocol)} is not a protocol; use one of {', '.join(PROTOCOLS)}", "protocol"
         )
     hostname: str | None = None
     address = _parse_address(query["address"], "address") if query.get("address") else None
@@ -615,9 +605,10 @@ def _int_parameter(query: Mapping[str, str], name: str, default: int, low: int, 
     text = query.get(name)
     if text is None:
         return default
-    if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
-        raise GatewayError("INVALID_PARAMETER", f"{name} must be an integer in {low}-{high}, got {text!r}", name)
-    return int(text)
+    value = parse_decimal(text, low, high)
+    if value is None:
+        raise GatewayError("INVALID_PARAMETER", f"{name} must be an integer in {low}-{high}, got {_shown(text)}", name)
+    return value
 
 
 async def list_audit_batches(request: web.Request) -> web.Response:
@@ -743,6 +734,27 @@ def _write_lock(request: web.Request) -> asyncio.Lock:
     return request.app[WRITE_LOCK_KEY]
 
 
+# --------------------------------------------------------------------------- malformed requests
+
+
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp answers a request it cannot parse (a bad request line, header or framing) with 400 itself and
+    logs it through the stdlib logger `aiohttp.server` with a traceback. Bad input from a client is not a
+    fault of the gateway: it becomes one warning line here; every other record (a real fault) passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        reason = " ".join(str(error.message).split())[:200]  # aiohttp's message spans lines and quotes the input
+        log.warning("api.malformed_request", remote=remote, error=type(error).__name__, reason=reason)
+        return False
+
+
+_MALFORMED_REQUESTS: Final = _MalformedRequestFilter()
+
+
 # --------------------------------------------------------------------------- the application
 
 
@@ -790,6 +802,7 @@ def create_app(
     DNS interceptor's query log (without it, 503 DNS_DISABLED). Raises CONFIG_INVALID for an exposed API
     without tokens."""
     check_api_exposure(config)
+    logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)  # once: the same filter is not added twice
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY_BYTES)
     app[STORE_KEY] = store
     app[CONFIG_KEY] = config

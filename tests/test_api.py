@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -1104,3 +1105,77 @@ async def test_dns_query_log_of_a_sandbox(aiohttp_client: AiohttpClient, store: 
 async def test_dns_query_log_without_the_data_plane_is_503(api: Api) -> None:
     await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
     assert (await api.call("GET", "/v1/sandboxes/agent-1/dns-log", expect=503)).code == "DNS_DISABLED"
+
+
+# --------------------------------------------------------------------------- hostile input (fuzzing classes)
+
+#: Spellings that are not a plain decimal number in range: too long for int() (over 4,300 digits), signs,
+#: fractions, exponents, NaN, non-ASCII digits, spaces, underscores, hexadecimal, empty.
+NOT_DECIMAL = [
+    "9" * 5000,
+    "1" + "0" * 4400,
+    "0" * 5000 + "1" * 30,
+    "-1",
+    "+443",
+    "1.5",
+    "443.0",
+    "1e3",
+    "NaN",
+    "inf",
+    "١٢٣",
+    "４４３",
+    "²",
+    " 443",
+    "443 ",
+    "4_43",
+    "0x1bb",
+    "99999999999999999999999999",
+]
+
+
+@pytest.mark.parametrize("text", NOT_DECIMAL)
+async def test_numeric_parameters_refuse_every_other_spelling_with_400(audit_api: Api, text: str) -> None:
+    await audit_api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    quoted = urllib.parse.quote(text)
+    port = await audit_api.call("GET", f"/v1/sandboxes/agent-1/explain?host=a.example.com&port={quoted}")
+    assert (port.status, port.code, port.body["field"]) == (400, "INVALID_PORT", "port")
+    in_host = await audit_api.call("GET", f"/v1/sandboxes/agent-1/explain?host=a.example.com:{quoted}")
+    assert (in_host.status, in_host.code) == (400, "INVALID_PORT")
+    for name in ("since_us", "limit"):
+        answer = await audit_api.call("GET", f"/v1/sandboxes/agent-1/audit-batches?{name}={quoted}")
+        assert (answer.status, answer.code, answer.body["field"]) == (400, "INVALID_PARAMETER", name)
+        assert len(answer.body["message"]) < 200  # a 5,000-digit value is not echoed whole
+
+
+@pytest.mark.parametrize("text", ["443", "0443", "00000000000000000000443"])
+async def test_leading_zeros_are_still_the_number(api: Api, text: str) -> None:
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    answer = await api.call("GET", f"/v1/sandboxes/agent-1/explain?host=api.github.com&port={text}", expect=200)
+    assert answer.body["request"]["port"] == 443
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"id": "agent-9", "addresses": ["10.75.0.9"], "limits": {"bandwidth_mbit": ' + b"9" * 5000 + b"}}",
+        b"[" + b"1" * 4301 + b"]",
+        b"-" + b"1" * 10_000,
+        b"[" * 1500 + b"]" * 1500,
+        b'{"a":' * 1500 + b"1" + b"}" * 1500,
+        b"[" * 200_000,
+        b'{"id": "x", "id": "y"}',
+        b'{"n": NaN}',
+        b'{"n": -Infinity}',
+        b"\xff\xfe{}",
+        b'"\\ud800"',
+        b"1e999999",
+    ],
+)
+async def test_hostile_json_bodies_are_400_never_500(api: Api, store: EmbeddedStore, data: bytes) -> None:
+    before = store.path.read_bytes()
+    for method, path in (("POST", "/v1/sandboxes"), ("POST", "/v1/templates")):
+        answer = await api.call(method, path, data=data)
+        assert answer.status == 400, answer.body
+        assert answer.code in ("INVALID_JSON", "INVALID_TYPE", "INVALID_FIELD", "UNKNOWN_FIELD"), answer.body
+        assert len(answer.body["message"]) < 300
+    assert store.path.read_bytes() == before

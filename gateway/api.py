@@ -9,9 +9,10 @@ SHA-256 digests are kept; comparison is constant time). Scopes: reads need
 `sandboxes:read` / `templates:read`, writes `sandboxes:write` / `templates:write`,
 `admin` implies every scope; flow record batches need `audit:read`; tunnels (seed 000's
 temporary port exposure) need `tunnels:read` / `tunnels:write`. Writing a
-sandbox whose profile is not `isolated` also needs `network:<profile>` (seed 001),
-checked after the body is parsed and before the store is touched, so a refused
-caller changes nothing.
+sandbox whose profile is not `isolated` also needs `network:<profile>`: creating one with
+that profile, and replacing, patching or deleting one that has it. The scope is checked
+before the record is validated (403 before 400) and before the store is touched, so a
+refused caller causes no work and changes nothing.
 
 With no tokens configured the API is *open*, and therefore refuses to be built
 unless it listens on loopback only (`check_api_exposure`). In open mode it also
@@ -46,7 +47,7 @@ from gateway.errors import Forbidden, GatewayError, NotFound
 from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, check_batch_name
 from gateway.hostnames import normalize_pattern
 from gateway.openapi import openapi_document
-from gateway.policy import DEFAULT_PROFILE, PROFILES
+from gateway.policy import DEFAULT_PROFILE, PROFILES, Sandbox
 from gateway.stores.base import PolicyStore
 from gateway.tunnel.store import TunnelStore
 from gateway.untrusted import InvalidJson, parse_decimal, parse_json
@@ -185,11 +186,12 @@ def _require(caller: Caller, scope: str) -> None:
 
 
 def _require_network(caller: Caller, profile: str) -> None:
-    """Seed 001: each profile beyond isolated is gated by its own permission."""
+    """Each profile beyond isolated is gated by its own permission."""
     if profile != DEFAULT_PROFILE and not caller.has(f"network:{profile}"):
         raise Forbidden(
             "NETWORK_PROFILE_DENIED",
-            f"token {caller.name!r} may not give a sandbox the {profile} profile (needs scope network:{profile})",
+            f"token {caller.name!r} may not create, change or delete a sandbox with the {profile} profile "
+            f"(needs scope network:{profile})",
             "profile",
         )
 
@@ -412,14 +414,29 @@ async def list_sandboxes(request: web.Request) -> web.Response:
     return web.json_response({"sandboxes": records})
 
 
+def _claimed_profile(raw: object) -> str:
+    """The profile a record asks for, read before validation so that the scope check comes first. Anything
+    that is not a known profile needs no scope: validation refuses it next."""
+    profile = raw.get("profile", DEFAULT_PROFILE) if isinstance(raw, dict) else DEFAULT_PROFILE
+    return profile if isinstance(profile, str) and profile in PROFILES else DEFAULT_PROFILE
+
+
+def _require_sandbox_scope(request: web.Request, sandbox_id: str) -> Sandbox:
+    """The current record (404 when none), once the caller holds its profile's scope: changing or deleting a
+    sandbox is acting on that profile's network as much as creating one."""
+    current = request.app[STORE_KEY].state.get_sandbox(sandbox_id)
+    _require_network(_caller(), current.profile)
+    return current
+
+
 async def create_sandbox(request: web.Request) -> web.Response:
     _query(request, ())
     store = request.app[STORE_KEY]
     raw = await _read_json(request)
+    if isinstance(raw, dict) and isinstance(raw.get("id"), str):
+        _set_target(raw["id"][:64])  # the write log names the record even when the write is refused
+    _require_network(_caller(), _claimed_profile(raw))
     async with _write_lock(request):
-        parsed = store.state.parse_sandbox(raw)  # validates, and tells us the profile to check
-        _set_target(parsed.id)
-        _require_network(_caller(), parsed.profile)
         sandbox = await store.create_sandbox(raw)
     return web.json_response(sandbox.to_dict(), status=201, headers={"Location": _sandbox_url(sandbox.id)})
 
@@ -433,10 +450,11 @@ async def replace_sandbox(request: web.Request) -> web.Response:
     _query(request, ())
     store = request.app[STORE_KEY]
     sandbox_id = request.match_info["id"]
+    _require_sandbox_scope(request, sandbox_id)  # before the body is read: no work for a caller who may not act
     raw = await _read_json(request)
+    _require_network(_caller(), _claimed_profile(raw))
     async with _write_lock(request):
-        parsed = store.state.parse_sandbox(raw, sandbox_id=sandbox_id)
-        _require_network(_caller(), parsed.profile)
+        _require_sandbox_scope(request, sandbox_id)  # again under the lock: the record may have been replaced
         sandbox = await store.replace_sandbox(sandbox_id, raw)
     return web.json_response(sandbox.to_dict())
 
@@ -445,15 +463,15 @@ async def patch_sandbox(request: web.Request) -> web.Response:
     _query(request, ())
     store = request.app[STORE_KEY]
     sandbox_id = request.match_info["id"]
+    _require_sandbox_scope(request, sandbox_id)
     patch = await _read_json(request)
     if not isinstance(patch, dict):
         raise GatewayError("INVALID_TYPE", "a merge patch is a JSON object (RFC 7396)")
+    _require_network(_caller(), _claimed_profile(patch))
     # Read, merge and write under one lock so a concurrent API write is never lost.
     async with _write_lock(request):
-        current = store.state.get_sandbox(sandbox_id)
+        current = _require_sandbox_scope(request, sandbox_id)
         merged = apply_merge_patch(current.to_dict(), patch)
-        parsed = store.state.parse_sandbox(merged, sandbox_id=sandbox_id)
-        _require_network(_caller(), parsed.profile)
         sandbox = await store.replace_sandbox(sandbox_id, merged)
     return web.json_response(sandbox.to_dict())
 
@@ -462,6 +480,7 @@ async def delete_sandbox(request: web.Request) -> web.Response:
     _query(request, ())
     sandbox_id = request.match_info["id"]
     async with _write_lock(request):
+        _require_sandbox_scope(request, sandbox_id)
         await request.app[STORE_KEY].delete_sandbox(sandbox_id)
     tunnels = request.app.get(TUNNELS_KEY)
     if tunnels is not None:

@@ -668,8 +668,9 @@ def _op(action: str, summary: str, scope: str, responses: dict[str, Any], tags: 
 
 def _paths() -> dict[str, Any]:
     profile_scope = (
-        "Profiles other than isolated also need scope network:<profile>; without it the answer is 403 "
-        "NETWORK_PROFILE_DENIED and nothing is written."
+        "A sandbox whose profile (the stored one, and the one the body names) is not isolated also needs scope "
+        "network:<profile>; without it the answer is 403 NETWORK_PROFILE_DENIED, before the body is validated, "
+        "and nothing is written."
     )
     e403_sandbox_write = ERROR_CODES[403] + " NETWORK_PROFILE_DENIED: the token lacks network:<profile>."
     return {
@@ -828,8 +829,15 @@ def _paths() -> dict[str, Any]:
                 "sandboxes.delete",
                 "Delete a sandbox",
                 "sandboxes:write",
-                _responses({204: {"description": "Deleted; its traffic is refused from now on."}}, 400, 404, 503),
+                _responses(
+                    {204: {"description": "Deleted; its traffic is refused from now on."}},
+                    400,
+                    404,
+                    503,
+                    e403=e403_sandbox_write,
+                ),
                 "sandboxes",
+                description=profile_scope,
             ),
         },
         "/v1/sandboxes/{id}/policy": {
@@ -1130,7 +1138,7 @@ and `explain`, which answers what the data plane would decide for a connection.
 
 Authentication: `Authorization: Bearer <token>`; each operation's `x-required-scope` names the
 scope it needs (`admin` implies every scope, including `audit:read`; `authenticated` means any valid token; `public`
-needs none). Writing a sandbox whose profile is not `isolated` also needs `network:<profile>`.
+needs none). Creating, changing or deleting a sandbox whose profile is not `isolated` also needs `network:<profile>`.
 With no tokens configured the gateway only listens on loopback and admits every local caller.
 
 Every error is `{"code", "message", "field"}`; branch on `code`. Request bodies are JSON

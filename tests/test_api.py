@@ -307,6 +307,7 @@ async def test_put_on_a_missing_sandbox_is_404_and_creates_nothing(api: Api, sto
     answer = await api.call("PUT", "/v1/sandboxes/ghost", {"addresses": ["10.75.0.30"]}, expect=404)
     assert answer.code == "SANDBOX_NOT_FOUND"
     assert "ghost" not in json.loads(store.path.read_text())["sandboxes"]
+    await api.call("POST", "/v1/sandboxes", {"id": "ghost", "addresses": ["10.75.0.30"]}, expect=201)
     mismatch = await api.call("PUT", "/v1/sandboxes/ghost", {"id": "other", "addresses": ["10.75.0.30"]}, expect=400)
     assert (mismatch.code, mismatch.body["field"]) == ("ID_MISMATCH", "id")
 
@@ -341,9 +342,35 @@ async def test_replace_and_patch_also_need_the_network_scope(api: Api, store: Em
     assert patch.code == "NETWORK_PROFILE_DENIED"
     put = await api.call("PUT", "/v1/sandboxes/agent-1", ALLOWLISTED, token="isolated-only", expect=403)
     assert put.code == "NETWORK_PROFILE_DENIED"
+    # Deleting acts on that profile's sandboxes too (it could take another tenant's sandbox off the network).
+    delete = await api.call("DELETE", "/v1/sandboxes/agent-1", token="isolated-only", expect=403)
+    assert (delete.code, delete.body["field"]) == ("NETWORK_PROFILE_DENIED", "profile")
     assert store.path.read_bytes() == before
-    # Deleting narrows access (the sandbox then fails closed), so it needs no network scope.
-    await api.call("DELETE", "/v1/sandboxes/agent-1", token="isolated-only", expect=204)
+    await api.call("DELETE", "/v1/sandboxes/agent-1", token="writer", expect=204)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "data"),
+    [
+        ("POST", "/v1/sandboxes", b'{"id": "Bad Id!", "addresses": "nope", "profile": "unrestricted"}'),
+        ("PUT", "/v1/sandboxes/agent-1", b'{"addresses": [], "profile": "allowlisted", "colour": 1}'),
+        ("PUT", "/v1/sandboxes/agent-1", b"{not json"),
+        ("PATCH", "/v1/sandboxes/agent-1", b'{"egress": {"allow_hosts": ["https://x"]}}'),
+        ("PATCH", "/v1/sandboxes/agent-1", b"[1, 2]"),
+        ("PATCH", "/v1/sandboxes/agent-1", b"\xff\xfe"),
+    ],
+)
+async def test_the_scope_check_comes_before_validation(
+    api: Api, store: EmbeddedStore, method: str, path: str, data: bytes
+) -> None:
+    """403, not 400: a caller who may not act on the profile learns nothing from validation and costs no work."""
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    before = store.path.read_bytes()
+    denied = await api.call(method, path, data=data, token="isolated-only", expect=403)
+    assert denied.code == "NETWORK_PROFILE_DENIED"
+    assert store.path.read_bytes() == before
+    # The same request from a caller with the scope gets the validation error.
+    assert (await api.call(method, path, data=data, token="admin")).status == 400
 
 
 async def test_profile_is_immutable(api: Api, store: EmbeddedStore) -> None:

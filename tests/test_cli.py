@@ -437,3 +437,23 @@ def test_profiles_the_gateway_does_not_support_get_the_api_explanation(server: S
                      server=server)  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.startswith("PROFILE_NOT_SUPPORTED: the transit profile") and "(field profile)" in result.stderr
+
+
+def test_changing_or_deleting_a_sandbox_needs_its_profile_scope_before_anything_is_validated(server: Server) -> None:
+    created = gateway(
+        "sandbox", "create", "--id", "cli-scoped", "--address", "10.75.1.60", "--profile", "allowlisted",
+        "--allow-host", "a.example.com", server=server,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    for args in (
+        ("sandbox", "delete", "cli-scoped"),
+        ("sandbox", "patch", "cli-scoped", "--data", '{"egress": {"allow_hosts": ["*.anything.example"]}}'),
+        ("sandbox", "patch", "cli-scoped", "--data", '{"egress": {"allow_hosts": ["https://bad"]}}'),  # 403, not 400
+        ("sandbox", "update", "cli-scoped", "--data", '{"addresses": "not a list", "profile": "allowlisted"}'),
+        ("sandbox", "create", "--data", '{"id": "Bad Id", "addresses": [], "profile": "unrestricted"}'),
+    ):
+        refused = gateway(*args, server=server, token=LIMITED_TOKEN)
+        assert refused.returncode == 1 and refused.stderr.startswith("NETWORK_PROFILE_DENIED: "), (args, refused)
+    kept = json.loads(gateway("sandbox", "get", "cli-scoped", "--json", server=server).stdout)
+    assert kept["egress"] == {"allow_hosts": ["a.example.com"]}
+    assert gateway("sandbox", "delete", "cli-scoped", server=server).returncode == 0

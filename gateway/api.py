@@ -41,7 +41,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.config import ApiToken, Config
-from gateway.decision import PROTOCOLS
+from gateway.decision import PROTOCOLS, CompiledPolicy, Verdict
 from gateway.dns.server import DnsInterceptor
 from gateway.errors import Forbidden, GatewayError, NotFound
 from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, check_batch_name
@@ -591,6 +591,23 @@ def parse_explain_query(query: Mapping[str, str]) -> ExplainRequest:
     return ExplainRequest(hostname, address, port, protocol)
 
 
+def _say_when_the_address_decides(verdict: Verdict, policy: CompiledPolicy, asked: ExplainRequest) -> Verdict:
+    """A connection always has a destination address, so the engine decides allow_cidrs by it; explain asked
+    about a name alone cannot. "host not in allowlist" would then read as a final answer where the address
+    was the missing half: say so (explain does not resolve the name: which address the sandbox dials is the
+    sandbox's choice)."""
+    if verdict.allowed or asked.address is not None or asked.protocol == "dns" or not asked.host:
+        return verdict
+    if verdict.rule != "default:deny" or not policy.effective_egress.allow_cidrs:
+        return verdict
+    return Verdict(
+        False,
+        f"{verdict.reason}; allow_cidrs decide by the destination address, which was not given: "
+        "ask again with the address the sandbox would connect to",
+        verdict.rule,
+    )
+
+
 async def explain(request: web.Request) -> web.Response:
     query = _query(request, ("host", "port", "address", "protocol"))
     sandbox_id = request.match_info["id"]
@@ -598,6 +615,7 @@ async def explain(request: web.Request) -> web.Response:
     state.get_sandbox(sandbox_id)  # unknown sandbox: 404 before input errors would mislead
     asked = parse_explain_query(query)
     verdict, policy = state.explain(sandbox_id, asked.host, asked.address, asked.port, asked.protocol)
+    verdict = _say_when_the_address_decides(verdict, policy, asked)
     return web.json_response(
         {**verdict.to_dict(), "sandbox": sandbox_id, "request": asked.to_dict(), "policy": policy.describe()}
     )

@@ -91,7 +91,7 @@ class Lab:
 
     def gateway_cli(self, *args: str, inside: bool = True) -> subprocess.CompletedProcess[str]:
         """`python -m gateway.cli sandbox ...`, inside the gateway namespace (`ip netns exec`) or from here."""
-        argv = [sys.executable, "-m", "gateway.cli", "sandbox", *args]
+        argv = [sys.executable, "-m", "gateway.cli", "--json", "sandbox", *args]
         if inside:
             argv = [IP, "netns", "exec", self.gw, *argv]
         return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False, cwd=str(REPO))

@@ -522,15 +522,25 @@ def _store_description(config: Any) -> str:
     return f"embedded {config.store.path.resolve()}"
 
 
-def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
+def check_runnable(config: Any) -> None:
+    """What `gateway run` refuses at start-up beyond what loading the configuration checks: `run` calls this
+    before it starts anything, and `check-config` calls it, so the two never disagree. Raises CliExit."""
     from gateway.api import check_api_exposure
+    from gateway.tunnel.certs import build_server_context
+
+    try:
+        check_api_exposure(config)
+        if config.tunnel.enabled:  # the tunnel serves from its first second: the pair must load now
+            build_server_context(config.tunnel.cert_path, config.tunnel.key_path)
+    except GatewayError as exc:
+        raise CliExit(EXIT_USAGE, str(exc)) from None
+
+
+def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     from gateway.presets import BUILTIN_PRESETS
 
     config = _load_config(args.config)
-    try:
-        check_api_exposure(config)
-    except GatewayError as exc:
-        raise CliExit(EXIT_USAGE, str(exc)) from None
+    check_runnable(config)
     limits = config.default_limits
     lines = [
         f"config:          {config.source}",
@@ -562,6 +572,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     from gateway.logs import configure_logging
 
     config = _load_config(args.config)
+    check_runnable(config)
     configure_logging(config.log_format, config.log_level)
     data_plane = bool(getattr(args, "data_plane", False))
     steer = bool(getattr(args, "steer", False))

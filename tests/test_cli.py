@@ -614,3 +614,36 @@ def test_attach_and_detach_print_a_table_unless_json() -> None:
     assert (table.returncode, table.stdout) == (0, f"netns:   {name}\nremoved: no\n"), table.stderr
     as_json = gateway("sandbox", "detach", "--netns", name, "--json", token=None)
     assert json.loads(as_json.stdout) == {"netns": name, "removed": False}
+
+
+@pytest.mark.parametrize(
+    ("options", "code", "expected"),
+    [
+        ({"tunnel": ["enabled = true", 'cert_path = "{dir}/none.crt"', 'key_path = "{dir}/none.key"']},
+         "CERT_INVALID", "(field tunnel.cert_path)"),
+        ({"resolver": ['upstreams = ["dns.example"]']}, "CONFIG_INVALID", "(field resolver.upstreams[0])"),
+        ({"resolver": ['upstreams = ["192.0.2.53:53", "192.0.2.54:x"]']}, "CONFIG_INVALID", "resolver.upstreams[1])"),
+        ({"resolver": [f'upstreams = ["192.0.2.53:{"9" * 5000}"]']}, "CONFIG_INVALID", "resolver.upstreams[0])"),
+        ({"store": ['redis_url = "http://user:hunter2@example.com/"']}, "CONFIG_INVALID", "not a Redis URL"),
+        ({"store": ['redis_url = "redis://:hunter2@127.0.0.1:abc/0"']}, "CONFIG_INVALID", "not a Redis URL"),
+        ({"store": ['backend = "redis"']}, "CONFIG_INVALID", "needs store.redis_url"),
+        ({"api": ['host = "0.0.0.0"']}, "CONFIG_INVALID", "(field api.tokens)"),
+    ],
+)  # fmt: skip
+def test_check_config_refuses_what_run_refuses(
+    tmp_path: Path, options: dict[str, list[str]], code: str, expected: str
+) -> None:
+    sections = {"store": [f'path = "{tmp_path}/p.json"'], "api": [f"port = {free_port()}"]}
+    for section, lines in options.items():
+        sections.setdefault(section, []).extend(line.format(dir=tmp_path) for line in lines)
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "".join(f"[{name}]\n" + "".join(f"{line}\n" for line in lines) for name, lines in sections.items())
+    )
+    checked = gateway("check-config", "--config", str(config))
+    ran = gateway("run", "--config", str(config))
+    for result in (checked, ran):
+        assert result.returncode == 2, result
+        assert result.stderr.startswith(f"{code}: ") and expected in result.stderr, result.stderr
+        assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
+    assert checked.stderr == ran.stderr  # one validation, so one answer

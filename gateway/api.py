@@ -7,8 +7,8 @@ and show `message` to a person.
 Authentication is `Authorization: Bearer <token>` against `config.tokens` (only
 SHA-256 digests are kept; comparison is constant time). Scopes: reads need
 `sandboxes:read` / `templates:read`, writes `sandboxes:write` / `templates:write`,
-`admin` implies every scope; flow record batches need `audit:read`; tunnels (seed 000's
-temporary port exposure) need `tunnels:read` / `tunnels:write`. Writing a
+`admin` implies every scope; flow record batches need `audit:read`; tunnels (temporary port
+exposure) need `tunnels:read` / `tunnels:write`. Writing a
 sandbox whose profile is not `isolated` also needs `network:<profile>`: creating one with
 that profile, and replacing, patching or deleting one that has it. The scope is checked
 before the record is validated (403 before 400) and before the store is touched, so a
@@ -484,7 +484,7 @@ async def delete_sandbox(request: web.Request) -> web.Response:
         await request.app[STORE_KEY].delete_sandbox(sandbox_id)
     tunnels = request.app.get(TUNNELS_KEY)
     if tunnels is not None:
-        # Seed 000: exposure lasts "until the session ends". The tunnel store's maintenance would find these
+        # Exposure lasts until the sandbox does. The tunnel store's maintenance would find these
         # too (and does, for deletions by other writers); here it happens before the answer.
         await tunnels.revoke_sandbox(sandbox_id)
     return web.Response(status=204)

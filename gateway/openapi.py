@@ -88,8 +88,7 @@ _SANDBOX_PROPERTIES: dict[str, Any] = {
     },
     "template": _nullable({**_IDENT, "description": "A template whose egress and limits this sandbox inherits."}),
     "egress": {
-        "description": "Own egress rules over the template's; a list is seed 003's shorthand mixing hostnames "
-        "and CIDRs.",
+        "description": "Own egress rules over the template's; a list is a shorthand mixing hostnames and CIDRs.",
         "anyOf": [
             _ref("Egress"),
             {"type": "array", "items": {"type": "string"}, "maxItems": MAX_LIST_ENTRIES},
@@ -913,7 +912,7 @@ def _paths() -> dict[str, Any]:
                     e503="DNS_DISABLED: the gateway runs without the data plane (gateway run --data-plane).",
                 ),
                 "audit",
-                description="Seed 000's per-workspace query log: name, type, answer or rcode, latency, and whether "
+                description="The per-sandbox query log: name, type, answer or rcode, latency, and whether "
                 "the policy allowed it and why. Kept in memory (dns.query_log_size per sandbox); every query is "
                 "also a flow record in the audit batches.",
                 parameters=[
@@ -942,7 +941,7 @@ def _paths() -> dict[str, Any]:
                     e503=_AUDIT_DISABLED,
                 ),
                 "audit",
-                description="Seed 001's audit batches: NDJSON files named {ts_us}-{pid}.ndjson whose lexical order "
+                description="Audit batches: NDJSON files named {ts_us}-{pid}.ndjson whose lexical order "
                 "is chronological. Follow next_continuation_token until it is null. Batches outlive the sandbox's "
                 "record: a deleted sandbox's batches stay listable.",
                 parameters=[
@@ -1161,7 +1160,7 @@ _DOCUMENT: Final[dict[str, Any]] = {
         {"name": "sandboxes", "description": "Sandbox policies."},
         {"name": "templates", "description": "Shared defaults sandboxes inherit."},
         {"name": "presets", "description": "Named host lists."},
-        {"name": "tunnels", "description": "Temporary HTTPS URLs for sandbox ports (seeds 000, 003)."},
+        {"name": "tunnels", "description": "Temporary HTTPS URLs for sandbox ports."},
         {"name": "audit", "description": "Flow record batches (metadata of every connection, never payload)."},
     ],
     "paths": _paths(),

@@ -443,7 +443,7 @@ async def test_patch_result_is_validated_as_a_whole(api: Api, store: EmbeddedSto
     before = store.path.read_bytes()
     bad_host = await api.call("PATCH", "/v1/sandboxes/agent-1", {"egress": {"allow_hosts": ["**.x.com"]}}, expect=400)
     assert (bad_host.code, bad_host.body["field"]) == ("INVALID_HOSTNAME", "egress.allow_hosts[0]")
-    # Each field alone is fine, but the result breaks a cross-field rule (seed 004).
+    # Each field alone is fine, but the result breaks a cross-field rule.
     ports = await api.call("PATCH", "/v1/sandboxes/agent-1", {"egress": {"allow_ports": [443]}}, expect=400)
     assert ports.code == "ALLOW_PORTS_WITHOUT_CIDRS"
     no_addresses = await api.call("PATCH", "/v1/sandboxes/agent-1", {"addresses": None}, expect=400)

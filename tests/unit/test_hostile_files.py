@@ -6,6 +6,7 @@ tests/test_hostile_input.py.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
@@ -13,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import load_config
 from gateway.destinations import Destinations
@@ -156,3 +159,28 @@ async def test_the_tunnel_file_keeps_its_last_tunnels(tmp_path: Path, spoil: Cal
         assert store._maintainer is not None and not store._maintainer.done()
     finally:
         await store.close()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=30) | st.from_regex(r"\A[0-9]{1,6000}\Z") | st.integers().map(str))
+def test_parse_decimal_never_raises_and_agrees_with_int_on_plain_digits(text: str) -> None:
+    value = parse_decimal(text, 1, 65535)
+    plain = text.isascii() and text.isdigit()
+    if plain and len(text.lstrip("0")) <= 5 and 1 <= int(text) <= 65535:
+        assert value == int(text)
+    else:
+        assert value is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(), lambda c: st.lists(c) | st.dictionaries(st.text(), c)
+    )
+)
+def test_parse_json_reads_what_json_writes_and_refuses_the_rest_with_one_error(value: object) -> None:
+    text = json.dumps(value)
+    assert parse_json(text) == value
+    for spoiled in (text[:-1], text + "]", "[" * 5000 + text, text.replace("1", "1" * 5000, 1)):
+        with contextlib.suppress(InvalidJson):  # any other exception fails the test
+            parse_json(spoiled)

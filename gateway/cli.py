@@ -29,7 +29,7 @@ from typing import Any, NoReturn, TextIO
 
 from gateway import __version__
 from gateway.errors import GatewayError
-from gateway.untrusted import parse_decimal
+from gateway.untrusted import InvalidJson, parse_decimal, parse_json
 
 EXIT_OK = 0
 EXIT_API_ERROR = 1
@@ -282,9 +282,9 @@ def _load_body(args: argparse.Namespace) -> Any | None:
     else:
         return None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CliExit(EXIT_USAGE, f"INVALID_JSON: {source} is not valid JSON: {exc}") from None
+        return parse_json(text)
+    except InvalidJson as exc:
+        raise CliExit(EXIT_USAGE, f"INVALID_JSON: {source}: {exc.message}") from None
 
 
 def _require_body(args: argparse.Namespace) -> Any:

@@ -656,6 +656,8 @@ async def _serve(
             await store.start()
         except GatewayError as exc:
             raise CliExit(EXIT_API_ERROR, str(exc)) from None
+        except OSError as exc:  # the embedded store creates its file and folder on first start
+            raise CliExit(EXIT_API_ERROR, f"STORE_UNAVAILABLE: {_store_description(config)}: {exc}") from None
         await flows.start()
         if tunnels is not None:
             await tunnels.start()

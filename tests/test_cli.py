@@ -649,3 +649,13 @@ def test_check_config_refuses_what_run_refuses(
         assert result.stderr.startswith(f"{code}: ") and expected in result.stderr, result.stderr
         assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
     assert checked.stderr == ran.stderr  # one validation, so one answer
+
+
+def test_run_reports_a_policy_file_it_cannot_create_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[store]\npath = "{tmp_path}/a-file/policies.json"\n[api]\nport = {free_port()}\n')
+    result = gateway("run", "--config", str(config))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"STORE_UNAVAILABLE: embedded {tmp_path}/a-file/policies.json: ")
+    assert "Traceback" not in result.stderr

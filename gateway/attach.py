@@ -322,13 +322,11 @@ def add_attach_commands(subparsers: Any) -> None:
         "--config", metavar="FILE", default=argparse.SUPPRESS, help="configuration file (for network.sandbox_subnets)"
     )
     gateway_netns = argparse.ArgumentParser(add_help=False)
+    gateway_netns.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON, not a table")
     gateway_netns.add_argument(
         "--gateway-netns", metavar="NAME", help="act in this gateway namespace instead of the current one"
     )
     gateway_netns.add_argument("--netns", required=True, metavar="NAME", help="sandbox network namespace")
-    gateway_netns.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="print the result as JSON"
-    )
     p = subparsers.add_parser(
         "attach",
         parents=[config, gateway_netns],

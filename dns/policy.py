@@ -50,6 +50,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from dnslib import QTYPE, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
+from gateway.files import read_regular_file
+
 if TYPE_CHECKING:
     from gateway.config import Config
     from gateway.decision import CompiledPolicy
@@ -255,8 +257,8 @@ class DomainBlocklist:
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
             if stamp == self._stamp:
                 return
-            text = self.path.read_text(errors="replace")
-        except OSError as exc:
+            text = read_regular_file(self.path).decode("utf-8", "replace")
+        except OSError as exc:  # also a directory, FIFO or oversized file put in its place
             self.error = f"{self.path}: {exc.strerror or exc}"
             return
         self._domains = self.parse(text.splitlines())

@@ -7,11 +7,12 @@ and show `message` to a person.
 Authentication is `Authorization: Bearer <token>` against `config.tokens` (only
 SHA-256 digests are kept; comparison is constant time). Scopes: reads need
 `sandboxes:read` / `templates:read`, writes `sandboxes:write` / `templates:write`,
-`admin` implies every scope; flow record batches need `audit:read`; tunnels (seed 000's
-temporary port exposure) need `tunnels:read` / `tunnels:write`. Writing a
-sandbox whose profile is not `isolated` also needs `network:<profile>` (seed 001),
-checked after the body is parsed and before the store is touched, so a refused
-caller changes nothing.
+`admin` implies every scope; flow record batches need `audit:read`; tunnels (temporary port
+exposure) need `tunnels:read` / `tunnels:write`. Writing a
+sandbox whose profile is not `isolated` also needs `network:<profile>`: creating one with
+that profile, and replacing, patching or deleting one that has it. The scope is checked
+before the record is validated (403 before 400) and before the store is touched, so a
+refused caller causes no work and changes nothing.
 
 With no tokens configured the API is *open*, and therefore refuses to be built
 unless it listens on loopback only (`check_api_exposure`). In open mode it also
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -37,17 +38,19 @@ from typing import Any, Final
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.config import ApiToken, Config
-from gateway.decision import PROTOCOLS
+from gateway.decision import PROTOCOLS, CompiledPolicy, Verdict
 from gateway.dns.server import DnsInterceptor
 from gateway.errors import Forbidden, GatewayError, NotFound
 from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, check_batch_name
 from gateway.hostnames import normalize_pattern
 from gateway.openapi import openapi_document
-from gateway.policy import DEFAULT_PROFILE, PROFILES
+from gateway.policy import DEFAULT_PROFILE, PROFILES, Sandbox
 from gateway.stores.base import PolicyStore
 from gateway.tunnel.store import TunnelStore
+from gateway.untrusted import InvalidJson, parse_decimal, parse_json
 
 __all__ = [
     "AUTHENTICATED",
@@ -187,11 +190,12 @@ def _require(caller: Caller, scope: str) -> None:
 
 
 def _require_network(caller: Caller, profile: str) -> None:
-    """Seed 001: each profile beyond isolated is gated by its own permission."""
+    """Each profile beyond isolated is gated by its own permission."""
     if profile != DEFAULT_PROFILE and not caller.has(f"network:{profile}"):
         raise Forbidden(
             "NETWORK_PROFILE_DENIED",
-            f"token {caller.name!r} may not give a sandbox the {profile} profile (needs scope network:{profile})",
+            f"token {caller.name!r} may not create, change or delete a sandbox with the {profile} profile "
+            f"(needs scope network:{profile})",
             "profile",
         )
 
@@ -201,20 +205,6 @@ def _require_network(caller: Caller, profile: str) -> None:
 
 def _error(status: int, code: str, message: str, field: str | None = None, **headers: str) -> web.Response:
     return web.json_response({"code": code, "message": message, "field": field}, status=status, headers=headers)
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            # Two parsers could pick different copies; refuse rather than guess.
-            raise GatewayError("INVALID_JSON", f"duplicate key {key!r} in the request body")
-        out[key] = value
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise GatewayError("INVALID_JSON", f"{name} is not valid JSON")
 
 
 async def _read_json(request: web.Request) -> Any:
@@ -235,13 +225,9 @@ async def _read_json(request: web.Request) -> Any:
     if not raw.strip():
         raise GatewayError("INVALID_JSON", "the request body is empty; expected a JSON object")
     try:
-        return json.loads(raw, object_pairs_hook=_reject_duplicate_keys, parse_constant=_no_constants)
-    except UnicodeDecodeError:
-        raise GatewayError("INVALID_JSON", "the request body is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise GatewayError("INVALID_JSON", f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise GatewayError("INVALID_JSON", "the request body is nested too deeply") from None
+        return parse_json(raw)
+    except InvalidJson as exc:
+        raise InvalidJson(f"the request body: {exc.message}") from None
 
 
 def _too_large() -> GatewayError:
@@ -255,7 +241,7 @@ def _query(request: web.Request, allowed: Iterable[str]) -> dict[str, str]:
     for key, value in request.query.items():
         if key not in allowed:
             expected = ", ".join(allowed) if allowed else "none"
-            raise GatewayError("UNKNOWN_PARAMETER", f"unknown query parameter {key!r}; expected: {expected}", key)
+            raise GatewayError("UNKNOWN_PARAMETER", f"unknown query parameter {_shown(key)}; expected: {expected}", key)
         if key in out:
             raise GatewayError("INVALID_PARAMETER", f"query parameter {key!r} is given more than once", key)
         out[key] = value
@@ -424,7 +410,7 @@ async def list_sandboxes(request: web.Request) -> web.Response:
     profile = query.get("profile")
     if profile is not None and profile not in PROFILES:
         raise GatewayError(
-            "INVALID_PROFILE", f"{profile!r} is not a profile; use one of {', '.join(PROFILES)}", "profile"
+            "INVALID_PROFILE", f"{_shown(profile)} is not a profile; use one of {', '.join(PROFILES)}", "profile"
         )
     template = query.get("template")
     sandboxes = request.app[STORE_KEY].state.sandboxes
@@ -437,14 +423,29 @@ async def list_sandboxes(request: web.Request) -> web.Response:
     return web.json_response({"sandboxes": records})
 
 
+def _claimed_profile(raw: object) -> str:
+    """The profile a record asks for, read before validation so that the scope check comes first. Anything
+    that is not a known profile needs no scope: validation refuses it next."""
+    profile = raw.get("profile", DEFAULT_PROFILE) if isinstance(raw, dict) else DEFAULT_PROFILE
+    return profile if isinstance(profile, str) and profile in PROFILES else DEFAULT_PROFILE
+
+
+def _require_sandbox_scope(request: web.Request, sandbox_id: str) -> Sandbox:
+    """The current record (404 when none), once the caller holds its profile's scope: changing or deleting a
+    sandbox is acting on that profile's network as much as creating one."""
+    current = request.app[STORE_KEY].state.get_sandbox(sandbox_id)
+    _require_network(_caller(), current.profile)
+    return current
+
+
 async def create_sandbox(request: web.Request) -> web.Response:
     _query(request, ())
     store = request.app[STORE_KEY]
     raw = await _read_json(request)
+    if isinstance(raw, dict) and isinstance(raw.get("id"), str):
+        _set_target(raw["id"][:64])  # the write log names the record even when the write is refused
+    _require_network(_caller(), _claimed_profile(raw))
     async with _write_lock(request):
-        parsed = store.state.parse_sandbox(raw)  # validates, and tells us the profile to check
-        _set_target(parsed.id)
-        _require_network(_caller(), parsed.profile)
         sandbox = await store.create_sandbox(raw)
     return web.json_response(sandbox.to_dict(), status=201, headers={"Location": _sandbox_url(sandbox.id)})
 
@@ -458,10 +459,11 @@ async def replace_sandbox(request: web.Request) -> web.Response:
     _query(request, ())
     store = request.app[STORE_KEY]
     sandbox_id = request.match_info["id"]
+    _require_sandbox_scope(request, sandbox_id)  # before the body is read: no work for a caller who may not act
     raw = await _read_json(request)
+    _require_network(_caller(), _claimed_profile(raw))
     async with _write_lock(request):
-        parsed = store.state.parse_sandbox(raw, sandbox_id=sandbox_id)
-        _require_network(_caller(), parsed.profile)
+        _require_sandbox_scope(request, sandbox_id)  # again under the lock: the record may have been replaced
         sandbox = await store.replace_sandbox(sandbox_id, raw)
     return web.json_response(sandbox.to_dict())
 
@@ -470,15 +472,15 @@ async def patch_sandbox(request: web.Request) -> web.Response:
     _query(request, ())
     store = request.app[STORE_KEY]
     sandbox_id = request.match_info["id"]
+    _require_sandbox_scope(request, sandbox_id)
     patch = await _read_json(request)
     if not isinstance(patch, dict):
         raise GatewayError("INVALID_TYPE", "a merge patch is a JSON object (RFC 7396)")
+    _require_network(_caller(), _claimed_profile(patch))
     # Read, merge and write under one lock so a concurrent API write is never lost.
     async with _write_lock(request):
-        current = store.state.get_sandbox(sandbox_id)
+        current = _require_sandbox_scope(request, sandbox_id)
         merged = apply_merge_patch(current.to_dict(), patch)
-        parsed = store.state.parse_sandbox(merged, sandbox_id=sandbox_id)
-        _require_network(_caller(), parsed.profile)
         sandbox = await store.replace_sandbox(sandbox_id, merged)
     return web.json_response(sandbox.to_dict())
 
@@ -487,10 +489,11 @@ async def delete_sandbox(request: web.Request) -> web.Response:
     _query(request, ())
     sandbox_id = request.match_info["id"]
     async with _write_lock(request):
+        _require_sandbox_scope(request, sandbox_id)
         await request.app[STORE_KEY].delete_sandbox(sandbox_id)
     tunnels = request.app.get(TUNNELS_KEY)
     if tunnels is not None:
-        # Seed 000: exposure lasts "until the session ends". The tunnel store's maintenance would find these
+        # Exposure lasts until the sandbox does. The tunnel store's maintenance would find these
         # too (and does, for deletions by other writers); here it happens before the answer.
         await tunnels.revoke_sandbox(sandbox_id)
     return web.Response(status=204)
@@ -516,16 +519,22 @@ class ExplainRequest:
 
 
 def _parse_port(text: str, field: str) -> int:
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise GatewayError("INVALID_PORT", f"{text!r} is not a port in 1-65535", field)
-    return int(text)
+    port = parse_decimal(text, 1, 65535)
+    if port is None:
+        raise GatewayError("INVALID_PORT", f"{_shown(text)} is not a port in 1-65535", field)
+    return port
+
+
+def _shown(text: str) -> str:
+    """`text` quoted for an error message, cut short: a hostile parameter may be 100 KiB long."""
+    return repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
 
 
 def _parse_address(text: str, field: str) -> str:
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
-        raise GatewayError("INVALID_ADDRESS", f"{text!r} is not an IPv4 or IPv6 address", field) from None
+        raise GatewayError("INVALID_ADDRESS", f"{_shown(text)} is not an IPv4 or IPv6 address", field) from None
 
 
 def _split_host_port(text: str) -> tuple[str, str | None]:
@@ -535,7 +544,7 @@ def _split_host_port(text: str) -> tuple[str, str | None]:
     if text.startswith("["):
         inner, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
-            raise GatewayError("INVALID_HOSTNAME", f"{text!r} is not host, host:port or [v6]:port", "host")
+            raise GatewayError("INVALID_HOSTNAME", f"{_shown(text)} is not host, host:port or [v6]:port", "host")
         return inner, rest[1:] if rest else None
     if text.count(":") == 1:
         name, _, port = text.partition(":")
@@ -548,7 +557,7 @@ def parse_explain_query(query: Mapping[str, str]) -> ExplainRequest:
     protocol = query.get("protocol", "tls").lower()
     if protocol not in PROTOCOLS:
         raise GatewayError(
-            "INVALID_PROTOCOL", f"{protocol!r} is not a protocol; use one of {', '.join(PROTOCOLS)}", "protocol"
+            "INVALID_PROTOCOL", f"{_shown(protocol)} is not a protocol; use one of {', '.join(PROTOCOLS)}", "protocol"
         )
     hostname: str | None = None
     address = _parse_address(query["address"], "address") if query.get("address") else None
@@ -591,6 +600,23 @@ def parse_explain_query(query: Mapping[str, str]) -> ExplainRequest:
     return ExplainRequest(hostname, address, port, protocol)
 
 
+def _say_when_the_address_decides(verdict: Verdict, policy: CompiledPolicy, asked: ExplainRequest) -> Verdict:
+    """A connection always has a destination address, so the engine decides allow_cidrs by it; explain asked
+    about a name alone cannot. "host not in allowlist" would then read as a final answer where the address
+    was the missing half: say so (explain does not resolve the name: which address the sandbox dials is the
+    sandbox's choice)."""
+    if verdict.allowed or asked.address is not None or asked.protocol == "dns" or not asked.host:
+        return verdict
+    if verdict.rule != "default:deny" or not policy.effective_egress.allow_cidrs:
+        return verdict
+    return Verdict(
+        False,
+        f"{verdict.reason}; allow_cidrs decide by the destination address, which was not given: "
+        "ask again with the address the sandbox would connect to",
+        verdict.rule,
+    )
+
+
 async def explain(request: web.Request) -> web.Response:
     query = _query(request, ("host", "port", "address", "protocol"))
     sandbox_id = request.match_info["id"]
@@ -598,6 +624,7 @@ async def explain(request: web.Request) -> web.Response:
     state.get_sandbox(sandbox_id)  # unknown sandbox: 404 before input errors would mislead
     asked = parse_explain_query(query)
     verdict, policy = state.explain(sandbox_id, asked.host, asked.address, asked.port, asked.protocol)
+    verdict = _say_when_the_address_decides(verdict, policy, asked)
     return web.json_response(
         {**verdict.to_dict(), "sandbox": sandbox_id, "request": asked.to_dict(), "policy": policy.describe()}
     )
@@ -624,9 +651,10 @@ def _int_parameter(query: Mapping[str, str], name: str, default: int, low: int, 
     text = query.get(name)
     if text is None:
         return default
-    if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
-        raise GatewayError("INVALID_PARAMETER", f"{name} must be an integer in {low}-{high}, got {text!r}", name)
-    return int(text)
+    value = parse_decimal(text, low, high)
+    if value is None:
+        raise GatewayError("INVALID_PARAMETER", f"{name} must be an integer in {low}-{high}, got {_shown(text)}", name)
+    return value
 
 
 async def list_audit_batches(request: web.Request) -> web.Response:
@@ -752,6 +780,27 @@ def _write_lock(request: web.Request) -> asyncio.Lock:
     return request.app[WRITE_LOCK_KEY]
 
 
+# --------------------------------------------------------------------------- malformed requests
+
+
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp answers a request it cannot parse (a bad request line, header or framing) with 400 itself and
+    logs it through the stdlib logger `aiohttp.server` with a traceback. Bad input from a client is not a
+    fault of the gateway: it becomes one warning line here; every other record (a real fault) passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        reason = " ".join(str(error.message).split())[:200]  # aiohttp's message spans lines and quotes the input
+        log.warning("api.malformed_request", remote=remote, error=type(error).__name__, reason=reason)
+        return False
+
+
+_MALFORMED_REQUESTS: Final = _MalformedRequestFilter()
+
+
 # --------------------------------------------------------------------------- the application
 
 
@@ -801,6 +850,7 @@ def create_app(
     DNS interceptor's query log (without it, 503 DNS_DISABLED). `unready` says what else must serve before
     /readyz is 200 (the data plane's parts). Raises CONFIG_INVALID for an exposed API without tokens."""
     check_api_exposure(config)
+    logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)  # once: the same filter is not added twice
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY_BYTES)
     app[STORE_KEY] = store
     app[CONFIG_KEY] = config

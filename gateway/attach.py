@@ -359,6 +359,7 @@ def add_attach_commands(subparsers: Any) -> None:
         "--config", metavar="FILE", default=argparse.SUPPRESS, help="configuration file (for network.sandbox_subnets)"
     )
     gateway_netns = argparse.ArgumentParser(add_help=False)
+    gateway_netns.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON, not a table")
     gateway_netns.add_argument(
         "--gateway-netns", metavar="NAME", help="act in this gateway namespace instead of the current one"
     )
@@ -394,7 +395,13 @@ def add_attach_commands(subparsers: Any) -> None:
 
 
 def run_attach_command(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """Handler for `attach` / `detach` (`args.action`). Prints the attachment as JSON."""
+    """Handler for `attach` / `detach` (`args.action`). Prints the attachment (`--json`: as JSON)."""
+
+    def emit(data: dict[str, Any]) -> None:
+        from gateway.cli import format_block
+
+        out.write((json.dumps(data) if getattr(args, "json", False) else format_block(data)) + "\n")
+
     if os.geteuid() != 0:
         err.write("attach/detach need root (network namespaces, links, routes)\n")
         return EXIT_USAGE
@@ -409,7 +416,7 @@ def run_attach_command(args: argparse.Namespace, out: TextIO = sys.stdout, err: 
                     "USAGE", "--address is for --interface; --netns removes the whole namespace", status=400
                 )
             removed = detach_netns(args.netns, gateway_netns=args.gateway_netns)
-            out.write(json.dumps({"netns": args.netns, "removed": removed}) + "\n")
+            emit({"netns": args.netns, "removed": removed})
             return EXIT_OK
         from gateway.config import load_config
 
@@ -427,5 +434,5 @@ def run_attach_command(args: argparse.Namespace, out: TextIO = sys.stdout, err: 
     except GatewayError as exc:
         err.write(f"{exc}\n")
         return EXIT_USAGE if exc.status == 400 else EXIT_FAILED
-    out.write(json.dumps(attachment.to_dict()) + "\n")
+    emit(attachment.to_dict())
     return EXIT_OK

@@ -1,7 +1,8 @@
 """The `gateway` command: run the gateway, check its configuration, and drive the control API.
 
-Exit codes: 0 success; 1 the API refused the request (`CODE: message (field x)` on
-stderr); 2 bad invocation or invalid configuration; 3 the API could not be reached.
+Exit codes: 0 success (for `explain`: the connection would be allowed); 1 the API refused
+the request (`CODE: message (field x)` on stderr); 2 bad invocation or invalid
+configuration; 3 the API could not be reached; 4 `explain`: the connection would be denied.
 
 Client commands find the API from `--api`, else `GATEWAY_API_URL`, else the configured
 `[api] host/port`; the token from `--token`, else `GATEWAY_TOKEN`. `--json` prints the
@@ -17,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,12 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from gateway import __version__
 from gateway.errors import GatewayError
+from gateway.untrusted import InvalidJson, parse_decimal, parse_json
 
 EXIT_OK = 0
 EXIT_API_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_DENIED = 4  # `explain`: the connection would be denied (a verdict, not a failure)
 DEFAULT_TIMEOUT = 15.0
 
 
@@ -129,7 +134,8 @@ class ApiClient:
 
 
 def _cell(value: Any) -> str:
-    if value is None or value == [] or value == {}:
+    """One value for a person: never Python's `None`/`True`, nor an empty cell."""
+    if value is None or value == [] or value == {} or value == "":
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -214,17 +220,18 @@ def _split(values: Iterable[str] | None) -> list[str]:
 def _ports(values: Iterable[str] | None) -> list[int]:
     ports: list[int] = []
     for text in _split(values):
-        if not text.isdigit():
-            raise CliExit(EXIT_USAGE, f"INVALID_PORT: {text!r} is not a port number")
-        ports.append(int(text))
+        port = parse_decimal(text, 1, 65535)
+        if port is None:
+            raise CliExit(EXIT_USAGE, f"INVALID_PORT: {text[:40]!r} is not a port in 1-65535")
+        ports.append(port)
     return ports
 
 
 def egress_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The egress object the flags describe (empty when none was given).
 
-    Seed 004: an allowed CIDR means "only these", so `--allow-cidr` implies mode
-    deny_all unless `--egress-mode` says otherwise.
+    A CIDR or port flag means "only these, minus those", so it implies mode deny_all unless
+    `--egress-mode` says otherwise (`allow_all` cannot be combined with them).
     """
     egress: dict[str, Any] = {}
     for flag, key in (
@@ -240,7 +247,8 @@ def egress_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         ports = _ports(getattr(args, flag, None))
         if ports:
             egress[key] = ports
-    mode = getattr(args, "egress_mode", None) or ("deny_all" if "allow_cidrs" in egress else None)
+    implies_deny_all = any(key in egress for key in ("allow_cidrs", "deny_cidrs", "allow_ports"))
+    mode = getattr(args, "egress_mode", None) or ("deny_all" if implies_deny_all else None)
     if mode:
         egress["mode"] = mode
     if getattr(args, "no_internet", False):
@@ -274,9 +282,9 @@ def _load_body(args: argparse.Namespace) -> Any | None:
     else:
         return None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CliExit(EXIT_USAGE, f"INVALID_JSON: {source} is not valid JSON: {exc}") from None
+        return parse_json(text)
+    except InvalidJson as exc:
+        raise CliExit(EXIT_USAGE, f"INVALID_JSON: {source}: {exc.message}") from None
 
 
 def _require_body(args: argparse.Namespace) -> Any:
@@ -391,12 +399,28 @@ def _preset_rows(data: Any) -> str:
     return format_table(("NAME", "PORTS", "HOSTS", "DESCRIPTION"), rows)
 
 
+def format_time(epoch: float, now: float | None = None) -> str:
+    """`2026-12-02T03:36:21Z (5 min ago)`: ISO 8601 in UTC, and how long ago (or how soon) for a person."""
+    from datetime import UTC, datetime
+
+    now = time.time() if now is None else now
+    stamp = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    delta = round(now - epoch)
+    span = abs(delta)
+    for size, unit in ((86_400, "d"), (3600, "h"), (60, "min"), (1, "s")):
+        if span >= size or size == 1:
+            amount = f"{span // size} {unit}"
+            break
+    return f"{stamp} ({amount} ago)" if delta >= 0 else f"{stamp} (in {amount})"
+
+
 def _status_block(data: Any) -> str:
     rejected = data.get("rejected") or []
     lines = [format_block({k: v for k, v in data.items() if k != "rejected"} | {"rejected": len(rejected)})]
     for item in rejected:
         field = f" (field {item['field']})" if item.get("field") else ""
-        lines.append(f"  {item['kind']} {item['key']}: {item['code']}: {item['message']}{field}")
+        since = f" since {format_time(item['at'])}" if isinstance(item.get("at"), int | float) else ""
+        lines.append(f"  {item['kind']} {item['key']}{since}: {item['code']}: {item['message']}{field}")
     return "\n".join(lines)
 
 
@@ -445,9 +469,11 @@ def cmd_template(ctx: Context, args: argparse.Namespace) -> None:
         ctx.emit(c.request("DELETE", f"/v1/templates/{_quote(args.name)}"), lambda _: f"deleted template {args.name}")
 
 
-def cmd_explain(ctx: Context, args: argparse.Namespace) -> None:
+def cmd_explain(ctx: Context, args: argparse.Namespace) -> int:
     query = {"host": args.host, "address": args.address, "protocol": args.protocol, "port": args.port}
-    ctx.emit(ctx.client.request("GET", f"/v1/sandboxes/{_quote(args.sandbox)}/explain", query=query), format_verdict)
+    answer = ctx.client.request("GET", f"/v1/sandboxes/{_quote(args.sandbox)}/explain", query=query)
+    ctx.emit(answer, format_verdict)
+    return EXIT_OK if answer.data.get("allowed") else EXIT_DENIED
 
 
 def cmd_status(ctx: Context, args: argparse.Namespace) -> None:
@@ -509,16 +535,26 @@ def _store_description(config: Any) -> str:
     return f"embedded {config.store.path.resolve()}"
 
 
-def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
+def check_runnable(config: Any) -> None:
+    """What `gateway run` refuses at start-up beyond what loading the configuration checks: `run` calls this
+    before it starts anything, and `check-config` calls it, so the two never disagree. Raises CliExit."""
     from gateway.api import check_api_exposure
+    from gateway.tunnel.certs import build_server_context
+
+    try:
+        check_api_exposure(config)
+        if config.tunnel.enabled:  # the tunnel serves from its first second: the pair must load now
+            build_server_context(config.tunnel.cert_path, config.tunnel.key_path)
+    except GatewayError as exc:
+        raise CliExit(EXIT_USAGE, str(exc)) from None
+
+
+def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     from gateway.presets import BUILTIN_PRESETS
     from gateway.tunnel.config import shared_site_warning
 
     config = _load_config(args.config)
-    try:
-        check_api_exposure(config)
-    except GatewayError as exc:
-        raise CliExit(EXIT_USAGE, str(exc)) from None
+    check_runnable(config)
     limits = config.default_limits
     lines = [
         f"config:          {config.source}",
@@ -552,6 +588,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     from gateway.logs import configure_logging
 
     config = _load_config(args.config)
+    check_runnable(config)
     configure_logging(config.log_format, config.log_level)
     data_plane = bool(getattr(args, "data_plane", False))
     steer = bool(getattr(args, "steer", False))
@@ -637,6 +674,8 @@ async def _serve(
             await store.start()
         except GatewayError as exc:
             raise CliExit(EXIT_API_ERROR, str(exc)) from None
+        except OSError as exc:  # the embedded store creates its file and folder on first start
+            raise CliExit(EXIT_API_ERROR, f"STORE_UNAVAILABLE: {_store_description(config)}: {exc}") from None
         await flows.start()
         if tunnels is not None:
             await tunnels.start()
@@ -688,6 +727,16 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         raise CliExit(EXIT_USAGE, f"{self.prog}: error: {message}")
 
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """Unknown arguments are refused by the (sub)command that got them, with that command's usage:
+        argparse would hand them up to the top level, whose usage says nothing about the subcommand."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
 
 def _client_options(defaults: bool) -> argparse.ArgumentParser:
     """Options accepted both before and after the subcommand (`gateway --json sandbox list` or
@@ -726,12 +775,35 @@ def _egress_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allow-host", action="append", metavar="HOST", help="allowed hostname or *.domain")
     group.add_argument("--preset", action="append", metavar="NAME", help="include a preset (see `gateway presets`)")
     group.add_argument(
-        "--allow-cidr", action="append", metavar="CIDR", help="allowed destination CIDR; implies --egress-mode deny_all"
+        "--egress-allow-cidr",
+        "--allow-cidr",
+        dest="allow_cidr",
+        action="append",
+        metavar="CIDR",
+        help="allowed destination CIDR",
     )
-    group.add_argument("--deny-cidr", action="append", metavar="CIDR", help="refused destination CIDR")
-    group.add_argument("--allow-port", action="append", metavar="PORT", help="restrict --allow-cidr to this port")
+    group.add_argument(
+        "--egress-deny-cidr",
+        "--deny-cidr",
+        dest="deny_cidr",
+        action="append",
+        metavar="CIDR",
+        help="refused destination CIDR (checked before every allow)",
+    )
+    group.add_argument(
+        "--egress-allow-port",
+        "--allow-port",
+        dest="allow_port",
+        action="append",
+        metavar="PORT",
+        help="restrict the allowed CIDRs to this destination port",
+    )
     group.add_argument("--host-port", action="append", metavar="PORT", help="restrict --allow-host to this port")
-    group.add_argument("--egress-mode", metavar="MODE", help="allow_all or deny_all")
+    group.add_argument(
+        "--egress-mode",
+        metavar="MODE",
+        help="allow_all or deny_all (default: deny_all when a CIDR or port flag is given)",
+    )
     group.add_argument("--no-internet", action="store_true", help="allow_internet false: block all egress")
 
 
@@ -746,8 +818,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gateway",
         description="Sandbox network gateway: run it, check its configuration, manage policies through its API.",
         parents=[_client_options(defaults=True)],
-        epilog="Exit codes: 0 ok, 1 the API refused the request, 2 bad usage or configuration, 3 API unreachable.",
+        epilog="Exit codes: 0 ok, 1 the API refused the request, 2 bad usage or configuration, 3 API unreachable, "
+        "4 explain: the connection would be denied.",
     )
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = commands.add_parser("run", parents=[common], help="run the gateway (control API and policy store)")
@@ -929,7 +1003,8 @@ def _audit_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=100, metavar="N", help="how many of the latest queries (1-1000)")
 
 
-CLIENT_COMMANDS: dict[str, Callable[[Context, argparse.Namespace], None]] = {
+#: A command returns its exit code, or None for EXIT_OK.
+CLIENT_COMMANDS: dict[str, Callable[[Context, argparse.Namespace], int | None]] = {
     "sandbox": cmd_sandbox,
     "template": cmd_template,
     "explain": cmd_explain,
@@ -957,8 +1032,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_command(args, out)
         ctx = Context(_client(args), args.json, out)
-        CLIENT_COMMANDS[args.command](ctx, args)
-        return EXIT_OK
+        return CLIENT_COMMANDS[args.command](ctx, args) or EXIT_OK
     except ApiError as exc:
         if args is not None and args.json and exc.response.text:
             err.write(exc.response.text.rstrip("\n") + "\n")
@@ -974,4 +1048,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # `python -m gateway.cli` runs this file as __main__, a second copy beside the `gateway.cli` that
+    # gateway.tunnel.cli imports: run that one, so there is one CliExit (and one of everything else).
+    from gateway.cli import main as _main
+
+    raise SystemExit(_main())

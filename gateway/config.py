@@ -273,6 +273,18 @@ def _number(value: Any, where: str, low: float, high: float) -> float:
     return value
 
 
+def _check_redis_url(url: str) -> None:
+    """What the Redis client would refuse when `gateway run` connects, refused now. The URL is not repeated:
+    it may hold a password."""
+    from redis.asyncio.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        reason = f"not a Redis URL: {exc}; use redis://host:port/db, rediss://host:port/db or unix:///path"
+        raise _invalid(reason, "store.redis_url") from None
+
+
 def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
     net = merged["network"]
     subnets: list[IPNetwork] = []
@@ -291,8 +303,10 @@ def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
     redis_url = _str(st["redis_url"], "store.redis_url")
     if backend == "auto":
         backend = "redis" if redis_url else "embedded"
-    if backend == "redis" and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+    if backend == "redis" and not redis_url:
         raise _invalid("the redis backend needs store.redis_url (redis://host:port/db)", "store.redis_url")
+    if redis_url:
+        _check_redis_url(redis_url)
     store = StoreConfig(
         backend=backend,
         path=Path(_str(st["path"], "store.path")),
@@ -416,7 +430,18 @@ def _egress(section: dict[str, Any]) -> EgressConfig:
 
 
 def _resolver(section: dict[str, Any]) -> ResolverConfig:
+    from gateway.resolver import parse_upstream  # here: gateway.resolver imports this module
+
     upstreams = tuple(_str_list(section["upstreams"], "resolver.upstreams"))
+    for index, text in enumerate(upstreams):
+        try:
+            parse_upstream(text)
+        except ValueError as exc:
+            raise _invalid(
+                f"{exc}; an upstream is an address with an optional port (192.0.2.53, 192.0.2.53:5353, "
+                "[2001:db8::53]:53): the resolver cannot resolve its own name",
+                f"resolver.upstreams[{index}]",
+            ) from None
     min_ttl = int(_number(section["min_ttl"], "resolver.min_ttl", 0, 86_400))
     max_ttl = int(_number(section["max_ttl"], "resolver.max_ttl", 1, 604_800))
     if min_ttl > max_ttl:

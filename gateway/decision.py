@@ -20,7 +20,7 @@ from gateway.hostnames import normalize_query_name
 from gateway.policy import PROFILE_EGRESS_FIELDS, Egress, IPAddress, IPNetwork, Limits, Sandbox, Template
 from gateway.presets import REGISTRY_PRESET, Preset
 
-#: Refused in every profile (seed 000 "Default Blocked": spam prevention).
+#: Refused in every profile (spam prevention; ZYBER's "Default Blocked", docs/feature-map.md).
 ALWAYS_BLOCKED_PORTS: Mapping[int, str] = {25: "SMTP", 465: "SMTPS", 587: "SMTP submission"}
 DEFAULT_LIMITS = Limits(connections_per_minute=1000, bandwidth_mbit=100, burst_mbit=1000, dns_queries_per_minute=500)
 PROTOCOLS = ("tls", "http", "tcp", "udp", "dns")
@@ -221,9 +221,9 @@ def decide(
     if policy.profile == "isolated":
         return _ISOLATED
     if protocol == "dns":
-        # Seed 001: unrestricted resolves every name (also under mode deny_all, whose CIDR rules
-        # need names to resolve). Seed 003: with allow_internet false, DNS still resolves and only
-        # connections are refused.
+        # unrestricted resolves every name (also under mode deny_all, whose CIDR rules need names
+        # to resolve). With allow_internet false, DNS still resolves and only connections are
+        # refused (docs/feature-map.md: scaibunker's and Oblien's rules).
         if policy.profile == "unrestricted":
             return _DNS_UNRESTRICTED
     elif not policy.allow_internet:

@@ -31,6 +31,7 @@ from pathlib import Path
 import structlog
 
 from gateway.decision import NetSet, address_key
+from gateway.files import read_regular_file
 from gateway.policy import IPAddress, IPNetwork
 
 log = structlog.get_logger("gateway.destinations")
@@ -190,8 +191,8 @@ class Destinations:
             entries: dict[str, int] = {}
         else:
             try:
-                text = Path(path).read_text(encoding="utf-8", errors="replace")
-            except OSError as exc:
+                text = read_regular_file(Path(path)).decode("utf-8", "replace")
+            except OSError as exc:  # also a directory, FIFO or oversized file put in its place
                 log.warning("blocklist.unreadable", path=str(path), error=str(exc))
                 return False
             entries, problems = parse_blocklist(text)

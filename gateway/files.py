@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
+
+#: The largest policy, tunnel or list file read (10,000 sandboxes take about 5 MB); a larger one is refused
+#: rather than read into memory.
+MAX_FILE_BYTES = 64 * 1024 * 1024
 
 #: What changes when a file is replaced or edited: inode (atomic replace), mtime and size (in-place edit).
 Signature = tuple[int, int, int]
@@ -16,6 +22,30 @@ def file_signature(path: Path) -> Signature | None:
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def read_regular_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The whole content of `path`, which must be a regular file of at most `max_bytes`. Raises OSError for
+    anything else, with the reason in its message: missing, unreadable, a directory, a FIFO or device (opened
+    without blocking, so a named pipe put in the file's place cannot stall the caller), or too large (a
+    file filling the disk must not fill the memory too)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if st.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", str(path))
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, 1 << 20):
+            size += len(chunk)
+            if size > max_bytes:  # grew while being read
+                raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", str(path))
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:

@@ -7,7 +7,7 @@ and goes three ways:
   rendered record plus `event`, `level` and `timestamp`, the lines of one event-loop turn written
   together at the end of that turn; otherwise (console logging, or a test capturing logs) through
   structlog at once;
-- an NDJSON audit batch per sandbox (seed 001): every `flush_interval` a background task
+- an NDJSON audit batch per sandbox: every `flush_interval` a background task
   writes the records queued for each sandbox to `<dir>/<sandbox id>/<ts_us>-<pid>.ndjson`,
   where `ts_us` is the first record's `end_us` (records are queued when a connection
   closes, so this follows the order batches are written in), zero-padded to 16 digits

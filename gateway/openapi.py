@@ -89,8 +89,7 @@ _SANDBOX_PROPERTIES: dict[str, Any] = {
     },
     "template": _nullable({**_IDENT, "description": "A template whose egress and limits this sandbox inherits."}),
     "egress": {
-        "description": "Own egress rules over the template's; a list is seed 003's shorthand mixing hostnames "
-        "and CIDRs.",
+        "description": "Own egress rules over the template's; a list is a shorthand mixing hostnames and CIDRs.",
         "anyOf": [
             _ref("Egress"),
             {"type": "array", "items": {"type": "string"}, "maxItems": MAX_LIST_ENTRIES},
@@ -700,8 +699,9 @@ def _op(action: str, summary: str, scope: str, responses: dict[str, Any], tags: 
 
 def _paths() -> dict[str, Any]:
     profile_scope = (
-        "Profiles other than isolated also need scope network:<profile>; without it the answer is 403 "
-        "NETWORK_PROFILE_DENIED and nothing is written."
+        "A sandbox whose profile (the stored one, and the one the body names) is not isolated also needs scope "
+        "network:<profile>; without it the answer is 403 NETWORK_PROFILE_DENIED, before the body is validated, "
+        "and nothing is written."
     )
     e403_sandbox_write = ERROR_CODES[403] + " NETWORK_PROFILE_DENIED: the token lacks network:<profile>."
     return {
@@ -862,8 +862,15 @@ def _paths() -> dict[str, Any]:
                 "sandboxes.delete",
                 "Delete a sandbox",
                 "sandboxes:write",
-                _responses({204: {"description": "Deleted; its traffic is refused from now on."}}, 400, 404, 503),
+                _responses(
+                    {204: {"description": "Deleted; its traffic is refused from now on."}},
+                    400,
+                    404,
+                    503,
+                    e403=e403_sandbox_write,
+                ),
                 "sandboxes",
+                description=profile_scope,
             ),
         },
         "/v1/sandboxes/{id}/policy": {
@@ -939,7 +946,7 @@ def _paths() -> dict[str, Any]:
                     e503="DNS_DISABLED: the gateway runs without the data plane (gateway run --data-plane).",
                 ),
                 "audit",
-                description="Seed 000's per-workspace query log: name, type, answer or rcode, latency, and whether "
+                description="The per-sandbox query log: name, type, answer or rcode, latency, and whether "
                 "the policy allowed it and why. Kept in memory (dns.query_log_size per sandbox); every query is "
                 "also a flow record in the audit batches.",
                 parameters=[
@@ -968,7 +975,7 @@ def _paths() -> dict[str, Any]:
                     e503=_AUDIT_DISABLED,
                 ),
                 "audit",
-                description="Seed 001's audit batches: NDJSON files named {ts_us}-{pid}.ndjson whose lexical order "
+                description="Audit batches: NDJSON files named {ts_us}-{pid}.ndjson whose lexical order "
                 "is chronological. Follow next_continuation_token until it is null. Batches outlive the sandbox's "
                 "record: a deleted sandbox's batches stay listable.",
                 parameters=[
@@ -1166,7 +1173,7 @@ and `explain`, which answers what the data plane would decide for a connection.
 
 Authentication: `Authorization: Bearer <token>`; each operation's `x-required-scope` names the
 scope it needs (`admin` implies every scope, including `audit:read`; `authenticated` means any valid token; `public`
-needs none). Writing a sandbox whose profile is not `isolated` also needs `network:<profile>`.
+needs none). Creating, changing or deleting a sandbox whose profile is not `isolated` also needs `network:<profile>`.
 With no tokens configured the gateway only listens on loopback and admits every local caller.
 
 Every error is `{"code", "message", "field"}`; branch on `code`. Request bodies are JSON
@@ -1189,7 +1196,7 @@ _DOCUMENT: Final[dict[str, Any]] = {
         {"name": "sandboxes", "description": "Sandbox policies."},
         {"name": "templates", "description": "Shared defaults sandboxes inherit."},
         {"name": "presets", "description": "Named host lists."},
-        {"name": "tunnels", "description": "Temporary HTTPS URLs for sandbox ports (seeds 000, 003)."},
+        {"name": "tunnels", "description": "Temporary HTTPS URLs for sandbox ports."},
         {"name": "audit", "description": "Flow record batches (metadata of every connection, never payload)."},
     ],
     "paths": _paths(),

@@ -37,7 +37,7 @@ MAX_ADDRESSES = 8
 METADATA_RANGE = ipaddress.ip_network("169.254.0.0/16")
 ID_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62})$")
 
-#: Ranges for limits: (minimum, maximum). Bandwidth follows seed 001 (1-10000 Mbit/s).
+#: Ranges for limits: (minimum, maximum). Bandwidth: 1-10000 Mbit/s (scaibunker's range).
 LIMIT_RANGES: Mapping[str, tuple[int, int]] = {
     "connections_per_minute": (1, 1_000_000),
     "bandwidth_mbit": (1, 10_000),
@@ -287,7 +287,7 @@ def _looks_like_address(text: str) -> bool:
 
 
 def _split_egress_list(entries: object, path: str) -> Egress:
-    """Seed 003's shorthand: one list mixing hostnames and CIDRs (`["api.openai.com", "10.0.0.0/8"]`)."""
+    """The shorthand: one list mixing hostnames and CIDRs (`["api.openai.com", "10.0.0.0/8"]`)."""
     if not isinstance(entries, list):
         raise _fail("INVALID_TYPE", f"expected an object or a list, got {_type_name(entries)}", path)
     if len(entries) > MAX_LIST_ENTRIES:
@@ -346,7 +346,7 @@ def parse_egress(data: object, path: str, known_presets: Iterable[str]) -> Egres
 
 
 def _check_egress_rules(egress: Egress, path: str) -> None:
-    """Seed 004's validation rules, which hold for a record on its own (template or sandbox)."""
+    """The egress-mode validation rules (zwrm's), which hold for a record on its own (template or sandbox)."""
     if egress.mode == "allow_all":
         for name in ("allow_cidrs", "deny_cidrs", "allow_ports", "allow_hosts", "presets"):
             if getattr(egress, name):

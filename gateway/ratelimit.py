@@ -1,4 +1,4 @@
-"""Per-sandbox rate limits (seed 000: exceeding a limit throttles, it never terminates).
+"""Per-sandbox rate limits (exceeding a limit throttles, it never terminates).
 
 The arithmetic is pure and takes an injectable clock, so the unit tests drive it with a
 fake one; the asyncio layer on top only turns "wait this long" into `sleep`.
@@ -188,7 +188,7 @@ class _PerSandboxBuckets[K, B: _Idle]:
 
 
 class ConnectionRateLimiter(_PerSandboxBuckets[str, TokenBucket]):
-    """Connections per minute per sandbox, with a bounded wait (seed 000: throttle, not terminate)."""
+    """Connections per minute per sandbox, with a bounded wait (throttle, not terminate)."""
 
     def bucket(self, sandbox_id: str, per_minute: int) -> TokenBucket:
         """The sandbox's bucket, with its limits set from the current policy."""

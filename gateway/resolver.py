@@ -33,6 +33,7 @@ import structlog
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from gateway.config import ResolverConfig
+from gateway.untrusted import parse_decimal
 
 log = structlog.get_logger("gateway.resolver")
 
@@ -80,17 +81,20 @@ def parse_upstream(text: str) -> Upstream:
             raise ValueError(f"{text!r}: unclosed '['")
         host, rest = text[1:close], text[close + 1 :]
         if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
-                raise ValueError(f"{text!r}: expected [address]:port")
-            port = int(rest[1:])
+            parsed = parse_decimal(rest[1:], 1, 65535) if rest.startswith(":") else None
+            if parsed is None:
+                raise ValueError(f"{text[:60]!r}: expected [address]:port with a port in 1-65535")
+            port = parsed
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
-        if not port_text.isdigit():
-            raise ValueError(f"{text!r}: invalid port")
-        port = int(port_text)
-    ipaddress.ip_address(host)  # a resolver is an address: no name to resolve before resolving
-    if not 0 < port < 65536:
-        raise ValueError(f"{text!r}: port out of range")
+        parsed = parse_decimal(port_text, 1, 65535)
+        if parsed is None:
+            raise ValueError(f"{text[:60]!r}: the port must be a number in 1-65535")
+        port = parsed
+    try:
+        ipaddress.ip_address(host)  # a resolver is an address: no name to resolve before resolving
+    except ValueError:
+        raise ValueError(f"{host[:60]!r} is not an IP address") from None
     return Upstream(host, port)
 
 

@@ -211,10 +211,16 @@ class PolicyState:
             else:
                 raise GatewayError("UNKNOWN_KIND", f"unknown record kind {kind!r}", "kind")
         except GatewayError as exc:
-            rejection = Rejection(kind, key, exc.body, time.time())
-            self.rejections[(kind, key)] = rejection
-            return rejection
-        return None
+            body = exc.body
+        except (RecursionError, ValueError, TypeError, MemoryError) as exc:
+            # A shape the parser did not foresee (nesting, sizes) is refused like any invalid record: the record's
+            # last good version stays, and one hostile record cannot stop the others from being applied.
+            body = ErrorBody("INVALID_RECORD", f"the record cannot be read ({type(exc).__name__})")
+        else:
+            return None
+        rejection = Rejection(kind, key, body, time.time())
+        self.rejections[(kind, key)] = rejection
+        return rejection
 
     def replace_all(self, templates: Mapping[str, object], sandboxes: Mapping[str, object]) -> list[Rejection]:
         """Reconcile with a whole snapshot: add, change and remove so the state matches it.

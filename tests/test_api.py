@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -328,6 +329,7 @@ async def test_put_on_a_missing_sandbox_is_404_and_creates_nothing(api: Api, sto
     answer = await api.call("PUT", "/v1/sandboxes/ghost", {"addresses": ["10.75.0.30"]}, expect=404)
     assert answer.code == "SANDBOX_NOT_FOUND"
     assert "ghost" not in json.loads(store.path.read_text())["sandboxes"]
+    await api.call("POST", "/v1/sandboxes", {"id": "ghost", "addresses": ["10.75.0.30"]}, expect=201)
     mismatch = await api.call("PUT", "/v1/sandboxes/ghost", {"id": "other", "addresses": ["10.75.0.30"]}, expect=400)
     assert (mismatch.code, mismatch.body["field"]) == ("ID_MISMATCH", "id")
 
@@ -362,9 +364,35 @@ async def test_replace_and_patch_also_need_the_network_scope(api: Api, store: Em
     assert patch.code == "NETWORK_PROFILE_DENIED"
     put = await api.call("PUT", "/v1/sandboxes/agent-1", ALLOWLISTED, token="isolated-only", expect=403)
     assert put.code == "NETWORK_PROFILE_DENIED"
+    # Deleting acts on that profile's sandboxes too (it could take another tenant's sandbox off the network).
+    delete = await api.call("DELETE", "/v1/sandboxes/agent-1", token="isolated-only", expect=403)
+    assert (delete.code, delete.body["field"]) == ("NETWORK_PROFILE_DENIED", "profile")
     assert store.path.read_bytes() == before
-    # Deleting narrows access (the sandbox then fails closed), so it needs no network scope.
-    await api.call("DELETE", "/v1/sandboxes/agent-1", token="isolated-only", expect=204)
+    await api.call("DELETE", "/v1/sandboxes/agent-1", token="writer", expect=204)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "data"),
+    [
+        ("POST", "/v1/sandboxes", b'{"id": "Bad Id!", "addresses": "nope", "profile": "unrestricted"}'),
+        ("PUT", "/v1/sandboxes/agent-1", b'{"addresses": [], "profile": "allowlisted", "colour": 1}'),
+        ("PUT", "/v1/sandboxes/agent-1", b"{not json"),
+        ("PATCH", "/v1/sandboxes/agent-1", b'{"egress": {"allow_hosts": ["https://x"]}}'),
+        ("PATCH", "/v1/sandboxes/agent-1", b"[1, 2]"),
+        ("PATCH", "/v1/sandboxes/agent-1", b"\xff\xfe"),
+    ],
+)
+async def test_the_scope_check_comes_before_validation(
+    api: Api, store: EmbeddedStore, method: str, path: str, data: bytes
+) -> None:
+    """403, not 400: a caller who may not act on the profile learns nothing from validation and costs no work."""
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    before = store.path.read_bytes()
+    denied = await api.call(method, path, data=data, token="isolated-only", expect=403)
+    assert denied.code == "NETWORK_PROFILE_DENIED"
+    assert store.path.read_bytes() == before
+    # The same request from a caller with the scope gets the validation error.
+    assert (await api.call(method, path, data=data, token="admin")).status == 400
 
 
 async def test_profile_is_immutable(api: Api, store: EmbeddedStore) -> None:
@@ -437,7 +465,7 @@ async def test_patch_result_is_validated_as_a_whole(api: Api, store: EmbeddedSto
     before = store.path.read_bytes()
     bad_host = await api.call("PATCH", "/v1/sandboxes/agent-1", {"egress": {"allow_hosts": ["**.x.com"]}}, expect=400)
     assert (bad_host.code, bad_host.body["field"]) == ("INVALID_HOSTNAME", "egress.allow_hosts[0]")
-    # Each field alone is fine, but the result breaks a cross-field rule (seed 004).
+    # Each field alone is fine, but the result breaks a cross-field rule.
     ports = await api.call("PATCH", "/v1/sandboxes/agent-1", {"egress": {"allow_ports": [443]}}, expect=400)
     assert ports.code == "ALLOW_PORTS_WITHOUT_CIDRS"
     no_addresses = await api.call("PATCH", "/v1/sandboxes/agent-1", {"addresses": None}, expect=400)
@@ -1145,3 +1173,77 @@ async def test_dns_query_log_of_a_sandbox(aiohttp_client: AiohttpClient, store: 
 async def test_dns_query_log_without_the_data_plane_is_503(api: Api) -> None:
     await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
     assert (await api.call("GET", "/v1/sandboxes/agent-1/dns-log", expect=503)).code == "DNS_DISABLED"
+
+
+# --------------------------------------------------------------------------- hostile input (fuzzing classes)
+
+#: Spellings that are not a plain decimal number in range: too long for int() (over 4,300 digits), signs,
+#: fractions, exponents, NaN, non-ASCII digits, spaces, underscores, hexadecimal, empty.
+NOT_DECIMAL = [
+    "9" * 5000,
+    "1" + "0" * 4400,
+    "0" * 5000 + "1" * 30,
+    "-1",
+    "+443",
+    "1.5",
+    "443.0",
+    "1e3",
+    "NaN",
+    "inf",
+    "١٢٣",
+    "４４３",
+    "²",
+    " 443",
+    "443 ",
+    "4_43",
+    "0x1bb",
+    "99999999999999999999999999",
+]
+
+
+@pytest.mark.parametrize("text", NOT_DECIMAL)
+async def test_numeric_parameters_refuse_every_other_spelling_with_400(audit_api: Api, text: str) -> None:
+    await audit_api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    quoted = urllib.parse.quote(text)
+    port = await audit_api.call("GET", f"/v1/sandboxes/agent-1/explain?host=a.example.com&port={quoted}")
+    assert (port.status, port.code, port.body["field"]) == (400, "INVALID_PORT", "port")
+    in_host = await audit_api.call("GET", f"/v1/sandboxes/agent-1/explain?host=a.example.com:{quoted}")
+    assert (in_host.status, in_host.code) == (400, "INVALID_PORT")
+    for name in ("since_us", "limit"):
+        answer = await audit_api.call("GET", f"/v1/sandboxes/agent-1/audit-batches?{name}={quoted}")
+        assert (answer.status, answer.code, answer.body["field"]) == (400, "INVALID_PARAMETER", name)
+        assert len(answer.body["message"]) < 200  # a 5,000-digit value is not echoed whole
+
+
+@pytest.mark.parametrize("text", ["443", "0443", "00000000000000000000443"])
+async def test_leading_zeros_are_still_the_number(api: Api, text: str) -> None:
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    answer = await api.call("GET", f"/v1/sandboxes/agent-1/explain?host=api.github.com&port={text}", expect=200)
+    assert answer.body["request"]["port"] == 443
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"id": "agent-9", "addresses": ["10.75.0.9"], "limits": {"bandwidth_mbit": ' + b"9" * 5000 + b"}}",
+        b"[" + b"1" * 4301 + b"]",
+        b"-" + b"1" * 10_000,
+        b"[" * 1500 + b"]" * 1500,
+        b'{"a":' * 1500 + b"1" + b"}" * 1500,
+        b"[" * 200_000,
+        b'{"id": "x", "id": "y"}',
+        b'{"n": NaN}',
+        b'{"n": -Infinity}',
+        b"\xff\xfe{}",
+        b'"\\ud800"',
+        b"1e999999",
+    ],
+)
+async def test_hostile_json_bodies_are_400_never_500(api: Api, store: EmbeddedStore, data: bytes) -> None:
+    before = store.path.read_bytes()
+    for method, path in (("POST", "/v1/sandboxes"), ("POST", "/v1/templates")):
+        answer = await api.call(method, path, data=data)
+        assert answer.status == 400, answer.body
+        assert answer.code in ("INVALID_JSON", "INVALID_TYPE", "INVALID_FIELD", "UNKNOWN_FIELD"), answer.body
+        assert len(answer.body["message"]) < 300
+    assert store.path.read_bytes() == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -274,6 +275,7 @@ def test_sandbox_lifecycle_through_the_cli(server: Server, tmp_path: Path) -> No
     )
     deny = gateway("explain", "cli-agent", "evil.com", server=server)
     assert deny.stdout == "DENY  evil.com:443  host not in allowlist  (rule default:deny)\n"
+    assert deny.returncode == 4  # a verdict, not a failure: its own exit code
     preset = gateway("explain", "cli-agent", "api.openai.com:8443", server=server)
     assert preset.stdout.startswith("DENY  api.openai.com:8443  port 8443 not allowed")
     http = gateway("explain", "cli-agent", "docs.example.com", "--protocol", "http", "--json", server=server)
@@ -419,10 +421,17 @@ def test_unreachable_api_exits_3() -> None:
         (["sandbox", "create", "--address", "10.75.1.40"], "needs --id and --address"),
         (["sandbox", "create", "--data", "{}", "--id", "x"], "not both (--id)"),
         (["sandbox", "patch", "x"], "give the record with --file"),
-        (["sandbox", "patch", "x", "--data", "{nope"], "INVALID_JSON: --data is not valid JSON"),
+        (["sandbox", "patch", "x", "--data", "{nope"], "INVALID_JSON: --data: not valid JSON"),
+        (["sandbox", "patch", "x", "--data", '{"n": ' + "1" * 5000 + "}"], "INVALID_JSON: --data: holds an integer"),
+        (["sandbox", "patch", "x", "--data", "[" * 100_000], "INVALID_JSON: --data: nested too deeply"),
         (["sandbox", "create", "--id", "x", "--address", "10.75.1.40", "--allow-port", "https"], "INVALID_PORT"),
         (["sandbox", "create", "--id", "x", "--address", "10.75.1.40", "--label", "novalue"], "INVALID_LABEL"),
         (["sandbox", "frobnicate"], "invalid choice"),
+        (
+            ["sandbox", "create", "--id", "x", "--address", "10.75.1.40", "--egress-allow-port", "9" * 5000],
+            "INVALID_PORT",
+        ),
+        (["sandbox", "create", "--id", "x", "--address", "10.75.1.40", "--egress-allow-port", "١٢٣"], "INVALID_PORT"),
         (["--api", "127.0.0.1:1", "status"], "must start with http://"),
     ],
 )
@@ -437,3 +446,216 @@ def test_profiles_the_gateway_does_not_support_get_the_api_explanation(server: S
                      server=server)  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.startswith("PROFILE_NOT_SUPPORTED: the transit profile") and "(field profile)" in result.stderr
+
+
+def test_changing_or_deleting_a_sandbox_needs_its_profile_scope_before_anything_is_validated(server: Server) -> None:
+    created = gateway(
+        "sandbox", "create", "--id", "cli-scoped", "--address", "10.75.1.60", "--profile", "allowlisted",
+        "--allow-host", "a.example.com", server=server,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    for args in (
+        ("sandbox", "delete", "cli-scoped"),
+        ("sandbox", "patch", "cli-scoped", "--data", '{"egress": {"allow_hosts": ["*.anything.example"]}}'),
+        ("sandbox", "patch", "cli-scoped", "--data", '{"egress": {"allow_hosts": ["https://bad"]}}'),  # 403, not 400
+        ("sandbox", "update", "cli-scoped", "--data", '{"addresses": "not a list", "profile": "allowlisted"}'),
+        ("sandbox", "create", "--data", '{"id": "Bad Id", "addresses": [], "profile": "unrestricted"}'),
+    ):
+        refused = gateway(*args, server=server, token=LIMITED_TOKEN)
+        assert refused.returncode == 1 and refused.stderr.startswith("NETWORK_PROFILE_DENIED: "), (args, refused)
+    kept = json.loads(gateway("sandbox", "get", "cli-scoped", "--json", server=server).stdout)
+    assert kept["egress"] == {"allow_hosts": ["a.example.com"]}
+    assert gateway("sandbox", "delete", "cli-scoped", server=server).returncode == 0
+
+
+# --------------------------------------------------------------------------- what a new operator types first
+
+
+def test_the_readme_egress_flags_work_on_sandboxes_and_templates(server: Server) -> None:
+    # Exactly the README's example: "allow everything but a subnet".
+    created = gateway(
+        "sandbox", "create", "--id", "ci-7", "--address", "10.75.0.7", "--profile", "unrestricted",
+        "--egress-allow-cidr", "0.0.0.0/0", "--egress-deny-cidr", "10.0.0.0/8", "--json", server=server,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["egress"] == {
+        "mode": "deny_all", "allow_cidrs": ["0.0.0.0/0"], "deny_cidrs": ["10.0.0.0/8"],
+    }  # fmt: skip
+    allowed = gateway("explain", "ci-7", "198.51.100.7:443", server=server)
+    assert (allowed.returncode, allowed.stdout.split()[0]) == (0, "ALLOW")
+    denied = gateway("explain", "ci-7", "10.1.2.3:443", server=server)
+    assert denied.returncode == 4 and denied.stdout.startswith("DENY  10.1.2.3:443  address in deny_cidrs 10.0.0.0/8")
+    # Repeatable, with ports, an explicit mode, and on templates too.
+    ported = gateway(
+        "sandbox", "create", "--id", "ci-8", "--address", "10.75.0.8", "--profile", "allowlisted",
+        "--egress-mode", "deny_all", "--egress-allow-cidr", "1.1.1.1/32", "--egress-allow-cidr", "1.0.0.1/32",
+        "--egress-allow-port", "443", "--json", server=server,
+    )  # fmt: skip
+    assert json.loads(ported.stdout)["egress"] == {
+        "mode": "deny_all", "allow_cidrs": ["1.1.1.1/32", "1.0.0.1/32"], "allow_ports": [443],
+    }  # fmt: skip
+    template = gateway(
+        "template", "create", "--name", "secure-python", "--egress-mode", "deny_all",
+        "--egress-allow-cidr", "0.0.0.0/0", "--egress-deny-cidr", "10.0.0.0/8", "--egress-deny-cidr", "172.16.0.0/12",
+        "--egress-deny-cidr", "192.168.0.0/16", "--json", server=server,
+    )  # fmt: skip
+    assert template.returncode == 0, template.stderr
+    assert json.loads(template.stdout)["egress"]["deny_cidrs"] == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+    conflict = gateway(
+        "sandbox", "create", "--id", "ci-9", "--address", "10.75.0.9", "--profile", "unrestricted",
+        "--egress-mode", "allow_all", "--egress-deny-cidr", "10.0.0.0/8", server=server,
+    )  # fmt: skip
+    assert conflict.returncode == 1 and conflict.stderr.startswith("EGRESS_MODE_CONFLICT: ")
+    for name in ("ci-7", "ci-8"):
+        assert gateway("sandbox", "delete", name, server=server).returncode == 0
+    assert gateway("template", "delete", "secure-python", server=server).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "usage"),
+    [
+        (["sandbox", "create", "--id", "x", "--address", "10.75.1.40", "--bogus"], "usage: gateway sandbox create"),
+        (["sandbox", "create", "--id", "x", "--allow-cidrs", "1.1.1.1/32"], "usage: gateway sandbox create"),
+        (["template", "create", "--name", "t", "extra"], "usage: gateway template create"),
+        (["explain", "sb", "a.com", "b.com"], "usage: gateway explain"),
+        (["sandbox", "list", "--colour"], "usage: gateway sandbox list"),
+        (["tunnel", "list", "sb", "--nope"], "usage: gateway tunnel list"),
+        (["status", "now"], "usage: gateway status"),
+    ],
+)
+def test_usage_errors_print_the_subcommands_usage(args: list[str], usage: str) -> None:
+    result = gateway(*args, GATEWAY_API_URL="http://127.0.0.1:9")
+    assert result.returncode == 2
+    assert result.stderr.startswith(usage), result.stderr
+    assert "unrecognized arguments" in result.stderr
+    assert not result.stderr.startswith("usage: gateway [-h]")
+
+
+def test_version() -> None:
+    from gateway import __version__
+
+    result = gateway("--version")
+    assert (result.returncode, result.stdout) == (0, f"gateway {__version__}\n")
+
+
+def test_explain_says_when_the_address_decides(server: Server) -> None:
+    created = gateway(
+        "sandbox", "create", "--id", "cidr-only", "--address", "10.75.1.70", "--profile", "allowlisted",
+        "--egress-allow-cidr", "198.51.100.0/24", server=server,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    by_name = gateway("explain", "cidr-only", "api.example.com", server=server)
+    assert by_name.returncode == 4
+    assert "allow_cidrs decide by the destination address, which was not given" in by_name.stdout
+    with_address = gateway("explain", "cidr-only", "api.example.com", "--address", "198.51.100.9", server=server)
+    assert with_address.returncode == 0 and with_address.stdout.startswith("ALLOW  api.example.com:443 via ")
+    # A DNS question is decided on the name alone (the resolver answers only allowed names): no such hint.
+    dns = gateway("explain", "cidr-only", "api.example.com", "--protocol", "dns", server=server)
+    assert dns.returncode == 4 and "address" not in dns.stdout.split("(rule")[0]
+    assert gateway("sandbox", "delete", "cidr-only", server=server).returncode == 0
+
+
+RAW_EPOCH = re.compile(r"\b1[5-9]\d{8}(\.\d+)?\b")
+
+
+def test_human_output_has_no_python_none_and_no_raw_epochs(server: Server) -> None:
+    policies = server.config.parent / "policies.json"
+    created = gateway(
+        "sandbox", "create", "--id", "human", "--address", "10.75.1.80", "--profile", "registry", server=server
+    )
+    assert created.returncode == 0, created.stderr
+    template = gateway("template", "create", "--name", "plain", server=server)  # no description, no egress
+    assert template.returncode == 0, template.stderr
+    data = json.loads(policies.read_text())
+    data["sandboxes"]["broken"] = {"id": "broken", "addresses": ["not an address"]}
+    policies.write_text(json.dumps(data))  # a rejection, which has a time
+    deadline = time.monotonic() + 10
+    while "broken" not in gateway("status", server=server).stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    outputs = [
+        gateway(*args, server=server)
+        for args in (
+            ("sandbox", "list"),
+            ("sandbox", "get", "human"),
+            ("sandbox", "policy", "human"),
+            ("template", "list"),
+            ("template", "get", "plain"),
+            ("status",),
+            ("presets",),
+            ("explain", "human", "pypi.org"),
+            ("audit", "list", "human"),
+        )
+    ]
+    for result in outputs:
+        assert result.returncode in (0, 4), result.stderr
+        assert "None" not in result.stdout and "True" not in result.stdout and "False" not in result.stdout
+        assert not RAW_EPOCH.search(result.stdout), result.stdout
+    status = outputs[5].stdout
+    assert re.search(r"sandbox broken since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(\d+ s ago\): ", status), status
+    assert "description: -" in outputs[4].stdout
+    data["sandboxes"].pop("broken")
+    policies.write_text(json.dumps(data))
+    assert gateway("sandbox", "delete", "human", server=server).returncode == 0
+    assert gateway("template", "delete", "plain", server=server).returncode == 0
+
+
+def test_format_time_is_iso_utc_and_relative() -> None:
+    from gateway.cli import format_time
+
+    assert format_time(1_800_000_000, now=1_800_000_000) == "2027-01-15T08:00:00Z (0 s ago)"
+    assert format_time(1_800_000_000, now=1_800_000_090) == "2027-01-15T08:00:00Z (1 min ago)"
+    assert format_time(1_800_000_000, now=1_799_992_800) == "2027-01-15T08:00:00Z (in 2 h)"
+    assert format_time(1_800_000_000, now=1_800_259_200) == "2027-01-15T08:00:00Z (3 d ago)"
+
+
+@pytest.mark.root
+def test_attach_and_detach_print_a_table_unless_json() -> None:
+    name = f"gw-cli-none-{os.getpid()}"  # never created: detach of an unknown namespace changes nothing
+    table = gateway("sandbox", "detach", "--netns", name, token=None)
+    assert (table.returncode, table.stdout) == (0, f"netns:   {name}\nremoved: no\n"), table.stderr
+    as_json = gateway("sandbox", "detach", "--netns", name, "--json", token=None)
+    assert json.loads(as_json.stdout) == {"netns": name, "removed": False}
+
+
+@pytest.mark.parametrize(
+    ("options", "code", "expected"),
+    [
+        ({"tunnel": ["enabled = true", 'cert_path = "{dir}/none.crt"', 'key_path = "{dir}/none.key"']},
+         "CERT_INVALID", "(field tunnel.cert_path)"),
+        ({"resolver": ['upstreams = ["dns.example"]']}, "CONFIG_INVALID", "(field resolver.upstreams[0])"),
+        ({"resolver": ['upstreams = ["192.0.2.53:53", "192.0.2.54:x"]']}, "CONFIG_INVALID", "resolver.upstreams[1])"),
+        ({"resolver": [f'upstreams = ["192.0.2.53:{"9" * 5000}"]']}, "CONFIG_INVALID", "resolver.upstreams[0])"),
+        ({"store": ['redis_url = "http://user:hunter2@example.com/"']}, "CONFIG_INVALID", "not a Redis URL"),
+        ({"store": ['redis_url = "redis://:hunter2@127.0.0.1:abc/0"']}, "CONFIG_INVALID", "not a Redis URL"),
+        ({"store": ['backend = "redis"']}, "CONFIG_INVALID", "needs store.redis_url"),
+        ({"api": ['host = "0.0.0.0"']}, "CONFIG_INVALID", "(field api.tokens)"),
+    ],
+)  # fmt: skip
+def test_check_config_refuses_what_run_refuses(
+    tmp_path: Path, options: dict[str, list[str]], code: str, expected: str
+) -> None:
+    sections = {"store": [f'path = "{tmp_path}/p.json"'], "api": [f"port = {free_port()}"]}
+    for section, lines in options.items():
+        sections.setdefault(section, []).extend(line.format(dir=tmp_path) for line in lines)
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "".join(f"[{name}]\n" + "".join(f"{line}\n" for line in lines) for name, lines in sections.items())
+    )
+    checked = gateway("check-config", "--config", str(config))
+    ran = gateway("run", "--config", str(config))
+    for result in (checked, ran):
+        assert result.returncode == 2, result
+        assert result.stderr.startswith(f"{code}: ") and expected in result.stderr, result.stderr
+        assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
+    assert checked.stderr == ran.stderr  # one validation, so one answer
+
+
+def test_run_reports_a_policy_file_it_cannot_create_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[store]\npath = "{tmp_path}/a-file/policies.json"\n[api]\nport = {free_port()}\n')
+    result = gateway("run", "--config", str(config))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"STORE_UNAVAILABLE: embedded {tmp_path}/a-file/policies.json: ")
+    assert "Traceback" not in result.stderr

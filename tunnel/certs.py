@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import ssl
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -216,10 +217,15 @@ def init_certs(domain: str, paths: CertPaths, *, force: bool = False) -> CertRes
 
 
 def _signature(*paths: Path) -> tuple[tuple[int, int, int], ...] | None:
+    """None while a file is missing or not a regular file (a FIFO in its place would block the handshake that
+    reloads it): the previous pair keeps serving."""
     try:
-        return tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in (p.stat() for p in paths))
+        stats = [p.stat() for p in paths]
     except OSError:
         return None
+    if not all(stat.S_ISREG(st.st_mode) for st in stats):
+        return None
+    return tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in stats)
 
 
 def build_server_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -271,7 +277,8 @@ class ReloadingTLS:
                     self._current = build_server_context(self.cert, self.key)
                     self.reloads += 1
                     log.info("tunnel_cert_reloaded", cert=str(self.cert))
-                except GatewayError as exc:
-                    log.error("tunnel_cert_reload_failed", cert=str(self.cert), error=exc.message)
+                except Exception as exc:  # whatever the files hold, the previous pair keeps serving
+                    reason = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
+                    log.error("tunnel_cert_reload_failed", cert=str(self.cert), error=reason)
                 self._signature = signature
         return self._current

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from gateway.cli import EXIT_OK, EXIT_USAGE, CliExit, Context, _client, _Parser, _quote, format_table
+from gateway.cli import EXIT_OK, EXIT_USAGE, CliExit, Context, _client, _Parser, _quote, format_block, format_table
 from gateway.config import load_config
 from gateway.errors import GatewayError
 from gateway.tunnel.certs import CertPaths, init_certs
@@ -123,10 +123,10 @@ def _rows(data: Any) -> str:
 
 def _block(data: Any) -> str:
     keys = ("id", "url", "sandbox", "address", "port", "label", "state", "password_protected", "expires_at")
-    lines = [f"{key}: {data.get(key)}" for key in keys]
+    shown = {key: data.get(key) for key in keys}
     if data.get("revoked_at"):
-        lines.append(f"revoked_at: {data['revoked_at']} ({data.get('revoked_reason')})")
-    return "\n".join(lines)
+        shown["revoked_at"] = f"{data['revoked_at']} ({data.get('revoked_reason') or 'no reason given'})"
+    return format_block(shown)
 
 
 def cmd_tunnel(ctx: Context, args: argparse.Namespace) -> None:

@@ -42,7 +42,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.errors import Conflict, Forbidden, GatewayError, NotFound
-from gateway.files import Signature, file_signature, write_atomic
+from gateway.files import Signature, file_signature, read_regular_file, write_atomic
 from gateway.state import PolicyState
 from gateway.stores.base import StoreUnavailable
 from gateway.tunnel.config import TunnelConfig
@@ -56,6 +56,7 @@ from gateway.tunnel.model import (
     parse_request,
     source_refusal,
 )
+from gateway.untrusted import parse_json
 
 log = structlog.get_logger("gateway.tunnel.store")
 
@@ -431,7 +432,8 @@ class FileTunnelStore(TunnelStore):
         self._replace_sessions(sessions)
 
     def _read(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        data = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        # Any content, however hostile, is an OSError or a ValueError (parse_json's InvalidJson) here.
+        data = parse_json(read_regular_file(self.path) or b"{}")
         records = data.get("tunnels", {}) if isinstance(data, dict) else None
         sessions = data.get("sessions", {}) if isinstance(data, dict) else None
         if not isinstance(records, dict) or not isinstance(sessions, dict):
@@ -564,14 +566,14 @@ class RedisTunnelStore(TunnelStore):
         decoded: dict[str, object] = {}
         for key, raw in records.items():
             try:
-                decoded[key.decode()] = json.loads(raw)
+                decoded[key.decode()] = parse_json(raw)
             except ValueError:
                 log.error("tunnel_record_rejected", tunnel=key.decode("utf-8", "replace"), code="INVALID_JSON")
         self._replace_all(decoded)
         session_records: dict[str, object] = {}
         for key, raw in sessions.items():
             with contextlib.suppress(ValueError):
-                session_records[key.decode()] = json.loads(raw)
+                session_records[key.decode()] = parse_json(raw)
         self._replace_sessions(session_records)
         self._next_resync = asyncio.get_running_loop().time() + RESYNC_INTERVAL
 
@@ -603,7 +605,7 @@ class RedisTunnelStore(TunnelStore):
                         if raw is None:
                             self.sessions.pop(key, None)
                         else:
-                            self.sessions[key] = Session.from_record(json.loads(raw))
+                            self.sessions[key] = Session.from_record(parse_json(raw))
                     except (KeyError, TypeError, ValueError):
                         log.error("tunnel_session_rejected")
             values = await self._client.hmget(self.hash_key, ids) if ids else []
@@ -612,7 +614,7 @@ class RedisTunnelStore(TunnelStore):
                     self._apply(tunnel_id, None)
                     continue
                 try:
-                    self._apply(tunnel_id, parse_record(json.loads(raw)))
+                    self._apply(tunnel_id, parse_record(parse_json(raw)))
                 except (ValueError, GatewayError) as exc:
                     log.error("tunnel_record_rejected", tunnel=tunnel_id, error=str(exc))
             self._position = entries[-1][0].decode()
@@ -633,7 +635,7 @@ class RedisTunnelStore(TunnelStore):
     async def _fetch_session(self, key: str) -> Session | None:
         try:
             raw = await self._client.hget(self.sessions_key, key)
-            return Session.from_record(json.loads(raw)) if raw is not None else None
+            return Session.from_record(parse_json(raw)) if raw is not None else None
         except (RedisError, KeyError, TypeError, ValueError):
             return None
 

@@ -21,9 +21,10 @@ from typing import Any
 import structlog
 
 from gateway.errors import Conflict, ErrorBody, NotFound
-from gateway.files import Signature, file_signature, write_atomic
+from gateway.files import Signature, file_signature, read_regular_file, write_atomic
 from gateway.state import SANDBOX, PolicyContext, Rejection
 from gateway.stores.base import Expect, PolicyStore, StoreUnavailable
+from gateway.untrusted import InvalidJson, parse_json
 
 log = structlog.get_logger("gateway.store.embedded")
 
@@ -35,12 +36,13 @@ class PolicyFileError(ValueError):
     pass
 
 
-def parse_policy_file(text: str) -> dict[str, dict[str, Any]]:
-    """The file's two sections; raises PolicyFileError when the file as a whole is unusable."""
+def parse_policy_file(text: str | bytes) -> dict[str, dict[str, Any]]:
+    """The file's two sections; raises PolicyFileError when the file as a whole is unusable (whatever it holds:
+    bad JSON or UTF-8, duplicate keys, numbers too long to read, nesting too deep)."""
     try:
-        data = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as exc:
-        raise PolicyFileError(f"not valid JSON: {exc}") from None
+        data = parse_json(text) if text.strip() else {}
+    except InvalidJson as exc:
+        raise PolicyFileError(exc.message) from None
     if not isinstance(data, dict):
         raise PolicyFileError("the top level must be an object with 'templates' and 'sandboxes'")
     unknown = set(data) - set(SECTIONS)
@@ -95,15 +97,21 @@ class EmbeddedStore(PolicyStore):
                     self._reload()
 
     def _reload(self) -> None:
+        """Read and apply the file; never raises, whatever it holds: a watcher that died would never apply a
+        later edit (tightenings included), and start-up must not stop on a file it can report instead."""
+        try:
+            self._load_file()
+        except Exception as exc:  # a fault of ours, not of the file's content: logged with the traceback
+            log.exception("policy_file_load_failed", path=str(self.path))
+            self._reject(file_signature(self.path), f"could not be applied ({type(exc).__name__}: {exc})")
+
+    def _load_file(self) -> None:
         signature = file_signature(self.path)
         try:
-            sections = parse_policy_file(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, PolicyFileError) as exc:
-            self._signature = signature
-            self._sections = None
-            body = ErrorBody("POLICY_FILE_INVALID", f"{self.path}: {exc}; the last good policies stay in force")
-            self.state.rejections[(FILE, str(self.path))] = Rejection(FILE, str(self.path), body, time.time())
-            log.error("policy_file_rejected", path=str(self.path), code=body.code, message=body.message)
+            sections = parse_policy_file(read_regular_file(self.path))
+        except (OSError, PolicyFileError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self._reject(signature, reason)
             return
         self._signature = signature
         self._sections = sections
@@ -120,6 +128,15 @@ class EmbeddedStore(PolicyStore):
             templates=len(self.state.templates),
             rejected=len(self.state.rejections),
         )
+
+    def _reject(self, signature: Signature | None, reason: str) -> None:
+        """The file as a whole is unusable: the last good policies stay, API writes wait for a fix (so one
+        cannot overwrite a half-finished edit), and the status says why until the file changes again."""
+        self._signature = signature
+        self._sections = None
+        body = ErrorBody("POLICY_FILE_INVALID", f"{self.path}: {reason}; the last good policies stay in force")
+        self.state.rejections[(FILE, str(self.path))] = Rejection(FILE, str(self.path), body, time.time())
+        log.error("policy_file_rejected", path=str(self.path), code=body.code, message=body.message)
 
     # ------------------------------------------------------------------ writing
 

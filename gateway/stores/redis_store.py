@@ -48,6 +48,7 @@ from gateway.config import StoreConfig
 from gateway.errors import Conflict, ErrorBody, GatewayError, NotFound
 from gateway.state import SANDBOX, TEMPLATE, PolicyContext, PolicyState, Rejection
 from gateway.stores.base import Expect, PolicyStore, StoreUnavailable
+from gateway.untrusted import InvalidJson, parse_json
 
 log = structlog.get_logger("gateway.store.redis")
 
@@ -145,12 +146,10 @@ def encode_record(record: Mapping[str, Any]) -> Raw:
 def decode_record(raw: Raw) -> object:
     """The record's data; GatewayError(INVALID_JSON) when it is not JSON at all."""
     try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return parse_json(raw)
+    except InvalidJson as exc:  # the same rules as an API body: one parser for every entry point
         preview = raw[:40].decode("utf-8", "replace")
-        raise GatewayError(
-            "INVALID_JSON", f"the stored value is not valid JSON ({exc}); starts with {preview!r}"
-        ) from None
+        raise GatewayError("INVALID_JSON", f"the stored value is {exc.message}; starts with {preview!r}") from None
 
 
 def status_field(key: RecordKey) -> str:

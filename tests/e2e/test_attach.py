@@ -86,7 +86,7 @@ class Lab:
 
     def gateway_cli(self, *args: str, inside: bool = True) -> subprocess.CompletedProcess[str]:
         """`python -m gateway.cli sandbox ...`, inside the gateway namespace (`ip netns exec`) or from here."""
-        argv = [sys.executable, "-m", "gateway.cli", "sandbox", *args]
+        argv = [sys.executable, "-m", "gateway.cli", "--json", "sandbox", *args]
         if inside:
             argv = [IP, "netns", "exec", self.gw, *argv]
         return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False, cwd=str(REPO))
@@ -246,8 +246,8 @@ def test_attach_from_outside_creates_the_namespace_and_reattaches_with_new_addre
     # A second sandbox gets the next vif.
     other = f"{lab.prefix}-sb2"
     out = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "sandbox", "attach", "--netns", other, "--address", "10.75.0.11",
-         "--gateway-netns", lab.gw],
+        [sys.executable, "-m", "gateway.cli", "--json", "sandbox", "attach", "--netns", other,
+         "--address", "10.75.0.11", "--gateway-netns", lab.gw],
         capture_output=True, text=True, timeout=30, check=False, cwd=str(REPO),
     )  # fmt: skip
     assert out.returncode == 0 and json.loads(out.stdout)["interface"] == "vif2.0", out.stderr

@@ -5,7 +5,7 @@
     gateway sandbox attach --interface vif7.0 --address 10.75.0.7     # an interface a VMM created
     gateway sandbox detach --interface vif7.0 [--address 10.75.0.7]
 
-builds what a VMM builds for a real sandbox (seed 002's model, no bridge):
+builds what a VMM builds for a real sandbox (a host route and proxy ARP per address, no bridge; docs/feature-map.md, Edera):
 
 * namespace NAME (created when missing) with `eth0` holding the sandbox addresses as /32 and
   /128, `default via 169.254.1.1 dev eth0 onlink` (answered by proxy ARP) and `default via fe80::1`;
@@ -378,7 +378,7 @@ def add_attach_commands(subparsers: Any) -> None:
         parents=[config, gateway_netns],
         help="(root) wire a sandbox to this gateway namespace: an interface a VMM made, or a new namespace",
         description="With --interface IF: the static host route of each sandbox address via IF and proxy ARP/NDP "
-        "on it (seed 002's model; IF must exist). With --netns NAME (development): create network namespace NAME "
+        "on it (no bridge; IF must exist). With --netns NAME (development): create network namespace NAME "
         "(if missing) with a veth vif<n>.0 <-> eth0 to the namespace this runs in, the sandbox addresses, default "
         "routes, and the gateway-side host routes and proxy ARP.",
     )

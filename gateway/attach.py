@@ -5,7 +5,7 @@
     gateway sandbox attach --interface vif7.0 --address 10.75.0.7     # an interface a VMM created
     gateway sandbox detach --interface vif7.0 [--address 10.75.0.7]
 
-builds what a VMM builds for a real sandbox (a host route and proxy ARP per address, no bridge; docs/feature-map.md, Edera):
+builds what a VMM builds for a real sandbox (a host route and proxy ARP per address, no bridge):
 
 * namespace NAME (created when missing) with `eth0` holding the sandbox addresses as /32 and
   /128, `default via 169.254.1.1 dev eth0 onlink` (answered by proxy ARP) and `default via fe80::1`;

@@ -712,6 +712,7 @@ class RedisStore(PolicyStore):
             except Exception as exc:  # the follower must outlive any error; it resyncs afterwards
                 self._connected = False
                 resync_reason = "reconnect"
+                await self._drop_idle_connections()
                 if isinstance(exc, RedisError):
                     log.warning(
                         "redis_unavailable", url=self._url, error=str(exc) or type(exc).__name__, retry_in=backoff
@@ -753,6 +754,14 @@ class RedisStore(PolicyStore):
             pipe.hdel(self.keys.rejected, *plan.status_del)
         await pipe.execute()
 
+    async def _drop_idle_connections(self) -> None:
+        """After a connection error, close the pool's idle connections too: they are to the same server, and
+        without client-side retries (see `start`) one left over from before a Redis restart would fail the first
+        write after Redis is back. They reconnect when next used."""
+        if self._redis is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.connection_pool.disconnect(inuse_connections=False)
+
     # ------------------------------------------------------------------ writing
 
     async def _persist(self, kind: str, key: str, record: dict[str, Any] | None, expect: Expect) -> None:
@@ -773,6 +782,7 @@ class RedisStore(PolicyStore):
             ) from None
         except RedisError as exc:
             self._connected = False
+            await self._drop_idle_connections()
             raise StoreUnavailable(
                 "STORE_UNAVAILABLE",
                 f"Redis at {self._url} is unavailable ({exc or type(exc).__name__}); nothing was changed",

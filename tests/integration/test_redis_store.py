@@ -373,6 +373,24 @@ async def test_redis_killed_while_another_service_writes(
     assert await client.hexists(PREFIX + "sandboxes", "sb-api")
 
 
+async def test_the_first_writes_after_a_redis_restart_succeed(redis_server: RedisServer, make_store: MakeStore) -> None:
+    """Concurrent API writes leave several idle connections in the store's pool; after Redis restarts, none of
+    them may fail a write once the store is connected again (they are to the old server)."""
+    store = await make_store()
+    await asyncio.gather(
+        *(store.create_sandbox(sandbox(f"sb-{i}", f"10.75.3.{i + 1}", ["a.example.com"])) for i in range(8))
+    )
+    redis_server.kill()
+    with pytest.raises(StoreUnavailable):
+        await store.delete_sandbox("sb-0")
+    await wait_for(lambda: not store.status()["connected"], timeout=5.0, what="outage noticed")
+    redis_server.start()
+    await wait_for(lambda: store.status()["connected"], timeout=10.0, what="reconnected")
+    for i in range(8):  # one after another: each takes the most recently used idle connection
+        await store.replace_sandbox(f"sb-{i}", sandbox(f"sb-{i}", f"10.75.3.{i + 1}", ["b.example.com"]))
+    assert {sb.egress.allow_hosts for sb in store.state.sandboxes.values()} == {("b.example.com",)}
+
+
 async def test_redis_back_without_its_data_is_followed_not_ignored(
     redis_server: RedisServer, client: Redis, make_store: MakeStore
 ) -> None:

@@ -392,9 +392,9 @@ def get(host: str, path: str = "/", *headers: str, close: bool = False) -> str:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     with Topology(sandboxes=2, origins=1) as topo:
         e = Env(topo, tmp_path_factory.mktemp("tunnel-product"))
-        # Host routes, proxy ARP and policy routing as the attach tooling leaves them; `gateway run --steer`
-        # then writes its own nftables table for the sandboxes in its store.
-        topo.plumb(topo.steering_config(dial_mark=2))
+        # Host routes and proxy ARP as an operator sets them for the interfaces the "VMM" made; `gateway run
+        # --steer` then sets its own sysctls, policy routing and nftables table for the sandboxes in its store.
+        topo.attach_with_cli()
         for address in GUESSERS:
             topo.run("inet", ["ip", "addr", "add", f"{address}/24", "dev", "eth0"])
         e.write_config()

@@ -41,6 +41,7 @@ ZONE = {
     "rebind.test": {"A": ["10.1.2.3"]},
     "meta.test": {"A": ["169.254.169.254"]},
     "serial.test": {"A": ["198.18.2.{n}"]},  # {n}: the number of queries the zone server got for it
+    "secret.test": {"A": ["198.18.3.{n}"]},  # allowed to no sandbox but the unrestricted sb2
 }
 #: sb4's DNS budget (per minute) and the longest a query over it waits before it is refused (gateway [dns]).
 DNS_LIMIT, DNS_MAX_WAIT = 60, 2.0
@@ -496,6 +497,7 @@ def _policies(later_allowed: bool = False) -> dict[str, Any]:
                 "egress": {"allow_hosts": ["allowed.test"]},
                 "limits": {"dns_queries_per_minute": DNS_LIMIT},
             },
+            "sb5": {"id": "sb5", "addresses": ["10.75.0.5", "fdd4:1476:6c7e::5"]},  # the default profile: isolated
         },
     }
 
@@ -617,7 +619,7 @@ def pin(name: str, port: int, address: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    with Topology(sandboxes=4, origins=4) as topo:
+    with Topology(sandboxes=5, origins=4) as topo:
         e = Env(topo, tmp_path_factory.mktemp("egress"))
         # Host routes and proxy ARP from the operator's attach tooling; `gateway run --steer` does the rest.
         topo.attach_with_cli()
@@ -901,6 +903,38 @@ def test_dns_is_answered_by_the_gateway_and_only_for_allowed_names(env: Env) -> 
     blocked = [q for q in queries if q["name"] == "denied.test"]
     assert blocked and blocked[-1]["rcode"] == "NXDOMAIN" and not blocked[-1]["allowed"], queries
     assert any(q["name"] == "allowed.test" and q["answers"] == ["198.18.1.1"] for q in queries), queries
+
+
+@pytest.mark.root
+def test_an_isolated_sandbox_has_no_connection_and_no_dns(env: Env) -> None:
+    # sb5's record names no profile: the default, isolated. Allowed names of other sandboxes, an address in
+    # another sandbox's allow_cidrs, any port, either IP version: nothing gets out, and DNS is refused.
+    # Refused before any peek (a reset): an isolated sandbox gets no denial page either.
+    for url, extra in (
+        ("https://allowed.test/", pin("allowed.test", 443, "198.18.1.1")),
+        ("https://allowed.test/", pin("allowed.test", 443, "[2001:db8:1::1]")),
+        ("http://allowed.test/", pin("allowed.test", 80, "198.18.1.1")),
+    ):
+        out = env.curl("sb5", url, *extra)
+        assert out.returncode != 0 and "ORIGIN" not in out.stdout, (url, out)
+    assert env.topo.python("sb5", BANNER_CLIENT, "198.18.1.4", "22").strip() == "RESET"
+    for args in (("allowed.test", "A"), ("+tcp", "allowed.test", "A"), ("allowed.test", "AAAA")):
+        answer = env.dig("sb5", "@198.18.1.2", *args)
+        assert "status: REFUSED" in answer and "ANSWER: 0" in answer, answer
+    denials = [d for d in env.log_events("egress.deny") if d.get("sandbox") == "sb5"]
+    assert denials and {d["rule"] for d in denials} == {"profile:isolated"}, denials
+
+
+@pytest.mark.root
+def test_a_name_the_policy_denies_never_reaches_the_upstream(env: Env) -> None:
+    # secret.test's address counts the queries its authoritative server got. sb1 may not resolve it: however it
+    # asks (UDP, TCP, A, AAAA, repeated), it gets NXDOMAIN, and the upstream never hears of the name, so the
+    # unrestricted sb2's query afterwards is the first the server answers: 198.18.3.1.
+    for args in (("secret.test", "A"), ("+tcp", "secret.test", "A"), ("secret.test", "AAAA"), ("SeCrEt.TeSt", "A")):
+        answer = env.dig("sb1", "@198.18.1.2", *args)
+        assert "status: NXDOMAIN" in answer, answer
+    env.topo.python("sb1", REPEAT_CLIENT, "198.18.1.2", "secret.test", "3", timeout=15)
+    assert env.dig("sb2", "@198.18.1.2", "secret.test", "A", "+short").split() == ["198.18.3.1"]
 
 
 @pytest.mark.root

@@ -62,6 +62,7 @@ from gateway.peek import (
     AnswerAwaited,
     ClientHello,
     ClientHelloParser,
+    EndsBefore,
     HttpError,
     HttpRequestTracker,
     PeekError,
@@ -348,6 +349,8 @@ class _HttpGuard:
             if isinstance(event, AnswerAwaited):  # the rest waits for the server's answer
                 watch = ServerAnswer(event.awaiting, event.websocket_key)
                 return GuardStop(max(0, event.offset - chunk_start), None, watch)
+            if isinstance(event, EndsBefore):
+                return GuardStop(max(0, event.offset - chunk_start), None)
             if isinstance(event, RequestHead) and event.host != self.host:
                 cut = max(0, event.offset - chunk_start)
                 verdict = decide(self.policy, None if event.host_is_ip else event.host, None, self.port, "http")
@@ -693,7 +696,7 @@ class EgressEngine:
             self._log_denial(flow)
             self._track(asyncio.get_running_loop().create_task(_deny_with(conn, http_forbidden(reason, rule))))
         elif relay.closed_early:
-            flow.reason += "; closed at the server's answer, the client's later bytes were not forwarded"
+            flow.reason += "; ended at the server's answers (Expect): the client's later bytes were not forwarded"
             # Nothing to add to the server's answer; draining first keeps the close from resetting it away.
             self._track(asyncio.get_running_loop().create_task(_deny_with(conn, b"")))
         else:

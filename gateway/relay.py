@@ -21,8 +21,9 @@ relay holds the client's further bytes until the server answered (the guard's `S
 reads the other direction, which copies meanwhile; for `Expect` a timer answers too): after a
 genuine WebSocket `101` the rest passes (by splice too); after a declined upgrade or `100
 Continue` the held bytes are checked as HTTP again; after a final answer to `Expect` nothing
-more from the client goes (the connection ends after the server's answer); any other `101` or
-an unreadable answer cuts the connection before the answer reaches the client.
+more from the client goes (the connection ends after the server's answer), as at a stop
+without a refusal; any other `101` or an unreadable answer cuts the connection before the
+answer reaches the client.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class Bucket(Protocol):
 @dataclass(frozen=True, slots=True)
 class GuardStop:
     """Where a client->server chunk stops: `forward` bytes of it may go; then either the connection is cut
-    (`refusal` = (reason, rule)) or the rest waits for the server's answer, read by `watch`."""
+    (`refusal` = (reason, rule)), or the rest waits for the server's answer, read by `watch`, or (neither)
+    nothing more from the client goes and the connection ends after the server's answers, as `closed_early`."""
 
     forward: int
     refusal: tuple[str, str] | None
@@ -160,7 +162,8 @@ class Relay:
         self.error: BaseException | None = None
         #: (reason, rule) of the request the guard refused; the client gets the denial after the relay ends.
         self.cut: tuple[str, str] | None = None
-        #: The server answered a request with Expect before its body: nothing more from the client went.
+        #: The server answered a request with Expect before its body, or the guard ended the client's direction
+        #: without a refusal: nothing more from the client went.
         self.closed_early = False
         self.answer_timer: asyncio.TimerHandle | None = None
         self.cut_grace = cut_grace
@@ -370,8 +373,10 @@ class _Half:
             if stop.refusal is not None:
                 relay.cut = stop.refusal
                 self.eof = True
+            elif stop.watch is None:
+                relay.closed_early = True
+                self.eof = True
             else:
-                assert stop.watch is not None
                 self.held = data[stop.forward :]
                 relay.await_answer(stop.watch)
             data = data[: stop.forward]

@@ -405,6 +405,24 @@ except OSError as exc:
 print(data.decode(errors="replace").replace("\r\n", "|"))
 """
 
+#: Two pipelined POSTs with Expect: 100-continue in one write: the first has no body (the origin still answers it
+#: with a 100), the second goes to argv[2] with a body that is a request for denied.test. Prints everything the
+#: connection returned until its end.
+PIPELINED_EXPECT_CLIENT = r"""
+import socket, sys
+body = b"GET / HTTP/1.1\r\nHost: denied.test\r\n\r\n"
+head = "POST {} HTTP/1.1\r\nHost: allowed.test\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n"
+s = socket.create_connection((sys.argv[1], 80), timeout=8)
+s.sendall(head.format("/upload", 0).encode() + head.format(sys.argv[2], len(body)).encode() + body)
+data = b""
+try:
+    while chunk := s.recv(4096):
+        data += chunk
+except OSError as exc:
+    data += f"<{type(exc).__name__}>".encode()
+print(data.decode(errors="replace").replace("\r\n", "|"))
+"""
+
 #: Sends argv[3] (a JSON string, as latin-1 bytes) to argv[1]:argv[2] and prints what comes back until the end.
 RAW_CLIENT = r"""
 import json, socket, sys
@@ -796,6 +814,28 @@ def test_expect_100_continue_uploads_work_and_an_early_answer_smuggles_nothing(e
         assert out.stdout.strip() == f"ORIGIN got 200000 bytes path={path}", out.stdout + out.stderr
     early = [f for f in env.log_events("flow") if f.get("reason", "").endswith("later bytes were not forwarded")]
     assert early and early[-1]["verdict"] == "allow" and early[-1]["hostname"] == "allowed.test", early
+
+
+@pytest.mark.root
+def test_an_earlier_requests_100_continue_does_not_release_a_later_requests_body(env: Env) -> None:
+    # The origin answers the first (bodiless) request's Expect with a 100: were that taken for the answer to the
+    # second request, its body would go, and /early, answering 401 without reading it, would serve it as a request
+    # for denied.test. The second request is never forwarded: the connection ends after the first one's answer.
+    out = env.topo.python("sb1", PIPELINED_EXPECT_CLIENT, "198.18.1.1", "/early", timeout=20).strip()
+    assert "denied.test" not in out and "401" not in out, out
+    assert out.startswith("HTTP/1.1 100 Continue||HTTP/1.1 200 OK|") and "ORIGIN got 0 bytes path=/upload" in out, out
+    assert not out.endswith(">"), out  # a clean end of stream, no reset or timeout
+    # A client that reuses its connection for a second upload with Expect retries it on a new connection.
+    upload = env.workdir / "upload-twice.bin"
+    upload.write_bytes(os.urandom(50_000))
+    each = ["--data-binary", f"@{upload}", "-H", "Expect: 100-continue", *pin("allowed.test", 80, "198.18.1.1")]
+    argv = ["curl", "-sS", "-v", "-m", "10", *each, "http://allowed.test/one", "--next", *each]
+    out = env.topo.run("sb1", [*argv, "http://allowed.test/two"], check=False, timeout=20)
+    assert out.stdout.splitlines() == [
+        "ORIGIN got 50000 bytes path=/one",
+        "ORIGIN got 50000 bytes path=/two",
+    ], out.stdout + out.stderr
+    assert "re-using existing connection" in out.stderr.lower() and "retrying" in out.stderr.lower(), out.stderr
 
 
 @pytest.mark.root

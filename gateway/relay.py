@@ -64,6 +64,8 @@ class GuardStop:
     forward: int
     refusal: tuple[str, str] | None
     watch: ServerAnswer | None = None
+    #: All of the chunk goes and the guard is done: the rest of the direction passes unchecked (and may splice).
+    passthrough: bool = False
 
 
 class Guard(Protocol):
@@ -225,8 +227,7 @@ class Relay:
             up.flush()  # what was forwarded before the hold, then the upstream's write side is shut
             return
         if outcome is Answer.SWITCH:
-            up.guard = None  # WebSocket: nothing more to check, and bulk may splice
-            up.splice = self.splice
+            up.unguard()  # WebSocket: nothing more to check
         if not held:
             up.flush()  # reads on
         else:
@@ -312,6 +313,11 @@ class _Half:
         self.held: bytes | None = None  # client bytes after a held request, until the server answered it
         self.watch: ServerAnswer | None = None  # on the server->client direction while an answer awaits
 
+    def unguard(self) -> None:
+        """Nothing more to check in this direction: bulk may splice from now on."""
+        self.guard = None
+        self.splice = self.relay.splice
+
     def resume_reading(self) -> None:
         if not self.reading:
             self.reading = True
@@ -373,6 +379,8 @@ class _Half:
             if stop.refusal is not None:
                 relay.cut = stop.refusal
                 self.eof = True
+            elif stop.passthrough:
+                self.unguard()
             elif stop.watch is None:
                 relay.closed_early = True
                 self.eof = True

@@ -209,7 +209,9 @@ def steer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Steer]:
         s.sink = topo.start_python("inet", UDP_SINK, "443", "5000")
         for index in (1, 2):  # services inside the sandboxes, for the private-link tests
             topo.start_python(f"sb{index}", ORIGIN_SERVER, "8080", "8081")
-        topo.start_python("sb2", UDP_SINK, "5000", "5001")
+        # ... and on port 53 of sb2, which DNS to its address must never reach.
+        topo.start_python("sb2", ORIGIN_SERVER, "53")
+        topo.start_python("sb2", UDP_SINK, "5000", "5001", "53")
         # Stand-in for other services of the gateway host (Redis, SSH...), on every address it has.
         topo.start_python("gw", ORIGIN_SERVER, "6379")
         env.write_policies(_policies())
@@ -264,10 +266,21 @@ def test_tcp_to_any_port_reaches_the_engine_with_the_original_destination(steer:
 @pytest.mark.root
 @pytest.mark.parametrize(
     "resolver",
-    [GW_SANDBOX_V4, GW_SANDBOX_V6, NOBODY_V4, "198.18.0.53", "192.0.2.53", "2001:db8:1::53", str(GATEWAY_V4)],
+    [
+        GW_SANDBOX_V4,
+        GW_SANDBOX_V6,
+        NOBODY_V4,
+        "10.75.0.2",
+        "fdd4:1476:6c7e::2",
+        "198.18.0.53",
+        "192.0.2.53",
+        "2001:db8:1::53",
+        str(GATEWAY_V4),
+    ],
 )
 def test_dns_to_any_address_is_answered_by_the_interceptor(steer: Steer, resolver: str) -> None:
-    """Also a resolver inside the sandbox subnets: the gateway's own address there, or one nobody holds."""
+    """Also a resolver inside the sandbox subnets: the gateway's own address there, one nobody holds, or another
+    sandbox's (sb2 serves UDP and TCP on port 53: an answer from it would not parse as DNS)."""
     for transport in ("+notcp", "+tcp"):
         allowed = steer.env.dig("sb1", transport, f"@{resolver}", "allowed.test", "A", "+short")
         assert allowed.split() == ["198.18.1.1"], (resolver, transport, allowed)

@@ -18,6 +18,7 @@ import re
 import select
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -491,6 +492,29 @@ def test_an_attached_source_without_a_record_is_dropped_counted_and_logged_until
     assert steer.curl("sb3", "http://[2001:db8:1::3]/").stdout.strip() == "ORIGIN 2001:db8:1::3 80"
     after_table = steer.table(handles=True)
     assert _rules(after_table) == rules and "10.75.0.3" in after_table
+
+
+@pytest.mark.root
+def test_attach_refuses_an_interface_the_table_does_not_filter_by_name(steer: Steer) -> None:
+    """Forwarding is on (`--steer`): from an interface outside egress.sandbox_interfaces, only sources inside the
+    sandbox subnets are classified, so a spoofed source outside them would be forwarded to the internet
+    unfiltered. Attaching such an interface is refused before anything changes."""
+    topo = steer.topo
+    topo.run("gw", ["ip", "link", "add", "tapx0", "type", "veth", "peer", "name", "eth1", "netns", topo.ns("sb3")])
+    try:
+        topo.run("gw", ["ip", "link", "set", "tapx0", "up"])
+        attach = [sys.executable, "-m", "gateway.cli", "sandbox", "attach", "--interface", "tapx0"]
+        out = topo.run("gw", [*attach, "--address", "10.75.0.9"], check=False, timeout=30)
+        assert out.returncode == 2 and out.stderr.startswith("INTERFACE_NOT_STEERED: 'tapx0'"), out.stdout + out.stderr
+        assert "tapx0" not in topo.run("gw", ["ip", "route"]).stdout
+        assert steer.sysctl("net/ipv4/conf/tapx0/proxy_arp") == "0"
+        # The same interface under a name the table knows is attached.
+        topo.run("gw", ["ip", "link", "set", "tapx0", "name", "vifx0"])
+        out = topo.run("gw", [*attach[:-1], "vifx0", "--address", "10.75.0.9"], check=False, timeout=30)
+        assert out.returncode == 0 and "10.75.0.9 dev vifx0" in topo.run("gw", ["ip", "route"]).stdout, out.stderr
+    finally:
+        for name in ("tapx0", "vifx0"):
+            topo.run("gw", ["ip", "link", "del", name], check=False)
 
 
 @pytest.mark.root

@@ -271,6 +271,7 @@ def test_tcp_to_any_port_reaches_the_engine_with_the_original_destination(steer:
         GW_SANDBOX_V4,
         GW_SANDBOX_V6,
         NOBODY_V4,
+        "fdd4:1476:6c7e::fe",
         "10.75.0.2",
         "fdd4:1476:6c7e::2",
         "198.18.0.53",

@@ -363,11 +363,16 @@ def test_private_links_from_the_api_open_one_direction_one_protocol_their_ports_
         lambda: steer.curl("sb3", url4),  # not another sandbox
     )
     assert all(map(_refused, refused))
-    # A TCP link opens no UDP, not even on its port.
-    assert parallel(lambda: steer.udp("sb1", sb2_v4, 8080), lambda: steer.udp("sb1", sb2_v4, 5000)) == [
-        "NOREPLY",
-        "NOREPLY",
-    ]
+    # A TCP link opens no UDP, not even on its port, and no ICMP.
+    assert (
+        parallel(
+            lambda: steer.udp("sb1", sb2_v4, 8080),
+            lambda: steer.udp("sb1", sb2_v4, 5000),
+            lambda: steer.topo.python("sb1", ICMP_CLIENT, sb2_v4).strip(),
+            lambda: steer.topo.python("sb1", ICMP_CLIENT, sb2_v6).strip(),
+        )
+        == ["NOREPLY"] * 4
+    )
 
     udp_link = {"source": "sb1", "ports": [5000], "protocol": "udp"}
     code, body = steer.api("PATCH", "/v1/sandboxes/sb2", {"private_links": [udp_link]})

@@ -643,7 +643,6 @@ class EndsBefore:
     answered the requests before it; the client may send the request again on a new connection."""
 
     offset: int
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -1215,8 +1214,7 @@ class HttpRequestTracker:
             self._state = body
         elif self._heads > 1:
             self._state = _CLOSED
-            reason = "a request with Expect and a body behind earlier requests on its connection goes on a new one"
-            events.append(EndsBefore(self._request_offset, reason))
+            events.append(EndsBefore(self._request_offset))
         else:
             self._resume = body
             self._await(events, Awaiting.CONTINUE, None)

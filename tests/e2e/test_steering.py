@@ -184,7 +184,7 @@ class Steer:
         for a moment (their elements come and go with traffic)."""
         argv = ["nft", "-s", *(["-a"] if handles else []), "list", "table", "inet", "sandbox_gateway"]
         listing = self.topo.run("gw", argv).stdout
-        return re.sub(r"(set unattached_v[46] \{.*?)\n\t\telements = \{[^}]*\}", r"\1", listing, flags=re.S)
+        return re.sub(r"(set unattached_v[46] \{[^}]*?)\n\t\telements = \{[^}]*\}", r"\1", listing)
 
     def sysctl(self, key: str) -> str:
         return self.topo.run("gw", ["cat", f"/proc/sys/{key}"]).stdout.strip()
@@ -393,6 +393,28 @@ def test_private_links_from_the_api_open_one_direction_one_protocol_their_ports_
     assert wait_until(lambda: steer.udp("sb1", sb2_v4, 5000) == "NOREPLY", 10)
     # Never via the engine (DNS to sb2's addresses is the interceptor's, and a flow of its own).
     assert not [f for f in steer.flows() if f["orig_dst_addr"] in (sb2_v4, sb2_v6) and f["protocol"] != "dns"]
+
+
+@pytest.mark.root
+def test_a_private_link_to_a_record_holding_the_gateways_own_address_reaches_nothing(steer: Steer) -> None:
+    # A record may name an address the gateway holds inside the sandbox subnets, with a link from sb1 to every
+    # port: the link is in the table, but what it would deliver is the gateway's own, and that stays dropped.
+    record = {"id": "gwfake", "addresses": [GW_SANDBOX_V4, GW_SANDBOX_V6], "profile": "isolated"}
+    record["private_links"] = [{"source": "sb1"}, {"source": "sb1", "protocol": "udp"}]
+    created = steer.api("POST", "/v1/sandboxes", record)
+    assert created[0] == 201, created
+    try:
+        assert wait_until(lambda: GW_SANDBOX_V4 in steer.table() and "link_v4" in steer.table(), 10)
+        assert wait_until(lambda: f"10.75.0.1 . {GW_SANDBOX_V4} . tcp" in steer.table(), 10), steer.table()
+        outs = parallel(
+            lambda: steer.tcp("sb1", GW_SANDBOX_V4, 6379),
+            lambda: steer.tcp("sb1", GW_SANDBOX_V6, 6379),
+            lambda: steer.tcp("sb1", GW_SANDBOX_V4, 8470),
+        )
+        assert all(out.startswith("FAIL") and "ORIGIN" not in out for out in outs), outs
+    finally:
+        assert steer.api("DELETE", "/v1/sandboxes/gwfake")[0] in (200, 204)
+    assert wait_until(lambda: GW_SANDBOX_V4 not in steer.table(), 10)
 
 
 @pytest.mark.root

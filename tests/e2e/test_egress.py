@@ -755,6 +755,20 @@ def test_an_upgrade_passes_the_new_protocol_and_a_declined_one_smuggles_nothing(
     assert "HTTP/1.1 403 Forbidden" in rest and "X-Gateway-Reason: host denied.test: host not in allowlist" in rest
 
 
+@pytest.mark.root
+def test_requests_pipelined_behind_a_websocket_handshake_wait_for_its_answer(env: Env) -> None:
+    # In one write: the handshake (Connection: keep-alive, Upgrade) and a request for denied.test. The origin
+    # declines on /plain (200): the held request is then checked as HTTP and refused.
+    handshake = (
+        "GET {} HTTP/1.1\r\nHost: allowed.test\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    fronted = "GET / HTTP/1.1\r\nHost: denied.test\r\n\r\n"
+    out = env.topo.python("sb1", RAW_CLIENT, "198.18.1.1", "80", json.dumps(handshake.format("/plain") + fronted))
+    assert out.startswith("HTTP/1.1 200 OK|") and "ORIGIN 198.18.1.1 host=allowed.test" in out, out
+    assert "X-Gateway-Reason: host denied.test: host not in allowlist" in out and "host=denied.test" not in out, out
+
+
 #: Requests of allowed.test that ask to leave HTTP/1 other than by a WebSocket handshake (H2C_CLIENT's fields).
 REFUSED_UPGRADES = {
     "h2c as curl asks": "Connection: Upgrade, HTTP2-Settings|Upgrade: h2c|HTTP2-Settings: SETTINGS",

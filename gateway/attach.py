@@ -180,15 +180,34 @@ def attach_interface(
     return netplumb.attach_sandbox(checked, ifname, netns=gateway_netns)
 
 
+def _check_steered(ifname: str, patterns: Sequence[str] | None, what: str) -> None:
+    """A sandbox interface must match `egress.sandbox_interfaces` (None: not checked). From any other interface
+    the table classifies only sources inside the sandbox subnets, and with the forwarding `--steer` turns on a
+    spoofed source outside them would be forwarded unfiltered."""
+    from gateway import netplumb
+
+    if patterns is not None and not netplumb.is_sandbox_interface(ifname, patterns):
+        raise AttachError(
+            "INTERFACE_NOT_STEERED",
+            f"{ifname!r} matches none of egress.sandbox_interfaces ({', '.join(patterns)}): the gateway would not "
+            "filter what arrives on it whatever its source address",
+            what,
+            status=400,
+        )
+
+
 def attach_interfaces(
     addresses: Iterable[IPAddress | str],
     ifname: str,
     *,
     gateway_netns: str | None = None,
     subnets: Sequence[IPNetwork] = (),
+    interfaces: Sequence[str] | None = None,
 ) -> Attachment:
-    """`attach_interface` for each address (all checked before anything changes)."""
+    """`attach_interface` for each address (all checked before anything changes); `interfaces`: the
+    `egress.sandbox_interfaces` patterns `ifname` must match."""
     _check_name(ifname, "interface")
+    _check_steered(ifname, interfaces, "interface")
     wanted = _addresses(addresses, subnets)
     changed = False
     for address in wanted:
@@ -220,13 +239,17 @@ def attach_netns(
     gateway_netns: str | None = None,
     ifname: str | None = None,
     subnets: Sequence[IPNetwork] = (),
+    interfaces: Sequence[str] | None = None,
 ) -> Attachment:
     """Create (or complete) sandbox namespace `name` wired to the gateway; see the module docstring.
+    `interfaces`: the `egress.sandbox_interfaces` patterns the gateway-side interface must match.
 
     Not transactional: after a failure part way, `detach_netns` removes whatever was made."""
     from gateway import netplumb
 
     _check_name(name, "netns")
+    # The interface this attach ends up with: the one asked for, the one made earlier, or a new vif<n>.0.
+    _check_steered(ifname or find_interface(name, gateway_netns=gateway_netns) or "vif1.0", interfaces, "ifname")
     wanted = _addresses(addresses, subnets)
     changed = False
     if not netns_exists(name):
@@ -420,16 +443,22 @@ def run_attach_command(args: argparse.Namespace, out: TextIO = sys.stdout, err: 
             return EXIT_OK
         from gateway.config import load_config
 
-        subnets = load_config(getattr(args, "config", None)).sandbox_subnets
+        config = load_config(getattr(args, "config", None))
+        subnets, interfaces = config.sandbox_subnets, config.egress.sandbox_interfaces
         if args.interface is not None:
             if args.ifname is not None:
                 raise AttachError("USAGE", "--ifname is for --netns; --interface names the interface", status=400)
             attachment = attach_interfaces(
-                args.address, args.interface, gateway_netns=args.gateway_netns, subnets=subnets
+                args.address, args.interface, gateway_netns=args.gateway_netns, subnets=subnets, interfaces=interfaces
             )
         else:
             attachment = attach_netns(
-                args.netns, args.address, gateway_netns=args.gateway_netns, ifname=args.ifname, subnets=subnets
+                args.netns,
+                args.address,
+                gateway_netns=args.gateway_netns,
+                ifname=args.ifname,
+                subnets=subnets,
+                interfaces=interfaces,
             )
     except GatewayError as exc:
         err.write(f"{exc}\n")

@@ -56,12 +56,14 @@ from gateway.flowlog import FlowLog, FlowRecord
 from gateway.learned import LearnedDestinations
 from gateway.nft import SteeringConfig, UnattachedSources, links_from_sandboxes, render_ruleset
 from gateway.peek import (
+    CLASSIFY_MAX_BYTES,
     NEED_MORE,
     AlertDescription,
     Answer,
     AnswerAwaited,
     ClientHello,
     ClientHelloParser,
+    EndsBefore,
     HttpError,
     HttpRequestTracker,
     PeekError,
@@ -348,6 +350,8 @@ class _HttpGuard:
             if isinstance(event, AnswerAwaited):  # the rest waits for the server's answer
                 watch = ServerAnswer(event.awaiting, event.websocket_key)
                 return GuardStop(max(0, event.offset - chunk_start), None, watch)
+            if isinstance(event, EndsBefore):
+                return GuardStop(max(0, event.offset - chunk_start), None)
             if isinstance(event, RequestHead) and event.host != self.host:
                 cut = max(0, event.offset - chunk_start)
                 verdict = decide(self.policy, None if event.host_is_ip else event.host, None, self.port, "http")
@@ -366,6 +370,32 @@ class _HttpGuard:
             return (f"{answer.code}: {answer.message}", "builtin:http")
         self.tracker.answered(answer)
         return answer
+
+
+class _FirstWordsGuard:
+    """The client of a connection decided by address because it said nothing within the peek (a protocol where
+    the server speaks first): its first bytes may be neither a TLS hello nor an HTTP request, which would name a
+    host that decision never checked (an address learned from DNS for one name serves others too). Done once
+    they are classified; until then they go (no request is complete before its first line is)."""
+
+    __slots__ = ("buf", "waited")
+
+    def __init__(self, waited: float) -> None:
+        self.buf = bytearray()
+        self.waited = waited
+
+    def feed(self, chunk: bytes) -> GuardStop | None:
+        self.buf += chunk[: CLASSIFY_MAX_BYTES - len(self.buf)]
+        kind = classify(self.buf)
+        if kind is NEED_MORE:
+            return None
+        if kind is TrafficKind.OPAQUE:
+            return GuardStop(len(chunk), None, passthrough=True)
+        reason = f"{kind} from a client that said nothing for {self.waited}s (decided by address, no name checked)"
+        return GuardStop(0, (reason, "builtin:peek"))
+
+    def answered(self, answer: Answer | HttpError) -> Answer | tuple[str, str]:
+        raise RuntimeError("no request of a server-speaks-first connection awaits an answer")
 
 
 class EgressEngine:
@@ -611,7 +641,10 @@ class EgressEngine:
             self._deny(flow, plan.reason, plan.rule)
             _reset(conn)
             return False
-        return await self._relay(conn, flow, policy, plan, _take_data(peeked), None)
+        first = _take_data(peeked)
+        # Said nothing (the server speaks first): what the client says first is looked at still.
+        guard = None if first else _FirstWordsGuard(self.egress.peek_timeout)
+        return await self._relay(conn, flow, policy, plan, first, guard)
 
     # ------------------------------------------------------------------ dial + relay
 
@@ -637,7 +670,7 @@ class EgressEngine:
         policy: CompiledPolicy,
         plan: Plan,
         first: bytes | bytearray,
-        guard: _HttpGuard | None,
+        guard: _HttpGuard | _FirstWordsGuard | None,
         later_events: list[Any] | None = None,
     ) -> bool:
         """Dial and hand both sockets to a `Relay`; True when it owns the client socket from now on."""
@@ -649,7 +682,7 @@ class EgressEngine:
         except (OSError, TimeoutError) as exc:
             why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
             self._deny(flow, f"upstream {plan.dial} unreachable: {why}", "builtin:dial")
-            if guard is not None:
+            if isinstance(guard, _HttpGuard):
                 await _deny_with(conn, _bad_gateway(flow.reason))
             else:
                 _reset(conn)
@@ -671,7 +704,7 @@ class EgressEngine:
             sweeper=sweeper,
             first=first,
             # Requests pipelined behind the first one, read while peeking, are checked like later chunks.
-            first_stop=guard.check(later_events, 0) if guard is not None and later_events else None,
+            first_stop=guard.check(later_events, 0) if isinstance(guard, _HttpGuard) and later_events else None,
             guard=guard,
             up_bucket=up_bucket,
             down_bucket=down_bucket,
@@ -693,7 +726,7 @@ class EgressEngine:
             self._log_denial(flow)
             self._track(asyncio.get_running_loop().create_task(_deny_with(conn, http_forbidden(reason, rule))))
         elif relay.closed_early:
-            flow.reason += "; closed at the server's answer, the client's later bytes were not forwarded"
+            flow.reason += "; ended at the server's answers (Expect): the client's later bytes were not forwarded"
             # Nothing to add to the server's answer; draining first keeps the close from resetting it away.
             self._track(asyncio.get_running_loop().create_task(_deny_with(conn, b"")))
         else:

@@ -267,7 +267,8 @@ def read_sysctls(pattern: str, *, netns: str | None = None) -> dict[str, str]:
     return out
 
 
-def _is_sandbox_interface(name: str, patterns: Iterable[str]) -> bool:
+def is_sandbox_interface(name: str, patterns: Iterable[str]) -> bool:
+    """Whether `name` matches one of the `egress.sandbox_interfaces` patterns (a name, or a prefix and `*`)."""
     return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in patterns)
 
 
@@ -288,7 +289,7 @@ def ensure_forwarding(sandbox_interfaces: Iterable[str], *, netns: str | None = 
     if current.get("net/ipv6/conf/all/forwarding") != "1":
         for key, value in sorted(read_sysctls("net/ipv6/conf/*/accept_ra", netns=netns).items()):
             name = key.split("/")[3]
-            if value == "1" and name not in ("all", "default") and not _is_sandbox_interface(name, patterns):
+            if value == "1" and name not in ("all", "default") and not is_sandbox_interface(name, patterns):
                 wanted[key] = "2"
     for key in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"):
         if current.get(key) != "1":

@@ -16,7 +16,9 @@ first bytes under a deadline and a size bound, and asks this module what they ar
   make it wait for the server: a WebSocket handshake (the one upgrade allowed: h2c and every
   other protocol would carry requests past the check) and a request with `Expect` and a body
   (whose body the server might otherwise read as a request). `ServerAnswer` reads the server's
-  answer: only a genuine WebSocket `101` leaves HTTP.
+  answer: only a genuine WebSocket `101` leaves HTTP. Both must be the first request on their
+  connection (the server's next bytes are then its answer, not an earlier response's); a later
+  request with `Expect` and a body ends the connection before it (`EndsBefore`).
 - `tls_alert(...)` / `http_forbidden(...)`: the explicit denials, as bytes to write.
 
 Nothing here touches a socket, a clock or asyncio, in the style of h11 / mitmproxy's
@@ -59,6 +61,7 @@ __all__ = [
     "Awaiting",
     "ClientHello",
     "ClientHelloParser",
+    "EndsBefore",
     "HttpError",
     "HttpErrorCode",
     "HttpEvent",
@@ -635,6 +638,14 @@ class AnswerAwaited:
 
 
 @dataclass(frozen=True, slots=True)
+class EndsBefore:
+    """Nothing from stream `offset` on may go (terminal, not a refusal): the connection is to end once the server
+    answered the requests before it; the client may send the request again on a new connection."""
+
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
 class HttpError:
     """The stream is refused (terminal: later feeds return this same error)."""
 
@@ -642,7 +653,7 @@ class HttpError:
     message: str
 
 
-type HttpEvent = RequestHead | RequestEnd | AnswerAwaited | NeedMore | HttpError
+type HttpEvent = RequestHead | RequestEnd | AnswerAwaited | EndsBefore | NeedMore | HttpError
 
 
 #: How long a request with `Expect` holds its body for the server's `100 Continue` before it goes anyway
@@ -798,6 +809,7 @@ _ERROR: Final = 7
 _AWAITING: Final = 8
 _CLOSED: Final = 9
 _LINE_STATES: Final = frozenset((_HEAD, _CHUNK_SIZE, _TRAILER))
+_STOPPED_STATES: Final = frozenset((_AWAITING, _CLOSED))
 
 
 def _parse_authority(value: str, what: str) -> tuple[str, int | None, bool]:
@@ -859,7 +871,7 @@ class HttpRequestTracker:
     `feed(data)` returns the events the new bytes complete, in stream order:
     `RequestHead` (decide on its host before forwarding any byte at or after its
     `offset`), `RequestEnd`, and finally one of `NeedMore` (waiting for bytes: the normal
-    state, between requests too), `HttpError` (terminal) or `AnswerAwaited`.
+    state, between requests too), `HttpError` (terminal), `EndsBefore` (terminal) or `AnswerAwaited`.
 
     Leaving the checked state: an `Upgrade` header field, in any request, is refused
     (HTTP_UPGRADE_REFUSED) unless the request is a complete WebSocket handshake (RFC 6455
@@ -876,7 +888,10 @@ class HttpRequestTracker:
     such a request at once and keeps the connection may read the body as the next request,
     past the check. The tracker stops after the head (`AnswerAwaited` at the body's start):
     RESUME (100 Continue, or no answer within `CONTINUE_TIMEOUT`) goes on with the body;
-    CLOSE (a final status first) means nothing more from the client may go.
+    CLOSE (a final status first) means nothing more from the client may go. Only on the first
+    request: behind earlier requests the server's next bytes may be their responses (a 100 an
+    earlier request's Expect drew, or a body holding one), not the answer to this one, so a
+    later request with `Expect` and a body is `EndsBefore` its start (terminal).
 
     Memory: at most one request head (`max_head_size`) or one chunk-size/trailer line is
     held; bodies are counted and dropped.
@@ -989,7 +1004,7 @@ class HttpRequestTracker:
             self._line = bytearray()
             events.append(self._error)
             return events
-        if self._state != _AWAITING:
+        if self._state not in _STOPPED_STATES:
             events.append(NEED_MORE)
         return events
 
@@ -1030,7 +1045,7 @@ class HttpRequestTracker:
                     self._chunk_size_line(line, events)
                 else:
                     self._trailer_line(line, line_len + 1, events)
-                if self._state == _AWAITING:
+                if self._state in _STOPPED_STATES:
                     return  # nothing after a held request (or head) is consumed before the server answered
             elif state == _CHUNK_CRLF:
                 expected = 0x0D if self._crlf_seen == 0 else 0x0A
@@ -1195,11 +1210,14 @@ class HttpRequestTracker:
             return
         body = _CHUNK_SIZE if chunked else _BODY
         self._remaining = length
-        if expect:
+        if not expect:
+            self._state = body
+        elif self._heads > 1:
+            self._state = _CLOSED
+            events.append(EndsBefore(self._request_offset))
+        else:
             self._resume = body
             self._await(events, Awaiting.CONTINUE, None)
-        else:
-            self._state = body
 
     def _end_request(self, events: list[HttpEvent]) -> None:
         events.append(RequestEnd(self._pos, self._body_length))

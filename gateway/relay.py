@@ -21,8 +21,9 @@ relay holds the client's further bytes until the server answered (the guard's `S
 reads the other direction, which copies meanwhile; for `Expect` a timer answers too): after a
 genuine WebSocket `101` the rest passes (by splice too); after a declined upgrade or `100
 Continue` the held bytes are checked as HTTP again; after a final answer to `Expect` nothing
-more from the client goes (the connection ends after the server's answer); any other `101` or
-an unreadable answer cuts the connection before the answer reaches the client.
+more from the client goes (the connection ends after the server's answer), as at a stop
+without a refusal; any other `101` or an unreadable answer cuts the connection before the
+answer reaches the client.
 """
 
 from __future__ import annotations
@@ -57,11 +58,14 @@ class Bucket(Protocol):
 @dataclass(frozen=True, slots=True)
 class GuardStop:
     """Where a client->server chunk stops: `forward` bytes of it may go; then either the connection is cut
-    (`refusal` = (reason, rule)) or the rest waits for the server's answer, read by `watch`."""
+    (`refusal` = (reason, rule)), or the rest waits for the server's answer, read by `watch`, or (neither)
+    nothing more from the client goes and the connection ends after the server's answers, as `closed_early`."""
 
     forward: int
     refusal: tuple[str, str] | None
     watch: ServerAnswer | None = None
+    #: All of the chunk goes and the guard is done: the rest of the direction passes unchecked (and may splice).
+    passthrough: bool = False
 
 
 class Guard(Protocol):
@@ -160,7 +164,8 @@ class Relay:
         self.error: BaseException | None = None
         #: (reason, rule) of the request the guard refused; the client gets the denial after the relay ends.
         self.cut: tuple[str, str] | None = None
-        #: The server answered a request with Expect before its body: nothing more from the client went.
+        #: The server answered a request with Expect before its body, or the guard ended the client's direction
+        #: without a refusal: nothing more from the client went.
         self.closed_early = False
         self.answer_timer: asyncio.TimerHandle | None = None
         self.cut_grace = cut_grace
@@ -222,8 +227,7 @@ class Relay:
             up.flush()  # what was forwarded before the hold, then the upstream's write side is shut
             return
         if outcome is Answer.SWITCH:
-            up.guard = None  # WebSocket: nothing more to check, and bulk may splice
-            up.splice = self.splice
+            up.unguard()  # WebSocket: nothing more to check
         if not held:
             up.flush()  # reads on
         else:
@@ -309,6 +313,11 @@ class _Half:
         self.held: bytes | None = None  # client bytes after a held request, until the server answered it
         self.watch: ServerAnswer | None = None  # on the server->client direction while an answer awaits
 
+    def unguard(self) -> None:
+        """Nothing more to check in this direction: bulk may splice from now on."""
+        self.guard = None
+        self.splice = self.relay.splice
+
     def resume_reading(self) -> None:
         if not self.reading:
             self.reading = True
@@ -370,8 +379,12 @@ class _Half:
             if stop.refusal is not None:
                 relay.cut = stop.refusal
                 self.eof = True
+            elif stop.passthrough:
+                self.unguard()
+            elif stop.watch is None:
+                relay.closed_early = True
+                self.eof = True
             else:
-                assert stop.watch is not None
                 self.held = data[stop.forward :]
                 relay.await_answer(stop.watch)
             data = data[: stop.forward]

@@ -12,10 +12,12 @@ query the gateway's interceptor with dig, at addresses that are not resolvers at
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -30,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests import authdns
-from tests.netns import INET_V4, Topology, live_namespaces, wait_for_line
+from tests.netns import INET_V4, Topology, live_namespaces, wait_for_line, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 NAMES = ("allowed.test", "denied.test", "later.test", "rebind.test", "meta.test")
@@ -406,6 +408,41 @@ except OSError as exc:
 print(data.decode(errors="replace").replace("\r\n", "|"))
 """
 
+#: Two pipelined POSTs with Expect: 100-continue in one write: the first has no body (the origin still answers it
+#: with a 100), the second goes to argv[2] with a body that is a request for denied.test. Prints everything the
+#: connection returned until its end.
+PIPELINED_EXPECT_CLIENT = r"""
+import socket, sys
+body = b"GET / HTTP/1.1\r\nHost: denied.test\r\n\r\n"
+head = "POST {} HTTP/1.1\r\nHost: allowed.test\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n"
+s = socket.create_connection((sys.argv[1], 80), timeout=8)
+s.sendall(head.format("/upload", 0).encode() + head.format(sys.argv[2], len(body)).encode() + body)
+data = b""
+try:
+    while chunk := s.recv(4096):
+        data += chunk
+except OSError as exc:
+    data += f"<{type(exc).__name__}>".encode()
+print(data.decode(errors="replace").replace("\r\n", "|"))
+"""
+
+#: Connects to argv[1]:argv[2] and says nothing until told to (a line on stdin), then sends argv[3] (a JSON string,
+#: as latin-1 bytes) and prints what comes back until the end.
+SILENT_THEN_CLIENT = r"""
+import json, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=8)
+print("connected", flush=True)
+sys.stdin.readline()
+s.sendall(json.loads(sys.argv[3]).encode("latin-1"))
+data = b""
+try:
+    while chunk := s.recv(4096):
+        data += chunk
+except OSError as exc:
+    data += f"<{type(exc).__name__}>".encode()
+print(data.decode(errors="replace").replace("\r\n", "|"), flush=True)
+"""
+
 #: Sends argv[3] (a JSON string, as latin-1 bytes) to argv[1]:argv[2] and prints what comes back until the end.
 RAW_CLIENT = r"""
 import json, socket, sys
@@ -720,6 +757,20 @@ def test_an_upgrade_passes_the_new_protocol_and_a_declined_one_smuggles_nothing(
     assert "HTTP/1.1 403 Forbidden" in rest and "X-Gateway-Reason: host denied.test: host not in allowlist" in rest
 
 
+@pytest.mark.root
+def test_requests_pipelined_behind_a_websocket_handshake_wait_for_its_answer(env: Env) -> None:
+    # In one write: the handshake (Connection: keep-alive, Upgrade) and a request for denied.test. The origin
+    # declines on /plain (200): the held request is then checked as HTTP and refused.
+    handshake = (
+        "GET {} HTTP/1.1\r\nHost: allowed.test\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    fronted = "GET / HTTP/1.1\r\nHost: denied.test\r\n\r\n"
+    out = env.topo.python("sb1", RAW_CLIENT, "198.18.1.1", "80", json.dumps(handshake.format("/plain") + fronted))
+    assert out.startswith("HTTP/1.1 200 OK|") and "ORIGIN 198.18.1.1 host=allowed.test" in out, out
+    assert "X-Gateway-Reason: host denied.test: host not in allowlist" in out and "host=denied.test" not in out, out
+
+
 #: Requests of allowed.test that ask to leave HTTP/1 other than by a WebSocket handshake (H2C_CLIENT's fields).
 REFUSED_UPGRADES = {
     "h2c as curl asks": "Connection: Upgrade, HTTP2-Settings|Upgrade: h2c|HTTP2-Settings: SETTINGS",
@@ -798,6 +849,28 @@ def test_expect_100_continue_uploads_work_and_an_early_answer_smuggles_nothing(e
         assert out.stdout.strip() == f"ORIGIN got 200000 bytes path={path}", out.stdout + out.stderr
     early = [f for f in env.log_events("flow") if f.get("reason", "").endswith("later bytes were not forwarded")]
     assert early and early[-1]["verdict"] == "allow" and early[-1]["hostname"] == "allowed.test", early
+
+
+@pytest.mark.root
+def test_an_earlier_requests_100_continue_does_not_release_a_later_requests_body(env: Env) -> None:
+    # The origin answers the first (bodiless) request's Expect with a 100: were that taken for the answer to the
+    # second request, its body would go, and /early, answering 401 without reading it, would serve it as a request
+    # for denied.test. The second request is never forwarded: the connection ends after the first one's answer.
+    out = env.topo.python("sb1", PIPELINED_EXPECT_CLIENT, "198.18.1.1", "/early", timeout=20).strip()
+    assert "denied.test" not in out and "401" not in out, out
+    assert out.startswith("HTTP/1.1 100 Continue||HTTP/1.1 200 OK|") and "ORIGIN got 0 bytes path=/upload" in out, out
+    assert not out.endswith(">"), out  # a clean end of stream, no reset or timeout
+    # A client that reuses its connection for a second upload with Expect retries it on a new connection.
+    upload = env.workdir / "upload-twice.bin"
+    upload.write_bytes(os.urandom(50_000))
+    each = ["--data-binary", f"@{upload}", "-H", "Expect: 100-continue", *pin("allowed.test", 80, "198.18.1.1")]
+    argv = ["curl", "-sS", "-v", "-m", "10", *each, "http://allowed.test/one", "--next", *each]
+    out = env.topo.run("sb1", [*argv, "http://allowed.test/two"], check=False, timeout=20)
+    assert out.stdout.splitlines() == [
+        "ORIGIN got 50000 bytes path=/one",
+        "ORIGIN got 50000 bytes path=/two",
+    ], out.stdout + out.stderr
+    assert "re-using existing connection" in out.stderr.lower() and "retrying" in out.stderr.lower(), out.stderr
 
 
 @pytest.mark.root
@@ -993,6 +1066,52 @@ def test_opaque_tcp_reaches_an_address_the_sandbox_learned_from_dns_for_an_allow
     fresh = env.topo.python("sb3", BANNER_CLIENT, "198.18.1.1", "22").strip()
     assert fresh != "DATA SSH-2.0-TestOrigin 198.18.1.1|ECHO SSH-2.0-TestClient|"  # sb3 has no policy yet
     assert_dns_answer_unlocks_opaque_tcp(env, "sb1")
+
+
+def _client_hello(name: str) -> bytes:
+    """The first flight of a real TLS client (Python's ssl) for `name`."""
+    out = ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out, server_hostname=name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return out.read()
+
+
+def _silent_then(env: Env, sb: str, address: str, port: int, payload: bytes) -> str:
+    """What comes back to a client that says nothing until the gateway has decided by address and dialled the
+    origin (its peek is over), then sends `payload`."""
+    client = env.topo.popen(sb, [sys.executable, "-u", "-c", SILENT_THEN_CLIENT, address, str(port),
+                                 json.dumps(payload.decode("latin-1"))], stdin=subprocess.PIPE)  # fmt: skip
+    try:
+        wait_for_line(client, "connected", 10)
+        dialled = ["ss", "-Htn", "state", "established", "dst", f"{address}:{port}"]
+        assert wait_until(lambda: env.topo.run("gw", dialled).stdout.strip() != "", 15)
+        assert client.stdin is not None
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        out, _ = client.communicate(timeout=15)
+    finally:
+        client.kill()
+    return str(out).strip()
+
+
+@pytest.mark.root
+def test_a_client_silent_through_the_peek_still_cannot_name_another_host(env: Env) -> None:
+    # sb4 may reach allowed.test only; its own DNS answer makes 198.18.1.1 an address it may reach by address
+    # (a server-speaks-first protocol). Said first after the peek, an HTTP request or a TLS hello would name a
+    # host that decision never checked: denied.test, served by the same origin.
+    answer = env.dig("sb4", "@198.18.1.2", "allowed.test", "A", "+short")
+    assert answer.split() == ["198.18.1.1"], answer
+    fronted = b"GET / HTTP/1.1\r\nHost: denied.test\r\nConnection: close\r\n\r\n"
+    out = _silent_then(env, "sb4", "198.18.1.1", 80, fronted)
+    assert "ORIGIN" not in out and out.startswith("HTTP/1.1 403 Forbidden"), out
+    assert "X-Gateway-Reason: http from a client that said nothing for 2.0s (decided by address" in out, out
+    out = _silent_then(env, "sb4", "198.18.1.1", 443, _client_hello("denied.test"))
+    # Cut before the hello left: the origin's end of a handshake that never began, then the gateway's reason.
+    assert "ORIGIN" not in out and "X-Gateway-Reason: tls from a client that said nothing for 2.0s" in out, out
+    # A server-speaks-first protocol whose client speaks second still works (the SSH-like banner service).
+    out = _silent_then(env, "sb4", "198.18.1.1", 22, b"SSH-2.0-TestClient\r\n")
+    assert out == "SSH-2.0-TestOrigin 198.18.1.1|ECHO SSH-2.0-TestClient|", out
 
 
 @pytest.mark.root

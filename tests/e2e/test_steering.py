@@ -18,6 +18,7 @@ import re
 import select
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -183,7 +184,7 @@ class Steer:
         for a moment (their elements come and go with traffic)."""
         argv = ["nft", "-s", *(["-a"] if handles else []), "list", "table", "inet", "sandbox_gateway"]
         listing = self.topo.run("gw", argv).stdout
-        return re.sub(r"(set unattached_v[46] \{.*?)\n\t\telements = \{[^}]*\}", r"\1", listing, flags=re.S)
+        return re.sub(r"(set unattached_v[46] \{[^}]*?)\n\t\telements = \{[^}]*\}", r"\1", listing)
 
     def sysctl(self, key: str) -> str:
         return self.topo.run("gw", ["cat", f"/proc/sys/{key}"]).stdout.strip()
@@ -209,7 +210,9 @@ def steer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Steer]:
         s.sink = topo.start_python("inet", UDP_SINK, "443", "5000")
         for index in (1, 2):  # services inside the sandboxes, for the private-link tests
             topo.start_python(f"sb{index}", ORIGIN_SERVER, "8080", "8081")
-        topo.start_python("sb2", UDP_SINK, "5000", "5001")
+        # ... and on port 53 of sb2, which DNS to its address must never reach.
+        topo.start_python("sb2", ORIGIN_SERVER, "53")
+        topo.start_python("sb2", UDP_SINK, "5000", "5001", "53")
         # Stand-in for other services of the gateway host (Redis, SSH...), on every address it has.
         topo.start_python("gw", ORIGIN_SERVER, "6379")
         env.write_policies(_policies())
@@ -264,10 +267,22 @@ def test_tcp_to_any_port_reaches_the_engine_with_the_original_destination(steer:
 @pytest.mark.root
 @pytest.mark.parametrize(
     "resolver",
-    [GW_SANDBOX_V4, GW_SANDBOX_V6, NOBODY_V4, "198.18.0.53", "192.0.2.53", "2001:db8:1::53", str(GATEWAY_V4)],
+    [
+        GW_SANDBOX_V4,
+        GW_SANDBOX_V6,
+        NOBODY_V4,
+        "fdd4:1476:6c7e::fe",
+        "10.75.0.2",
+        "fdd4:1476:6c7e::2",
+        "198.18.0.53",
+        "192.0.2.53",
+        "2001:db8:1::53",
+        str(GATEWAY_V4),
+    ],
 )
 def test_dns_to_any_address_is_answered_by_the_interceptor(steer: Steer, resolver: str) -> None:
-    """Also a resolver inside the sandbox subnets: the gateway's own address there, or one nobody holds."""
+    """Also a resolver inside the sandbox subnets: the gateway's own address there, one nobody holds, or another
+    sandbox's (sb2 serves UDP and TCP on port 53: an answer from it would not parse as DNS)."""
     for transport in ("+notcp", "+tcp"):
         allowed = steer.env.dig("sb1", transport, f"@{resolver}", "allowed.test", "A", "+short")
         assert allowed.split() == ["198.18.1.1"], (resolver, transport, allowed)
@@ -348,11 +363,16 @@ def test_private_links_from_the_api_open_one_direction_one_protocol_their_ports_
         lambda: steer.curl("sb3", url4),  # not another sandbox
     )
     assert all(map(_refused, refused))
-    # A TCP link opens no UDP, not even on its port.
-    assert parallel(lambda: steer.udp("sb1", sb2_v4, 8080), lambda: steer.udp("sb1", sb2_v4, 5000)) == [
-        "NOREPLY",
-        "NOREPLY",
-    ]
+    # A TCP link opens no UDP, not even on its port, and no ICMP.
+    assert (
+        parallel(
+            lambda: steer.udp("sb1", sb2_v4, 8080),
+            lambda: steer.udp("sb1", sb2_v4, 5000),
+            lambda: steer.topo.python("sb1", ICMP_CLIENT, sb2_v4).strip(),
+            lambda: steer.topo.python("sb1", ICMP_CLIENT, sb2_v6).strip(),
+        )
+        == ["NOREPLY"] * 4
+    )
 
     udp_link = {"source": "sb1", "ports": [5000], "protocol": "udp"}
     code, body = steer.api("PATCH", "/v1/sandboxes/sb2", {"private_links": [udp_link]})
@@ -371,7 +391,30 @@ def test_private_links_from_the_api_open_one_direction_one_protocol_their_ports_
     code, _ = steer.api("PATCH", "/v1/sandboxes/sb2", {"private_links": None})
     assert code == 200
     assert wait_until(lambda: steer.udp("sb1", sb2_v4, 5000) == "NOREPLY", 10)
-    assert not [f for f in steer.flows() if f["orig_dst_addr"] in (sb2_v4, sb2_v6)]  # never via the engine
+    # Never via the engine (DNS to sb2's addresses is the interceptor's, and a flow of its own).
+    assert not [f for f in steer.flows() if f["orig_dst_addr"] in (sb2_v4, sb2_v6) and f["protocol"] != "dns"]
+
+
+@pytest.mark.root
+def test_a_private_link_to_a_record_holding_the_gateways_own_address_reaches_nothing(steer: Steer) -> None:
+    # A record may name an address the gateway holds inside the sandbox subnets, with a link from sb1 to every
+    # port: the link is in the table, but what it would deliver is the gateway's own, and that stays dropped.
+    record = {"id": "gwfake", "addresses": [GW_SANDBOX_V4, GW_SANDBOX_V6], "profile": "isolated"}
+    record["private_links"] = [{"source": "sb1"}, {"source": "sb1", "protocol": "udp"}]
+    created = steer.api("POST", "/v1/sandboxes", record)
+    assert created[0] == 201, created
+    try:
+        assert wait_until(lambda: GW_SANDBOX_V4 in steer.table() and "link_v4" in steer.table(), 10)
+        assert wait_until(lambda: f"10.75.0.1 . {GW_SANDBOX_V4} . tcp" in steer.table(), 10), steer.table()
+        outs = parallel(
+            lambda: steer.tcp("sb1", GW_SANDBOX_V4, 6379),
+            lambda: steer.tcp("sb1", GW_SANDBOX_V6, 6379),
+            lambda: steer.tcp("sb1", GW_SANDBOX_V4, 8470),
+        )
+        assert all(out.startswith("FAIL") and "ORIGIN" not in out for out in outs), outs
+    finally:
+        assert steer.api("DELETE", "/v1/sandboxes/gwfake")[0] in (200, 204)
+    assert wait_until(lambda: GW_SANDBOX_V4 not in steer.table(), 10)
 
 
 @pytest.mark.root
@@ -478,6 +521,29 @@ def test_an_attached_source_without_a_record_is_dropped_counted_and_logged_until
     assert steer.curl("sb3", "http://[2001:db8:1::3]/").stdout.strip() == "ORIGIN 2001:db8:1::3 80"
     after_table = steer.table(handles=True)
     assert _rules(after_table) == rules and "10.75.0.3" in after_table
+
+
+@pytest.mark.root
+def test_attach_refuses_an_interface_the_table_does_not_filter_by_name(steer: Steer) -> None:
+    """Forwarding is on (`--steer`): from an interface outside egress.sandbox_interfaces, only sources inside the
+    sandbox subnets are classified, so a spoofed source outside them would be forwarded to the internet
+    unfiltered. Attaching such an interface is refused before anything changes."""
+    topo = steer.topo
+    topo.run("gw", ["ip", "link", "add", "tapx0", "type", "veth", "peer", "name", "eth1", "netns", topo.ns("sb3")])
+    try:
+        topo.run("gw", ["ip", "link", "set", "tapx0", "up"])
+        attach = [sys.executable, "-m", "gateway.cli", "sandbox", "attach", "--interface", "tapx0"]
+        out = topo.run("gw", [*attach, "--address", "10.75.0.9"], check=False, timeout=30)
+        assert out.returncode == 2 and out.stderr.startswith("INTERFACE_NOT_STEERED: 'tapx0'"), out.stdout + out.stderr
+        assert "tapx0" not in topo.run("gw", ["ip", "route"]).stdout
+        assert steer.sysctl("net/ipv4/conf/tapx0/proxy_arp") == "0"
+        # The same interface under a name the table knows is attached.
+        topo.run("gw", ["ip", "link", "set", "tapx0", "name", "vifx0"])
+        out = topo.run("gw", [*attach[:-1], "vifx0", "--address", "10.75.0.9"], check=False, timeout=30)
+        assert out.returncode == 0 and "10.75.0.9 dev vifx0" in topo.run("gw", ["ip", "route"]).stdout, out.stderr
+    finally:
+        for name in ("tapx0", "vifx0"):
+            topo.run("gw", ["ip", "link", "del", name], check=False)
 
 
 @pytest.mark.root

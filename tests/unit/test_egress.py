@@ -9,7 +9,7 @@ import ipaddress
 import pytest
 
 from gateway.destinations import Destinations
-from gateway.egress import Peeker, _HttpGuard, peek, plan_named, plan_unnamed
+from gateway.egress import Peeker, _FirstWordsGuard, _HttpGuard, peek, plan_named, plan_unnamed
 from gateway.learned import LearnedDestinations
 from gateway.peek import HttpRequestTracker, TrafficKind
 from tests.unit.test_decision import policy
@@ -175,3 +175,28 @@ def test_peeker_decides_from_bytes_already_read_and_keeps_every_byte() -> None:
     bounded = Peeker(64)
     assert bounded.feed(b"GET /" + b"a" * 59) is None and bounded.want == 0
     assert bounded.too_large().problem == "http header larger than 64 bytes"
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [b"GET / HTTP/1.1\r\nHost: b.com\r\n\r\n"],
+        [b"G", b"ET / HTTP/1.1\r\n"],  # undecided bytes go; the line that decides is cut
+        [b"\r\nget\t/\tHTTP/1.1\r\n"],  # what a lenient server reads as a request line
+        [genuine_hello("b.com")],
+    ],
+)
+def test_a_silent_clients_first_bytes_may_be_no_tls_hello_or_http_request(pieces: list[bytes]) -> None:
+    guard = _FirstWordsGuard(5.0)
+    stops = [guard.feed(piece) for piece in pieces]
+    assert all(stop is None for stop in stops[:-1])
+    last = stops[-1]
+    assert last is not None and last.forward == 0 and last.refusal is not None
+    assert last.refusal[1] == "builtin:peek" and "said nothing for 5.0s" in last.refusal[0]
+
+
+def test_a_silent_clients_other_protocol_passes_once_classified() -> None:
+    guard = _FirstWordsGuard(5.0)
+    assert guard.feed(b"SSH-2.0-") is None
+    stop = guard.feed(b"OpenSSH_9.6\r\n")
+    assert stop is not None and stop.passthrough and stop.forward == len(b"OpenSSH_9.6\r\n") and stop.refusal is None

@@ -29,6 +29,7 @@ from gateway.peek import (
     Awaiting,
     ClientHello,
     ClientHelloParser,
+    EndsBefore,
     HttpError,
     HttpErrorCode,
     HttpEvent,
@@ -1306,6 +1307,20 @@ def test_expect_without_a_body_holds_nothing() -> None:
     events = events_of(request("GET / HTTP/1.1\nHost: a.com\nExpect: 100-continue\n\nGET / HTTP/1.1\nHost: b\n\n"))
     assert [h.host for h in heads(events)] == ["a.com", "b"]
     assert not any(isinstance(e, AnswerAwaited) for e in events)
+
+
+@pytest.mark.parametrize(
+    "earlier", ["GET / HTTP/1.1\nHost: a.com\n\n", "POST / HTTP/1.1\nHost: a.com\nExpect: 100-continue\n\n"]
+)
+def test_expect_with_a_body_behind_earlier_requests_ends_the_connection_before_it(earlier: str) -> None:
+    # The server's next bytes may be an earlier request's response (or a 100 its Expect drew), not this answer.
+    first = request(earlier)
+    tracker = HttpRequestTracker()
+    events = tracker.feed(first + request("PUT /f HTTP/1.1\nHost: a.com\nExpect: 100-continue\nContent-Length: 4\n\n"))
+    assert [type(e) for e in events] == [RequestHead, RequestEnd, RequestHead, EndsBefore]
+    assert isinstance(events[-1], EndsBefore) and events[-1].offset == len(first)
+    with pytest.raises(RuntimeError):
+        tracker.feed(b"data")
 
 
 def _answer(awaiting: Awaiting, pieces: list[bytes]) -> list[Answer | HttpError | None]:

@@ -345,3 +345,27 @@ async def test_expect_without_an_answer_sends_the_body_after_the_timeout(wired: 
     assert await recv_exactly(wired.origin_app, len(EXPECT) + 4) == EXPECT + b"data"
     assert time.monotonic() - started >= CONTINUE_TIMEOUT * 0.9
     relay.finish(None)
+
+
+class _OnceGuard:
+    """Checks the first chunk only: then the rest of the direction passes unchecked."""
+
+    def feed(self, chunk: bytes) -> GuardStop | None:
+        return GuardStop(len(chunk), None, passthrough=True)
+
+    def answered(self, answer: object) -> object:
+        raise AssertionError("nothing awaits an answer")
+
+
+@on_both_loops
+async def test_a_guard_that_passes_the_rest_is_asked_no_more_and_the_direction_splices(wired: Wired) -> None:
+    loop = asyncio.get_running_loop()
+    payload = os.urandom(4 * SPLICE_AFTER)
+    relay = wired.start(sweeper(), guard=_OnceGuard())
+    await loop.sock_sendall(wired.client_app, payload)
+    wired.client_app.shutdown(socket.SHUT_WR)
+    assert await asyncio.wait_for(recv_to_eof(wired.origin_app), 10) == payload
+    assert relay.up.guard is None and relay.up.pipe_r >= 0
+    wired.origin_app.shutdown(socket.SHUT_WR)
+    await asyncio.wait_for(wired.ended, 5)
+    assert relay.cut is None and not relay.closed_early

@@ -136,8 +136,13 @@ def is_chunked(transfer_encoding: bytes | None) -> bool:
 
 
 def _cookie_name(pair: bytes) -> bytes:
-    """The lowercased name of a `name=value` cookie pair (a pair without `=` is all name, as browsers read it)."""
-    return pair.split(b"=", 1)[0].strip().lower()
+    """The lowercased name of a `name=value` cookie pair as a server reads it back from the Cookie header (a pair
+    without `=` is all name). A nameless cookie (`=x=y`) is sent back as its bare value, `x=y`: its name is x."""
+    name, sep, value = pair.partition(b"=")
+    name = name.strip()
+    if not name and sep:
+        return _cookie_name(value)
+    return name.lower()
 
 
 def strip_cookies(value: bytes, names: frozenset[bytes]) -> bytes:
@@ -188,6 +193,13 @@ def parse_host(value: bytes | None) -> tuple[str, int | None]:
 
 
 _HOST_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
+
+
+def clears_cookies(value: bytes) -> bool:
+    """Whether a Clear-Site-Data value asks for cookies (`"cookies"` or `"*"`, any case): browsers clear them for
+    the whole site, which is every tunnel's gateway session when the tunnel domain is not a public suffix."""
+    lower = value.lower()
+    return b"cookies" in lower or b"*" in lower
 
 
 def valid_reason(reason: bytes) -> bool:
@@ -301,8 +313,8 @@ def client_response_head(
     gateway_cookies: frozenset[bytes] = frozenset(),
 ) -> bytes:
     """The response head for the client: the app's end-to-end headers and the gateway's framing. A Set-Cookie
-    for one of `gateway_cookies` (lowercased names) is dropped: the app must not plant or end the gateway's
-    session."""
+    for one of `gateway_cookies` (lowercased names), and a Clear-Site-Data that clears cookies, are dropped: the
+    app must not plant or end the gateway's session (nor, through the shared site, another tunnel's)."""
     listed = _listed(headers, fields)
     out = [b"HTTP/1.1 %d " % status, reason or REASONS.get(status, b"Status"), b"\r\n"]
     for name, value in headers:
@@ -310,6 +322,8 @@ def client_response_head(
         if lower in HOP_BY_HOP or lower in listed:
             continue
         if lower == b"set-cookie" and sets_cookie(value, gateway_cookies):
+            continue
+        if lower == b"clear-site-data" and clears_cookies(value):
             continue
         if lower == b"content-length" and framing.has_body and framing.content_length is None:
             continue  # the app sent both a length and chunks: the chunks win (and the length goes)

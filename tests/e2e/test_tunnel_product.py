@@ -61,13 +61,16 @@ def answer(status, body, headers=()):
 INJECTED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected"
 COOKIES = ["__Host-gw-tunnel=planted; Path=/; Secure; HttpOnly", "__host-gw-tunnel=planted; Path=/; Secure",
            "__HOST-GW-TUNNEL=planted; Domain=tunnel.test; Path=/", " __Host-gw-tunnel =planted", "__Host-gw-tunnel",
-           '__Host-gw-tunnel=""; Max-Age=0; Path=/; Secure', "app=1; Path=/"]
+           '__Host-gw-tunnel=""; Max-Age=0; Path=/; Secure', "=__Host-gw-tunnel=planted; Path=/", " = __Host-gw-tunnel",
+           "app=1; Path=/"]
+CLEARS = ['"cookies"', '"*"', '"cache", "COOKIES"', '"cache"']
 COOKIE_PAGE = '''<!doctype html><title>tossing</title><script>
 for (const c of ["__Host-gw-tunnel=planted; path=/; secure",
                  "__Host-gw-tunnel=planted; domain=tunnel.test; path=/; secure",
                  "__HOST-gw-tunnel=planted; domain=tunnel.test; path=/; secure",
                  "__Secure-gw-tunnel=planted; domain=tunnel.test; path=/; secure",
                  "gw-tunnel=planted; domain=tunnel.test; path=/",
+                 "=__Host-gw-tunnel=planted; domain=tunnel.test; path=/deep; secure",
                  "shared=from-a; domain=tunnel.test; path=/; secure"]) document.cookie = c;
 document.title = "done " + document.cookie;
 </script>'''
@@ -107,9 +110,12 @@ def serve(conn, port, n):
             elif port == 3001:
                 conn.sendall(answer("HTTP/1.1 200 OK", b"fine"))
             elif port == 3002:
-                conn.sendall(answer("HTTP/1.1 200 OK", b"cookies", ["Set-Cookie: " + c for c in COOKIES]))
+                fields = ["Set-Cookie: " + c for c in COOKIES] + ["Clear-Site-Data: " + c for c in CLEARS]
+                conn.sendall(answer("HTTP/1.1 200 OK", b"cookies", fields))
             elif port == 3003:
                 conn.sendall(("HTTP/1.1 %s Odd\r\nContent-Length: 2\r\n\r\nok" % path.strip("/")).encode())
+            elif port == 3004 and path == "/clear":  # clear the whole site's cookies, the gateway's too
+                conn.sendall(answer("HTTP/1.1 200 OK", b"cleared", ['Clear-Site-Data: "cookies"']))
             elif port == 3004:  # a page whose script goes for the other tunnels' gateway session
                 conn.sendall(answer("HTTP/1.1 200 OK", COOKIE_PAGE.encode(), ["Content-Type: text/html"]))
     except OSError:
@@ -503,6 +509,9 @@ def test_the_app_cannot_set_or_clear_the_gateways_session_cookie(env: Env) -> No
         assert answer["status"] == 200 and answer["body"] == "cookies"
         set_cookies = re.findall(r"(?im)^set-cookie:(.*)$", answer["head"])
         assert [c.strip() for c in set_cookies] == ["app=1; Path=/"], set_cookies  # the session stays as it was
+        # Clearing the site's cookies would end the gateway's session (every tunnel's): only "cache" passes.
+        cleared = re.findall(r"(?im)^clear-site-data:(.*)$", answer["head"])
+        assert [c.strip() for c in cleared] == ['"cache"'], cleared
 
 
 # --------------------------------------------------------------------------- what the client sends
@@ -688,7 +697,7 @@ def test_check_config_warns_that_tunnels_under_a_private_domain_share_a_site(env
 CHROMIUM = Path("/usr/bin/chromium")
 
 #: Chromium on the gateway host (argv: HOME trusting the CA, URL of the protected tunnel B, URL of tunnel A,
-#: the password): log in to B, let A's page script go for B's session, come back to B. Prints JSON.
+#: the password): log in to B, let A's page script and A's app go for B's session, come back to B. Prints JSON.
 BROWSER = r"""
 import asyncio, json, sys
 from playwright.async_api import async_playwright
@@ -712,11 +721,13 @@ async def main():
             await page.goto(a_url, timeout=15_000)
             await page.wait_for_function("document.title.startsWith('done')", timeout=10_000)
             seen_by_a = await page.title()
+            await page.goto(a_url + "clear", timeout=15_000)
             response = await page.goto(b_url, timeout=15_000)
             after = session(await page.context.cookies(b_url))
             b_app_got = await page.inner_text("body")
+            deep = await page.goto(b_url + "deep/", timeout=15_000)
             print(json.dumps({"before": before, "after": after, "a_saw": seen_by_a, "b_status": response.status,
-                              "b_app_got": b_app_got}))
+                              "b_app_got": b_app_got, "deep_status": deep.status}))
         finally:
             await browser.close()
 asyncio.run(main())
@@ -738,7 +749,7 @@ def test_another_tunnels_page_can_neither_read_nor_replace_the_session_in_a_brow
     seen = json.loads(env.topo.python("gw", BROWSER, str(home), *urls, PASSWORD, timeout=120))
     assert len(seen["before"]) == 1 and seen["after"] == seen["before"], seen  # not replaced, not shadowed
     assert seen["before"][0] not in seen["a_saw"]  # A's script sees A's cookies only
-    assert seen["b_status"] == 200  # still signed in
+    assert seen["b_status"] == 200 and seen["deep_status"] == 200  # still signed in, on every path
     # What the shared site does allow (the README says so): A's cookies for the whole domain reach B's app;
     # the gateway's session never does, nor does anything A planted under the session's own name.
     got = json.loads(seen["b_app_got"])["headers"]

@@ -364,14 +364,27 @@ def test_the_app_cannot_set_or_clear_the_gateways_cookies() -> None:
         (b"Set-Cookie", b"__Host-gw=planted; Path=/; Secure"),
         (b"set-cookie", b"__host-gw=planted"),
         (b"SET-COOKIE", b" __HOST-GW =x; Domain=tunnel.test"),
-        (b"Set-Cookie", b"__Host-gw"),  # no `=`: browsers take the whole pair as the name
+        (b"Set-Cookie", b"__Host-gw"),  # no `=`: sent back as `__Host-gw`, which servers read as the name
+        (b"Set-Cookie", b"=__Host-gw=planted; Path=/"),  # nameless: sent back as `__Host-gw=planted`
+        (b"Set-Cookie", b" = __host-gw"),
         (b"Set-Cookie", b'__Host-gw=""; Max-Age=0'),
         (b"Set-Cookie", b"app=1; Path=/"),
         (b"Set-Cookie", b"x__Host-gw=1"),
+        (b"Set-Cookie", b"=x__Host-gw=1"),
+        (b"Clear-Site-Data", b'"cookies"'),
+        (b"clear-site-data", b'"cache", "*"'),
+        (b"Clear-Site-Data", b'"Cookies"'),
+        (b"Clear-Site-Data", b'"cache", "storage"'),
     ]
     framing = response_framing(200, {}, head_request=True, client_keep_alive=True, client_http11=True)
     lines = head_lines(client_response_head(200, b"OK", headers, framing, gateway_cookies=frozenset({b"__host-gw"})))
-    assert lines == [b"HTTP/1.1 200 OK", b"Set-Cookie: app=1; Path=/", b"Set-Cookie: x__Host-gw=1"]
+    assert lines == [
+        b"HTTP/1.1 200 OK",
+        b"Set-Cookie: app=1; Path=/",
+        b"Set-Cookie: x__Host-gw=1",
+        b"Set-Cookie: =x__Host-gw=1",
+        b'Clear-Site-Data: "cache", "storage"',
+    ]
 
 
 def test_reason_phrases() -> None:

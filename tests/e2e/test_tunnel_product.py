@@ -676,6 +676,33 @@ def test_ingress_sources_decide_who_is_served_and_cut_those_left_out(env: Env) -
     assert ended(inside)
 
 
+@pytest.mark.root
+def test_a_sandbox_deleted_and_created_again_in_the_policy_file_does_not_inherit_its_tunnels(env: Env) -> None:
+    env.sandbox(record(public_access=True))
+    tunnel = env.expose("sb2", 3000)
+    streaming = stream(env, tunnel)
+    policy_file = env.workdir / "policies.json"
+    policies = json.loads(policy_file.read_text())
+    sb2 = policies["sandboxes"].pop("sb2")
+
+    def write(data: dict[str, Any]) -> None:
+        tmp = policy_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(policy_file)  # atomic: the store never reads half a file
+
+    # Another writer (an operator's editor, here) deletes the sandbox and creates it again at once, with the
+    # same address, before the tunnel store's periodic maintenance has written the revocation: the sandbox
+    # of the new record is another sandbox, and the tunnels of the old one stay dead.
+    write(policies)
+    assert ended(streaming)  # the gateway saw the deletion
+    write({**policies, "sandboxes": {**policies["sandboxes"], "sb2": sb2}})
+    assert wait_until(lambda: env.cli("sandbox", "get", "sb2", check=False).returncode == 0, 10)
+    status, _, body = env.curl(tunnel, "/")
+    assert status == 410 and json.loads(body)["code"] == "TUNNEL_GONE", body
+    shown = json.loads(env.cli("--json", "tunnel", "get", tunnel["id"]).stdout)
+    assert shown["state"] == "revoked" and shown["revoked_reason"] == "sandbox_deleted", shown
+
+
 # --------------------------------------------------------------------------- the shared site
 
 

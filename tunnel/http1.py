@@ -63,6 +63,18 @@ FORWARDING_PREFIXES: Final = (
     b"cf-",
     b"x-appengine-",
 )
+#: Beyond the names above, the shape of a client-address claim, whoever invented the header (X-Originating-IP,
+#: Fly-Client-IP, X-Azure-ClientIP/-SocketIP, X-Envoy-External-Address, CloudFront-Viewer-Address, ...), and
+#: `forwarded` anywhere in the name (X-Vercel-Forwarded-For, X-ProxyUser-Forwarded, ...).
+FORWARDING_SUFFIXES: Final = (
+    b"-ip",
+    b"-ips",
+    b"clientip",
+    b"socketip",
+    b"-client-address",
+    b"-external-address",
+    b"-viewer-address",
+)
 #: Responses that never have a body, whatever their headers say (RFC 9110 6.4.1).
 NO_BODY_STATUS: Final = frozenset({204, 304})
 MAX_HEAD_BYTES: Final = 64 * 1024  # request line + headers from a client, and a response head from an app
@@ -115,7 +127,12 @@ def fold(name: bytes) -> bytes:
 
 def is_forwarding(folded: bytes) -> bool:
     """Whether a (folded) request header claims something about the client or the path to it."""
-    return folded in FORWARDING or folded.startswith(FORWARDING_PREFIXES)
+    return (
+        folded in FORWARDING
+        or folded.startswith(FORWARDING_PREFIXES)
+        or folded.endswith(FORWARDING_SUFFIXES)
+        or b"forwarded" in folded
+    )
 
 
 def connection_tokens(value: bytes | None) -> frozenset[bytes]:

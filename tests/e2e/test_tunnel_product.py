@@ -570,6 +570,15 @@ def test_the_app_gets_a_clean_host_and_only_the_gateways_forwarding_headers(env:
         "X-Rewrite-URL: /admin",
         "Proxy: http://6.6.6.6:3128",
         "Transfer_Encoding: chunked",
+        "X-Forwarded-For: 7.7.7.7",
+        "X-Originating-IP: 6.6.6.6",
+        "Fly-Client-IP: 6.6.6.6",
+        "X-Azure-ClientIP: 6.6.6.6",
+        "X-Azure-SocketIP: 6.6.6.6",
+        "X-Envoy-External-Address: 6.6.6.6",
+        "CloudFront-Viewer-Address: 6.6.6.6:443",
+        "X-Vercel-Forwarded-For: 6.6.6.6",
+        "X-Forwarded-IPs: 6.6.6.6",
     ]
     upper = f"{tunnel['id'].upper()}.{DOMAIN.upper()}:0{PORT}"
     answer = env.raw([get(upper, "/clean", *forged, "X-Request-Id: kept", close=True)], sni=host)["answers"][0]

@@ -227,6 +227,54 @@ for s in socks:
 print(json.dumps(statuses))
 """
 
+#: Wrong passwords from many addresses at once, for `seconds`, each address in a tight keep-alive loop that
+#: ignores Retry-After (argv: CA, address, port, Host, Authorization, seconds, comma-separated sources).
+#: Prints "ready" once the tunnel's bucket answers 429 to an address not yet throttled, then {status: count}.
+FLOOD_CLIENT = r"""
+import collections, json, socket, ssl, sys, threading, time
+ca, address, port, host, auth, seconds, sources = sys.argv[1:8]
+port, deadline = int(port), time.monotonic() + float(seconds)
+ctx = ssl.create_default_context(cafile=ca)
+request = f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: {auth}\r\n\r\n".encode()
+statuses, lock, announced = collections.Counter(), threading.Lock(), threading.Event()
+def answer(s, buf):
+    while b"\r\n\r\n" not in buf:
+        data = s.recv(65536)
+        if not data:
+            raise EOFError
+        buf += data
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:"))
+    while len(buf) < length:
+        buf += s.recv(65536)
+    return head, buf[length:]
+def flood(source):
+    first = True
+    while time.monotonic() < deadline:
+        try:
+            raw = socket.create_connection((address, port), timeout=10, source_address=(source, 0))
+            with ctx.wrap_socket(raw, server_hostname=host) as s:
+                buf = b""
+                while time.monotonic() < deadline:
+                    s.sendall(request)
+                    head, buf = answer(s, buf)
+                    status = head.split(b" ")[1].decode()
+                    with lock:
+                        statuses[status] += 1
+                    if first and status == "429" and not announced.is_set():
+                        announced.set()
+                        print("ready", flush=True)
+                    first = False
+        except (OSError, EOFError, StopIteration):
+            pass
+threads = [threading.Thread(target=flood, args=(source,)) for source in sources.split(",")]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(statuses), flush=True)
+"""
+
 #: A long response (the app's /stream) read until the gateway cuts it (argv: CA, address, port, Host, source
 #: address or "", Authorization or ""). Prints "ready" once streaming, then "ended" when the stream ends.
 STREAM_CLIENT = r"""
@@ -456,6 +504,36 @@ def test_a_burst_of_wrong_passwords_gets_few_checks_and_never_locks_others_out(e
         time.sleep(int(retry_after.group(1)))  # as the client is told to
         waited += int(retry_after.group(1))
     assert status == 200 and waited <= 2 / RATE
+
+
+@pytest.mark.root
+def test_a_flood_from_many_addresses_never_keeps_out_a_client_that_signed_in_before(env: Env) -> None:
+    tunnel = env.expose("sb1", 3000, password=True)
+    host = env.host(tunnel)
+    form = f"password={PASSWORD.replace(' ', '+')}&next=/"
+    login = ["-X", "POST", "--data", form, "-o", "/dev/null", "-w", "%{http_code}"]
+
+    def sign_in() -> int:
+        argv = ["curl", "-sS", "--max-time", "10", "--cacert", str(env.ca), "--resolve", f"{host}:{PORT}:127.0.0.1"]
+        out = env.topo.run("gw", [*argv, *login, f"https://{host}:{PORT}/.gateway/login"], check=False, timeout=20)
+        return int(out.stdout)
+
+    assert sign_in() == 303  # the form: no Basic cache, every sign-in is a password check
+    flooders = [f"198.18.0.{n}" for n in range(20, 60)]
+    for address in flooders:
+        env.topo.run("inet", ["ip", "addr", "add", f"{address}/24", "dev", "eth0"], check=False)
+    args = [str(env.ca), GATEWAY, str(PORT), host, basic("wrong-password"), "12", ",".join(flooders)]
+    flood = env.topo.start_python("inet", FLOOD_CLIENT, *args, ready="ready", timeout=15)
+    try:
+        # The tunnel's bucket is empty and forty addresses take every token as it comes back; a client that
+        # signed in from its address before is not held by the bucket (its own backoff still holds it).
+        assert [sign_in() for _ in range(3)] == [303, 303, 303]
+        assert flood.poll() is None  # still flooding
+    finally:
+        flood.wait(timeout=30)
+    assert flood.stdout is not None
+    statuses = json.loads(flood.stdout.read().splitlines()[-1])
+    assert statuses["401"] <= BURST + 12 * RATE + 1, statuses  # the guesses checked stay within the bucket
 
 
 # --------------------------------------------------------------------------- a hostile app

@@ -736,6 +736,11 @@ class TunnelServer:
         upstream: UpstreamConnection | None = None
         try:
             upstream, answer = await self._open_exchange(conn, request, tunnel, head, exchange)
+            if body is not None:
+                # Never pooled after a body: an app server that answers without reading all of it (early, or
+                # not at all, as naive servers do) takes the rest for the start of the next request on this
+                # connection, and the client's bytes would then prefix another client's request.
+                upstream.reusable = False
             framing = response_framing(
                 answer.status,
                 answer.fields,
@@ -777,8 +782,6 @@ class TunnelServer:
                     out += LAST_CHUNK
             if out:
                 conn.write(out)
-            if body is not None and not body.done:
-                upstream.reusable = False  # the app answered before it had the whole body
             exchange.bytes_down = upstream.body_bytes
             self.pool.release(upstream)
             upstream = None

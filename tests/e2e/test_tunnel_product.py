@@ -88,10 +88,18 @@ def serve(conn, port, n):
             path = lines[0].split(" ")[1]
             headers = [line.split(":", 1) for line in lines[1:]]
             length = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
+            if port == 3005 and path == "/early":  # a naive server: it answers at once and never reads the body
+                log(port=port, conn=n, event="request", path=path, head=text)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for _ in range(5):
+                    conn.sendall(b"5\r\ntick\n\r\n")
+                    time.sleep(0.2)
+                conn.sendall(b"0\r\n\r\n")
+                continue
             while len(buf) < length:
                 buf += conn.recv(65536)
-            buf = buf[length:]
-            log(port=port, conn=n, event="request", path=path, head=text)
+            body, buf = buf[:length], buf[length:]
+            log(port=port, conn=n, event="request", path=path, head=text, body=body.decode("latin-1"))
             if port == 3000 and path == "/stream":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
                 for _ in range(300):  # 30 s at most
@@ -114,6 +122,8 @@ def serve(conn, port, n):
                 conn.sendall(answer("HTTP/1.1 200 OK", b"cookies", fields))
             elif port == 3003:
                 conn.sendall(("HTTP/1.1 %s Odd\r\nContent-Length: 2\r\n\r\nok" % path.strip("/")).encode())
+            elif port == 3005:
+                conn.sendall(answer("HTTP/1.1 200 OK", b"answered " + path.encode()))
             elif port == 3004 and path == "/clear":  # clear the whole site's cookies, the gateway's too
                 conn.sendall(answer("HTTP/1.1 200 OK", b"cleared", ['Clear-Site-Data: "cookies"']))
             elif port == 3004:  # a page whose script goes for the other tunnels' gateway session
@@ -225,6 +235,23 @@ for s in socks:
     statuses[data.split(b" ")[1].decode() if data else "eof"] += 1
     s.close()
 print(json.dumps(statuses))
+"""
+
+#: A POST whose body goes only once the answer has started (argv: CA, address, port, Host, body). Prints the
+#: answer's body.
+EARLY_CLIENT = r"""
+import socket, ssl, sys
+ca, address, port, host, body = sys.argv[1:6]
+ctx = ssl.create_default_context(cafile=ca)
+s = ctx.wrap_socket(socket.create_connection((address, int(port)), timeout=10), server_hostname=host)
+s.sendall(f"POST /early HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+data = b""
+while b"tick" not in data:
+    data += s.recv(65536)
+s.sendall(body.encode())
+while not data.endswith(b"0\r\n\r\n"):
+    data += s.recv(65536)
+print(data.decode("latin-1"))
 """
 
 #: Wrong passwords from many addresses at once, for `seconds`, each address in a tight keep-alive loop that
@@ -463,7 +490,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         )
         assert made.returncode == 0, made.stdout + made.stderr
         for name, sb in (("sb1", topo.sandbox(1)), ("sb2", topo.sandbox(2))):
-            ports = ("3000", "3001", "3002", "3003", "3004")
+            ports = ("3000", "3001", "3002", "3003", "3004", "3005")
             topo.start_python(name, APPS, str(e.app_logs[name]), str(sb.v4), *ports)
         e.start_gateway()
         e.sandbox({"id": "sb1", "addresses": ["10.75.0.1"], "ingress": {"public_access": True}}, create=True)
@@ -562,6 +589,25 @@ def test_an_apps_extra_answer_never_reaches_the_client_and_its_connection_is_dro
     assert (status, body) == (200, "fine")
     again = next(r for r in env.app_log() if r.get("path") == "/again")["conn"]
     assert again != conn
+
+
+@pytest.mark.root
+def test_an_app_connection_that_carried_a_body_is_never_reused_for_another_client(env: Env) -> None:
+    tunnel = env.expose("sb1", 3005)
+    host = env.host(tunnel)
+    # The body the naive app never reads is a request head of the attacker's, waiting for a body that the next
+    # request on that app connection would be: another visitor's request, headers and cookies included.
+    smuggled = f"POST /capture HTTP/1.1\r\nHost: {host}\r\nContent-Length: 60\r\n\r\n"
+    answer = env.topo.python("inet", EARLY_CLIENT, str(env.ca), GATEWAY, str(PORT), host, smuggled, timeout=30)
+    assert answer.count("tick") == 5
+    status, _, body = env.curl(tunnel, "/victim", "-H", "Cookie: app-session=secret-of-the-victim")
+    assert (status, body) == (200, "answered /victim"), body
+    # The same with the body sent at once, with the head (the app has it all before it answers).
+    post = f"POST /early HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(smuggled)}\r\n\r\n{smuggled}"
+    assert env.raw([post], sni=host)["answers"][0]["body"] == "tick\n" * 5
+    status, _, body = env.curl(tunnel, "/victim", "-H", "Cookie: app-session=secret-of-the-victim")
+    assert (status, body) == (200, "answered /victim"), body
+    assert not [r for r in env.app_log() if r.get("path") == "/capture" and "secret" in r.get("body", "")]
 
 
 @pytest.mark.root

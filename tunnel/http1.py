@@ -342,8 +342,13 @@ def client_response_head(
             continue
         if lower == b"clear-site-data" and clears_cookies(value):
             continue
-        if lower == b"content-length" and framing.has_body and framing.content_length is None:
-            continue  # the app sent both a length and chunks: the chunks win (and the length goes)
+        if lower == b"content-length" and (
+            (framing.has_body and framing.content_length is None) or status == 204 or status < 200
+        ):
+            # The app sent both a length and chunks: the chunks win (and the length goes). A 1xx or 204 has no
+            # body and must not announce one (RFC 9110 8.6): a client that believed it would read the next
+            # response as this one's body.
+            continue
         out += (name, b": ", value, b"\r\n")
     for name, value in extra:
         out += (name, b": ", value, b"\r\n")

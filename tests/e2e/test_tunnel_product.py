@@ -611,6 +611,17 @@ def test_an_app_connection_that_carried_a_body_is_never_reused_for_another_clien
 
 
 @pytest.mark.root
+def test_a_204_never_announces_a_body_to_the_client(env: Env) -> None:
+    # The app's 204 says Content-Length: 2 (and sends the two bytes): a client reading by the length it is
+    # given would take the start of the next answer on its connection for this one's body.
+    odd, benign = env.expose("sb1", 3003), env.expose("sb1", 3000)
+    result = env.raw([get(env.host(odd), "/204"), get(env.host(benign), "/after", close=True)])
+    first, second = result["answers"]
+    assert first["status"] == 204 and "content-length" not in first["head"].lower(), first
+    assert second["status"] == 200 and json.loads(second["body"])["path"] == "/after", second
+
+
+@pytest.mark.root
 @pytest.mark.parametrize("status_line", ["001", "099", "600", "999"])
 def test_an_app_status_outside_100_599_is_a_502(env: Env, status_line: str) -> None:
     tunnel = env.expose("sb1", 3003)

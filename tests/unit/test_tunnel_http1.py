@@ -390,3 +390,16 @@ def test_the_app_cannot_set_or_clear_the_gateways_cookies() -> None:
 def test_reason_phrases() -> None:
     assert valid_reason(b"OK") and valid_reason(b"Not\tFound \xe9") and valid_reason(b"")
     assert not valid_reason(b"OK\x00") and not valid_reason(b"O\x7fK") and not valid_reason(b"\x1b[31m")
+
+
+def test_a_204_never_announces_a_body() -> None:
+    headers = [(b"Content-Length", b"5"), (b"X-App", b"1")]
+    no_content = response_framing(
+        204, {b"content-length": b"5"}, head_request=False, client_keep_alive=True, client_http11=True
+    )
+    assert head_lines(client_response_head(204, b"", headers, no_content)) == [b"HTTP/1.1 204 No Content", b"X-App: 1"]
+    # A 304 or an answer to HEAD keeps its length: it is the length of what a GET would get.
+    not_modified = response_framing(
+        304, {b"content-length": b"5"}, head_request=False, client_keep_alive=True, client_http11=True
+    )
+    assert b"Content-Length: 5" in head_lines(client_response_head(304, b"", headers, not_modified))

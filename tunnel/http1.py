@@ -169,8 +169,12 @@ def strip_cookies(value: bytes, names: frozenset[bytes]) -> bytes:
 
 
 def sets_cookie(value: bytes, names: frozenset[bytes]) -> bool:
-    """Whether a Set-Cookie value sets one of `names` (lowercased)."""
-    return _cookie_name(value.split(b";", 1)[0]) in names
+    """Whether a Set-Cookie value sets one of `names` (lowercased). Browsers read one cookie per line, but
+    clients that fold Set-Cookie lines into one (fetch's `Headers.get`, some HTTP libraries) split it on `,`
+    again, so a name after a comma counts too (an `Expires` date's comma never starts a cookie name)."""
+    if _cookie_name(value.split(b";", 1)[0]) in names:
+        return True
+    return b"," in value and any(_cookie_name(part.split(b";", 1)[0]) in names for part in value.split(b",")[1:])
 
 
 def cookie_value(value: bytes | None, name: bytes) -> bytes | None:

@@ -62,6 +62,7 @@ INJECTED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected"
 COOKIES = ["__Host-gw-tunnel=planted; Path=/; Secure; HttpOnly", "__host-gw-tunnel=planted; Path=/; Secure",
            "__HOST-GW-TUNNEL=planted; Domain=tunnel.test; Path=/", " __Host-gw-tunnel =planted", "__Host-gw-tunnel",
            '__Host-gw-tunnel=""; Max-Age=0; Path=/; Secure', "=__Host-gw-tunnel=planted; Path=/", " = __Host-gw-tunnel",
+           "a=1, __Host-gw-tunnel=planted; Path=/",
            "app=1; Path=/"]
 CLEARS = ['"cookies"', '"*"', '"cache", "COOKIES"', '"cache"']
 COOKIE_PAGE = '''<!doctype html><title>tossing</title><script>

@@ -371,6 +371,8 @@ def test_the_app_cannot_set_or_clear_the_gateways_cookies() -> None:
         (b"Set-Cookie", b"app=1; Path=/"),
         (b"Set-Cookie", b"x__Host-gw=1"),
         (b"Set-Cookie", b"=x__Host-gw=1"),
+        (b"Set-Cookie", b"a=1, __Host-gw=planted; Path=/"),  # two cookies for clients that split on `,`
+        (b"Set-Cookie", b"b=2; Expires=Wed, 09 Jun 2100 10:18:14 GMT; Path=/"),
         (b"Clear-Site-Data", b'"cookies"'),
         (b"clear-site-data", b'"cache", "*"'),
         (b"Clear-Site-Data", b'"Cookies"'),
@@ -383,6 +385,7 @@ def test_the_app_cannot_set_or_clear_the_gateways_cookies() -> None:
         b"Set-Cookie: app=1; Path=/",
         b"Set-Cookie: x__Host-gw=1",
         b"Set-Cookie: =x__Host-gw=1",
+        b"Set-Cookie: b=2; Expires=Wed, 09 Jun 2100 10:18:14 GMT; Path=/",
         b'Clear-Site-Data: "cache", "storage"',
     ]
 

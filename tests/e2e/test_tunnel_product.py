@@ -623,8 +623,8 @@ def test_a_204_never_announces_a_body_to_the_client(env: Env) -> None:
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("status_line", ["001", "099", "600", "999"])
-def test_an_app_status_outside_100_599_is_a_502(env: Env, status_line: str) -> None:
+@pytest.mark.parametrize("status_line", ["001", "099", "600", "999", "101"])
+def test_an_app_status_outside_100_599_or_an_unasked_101_is_a_502(env: Env, status_line: str) -> None:
     tunnel = env.expose("sb1", 3003)
     status, _, body = env.curl(tunnel, f"/{status_line}")
     assert status == 502 and json.loads(body)["code"] == "UPSTREAM_ERROR", body

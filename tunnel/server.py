@@ -594,6 +594,10 @@ class TunnelServer:
                 return await self._login(conn, request, tunnel)
             raise _Refused(405, "METHOD_NOT_ALLOWED", "use GET or POST", {"Allow": "GET, POST"})
         if path == LOGOUT_PATH:
+            if request.fields.get(b"sec-fetch-site", b"same-origin") not in _OWN_PAGE:
+                # Another tunnel is the same site (the browser sends the session along): its page must not
+                # end this tunnel's session, nor may any other site's.
+                raise _Refused(403, "CROSS_SITE_REFUSED", "logout is accepted only from this preview's own pages")
             token = _session_token(request)
             if token and len(token) <= 64:
                 await self.store.end_session(token)
@@ -915,6 +919,11 @@ def _relay_upgraded(conn: ClientConnection, upstream: UpstreamConnection, exchan
     conn.set_paused("upgrade", False)
     upstream.attach(to_client)
     return close
+
+
+#: Sec-Fetch-Site values of a request made by the tunnel's own pages or by the user (typed, bookmarked). A
+#: client that sends none (a tool, an old browser) is taken as the user's.
+_OWN_PAGE: Final = frozenset({b"same-origin", b"none"})
 
 
 def _nothing() -> None:

@@ -66,6 +66,7 @@ COOKIES = ["__Host-gw-tunnel=planted; Path=/; Secure; HttpOnly", "__host-gw-tunn
            "app=1; Path=/"]
 CLEARS = ['"cookies"', '"*"', '"cache", "COOKIES"', '"cache"']
 COOKIE_PAGE = '''<!doctype html><title>tossing</title><script>
+(async () => {
 for (const c of ["__Host-gw-tunnel=planted; path=/; secure",
                  "__Host-gw-tunnel=planted; domain=tunnel.test; path=/; secure",
                  "__HOST-gw-tunnel=planted; domain=tunnel.test; path=/; secure",
@@ -73,7 +74,13 @@ for (const c of ["__Host-gw-tunnel=planted; path=/; secure",
                  "gw-tunnel=planted; domain=tunnel.test; path=/",
                  "=__Host-gw-tunnel=planted; domain=tunnel.test; path=/deep; secure",
                  "shared=from-a; domain=tunnel.test; path=/; secure"]) document.cookie = c;
+const other = new URLSearchParams(location.search).get("b");  // another tunnel, same site: its logout
+if (other) {  // bounded: a refused request may never complete as a no-cors fetch sees it
+  const logout = fetch(other + ".gateway/logout", {mode: "no-cors", credentials: "include"}).catch(() => null);
+  await Promise.race([logout, new Promise(done => setTimeout(done, 3000))]);
+}
 document.title = "done " + document.cookie;
+})();
 </script>'''
 def serve(conn, port, n):
     conn.settimeout(30)
@@ -650,6 +657,36 @@ def test_the_app_cannot_set_or_clear_the_gateways_session_cookie(env: Env) -> No
         assert [c.strip() for c in cleared] == ['"cache"'], cleared
 
 
+@pytest.mark.root
+def test_only_the_tunnels_own_pages_or_the_user_can_log_out(env: Env) -> None:
+    tunnel = env.expose("sb1", 3000, password=True)
+    host = env.host(tunnel)
+    form = f"password={PASSWORD.replace(' ', '+')}&next=/"
+    login = f"POST /.gateway/login HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    login += f"Content-Length: {len(form)}\r\nConnection: close\r\n\r\n{form}"
+    answer = env.raw([login], sni=host)["answers"][0]
+    cookie = re.search(r"(?m)^Set-Cookie: (__Host-gw-tunnel=[^;]+)", answer["head"])
+    assert answer["status"] == 303 and cookie is not None
+    session = f"Cookie: {cookie.group(1)}"
+    # Another tunnel's page (same site: the browser sends the session along) or another site's.
+    for site in ("same-site", "cross-site"):
+        refused = env.raw([get(host, "/.gateway/logout", session, f"Sec-Fetch-Site: {site}", close=True)], sni=host)[
+            "answers"
+        ][0]
+        assert refused["status"] == 403 and json.loads(refused["body"])["code"] == "CROSS_SITE_REFUSED", refused
+    assert env.raw([get(host, "/", session, close=True)], sni=host)["answers"][0]["status"] == 200  # still signed in
+    for fetch_site in ("Sec-Fetch-Site: same-origin", "Sec-Fetch-Site: none", None):
+        answer = env.raw([login], sni=host)["answers"][0]
+        cookie = re.search(r"(?m)^Set-Cookie: (__Host-gw-tunnel=[^;]+)", answer["head"])
+        assert cookie is not None
+        session = f"Cookie: {cookie.group(1)}"
+        out = env.raw([get(host, "/.gateway/logout", session, *filter(None, [fetch_site]), close=True)], sni=host)[
+            "answers"
+        ][0]
+        assert out["status"] == 303, out
+        assert env.raw([get(host, "/", session, close=True)], sni=host)["answers"][0]["status"] == 401
+
+
 # --------------------------------------------------------------------------- what the client sends
 
 
@@ -890,7 +927,7 @@ async def main():
             await page.click("button[type=submit]")
             await page.wait_for_selector("text=x-forwarded-for", timeout=10_000)
             before = session(await page.context.cookies(b_url))
-            await page.goto(a_url, timeout=15_000)
+            await page.goto(a_url + "?b=" + b_url, timeout=15_000)
             await page.wait_for_function("document.title.startsWith('done')", timeout=10_000)
             seen_by_a = await page.title()
             await page.goto(a_url + "clear", timeout=15_000)

@@ -591,13 +591,13 @@ class TunnelServer:
             if request.method in (b"GET", b"HEAD"):
                 return self._login_response(tunnel, _safe_next(_query_value(request.target, "next") or "/"), None, 200)
             if request.method == b"POST":
+                _own_page_only(request, "sign-in")  # else any page could spend its visitors' attempts here
                 return await self._login(conn, request, tunnel)
             raise _Refused(405, "METHOD_NOT_ALLOWED", "use GET or POST", {"Allow": "GET, POST"})
         if path == LOGOUT_PATH:
-            if request.fields.get(b"sec-fetch-site", b"same-origin") not in _OWN_PAGE:
-                # Another tunnel is the same site (the browser sends the session along): its page must not
-                # end this tunnel's session, nor may any other site's.
-                raise _Refused(403, "CROSS_SITE_REFUSED", "logout is accepted only from this preview's own pages")
+            # Another tunnel is the same site (the browser sends the session along): its page must not end this
+            # tunnel's session, nor may any other site's.
+            _own_page_only(request, "logout")
             token = _session_token(request)
             if token and len(token) <= 64:
                 await self.store.end_session(token)
@@ -924,6 +924,11 @@ def _relay_upgraded(conn: ClientConnection, upstream: UpstreamConnection, exchan
 #: Sec-Fetch-Site values of a request made by the tunnel's own pages or by the user (typed, bookmarked). A
 #: client that sends none (a tool, an old browser) is taken as the user's.
 _OWN_PAGE: Final = frozenset({b"same-origin", b"none"})
+
+
+def _own_page_only(request: Request, what: str) -> None:
+    if request.fields.get(b"sec-fetch-site", b"same-origin") not in _OWN_PAGE:
+        raise _Refused(403, "CROSS_SITE_REFUSED", f"{what} is accepted only from this preview's own pages")
 
 
 def _nothing() -> None:

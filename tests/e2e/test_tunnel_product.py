@@ -657,34 +657,44 @@ def test_the_app_cannot_set_or_clear_the_gateways_session_cookie(env: Env) -> No
         assert [c.strip() for c in cleared] == ['"cache"'], cleared
 
 
+def login_request(host: str, password: str, *headers: str) -> str:
+    """The login form's POST, as the gateway's own page sends it."""
+    form = f"password={password.replace(' ', '+')}&next=/"
+    lines = ["POST /.gateway/login HTTP/1.1", f"Host: {host}", "Content-Type: application/x-www-form-urlencoded"]
+    lines += [*headers, f"Content-Length: {len(form)}", "Connection: close"]
+    return "\r\n".join([*lines, "", form])
+
+
 @pytest.mark.root
-def test_only_the_tunnels_own_pages_or_the_user_can_log_out(env: Env) -> None:
+def test_only_the_tunnels_own_pages_or_the_user_can_log_in_or_out(env: Env) -> None:
     tunnel = env.expose("sb1", 3000, password=True)
     host = env.host(tunnel)
-    form = f"password={PASSWORD.replace(' ', '+')}&next=/"
-    login = f"POST /.gateway/login HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-    login += f"Content-Length: {len(form)}\r\nConnection: close\r\n\r\n{form}"
-    answer = env.raw([login], sni=host)["answers"][0]
-    cookie = re.search(r"(?m)^Set-Cookie: (__Host-gw-tunnel=[^;]+)", answer["head"])
-    assert answer["status"] == 303 and cookie is not None
-    session = f"Cookie: {cookie.group(1)}"
+
+    def sign_in() -> str:
+        answer = env.raw([login_request(host, PASSWORD)], sni=host)["answers"][0]
+        cookie = re.search(r"(?m)^Set-Cookie: (__Host-gw-tunnel=[^;]+)", answer["head"])
+        assert answer["status"] == 303 and cookie is not None, answer
+        return f"Cookie: {cookie.group(1)}"
+
+    def status(path: str, *headers: str) -> dict[str, Any]:
+        answer: dict[str, Any] = env.raw([get(host, path, *headers, close=True)], sni=host)["answers"][0]
+        return answer
+
+    session = sign_in()
     # Another tunnel's page (same site: the browser sends the session along) or another site's.
     for site in ("same-site", "cross-site"):
-        refused = env.raw([get(host, "/.gateway/logout", session, f"Sec-Fetch-Site: {site}", close=True)], sni=host)[
-            "answers"
-        ][0]
+        refused = status("/.gateway/logout", session, f"Sec-Fetch-Site: {site}")
         assert refused["status"] == 403 and json.loads(refused["body"])["code"] == "CROSS_SITE_REFUSED", refused
-    assert env.raw([get(host, "/", session, close=True)], sni=host)["answers"][0]["status"] == 200  # still signed in
+    assert status("/", session)["status"] == 200  # still signed in
+    # Nor may another page spend its visitors' password attempts here (each would count against them).
+    before = len(env.log_events("tunnel_login_failed"))
+    refused = env.raw([login_request(host, "wrong-password", "Sec-Fetch-Site: same-site")], sni=host)["answers"][0]
+    assert refused["status"] == 403 and json.loads(refused["body"])["code"] == "CROSS_SITE_REFUSED", refused
+    assert len(env.log_events("tunnel_login_failed")) == before
     for fetch_site in ("Sec-Fetch-Site: same-origin", "Sec-Fetch-Site: none", None):
-        answer = env.raw([login], sni=host)["answers"][0]
-        cookie = re.search(r"(?m)^Set-Cookie: (__Host-gw-tunnel=[^;]+)", answer["head"])
-        assert cookie is not None
-        session = f"Cookie: {cookie.group(1)}"
-        out = env.raw([get(host, "/.gateway/logout", session, *filter(None, [fetch_site]), close=True)], sni=host)[
-            "answers"
-        ][0]
-        assert out["status"] == 303, out
-        assert env.raw([get(host, "/", session, close=True)], sni=host)["answers"][0]["status"] == 401
+        session = sign_in()
+        assert status("/.gateway/logout", session, *filter(None, [fetch_site]))["status"] == 303
+        assert status("/", session)["status"] == 401
 
 
 # --------------------------------------------------------------------------- what the client sends

@@ -11,7 +11,7 @@ through the API, until a valid version arrives.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,9 @@ class PolicyState:
         # policy_for_address runs for every DNS query and connection, and parsing the address text is most of
         # its cost: the answer per text, forgotten whenever a sandbox (so the index or a policy) changes.
         self._by_text: dict[str, CompiledPolicy | None] = {}
+        #: Called with the id of every sandbox removed, whoever removed it (what lived on it must not outlive it,
+        #: even when a record under the same id comes back a moment later).
+        self.removal_listeners: list[Callable[[str], None]] = []
 
     # ------------------------------------------------------------------ parsing
 
@@ -166,6 +169,8 @@ class PolicyState:
         del self.compiled[sandbox_id]
         self._by_text.clear()
         self.rejections.pop((SANDBOX, sandbox_id), None)
+        for listener in self.removal_listeners:
+            listener(sandbox_id)
         return sandbox
 
     def set_template(self, template: Template) -> None:

@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     # When it is empty every client waits under 1/rate seconds (the longest the right password can be refused).
     "login_tunnel_rate": 1.0,
     "login_tunnel_burst": 20,
-    "login_window": 900.0,  # seconds after which failures are forgotten
+    "login_window": 900.0,  # seconds after which failures (and sign-ins, for the tunnel's bucket) are forgotten
     "login_max_backoff": 300.0,  # seconds, the longest lockout
     "connect_timeout": 5.0,  # seconds to reach the sandbox port before answering 502
     "sweep_interval": 0.25,  # seconds between checks that close connections of dead tunnels

@@ -63,6 +63,18 @@ FORWARDING_PREFIXES: Final = (
     b"cf-",
     b"x-appengine-",
 )
+#: Beyond the names above, the shape of a client-address claim, whoever invented the header (X-Originating-IP,
+#: Fly-Client-IP, X-Azure-ClientIP/-SocketIP, X-Envoy-External-Address, CloudFront-Viewer-Address, ...), and
+#: `forwarded` anywhere in the name (X-Vercel-Forwarded-For, X-ProxyUser-Forwarded, ...).
+FORWARDING_SUFFIXES: Final = (
+    b"-ip",
+    b"-ips",
+    b"clientip",
+    b"socketip",
+    b"-client-address",
+    b"-external-address",
+    b"-viewer-address",
+)
 #: Responses that never have a body, whatever their headers say (RFC 9110 6.4.1).
 NO_BODY_STATUS: Final = frozenset({204, 304})
 MAX_HEAD_BYTES: Final = 64 * 1024  # request line + headers from a client, and a response head from an app
@@ -115,7 +127,12 @@ def fold(name: bytes) -> bytes:
 
 def is_forwarding(folded: bytes) -> bool:
     """Whether a (folded) request header claims something about the client or the path to it."""
-    return folded in FORWARDING or folded.startswith(FORWARDING_PREFIXES)
+    return (
+        folded in FORWARDING
+        or folded.startswith(FORWARDING_PREFIXES)
+        or folded.endswith(FORWARDING_SUFFIXES)
+        or b"forwarded" in folded
+    )
 
 
 def connection_tokens(value: bytes | None) -> frozenset[bytes]:
@@ -136,8 +153,13 @@ def is_chunked(transfer_encoding: bytes | None) -> bool:
 
 
 def _cookie_name(pair: bytes) -> bytes:
-    """The lowercased name of a `name=value` cookie pair (a pair without `=` is all name, as browsers read it)."""
-    return pair.split(b"=", 1)[0].strip().lower()
+    """The lowercased name of a `name=value` cookie pair as a server reads it back from the Cookie header (a pair
+    without `=` is all name). A nameless cookie (`=x=y`) is sent back as its bare value, `x=y`: its name is x."""
+    name, sep, value = pair.partition(b"=")
+    name = name.strip()
+    if not name and sep:
+        return _cookie_name(value)
+    return name.lower()
 
 
 def strip_cookies(value: bytes, names: frozenset[bytes]) -> bytes:
@@ -147,8 +169,12 @@ def strip_cookies(value: bytes, names: frozenset[bytes]) -> bytes:
 
 
 def sets_cookie(value: bytes, names: frozenset[bytes]) -> bool:
-    """Whether a Set-Cookie value sets one of `names` (lowercased)."""
-    return _cookie_name(value.split(b";", 1)[0]) in names
+    """Whether a Set-Cookie value sets one of `names` (lowercased). Browsers read one cookie per line, but
+    clients that fold Set-Cookie lines into one (fetch's `Headers.get`, some HTTP libraries) split it on `,`
+    again, so a name after a comma counts too (an `Expires` date's comma never starts a cookie name)."""
+    if _cookie_name(value.split(b";", 1)[0]) in names:
+        return True
+    return b"," in value and any(_cookie_name(part.split(b";", 1)[0]) in names for part in value.split(b",")[1:])
 
 
 def cookie_value(value: bytes | None, name: bytes) -> bytes | None:
@@ -188,6 +214,13 @@ def parse_host(value: bytes | None) -> tuple[str, int | None]:
 
 
 _HOST_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
+
+
+def clears_cookies(value: bytes) -> bool:
+    """Whether a Clear-Site-Data value asks for cookies (`"cookies"` or `"*"`, any case): browsers clear them for
+    the whole site, which is every tunnel's gateway session when the tunnel domain is not a public suffix."""
+    lower = value.lower()
+    return b"cookies" in lower or b"*" in lower
 
 
 def valid_reason(reason: bytes) -> bool:
@@ -301,8 +334,8 @@ def client_response_head(
     gateway_cookies: frozenset[bytes] = frozenset(),
 ) -> bytes:
     """The response head for the client: the app's end-to-end headers and the gateway's framing. A Set-Cookie
-    for one of `gateway_cookies` (lowercased names) is dropped: the app must not plant or end the gateway's
-    session."""
+    for one of `gateway_cookies` (lowercased names), and a Clear-Site-Data that clears cookies, are dropped: the
+    app must not plant or end the gateway's session (nor, through the shared site, another tunnel's)."""
     listed = _listed(headers, fields)
     out = [b"HTTP/1.1 %d " % status, reason or REASONS.get(status, b"Status"), b"\r\n"]
     for name, value in headers:
@@ -311,8 +344,15 @@ def client_response_head(
             continue
         if lower == b"set-cookie" and sets_cookie(value, gateway_cookies):
             continue
-        if lower == b"content-length" and framing.has_body and framing.content_length is None:
-            continue  # the app sent both a length and chunks: the chunks win (and the length goes)
+        if lower == b"clear-site-data" and clears_cookies(value):
+            continue
+        if lower == b"content-length" and (
+            (framing.has_body and framing.content_length is None) or status == 204 or status < 200
+        ):
+            # The app sent both a length and chunks: the chunks win (and the length goes). A 1xx or 204 has no
+            # body and must not announce one (RFC 9110 8.6): a client that believed it would read the next
+            # response as this one's body.
+            continue
         out += (name, b": ", value, b"\r\n")
     for name, value in extra:
         out += (name, b": ", value, b"\r\n")

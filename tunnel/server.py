@@ -136,8 +136,10 @@ class LoginThrottle:
       out of that tunnel for 1, 2, 4, ... seconds (at most `max_backoff`); a success clears it, and attempts
       are forgotten `window` seconds after the last one.
     * Per tunnel, all clients together: a token bucket of `tunnel_burst` attempts refilled at `tunnel_rate`
-      a second bounds the guesses from many addresses. It never locks anyone out for long: when it is empty
-      the wait is under 1 / `tunnel_rate` seconds, for every client alike.
+      a second bounds the guesses from many addresses. When it is empty the wait is under 1 / `tunnel_rate`
+      seconds; but while many addresses keep taking every token as it comes back, a client new to the tunnel
+      may keep getting that answer. A client (address, or /64) that signed in to the tunnel within `window`
+      is not held by the bucket, so such a flood never keeps out those who have signed in before.
     """
 
     def __init__(self, free: int, window: float, max_backoff: float, tunnel_rate: float, tunnel_burst: int) -> None:
@@ -148,6 +150,7 @@ class LoginThrottle:
         self.tunnel_burst = tunnel_burst
         self._clients: dict[tuple[str, str], _Attempts] = {}
         self._buckets: dict[str, _Bucket] = {}
+        self._signed_in: dict[tuple[str, str], float] = {}  # (tunnel, client key) -> when it last signed in
 
     def admit(self, tunnel_id: str, client: str, now: float | None = None) -> float:
         """0.0: the attempt may be checked now, and is counted already; otherwise the seconds to wait."""
@@ -156,6 +159,23 @@ class LoginThrottle:
         entry = self._clients.get(key)
         if entry is not None and now < entry.locked_until:
             return entry.locked_until - now
+        signed_in = self._signed_in.get(key)
+        if signed_in is None or now - signed_in > self.window:
+            wait = self._take_token(tunnel_id, now)
+            if wait > 0:
+                return wait
+        if entry is None or now - entry.last > self.window:
+            if entry is None and len(self._clients) >= MAX_THROTTLE_ENTRIES:
+                self.prune(now)
+            entry = self._clients[key] = _Attempts()
+        entry.count += 1
+        entry.last = now
+        if entry.count >= self.free:
+            entry.locked_until = now + min(self.max_backoff, 2.0 ** (entry.count - self.free))
+        return 0.0
+
+    def _take_token(self, tunnel_id: str, now: float) -> float:
+        """0.0: a token of the tunnel's bucket is taken; otherwise the seconds until there is one."""
         bucket = self._buckets.get(tunnel_id)
         if bucket is None:
             if len(self._buckets) >= MAX_THROTTLE_ENTRIES:
@@ -167,24 +187,25 @@ class LoginThrottle:
         if bucket.tokens < 1.0:
             return (1.0 - bucket.tokens) / self.tunnel_rate
         bucket.tokens -= 1.0
-        if entry is None or now - entry.last > self.window:
-            if entry is None and len(self._clients) >= MAX_THROTTLE_ENTRIES:
-                self.prune(now)
-            entry = self._clients[key] = _Attempts()
-        entry.count += 1
-        entry.last = now
-        if entry.count >= self.free:
-            entry.locked_until = now + min(self.max_backoff, 2.0 ** (entry.count - self.free))
         return 0.0
 
-    def success(self, tunnel_id: str, client: str) -> None:
-        self._clients.pop((tunnel_id, client_key(client)), None)
+    def success(self, tunnel_id: str, client: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        key = (tunnel_id, client_key(client))
+        self._clients.pop(key, None)
+        if key not in self._signed_in and len(self._signed_in) >= MAX_THROTTLE_ENTRIES:
+            self.prune(now)
+            if len(self._signed_in) >= MAX_THROTTLE_ENTRIES:
+                return  # remembered as signed in is a privilege: never at the cost of unbounded memory
+        self._signed_in[key] = now
 
     def prune(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         stale = [k for k, e in self._clients.items() if now - e.last > self.window and now > e.locked_until]
         for key in stale:
             del self._clients[key]
+        for key in [k for k, at in self._signed_in.items() if now - at > self.window]:
+            del self._signed_in[key]
         full = [k for k, b in self._buckets.items() if b.tokens + (now - b.at) * self.tunnel_rate >= self.tunnel_burst]
         for tunnel_id in full:  # a full bucket is the same as none
             del self._buckets[tunnel_id]
@@ -570,9 +591,13 @@ class TunnelServer:
             if request.method in (b"GET", b"HEAD"):
                 return self._login_response(tunnel, _safe_next(_query_value(request.target, "next") or "/"), None, 200)
             if request.method == b"POST":
+                _own_page_only(request, "sign-in")  # else any page could spend its visitors' attempts here
                 return await self._login(conn, request, tunnel)
             raise _Refused(405, "METHOD_NOT_ALLOWED", "use GET or POST", {"Allow": "GET, POST"})
         if path == LOGOUT_PATH:
+            # Another tunnel is the same site (the browser sends the session along): its page must not end this
+            # tunnel's session, nor may any other site's.
+            _own_page_only(request, "logout")
             token = _session_token(request)
             if token and len(token) <= 64:
                 await self.store.end_session(token)
@@ -715,6 +740,11 @@ class TunnelServer:
         upstream: UpstreamConnection | None = None
         try:
             upstream, answer = await self._open_exchange(conn, request, tunnel, head, exchange)
+            if body is not None:
+                # Never pooled after a body: an app server that answers without reading all of it (early, or
+                # not at all, as naive servers do) takes the rest for the start of the next request on this
+                # connection, and the client's bytes would then prefix another client's request.
+                upstream.reusable = False
             framing = response_framing(
                 answer.status,
                 answer.fields,
@@ -756,8 +786,6 @@ class TunnelServer:
                     out += LAST_CHUNK
             if out:
                 conn.write(out)
-            if body is not None and not body.done:
-                upstream.reusable = False  # the app answered before it had the whole body
             exchange.bytes_down = upstream.body_bytes
             self.pool.release(upstream)
             upstream = None
@@ -891,6 +919,16 @@ def _relay_upgraded(conn: ClientConnection, upstream: UpstreamConnection, exchan
     conn.set_paused("upgrade", False)
     upstream.attach(to_client)
     return close
+
+
+#: Sec-Fetch-Site values of a request made by the tunnel's own pages or by the user (typed, bookmarked). A
+#: client that sends none (a tool, an old browser) is taken as the user's.
+_OWN_PAGE: Final = frozenset({b"same-origin", b"none"})
+
+
+def _own_page_only(request: Request, what: str) -> None:
+    if request.fields.get(b"sec-fetch-site", b"same-origin") not in _OWN_PAGE:
+        raise _Refused(403, "CROSS_SITE_REFUSED", f"{what} is accepted only from this preview's own pages")
 
 
 def _nothing() -> None:

@@ -15,8 +15,9 @@ sessions); `FileTunnelStore` keeps the records in a JSON file next to the policy
   an entry was trimmed or missed.
 
 A tunnel is alive while it is neither revoked nor expired and its sandbox still exists and
-still holds the address the tunnel was created for (so a sandbox deleted and created again
-under the same id does not inherit old tunnels). A maintenance task writes the revocation of
+still holds the address the tunnel was created for, and this node has not seen it deleted (so a
+sandbox deleted and created again under the same id, even with the same address and at once,
+does not inherit old tunnels). A maintenance task writes the revocation of
 tunnels whose sandbox is gone ("deleting a sandbox revokes its tunnels", seed 000) and drops
 records that have been dead for `RETENTION` seconds.
 """
@@ -122,6 +123,10 @@ class TunnelStore(abc.ABC):
         #: so the answers for this very record (records are replaced, never changed in place) are remembered.
         self._record_checks: dict[str, tuple[object, bool, Forbidden | None]] = {}
         self._listeners: list[Listener] = []
+        #: Live tunnels whose sandbox this node saw deleted: dead at once, whatever record comes back under the
+        #: sandbox's id before the maintenance task has written their revocation.
+        self._orphaned: set[str] = set()
+        policy.removal_listeners.append(self._sandbox_removed)
         self._lock = asyncio.Lock()
         self._maintainer: asyncio.Task[None] | None = None
 
@@ -164,7 +169,7 @@ class TunnelStore(abc.ABC):
         self._listeners.append(listener)
 
     def alive(self, tunnel: Tunnel, now: float | None = None) -> bool:
-        if not tunnel.live(now):
+        if not tunnel.live(now) or tunnel.id in self._orphaned:
             return False
         checks = self._checks(tunnel)
         return checks is not None and checks[1]
@@ -366,8 +371,13 @@ class TunnelStore(abc.ABC):
 
     # ------------------------------------------------------------------ applying
 
+    def _sandbox_removed(self, sandbox_id: str) -> None:
+        self._orphaned.update(t.id for t in self.tunnels.values() if t.sandbox == sandbox_id and t.live())
+
     def _apply(self, tunnel_id: str, tunnel: Tunnel | None) -> None:
         before = self.tunnels.get(tunnel_id)
+        if tunnel is None or tunnel.revoked_at is not None:
+            self._orphaned.discard(tunnel_id)  # its record says it is dead now
         if tunnel is None:
             self.tunnels.pop(tunnel_id, None)
         else:

@@ -273,13 +273,21 @@ def test_login_throttle_counts_attempts_before_they_are_checked() -> None:
     assert throttle.admit("t", "a", now=0) == 1  # ...so a third one sent at once waits (2^0 s), unchecked
     assert throttle.admit("t", "a", now=1) == 0
     assert throttle.admit("t", "a", now=1) == 2  # and the next lock is twice as long
-    throttle.success("t", "a")
+    throttle.success("t", "a", now=1)
     assert throttle.admit("t", "a", now=1) == 0  # the right password clears the client's record
-    # The tunnel's bucket (3, one a second) holds the sum of every client's attempts: 4 spent by now, so b
-    # waits, but at most 1 / rate seconds, and never longer because of a's failures.
+    # The tunnel's bucket (3, one a second) holds the sum of the clients' attempts: 3 spent by now, so b gets
+    # the last one and then waits, but at most 1 / rate seconds, and never longer because of a's failures.
+    assert throttle.admit("t", "b", now=1) == 0
     assert throttle.admit("t", "b", now=1) == pytest.approx(1.0)
     assert throttle.admit("t", "b", now=1.5) == pytest.approx(0.5)
+    assert throttle.admit("t", "c", now=1.5) == pytest.approx(0.5)
+    # a signed in (at 1): the empty bucket does not hold it, for `window` seconds; its own backoff still does.
+    assert throttle.admit("t", "a", now=1.5) == 0
+    assert throttle.admit("t", "a", now=1.5) == pytest.approx(1.0)
     assert throttle.admit("t", "b", now=2) == 0
+    for client in ("c", "d", "e"):
+        assert throttle.admit("t", client, now=62) == 0
+    assert throttle.admit("t", "a", now=62) == pytest.approx(1.0)  # the sign-in is forgotten: the bucket holds a
     assert throttle.admit("other", "a", now=2) == 0  # other tunnels have their own
     # An IPv6 client is its /64; an IPv4-mapped address is the IPv4 client.
     assert client_key("2001:db8:1:2::5") == client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"

@@ -364,16 +364,45 @@ def test_the_app_cannot_set_or_clear_the_gateways_cookies() -> None:
         (b"Set-Cookie", b"__Host-gw=planted; Path=/; Secure"),
         (b"set-cookie", b"__host-gw=planted"),
         (b"SET-COOKIE", b" __HOST-GW =x; Domain=tunnel.test"),
-        (b"Set-Cookie", b"__Host-gw"),  # no `=`: browsers take the whole pair as the name
+        (b"Set-Cookie", b"__Host-gw"),  # no `=`: sent back as `__Host-gw`, which servers read as the name
+        (b"Set-Cookie", b"=__Host-gw=planted; Path=/"),  # nameless: sent back as `__Host-gw=planted`
+        (b"Set-Cookie", b" = __host-gw"),
         (b"Set-Cookie", b'__Host-gw=""; Max-Age=0'),
         (b"Set-Cookie", b"app=1; Path=/"),
         (b"Set-Cookie", b"x__Host-gw=1"),
+        (b"Set-Cookie", b"=x__Host-gw=1"),
+        (b"Set-Cookie", b"a=1, __Host-gw=planted; Path=/"),  # two cookies for clients that split on `,`
+        (b"Set-Cookie", b"b=2; Expires=Wed, 09 Jun 2100 10:18:14 GMT; Path=/"),
+        (b"Clear-Site-Data", b'"cookies"'),
+        (b"clear-site-data", b'"cache", "*"'),
+        (b"Clear-Site-Data", b'"Cookies"'),
+        (b"Clear-Site-Data", b'"cache", "storage"'),
     ]
     framing = response_framing(200, {}, head_request=True, client_keep_alive=True, client_http11=True)
     lines = head_lines(client_response_head(200, b"OK", headers, framing, gateway_cookies=frozenset({b"__host-gw"})))
-    assert lines == [b"HTTP/1.1 200 OK", b"Set-Cookie: app=1; Path=/", b"Set-Cookie: x__Host-gw=1"]
+    assert lines == [
+        b"HTTP/1.1 200 OK",
+        b"Set-Cookie: app=1; Path=/",
+        b"Set-Cookie: x__Host-gw=1",
+        b"Set-Cookie: =x__Host-gw=1",
+        b"Set-Cookie: b=2; Expires=Wed, 09 Jun 2100 10:18:14 GMT; Path=/",
+        b'Clear-Site-Data: "cache", "storage"',
+    ]
 
 
 def test_reason_phrases() -> None:
     assert valid_reason(b"OK") and valid_reason(b"Not\tFound \xe9") and valid_reason(b"")
     assert not valid_reason(b"OK\x00") and not valid_reason(b"O\x7fK") and not valid_reason(b"\x1b[31m")
+
+
+def test_a_204_never_announces_a_body() -> None:
+    headers = [(b"Content-Length", b"5"), (b"X-App", b"1")]
+    no_content = response_framing(
+        204, {b"content-length": b"5"}, head_request=False, client_keep_alive=True, client_http11=True
+    )
+    assert head_lines(client_response_head(204, b"", headers, no_content)) == [b"HTTP/1.1 204 No Content", b"X-App: 1"]
+    # A 304 or an answer to HEAD keeps its length: it is the length of what a GET would get.
+    not_modified = response_framing(
+        304, {b"content-length": b"5"}, head_request=False, client_keep_alive=True, client_http11=True
+    )
+    assert b"Content-Length: 5" in head_lines(client_response_head(304, b"", headers, not_modified))

@@ -17,7 +17,7 @@ import redis
 
 from tests.product import ProductApi
 from tests.redis_server import RedisServer
-from tests.test_cli import Server, start_server
+from tests.test_cli import Server, free_port, gateway, start_server, write_config
 
 
 def start_node(directory: Path, redis_url: str, node: str) -> Server:
@@ -125,3 +125,14 @@ def test_a_plain_redis_writer_reaches_both_nodes_and_a_bad_write_keeps_the_last_
             f"{api.url} applies the fix",
         )
         eventually(lambda api=api: rejection(api, "billed") is None, f"{api.url} clears the rejection")
+
+
+def test_run_with_redis_down_refuses_to_start_and_says_where(tmp_path: Path) -> None:
+    # Nothing listens there: the gateway must not serve (and decide) without its policies.
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    config = write_config(tmp_path, free_port())
+    result = gateway("run", "--config", str(config), GATEWAY_STORE__BACKEND="auto", GATEWAY_STORE__REDIS_URL=url)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # after the JSON log lines of its retries
+    assert last.startswith("STORE_UNAVAILABLE: ") and url in last, result.stderr
+    assert "Traceback" not in result.stderr

@@ -234,7 +234,8 @@ class PolicyState:
         failed only because of another record's old state (an address moving between
         sandboxes) is retried once the others are applied.
         """
-        for sandbox_id in [sid for sid in self.sandboxes if sid not in sandboxes]:
+        # A record that was only ever rejected has no state to remove, but its rejection must go with it.
+        for sandbox_id in [sid for sid in self._known(SANDBOX, self.sandboxes) if sid not in sandboxes]:
             self.apply_external(SANDBOX, sandbox_id, None)
         for name, raw in sorted(templates.items()):
             self.apply_external(TEMPLATE, name, raw)
@@ -244,9 +245,13 @@ class PolicyState:
             if len(failed) == len(pending):
                 break
             pending = failed
-        for name in [n for n in self.templates if n not in templates]:
+        for name in [n for n in self._known(TEMPLATE, self.templates) if n not in templates]:
             self.apply_external(TEMPLATE, name, None)
         return list(self.rejections.values())
+
+    def _known(self, kind: str, applied: Mapping[str, object]) -> list[str]:
+        """The keys of one kind this state holds: applied records and rejected ones."""
+        return sorted({*applied, *(key for rejected_kind, key in self.rejections if rejected_kind == kind)})
 
     def records(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
         """(templates, sandboxes) as plain data, the form the stores persist."""

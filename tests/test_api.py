@@ -120,6 +120,29 @@ class Answer:
         return self.body.get("code") if isinstance(self.body, dict) else None
 
 
+def check_documented(method: str, path: str, answer: Answer) -> None:
+    """The answer is one the OpenAPI document lists for that route, with a body its schema accepts."""
+    operation = _operation(method, path)
+    if operation is None:  # unknown route or method: the documented error body all the same
+        assert answer.status in (404, 405), (method, path, answer.status)
+        _validator({"$ref": "#/components/schemas/Error"}).validate(answer.body)
+        return
+    documented = operation["responses"].get(str(answer.status))
+    assert documented is not None, f"{method} {path} answered {answer.status}, which the document does not list"
+    content = documented.get("content")
+    if content is None:
+        assert answer.body is None, f"{method} {path} {answer.status} has a body the document does not describe"
+        return
+    media = answer.headers.get("Content-Type", "").split(";", 1)[0].strip()
+    assert media in content, f"{method} {path} {answer.status} answered {media}, documented: {list(content)}"
+    if media == "application/json":
+        _validator(content[media]["schema"]).validate(answer.body)
+    else:
+        assert isinstance(answer.body, str)
+    for header in documented.get("headers", {}):
+        assert header in answer.headers, f"{method} {path} {answer.status} lacks the documented {header}"
+
+
 class Api:
     def __init__(self, client: TestClient) -> None:
         self.client = client
@@ -147,32 +170,10 @@ class Api:
         # JSON answers are parsed; anything else (an NDJSON audit batch) is kept as text.
         parsed = json.loads(text) if text and response.content_type == "application/json" else (text or None)
         answer = Answer(response.status, parsed, dict(response.headers))
-        self._check_documented(method, path.split("?", 1)[0], answer)
+        check_documented(method, path.split("?", 1)[0], answer)
         if expect is not None:
             assert answer.status == expect, f"{method} {path}: {answer.status} {text}"
         return answer
-
-    @staticmethod
-    def _check_documented(method: str, path: str, answer: Answer) -> None:
-        operation = _operation(method, path)
-        if operation is None:  # unknown route or method: the documented error body all the same
-            assert answer.status in (404, 405), (method, path, answer.status)
-            _validator({"$ref": "#/components/schemas/Error"}).validate(answer.body)
-            return
-        documented = operation["responses"].get(str(answer.status))
-        assert documented is not None, f"{method} {path} answered {answer.status}, which the document does not list"
-        content = documented.get("content")
-        if content is None:
-            assert answer.body is None, f"{method} {path} {answer.status} has a body the document does not describe"
-            return
-        media = answer.headers.get("Content-Type", "").split(";", 1)[0].strip()
-        assert media in content, f"{method} {path} {answer.status} answered {media}, documented: {list(content)}"
-        if media == "application/json":
-            _validator(content[media]["schema"]).validate(answer.body)
-        else:
-            assert isinstance(answer.body, str)
-        for header in documented.get("headers", {}):
-            assert header in answer.headers, f"{method} {path} {answer.status} lacks the documented {header}"
 
 
 @pytest.fixture

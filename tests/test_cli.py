@@ -78,12 +78,16 @@ class Server:
         return self.process.returncode
 
 
-def start_server(directory: Path, **env: str) -> Server:
+def start_server(directory: Path, *args: str, config_in_env: bool = False, **env: str) -> Server:
+    """`gateway run ARGS` on a free port, the config file named by `--config` or by `GATEWAY_CONFIG`."""
     port = free_port()
     config = write_config(directory, port)
     stdout, stderr = directory / "run.out", directory / "run.err"
+    if config_in_env:
+        env.setdefault("GATEWAY_CONFIG", str(config))
+    command = [*CLI, "run", *args] if config_in_env else [*CLI, "run", "--config", str(config), *args]
     with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = subprocess.Popen([*CLI, "run", "--config", str(config)], stdout=out, stderr=err, env=clean_env(**env))
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=clean_env(**env))
     server = Server(process, f"http://127.0.0.1:{port}", config, stdout, stderr)
     deadline = time.monotonic() + 20
     while True:

@@ -359,6 +359,18 @@ def test_replace_all_invalid_record_keeps_last_good(state: PolicyState) -> None:
     assert allowed(state, "a", "a.com")
 
 
+def test_replace_all_forgets_the_rejection_of_a_record_that_is_gone(state: PolicyState) -> None:
+    state.replace_all({}, {"a": record("a")})
+    rejections = state.replace_all(
+        {"t": {"name": "t", "egress": {"allow_hosts": ["*"]}}},
+        {"a": record("a"), "new": record("new", "10.75.0.9", egress={"allow_hosts": ["a.com:443"]})},
+    )
+    assert sorted((r.kind, r.key) for r in rejections) == [(SANDBOX, "new"), (TEMPLATE, "t")]
+    # never applied, so nothing to remove but the rejection, which would otherwise be shown for ever
+    assert state.replace_all({}, {"a": record("a")}) == []
+    assert set(state.sandboxes) == {"a"} and not state.templates
+
+
 def test_records_round_trip_through_a_snapshot(state: PolicyState) -> None:
     create_template(state, {"name": "t", "egress": {"deny_cidrs": ["10.0.0.0/8"]}, "limits": {"bandwidth_mbit": 7}})
     create(state, record("a", "10.75.0.2", "fdd4:1476:6c7e::2", template="t", egress={"allow_hosts": ["*.a.com"]}))

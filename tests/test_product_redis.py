@@ -1,0 +1,138 @@
+"""The Redis contract through `gateway run`: two nodes on one redis-server. Creating one id on both at once
+gives one 201 and one 409; a record a plain redis-py writer commits (MULTI HSET + XADD) reaches the API of
+both; an invalid one is rejected by both and the last good version stays, also across a restart of a node
+(gw:accepted)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.product import ProductApi
+from tests.redis_server import RedisServer
+from tests.test_cli import Server, free_port, gateway, start_server, write_config
+
+
+def start_node(directory: Path, redis_url: str, node: str) -> Server:
+    return start_server(
+        directory, GATEWAY_STORE__BACKEND="auto", GATEWAY_STORE__REDIS_URL=redis_url, GATEWAY_STORE__NODE_ID=node
+    )
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, redis_server: RedisServer) -> Iterator[list[Server]]:
+    started = [
+        start_node(tmp_path / name, redis_server.url, name) for name in ("a", "b") if (tmp_path / name).mkdir() is None
+    ]
+    try:
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+def eventually(check: Callable[[], Any], what: str, deadline_s: float = 10.0) -> Any:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def write(client: redis.Redis, key: str, record: dict[str, Any] | str) -> None:
+    """Exactly as the README's writer: the hash and the change notification in one MULTI/EXEC."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hset("gw:sandboxes", key, record if isinstance(record, str) else json.dumps(record))
+        pipe.xadd(
+            "gw:changes", {"kind": "sandbox", "key": key, "op": "put", "source": "billing-service"}, maxlen=100000
+        )
+        pipe.execute()
+
+
+def rejection(api: ProductApi, key: str) -> dict[str, Any] | None:
+    rejected = api.call("GET", "/v1/status", expect=200).body["rejected"]
+    return next((r for r in rejected if (r["kind"], r["key"]) == ("sandbox", key)), None)
+
+
+def test_two_nodes_creating_one_id_at_once_give_one_201_and_one_409(nodes: list[Server]) -> None:
+    apis = [ProductApi(server.url) for server in nodes]
+    apis[0].check_served_document()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for n in range(8):
+            record = {"id": f"race-{n}", "addresses": [f"10.75.6.{n + 1}"]}
+            answers = list(pool.map(lambda api, record=record: api.call("POST", "/v1/sandboxes", record), apis))
+            assert sorted(a.status for a in answers) == [201, 409], [a.body for a in answers]
+            assert next(a for a in answers if a.status == 409).code == "SANDBOX_EXISTS"
+    for api in apis:
+        ids = eventually(lambda api=api: len(api.call("GET", "/v1/sandboxes").body["sandboxes"]) == 8, "both see 8")
+        assert ids
+
+
+def test_a_plain_redis_writer_reaches_both_nodes_and_a_bad_write_keeps_the_last_good_version_across_a_restart(
+    nodes: list[Server], redis_server: RedisServer
+) -> None:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    apis = [ProductApi(server.url) for server in nodes]
+    good = {
+        "id": "billed",
+        "addresses": ["10.75.6.40"],
+        "profile": "allowlisted",
+        "egress": {"allow_hosts": ["api.example.com"]},
+    }
+    write(client, "billed", good)
+    for api in apis:
+        eventually(lambda api=api: api.call("GET", "/v1/sandboxes/billed").status == 200, f"{api.url} has it")
+        assert api.call("GET", "/v1/sandboxes/billed/explain?host=api.example.com", expect=200).body["allowed"]
+    stored = apis[0].call("GET", "/v1/sandboxes/billed", expect=200).body
+
+    for bad, code in (
+        ({**good, "egress": {"allow_hosts": ["https://api.example.com"]}}, "INVALID_HOSTNAME"),
+        ("{not json", "INVALID_JSON"),
+    ):
+        write(client, "billed", bad)
+        for api in apis:
+            seen = eventually(
+                lambda api=api, code=code: (r := rejection(api, "billed")) and r["code"] == code and r,
+                f"{api.url} rejects it with {code}",
+            )
+            assert seen["code"] == code, seen
+            assert api.call("GET", "/v1/sandboxes/billed", expect=200).body == stored
+        assert "sandbox:billed" in client.hgetall("gw:status:rejected")
+
+    # A restart: the hash still holds the broken record; the node's last good copy comes from gw:accepted.
+    assert json.loads(client.hget("gw:accepted:sandboxes", "billed"))["egress"]["allow_hosts"] == ["api.example.com"]
+    nodes[0].stop()
+    nodes[0] = start_node(nodes[0].config.parent, redis_server.url, "a")
+    restarted = ProductApi(nodes[0].url)
+    assert restarted.call("GET", "/v1/sandboxes/billed", expect=200).body == stored
+    assert restarted.call("GET", "/v1/sandboxes/billed/explain?host=api.example.com", expect=200).body["allowed"]
+    assert eventually(lambda: rejection(restarted, "billed"), "the restarted node shows the rejection")
+
+    fixed = {**good, "egress": {"allow_hosts": ["next.example.com"]}}
+    write(client, "billed", fixed)
+    for api in (restarted, apis[1]):
+        eventually(
+            lambda api=api: api.call("GET", "/v1/sandboxes/billed/explain?host=next.example.com").body["allowed"],
+            f"{api.url} applies the fix",
+        )
+        eventually(lambda api=api: rejection(api, "billed") is None, f"{api.url} clears the rejection")
+
+
+def test_run_with_redis_down_refuses_to_start_and_says_where(tmp_path: Path) -> None:
+    # Nothing listens there: the gateway must not serve (and decide) without its policies.
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    config = write_config(tmp_path, free_port())
+    result = gateway("run", "--config", str(config), GATEWAY_STORE__BACKEND="auto", GATEWAY_STORE__REDIS_URL=url)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # after the JSON log lines of its retries
+    assert last.startswith("STORE_UNAVAILABLE: ") and url in last, result.stderr
+    assert "Traceback" not in result.stderr

@@ -13,6 +13,7 @@ if str(REPO) not in sys.path:  # `tests.redis_server` is importable however pyte
     sys.path.insert(0, str(REPO))
 
 from tests.redis_server import RedisServer, RedisServerError, find_redis_server  # noqa: E402
+from tests.test_cli import Server, start_server  # noqa: E402
 
 
 @pytest.fixture
@@ -32,3 +33,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="module")
+def product_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`gateway run` on the embedded store and a free loopback port, for the tests of one module."""
+    instance = start_server(tmp_path_factory.mktemp("product"))
+    try:
+        yield instance
+    finally:
+        instance.stop()

@@ -52,6 +52,13 @@ class ProductApi:
             assert answer.status == expect, f"{method} {path}: {answer.status} {text}"
         return answer
 
+    @classmethod
+    def checked(cls, url: str) -> ProductApi:
+        """A client of the gateway at `url`, whose served document was found to be the documented one."""
+        client = cls(url)
+        client.check_served_document()
+        return client
+
     def check_served_document(self) -> None:
         """The answers are checked against DOC; that is only worth something if DOC is what the gateway serves."""
         served = self.call("GET", "/openapi.json", token=None, expect=200).body

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.product import ProductApi
-from tests.test_cli import Server, gateway, start_server
+from tests.test_cli import Server, gateway
 
 TEMPLATE = {
     "name": "web",
@@ -259,18 +258,8 @@ DECISIONS: list[tuple[str, str, str | None, str | None, bool, str]] = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    instance = start_server(tmp_path_factory.mktemp("product-decisions"))
-    try:
-        yield instance
-    finally:
-        instance.stop()
-
-
-@pytest.fixture(scope="module")
-def api(server: Server) -> ProductApi:
-    client = ProductApi(server.url)
-    client.check_served_document()
+def api(product_server: Server) -> ProductApi:
+    client = ProductApi.checked(product_server.url)
     client.call("POST", "/v1/templates", TEMPLATE, expect=201)
     for number, record in enumerate(SANDBOXES, start=1):
         client.call("POST", "/v1/sandboxes", {"addresses": [f"10.75.4.{number}"], **record}, expect=201)
@@ -292,7 +281,7 @@ def row_id(row: tuple[str, str, str | None, str | None, bool, str]) -> str:
 )
 def test_the_api_and_the_cli_decide_each_connection_with_the_readme_rule(
     api: ProductApi,
-    server: Server,
+    product_server: Server,
     sandbox_id: str,
     host: str,
     address: str | None,
@@ -303,7 +292,7 @@ def test_the_api_and_the_cli_decide_each_connection_with_the_readme_rule(
     answer = api.call("GET", f"/v1/sandboxes/{sandbox_id}/explain?{explain_query(host, address, protocol)}", expect=200)
     assert (answer.body["allowed"], answer.body["rule"]) == (allowed, rule), answer.body
     flags = [*(["--address", address] if address else []), *(["--protocol", protocol] if protocol else [])]
-    result = gateway("explain", sandbox_id, host, *flags, server=server)
+    result = gateway("explain", sandbox_id, host, *flags, server=product_server)
     assert result.returncode == (0 if allowed else 4), result.stderr
     word = "ALLOW" if allowed else "DENY"
     assert result.stdout.startswith(f"{word} ") and f"{answer.body['reason']}  (rule {rule})" in result.stdout
@@ -319,15 +308,15 @@ def test_the_effective_policy_merges_the_template_field_by_field(api: ProductApi
     assert "tpl.example.com" not in json.dumps(ceiling["egress"]), ceiling
 
 
-def test_a_template_change_reaches_every_sandbox_that_inherits_it(api: ProductApi, server: Server) -> None:
+def test_a_template_change_reaches_every_sandbox_that_inherits_it(api: ProductApi, product_server: Server) -> None:
     changed = {**TEMPLATE, "egress": {"allow_hosts": ["next.example.com"], "host_ports": [443]}}
     api.call("PUT", "/v1/templates/web", changed, expect=200)
     try:
         for sandbox_id, allowed in (("inh", True), ("ports", False), ("own", False), ("iso-tpl", False)):
             verdict = api.call("GET", f"/v1/sandboxes/{sandbox_id}/explain?host=next.example.com", expect=200).body
             assert verdict["allowed"] is allowed, (sandbox_id, verdict)
-        assert gateway("explain", "inh", "next.example.com", server=server).returncode == 0
-        assert gateway("explain", "inh", "tpl.example.com", server=server).returncode == 4
+        assert gateway("explain", "inh", "next.example.com", server=product_server).returncode == 0
+        assert gateway("explain", "inh", "tpl.example.com", server=product_server).returncode == 4
         ported = api.call("GET", "/v1/sandboxes/ports/explain?host=next.example.com:8443", expect=200).body
         assert ported["allowed"], ported  # the sandbox's own host_ports still override the new template
     finally:

@@ -6,30 +6,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.product import ProductApi
-from tests.test_cli import LIMITED_TOKEN, Server, start_server
+from tests.test_cli import LIMITED_TOKEN, Server
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    instance = start_server(tmp_path_factory.mktemp("product-validation"))
-    try:
-        yield instance
-    finally:
-        instance.stop()
-
-
-@pytest.fixture(scope="module")
-def api(server: Server) -> ProductApi:
-    client = ProductApi(server.url)
-    client.check_served_document()
-    return client
+def api(product_server: Server) -> ProductApi:
+    return ProductApi.checked(product_server.url)
 
 
 def sandbox(sandbox_id: str = "v1", address: str = "10.75.3.1", **fields: Any) -> dict[str, Any]:
@@ -265,9 +253,9 @@ FILE_REFUSED = [row for row in REFUSED if row[3] != "id"]
 
 
 def test_the_same_records_written_into_the_policy_file_are_rejected_and_the_last_good_version_stays(
-    api: ProductApi, server: Server
+    api: ProductApi, product_server: Server
 ) -> None:
-    policies = Path(server.config.parent / "policies.json")
+    policies = Path(product_server.config.parent / "policies.json")
     good = {
         "id": "filed",
         "addresses": ["10.75.3.40"],

@@ -391,14 +391,8 @@ except Exception as exc:  # not HTTP/2 after all (the gateway's own answer), a r
 print(json.dumps({"head": head.decode(errors="replace"), "bodies": bodies, "after": after.decode(errors="replace")}))
 """
 
-#: A POST with Expect: 100-continue whose body, sent at once (as by a client whose wait for 100 is over), is a
-#: request for denied.test; prints everything the connection returned until its end.
-EXPECT_CLIENT = r"""
-import socket, sys
-body = b"GET / HTTP/1.1\r\nHost: denied.test\r\n\r\n"
-s = socket.create_connection((sys.argv[1], 80), timeout=8)
-head = f"POST {sys.argv[2]} HTTP/1.1\r\nHost: allowed.test\r\nExpect: 100-continue\r\nContent-Length: {len(body)}\r\n"
-s.sendall(head.encode() + b"\r\n" + body)
+#: The end of several raw clients below: print everything the connection `s` returns until its end (or error).
+_PRINT_UNTIL_END = r"""
 data = b""
 try:
     while chunk := s.recv(4096):
@@ -408,23 +402,32 @@ except OSError as exc:
 print(data.decode(errors="replace").replace("\r\n", "|"))
 """
 
+#: A POST with Expect: 100-continue whose body, sent at once (as by a client whose wait for 100 is over), is a
+#: request for denied.test; prints everything the connection returned until its end.
+EXPECT_CLIENT = (
+    r"""
+import socket, sys
+body = b"GET / HTTP/1.1\r\nHost: denied.test\r\n\r\n"
+s = socket.create_connection((sys.argv[1], 80), timeout=8)
+head = f"POST {sys.argv[2]} HTTP/1.1\r\nHost: allowed.test\r\nExpect: 100-continue\r\nContent-Length: {len(body)}\r\n"
+s.sendall(head.encode() + b"\r\n" + body)
+"""
+    + _PRINT_UNTIL_END
+)
+
 #: Two pipelined POSTs with Expect: 100-continue in one write: the first has no body (the origin still answers it
 #: with a 100), the second goes to argv[2] with a body that is a request for denied.test. Prints everything the
 #: connection returned until its end.
-PIPELINED_EXPECT_CLIENT = r"""
+PIPELINED_EXPECT_CLIENT = (
+    r"""
 import socket, sys
 body = b"GET / HTTP/1.1\r\nHost: denied.test\r\n\r\n"
 head = "POST {} HTTP/1.1\r\nHost: allowed.test\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n"
 s = socket.create_connection((sys.argv[1], 80), timeout=8)
 s.sendall(head.format("/upload", 0).encode() + head.format(sys.argv[2], len(body)).encode() + body)
-data = b""
-try:
-    while chunk := s.recv(4096):
-        data += chunk
-except OSError as exc:
-    data += f"<{type(exc).__name__}>".encode()
-print(data.decode(errors="replace").replace("\r\n", "|"))
 """
+    + _PRINT_UNTIL_END
+)
 
 #: Connects to argv[1]:argv[2] and says nothing until told to (a line on stdin), then sends argv[3] (a JSON string,
 #: as latin-1 bytes) and prints what comes back until the end.
@@ -444,18 +447,14 @@ print(data.decode(errors="replace").replace("\r\n", "|"), flush=True)
 """
 
 #: Sends argv[3] (a JSON string, as latin-1 bytes) to argv[1]:argv[2] and prints what comes back until the end.
-RAW_CLIENT = r"""
+RAW_CLIENT = (
+    r"""
 import json, socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
 s.sendall(json.loads(sys.argv[3]).encode("latin-1"))
-data = b""
-try:
-    while chunk := s.recv(4096):
-        data += chunk
-except OSError as exc:
-    data += f"<{type(exc).__name__}>".encode()
-print(data.decode(errors="replace").replace("\r\n", "|"))
 """
+    + _PRINT_UNTIL_END
+)
 
 SERVER_FIRST_CLIENT = r"""
 import socket, sys

@@ -743,6 +743,53 @@ def test_a_later_keep_alive_request_for_another_host_is_refused(env: Env) -> Non
         assert "ORIGIN" not in refused["body"]
 
 
+#: Request shapes on port 80 that would let a request for denied.test through a connection opened for
+#: allowed.test if anything on the path read them differently from the gateway (request smuggling, fronting),
+#: with the stable code of the gateway's refusal.
+_HIDDEN = "GET / HTTP/1.1\r\nHost: denied.test\r\n\r\n"
+SMUGGLING_SHAPES = {
+    "connect": ("CONNECT denied.test:80 HTTP/1.1\r\nHost: denied.test:80\r\n\r\n" + _HIDDEN, "HTTP_CONNECT_REFUSED"),
+    "two hosts": ("GET / HTTP/1.1\r\nHost: allowed.test\r\nHost: denied.test\r\n\r\n", "HTTP_DUPLICATE_HOST"),
+    "absolute form": ("GET http://denied.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n", "HTTP_TARGET_HOST_MISMATCH"),
+    "cl.te": (
+        f"POST / HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: {len(_HIDDEN) + 5}\r\n"
+        f"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n{_HIDDEN}",
+        "HTTP_AMBIGUOUS_LENGTH",
+    ),
+    "te.cl": (
+        "POST / HTTP/1.1\r\nHost: allowed.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n"
+        f"{len(_HIDDEN):x}\r\n{_HIDDEN}\r\n0\r\n\r\n",
+        "HTTP_AMBIGUOUS_LENGTH",
+    ),
+    "te xchunked": (
+        f"POST / HTTP/1.1\r\nHost: allowed.test\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n{_HIDDEN}",
+        "HTTP_INVALID_TRANSFER_ENCODING",
+    ),
+    "te space before colon": (
+        "POST / HTTP/1.1\r\nHost: allowed.test\r\nTransfer-Encoding : chunked\r\n"
+        f"Content-Length: {len(_HIDDEN) + 5}\r\n\r\n0\r\n\r\n{_HIDDEN}",
+        "HTTP_INVALID_HEADER",
+    ),
+    "te twice": (
+        "POST / HTTP/1.1\r\nHost: allowed.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n"
+        f"\r\n0\r\n\r\n{_HIDDEN}",
+        "HTTP_INVALID_TRANSFER_ENCODING",
+    ),
+    "obs-fold host": ("GET / HTTP/1.1\r\nHost: allowed.test\r\n denied.test\r\n\r\n", "HTTP_OBS_FOLD"),
+    "bare lf": ("GET / HTTP/1.1\nHost: denied.test\n\n", "HTTP_BAD_LINE_ENDING"),
+    "nul in header": ("GET / HTTP/1.1\r\nHost: allowed.test\r\nX-A: a\x00b\r\n\r\n" + _HIDDEN, "HTTP_INVALID_HEADER"),
+}
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("shape", sorted(SMUGGLING_SHAPES))
+def test_smuggling_shapes_on_port_80_are_refused_and_reach_no_denied_host(env: Env, shape: str) -> None:
+    request, code = SMUGGLING_SHAPES[shape]
+    out = env.topo.python("sb1", RAW_CLIENT, "198.18.1.1", "80", json.dumps(request), timeout=20)
+    assert out.startswith("HTTP/1.1 403") and f"X-Gateway-Reason: {code}:" in out, out
+    assert "ORIGIN" not in out, out  # nothing of it reached an origin, the hidden request least of all
+
+
 @pytest.mark.root
 def test_an_upgrade_passes_the_new_protocol_and_a_declined_one_smuggles_nothing(env: Env) -> None:
     out = env.topo.python("sb1", UPGRADE_CLIENT, "198.18.1.1", "/ws", timeout=15)

@@ -1184,3 +1184,49 @@ def test_the_cli_lists_gets_and_revokes_tunnels_and_a_sandbox_holds_at_most_max_
     assert [
         t for t in json.loads(env.cli("--json", "tunnel", "list", "sb2").stdout)["tunnels"] if t["state"] == "active"
     ] == live
+
+
+# --------------------------------------------------------------------------- flow records
+
+
+@pytest.mark.root
+def test_every_tunnel_request_is_a_metadata_only_flow_record_in_the_audit_batches(env: Env) -> None:
+    tunnel = env.expose("sb1", 3000, password=True)
+    host = env.host(tunnel)
+    since_us = int((time.time() - 5) * 1e6)  # a batch opened a little before still holds these
+    secret = "Cookie: app-session=secret-cookie-value"
+    assert (
+        env.curl(tunnel, "/audited-path?q=secret-query", "-H", f"Authorization: {basic(PASSWORD)}", "-H", secret)[0]
+        == 200
+    )
+    assert env.curl(tunnel, "/", "-H", f"Authorization: {basic('wrong-password-value')}")[0] == 401
+
+    def batches() -> str:
+        query = f"since_us={since_us}&limit=1000"
+        listed = env.topo.run("gw", ["curl", "-sS", f"{API}/v1/sandboxes/sb1/audit-batches?{query}"], timeout=20)
+        names = [b["name"] for b in json.loads(listed.stdout)["batches"]]
+        shown = env.cli("--json", "audit", "list", "sb1", "--all", "--since-us", str(since_us)).stdout
+        assert set(names) <= {b["name"] for b in json.loads(shown)["batches"]}  # the CLI lists them too (and newer)
+        return "".join(env.cli("audit", "get", "sb1", name).stdout for name in names)
+
+    def ours() -> list[dict[str, Any]]:
+        return [r for r in map(json.loads, batches().splitlines()) if r.get("hostname") == f"{host}:{PORT}"]
+
+    assert wait_until(lambda: len(ours()) >= 2, 15)
+    records = ours()
+    assert [r["protocol"] for r in records] == ["http", "http"], records
+    assert [(r["verdict"], r["reason"]) for r in records] == [
+        ("allow", "tunnel 200"),
+        ("deny", "tunnel WRONG_PASSWORD"),
+    ], records
+    assert {r["dst_addr"] for r in records} == {"10.75.0.1"} and {r["dst_port"] for r in records} == {3000}
+    text = json.dumps(records)
+    for leaked in (
+        PASSWORD,
+        basic(PASSWORD),
+        "wrong-password-value",
+        "secret-cookie-value",
+        "secret-query",
+        "audited-path",
+    ):
+        assert leaked not in text, leaked

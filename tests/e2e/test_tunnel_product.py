@@ -1230,3 +1230,22 @@ def test_every_tunnel_request_is_a_metadata_only_flow_record_in_the_audit_batche
         "audited-path",
     ):
         assert leaked not in text, leaked
+
+
+# --------------------------------------------------------------------------- restarts (last: it restarts the gateway)
+
+
+@pytest.mark.root
+def test_tunnels_and_revocations_survive_a_restart_of_gateway_run(env: Env) -> None:
+    kept, revoked = env.expose("sb1", 3000, password=True), env.expose("sb1", 3000)
+    env.cli("tunnel", "revoke", revoked["id"])
+    assert env.gateway is not None
+    env.gateway.terminate()
+    assert env.gateway.wait(timeout=30) == 0
+    started = len(env.log_events("tunnel_server_started"))
+    env.start_gateway()
+    assert wait_until(lambda: len(env.log_events("tunnel_server_started")) > started, 15)
+    status, _, body = env.curl(kept, "/after-restart", "-H", f"Authorization: {basic(PASSWORD)}")
+    assert status == 200 and json.loads(body)["path"] == "/after-restart", body  # its password hash, kept too
+    assert env.curl(kept, "/", "-H", f"Authorization: {basic('wrong-password')}")[0] == 401
+    gone(env, revoked)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,17 @@ def serve(conn, port, n):
                 buf += conn.recv(65536)
             body, buf = buf[:length], buf[length:]
             log(port=port, conn=n, event="request", path=path, head=text, body=body.decode("latin-1"))
+            if port == 3000 and path == "/ws":  # a WebSocket that sends a text frame every 0.1 s
+                import base64, hashlib
+                key = next(v.strip() for k, v in headers if k.lower() == "sec-websocket-key")
+                digest = hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+                accept = base64.b64encode(digest)
+                fields = ["Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Accept: " + accept.decode()]
+                conn.sendall(("\r\n".join(["HTTP/1.1 101 Switching Protocols", *fields, "", ""])).encode())
+                for _ in range(300):  # 30 s at most
+                    conn.sendall(b"\x81\x04tick")
+                    time.sleep(0.1)
+                return
             if port == 3000 and path == "/stream":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
                 for _ in range(300):  # 30 s at most
@@ -336,6 +348,53 @@ try:
 except OSError:
     pass
 print("ended", flush=True)
+"""
+
+
+#: A WebSocket to the app's /ws, read frame by frame until the gateway ends it (argv: CA, address, port, Host).
+#: Prints "ready" once the app's frames come, then "close CODE" for a Close frame or "eof" for none.
+WS_CLIENT = r"""
+import base64, os, socket, ssl, struct, sys
+ca, address, port, host = sys.argv[1:5]
+ctx = ssl.create_default_context(cafile=ca)
+s = ctx.wrap_socket(socket.create_connection((address, int(port)), timeout=20), server_hostname=host)
+key = base64.b64encode(os.urandom(16)).decode()
+s.sendall((f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+buf = b""
+def need(n):
+    global buf
+    while len(buf) < n:
+        data = s.recv(65536)
+        if not data:
+            raise EOFError
+        buf += data
+    out, buf = buf[:n], buf[n:]
+    return out
+while b"\r\n\r\n" not in buf:
+    data = s.recv(65536)
+    if not data:
+        break
+    buf += data
+head, _, buf = buf.partition(b"\r\n\r\n")
+if not head.startswith(b"HTTP/1.1 101"):
+    print("refused", head.split(b"\r\n")[0].decode(), flush=True)
+    sys.exit(0)
+print("ready", flush=True)
+try:
+    while True:
+        first, size = need(2)
+        size &= 0x7F
+        if size == 126:
+            size = struct.unpack("!H", need(2))[0]
+        elif size == 127:
+            size = struct.unpack("!Q", need(8))[0]
+        payload = need(size)
+        if first & 0x0F == 8:
+            print("close", struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else "none", flush=True)
+            break
+except (EOFError, OSError):
+    print("eof", flush=True)
 """
 
 
@@ -983,3 +1042,211 @@ def test_another_tunnels_page_can_neither_read_nor_replace_the_session_in_a_brow
     got = json.loads(seen["b_app_got"])["headers"]
     cookie = next(v for k, v in got if k.lower() == "cookie")
     assert "shared=from-a" in cookie and "__Host-gw-tunnel" not in cookie and seen["before"][0] not in cookie
+
+
+# --------------------------------------------------------------------------- lifetime: revoke, expiry, deletion
+
+
+def websocket(env: Env, tunnel: dict[str, Any]) -> subprocess.Popen[Any]:
+    args = [str(env.ca), GATEWAY, str(PORT), env.host(tunnel)]
+    return env.topo.start_python("inet", WS_CLIENT, *args, ready="ready", timeout=15)
+
+
+def closed_with(proc: subprocess.Popen[Any]) -> str:
+    """How the WebSocket ended ("close 1008", "eof"); bounded: the app sends frames for 30 s otherwise."""
+    proc.wait(timeout=10)
+    assert proc.stdout is not None
+    return proc.stdout.read().strip()
+
+
+def gone(env: Env, tunnel: dict[str, Any]) -> None:
+    status, _, body = env.curl(tunnel, "/")
+    assert status == 410 and json.loads(body)["code"] == "TUNNEL_GONE", body
+
+
+@pytest.mark.root
+def test_revocation_cuts_a_live_stream_and_closes_a_websocket_with_1008(env: Env) -> None:
+    tunnel = env.expose("sb1", 3000)
+    streaming, ws = stream(env, tunnel), websocket(env, tunnel)
+    started = time.monotonic()
+    env.cli("tunnel", "revoke", tunnel["id"])
+    assert closed_with(ws) == "close 1008"  # a Close frame between two of the app's frames, not a bare cut
+    assert ended(streaming)
+    assert time.monotonic() - started < 3  # promptly, not when the app's streams end (30 s)
+    gone(env, tunnel)
+    shown = json.loads(env.cli("--json", "tunnel", "get", tunnel["id"]).stdout)
+    assert shown["state"] == "revoked", shown
+
+
+@pytest.mark.root
+def test_expiry_cuts_a_live_stream_and_a_websocket(env: Env) -> None:
+    tunnel: dict[str, Any] = json.loads(env.cli("--json", "tunnel", "expose", "sb1", "3000", "--ttl", "10").stdout)
+    streaming, ws = stream(env, tunnel), websocket(env, tunnel)
+    assert wait_until(lambda: streaming.poll() is not None, 15)
+    expires_at = datetime.fromisoformat(tunnel["expires_at"]).timestamp()
+    assert -0.5 < time.time() - expires_at < 3  # cut at its expiry, not when the app's stream ends (30 s)
+    assert ended(streaming)
+    assert closed_with(ws) == "close 1008"
+    gone(env, tunnel)
+    assert json.loads(env.cli("--json", "tunnel", "get", tunnel["id"]).stdout)["state"] == "expired"
+
+
+@pytest.mark.root
+def test_deleting_the_sandbox_through_the_api_cuts_its_tunnels_connections(env: Env) -> None:
+    env.sandbox(record(public_access=True))
+    tunnel = env.expose("sb2", 3000)
+    streaming, ws = stream(env, tunnel), websocket(env, tunnel)
+    started = time.monotonic()
+    deleted = env.topo.run(
+        "gw",
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "DELETE", f"{API}/v1/sandboxes/sb2"],
+        check=False,
+        timeout=20,
+    )
+    assert deleted.stdout in ("200", "204"), deleted.stdout + deleted.stderr
+    try:
+        assert ended(streaming)
+        assert closed_with(ws) == "close 1008"
+        assert time.monotonic() - started < 3
+        gone(env, tunnel)
+    finally:
+        env.sandbox(record(), create=True)  # the module's sb2 again, for the tests after this one
+
+
+# --------------------------------------------------------------------------- the gateway's own pages
+
+
+@pytest.mark.root
+def test_unknown_gone_and_not_listening_answer_html_to_browsers_and_json_otherwise(env: Env) -> None:
+    unknown = {"id": "k3n5v7x2q4r6t3w2"}  # a label of the right shape that no tunnel has
+    revoked = env.expose("sb1", 3000)
+    env.cli("tunnel", "revoke", revoked["id"])
+    silent = env.expose("sb1", 3999)  # nothing listens on it in the sandbox
+    for tunnel, status, code in (
+        (unknown, 404, "TUNNEL_NOT_FOUND"),
+        (revoked, 410, "TUNNEL_GONE"),
+        (silent, 502, "UPSTREAM_UNAVAILABLE"),
+    ):
+        got, head, body = env.curl(tunnel, "/")
+        assert got == status and json.loads(body)["code"] == code, body
+        assert re.search(r"(?im)^content-type: application/json", head), head
+        got, head, body = env.curl(tunnel, "/", "-H", "Accept: text/html,application/xhtml+xml,*/*;q=0.8")
+        assert got == status and re.search(r"(?im)^content-type: text/html", head), head
+        assert body.lstrip().lower().startswith("<!doctype html") and code not in head, body
+
+
+# --------------------------------------------------------------------------- the operator's CLI
+
+#: Tunnels made through the API until it refuses one (argv: API, sandbox, port). Prints {"ids", "refused"}.
+FILL_CLIENT = r"""
+import json, sys, urllib.error, urllib.request
+api, sandbox, port = sys.argv[1:4]
+ids = []
+for _ in range(1000):
+    request = urllib.request.Request(f"{api}/v1/sandboxes/{sandbox}/tunnels", json.dumps({"port": int(port)}).encode(),
+                                     {"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            ids.append(json.load(answer)["id"])
+    except urllib.error.HTTPError as refused:
+        print(json.dumps({"ids": ids, "status": refused.code, "refused": json.load(refused)}))
+        break
+"""
+
+#: Revokes tunnels through the API (argv: API, JSON list of ids).
+REVOKE_CLIENT = r"""
+import json, sys, urllib.request
+api, ids = sys.argv[1], json.loads(sys.argv[2])
+for tid in ids:
+    urllib.request.urlopen(urllib.request.Request(f"{api}/v1/tunnels/{tid}", method="DELETE"), timeout=10).close()
+"""
+
+
+@pytest.mark.root
+def test_the_cli_lists_gets_and_revokes_tunnels_and_a_sandbox_holds_at_most_max_per_sandbox(env: Env) -> None:
+    env.sandbox(record(public_access=True))
+    listed = json.loads(env.cli("--json", "tunnel", "list", "sb2").stdout)["tunnels"]
+    live = [t for t in listed if t["state"] == "active"]
+    made = json.loads(env.topo.python("gw", FILL_CLIENT, API, "sb2", "3000", timeout=120))
+    # The module's config says max_per_sandbox = 100 (the default is 20).
+    assert len(made["ids"]) == 100 - len(live) and made["status"] == 409, made
+    assert made["refused"]["code"] == "TOO_MANY_TUNNELS", made
+    refused = env.cli("tunnel", "expose", "sb2", "3000", check=False)
+    assert refused.returncode != 0 and "TOO_MANY_TUNNELS" in refused.stdout + refused.stderr
+    table = env.cli("tunnel", "list", "sb2").stdout
+    assert all(tid in table for tid in made["ids"])
+    first = made["ids"][0]
+    shown = env.cli("tunnel", "get", first).stdout
+    assert first in shown and "active" in shown and "sb2" in shown, shown
+    env.cli("tunnel", "revoke", first)
+    assert json.loads(env.cli("--json", "tunnel", "get", first).stdout)["state"] == "revoked"
+    again = env.expose("sb2", 3000)  # the revoked one no longer counts
+    env.topo.python("gw", REVOKE_CLIENT, API, json.dumps([again["id"], *made["ids"][1:]]), timeout=120)
+    assert [
+        t for t in json.loads(env.cli("--json", "tunnel", "list", "sb2").stdout)["tunnels"] if t["state"] == "active"
+    ] == live
+
+
+# --------------------------------------------------------------------------- flow records
+
+
+@pytest.mark.root
+def test_every_tunnel_request_is_a_metadata_only_flow_record_in_the_audit_batches(env: Env) -> None:
+    tunnel = env.expose("sb1", 3000, password=True)
+    host = env.host(tunnel)
+    since_us = int((time.time() - 5) * 1e6)  # a batch opened a little before still holds these
+    secret = "Cookie: app-session=secret-cookie-value"
+    assert (
+        env.curl(tunnel, "/audited-path?q=secret-query", "-H", f"Authorization: {basic(PASSWORD)}", "-H", secret)[0]
+        == 200
+    )
+    assert env.curl(tunnel, "/", "-H", f"Authorization: {basic('wrong-password-value')}")[0] == 401
+
+    def batches() -> str:
+        query = f"since_us={since_us}&limit=1000"
+        listed = env.topo.run("gw", ["curl", "-sS", f"{API}/v1/sandboxes/sb1/audit-batches?{query}"], timeout=20)
+        names = [b["name"] for b in json.loads(listed.stdout)["batches"]]
+        shown = env.cli("--json", "audit", "list", "sb1", "--all", "--since-us", str(since_us)).stdout
+        assert set(names) <= {b["name"] for b in json.loads(shown)["batches"]}  # the CLI lists them too (and newer)
+        return "".join(env.cli("audit", "get", "sb1", name).stdout for name in names)
+
+    def ours() -> list[dict[str, Any]]:
+        return [r for r in map(json.loads, batches().splitlines()) if r.get("hostname") == f"{host}:{PORT}"]
+
+    assert wait_until(lambda: len(ours()) >= 2, 15)
+    records = ours()
+    assert [r["protocol"] for r in records] == ["http", "http"], records
+    assert [(r["verdict"], r["reason"]) for r in records] == [
+        ("allow", "tunnel 200"),
+        ("deny", "tunnel WRONG_PASSWORD"),
+    ], records
+    assert {r["dst_addr"] for r in records} == {"10.75.0.1"} and {r["dst_port"] for r in records} == {3000}
+    text = json.dumps(records)
+    for leaked in (
+        PASSWORD,
+        basic(PASSWORD),
+        "wrong-password-value",
+        "secret-cookie-value",
+        "secret-query",
+        "audited-path",
+    ):
+        assert leaked not in text, leaked
+
+
+# --------------------------------------------------------------------------- restarts (last: it restarts the gateway)
+
+
+@pytest.mark.root
+def test_tunnels_and_revocations_survive_a_restart_of_gateway_run(env: Env) -> None:
+    kept, revoked = env.expose("sb1", 3000, password=True), env.expose("sb1", 3000)
+    env.cli("tunnel", "revoke", revoked["id"])
+    assert env.gateway is not None
+    env.gateway.terminate()
+    assert env.gateway.wait(timeout=30) == 0
+    started = len(env.log_events("tunnel_server_started"))
+    env.start_gateway()
+    assert wait_until(lambda: len(env.log_events("tunnel_server_started")) > started, 15)
+    status, _, body = env.curl(kept, "/after-restart", "-H", f"Authorization: {basic(PASSWORD)}")
+    assert status == 200 and json.loads(body)["path"] == "/after-restart", body  # its password hash, kept too
+    assert env.curl(kept, "/", "-H", f"Authorization: {basic('wrong-password')}")[0] == 401
+    gone(env, revoked)

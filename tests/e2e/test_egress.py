@@ -431,20 +431,16 @@ s.sendall(head.format("/upload", 0).encode() + head.format(sys.argv[2], len(body
 
 #: Connects to argv[1]:argv[2] and says nothing until told to (a line on stdin), then sends argv[3] (a JSON string,
 #: as latin-1 bytes) and prints what comes back until the end.
-SILENT_THEN_CLIENT = r"""
+SILENT_THEN_CLIENT = (
+    r"""
 import json, socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=8)
 print("connected", flush=True)
 sys.stdin.readline()
 s.sendall(json.loads(sys.argv[3]).encode("latin-1"))
-data = b""
-try:
-    while chunk := s.recv(4096):
-        data += chunk
-except OSError as exc:
-    data += f"<{type(exc).__name__}>".encode()
-print(data.decode(errors="replace").replace("\r\n", "|"), flush=True)
 """
+    + _PRINT_UNTIL_END
+)
 
 #: Sends argv[3] (a JSON string, as latin-1 bytes) to argv[1]:argv[2] and prints what comes back until the end.
 RAW_CLIENT = (

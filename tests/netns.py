@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ipaddress
+import json
 import os
 import secrets
 import signal
@@ -404,3 +405,16 @@ def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> 
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def log_events(log_file: Path, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of a `gateway run` log file whose `event` is `event` (other lines are skipped)."""
+    found = []
+    for line in log_file.read_text().splitlines():
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and data.get("event") == event:
+            found.append(data)
+    return found

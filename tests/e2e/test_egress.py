@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests import authdns
-from tests.netns import INET_V4, Topology, live_namespaces, wait_for_line, wait_until
+from tests.netns import INET_V4, Topology, live_namespaces, log_events, wait_for_line, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 NAMES = ("allowed.test", "denied.test", "later.test", "rebind.test", "meta.test")
@@ -624,15 +624,7 @@ class Env:
         return queries
 
     def log_events(self, event: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_file.read_text().splitlines():
-            try:
-                data = json.loads(line)
-            except ValueError:
-                continue
-            if data.get("event") == event:
-                out.append(data)
-        return out
+        return log_events(self.log_file, event)
 
 
 def assert_dns_answer_unlocks_opaque_tcp(env: Env, sb: str) -> None:

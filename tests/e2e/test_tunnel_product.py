@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns import INET_V4, Topology, live_namespaces, wait_for_line, wait_until
+from tests.netns import INET_V4, Topology, live_namespaces, log_events, wait_for_line, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 DOMAIN = "tunnel.test"
@@ -525,15 +525,7 @@ class Env:
         return sum(r["event"] != "eof" for r in self.app_log(sandbox))
 
     def log_events(self, event: str) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log_file.read_text().splitlines():
-            try:
-                data = json.loads(line)
-            except ValueError:
-                continue
-            if data.get("event") == event:
-                found.append(data)
-        return found
+        return log_events(self.log_file, event)
 
 
 def get(host: str, path: str = "/", *headers: str, close: bool = False) -> str:

@@ -79,7 +79,7 @@ def _run_interceptor(port: int, upstream: int, core: int, ready: mp.Event) -> No
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     os.sched_setaffinity(0, {core})
     from gateway.decision import DEFAULT_LIMITS
-    from gateway.dns.policy import DnsConfig
+    from gateway.dns.config import DnsConfig
     from gateway.dns.server import DnsInterceptor
     from gateway.presets import BUILTIN_PRESETS
     from gateway.resolver import Upstream

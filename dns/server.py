@@ -45,6 +45,7 @@ import structlog
 from dnslib import RCODE
 
 from gateway.dns.cache import CacheEntry, DnsCache, Ready
+from gateway.dns.config import DnsConfig
 from gateway.dns.policy import (
     ANSWER,
     DROP,
@@ -54,7 +55,6 @@ from gateway.dns.policy import (
     Answer,
     Code,
     Decision,
-    DnsConfig,
     DomainBlocklist,
     Outcome,
     Query,

@@ -49,7 +49,7 @@ import structlog
 from gateway.config import Config
 from gateway.decision import CompiledPolicy, decide
 from gateway.destinations import Destinations, read_local_addresses
-from gateway.dns.policy import DnsConfig
+from gateway.dns.config import DnsConfig
 from gateway.dns.server import DnsInterceptor
 from gateway.errors import GatewayError
 from gateway.flowlog import FlowLog, FlowRecord

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 #: The largest policy, tunnel or list file read (10,000 sandboxes take about 5 MB); a larger one is refused
@@ -22,6 +23,33 @@ def file_signature(path: Path) -> Signature | None:
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class FileWatch:
+    """The one "has this file changed?" check: every reloader (policy file, tunnel store, blocklists, certificates)
+    asks `changed()` on its own schedule and reads the file again only when it says so. A missing file has the
+    signature None, so a deletion and a re-creation are changes too."""
+
+    __slots__ = ("_last", "paths")
+
+    def __init__(self, paths: Iterable[Path]) -> None:
+        self.paths = tuple(paths)
+        self._last: tuple[Signature | None, ...] | None = None
+
+    def signature(self) -> tuple[Signature | None, ...]:
+        return tuple(file_signature(path) for path in self.paths)
+
+    def changed(self) -> bool:
+        """True on the first call and whenever any watched file's signature differs from the last call's."""
+        now = self.signature()
+        if now == self._last:
+            return False
+        self._last = now
+        return True
+
+    def forget(self) -> None:
+        """The next `changed()` answers True (after a failed reload, so a retry reads the file again)."""
+        self._last = None
 
 
 def read_regular_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:

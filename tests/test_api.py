@@ -28,7 +28,7 @@ from openapi_spec_validator import validate as validate_spec
 
 from gateway.api import MAX_BODY_BYTES, PUBLIC, apply_merge_patch, create_app, parse_explain_query, route_specs
 from gateway.config import Config, load_config
-from gateway.dns.policy import DnsConfig
+from gateway.dns.config import DnsConfig
 from gateway.dns.server import DnsInterceptor
 from gateway.egress import DataPlane
 from gateway.errors import GatewayError

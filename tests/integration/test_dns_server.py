@@ -22,7 +22,8 @@ from dnslib.server import BaseResolver
 
 from gateway.config import AuditConfig
 from gateway.decision import DEFAULT_LIMITS
-from gateway.dns.policy import Code, DnsConfig
+from gateway.dns.config import DnsConfig
+from gateway.dns.policy import Code
 from gateway.dns.server import INTERNAL_ERROR, DnsInterceptor
 from gateway.flowlog import FlowLog
 from gateway.learned import LearnedDestinations

@@ -10,12 +10,12 @@ from dnslib import AAAA, EDNS0, MX, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord, ED
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.dns.config import DnsConfig
 from gateway.dns.policy import (
     ANSWER,
     DROP,
     FORWARD,
     Code,
-    DnsConfig,
     DomainBlocklist,
     accept_upstream,
     decide,
@@ -378,7 +378,7 @@ def test_the_dns_section_of_the_config_reaches_the_interceptor_with_the_same_def
     from dataclasses import fields
 
     from gateway.config import load_config
-    from gateway.dns.policy import DnsConfig
+    from gateway.dns.config import DnsConfig
 
     config = load_config(environ={})
     built = DnsConfig.from_config(config)

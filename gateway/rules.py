@@ -1,0 +1,58 @@
+"""The decision vocabulary: every rule that can decide a connection, a DNS question or a tunnel request.
+
+One `StrEnum` shared by `decision.decide`, the egress engine, the DNS interceptor and the tunnel, so no
+code reads meaning back out of a string. A verdict carries a `Rule` and, for rules that name a policy
+entry (`allow_hosts api.example.com`, `allow_cidrs 10.0.0.0/8`, `preset pypi`), a detail; `label()`
+spells the pair as flow records, logs and `explain` show it (the strings are part of the record format
+and do not change).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Rule(StrEnum):
+    # The policy's own entries (a detail names the entry).
+    ALLOW_HOSTS = "allow_hosts"
+    PRESET = "preset"
+    ALLOW_CIDRS = "allow_cidrs"
+    DENY_CIDRS = "deny_cidrs"
+    ALLOW_PORTS = "allow_ports"
+    # Profile and egress switches.
+    ALLOW_ALL = "egress.mode:allow_all"
+    NO_INTERNET = "egress.allow_internet"
+    ISOLATED = "profile:isolated"
+    UNRESTRICTED_DNS = "profile:unrestricted"
+    DEFAULT_DENY = "default:deny"
+    UNKNOWN_SOURCE = "default:unknown-source"
+    # Limits.
+    CONNECTION_RATE = "limits.connections_per_minute"
+    DNS_QUERY_RATE = "limits.dns_queries_per_minute"
+    # Guards built into the gateway, whatever the policy says.
+    SMTP = "builtin:smtp"
+    SPECIAL_ADDRESS = "builtin:special"
+    BLOCKLIST = "builtin:blocklist"
+    GATEWAY_ADDRESS = "builtin:gateway"
+    RESOLVE_FAILED = "builtin:resolve"
+    DIAL_FAILED = "builtin:dial"
+    PEEK = "builtin:peek"
+    PEEK_CAP = "builtin:peek-cap"
+    TLS = "builtin:tls"
+    HTTP = "builtin:http"
+    HOST_MISMATCH = "builtin:host-mismatch"
+    # The DNS interceptor's own rules.
+    DNS_PARSE = "parse"
+    DNS_CLASS = "dns:class"
+    DNS_QTYPE = "dns:qtype"
+    DNS_NAME = "dns:name"
+    DNS_HTTPS = "dns:https"
+    MALWARE_LIST = "malware list"
+    # The tunnel (a detail names the tunnel).
+    TUNNEL = "tunnel"
+
+    def label(self, detail: str = "") -> str:
+        """The rule as records show it: `allow_hosts api.example.com`, `tunnel:ab12`, `default:deny`."""
+        if not detail:
+            return self.value
+        return f"{self.value}:{detail}" if self is Rule.TUNNEL else f"{self.value} {detail}"

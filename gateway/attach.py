@@ -338,16 +338,13 @@ def _ensure_sandbox_side(name: str, wanted: tuple[IPAddress, ...]) -> bool:
         _ip("link", "set", SANDBOX_INTERFACE, "up", netns=name)
         changed = True
     versions = {a.version for a in wanted}
-    defaults: dict[int, tuple[str, tuple[str, ...]]] = {
-        4: (SANDBOX_NEXT_HOP_V4, ("onlink",)),
-        6: (GATEWAY_LINK_LOCAL, ()),
-    }
-    for version, (via, extra) in defaults.items():
+    defaults = {4: (SANDBOX_NEXT_HOP_V4, ("onlink",)), 6: (GATEWAY_LINK_LOCAL, ())}
+    for version, (via, flags) in defaults.items():
         family = f"-{version}"
         routes = _ip_json(family, "route", "show", "default", netns=name)
         present = any(r.get("gateway") == via and r.get("dev") == SANDBOX_INTERFACE for r in routes)
         if version in versions and not present:
-            _ip(family, "route", "replace", "default", "via", via, "dev", SANDBOX_INTERFACE, *extra, netns=name)
+            _ip(family, "route", "replace", "default", "via", via, "dev", SANDBOX_INTERFACE, *flags, netns=name)
             changed = True
         elif version not in versions and present:
             _ip(family, "route", "del", "default", "via", via, "dev", SANDBOX_INTERFACE, netns=name)

@@ -15,7 +15,16 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from gateway.clibase import EXIT_OK, EXIT_USAGE, CliExit, Context, Parser, client_from_args, config_or_exit
+from gateway.clibase import (
+    EXIT_API_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    CliExit,
+    Context,
+    Parser,
+    client_from_args,
+    config_or_exit,
+)
 from gateway.errors import GatewayError
 from gateway.formatting import format_block, format_table
 from gateway.tunnel.certs import CertPaths, init_certs
@@ -68,7 +77,7 @@ def cmd_certs(args: argparse.Namespace, out: TextIO) -> int:
     try:
         result = init_certs(args.domain or config.domain, paths, force=args.force)
     except GatewayError as exc:
-        raise CliExit(EXIT_USAGE if exc.status < 500 else 1, str(exc)) from None
+        raise CliExit(EXIT_USAGE if exc.status < 500 else EXIT_API_ERROR, str(exc)) from None
     if result.created_ca or result.created_leaf:
         made = [name for name, flag in (("CA", result.created_ca), ("certificate", result.created_leaf)) if flag]
         out.write(f"created {' and '.join(made)} (keys are mode 0600; never commit them)\n")

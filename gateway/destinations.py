@@ -33,6 +33,7 @@ import structlog
 from gateway.decision import NetSet, address_key
 from gateway.files import read_regular_file
 from gateway.policy import IPAddress, IPNetwork
+from gateway.rules import Rule
 
 log = structlog.get_logger("gateway.destinations")
 
@@ -87,7 +88,7 @@ class Refusal:
 
     kind: str  # "special" | "gateway" | "blocklist"
     reason: str
-    rule: str
+    rule: Rule
     overridable: bool
 
 
@@ -211,23 +212,23 @@ class Destinations:
         try:
             key = address_key(address)  # IPv4-mapped is unwrapped here already
         except ValueError:
-            return Refusal("special", f"unparseable address {address!r}", "builtin:special", False)
+            return Refusal("special", f"unparseable address {address!r}", Rule.SPECIAL_ADDRESS, False)
         text = str(address)
         if self._block:
             hit = self._block.match(key)
             if hit is not None:
                 line = self._block_lines.get(hit)
                 where = f" (line {line})" if line else ""
-                return Refusal("blocklist", f"operator blocklist {hit}{where}", "builtin:blocklist", False)
+                return Refusal("blocklist", f"operator blocklist {hit}{where}", Rule.BLOCKLIST, False)
         if key in self._own:
-            return Refusal("gateway", f"the gateway's own address {text}", "builtin:gateway", False)
+            return Refusal("gateway", f"the gateway's own address {text}", Rule.GATEWAY_ADDRESS, False)
         if self._public.match(key) is not None:
             return None
         hit = self._special.match(key)
         if hit is not None:
             label = self._labels[hit]
             shown = str(ipaddress.ip_address(key[1]) if key[0] == 4 else text)
-            return Refusal("special", f"{label} {shown}", "builtin:special", True)
+            return Refusal("special", f"{label} {shown}", Rule.SPECIAL_ADDRESS, True)
         if key[0] == 6:
             for form, inner in embedded_ipv4(ipaddress.IPv6Address(key[1])):
                 inner_refusal = self.check(inner)

@@ -9,9 +9,12 @@ import ipaddress
 import pytest
 
 from gateway.destinations import Destinations
-from gateway.egress import Peeker, _FirstWordsGuard, _HttpGuard, peek, plan_named, plan_unnamed
+from gateway.engine.guard import FirstWordsGuard, HttpGuard
+from gateway.engine.plan import plan_named, plan_unnamed
+from gateway.engine.session import Closed, HttpRequest, Opaque, Peeker, PeekFailed, TlsHello, peek
 from gateway.learned import LearnedDestinations
-from gateway.peek import HttpRequestTracker, TrafficKind
+from gateway.peek.classify import TrafficKind
+from gateway.peek.http1 import HttpRequestTracker
 from tests.unit.test_decision import policy
 from tests.unit.test_peek import genuine_hello
 from tests.unit.test_resolver import make, server  # noqa: F401  (the fixture)
@@ -25,7 +28,7 @@ async def test_named_dials_the_original_destination_only_when_it_resolved_there(
     resolver = make(server[1])
     pol = policy("allowlisted", ALLOW)
     plan = await plan_named(pol, "one.test", "192.0.2.1", 443, "tls", DEST, resolver)
-    assert plan.allowed and plan.dial == "192.0.2.1" and plan.rule == "allow_hosts one.test"
+    assert plan.allowed and plan.dial == "192.0.2.1" and plan.label == "allow_hosts one.test"
     # SNI spoofing: the client sent the allowed name to another address; the resolved one is dialled instead.
     plan = await plan_named(pol, "one.test", "192.0.2.77", 443, "tls", DEST, resolver)
     assert plan.allowed and plan.dial == "192.0.2.1"
@@ -54,7 +57,7 @@ async def test_named_refusals(server) -> None:  # noqa: F811
     assert plan.allowed and plan.dial == "2001:db8::1"  # the denied IPv4 address is skipped
     pol = policy("allowlisted", {**ALLOW, "deny_cidrs": ["192.0.2.0/28", "2001:db8::/64"]})
     plan = await plan_named(pol, "one.test", "192.0.2.200", 443, "tls", DEST, resolver)
-    assert not plan.allowed and plan.rule == "deny_cidrs 192.0.2.0/28"
+    assert not plan.allowed and plan.label == "deny_cidrs 192.0.2.0/28"
 
 
 async def test_allow_cidrs_may_open_a_special_range_but_not_the_blocklist_or_the_gateway(tmp_path) -> None:
@@ -63,18 +66,18 @@ async def test_allow_cidrs_may_open_a_special_range_but_not_the_blocklist_or_the
     dest = Destinations(gateway_addresses=[ipaddress.ip_address("10.8.0.1")], blocklist_path=blocklist)
     pol = policy("allowlisted", {"allow_cidrs": ["10.0.0.0/8"]})
     plan = plan_unnamed(pol, "10.1.2.3", 5432, "tcp", dest, None)
-    assert plan.allowed and plan.from_allow_cidrs and plan.rule == "allow_cidrs 10.0.0.0/8"
+    assert plan.allowed and plan.from_allow_cidrs and plan.label == "allow_cidrs 10.0.0.0/8"
     plan = plan_unnamed(pol, "10.9.9.9", 5432, "tcp", dest, None)
     assert not plan.allowed and plan.reason == "operator blocklist 10.9.9.0/24 (line 1)"
     plan = plan_unnamed(pol, "10.8.0.1", 5432, "tcp", dest, None)
-    assert not plan.allowed and plan.rule == "builtin:gateway"
+    assert not plan.allowed and plan.label == "builtin:gateway"
     # unrestricted allows everything except special ranges, the blocklist and SMTP.
     anything = policy("unrestricted")
     assert plan_unnamed(anything, "8.8.8.8", 22, "tcp", dest, None).allowed
     assert plan_unnamed(anything, "169.254.169.254", 80, "http", dest, None).reason == (
         "metadata service 169.254.169.254"
     )
-    assert plan_unnamed(anything, "8.8.8.8", 25, "tcp", dest, None).rule == "builtin:smtp"
+    assert plan_unnamed(anything, "8.8.8.8", 25, "tcp", dest, None).label == "builtin:smtp"
 
 
 def test_opaque_tcp_by_a_dns_learned_address_per_sandbox_with_ttl() -> None:
@@ -118,8 +121,8 @@ async def test_peek_http_head_split_across_segments_and_pipelined_requests() -> 
     task = asyncio.create_task(trickle())
     peeked = await peek(reader.read, 2.0, 16384)
     await task
-    assert peeked.kind is TrafficKind.HTTP and peeked.head is not None and peeked.head.host == "a.test"
-    guard = _HttpGuard(policy("allowlisted", {"allow_hosts": ["a.test"]}), peeked.tracker, "a.test", 80)
+    assert isinstance(peeked, HttpRequest) and peeked.head.host == "a.test"
+    guard = HttpGuard(policy("allowlisted", {"allow_hosts": ["a.test"]}), peeked.tracker, "a.test", 80)
     refused = guard.check(peeked.later, 0)
     if refused is None:  # the second head had not arrived when the first decided: it comes through the relay
         refused = guard.feed(await reader.read(1024))
@@ -129,22 +132,25 @@ async def test_peek_http_head_split_across_segments_and_pipelined_requests() -> 
 
 async def test_peek_gives_up_within_bounds() -> None:
     peeked = await peek(_reader(b"\x16\x03\x01\x00").read, 0.2, 16384)
-    assert peeked.kind is TrafficKind.TLS and peeked.problem and "within 0.2s" in peeked.problem
+    assert isinstance(peeked, PeekFailed) and peeked.kind is TrafficKind.TLS and "within 0.2s" in peeked.reason
     silent = await peek(_reader().read, 0.1, 16384)
-    assert silent.kind is TrafficKind.OPAQUE and not silent.data  # server-speaks-first: decided by address
+    assert isinstance(silent, Opaque) and not silent.data  # server-speaks-first: decided by address
     opaque = await peek(_reader(b"SSH-2.0-OpenSSH_9.6\r\n").read, 1.0, 16384)
-    assert opaque.kind is TrafficKind.OPAQUE and bytes(opaque.data) == b"SSH-2.0-OpenSSH_9.6\r\n"
+    assert isinstance(opaque, Opaque) and bytes(opaque.data) == b"SSH-2.0-OpenSSH_9.6\r\n"
     big = await peek(_reader(b"GET /" + b"a" * 5000).read, 1.0, 2048)
-    assert big.kind is TrafficKind.HTTP and (big.problem or big.http_error)
+    assert isinstance(big, PeekFailed) and big.kind is TrafficKind.HTTP and big.reason
     closed = await peek(_reader(eof=True).read, 1.0, 16384)
-    assert closed.kind is None and closed.problem == "closed"
+    assert isinstance(closed, Closed)
+    cut_short = await peek(_reader(b"\x16\x03\x01", eof=True).read, 1.0, 16384)
+    assert isinstance(cut_short, PeekFailed) and cut_short.kind is TrafficKind.TLS
+    assert cut_short.reason == "client closed the connection before its request was complete"
 
 
 def test_http_guard_cuts_a_fronted_request_at_its_offset() -> None:
     tracker = HttpRequestTracker()
     first = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
     tracker.feed(first)
-    guard = _HttpGuard(policy("allowlisted", {"allow_hosts": ["a.test", "b.test"]}), tracker, "a.test", 80)
+    guard = HttpGuard(policy("allowlisted", {"allow_hosts": ["a.test", "b.test"]}), tracker, "a.test", 80)
     chunk = b"GET /again HTTP/1.1\r\nHost: a.test\r\n\r\nGET / HTTP/1.1\r\nHost: b.test\r\n\r\n"
     cut = guard.feed(chunk)
     assert cut is not None
@@ -158,7 +164,7 @@ def test_http_guard_cuts_a_fronted_request_at_its_offset() -> None:
 def test_http_guard_refuses_smuggling_shapes_later_in_the_stream(bad: bytes) -> None:
     tracker = HttpRequestTracker()
     tracker.feed(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
-    guard = _HttpGuard(policy("allowlisted", {"allow_hosts": ["a.test"]}), tracker, "a.test", 80)
+    guard = HttpGuard(policy("allowlisted", {"allow_hosts": ["a.test"]}), tracker, "a.test", 80)
     cut = guard.feed(bad)
     assert cut is not None and cut.forward == 0 and cut.refusal is not None and cut.refusal[1] == "builtin:http"
 
@@ -166,15 +172,15 @@ def test_http_guard_refuses_smuggling_shapes_later_in_the_stream(bad: bytes) -> 
 def test_peeker_decides_from_bytes_already_read_and_keeps_every_byte() -> None:
     hello = genuine_hello("one.test")
     whole = Peeker(16384).feed(hello)
-    assert whole is not None and whole.kind is TrafficKind.TLS and whole.hello is not None
+    assert isinstance(whole, TlsHello)
     assert whole.hello.sni == "one.test" and bytes(whole.data) == hello
     split = Peeker(16384)
     assert split.feed(hello[:3]) is None and split.feed(hello[3:40]) is None  # undecided: the engine waits
     rest = split.feed(hello[40:])
-    assert rest is not None and rest.hello is not None and bytes(rest.data) == hello
+    assert isinstance(rest, TlsHello) and bytes(rest.data) == hello
     bounded = Peeker(64)
     assert bounded.feed(b"GET /" + b"a" * 59) is None and bounded.want == 0
-    assert bounded.too_large().problem == "http header larger than 64 bytes"
+    assert bounded.too_large() == PeekFailed(TrafficKind.HTTP, "http header larger than 64 bytes")
 
 
 @pytest.mark.parametrize(
@@ -187,7 +193,7 @@ def test_peeker_decides_from_bytes_already_read_and_keeps_every_byte() -> None:
     ],
 )
 def test_a_silent_clients_first_bytes_may_be_no_tls_hello_or_http_request(pieces: list[bytes]) -> None:
-    guard = _FirstWordsGuard(5.0)
+    guard = FirstWordsGuard(5.0)
     stops = [guard.feed(piece) for piece in pieces]
     assert all(stop is None for stop in stops[:-1])
     last = stops[-1]
@@ -196,7 +202,7 @@ def test_a_silent_clients_first_bytes_may_be_no_tls_hello_or_http_request(pieces
 
 
 def test_a_silent_clients_other_protocol_passes_once_classified() -> None:
-    guard = _FirstWordsGuard(5.0)
+    guard = FirstWordsGuard(5.0)
     assert guard.feed(b"SSH-2.0-") is None
     stop = guard.feed(b"OpenSSH_9.6\r\n")
     assert stop is not None and stop.passthrough and stop.forward == len(b"OpenSSH_9.6\r\n") and stop.refusal is None

@@ -644,7 +644,8 @@ async def _serve(
 
     log = structlog.get_logger("gateway.cli")
     store = open_store(config)
-    flows = FlowLog.from_config(config)  # one flow log for the API's audit routes and every data-plane component
+    # One flow log for the API's audit routes and every data-plane component.
+    flows = FlowLog.from_config(config.audit, config.store.redis_url)
     tunnels: TunnelService | None = None
     pool = WorkerPool(workers, worker_argv) if workers > 1 and worker_argv is not None else None
     plane = DataPlane(config, store, flows, steer=steer, pool=pool) if data_plane else None  # nothing listens yet

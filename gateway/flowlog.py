@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import structlog
 
-from gateway.config import AuditConfig, Config
+from gateway.config import AuditConfig
 from gateway.errors import GatewayError, NotFound
 from gateway.logs import json_line_stream
 from gateway.policy import ID_PATTERN
@@ -250,14 +250,14 @@ class FlowLog:
         self.write_errors = 0
 
     @classmethod
-    def from_config(cls, config: Config) -> FlowLog:
+    def from_config(cls, audit: AuditConfig, redis_url: str) -> FlowLog:
         """The flow log `gateway run` uses: with the Redis mirror on its own client when `audit.redis_stream` is set
         (the configuration guarantees `store.redis_url` then); the flow log closes that client."""
-        if not config.audit.redis_stream:
-            return cls(config.audit)
+        if not audit.redis_stream:
+            return cls(audit)
         import redis.asyncio
 
-        flows = cls(config.audit, redis.asyncio.Redis.from_url(config.store.redis_url, socket_timeout=REDIS_TIMEOUT))
+        flows = cls(audit, redis.asyncio.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT))
         flows._owns_redis = True
         return flows
 

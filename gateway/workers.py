@@ -176,7 +176,7 @@ async def serve_worker(config: Config, worker: int, workers: int) -> int:
     from gateway.stores import open_store
 
     store = open_store(config)
-    flows = FlowLog.from_config(config)
+    flows = FlowLog.from_config(config.audit, config.store.redis_url)
     plane = DataPlane(worker_config(config, worker), store, flows, dns=False)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

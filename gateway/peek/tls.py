@@ -117,7 +117,7 @@ class ClientHelloParser:
             result = self._feed(memoryview(data).cast("B"))
         except _TlsFail as fail:
             result = PeekError(fail.code, fail.message)
-        if result is not NEED_MORE:
+        if not isinstance(result, NeedMore):
             self._result = result
             self._hs = bytearray()
             self._hdr = bytearray()

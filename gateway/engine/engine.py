@@ -34,7 +34,7 @@ import structlog
 
 from gateway.config import EgressConfig
 from gateway.decision import PORT_OR_PROFILE_RULES, CompiledPolicy, decide
-from gateway.destinations import Destinations
+from gateway.destinations import BLOCKLIST_CHECK_INTERVAL, Destinations
 from gateway.engine.deny import bad_gateway, deny_with, reset
 from gateway.engine.dial import dial
 from gateway.engine.guard import FirstWordsGuard, HttpGuard
@@ -100,6 +100,7 @@ class EgressEngine:
         self._peeking: dict[str, int] = {}
         self._peeking_total = 0
         self._sweeper: IdleSweeper | None = None
+        self._blocklist_task: asyncio.Task[None] | None = None
         self.stats = {"accepted": 0, "allowed": 0, "denied": 0}
 
     @property
@@ -111,10 +112,25 @@ class EgressEngine:
     async def start(self) -> None:
         """Open the IPv4 and IPv6 transparent listeners (needs CAP_NET_ADMIN)."""
         self._listeners.open(self.host, self.egress.listen_port)
+        if self.destinations.blocklist_path is not None:
+            self._blocklist_task = asyncio.create_task(self._follow_blocklist())
         log.info("egress.listening", port=self.egress.listen_port, splice=self.splice)
+
+    async def _follow_blocklist(self) -> None:
+        """The operator blocklist is reloaded here, on a schedule, so that the per-connection check never stats it."""
+        while True:
+            await asyncio.sleep(BLOCKLIST_CHECK_INTERVAL)
+            try:
+                self.destinations.reload_blocklist()
+            except Exception:  # keep the last good list; look again next time
+                log.exception("egress.blocklist_reload_failed")
 
     async def close(self) -> None:
         self._listeners.close()
+        if self._blocklist_task is not None:
+            self._blocklist_task.cancel()
+            await asyncio.gather(self._blocklist_task, return_exceptions=True)
+            self._blocklist_task = None
         for task in self._connections:
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)

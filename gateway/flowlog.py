@@ -65,8 +65,8 @@ __all__ = [
 
 log = structlog.get_logger("gateway.flowlog")
 
-Protocol = Literal["tls", "http", "tcp", "dns"]
-Verdict = Literal["allow", "deny"]
+FlowProtocol = Literal["tls", "http", "tcp", "dns"]
+FlowVerdict = Literal["allow", "deny"]
 
 #: `{ts_us}-{pid}.ndjson`: 16 digits keep lexical order chronological until the year 2286.
 BATCH_NAME_PATTERN: Final = re.compile(r"^(\d{16})-(\d{1,10})\.ndjson$")
@@ -102,11 +102,11 @@ class FlowRecord:
     orig_dst_addr: str
     orig_dst_port: int
     hostname: str | None
-    protocol: Protocol
+    protocol: FlowProtocol
     bytes_up: int
     bytes_down: int
     duration_ms: float
-    verdict: Verdict
+    verdict: FlowVerdict
     reason: str
     rule: str
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from gateway.flowlog import FlowLog, FlowRecord, Protocol
+from gateway.flowlog import FlowLog, FlowProtocol, FlowRecord
 
 log = structlog.get_logger("gateway.egress")
 
@@ -30,7 +30,7 @@ class Flow:
     dst_addr: str = ""
     dst_port: int = 0
     hostname: str | None = None
-    protocol: Protocol = "tcp"
+    protocol: FlowProtocol = "tcp"
     bytes_up: int = 0
     bytes_down: int = 0
     allowed: bool = False

@@ -39,6 +39,14 @@ class Plan:
         return self.rule.label(self.detail)
 
 
+def _usable(policy: CompiledPolicy, destinations: Destinations, address: str, port: int) -> bool:
+    """The original destination, already allowed by the name's verdict: may it be dialled?"""
+    refusal = destinations.check(address)
+    return refusal is None or (
+        refusal.overridable and decide(policy, None, address, port, "tcp").rule is Rule.ALLOW_CIDRS
+    )
+
+
 def _refused(verdict: Verdict) -> Plan:
     return Plan(False, verdict.reason, verdict.rule, verdict.detail)
 
@@ -89,10 +97,15 @@ async def plan_named(
     except ResolveError as exc:
         reason = f"cannot resolve {name}: {exc.code} ({exc.message})"
         return Plan(False, reason, Rule.RESOLVE_FAILED, unresolvable=True)
+    addresses = resolved.addresses
+    if orig in addresses and _usable(policy, destinations, orig, port):
+        # The common case: the client dialled an address the name resolves to, and that address may be
+        # reached: it is the one dialled whatever the others are, so they need no checks.
+        return Plan(True, verdict.reason, verdict.rule, verdict.detail, orig)
     usable: list[str] = []
     first_refusal: str | None = None
     first_rule, first_detail = Rule.SPECIAL_ADDRESS, ""
-    for address in resolved.addresses:
+    for address in addresses:
         # deny_cidrs apply to resolved addresses; the original destination's verdict is the one above.
         per_address = verdict if address == orig else decide(policy, name, address, port, protocol)
         if not per_address.allowed:

@@ -193,13 +193,6 @@ class ClientHelloParser:
         return NEED_MORE
 
 
-def parse_client_hello(
-    data: bytes | bytearray | memoryview, max_handshake_size: int = MAX_HANDSHAKE_SIZE
-) -> NeedMore | ClientHello | PeekError:
-    """One-shot form of `ClientHelloParser` for bytes already collected."""
-    return ClientHelloParser(max_handshake_size).feed(data)
-
-
 def _parse_hello_body(b: bytes, record_version: int) -> ClientHello:
     n = len(b)  # at least 35: checked from the handshake header
     if b[0] != 0x03:

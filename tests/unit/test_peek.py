@@ -43,9 +43,16 @@ from gateway.peek.tls import (
     ClientHelloParser,
     PeekError,
     TlsErrorCode,
-    parse_client_hello,
     tls_alert,
 )
+
+
+def parse_client_hello(
+    data: bytes | bytearray | memoryview, max_handshake_size: int = MAX_HANDSHAKE_SIZE
+) -> NeedMore | ClientHello | PeekError:
+    """One-shot form of `ClientHelloParser` for bytes already collected."""
+    return ClientHelloParser(max_handshake_size).feed(data)
+
 
 # --------------------------------------------------------------------------- genuine ClientHellos
 

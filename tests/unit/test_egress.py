@@ -8,13 +8,18 @@ import ipaddress
 
 import pytest
 
+from gateway.decision import Verdict, decide
 from gateway.destinations import Destinations
+from gateway.engine import plan as plan_module
 from gateway.engine.guard import FirstWordsGuard, HttpGuard
 from gateway.engine.plan import plan_named, plan_unnamed
+from gateway.engine.record import Flow, FlowRecorder
 from gateway.engine.session import Closed, HttpRequest, Opaque, Peeker, PeekFailed, TlsHello, peek
+from gateway.flowlog import FlowRecord
 from gateway.learned import LearnedDestinations
 from gateway.peek.classify import TrafficKind
 from gateway.peek.http1 import HttpRequestTracker
+from gateway.rules import Rule
 from tests.unit.test_decision import policy
 from tests.unit.test_peek import genuine_hello
 from tests.unit.test_resolver import make, server  # noqa: F401  (the fixture)
@@ -22,6 +27,28 @@ from tests.unit.test_resolver import make, server  # noqa: F401  (the fixture)
 # The loopback zone uses documentation ranges; here they stand for the public internet.
 DEST = Destinations([ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32")])
 ALLOW = {"allow_hosts": ["one.test", "private.test", "mixed.test", "metadata.test", "missing.test"]}
+
+
+async def test_a_named_connection_is_decided_once_per_name_address_and_port(
+    server,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[tuple[object, ...]] = []
+
+    def counting(*args: object) -> Verdict:
+        asked.append(args[1:])
+        return decide(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(plan_module, "decide", counting)
+    resolver = make(server[1])
+    pol = policy("allowlisted", ALLOW)
+    await resolver.resolve("one.test")  # cached, as on every connection but the first
+    plan = await plan_named(pol, "one.test", "192.0.2.1", 443, "tls", DEST, resolver)
+    assert plan.allowed and plan.dial == "192.0.2.1"
+    assert asked == [("one.test", "192.0.2.1", 443, "tls")]
+    asked.clear()
+    plan = await plan_named(pol, "one.test", "192.0.2.77", 443, "tls", DEST, resolver)  # another address
+    assert plan.allowed and len(asked) == len(set(asked))  # each (name, address, port) at most once
 
 
 async def test_named_dials_the_original_destination_only_when_it_resolved_there(server) -> None:  # noqa: F811
@@ -206,3 +233,37 @@ def test_a_silent_clients_other_protocol_passes_once_classified() -> None:
     assert guard.feed(b"SSH-2.0-") is None
     stop = guard.feed(b"OpenSSH_9.6\r\n")
     assert stop is not None and stop.passthrough and stop.forward == len(b"OpenSSH_9.6\r\n") and stop.refusal is None
+
+
+class _Records:
+    """A flow log stand-in that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.records: list[FlowRecord] = []
+
+    def record(self, record: FlowRecord) -> None:
+        self.records.append(record)
+
+
+def test_one_record_per_connection_built_from_its_facts_and_verdict() -> None:
+    sink = _Records()
+    recorder = FlowRecorder(sink)  # type: ignore[arg-type]
+    denied = Flow(1_000, "sb1", "10.75.0.2", 40000, "198.18.1.1", 443, hostname="denied.test", protocol="tls")
+    denied.deny("host not in allowlist", Rule.DEFAULT_DENY)
+    recorder.record(denied)
+    allowed = Flow(2_000, "sb1", "10.75.0.2", 40001, "198.18.1.9", 443, hostname="one.test", protocol="tls")
+    allowed.dst_addr, allowed.dst_port = "198.18.1.1", 443
+    allowed.allow("host one.test allowed by allow_hosts one.test", Rule.ALLOW_HOSTS.label("one.test"))
+    allowed.bytes_up, allowed.bytes_down = 10, 20
+    recorder.record(allowed)
+    first, second = sink.records
+    assert (first.verdict, first.rule, first.reason) == ("deny", "default:deny", "host not in allowlist")
+    assert (first.dst_addr, first.dst_port) == ("198.18.1.1", 443)  # nothing dialled: the original destination
+    assert first.end_us >= first.start_us == 1_000 and first.duration_ms >= 0
+    assert (second.verdict, second.rule) == ("allow", "allow_hosts one.test")
+    assert (second.dst_addr, second.orig_dst_addr, second.bytes_up, second.bytes_down) == (
+        "198.18.1.1",
+        "198.18.1.9",
+        10,
+        20,
+    )

@@ -58,7 +58,7 @@ from gateway.learned import LearnedDestinations
 from gateway.peek.classify import TrafficKind
 from gateway.peek.http1 import http_forbidden
 from gateway.peek.tls import AlertDescription, tls_alert
-from gateway.ratelimit import BandwidthLimiter, ConnectionRateLimiter
+from gateway.ratelimit import CONNECTION_RATE_REASON, BandwidthLimiter, ConnectionRateLimiter
 from gateway.resolver import Resolver
 from gateway.rules import Rule
 from gateway.state import PolicyState
@@ -209,7 +209,7 @@ class EgressEngine:
             if self.connection_limiter is not None and not await self.connection_limiter.admit(
                 sandbox, policy.limits.connections_per_minute, egress.rate_limit_max_wait
             ):
-                self._deny(flow, "connection rate limit", Rule.CONNECTION_RATE)
+                self._deny(flow, CONNECTION_RATE_REASON, Rule.CONNECTION_RATE)
                 reset(conn)
                 return False
             if peeked is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Final
 
-from gateway.hostnames import hostname_problem, normalize_query_name
+from gateway.hostnames import hostname_problem, is_ip_literal, normalize_query_name
 from gateway.peek.classify import NEED_MORE, NeedMore
 
 
@@ -303,7 +303,7 @@ def _parse_sni(b: bytes, i: int, end: int) -> str | None:
     name = normalize_query_name(host.decode("ascii"))
     problem = hostname_problem(name)
     if problem is not None:
-        if problem.startswith("is an IP"):
+        if is_ip_literal(name):
             problem += ", which RFC 6066 3 forbids in SNI"
         raise _sni_invalid(f"SNI {name[:80]!r} {problem}")
     return name

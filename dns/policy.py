@@ -481,7 +481,7 @@ def decide_query(
             NXDOMAIN,
             Code.BLOCKED_POLICY,
             f"blocked by sandbox policy: {verdict.reason}",
-            verdict.rule,
+            verdict.label,
             soa=True,
             ede=EDE_BLOCKED,
         )
@@ -521,7 +521,7 @@ def decide_query(
             soa=True,
             allowed=True,
         )
-    return Decision(FORWARD, query, None, -1, True, Code.FORWARDED, verdict.reason, verdict.rule)
+    return Decision(FORWARD, query, None, -1, True, Code.FORWARDED, verdict.reason, verdict.label)
 
 
 # --------------------------------------------------------------------------- building answers

@@ -48,6 +48,7 @@ from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, check_batch_name
 from gateway.hostnames import normalize_pattern
 from gateway.openapi import openapi_document
 from gateway.policy import DEFAULT_PROFILE, PROFILES, Sandbox
+from gateway.rules import Rule
 from gateway.stores.base import PolicyStore
 from gateway.tunnel.store import TunnelStore
 from gateway.untrusted import InvalidJson, parse_decimal, parse_json
@@ -607,7 +608,7 @@ def _say_when_the_address_decides(verdict: Verdict, policy: CompiledPolicy, aske
     sandbox's choice)."""
     if verdict.allowed or asked.address is not None or asked.protocol == "dns" or not asked.host:
         return verdict
-    if verdict.rule != "default:deny" or not policy.effective_egress.allow_cidrs:
+    if verdict.rule is not Rule.DEFAULT_DENY or not policy.effective_egress.allow_cidrs:
         return verdict
     return Verdict(
         False,

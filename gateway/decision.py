@@ -19,6 +19,7 @@ from typing import Any
 from gateway.hostnames import normalize_query_name
 from gateway.policy import PROFILE_EGRESS_FIELDS, Egress, IPAddress, IPNetwork, Limits, Sandbox, Template
 from gateway.presets import REGISTRY_PRESET, Preset
+from gateway.rules import Rule
 
 #: Refused in every profile (spam prevention; ZYBER's "Default Blocked", docs/feature-map.md).
 ALWAYS_BLOCKED_PORTS: Mapping[int, str] = {25: "SMTP", 465: "SMTPS", 587: "SMTP submission"}
@@ -28,12 +29,20 @@ PROTOCOLS = ("tls", "http", "tcp", "udp", "dns")
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
+    """The answer of `decide`: the rule that decided and, for a rule naming a policy entry, which entry."""
+
     allowed: bool
     reason: str
-    rule: str
+    rule: Rule
+    detail: str = ""
+
+    @property
+    def label(self) -> str:
+        """The rule as records show it (`allow_hosts api.example.com`, `default:deny`)."""
+        return self.rule.label(self.detail)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"allowed": self.allowed, "reason": self.reason, "rule": self.rule}
+        return {"allowed": self.allowed, "reason": self.reason, "rule": self.label}
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +108,7 @@ class NetSet:
         return any(self._tables.values())
 
 
-HostRule = tuple[frozenset[int] | None, str]  # (ports or None for any port, rule label)
+HostRule = tuple[frozenset[int] | None, Rule, str]  # (ports or None for any port, rule, its detail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,22 +119,21 @@ class HostTable:
     wildcard: Mapping[str, tuple[HostRule, ...]]
 
     @classmethod
-    def build(cls, rules: Iterable[tuple[str, frozenset[int] | None, str]]) -> HostTable:
+    def build(cls, rules: Iterable[tuple[str, frozenset[int] | None, Rule, str]]) -> HostTable:
         exact: dict[str, list[HostRule]] = {}
         wildcard: dict[str, list[HostRule]] = {}
-        for pattern, ports, label in rules:
+        for pattern, ports, rule, detail in rules:
             if pattern.startswith("*."):
-                wildcard.setdefault(pattern[2:], []).append((ports, label))
+                wildcard.setdefault(pattern[2:], []).append((ports, rule, detail))
             else:
-                exact.setdefault(pattern, []).append((ports, label))
+                exact.setdefault(pattern, []).append((ports, rule, detail))
         return cls({name: tuple(r) for name, r in exact.items()}, {name: tuple(r) for name, r in wildcard.items()})
 
 
 @functools.lru_cache(maxsize=1024)
 def preset_table(preset: Preset) -> HostTable:
     """One table per preset, shared by every policy that uses it (a 500-name preset is indexed once)."""
-    label = f"preset {preset.name}"
-    return HostTable.build((pattern, preset.ports, label) for pattern in preset.hosts)
+    return HostTable.build((pattern, preset.ports, Rule.PRESET, preset.name) for pattern in preset.hosts)
 
 
 class CompiledPolicy:
@@ -163,7 +171,7 @@ class CompiledPolicy:
         self._host_tables = host_tables
         # Verdicts whose reason depends only on the rule (an exact name's, a CIDR's) are built on the rule's
         # first hit and reused: bounded by the number of rules, and compiling stays as cheap as before.
-        self._exact_verdicts: dict[tuple[str, str], Verdict] = {}
+        self._exact_verdicts: dict[tuple[str, Rule, str], Verdict] = {}
         self._allow_verdicts: dict[str, Verdict] = {}
         self._deny_verdicts: dict[str, Verdict] = {}
         self._allow_nets = NetSet(egress.allow_cidrs or ())
@@ -192,15 +200,17 @@ class CompiledPolicy:
 
 
 _SMTP_VERDICTS = {
-    port: Verdict(False, f"port {port} blocked ({what}) in every profile", "builtin:smtp")
+    port: Verdict(False, f"port {port} blocked ({what}) in every profile", Rule.SMTP)
     for port, what in ALWAYS_BLOCKED_PORTS.items()
 }
-_ISOLATED = Verdict(False, "profile isolated allows no network", "profile:isolated")
-_NO_INTERNET = Verdict(False, "egress disabled (allow_internet is false)", "egress.allow_internet")
-_DNS_UNRESTRICTED = Verdict(True, "profile unrestricted resolves every name", "profile:unrestricted")
-_ALLOW_ALL = Verdict(True, "profile unrestricted allows all egress", "egress.mode:allow_all")
-_NOT_LISTED = Verdict(False, "host not in allowlist", "default:deny")
-_NO_NAME = Verdict(False, "no hostname (SNI/Host) and address not in allow_cidrs", "default:deny")
+_ISOLATED = Verdict(False, "profile isolated allows no network", Rule.ISOLATED)
+_NO_INTERNET = Verdict(False, "egress disabled (allow_internet is false)", Rule.NO_INTERNET)
+_DNS_UNRESTRICTED = Verdict(True, "profile unrestricted resolves every name", Rule.UNRESTRICTED_DNS)
+_ALLOW_ALL = Verdict(True, "profile unrestricted allows all egress", Rule.ALLOW_ALL)
+_NOT_LISTED = Verdict(False, "host not in allowlist", Rule.DEFAULT_DENY)
+_NO_NAME = Verdict(False, "no hostname (SNI/Host) and address not in allow_cidrs", Rule.DEFAULT_DENY)
+#: Rules whose denial needs neither a name nor an address (the engine gives them before peeking).
+PORT_OR_PROFILE_RULES = frozenset({Rule.SMTP, Rule.ISOLATED, Rule.NO_INTERNET})
 
 
 def decide(
@@ -233,48 +243,49 @@ def decide(
         try:
             key = address_key(address)
         except ValueError:
-            return Verdict(False, f"unparseable address {address!r}", "default:deny")
+            return Verdict(False, f"unparseable address {address!r}", Rule.DEFAULT_DENY)
         denied_by = policy._deny_nets.match(key)
         if denied_by is not None:
             verdict = policy._deny_verdicts.get(denied_by)
             if verdict is None:
-                verdict = Verdict(False, f"address in deny_cidrs {denied_by}", f"deny_cidrs {denied_by}")
+                verdict = Verdict(False, f"address in deny_cidrs {denied_by}", Rule.DENY_CIDRS, denied_by)
                 policy._deny_verdicts[denied_by] = verdict
             return verdict
     if policy.allow_all:
         return _ALLOW_ALL
     name = normalize_query_name(hostname) if hostname else None
-    port_miss: str | None = None
+    port_miss: tuple[Rule, str] | None = None
     if name:
         dot = name.find(".")
         parent = name[dot + 1 :] if dot > 0 else None
         for table in policy._host_tables:
-            for ports, label in table.exact.get(name, ()):
+            for ports, rule, detail in table.exact.get(name, ()):
                 if ports is None or port is None or port in ports:
-                    verdict = policy._exact_verdicts.get((name, label))
+                    verdict = policy._exact_verdicts.get((name, rule, detail))
                     if verdict is None:
-                        verdict = Verdict(True, f"host {name} allowed by {label}", label)
-                        policy._exact_verdicts[name, label] = verdict
+                        verdict = Verdict(True, f"host {name} allowed by {rule.label(detail)}", rule, detail)
+                        policy._exact_verdicts[name, rule, detail] = verdict
                     return verdict
-                port_miss = label
+                port_miss = rule, detail
             if parent is not None:
-                for ports, label in table.wildcard.get(parent, ()):
+                for ports, rule, detail in table.wildcard.get(parent, ()):
                     if ports is None or port is None or port in ports:
-                        return Verdict(True, f"host {name} allowed by {label}", label)
-                    port_miss = label
+                        return Verdict(True, f"host {name} allowed by {rule.label(detail)}", rule, detail)
+                    port_miss = rule, detail
     if key is not None:
         allowed_by = policy._allow_nets.match(key)
         if allowed_by is not None:
             if policy._allow_ports is None or port in policy._allow_ports:
                 verdict = policy._allow_verdicts.get(allowed_by)
                 if verdict is None:
-                    verdict = Verdict(True, f"address in allow_cidrs {allowed_by}", f"allow_cidrs {allowed_by}")
+                    verdict = Verdict(True, f"address in allow_cidrs {allowed_by}", Rule.ALLOW_CIDRS, allowed_by)
                     policy._allow_verdicts[allowed_by] = verdict
                 return verdict
             if port_miss is None:
-                return Verdict(False, f"port {port} not in allow_ports for allow_cidrs {allowed_by}", "allow_ports")
+                return Verdict(False, f"port {port} not in allow_ports for allow_cidrs {allowed_by}", Rule.ALLOW_PORTS)
     if port_miss is not None:
-        return Verdict(False, f"port {port} not allowed for host {name} ({port_miss})", port_miss)
+        rule, detail = port_miss
+        return Verdict(False, f"port {port} not allowed for host {name} ({rule.label(detail)})", rule, detail)
     return _NOT_LISTED if name else _NO_NAME
 
 
@@ -308,7 +319,7 @@ def compile_policy(
         if egress.allow_hosts:
             host_ports = frozenset(egress.host_ports) if egress.host_ports else None
             host_tables.append(
-                HostTable.build((pattern, host_ports, f"allow_hosts {pattern}") for pattern in egress.allow_hosts)
+                HostTable.build((pattern, host_ports, Rule.ALLOW_HOSTS, pattern) for pattern in egress.allow_hosts)
             )
 
     base_limits = template.limits.merged_over(default_limits) if template else default_limits

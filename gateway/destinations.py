@@ -1,9 +1,10 @@
 """Which destination addresses the egress engine refuses whatever the name: special-purpose, own, blocklisted.
 
-Pure except for two inputs read from the host: the operator blocklist file (reloaded
-when it changes) and, optionally, the local interface addresses (passed in by the
-caller, e.g. from netlink). `check(address)` answers in a few dict probes (one per
-distinct prefix length, via `decision.NetSet`).
+Pure except for two inputs read from the host: the operator blocklist file and, optionally,
+the local interface addresses (passed in by the caller, e.g. from netlink). `check(address)`
+answers in a few dict probes (one per distinct prefix length, via `decision.NetSet`) and never
+touches a file: `reload_blocklist()`, called periodically by the engine (every
+`BLOCKLIST_CHECK_INTERVAL`), replaces the table when the file changed (`gateway.files.FileWatch`).
 
 Three kinds of refusal, in this order:
 
@@ -23,20 +24,20 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from gateway.decision import NetSet, address_key
-from gateway.files import read_regular_file
+from gateway.files import FileWatch, read_regular_file
 from gateway.policy import IPAddress, IPNetwork
+from gateway.rules import Rule
 
 log = structlog.get_logger("gateway.destinations")
 
-#: How often (seconds) the blocklist file's signature is looked at, at most.
+#: How often (seconds) the engine looks at the blocklist file's signature.
 BLOCKLIST_CHECK_INTERVAL = 1.0
 
 _V4_SPECIAL: tuple[tuple[str, str], ...] = (
@@ -87,7 +88,7 @@ class Refusal:
 
     kind: str  # "special" | "gateway" | "blocklist"
     reason: str
-    rule: str
+    rule: Rule
     overridable: bool
 
 
@@ -137,7 +138,6 @@ class Destinations:
         blocklist_path: Path | None = None,
         *,
         local_addresses: Iterable[IPAddress] = (),
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._public = NetSet(public_ranges)
         self._labels: dict[str, str] = {}
@@ -151,12 +151,10 @@ class Destinations:
         self._own: set[tuple[int, int]] = set()
         self.set_local_addresses(local_addresses)
         self.blocklist_path = blocklist_path
-        self._clock = clock
+        self._block_watch = FileWatch((blocklist_path,) if blocklist_path is not None else ())
         self._block = NetSet(())
         self._block_lines: dict[str, int] = {}
-        self._block_signature: tuple[int, int, int] | str | None = "unread"
-        self._block_checked = float("-inf")
-        self.reload_blocklist(force=True)
+        self.reload_blocklist()
 
     # ------------------------------------------------------------------ inputs
 
@@ -166,68 +164,61 @@ class Destinations:
         own.update(address_key(a) for a in addresses)
         self._own = own
 
-    def reload_blocklist(self, *, force: bool = False) -> bool:
+    def reload_blocklist(self) -> bool:
         """Re-read the blocklist if its file changed (inode, mtime, size). True when the list was replaced."""
         path = self.blocklist_path
-        if path is None:
+        if path is None or not self._block_watch.changed():
             return False
-        now = self._clock()
-        if not force and now - self._block_checked < BLOCKLIST_CHECK_INTERVAL:
-            return False
-        self._block_checked = now
         try:
-            st = os.stat(path)
-            signature: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+            os.stat(path)
+            missing = False
         except FileNotFoundError:
-            signature = None
+            missing = True
         except OSError as exc:
-            log.warning("blocklist.unreadable", path=str(path), error=str(exc))
+            log.warning("egress.blocklist_unreadable", path=str(path), error=str(exc))
+            self._block_watch.forget()  # looked at again next time, as an unchanged unreadable file would not be
             return False
-        if signature == self._block_signature:
-            return False
-        self._block_signature = signature
-        if signature is None:
-            log.warning("blocklist.missing", path=str(path), note="no operator blocklist in force")
+        if missing:
+            log.warning("egress.blocklist_missing", path=str(path), note="no operator blocklist in force")
             entries: dict[str, int] = {}
         else:
             try:
                 text = read_regular_file(Path(path)).decode("utf-8", "replace")
             except OSError as exc:  # also a directory, FIFO or oversized file put in its place
-                log.warning("blocklist.unreadable", path=str(path), error=str(exc))
+                log.warning("egress.blocklist_unreadable", path=str(path), error=str(exc))
                 return False
             entries, problems = parse_blocklist(text)
             for number, problem in problems:
-                log.warning("blocklist.bad_line", path=str(path), line=number, problem=problem)
+                log.warning("egress.blocklist_bad_line", path=str(path), line=number, problem=problem)
         self._block = NetSet(ipaddress.ip_network(net) for net in entries)
         self._block_lines = entries
-        log.info("blocklist.loaded", path=str(path), entries=len(entries))
+        log.info("egress.blocklist_loaded", path=str(path), entries=len(entries))
         return True
 
     # ------------------------------------------------------------------ the check
 
     def check(self, address: str | IPAddress) -> Refusal | None:
         """None when the address may be dialled (policy permitting); else why not."""
-        self.reload_blocklist()
         try:
             key = address_key(address)  # IPv4-mapped is unwrapped here already
         except ValueError:
-            return Refusal("special", f"unparseable address {address!r}", "builtin:special", False)
+            return Refusal("special", f"unparseable address {address!r}", Rule.SPECIAL_ADDRESS, False)
         text = str(address)
         if self._block:
             hit = self._block.match(key)
             if hit is not None:
                 line = self._block_lines.get(hit)
                 where = f" (line {line})" if line else ""
-                return Refusal("blocklist", f"operator blocklist {hit}{where}", "builtin:blocklist", False)
+                return Refusal("blocklist", f"operator blocklist {hit}{where}", Rule.BLOCKLIST, False)
         if key in self._own:
-            return Refusal("gateway", f"the gateway's own address {text}", "builtin:gateway", False)
+            return Refusal("gateway", f"the gateway's own address {text}", Rule.GATEWAY_ADDRESS, False)
         if self._public.match(key) is not None:
             return None
         hit = self._special.match(key)
         if hit is not None:
             label = self._labels[hit]
             shown = str(ipaddress.ip_address(key[1]) if key[0] == 4 else text)
-            return Refusal("special", f"{label} {shown}", "builtin:special", True)
+            return Refusal("special", f"{label} {shown}", Rule.SPECIAL_ADDRESS, True)
         if key[0] == 6:
             for form, inner in embedded_ipv4(ipaddress.IPv6Address(key[1])):
                 inner_refusal = self.check(inner)

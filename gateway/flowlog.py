@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import structlog
 
-from gateway.config import AuditConfig, Config
+from gateway.config import AuditConfig
 from gateway.errors import GatewayError, NotFound
 from gateway.logs import json_line_stream
 from gateway.policy import ID_PATTERN
@@ -65,8 +65,8 @@ __all__ = [
 
 log = structlog.get_logger("gateway.flowlog")
 
-Protocol = Literal["tls", "http", "tcp", "dns"]
-Verdict = Literal["allow", "deny"]
+FlowProtocol = Literal["tls", "http", "tcp", "dns"]
+FlowVerdict = Literal["allow", "deny"]
 
 #: `{ts_us}-{pid}.ndjson`: 16 digits keep lexical order chronological until the year 2286.
 BATCH_NAME_PATTERN: Final = re.compile(r"^(\d{16})-(\d{1,10})\.ndjson$")
@@ -102,11 +102,11 @@ class FlowRecord:
     orig_dst_addr: str
     orig_dst_port: int
     hostname: str | None
-    protocol: Protocol
+    protocol: FlowProtocol
     bytes_up: int
     bytes_down: int
     duration_ms: float
-    verdict: Verdict
+    verdict: FlowVerdict
     reason: str
     rule: str
 
@@ -250,14 +250,14 @@ class FlowLog:
         self.write_errors = 0
 
     @classmethod
-    def from_config(cls, config: Config) -> FlowLog:
+    def from_config(cls, audit: AuditConfig, redis_url: str) -> FlowLog:
         """The flow log `gateway run` uses: with the Redis mirror on its own client when `audit.redis_stream` is set
         (the configuration guarantees `store.redis_url` then); the flow log closes that client."""
-        if not config.audit.redis_stream:
-            return cls(config.audit)
+        if not audit.redis_stream:
+            return cls(audit)
         import redis.asyncio
 
-        flows = cls(config.audit, redis.asyncio.Redis.from_url(config.store.redis_url, socket_timeout=REDIS_TIMEOUT))
+        flows = cls(audit, redis.asyncio.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT))
         flows._owns_redis = True
         return flows
 

@@ -124,3 +124,38 @@ def normalize_query_name(name: str) -> str:
     """
     name = name.lower()
     return name[:-1] if name.endswith(".") else name
+
+
+# The grammar of a name a connection or question carries (SNI, Host): looser than a pattern's (`_` is
+# allowed, as resolvers allow it), but never an IP literal in disguise.
+_HOSTNAME = re.compile(r"[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*\Z")
+# Labels getaddrinfo/inet_aton would read as numbers (decimal, octal or hex): a name made
+# only of such labels, or ending in an all-digit label, is an IP literal in disguise
+# (`2130706433`, `0x7f.1`, `127.1`, `1.2.3.4`) and would "resolve" without DNS.
+_NUMERIC_NAME = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)(?:\.(?:[0-9]+|0x[0-9a-f]*))*\Z")
+
+
+def hostname_problem(name: str) -> str | None:
+    """Why a lower-cased, trailing-dot-stripped name is not a DNS host name (None if it is).
+
+    Cheap on the success path (two regex matches): it runs per connection.
+    """
+    if not name:
+        return "is empty"
+    if len(name) > MAX_HOSTNAME_LENGTH:
+        return f"is longer than {MAX_HOSTNAME_LENGTH} characters"
+    if _HOSTNAME.match(name) is None:
+        if ":" in name and is_ip_literal(name):
+            return "is an IP address literal"
+        return "is not a DNS host name (letters, digits, '-', '_' in dot-separated labels of 1-63 characters)"
+    if _NUMERIC_NAME.match(name) is not None or name.rpartition(".")[2].isdigit():
+        return "is an IP address literal" if is_ip_literal(name) else "is a numeric IP address form, not a host name"
+    return None
+
+
+def is_ip_literal(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

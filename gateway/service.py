@@ -41,7 +41,7 @@ from gateway.config import Config
 from gateway.destinations import Destinations, read_local_addresses
 from gateway.dns.config import DnsConfig
 from gateway.dns.server import DnsInterceptor
-from gateway.egress import EgressEngine
+from gateway.engine.engine import EgressEngine
 from gateway.errors import GatewayError
 from gateway.flowlog import FlowLog
 from gateway.formatting import listen_description, store_description
@@ -114,7 +114,8 @@ async def serve(
 ) -> int:
     """The main process until SIGINT/SIGTERM: store, flow log, tunnel, API and (`data_plane`) the data plane."""
     store = open_store(config)
-    flows = FlowLog.from_config(config)  # one flow log for the API's audit routes and every data-plane component
+    # One flow log for the API's audit routes and every data-plane component.
+    flows = FlowLog.from_config(config.audit, config.store.redis_url)
     tunnels: TunnelService | None = None
     pool = WorkerPool(workers, worker_argv) if workers > 1 and worker_argv is not None else None
     plane = DataPlane(config, store, flows, steer=steer, pool=pool) if data_plane else None  # nothing listens yet
@@ -197,7 +198,7 @@ def worker_config(config: Config, worker: int) -> Config:
 async def serve_worker(config: Config, worker: int, workers: int) -> int:
     """A worker process: the store, the flow log and an egress engine, until stdin closes or SIGTERM/SIGINT."""
     store = open_store(config)
-    flows = FlowLog.from_config(config)
+    flows = FlowLog.from_config(config.audit, config.store.redis_url)
     plane = DataPlane(worker_config(config, worker), store, flows, dns=False)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -287,8 +288,8 @@ class DataPlane:
             egress.public_ranges, egress.gateway_addresses, egress.blocklist_path, local_addresses=local
         )
         self.engine = EgressEngine(
+            egress,
             lambda: self.store.state,
-            self.config,
             Resolver(self.config.resolver),
             self.destinations,
             self.learned,

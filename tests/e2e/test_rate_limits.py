@@ -197,7 +197,7 @@ def test_connections_per_minute_admit_a_burst_then_wait_then_refuse(env: Env) ->
     assert admitted[2] - burst_end >= (1 - burst_seconds * TOKEN_RATE) / TOKEN_RATE - 0.2, (burst_seconds, admitted)
     assert len(attempts) >= 5  # it really was refused for a while (>= 1 s of retries)
 
-    denials = [d for d in env.log_events("egress.deny") if d.get("sandbox") == "sb1"]
+    denials = [d for d in env.log_events("flow") if d["verdict"] == "deny" and d.get("sandbox") == "sb1"]
     assert denials and {d["reason"] for d in denials} == {"connection rate limit"}, denials
     assert {d["rule"] for d in denials} == {"limits.connections_per_minute"}
     # ... and each refusal is a flow record in the sandbox's audit batches.

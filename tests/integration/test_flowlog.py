@@ -406,7 +406,8 @@ async def test_gateway_run_wiring_mirrors_to_the_store_redis_when_a_stream_is_co
         "GATEWAY_AUDIT__FLUSH_INTERVAL": "0.05",
         "GATEWAY_AUDIT__REDIS_STREAM": "gw:flows:wired",
     }
-    flows = FlowLog.from_config(load_config(None, environ))
+    config = load_config(None, environ)
+    flows = FlowLog.from_config(config.audit, config.store.redis_url)
     assert flows.redis is not None
     await flows.start()
     flows.record(flow())
@@ -418,7 +419,8 @@ async def test_gateway_run_wiring_mirrors_to_the_store_redis_when_a_stream_is_co
         assert entry["hostname"] == "example.com" and entry["verdict"] == "allow"
     finally:
         await client.aclose()
-    assert FlowLog.from_config(load_config(None, {"GATEWAY_AUDIT__DIR": str(tmp_path)})).redis is None
+    config = load_config(None, {"GATEWAY_AUDIT__DIR": str(tmp_path)})
+    assert FlowLog.from_config(config.audit, config.store.redis_url).redis is None
 
 
 def test_a_stream_without_a_redis_url_is_a_configuration_error() -> None:

@@ -19,6 +19,7 @@ from gateway.decision import (
 )
 from gateway.policy import PROFILES, parse_sandbox, parse_template
 from gateway.presets import BUILTIN_PRESETS, Preset, make_preset
+from gateway.rules import Rule
 from gateway.state import PolicyContext
 
 CONTEXT = PolicyContext(
@@ -28,11 +29,11 @@ CONTEXT = PolicyContext(
 )
 PUBLIC = "93.184.216.34"
 
-NOT_LISTED = Verdict(False, "host not in allowlist", "default:deny")
-NO_NAME = Verdict(False, "no hostname (SNI/Host) and address not in allow_cidrs", "default:deny")
-ISOLATED = Verdict(False, "profile isolated allows no network", "profile:isolated")
-NO_INTERNET = Verdict(False, "egress disabled (allow_internet is false)", "egress.allow_internet")
-ALLOW_ALL = Verdict(True, "profile unrestricted allows all egress", "egress.mode:allow_all")
+NOT_LISTED = Verdict(False, "host not in allowlist", Rule.DEFAULT_DENY)
+NO_NAME = Verdict(False, "no hostname (SNI/Host) and address not in allow_cidrs", Rule.DEFAULT_DENY)
+ISOLATED = Verdict(False, "profile isolated allows no network", Rule.ISOLATED)
+NO_INTERNET = Verdict(False, "egress disabled (allow_internet is false)", Rule.NO_INTERNET)
+ALLOW_ALL = Verdict(True, "profile unrestricted allows all egress", Rule.ALLOW_ALL)
 
 
 def policy(
@@ -57,20 +58,26 @@ def policy(
     return compile_policy(sandbox, parsed_template, presets, CONTEXT.default_limits)
 
 
+def split_label(label: str) -> tuple[Rule, str]:
+    """The (rule, detail) a record's rule label stands for: `allow_hosts a.com` -> (ALLOW_HOSTS, "a.com")."""
+    rule, _, detail = label.partition(" ")
+    return Rule(rule), detail
+
+
 def host_allowed(name: str, rule: str) -> Verdict:
-    return Verdict(True, f"host {name} allowed by {rule}", rule)
+    return Verdict(True, f"host {name} allowed by {rule}", *split_label(rule))
 
 
 def cidr_allowed(cidr: str) -> Verdict:
-    return Verdict(True, f"address in allow_cidrs {cidr}", f"allow_cidrs {cidr}")
+    return Verdict(True, f"address in allow_cidrs {cidr}", Rule.ALLOW_CIDRS, cidr)
 
 
 def cidr_denied(cidr: str) -> Verdict:
-    return Verdict(False, f"address in deny_cidrs {cidr}", f"deny_cidrs {cidr}")
+    return Verdict(False, f"address in deny_cidrs {cidr}", Rule.DENY_CIDRS, cidr)
 
 
 def port_denied(port: int, name: str, rule: str) -> Verdict:
-    return Verdict(False, f"port {port} not allowed for host {name} ({rule})", rule)
+    return Verdict(False, f"port {port} not allowed for host {name} ({rule})", *split_label(rule))
 
 
 # --------------------------------------------------------------------------- SMTP, isolated, allow_internet
@@ -90,7 +97,7 @@ SMTP = {25: "SMTP", 465: "SMTPS", 587: "SMTP submission"}
     ],
 )
 def test_smtp_blocked_in_every_profile(profile: str, egress: object, port: int) -> None:
-    expected = Verdict(False, f"port {port} blocked ({SMTP[port]}) in every profile", "builtin:smtp")
+    expected = Verdict(False, f"port {port} blocked ({SMTP[port]}) in every profile", Rule.SMTP)
     p = policy(profile, egress)
     assert decide(p, "smtp.example.com", PUBLIC, port, "tcp") == expected
     assert decide(p, None, PUBLIC, port, "tcp") == expected
@@ -98,7 +105,7 @@ def test_smtp_blocked_in_every_profile(profile: str, egress: object, port: int) 
 
 def test_smtp_blocked_even_when_the_host_allows_the_port() -> None:
     p = policy(egress={"allow_hosts": ["smtp.example.com"], "host_ports": [25, 587, 2525]})
-    assert decide(p, "smtp.example.com", PUBLIC, 587, "tcp").rule == "builtin:smtp"
+    assert decide(p, "smtp.example.com", PUBLIC, 587, "tcp").rule == Rule.SMTP
     assert decide(p, "smtp.example.com", PUBLIC, 2525, "tcp") == host_allowed(
         "smtp.example.com", "allow_hosts smtp.example.com"
     )
@@ -145,7 +152,7 @@ def test_unrestricted_resolves_every_name_even_under_deny_all_cidr_rules() -> No
     """Seed 004's "all but a subnet" policy is about addresses: its names must resolve."""
     p = policy("unrestricted", {"mode": "deny_all", "allow_cidrs": ["0.0.0.0/0"], "deny_cidrs": ["10.0.0.0/8"]})
     verdict = decide(p, "anything.example", None, None, "dns")
-    assert (verdict.allowed, verdict.rule) == (True, "profile:unrestricted")
+    assert (verdict.allowed, verdict.rule) == (True, Rule.UNRESTRICTED_DNS)
     assert not decide(p, None, "10.1.2.3", 443, "tcp").allowed
 
 
@@ -198,7 +205,7 @@ def test_unrestricted_allows_all(egress: object) -> None:
     assert decide(p, "anything.example", PUBLIC, 443, "tls") == ALLOW_ALL
     assert decide(p, None, "1.1.1.1", 12345, "tcp") == ALLOW_ALL
     assert decide(p, "anything.example", None, None, "dns") == Verdict(
-        True, "profile unrestricted resolves every name", "profile:unrestricted"
+        True, "profile unrestricted resolves every name", Rule.UNRESTRICTED_DNS
     )
 
 
@@ -228,24 +235,26 @@ def test_seed_004_template_blocks_rfc1918() -> None:
 
 
 def test_seed_004_cloudflare_https_only() -> None:
-    p = policy("unrestricted", {"mode": "deny_all", "allow_cidrs": ["1.1.1.1/32", "1.0.0.1/32"], "allow_ports": [443]})
+    p = policy(
+        "unrestricted", {"mode": "deny_all", "allow_cidrs": ["1.1.1.1/32", "1.0.0.1/32"], Rule.ALLOW_PORTS: [443]}
+    )
     assert decide(p, None, "1.1.1.1", 443, "tcp") == cidr_allowed("1.1.1.1/32")
     assert decide(p, None, "1.0.0.1", 443, "tcp") == cidr_allowed("1.0.0.1/32")
     assert decide(p, None, "1.0.0.1", 80, "tcp") == Verdict(
-        False, "port 80 not in allow_ports for allow_cidrs 1.0.0.1/32", "allow_ports"
+        False, "port 80 not in allow_ports for allow_cidrs 1.0.0.1/32", Rule.ALLOW_PORTS
     )
     assert decide(p, None, "8.8.8.8", 443, "tcp") == NO_NAME
 
 
 def test_allow_cidrs_with_allow_ports() -> None:
-    p = policy(egress={"allow_cidrs": ["203.0.113.0/24"], "allow_ports": [443, 8080]})
+    p = policy(egress={"allow_cidrs": ["203.0.113.0/24"], Rule.ALLOW_PORTS: [443, 8080]})
     assert decide(p, None, "203.0.113.9", 443, "tcp") == cidr_allowed("203.0.113.0/24")
     assert decide(p, None, "203.0.113.9", 8080, "tcp") == cidr_allowed("203.0.113.0/24")
     assert decide(p, None, "203.0.113.9", 22, "tcp") == Verdict(
-        False, "port 22 not in allow_ports for allow_cidrs 203.0.113.0/24", "allow_ports"
+        False, "port 22 not in allow_ports for allow_cidrs 203.0.113.0/24", Rule.ALLOW_PORTS
     )
     assert decide(p, "named.example", "203.0.113.9", 22, "tls") == Verdict(
-        False, "port 22 not in allow_ports for allow_cidrs 203.0.113.0/24", "allow_ports"
+        False, "port 22 not in allow_ports for allow_cidrs 203.0.113.0/24", Rule.ALLOW_PORTS
     )
 
 
@@ -300,13 +309,15 @@ def test_preparsed_and_string_addresses_decide_the_same(address: object) -> None
     p = policy(egress={"allow_cidrs": ["203.0.113.0/24", "2001:db8::/32"]})
     verdict = decide(p, None, address, 443, "tcp")  # type: ignore[arg-type]
     assert verdict.allowed
-    assert verdict.rule in ("allow_cidrs 203.0.113.0/24", "allow_cidrs 2001:db8::/32")
+    assert verdict.label in ("allow_cidrs 203.0.113.0/24", "allow_cidrs 2001:db8::/32")
 
 
 @pytest.mark.parametrize("address", ["not-an-ip", "999.1.1.1", "10.0.0.0/8", "", "1.2.3", "::g"])
 def test_unparseable_address_is_denied(address: str) -> None:
     p = policy(egress={"allow_hosts": ["a.com"], "allow_cidrs": ["0.0.0.0/0"]})
-    assert decide(p, "a.com", address, 443, "tls") == Verdict(False, f"unparseable address {address!r}", "default:deny")
+    assert decide(p, "a.com", address, 443, "tls") == Verdict(
+        False, f"unparseable address {address!r}", Rule.DEFAULT_DENY
+    )
 
 
 def test_unparseable_address_is_denied_in_unrestricted_too() -> None:
@@ -383,7 +394,12 @@ def test_host_port_miss_falls_back_to_allow_cidrs() -> None:
 
 def test_host_port_miss_is_reported_over_the_cidr_port_miss() -> None:
     p = policy(
-        egress={"allow_hosts": ["a.com"], "host_ports": [443], "allow_cidrs": ["203.0.113.0/24"], "allow_ports": [8443]}
+        egress={
+            "allow_hosts": ["a.com"],
+            "host_ports": [443],
+            "allow_cidrs": ["203.0.113.0/24"],
+            Rule.ALLOW_PORTS: [8443],
+        }
     )
     assert decide(p, "a.com", "203.0.113.7", 8443, "tls") == cidr_allowed("203.0.113.0/24")
     assert decide(p, "a.com", "203.0.113.7", 80, "http") == port_denied(80, "a.com", "allow_hosts a.com")

@@ -117,7 +117,7 @@ def test_decide_cidr_verdicts_agree_with_brute_force(networks: list[IPNetwork], 
         expected = reference_match(networks, address)
         verdict = decide(policy, None, str(address), 443, "tcp")
         assert verdict.allowed is (expected is not None)
-        assert verdict.rule == (f"allow_cidrs {expected}" if expected else "default:deny")
+        assert verdict.label == (f"allow_cidrs {expected}" if expected else "default:deny")
 
 
 # --------------------------------------------------------------------------- (b) host patterns
@@ -179,7 +179,7 @@ def test_host_matching_agrees_with_reference(patterns: list[str], data: st.DataO
         for address, port, protocol in ((None, None, "dns"), ("93.184.216.34", 443, "tls")):
             verdict = decide(policy, query, address, port, protocol)
             assert verdict.allowed is (expected is not None), (query, patterns)
-            assert verdict.rule == (expected or "default:deny"), (query, patterns)
+            assert verdict.label == (expected or "default:deny"), (query, patterns)
 
 
 # --------------------------------------------------------------------------- (c) normalize_pattern

@@ -18,36 +18,41 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.peek import (
-    CLASSIFY_MAX_BYTES,
+from gateway.peek.classify import CLASSIFY_MAX_BYTES, NEED_MORE, NeedMore, TrafficKind, classify
+from gateway.peek.http1 import (
     CONTINUE_TIMEOUT,
-    MAX_HANDSHAKE_SIZE,
-    NEED_MORE,
-    AlertDescription,
     Answer,
     AnswerAwaited,
     Awaiting,
-    ClientHello,
-    ClientHelloParser,
     EndsBefore,
     HttpError,
     HttpErrorCode,
     HttpEvent,
     HttpRequestTracker,
-    NeedMore,
-    PeekError,
     RequestEnd,
     RequestHead,
     ServerAnswer,
-    TlsErrorCode,
-    TrafficKind,
-    classify,
     http_forbidden,
-    parse_client_hello,
     sanitize_reason,
-    tls_alert,
     websocket_accept,
 )
+from gateway.peek.tls import (
+    MAX_HANDSHAKE_SIZE,
+    AlertDescription,
+    ClientHello,
+    ClientHelloParser,
+    PeekError,
+    TlsErrorCode,
+    tls_alert,
+)
+
+
+def parse_client_hello(
+    data: bytes | bytearray | memoryview, max_handshake_size: int = MAX_HANDSHAKE_SIZE
+) -> NeedMore | ClientHello | PeekError:
+    """One-shot form of `ClientHelloParser` for bytes already collected."""
+    return ClientHelloParser(max_handshake_size).feed(data)
+
 
 # --------------------------------------------------------------------------- genuine ClientHellos
 

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import uvloop
 
-from gateway.egress import _HttpGuard
-from gateway.peek import CONTINUE_TIMEOUT, HttpRequestTracker
+from gateway.engine.guard import HttpGuard
+from gateway.engine.relay import SPLICE_AFTER, AfterAnswer, GuardStop, IdleSweeper, Relay
+from gateway.peek.http1 import CONTINUE_TIMEOUT, HttpRequestTracker
 from gateway.ratelimit import BandwidthLimiter
-from gateway.relay import SPLICE_AFTER, GuardStop, IdleSweeper, Relay
 from tests.unit.test_decision import policy
 
 Scenario = Callable[["Wired"], Coroutine[Any, Any, None]]
@@ -195,7 +195,7 @@ async def test_http_guard_cut_forwards_the_allowed_prefix_lets_the_upstream_answ
     tracker = HttpRequestTracker()
     first = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
     tracker.feed(first)
-    guard = _HttpGuard(policy("allowlisted", {"allow_hosts": ["a.test"]}), tracker, "a.test", 80)
+    guard = HttpGuard(policy("allowlisted", {"allow_hosts": ["a.test"]}), tracker, "a.test", 80)
     relay = wired.start(sweeper(), first=first, guard=guard, cut_grace=5.0)
     assert await recv_exactly(wired.origin_app, len(first)) == first
     await loop.sock_sendall(
@@ -241,7 +241,7 @@ def start_held(wired: Wired, first: bytes, **options: object) -> Relay:
     """A relay whose first request (read by the peek, as in the engine) holds `first`'s rest for an answer."""
     tracker = HttpRequestTracker()
     events = tracker.feed(first)
-    guard = _HttpGuard(policy("allowlisted", {"allow_hosts": ["a.test"]}), tracker, "a.test", 80)
+    guard = HttpGuard(policy("allowlisted", {"allow_hosts": ["a.test"]}), tracker, "a.test", 80)
     stop = guard.check(events, 0)
     assert stop is not None and stop.watch is not None
     return wired.start(sweeper(), first=first, first_stop=stop, guard=guard, **options)
@@ -353,7 +353,7 @@ class _OnceGuard:
     def feed(self, chunk: bytes) -> GuardStop | None:
         return GuardStop(len(chunk), None, passthrough=True)
 
-    def answered(self, answer: object) -> object:
+    def answered(self, answer: object) -> AfterAnswer | tuple[str, str]:
         raise AssertionError("nothing awaits an answer")
 
 

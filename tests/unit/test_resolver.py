@@ -25,7 +25,7 @@ ZONE: dict[str, list[tuple[str, str, int]]] = {
     "mid.test": [("CNAME", "one.test", 30)],
     "v4only.test": [("A", "192.0.2.4", 300)],
     "big.test": [("A", f"198.51.100.{i}", 300) for i in range(1, 101)],
-    # For the egress planning tests (tests/unit/test_egress.py), which reuse this server.
+    # For the egress planning tests (tests/unit/test_plan.py), which reuse this server.
     "private.test": [("A", "10.0.0.5", 300)],
     "mixed.test": [("A", "10.0.0.6", 300), ("A", "192.0.2.9", 300)],
     "metadata.test": [("A", "169.254.169.254", 300)],

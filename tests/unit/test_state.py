@@ -10,6 +10,7 @@ import pytest
 from gateway.decision import DEFAULT_LIMITS, Verdict, decide
 from gateway.errors import Conflict, GatewayError, NotFound
 from gateway.presets import BUILTIN_PRESETS
+from gateway.rules import Rule
 from gateway.state import SANDBOX, TEMPLATE, PolicyContext, PolicyState
 
 CONTEXT = PolicyContext(
@@ -168,7 +169,7 @@ def test_the_owner_of_an_address_follows_every_change(state: PolicyState) -> Non
 def test_explain(state: PolicyState) -> None:
     create(state, record("a", egress={"allow_hosts": ["a.com"]}))
     verdict, compiled = state.explain("a", "a.com", PUBLIC, 443, "tls")
-    assert verdict == Verdict(True, "host a.com allowed by allow_hosts a.com", "allow_hosts a.com")
+    assert verdict == Verdict(True, "host a.com allowed by allow_hosts a.com", Rule.ALLOW_HOSTS, "a.com")
     assert compiled is state.compiled["a"]
     with pytest.raises(NotFound):
         state.explain("b", "a.com", PUBLIC, 443, "tls")
@@ -383,4 +384,4 @@ def test_records_round_trip_through_a_snapshot(state: PolicyState) -> None:
     assert copy.templates == state.templates
     assert copy.by_address == state.by_address
     assert copy.compiled["a"].limits == state.compiled["a"].limits
-    assert decide(copy.compiled["a"], "x.a.com", "10.1.1.1", 443, "tls").rule == "deny_cidrs 10.0.0.0/8"
+    assert decide(copy.compiled["a"], "x.a.com", "10.1.1.1", 443, "tls").label == "deny_cidrs 10.0.0.0/8"

@@ -17,8 +17,8 @@ Plain HTTP's client->server direction always copies: every chunk goes through th
 which may end the direction early ("cut") at a refused request; the relay then lets the upstream
 finish the earlier responses for at most `cut_grace` seconds. At a request that waits for the
 server (a WebSocket handshake, or `Expect` before a body) the guard stops the direction and the
-relay holds the client's further bytes until the server answered (the guard's `ServerAnswer`
-reads the other direction, which copies meanwhile; for `Expect` a timer answers too): after a
+relay holds the client's further bytes until the server answered (the guard's
+`AnswerWatch` reads the other direction, which copies meanwhile; for `Expect` a timer answers too): after a
 genuine WebSocket `101` the rest passes (by splice too); after a declined upgrade or `100
 Continue` the held bytes are checked as HTTP again; after a final answer to `Expect` nothing
 more from the client goes (the connection ends after the server's answer), as at a stop
@@ -36,9 +36,8 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
-
-from gateway.peek import Answer, HttpError, ServerAnswer
 
 COPY_CHUNK = 64 * 1024
 #: Bytes a direction moves by copying before it switches to splice.
@@ -63,17 +62,43 @@ class GuardStop:
 
     forward: int
     refusal: tuple[str, str] | None
-    watch: ServerAnswer | None = None
+    watch: AnswerWatch | None = None
     #: All of the chunk goes and the guard is done: the rest of the direction passes unchecked (and may splice).
     passthrough: bool = False
 
 
+class AfterAnswer(Enum):
+    """What the server's answer to a held request means for the client bytes held behind it."""
+
+    SWITCH = "switch"  # the rest of the direction passes unchecked (and may splice)
+    RESUME = "resume"  # the held bytes go through the guard again
+    CLOSE = "close"  # nothing more from the client: the connection ends after the server's answer
+
+
+class AnswerWatch(Protocol):
+    """Reads the server's answer to a held request from the server->client bytes. What the answer is (and
+    means) is the guard's business: the relay only hands it back to `Guard.answered`."""
+
+    @property
+    def timeout(self) -> float | None:
+        """After this long without an answer, `timed_out()` is the answer (None: wait for one)."""
+        ...
+
+    def feed(self, data: bytes) -> object | None:
+        """The answer once these bytes complete it, else None."""
+        ...
+
+    def closed(self) -> object: ...
+
+    def timed_out(self) -> object: ...
+
+
 class Guard(Protocol):
-    """Checks client->server bytes of a plain-HTTP connection."""
+    """Checks client->server bytes (the protocol meaning, e.g. HTTP's, lives behind it: the relay moves bytes)."""
 
     def feed(self, chunk: bytes) -> GuardStop | None: ...
 
-    def answered(self, answer: Answer | HttpError) -> Answer | tuple[str, str]:
+    def answered(self, answer: object) -> AfterAnswer | tuple[str, str]:
         """The server's answer to the held request: what to do, or the refusal (reason, rule) that cuts."""
         ...
 
@@ -196,19 +221,19 @@ class Relay:
     def throttled(self) -> bool:
         return self.up.timer is not None or self.down.timer is not None
 
-    def await_answer(self, watch: ServerAnswer) -> None:
+    def await_answer(self, watch: AnswerWatch) -> None:
         """The client's further bytes wait for the server's answer: watch it (copying that direction meanwhile)."""
         self.down.watch = watch
         if watch.timeout is not None:
             self.answer_timer = self.loop.call_later(watch.timeout, self._answer_timed_out, watch)
 
-    def _answer_timed_out(self, watch: ServerAnswer) -> None:
+    def _answer_timed_out(self, watch: AnswerWatch) -> None:
         self.answer_timer = None
         if self.down.watch is watch:
             self.down.watch = None
             self.answered(watch.timed_out())
 
-    def answered(self, answer: Answer | HttpError) -> None:
+    def answered(self, answer: object) -> None:
         """The server answered the held request: act on what the guard makes of it."""
         if self.answer_timer is not None:
             self.answer_timer.cancel()
@@ -221,17 +246,17 @@ class Relay:
             self.cut = outcome
             self.finish(None)
             return
-        if outcome is Answer.CLOSE:
+        if outcome is AfterAnswer.CLOSE:
             self.closed_early = True
             up.eof = True
             up.flush()  # what was forwarded before the hold, then the upstream's write side is shut
             return
-        if outcome is Answer.SWITCH:
-            up.unguard()  # WebSocket: nothing more to check
+        if outcome is AfterAnswer.SWITCH:
+            up.unguard()  # e.g. WebSocket: nothing more to check
         if not held:
             up.flush()  # reads on
         else:
-            up.take(held, None if outcome is Answer.SWITCH else self.guard.feed(held))
+            up.take(held, None if outcome is AfterAnswer.SWITCH else self.guard.feed(held))
 
     def half_done(self, half: _Half) -> None:
         if self.up.ended and self.down.ended:
@@ -311,7 +336,7 @@ class _Half:
         self.reading = self.writing = False
         self.timer: asyncio.TimerHandle | None = None
         self.held: bytes | None = None  # client bytes after a held request, until the server answered it
-        self.watch: ServerAnswer | None = None  # on the server->client direction while an answer awaits
+        self.watch: AnswerWatch | None = None  # on the server->client direction while an answer awaits
 
     def unguard(self) -> None:
         """Nothing more to check in this direction: bulk may splice from now on."""

@@ -1,0 +1,361 @@
+"""`EgressEngine`: the steps of the egress pipeline, in order, for every accepted connection.
+
+1. Accept (`listener`). Identify the sandbox by source address in the *current* policy state
+   (looked up at accept time, so a policy change applies to the next connection). Unknown: RST.
+   Denials that depend on nothing the peek could reveal (SMTP ports, isolated, internet off) are
+   given at once: a server-speaks-first client would otherwise wait out the whole peek deadline.
+2. Cap connections in the peek phase (per sandbox and in total) and apply the connections-per-minute
+   limit (waits up to `rate_limit_max_wait`, then refuses).
+3. Peek under a deadline and a size bound without forwarding anything (`session`).
+4. Plan (`plan`): decide on the name and the addresses, check every address against `Destinations`.
+5. Deny explicitly (`deny`) or dial (`dial`) and relay both ways (`relay`) with backpressure,
+   half-close, an idle timeout, bandwidth buckets and byte counts; plain HTTP and clients that said
+   nothing are watched by a `guard`.
+6. One decision record per connection, allowed or denied (`record`).
+
+Sockets are driven directly on the event loop (add_reader/add_writer), not through asyncio streams:
+splice needs the raw descriptors. The deciding steps run in one task per connection; once relayed, a
+connection is only loop callbacks, so an idle one costs two sockets and a few small objects: no task,
+no buffers, no pipes.
+
+The engine receives its own config section (`EgressConfig`) and its collaborators (the policy state
+getter, destination checks, resolver, limiters, flow log, DNS-learned addresses); it builds none of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+import time
+from collections.abc import Callable
+
+import structlog
+
+from gateway.config import EgressConfig
+from gateway.decision import PORT_OR_PROFILE_RULES, CompiledPolicy, decide
+from gateway.destinations import BLOCKLIST_CHECK_INTERVAL, Destinations
+from gateway.engine.deny import bad_gateway, deny_with, reset
+from gateway.engine.dial import dial
+from gateway.engine.guard import FirstWordsGuard, HttpGuard
+from gateway.engine.listener import Listeners
+from gateway.engine.plan import Plan, plan_named, plan_unnamed
+from gateway.engine.record import Flow, FlowRecorder
+from gateway.engine.relay import CAN_SPLICE, Guard, GuardStop, IdleSweeper, Relay
+from gateway.engine.session import (
+    READ_CHUNK,
+    Closed,
+    HttpRequest,
+    Opaque,
+    Peeked,
+    Peeker,
+    PeekFailed,
+    TlsHello,
+    peek,
+)
+from gateway.flowlog import FlowLog
+from gateway.learned import LearnedDestinations
+from gateway.peek.classify import TrafficKind
+from gateway.peek.http1 import http_forbidden
+from gateway.peek.tls import AlertDescription, tls_alert
+from gateway.ratelimit import CONNECTION_RATE_REASON, BandwidthLimiter, ConnectionRateLimiter
+from gateway.resolver import Resolver
+from gateway.rules import Rule
+from gateway.state import PolicyState
+
+log = structlog.get_logger("gateway.egress")
+
+#: How long a keep-alive connection cut at a refused request waits for the upstream to finish earlier responses.
+HTTP_CUT_GRACE = 5.0
+
+
+class EgressEngine:
+    def __init__(
+        self,
+        egress: EgressConfig,
+        state_provider: Callable[[], PolicyState],
+        resolver: Resolver,
+        destinations: Destinations,
+        learned: LearnedDestinations | None = None,
+        *,
+        flowlog: FlowLog | None = None,
+        connection_limiter: ConnectionRateLimiter | None = None,
+        bandwidth: BandwidthLimiter | None = None,
+        host: tuple[str, str] = ("0.0.0.0", "::"),
+        splice: bool = True,
+    ) -> None:
+        self.egress = egress
+        self.state_provider = state_provider
+        self.resolver = resolver
+        self.destinations = destinations
+        self.learned = learned
+        self.recorder = FlowRecorder(flowlog)
+        self.connection_limiter = connection_limiter
+        self.bandwidth = bandwidth
+        self.host = host
+        #: Relay TLS and opaque bytes with os.splice (kernel pipes, no copy through Python) where available.
+        self.splice = splice and CAN_SPLICE
+        self._listeners = Listeners(self._accepted)
+        self._connections: set[asyncio.Task[None]] = set()
+        self._peeking: dict[str, int] = {}
+        self._peeking_total = 0
+        self._sweeper: IdleSweeper | None = None
+        self._blocklist_task: asyncio.Task[None] | None = None
+        self.stats = {"accepted": 0, "allowed": 0, "denied": 0}
+
+    @property
+    def listeners(self) -> list[socket.socket]:
+        return self._listeners.sockets
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open the IPv4 and IPv6 transparent listeners (needs CAP_NET_ADMIN)."""
+        self._listeners.open(self.host, self.egress.listen_port)
+        if self.destinations.blocklist_path is not None:
+            self._blocklist_task = asyncio.create_task(self._follow_blocklist())
+        log.info("egress.listening", port=self.egress.listen_port, splice=self.splice)
+
+    async def _follow_blocklist(self) -> None:
+        """The operator blocklist is reloaded here, on a schedule, so that the per-connection check never stats it."""
+        while True:
+            await asyncio.sleep(BLOCKLIST_CHECK_INTERVAL)
+            try:
+                self.destinations.reload_blocklist()
+            except Exception:  # keep the last good list; look again next time
+                log.exception("egress.blocklist_reload_failed")
+
+    async def close(self) -> None:
+        self._listeners.close()
+        if self._blocklist_task is not None:
+            self._blocklist_task.cancel()
+            await asyncio.gather(self._blocklist_task, return_exceptions=True)
+            self._blocklist_task = None
+        for task in self._connections:
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._sweeper is not None:
+            for relay in list(self._sweeper.relays):
+                relay.finish(ConnectionAbortedError("the gateway is shutting down"))
+            self._sweeper.stop()
+            self._sweeper = None
+        # Denials started by relays that just ended.
+        await asyncio.gather(*self._connections, return_exceptions=True)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        self._track(asyncio.create_task(self._handle(conn)))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    # ------------------------------------------------------------------ per connection
+
+    async def _handle(self, conn: socket.socket) -> None:
+        relayed = False
+        try:
+            relayed = await self._connection(conn)
+        except Exception:
+            log.exception("egress.error")
+            reset(conn)
+        finally:
+            if not relayed:  # once relayed, the relay's end closes it
+                conn.close()
+
+    async def _connection(self, conn: socket.socket) -> bool:
+        """Decide one accepted connection; True when it was handed to a relay (which then owns the socket)."""
+        self.stats["accepted"] += 1
+        try:
+            peer = conn.getpeername()
+            local = conn.getsockname()
+        except OSError:
+            return False  # already gone
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        flow = Flow(time.time_ns() // 1000, "", peer[0], peer[1], local[0], local[1])
+        policy = self.state_provider().policy_for_address(flow.src_addr)
+        if policy is None:
+            self._deny(flow, "unknown sandbox (source address not attached to any sandbox)", Rule.UNKNOWN_SOURCE)
+            reset(conn)
+            return False
+        flow.sandbox = sandbox = policy.sandbox_id
+        # Denials that depend on nothing the peek could reveal (SMTP ports, isolated, internet off) are given
+        # at once: a server-speaks-first client would otherwise wait out the whole peek deadline first.
+        early = decide(policy, None, None, flow.orig_dst_port, "tcp")
+        if not early.allowed and early.rule in PORT_OR_PROFILE_RULES:
+            self._deny(flow, early.reason, early.label)
+            reset(conn)
+            return False
+        egress = self.egress
+        peeker = Peeker(egress.peek_max_bytes)
+        try:  # the ClientHello or request head is usually here already: then nothing waits for first bytes
+            ready = conn.recv(min(READ_CHUNK, peeker.want))
+        except (BlockingIOError, InterruptedError):
+            ready = None
+        except OSError:  # reset before its first byte: as if closed, nothing to decide or record
+            ready = b""
+        peeked = None if ready is None else peeker.feed(ready)
+        waiting = peeked is None  # only connections that must wait for their first bytes count against the caps
+        if waiting and (
+            self._peeking_total >= egress.max_peeking_total
+            or self._peeking.get(sandbox, 0) >= egress.max_peeking_per_sandbox
+        ):
+            self._deny(flow, "too many connections waiting for their first bytes", Rule.PEEK_CAP)
+            reset(conn)
+            return False
+        if waiting:
+            self._peeking_total += 1
+            self._peeking[sandbox] = self._peeking.get(sandbox, 0) + 1
+        try:
+            if self.connection_limiter is not None and not await self.connection_limiter.admit(
+                sandbox, policy.limits.connections_per_minute, egress.rate_limit_max_wait
+            ):
+                self._deny(flow, CONNECTION_RATE_REASON, Rule.CONNECTION_RATE)
+                reset(conn)
+                return False
+            if peeked is None:
+                loop = asyncio.get_running_loop()
+                peeked = await peek(
+                    lambda n: loop.sock_recv(conn, n), egress.peek_timeout, egress.peek_max_bytes, peeker
+                )
+        finally:
+            if waiting:
+                self._peeking_total -= 1
+                left = self._peeking[sandbox] - 1
+                if left:
+                    self._peeking[sandbox] = left
+                else:
+                    del self._peeking[sandbox]
+        return await self._after_peek(conn, flow, policy, peeked)
+
+    async def _after_peek(self, conn: socket.socket, flow: Flow, policy: CompiledPolicy, peeked: Peeked) -> bool:
+        orig, port = flow.orig_dst_addr, flow.orig_dst_port
+        match peeked:
+            case TlsHello(data=data, hello=hello):
+                flow.protocol = "tls"
+                flow.hostname = hello.sni
+                if hello.sni:
+                    plan = await plan_named(policy, hello.sni, orig, port, "tls", self.destinations, self.resolver)
+                else:
+                    plan = plan_unnamed(policy, orig, port, "tls", self.destinations, self.learned)
+                if not plan.allowed:
+                    self._deny(flow, plan.reason, plan.label)
+                    alert = AlertDescription.UNRECOGNIZED_NAME if plan.unresolvable else AlertDescription.ACCESS_DENIED
+                    await deny_with(conn, tls_alert(alert, hello.record_version))
+                    return False
+                return await self._relay(conn, flow, policy, plan, data, None)
+            case HttpRequest(data=data, head=head, tracker=tracker, later=later):
+                flow.protocol = "http"
+                flow.hostname = head.host
+                if head.host and not head.host_is_ip:
+                    plan = await plan_named(policy, head.host, orig, port, "http", self.destinations, self.resolver)
+                else:
+                    plan = plan_unnamed(policy, orig, port, "http", self.destinations, self.learned)
+                if not plan.allowed:
+                    self._deny(flow, plan.reason, plan.label)
+                    await deny_with(conn, http_forbidden(plan.reason, plan.label))
+                    return False
+                guard = HttpGuard(policy, tracker, head.host, port)
+                # Requests pipelined behind the first one, read while peeking, are checked like later chunks.
+                first_stop = guard.check(later, 0) if later else None
+                return await self._relay(conn, flow, policy, plan, data, guard, first_stop)
+            case Opaque(data=data):
+                plan = plan_unnamed(policy, orig, port, "tcp", self.destinations, self.learned)
+                if not plan.allowed:
+                    self._deny(flow, plan.reason, plan.label)
+                    reset(conn)
+                    return False
+                # Said nothing (the server speaks first): what the client says first is looked at still.
+                silent = None if data else FirstWordsGuard(self.egress.peek_timeout)
+                return await self._relay(conn, flow, policy, plan, data, silent)
+            case PeekFailed(kind=TrafficKind.TLS, reason=reason):
+                flow.protocol = "tls"
+                self._deny(flow, reason, Rule.TLS)
+                await deny_with(conn, tls_alert(AlertDescription.DECODE_ERROR))
+                return False
+            case PeekFailed(kind=TrafficKind.HTTP, reason=reason):
+                flow.protocol = "http"
+                self._deny(flow, reason, Rule.HTTP)
+                await deny_with(conn, http_forbidden(reason, Rule.HTTP))
+                return False
+            case PeekFailed(reason=reason):
+                self._deny(flow, reason, Rule.PEEK)
+                reset(conn)
+                return False
+            case Closed():
+                return False  # connected and closed without a byte: nothing to decide, nothing to record
+
+    # ------------------------------------------------------------------ dial + relay
+
+    async def _relay(
+        self,
+        conn: socket.socket,
+        flow: Flow,
+        policy: CompiledPolicy,
+        plan: Plan,
+        first: bytes | bytearray,
+        guard: Guard | None,
+        first_stop: GuardStop | None = None,
+    ) -> bool:
+        """Dial and hand both sockets to a `Relay`; True when it owns the client socket from now on."""
+        assert plan.dial is not None
+        flow.dst_addr, flow.dst_port = plan.dial, flow.orig_dst_port
+        flow.allow(plan.reason, plan.label)
+        egress = self.egress
+        try:
+            upstream = await dial(plan.dial, flow.orig_dst_port, egress.dial_mark, egress.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            self._deny(flow, f"upstream {plan.dial} unreachable: {why}", Rule.DIAL_FAILED)
+            if isinstance(guard, HttpGuard):
+                await deny_with(conn, bad_gateway(flow.reason))
+            else:
+                reset(conn)
+            return False
+        self.stats["allowed"] += 1
+        up_bucket = down_bucket = None
+        if self.bandwidth is not None:
+            limits = policy.limits
+            up_bucket = self.bandwidth.bucket(flow.sandbox, "up", limits.bandwidth_mbit, limits.burst_mbit)
+            down_bucket = self.bandwidth.bucket(flow.sandbox, "down", limits.bandwidth_mbit, limits.burst_mbit)
+        loop = asyncio.get_running_loop()
+        sweeper = self._sweeper
+        if sweeper is None or sweeper.loop is not loop:
+            sweeper = self._sweeper = IdleSweeper(loop, egress.idle_timeout)
+        Relay(
+            conn,
+            upstream,
+            functools.partial(self._relayed, conn, flow),
+            sweeper=sweeper,
+            first=first,
+            first_stop=first_stop,
+            guard=guard,
+            up_bucket=up_bucket,
+            down_bucket=down_bucket,
+            splice=self.splice,
+            cut_grace=HTTP_CUT_GRACE,
+        )
+        return True
+
+    def _relayed(self, conn: socket.socket, flow: Flow, relay: Relay) -> None:
+        """The relay ended: close (or reset) the client, deliver a cut's denial, record the flow."""
+        flow.bytes_up, flow.bytes_down = relay.bytes_up, relay.bytes_down
+        if relay.error is not None:
+            if isinstance(relay.error, TimeoutError):
+                flow.reason += f"; closed after {self.egress.idle_timeout}s idle"
+            reset(conn)
+        elif relay.cut is not None:
+            reason, rule = relay.cut
+            flow.deny(reason, rule)
+            self._track(asyncio.get_running_loop().create_task(deny_with(conn, http_forbidden(reason, rule))))
+        elif relay.closed_early:
+            flow.reason += "; ended at the server's answers (Expect): the client's later bytes were not forwarded"
+            # Nothing to add to the server's answer; draining first keeps the close from resetting it away.
+            self._track(asyncio.get_running_loop().create_task(deny_with(conn, b"")))
+        else:
+            conn.close()
+        self.recorder.record(flow)
+
+    def _deny(self, flow: Flow, reason: str, rule: str) -> None:
+        flow.deny(reason, rule)
+        self.stats["denied"] += 1
+        self.recorder.record(flow)

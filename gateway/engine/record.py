@@ -1,0 +1,79 @@
+"""The one egress decision record per connection (smokescreen's CANONICAL-PROXY-DECISION).
+
+`Flow` gathers a connection's facts as the engine learns them (source, original destination, sandbox,
+name, protocol, dialled address, byte counts) and its verdict; `FlowRecorder.record` turns it into the
+`FlowRecord` exactly once, when the connection's fate is sealed (denied, or relayed and ended). The flow
+log writes the `flow` line from it; without a flow log the record is logged as that line here. There is
+no second log line per denial: the record is the log line.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from gateway.flowlog import FlowLog, FlowProtocol, FlowRecord
+
+log = structlog.get_logger("gateway.egress")
+
+
+@dataclass(slots=True)
+class Flow:
+    start_us: int
+    sandbox: str
+    src_addr: str
+    src_port: int
+    orig_dst_addr: str
+    orig_dst_port: int
+    dst_addr: str = ""
+    dst_port: int = 0
+    hostname: str | None = None
+    protocol: FlowProtocol = "tcp"
+    bytes_up: int = 0
+    bytes_down: int = 0
+    allowed: bool = False
+    reason: str = ""
+    rule: str = ""  # the rule's label, as records show it
+
+    def deny(self, reason: str, rule: str) -> None:
+        self.allowed, self.reason, self.rule = False, reason, rule
+
+    def allow(self, reason: str, rule: str) -> None:
+        self.allowed, self.reason, self.rule = True, reason, rule
+
+
+class FlowRecorder:
+    """Builds the record from a `Flow` and hands it to the flow log (never raises, never blocks)."""
+
+    __slots__ = ("flowlog",)
+
+    def __init__(self, flowlog: FlowLog | None) -> None:
+        self.flowlog = flowlog
+
+    def record(self, flow: Flow) -> None:
+        end_us = time.time_ns() // 1000
+        record = FlowRecord(
+            start_us=flow.start_us,
+            end_us=end_us,
+            sandbox=flow.sandbox,
+            src_addr=flow.src_addr,
+            src_port=flow.src_port,
+            dst_addr=flow.dst_addr or flow.orig_dst_addr,
+            dst_port=flow.dst_port or flow.orig_dst_port,
+            orig_dst_addr=flow.orig_dst_addr,
+            orig_dst_port=flow.orig_dst_port,
+            hostname=flow.hostname,
+            protocol=flow.protocol,
+            bytes_up=flow.bytes_up,
+            bytes_down=flow.bytes_down,
+            duration_ms=max(0, end_us - flow.start_us) / 1000,
+            verdict="allow" if flow.allowed else "deny",
+            reason=flow.reason,
+            rule=flow.rule,
+        )
+        if self.flowlog is None:
+            log.info("flow", **record.to_dict())  # the flow log writes this line itself when it is there
+        else:
+            self.flowlog.record(record)

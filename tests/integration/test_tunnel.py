@@ -40,8 +40,11 @@ from gateway.stores.embedded import EmbeddedStore
 from gateway.tunnel.certs import CertPaths, ReloadingTLS, init_certs
 from gateway.tunnel.config import TunnelConfig, build_tunnel_config
 from gateway.tunnel.model import Tunnel, hash_password, new_tunnel_id, parse_request, verify_password
-from gateway.tunnel.server import COOKIE, LoginThrottle, TunnelServer, client_key
+from gateway.tunnel.login import COOKIE
+from gateway.tunnel.server import TunnelServer
+from gateway.tunnel.service import TunnelService
 from gateway.tunnel.store import FileTunnelStore, RedisTunnelStore, TunnelStore
+from gateway.tunnel.throttle import LoginThrottle, client_key
 from tests.redis_server import RedisServer
 
 DOMAIN = "tunnel.localhost"
@@ -817,7 +820,6 @@ async def test_an_upstream_that_is_not_http_is_a_502(env: Env) -> None:
 
 async def test_tunnel_service_wires_store_and_server_beside_the_policy_store(tmp_path: Path) -> None:
     from gateway.config import load_config
-    from gateway.tunnel.server import TunnelService
 
     paths = make_certs(tmp_path / "certs")
     config = load_config(environ={"GATEWAY_STORE__PATH": str(tmp_path / "policies.json")})
@@ -826,7 +828,7 @@ async def test_tunnel_service_wires_store_and_server_beside_the_policy_store(tmp
     tunnel_config = build_tunnel_config(
         {"cert_path": str(paths.cert), "key_path": str(paths.key), "port": free_port("127.0.0.1")}
     )
-    service = TunnelService(policy, config, tunnel_config)
+    service = TunnelService(policy, tunnel_config, policy_path=config.store.path)
     await service.start()
     try:
         await policy.create_sandbox(SANDBOX)

@@ -111,10 +111,6 @@ class TunnelServer:
         for conn in list(self.connections):
             conn.abort()
 
-    def live_connections(self, tunnel_id: str) -> int:
-        """Client connections open to the tunnel (streaming, or idle between keep-alive requests)."""
-        return self.cutter.live_connections(tunnel_id)
-
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self.config.sweep_interval)

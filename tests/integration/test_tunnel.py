@@ -557,7 +557,7 @@ async def test_revocation_closes_open_websocket_and_sse(env: Env) -> None:
     assert (await ws.receive(timeout=2)).data == "echo:x"
     sse = await env.client.get(env.url(tunnel.id, "/sse"))
     await asyncio.wait_for(sse.content.readuntil(b"\n\n"), 2)
-    await within(2, lambda: env.server.live_connections(tunnel.id) == 2)
+    await within(2, lambda: env.server.cutter.live_connections(tunnel.id) == 2)
 
     started = time.monotonic()
     await env.store.revoke(tunnel.id)

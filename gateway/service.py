@@ -52,7 +52,7 @@ from gateway.resolver import Resolver
 from gateway.stores import open_store
 from gateway.stores.base import PolicyStore
 from gateway.tunnel.certs import build_server_context
-from gateway.tunnel.server import TunnelService
+from gateway.tunnel.service import TunnelService
 from gateway.workers import LISTENING_LINE, LearnedFanout, WorkerPool, apply_learned_line, worker_index
 
 log = structlog.get_logger("gateway.service")
@@ -121,7 +121,14 @@ async def serve(
     plane = DataPlane(config, store, flows, steer=steer, pool=pool) if data_plane else None  # nothing listens yet
     try:
         if config.tunnel.enabled:  # loads the certificate now: a missing one stops start-up with CERT_INVALID
-            tunnels = TunnelService(store, config, config.tunnel, flows=flows)
+            tunnels = TunnelService(
+                store,
+                config.tunnel,
+                policy_path=config.store.path,
+                redis_url=config.store.redis_url,
+                redis_prefix=config.store.redis_prefix,
+                flows=flows,
+            )
         # refuses an exposed API without tokens before anything starts
         app = create_app(
             store,

@@ -6,7 +6,8 @@ keep trusting it); `force=True` renews them. Private keys are written 0600 throu
 temporary file and an atomic rename, so a reader never sees half a key.
 
 `ReloadingTLS` serves an operator-supplied certificate too: every handshake's SNI
-callback swaps in the newest SSLContext, rebuilt when the files' signatures change.
+callback swaps in the newest SSLContext, rebuilt when `gateway.files.FileWatch` says the
+files changed.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from pathlib import Path
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import GatewayError
-from gateway.files import write_atomic
+from gateway.files import FileWatch, write_atomic
 
 log = structlog.get_logger("gateway.tunnel.certs")
 
@@ -77,13 +79,23 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(encoding, fmt, serialization.NoEncryption())
 
 
-def _load_pair(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, object] | None:
+#: Key types a certificate can be signed with (a key of another kind cannot be a CA's).
+_ISSUER_KEYS = (
+    ec.EllipticCurvePrivateKey,
+    rsa.RSAPrivateKey,
+    dsa.DSAPrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+)
+
+
+def _load_pair(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes] | None:
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError):
         return None
-    if cert.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[attr-defined]
+    if not isinstance(key, _ISSUER_KEYS) or cert.public_key() != key.public_key():
         return None
     return cert, key
 
@@ -153,7 +165,7 @@ def _make_ca(domain: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
 
 
 def _make_leaf(
-    domain: str, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey
+    domain: str, ca: x509.Certificate, ca_key: CertificateIssuerPrivateKeyTypes
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
@@ -169,7 +181,7 @@ def _make_leaf(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),  # type: ignore[arg-type]
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
         )
         .sign(ca_key, hashes.SHA256())
@@ -192,13 +204,14 @@ def init_certs(domain: str, paths: CertPaths, *, force: bool = False) -> CertRes
     try:
         ca_pair = None if force else _load_pair(paths.ca_cert, paths.ca_key)
         created_ca = False
+        ca_key: CertificateIssuerPrivateKeyTypes
         if ca_pair is None or not _fresh(ca_pair[0]):
             ca_cert, ca_key = _make_ca(domain)
             write_atomic(paths.ca_key, _key_pem(ca_key), 0o600)
             write_atomic(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
             created_ca = True
         else:
-            ca_cert, ca_key = ca_pair  # type: ignore[assignment]
+            ca_cert, ca_key = ca_pair
         leaf_pair = None if (force or created_ca) else _load_pair(paths.cert, paths.key)
         created_leaf = False
         if leaf_pair is None or not _fresh(leaf_pair[0]) or not _leaf_matches(leaf_pair[0], ca_cert, domain):
@@ -216,16 +229,13 @@ def init_certs(domain: str, paths: CertPaths, *, force: bool = False) -> CertRes
 # --------------------------------------------------------------------------- serving
 
 
-def _signature(*paths: Path) -> tuple[tuple[int, int, int], ...] | None:
-    """None while a file is missing or not a regular file (a FIFO in its place would block the handshake that
+def _regular_files(*paths: Path) -> bool:
+    """False while a file is missing or not a regular file (a FIFO in its place would block the handshake that
     reloads it): the previous pair keeps serving."""
     try:
-        stats = [p.stat() for p in paths]
+        return all(stat.S_ISREG(p.stat().st_mode) for p in paths)
     except OSError:
-        return None
-    if not all(stat.S_ISREG(st.st_mode) for st in stats):
-        return None
-    return tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in stats)
+        return False
 
 
 def build_server_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -255,7 +265,8 @@ class ReloadingTLS:
         self.key = Path(key)
         self.check_interval = check_interval
         self._lock = threading.Lock()
-        self._signature = _signature(self.cert, self.key)
+        self._watch = FileWatch([self.cert, self.key])
+        self._watch.changed()  # the pair loaded now is what later checks compare against
         self._current = build_server_context(self.cert, self.key)
         self._checked = 0.0
         self.reloads = 0
@@ -271,14 +282,13 @@ class ReloadingTLS:
             return self._current
         with self._lock:
             self._checked = now
-            signature = _signature(self.cert, self.key)
-            if signature is not None and signature != self._signature:
+            # A pair that fails to load is not tried again until the files change again.
+            if self._watch.changed() and _regular_files(self.cert, self.key):
                 try:
                     self._current = build_server_context(self.cert, self.key)
                     self.reloads += 1
-                    log.info("tunnel_cert_reloaded", cert=str(self.cert))
+                    log.info("tunnel.cert_reloaded", cert=str(self.cert))
                 except Exception as exc:  # whatever the files hold, the previous pair keeps serving
                     reason = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
-                    log.error("tunnel_cert_reload_failed", cert=str(self.cert), error=reason)
-                self._signature = signature
+                    log.error("tunnel.cert_reload_failed", cert=str(self.cert), error=reason)
         return self._current

@@ -7,6 +7,7 @@ gateway reads them), so nothing the app or the client sent is re-encoded on the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Final
@@ -329,7 +330,7 @@ def client_response_head(
     headers: Headers,
     framing: ResponseFraming,
     *,
-    extra: Headers = (),
+    extra: Sequence[tuple[bytes, bytes]] = (),
     fields: dict[bytes, bytes] | None = None,
     gateway_cookies: frozenset[bytes] = frozenset(),
 ) -> bytes:

@@ -36,14 +36,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.errors import Conflict, Forbidden, GatewayError, NotFound
-from gateway.files import Signature, file_signature, read_regular_file, write_atomic
+from gateway.files import FileWatch, read_regular_file, write_atomic
 from gateway.state import PolicyState
 from gateway.stores.base import StoreUnavailable
 from gateway.tunnel.config import TunnelConfig
@@ -69,6 +69,8 @@ STREAM_MAXLEN: Final = 10_000
 MAX_SESSIONS: Final = 100_000
 
 Listener = Callable[[Tunnel], None]
+#: XREAD's answer: [(stream, [(entry id, {field: value})])].
+StreamReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +248,7 @@ class TunnelStore(abc.ABC):
                 raise self._too_many(sandbox_id, len(live))
             await self._persist_new(tunnel, [str(a) for a in sandbox.addresses])
             self._apply(tunnel.id, tunnel)
-        log.info("tunnel_created", tunnel=tunnel.id, sandbox=sandbox_id, port=tunnel.port, protected=tunnel.protected)
+        log.info("tunnel.created", tunnel=tunnel.id, sandbox=sandbox_id, port=tunnel.port, protected=tunnel.protected)
         return tunnel
 
     def _check_ingress(self, sandbox_id: str, port: int, *, protected: bool) -> None:
@@ -276,7 +278,7 @@ class TunnelStore(abc.ABC):
             revoked = tunnel.revoke(reason)
             await self._persist([revoked], [])
             self._apply(tunnel_id, revoked)
-        log.info("tunnel_revoked", tunnel=tunnel_id, sandbox=tunnel.sandbox, reason=reason)
+        log.info("tunnel.revoked", tunnel=tunnel_id, sandbox=tunnel.sandbox, reason=reason)
         return revoked
 
     async def revoke_sandbox(self, sandbox_id: str, reason: str = REVOKED_SANDBOX_GONE) -> list[Tunnel]:
@@ -287,7 +289,7 @@ class TunnelStore(abc.ABC):
                 for tunnel in revoked:
                     self._apply(tunnel.id, tunnel)
         if revoked:
-            log.info("tunnels_revoked", sandbox=sandbox_id, count=len(revoked), reason=reason)
+            log.info("tunnel.sandbox_revoked", sandbox=sandbox_id, count=len(revoked), reason=reason)
         return revoked
 
     # ------------------------------------------------------------------ login sessions
@@ -346,8 +348,8 @@ class TunnelStore(abc.ABC):
                 key
                 for key, session in self.sessions.items()
                 if session.expires_at <= now
-                or (tunnel := self.tunnels.get(session.tunnel_id)) is None
-                or not self.alive(tunnel, now)
+                or (owner := self.tunnels.get(session.tunnel_id)) is None
+                or not self.alive(owner, now)
             ]
             if dead_sessions:
                 await self._persist_sessions({}, dead_sessions)
@@ -366,7 +368,7 @@ class TunnelStore(abc.ABC):
             except asyncio.CancelledError:
                 raise
             except Exception:  # the task must outlive any error; the next round retries
-                log.exception("tunnel_store_maintenance_failed")
+                log.exception("tunnel.maintenance_failed")
                 await asyncio.sleep(MAINTAIN_INTERVAL)
 
     # ------------------------------------------------------------------ applying
@@ -387,7 +389,7 @@ class TunnelStore(abc.ABC):
                 try:
                     listener(before if tunnel is None else tunnel)
                 except Exception:
-                    log.exception("tunnel_listener_failed", tunnel=tunnel_id)
+                    log.exception("tunnel.listener_failed", tunnel=tunnel_id)
 
     def _replace_sessions(self, records: dict[str, object]) -> None:
         sessions: dict[str, Session] = {}
@@ -395,7 +397,7 @@ class TunnelStore(abc.ABC):
             try:
                 sessions[key] = Session.from_record(raw)
             except (KeyError, TypeError, ValueError):
-                log.error("tunnel_session_rejected")
+                log.error("tunnel.session_rejected")
         self.sessions = sessions
 
     def _replace_all(self, records: dict[str, object]) -> None:
@@ -404,7 +406,7 @@ class TunnelStore(abc.ABC):
             try:
                 tunnel = parse_record(raw)
             except GatewayError as exc:
-                log.error("tunnel_record_rejected", tunnel=key, code=exc.code, message=exc.message)
+                log.error("tunnel.record_rejected", tunnel=key, code=exc.code, message=exc.message)
                 continue
             seen.add(tunnel.id)
             if self.tunnels.get(tunnel.id) != tunnel:
@@ -424,19 +426,18 @@ class FileTunnelStore(TunnelStore):
     def __init__(self, policy: PolicyState, config: TunnelConfig, path: Path) -> None:
         super().__init__(policy, config)
         self.path = Path(path)
-        self._signature: Signature | None = None
-        self._next_poll = 0.0
+        self._watch = FileWatch([self.path])
 
     async def _load(self) -> None:
-        self._signature = file_signature(self.path)
-        if self._signature is None:
-            self._replace_all({})
-            return
+        self._watch.changed()  # the version read now is what later polls compare against
         try:
             records, sessions = self._read()
+        except (FileNotFoundError, NotADirectoryError):
+            self._replace_all({})
+            return
         except (OSError, ValueError) as exc:
             # Keep what we have: a broken file must not revive or forget tunnels.
-            log.error("tunnel_file_rejected", path=str(self.path), error=str(exc))
+            log.error("tunnel.file_rejected", path=str(self.path), error=str(exc))
             return
         self._replace_all(records)
         self._replace_sessions(sessions)
@@ -452,7 +453,7 @@ class FileTunnelStore(TunnelStore):
 
     async def _follow_once(self) -> None:
         await asyncio.sleep(self.config.poll_interval)
-        if file_signature(self.path) != self._signature:
+        if self._watch.changed():
             async with self._lock:
                 await self._load()
 
@@ -490,7 +491,7 @@ class FileTunnelStore(TunnelStore):
 
     def _write(self, data: bytes) -> None:
         write_atomic(self.path, data)
-        self._signature = file_signature(self.path)
+        self._watch.changed()  # our own write: nothing to reload
 
 
 # --------------------------------------------------------------------------- redis
@@ -578,7 +579,7 @@ class RedisTunnelStore(TunnelStore):
             try:
                 decoded[key.decode()] = parse_json(raw)
             except ValueError:
-                log.error("tunnel_record_rejected", tunnel=key.decode("utf-8", "replace"), code="INVALID_JSON")
+                log.error("tunnel.record_rejected", tunnel=key.decode("utf-8", "replace"), code="INVALID_JSON")
         self._replace_all(decoded)
         session_records: dict[str, object] = {}
         for key, raw in sessions.items():
@@ -595,9 +596,11 @@ class RedisTunnelStore(TunnelStore):
                     await self._load()
                 return
             # Short block: the maintenance round (sandbox deletions) runs between reads.
-            reply = await self._client.xread({self.stream_key: self._position}, count=1000, block=500)
+            # Bytes throughout (no decode_responses); the client's stubs type the reply as a union of shapes.
+            answer = await self._client.xread({self.stream_key: self._position}, count=1000, block=500)
+            reply = cast(StreamReply, answer)
         except RedisError as exc:
-            log.warning("tunnel_redis_unavailable", error=str(exc))
+            log.warning("tunnel.redis_unavailable", error=str(exc))
             self._next_resync = 0.0
             await asyncio.sleep(0.5)
             return
@@ -617,7 +620,7 @@ class RedisTunnelStore(TunnelStore):
                         else:
                             self.sessions[key] = Session.from_record(parse_json(raw))
                     except (KeyError, TypeError, ValueError):
-                        log.error("tunnel_session_rejected")
+                        log.error("tunnel.session_rejected")
             values = await self._client.hmget(self.hash_key, ids) if ids else []
             for tunnel_id, raw in zip(ids, values, strict=True):
                 if raw is None:
@@ -626,7 +629,7 @@ class RedisTunnelStore(TunnelStore):
                 try:
                     self._apply(tunnel_id, parse_record(parse_json(raw)))
                 except (ValueError, GatewayError) as exc:
-                    log.error("tunnel_record_rejected", tunnel=tunnel_id, error=str(exc))
+                    log.error("tunnel.record_rejected", tunnel=tunnel_id, error=str(exc))
             self._position = entries[-1][0].decode()
 
     async def _persist_sessions(self, put: dict[str, Session], delete: list[str]) -> None:
@@ -658,7 +661,8 @@ class RedisTunnelStore(TunnelStore):
         await pipe.execute()
 
     async def _persist_new(self, tunnel: Tunnel, addresses: list[str]) -> None:
-        args = [tunnel.id, json.dumps(tunnel.to_record()), time.time(), self.config.max_per_sandbox]
+        args: list[str | int | float] = [tunnel.id, json.dumps(tunnel.to_record()), time.time()]
+        args.append(self.config.max_per_sandbox)
         args += [tunnel.expires_at, STREAM_MAXLEN, *addresses]
         keys = [self.hash_key, self.index_prefix + tunnel.sandbox, self.stream_key]
         try:

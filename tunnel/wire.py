@@ -1,6 +1,7 @@
 """HTTP/1.1 connections for the tunnel, the I/O part: client connections (behind the loop's TLS), app
 connections in a keep-alive pool, and the relays between them. The heads, framing and header rules are
-in `gateway.tunnel.http1`; what a request means (routing, passwords, pages) is the server's business.
+in `gateway.tunnel.http1`; what a request means (routing, passwords, pages) belongs to `gateway.tunnel.server`
+and the modules it hands requests to.
 
 Bodies are never buffered whole. Bytes are handed on in the callback that received them (no task switch
 per chunk), and backpressure is wired across: when one side's transport stops taking writes, the other

@@ -136,7 +136,7 @@ async def test_garbage_and_silence_are_told_apart() -> None:
         await read_head(reader)
         writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
         await writer.drain()
-        await asyncio.sleep(1)
+        await reader.read()  # open until the gateway hangs up: garbage, not an early close
 
     async def silent_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
@@ -176,16 +176,25 @@ async def test_head_answers_and_connection_close() -> None:
 
 
 async def test_an_idle_connection_the_app_closed_is_not_handed_out() -> None:
+    pooled = asyncio.Event()
+
     async def one_shot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
-        await asyncio.sleep(0.05)  # then closes, as servers with a short keep-alive timeout do
+        await pooled.wait()  # then closes while idle, as servers with a short keep-alive timeout do
 
     pool = UpstreamPool(connect_timeout=2)
     async with app(one_shot) as (port, accepted):
-        assert await exchange(pool, port, GET) == (200, b"ok", True)
-        await asyncio.sleep(0.3)
+        conn = await pool.acquire(APP_HOST, port)
+        conn.start(GET, head_request=False)
+        assert (await conn.response_head()).status == 200
+        conn.attach(lambda data: None)
+        await conn.wait_done()
+        pool.release(conn)
+        assert pool.idle_count(APP_HOST, port) == 1
+        pooled.set()
+        await asyncio.wait_for(conn.wait_closed(), 5)
         assert pool.idle_count(APP_HOST, port) == 0  # forgotten when the app closed it
         assert await exchange(pool, port, GET) == (200, b"ok", True)
         assert len(accepted) == 2
@@ -289,6 +298,7 @@ async def test_bytes_after_a_complete_response_are_an_error_and_never_passed_on(
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + smuggled)
             await writer.drain()
 
+    pooled = asyncio.Event()
     sent_later = asyncio.Event()
 
     async def later(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -297,7 +307,7 @@ async def test_bytes_after_a_complete_response_are_an_error_and_never_passed_on(
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             await writer.drain()
             if not sent_later.is_set():
-                await asyncio.sleep(0.05)
+                await pooled.wait()
                 writer.write(smuggled)  # while the connection is idle in the pool
                 await writer.drain()
                 sent_later.set()
@@ -309,6 +319,7 @@ async def test_bytes_after_a_complete_response_are_an_error_and_never_passed_on(
             assert len(accepted) == n  # a new connection each time
     async with app(later) as (port, accepted):
         assert await exchange(pool, port, GET) == (200, b"ok", True)
+        pooled.set()
         await sent_later.wait()
         # Whether the loop has read the bytes yet or they still wait in the socket: never handed out again.
         assert await exchange(pool, port, GET) == (200, b"ok", True)
@@ -325,7 +336,7 @@ async def test_a_status_outside_100_599_or_a_control_character_is_not_http(statu
         await read_head(reader)
         writer.write(status_line + b"\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
-        await asyncio.sleep(1)
+        await reader.read()  # open until the gateway hangs up
 
     pool = UpstreamPool(connect_timeout=2)
     async with app(odd) as (port, _):

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_cli import ADMIN_TOKEN, Server, start_server
+from tests.factory import ADMIN_TOKEN, Server, start_server
 
 
 @pytest.fixture

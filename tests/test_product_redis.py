@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import redis
 
+from tests.factory import Server, free_port, gateway, start_server, write_config
 from tests.product import ProductApi
 from tests.redis_server import RedisServer
-from tests.test_cli import Server, free_port, gateway, start_server, write_config
 
 
 def start_node(directory: Path, redis_url: str, node: str) -> Server:

@@ -12,7 +12,7 @@ Expectations come from the buckets in gateway/ratelimit.py:
 
 Each sandbox gets its own limits (sb1 connections, sb2 bandwidth), so the tests do not share
 buckets. The gateway, origins and sandboxes run in namespaces from tests/netns.py; the
-gateway is started by `Env` from test_egress (imported, not copied).
+gateway is started by `EgressEnv` from test_egress (imported, not copied).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_egress import Env
+from tests.factory import EgressEnv
 from tests.netns import Topology, live_namespaces, wait_for_line
 
 ORIGIN = "198.18.1.1"
@@ -135,9 +135,9 @@ def _policies(conn_per_minute: int = PER_MINUTE, mbit: int = MBIT) -> dict[str, 
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EgressEnv]:
     with Topology(sandboxes=2, origins=1) as topo:
-        e = Env(topo, tmp_path_factory.mktemp("ratelimits"))
+        e = EgressEnv(topo, tmp_path_factory.mktemp("ratelimits"))
         topo.attach_with_cli()
         origin = topo.popen("inet", [sys.executable, "-u", "-c", BULK_ORIGIN])
         wait_for_line(origin, "ready", 10)
@@ -148,12 +148,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     assert live_namespaces(topo.prefix) == []
 
 
-def _connect(env: Env, sb: str, count: int, gap: float = 0.0, script: str = CONNECTOR) -> list[list[Any]]:
+def _connect(env: EgressEnv, sb: str, count: int, gap: float = 0.0, script: str = CONNECTOR) -> list[list[Any]]:
     raw = env.topo.python(sb, script, ORIGIN, str(count), str(gap), timeout=25)
     return list(json.loads(raw))
 
 
-def _download(env: Env, sb: str, size: int, parallel: int = 1) -> tuple[float, list[int]]:
+def _download(env: EgressEnv, sb: str, size: int, parallel: int = 1) -> tuple[float, list[int]]:
     """`parallel` curl downloads of `size` bytes started together; (wall seconds, bytes each got)."""
     url = f"http://{ORIGIN}/bytes/{size}"
     curl = f"curl -sS -m 25 -o /dev/null -w '%{{size_download}}\\n' {url}"
@@ -163,7 +163,7 @@ def _download(env: Env, sb: str, size: int, parallel: int = 1) -> tuple[float, l
     return time.monotonic() - start, [int(line) for line in out.stdout.split()]
 
 
-def _wait_for_policy(env: Env, sandbox: str, needle: str) -> None:
+def _wait_for_policy(env: EgressEnv, sandbox: str, needle: str) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         got = env.topo.run("gw", ["curl", "-sS", "-m", "2", f"http://127.0.0.1:8470/v1/sandboxes/{sandbox}"])
@@ -174,7 +174,7 @@ def _wait_for_policy(env: Env, sandbox: str, needle: str) -> None:
 
 
 @pytest.mark.root
-def test_connections_per_minute_admit_a_burst_then_wait_then_refuse(env: Env) -> None:
+def test_connections_per_minute_admit_a_burst_then_wait_then_refuse(env: EgressEnv) -> None:
     burst = _connect(env, "sb1", PER_MINUTE)
     assert all(ok for ok, _, _ in burst), burst  # a full bucket: 30 at once, none waited
     # None waited (the first may take up to 0.8 s more: the kernel delays proxy ARP answers, proxy_delay).
@@ -224,7 +224,7 @@ def test_connections_per_minute_admit_a_burst_then_wait_then_refuse(env: Env) ->
 
 
 @pytest.mark.root
-def test_bandwidth_is_throttled_and_shared_by_the_sandbox_connections(env: Env) -> None:
+def test_bandwidth_is_throttled_and_shared_by_the_sandbox_connections(env: EgressEnv) -> None:
     size = 4 * MB
     seconds, got = _download(env, "sb2", size)
     assert got == [size]  # throttled, nothing dropped

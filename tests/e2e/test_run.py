@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.netns import Topology, live_namespaces, wait_for_line, wait_until
+from tests.factory import wait_until
+from tests.netns import Topology, live_namespaces, wait_for_line
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "run-test-admin-token-0123456789"

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from tests import authdns
-from tests.e2e.test_egress import ZONE, Env
-from tests.netns import GATEWAY_V4, GATEWAY_V6, INET_V4, ORIGIN_SERVER, Topology, live_namespaces, wait_until
+from tests.factory import EGRESS_ZONE, EgressEnv, wait_until
+from tests.netns import GATEWAY_V4, GATEWAY_V6, INET_V4, ORIGIN_SERVER, Topology, live_namespaces
 
 API = "http://127.0.0.1:8470"
 EGRESS_PORT = 15001
@@ -140,9 +140,9 @@ def _policies() -> dict[str, Any]:
 
 
 class Steer:
-    """The running gateway (`Env` from test_egress) plus the clients and observers these tests use."""
+    """The running gateway (`EgressEnv` from test_egress) plus the clients and observers these tests use."""
 
-    def __init__(self, env: Env) -> None:
+    def __init__(self, env: EgressEnv) -> None:
         self.env = env
         self.topo = env.topo
         self.sink: subprocess.Popen[Any] | None = None
@@ -196,7 +196,7 @@ class Steer:
 @pytest.fixture(scope="module")
 def steer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Steer]:
     with Topology(sandboxes=3, origins=3) as topo:
-        env = Env(topo, tmp_path_factory.mktemp("steering"))
+        env = EgressEnv(topo, tmp_path_factory.mktemp("steering"))
         env.environment["GATEWAY_EGRESS__UNATTACHED_LOG_INTERVAL"] = str(UNATTACHED_INTERVAL)
         s = Steer(env)
         # The gateway namespace starts as a fresh host would: no forwarding, router advertisements accepted.
@@ -205,7 +205,7 @@ def steer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Steer]:
         topo.attach_with_cli()
         for address in (f"{GW_SANDBOX_V4}/32", f"{GW_SANDBOX_V6}/128"):
             topo.run("gw", ["ip", "addr", "add", address, "dev", "lo"])
-        topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(ZONE))
+        topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(EGRESS_ZONE))
         topo.start_origin(ports=(80, 8443, 5432))
         s.sink = topo.start_python("inet", UDP_SINK, "443", "5000")
         for index in (1, 2):  # services inside the sandboxes, for the private-link tests

@@ -12,16 +12,14 @@ from gateway.destinations import Destinations
 from gateway.egress import Peeker, _FirstWordsGuard, _HttpGuard, peek, plan_named, plan_unnamed
 from gateway.learned import LearnedDestinations
 from gateway.peek import HttpRequestTracker, TrafficKind
-from tests.unit.test_decision import policy
-from tests.unit.test_peek import genuine_hello
-from tests.unit.test_resolver import make, server  # noqa: F401  (the fixture)
+from tests.factory import genuine_hello, make, policy, resolver_server  # noqa: F401  (the fixture `server`)
 
 # The loopback zone uses documentation ranges; here they stand for the public internet.
 DEST = Destinations([ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32")])
 ALLOW = {"allow_hosts": ["one.test", "private.test", "mixed.test", "metadata.test", "missing.test"]}
 
 
-async def test_named_dials_the_original_destination_only_when_it_resolved_there(server) -> None:  # noqa: F811
+async def test_named_dials_the_original_destination_only_when_it_resolved_there(server) -> None:
     resolver = make(server[1])
     pol = policy("allowlisted", ALLOW)
     plan = await plan_named(pol, "one.test", "192.0.2.1", 443, "tls", DEST, resolver)
@@ -33,7 +31,7 @@ async def test_named_dials_the_original_destination_only_when_it_resolved_there(
     assert plan.dial == "2001:db8::1"  # the same family as the client asked for
 
 
-async def test_named_refusals(server) -> None:  # noqa: F811
+async def test_named_refusals(server) -> None:
     resolver = make(server[1])
     pol = policy("allowlisted", ALLOW)
     plan = await plan_named(pol, "other.test", "192.0.2.1", 443, "tls", DEST, resolver)

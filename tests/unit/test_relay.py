@@ -22,7 +22,7 @@ from gateway.egress import _HttpGuard
 from gateway.peek import CONTINUE_TIMEOUT, HttpRequestTracker
 from gateway.ratelimit import BandwidthLimiter
 from gateway.relay import SPLICE_AFTER, GuardStop, IdleSweeper, Relay
-from tests.unit.test_decision import policy
+from tests.factory import policy
 
 Scenario = Callable[["Wired"], Coroutine[Any, Any, None]]
 

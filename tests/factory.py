@@ -7,6 +7,7 @@ Each section names the tests it grew out of; nothing here is a test.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import json
@@ -52,17 +53,28 @@ REPO = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------- waiting
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.05) -> bool:
-    """Polls `predicate` until it is true or `timeout` seconds have passed; the last answer decides.
+def wait_until[T](predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.05) -> T:
+    """Polls `predicate` until its answer is true or `timeout` seconds have passed; returns the last answer
+    (so `assert wait_until(...)` fails when the condition never held, and a found value can be used).
 
     The one way a test waits for a condition it cannot be told about: never a fixed sleep, whose length
     is either too long (a slow suite) or too short (a flaky one)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return True
+        if answer := predicate():
+            return answer
         time.sleep(interval)
-    return bool(predicate())
+    return predicate()
+
+
+async def wait_until_async[T](predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.01) -> T:
+    """`wait_until` for a test that runs in the event loop: it sleeps with asyncio, so the tasks it waits for run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if answer := predicate():
+            return answer
+        await asyncio.sleep(interval)
+    return predicate()
 
 
 # ------------------------------ a running `gateway run` (tests/test_cli.py)
@@ -136,20 +148,20 @@ def start_server(directory: Path, *args: str, config_in_env: bool = False, **env
     with stdout.open("wb") as out, stderr.open("wb") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, env=clean_env(**env))
     server = Server(process, f"http://127.0.0.1:{port}", config, stdout, stderr)
-    deadline = time.monotonic() + 20
-    while True:
+
+    def ready() -> bool:
         if process.poll() is not None:
             raise AssertionError(f"gateway run exited with {process.returncode}: {stderr.read_text()}")
         try:
             with urllib.request.urlopen(f"{server.url}/readyz", timeout=1) as answer:
-                if answer.status == 200:
-                    return server
+                return bool(answer.status == 200)
         except (urllib.error.URLError, ConnectionError):
-            pass
-        if time.monotonic() > deadline:
-            server.stop()
-            raise AssertionError(f"gateway run never became ready: {stderr.read_text()}")
-        time.sleep(0.05)
+            return False
+
+    if not wait_until(ready, timeout=20):
+        server.stop()
+        raise AssertionError(f"gateway run never became ready: {stderr.read_text()}")
+    return server
 
 
 def gateway(
@@ -642,7 +654,7 @@ class EgressEnv:
         #: More GATEWAY_<SECTION>__<KEY> settings for the gateway's environment (a module's own needs).
         self.environment: dict[str, str] = {}
 
-    def writeegress_policies(self, data: dict[str, Any]) -> None:
+    def write_policies(self, data: dict[str, Any]) -> None:
         tmp = self.policy_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
         tmp.replace(self.policy_file)  # atomic: the store never reads half a file
@@ -698,10 +710,9 @@ class EgressEnv:
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Until /readyz says ready: the store loaded and every part of the data plane serves."""
-        deadline = time.monotonic() + timeout
-        while '"ready": true' not in (ready := self.readyz()).stdout:
-            assert time.monotonic() < deadline, ready.stdout + ready.stderr
-            time.sleep(0.05)
+        if not wait_until(lambda: '"ready": true' in self.readyz().stdout, timeout):
+            ready = self.readyz()
+            raise AssertionError(ready.stdout + ready.stderr)
 
     def curl(self, sb: str, url: str, *extra: str, timeout: float = 6.0) -> subprocess.CompletedProcess[str]:
         argv = ["curl", "-sS", "-g", "--connect-timeout", "3", "-m", str(timeout), "--cacert", str(self.ca)]
@@ -746,7 +757,7 @@ def egress_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EgressEnv]:
         topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(EGRESS_ZONE))
         origins = topo.popen("inet", [sys.executable, "-u", "-c", ORIGINS, str(e.cert), str(e.key)])
         wait_for_line(origins, "ready", 10)
-        e.writeegress_policies(egress_policies())
+        e.write_policies(egress_policies())
         e.start_gateway()
         yield e
     assert live_namespaces(topo.prefix) == []

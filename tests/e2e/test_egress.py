@@ -19,7 +19,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -314,19 +313,18 @@ def test_denied_names_get_an_explicit_denial(env: EgressEnv) -> None:
     assert "ORIGIN" not in http.stdout
     denials = [d for d in env.log_events("egress.deny") if d.get("host") == "denied.test"]
     assert {d["reason"] for d in denials} == {"host not in allowlist"} and len(denials) >= 3
+
     # ... and each denial is a flow record in the sandbox's NDJSON audit batches.
-    records: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+    def denied_records() -> list[dict[str, Any]]:
         records = [
             json.loads(line)
             for path in sorted((env.workdir / "audit" / "sb1").glob("*.ndjson"))
             for line in path.read_text().splitlines()
         ]
-        if sum(r["hostname"] == "denied.test" for r in records) >= 3:
-            break
-        time.sleep(0.1)
-    denied = [r for r in records if r["hostname"] == "denied.test"]
+        found = [r for r in records if r["hostname"] == "denied.test"]
+        return found if len(found) >= 3 else []
+
+    denied = wait_until(denied_records, timeout=5, interval=0.1)
     assert len(denied) >= 3 and all(r["verdict"] == "deny" and r["rule"] == "default:deny" for r in denied)
     assert {r["protocol"] for r in denied} == {"tls", "http"} and all(r["bytes_up"] == 0 for r in denied)
 
@@ -536,7 +534,11 @@ def test_the_operator_blocklist_refuses_in_every_profile_and_reloads_without_res
     url = "https://allowed.test/"
     try:
         env.blocklist.write_text("# threat feed\n198.18.1.1\n2001:db8:1::/64\n")
-        time.sleep(1.5)  # the file's signature is looked at about once a second
+        # The file's signature is looked at about once a second: the first refusal shows the reload happened.
+        first = pin("allowed.test", 443, "198.18.1.1")
+        assert wait_until(lambda: env.curl("sb1", url, *first).returncode != 0, timeout=10, interval=0.2), (
+            "the blocklist was not reloaded"
+        )
         for sb in ("sb1", "sb2"):  # allowlisted and unrestricted alike
             for address in ("198.18.1.1", "2001:db8:1::1"):
                 result = env.curl(sb, url, *pin("allowed.test", 443, address))
@@ -545,8 +547,11 @@ def test_the_operator_blocklist_refuses_in_every_profile_and_reloads_without_res
         assert denied and "operator blocklist" in denied[-1]["reason"]
     finally:
         env.blocklist.write_text("")
-    time.sleep(1.5)
-    assert env.curl("sb1", url, *pin("allowed.test", 443, "198.18.1.1")).stdout.startswith("ORIGIN 198.18.1.1")
+    # Emptied, it is reloaded the same way (within about a second, no restart) and lets the address through again.
+    again = pin("allowed.test", 443, "198.18.1.1")
+    assert wait_until(
+        lambda: env.curl("sb1", url, *again).stdout.startswith("ORIGIN 198.18.1.1"), timeout=10, interval=0.2
+    ), "the emptied blocklist was not reloaded"
 
 
 @pytest.mark.root
@@ -788,15 +793,11 @@ def test_request_lines_only_a_lenient_server_reads_are_refused_not_relayed_as_op
 def test_a_policy_change_applies_to_the_next_connection(env: EgressEnv) -> None:
     before = env.curl("sb1", "https://later.test/", *pin("later.test", 443, "198.18.1.3"))
     assert "alert access denied" in before.stderr.lower(), before.stderr
-    env.writeegress_policies(egress_policies(later_allowed=True))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        got = env.topo.run("gw", ["curl", "-sS", "-m", "2", "http://127.0.0.1:8470/v1/sandboxes/sb1"], check=False)
-        if "later.test" in got.stdout:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("the store did not pick up the policy file")
+    env.write_policies(egress_policies(later_allowed=True))
+    shown = ["curl", "-sS", "-m", "2", "http://127.0.0.1:8470/v1/sandboxes/sb1"]
+    assert wait_until(lambda: "later.test" in env.topo.run("gw", shown, check=False).stdout, timeout=10), (
+        "the store did not pick up the policy file"
+    )
     after = env.curl("sb1", "https://later.test/", *pin("later.test", 443, "198.18.1.3"))
     assert after.stdout.startswith("ORIGIN 198.18.1.3 host=later.test sni=later.test"), after.stderr
 
@@ -820,13 +821,15 @@ def test_a_sandbox_added_through_the_api_is_steered_and_decided(env: EgressEnv) 
         check=False,
     )  # fmt: skip
     assert '"id": "sb3"' in created.stdout or '"id":"sb3"' in created.stdout, created.stdout + created.stderr
-    deadline = time.monotonic() + 10
-    out = before
-    while time.monotonic() < deadline:  # the gateway re-applies its table within about a second
-        out = env.curl("sb3", url, *pin("allowed.test", 443, "[2001:db8:1::1]"), timeout=2)
-        if out.returncode == 0:
-            break
-        time.sleep(0.2)
+    # The gateway re-applies its table within about a second.
+    attempts = [before]
+
+    def steered() -> bool:
+        attempts.append(env.curl("sb3", url, *pin("allowed.test", 443, "[2001:db8:1::1]"), timeout=2))
+        return attempts[-1].returncode == 0
+
+    wait_until(steered, timeout=10, interval=0.2)
+    out = attempts[-1]
     assert out.stdout.startswith("ORIGIN 2001:db8:1::1 host=allowed.test"), out.stderr
     denied = env.curl("sb3", "https://denied.test/", *pin("denied.test", 443, "198.18.1.2"))
     assert "alert access denied" in denied.stderr.lower(), denied.stderr

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.factory import EgressEnv
+from tests.factory import EgressEnv, wait_until
 from tests.netns import Topology, live_namespaces, wait_for_line
 
 ORIGIN = "198.18.1.1"
@@ -164,13 +164,9 @@ def _download(env: EgressEnv, sb: str, size: int, parallel: int = 1) -> tuple[fl
 
 
 def _wait_for_policy(env: EgressEnv, sandbox: str, needle: str) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        got = env.topo.run("gw", ["curl", "-sS", "-m", "2", f"http://127.0.0.1:8470/v1/sandboxes/{sandbox}"])
-        if needle in got.stdout.replace(" ", ""):
-            return
-        time.sleep(0.1)
-    pytest.fail(f"the store did not pick up {needle} for {sandbox}")
+    shown = ["curl", "-sS", "-m", "2", f"http://127.0.0.1:8470/v1/sandboxes/{sandbox}"]
+    if not wait_until(lambda: needle in env.topo.run("gw", shown).stdout.replace(" ", ""), timeout=10):
+        pytest.fail(f"the store did not pick up {needle} for {sandbox}")
 
 
 @pytest.mark.root
@@ -200,18 +196,17 @@ def test_connections_per_minute_admit_a_burst_then_wait_then_refuse(env: EgressE
     denials = [d for d in env.log_events("egress.deny") if d.get("sandbox") == "sb1"]
     assert denials and {d["reason"] for d in denials} == {"connection rate limit"}, denials
     assert {d["rule"] for d in denials} == {"limits.connections_per_minute"}
+
     # ... and each refusal is a flow record in the sandbox's audit batches.
-    deadline = time.monotonic() + 5
-    records: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        records = [
+    def audited() -> list[dict[str, Any]]:
+        return [
             json.loads(line)
             for path in sorted((env.workdir / "audit" / "sb1").glob("*.ndjson"))
             for line in path.read_text().splitlines()
         ]
-        if sum(r["reason"] == "connection rate limit" for r in records) >= len(denials):
-            break
-        time.sleep(0.1)
+
+    wait_until(lambda: sum(r["reason"] == "connection rate limit" for r in audited()) >= len(denials), timeout=5)
+    records = audited()
     refused_records = [r for r in records if r["verdict"] == "deny"]
     assert len(refused_records) == len(denials)
     assert all(r["reason"] == "connection rate limit" for r in refused_records)

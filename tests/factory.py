@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from dnslib import AAAA, CNAME, EDNS0, QTYPE, RR, A, DNSRecord
 from dnslib.server import BaseResolver
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
 from gateway.config import ResolverConfig
 from gateway.decision import DEFAULT_LIMITS, CompiledPolicy, compile_policy
@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------- waiting
 
 
-def wait_until[T](predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.05) -> T:
+def wait_until[T](predicate: Callable[..., T], timeout: float = 5.0, interval: float = 0.05) -> T:
     """Polls `predicate` until its answer is true or `timeout` seconds have passed; returns the last answer
     (so `assert wait_until(...)` fails when the condition never held, and a found value can be used).
 

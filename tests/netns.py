@@ -47,8 +47,8 @@ from gateway import netplumb
 from gateway.nft import LinkRule, SteeringConfig, render_ruleset
 from gateway.policy import IPAddress
 
-SANDBOX_V4 = ipaddress.ip_network("10.75.0.0/16")
-SANDBOX_V6 = ipaddress.ip_network("fdd4:1476:6c7e::/48")
+SANDBOX_V4 = ipaddress.IPv4Network("10.75.0.0/16")
+SANDBOX_V6 = ipaddress.IPv6Network("fdd4:1476:6c7e::/48")
 GATEWAY_V4 = ipaddress.ip_address("198.18.0.2")
 GATEWAY_V6 = ipaddress.ip_address("2001:db8:ff::2")
 INET_V4 = ipaddress.ip_address("198.18.0.1")

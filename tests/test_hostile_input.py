@@ -111,15 +111,25 @@ def _file_rejection(server: Server) -> dict[str, Any] | None:
     return next((r for r in rejected if r["kind"] == "file"), None)
 
 
-HOSTILE_CONTENTS: dict[str, Callable[[Path], None]] = {
+def _directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+HOSTILE_CONTENTS: dict[str, Callable[[Path], object]] = {
     "integer of 5,000 digits": lambda p: p.write_text('{"sandboxes": {"x": {"n": ' + "1" * 5000 + "}}}"),
     "nested 1,500 levels": lambda p: p.write_text('{"templates": ' + "[" * 1500 + "]" * 1500 + "}"),
     "nested 200,000 levels": lambda p: p.write_text("[" * 200_000),
     "not UTF-8": lambda p: p.write_bytes(b'{"sandboxes": {"\xff\xfe": {}}}'),
     "duplicate keys": lambda p: p.write_text('{"sandboxes": {}, "sandboxes": {}}'),
     "NaN": lambda p: p.write_text('{"sandboxes": {"x": {"n": NaN}}}'),
-    "a directory": lambda p: (p.unlink(), p.mkdir()),
-    "a named pipe": lambda p: (p.unlink(), os.mkfifo(p)),
+    "a directory": _directory,
+    "a named pipe": _fifo,
     "removed": lambda p: p.unlink(),
 }
 

@@ -27,9 +27,10 @@ def start_node(directory: Path, redis_url: str, node: str) -> Server:
 
 @pytest.fixture
 def nodes(tmp_path: Path, redis_server: RedisServer) -> Iterator[list[Server]]:
-    started = [
-        start_node(tmp_path / name, redis_server.url, name) for name in ("a", "b") if (tmp_path / name).mkdir() is None
-    ]
+    started = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        started.append(start_node(tmp_path / name, redis_server.url, name))
     try:
         yield started
     finally:
@@ -100,7 +101,8 @@ def test_a_plain_redis_writer_reaches_both_nodes_and_a_bad_write_keeps_the_last_
         assert "sandbox:billed" in client.hgetall("gw:status:rejected")
 
     # A restart: the hash still holds the broken record; the node's last good copy comes from gw:accepted.
-    assert json.loads(client.hget("gw:accepted:sandboxes", "billed"))["egress"]["allow_hosts"] == ["api.example.com"]
+    accepted = client.hget("gw:accepted:sandboxes", "billed")
+    assert isinstance(accepted, str) and json.loads(accepted)["egress"]["allow_hosts"] == ["api.example.com"]
     nodes[0].stop()
     nodes[0] = start_node(nodes[0].config.parent, redis_server.url, "a")
     restarted = ProductApi(nodes[0].url)

@@ -493,7 +493,7 @@ def test_expect_100_continue_uploads_work_and_an_early_answer_smuggles_nothing(e
     upload = env.workdir / "upload.bin"
     upload.write_bytes(os.urandom(200_000))
     for path in ("/upload", "/quiet"):
-        out = env.curl(
+        uploaded = env.curl(
             "sb1",
             f"http://allowed.test{path}",
             "--data-binary",
@@ -502,7 +502,7 @@ def test_expect_100_continue_uploads_work_and_an_early_answer_smuggles_nothing(e
             "Expect: 100-continue",
             *pin("allowed.test", 80, "198.18.1.1"),
         )
-        assert out.stdout.strip() == f"ORIGIN got 200000 bytes path={path}", out.stdout + out.stderr
+        assert uploaded.stdout.strip() == f"ORIGIN got 200000 bytes path={path}", uploaded.stdout + uploaded.stderr
     early = [f for f in env.log_events("flow") if f.get("reason", "").endswith("later bytes were not forwarded")]
     assert early and early[-1]["verdict"] == "allow" and early[-1]["hostname"] == "allowed.test", early
 
@@ -521,12 +521,12 @@ def test_an_earlier_requests_100_continue_does_not_release_a_later_requests_body
     upload.write_bytes(os.urandom(50_000))
     each = ["--data-binary", f"@{upload}", "-H", "Expect: 100-continue", *pin("allowed.test", 80, "198.18.1.1")]
     argv = ["curl", "-sS", "-v", "-m", "10", *each, "http://allowed.test/one", "--next", *each]
-    out = env.topo.run("sb1", [*argv, "http://allowed.test/two"], check=False, timeout=20)
-    assert out.stdout.splitlines() == [
+    twice = env.topo.run("sb1", [*argv, "http://allowed.test/two"], check=False, timeout=20)
+    assert twice.stdout.splitlines() == [
         "ORIGIN got 50000 bytes path=/one",
         "ORIGIN got 50000 bytes path=/two",
-    ], out.stdout + out.stderr
-    assert "re-using existing connection" in out.stderr.lower() and "retrying" in out.stderr.lower(), out.stderr
+    ], twice.stdout + twice.stderr
+    assert "re-using existing connection" in twice.stderr.lower() and "retrying" in twice.stderr.lower(), twice.stderr
 
 
 @pytest.mark.root
@@ -848,8 +848,8 @@ def test_killing_the_gateway_leaves_the_sandbox_no_path_out(env: EgressEnv) -> N
     ):
         out = env.curl("sb1", url, *extra, timeout=3)
         assert out.returncode != 0 and "ORIGIN" not in out.stdout, (url, out.stdout)
-    out = env.topo.python("sb2", BANNER_CLIENT, "198.18.1.4", "22").strip()
-    assert not out.startswith("DATA SSH"), out
+    banner = env.topo.python("sb2", BANNER_CLIENT, "198.18.1.4", "22").strip()
+    assert not banner.startswith("DATA SSH"), banner
     # Control: the origins themselves are still up (from the gateway namespace).
     control = env.topo.run("gw", ["curl", "-sS", "-m", "3", "http://198.18.1.1/"], check=False)
     assert control.stdout.startswith("ORIGIN 198.18.1.1")

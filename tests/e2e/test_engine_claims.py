@@ -110,6 +110,6 @@ def test_special_purpose_destinations_need_an_explicit_cidr_rule(without_public_
     assert out.stdout.startswith("HTTP/1.1 403"), out.stdout
     assert "benchmarking address (198.18.0.0/15)" in out.stdout, out.stdout
     # sb1's allow_cidrs 198.18.1.4/32 names it: that rule, and only that, lets it through
-    out = env.topo.python("sb1", BANNER_CLIENT, "198.18.1.4", "22").strip()
-    assert out == "DATA SSH-2.0-TestOrigin 198.18.1.4|ECHO SSH-2.0-TestClient|", out
+    banner = env.topo.python("sb1", BANNER_CLIENT, "198.18.1.4", "22").strip()
+    assert banner == "DATA SSH-2.0-TestOrigin 198.18.1.4|ECHO SSH-2.0-TestClient|", banner
     assert env.topo.python("sb1", BANNER_CLIENT, "198.18.1.3", "22").strip() == "RESET"

@@ -399,7 +399,7 @@ def test_private_links_from_the_api_open_one_direction_one_protocol_their_ports_
 def test_a_private_link_to_a_record_holding_the_gateways_own_address_reaches_nothing(steer: Steer) -> None:
     # A record may name an address the gateway holds inside the sandbox subnets, with a link from sb1 to every
     # port: the link is in the table, but what it would deliver is the gateway's own, and that stays dropped.
-    record = {"id": "gwfake", "addresses": [GW_SANDBOX_V4, GW_SANDBOX_V6], "profile": "isolated"}
+    record: dict[str, Any] = {"id": "gwfake", "addresses": [GW_SANDBOX_V4, GW_SANDBOX_V6], "profile": "isolated"}
     record["private_links"] = [{"source": "sb1"}, {"source": "sb1", "protocol": "udp"}]
     created = steer.api("POST", "/v1/sandboxes", record)
     assert created[0] == 201, created
@@ -578,7 +578,8 @@ def test_without_the_gateway_process_nothing_is_forwarded_and_a_restart_reconcil
     outs = parallel(
         *(lambda url=url: steer.curl("sb2", url) for url in urls), lambda: steer.udp("sb2", "198.18.0.53", 53)
     )
-    assert all(map(_refused, outs[:3])) and outs[3] == "NOREPLY", outs
+    assert all(isinstance(o, subprocess.CompletedProcess) and _refused(o) for o in outs[:3]), outs
+    assert outs[3] == "NOREPLY", outs
     # Control: without the table this topology *would* forward the sandbox to the origin.
     topo.run("gw", ["nft", "delete", "table", "inet", "sandbox_gateway"])
     assert steer.curl("sb2", "http://198.18.1.1/").stdout.strip() == "ORIGIN ::ffff:198.18.1.1 80"

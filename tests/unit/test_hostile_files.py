@@ -46,7 +46,7 @@ def _restore(path: Path) -> None:
         path.unlink()
 
 
-SPOILERS: dict[str, Callable[[Path], None]] = {
+SPOILERS: dict[str, Callable[[Path], object]] = {
     "directory": _directory,
     "named pipe": _fifo,
     "removed": lambda p: p.unlink(),

@@ -8,6 +8,8 @@ openssl s_client, Python sockets). Names in the sandbox are pinned with curl's
 `--resolve`: that is exactly how a
 sandbox would try to send an allowed name to an address of its choosing. The DNS tests
 query the gateway's interceptor with dig, at addresses that are not resolvers at all.
+That world (origins, zone, certificates, `EgressEnv` and its `env` fixture) lives in tests/factory.py: the
+engine-claims, workers, rate-limit and steering modules build on it too.
 """
 
 from __future__ import annotations

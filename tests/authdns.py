@@ -53,7 +53,7 @@ def serve(resolver: BaseResolver, host: str = "127.0.0.1") -> Iterator[int]:
 #: times that name and type have been asked, this query included ("198.18.2.{n}"): a client that gets the
 #: same address twice got a cached answer, a new one proves its query reached this server.
 ZONE_SERVER_SCRIPT = r"""
-import collections, json, sys, threading, time
+import collections, json, sys, threading
 from dnslib import AAAA, QTYPE, RR, A
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 zone = json.loads(sys.argv[2])
@@ -78,6 +78,5 @@ quiet = DNSLogger(log="-recv,-send,-request,-reply,-truncated,-error,-data")
 for tcp in (False, True):
     DNSServer(Zone(), address=sys.argv[1], port=53, tcp=tcp, logger=quiet).start_thread()
 print("ready", flush=True)
-while True:
-    time.sleep(3600)
+threading.Event().wait()  # the servers run in their threads until the namespace is torn down
 """

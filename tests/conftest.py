@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `tests.redis_server` is importable however pytest was started
     sys.path.insert(0, str(REPO))
 
+from tests.factory import Server, start_server  # noqa: E402
 from tests.redis_server import RedisServer, RedisServerError, find_redis_server  # noqa: E402
-from tests.test_cli import Server, start_server  # noqa: E402
 
 
 @pytest.fixture

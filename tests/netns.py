@@ -2,7 +2,7 @@
 
     with Topology(sandboxes=2) as topo:
         topo.attach_with_cli()      # `gateway sandbox attach --interface vifN.0 --address ...`, as an operator
-        ...                         # start `gateway run --data-plane --steer` in topo.gw (tests/e2e/test_egress.Env)
+        ...                         # start `gateway run --data-plane --steer` in topo.gw (tests/factory.EgressEnv)
         topo.run("sb1", ["curl", "-m", "3", "http://198.18.1.1/"])
 
 The topology plays the VMM: it creates the namespaces and veths. Everything the gateway host
@@ -38,7 +38,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,8 +47,8 @@ from gateway import netplumb
 from gateway.nft import LinkRule, SteeringConfig, render_ruleset
 from gateway.policy import IPAddress
 
-SANDBOX_V4 = ipaddress.ip_network("10.75.0.0/16")
-SANDBOX_V6 = ipaddress.ip_network("fdd4:1476:6c7e::/48")
+SANDBOX_V4 = ipaddress.IPv4Network("10.75.0.0/16")
+SANDBOX_V6 = ipaddress.IPv6Network("fdd4:1476:6c7e::/48")
 GATEWAY_V4 = ipaddress.ip_address("198.18.0.2")
 GATEWAY_V6 = ipaddress.ip_address("2001:db8:ff::2")
 INET_V4 = ipaddress.ip_address("198.18.0.1")
@@ -396,15 +395,6 @@ def _cleanup_all() -> None:
 
 
 atexit.register(_cleanup_all)
-
-
-def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 def log_events(log_file: Path, event: str) -> list[dict[str, Any]]:

@@ -8,8 +8,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from tests.test_api import DOC, Answer, check_documented
-from tests.test_cli import ADMIN_TOKEN
+from tests.factory import ADMIN_TOKEN, DOC, Answer, check_documented
 
 
 class ProductApi:

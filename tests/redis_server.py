@@ -12,9 +12,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
+
+from tests.factory import wait_until
 
 
 class RedisServerError(RuntimeError):
@@ -78,16 +79,18 @@ class RedisServer:
             "--logfile", str(self.log_path),
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        answer = b""
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+        answers = [b""]
+
+        def pong() -> bool:
+            if self.process is not None and self.process.poll() is not None:
                 raise RedisServerError(f"redis-server exited with {self.process.returncode}: {self._log_tail()}")
             with contextlib.suppress(OSError):
-                answer = ping(self.port)
-                if answer == b"+PONG":
-                    return
-            time.sleep(0.01)
+                answers.append(ping(self.port))
+            return answers[-1] == b"+PONG"
+
+        if wait_until(pong, timeout, interval=0.01):
+            return
+        answer = answers[-1]
         self.kill()
         raise RedisServerError(f"redis-server on port {self.port} did not answer PING within {timeout} s "
                                f"(last answer {answer!r}): {self._log_tail()}")  # fmt: skip

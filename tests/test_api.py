@@ -23,7 +23,6 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from dnslib import RCODE, DNSRecord
-from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_spec
 
 from gateway.api import MAX_BODY_BYTES, PUBLIC, apply_merge_patch, create_app, parse_explain_query, route_specs
@@ -37,7 +36,6 @@ from gateway.openapi import (
     SANDBOX_PATCH_EXAMPLES,
     TEMPLATE_EXAMPLES,
     TUNNEL_EXAMPLES,
-    openapi_document,
 )
 from gateway.policy import parse_sandbox, parse_template
 from gateway.service import DataPlane
@@ -45,6 +43,7 @@ from gateway.stores.embedded import EmbeddedStore
 from gateway.tunnel.config import TunnelConfig
 from gateway.tunnel.model import parse_request
 from gateway.tunnel.store import FileTunnelStore, TunnelStore
+from tests.factory import DOC, Answer, check_documented, schema_validator
 
 AiohttpClient = Callable[[web.Application], Awaitable[TestClient]]
 
@@ -60,8 +59,6 @@ TOKENS: dict[str, tuple[str, list[str]]] = {
     "auditor": ("auditor-secret-0123456789", ["audit:read"]),
     "tunnel-viewer": ("tunnel-viewer-secret-0123456789", ["tunnels:read"]),
 }
-
-DOC = openapi_document()
 
 ALLOWLISTED = {
     "id": "agent-1",
@@ -94,53 +91,6 @@ def write_config(tmp_path: Path, *, tokens: bool = True, host: str = "127.0.0.1"
 
 
 # --------------------------------------------------------------------------- answers checked against the document
-
-
-def _operation(method: str, path: str) -> dict[str, Any] | None:
-    for template, item in DOC["paths"].items():
-        pattern = "^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)) + "$"
-        if re.match(pattern, path) and method.lower() in item:
-            return item[method.lower()]
-    return None
-
-
-def _validator(schema: dict[str, Any]) -> Draft202012Validator:
-    # The document's components travel along so `#/components/...` references resolve.
-    return Draft202012Validator({**schema, "components": DOC["components"]})
-
-
-class Answer:
-    def __init__(self, status: int, body: Any, headers: dict[str, str]) -> None:
-        self.status = status
-        self.body = body
-        self.headers = headers
-
-    @property
-    def code(self) -> str | None:
-        return self.body.get("code") if isinstance(self.body, dict) else None
-
-
-def check_documented(method: str, path: str, answer: Answer) -> None:
-    """The answer is one the OpenAPI document lists for that route, with a body its schema accepts."""
-    operation = _operation(method, path)
-    if operation is None:  # unknown route or method: the documented error body all the same
-        assert answer.status in (404, 405), (method, path, answer.status)
-        _validator({"$ref": "#/components/schemas/Error"}).validate(answer.body)
-        return
-    documented = operation["responses"].get(str(answer.status))
-    assert documented is not None, f"{method} {path} answered {answer.status}, which the document does not list"
-    content = documented.get("content")
-    if content is None:
-        assert answer.body is None, f"{method} {path} {answer.status} has a body the document does not describe"
-        return
-    media = answer.headers.get("Content-Type", "").split(";", 1)[0].strip()
-    assert media in content, f"{method} {path} {answer.status} answered {media}, documented: {list(content)}"
-    if media == "application/json":
-        _validator(content[media]["schema"]).validate(answer.body)
-    else:
-        assert isinstance(answer.body, str)
-    for header in documented.get("headers", {}):
-        assert header in answer.headers, f"{method} {path} {answer.status} lacks the documented {header}"
 
 
 class Api:
@@ -855,18 +805,18 @@ def test_example_bodies_pass_the_real_parser_and_their_schema(config: Config) ->
 
     for _name, value, schema in examples("/v1/sandboxes", "post"):
         sandbox(value)
-        _validator(schema).validate(value)
+        schema_validator(schema).validate(value)
     for name, value, schema in examples("/v1/sandboxes/{id}", "put"):
         sandbox(value, sandbox_id=name.replace("_", "-"))
-        _validator(schema).validate(value)
+        schema_validator(schema).validate(value)
     for _, value, schema in examples("/v1/sandboxes/{id}", "patch"):
         base = parse_sandbox(SANDBOX_EXAMPLES["allowlisted"], subnets=context.subnets, known_presets=context.presets)
         sandbox(apply_merge_patch(base.to_dict(), value), sandbox_id=base.id)
-        _validator(schema).validate(value)
+        schema_validator(schema).validate(value)
     for path, method in (("/v1/templates", "post"), ("/v1/templates/{name}", "put")):
         for _, value, schema in examples(path, method):
             parse_template(value, known_presets=context.presets)
-            _validator(schema).validate(value)
+            schema_validator(schema).validate(value)
     assert SANDBOX_PATCH_EXAMPLES and TEMPLATE_EXAMPLES
 
     # And a record the parser refuses is refused by the schema too, where the schema can say so.
@@ -875,7 +825,7 @@ def test_example_bodies_pass_the_real_parser_and_their_schema(config: Config) ->
         {"id": "x", "addresses": [], "ttl": 1},
         {"id": "UPPER", "addresses": ["a"]},
     ):
-        assert not _validator({"$ref": "#/components/schemas/SandboxCreate"}).is_valid(bad)
+        assert not schema_validator({"$ref": "#/components/schemas/SandboxCreate"}).is_valid(bad)
 
 
 # --------------------------------------------------------------------------- audit batches
@@ -954,7 +904,7 @@ async def test_audit_batches_are_listed_in_pages_and_fetched_as_ndjson(audit_api
     lines = [json.loads(line) for line in fetched.body.splitlines()]
     assert [line["end_us"] for line in lines] == [T0 + 10_000, T0 + 10_001]
     assert lines[0]["verdict"] == "deny" and all(list(line) == list(FIELD_NAMES) for line in lines)
-    flow_schema = _validator({"$ref": "#/components/schemas/FlowRecord"})
+    flow_schema = schema_validator({"$ref": "#/components/schemas/FlowRecord"})
     for line in lines:
         flow_schema.validate(line)
     assert set(DOC["components"]["schemas"]["FlowRecord"]["properties"]) == set(FIELD_NAMES)
@@ -1145,7 +1095,7 @@ def test_tunnel_example_bodies_pass_the_real_parser_and_their_schema() -> None:
     media = DOC["paths"]["/v1/sandboxes/{id}/tunnels"]["post"]["requestBody"]["content"]["application/json"]
     for example in media["examples"].values():
         parse_request(example["value"], default_ttl=3600, max_ttl=86400)
-        _validator(media["schema"]).validate(example["value"])
+        schema_validator(media["schema"]).validate(example["value"])
     assert set(TUNNEL_EXAMPLES) == set(media["examples"])
 
 

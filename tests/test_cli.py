@@ -5,104 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
 
+from tests.factory import ADMIN_TOKEN, LIMITED_TOKEN, Server, clean_env, free_port, gateway, start_server, write_config
 from tests.redis_server import RedisServer
-
-ADMIN_TOKEN = "cli-admin-token-0123456789"
-LIMITED_TOKEN = "cli-limited-token-0123456789"  # sandboxes only, no network:* scope
-CLI = [sys.executable, "-m", "gateway.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def write_config(directory: Path, port: int, *, tokens: bool = True, host: str = "127.0.0.1") -> Path:
-    lines = [
-        "[store]",
-        'backend = "embedded"',
-        f'path = "{directory / "policies.json"}"',
-        "poll_interval = 0.1",
-        "[api]",
-        f'host = "{host}"',
-        f"port = {port}",
-    ]
-    if tokens:
-        lines.append(
-            f'tokens = [{{ name = "ops", token = "{ADMIN_TOKEN}", scopes = ["admin"] }}, '
-            f'{{ name = "ci", token = "{LIMITED_TOKEN}", scopes = ["sandboxes:read", "sandboxes:write"] }}]'
-        )
-    lines += ["[log]", 'format = "json"', "[presets.internal]", 'hosts = ["*.corp.example"]', "ports = [443]"]
-    path = directory / "gateway.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    url: str
-    config: Path
-    stdout: Path
-    stderr: Path
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        return self.process.returncode
-
-
-def start_server(directory: Path, *args: str, config_in_env: bool = False, **env: str) -> Server:
-    """`gateway run ARGS` on a free port, the config file named by `--config` or by `GATEWAY_CONFIG`."""
-    port = free_port()
-    config = write_config(directory, port)
-    stdout, stderr = directory / "run.out", directory / "run.err"
-    if config_in_env:
-        env.setdefault("GATEWAY_CONFIG", str(config))
-    command = [*CLI, "run", *args] if config_in_env else [*CLI, "run", "--config", str(config), *args]
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, env=clean_env(**env))
-    server = Server(process, f"http://127.0.0.1:{port}", config, stdout, stderr)
-    deadline = time.monotonic() + 20
-    while True:
-        if process.poll() is not None:
-            raise AssertionError(f"gateway run exited with {process.returncode}: {stderr.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{server.url}/readyz", timeout=1) as answer:
-                if answer.status == 200:
-                    return server
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        if time.monotonic() > deadline:
-            server.stop()
-            raise AssertionError(f"gateway run never became ready: {stderr.read_text()}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -112,19 +25,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield instance
     finally:
         instance.stop()
-
-
-def gateway(
-    *args: str, server: Server | None = None, token: str | None = ADMIN_TOKEN, stdin: str | None = None, **env: str
-) -> subprocess.CompletedProcess[str]:
-    extra = dict(env)
-    if server is not None:
-        extra.setdefault("GATEWAY_API_URL", server.url)
-    if token is not None:
-        extra.setdefault("GATEWAY_TOKEN", token)
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=30, input=stdin, env=clean_env(**extra), check=False
-    )
 
 
 # --------------------------------------------------------------------------- run / check-config

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_cli import ADMIN_TOKEN, Server, start_server
+from tests.factory import ADMIN_TOKEN, Server, start_server, wait_until
 
 
 @pytest.fixture
@@ -39,13 +38,6 @@ def call(server: Server, method: str, path: str, data: bytes | None = None) -> t
     except urllib.error.HTTPError as exc:
         status, text = exc.code, exc.read().decode()
     return status, json.loads(text) if text else None
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def stderr_of(server: Server) -> str:
@@ -91,7 +83,9 @@ def test_hostile_numbers_and_bodies_are_400_and_leave_no_traceback(server: Serve
             answer = sock.recv(4096)
         assert answer.split(b" ", 2)[1] == b"400", (raw, answer[:100])
     assert call(server, "GET", "/v1/status")[0] == 200  # the server took it all in its stride
-    wait_for("the malformed-request log lines", lambda: stderr_of(server).count('"api.malformed_request"') >= 4)
+    assert wait_until(lambda: stderr_of(server).count('"api.malformed_request"') >= 4, 10), (
+        "timed out waiting for the malformed-request log lines"
+    )
     log = stderr_of(server)
     assert "Traceback" not in log and "api.internal_error" not in log
 
@@ -117,15 +111,25 @@ def _file_rejection(server: Server) -> dict[str, Any] | None:
     return next((r for r in rejected if r["kind"] == "file"), None)
 
 
-HOSTILE_CONTENTS: dict[str, Callable[[Path], None]] = {
+def _directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+HOSTILE_CONTENTS: dict[str, Callable[[Path], object]] = {
     "integer of 5,000 digits": lambda p: p.write_text('{"sandboxes": {"x": {"n": ' + "1" * 5000 + "}}}"),
     "nested 1,500 levels": lambda p: p.write_text('{"templates": ' + "[" * 1500 + "]" * 1500 + "}"),
     "nested 200,000 levels": lambda p: p.write_text("[" * 200_000),
     "not UTF-8": lambda p: p.write_bytes(b'{"sandboxes": {"\xff\xfe": {}}}'),
     "duplicate keys": lambda p: p.write_text('{"sandboxes": {}, "sandboxes": {}}'),
     "NaN": lambda p: p.write_text('{"sandboxes": {"x": {"n": NaN}}}'),
-    "a directory": lambda p: (p.unlink(), p.mkdir()),
-    "a named pipe": lambda p: (p.unlink(), os.mkfifo(p)),
+    "a directory": _directory,
+    "a named pipe": _fifo,
     "removed": lambda p: p.unlink(),
 }
 
@@ -140,11 +144,13 @@ def _restore_file(path: Path) -> None:
 def test_the_policy_file_watcher_survives_any_content_and_applies_later_tightenings(server: Server) -> None:
     path = server.config.parent / "policies.json"
     _write_policies(path, ["a.example.com", "b.example.com"])
-    wait_for("the first edit", lambda: _allowed(server, "b.example.com"))
+    assert wait_until(lambda: _allowed(server, "b.example.com"), 10), "timed out waiting for the first edit"
     allowed = ["a.example.com", "b.example.com"]
     for name, spoil in HOSTILE_CONTENTS.items():
         spoil(path)
-        wait_for(f"the rejection of {name}", lambda: _file_rejection(server) is not None)
+        assert wait_until(lambda: _file_rejection(server) is not None, 10), (
+            f"timed out waiting for the rejection of {name}"
+        )
         rejection = _file_rejection(server)
         assert rejection is not None and rejection["code"] == "POLICY_FILE_INVALID", (name, rejection)
         assert "the last good policies stay in force" in rejection["message"] and len(rejection["message"]) < 400
@@ -157,7 +163,7 @@ def test_the_policy_file_watcher_survives_any_content_and_applies_later_tighteni
         allowed = allowed[:-1] if len(allowed) > 1 else ["c.example.com"]
         _write_policies(path, allowed)
         revoked = {"a.example.com", "b.example.com", "c.example.com"} - set(allowed)
-        wait_for(f"the edit after {name}", lambda: _file_rejection(server) is None)
+        assert wait_until(lambda: _file_rejection(server) is None, 10), f"timed out waiting for the edit after {name}"
         assert _allowed(server, allowed[-1]) and not any(_allowed(server, h) for h in revoked), name
     log = stderr_of(server)
     assert "Traceback" not in log, log[-3000:]
@@ -175,7 +181,9 @@ def test_gateway_run_starts_on_a_hostile_policy_file_and_shows_why(tmp_path: Pat
         assert rejection is not None and rejection["code"] == "POLICY_FILE_INVALID"
         _restore_file(path)
         _write_policies(path, ["a.example.com"])
-        wait_for("the fixed file", lambda: _file_rejection(server) is None and _allowed(server, "a.example.com"))
+        assert wait_until(lambda: _file_rejection(server) is None and _allowed(server, "a.example.com"), 10), (
+            "timed out waiting for the fixed file"
+        )
     finally:
         server.stop()
     assert "Traceback" not in stderr_of(server)

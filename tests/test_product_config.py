@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from tests.factory import ADMIN_TOKEN, Server, start_server
 from tests.product import ProductApi
 from tests.redis_server import RedisServer
-from tests.test_cli import ADMIN_TOKEN, Server, start_server
 
 HASHED_TOKEN = "hashed-admin-token-0123456789"
 AUDIT_TOKEN = "auditor-token-0123456789"

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from tests.factory import Server, gateway
 from tests.product import ProductApi
-from tests.test_cli import Server, gateway
 
 TEMPLATE = {
     "name": "web",

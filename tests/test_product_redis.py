@@ -6,8 +6,7 @@ both; an invalid one is rejected by both and the last good version stays, also a
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,9 @@ from typing import Any
 import pytest
 import redis
 
+from tests.factory import Server, free_port, gateway, start_server, wait_until, write_config
 from tests.product import ProductApi
 from tests.redis_server import RedisServer
-from tests.test_cli import Server, free_port, gateway, start_server, write_config
 
 
 def start_node(directory: Path, redis_url: str, node: str) -> Server:
@@ -28,24 +27,15 @@ def start_node(directory: Path, redis_url: str, node: str) -> Server:
 
 @pytest.fixture
 def nodes(tmp_path: Path, redis_server: RedisServer) -> Iterator[list[Server]]:
-    started = [
-        start_node(tmp_path / name, redis_server.url, name) for name in ("a", "b") if (tmp_path / name).mkdir() is None
-    ]
+    started = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        started.append(start_node(tmp_path / name, redis_server.url, name))
     try:
         yield started
     finally:
         for server in started:
             server.stop()
-
-
-def eventually(check: Callable[[], Any], what: str, deadline_s: float = 10.0) -> Any:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def write(client: redis.Redis, key: str, record: dict[str, Any] | str) -> None:
@@ -73,8 +63,9 @@ def test_two_nodes_creating_one_id_at_once_give_one_201_and_one_409(nodes: list[
             assert sorted(a.status for a in answers) == [201, 409], [a.body for a in answers]
             assert next(a for a in answers if a.status == 409).code == "SANDBOX_EXISTS"
     for api in apis:
-        ids = eventually(lambda api=api: len(api.call("GET", "/v1/sandboxes").body["sandboxes"]) == 8, "both see 8")
-        assert ids
+        assert wait_until(lambda api=api: len(api.call("GET", "/v1/sandboxes").body["sandboxes"]) == 8, 10), (
+            "both see 8"
+        )
 
 
 def test_a_plain_redis_writer_reaches_both_nodes_and_a_bad_write_keeps_the_last_good_version_across_a_restart(
@@ -90,7 +81,9 @@ def test_a_plain_redis_writer_reaches_both_nodes_and_a_bad_write_keeps_the_last_
     }
     write(client, "billed", good)
     for api in apis:
-        eventually(lambda api=api: api.call("GET", "/v1/sandboxes/billed").status == 200, f"{api.url} has it")
+        assert wait_until(lambda api=api: api.call("GET", "/v1/sandboxes/billed").status == 200, 10), (
+            f"{api.url} has it"
+        )
         assert api.call("GET", "/v1/sandboxes/billed/explain?host=api.example.com", expect=200).body["allowed"]
     stored = apis[0].call("GET", "/v1/sandboxes/billed", expect=200).body
 
@@ -100,31 +93,30 @@ def test_a_plain_redis_writer_reaches_both_nodes_and_a_bad_write_keeps_the_last_
     ):
         write(client, "billed", bad)
         for api in apis:
-            seen = eventually(
-                lambda api=api, code=code: (r := rejection(api, "billed")) and r["code"] == code and r,
-                f"{api.url} rejects it with {code}",
+            seen = wait_until(
+                lambda api=api, code=code: (r := rejection(api, "billed")) and r["code"] == code and r, 10
             )
-            assert seen["code"] == code, seen
+            assert seen and seen["code"] == code, f"{api.url} rejects it with {code}: {seen}"
             assert api.call("GET", "/v1/sandboxes/billed", expect=200).body == stored
         assert "sandbox:billed" in client.hgetall("gw:status:rejected")
 
     # A restart: the hash still holds the broken record; the node's last good copy comes from gw:accepted.
-    assert json.loads(client.hget("gw:accepted:sandboxes", "billed"))["egress"]["allow_hosts"] == ["api.example.com"]
+    accepted = client.hget("gw:accepted:sandboxes", "billed")
+    assert isinstance(accepted, str) and json.loads(accepted)["egress"]["allow_hosts"] == ["api.example.com"]
     nodes[0].stop()
     nodes[0] = start_node(nodes[0].config.parent, redis_server.url, "a")
     restarted = ProductApi(nodes[0].url)
     assert restarted.call("GET", "/v1/sandboxes/billed", expect=200).body == stored
     assert restarted.call("GET", "/v1/sandboxes/billed/explain?host=api.example.com", expect=200).body["allowed"]
-    assert eventually(lambda: rejection(restarted, "billed"), "the restarted node shows the rejection")
+    assert wait_until(lambda: rejection(restarted, "billed"), 10), "the restarted node shows the rejection"
 
     fixed = {**good, "egress": {"allow_hosts": ["next.example.com"]}}
     write(client, "billed", fixed)
     for api in (restarted, apis[1]):
-        eventually(
-            lambda api=api: api.call("GET", "/v1/sandboxes/billed/explain?host=next.example.com").body["allowed"],
-            f"{api.url} applies the fix",
-        )
-        eventually(lambda api=api: rejection(api, "billed") is None, f"{api.url} clears the rejection")
+        assert wait_until(
+            lambda api=api: api.call("GET", "/v1/sandboxes/billed/explain?host=next.example.com").body["allowed"], 10
+        ), f"{api.url} applies the fix"
+        assert wait_until(lambda api=api: rejection(api, "billed") is None, 10), f"{api.url} clears the rejection"
 
 
 def test_run_with_redis_down_refuses_to_start_and_says_where(tmp_path: Path) -> None:

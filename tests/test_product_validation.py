@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from tests.factory import LIMITED_TOKEN, Server
 from tests.product import ProductApi
-from tests.test_cli import LIMITED_TOKEN, Server
 
 
 @pytest.fixture(scope="module")

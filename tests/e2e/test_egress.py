@@ -8,203 +8,38 @@ openssl s_client, Python sockets). Names in the sandbox are pinned with curl's
 `--resolve`: that is exactly how a
 sandbox would try to send an allowed name to an address of its choosing. The DNS tests
 query the gateway's interceptor with dig, at addresses that are not resolvers at all.
+That world (origins, zone, certificates, `EgressEnv` and its `env` fixture) lives in tests/factory.py: the
+engine-claims, workers, rate-limit and steering modules build on it too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import signal
 import ssl
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from tests import authdns
-from tests.netns import INET_V4, Topology, live_namespaces, log_events, wait_for_line, wait_until
+from tests.factory import (
+    BANNER_CLIENT,
+    DNS_LIMIT,
+    PEEK_CAP,
+    EgressEnv,
+    assert_dns_answer_unlocks_opaque_tcp,
+    egress_env,  # noqa: F401  (the fixture `env`)
+    egress_policies,
+    pin,
+    wait_until,
+)
+from tests.netns import wait_for_line
 
 REPO = Path(__file__).resolve().parents[2]
-NAMES = ("allowed.test", "denied.test", "later.test", "rebind.test", "meta.test")
-ZONE = {
-    "allowed.test": {"A": ["198.18.1.1"], "AAAA": ["2001:db8:1::1"]},
-    "denied.test": {"A": ["198.18.1.2"], "AAAA": ["2001:db8:1::2"]},
-    "later.test": {"A": ["198.18.1.3"], "AAAA": ["2001:db8:1::3"]},
-    "rebind.test": {"A": ["10.1.2.3"]},
-    "meta.test": {"A": ["169.254.169.254"]},
-    "serial.test": {"A": ["198.18.2.{n}"]},  # {n}: the number of queries the zone server got for it
-    "secret.test": {"A": ["198.18.3.{n}"]},  # allowed to no sandbox but the unrestricted sb2
-}
-#: sb4's DNS budget (per minute) and the longest a query over it waits before it is refused (gateway [dns]).
-DNS_LIMIT, DNS_MAX_WAIT = 60, 2.0
-
-
-ORIGINS = r"""
-import base64, hashlib, socket, ssl, sys, threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-CTX = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-CTX.load_cert_chain(sys.argv[1], sys.argv[2])
-def remember_sni(sock, name, ctx):
-    sock.sni_name = name
-CTX.sni_callback = remember_sni
-
-def serve_h2c(handler):
-    # HTTP/2 after a 101, answering every stream with its :authority: what a server that routes h2 streams by
-    # authority (a CDN) does. The upgraded request is stream 1.
-    from h2.config import H2Configuration
-    from h2.connection import H2Connection
-    from h2.events import RequestReceived
-    conn = H2Connection(H2Configuration(client_side=False))
-    settings = handler.headers.get("HTTP2-Settings")
-    if settings:
-        conn.initiate_upgrade_connection(settings)
-    else:
-        conn.initiate_connection()
-    def answer(stream, authority, path):
-        body = f"ORIGIN h2 authority={authority} path={path}\n".encode()
-        conn.send_headers(stream, [(":status", "200"), ("content-length", str(len(body)))])
-        conn.send_data(stream, body, end_stream=True)
-    if settings:
-        answer(1, handler.headers.get("Host"), handler.path)
-    sock = handler.connection
-    sock.sendall(conn.data_to_send())
-    while data := sock.recv(65536):
-        for event in conn.receive_data(data):
-            if isinstance(event, RequestReceived):
-                fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in event.headers}
-                text = {k: v.decode() if isinstance(v, bytes) else v for k, v in fields.items()}
-                answer(event.stream_id, text[":authority"], text[":path"])
-        sock.sendall(conn.data_to_send())
-
-def websocket_101(handler, protocol, accept):
-    handler.send_response(101)
-    handler.send_header("Upgrade", protocol)
-    handler.send_header("Connection", "Upgrade")
-    handler.send_header("Sec-WebSocket-Accept", accept)
-    handler.end_headers()
-    handler.wfile.flush()
-    while chunk := handler.connection.recv(4096):  # then echo raw bytes: the gateway never looks inside
-        handler.connection.sendall(chunk)
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def setup(self):
-        self.request.settimeout(5)
-        if self.server.tls:
-            self.request = CTX.wrap_socket(self.request, server_side=True)
-        super().setup()
-    def do_GET(self):
-        upgrade = (self.headers.get("Upgrade") or "").lower()
-        # h2c on any mention of it (with or without Connection: upgrade), and /h2c-anyway switches unasked.
-        if "h2c" in upgrade or self.path == "/h2c-anyway":
-            self.send_response(101)
-            self.send_header("Upgrade", "h2c")
-            self.send_header("Connection", "Upgrade")
-            self.end_headers()
-            self.wfile.flush()
-            serve_h2c(self)
-            self.close_connection = True
-            return
-        key = self.headers.get("Sec-WebSocket-Key", "")
-        accept = base64.b64encode(hashlib.sha1(key.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-        if upgrade == "websocket" and self.path in ("/ws", "/ws-as-h2c", "/ws-wrong-accept"):
-            protocol = "h2c" if self.path == "/ws-as-h2c" else "websocket"
-            websocket_101(self, protocol, "d3Jvbmc=" if self.path == "/ws-wrong-accept" else accept.decode())
-            self.close_connection = True
-            return
-        local = self.request.getsockname()[0].removeprefix("::ffff:")
-        sni = getattr(self.request, "sni_name", None) if self.server.tls else "-"
-        body = f"ORIGIN {local} host={self.headers.get('Host')} sni={sni} path={self.path}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def handle_expect_100(self):
-        # /early answers before the body, /quiet reads it without a 100: servers that ignore Expect.
-        return True if self.path in ("/early", "/quiet") else super().handle_expect_100()
-    def do_POST(self):
-        if self.path == "/early":  # and keeps the connection: the body is read as the next request
-            self.send_response(401)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        reply = f"ORIGIN got {len(body)} bytes path={self.path}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-    def log_message(self, *args):
-        pass
-
-class Server(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-    daemon_threads = True
-    def server_bind(self):
-        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
-
-def banner(port, text):
-    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.bind(("::", port))
-    s.listen(64)
-    def serve(conn):
-        with conn:
-            conn.settimeout(5)
-            try:
-                local = conn.getsockname()[0].removeprefix("::ffff:")
-                conn.sendall(f"{text} {local}\r\n".encode())
-                line = conn.recv(1024)
-                conn.sendall(b"ECHO " + line)
-            except OSError:
-                pass
-    while True:
-        conn, _ = s.accept()
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-def until_eof(port):
-    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.bind(("::", port))
-    s.listen(64)
-    def serve(conn):
-        with conn:
-            conn.settimeout(10)
-            total = 0
-            try:
-                while chunk := conn.recv(65536):
-                    total += len(chunk)
-                conn.sendall(f"GOT {total}\n".encode())  # only once the client's FIN came through
-            except OSError:
-                pass
-    while True:
-        conn, _ = s.accept()
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-threading.Thread(target=until_eof, args=(23,), daemon=True).start()
-for port, tls in ((80, False), (443, True)):
-    server = Server(("::", port), Handler)
-    server.tls = tls
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-threading.Thread(target=banner, args=(22, "SSH-2.0-TestOrigin"), daemon=True).start()
-threading.Thread(target=banner, args=(25, "220 smtp.test ESMTP"), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
-
 KEEPALIVE_CLIENT = r"""
 import json, socket, sys
 s = socket.create_connection((sys.argv[1], 80), timeout=5)
@@ -230,25 +65,6 @@ def exchange(host):
     return {"head": head.decode(), "body": body.decode()}
 out = [exchange(host) for host in sys.argv[2:]]
 print(json.dumps(out))
-"""
-
-BANNER_CLIENT = r"""
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-try:
-    s = socket.create_connection((host, port), timeout=4)
-    s.sendall(b"SSH-2.0-TestClient\r\n")
-    data = b""
-    while b"ECHO" not in data:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    print("DATA", data.decode(errors="replace").replace("\r\n", "|"))
-except ConnectionResetError:
-    print("RESET")
-except OSError as exc:
-    print("FAIL", type(exc).__name__, exc)
 """
 
 HALF_CLOSE_CLIENT = r"""
@@ -465,202 +281,11 @@ except OSError as exc:
 """
 
 
-# --------------------------------------------------------------------------- certificates
-
-
-def _make_pki(directory: Path) -> tuple[Path, Path, Path]:
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "egress test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "allowed.test")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in NAMES]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path, cert_path, key_path = directory / "ca.pem", directory / "origin.pem", directory / "origin.key"
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return ca_path, cert_path, key_path
-
-
-# --------------------------------------------------------------------------- the running gateway
-
-
-PEEK_CAP = 8
-
-
-def _policies(later_allowed: bool = False) -> dict[str, Any]:
-    hosts = ["allowed.test", "rebind.test", "meta.test", "serial.test", *(["later.test"] if later_allowed else [])]
-    return {
-        "templates": {},
-        "sandboxes": {
-            "sb1": {
-                "id": "sb1",
-                "addresses": ["10.75.0.1", "fdd4:1476:6c7e::1"],
-                "profile": "allowlisted",
-                "egress": {"allow_hosts": hosts, "allow_cidrs": ["198.18.1.4/32"]},
-            },
-            "sb2": {"id": "sb2", "addresses": ["10.75.0.2", "fdd4:1476:6c7e::2"], "profile": "unrestricted"},
-            "sb4": {
-                "id": "sb4",
-                "addresses": ["10.75.0.4", "fdd4:1476:6c7e::4"],
-                "profile": "allowlisted",
-                "egress": {"allow_hosts": ["allowed.test"]},
-                "limits": {"dns_queries_per_minute": DNS_LIMIT},
-            },
-            "sb5": {"id": "sb5", "addresses": ["10.75.0.5", "fdd4:1476:6c7e::5"]},  # the default profile: isolated
-        },
-    }
-
-
-class Env:
-    def __init__(self, topo: Topology, workdir: Path) -> None:
-        self.topo = topo
-        self.workdir = workdir
-        self.ca, self.cert, self.key = _make_pki(workdir)
-        self.policy_file = workdir / "policies.json"
-        self.log_file = workdir / "gateway.log"
-        self.blocklist = workdir / "blocklist.txt"  # the operator's threat feed; starts empty
-        self.blocklist.write_text("")
-        self.gateway: subprocess.Popen[Any] | None = None
-        #: More GATEWAY_<SECTION>__<KEY> settings for the gateway's environment (a module's own needs).
-        self.environment: dict[str, str] = {}
-
-    def write_policies(self, data: dict[str, Any]) -> None:
-        tmp = self.policy_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(self.policy_file)  # atomic: the store never reads half a file
-
-    def start_gateway(self, *extra: str) -> None:
-        config = self.workdir / "gateway.toml"
-        config.write_text(
-            "\n".join(
-                [
-                    "[store]",
-                    'backend = "embedded"',
-                    f'path = "{self.policy_file}"',
-                    "poll_interval = 0.1",
-                    "[audit]",
-                    f'dir = "{self.workdir / "audit"}"',
-                    "flush_interval = 0.2",
-                    "[log]",
-                    'format = "json"',
-                    "[egress]",
-                    "peek_timeout = 2.0",
-                    f"max_peeking_per_sandbox = {PEEK_CAP}",
-                    "connect_timeout = 3.0",
-                    'gateway_addresses = ["198.18.0.2", "2001:db8:ff::2"]',
-                    f'blocklist_path = "{self.blocklist}"',
-                    "[resolver]",
-                    f'upstreams = ["{INET_V4}:53"]',
-                    "timeout = 1.0",
-                    "min_ttl = 1",
-                    "[dns]",
-                    f"rate_limit_max_wait = {DNS_MAX_WAIT}",
-                ]
-            )
-            + "\n"
-        )
-        env = dict(os.environ)
-        env["GATEWAY_EGRESS__PUBLIC_RANGES"] = '["198.18.0.0/15", "2001:db8::/32"]'
-        env["PYTHONPATH"] = str(REPO)
-        env.update(self.environment)
-        log = self.log_file.open("a")
-        self.gateway = self.topo.popen(
-            "gw",
-            [sys.executable, "-m", "gateway.cli", "run", "--data-plane", "--steer", "--config", str(config), *extra],
-            stderr=log,
-            env=env,
-            cwd=str(REPO),
-        )
-        log.close()
-        wait_for_line(self.gateway, "egress engine listening", 20)
-        self.wait_ready()
-
-    def readyz(self) -> subprocess.CompletedProcess[str]:
-        return self.topo.run("gw", ["curl", "-sS", "-m", "2", "http://127.0.0.1:8470/readyz"], check=False)
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        """Until /readyz says ready: the store loaded and every part of the data plane serves."""
-        deadline = time.monotonic() + timeout
-        while '"ready": true' not in (ready := self.readyz()).stdout:
-            assert time.monotonic() < deadline, ready.stdout + ready.stderr
-            time.sleep(0.05)
-
-    def curl(self, sb: str, url: str, *extra: str, timeout: float = 6.0) -> subprocess.CompletedProcess[str]:
-        argv = ["curl", "-sS", "-g", "--connect-timeout", "3", "-m", str(timeout), "--cacert", str(self.ca)]
-        return self.topo.run(sb, [*argv, *extra, url], check=False, timeout=timeout + 5)
-
-    def dig(self, sb: str, *args: str) -> str:
-        out = self.topo.run(sb, ["dig", "+time=3", "+tries=1", *args], check=False, timeout=10)
-        return out.stdout + out.stderr
-
-    def dns_log(self, sb: str) -> list[dict[str, Any]]:
-        """The sandbox's DNS query log, through the CLI and the API of the running gateway."""
-        cli = [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", "--json", "audit", "dns", sb]
-        shown = self.topo.run("gw", cli, check=False, timeout=20)
-        queries: list[dict[str, Any]] = json.loads(shown.stdout)["queries"]
-        return queries
-
-    def log_events(self, event: str) -> list[dict[str, Any]]:
-        return log_events(self.log_file, event)
-
-
-def assert_dns_answer_unlocks_opaque_tcp(env: Env, sb: str) -> None:
-    """The sandbox's own DNS answer for allowed.test makes its address (port 22, SSH-like) reachable."""
-    answer = env.topo.run(
-        sb, ["dig", "+time=2", "+tries=1", "@198.18.1.2", "allowed.test", "A", "+short"], check=False, timeout=10
-    )
-    assert answer.stdout.split() == ["198.18.1.1"], answer.stdout + answer.stderr
-    out = env.topo.python(sb, BANNER_CLIENT, "198.18.1.1", "22").strip()
-    assert out == "DATA SSH-2.0-TestOrigin 198.18.1.1|ECHO SSH-2.0-TestClient|", out
-
-
-def pin(name: str, port: int, address: str) -> list[str]:
-    return ["--resolve", f"{name}:{port}:{address}"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    with Topology(sandboxes=5, origins=4) as topo:
-        e = Env(topo, tmp_path_factory.mktemp("egress"))
-        # Host routes and proxy ARP from the operator's attach tooling; `gateway run --steer` does the rest.
-        topo.attach_with_cli()
-        topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(ZONE))
-        origins = topo.popen("inet", [sys.executable, "-u", "-c", ORIGINS, str(e.cert), str(e.key)])
-        wait_for_line(origins, "ready", 10)
-        e.write_policies(_policies())
-        e.start_gateway()
-        yield e
-    assert live_namespaces(topo.prefix) == []
-
-
 # --------------------------------------------------------------------------- tests
 
 
 @pytest.mark.root
-def test_allowed_https_and_http_keep_alive_work_over_ipv4_and_ipv6(env: Env) -> None:
+def test_allowed_https_and_http_keep_alive_work_over_ipv4_and_ipv6(env: EgressEnv) -> None:
     out = env.curl("sb1", "https://allowed.test/", *pin("allowed.test", 443, "198.18.1.1"))
     assert out.stdout.strip() == "ORIGIN 198.18.1.1 host=allowed.test sni=allowed.test path=/", out.stderr
     out = env.curl("sb1", "https://allowed.test/v6", *pin("allowed.test", 443, "[2001:db8:1::1]"))
@@ -679,7 +304,7 @@ def test_allowed_https_and_http_keep_alive_work_over_ipv4_and_ipv6(env: Env) -> 
 
 
 @pytest.mark.root
-def test_denied_names_get_an_explicit_denial(env: Env) -> None:
+def test_denied_names_get_an_explicit_denial(env: EgressEnv) -> None:
     tls = env.curl("sb1", "https://denied.test/", *pin("denied.test", 443, "198.18.1.2"))
     assert tls.returncode != 0 and "alert access denied" in tls.stderr.lower(), tls.stderr
     tls6 = env.curl("sb1", "https://denied.test/", *pin("denied.test", 443, "[2001:db8:1::2]"))
@@ -690,25 +315,24 @@ def test_denied_names_get_an_explicit_denial(env: Env) -> None:
     assert "ORIGIN" not in http.stdout
     denials = [d for d in env.log_events("flow") if d["verdict"] == "deny" and d.get("hostname") == "denied.test"]
     assert {d["reason"] for d in denials} == {"host not in allowlist"} and len(denials) >= 3
+
     # ... and each denial is a flow record in the sandbox's NDJSON audit batches.
-    records: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+    def denied_records() -> list[dict[str, Any]]:
         records = [
             json.loads(line)
             for path in sorted((env.workdir / "audit" / "sb1").glob("*.ndjson"))
             for line in path.read_text().splitlines()
         ]
-        if sum(r["hostname"] == "denied.test" for r in records) >= 3:
-            break
-        time.sleep(0.1)
-    denied = [r for r in records if r["hostname"] == "denied.test"]
+        found = [r for r in records if r["hostname"] == "denied.test"]
+        return found if len(found) >= 3 else []
+
+    denied = wait_until(denied_records, timeout=5, interval=0.1)
     assert len(denied) >= 3 and all(r["verdict"] == "deny" and r["rule"] == "default:deny" for r in denied)
     assert {r["protocol"] for r in denied} == {"tls", "http"} and all(r["bytes_up"] == 0 for r in denied)
 
 
 @pytest.mark.root
-def test_sni_of_an_allowed_name_sent_to_a_denied_address_reaches_the_allowed_host(env: Env) -> None:
+def test_sni_of_an_allowed_name_sent_to_a_denied_address_reaches_the_allowed_host(env: EgressEnv) -> None:
     # The client pins allowed.test to denied.test's addresses: the gateway dials what it resolved itself.
     for pinned, expected in (("198.18.1.2", "198.18.1.1"), ("[2001:db8:1::2]", "2001:db8:1::1")):
         out = env.curl("sb1", "https://allowed.test/", *pin("allowed.test", 443, pinned))
@@ -718,7 +342,7 @@ def test_sni_of_an_allowed_name_sent_to_a_denied_address_reaches_the_allowed_hos
 
 
 @pytest.mark.root
-def test_a_later_keep_alive_request_for_another_host_is_refused(env: Env) -> None:
+def test_a_later_keep_alive_request_for_another_host_is_refused(env: EgressEnv) -> None:
     for second, reason in (
         ("denied.test", "host denied.test: host not in allowlist"),
         ("rebind.test", "request for host rebind.test on a connection opened for allowed.test (domain fronting)"),
@@ -771,7 +395,7 @@ SMUGGLING_SHAPES = {
 
 @pytest.mark.root
 @pytest.mark.parametrize("shape", sorted(SMUGGLING_SHAPES))
-def test_smuggling_shapes_on_port_80_are_refused_and_reach_no_denied_host(env: Env, shape: str) -> None:
+def test_smuggling_shapes_on_port_80_are_refused_and_reach_no_denied_host(env: EgressEnv, shape: str) -> None:
     request, code = SMUGGLING_SHAPES[shape]
     out = env.topo.python("sb1", RAW_CLIENT, "198.18.1.1", "80", json.dumps(request), timeout=20)
     assert out.startswith("HTTP/1.1 403") and f"X-Gateway-Reason: {code}:" in out, out
@@ -779,7 +403,7 @@ def test_smuggling_shapes_on_port_80_are_refused_and_reach_no_denied_host(env: E
 
 
 @pytest.mark.root
-def test_an_upgrade_passes_the_new_protocol_and_a_declined_one_smuggles_nothing(env: Env) -> None:
+def test_an_upgrade_passes_the_new_protocol_and_a_declined_one_smuggles_nothing(env: EgressEnv) -> None:
     out = env.topo.python("sb1", UPGRADE_CLIENT, "198.18.1.1", "/ws", timeout=15)
     status, _, rest = out.strip().partition(" | ")
     assert status == "HTTP/1.1 101 Switching Protocols", out
@@ -792,7 +416,7 @@ def test_an_upgrade_passes_the_new_protocol_and_a_declined_one_smuggles_nothing(
 
 
 @pytest.mark.root
-def test_requests_pipelined_behind_a_websocket_handshake_wait_for_its_answer(env: Env) -> None:
+def test_requests_pipelined_behind_a_websocket_handshake_wait_for_its_answer(env: EgressEnv) -> None:
     # In one write: the handshake (Connection: keep-alive, Upgrade) and a request for denied.test. The origin
     # declines on /plain (200): the held request is then checked as HTTP and refused.
     handshake = (
@@ -818,7 +442,7 @@ REFUSED_UPGRADES = {
 
 
 @pytest.mark.root
-def test_an_h2c_upgrade_is_refused_so_no_http2_stream_reaches_a_denied_host(env: Env) -> None:
+def test_an_h2c_upgrade_is_refused_so_no_http2_stream_reaches_a_denied_host(env: EgressEnv) -> None:
     # The origin speaks h2c whenever a request mentions it and serves each HTTP/2 stream by its :authority, as a
     # CDN does: were the 101 let through, a stream for denied.test would be served on allowed.test's connection.
     for form, fields in REFUSED_UPGRADES.items():
@@ -841,7 +465,7 @@ def test_an_h2c_upgrade_is_refused_so_no_http2_stream_reaches_a_denied_host(env:
 
 
 @pytest.mark.root
-def test_a_101_the_client_did_not_ask_for_or_to_another_protocol_leaves_nothing_unchecked(env: Env) -> None:
+def test_a_101_the_client_did_not_ask_for_or_to_another_protocol_leaves_nothing_unchecked(env: EgressEnv) -> None:
     # The origin switches to h2c for a plain request: the gateway still reads HTTP/1, so the client's HTTP/2
     # preface is refused before it reaches the origin and no stream is served.
     out = json.loads(env.topo.python("sb1", H2C_CLIENT, "198.18.1.1", "/h2c-anyway", "", timeout=20))
@@ -862,7 +486,7 @@ def test_a_101_the_client_did_not_ask_for_or_to_another_protocol_leaves_nothing_
 
 
 @pytest.mark.root
-def test_expect_100_continue_uploads_work_and_an_early_answer_smuggles_nothing(env: Env) -> None:
+def test_expect_100_continue_uploads_work_and_an_early_answer_smuggles_nothing(env: EgressEnv) -> None:
     # /early answers 401 at once without reading the body and keeps the connection: it would read the body, a
     # request for denied.test, as the next request. The gateway held the body, so it never went.
     out = env.topo.python("sb1", EXPECT_CLIENT, "198.18.1.1", "/early", timeout=20).strip()
@@ -873,7 +497,7 @@ def test_expect_100_continue_uploads_work_and_an_early_answer_smuggles_nothing(e
     upload = env.workdir / "upload.bin"
     upload.write_bytes(os.urandom(200_000))
     for path in ("/upload", "/quiet"):
-        out = env.curl(
+        uploaded = env.curl(
             "sb1",
             f"http://allowed.test{path}",
             "--data-binary",
@@ -882,13 +506,13 @@ def test_expect_100_continue_uploads_work_and_an_early_answer_smuggles_nothing(e
             "Expect: 100-continue",
             *pin("allowed.test", 80, "198.18.1.1"),
         )
-        assert out.stdout.strip() == f"ORIGIN got 200000 bytes path={path}", out.stdout + out.stderr
+        assert uploaded.stdout.strip() == f"ORIGIN got 200000 bytes path={path}", uploaded.stdout + uploaded.stderr
     early = [f for f in env.log_events("flow") if f.get("reason", "").endswith("later bytes were not forwarded")]
     assert early and early[-1]["verdict"] == "allow" and early[-1]["hostname"] == "allowed.test", early
 
 
 @pytest.mark.root
-def test_an_earlier_requests_100_continue_does_not_release_a_later_requests_body(env: Env) -> None:
+def test_an_earlier_requests_100_continue_does_not_release_a_later_requests_body(env: EgressEnv) -> None:
     # The origin answers the first (bodiless) request's Expect with a 100: were that taken for the answer to the
     # second request, its body would go, and /early, answering 401 without reading it, would serve it as a request
     # for denied.test. The second request is never forwarded: the connection ends after the first one's answer.
@@ -901,20 +525,24 @@ def test_an_earlier_requests_100_continue_does_not_release_a_later_requests_body
     upload.write_bytes(os.urandom(50_000))
     each = ["--data-binary", f"@{upload}", "-H", "Expect: 100-continue", *pin("allowed.test", 80, "198.18.1.1")]
     argv = ["curl", "-sS", "-v", "-m", "10", *each, "http://allowed.test/one", "--next", *each]
-    out = env.topo.run("sb1", [*argv, "http://allowed.test/two"], check=False, timeout=20)
-    assert out.stdout.splitlines() == [
+    twice = env.topo.run("sb1", [*argv, "http://allowed.test/two"], check=False, timeout=20)
+    assert twice.stdout.splitlines() == [
         "ORIGIN got 50000 bytes path=/one",
         "ORIGIN got 50000 bytes path=/two",
-    ], out.stdout + out.stderr
-    assert "re-using existing connection" in out.stderr.lower() and "retrying" in out.stderr.lower(), out.stderr
+    ], twice.stdout + twice.stderr
+    assert "re-using existing connection" in twice.stderr.lower() and "retrying" in twice.stderr.lower(), twice.stderr
 
 
 @pytest.mark.root
-def test_the_operator_blocklist_refuses_in_every_profile_and_reloads_without_restart(env: Env) -> None:
+def test_the_operator_blocklist_refuses_in_every_profile_and_reloads_without_restart(env: EgressEnv) -> None:
     url = "https://allowed.test/"
     try:
         env.blocklist.write_text("# threat feed\n198.18.1.1\n2001:db8:1::/64\n")
-        time.sleep(1.5)  # the file's signature is looked at about once a second
+        # The file's signature is looked at about once a second: the first refusal shows the reload happened.
+        first = pin("allowed.test", 443, "198.18.1.1")
+        assert wait_until(lambda: env.curl("sb1", url, *first).returncode != 0, timeout=10, interval=0.2), (
+            "the blocklist was not reloaded"
+        )
         for sb in ("sb1", "sb2"):  # allowlisted and unrestricted alike
             for address in ("198.18.1.1", "2001:db8:1::1"):
                 result = env.curl(sb, url, *pin("allowed.test", 443, address))
@@ -923,12 +551,15 @@ def test_the_operator_blocklist_refuses_in_every_profile_and_reloads_without_res
         assert denied and "operator blocklist" in denied[-1]["reason"]
     finally:
         env.blocklist.write_text("")
-    time.sleep(1.5)
-    assert env.curl("sb1", url, *pin("allowed.test", 443, "198.18.1.1")).stdout.startswith("ORIGIN 198.18.1.1")
+    # Emptied, it is reloaded the same way (within about a second, no restart) and lets the address through again.
+    again = pin("allowed.test", 443, "198.18.1.1")
+    assert wait_until(
+        lambda: env.curl("sb1", url, *again).stdout.startswith("ORIGIN 198.18.1.1"), timeout=10, interval=0.2
+    ), "the emptied blocklist was not reloaded"
 
 
 @pytest.mark.root
-def test_tls_without_sni_to_an_ip_is_refused(env: Env) -> None:
+def test_tls_without_sni_to_an_ip_is_refused(env: EgressEnv) -> None:
     out = env.topo.run(
         "sb1",
         ["openssl", "s_client", "-connect", "198.18.1.1:443", "-noservername", "-CAfile", str(env.ca)],
@@ -942,7 +573,7 @@ def test_tls_without_sni_to_an_ip_is_refused(env: Env) -> None:
 
 
 @pytest.mark.root
-def test_dns_rebinding_and_metadata_are_refused(env: Env) -> None:
+def test_dns_rebinding_and_metadata_are_refused(env: EgressEnv) -> None:
     out = env.curl("sb1", "http://rebind.test/", "-i", *pin("rebind.test", 80, "198.18.1.1"))
     assert out.stdout.startswith("HTTP/1.1 403"), out.stdout
     assert "X-Gateway-Reason: rebind.test resolves to a refused address: private address (RFC 1918) 10.1.2.3" in (
@@ -962,7 +593,7 @@ def test_dns_rebinding_and_metadata_are_refused(env: Env) -> None:
 
 
 @pytest.mark.root
-def test_smtp_is_refused_in_every_profile_and_opaque_tcp_needs_a_cidr_rule(env: Env) -> None:
+def test_smtp_is_refused_in_every_profile_and_opaque_tcp_needs_a_cidr_rule(env: EgressEnv) -> None:
     for sb in ("sb1", "sb2"):
         for host in ("198.18.1.1", "2001:db8:1::1"):
             out = env.topo.python(sb, SERVER_FIRST_CLIENT, host, "25").strip()
@@ -985,7 +616,7 @@ def test_smtp_is_refused_in_every_profile_and_opaque_tcp_needs_a_cidr_rule(env: 
 
 
 @pytest.mark.root
-def test_connections_waiting_for_first_bytes_are_capped_per_sandbox(env: Env) -> None:
+def test_connections_waiting_for_first_bytes_are_capped_per_sandbox(env: EgressEnv) -> None:
     out = env.topo.python("sb1", SILENT_CLIENTS, "198.18.1.4", str(PEEK_CAP + 4), timeout=20).split()
     # The first PEEK_CAP wait out the peek deadline and are then relayed by address (allow_cidrs); the rest are
     # refused at once instead of piling up.
@@ -997,7 +628,7 @@ def test_connections_waiting_for_first_bytes_are_capped_per_sandbox(env: Env) ->
 
 
 @pytest.mark.root
-def test_dns_is_answered_by_the_gateway_and_only_for_allowed_names(env: Env) -> None:
+def test_dns_is_answered_by_the_gateway_and_only_for_allowed_names(env: EgressEnv) -> None:
     dig = env.dig
     # Sent to an address that is no resolver at all (an origin): intercepted and answered by the gateway.
     assert dig("sb1", "@198.18.1.2", "allowed.test", "A", "+short").split() == ["198.18.1.1"]
@@ -1019,7 +650,7 @@ def test_dns_is_answered_by_the_gateway_and_only_for_allowed_names(env: Env) -> 
 
 
 @pytest.mark.root
-def test_an_isolated_sandbox_has_no_connection_and_no_dns(env: Env) -> None:
+def test_an_isolated_sandbox_has_no_connection_and_no_dns(env: EgressEnv) -> None:
     # sb5's record names no profile: the default, isolated. Allowed names of other sandboxes, an address in
     # another sandbox's allow_cidrs, any port, either IP version: nothing gets out, and DNS is refused.
     # Refused before any peek (a reset): an isolated sandbox gets no denial page either.
@@ -1039,7 +670,7 @@ def test_an_isolated_sandbox_has_no_connection_and_no_dns(env: Env) -> None:
 
 
 @pytest.mark.root
-def test_a_name_the_policy_denies_never_reaches_the_upstream(env: Env) -> None:
+def test_a_name_the_policy_denies_never_reaches_the_upstream(env: EgressEnv) -> None:
     # secret.test's address counts the queries its authoritative server got. sb1 may not resolve it: however it
     # asks (UDP, TCP, A, AAAA, repeated), it gets NXDOMAIN, and the upstream never hears of the name, so the
     # unrestricted sb2's query afterwards is the first the server answers: 198.18.3.1.
@@ -1051,7 +682,7 @@ def test_a_name_the_policy_denies_never_reaches_the_upstream(env: Env) -> None:
 
 
 @pytest.mark.root
-def test_dns_caches_are_per_sandbox(env: Env) -> None:
+def test_dns_caches_are_per_sandbox(env: EgressEnv) -> None:
     # serial.test's address counts the queries the authoritative server got for it: the same address again is
     # a cached answer, a new one a query that went upstream. Several packets each (dig sends a fresh cookie, a
     # Python client the very same bytes), so both of the interceptor's ways to answer from its cache are seen.
@@ -1074,7 +705,7 @@ def test_dns_caches_are_per_sandbox(env: Env) -> None:
 
 
 @pytest.mark.root
-def test_dns_rate_limit_throttles_then_refuses(env: Env) -> None:
+def test_dns_rate_limit_throttles_then_refuses(env: EgressEnv) -> None:
     # sb4 may ask DNS_LIMIT queries a minute: a full bucket of DNS_LIMIT at once, then one a second. A burst of
     # DNS_LIMIT + 4 identical queries: the bucket's worth is answered at once, the next two wait about 1 and 2 s
     # for their tokens (throttled), the last two would wait longer than DNS_MAX_WAIT and are REFUSED at once.
@@ -1097,7 +728,7 @@ def test_dns_rate_limit_throttles_then_refuses(env: Env) -> None:
 
 
 @pytest.mark.root
-def test_opaque_tcp_reaches_an_address_the_sandbox_learned_from_dns_for_an_allowed_name(env: Env) -> None:
+def test_opaque_tcp_reaches_an_address_the_sandbox_learned_from_dns_for_an_allowed_name(env: EgressEnv) -> None:
     # 198.18.1.1 port 22 is in no allow_cidrs rule: refused until the sandbox's own DNS answer for an
     # allowed name (allowed.test) returns it; the answer of a denied name never unlocks anything.
     assert env.topo.python("sb1", BANNER_CLIENT, "198.18.1.2", "22").strip() == "RESET"
@@ -1117,7 +748,7 @@ def _client_hello(name: str) -> bytes:
     return out.read()
 
 
-def _silent_then(env: Env, sb: str, address: str, port: int, payload: bytes) -> str:
+def _silent_then(env: EgressEnv, sb: str, address: str, port: int, payload: bytes) -> str:
     """What comes back to a client that says nothing until the gateway has decided by address and dialled the
     origin (its peek is over), then sends `payload`."""
     client = env.topo.popen(sb, [sys.executable, "-u", "-c", SILENT_THEN_CLIENT, address, str(port),
@@ -1136,7 +767,7 @@ def _silent_then(env: Env, sb: str, address: str, port: int, payload: bytes) -> 
 
 
 @pytest.mark.root
-def test_a_client_silent_through_the_peek_still_cannot_name_another_host(env: Env) -> None:
+def test_a_client_silent_through_the_peek_still_cannot_name_another_host(env: EgressEnv) -> None:
     # sb4 may reach allowed.test only; its own DNS answer makes 198.18.1.1 an address it may reach by address
     # (a server-speaks-first protocol). Said first after the peek, an HTTP request or a TLS hello would name a
     # host that decision never checked: denied.test, served by the same origin.
@@ -1155,7 +786,7 @@ def test_a_client_silent_through_the_peek_still_cannot_name_another_host(env: En
 
 
 @pytest.mark.root
-def test_request_lines_only_a_lenient_server_reads_are_refused_not_relayed_as_opaque(env: Env) -> None:
+def test_request_lines_only_a_lenient_server_reads_are_refused_not_relayed_as_opaque(env: EgressEnv) -> None:
     # sb1 may reach 198.18.1.1 as opaque TCP once its DNS answer returned it for allowed.test; an HTTP server
     # there that parses request lines loosely must still never get a request for a denied host.
     assert_dns_answer_unlocks_opaque_tcp(env, "sb1")
@@ -1167,24 +798,20 @@ def test_request_lines_only_a_lenient_server_reads_are_refused_not_relayed_as_op
 
 
 @pytest.mark.root
-def test_a_policy_change_applies_to_the_next_connection(env: Env) -> None:
+def test_a_policy_change_applies_to_the_next_connection(env: EgressEnv) -> None:
     before = env.curl("sb1", "https://later.test/", *pin("later.test", 443, "198.18.1.3"))
     assert "alert access denied" in before.stderr.lower(), before.stderr
-    env.write_policies(_policies(later_allowed=True))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        got = env.topo.run("gw", ["curl", "-sS", "-m", "2", "http://127.0.0.1:8470/v1/sandboxes/sb1"], check=False)
-        if "later.test" in got.stdout:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("the store did not pick up the policy file")
+    env.write_policies(egress_policies(later_allowed=True))
+    shown = ["curl", "-sS", "-m", "2", "http://127.0.0.1:8470/v1/sandboxes/sb1"]
+    assert wait_until(lambda: "later.test" in env.topo.run("gw", shown, check=False).stdout, timeout=10), (
+        "the store did not pick up the policy file"
+    )
     after = env.curl("sb1", "https://later.test/", *pin("later.test", 443, "198.18.1.3"))
     assert after.stdout.startswith("ORIGIN 198.18.1.3 host=later.test sni=later.test"), after.stderr
 
 
 @pytest.mark.root
-def test_a_sandbox_added_through_the_api_is_steered_and_decided(env: Env) -> None:
+def test_a_sandbox_added_through_the_api_is_steered_and_decided(env: EgressEnv) -> None:
     # sb3 has a link and a host route but is in no store record: its packets are dropped by the table.
     url = "https://allowed.test/"
     before = env.curl("sb3", url, *pin("allowed.test", 443, "198.18.1.1"), timeout=2)
@@ -1202,20 +829,22 @@ def test_a_sandbox_added_through_the_api_is_steered_and_decided(env: Env) -> Non
         check=False,
     )  # fmt: skip
     assert '"id": "sb3"' in created.stdout or '"id":"sb3"' in created.stdout, created.stdout + created.stderr
-    deadline = time.monotonic() + 10
-    out = before
-    while time.monotonic() < deadline:  # the gateway re-applies its table within about a second
-        out = env.curl("sb3", url, *pin("allowed.test", 443, "[2001:db8:1::1]"), timeout=2)
-        if out.returncode == 0:
-            break
-        time.sleep(0.2)
+    # The gateway re-applies its table within about a second.
+    attempts = [before]
+
+    def steered() -> bool:
+        attempts.append(env.curl("sb3", url, *pin("allowed.test", 443, "[2001:db8:1::1]"), timeout=2))
+        return attempts[-1].returncode == 0
+
+    wait_until(steered, timeout=10, interval=0.2)
+    out = attempts[-1]
     assert out.stdout.startswith("ORIGIN 2001:db8:1::1 host=allowed.test"), out.stderr
     denied = env.curl("sb3", "https://denied.test/", *pin("denied.test", 443, "198.18.1.2"))
     assert "alert access denied" in denied.stderr.lower(), denied.stderr
 
 
 @pytest.mark.root
-def test_killing_the_gateway_leaves_the_sandbox_no_path_out(env: Env) -> None:
+def test_killing_the_gateway_leaves_the_sandbox_no_path_out(env: EgressEnv) -> None:
     assert env.gateway is not None
     assert not env.log_events("egress.error"), env.log_events("egress.error")  # nothing above hit an engine bug
     os.killpg(env.gateway.pid, signal.SIGKILL)
@@ -1227,8 +856,8 @@ def test_killing_the_gateway_leaves_the_sandbox_no_path_out(env: Env) -> None:
     ):
         out = env.curl("sb1", url, *extra, timeout=3)
         assert out.returncode != 0 and "ORIGIN" not in out.stdout, (url, out.stdout)
-    out = env.topo.python("sb2", BANNER_CLIENT, "198.18.1.4", "22").strip()
-    assert not out.startswith("DATA SSH"), out
+    banner = env.topo.python("sb2", BANNER_CLIENT, "198.18.1.4", "22").strip()
+    assert not banner.startswith("DATA SSH"), banner
     # Control: the origins themselves are still up (from the gateway namespace).
     control = env.topo.run("gw", ["curl", "-sS", "-m", "3", "http://198.18.1.1/"], check=False)
     assert control.stdout.startswith("ORIGIN 198.18.1.1")

@@ -9,11 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.test_egress import BANNER_CLIENT, Env, pin
-from tests.e2e.test_egress import env as egress_env
-
-# The egress module's gateway, started once for this module too (sb1 allowlisted, sb2 unrestricted).
-env = egress_env
+# The egress module's gateway (the fixture `env`), started once for this module too (sb1 allowlisted, sb2 unrestricted).
+from tests.factory import BANNER_CLIENT, EgressEnv, egress_env, pin  # noqa: F401
 
 SPLIT_HELLO_CLIENT = r"""
 import socket, ssl, sys
@@ -76,7 +73,7 @@ except (ConnectionResetError, EOFError):
 
 @pytest.mark.root
 @pytest.mark.parametrize("size", [1, 7, 100])
-def test_a_client_hello_split_over_records_and_segments_is_decided_by_its_sni(env: Env, size: int) -> None:
+def test_a_client_hello_split_over_records_and_segments_is_decided_by_its_sni(env: EgressEnv, size: int) -> None:
     out = env.topo.python("sb1", SPLIT_HELLO_CLIENT, "198.18.1.1", "allowed.test", str(env.ca), str(size)).strip()
     assert out == "OK ORIGIN 198.18.1.1 host=allowed.test sni=allowed.test path=/split", out
     out = env.topo.python("sb1", SPLIT_HELLO_CLIENT, "198.18.1.1", "denied.test", str(env.ca), str(size)).strip()
@@ -84,7 +81,7 @@ def test_a_client_hello_split_over_records_and_segments_is_decided_by_its_sni(en
 
 
 @pytest.fixture
-def without_public_ranges(env: Env) -> Iterator[Env]:
+def without_public_ranges(env: EgressEnv) -> Iterator[EgressEnv]:
     """The same gateway restarted without declaring the test internet (198.18/15) public, so its addresses are
     what they are: benchmarking, special-purpose; restarted as the module had it afterwards."""
 
@@ -104,7 +101,7 @@ def without_public_ranges(env: Env) -> Iterator[Env]:
 
 
 @pytest.mark.root
-def test_special_purpose_destinations_need_an_explicit_cidr_rule(without_public_ranges: Env) -> None:
+def test_special_purpose_destinations_need_an_explicit_cidr_rule(without_public_ranges: EgressEnv) -> None:
     env = without_public_ranges
     # allowed by name, but the name's address is special-purpose: refused, in every profile
     out = env.curl("sb1", "https://allowed.test/", *pin("allowed.test", 443, "198.18.1.1"))
@@ -113,6 +110,6 @@ def test_special_purpose_destinations_need_an_explicit_cidr_rule(without_public_
     assert out.stdout.startswith("HTTP/1.1 403"), out.stdout
     assert "benchmarking address (198.18.0.0/15)" in out.stdout, out.stdout
     # sb1's allow_cidrs 198.18.1.4/32 names it: that rule, and only that, lets it through
-    out = env.topo.python("sb1", BANNER_CLIENT, "198.18.1.4", "22").strip()
-    assert out == "DATA SSH-2.0-TestOrigin 198.18.1.4|ECHO SSH-2.0-TestClient|", out
+    banner = env.topo.python("sb1", BANNER_CLIENT, "198.18.1.4", "22").strip()
+    assert banner == "DATA SSH-2.0-TestOrigin 198.18.1.4|ECHO SSH-2.0-TestClient|", banner
     assert env.topo.python("sb1", BANNER_CLIENT, "198.18.1.3", "22").strip() == "RESET"

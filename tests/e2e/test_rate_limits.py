@@ -12,7 +12,7 @@ Expectations come from the buckets in gateway/ratelimit.py:
 
 Each sandbox gets its own limits (sb1 connections, sb2 bandwidth), so the tests do not share
 buckets. The gateway, origins and sandboxes run in namespaces from tests/netns.py; the
-gateway is started by `Env` from test_egress (imported, not copied).
+gateway is started by `EgressEnv` from test_egress (imported, not copied).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_egress import Env
+from tests.factory import EgressEnv, wait_until
 from tests.netns import Topology, live_namespaces, wait_for_line
 
 ORIGIN = "198.18.1.1"
@@ -135,9 +135,9 @@ def _policies(conn_per_minute: int = PER_MINUTE, mbit: int = MBIT) -> dict[str, 
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EgressEnv]:
     with Topology(sandboxes=2, origins=1) as topo:
-        e = Env(topo, tmp_path_factory.mktemp("ratelimits"))
+        e = EgressEnv(topo, tmp_path_factory.mktemp("ratelimits"))
         topo.attach_with_cli()
         origin = topo.popen("inet", [sys.executable, "-u", "-c", BULK_ORIGIN])
         wait_for_line(origin, "ready", 10)
@@ -148,12 +148,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     assert live_namespaces(topo.prefix) == []
 
 
-def _connect(env: Env, sb: str, count: int, gap: float = 0.0, script: str = CONNECTOR) -> list[list[Any]]:
+def _connect(env: EgressEnv, sb: str, count: int, gap: float = 0.0, script: str = CONNECTOR) -> list[list[Any]]:
     raw = env.topo.python(sb, script, ORIGIN, str(count), str(gap), timeout=25)
     return list(json.loads(raw))
 
 
-def _download(env: Env, sb: str, size: int, parallel: int = 1) -> tuple[float, list[int]]:
+def _download(env: EgressEnv, sb: str, size: int, parallel: int = 1) -> tuple[float, list[int]]:
     """`parallel` curl downloads of `size` bytes started together; (wall seconds, bytes each got)."""
     url = f"http://{ORIGIN}/bytes/{size}"
     curl = f"curl -sS -m 25 -o /dev/null -w '%{{size_download}}\\n' {url}"
@@ -163,18 +163,14 @@ def _download(env: Env, sb: str, size: int, parallel: int = 1) -> tuple[float, l
     return time.monotonic() - start, [int(line) for line in out.stdout.split()]
 
 
-def _wait_for_policy(env: Env, sandbox: str, needle: str) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        got = env.topo.run("gw", ["curl", "-sS", "-m", "2", f"http://127.0.0.1:8470/v1/sandboxes/{sandbox}"])
-        if needle in got.stdout.replace(" ", ""):
-            return
-        time.sleep(0.1)
-    pytest.fail(f"the store did not pick up {needle} for {sandbox}")
+def _wait_for_policy(env: EgressEnv, sandbox: str, needle: str) -> None:
+    shown = ["curl", "-sS", "-m", "2", f"http://127.0.0.1:8470/v1/sandboxes/{sandbox}"]
+    if not wait_until(lambda: needle in env.topo.run("gw", shown).stdout.replace(" ", ""), timeout=10):
+        pytest.fail(f"the store did not pick up {needle} for {sandbox}")
 
 
 @pytest.mark.root
-def test_connections_per_minute_admit_a_burst_then_wait_then_refuse(env: Env) -> None:
+def test_connections_per_minute_admit_a_burst_then_wait_then_refuse(env: EgressEnv) -> None:
     burst = _connect(env, "sb1", PER_MINUTE)
     assert all(ok for ok, _, _ in burst), burst  # a full bucket: 30 at once, none waited
     # None waited (the first may take up to 0.8 s more: the kernel delays proxy ARP answers, proxy_delay).
@@ -200,18 +196,17 @@ def test_connections_per_minute_admit_a_burst_then_wait_then_refuse(env: Env) ->
     denials = [d for d in env.log_events("flow") if d["verdict"] == "deny" and d.get("sandbox") == "sb1"]
     assert denials and {d["reason"] for d in denials} == {"connection rate limit"}, denials
     assert {d["rule"] for d in denials} == {"limits.connections_per_minute"}
+
     # ... and each refusal is a flow record in the sandbox's audit batches.
-    deadline = time.monotonic() + 5
-    records: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        records = [
+    def audited() -> list[dict[str, Any]]:
+        return [
             json.loads(line)
             for path in sorted((env.workdir / "audit" / "sb1").glob("*.ndjson"))
             for line in path.read_text().splitlines()
         ]
-        if sum(r["reason"] == "connection rate limit" for r in records) >= len(denials):
-            break
-        time.sleep(0.1)
+
+    wait_until(lambda: sum(r["reason"] == "connection rate limit" for r in audited()) >= len(denials), timeout=5)
+    records = audited()
     refused_records = [r for r in records if r["verdict"] == "deny"]
     assert len(refused_records) == len(denials)
     assert all(r["reason"] == "connection rate limit" for r in refused_records)
@@ -224,7 +219,7 @@ def test_connections_per_minute_admit_a_burst_then_wait_then_refuse(env: Env) ->
 
 
 @pytest.mark.root
-def test_bandwidth_is_throttled_and_shared_by_the_sandbox_connections(env: Env) -> None:
+def test_bandwidth_is_throttled_and_shared_by_the_sandbox_connections(env: EgressEnv) -> None:
     size = 4 * MB
     seconds, got = _download(env, "sb2", size)
     assert got == [size]  # throttled, nothing dropped

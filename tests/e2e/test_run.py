@@ -7,14 +7,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.netns import Topology, live_namespaces, wait_for_line, wait_until
+from tests.factory import wait_until
+from tests.netns import Topology, live_namespaces, wait_for_line
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "run-test-admin-token-0123456789"
@@ -125,10 +125,9 @@ def test_readyz_is_503_naming_what_does_not_serve_until_all_of_it_does(topo: Top
             assert (status, body.get("code")) == (503, "DATA_PLANE_NOT_READY"), (status, body)
             assert body["message"] == f"egress worker 1 does not listen on port {EGRESS_PORT + 1}", body
         topo.kill(holder)  # the next restart of the worker can listen
-        deadline = time.monotonic() + 15
-        while (answer := readyz(topo))[0] != 200:
-            assert time.monotonic() < deadline, answer
-            time.sleep(0.1)
+        wait_until(lambda: readyz(topo)[0] == 200, timeout=15, interval=0.1)
+        answer = readyz(topo)
+        assert answer[0] == 200, answer
         assert answer[1] == {"ready": True, "backend": "embedded"}
     finally:
         topo.kill(gateway)

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from tests import authdns
-from tests.e2e.test_egress import ZONE, Env
-from tests.netns import GATEWAY_V4, GATEWAY_V6, INET_V4, ORIGIN_SERVER, Topology, live_namespaces, wait_until
+from tests.factory import EGRESS_ZONE, EgressEnv, wait_until
+from tests.netns import GATEWAY_V4, GATEWAY_V6, INET_V4, ORIGIN_SERVER, Topology, live_namespaces
 
 API = "http://127.0.0.1:8470"
 EGRESS_PORT = 15001
@@ -140,9 +140,9 @@ def _policies() -> dict[str, Any]:
 
 
 class Steer:
-    """The running gateway (`Env` from test_egress) plus the clients and observers these tests use."""
+    """The running gateway (`EgressEnv` from test_egress) plus the clients and observers these tests use."""
 
-    def __init__(self, env: Env) -> None:
+    def __init__(self, env: EgressEnv) -> None:
         self.env = env
         self.topo = env.topo
         self.sink: subprocess.Popen[Any] | None = None
@@ -196,7 +196,7 @@ class Steer:
 @pytest.fixture(scope="module")
 def steer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Steer]:
     with Topology(sandboxes=3, origins=3) as topo:
-        env = Env(topo, tmp_path_factory.mktemp("steering"))
+        env = EgressEnv(topo, tmp_path_factory.mktemp("steering"))
         env.environment["GATEWAY_EGRESS__UNATTACHED_LOG_INTERVAL"] = str(UNATTACHED_INTERVAL)
         s = Steer(env)
         # The gateway namespace starts as a fresh host would: no forwarding, router advertisements accepted.
@@ -205,7 +205,7 @@ def steer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Steer]:
         topo.attach_with_cli()
         for address in (f"{GW_SANDBOX_V4}/32", f"{GW_SANDBOX_V6}/128"):
             topo.run("gw", ["ip", "addr", "add", address, "dev", "lo"])
-        topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(ZONE))
+        topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(EGRESS_ZONE))
         topo.start_origin(ports=(80, 8443, 5432))
         s.sink = topo.start_python("inet", UDP_SINK, "443", "5000")
         for index in (1, 2):  # services inside the sandboxes, for the private-link tests
@@ -399,7 +399,7 @@ def test_private_links_from_the_api_open_one_direction_one_protocol_their_ports_
 def test_a_private_link_to_a_record_holding_the_gateways_own_address_reaches_nothing(steer: Steer) -> None:
     # A record may name an address the gateway holds inside the sandbox subnets, with a link from sb1 to every
     # port: the link is in the table, but what it would deliver is the gateway's own, and that stays dropped.
-    record = {"id": "gwfake", "addresses": [GW_SANDBOX_V4, GW_SANDBOX_V6], "profile": "isolated"}
+    record: dict[str, Any] = {"id": "gwfake", "addresses": [GW_SANDBOX_V4, GW_SANDBOX_V6], "profile": "isolated"}
     record["private_links"] = [{"source": "sb1"}, {"source": "sb1", "protocol": "udp"}]
     created = steer.api("POST", "/v1/sandboxes", record)
     assert created[0] == 201, created
@@ -578,7 +578,8 @@ def test_without_the_gateway_process_nothing_is_forwarded_and_a_restart_reconcil
     outs = parallel(
         *(lambda url=url: steer.curl("sb2", url) for url in urls), lambda: steer.udp("sb2", "198.18.0.53", 53)
     )
-    assert all(map(_refused, outs[:3])) and outs[3] == "NOREPLY", outs
+    assert all(isinstance(o, subprocess.CompletedProcess) and _refused(o) for o in outs[:3]), outs
+    assert outs[3] == "NOREPLY", outs
     # Control: without the table this topology *would* forward the sandbox to the origin.
     topo.run("gw", ["nft", "delete", "table", "inet", "sandbox_gateway"])
     assert steer.curl("sb2", "http://198.18.1.1/").stdout.strip() == "ORIGIN ::ffff:198.18.1.1 80"

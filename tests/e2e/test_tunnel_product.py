@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from tests.netns import INET_V4, Topology, live_namespaces, log_events, wait_for_line, wait_until
+from tests.factory import wait_until
+from tests.netns import INET_V4, Topology, live_namespaces, log_events, wait_for_line
 
 REPO = Path(__file__).resolve().parents[2]
 DOMAIN = "tunnel.test"

@@ -9,14 +9,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from gateway.workers import worker_index
 from tests import authdns
-from tests.e2e.test_egress import BANNER_CLIENT, ORIGINS, ZONE, Env, assert_dns_answer_unlocks_opaque_tcp, pin
+from tests.factory import (
+    BANNER_CLIENT,
+    EGRESS_ZONE,
+    ORIGINS,
+    EgressEnv,
+    assert_dns_answer_unlocks_opaque_tcp,
+    pin,
+    wait_until,
+)
 from tests.netns import INET_V4, Topology, live_namespaces, wait_for_line
 
 #: One sandbox per worker (`worker_index` of the id decides, as in the gateway).
@@ -42,12 +50,12 @@ def _policies() -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EgressEnv]:
     assert (worker_index(MAIN_SANDBOX, 2), worker_index(WORKER_SANDBOX, 2)) == (0, 1)
     with Topology(sandboxes=2, origins=4) as topo:
-        e = Env(topo, tmp_path_factory.mktemp("workers"))
+        e = EgressEnv(topo, tmp_path_factory.mktemp("workers"))
         topo.attach_with_cli()
-        topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(ZONE))
+        topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(EGRESS_ZONE))
         origins = topo.popen("inet", [sys.executable, "-u", "-c", ORIGINS, str(e.cert), str(e.key)])
         wait_for_line(origins, "ready", 10)
         e.write_policies(_policies())
@@ -56,38 +64,45 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     assert live_namespaces(topo.prefix) == []
 
 
-def _worker_pids(env: Env) -> list[int]:
+def _worker_pids(env: EgressEnv) -> list[int]:
     assert env.gateway is not None
     found = subprocess.run(["pgrep", "-P", str(env.gateway.pid), "-f", "worker-index 1"], capture_output=True)
     return [int(pid) for pid in found.stdout.split()]
 
 
-def _fetch(env: Env, sb: str, timeout: float = 6.0) -> subprocess.CompletedProcess[str]:
+def _fetch(env: EgressEnv, sb: str, timeout: float = 6.0) -> subprocess.CompletedProcess[str]:
     return env.curl(sb, "https://allowed.test/", *pin("allowed.test", 443, "198.18.1.1"), timeout=timeout)
 
 
-def _batch_pids(env: Env, sandbox: str) -> set[int]:
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie: its files (the worker's listening socket) are closed either way."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+def _batch_pids(env: EgressEnv, sandbox: str) -> set[int]:
     directory = env.workdir / "audit" / sandbox
     return {int(path.stem.split("-")[1]) for path in directory.glob("*.ndjson")} if directory.is_dir() else set()
 
 
 @pytest.mark.root
-def test_each_sandbox_is_served_by_its_worker_process(env: Env) -> None:
+def test_each_sandbox_is_served_by_its_worker_process(env: EgressEnv) -> None:
     [worker] = _worker_pids(env)
     for sb in ("sb1", "sb2"):
         result = _fetch(env, sb)
         assert result.stdout.startswith("ORIGIN 198.18.1.1 host=allowed.test sni=allowed.test"), result
     assert env.gateway is not None
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not (_batch_pids(env, MAIN_SANDBOX) and _batch_pids(env, WORKER_SANDBOX)):
-        time.sleep(0.1)
+    wait_until(lambda: _batch_pids(env, MAIN_SANDBOX) and _batch_pids(env, WORKER_SANDBOX), timeout=5, interval=0.1)
     # Flow-record batches are named {ts_us}-{pid}: the process that decided each connection wrote them.
     assert _batch_pids(env, MAIN_SANDBOX) == {env.gateway.pid}
     assert _batch_pids(env, WORKER_SANDBOX) == {worker}
 
 
 @pytest.mark.root
-def test_dns_learned_addresses_reach_the_worker_that_serves_the_sandbox(env: Env) -> None:
+def test_dns_learned_addresses_reach_the_worker_that_serves_the_sandbox(env: EgressEnv) -> None:
     # Opaque TCP to 198.18.1.1:22 is allowed only once the sandbox's own DNS answer for allowed.test returned it;
     # the answer is given by the main process, the connection decided by worker 1.
     assert env.topo.python("sb2", BANNER_CLIENT, "198.18.1.1", "22").strip() == "RESET"
@@ -95,32 +110,29 @@ def test_dns_learned_addresses_reach_the_worker_that_serves_the_sandbox(env: Env
 
 
 @pytest.mark.root
-def test_a_dead_worker_fails_closed_and_is_restarted(env: Env) -> None:
+def test_a_dead_worker_fails_closed_and_is_restarted(env: EgressEnv) -> None:
     [worker] = _worker_pids(env)
     os.kill(worker, signal.SIGKILL)
-    time.sleep(0.2)
+    # Dead (a zombie until the main process reaps it) means its listening socket is closed.
+    assert wait_until(lambda: _dead(worker), timeout=5, interval=0.02)
     assert _fetch(env, "sb2", timeout=2).returncode != 0  # no listener: dropped, never forwarded
     assert _fetch(env, "sb1").returncode == 0  # the other worker's sandboxes are untouched
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        restarted = _worker_pids(env)
-        if restarted and restarted != [worker] and _fetch(env, "sb2", timeout=2).returncode == 0:
-            break
-        time.sleep(0.5)
-    else:
+
+    def restarted() -> bool:
+        pids = _worker_pids(env)
+        return bool(pids) and pids != [worker] and _fetch(env, "sb2", timeout=2).returncode == 0
+
+    if not wait_until(restarted, timeout=20, interval=0.5):
         pytest.fail("worker 1 was not restarted")
     restarts = [e for e in env.log_events("worker.exited") if e.get("worker") == 1]
     assert restarts and restarts[-1]["code"] == -signal.SIGKILL
 
 
 @pytest.mark.root
-def test_workers_stop_with_the_main_process(env: Env) -> None:
+def test_workers_stop_with_the_main_process(env: EgressEnv) -> None:
     [worker] = _worker_pids(env)
     assert env.gateway is not None
     env.gateway.send_signal(signal.SIGTERM)
     env.gateway.wait(timeout=20)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{worker}"):
-        time.sleep(0.1)
-    assert not os.path.exists(f"/proc/{worker}")
+    assert wait_until(lambda: not os.path.exists(f"/proc/{worker}"), timeout=10, interval=0.1)
     assert _fetch(env, "sb2", timeout=2).returncode != 0

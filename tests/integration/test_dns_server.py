@@ -31,7 +31,7 @@ from gateway.presets import BUILTIN_PRESETS
 from gateway.resolver import Upstream
 from gateway.state import PolicyContext, PolicyState
 from tests import authdns
-from tests.unit.test_dns_policy import ede_of, query
+from tests.factory import ede_of, query
 
 ZONE: dict[str, list[tuple[str, Any, int]]] = {
     "one.test": [("A", "192.0.2.1", 300), ("AAAA", "2001:db8::1", 300), ("HTTPS", None, 300)],

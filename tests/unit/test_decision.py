@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
-from typing import Any
 
 import pytest
 
 from gateway.decision import (
     DEFAULT_LIMITS,
-    CompiledPolicy,
     EffectiveLimits,
     Verdict,
     address_key,
     compile_policy,
     decide,
 )
-from gateway.policy import PROFILES, parse_sandbox, parse_template
-from gateway.presets import BUILTIN_PRESETS, Preset, make_preset
+from gateway.policy import PROFILES, parse_sandbox
+from gateway.presets import BUILTIN_PRESETS, make_preset
 from gateway.rules import Rule
-from gateway.state import PolicyContext
+from tests.factory import CONTEXT, policy
 
-CONTEXT = PolicyContext(
-    (ipaddress.ip_network("10.75.0.0/16"), ipaddress.ip_network("fdd4:1476:6c7e::/48")),
-    BUILTIN_PRESETS,
-    DEFAULT_LIMITS,
-)
 PUBLIC = "93.184.216.34"
 
 NOT_LISTED = Verdict(False, "host not in allowlist", Rule.DEFAULT_DENY)
@@ -34,28 +26,6 @@ NO_NAME = Verdict(False, "no hostname (SNI/Host) and address not in allow_cidrs"
 ISOLATED = Verdict(False, "profile isolated allows no network", Rule.ISOLATED)
 NO_INTERNET = Verdict(False, "egress disabled (allow_internet is false)", Rule.NO_INTERNET)
 ALLOW_ALL = Verdict(True, "profile unrestricted allows all egress", Rule.ALLOW_ALL)
-
-
-def policy(
-    profile: str = "allowlisted",
-    egress: object = None,
-    *,
-    template: Mapping[str, Any] | None = None,
-    limits: Mapping[str, Any] | None = None,
-    presets: Mapping[str, Preset] = BUILTIN_PRESETS,
-) -> CompiledPolicy:
-    """Parse a sandbox (and optional template) the way the API would, then compile it."""
-    data: dict[str, Any] = {"id": "sb1", "addresses": ["10.75.0.2"], "profile": profile}
-    if egress is not None:
-        data["egress"] = egress
-    if limits is not None:
-        data["limits"] = limits
-    parsed_template = None
-    if template is not None:
-        parsed_template = parse_template({"name": "tpl", **template}, known_presets=presets)
-        data["template"] = "tpl"
-    sandbox = parse_sandbox(data, subnets=CONTEXT.subnets, known_presets=presets)
-    return compile_policy(sandbox, parsed_template, presets, CONTEXT.default_limits)
 
 
 def split_label(label: str) -> tuple[Rule, str]:

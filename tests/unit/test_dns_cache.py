@@ -18,8 +18,7 @@ from gateway.dns.policy import (
     render,
     upstream_packet,
 )
-from tests.unit.test_decision import policy
-from tests.unit.test_dns_policy import query
+from tests.factory import Clock, policy, query
 
 CONFIG = DnsConfig(min_ttl=5, max_ttl=3600)
 OPEN = policy("unrestricted")
@@ -30,14 +29,6 @@ def answer_for(name: str, address: str, ttl: int, qtype: str = "A") -> Answer:
     reply = DNSRecord.parse(upstream_packet(q, CONFIG)).reply()
     reply.add_answer(RR(name, QTYPE.A, rdata=A(address), ttl=ttl))
     return accept_upstream(q, bytes(reply.pack()), OPEN, CONFIG)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_entries_never_cross_sandboxes_and_keys_are_name_type_and_do() -> None:

@@ -34,8 +34,7 @@ from gateway.presets import BUILTIN_PRESETS
 from gateway.ratelimit import ConnectionRateLimiter
 from gateway.resolver import Upstream
 from gateway.state import PolicyContext, PolicyState
-from tests.unit.test_dns_cache import Clock
-from tests.unit.test_dns_policy import ede_of, query
+from tests.factory import Clock, ede_of, query
 
 SERVER = ("127.0.0.1", 53)
 SB1, SB2 = ("10.75.0.1", 5301), ("10.75.0.2", 5302)

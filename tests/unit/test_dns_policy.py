@@ -24,28 +24,11 @@ from gateway.dns.policy import (
     ttl_offsets,
     upstream_packet,
 )
-from tests.unit.test_decision import policy
+from tests.factory import ede_of, policy, query
 
 CONFIG = DnsConfig()
 ALLOW = policy("allowlisted", {"allow_hosts": ["one.test", "*.wild.test"]})
 OPEN = policy("unrestricted")
-
-
-def query(name: str, qtype: str = "A", *, edns: bool = False, do: bool = False, qid: int = 0x4242) -> bytes:
-    record = DNSRecord.question(name, qtype)
-    record.header.id = qid
-    if edns:
-        record.add_ar(EDNS0(udp_len=4096, flags="do" if do else ""))
-    return bytes(record.pack())
-
-
-def ede_of(response: bytes) -> tuple[int, str] | None:
-    for rr in DNSRecord.parse(response).ar:
-        if rr.rtype == QTYPE.OPT:
-            for opt in rr.rdata:
-                if opt.code == 15:
-                    return struct.unpack("!H", opt.data[:2])[0], opt.data[2:].decode()
-    return None
 
 
 def upstream_reply(packet: bytes, zone: str, *, rcode: int = 0, ad: bool = False) -> bytes:

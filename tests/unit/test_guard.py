@@ -6,8 +6,7 @@ import pytest
 
 from gateway.engine.guard import FirstWordsGuard, HttpGuard
 from gateway.peek.http1 import HttpRequestTracker
-from tests.unit.test_decision import policy
-from tests.unit.test_peek import genuine_hello
+from tests.factory import genuine_hello, policy
 
 
 def test_http_guard_cuts_a_fronted_request_at_its_offset() -> None:

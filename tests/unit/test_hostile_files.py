@@ -5,15 +5,16 @@ tests/test_hostile_input.py.)"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +26,7 @@ from gateway.state import PolicyState
 from gateway.tunnel.config import TunnelConfig
 from gateway.tunnel.store import FileTunnelStore
 from gateway.untrusted import InvalidJson, parse_decimal, parse_json
+from tests.factory import wait_until_async
 
 
 def _directory(path: Path) -> None:
@@ -44,7 +46,7 @@ def _restore(path: Path) -> None:
         path.unlink()
 
 
-SPOILERS: dict[str, Callable[[Path], None]] = {
+SPOILERS: dict[str, Callable[[Path], object]] = {
     "directory": _directory,
     "named pipe": _fifo,
     "removed": lambda p: p.unlink(),
@@ -124,11 +126,16 @@ def test_the_malware_domain_list_keeps_its_last_list(tmp_path: Path, name: str) 
     assert blocklist.match("x.bad.example") is None and blocklist.match("worse.example") is not None
 
 
+#: A revoked tunnel (revoked within RETENTION): one the store keeps showing and its maintenance leaves alone.
 TUNNEL = {
-    "id": "t" * 26,
+    "id": "t" * 16,
     "sandbox": "sb1",
     "address": "10.75.0.2",
     "port": 8080,
+    "created_at": time.time() - 60,
+    "expires_at": time.time() + 3600,
+    "revoked_at": time.time() - 30,
+    "revoked_reason": "deleted",
 }
 
 
@@ -147,17 +154,24 @@ async def test_the_tunnel_file_keeps_its_last_tunnels(tmp_path: Path, spoil: Cal
     policy = PolicyState(load_config(None, environ={}).policy_context())
     path = tmp_path / "tunnels.json"
     store = FileTunnelStore(policy, TunnelConfig(poll_interval=0.01), path)
-    path.write_text(json.dumps({"tunnels": {}, "sessions": {}}))
-    await store.start()
-    try:
-        sentinel = object()
-        store.tunnels["kept"] = sentinel  # type: ignore[assignment]  # stands for the last good tunnels
-        spoil(path)
-        await asyncio.wait_for(store._load(), 5)  # neither raises nor blocks
-        assert store.tunnels["kept"] is sentinel
-        assert store._maintainer is not None and not store._maintainer.done()
-    finally:
-        await store.close()
+    path.write_text(json.dumps({"tunnels": {TUNNEL["id"]: TUNNEL}, "sessions": {}}))
+    with structlog.testing.capture_logs() as logs:
+        await store.start()
+        try:
+            last_good = dict(store.tunnels)
+            assert list(last_good) == [TUNNEL["id"]]
+            spoil(path)
+            # The store's own poll meets the spoiled file and refuses it, saying so (it neither raises nor blocks).
+            assert await wait_until_async(
+                lambda: [e for e in logs if e["log_level"] == "error" and e.get("path") == str(path)]
+            ), logs
+            assert store.tunnels == last_good
+            # ... and goes on following the file: the next good one is read.
+            _restore(path)
+            path.write_text(json.dumps({"tunnels": {}, "sessions": {}}))
+            assert await wait_until_async(lambda: not store.tunnels), store.tunnels
+        finally:
+            await store.close()
 
 
 @settings(max_examples=500, deadline=None)

@@ -45,6 +45,7 @@ from gateway.peek.tls import (
     TlsErrorCode,
     tls_alert,
 )
+from tests.factory import client_bios, genuine_hello
 
 
 def parse_client_hello(
@@ -55,29 +56,6 @@ def parse_client_hello(
 
 
 # --------------------------------------------------------------------------- genuine ClientHellos
-
-
-def client_bios(
-    server_hostname: str | None, alpn: Sequence[str] | None = ("h2", "http/1.1")
-) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
-    ctx = ssl.create_default_context()
-    if server_hostname is None:
-        ctx.check_hostname = False
-    if alpn:
-        ctx.set_alpn_protocols(list(alpn))
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
-    with pytest.raises(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return obj, incoming, outgoing
-
-
-def genuine_hello(server_hostname: str | None = "api.example.com", alpn: Sequence[str] | None = ("h2", "http/1.1")):
-    """The bytes a real TLS client (OpenSSL) writes first: one or more TLS records."""
-    _, _, outgoing = client_bios(server_hostname, alpn)
-    data = outgoing.read()
-    assert data[0] == 0x16
-    return data
 
 
 HELLO = genuine_hello()

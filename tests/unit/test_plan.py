@@ -12,8 +12,7 @@ from gateway.destinations import Destinations
 from gateway.engine import plan as plan_module
 from gateway.engine.plan import plan_named, plan_unnamed
 from gateway.learned import LearnedDestinations
-from tests.unit.test_decision import policy
-from tests.unit.test_resolver import make, server  # noqa: F401  (the fixture)
+from tests.factory import make, policy, resolver_server  # noqa: F401  (the fixture `server`)
 
 # The loopback zone uses documentation ranges; here they stand for the public internet.
 DEST = Destinations([ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32")])
@@ -21,7 +20,7 @@ ALLOW = {"allow_hosts": ["one.test", "private.test", "mixed.test", "metadata.tes
 
 
 async def test_a_named_connection_is_decided_once_per_name_address_and_port(
-    server,  # noqa: F811
+    server,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     asked: list[tuple[object, ...]] = []
@@ -42,7 +41,7 @@ async def test_a_named_connection_is_decided_once_per_name_address_and_port(
     assert plan.allowed and len(asked) == len(set(asked))  # each (name, address, port) at most once
 
 
-async def test_named_dials_the_original_destination_only_when_it_resolved_there(server) -> None:  # noqa: F811
+async def test_named_dials_the_original_destination_only_when_it_resolved_there(server) -> None:
     resolver = make(server[1])
     pol = policy("allowlisted", ALLOW)
     plan = await plan_named(pol, "one.test", "192.0.2.1", 443, "tls", DEST, resolver)
@@ -54,7 +53,7 @@ async def test_named_dials_the_original_destination_only_when_it_resolved_there(
     assert plan.dial == "2001:db8::1"  # the same family as the client asked for
 
 
-async def test_named_refusals(server) -> None:  # noqa: F811
+async def test_named_refusals(server) -> None:
     resolver = make(server[1])
     pol = policy("allowlisted", ALLOW)
     plan = await plan_named(pol, "other.test", "192.0.2.1", 443, "tls", DEST, resolver)

@@ -22,7 +22,7 @@ from gateway.engine.guard import HttpGuard
 from gateway.engine.relay import SPLICE_AFTER, AfterAnswer, GuardStop, IdleSweeper, Relay
 from gateway.peek.http1 import CONTINUE_TIMEOUT, HttpRequestTracker
 from gateway.ratelimit import BandwidthLimiter
-from tests.unit.test_decision import policy
+from tests.factory import policy
 
 Scenario = Callable[["Wired"], Coroutine[Any, Any, None]]
 

@@ -7,8 +7,7 @@ import asyncio
 from gateway.engine.guard import HttpGuard
 from gateway.engine.session import Closed, HttpRequest, Opaque, Peeker, PeekFailed, TlsHello, peek
 from gateway.peek.classify import TrafficKind
-from tests.unit.test_decision import policy
-from tests.unit.test_peek import genuine_hello
+from tests.factory import genuine_hello, policy
 
 
 def _reader(*chunks: bytes, eof: bool = False) -> asyncio.StreamReader:

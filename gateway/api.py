@@ -33,7 +33,7 @@ import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import structlog
@@ -46,8 +46,8 @@ from gateway.dns.server import DnsInterceptor
 from gateway.errors import Forbidden, GatewayError, NotFound
 from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, check_batch_name
 from gateway.hostnames import normalize_pattern
-from gateway.openapi import openapi_document
-from gateway.policy import DEFAULT_PROFILE, PROFILES, Sandbox
+from gateway.openapi import ERROR_CODES, JSON, MERGE_PATCH, NDJSON, Answer, Body, Query, openapi_document
+from gateway.policy import DEFAULT_PROFILE, PORT_SCHEMA, PROFILES, Sandbox
 from gateway.stores.base import PolicyStore
 from gateway.tunnel.store import TunnelStore
 from gateway.untrusted import InvalidJson, parse_decimal, parse_json
@@ -70,7 +70,7 @@ __all__ = [
 log = structlog.get_logger("gateway.api")
 
 MAX_BODY_BYTES: Final = 1024 * 1024
-JSON_TYPES: Final = frozenset({"application/json", "application/merge-patch+json"})
+JSON_TYPES: Final = frozenset({JSON, MERGE_PATCH})
 WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 #: Route scopes that are not a token scope: PUBLIC needs no token, AUTHENTICATED any valid token.
 PUBLIC: Final = "public"
@@ -94,11 +94,26 @@ class Caller:
 
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
+    """One route, declared once: what the app registers and checks, and what the OpenAPI document says of it."""
+
     method: str
     path: str
     handler: Handler
     scope: str  # a token scope, PUBLIC or AUTHENTICATED
     action: str  # the name writes are logged under; also the OpenAPI operationId
+    summary: str
+    tag: str
+    ok: Mapping[int, Answer]  # the success answers, by status
+    #: Error statuses beyond the ones every route has (400, 500; 401 and 403 unless public), each with what it
+    #: means here (None: the generic text). A 400 or 403 listed here only replaces that text.
+    errors: Mapping[int, str | None] = field(default_factory=dict)
+    body: Body | None = None
+    query: tuple[Query, ...] = ()
+    description: str | None = None
+
+    @property
+    def public(self) -> bool:
+        return self.scope == PUBLIC
 
 
 STORE_KEY: Final = web.AppKey("store", PolicyStore)
@@ -114,7 +129,6 @@ DATA_PLANE_STATUS_KEY: Final = web.AppKey("data_plane_status", Callable[[], dict
 #: What, besides the store, does not serve yet (the data plane's parts); readiness waits for an empty list.
 READINESS_KEY: Final = web.AppKey("readiness", Callable[[], list[str]])
 MAX_DNS_LOG: Final = 1000
-NDJSON: Final = "application/x-ndjson"
 
 
 @dataclass(slots=True)
@@ -380,7 +394,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def openapi_json(request: web.Request) -> web.Response:
     _query(request, ())
-    return web.json_response(openapi_document())
+    return web.json_response(openapi_document(route_specs()))
 
 
 async def status(request: web.Request) -> web.Response:
@@ -804,34 +818,443 @@ _MALFORMED_REQUESTS: Final = _MalformedRequestFilter()
 # --------------------------------------------------------------------------- the application
 
 
+#: Example bodies, published in the OpenAPI document; the tests run each through the real parser.
+SANDBOX_EXAMPLES: Final[Mapping[str, Any]] = {
+    "allowlisted": {
+        "id": "agent-7",
+        "addresses": ["10.75.0.7"],
+        "profile": "allowlisted",
+        "egress": {"allow_hosts": ["api.github.com", "*.example.com"], "presets": ["ai-apis"], "host_ports": [443]},
+        "limits": {"bandwidth_mbit": 50},
+        "labels": {"team": "research"},
+    },
+    "registry": {"id": "builder-1", "addresses": ["10.75.0.8"], "profile": "registry"},
+    "unrestricted_minus_private": {
+        "id": "scraper-2",
+        "addresses": ["10.75.0.9", "fdd4:1476:6c7e::9"],
+        "profile": "unrestricted",
+        "egress": {"deny_cidrs": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]},
+    },
+    "cidr_rules": {
+        "id": "dns-only",
+        "addresses": ["10.75.0.10"],
+        "profile": "allowlisted",
+        "egress": {"mode": "deny_all", "allow_cidrs": ["1.1.1.1/32", "1.0.0.1/32"], "allow_ports": [443]},
+    },
+    "shorthand_list": {
+        "id": "ws-target",
+        "addresses": ["10.75.0.11"],
+        "profile": "allowlisted",
+        "egress": ["api.openai.com", "registry.npmjs.org", "10.0.0.0/8"],
+        "ingress": {"sources": ["10.0.0.0/8"], "ports": [80, 443], "public_access": False},
+        "private_links": ["ws-agent"],
+    },
+    "isolated": {"id": "untrusted-eval", "addresses": ["10.75.0.12"]},
+}
+SANDBOX_PATCH_EXAMPLES: Final[Mapping[str, Any]] = {
+    "add_hosts": {"egress": {"allow_hosts": ["api.github.com", "pypi.org"]}},
+    "drop_own_limits": {"limits": None},
+    "relabel": {"labels": {"team": "platform"}},
+}
+TEMPLATE_EXAMPLES: Final[Mapping[str, Any]] = {
+    "secure_python": {
+        "name": "secure-python",
+        "description": "Internet minus RFC 1918, for deny_all sandboxes with CIDR rules",
+        "egress": {
+            "mode": "deny_all",
+            "allow_cidrs": ["0.0.0.0/0"],
+            "deny_cidrs": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
+        },
+    },
+    "ai_agent": {
+        "name": "ai-agent",
+        "description": "Git hosts and AI APIs",
+        "egress": {"presets": ["git-hosts", "ai-apis"]},
+        "limits": {"connections_per_minute": 300},
+    },
+}
+TUNNEL_EXAMPLES: Final[Mapping[str, Any]] = {
+    "public_preview": {"port": 3000, "label": "Web Server"},
+    "password_protected": {"port": 8080, "label": "Admin UI", "password": "correct horse battery", "ttl": 3600},
+    "vite_dev_server": {"port": 5173, "rewrite_host": True},
+}
+
+_PROFILE_SCOPE: Final = (
+    "A sandbox whose profile (the stored one, and the one the body names) is not isolated also needs scope "
+    "network:<profile>; without it the answer is 403 NETWORK_PROFILE_DENIED, before the body is validated, "
+    "and nothing is written."
+)
+_SANDBOX_WRITE_403: Final = ERROR_CODES[403] + " NETWORK_PROFILE_DENIED: the token lacks network:<profile>."
+_AUDIT_DISABLED: Final = "AUDIT_DISABLED: the gateway runs without a flow log."
+_TUNNELS_DISABLED: Final = (
+    "TUNNELS_DISABLED: this API was started without the tunnel service. Also STORE_UNAVAILABLE / STORE_WRITE_FAILED."
+)
+_WRITE_ERRORS: Final = {413: None, 415: None, 503: None}  # every write reads a body and reaches the store
+
+
 def route_specs() -> tuple[RouteSpec, ...]:
-    """Every route the API serves; the OpenAPI document is tested against this table."""
+    """Every route the API serves, and all the OpenAPI document says of it (the tests hold the two together)."""
+    sandbox_id = "/v1/sandboxes/{id}"
     return (
-        RouteSpec("GET", "/healthz", healthz, PUBLIC, "healthz"),
-        RouteSpec("GET", "/readyz", readyz, PUBLIC, "readyz"),
-        RouteSpec("GET", "/openapi.json", openapi_json, PUBLIC, "openapi"),
-        RouteSpec("GET", "/v1/status", status, "sandboxes:read", "status"),
-        RouteSpec("GET", "/v1/presets", list_presets, AUTHENTICATED, "presets.list"),
-        RouteSpec("GET", "/v1/sandboxes", list_sandboxes, "sandboxes:read", "sandboxes.list"),
-        RouteSpec("POST", "/v1/sandboxes", create_sandbox, "sandboxes:write", "sandboxes.create"),
-        RouteSpec("GET", "/v1/sandboxes/{id}", get_sandbox, "sandboxes:read", "sandboxes.get"),
-        RouteSpec("PUT", "/v1/sandboxes/{id}", replace_sandbox, "sandboxes:write", "sandboxes.replace"),
-        RouteSpec("PATCH", "/v1/sandboxes/{id}", patch_sandbox, "sandboxes:write", "sandboxes.patch"),
-        RouteSpec("DELETE", "/v1/sandboxes/{id}", delete_sandbox, "sandboxes:write", "sandboxes.delete"),
-        RouteSpec("GET", "/v1/sandboxes/{id}/policy", sandbox_policy, "sandboxes:read", "sandboxes.policy"),
-        RouteSpec("GET", "/v1/sandboxes/{id}/explain", explain, "sandboxes:read", "sandboxes.explain"),
-        RouteSpec("GET", "/v1/sandboxes/{id}/audit-batches", list_audit_batches, "audit:read", "audit.list"),
-        RouteSpec("GET", "/v1/sandboxes/{id}/audit-batches/{name}", get_audit_batch, "audit:read", "audit.get"),
-        RouteSpec("GET", "/v1/sandboxes/{id}/dns-log", dns_log, "audit:read", "dns.log"),
-        RouteSpec("GET", "/v1/sandboxes/{id}/tunnels", list_tunnels, "tunnels:read", "tunnels.list"),
-        RouteSpec("POST", "/v1/sandboxes/{id}/tunnels", create_tunnel, "tunnels:write", "tunnels.create"),
-        RouteSpec("GET", "/v1/tunnels/{id}", get_tunnel, "tunnels:read", "tunnels.get"),
-        RouteSpec("DELETE", "/v1/tunnels/{id}", revoke_tunnel, "tunnels:write", "tunnels.revoke"),
-        RouteSpec("GET", "/v1/templates", list_templates, "templates:read", "templates.list"),
-        RouteSpec("POST", "/v1/templates", create_template, "templates:write", "templates.create"),
-        RouteSpec("GET", "/v1/templates/{name}", get_template, "templates:read", "templates.get"),
-        RouteSpec("PUT", "/v1/templates/{name}", replace_template, "templates:write", "templates.replace"),
-        RouteSpec("DELETE", "/v1/templates/{name}", delete_template, "templates:write", "templates.delete"),
+        RouteSpec(
+            "GET", "/healthz", healthz, PUBLIC, "healthz", "Liveness", "service", {200: Answer("Alive.", "Health")}
+        ),
+        RouteSpec(
+            "GET",
+            "/readyz",
+            readyz,
+            PUBLIC,
+            "readyz",
+            "Readiness: the policy store has loaded and, with the data plane, it all serves",
+            "service",
+            {200: Answer("The store is loaded; the engine, its workers and DNS listen; steered.", "Ready")},
+            {
+                503: "STORE_NOT_READY: the policy store has not loaded yet. DATA_PLANE_NOT_READY: the message names "
+                "each part that does not serve yet (the egress engine or a worker not listening, the DNS "
+                "interceptor not listening, the steering table not applied)."
+            },
+        ),
+        RouteSpec(
+            "GET",
+            "/openapi.json",
+            openapi_json,
+            PUBLIC,
+            "openapi",
+            "This document",
+            "service",
+            {200: Answer("The OpenAPI 3.1 document.", {"type": "object"})},
+        ),
+        RouteSpec(
+            "GET",
+            "/v1/status",
+            status,
+            "sandboxes:read",
+            "status",
+            "Store backend, readiness, counts and rejected outside records",
+            "service",
+            {200: Answer("The store's status.", "Status")},
+        ),
+        RouteSpec(
+            "GET",
+            "/v1/presets",
+            list_presets,
+            AUTHENTICATED,
+            "presets.list",
+            "Built-in and configured presets",
+            "presets",
+            {200: Answer("Every preset, by name.", "PresetList")},
+            description="Any valid token may read the presets.",
+        ),
+        RouteSpec(
+            "GET",
+            "/v1/sandboxes",
+            list_sandboxes,
+            "sandboxes:read",
+            "sandboxes.list",
+            "List sandboxes",
+            "sandboxes",
+            {200: Answer("Sandboxes sorted by id.", "SandboxList")},
+            query=(Query("profile", {"type": "string", "enum": list(PROFILES)}), Query("template", {"type": "string"})),
+        ),
+        RouteSpec(
+            "POST",
+            "/v1/sandboxes",
+            create_sandbox,
+            "sandboxes:write",
+            "sandboxes.create",
+            "Create a sandbox",
+            "sandboxes",
+            {201: Answer("Created.", "Sandbox", headers={"Location": "/v1/sandboxes/{id}"})},
+            {
+                **_WRITE_ERRORS,
+                403: _SANDBOX_WRITE_403,
+                409: "SANDBOX_EXISTS: the id is taken. ADDRESS_IN_USE: an address belongs to another sandbox.",
+            },
+            body=Body("SandboxCreate", SANDBOX_EXAMPLES),
+            description=_PROFILE_SCOPE,
+        ),
+        RouteSpec(
+            "GET",
+            sandbox_id,
+            get_sandbox,
+            "sandboxes:read",
+            "sandboxes.get",
+            "Get a sandbox",
+            "sandboxes",
+            {200: Answer("The record.", "Sandbox")},
+            {404: None},
+        ),
+        RouteSpec(
+            "PUT",
+            sandbox_id,
+            replace_sandbox,
+            "sandboxes:write",
+            "sandboxes.replace",
+            "Replace a sandbox (it must exist; create with POST)",
+            "sandboxes",
+            {200: Answer("Replaced.", "Sandbox")},
+            {
+                **_WRITE_ERRORS,
+                403: _SANDBOX_WRITE_403,
+                404: None,
+                409: "PROFILE_IMMUTABLE: the profile differs from the stored one. ADDRESS_IN_USE.",
+            },
+            body=Body(
+                "SandboxReplace",
+                {name: {k: v for k, v in record.items() if k != "id"} for name, record in SANDBOX_EXAMPLES.items()},
+            ),
+            description=_PROFILE_SCOPE,
+        ),
+        RouteSpec(
+            "PATCH",
+            sandbox_id,
+            patch_sandbox,
+            "sandboxes:write",
+            "sandboxes.patch",
+            "Change a sandbox with a JSON merge patch (RFC 7396)",
+            "sandboxes",
+            {200: Answer("The record after the patch.", "Sandbox")},
+            {
+                **_WRITE_ERRORS,
+                403: _SANDBOX_WRITE_403,
+                404: None,
+                409: "PROFILE_IMMUTABLE: the patch changes the profile. ADDRESS_IN_USE.",
+            },
+            body=Body("SandboxPatch", SANDBOX_PATCH_EXAMPLES, (MERGE_PATCH, JSON)),
+            description="The patch is applied to the stored record and the result validated as a whole. Send it as "
+            "application/merge-patch+json (application/json is accepted too). " + _PROFILE_SCOPE,
+        ),
+        RouteSpec(
+            "DELETE",
+            sandbox_id,
+            delete_sandbox,
+            "sandboxes:write",
+            "sandboxes.delete",
+            "Delete a sandbox",
+            "sandboxes",
+            {204: Answer("Deleted; its traffic is refused from now on.")},
+            {403: _SANDBOX_WRITE_403, 404: None, 503: None},
+            description=_PROFILE_SCOPE,
+        ),
+        RouteSpec(
+            "GET",
+            f"{sandbox_id}/policy",
+            sandbox_policy,
+            "sandboxes:read",
+            "sandboxes.policy",
+            "The effective compiled policy",
+            "sandboxes",
+            {200: Answer("What the data plane enforces.", "EffectivePolicy")},
+            {404: None},
+        ),
+        RouteSpec(
+            "GET",
+            f"{sandbox_id}/explain",
+            explain,
+            "sandboxes:read",
+            "sandboxes.explain",
+            "Would this connection be allowed, and by which rule?",
+            "sandboxes",
+            {200: Answer("The verdict (allowed or not: both are 200).", "Explain")},
+            {
+                400: "INVALID_PORT, INVALID_ADDRESS, INVALID_HOSTNAME, INVALID_PROTOCOL, MISSING_FIELD (neither host "
+                "nor address; tcp/udp without a port), UNKNOWN_PARAMETER.",
+                404: None,
+            },
+            query=(
+                Query(
+                    "host",
+                    {"type": "string"},
+                    "The name (TLS SNI / HTTP Host / DNS question), optionally with the port: name, name:port, "
+                    "[v6]:port. An address here means a connection that carries no name.",
+                ),
+                Query("port", PORT_SCHEMA, "Default: 443 for tls, 80 for http; required for tcp and udp."),
+                Query("address", {"type": "string"}, "The destination address, for CIDR rules."),
+                Query(
+                    "protocol",
+                    {"type": "string", "enum": list(PROTOCOLS), "default": "tls"},
+                    "dns asks whether the name would resolve (decided on the name alone).",
+                ),
+            ),
+        ),
+        RouteSpec(
+            "GET",
+            f"{sandbox_id}/audit-batches",
+            list_audit_batches,
+            "audit:read",
+            "audit.list",
+            "List the sandbox's flow record batches, oldest first",
+            "audit",
+            {200: Answer("One page of batches in chronological order.", "AuditBatchList")},
+            {
+                400: "INVALID_PARAMETER (since_us, limit), INVALID_CONTINUATION_TOKEN, UNKNOWN_PARAMETER.",
+                404: "SANDBOX_NOT_FOUND: no such sandbox and no batches for that id.",
+                503: _AUDIT_DISABLED,
+            },
+            query=(
+                Query(
+                    "since_us",
+                    {"type": "integer", "minimum": 0, "default": 0},
+                    "Only batches whose first record was written at or after this time (µs since the epoch).",
+                ),
+                Query("continuation_token", {"type": "string"}, "Opaque; from the previous page."),
+                Query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 100}),
+            ),
+            description="Audit batches: NDJSON files named {ts_us}-{pid}.ndjson whose lexical order is "
+            "chronological. Follow next_continuation_token until it is null. Batches outlive the sandbox's record: "
+            "a deleted sandbox's batches stay listable.",
+        ),
+        RouteSpec(
+            "GET",
+            f"{sandbox_id}/audit-batches/{{name}}",
+            get_audit_batch,
+            "audit:read",
+            "audit.get",
+            "Fetch one batch",
+            "audit",
+            {
+                200: Answer(
+                    "NDJSON: one FlowRecord (see components.schemas.FlowRecord) per line.", {"type": "string"}, NDJSON
+                )
+            },
+            {
+                400: "INVALID_BATCH_NAME: not a {ts_us}-{pid}.ndjson name. UNKNOWN_PARAMETER.",
+                404: "SANDBOX_NOT_FOUND, BATCH_NOT_FOUND.",
+                503: _AUDIT_DISABLED,
+            },
+        ),
+        RouteSpec(
+            "GET",
+            f"{sandbox_id}/dns-log",
+            dns_log,
+            "audit:read",
+            "dns.log",
+            "The sandbox's recent DNS queries, oldest first",
+            "audit",
+            {200: Answer("The last `limit` queries the interceptor answered for this sandbox.", "DnsLog")},
+            {
+                400: "INVALID_PARAMETER (limit), UNKNOWN_PARAMETER.",
+                404: "SANDBOX_NOT_FOUND.",
+                503: "DNS_DISABLED: the gateway runs without the data plane (gateway run --data-plane).",
+            },
+            query=(Query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_DNS_LOG, "default": 100}),),
+            description="The per-sandbox query log: name, type, answer or rcode, latency, and whether the policy "
+            "allowed it and why. Kept in memory (dns.query_log_size per sandbox); every query is also a flow record "
+            "in the audit batches.",
+        ),
+        RouteSpec(
+            "GET",
+            f"{sandbox_id}/tunnels",
+            list_tunnels,
+            "tunnels:read",
+            "tunnels.list",
+            "List the sandbox's tunnels (live and recently ended), oldest first",
+            "tunnels",
+            {200: Answer("The tunnels; passwords are never returned.", "TunnelList")},
+            {404: "SANDBOX_NOT_FOUND.", 503: _TUNNELS_DISABLED},
+        ),
+        RouteSpec(
+            "POST",
+            f"{sandbox_id}/tunnels",
+            create_tunnel,
+            "tunnels:write",
+            "tunnels.create",
+            "Expose a sandbox port at a temporary HTTPS URL",
+            "tunnels",
+            {201: Answer("Created.", "Tunnel", headers={"Location": "/v1/tunnels/{id}"})},
+            {
+                **_WRITE_ERRORS,
+                400: "MISSING_FIELD, UNKNOWN_FIELD, INVALID_TYPE, INVALID_PORT, INVALID_LABEL, INVALID_PASSWORD, "
+                "INVALID_TTL, INVALID_JSON.",
+                403: "INSUFFICIENT_SCOPE; INGRESS_PORT_NOT_ALLOWED (the port is not in the sandbox's ingress.ports), "
+                "INGRESS_PASSWORD_REQUIRED (its ingress.public_access is false and no password).",
+                404: "SANDBOX_NOT_FOUND.",
+                409: "TOO_MANY_TUNNELS: the sandbox already has the most live tunnels allowed (20 by default).",
+                503: _TUNNELS_DISABLED,
+            },
+            body=Body("TunnelCreate", TUNNEL_EXAMPLES),
+            description="The URL is https://<random>.<tunnel domain>/ with 80 random bits, never derived from the "
+            "sandbox id. The tunnel ends at expires_at, when revoked, or when the sandbox is deleted; live "
+            "connections (WebSockets and streams included) are closed then.",
+        ),
+        RouteSpec(
+            "GET",
+            "/v1/tunnels/{id}",
+            get_tunnel,
+            "tunnels:read",
+            "tunnels.get",
+            "Get a tunnel",
+            "tunnels",
+            {200: Answer("The tunnel.", "Tunnel")},
+            {404: "TUNNEL_NOT_FOUND.", 503: _TUNNELS_DISABLED},
+        ),
+        RouteSpec(
+            "DELETE",
+            "/v1/tunnels/{id}",
+            revoke_tunnel,
+            "tunnels:write",
+            "tunnels.revoke",
+            "Revoke a tunnel (idempotent); its live connections are closed on every node",
+            "tunnels",
+            {200: Answer("The tunnel as revoked.", "Tunnel")},
+            {404: "TUNNEL_NOT_FOUND.", 503: _TUNNELS_DISABLED},
+        ),
+        RouteSpec(
+            "GET",
+            "/v1/templates",
+            list_templates,
+            "templates:read",
+            "templates.list",
+            "List templates",
+            "templates",
+            {200: Answer("Templates sorted by name.", "TemplateList")},
+        ),
+        RouteSpec(
+            "POST",
+            "/v1/templates",
+            create_template,
+            "templates:write",
+            "templates.create",
+            "Create a template",
+            "templates",
+            {201: Answer("Created.", "Template", headers={"Location": "/v1/templates/{name}"})},
+            {**_WRITE_ERRORS, 409: "TEMPLATE_EXISTS: the name is taken."},
+            body=Body("TemplateCreate", TEMPLATE_EXAMPLES),
+        ),
+        RouteSpec(
+            "GET",
+            "/v1/templates/{name}",
+            get_template,
+            "templates:read",
+            "templates.get",
+            "Get a template",
+            "templates",
+            {200: Answer("The record.", "Template")},
+            {404: None},
+        ),
+        RouteSpec(
+            "PUT",
+            "/v1/templates/{name}",
+            replace_template,
+            "templates:write",
+            "templates.replace",
+            "Replace a template (it must exist; create with POST)",
+            "templates",
+            {200: Answer("Replaced; sandboxes using it are recompiled at once.", "Template")},
+            {**_WRITE_ERRORS, 404: None},
+            body=Body("TemplateReplace", TEMPLATE_EXAMPLES),
+        ),
+        RouteSpec(
+            "DELETE",
+            "/v1/templates/{name}",
+            delete_template,
+            "templates:write",
+            "templates.delete",
+            "Delete a template",
+            "templates",
+            {204: Answer("Deleted.")},
+            {404: None, 409: "TEMPLATE_IN_USE: sandboxes still use it; the message names them.", 503: None},
+        ),
     )
 
 

@@ -26,20 +26,25 @@ from dnslib import RCODE, DNSRecord
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_spec
 
-from gateway.api import MAX_BODY_BYTES, PUBLIC, apply_merge_patch, create_app, parse_explain_query, route_specs
+from gateway.api import (
+    MAX_BODY_BYTES,
+    PUBLIC,
+    SANDBOX_EXAMPLES,
+    SANDBOX_PATCH_EXAMPLES,
+    TEMPLATE_EXAMPLES,
+    TUNNEL_EXAMPLES,
+    apply_merge_patch,
+    create_app,
+    parse_explain_query,
+    route_specs,
+)
 from gateway.config import Config, load_config
 from gateway.dns.config import DnsConfig
 from gateway.dns.server import DnsInterceptor
 from gateway.egress import DataPlane
 from gateway.errors import GatewayError
 from gateway.flowlog import FIELD_NAMES, FlowLog, FlowRecord
-from gateway.openapi import (
-    SANDBOX_EXAMPLES,
-    SANDBOX_PATCH_EXAMPLES,
-    TEMPLATE_EXAMPLES,
-    TUNNEL_EXAMPLES,
-    openapi_document,
-)
+from gateway.openapi import openapi_document
 from gateway.policy import parse_sandbox, parse_template
 from gateway.stores.embedded import EmbeddedStore
 from gateway.tunnel.config import TunnelConfig
@@ -61,7 +66,7 @@ TOKENS: dict[str, tuple[str, list[str]]] = {
     "tunnel-viewer": ("tunnel-viewer-secret-0123456789", ["tunnels:read"]),
 }
 
-DOC = openapi_document()
+DOC = openapi_document(route_specs())
 
 ALLOWLISTED = {
     "id": "agent-1",

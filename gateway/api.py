@@ -137,6 +137,7 @@ class _Exchange:
 
     caller: Caller | None = None
     target: str | None = None
+    query: Mapping[str, str] = field(default_factory=dict)  # the route's query parameters, checked
 
 
 # A context variable rather than request storage: each request runs in its own task, and
@@ -282,6 +283,11 @@ def _caller() -> Caller:
     return caller
 
 
+def _params() -> Mapping[str, str]:
+    """This request's query parameters, checked against the route's declared ones by the middleware."""
+    return _EXCHANGE.get().query
+
+
 def _set_target(target: str) -> None:
     _EXCHANGE.get().target = target
 
@@ -291,7 +297,8 @@ def _set_target(target: str) -> None:
 
 @web.middleware
 async def _middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authentication, scope checks, JSON errors and the write log, in one place for every route."""
+    """Authentication, scope checks, query parameter names, JSON errors and the write log, in one place for
+    every route."""
     exchange = _Exchange()
     reset = _EXCHANGE.set(exchange)
     try:
@@ -310,6 +317,8 @@ async def _handle(request: web.Request, handler: Handler, exchange: _Exchange) -
             exchange.caller = _admit(request)
             if spec.scope != AUTHENTICATED:
                 _require(exchange.caller, spec.scope)
+        if spec is not None:
+            exchange.query = _query(request, (parameter.name for parameter in spec.query))
         response = await handler(request)
     except _Unauthenticated as exc:
         log.warning(
@@ -377,12 +386,10 @@ def _log_write(request: web.Request, spec: RouteSpec | None, exchange: _Exchange
 
 
 async def healthz(request: web.Request) -> web.Response:
-    _query(request, ())
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    _query(request, ())
     store = request.app[STORE_KEY]
     if not store.ready.is_set():
         return _error(503, "STORE_NOT_READY", f"the {store.backend} policy store has not loaded yet")
@@ -393,12 +400,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    _query(request, ())
     return web.json_response(openapi_document(route_specs()))
 
 
 async def status(request: web.Request) -> web.Response:
-    _query(request, ())
     body = request.app[STORE_KEY].status()
     body["auth"] = "open-loopback" if request.app[OPEN_KEY] else "tokens"
     if DATA_PLANE_STATUS_KEY in request.app:
@@ -407,7 +412,6 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def list_presets(request: web.Request) -> web.Response:
-    _query(request, ())
     presets = request.app[CONFIG_KEY].presets
     return web.json_response({"presets": [presets[name].to_dict() for name in sorted(presets)]})
 
@@ -420,7 +424,7 @@ def _sandbox_url(sandbox_id: str) -> str:
 
 
 async def list_sandboxes(request: web.Request) -> web.Response:
-    query = _query(request, ("profile", "template"))
+    query = _params()
     profile = query.get("profile")
     if profile is not None and profile not in PROFILES:
         raise GatewayError(
@@ -453,7 +457,6 @@ def _require_sandbox_scope(request: web.Request, sandbox_id: str) -> Sandbox:
 
 
 async def create_sandbox(request: web.Request) -> web.Response:
-    _query(request, ())
     store = request.app[STORE_KEY]
     raw = await _read_json(request)
     if isinstance(raw, dict) and isinstance(raw.get("id"), str):
@@ -465,12 +468,10 @@ async def create_sandbox(request: web.Request) -> web.Response:
 
 
 async def get_sandbox(request: web.Request) -> web.Response:
-    _query(request, ())
     return web.json_response(request.app[STORE_KEY].state.get_sandbox(request.match_info["id"]).to_dict())
 
 
 async def replace_sandbox(request: web.Request) -> web.Response:
-    _query(request, ())
     store = request.app[STORE_KEY]
     sandbox_id = request.match_info["id"]
     _require_sandbox_scope(request, sandbox_id)  # before the body is read: no work for a caller who may not act
@@ -483,7 +484,6 @@ async def replace_sandbox(request: web.Request) -> web.Response:
 
 
 async def patch_sandbox(request: web.Request) -> web.Response:
-    _query(request, ())
     store = request.app[STORE_KEY]
     sandbox_id = request.match_info["id"]
     _require_sandbox_scope(request, sandbox_id)
@@ -500,7 +500,6 @@ async def patch_sandbox(request: web.Request) -> web.Response:
 
 
 async def delete_sandbox(request: web.Request) -> web.Response:
-    _query(request, ())
     sandbox_id = request.match_info["id"]
     async with _write_lock(request):
         _require_sandbox_scope(request, sandbox_id)
@@ -514,7 +513,6 @@ async def delete_sandbox(request: web.Request) -> web.Response:
 
 
 async def sandbox_policy(request: web.Request) -> web.Response:
-    _query(request, ())
     state = request.app[STORE_KEY].state
     sandbox_id = request.match_info["id"]
     state.get_sandbox(sandbox_id)  # 404 with the usual code when unknown
@@ -632,7 +630,7 @@ def _say_when_the_address_decides(verdict: Verdict, policy: CompiledPolicy, aske
 
 
 async def explain(request: web.Request) -> web.Response:
-    query = _query(request, ("host", "port", "address", "protocol"))
+    query = _params()
     sandbox_id = request.match_info["id"]
     state = request.app[STORE_KEY].state
     state.get_sandbox(sandbox_id)  # unknown sandbox: 404 before input errors would mislead
@@ -672,7 +670,7 @@ def _int_parameter(query: Mapping[str, str], name: str, default: int, low: int, 
 
 
 async def list_audit_batches(request: web.Request) -> web.Response:
-    query = _query(request, ("since_us", "continuation_token", "limit"))
+    query = _params()
     flows, sandbox_id = _audit_sandbox(request)
     since_us = _int_parameter(query, "since_us", 0, 0, 2**63 - 1)
     limit = _int_parameter(query, "limit", 100, 1, MAX_LIST_LIMIT)
@@ -683,7 +681,6 @@ async def list_audit_batches(request: web.Request) -> web.Response:
 
 
 async def get_audit_batch(request: web.Request) -> web.Response:
-    _query(request, ())
     flows, sandbox_id = _audit_sandbox(request)
     name = check_batch_name(request.match_info["name"])
     body = await asyncio.to_thread(flows.read_batch, sandbox_id, name)
@@ -691,7 +688,7 @@ async def get_audit_batch(request: web.Request) -> web.Response:
 
 
 async def dns_log(request: web.Request) -> web.Response:
-    query = _query(request, ("limit",))
+    query = _params()
     dns = request.app.get(DNS_KEY)
     if dns is None:
         raise GatewayError(
@@ -718,7 +715,6 @@ def _tunnels(request: web.Request) -> TunnelStore:
 
 
 async def list_tunnels(request: web.Request) -> web.Response:
-    _query(request, ())
     tunnels = _tunnels(request)
     sandbox_id = request.match_info["id"]
     request.app[STORE_KEY].state.get_sandbox(sandbox_id)
@@ -726,7 +722,6 @@ async def list_tunnels(request: web.Request) -> web.Response:
 
 
 async def create_tunnel(request: web.Request) -> web.Response:
-    _query(request, ())
     tunnels = _tunnels(request)
     sandbox_id = request.match_info["id"]
     request.app[STORE_KEY].state.get_sandbox(sandbox_id)  # 404 before body errors would mislead
@@ -737,13 +732,11 @@ async def create_tunnel(request: web.Request) -> web.Response:
 
 
 async def get_tunnel(request: web.Request) -> web.Response:
-    _query(request, ())
     tunnels = _tunnels(request)
     return web.json_response(tunnels.public(tunnels.get(request.match_info["id"])))
 
 
 async def revoke_tunnel(request: web.Request) -> web.Response:
-    _query(request, ())
     tunnels = _tunnels(request)
     tunnel_id = request.match_info["id"]
     _set_target(f"tunnel:{tunnel_id[:4]}")
@@ -754,13 +747,11 @@ async def revoke_tunnel(request: web.Request) -> web.Response:
 
 
 async def list_templates(request: web.Request) -> web.Response:
-    _query(request, ())
     templates = request.app[STORE_KEY].state.templates
     return web.json_response({"templates": [templates[name].to_dict() for name in sorted(templates)]})
 
 
 async def create_template(request: web.Request) -> web.Response:
-    _query(request, ())
     store = request.app[STORE_KEY]
     raw = await _read_json(request)
     async with _write_lock(request):
@@ -771,12 +762,10 @@ async def create_template(request: web.Request) -> web.Response:
 
 
 async def get_template(request: web.Request) -> web.Response:
-    _query(request, ())
     return web.json_response(request.app[STORE_KEY].state.get_template(request.match_info["name"]).to_dict())
 
 
 async def replace_template(request: web.Request) -> web.Response:
-    _query(request, ())
     raw = await _read_json(request)
     async with _write_lock(request):
         template = await request.app[STORE_KEY].put_template(request.match_info["name"], raw, create=False)
@@ -784,7 +773,6 @@ async def replace_template(request: web.Request) -> web.Response:
 
 
 async def delete_template(request: web.Request) -> web.Response:
-    _query(request, ())
     async with _write_lock(request):
         await request.app[STORE_KEY].delete_template(request.match_info["name"])
     return web.Response(status=204)

@@ -883,6 +883,48 @@ def test_example_bodies_pass_the_real_parser_and_their_schema(config: Config) ->
         assert not _validator({"$ref": "#/components/schemas/SandboxCreate"}).is_valid(bad)
 
 
+def _accepted_fields(parse: Callable[[Any], object], record: Any, path: str) -> set[str]:
+    """The field names the parser accepts at `path`, read from its refusal of an unknown one."""
+    with pytest.raises(GatewayError) as caught:
+        parse(record)
+    assert (caught.value.code, caught.value.field) == ("UNKNOWN_FIELD", path)
+    listed = re.search(r"expected(?: one of)?:? (.*)$", caught.value.message)
+    assert listed is not None, caught.value.message
+    return set(listed.group(1).split(", "))
+
+
+def test_request_schemas_list_exactly_the_fields_the_parser_accepts(config: Config) -> None:
+    context = config.policy_context()
+
+    def sandbox(raw: Any) -> object:
+        return parse_sandbox(raw, subnets=context.subnets, known_presets=context.presets)
+
+    def template(raw: Any) -> object:
+        return parse_template(raw, known_presets=context.presets)
+
+    def tunnel(raw: Any) -> object:
+        return parse_request(raw, default_ttl=60, max_ttl=3600)
+
+    base = {"id": "probe", "addresses": ["10.75.0.5"], "profile": "allowlisted"}
+    probes = {
+        "SandboxCreate": (sandbox, {**base, "zz_unknown": 1}, "zz_unknown"),
+        "Egress": (sandbox, {**base, "egress": {"zz_unknown": 1}}, "egress.zz_unknown"),
+        "Ingress": (sandbox, {**base, "ingress": {"zz_unknown": 1}}, "ingress.zz_unknown"),
+        "Limits": (sandbox, {**base, "limits": {"zz_unknown": 1}}, "limits.zz_unknown"),
+        "PrivateLink": (sandbox, {**base, "private_links": [{"zz_unknown": 1}]}, "private_links[0].zz_unknown"),
+        "TemplateCreate": (template, {"name": "probe", "zz_unknown": 1}, "zz_unknown"),
+        "TunnelCreate": (tunnel, {"port": 80, "zz_unknown": 1}, "zz_unknown"),
+    }
+    schemas = DOC["components"]["schemas"]
+    for name, (parse, record, path) in probes.items():
+        assert set(schemas[name]["properties"]) == _accepted_fields(parse, record, path), name
+        assert schemas[name]["additionalProperties"] is False, name
+    for same in ("SandboxReplace", "SandboxPatch", "Sandbox"):
+        assert set(schemas[same]["properties"]) == set(schemas["SandboxCreate"]["properties"]), same
+    for same in ("TemplateReplace", "Template"):
+        assert set(schemas[same]["properties"]) == set(schemas["TemplateCreate"]["properties"]), same
+
+
 # --------------------------------------------------------------------------- audit batches
 
 T0 = 1_700_000_000_000_000

@@ -4,7 +4,7 @@ Every answer is JSON; every error is `{"code", "message", "field"}` with the HTT
 status the error carries (`GatewayError.status`), so a caller can branch on `code`
 and show `message` to a person.
 
-Authentication is `Authorization: Bearer <token>` against `config.tokens` (only
+Authentication is `Authorization: Bearer <token>` against the configured tokens (only
 SHA-256 digests are kept; comparison is constant time). Scopes: reads need
 `sandboxes:read` / `templates:read`, writes `sandboxes:write` / `templates:write`,
 `admin` implies every scope; flow record batches need `audit:read`; tunnels (temporary port
@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -40,7 +40,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.config import ApiToken, Config
+from gateway.config import ApiToken
 from gateway.decision import PROTOCOLS, CompiledPolicy, Verdict
 from gateway.dns.server import DnsInterceptor
 from gateway.errors import Forbidden, GatewayError, NotFound
@@ -48,6 +48,7 @@ from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, check_batch_name
 from gateway.hostnames import normalize_pattern
 from gateway.openapi import ERROR_CODES, JSON, MERGE_PATCH, NDJSON, Answer, Body, Query, openapi_document
 from gateway.policy import DEFAULT_PROFILE, PORT_SCHEMA, PROFILES, Sandbox
+from gateway.presets import Preset
 from gateway.stores.base import PolicyStore
 from gateway.tunnel.store import TunnelStore
 from gateway.untrusted import InvalidJson, parse_decimal, parse_json
@@ -117,17 +118,18 @@ class RouteSpec:
 
 
 STORE_KEY: Final = web.AppKey("store", PolicyStore)
-CONFIG_KEY: Final = web.AppKey("config", Config)
-ROUTES_KEY: Final = web.AppKey("routes", dict)  # (method, canonical path) -> RouteSpec
+TOKENS_KEY: Final[web.AppKey[tuple[ApiToken, ...]]] = web.AppKey("tokens")
+PRESETS_KEY: Final[web.AppKey[Mapping[str, Preset]]] = web.AppKey("presets")
+ROUTES_KEY: Final[web.AppKey[dict[tuple[str, str], RouteSpec]]] = web.AppKey("routes")  # by (method, path)
 OPEN_KEY: Final = web.AppKey("open_mode", bool)
 WRITE_LOCK_KEY: Final = web.AppKey("write_lock", asyncio.Lock)
 FLOWS_KEY: Final = web.AppKey("flows", FlowLog)  # absent when the API was built without a flow log
 TUNNELS_KEY: Final = web.AppKey("tunnels", TunnelStore)  # absent when the API was built without the tunnel service
 DNS_KEY: Final = web.AppKey("dns", DnsInterceptor)  # absent when the API was built without the data plane
 #: The data plane's status (steering, unattached-source drops) for /v1/status; absent without the data plane.
-DATA_PLANE_STATUS_KEY: Final = web.AppKey("data_plane_status", Callable[[], dict[str, Any]])
+DATA_PLANE_STATUS_KEY: Final[web.AppKey[Callable[[], dict[str, Any]]]] = web.AppKey("data_plane_status")
 #: What, besides the store, does not serve yet (the data plane's parts); readiness waits for an empty list.
-READINESS_KEY: Final = web.AppKey("readiness", Callable[[], list[str]])
+READINESS_KEY: Final[web.AppKey[Callable[[], list[str]]]] = web.AppKey("readiness")
 MAX_DNS_LOG: Final = 1000
 
 
@@ -159,12 +161,12 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def check_api_exposure(config: Config) -> None:
+def check_api_exposure(host: str, tokens: Sequence[ApiToken]) -> None:
     """Refuse an API without tokens unless it listens on loopback only. Raises CONFIG_INVALID."""
-    if not config.tokens and not is_loopback_host(config.api_host):
+    if not tokens and not is_loopback_host(host):
         raise GatewayError(
             "CONFIG_INVALID",
-            f"the API would listen on {config.api_host} with no tokens, so anyone who can reach it could change "
+            f"the API would listen on {host} with no tokens, so anyone who can reach it could change "
             "every policy; add [[api.tokens]] or listen on 127.0.0.1 / ::1",
             "api.tokens",
         )
@@ -311,9 +313,10 @@ async def _handle(request: web.Request, handler: Handler, exchange: _Exchange) -
     spec: RouteSpec | None = None
     try:
         match = request.match_info
-        if match.http_exception is None:
-            spec = request.app[ROUTES_KEY].get((request.method, match.route.resource.canonical))
-        if spec is not None and spec.scope != PUBLIC:
+        resource = match.route.resource
+        if match.http_exception is None and resource is not None:
+            spec = request.app[ROUTES_KEY].get((request.method, resource.canonical))
+        if spec is not None and not spec.public:
             exchange.caller = _admit(request)
             if spec.scope != AUTHENTICATED:
                 _require(exchange.caller, spec.scope)
@@ -342,7 +345,6 @@ async def _handle(request: web.Request, handler: Handler, exchange: _Exchange) -
 
 
 def _admit(request: web.Request) -> Caller:
-    config = request.app[CONFIG_KEY]
     if request.app[OPEN_KEY]:
         host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
         if not is_loopback_host(host):
@@ -353,7 +355,7 @@ def _admit(request: web.Request) -> Caller:
                 "Host",
             )
         return Caller("anonymous", frozenset({"admin"}))
-    return _authenticate(config.tokens, request.headers.get("Authorization"))
+    return _authenticate(request.app[TOKENS_KEY], request.headers.get("Authorization"))
 
 
 def _http_error(exc: web.HTTPException) -> web.Response:
@@ -412,7 +414,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def list_presets(request: web.Request) -> web.Response:
-    presets = request.app[CONFIG_KEY].presets
+    presets = request.app[PRESETS_KEY]
     return web.json_response({"presets": [presets[name].to_dict() for name in sorted(presets)]})
 
 
@@ -1248,24 +1250,30 @@ def route_specs() -> tuple[RouteSpec, ...]:
 
 def create_app(
     store: PolicyStore,
-    config: Config,
     *,
+    host: str,
+    port: int,
+    tokens: Sequence[ApiToken],
+    presets: Mapping[str, Preset],
     flows: FlowLog | None = None,
     tunnels: TunnelStore | None = None,
     dns: DnsInterceptor | None = None,
     data_plane_status: Callable[[], dict[str, Any]] | None = None,
     unready: Callable[[], list[str]] | None = None,
 ) -> web.Application:
-    """The API over `store` (started by the caller) and, when given, the flow log's audit batches (without
-    one those routes answer 503 AUDIT_DISABLED), the tunnel store (without it, 503 TUNNELS_DISABLED) and the
-    DNS interceptor's query log (without it, 503 DNS_DISABLED). `unready` says what else must serve before
-    /readyz is 200 (the data plane's parts). Raises CONFIG_INVALID for an exposed API without tokens."""
-    check_api_exposure(config)
+    """The API over `store` (started by the caller), listening at `host`:`port` (the [api] section, with the
+    `tokens` that may call it), answering GET /v1/presets with `presets`; and, when given, the flow log's audit
+    batches (without one those routes answer 503 AUDIT_DISABLED), the tunnel store (without it, 503
+    TUNNELS_DISABLED) and the DNS interceptor's query log (without it, 503 DNS_DISABLED). `unready` says what
+    else must serve before /readyz is 200 (the data plane's parts). Raises CONFIG_INVALID for an exposed API
+    without tokens."""
+    check_api_exposure(host, tokens)
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)  # once: the same filter is not added twice
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY_BYTES)
     app[STORE_KEY] = store
-    app[CONFIG_KEY] = config
-    app[OPEN_KEY] = not config.tokens
+    app[TOKENS_KEY] = tuple(tokens)
+    app[PRESETS_KEY] = presets
+    app[OPEN_KEY] = not tokens
     app[WRITE_LOCK_KEY] = asyncio.Lock()
     app[READINESS_KEY] = unready or list
     if flows is not None:
@@ -1283,16 +1291,18 @@ def create_app(
         table[(spec.method, spec.path)] = spec
     app[ROUTES_KEY] = table
     if app[OPEN_KEY]:
-        app.on_startup.append(_warn_open)
+        app.on_startup.append(_warn_open(host, port))
     return app
 
 
-async def _warn_open(app: web.Application) -> None:
-    config = app[CONFIG_KEY]
-    log.warning(
-        "api.open_mode",
-        message="NO API TOKENS CONFIGURED: every local process can read and change every policy. "
-        "The API listens on loopback only; add [[api.tokens]] to require authentication.",
-        host=config.api_host,
-        port=config.api_port,
-    )
+def _warn_open(host: str, port: int) -> Callable[[web.Application], Awaitable[None]]:
+    async def warn(_app: web.Application) -> None:
+        log.warning(
+            "api.open_mode",
+            message="NO API TOKENS CONFIGURED: every local process can read and change every policy. "
+            "The API listens on loopback only; add [[api.tokens]] to require authentication.",
+            host=host,
+            port=port,
+        )
+
+    return warn

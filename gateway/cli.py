@@ -542,7 +542,7 @@ def check_runnable(config: Any) -> None:
     from gateway.tunnel.certs import build_server_context
 
     try:
-        check_api_exposure(config)
+        check_api_exposure(config.api_host, config.tokens)
         if config.tunnel.enabled:  # the tunnel serves from its first second: the pair must load now
             build_server_context(config.tunnel.cert_path, config.tunnel.key_path)
     except GatewayError as exc:
@@ -654,7 +654,10 @@ async def _serve(
         # refuses an exposed API without tokens before anything starts
         app = create_app(
             store,
-            config,
+            host=config.api_host,
+            port=config.api_port,
+            tokens=config.tokens,
+            presets=config.presets,
             flows=flows,
             tunnels=tunnels.store if tunnels else None,
             dns=plane.dns if plane else None,

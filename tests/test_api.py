@@ -98,6 +98,11 @@ def write_config(tmp_path: Path, *, tokens: bool = True, host: str = "127.0.0.1"
     return load_config(path, environ={})
 
 
+def api_section(config: Config) -> dict[str, Any]:
+    """What create_app takes from the configuration: the [api] section and the presets."""
+    return {"host": config.api_host, "port": config.api_port, "tokens": config.tokens, "presets": config.presets}
+
+
 # --------------------------------------------------------------------------- answers checked against the document
 
 
@@ -196,7 +201,7 @@ async def store(config: Config) -> AsyncIterator[EmbeddedStore]:
 
 @pytest.fixture
 async def api(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config) -> Api:
-    return Api(await aiohttp_client(create_app(store, config)))
+    return Api(await aiohttp_client(create_app(store, **api_section(config))))
 
 
 # --------------------------------------------------------------------------- service routes
@@ -209,7 +214,7 @@ async def test_health_and_readiness_need_no_token(api: Api) -> None:
 
 async def test_readyz_is_503_until_the_store_has_loaded(aiohttp_client: AiohttpClient, config: Config) -> None:
     store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
-    api = Api(await aiohttp_client(create_app(store, config)))
+    api = Api(await aiohttp_client(create_app(store, **api_section(config))))
     answer = await api.call("GET", "/readyz", token=None, expect=503)
     assert answer.code == "STORE_NOT_READY"
     await store.start()
@@ -226,7 +231,7 @@ async def test_readyz_is_503_until_the_data_plane_serves(
     # serves already, but nothing of the plane does yet.
     store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
     plane = DataPlane(config, store, FlowLog(replace(config.audit, dir=tmp_path / "audit")), steer=True)
-    api = Api(await aiohttp_client(create_app(store, config, dns=plane.dns, unready=plane.unready)))
+    api = Api(await aiohttp_client(create_app(store, **api_section(config), dns=plane.dns, unready=plane.unready)))
     await store.start()
     try:
         answer = await api.call("GET", "/readyz", token=None, expect=503)
@@ -702,7 +707,7 @@ async def test_unknown_route_and_wrong_method_answer_json(api: Api) -> None:
 async def test_unexpected_exceptions_become_a_logged_500_without_internals(
     aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config
 ) -> None:
-    app = create_app(store, config)
+    app = create_app(store, **api_section(config))
 
     async def broken(request: web.Request) -> web.Response:
         raise RuntimeError("secret internal detail")
@@ -792,7 +797,7 @@ async def test_without_tokens_loopback_callers_need_none(aiohttp_client: Aiohttp
     await store.start()
     try:
         with structlog.testing.capture_logs() as logs:
-            api = Api(await aiohttp_client(create_app(store, config)))
+            api = Api(await aiohttp_client(create_app(store, **api_section(config))))
         assert any(entry["event"] == "api.open_mode" and entry["log_level"] == "warning" for entry in logs)
         record = {"id": "open", "addresses": ["10.75.0.95"], "profile": "unrestricted"}
         await api.call("POST", "/v1/sandboxes", record, token=None, expect=201)
@@ -811,7 +816,7 @@ def test_without_tokens_the_api_refuses_to_listen_beyond_loopback(tmp_path: Path
     config = write_config(tmp_path, tokens=False, host=host)
     store = EmbeddedStore(config.policy_context(), config.store.path)
     with pytest.raises(GatewayError) as caught:
-        create_app(store, config)
+        create_app(store, **api_section(config))
     assert (caught.value.code, caught.value.field) == ("CONFIG_INVALID", "api.tokens")
 
 
@@ -826,7 +831,7 @@ async def test_openapi_is_served_without_a_token_and_is_a_valid_3_1_document(api
 
 
 def test_every_route_is_documented_and_every_documented_route_exists(config: Config, tmp_path: Path) -> None:
-    app = create_app(EmbeddedStore(config.policy_context(), tmp_path / "p.json"), config)
+    app = create_app(EmbeddedStore(config.policy_context(), tmp_path / "p.json"), **api_section(config))
     registered: dict[str, set[str]] = {}
     for route in app.router.routes():
         registered.setdefault(route.resource.canonical, set()).add(route.method.lower())
@@ -963,7 +968,7 @@ async def flows(tmp_path: Path, config: Config) -> AsyncIterator[FlowLog]:
 
 @pytest.fixture
 async def audit_api(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config, flows: FlowLog) -> Api:
-    return Api(await aiohttp_client(create_app(store, config, flows=flows)))
+    return Api(await aiohttp_client(create_app(store, **api_section(config), flows=flows)))
 
 
 async def _write_batches(flows: FlowLog, sandbox: str, count: int) -> None:
@@ -1092,7 +1097,7 @@ async def tunnels(store: EmbeddedStore, tmp_path: Path) -> AsyncIterator[TunnelS
 
 @pytest.fixture
 async def tunnel_api(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config, tunnels: TunnelStore) -> Api:
-    api = Api(await aiohttp_client(create_app(store, config, tunnels=tunnels)))
+    api = Api(await aiohttp_client(create_app(store, **api_section(config), tunnels=tunnels)))
     await api.call("POST", "/v1/sandboxes", {**ALLOWLISTED, "ingress": {"public_access": True}}, expect=201)
     return api
 
@@ -1201,7 +1206,7 @@ def test_tunnel_example_bodies_pass_the_real_parser_and_their_schema() -> None:
 
 async def test_dns_query_log_of_a_sandbox(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config) -> None:
     dns = DnsInterceptor(DnsConfig.from_config(config), lambda: store.state, upstreams=())
-    api = Api(await aiohttp_client(create_app(store, config, dns=dns)))
+    api = Api(await aiohttp_client(create_app(store, **api_section(config), dns=dns)))
     await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
     # A real query packet from the sandbox's address, for a name its policy does not allow (no upstream needed).
     query = DNSRecord.question("evil.example.net", "A").pack()

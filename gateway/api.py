@@ -355,7 +355,8 @@ def _admit(request: web.Request) -> Caller:
                 "Host",
             )
         return Caller("anonymous", frozenset({"admin"}))
-    return _authenticate(request.app[TOKENS_KEY], request.headers.get("Authorization"))
+    tokens = request.app[TOKENS_KEY]
+    return _authenticate(tokens, request.headers.get("Authorization"))
 
 
 def _http_error(exc: web.HTTPException) -> web.Response:

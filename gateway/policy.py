@@ -169,9 +169,6 @@ class Egress:
     allow_ports: tuple[int, ...] | None = None
     host_ports: tuple[int, ...] | None = None
 
-    def is_empty(self) -> bool:
-        return all(getattr(self, f.name) is None for f in fields(self))
-
     def set_fields(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 

@@ -65,7 +65,7 @@ __all__ = [
 
 log = structlog.get_logger("gateway.flowlog")
 
-Protocol = Literal["tls", "http", "tcp", "dns"]
+FlowProtocol = Literal["tls", "http", "tcp", "dns"]
 Verdict = Literal["allow", "deny"]
 
 #: `{ts_us}-{pid}.ndjson`: 16 digits keep lexical order chronological until the year 2286.
@@ -102,7 +102,7 @@ class FlowRecord:
     orig_dst_addr: str
     orig_dst_port: int
     hostname: str | None
-    protocol: Protocol
+    protocol: FlowProtocol
     bytes_up: int
     bytes_down: int
     duration_ms: float

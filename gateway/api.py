@@ -21,6 +21,10 @@ reach it through DNS rebinding, and every request with a body must be JSON
 (`Content-Type: application/json`), which a cross-site form cannot send without a
 CORS preflight that this API never grants.
 
+Every route is declared once, in `route_specs()`: the app registers it from there, the
+middleware checks its scope and its query parameter names against it, and the OpenAPI
+document (`gateway.openapi`) is generated from it, with the example bodies beside it.
+
 PUT replaces an existing record and answers 404 when there is none (create is
 POST), so a typo in a URL never creates a record. PATCH on a sandbox is a JSON
 merge patch (RFC 7396) applied to the stored record and validated as a whole.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
@@ -130,6 +135,7 @@ DNS_KEY: Final = web.AppKey("dns", DnsInterceptor)  # absent when the API was bu
 DATA_PLANE_STATUS_KEY: Final[web.AppKey[Callable[[], dict[str, Any]]]] = web.AppKey("data_plane_status")
 #: What, besides the store, does not serve yet (the data plane's parts); readiness waits for an empty list.
 READINESS_KEY: Final[web.AppKey[Callable[[], list[str]]]] = web.AppKey("readiness")
+DOCUMENT_KEY: Final = web.AppKey("openapi_document", bytes)  # /openapi.json, rendered
 MAX_DNS_LOG: Final = 1000
 
 
@@ -403,7 +409,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document(route_specs()))
+    return web.Response(body=request.app[DOCUMENT_KEY], content_type=JSON, charset="utf-8")
 
 
 async def status(request: web.Request) -> web.Response:
@@ -1286,7 +1292,10 @@ def create_app(
     if data_plane_status is not None:
         app[DATA_PLANE_STATUS_KEY] = data_plane_status
     table: dict[tuple[str, str], RouteSpec] = {}
-    for spec in route_specs():
+    specs = route_specs()
+    # Rendered once: the document only changes with the code.
+    app[DOCUMENT_KEY] = json.dumps(openapi_document(specs)).encode()
+    for spec in specs:
         # add_route, not add_get: no implicit HEAD routes, so the route table is exactly the documented one.
         app.router.add_route(spec.method, spec.path, spec.handler, name=spec.action)
         table[(spec.method, spec.path)] = spec

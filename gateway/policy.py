@@ -5,6 +5,10 @@ accepted or refused the same way wherever it comes from. Parsing is strict:
 unknown fields, wrong types, out-of-range numbers and malformed names are refused
 with the field path and the reason; nothing is silently dropped or coerced.
 
+Each record's accepted fields are declared once, as JSON Schema tables (`EGRESS_SCHEMA`,
+`SANDBOX_SCHEMA`, ...): the parser refuses any field not in its table, and the OpenAPI document
+publishes the same tables, built from the same limits and enums the parser checks.
+
 Fields left unset (`None`) inherit from the sandbox's template and then from the
 profile's defaults; see `gateway.decision.compile_policy` for the merge.
 """

@@ -15,6 +15,7 @@ validate against the response schemas for their status.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import types
 import typing
@@ -24,6 +25,7 @@ from typing import Any, Final
 
 from gateway import __version__
 from gateway.decision import PROTOCOLS
+from gateway.errors import ErrorBody
 from gateway.flowlog import BATCH_NAME_PATTERN, FIELD_NAMES, MAX_LIST_LIMIT, FlowRecord
 from gateway.policy import (
     ADDRESS_SCHEMA,
@@ -41,6 +43,7 @@ from gateway.policy import (
     TEMPLATE_SCHEMA,
     schema_ref,
 )
+from gateway.state import Rejection
 from gateway.tunnel import model as tunnel_model
 
 JSON: Final = "application/json"
@@ -122,13 +125,23 @@ def _list_of(key: str, item: str, **limits: int) -> dict[str, Any]:
 
 
 def _json_type(annotation: Any) -> dict[str, Any]:
-    """The JSON Schema of a flow-record field's Python type (int, float, str, a Literal of strings, X | None)."""
+    """The JSON Schema of a record field's Python type (int, float, str, bool, a Literal of strings, X | None)."""
     if typing.get_origin(annotation) is typing.Literal:
         return {"type": "string", "enum": list(typing.get_args(annotation))}
     if isinstance(annotation, types.UnionType):
         inner = [_json_type(arg)["type"] for arg in typing.get_args(annotation) if arg is not type(None)]
         return {"type": [*inner, "null"]}
     return {"type": {int: "integer", float: "number", str: "string", bool: "boolean"}[annotation]}
+
+
+def _fields(record: type, notes: Mapping[str, Mapping[str, Any]], without: str = "") -> dict[str, Any]:
+    """A dataclass's fields, in order, as JSON Schema properties from their types, with `notes` added."""
+    hints = typing.get_type_hints(record)
+    return {
+        f.name: {**_json_type(hints[f.name]), **notes.get(f.name, {})}
+        for f in dataclasses.fields(record)
+        if f.name != without
+    }
 
 
 #: Documentation of the flow record's fields; names and types come from FlowRecord itself.
@@ -173,7 +186,6 @@ _NULLABLE_STRING: Final = {"type": ["string", "null"]}
 
 
 def _schemas() -> dict[str, Any]:
-    hints = typing.get_type_hints(FlowRecord)
     stored_sandbox = {
         **SANDBOX_SCHEMA,
         "template": _NULLABLE_STRING,
@@ -275,22 +287,13 @@ def _schemas() -> dict[str, Any]:
         "request": _object(asked, asked),
         "policy": schema_ref("EffectivePolicy"),
     }
-    rejection = {
-        "kind": {"type": "string"},
-        "key": {"type": "string"},
-        "at": {"type": "number", "description": "Unix time of the rejection."},
-        "code": {"type": "string"},
-        "message": {"type": "string"},
-        "field": _NULLABLE_STRING,
-    }
+    error = _fields(ErrorBody, {"code": {"pattern": "^[A-Z][A-Z0-9_]*$"}})
+    rejection = _fields(Rejection, {"at": {"description": "Unix time of the rejection."}}, without="error")
+    rejection |= error  # the refusal's code, message and field, as in an error answer
     return {
         "Error": _object(
-            {
-                "code": {"type": "string", "pattern": "^[A-Z][A-Z0-9_]*$"},
-                "message": {"type": "string"},
-                "field": _NULLABLE_STRING,
-            },
-            ["code", "message", "field"],
+            error,
+            error,
             "Every error answer. `code` is stable; `message` is for people; `field` names the offending input (a "
             "JSON path such as egress.allow_hosts[2], a query parameter or a header) or null.",
         ),
@@ -388,7 +391,7 @@ def _schemas() -> dict[str, Any]:
             ["batches", "next_continuation_token"],
         ),
         "FlowRecord": _object(
-            {name: {**_json_type(hints[name]), **_FLOW_NOTES.get(name, {})} for name in FIELD_NAMES},
+            _fields(FlowRecord, _FLOW_NOTES),
             FIELD_NAMES,
             "One line of an audit batch: one connection's metadata (never payload or credentials).",
         ),

@@ -888,6 +888,20 @@ def test_example_bodies_pass_the_real_parser_and_their_schema(config: Config) ->
         assert not _validator({"$ref": "#/components/schemas/SandboxCreate"}).is_valid(bad)
 
 
+async def test_every_route_refuses_a_query_parameter_it_does_not_declare(api: Api) -> None:
+    """The middleware checks each route's query against the route table, so what the document lists is exactly
+    what each route accepts: an undeclared parameter is 400 before the handler runs (and before any body is read),
+    and each declared one is accepted by name."""
+    for spec in route_specs():
+        path = spec.path.replace("{id}", "nobody").replace("{name}", "nothing")
+        refused = await api.call(spec.method, f"{path}?zz_unknown=1", expect=400)
+        assert (refused.code, refused.body["field"]) == ("UNKNOWN_PARAMETER", "zz_unknown"), (spec.method, path)
+        declared = [parameter.name for parameter in spec.query]
+        assert refused.body["message"].endswith(f"expected: {', '.join(declared) or 'none'}"), refused.body
+        documented = [p["name"] for p in DOC["paths"][spec.path][spec.method.lower()].get("parameters", [])]
+        assert documented == declared, (spec.method, spec.path)
+
+
 def _accepted_fields(parse: Callable[[Any], object], record: Any, path: str) -> set[str]:
     """The field names the parser accepts at `path`, read from its refusal of an unknown one."""
     with pytest.raises(GatewayError) as caught:

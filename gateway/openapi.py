@@ -280,9 +280,7 @@ def _schemas() -> dict[str, Any]:
         "protocol": {"type": "string", "enum": list(PROTOCOLS)},
     }
     explain = {
-        "allowed": {"type": "boolean"},
-        "reason": {"type": "string"},
-        "rule": {"type": "string"},
+        **verdict,
         "sandbox": {"type": "string"},
         "request": _object(asked, asked),
         "policy": schema_ref("EffectivePolicy"),

@@ -41,11 +41,11 @@ from gateway.api import (
 from gateway.config import Config, load_config
 from gateway.dns.config import DnsConfig
 from gateway.dns.server import DnsInterceptor
-from gateway.egress import DataPlane
 from gateway.errors import GatewayError
 from gateway.flowlog import FIELD_NAMES, FlowLog, FlowRecord
 from gateway.openapi import openapi_document
 from gateway.policy import parse_sandbox, parse_template
+from gateway.service import DataPlane
 from gateway.stores.embedded import EmbeddedStore
 from gateway.tunnel.config import TunnelConfig
 from gateway.tunnel.model import parse_request

@@ -33,12 +33,13 @@ merge patch (RFC 7396) applied to the stored record and validated as a whole.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
@@ -62,6 +63,10 @@ __all__ = [
     "AUTHENTICATED",
     "MAX_BODY_BYTES",
     "PUBLIC",
+    "SANDBOX_EXAMPLES",
+    "SANDBOX_PATCH_EXAMPLES",
+    "TEMPLATE_EXAMPLES",
+    "TUNNEL_EXAMPLES",
     "Caller",
     "ExplainRequest",
     "RouteSpec",
@@ -112,7 +117,7 @@ class RouteSpec:
     ok: Mapping[int, Answer]  # the success answers, by status
     #: Error statuses beyond the ones every route has (400, 500; 401 and 403 unless public), each with what it
     #: means here (None: the generic text). A 400 or 403 listed here only replaces that text.
-    errors: Mapping[int, str | None] = field(default_factory=dict)
+    errors: Mapping[int, str | None] = dataclasses.field(default_factory=dict)
     body: Body | None = None
     query: tuple[Query, ...] = ()
     description: str | None = None
@@ -145,7 +150,7 @@ class _Exchange:
 
     caller: Caller | None = None
     target: str | None = None
-    query: Mapping[str, str] = field(default_factory=dict)  # the route's query parameters, checked
+    query: Mapping[str, str] = dataclasses.field(default_factory=dict)  # the route's query parameters, checked
 
 
 # A context variable rather than request storage: each request runs in its own task, and

@@ -20,7 +20,7 @@ import itertools
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from gateway import __version__
@@ -58,7 +58,7 @@ class Answer:
     description: str
     schema: str | Mapping[str, Any] | None = None
     media: str = JSON
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

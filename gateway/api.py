@@ -4,7 +4,7 @@ Every answer is JSON; every error is `{"code", "message", "field"}` with the HTT
 status the error carries (`GatewayError.status`), so a caller can branch on `code`
 and show `message` to a person.
 
-Authentication is `Authorization: Bearer <token>` against `config.tokens` (only
+Authentication is `Authorization: Bearer <token>` against the configured tokens (only
 SHA-256 digests are kept; comparison is constant time). Scopes: reads need
 `sandboxes:read` / `templates:read`, writes `sandboxes:write` / `templates:write`,
 `admin` implies every scope; flow record batches need `audit:read`; tunnels (temporary port
@@ -21,6 +21,10 @@ reach it through DNS rebinding, and every request with a body must be JSON
 (`Content-Type: application/json`), which a cross-site form cannot send without a
 CORS preflight that this API never grants.
 
+Every route is declared once, in `route_specs()`: the app registers it from there, the
+middleware checks its scope and its query parameter names against it, and the OpenAPI
+document (`gateway.openapi`) is generated from it, with the example bodies beside it.
+
 PUT replaces an existing record and answers 404 when there is none (create is
 POST), so a typo in a URL never creates a record. PATCH on a sandbox is a JSON
 merge patch (RFC 7396) applied to the stored record and validated as a whole.
@@ -29,9 +33,11 @@ merge patch (RFC 7396) applied to the stored record and validated as a whole.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
+import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final
@@ -40,14 +46,15 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.config import ApiToken, Config
+from gateway.config import ApiToken
 from gateway.decision import PROTOCOLS, CompiledPolicy, Verdict
 from gateway.dns.server import DnsInterceptor
 from gateway.errors import Forbidden, GatewayError, NotFound
 from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, check_batch_name
 from gateway.hostnames import normalize_pattern
-from gateway.openapi import openapi_document
-from gateway.policy import DEFAULT_PROFILE, PROFILES, Sandbox
+from gateway.openapi import ERROR_CODES, JSON, MERGE_PATCH, NDJSON, Answer, Body, Query, openapi_document
+from gateway.policy import DEFAULT_PROFILE, PORT_SCHEMA, PROFILES, Sandbox
+from gateway.presets import Preset
 from gateway.rules import Rule
 from gateway.stores.base import PolicyStore
 from gateway.tunnel.store import TunnelStore
@@ -57,6 +64,10 @@ __all__ = [
     "AUTHENTICATED",
     "MAX_BODY_BYTES",
     "PUBLIC",
+    "SANDBOX_EXAMPLES",
+    "SANDBOX_PATCH_EXAMPLES",
+    "TEMPLATE_EXAMPLES",
+    "TUNNEL_EXAMPLES",
     "Caller",
     "ExplainRequest",
     "RouteSpec",
@@ -71,7 +82,7 @@ __all__ = [
 log = structlog.get_logger("gateway.api")
 
 MAX_BODY_BYTES: Final = 1024 * 1024
-JSON_TYPES: Final = frozenset({"application/json", "application/merge-patch+json"})
+JSON_TYPES: Final = frozenset({JSON, MERGE_PATCH})
 WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 #: Route scopes that are not a token scope: PUBLIC needs no token, AUTHENTICATED any valid token.
 PUBLIC: Final = "public"
@@ -95,27 +106,43 @@ class Caller:
 
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
+    """One route, declared once: what the app registers and checks, and what the OpenAPI document says of it."""
+
     method: str
     path: str
     handler: Handler
     scope: str  # a token scope, PUBLIC or AUTHENTICATED
     action: str  # the name writes are logged under; also the OpenAPI operationId
+    summary: str
+    tag: str
+    ok: Mapping[int, Answer]  # the success answers, by status
+    #: Error statuses beyond the ones every route has (400, 500; 401 and 403 unless public), each with what it
+    #: means here (None: the generic text). A 400 or 403 listed here only replaces that text.
+    errors: Mapping[int, str | None] = dataclasses.field(default_factory=dict)
+    body: Body | None = None
+    query: tuple[Query, ...] = ()
+    description: str | None = None
+
+    @property
+    def public(self) -> bool:
+        return self.scope == PUBLIC
 
 
 STORE_KEY: Final = web.AppKey("store", PolicyStore)
-CONFIG_KEY: Final = web.AppKey("config", Config)
-ROUTES_KEY: Final = web.AppKey("routes", dict)  # (method, canonical path) -> RouteSpec
+TOKENS_KEY: Final[web.AppKey[tuple[ApiToken, ...]]] = web.AppKey("tokens")
+PRESETS_KEY: Final[web.AppKey[Mapping[str, Preset]]] = web.AppKey("presets")
+ROUTES_KEY: Final[web.AppKey[dict[tuple[str, str], RouteSpec]]] = web.AppKey("routes")  # by (method, path)
 OPEN_KEY: Final = web.AppKey("open_mode", bool)
 WRITE_LOCK_KEY: Final = web.AppKey("write_lock", asyncio.Lock)
 FLOWS_KEY: Final = web.AppKey("flows", FlowLog)  # absent when the API was built without a flow log
 TUNNELS_KEY: Final = web.AppKey("tunnels", TunnelStore)  # absent when the API was built without the tunnel service
 DNS_KEY: Final = web.AppKey("dns", DnsInterceptor)  # absent when the API was built without the data plane
 #: The data plane's status (steering, unattached-source drops) for /v1/status; absent without the data plane.
-DATA_PLANE_STATUS_KEY: Final = web.AppKey("data_plane_status", Callable[[], dict[str, Any]])
+DATA_PLANE_STATUS_KEY: Final[web.AppKey[Callable[[], dict[str, Any]]]] = web.AppKey("data_plane_status")
 #: What, besides the store, does not serve yet (the data plane's parts); readiness waits for an empty list.
-READINESS_KEY: Final = web.AppKey("readiness", Callable[[], list[str]])
+READINESS_KEY: Final[web.AppKey[Callable[[], list[str]]]] = web.AppKey("readiness")
+DOCUMENT_KEY: Final = web.AppKey("openapi_document", bytes)  # /openapi.json, rendered
 MAX_DNS_LOG: Final = 1000
-NDJSON: Final = "application/x-ndjson"
 
 
 @dataclass(slots=True)
@@ -124,6 +151,7 @@ class _Exchange:
 
     caller: Caller | None = None
     target: str | None = None
+    query: Mapping[str, str] = dataclasses.field(default_factory=dict)  # the route's query parameters, checked
 
 
 # A context variable rather than request storage: each request runs in its own task, and
@@ -145,12 +173,12 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def check_api_exposure(config: Config) -> None:
+def check_api_exposure(host: str, tokens: Sequence[ApiToken]) -> None:
     """Refuse an API without tokens unless it listens on loopback only. Raises CONFIG_INVALID."""
-    if not config.tokens and not is_loopback_host(config.api_host):
+    if not tokens and not is_loopback_host(host):
         raise GatewayError(
             "CONFIG_INVALID",
-            f"the API would listen on {config.api_host} with no tokens, so anyone who can reach it could change "
+            f"the API would listen on {host} with no tokens, so anyone who can reach it could change "
             "every policy; add [[api.tokens]] or listen on 127.0.0.1 / ::1",
             "api.tokens",
         )
@@ -269,6 +297,11 @@ def _caller() -> Caller:
     return caller
 
 
+def _params() -> Mapping[str, str]:
+    """This request's query parameters, checked against the route's declared ones by the middleware."""
+    return _EXCHANGE.get().query
+
+
 def _set_target(target: str) -> None:
     _EXCHANGE.get().target = target
 
@@ -278,7 +311,8 @@ def _set_target(target: str) -> None:
 
 @web.middleware
 async def _middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authentication, scope checks, JSON errors and the write log, in one place for every route."""
+    """Authentication, scope checks, query parameter names, JSON errors and the write log, in one place for
+    every route."""
     exchange = _Exchange()
     reset = _EXCHANGE.set(exchange)
     try:
@@ -291,12 +325,15 @@ async def _handle(request: web.Request, handler: Handler, exchange: _Exchange) -
     spec: RouteSpec | None = None
     try:
         match = request.match_info
-        if match.http_exception is None:
-            spec = request.app[ROUTES_KEY].get((request.method, match.route.resource.canonical))
-        if spec is not None and spec.scope != PUBLIC:
+        resource = match.route.resource
+        if match.http_exception is None and resource is not None:
+            spec = request.app[ROUTES_KEY].get((request.method, resource.canonical))
+        if spec is not None and not spec.public:
             exchange.caller = _admit(request)
             if spec.scope != AUTHENTICATED:
                 _require(exchange.caller, spec.scope)
+        if spec is not None:
+            exchange.query = _query(request, (parameter.name for parameter in spec.query))
         response = await handler(request)
     except _Unauthenticated as exc:
         log.warning(
@@ -320,7 +357,6 @@ async def _handle(request: web.Request, handler: Handler, exchange: _Exchange) -
 
 
 def _admit(request: web.Request) -> Caller:
-    config = request.app[CONFIG_KEY]
     if request.app[OPEN_KEY]:
         host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
         if not is_loopback_host(host):
@@ -331,7 +367,8 @@ def _admit(request: web.Request) -> Caller:
                 "Host",
             )
         return Caller("anonymous", frozenset({"admin"}))
-    return _authenticate(config.tokens, request.headers.get("Authorization"))
+    tokens = request.app[TOKENS_KEY]
+    return _authenticate(tokens, request.headers.get("Authorization"))
 
 
 def _http_error(exc: web.HTTPException) -> web.Response:
@@ -364,12 +401,10 @@ def _log_write(request: web.Request, spec: RouteSpec | None, exchange: _Exchange
 
 
 async def healthz(request: web.Request) -> web.Response:
-    _query(request, ())
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    _query(request, ())
     store = request.app[STORE_KEY]
     if not store.ready.is_set():
         return _error(503, "STORE_NOT_READY", f"the {store.backend} policy store has not loaded yet")
@@ -380,12 +415,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    _query(request, ())
-    return web.json_response(openapi_document())
+    return web.Response(body=request.app[DOCUMENT_KEY], content_type=JSON, charset="utf-8")
 
 
 async def status(request: web.Request) -> web.Response:
-    _query(request, ())
     body = request.app[STORE_KEY].status()
     body["auth"] = "open-loopback" if request.app[OPEN_KEY] else "tokens"
     if DATA_PLANE_STATUS_KEY in request.app:
@@ -394,8 +427,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def list_presets(request: web.Request) -> web.Response:
-    _query(request, ())
-    presets = request.app[CONFIG_KEY].presets
+    presets = request.app[PRESETS_KEY]
     return web.json_response({"presets": [presets[name].to_dict() for name in sorted(presets)]})
 
 
@@ -407,7 +439,7 @@ def _sandbox_url(sandbox_id: str) -> str:
 
 
 async def list_sandboxes(request: web.Request) -> web.Response:
-    query = _query(request, ("profile", "template"))
+    query = _params()
     profile = query.get("profile")
     if profile is not None and profile not in PROFILES:
         raise GatewayError(
@@ -440,7 +472,6 @@ def _require_sandbox_scope(request: web.Request, sandbox_id: str) -> Sandbox:
 
 
 async def create_sandbox(request: web.Request) -> web.Response:
-    _query(request, ())
     store = request.app[STORE_KEY]
     raw = await _read_json(request)
     if isinstance(raw, dict) and isinstance(raw.get("id"), str):
@@ -452,12 +483,10 @@ async def create_sandbox(request: web.Request) -> web.Response:
 
 
 async def get_sandbox(request: web.Request) -> web.Response:
-    _query(request, ())
     return web.json_response(request.app[STORE_KEY].state.get_sandbox(request.match_info["id"]).to_dict())
 
 
 async def replace_sandbox(request: web.Request) -> web.Response:
-    _query(request, ())
     store = request.app[STORE_KEY]
     sandbox_id = request.match_info["id"]
     _require_sandbox_scope(request, sandbox_id)  # before the body is read: no work for a caller who may not act
@@ -470,7 +499,6 @@ async def replace_sandbox(request: web.Request) -> web.Response:
 
 
 async def patch_sandbox(request: web.Request) -> web.Response:
-    _query(request, ())
     store = request.app[STORE_KEY]
     sandbox_id = request.match_info["id"]
     _require_sandbox_scope(request, sandbox_id)
@@ -487,7 +515,6 @@ async def patch_sandbox(request: web.Request) -> web.Response:
 
 
 async def delete_sandbox(request: web.Request) -> web.Response:
-    _query(request, ())
     sandbox_id = request.match_info["id"]
     async with _write_lock(request):
         _require_sandbox_scope(request, sandbox_id)
@@ -501,7 +528,6 @@ async def delete_sandbox(request: web.Request) -> web.Response:
 
 
 async def sandbox_policy(request: web.Request) -> web.Response:
-    _query(request, ())
     state = request.app[STORE_KEY].state
     sandbox_id = request.match_info["id"]
     state.get_sandbox(sandbox_id)  # 404 with the usual code when unknown
@@ -619,7 +645,7 @@ def _say_when_the_address_decides(verdict: Verdict, policy: CompiledPolicy, aske
 
 
 async def explain(request: web.Request) -> web.Response:
-    query = _query(request, ("host", "port", "address", "protocol"))
+    query = _params()
     sandbox_id = request.match_info["id"]
     state = request.app[STORE_KEY].state
     state.get_sandbox(sandbox_id)  # unknown sandbox: 404 before input errors would mislead
@@ -659,7 +685,7 @@ def _int_parameter(query: Mapping[str, str], name: str, default: int, low: int, 
 
 
 async def list_audit_batches(request: web.Request) -> web.Response:
-    query = _query(request, ("since_us", "continuation_token", "limit"))
+    query = _params()
     flows, sandbox_id = _audit_sandbox(request)
     since_us = _int_parameter(query, "since_us", 0, 0, 2**63 - 1)
     limit = _int_parameter(query, "limit", 100, 1, MAX_LIST_LIMIT)
@@ -670,7 +696,6 @@ async def list_audit_batches(request: web.Request) -> web.Response:
 
 
 async def get_audit_batch(request: web.Request) -> web.Response:
-    _query(request, ())
     flows, sandbox_id = _audit_sandbox(request)
     name = check_batch_name(request.match_info["name"])
     body = await asyncio.to_thread(flows.read_batch, sandbox_id, name)
@@ -678,7 +703,7 @@ async def get_audit_batch(request: web.Request) -> web.Response:
 
 
 async def dns_log(request: web.Request) -> web.Response:
-    query = _query(request, ("limit",))
+    query = _params()
     dns = request.app.get(DNS_KEY)
     if dns is None:
         raise GatewayError(
@@ -705,7 +730,6 @@ def _tunnels(request: web.Request) -> TunnelStore:
 
 
 async def list_tunnels(request: web.Request) -> web.Response:
-    _query(request, ())
     tunnels = _tunnels(request)
     sandbox_id = request.match_info["id"]
     request.app[STORE_KEY].state.get_sandbox(sandbox_id)
@@ -713,7 +737,6 @@ async def list_tunnels(request: web.Request) -> web.Response:
 
 
 async def create_tunnel(request: web.Request) -> web.Response:
-    _query(request, ())
     tunnels = _tunnels(request)
     sandbox_id = request.match_info["id"]
     request.app[STORE_KEY].state.get_sandbox(sandbox_id)  # 404 before body errors would mislead
@@ -724,13 +747,11 @@ async def create_tunnel(request: web.Request) -> web.Response:
 
 
 async def get_tunnel(request: web.Request) -> web.Response:
-    _query(request, ())
     tunnels = _tunnels(request)
     return web.json_response(tunnels.public(tunnels.get(request.match_info["id"])))
 
 
 async def revoke_tunnel(request: web.Request) -> web.Response:
-    _query(request, ())
     tunnels = _tunnels(request)
     tunnel_id = request.match_info["id"]
     _set_target(f"tunnel:{tunnel_id[:4]}")
@@ -741,13 +762,11 @@ async def revoke_tunnel(request: web.Request) -> web.Response:
 
 
 async def list_templates(request: web.Request) -> web.Response:
-    _query(request, ())
     templates = request.app[STORE_KEY].state.templates
     return web.json_response({"templates": [templates[name].to_dict() for name in sorted(templates)]})
 
 
 async def create_template(request: web.Request) -> web.Response:
-    _query(request, ())
     store = request.app[STORE_KEY]
     raw = await _read_json(request)
     async with _write_lock(request):
@@ -758,12 +777,10 @@ async def create_template(request: web.Request) -> web.Response:
 
 
 async def get_template(request: web.Request) -> web.Response:
-    _query(request, ())
     return web.json_response(request.app[STORE_KEY].state.get_template(request.match_info["name"]).to_dict())
 
 
 async def replace_template(request: web.Request) -> web.Response:
-    _query(request, ())
     raw = await _read_json(request)
     async with _write_lock(request):
         template = await request.app[STORE_KEY].put_template(request.match_info["name"], raw, create=False)
@@ -771,7 +788,6 @@ async def replace_template(request: web.Request) -> web.Response:
 
 
 async def delete_template(request: web.Request) -> web.Response:
-    _query(request, ())
     async with _write_lock(request):
         await request.app[STORE_KEY].delete_template(request.match_info["name"])
     return web.Response(status=204)
@@ -805,57 +821,472 @@ _MALFORMED_REQUESTS: Final = _MalformedRequestFilter()
 # --------------------------------------------------------------------------- the application
 
 
+#: Example bodies, published in the OpenAPI document; the tests run each through the real parser.
+SANDBOX_EXAMPLES: Final[Mapping[str, Any]] = {
+    "allowlisted": {
+        "id": "agent-7",
+        "addresses": ["10.75.0.7"],
+        "profile": "allowlisted",
+        "egress": {"allow_hosts": ["api.github.com", "*.example.com"], "presets": ["ai-apis"], "host_ports": [443]},
+        "limits": {"bandwidth_mbit": 50},
+        "labels": {"team": "research"},
+    },
+    "registry": {"id": "builder-1", "addresses": ["10.75.0.8"], "profile": "registry"},
+    "unrestricted_minus_private": {
+        "id": "scraper-2",
+        "addresses": ["10.75.0.9", "fdd4:1476:6c7e::9"],
+        "profile": "unrestricted",
+        "egress": {"deny_cidrs": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]},
+    },
+    "cidr_rules": {
+        "id": "dns-only",
+        "addresses": ["10.75.0.10"],
+        "profile": "allowlisted",
+        "egress": {"mode": "deny_all", "allow_cidrs": ["1.1.1.1/32", "1.0.0.1/32"], "allow_ports": [443]},
+    },
+    "shorthand_list": {
+        "id": "ws-target",
+        "addresses": ["10.75.0.11"],
+        "profile": "allowlisted",
+        "egress": ["api.openai.com", "registry.npmjs.org", "10.0.0.0/8"],
+        "ingress": {"sources": ["10.0.0.0/8"], "ports": [80, 443], "public_access": False},
+        "private_links": ["ws-agent"],
+    },
+    "isolated": {"id": "untrusted-eval", "addresses": ["10.75.0.12"]},
+}
+SANDBOX_PATCH_EXAMPLES: Final[Mapping[str, Any]] = {
+    "add_hosts": {"egress": {"allow_hosts": ["api.github.com", "pypi.org"]}},
+    "drop_own_limits": {"limits": None},
+    "relabel": {"labels": {"team": "platform"}},
+}
+TEMPLATE_EXAMPLES: Final[Mapping[str, Any]] = {
+    "secure_python": {
+        "name": "secure-python",
+        "description": "Internet minus RFC 1918, for deny_all sandboxes with CIDR rules",
+        "egress": {
+            "mode": "deny_all",
+            "allow_cidrs": ["0.0.0.0/0"],
+            "deny_cidrs": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
+        },
+    },
+    "ai_agent": {
+        "name": "ai-agent",
+        "description": "Git hosts and AI APIs",
+        "egress": {"presets": ["git-hosts", "ai-apis"]},
+        "limits": {"connections_per_minute": 300},
+    },
+}
+TUNNEL_EXAMPLES: Final[Mapping[str, Any]] = {
+    "public_preview": {"port": 3000, "label": "Web Server"},
+    "password_protected": {"port": 8080, "label": "Admin UI", "password": "correct horse battery", "ttl": 3600},
+    "vite_dev_server": {"port": 5173, "rewrite_host": True},
+}
+
+_PROFILE_SCOPE: Final = (
+    "A sandbox whose profile (the stored one, and the one the body names) is not isolated also needs scope "
+    "network:<profile>; without it the answer is 403 NETWORK_PROFILE_DENIED, before the body is validated, "
+    "and nothing is written."
+)
+_SANDBOX_WRITE_403: Final = ERROR_CODES[403] + " NETWORK_PROFILE_DENIED: the token lacks network:<profile>."
+_AUDIT_DISABLED: Final = "AUDIT_DISABLED: the gateway runs without a flow log."
+_TUNNELS_DISABLED: Final = (
+    "TUNNELS_DISABLED: this API was started without the tunnel service. Also STORE_UNAVAILABLE / STORE_WRITE_FAILED."
+)
+_WRITE_ERRORS: Final = {413: None, 415: None, 503: None}  # every write reads a body and reaches the store
+
+
 def route_specs() -> tuple[RouteSpec, ...]:
-    """Every route the API serves; the OpenAPI document is tested against this table."""
+    """Every route the API serves, and all the OpenAPI document says of it (the tests hold the two together)."""
+    sandbox_id = "/v1/sandboxes/{id}"
     return (
-        RouteSpec("GET", "/healthz", healthz, PUBLIC, "healthz"),
-        RouteSpec("GET", "/readyz", readyz, PUBLIC, "readyz"),
-        RouteSpec("GET", "/openapi.json", openapi_json, PUBLIC, "openapi"),
-        RouteSpec("GET", "/v1/status", status, "sandboxes:read", "status"),
-        RouteSpec("GET", "/v1/presets", list_presets, AUTHENTICATED, "presets.list"),
-        RouteSpec("GET", "/v1/sandboxes", list_sandboxes, "sandboxes:read", "sandboxes.list"),
-        RouteSpec("POST", "/v1/sandboxes", create_sandbox, "sandboxes:write", "sandboxes.create"),
-        RouteSpec("GET", "/v1/sandboxes/{id}", get_sandbox, "sandboxes:read", "sandboxes.get"),
-        RouteSpec("PUT", "/v1/sandboxes/{id}", replace_sandbox, "sandboxes:write", "sandboxes.replace"),
-        RouteSpec("PATCH", "/v1/sandboxes/{id}", patch_sandbox, "sandboxes:write", "sandboxes.patch"),
-        RouteSpec("DELETE", "/v1/sandboxes/{id}", delete_sandbox, "sandboxes:write", "sandboxes.delete"),
-        RouteSpec("GET", "/v1/sandboxes/{id}/policy", sandbox_policy, "sandboxes:read", "sandboxes.policy"),
-        RouteSpec("GET", "/v1/sandboxes/{id}/explain", explain, "sandboxes:read", "sandboxes.explain"),
-        RouteSpec("GET", "/v1/sandboxes/{id}/audit-batches", list_audit_batches, "audit:read", "audit.list"),
-        RouteSpec("GET", "/v1/sandboxes/{id}/audit-batches/{name}", get_audit_batch, "audit:read", "audit.get"),
-        RouteSpec("GET", "/v1/sandboxes/{id}/dns-log", dns_log, "audit:read", "dns.log"),
-        RouteSpec("GET", "/v1/sandboxes/{id}/tunnels", list_tunnels, "tunnels:read", "tunnels.list"),
-        RouteSpec("POST", "/v1/sandboxes/{id}/tunnels", create_tunnel, "tunnels:write", "tunnels.create"),
-        RouteSpec("GET", "/v1/tunnels/{id}", get_tunnel, "tunnels:read", "tunnels.get"),
-        RouteSpec("DELETE", "/v1/tunnels/{id}", revoke_tunnel, "tunnels:write", "tunnels.revoke"),
-        RouteSpec("GET", "/v1/templates", list_templates, "templates:read", "templates.list"),
-        RouteSpec("POST", "/v1/templates", create_template, "templates:write", "templates.create"),
-        RouteSpec("GET", "/v1/templates/{name}", get_template, "templates:read", "templates.get"),
-        RouteSpec("PUT", "/v1/templates/{name}", replace_template, "templates:write", "templates.replace"),
-        RouteSpec("DELETE", "/v1/templates/{name}", delete_template, "templates:write", "templates.delete"),
+        RouteSpec(
+            "GET", "/healthz", healthz, PUBLIC, "healthz", "Liveness", "service", {200: Answer("Alive.", "Health")}
+        ),
+        RouteSpec(
+            "GET",
+            "/readyz",
+            readyz,
+            PUBLIC,
+            "readyz",
+            "Readiness: the policy store has loaded and, with the data plane, it all serves",
+            "service",
+            {200: Answer("The store is loaded; the engine, its workers and DNS listen; steered.", "Ready")},
+            {
+                503: "STORE_NOT_READY: the policy store has not loaded yet. DATA_PLANE_NOT_READY: the message names "
+                "each part that does not serve yet (the egress engine or a worker not listening, the DNS "
+                "interceptor not listening, the steering table not applied)."
+            },
+        ),
+        RouteSpec(
+            "GET",
+            "/openapi.json",
+            openapi_json,
+            PUBLIC,
+            "openapi",
+            "This document",
+            "service",
+            {200: Answer("The OpenAPI 3.1 document.", {"type": "object"})},
+        ),
+        RouteSpec(
+            "GET",
+            "/v1/status",
+            status,
+            "sandboxes:read",
+            "status",
+            "Store backend, readiness, counts and rejected outside records",
+            "service",
+            {200: Answer("The store's status.", "Status")},
+        ),
+        RouteSpec(
+            "GET",
+            "/v1/presets",
+            list_presets,
+            AUTHENTICATED,
+            "presets.list",
+            "Built-in and configured presets",
+            "presets",
+            {200: Answer("Every preset, by name.", "PresetList")},
+            description="Any valid token may read the presets.",
+        ),
+        RouteSpec(
+            "GET",
+            "/v1/sandboxes",
+            list_sandboxes,
+            "sandboxes:read",
+            "sandboxes.list",
+            "List sandboxes",
+            "sandboxes",
+            {200: Answer("Sandboxes sorted by id.", "SandboxList")},
+            query=(Query("profile", {"type": "string", "enum": list(PROFILES)}), Query("template", {"type": "string"})),
+        ),
+        RouteSpec(
+            "POST",
+            "/v1/sandboxes",
+            create_sandbox,
+            "sandboxes:write",
+            "sandboxes.create",
+            "Create a sandbox",
+            "sandboxes",
+            {201: Answer("Created.", "Sandbox", headers={"Location": "/v1/sandboxes/{id}"})},
+            {
+                **_WRITE_ERRORS,
+                403: _SANDBOX_WRITE_403,
+                409: "SANDBOX_EXISTS: the id is taken. ADDRESS_IN_USE: an address belongs to another sandbox.",
+            },
+            body=Body("SandboxCreate", SANDBOX_EXAMPLES),
+            description=_PROFILE_SCOPE,
+        ),
+        RouteSpec(
+            "GET",
+            sandbox_id,
+            get_sandbox,
+            "sandboxes:read",
+            "sandboxes.get",
+            "Get a sandbox",
+            "sandboxes",
+            {200: Answer("The record.", "Sandbox")},
+            {404: None},
+        ),
+        RouteSpec(
+            "PUT",
+            sandbox_id,
+            replace_sandbox,
+            "sandboxes:write",
+            "sandboxes.replace",
+            "Replace a sandbox (it must exist; create with POST)",
+            "sandboxes",
+            {200: Answer("Replaced.", "Sandbox")},
+            {
+                **_WRITE_ERRORS,
+                403: _SANDBOX_WRITE_403,
+                404: None,
+                409: "PROFILE_IMMUTABLE: the profile differs from the stored one. ADDRESS_IN_USE.",
+            },
+            body=Body(
+                "SandboxReplace",
+                {name: {k: v for k, v in record.items() if k != "id"} for name, record in SANDBOX_EXAMPLES.items()},
+            ),
+            description=_PROFILE_SCOPE,
+        ),
+        RouteSpec(
+            "PATCH",
+            sandbox_id,
+            patch_sandbox,
+            "sandboxes:write",
+            "sandboxes.patch",
+            "Change a sandbox with a JSON merge patch (RFC 7396)",
+            "sandboxes",
+            {200: Answer("The record after the patch.", "Sandbox")},
+            {
+                **_WRITE_ERRORS,
+                403: _SANDBOX_WRITE_403,
+                404: None,
+                409: "PROFILE_IMMUTABLE: the patch changes the profile. ADDRESS_IN_USE.",
+            },
+            body=Body("SandboxPatch", SANDBOX_PATCH_EXAMPLES, (MERGE_PATCH, JSON)),
+            description="The patch is applied to the stored record and the result validated as a whole. Send it as "
+            "application/merge-patch+json (application/json is accepted too). " + _PROFILE_SCOPE,
+        ),
+        RouteSpec(
+            "DELETE",
+            sandbox_id,
+            delete_sandbox,
+            "sandboxes:write",
+            "sandboxes.delete",
+            "Delete a sandbox",
+            "sandboxes",
+            {204: Answer("Deleted; its traffic is refused from now on.")},
+            {403: _SANDBOX_WRITE_403, 404: None, 503: None},
+            description=_PROFILE_SCOPE,
+        ),
+        RouteSpec(
+            "GET",
+            f"{sandbox_id}/policy",
+            sandbox_policy,
+            "sandboxes:read",
+            "sandboxes.policy",
+            "The effective compiled policy",
+            "sandboxes",
+            {200: Answer("What the data plane enforces.", "EffectivePolicy")},
+            {404: None},
+        ),
+        RouteSpec(
+            "GET",
+            f"{sandbox_id}/explain",
+            explain,
+            "sandboxes:read",
+            "sandboxes.explain",
+            "Would this connection be allowed, and by which rule?",
+            "sandboxes",
+            {200: Answer("The verdict (allowed or not: both are 200).", "Explain")},
+            {
+                400: "INVALID_PORT, INVALID_ADDRESS, INVALID_HOSTNAME, INVALID_PROTOCOL, MISSING_FIELD (neither host "
+                "nor address; tcp/udp without a port), UNKNOWN_PARAMETER.",
+                404: None,
+            },
+            query=(
+                Query(
+                    "host",
+                    {"type": "string"},
+                    "The name (TLS SNI / HTTP Host / DNS question), optionally with the port: name, name:port, "
+                    "[v6]:port. An address here means a connection that carries no name.",
+                ),
+                Query("port", PORT_SCHEMA, "Default: 443 for tls, 80 for http; required for tcp and udp."),
+                Query("address", {"type": "string"}, "The destination address, for CIDR rules."),
+                Query(
+                    "protocol",
+                    {"type": "string", "enum": list(PROTOCOLS), "default": "tls"},
+                    "dns asks whether the name would resolve (decided on the name alone).",
+                ),
+            ),
+        ),
+        RouteSpec(
+            "GET",
+            f"{sandbox_id}/audit-batches",
+            list_audit_batches,
+            "audit:read",
+            "audit.list",
+            "List the sandbox's flow record batches, oldest first",
+            "audit",
+            {200: Answer("One page of batches in chronological order.", "AuditBatchList")},
+            {
+                400: "INVALID_PARAMETER (since_us, limit), INVALID_CONTINUATION_TOKEN, UNKNOWN_PARAMETER.",
+                404: "SANDBOX_NOT_FOUND: no such sandbox and no batches for that id.",
+                503: _AUDIT_DISABLED,
+            },
+            query=(
+                Query(
+                    "since_us",
+                    {"type": "integer", "minimum": 0, "default": 0},
+                    "Only batches whose first record was written at or after this time (µs since the epoch).",
+                ),
+                Query("continuation_token", {"type": "string"}, "Opaque; from the previous page."),
+                Query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 100}),
+            ),
+            description="Audit batches: NDJSON files named {ts_us}-{pid}.ndjson whose lexical order is "
+            "chronological. Follow next_continuation_token until it is null. Batches outlive the sandbox's record: "
+            "a deleted sandbox's batches stay listable.",
+        ),
+        RouteSpec(
+            "GET",
+            f"{sandbox_id}/audit-batches/{{name}}",
+            get_audit_batch,
+            "audit:read",
+            "audit.get",
+            "Fetch one batch",
+            "audit",
+            {
+                200: Answer(
+                    "NDJSON: one FlowRecord (see components.schemas.FlowRecord) per line.", {"type": "string"}, NDJSON
+                )
+            },
+            {
+                400: "INVALID_BATCH_NAME: not a {ts_us}-{pid}.ndjson name. UNKNOWN_PARAMETER.",
+                404: "SANDBOX_NOT_FOUND, BATCH_NOT_FOUND.",
+                503: _AUDIT_DISABLED,
+            },
+        ),
+        RouteSpec(
+            "GET",
+            f"{sandbox_id}/dns-log",
+            dns_log,
+            "audit:read",
+            "dns.log",
+            "The sandbox's recent DNS queries, oldest first",
+            "audit",
+            {200: Answer("The last `limit` queries the interceptor answered for this sandbox.", "DnsLog")},
+            {
+                400: "INVALID_PARAMETER (limit), UNKNOWN_PARAMETER.",
+                404: "SANDBOX_NOT_FOUND.",
+                503: "DNS_DISABLED: the gateway runs without the data plane (gateway run --data-plane).",
+            },
+            query=(Query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_DNS_LOG, "default": 100}),),
+            description="The per-sandbox query log: name, type, answer or rcode, latency, and whether the policy "
+            "allowed it and why. Kept in memory (dns.query_log_size per sandbox); every query is also a flow record "
+            "in the audit batches.",
+        ),
+        RouteSpec(
+            "GET",
+            f"{sandbox_id}/tunnels",
+            list_tunnels,
+            "tunnels:read",
+            "tunnels.list",
+            "List the sandbox's tunnels (live and recently ended), oldest first",
+            "tunnels",
+            {200: Answer("The tunnels; passwords are never returned.", "TunnelList")},
+            {404: "SANDBOX_NOT_FOUND.", 503: _TUNNELS_DISABLED},
+        ),
+        RouteSpec(
+            "POST",
+            f"{sandbox_id}/tunnels",
+            create_tunnel,
+            "tunnels:write",
+            "tunnels.create",
+            "Expose a sandbox port at a temporary HTTPS URL",
+            "tunnels",
+            {201: Answer("Created.", "Tunnel", headers={"Location": "/v1/tunnels/{id}"})},
+            {
+                **_WRITE_ERRORS,
+                400: "MISSING_FIELD, UNKNOWN_FIELD, INVALID_TYPE, INVALID_PORT, INVALID_LABEL, INVALID_PASSWORD, "
+                "INVALID_TTL, INVALID_JSON.",
+                403: "INSUFFICIENT_SCOPE; INGRESS_PORT_NOT_ALLOWED (the port is not in the sandbox's ingress.ports), "
+                "INGRESS_PASSWORD_REQUIRED (its ingress.public_access is false and no password).",
+                404: "SANDBOX_NOT_FOUND.",
+                409: "TOO_MANY_TUNNELS: the sandbox already has the most live tunnels allowed (20 by default).",
+                503: _TUNNELS_DISABLED,
+            },
+            body=Body("TunnelCreate", TUNNEL_EXAMPLES),
+            description="The URL is https://<random>.<tunnel domain>/ with 80 random bits, never derived from the "
+            "sandbox id. The tunnel ends at expires_at, when revoked, or when the sandbox is deleted; live "
+            "connections (WebSockets and streams included) are closed then.",
+        ),
+        RouteSpec(
+            "GET",
+            "/v1/tunnels/{id}",
+            get_tunnel,
+            "tunnels:read",
+            "tunnels.get",
+            "Get a tunnel",
+            "tunnels",
+            {200: Answer("The tunnel.", "Tunnel")},
+            {404: "TUNNEL_NOT_FOUND.", 503: _TUNNELS_DISABLED},
+        ),
+        RouteSpec(
+            "DELETE",
+            "/v1/tunnels/{id}",
+            revoke_tunnel,
+            "tunnels:write",
+            "tunnels.revoke",
+            "Revoke a tunnel (idempotent); its live connections are closed on every node",
+            "tunnels",
+            {200: Answer("The tunnel as revoked.", "Tunnel")},
+            {404: "TUNNEL_NOT_FOUND.", 503: _TUNNELS_DISABLED},
+        ),
+        RouteSpec(
+            "GET",
+            "/v1/templates",
+            list_templates,
+            "templates:read",
+            "templates.list",
+            "List templates",
+            "templates",
+            {200: Answer("Templates sorted by name.", "TemplateList")},
+        ),
+        RouteSpec(
+            "POST",
+            "/v1/templates",
+            create_template,
+            "templates:write",
+            "templates.create",
+            "Create a template",
+            "templates",
+            {201: Answer("Created.", "Template", headers={"Location": "/v1/templates/{name}"})},
+            {**_WRITE_ERRORS, 409: "TEMPLATE_EXISTS: the name is taken."},
+            body=Body("TemplateCreate", TEMPLATE_EXAMPLES),
+        ),
+        RouteSpec(
+            "GET",
+            "/v1/templates/{name}",
+            get_template,
+            "templates:read",
+            "templates.get",
+            "Get a template",
+            "templates",
+            {200: Answer("The record.", "Template")},
+            {404: None},
+        ),
+        RouteSpec(
+            "PUT",
+            "/v1/templates/{name}",
+            replace_template,
+            "templates:write",
+            "templates.replace",
+            "Replace a template (it must exist; create with POST)",
+            "templates",
+            {200: Answer("Replaced; sandboxes using it are recompiled at once.", "Template")},
+            {**_WRITE_ERRORS, 404: None},
+            body=Body("TemplateReplace", TEMPLATE_EXAMPLES),
+        ),
+        RouteSpec(
+            "DELETE",
+            "/v1/templates/{name}",
+            delete_template,
+            "templates:write",
+            "templates.delete",
+            "Delete a template",
+            "templates",
+            {204: Answer("Deleted.")},
+            {404: None, 409: "TEMPLATE_IN_USE: sandboxes still use it; the message names them.", 503: None},
+        ),
     )
 
 
 def create_app(
     store: PolicyStore,
-    config: Config,
     *,
+    host: str,
+    port: int,
+    tokens: Sequence[ApiToken],
+    presets: Mapping[str, Preset],
     flows: FlowLog | None = None,
     tunnels: TunnelStore | None = None,
     dns: DnsInterceptor | None = None,
     data_plane_status: Callable[[], dict[str, Any]] | None = None,
     unready: Callable[[], list[str]] | None = None,
 ) -> web.Application:
-    """The API over `store` (started by the caller) and, when given, the flow log's audit batches (without
-    one those routes answer 503 AUDIT_DISABLED), the tunnel store (without it, 503 TUNNELS_DISABLED) and the
-    DNS interceptor's query log (without it, 503 DNS_DISABLED). `unready` says what else must serve before
-    /readyz is 200 (the data plane's parts). Raises CONFIG_INVALID for an exposed API without tokens."""
-    check_api_exposure(config)
+    """The API over `store` (started by the caller), listening at `host`:`port` (the [api] section, with the
+    `tokens` that may call it), answering GET /v1/presets with `presets`; and, when given, the flow log's audit
+    batches (without one those routes answer 503 AUDIT_DISABLED), the tunnel store (without it, 503
+    TUNNELS_DISABLED) and the DNS interceptor's query log (without it, 503 DNS_DISABLED). `unready` says what
+    else must serve before /readyz is 200 (the data plane's parts). Raises CONFIG_INVALID for an exposed API
+    without tokens."""
+    check_api_exposure(host, tokens)
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)  # once: the same filter is not added twice
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY_BYTES)
     app[STORE_KEY] = store
-    app[CONFIG_KEY] = config
-    app[OPEN_KEY] = not config.tokens
+    app[TOKENS_KEY] = tuple(tokens)
+    app[PRESETS_KEY] = presets
+    app[OPEN_KEY] = not tokens
     app[WRITE_LOCK_KEY] = asyncio.Lock()
     app[READINESS_KEY] = unready or list
     if flows is not None:
@@ -867,22 +1298,27 @@ def create_app(
     if data_plane_status is not None:
         app[DATA_PLANE_STATUS_KEY] = data_plane_status
     table: dict[tuple[str, str], RouteSpec] = {}
-    for spec in route_specs():
+    specs = route_specs()
+    # Rendered once: the document only changes with the code.
+    app[DOCUMENT_KEY] = json.dumps(openapi_document(specs)).encode()
+    for spec in specs:
         # add_route, not add_get: no implicit HEAD routes, so the route table is exactly the documented one.
         app.router.add_route(spec.method, spec.path, spec.handler, name=spec.action)
         table[(spec.method, spec.path)] = spec
     app[ROUTES_KEY] = table
     if app[OPEN_KEY]:
-        app.on_startup.append(_warn_open)
+        app.on_startup.append(_warn_open(host, port))
     return app
 
 
-async def _warn_open(app: web.Application) -> None:
-    config = app[CONFIG_KEY]
-    log.warning(
-        "api.open_mode",
-        message="NO API TOKENS CONFIGURED: every local process can read and change every policy. "
-        "The API listens on loopback only; add [[api.tokens]] to require authentication.",
-        host=config.api_host,
-        port=config.api_port,
-    )
+def _warn_open(host: str, port: int) -> Callable[[web.Application], Awaitable[None]]:
+    async def warn(_app: web.Application) -> None:
+        log.warning(
+            "api.open_mode",
+            message="NO API TOKENS CONFIGURED: every local process can read and change every policy. "
+            "The API listens on loopback only; add [[api.tokens]] to require authentication.",
+            host=host,
+            port=port,
+        )
+
+    return warn

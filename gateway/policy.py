@@ -5,6 +5,10 @@ accepted or refused the same way wherever it comes from. Parsing is strict:
 unknown fields, wrong types, out-of-range numbers and malformed names are refused
 with the field path and the reason; nothing is silently dropped or coerced.
 
+Each record's accepted fields are declared once, as JSON Schema tables (`EGRESS_SCHEMA`,
+`SANDBOX_SCHEMA`, ...): the parser refuses any field not in its table, and the OpenAPI document
+publishes the same tables, built from the same limits and enums the parser checks.
+
 Fields left unset (`None`) inherit from the sandbox's template and then from the
 profile's defaults; see `gateway.decision.compile_policy` for the merge.
 """
@@ -15,10 +19,10 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from gateway.errors import GatewayError
-from gateway.hostnames import normalize_pattern
+from gateway.hostnames import MAX_HOSTNAME_LENGTH, normalize_pattern
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -36,6 +40,9 @@ MAX_LIST_ENTRIES = 50
 MAX_ADDRESSES = 8
 METADATA_RANGE = ipaddress.ip_network("169.254.0.0/16")
 ID_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62})$")
+MAX_DESCRIPTION = 500
+MAX_LABEL_KEY = 63
+MAX_LABEL_VALUE = 253
 
 #: Ranges for limits: (minimum, maximum). Bandwidth: 1-10000 Mbit/s (scaibunker's range).
 LIMIT_RANGES: Mapping[str, tuple[int, int]] = {
@@ -142,7 +149,7 @@ def _identifier(value: object, path: str, what: str = "id") -> str:
     return value
 
 
-def _text(value: object, path: str, limit: int = 500) -> str:
+def _text(value: object, path: str, limit: int = MAX_DESCRIPTION) -> str:
     if not isinstance(value, str):
         raise _fail("INVALID_TYPE", f"expected a string, got {_type_name(value)}", path)
     if len(value) > limit:
@@ -165,9 +172,6 @@ class Egress:
     deny_cidrs: tuple[IPNetwork, ...] | None = None
     allow_ports: tuple[int, ...] | None = None
     host_ports: tuple[int, ...] | None = None
-
-    def is_empty(self) -> bool:
-        return all(getattr(self, f.name) is None for f in fields(self))
 
     def set_fields(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -273,9 +277,121 @@ class Template:
 
 # --------------------------------------------------------------------------- parsing
 
-EGRESS_FIELDS = tuple(f.name for f in fields(Egress))
-SANDBOX_FIELDS = ("id", "addresses", "profile", "template", "egress", "ingress", "limits", "private_links", "labels")
-TEMPLATE_FIELDS = ("name", "description", "egress", "limits")
+# --------------------------------------------------------------------------- accepted fields, as JSON Schema
+# Each record's accepted fields are declared once, here: the parser refuses any name not in these tables, and
+# the OpenAPI document (gateway.openapi) publishes them as the request schemas. Types, limits and enums come
+# from the constants the parser checks against, so the published schema cannot be looser than the parser.
+
+PORT_SCHEMA: Final[Mapping[str, Any]] = {"type": "integer", "minimum": 1, "maximum": 65535}
+HOSTNAME_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "string",
+    "maxLength": MAX_HOSTNAME_LENGTH,
+    "description": "An exact hostname (api.example.com) or a first-level wildcard (*.example.com, which matches "
+    "exactly one extra label). No scheme, path, port, `**` or mid-label `*`; labels are 1-63 RFC 1035 "
+    "characters; internationalised names are stored as punycode.",
+}
+CIDR_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "string",
+    "description": "A network in CIDR notation with no host bits set (10.0.0.0/8).",
+}
+ADDRESS_SCHEMA: Final[Mapping[str, Any]] = {"type": "string", "description": "An IPv4 or IPv6 address."}
+ID_SCHEMA: Final[Mapping[str, Any]] = {"type": "string", "pattern": ID_PATTERN.pattern}
+
+
+def schema_ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The schema, or null (the parser treats null as 'not set', e.g. to inherit from the template)."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def list_schema(item: Mapping[str, Any], description: str, limit: int = MAX_LIST_ENTRIES) -> dict[str, Any]:
+    return {"type": "array", "items": item, "maxItems": limit, "description": description}
+
+
+EGRESS_SCHEMA: Final[Mapping[str, Any]] = {
+    "mode": nullable({"type": "string", "enum": list(EGRESS_MODES)}),
+    "allow_internet": nullable({"type": "boolean"}),
+    "allow_hosts": nullable(list_schema(HOSTNAME_SCHEMA, "Hostnames the sandbox may reach (TLS SNI / HTTP Host).")),
+    "presets": nullable(list_schema({"type": "string"}, "Names of presets (GET /v1/presets) to include.")),
+    "allow_cidrs": nullable(list_schema(CIDR_SCHEMA, "Destinations allowed by address (deny_all mode).")),
+    "deny_cidrs": nullable(
+        list_schema(CIDR_SCHEMA, "Destinations refused by address; evaluated before every allow rule.")
+    ),
+    "allow_ports": nullable(list_schema(PORT_SCHEMA, "Restrict allow_cidrs to these ports; needs allow_cidrs.")),
+    "host_ports": nullable(list_schema(PORT_SCHEMA, "Restrict allow_hosts to these ports (default: any).")),
+}
+LIMITS_SCHEMA: Final[Mapping[str, Any]] = {
+    name: nullable({"type": "integer", "minimum": low, "maximum": high}) for name, (low, high) in LIMIT_RANGES.items()
+}
+INGRESS_SCHEMA: Final[Mapping[str, Any]] = {
+    "sources": list_schema({"type": "string"}, "Source addresses or CIDRs allowed to connect in."),
+    "ports": list_schema(PORT_SCHEMA, "Ports inside the sandbox that may be reached."),
+    "public_access": {"type": "boolean"},
+}
+PRIVATE_LINK_SCHEMA: Final[Mapping[str, Any]] = {
+    "source": ID_SCHEMA,
+    "ports": list_schema(PORT_SCHEMA, "Ports allowed (empty: any)."),
+    "protocol": {
+        "type": "string",
+        "enum": list(LINK_PROTOCOLS),
+        "default": "tcp",
+        "description": "The L4 protocol the link opens (one per link; list a link twice for both).",
+    },
+}
+SANDBOX_SCHEMA: Final[Mapping[str, Any]] = {
+    "id": {**ID_SCHEMA, "description": "1-63 characters: lowercase letters, digits, '-' and '_'."},
+    "addresses": {
+        "type": "array",
+        "items": ADDRESS_SCHEMA,
+        "minItems": 1,
+        "maxItems": MAX_ADDRESSES,
+        "description": "The sandbox's source addresses, inside the configured sandbox subnets; unique across "
+        "sandboxes.",
+    },
+    "profile": {
+        "type": "string",
+        "enum": list(PROFILES),
+        "default": DEFAULT_PROFILE,
+        "description": "Set at creation, immutable afterwards. Each profile but isolated needs the caller's "
+        f"scope network:<profile>. Not supported: {', '.join(UNSUPPORTED_PROFILES)}.",
+    },
+    "template": nullable({**ID_SCHEMA, "description": "A template whose egress and limits this sandbox inherits."}),
+    "egress": {
+        "description": "Own egress rules over the template's; a list is a shorthand mixing hostnames and CIDRs.",
+        "anyOf": [
+            schema_ref("Egress"),
+            {"type": "array", "items": {"type": "string"}, "maxItems": MAX_LIST_ENTRIES},
+            {"type": "null"},
+        ],
+    },
+    "ingress": nullable(schema_ref("Ingress")),
+    "limits": nullable(schema_ref("Limits")),
+    "private_links": nullable(
+        list_schema(
+            {"anyOf": [ID_SCHEMA, schema_ref("PrivateLink")]}, "Sandboxes that may open connections to this one."
+        )
+    ),
+    "labels": nullable(
+        {
+            "type": "object",
+            "propertyNames": {"maxLength": MAX_LABEL_KEY},
+            "additionalProperties": {"type": "string", "maxLength": MAX_LABEL_VALUE},
+            "maxProperties": MAX_LIST_ENTRIES,
+        }
+    ),
+}
+TEMPLATE_SCHEMA: Final[Mapping[str, Any]] = {
+    "name": ID_SCHEMA,
+    "description": {"type": "string", "maxLength": MAX_DESCRIPTION},
+    "egress": nullable(schema_ref("Egress")),
+    "limits": nullable(schema_ref("Limits")),
+}
+EGRESS_FIELDS: Final = tuple(EGRESS_SCHEMA)
+SANDBOX_FIELDS: Final = tuple(SANDBOX_SCHEMA)
+TEMPLATE_FIELDS: Final = tuple(TEMPLATE_SCHEMA)
 
 
 def _looks_like_address(text: str) -> bool:
@@ -384,7 +500,7 @@ def parse_limits(data: object, path: str) -> Limits:
     if data is None:
         return Limits()
     data = _expect_mapping(data, path)
-    _check_known(data, LIMIT_RANGES, path)
+    _check_known(data, LIMITS_SCHEMA, path)
     values = {name: _int(raw, f"{path}.{name}", *LIMIT_RANGES[name]) for name, raw in data.items() if raw is not None}
     limits = Limits(**values)
     burst, sustained = limits.burst_mbit, limits.bandwidth_mbit
@@ -401,7 +517,7 @@ def parse_ingress(data: object, path: str) -> Ingress:
     if data is None:
         return Ingress()
     data = _expect_mapping(data, path)
-    _check_known(data, ("sources", "ports", "public_access"), path)
+    _check_known(data, INGRESS_SCHEMA, path)
 
     def source(value: object, where: str) -> IPNetwork:
         if isinstance(value, str) and "/" not in value:
@@ -419,7 +535,7 @@ def _private_link(value: object, path: str) -> PrivateLink:
     if isinstance(value, str):
         return PrivateLink(_identifier(value, path, "sandbox id"))
     data = _expect_mapping(value, path)
-    _check_known(data, ("source", "ports", "protocol"), path)
+    _check_known(data, PRIVATE_LINK_SCHEMA, path)
     if "source" not in data:
         raise _fail("MISSING_FIELD", "a private link names its source sandbox id", f"{path}.source")
     protocol = data.get("protocol", "tcp")
@@ -440,7 +556,7 @@ def _labels(value: object, path: str) -> dict[str, str]:
     data = _expect_mapping(value, path)
     if len(data) > MAX_LIST_ENTRIES:
         raise _fail("TOO_MANY_ENTRIES", f"at most {MAX_LIST_ENTRIES} labels", path)
-    return {_text(k, path, 63): _text(v, f"{path}.{k}", 253) for k, v in data.items()}
+    return {_text(k, path, MAX_LABEL_KEY): _text(v, f"{path}.{k}", MAX_LABEL_VALUE) for k, v in data.items()}
 
 
 def parse_sandbox(

@@ -71,7 +71,7 @@ class StartupError(Exception):
 def check_runnable(config: Config) -> None:
     """What `gateway run` refuses at start-up beyond what loading the configuration checks: `run` calls this
     before it starts anything, and `check-config` calls it, so the two never disagree. Raises GatewayError."""
-    check_api_exposure(config)
+    check_api_exposure(config.api_host, config.tokens)
     if config.tunnel.enabled:  # the tunnel serves from its first second: the pair must load now
         build_server_context(config.tunnel.cert_path, config.tunnel.key_path)
 
@@ -132,7 +132,10 @@ async def serve(
         # refuses an exposed API without tokens before anything starts
         app = create_app(
             store,
-            config,
+            host=config.api_host,
+            port=config.api_port,
+            tokens=config.tokens,
+            presets=config.presets,
             flows=flows,
             tunnels=tunnels.store if tunnels else None,
             dns=plane.dns if plane else None,

@@ -25,18 +25,23 @@ from aiohttp.test_utils import TestClient
 from dnslib import RCODE, DNSRecord
 from openapi_spec_validator import validate as validate_spec
 
-from gateway.api import MAX_BODY_BYTES, PUBLIC, apply_merge_patch, create_app, parse_explain_query, route_specs
+from gateway.api import (
+    MAX_BODY_BYTES,
+    PUBLIC,
+    SANDBOX_EXAMPLES,
+    SANDBOX_PATCH_EXAMPLES,
+    TEMPLATE_EXAMPLES,
+    TUNNEL_EXAMPLES,
+    apply_merge_patch,
+    create_app,
+    parse_explain_query,
+    route_specs,
+)
 from gateway.config import Config, load_config
 from gateway.dns.config import DnsConfig
 from gateway.dns.server import DnsInterceptor
 from gateway.errors import GatewayError
 from gateway.flowlog import FIELD_NAMES, FlowLog, FlowRecord
-from gateway.openapi import (
-    SANDBOX_EXAMPLES,
-    SANDBOX_PATCH_EXAMPLES,
-    TEMPLATE_EXAMPLES,
-    TUNNEL_EXAMPLES,
-)
 from gateway.policy import parse_sandbox, parse_template
 from gateway.service import DataPlane
 from gateway.stores.embedded import EmbeddedStore
@@ -90,6 +95,11 @@ def write_config(tmp_path: Path, *, tokens: bool = True, host: str = "127.0.0.1"
     return load_config(path, environ={})
 
 
+def api_section(config: Config) -> dict[str, Any]:
+    """What create_app takes from the configuration: the [api] section and the presets."""
+    return {"host": config.api_host, "port": config.api_port, "tokens": config.tokens, "presets": config.presets}
+
+
 # --------------------------------------------------------------------------- answers checked against the document
 
 
@@ -141,7 +151,7 @@ async def store(config: Config) -> AsyncIterator[EmbeddedStore]:
 
 @pytest.fixture
 async def api(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config) -> Api:
-    return Api(await aiohttp_client(create_app(store, config)))
+    return Api(await aiohttp_client(create_app(store, **api_section(config))))
 
 
 # --------------------------------------------------------------------------- service routes
@@ -154,7 +164,7 @@ async def test_health_and_readiness_need_no_token(api: Api) -> None:
 
 async def test_readyz_is_503_until_the_store_has_loaded(aiohttp_client: AiohttpClient, config: Config) -> None:
     store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
-    api = Api(await aiohttp_client(create_app(store, config)))
+    api = Api(await aiohttp_client(create_app(store, **api_section(config))))
     answer = await api.call("GET", "/readyz", token=None, expect=503)
     assert answer.code == "STORE_NOT_READY"
     await store.start()
@@ -171,7 +181,7 @@ async def test_readyz_is_503_until_the_data_plane_serves(
     # serves already, but nothing of the plane does yet.
     store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
     plane = DataPlane(config, store, FlowLog(replace(config.audit, dir=tmp_path / "audit")), steer=True)
-    api = Api(await aiohttp_client(create_app(store, config, dns=plane.dns, unready=plane.unready)))
+    api = Api(await aiohttp_client(create_app(store, **api_section(config), dns=plane.dns, unready=plane.unready)))
     await store.start()
     try:
         answer = await api.call("GET", "/readyz", token=None, expect=503)
@@ -647,7 +657,7 @@ async def test_unknown_route_and_wrong_method_answer_json(api: Api) -> None:
 async def test_unexpected_exceptions_become_a_logged_500_without_internals(
     aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config
 ) -> None:
-    app = create_app(store, config)
+    app = create_app(store, **api_section(config))
 
     async def broken(request: web.Request) -> web.Response:
         raise RuntimeError("secret internal detail")
@@ -737,7 +747,7 @@ async def test_without_tokens_loopback_callers_need_none(aiohttp_client: Aiohttp
     await store.start()
     try:
         with structlog.testing.capture_logs() as logs:
-            api = Api(await aiohttp_client(create_app(store, config)))
+            api = Api(await aiohttp_client(create_app(store, **api_section(config))))
         assert any(entry["event"] == "api.open_mode" and entry["log_level"] == "warning" for entry in logs)
         record = {"id": "open", "addresses": ["10.75.0.95"], "profile": "unrestricted"}
         await api.call("POST", "/v1/sandboxes", record, token=None, expect=201)
@@ -756,7 +766,7 @@ def test_without_tokens_the_api_refuses_to_listen_beyond_loopback(tmp_path: Path
     config = write_config(tmp_path, tokens=False, host=host)
     store = EmbeddedStore(config.policy_context(), config.store.path)
     with pytest.raises(GatewayError) as caught:
-        create_app(store, config)
+        create_app(store, **api_section(config))
     assert (caught.value.code, caught.value.field) == ("CONFIG_INVALID", "api.tokens")
 
 
@@ -771,7 +781,7 @@ async def test_openapi_is_served_without_a_token_and_is_a_valid_3_1_document(api
 
 
 def test_every_route_is_documented_and_every_documented_route_exists(config: Config, tmp_path: Path) -> None:
-    app = create_app(EmbeddedStore(config.policy_context(), tmp_path / "p.json"), config)
+    app = create_app(EmbeddedStore(config.policy_context(), tmp_path / "p.json"), **api_section(config))
     registered: dict[str, set[str]] = {}
     for route in app.router.routes():
         registered.setdefault(route.resource.canonical, set()).add(route.method.lower())
@@ -828,6 +838,62 @@ def test_example_bodies_pass_the_real_parser_and_their_schema(config: Config) ->
         assert not schema_validator({"$ref": "#/components/schemas/SandboxCreate"}).is_valid(bad)
 
 
+async def test_every_route_refuses_a_query_parameter_it_does_not_declare(api: Api) -> None:
+    """The middleware checks each route's query against the route table, so what the document lists is exactly
+    what each route accepts: an undeclared parameter is 400 before the handler runs (and before any body is read),
+    and each declared one is accepted by name."""
+    for spec in route_specs():
+        path = spec.path.replace("{id}", "nobody").replace("{name}", "nothing")
+        refused = await api.call(spec.method, f"{path}?zz_unknown=1", expect=400)
+        assert (refused.code, refused.body["field"]) == ("UNKNOWN_PARAMETER", "zz_unknown"), (spec.method, path)
+        declared = [parameter.name for parameter in spec.query]
+        assert refused.body["message"].endswith(f"expected: {', '.join(declared) or 'none'}"), refused.body
+        documented = [p["name"] for p in DOC["paths"][spec.path][spec.method.lower()].get("parameters", [])]
+        assert documented == declared, (spec.method, spec.path)
+
+
+def _accepted_fields(parse: Callable[[Any], object], record: Any, path: str) -> set[str]:
+    """The field names the parser accepts at `path`, read from its refusal of an unknown one."""
+    with pytest.raises(GatewayError) as caught:
+        parse(record)
+    assert (caught.value.code, caught.value.field) == ("UNKNOWN_FIELD", path)
+    listed = re.search(r"expected(?: one of)?:? (.*)$", caught.value.message)
+    assert listed is not None, caught.value.message
+    return set(listed.group(1).split(", "))
+
+
+def test_request_schemas_list_exactly_the_fields_the_parser_accepts(config: Config) -> None:
+    context = config.policy_context()
+
+    def sandbox(raw: Any) -> object:
+        return parse_sandbox(raw, subnets=context.subnets, known_presets=context.presets)
+
+    def template(raw: Any) -> object:
+        return parse_template(raw, known_presets=context.presets)
+
+    def tunnel(raw: Any) -> object:
+        return parse_request(raw, default_ttl=60, max_ttl=3600)
+
+    base = {"id": "probe", "addresses": ["10.75.0.5"], "profile": "allowlisted"}
+    probes = {
+        "SandboxCreate": (sandbox, {**base, "zz_unknown": 1}, "zz_unknown"),
+        "Egress": (sandbox, {**base, "egress": {"zz_unknown": 1}}, "egress.zz_unknown"),
+        "Ingress": (sandbox, {**base, "ingress": {"zz_unknown": 1}}, "ingress.zz_unknown"),
+        "Limits": (sandbox, {**base, "limits": {"zz_unknown": 1}}, "limits.zz_unknown"),
+        "PrivateLink": (sandbox, {**base, "private_links": [{"zz_unknown": 1}]}, "private_links[0].zz_unknown"),
+        "TemplateCreate": (template, {"name": "probe", "zz_unknown": 1}, "zz_unknown"),
+        "TunnelCreate": (tunnel, {"port": 80, "zz_unknown": 1}, "zz_unknown"),
+    }
+    schemas = DOC["components"]["schemas"]
+    for name, (parse, record, path) in probes.items():
+        assert set(schemas[name]["properties"]) == _accepted_fields(parse, record, path), name
+        assert schemas[name]["additionalProperties"] is False, name
+    for same in ("SandboxReplace", "SandboxPatch", "Sandbox"):
+        assert set(schemas[same]["properties"]) == set(schemas["SandboxCreate"]["properties"]), same
+    for same in ("TemplateReplace", "Template"):
+        assert set(schemas[same]["properties"]) == set(schemas["TemplateCreate"]["properties"]), same
+
+
 # --------------------------------------------------------------------------- audit batches
 
 T0 = 1_700_000_000_000_000
@@ -866,7 +932,7 @@ async def flows(tmp_path: Path, config: Config) -> AsyncIterator[FlowLog]:
 
 @pytest.fixture
 async def audit_api(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config, flows: FlowLog) -> Api:
-    return Api(await aiohttp_client(create_app(store, config, flows=flows)))
+    return Api(await aiohttp_client(create_app(store, **api_section(config), flows=flows)))
 
 
 async def _write_batches(flows: FlowLog, sandbox: str, count: int) -> None:
@@ -995,7 +1061,7 @@ async def tunnels(store: EmbeddedStore, tmp_path: Path) -> AsyncIterator[TunnelS
 
 @pytest.fixture
 async def tunnel_api(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config, tunnels: TunnelStore) -> Api:
-    api = Api(await aiohttp_client(create_app(store, config, tunnels=tunnels)))
+    api = Api(await aiohttp_client(create_app(store, **api_section(config), tunnels=tunnels)))
     await api.call("POST", "/v1/sandboxes", {**ALLOWLISTED, "ingress": {"public_access": True}}, expect=201)
     return api
 
@@ -1104,7 +1170,7 @@ def test_tunnel_example_bodies_pass_the_real_parser_and_their_schema() -> None:
 
 async def test_dns_query_log_of_a_sandbox(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config) -> None:
     dns = DnsInterceptor(DnsConfig.from_config(config), lambda: store.state, upstreams=())
-    api = Api(await aiohttp_client(create_app(store, config, dns=dns)))
+    api = Api(await aiohttp_client(create_app(store, **api_section(config), dns=dns)))
     await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
     # A real query packet from the sandbox's address, for a name its policy does not allow (no upstream needed).
     query = DNSRecord.question("evil.example.net", "A").pack()

@@ -62,7 +62,11 @@ async def server(aiohttp_server: AiohttpServer, tmp_path: Path) -> AsyncIterator
     for i in range(5):
         flows.record(record(T0 + i * 1000))
         await flows.flush()
-    srv = await aiohttp_server(create_app(store, config, flows=flows))
+    srv = await aiohttp_server(
+        create_app(
+            store, host=config.api_host, port=config.api_port, tokens=config.tokens, presets=config.presets, flows=flows
+        )
+    )
     yield str(srv.make_url("")).rstrip("/"), flows
     await flows.close()
     await store.close()

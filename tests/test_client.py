@@ -26,7 +26,9 @@ async def client(aiohttp_server: AiohttpServer, tmp_path: Path) -> AsyncIterator
     config = load_config(config_path, environ={})
     store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
     await store.start()
-    server = await aiohttp_server(create_app(store, config))
+    server = await aiohttp_server(
+        create_app(store, host=config.api_host, port=config.api_port, tokens=config.tokens, presets=config.presets)
+    )
     yield ApiClient(str(server.make_url("")), token=None)
     await store.close()
 

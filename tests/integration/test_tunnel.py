@@ -775,7 +775,17 @@ async def test_cli_certs_init_and_tunnel_commands(env: Env, tmp_path: Path) -> N
     assert code == 0 and "created CA and certificate" in text and (tmp_path / "cli-certs" / "tunnel.key").exists()
 
     config = load_config(environ={})
-    server = TestServer(create_app(env.policy, config, tunnels=env.store), host="127.0.0.1")
+    server = TestServer(
+        create_app(
+            env.policy,
+            host=config.api_host,
+            port=config.api_port,
+            tokens=config.tokens,
+            presets=config.presets,
+            tunnels=env.store,
+        ),
+        host="127.0.0.1",
+    )
     await server.start_server()
     try:
         api = f"http://127.0.0.1:{server.port}"

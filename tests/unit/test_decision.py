@@ -14,7 +14,7 @@ from gateway.decision import (
     compile_policy,
     decide,
 )
-from gateway.policy import PROFILES, parse_sandbox
+from gateway.policy import PROFILES, Egress, parse_sandbox
 from gateway.presets import BUILTIN_PRESETS, make_preset
 from gateway.rules import Rule
 from tests.factory import CONTEXT, policy
@@ -101,7 +101,7 @@ def test_isolated_denies_everything_including_dns(
 def test_isolated_ignores_a_permissive_template() -> None:
     p = policy("isolated", template={"egress": {"allow_hosts": ["github.com"], "allow_cidrs": ["0.0.0.0/0"]}})
     assert decide(p, "github.com", PUBLIC, 443, "tls") == ISOLATED
-    assert p.effective_egress.is_empty()
+    assert p.effective_egress == Egress()
 
 
 @pytest.mark.parametrize("profile", ["registry", "allowlisted", "unrestricted"])

@@ -75,7 +75,7 @@ def test_minimal_sandbox_defaults() -> None:
     sb = sandbox()
     assert sb == Sandbox(id="sb1", addresses=(ipaddress.ip_address("10.75.0.2"),))
     assert sb.profile == "isolated"
-    assert sb.egress == Egress() and sb.egress.is_empty()
+    assert sb.egress == Egress() and not sb.egress.set_fields()
     assert sb.ingress == Ingress()
     assert sb.limits == Limits()
     assert sb.private_links == ()
@@ -112,7 +112,7 @@ def test_full_allowlisted_sandbox() -> None:
 
 def test_null_egress_fields_are_unset() -> None:
     sb = sandbox(profile="allowlisted", egress={"allow_hosts": None, "mode": None})
-    assert sb.egress.is_empty()
+    assert sb.egress == Egress()
 
 
 # --------------------------------------------------------------------------- UNKNOWN_FIELD / INVALID_TYPE
@@ -487,7 +487,7 @@ def test_isolated_with_allow_all_is_a_profile_conflict() -> None:
 
 
 def test_isolated_with_an_empty_egress_object_is_fine() -> None:
-    assert sandbox(profile="isolated", egress={}).egress.is_empty()
+    assert sandbox(profile="isolated", egress={}).egress == Egress()
 
 
 @pytest.mark.parametrize(

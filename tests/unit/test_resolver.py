@@ -15,6 +15,7 @@ from gateway.resolver import ResolveError, Resolver, Upstream, exchange, parse_u
 from tests.factory import ResolverZone, make, resolver_server  # noqa: F401  (the fixture `server`)
 
 
+@contextlib.contextmanager
 def silent_udp() -> Iterator[int]:
     """A UDP port that receives and never answers (a dead upstream)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

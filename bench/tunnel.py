@@ -112,7 +112,7 @@ asyncio.run(main())
 GATEWAY = r"""
 import asyncio, ipaddress, json, signal, sys
 from pathlib import Path
-from gateway.config import AuditConfig
+from gateway.audit_config import AuditConfig
 from gateway.decision import DEFAULT_LIMITS
 from gateway.flowlog import FlowLog
 from gateway.logs import configure_logging

@@ -40,7 +40,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.config import ApiToken, Config
+from gateway.api_config import ApiToken
 from gateway.decision import PROTOCOLS, CompiledPolicy, Verdict
 from gateway.dns.server import DnsInterceptor
 from gateway.errors import Forbidden, GatewayError, NotFound
@@ -48,6 +48,7 @@ from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, check_batch_name
 from gateway.hostnames import normalize_pattern
 from gateway.openapi import openapi_document
 from gateway.policy import DEFAULT_PROFILE, PROFILES, Sandbox
+from gateway.settings import Config
 from gateway.stores.base import PolicyStore
 from gateway.tunnel.store import TunnelStore
 from gateway.untrusted import InvalidJson, parse_decimal, parse_json

@@ -488,7 +488,7 @@ def cmd_presets(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def _load_config(path: str | None) -> Any:
-    from gateway.config import load_config
+    from gateway.settings import load_config
 
     try:
         return load_config(path)
@@ -643,7 +643,7 @@ async def _serve(
     from gateway.workers import WorkerPool
 
     log = structlog.get_logger("gateway.cli")
-    store = open_store(config)
+    store = open_store(config.policy_context(), config.store)
     flows = FlowLog.from_config(config)  # one flow log for the API's audit routes and every data-plane component
     tunnels: TunnelService | None = None
     pool = WorkerPool(workers, worker_argv) if workers > 1 and worker_argv is not None else None

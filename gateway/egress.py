@@ -46,10 +46,8 @@ from typing import Any
 
 import structlog
 
-from gateway.config import Config
 from gateway.decision import CompiledPolicy, decide
 from gateway.destinations import Destinations, read_local_addresses
-from gateway.dns.config import DnsConfig
 from gateway.dns.server import DnsInterceptor
 from gateway.errors import GatewayError
 from gateway.flowlog import FlowLog, FlowRecord
@@ -78,6 +76,7 @@ from gateway.peek import (
 from gateway.ratelimit import BandwidthLimiter, ConnectionRateLimiter
 from gateway.relay import CAN_SPLICE, GuardStop, IdleSweeper, Relay
 from gateway.resolver import ResolveError, Resolver
+from gateway.settings import Config
 from gateway.state import PolicyState
 from gateway.stores.base import PolicyStore
 from gateway.workers import LearnedFanout, WorkerPool, worker_index
@@ -875,9 +874,7 @@ class DataPlane:
         # Built now (no sockets yet) so the control API can serve its query log; it has its own rate
         # limiter: DNS queries and connections are separate budgets. A worker process has none.
         self.dns = (
-            DnsInterceptor(DnsConfig.from_config(config), lambda: store.state, learned=self.learned, flowlog=flowlog)
-            if dns
-            else None
+            DnsInterceptor(config.dns, lambda: store.state, learned=self.learned, flowlog=flowlog) if dns else None
         )
         self._tasks: list[asyncio.Task[None]] = []
         #: The steering input last applied (or last refused: not retried until it changes).

@@ -26,11 +26,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
+import msgspec
 import structlog
 
-from gateway.config import Config
 from gateway.learned import LearnedDestinations
 from gateway.policy import IPAddress
+from gateway.settings import Config
 
 log = structlog.get_logger("gateway.workers")
 
@@ -166,7 +167,8 @@ class WorkerPool:
 
 def worker_config(config: Config, worker: int) -> Config:
     """Worker k's configuration: its own egress port."""
-    return replace(config, egress=replace(config.egress, listen_port=config.egress.listen_port + worker))
+    egress = msgspec.structs.replace(config.egress, listen_port=config.egress.listen_port + worker)
+    return replace(config, egress=egress)
 
 
 async def serve_worker(config: Config, worker: int, workers: int) -> int:
@@ -175,7 +177,7 @@ async def serve_worker(config: Config, worker: int, workers: int) -> int:
     from gateway.flowlog import FlowLog
     from gateway.stores import open_store
 
-    store = open_store(config)
+    store = open_store(config.policy_context(), config.store)
     flows = FlowLog.from_config(config)
     plane = DataPlane(worker_config(config, worker), store, flows, dns=False)
     loop = asyncio.get_running_loop()

@@ -27,8 +27,6 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_spec
 
 from gateway.api import MAX_BODY_BYTES, PUBLIC, apply_merge_patch, create_app, parse_explain_query, route_specs
-from gateway.config import Config, load_config
-from gateway.dns.config import DnsConfig
 from gateway.dns.server import DnsInterceptor
 from gateway.egress import DataPlane
 from gateway.errors import GatewayError
@@ -41,6 +39,7 @@ from gateway.openapi import (
     openapi_document,
 )
 from gateway.policy import parse_sandbox, parse_template
+from gateway.settings import Config, load_config
 from gateway.stores.embedded import EmbeddedStore
 from gateway.tunnel.config import TunnelConfig
 from gateway.tunnel.model import parse_request
@@ -1153,7 +1152,7 @@ def test_tunnel_example_bodies_pass_the_real_parser_and_their_schema() -> None:
 
 
 async def test_dns_query_log_of_a_sandbox(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config) -> None:
-    dns = DnsInterceptor(DnsConfig.from_config(config), lambda: store.state, upstreams=())
+    dns = DnsInterceptor(config.dns, lambda: store.state, upstreams=())
     api = Api(await aiohttp_client(create_app(store, config, dns=dns)))
     await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
     # A real query packet from the sandbox's address, for a name its policy does not allow (no upstream needed).

@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestServer
 
 from gateway.api import create_app
 from gateway.cli import EXIT_API_ERROR, EXIT_OK, main
-from gateway.config import load_config
 from gateway.flowlog import FlowLog, FlowRecord
+from gateway.settings import load_config
 from gateway.stores.embedded import EmbeddedStore
 
 TOKEN = "audit-cli-token-0123456789"

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from gateway.cli import EXIT_OK, EXIT_USAGE, CliExit, Context, _client, _Parser, _quote, format_block, format_table
-from gateway.config import load_config
 from gateway.errors import GatewayError
+from gateway.settings import load_config
 from gateway.tunnel.certs import CertPaths, init_certs
 from gateway.tunnel.config import TunnelConfig
 

@@ -46,8 +46,8 @@ from urllib.parse import parse_qs, quote, unquote
 
 import structlog
 
-from gateway.config import Config
 from gateway.flowlog import FlowLog, FlowRecord, now_us
+from gateway.settings import Config
 from gateway.stores.base import PolicyStore
 from gateway.tunnel.certs import ReloadingTLS
 from gateway.tunnel.config import TunnelConfig

@@ -44,10 +44,10 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.config import StoreConfig
 from gateway.errors import Conflict, ErrorBody, GatewayError, NotFound
 from gateway.state import SANDBOX, TEMPLATE, PolicyContext, PolicyState, Rejection
 from gateway.stores.base import Expect, PolicyStore, StoreUnavailable
+from gateway.stores.config import StoreConfig
 from gateway.untrusted import InvalidJson, parse_json
 
 log = structlog.get_logger("gateway.store.redis")

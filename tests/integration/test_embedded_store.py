@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config
 from gateway.errors import GatewayError
+from gateway.settings import load_config
 from gateway.stores.embedded import EmbeddedStore
 
 CONTEXT = load_config(environ={}).policy_context()

@@ -20,9 +20,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.config import StoreConfig, load_config
 from gateway.errors import Conflict, NotFound
+from gateway.settings import load_config
 from gateway.stores.base import StoreUnavailable
+from gateway.stores.config import StoreConfig
 from gateway.stores.redis_store import RedisStore, safe_url, stream_gap, xread_entries
 
 if TYPE_CHECKING:

@@ -13,8 +13,7 @@ import pytest
 from dnslib import AAAA, CNAME, QTYPE, RR, A, DNSRecord
 from dnslib.server import BaseResolver
 
-from gateway.config import ResolverConfig
-from gateway.resolver import ResolveError, Resolver, Upstream, exchange, parse_upstream
+from gateway.resolver import ResolveError, Resolver, ResolverConfig, Upstream, exchange, parse_upstream
 from tests import authdns
 
 ZONE: dict[str, list[tuple[str, str, int]]] = {

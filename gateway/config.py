@@ -33,7 +33,7 @@ from msgspec import Meta
 
 from gateway.decision import DEFAULT_LIMITS
 from gateway.errors import GatewayError
-from gateway.policy import Limits
+from gateway.policy import LIMIT_RANGES, Limits
 from gateway.presets import BUILTIN_PRESETS, Preset, make_preset
 
 if TYPE_CHECKING:
@@ -97,18 +97,38 @@ class NetworkConfig(Section):
 class LimitsConfig(Section):
     """Per-sandbox defaults (seed 000), used where neither the sandbox nor its template sets one."""
 
-    # The ranges are the policy parser's (gateway.policy.LIMIT_RANGES), the defaults the decision's.
+    # The ranges are the policy parser's, the defaults the decision's: one declaration each.
     connections_per_minute: Annotated[
-        int, Meta(ge=1, le=1_000_000, description="New connections a sandbox may open per minute.")
+        int,
+        Meta(
+            ge=LIMIT_RANGES["connections_per_minute"][0],
+            le=LIMIT_RANGES["connections_per_minute"][1],
+            description="New connections a sandbox may open per minute.",
+        ),
     ] = DEFAULT_LIMITS.connections_per_minute
-    bandwidth_mbit: Annotated[int, Meta(ge=1, le=10_000, description="Sustained bandwidth (Mbit/s).")] = (
-        DEFAULT_LIMITS.bandwidth_mbit
-    )
-    burst_mbit: Annotated[int, Meta(ge=1, le=10_000, description="Burst (Mbit/s), at least bandwidth_mbit.")] = (
-        DEFAULT_LIMITS.burst_mbit
-    )
+    bandwidth_mbit: Annotated[
+        int,
+        Meta(
+            ge=LIMIT_RANGES["bandwidth_mbit"][0],
+            le=LIMIT_RANGES["bandwidth_mbit"][1],
+            description="Sustained bandwidth (Mbit/s).",
+        ),
+    ] = DEFAULT_LIMITS.bandwidth_mbit
+    burst_mbit: Annotated[
+        int,
+        Meta(
+            ge=LIMIT_RANGES["burst_mbit"][0],
+            le=LIMIT_RANGES["burst_mbit"][1],
+            description="Burst (Mbit/s), at least bandwidth_mbit.",
+        ),
+    ] = DEFAULT_LIMITS.burst_mbit
     dns_queries_per_minute: Annotated[
-        int, Meta(ge=1, le=1_000_000, description="DNS queries a sandbox may send per minute.")
+        int,
+        Meta(
+            ge=LIMIT_RANGES["dns_queries_per_minute"][0],
+            le=LIMIT_RANGES["dns_queries_per_minute"][1],
+            description="DNS queries a sandbox may send per minute.",
+        ),
     ] = DEFAULT_LIMITS.dns_queries_per_minute
 
     def __post_init__(self) -> None:
@@ -280,6 +300,11 @@ _ENUM = re.compile(r"^Invalid enum value (?P<value>.*)$")
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<key>[^`]+)`$")
 
 
+def number_text(value: float) -> str:
+    """A bound as people write it: 65535, 1048576, 0.05 (not 1.04858e+06)."""
+    return str(int(value)) if value == int(value) else repr(value)
+
+
 def _choices(options: typing.Iterable[str]) -> str:
     names = list(options)
     return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
@@ -300,7 +325,8 @@ def _human(model: type[Section], raw: Mapping[str, Any], what: str, path: str) -
     if m := _RANGE.match(what):
         meta = _meta(info.type) if info else None
         if meta is not None and meta.ge is not None and meta.le is not None:
-            return f"expected {_KINDS[m['want']]} in {meta.ge:g}-{meta.le:g}{got}"
+            bounds = f"{number_text(meta.ge)}-{number_text(meta.le)}"
+            return f"expected {_KINDS[m['want']]} in {bounds}{got}"
         return f"expected {_KINDS.get(m['want'], m['want'])} {m['op']} {m['bound']}{got}"
     if m := _LENGTH.match(what):
         noun = (

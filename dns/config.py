@@ -14,7 +14,7 @@ from gateway.config import OptionError, Section
 NEVER_FORWARDED = frozenset({251, 252, 255})
 
 
-class DnsConfig(Section):
+class DnsConfig(Section, frozen=True):
     """The DNS interceptor (its port is egress.dns_port, its upstreams [resolver]).
 
     egress.rate_limit_max_wait is deliberately not used: its default (5 s) is as long as a stub resolver

@@ -64,7 +64,7 @@ def _checked(index: int, entry: ApiToken) -> ApiToken:
     return ApiToken(entry.name or f"token-{index}", "", digest, entry.scopes)
 
 
-class ApiConfig(Section):
+class ApiConfig(Section, frozen=True):
     """The control API. With no tokens configured it only starts on a loopback address and
     then allows every call (development); configure tokens for anything else."""
 

@@ -11,7 +11,7 @@ from msgspec import Meta
 from gateway.config import Section
 
 
-class AuditConfig(Section):
+class AuditConfig(Section, frozen=True):
     """Flow records as NDJSON batches {ts_us}-{pid}.ndjson under dir/<sandbox id>/."""
 
     dir: Annotated[Path, Meta(description="Where the batches are written.")] = Path("var/audit")

@@ -82,7 +82,7 @@ def invalid(message: str, where: str) -> GatewayError:
 # --------------------------------------------------------------------------- core sections
 
 
-class NetworkConfig(Section):
+class NetworkConfig(Section, frozen=True):
     """The sandboxes' side of the network."""
 
     sandbox_subnets: Annotated[
@@ -94,7 +94,13 @@ class NetworkConfig(Section):
     ] = (ipaddress.ip_network("10.75.0.0/16"), ipaddress.ip_network("fdd4:1476:6c7e::/48"))
 
 
-class LimitsConfig(Section):
+def _default(name: str) -> int:
+    value = getattr(DEFAULT_LIMITS, name)
+    assert isinstance(value, int)  # the decision's defaults set every limit
+    return value
+
+
+class LimitsConfig(Section, frozen=True):
     """Per-sandbox defaults (seed 000), used where neither the sandbox nor its template sets one."""
 
     # The ranges are the policy parser's, the defaults the decision's: one declaration each.
@@ -105,7 +111,7 @@ class LimitsConfig(Section):
             le=LIMIT_RANGES["connections_per_minute"][1],
             description="New connections a sandbox may open per minute.",
         ),
-    ] = DEFAULT_LIMITS.connections_per_minute
+    ] = _default("connections_per_minute")
     bandwidth_mbit: Annotated[
         int,
         Meta(
@@ -113,7 +119,7 @@ class LimitsConfig(Section):
             le=LIMIT_RANGES["bandwidth_mbit"][1],
             description="Sustained bandwidth (Mbit/s).",
         ),
-    ] = DEFAULT_LIMITS.bandwidth_mbit
+    ] = _default("bandwidth_mbit")
     burst_mbit: Annotated[
         int,
         Meta(
@@ -121,7 +127,7 @@ class LimitsConfig(Section):
             le=LIMIT_RANGES["burst_mbit"][1],
             description="Burst (Mbit/s), at least bandwidth_mbit.",
         ),
-    ] = DEFAULT_LIMITS.burst_mbit
+    ] = _default("burst_mbit")
     dns_queries_per_minute: Annotated[
         int,
         Meta(
@@ -129,7 +135,7 @@ class LimitsConfig(Section):
             le=LIMIT_RANGES["dns_queries_per_minute"][1],
             description="DNS queries a sandbox may send per minute.",
         ),
-    ] = DEFAULT_LIMITS.dns_queries_per_minute
+    ] = _default("dns_queries_per_minute")
 
     def __post_init__(self) -> None:
         if self.burst_mbit < self.bandwidth_mbit:
@@ -142,7 +148,7 @@ class LimitsConfig(Section):
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-class LogConfig(Section):
+class LogConfig(Section, frozen=True):
     """The service's log lines."""
 
     format: Annotated[

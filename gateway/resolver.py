@@ -100,7 +100,7 @@ def parse_upstream(text: str) -> Upstream:
     return Upstream(host, port)
 
 
-class ResolverConfig(Section):
+class ResolverConfig(Section, frozen=True):
     """The gateway's own resolver (names are resolved by the gateway, never trusted from the client)."""
 
     upstreams: Annotated[

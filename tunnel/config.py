@@ -17,7 +17,7 @@ from gateway.config import OptionError, Section
 _YEAR = 365 * 86400
 
 
-class TunnelConfig(Section):
+class TunnelConfig(Section, frozen=True):
     """Temporary HTTPS URLs https://<label>.<domain>/ for sandbox ports. `gateway run` serves them only
     when enabled; it needs the wildcard certificate (`gateway certs init` creates a local CA and it).
 

@@ -10,7 +10,7 @@ from msgspec import Meta
 from gateway.config import Address, Network, OptionError, Section
 
 
-class EgressConfig(Section):
+class EgressConfig(Section, frozen=True):
     """The transparent egress engine and the DNS interceptor, fed by nftables TPROXY."""
 
     listen_port: Annotated[int, Meta(ge=1, le=65535, description="The TPROXY port of TCP connections.")] = 15001

@@ -24,7 +24,7 @@ def _check_redis_url(url: str) -> None:
         raise OptionError("redis_url", reason) from None
 
 
-class StoreConfig(Section):
+class StoreConfig(Section, frozen=True):
     """Where sandbox and template records live."""
 
     backend: Annotated[

@@ -33,7 +33,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
@@ -325,8 +325,8 @@ class RecordSync:
             for key, raw in snapshot.accepted.items():
                 try:
                     decoded[key[0]][key[1]] = decode_record(raw)
-                except GatewayError as exc:
-                    broken[key] = exc
+                except GatewayError as error:
+                    broken[key] = error
             self.state.replace_all(decoded[TEMPLATE], decoded[SANDBOX])
             self.applied = {key: raw for key, raw in snapshot.accepted.items() if self._in_force(key)}
             for key, exc in broken.items():
@@ -749,7 +749,8 @@ class RedisStore(PolicyStore):
             for start in range(0, len(gone), WRITE_CHUNK):
                 pipe.hdel(self.keys.accepted(kind), *gone[start : start + WRITE_CHUNK])
         if plan.status_set:
-            pipe.hset(self.keys.rejected, mapping=plan.status_set)
+            # redis-py types mapping keys as a union of encodable types (Mapping's key is invariant)
+            pipe.hset(self.keys.rejected, mapping=cast("dict[Any, Any]", plan.status_set))
         if plan.status_del:
             pipe.hdel(self.keys.rejected, *plan.status_del)
         await pipe.execute()

@@ -205,7 +205,7 @@ async def test_invalid_external_write_is_rejected_and_last_good_stays(
         await wait_for(lambda: rejected(store) == {"sandbox:sb-1": code}, timeout=1.0, what=f"{code} rejection")
     assert allows(store, "sb-1", "api.example.com") is True, "the last good version must still decide"
     assert store.state.sandboxes["sb-1"].profile == "allowlisted"
-    (entry,) = [e for e in logs if e["event"] == "policy_record_rejected"]
+    (entry,) = [e for e in logs if e["event"] == "store.policy_record_rejected"]
     assert entry["code"] == code and entry["key"] == "sb-1" and entry["message"]
 
     async def is_published() -> bool:
@@ -471,7 +471,7 @@ async def test_start_fails_clearly_when_redis_is_down(redis_server: RedisServer)
 
 
 def gap_logged(logs: list[dict[str, Any]]) -> bool:
-    return any(entry["event"] == "redis_stream_gap" for entry in logs)
+    return any(entry["event"] == "store.redis_stream_gap" for entry in logs)
 
 
 @pytest.mark.parametrize("loss", ["trimmed", "deleted entry", "stream deleted"])

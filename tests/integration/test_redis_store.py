@@ -305,14 +305,14 @@ async def test_redis_killed_while_another_service_writes(
     store = await make_store()
     records, updates = 20, 200
     last_written: dict[str, int] = {}
-    done = 0
+    done = failures = 0
 
     def record(i: int) -> dict[str, Any]:
         sid = f"sb-{i % records}"
         return sandbox(sid, f"10.75.1.{i % records + 1}", [f"h{i}.example.com"])
 
     async def writer() -> None:
-        nonlocal done
+        nonlocal done, failures
         deadline = time.monotonic() + 30
         writer_client = Redis.from_url(redis_server.url, decode_responses=True, socket_timeout=2)
         try:
@@ -322,6 +322,7 @@ async def test_redis_killed_while_another_service_writes(
                     await external_write(writer_client, "sandbox", sid, record(done))
                 except (RedisConnectionError, RedisTimeoutError):  # also BusyLoadingError while the AOF loads
                     assert time.monotonic() < deadline, "writer could not finish"
+                    failures += 1
                     await asyncio.sleep(0.02)
                     continue  # the same update again: it may or may not have been stored
                 last_written[sid] = done
@@ -348,7 +349,7 @@ async def test_redis_killed_while_another_service_writes(
         assert "sb-1" in store.state.sandboxes, "the last good policies stay in force while Redis is down"
         await wait_for(lambda: not store.status()["connected"], timeout=2.0, what="outage noticed")
 
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: failures >= 1, timeout=5.0, what="the other service's writes failing too")
         redis_server.start()
         await asyncio.wait_for(task, 30)
     finally:
@@ -590,7 +591,12 @@ async def test_writes_through_one_node_reach_the_other_within_a_second(client: R
     await wait_for(lambda: "base" not in b.state.templates, timeout=1.0, what="template delete on the other node")
 
     # Each node also saw the echo of its own writes; applying them again must not have caused anything.
-    await asyncio.sleep(0.2)
+    last = (await client.xinfo_stream(PREFIX + "changes"))["last-generated-id"]
+    await wait_for(
+        lambda: a.status()["last_stream_id"] == last == b.status()["last_stream_id"],
+        timeout=2.0,
+        what="both nodes past every echo",
+    )
     assert rejected(a) == {} and rejected(b) == {}
     assert await published(client) == {}
     assert await client.hgetall(PREFIX + "accepted:sandboxes") == {}

@@ -14,10 +14,10 @@ import os
 import re
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import structlog
 from aiohttp import web
@@ -219,7 +219,7 @@ async def test_readyz_is_503_until_the_data_plane_serves(
     # A real data plane, built as `gateway run --data-plane --steer` builds it, before it has started: the API
     # serves already, but nothing of the plane does yet.
     store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
-    plane = DataPlane(config, store, FlowLog(replace(config.audit, dir=tmp_path / "audit")), steer=True)
+    plane = DataPlane(config, store, FlowLog(msgspec.structs.replace(config.audit, dir=tmp_path / "audit")), steer=True)
     api = Api(await aiohttp_client(create_app(store, config, dns=plane.dns, unready=plane.unready)))
     await store.start()
     try:
@@ -907,7 +907,7 @@ def flow_record(sandbox: str, end_us: int, **changes: Any) -> FlowRecord:
 
 @pytest.fixture
 async def flows(tmp_path: Path, config: Config) -> AsyncIterator[FlowLog]:
-    instance = FlowLog(replace(config.audit, dir=tmp_path / "audit", flush_interval=3600.0))
+    instance = FlowLog(msgspec.structs.replace(config.audit, dir=tmp_path / "audit", flush_interval=3600.0))
     await instance.start()
     yield instance
     await instance.close()

@@ -6,9 +6,9 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -56,7 +56,7 @@ async def server(aiohttp_server: AiohttpServer, tmp_path: Path) -> AsyncIterator
     config = load_config(config_path, environ={})
     store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
     await store.start()
-    flows = FlowLog(replace(config.audit, dir=tmp_path / "audit", flush_interval=3600.0))
+    flows = FlowLog(msgspec.structs.replace(config.audit, dir=tmp_path / "audit", flush_interval=3600.0))
     await flows.start()
     for i in range(5):
         flows.record(record(T0 + i * 1000))

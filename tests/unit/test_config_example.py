@@ -6,6 +6,8 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
+import msgspec
+
 from gateway.configdoc import defaults, render
 from gateway.settings import SECTIONS, load_config
 
@@ -28,3 +30,15 @@ def test_example_config_loads_to_the_same_config_as_no_file() -> None:
     assert dataclasses.replace(from_file, source="defaults") == load_config(environ={})
     assert from_file.store == load_config(environ={}).store
     assert from_file.default_limits == load_config(environ={}).default_limits
+
+
+def test_every_option_is_described() -> None:
+    for name, model in SECTIONS.items():
+        if model is None:
+            continue
+        assert model.__doc__, name
+        for field in msgspec.structs.fields(model):
+            if field.name in model.supplied:
+                continue
+            metas = [m for m in getattr(field.type, "__metadata__", ()) if isinstance(m, msgspec.Meta)]
+            assert metas and metas[0].description, f"{name}.{field.name} has no description"

@@ -59,13 +59,14 @@ if str(REPO) not in sys.path:
 from tests import authdns  # noqa: E402
 from tests.netns import INET_V4, Topology, TopologyError, live_namespaces, wait_for_line  # noqa: E402
 
-SUBJECTS = ("kernel", "gateway", "nginx", "haproxy", "uvloop-relay", "gateway-nocap")
+SUBJECTS = ("kernel", "gateway", "nginx", "haproxy", "uvloop-relay", "gateway-nocap", "gateway-baseline")
 DEFAULT_SUBJECTS = SUBJECTS[:5]
 RUN_ORDER = (
     "kernel",
     "nginx",
     "haproxy",
     "uvloop-relay",
+    "gateway-baseline",
     "gateway",
     "gateway-nocap",
 )  # the gateway last: its nft table drops the direct peers
@@ -548,6 +549,7 @@ class Options:
     phase_seconds: float
     profile: Path | None = None  # run the gateway under cProfile, stats written here
     event_loop: str = "uvloop"  # the gateway's --event-loop
+    baseline: Path | None = None  # another checkout (with its own .venv) measured as `gateway-baseline`
 
 
 class Bench:
@@ -616,27 +618,29 @@ class Bench:
             argv = [sys.executable, "-c", BARE_RELAY, PROXY_ADDRESS, routes]
             proc = self.start_and_wait("gw", argv, PROXY_ADDRESS, BARE_RELAY_PORTS["cps.test"])
             return proc, lambda name: (PROXY_ADDRESS, BARE_RELAY_PORTS[name])
-        assert subject in ("gateway", "gateway-nocap")
+        assert subject in ("gateway", "gateway-nocap", "gateway-baseline")
         # The steering the attach tooling leaves (policy routing, nft table); the gateway then writes its own table.
         self.topo.plumb(self.topo.steering_config(dial_mark=2))
         policy_file = self.workdir / "policies.json"
         policy_file.write_text(json.dumps(gateway_policies()))
         config = self.workdir / "gateway.toml"
         config.write_text(gateway_toml(self.workdir, policy_file))
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        checkout = self.opts.baseline if subject == "gateway-baseline" and self.opts.baseline else REPO
+        python = str(checkout / ".venv/bin/python") if checkout != REPO else sys.executable
+        env = {**os.environ, "PYTHONPATH": str(checkout)}
         env["GATEWAY_EGRESS__PUBLIC_RANGES"] = '["198.18.0.0/15", "2001:db8::/32"]'
         log = (self.workdir / "gateway.log").open("a")
         proc = self.topo.popen(
             "gw",
             [
-                sys.executable,
-                *(["-m", "cProfile", "-o", str(self.opts.profile)] if self.opts.profile else []),
+                python,
+                *(["-m", "cProfile", "-o", str(self.opts.profile)] if self.opts.profile and checkout == REPO else []),
                 *(["-c", NOCAP_LAUNCHER] if subject == "gateway-nocap" else ["-m", "gateway.cli"]),
                 *["run", "--data-plane", "--steer", "--config", str(config), "--event-loop", self.opts.event_loop],
             ],
             stderr=log,
             env=env,
-            cwd=str(REPO),
+            cwd=str(checkout),
         )
         log.close()
         wait_for_line(proc, "egress engine listening", 30)
@@ -794,6 +798,13 @@ def report(results: dict[str, Result], opts: Options, subjects: list[str]) -> bo
             f"the gateway's own work adds {gw.cpu_ms_per_conn - bare.cpu_ms_per_conn:.3f} ms"
             + (f"; the target is {limit / bare.cpu_ms_per_conn:.2f}x the bare relay" if limit else "")
         )
+        before = results.get("gateway-baseline")
+        if before and before.cpu_ms_per_conn:
+            print(
+                f"        before/after, the --baseline checkout in the same run (gateway-baseline): "
+                f"{before.cpu_ms_per_conn:.3f} ms per new connection, adding "
+                f"{before.cpu_ms_per_conn - bare.cpu_ms_per_conn:.3f} ms over the bare relay"
+            )
     check(f"CPU per GiB {fmt(gw.cpu_s_per_gib, '.3f')} s <= 0.5 s", gw.cpu_s_per_gib, 0.5, lambda v, lim: v <= lim)
     kern = results.get("kernel")
     cap_mb_s = BANDWIDTH_CAP_MBIT / 8
@@ -869,10 +880,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--event-loop", choices=("uvloop", "asyncio"), default="uvloop", help="the gateway's loop (as gateway run)"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also measure the gateway of another checkout (its own .venv, e.g. a git worktree of an older "
+        "commit) as subject gateway-baseline, in the same run: before/after figures side by side",
+    )
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs and logs (path printed)")
     args = parser.parse_args(argv)
 
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
+    if args.baseline is not None:
+        if not (args.baseline / ".venv/bin/python").exists():
+            parser.error(f"--baseline {args.baseline}: no .venv/bin/python there (run its scripts/setup first)")
+        if "gateway-baseline" not in subjects:
+            subjects.append("gateway-baseline")
+    elif "gateway-baseline" in subjects:
+        parser.error("subject gateway-baseline needs --baseline CHECKOUT")
     unknown = set(subjects) - set(SUBJECTS)
     if unknown or not subjects:
         parser.error(f"unknown subjects {sorted(unknown)}; choose from {SUBJECTS}")
@@ -886,6 +911,7 @@ def main(argv: list[str] | None = None) -> int:
         phase_seconds=args.phase_seconds or (10.0 if quick else 30.0),
         profile=args.profile_gateway.resolve() if args.profile_gateway else None,
         event_loop=args.event_loop,
+        baseline=args.baseline.resolve() if args.baseline else None,
     )
     if os.geteuid() != 0:
         print("needs root (network namespaces, nftables)", file=sys.stderr)

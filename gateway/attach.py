@@ -39,7 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from gateway.clibase import EXIT_API_ERROR, EXIT_OK, EXIT_USAGE
 from gateway.errors import GatewayError
+from gateway.formatting import format_block
 from gateway.policy import IPAddress, IPNetwork
 
 SANDBOX_INTERFACE = "eth0"
@@ -51,7 +53,6 @@ COMMAND_TIMEOUT = 15.0
 #: Interface names are at most 15 bytes (IFNAMSIZ - 1); `vif<n>.0` leaves room for a large n.
 MAX_VIF_INDEX = 99_999
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 IP_TOOL = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin") or "ip"
 
 
@@ -338,12 +339,12 @@ def _ensure_sandbox_side(name: str, wanted: tuple[IPAddress, ...]) -> bool:
         changed = True
     versions = {a.version for a in wanted}
     defaults = {4: (SANDBOX_NEXT_HOP_V4, ("onlink",)), 6: (GATEWAY_LINK_LOCAL, ())}
-    for version, (via, extra) in defaults.items():
+    for version, (via, flags) in defaults.items():
         family = f"-{version}"
         routes = _ip_json(family, "route", "show", "default", netns=name)
         present = any(r.get("gateway") == via and r.get("dev") == SANDBOX_INTERFACE for r in routes)
         if version in versions and not present:
-            _ip(family, "route", "replace", "default", "via", via, "dev", SANDBOX_INTERFACE, *extra, netns=name)
+            _ip(family, "route", "replace", "default", "via", via, "dev", SANDBOX_INTERFACE, *flags, netns=name)
             changed = True
         elif version not in versions and present:
             _ip(family, "route", "del", "default", "via", via, "dev", SANDBOX_INTERFACE, netns=name)
@@ -421,8 +422,6 @@ def run_attach_command(args: argparse.Namespace, out: TextIO = sys.stdout, err: 
     """Handler for `attach` / `detach` (`args.action`). Prints the attachment (`--json`: as JSON)."""
 
     def emit(data: dict[str, Any]) -> None:
-        from gateway.cli import format_block
-
         out.write((json.dumps(data) if getattr(args, "json", False) else format_block(data)) + "\n")
 
     if os.geteuid() != 0:
@@ -462,6 +461,6 @@ def run_attach_command(args: argparse.Namespace, out: TextIO = sys.stdout, err: 
             )
     except GatewayError as exc:
         err.write(f"{exc}\n")
-        return EXIT_USAGE if exc.status == 400 else EXIT_FAILED
+        return EXIT_USAGE if exc.status == 400 else EXIT_API_ERROR  # exit 1: the command failed, as for the API
     emit(attachment.to_dict())
     return EXIT_OK

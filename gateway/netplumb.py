@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -38,7 +39,6 @@ from gateway.nft import (
     PolicyRouting,
     parse_counter_packets,
     parse_set_elements,
-    render_delete,
 )
 from gateway.policy import IPAddress, IPNetwork
 
@@ -48,7 +48,6 @@ MAIN_TABLE = 254
 RTN_LOCAL = 2
 RT_SCOPE_LINK = 253
 RT_SCOPE_HOST = 254
-FR_ACT_TO_TBL = 1
 COMMAND_TIMEOUT = 15.0
 ENOENT, ESRCH = 2, 3
 
@@ -87,6 +86,12 @@ class ReconcileResult:
 # --------------------------------------------------------------------------- subprocess helpers
 
 
+class _NetlinkMessage(Protocol):
+    """What this module reads of a pyroute2 message (pyroute2 ships no types)."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+
 def _tool(name: str) -> str:
     found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
     if not found:
@@ -120,16 +125,6 @@ def apply_ruleset(text: str, *, netns: str | None = None, check_only: bool = Fal
         _run(in_netns(netns, argv), stdin=text)
     except PlumbingError as exc:
         raise PlumbingError("NFT_REJECTED", exc.message, "ruleset") from None
-
-
-def list_table(table: str = TABLE, *, netns: str | None = None, stateless: bool = True, handles: bool = False) -> str:
-    """`nft list table inet <table>`; stateless omits counters so two listings of the same rules compare equal."""
-    argv = [_tool("nft"), *(["-s"] if stateless else []), *(["-a"] if handles else []), "list", "table", "inet", table]
-    return _run(in_netns(netns, argv))
-
-
-def delete_table(table: str = TABLE, *, netns: str | None = None) -> None:
-    apply_ruleset(render_delete(table), netns=netns)
 
 
 # --------------------------------------------------------------------------- netlink
@@ -183,38 +178,13 @@ def ensure_policy_routing(
     return changed
 
 
-def remove_policy_routing(
-    fwmark: int, table: int, *, mask: int = MAX_U32, priority: int = 100, netns: str | None = None
-) -> bool:
-    """Undo `ensure_policy_routing` (idempotent)."""
-    changed = False
-    with _iproute(netns) as ipr:
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for _ in _find_rules(ipr, family, fwmark, mask, table, priority):
-                ipr.rule("del", family=family, fwmark=fwmark, fwmask=mask, table=table, priority=priority)
-                changed = True
-            for route in ipr.route("dump", family=family, table=table):
-                if route.get("type") == RTN_LOCAL and route.get("dst_len") == 0:
-                    ipr.route(
-                        "del",
-                        family=family,
-                        dst="0.0.0.0/0" if family == socket.AF_INET else "::/0",
-                        type=RTN_LOCAL,
-                        table=table,
-                        oif=route.get("oif"),
-                        scope=route.get("scope"),
-                    )
-                    changed = True
-    return changed
-
-
 def ensure_routing_for(routing: PolicyRouting, *, netns: str | None = None) -> bool:
     return ensure_policy_routing(
         routing.fwmark, routing.table, mask=routing.fwmark_mask, priority=routing.priority, netns=netns
     )
 
 
-def _find_rules(ipr: IPRoute, family: int, fwmark: int, mask: int, table: int, priority: int) -> list[object]:
+def _find_rules(ipr: IPRoute, family: int, fwmark: int, mask: int, table: int, priority: int) -> list[_NetlinkMessage]:
     out = []
     for rule in ipr.rule("dump", family=family):
         if (
@@ -323,7 +293,7 @@ def _host_route(address: IPAddress) -> str:
     return f"{address}/{address.max_prefixlen}"
 
 
-def _routes_for(ipr: IPRoute, address: IPAddress) -> list[object]:
+def _routes_for(ipr: IPRoute, address: IPAddress) -> list[_NetlinkMessage]:
     return [
         route
         for route in ipr.route("dump", family=_family(address), table=MAIN_TABLE)

@@ -522,11 +522,6 @@ def render_ruleset(cfg: SteeringConfig) -> str:
     return "\n".join(header) + "\n" + render_table(cfg)
 
 
-def render_delete(table: str = TABLE) -> str:
-    """Remove the table if present (idempotent)."""
-    return f"add table inet {table}\ndelete table inet {table}\n"
-
-
 # --------------------------------------------------------------------------- reading `nft -j` answers
 
 

@@ -12,6 +12,9 @@ Failure: a worker that exits is started again after `RESTART_DELAY`; meanwhile i
 finds no listener and is dropped (fail closed), and readiness says so (a worker writes
 `LISTENING_LINE` on its stdout once its engine listens). A worker exits when its stdin closes, so
 no worker outlives the main process.
+
+This module is the pool and the fan-out only and imports nothing of the engine: what a worker process
+runs is built by the composition root (`gateway.service.serve_worker`).
 """
 
 from __future__ import annotations
@@ -19,19 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
-import sys
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from typing import Any
 
-import msgspec
 import structlog
 
 from gateway.learned import LearnedDestinations
 from gateway.policy import IPAddress
-from gateway.settings import Config
 
 log = structlog.get_logger("gateway.workers")
 
@@ -163,48 +161,3 @@ class WorkerPool:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()
-
-
-def worker_config(config: Config, worker: int) -> Config:
-    """Worker k's configuration: its own egress port."""
-    egress = msgspec.structs.replace(config.egress, listen_port=config.egress.listen_port + worker)
-    return replace(config, egress=egress)
-
-
-async def serve_worker(config: Config, worker: int, workers: int) -> int:
-    """A worker process: the store, the flow log and an egress engine, until stdin closes or SIGTERM/SIGINT."""
-    from gateway.egress import DataPlane
-    from gateway.flowlog import FlowLog
-    from gateway.stores import open_store
-
-    store = open_store(config.policy_context(), config.store)
-    flows = FlowLog.from_config(config)
-    plane = DataPlane(worker_config(config, worker), store, flows, dns=False)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    reader = asyncio.StreamReader(limit=1 << 20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-
-    async def learn() -> None:
-        while line := await reader.readline():
-            if not apply_learned_line(plane.learned, line):
-                log.warning("worker.bad_learned_line", worker=worker)
-        stop.set()  # the main process is gone
-
-    try:
-        await store.start()
-        await flows.start()
-        await plane.start()
-        log.info("worker.listening", worker=worker, of=workers, port=config.egress.listen_port + worker)
-        sys.stdout.buffer.write(LISTENING_LINE)
-        sys.stdout.buffer.flush()
-        learning = asyncio.create_task(learn())
-        await stop.wait()
-        learning.cancel()
-    finally:
-        await plane.close()
-        await flows.close()
-        await store.close()
-    return 0

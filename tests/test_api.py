@@ -28,7 +28,6 @@ from openapi_spec_validator import validate as validate_spec
 
 from gateway.api import MAX_BODY_BYTES, PUBLIC, apply_merge_patch, create_app, parse_explain_query, route_specs
 from gateway.dns.server import DnsInterceptor
-from gateway.egress import DataPlane
 from gateway.errors import GatewayError
 from gateway.flowlog import FIELD_NAMES, FlowLog, FlowRecord
 from gateway.openapi import (
@@ -39,6 +38,7 @@ from gateway.openapi import (
     openapi_document,
 )
 from gateway.policy import parse_sandbox, parse_template
+from gateway.service import DataPlane
 from gateway.settings import Config, load_config
 from gateway.stores.embedded import EmbeddedStore
 from gateway.tunnel.config import TunnelConfig

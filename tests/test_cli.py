@@ -605,7 +605,7 @@ def test_human_output_has_no_python_none_and_no_raw_epochs(server: Server) -> No
 
 
 def test_format_time_is_iso_utc_and_relative() -> None:
-    from gateway.cli import format_time
+    from gateway.formatting import format_time
 
     assert format_time(1_800_000_000, now=1_800_000_000) == "2027-01-15T08:00:00Z (0 s ago)"
     assert format_time(1_800_000_000, now=1_800_000_090) == "2027-01-15T08:00:00Z (1 min ago)"

@@ -14,7 +14,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.api import create_app
-from gateway.cli import EXIT_API_ERROR, EXIT_OK, main
+from gateway.cli import main
+from gateway.clibase import EXIT_API_ERROR, EXIT_OK
 from gateway.flowlog import FlowLog, FlowRecord
 from gateway.settings import load_config
 from gateway.stores.embedded import EmbeddedStore

@@ -1,7 +1,8 @@
 """CLI commands for the tunnel: `gateway certs init` (local) and `gateway tunnel ...` (through the control API).
 
 Registered from `gateway/cli.py` by two small hooks: `add_parsers(commands, common)` in its
-parser and `run_command(args, out)` in its `main` for the commands in `COMMANDS`.
+parser and `run_command(args, out)` in its `main` for the commands in `COMMANDS`. It imports what
+commands share from `gateway.clibase` and the API client from `gateway.client`, never `gateway.cli`.
 Passwords are never taken from the command line (they would land in shell history and
 `ps`): `--password` prompts, `--password-file` reads the first line of a file (- for stdin).
 """
@@ -14,18 +15,27 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from gateway.cli import EXIT_OK, EXIT_USAGE, CliExit, Context, _client, _Parser, _quote, format_block, format_table
+from gateway.clibase import (
+    EXIT_API_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    CliExit,
+    Context,
+    Parser,
+    client_from_args,
+    config_or_exit,
+)
 from gateway.errors import GatewayError
-from gateway.settings import load_config
+from gateway.formatting import format_block, format_table
 from gateway.tunnel.certs import CertPaths, init_certs
 from gateway.tunnel.config import TunnelConfig
 
 COMMANDS = ("certs", "tunnel")
 
 
-def add_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
+def add_parsers(commands: Any, common: Parser) -> None:
     certs = commands.add_parser("certs", help="TLS certificates for the tunnel").add_subparsers(
-        dest="action", required=True, metavar="ACTION", parser_class=_Parser
+        dest="action", required=True, metavar="ACTION", parser_class=Parser
     )
     p = certs.add_parser("init", parents=[common], help="create a local CA and the wildcard certificate for tunnels")
     p.add_argument("--domain", help="tunnel domain (default: [tunnel] domain)")
@@ -33,7 +43,7 @@ def add_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="renew the CA and certificate even if they are still valid")
 
     tunnel = commands.add_parser("tunnel", help="temporary HTTPS URLs for sandbox ports").add_subparsers(
-        dest="action", required=True, metavar="ACTION", parser_class=_Parser
+        dest="action", required=True, metavar="ACTION", parser_class=Parser
     )
     p = tunnel.add_parser("expose", parents=[common], help="expose a sandbox port at a new https URL")
     p.add_argument("sandbox")
@@ -53,19 +63,12 @@ def add_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace, out: TextIO) -> int:
     if args.command == "certs":
         return cmd_certs(args, out)
-    cmd_tunnel(Context(_client(args), args.json, out), args)
+    cmd_tunnel(Context(client_from_args(args), args.json, out), args)
     return EXIT_OK
 
 
-def _tunnel_config(path: str | None) -> TunnelConfig:
-    try:
-        return load_config(path).tunnel
-    except GatewayError as exc:
-        raise CliExit(EXIT_USAGE, str(exc)) from None
-
-
 def cmd_certs(args: argparse.Namespace, out: TextIO) -> int:
-    config = _tunnel_config(args.config)
+    config: TunnelConfig = config_or_exit(args.config).tunnel
     if args.dir:
         base = Path(args.dir)
         paths = CertPaths(base / "ca.crt", base / "ca.key", base / "tunnel.crt", base / "tunnel.key")
@@ -74,7 +77,7 @@ def cmd_certs(args: argparse.Namespace, out: TextIO) -> int:
     try:
         result = init_certs(args.domain or config.domain, paths, force=args.force)
     except GatewayError as exc:
-        raise CliExit(EXIT_USAGE if exc.status < 500 else 1, str(exc)) from None
+        raise CliExit(EXIT_USAGE if exc.status < 500 else EXIT_API_ERROR, str(exc)) from None
     if result.created_ca or result.created_leaf:
         made = [name for name, flag in (("CA", result.created_ca), ("certificate", result.created_leaf)) if flag]
         out.write(f"created {' and '.join(made)} (keys are mode 0600; never commit them)\n")
@@ -142,11 +145,10 @@ def cmd_tunnel(ctx: Context, args: argparse.Namespace) -> None:
         password = _read_password(args)
         if password is not None:
             body["password"] = password
-        answer = c.request("POST", f"/v1/sandboxes/{_quote(args.sandbox)}/tunnels", body)
-        ctx.emit(answer, lambda d: f"{d['url']}\n" + _block(d))
+        ctx.emit(c.expose_tunnel(args.sandbox, body), lambda d: f"{d['url']}\n" + _block(d))
     elif args.action == "list":
-        ctx.emit(c.request("GET", f"/v1/sandboxes/{_quote(args.sandbox)}/tunnels"), _rows)
+        ctx.emit(c.list_tunnels(args.sandbox), _rows)
     elif args.action == "get":
-        ctx.emit(c.request("GET", f"/v1/tunnels/{_quote(args.id)}"), _block)
+        ctx.emit(c.get_tunnel(args.id), _block)
     elif args.action == "revoke":
-        ctx.emit(c.request("DELETE", f"/v1/tunnels/{_quote(args.id)}"), lambda d: f"revoked {d['url']}")
+        ctx.emit(c.revoke_tunnel(args.id), lambda d: f"revoked {d['url']}")

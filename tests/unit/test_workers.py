@@ -1,10 +1,14 @@
-"""The pure parts of `--workers`: which worker serves a sandbox, and the learned-address lines between processes."""
+"""The pure parts of `--workers`: which worker serves a sandbox, the learned-address lines between processes, and
+worker k's configuration."""
 
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 
 from gateway.learned import LearnedDestinations
+from gateway.service import worker_config
+from gateway.settings import load_config
 from gateway.workers import LearnedFanout, apply_learned_line, worker_index
 
 
@@ -36,3 +40,11 @@ def test_a_bad_line_changes_nothing() -> None:
     for line in (b"", b"not json\n", b'{"a": 1}\n', b'[1, "n", [], 5]\n', b'["sb", "n", ["192.0.2.1"], "x"]\n'):
         assert not apply_learned_line(remote, line)
     assert len(remote) == 0
+
+
+def test_worker_k_gets_its_own_egress_port_and_otherwise_the_same_configuration() -> None:
+    config = load_config(None, environ={})
+    mine = worker_config(config, 3)
+    assert mine.egress.listen_port == config.egress.listen_port + 3
+    assert replace(mine, egress=config.egress) == config
+    assert worker_config(config, 0) == config

@@ -1,0 +1,196 @@
+"""Output for people: tables, `key: value` blocks, verdicts, times, and the one-line descriptions of where the
+API listens and which store is used. Pure functions of the API's answers (or the configuration): no I/O.
+
+Every value goes through `cell`, so a person never sees Python's `None`/`True` nor an empty cell.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.client import api_url
+from gateway.settings import Config
+
+
+def cell(value: Any) -> str:
+    """One value for a person: never Python's `None`/`True`, nor an empty cell."""
+    if value is None or value == [] or value == {} or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(cell(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={cell(v)}" for k, v in value.items())
+    return str(value)
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Left-aligned columns separated by two spaces; the last column is not padded."""
+    cells = [list(headers)] + [[cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)) + "  " + row[-1] for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "labels":
+            out.extend(_flatten(value, f"{name}."))
+        else:
+            out.append((name, value))
+    return out
+
+
+def format_block(data: Mapping[str, Any]) -> str:
+    """`key: value` lines, nested objects as dotted keys, aligned on the colon."""
+    pairs = _flatten(data)
+    width = max((len(k) for k, _ in pairs), default=0) + 1
+    return "\n".join(f"{(key + ':').ljust(width)} {cell(value)}" for key, value in pairs)
+
+
+def egress_summary(egress: Mapping[str, Any]) -> str:
+    parts: list[str] = []
+    if egress.get("allow_internet") is False:
+        parts.append("internet off")
+    if egress.get("mode"):
+        parts.append(str(egress["mode"]))
+    for key, word in (
+        ("allow_hosts", "host"),
+        ("presets", "preset"),
+        ("allow_cidrs", "allow-cidr"),
+        ("deny_cidrs", "deny-cidr"),
+    ):
+        count = len(egress.get(key) or ())
+        if count:
+            parts.append(f"{count} {word}{'s' if count > 1 else ''}")
+    return ", ".join(parts) or "-"
+
+
+def _target(request: Mapping[str, Any]) -> str:
+    where = request.get("host") or request.get("address") or "?"
+    if ":" in where:
+        where = f"[{where}]"
+    if request.get("port") is not None:
+        where += f":{request['port']}"
+    if request.get("protocol") not in (None, "tls"):
+        where += f"/{request['protocol']}"
+    if request.get("host") and request.get("address"):
+        where += f" via {request['address']}"
+    return where
+
+
+def format_verdict(answer: Mapping[str, Any]) -> str:
+    """`DENY  evil.com:443  host not in allowlist  (rule default:deny)`."""
+    word = "ALLOW" if answer.get("allowed") else "DENY"
+    return f"{word}  {_target(answer.get('request') or {})}  {answer.get('reason')}  (rule {answer.get('rule')})"
+
+
+def sandbox_rows(data: Any) -> str:
+    sandboxes = data["sandboxes"]
+    if not sandboxes:
+        return "no sandboxes"
+    rows = [(s["id"], s["profile"], s["template"], s["addresses"], egress_summary(s["egress"])) for s in sandboxes]
+    return format_table(("ID", "PROFILE", "TEMPLATE", "ADDRESSES", "EGRESS"), rows)
+
+
+def template_rows(data: Any) -> str:
+    templates = data["templates"]
+    if not templates:
+        return "no templates"
+    rows = [(t["name"], egress_summary(t["egress"]), t["limits"], t["description"]) for t in templates]
+    return format_table(("NAME", "EGRESS", "LIMITS", "DESCRIPTION"), rows)
+
+
+def preset_rows(data: Any) -> str:
+    rows = [
+        (p["name"], p["ports"] if p["ports"] is not None else "any", len(p["hosts"]), p["description"])
+        for p in data["presets"]
+    ]
+    return format_table(("NAME", "PORTS", "HOSTS", "DESCRIPTION"), rows)
+
+
+def format_time(epoch: float, now: float | None = None) -> str:
+    """`2026-12-02T03:36:21Z (5 min ago)`: ISO 8601 in UTC, and how long ago (or how soon) for a person."""
+    now = time.time() if now is None else now
+    stamp = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    delta = round(now - epoch)
+    span = abs(delta)
+    for size, unit in ((86_400, "d"), (3600, "h"), (60, "min"), (1, "s")):
+        if span >= size or size == 1:
+            amount = f"{span // size} {unit}"
+            break
+    return f"{stamp} ({amount} ago)" if delta >= 0 else f"{stamp} (in {amount})"
+
+
+def status_block(data: Any) -> str:
+    rejected = data.get("rejected") or []
+    lines = [format_block({k: v for k, v in data.items() if k != "rejected"} | {"rejected": len(rejected)})]
+    for item in rejected:
+        field = f" (field {item['field']})" if item.get("field") else ""
+        since = f" since {format_time(item['at'])}" if isinstance(item.get("at"), int | float) else ""
+        lines.append(f"  {item['kind']} {item['key']}{since}: {item['code']}: {item['message']}{field}")
+    return "\n".join(lines)
+
+
+def listen_description(bound: Sequence[tuple[Any, ...]]) -> str:
+    """Where the API listens, `(host, port, ...)` per socket as bound; for a wildcard, how to reach it here."""
+    described = []
+    for host, port, *_ in bound:
+        if host in ("0.0.0.0", "::", ""):
+            every = {"0.0.0.0": "every IPv4 address", "::": "every IPv6 address", "": "every address"}[host]
+            shown = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
+            described.append(f"{shown} ({every}; from this host {api_url(host, port)})")
+        else:
+            described.append(api_url(host, port))
+    return " and ".join(described)
+
+
+def redact_url(url: str) -> str:
+    """A Redis URL without its credentials, for printing."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def store_description(config: Config) -> str:
+    if config.store.backend == "redis":
+        return f"redis {redact_url(config.store.redis_url)} (prefix {config.store.redis_prefix})"
+    return f"embedded {config.store.path.resolve()}"
+
+
+def audit_rows(batches: Sequence[Mapping[str, Any]]) -> str:
+    if not batches:
+        return "no audit batches"
+    rows = [
+        (b["name"], datetime.fromtimestamp(b["first_ts_us"] / 1e6, UTC).isoformat(timespec="milliseconds"), b["size"])
+        for b in batches
+    ]
+    return format_table(("NAME", "FIRST RECORD (UTC)", "BYTES"), rows)
+
+
+def dns_rows(queries: Sequence[Mapping[str, Any]]) -> str:
+    if not queries:
+        return "no DNS queries"
+    rows = [
+        (
+            datetime.fromtimestamp(q["time"], UTC).isoformat(timespec="milliseconds"),
+            q["name"],
+            q["type"],
+            q["rcode"],
+            ", ".join(q["answers"]) or "-",
+            "allow" if q["allowed"] else "DENY",
+            q["reason"],
+        )
+        for q in queries
+    ]
+    return format_table(("TIME (UTC)", "NAME", "TYPE", "RCODE", "ANSWERS", "VERDICT", "REASON"), rows)

@@ -1,0 +1,460 @@
+"""The composition root: the one module that builds the egress engine, the DNS interceptor, the tunnel and the
+control API together, handing each its own configuration section and collaborators.
+
+`gateway run` (gateway/cli.py parses the flags and calls `run`):
+
+* `serve`: the policy store, the flow log (one for the API's audit routes and every data-plane
+  component), the tunnel service when `[tunnel] enabled`, the control API and, with `--data-plane`,
+  a `DataPlane`. What can be refused is refused before anything listens (`check_runnable`: the API's
+  exposure, the tunnel's certificate); the API listens before the data plane starts, so readiness
+  can say what does not serve yet; shutdown runs in reverse.
+* `DataPlane`: the resolver, the destination checks, the learned addresses, the DNS interceptor and
+  the egress engine around one policy store; with `steer`, the nftables table and policy routing.
+* `serve_worker`: worker k of `--workers N` (gateway/workers.py has the pool and the fan-out of
+  DNS-learned addresses): a store, a flow log and a data plane without DNS on `egress.listen_port + k`.
+
+The components know nothing of each other: the engine gets a `LearnedDestinations` (which the DNS
+interceptor fills) and a `Destinations`; the API gets the data plane's status and readiness as
+callables; the DNS interceptor gets its `DnsConfig`.
+
+A start-up failure is a `StartupError`: `config_error` says whether the configuration is at fault
+(the CLI exits 2) or the environment (a store that is down, a port in use: exit 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, TextIO
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from gateway.api import check_api_exposure, create_app
+from gateway.destinations import Destinations, read_local_addresses
+from gateway.dns.server import DnsInterceptor
+from gateway.egress import EgressEngine
+from gateway.errors import GatewayError
+from gateway.flowlog import FlowLog
+from gateway.formatting import listen_description, store_description
+from gateway.learned import LearnedDestinations
+from gateway.nft import SteeringConfig, UnattachedSources, links_from_sandboxes, render_ruleset
+from gateway.ratelimit import BandwidthLimiter, ConnectionRateLimiter
+from gateway.resolver import Resolver
+from gateway.settings import Config
+from gateway.stores import open_store
+from gateway.stores.base import PolicyStore
+from gateway.tunnel.certs import build_server_context
+from gateway.tunnel.server import TunnelService
+from gateway.workers import LISTENING_LINE, LearnedFanout, WorkerPool, apply_learned_line, worker_index
+
+log = structlog.get_logger("gateway.service")
+
+
+class StartupError(Exception):
+    """`gateway run` cannot start; the message is `CODE: message` for a person."""
+
+    def __init__(self, message: str, *, config_error: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        #: True: the configuration is at fault (fix it and retry); False: the environment is.
+        self.config_error = config_error
+
+
+def check_runnable(config: Config) -> None:
+    """What `gateway run` refuses at start-up beyond what loading the configuration checks: `run` calls this
+    before it starts anything, and `check-config` calls it, so the two never disagree. Raises GatewayError."""
+    check_api_exposure(config)
+    if config.tunnel.enabled:  # the tunnel serves from its first second: the pair must load now
+        build_server_context(config.tunnel.cert_path, config.tunnel.key_path)
+
+
+def run(
+    config: Config,
+    out: TextIO,
+    *,
+    data_plane: bool = False,
+    steer: bool = False,
+    workers: int = 1,
+    event_loop: str = "uvloop",
+    worker: int | None = None,
+    worker_argv: Callable[[int], list[str]] | None = None,
+) -> int:
+    """`gateway run` after its flags were checked: logging, the event loop, then `serve` (or, for a process
+    started by a main process's pool, `serve_worker`). Returns the exit code."""
+    from gateway.logs import configure_logging
+
+    configure_logging(config.log_format, config.log_level)
+    loop_factory = None
+    if event_loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    if worker is not None:
+        return asyncio.run(serve_worker(config, worker, workers), loop_factory=loop_factory)
+    main = serve(config, out, data_plane=data_plane, steer=steer, workers=workers, worker_argv=worker_argv)
+    return asyncio.run(main, loop_factory=loop_factory)
+
+
+async def serve(
+    config: Config,
+    out: TextIO,
+    *,
+    data_plane: bool = False,
+    steer: bool = False,
+    workers: int = 1,
+    worker_argv: Callable[[int], list[str]] | None = None,
+) -> int:
+    """The main process until SIGINT/SIGTERM: store, flow log, tunnel, API and (`data_plane`) the data plane."""
+    store = open_store(config.policy_context(), config.store)
+    flows = FlowLog.from_config(config)  # one flow log for the API's audit routes and every data-plane component
+    tunnels: TunnelService | None = None
+    pool = WorkerPool(workers, worker_argv) if workers > 1 and worker_argv is not None else None
+    plane = DataPlane(config, store, flows, steer=steer, pool=pool) if data_plane else None  # nothing listens yet
+    try:
+        if config.tunnel.enabled:  # loads the certificate now: a missing one stops start-up with CERT_INVALID
+            tunnels = TunnelService(store, config, config.tunnel, flows=flows)
+        # refuses an exposed API without tokens before anything starts
+        app = create_app(
+            store,
+            config,
+            flows=flows,
+            tunnels=tunnels.store if tunnels else None,
+            dns=plane.dns if plane else None,
+            data_plane_status=plane.status if plane else None,
+            unready=plane.unready if plane else None,
+        )
+    except GatewayError as exc:
+        raise StartupError(str(exc), config_error=True) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    started: DataPlane | None = None
+    try:
+        try:
+            await store.start()
+        except GatewayError as exc:
+            raise StartupError(str(exc), config_error=False) from None
+        except OSError as exc:  # the embedded store creates its file and folder on first start
+            raise StartupError(f"STORE_UNAVAILABLE: {store_description(config)}: {exc}", config_error=False) from None
+        await flows.start()
+        if tunnels is not None:
+            await tunnels.start()
+            out.write(f"tunnels served on https://*.{config.tunnel.domain}:{config.tunnel.origin_port}/\n")
+        await runner.setup()
+        site = web.TCPSite(runner, config.api_host, config.api_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(
+                f"LISTEN_FAILED: cannot listen on {config.api_host}:{config.api_port}: {exc.strerror or exc}",
+                config_error=False,
+            ) from None
+        listening = listen_description(runner.addresses)  # as bound, not as configured
+        out.write(f"gateway API listening on {listening}, store {store_description(config)}\n")
+        out.flush()
+        if plane is not None:
+            try:
+                await plane.start()
+            except (GatewayError, OSError) as exc:
+                await plane.close()
+                raise StartupError(f"DATA_PLANE_FAILED: {exc}", config_error=False) from None
+            started = plane
+            steering = " (steering applied)" if steer else ""
+            first = config.egress.listen_port
+            ports = f"ports {first}-{first + workers - 1} ({workers} workers)" if workers > 1 else f"port {first}"
+            out.write(f"egress engine listening on {ports}{steering}\n")
+            out.flush()
+        await stop.wait()
+        log.info("gateway.stopping")
+    finally:
+        if started is not None:
+            await started.close()
+        await runner.cleanup()
+        if tunnels is not None:
+            await tunnels.close()
+        await flows.close()  # writes what is still queued
+        await store.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def worker_config(config: Config, worker: int) -> Config:
+    """Worker k's configuration: its own egress port."""
+    egress = msgspec.structs.replace(config.egress, listen_port=config.egress.listen_port + worker)
+    return replace(config, egress=egress)
+
+
+async def serve_worker(config: Config, worker: int, workers: int) -> int:
+    """A worker process: the store, the flow log and an egress engine, until stdin closes or SIGTERM/SIGINT."""
+    store = open_store(config.policy_context(), config.store)
+    flows = FlowLog.from_config(config)
+    plane = DataPlane(worker_config(config, worker), store, flows, dns=False)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    async def learn() -> None:
+        while line := await reader.readline():
+            if not apply_learned_line(plane.learned, line):
+                log.warning("worker.bad_learned_line", worker=worker)
+        stop.set()  # the main process is gone
+
+    try:
+        await store.start()
+        await flows.start()
+        await plane.start()
+        log.info("worker.listening", worker=worker, of=workers, port=config.egress.listen_port + worker)
+        sys.stdout.buffer.write(LISTENING_LINE)
+        sys.stdout.buffer.flush()
+        learning = asyncio.create_task(learn())
+        await stop.wait()
+        learning.cancel()
+    finally:
+        await plane.close()
+        await flows.close()
+        await store.close()
+    return 0
+
+
+# --------------------------------------------------------------------------- the data plane
+
+LOCAL_ADDRESS_REFRESH = 30.0
+STEERING_POLL = 1.0
+
+
+class DataPlane:
+    """The resolver, destination checks, learned addresses and the engine, around one policy store.
+
+    With `steer`, also IPv4/IPv6 forwarding (`netplumb.ensure_forwarding`), the nftables table and
+    the fwmark policy routing in this network namespace; the table is re-applied whenever what it is
+    rendered from changes (attached addresses, their workers, private links). Host routes and proxy
+    ARP for each sandbox's interface are the attach tooling's job (the store does not know
+    interfaces). The table outlives the process on purpose: if the gateway dies, TPROXYed traffic
+    finds no listener and is dropped, never forwarded.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: PolicyStore,
+        flowlog: FlowLog,
+        *,
+        steer: bool = False,
+        pool: WorkerPool | None = None,
+        dns: bool = True,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.steer = steer
+        #: The other egress processes (`--workers`); this one is worker 0.
+        self.pool = pool
+        self.workers = pool.workers if pool is not None else 1
+        self.engine: EgressEngine | None = None
+        self.destinations: Destinations | None = None
+        self.flowlog = flowlog
+        #: Shared with the DNS interceptor: its answers are what opaque TCP may reach.
+        self.learned = LearnedFanout(pool.workers, pool.send) if pool is not None else LearnedDestinations()
+        # Built now (no sockets yet) so the control API can serve its query log; it has its own rate
+        # limiter: DNS queries and connections are separate budgets. A worker process has none.
+        self.dns = (
+            DnsInterceptor(config.dns, lambda: store.state, learned=self.learned, flowlog=flowlog) if dns else None
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        #: The steering input last applied (or last refused: not retried until it changes).
+        self._applied: SteeringConfig | None = None
+        self.unattached = UnattachedSources(config.egress.unattached_log_interval)
+
+    async def start(self) -> None:
+        raise_fd_limit()
+        egress = self.config.egress
+        local = await asyncio.to_thread(read_local_addresses)
+        self.destinations = Destinations(
+            egress.public_ranges, egress.gateway_addresses, egress.blocklist_path, local_addresses=local
+        )
+        self.engine = EgressEngine(
+            lambda: self.store.state,
+            self.config,
+            Resolver(self.config.resolver),
+            self.destinations,
+            self.learned,
+            flowlog=self.flowlog,
+            connection_limiter=ConnectionRateLimiter(),
+            bandwidth=BandwidthLimiter(),
+        )
+        if self.steer:
+            from gateway import netplumb
+
+            changed = await asyncio.to_thread(netplumb.ensure_forwarding, egress.sandbox_interfaces)
+            if changed:
+                log.info("steering.sysctls_set", **{key.replace("/", "."): value for key, value in changed.items()})
+            await self.apply_steering()
+        if self.dns is not None:
+            await self.dns.start_transparent()
+        await self.engine.start()
+        if self.pool is not None:
+            await self.pool.start()
+        self._tasks.append(asyncio.create_task(self._refresh_local_addresses()))
+        if self.steer:
+            self._tasks.append(asyncio.create_task(self._follow_store()))
+
+    def unready(self) -> list[str]:
+        """What of the data plane does not serve yet (nothing: it all does), for readiness."""
+        egress = self.config.egress
+        waiting = []
+        if self.engine is None or not self.engine.listeners:
+            waiting.append(f"the egress engine does not listen on port {egress.listen_port} yet")
+        if self.pool is not None:
+            waiting += [
+                f"egress worker {k} does not listen on port {egress.listen_port + k}" for k in self.pool.not_listening()
+            ]
+        if self.dns is not None and not self.dns.listening:
+            waiting.append(f"the DNS interceptor does not listen on port {egress.dns_port} yet")
+        if self.steer and self._applied is None:
+            waiting.append("the steering table has not been applied yet")
+        return waiting
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.pool is not None:
+            await self.pool.close()
+        if self.engine is not None:
+            await self.engine.close()
+        if self.dns is not None:
+            await self.dns.close()
+
+    def status(self) -> dict[str, Any]:
+        """The data plane's part of `GET /v1/status`."""
+        return {
+            "steering": self.steer,
+            "steering_applied": self._applied is not None,
+            "unattached_dropped": self.unattached.total,
+            "unattached_recent": list(self.unattached.recent),
+        }
+
+    def steering_config(self) -> SteeringConfig:
+        """What the table must say now, from the store: attached addresses, their workers, private links."""
+        egress = self.config.egress
+        subnets = self.config.sandbox_subnets
+        sandboxes = list(self.store.state.sandboxes.values())
+        worker_of = {
+            address: worker_index(sandbox.id, self.workers) if self.workers > 1 else 0
+            for sandbox in sandboxes
+            for address in sandbox.addresses
+        }
+        return SteeringConfig(
+            sandbox_subnets=subnets,
+            sandbox_interfaces=egress.sandbox_interfaces,
+            attached=frozenset(worker_of),
+            private_links=links_from_sandboxes(sandboxes),
+            workers=self.workers,
+            worker_of=worker_of if self.workers > 1 else {},
+            gateway_addresses=frozenset(
+                a for a in egress.gateway_addresses if not any(a.version == n.version and a in n for n in subnets)
+            ),
+            egress_port=egress.listen_port,
+            dns_port=egress.dns_port,
+            fwmark=egress.fwmark,
+            route_table=egress.route_table,
+            dial_mark=egress.dial_mark,
+            unattached_interval=egress.unattached_log_interval,
+        )
+
+    async def apply_steering(self, steering: SteeringConfig | None = None) -> None:
+        steering = steering or self.steering_config()
+        try:
+            await asyncio.to_thread(self._apply, steering)
+        finally:
+            self._applied = steering  # a refused input is not retried until it changes
+        log.info(
+            "steering.applied",
+            attached=len(steering.attached),
+            private_links=len(steering.private_links),
+            workers=self.workers,
+        )
+
+    def _apply(self, steering: SteeringConfig) -> None:
+        """(In a thread.) Routing, then the table; the drops counted by the old table are read first."""
+        from gateway import netplumb
+
+        netplumb.ensure_routing_for(steering.policy_routing)
+        if self._applied is not None:
+            self._read_unattached()
+        netplumb.apply_ruleset(render_ruleset(steering))
+
+    def _read_unattached(self) -> list[str]:
+        from gateway import netplumb
+
+        try:
+            dropped, sources = netplumb.read_unattached()
+        except GatewayError as exc:  # e.g. the table was deleted by hand: nothing to read
+            log.warning("steering.unattached_read_failed", error=str(exc))
+            return []
+        self.unattached.count(dropped)
+        return sources
+
+    async def _follow_store(self) -> None:
+        interval = self.config.egress.unattached_log_interval
+        next_read = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(STEERING_POLL)
+            try:
+                wanted = self.steering_config()
+                if wanted != self._applied:
+                    await self.apply_steering(wanted)
+            except Exception:  # keep the last good table; try again on the next change
+                log.exception("steering.apply_failed")
+            if time.monotonic() >= next_read:
+                next_read = time.monotonic() + interval
+                try:
+                    self._log_unattached(await asyncio.to_thread(self._read_unattached))
+                except Exception:  # never stop following the store over a log line
+                    log.exception("steering.unattached_read_failed")
+
+    def _log_unattached(self, sources: list[str]) -> None:
+        due, more = self.unattached.observe(sources, time.monotonic())
+        for address in due:
+            log.warning(
+                "steering.unattached_source",
+                address=address,
+                reason="a source routed to the gateway that no sandbox record holds: dropped",
+                total_dropped=self.unattached.total,
+            )
+        if more:
+            log.warning("steering.unattached_sources_not_logged", count=more, interval=self.unattached.interval)
+
+    async def _refresh_local_addresses(self) -> None:
+        while True:
+            await asyncio.sleep(LOCAL_ADDRESS_REFRESH)
+            try:
+                addresses = await asyncio.to_thread(read_local_addresses)
+            except Exception:
+                log.exception("egress.local_addresses_failed")
+                continue
+            if self.destinations is not None:
+                self.destinations.set_local_addresses(addresses)
+
+
+def raise_fd_limit() -> None:
+    """Each relayed connection holds two sockets and, while data flows, two pipes: lift the soft
+    descriptor limit to the hard one (the default soft limit of 1024 caps a gateway at ~250 flows)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

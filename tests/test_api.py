@@ -40,6 +40,7 @@ from gateway.openapi import (
 from gateway.policy import parse_sandbox, parse_template
 from gateway.service import DataPlane
 from gateway.settings import Config, load_config
+from gateway.stores.config import StoreConfig
 from gateway.stores.embedded import EmbeddedStore
 from gateway.tunnel.config import TunnelConfig
 from gateway.tunnel.model import parse_request
@@ -182,7 +183,7 @@ def config(tmp_path: Path) -> Config:
 
 @pytest.fixture
 async def store(config: Config) -> AsyncIterator[EmbeddedStore]:
-    instance = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
+    instance = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
     await instance.start()
     yield instance
     await instance.close()
@@ -202,7 +203,7 @@ async def test_health_and_readiness_need_no_token(api: Api) -> None:
 
 
 async def test_readyz_is_503_until_the_store_has_loaded(aiohttp_client: AiohttpClient, config: Config) -> None:
-    store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
+    store = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
     api = Api(await aiohttp_client(create_app(store, config)))
     answer = await api.call("GET", "/readyz", token=None, expect=503)
     assert answer.code == "STORE_NOT_READY"
@@ -218,7 +219,7 @@ async def test_readyz_is_503_until_the_data_plane_serves(
 ) -> None:
     # A real data plane, built as `gateway run --data-plane --steer` builds it, before it has started: the API
     # serves already, but nothing of the plane does yet.
-    store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
+    store = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
     plane = DataPlane(config, store, FlowLog(msgspec.structs.replace(config.audit, dir=tmp_path / "audit")), steer=True)
     api = Api(await aiohttp_client(create_app(store, config, dns=plane.dns, unready=plane.unready)))
     await store.start()
@@ -782,7 +783,7 @@ async def test_writes_are_logged_with_the_token_name_never_its_value(api: Api) -
 
 async def test_without_tokens_loopback_callers_need_none(aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
     config = write_config(tmp_path, tokens=False)
-    store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
+    store = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
     await store.start()
     try:
         with structlog.testing.capture_logs() as logs:
@@ -803,7 +804,7 @@ async def test_without_tokens_loopback_callers_need_none(aiohttp_client: Aiohttp
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "gateway.internal"])
 def test_without_tokens_the_api_refuses_to_listen_beyond_loopback(tmp_path: Path, host: str) -> None:
     config = write_config(tmp_path, tokens=False, host=host)
-    store = EmbeddedStore(config.policy_context(), config.store.path)
+    store = EmbeddedStore(config.policy_context(), config.store)
     with pytest.raises(GatewayError) as caught:
         create_app(store, config)
     assert (caught.value.code, caught.value.field) == ("CONFIG_INVALID", "api.tokens")
@@ -820,7 +821,7 @@ async def test_openapi_is_served_without_a_token_and_is_a_valid_3_1_document(api
 
 
 def test_every_route_is_documented_and_every_documented_route_exists(config: Config, tmp_path: Path) -> None:
-    app = create_app(EmbeddedStore(config.policy_context(), tmp_path / "p.json"), config)
+    app = create_app(EmbeddedStore(config.policy_context(), StoreConfig(path=tmp_path / "p.json")), config)
     registered: dict[str, set[str]] = {}
     for route in app.router.routes():
         registered.setdefault(route.resource.canonical, set()).add(route.method.lower())

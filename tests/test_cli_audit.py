@@ -55,7 +55,7 @@ async def server(aiohttp_server: AiohttpServer, tmp_path: Path) -> AsyncIterator
         f'[api]\ntokens = [{{ name = "auditor", token = "{TOKEN}", scopes = ["audit:read"] }}]\n'
     )
     config = load_config(config_path, environ={})
-    store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
+    store = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
     await store.start()
     flows = FlowLog(msgspec.structs.replace(config.audit, dir=tmp_path / "audit", flush_interval=3600.0))
     await flows.start()

@@ -7,6 +7,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -24,7 +25,7 @@ async def client(aiohttp_server: AiohttpServer, tmp_path: Path) -> AsyncIterator
     config_path = tmp_path / "gateway.toml"
     config_path.write_text(f'[store]\nbackend = "embedded"\npath = "{tmp_path / "p.json"}"\n')
     config = load_config(config_path, environ={})
-    store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
+    store = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
     await store.start()
     server = await aiohttp_server(create_app(store, config))
     yield ApiClient(str(server.make_url("")), token=None)

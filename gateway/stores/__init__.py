@@ -15,4 +15,4 @@ def open_store(context: PolicyContext, config: StoreConfig) -> PolicyStore:
         return RedisStore(context, config)
     from gateway.stores.embedded import EmbeddedStore
 
-    return EmbeddedStore(context, config.path, config.poll_interval)
+    return EmbeddedStore(context, config)

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -24,6 +23,7 @@ from gateway.errors import Conflict, ErrorBody, NotFound
 from gateway.files import FileWatch, read_regular_file, write_atomic
 from gateway.state import SANDBOX, PolicyContext, Rejection
 from gateway.stores.base import Expect, PolicyStore, StoreUnavailable
+from gateway.stores.config import StoreConfig
 from gateway.untrusted import InvalidJson, parse_json
 
 log = structlog.get_logger("gateway.store.embedded")
@@ -60,10 +60,10 @@ def parse_policy_file(text: str | bytes) -> dict[str, dict[str, Any]]:
 class EmbeddedStore(PolicyStore):
     backend = "embedded"
 
-    def __init__(self, context: PolicyContext, path: Path, poll_interval: float = 0.5) -> None:
+    def __init__(self, context: PolicyContext, config: StoreConfig) -> None:
         super().__init__(context)
-        self.path = Path(path)
-        self.poll_interval = poll_interval
+        self.path = config.path
+        self.poll_interval = config.poll_interval
         self._sections: dict[str, dict[str, Any]] | None = None  # the file as last read, invalid records included
         #: Polled every poll_interval; it also absorbs our own writes, so that they are not read back.
         self._file = FileWatch([self.path])

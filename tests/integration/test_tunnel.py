@@ -37,6 +37,7 @@ from gateway.decision import DEFAULT_LIMITS
 from gateway.flowlog import FlowLog
 from gateway.settings import load_config
 from gateway.state import PolicyContext
+from gateway.stores.config import StoreConfig
 from gateway.stores.embedded import EmbeddedStore
 from gateway.tunnel.certs import CertPaths, ReloadingTLS, init_certs
 from gateway.tunnel.config import TunnelConfig
@@ -170,7 +171,7 @@ def make_certs(directory: Path, *, force: bool = False) -> CertPaths:
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
     paths = make_certs(tmp_path / "certs")
-    policy = EmbeddedStore(CONTEXT, tmp_path / "policies.json", poll_interval=0.05)
+    policy = EmbeddedStore(CONTEXT, StoreConfig(path=tmp_path / "policies.json", poll_interval=0.05))
     await policy.start()
     await policy.create_sandbox(SANDBOX)
     config = TunnelConfig(
@@ -596,7 +597,7 @@ async def test_tunnels_survive_a_restart(env: Env, tmp_path: Path) -> None:
 async def test_redis_store_shares_tunnels_and_revocations_across_nodes(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    policy = EmbeddedStore(CONTEXT, tmp_path / "policies.json", poll_interval=0.05)
+    policy = EmbeddedStore(CONTEXT, StoreConfig(path=tmp_path / "policies.json", poll_interval=0.05))
     await policy.start()
     await policy.create_sandbox(SANDBOX)
     config = TunnelConfig(max_per_sandbox=2)
@@ -822,7 +823,7 @@ async def test_tunnel_service_wires_store_and_server_beside_the_policy_store(tmp
 
     paths = make_certs(tmp_path / "certs")
     config = load_config(environ={"GATEWAY_STORE__PATH": str(tmp_path / "policies.json")})
-    policy = EmbeddedStore(CONTEXT, config.store.path)
+    policy = EmbeddedStore(CONTEXT, config.store)
     await policy.start()
     tunnel_config = TunnelConfig(cert_path=paths.cert, key_path=paths.key, port=free_port("127.0.0.1"))
     service = TunnelService(policy, config, tunnel_config)
@@ -939,7 +940,7 @@ async def test_revocation_sends_the_websocket_client_a_policy_close(env: Env) ->
 async def test_the_tunnel_limit_holds_across_nodes_creating_at_the_same_instant(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    policy = EmbeddedStore(CONTEXT, tmp_path / "policies.json", poll_interval=0.05)
+    policy = EmbeddedStore(CONTEXT, StoreConfig(path=tmp_path / "policies.json", poll_interval=0.05))
     await policy.start()
     await policy.create_sandbox(SANDBOX)
     config = TunnelConfig(max_per_sandbox=3)

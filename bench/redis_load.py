@@ -40,7 +40,8 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 
-from gateway.config import StoreConfig, load_config
+from gateway.settings import load_config
+from gateway.stores.config import StoreConfig
 from gateway.stores.redis_store import RedisStore
 
 SUBNET = ipaddress.ip_network("10.75.0.0/16")

@@ -112,11 +112,12 @@ asyncio.run(main())
 GATEWAY = r"""
 import asyncio, ipaddress, json, signal, sys
 from pathlib import Path
-from gateway.config import AuditConfig
+from gateway.audit_config import AuditConfig
 from gateway.decision import DEFAULT_LIMITS
 from gateway.flowlog import FlowLog
 from gateway.logs import configure_logging
 from gateway.state import PolicyContext
+from gateway.stores.config import StoreConfig
 from gateway.stores.embedded import EmbeddedStore
 from gateway.tunnel.certs import ReloadingTLS
 from gateway.tunnel.config import TunnelConfig
@@ -129,7 +130,7 @@ workdir = Path(workdir)
 async def main():
     configure_logging("json", "info")  # as `gateway run` in production: JSON lines (to the log file here)
     context = PolicyContext((ipaddress.ip_network("127.77.0.0/16"),), {}, DEFAULT_LIMITS)
-    policy = EmbeddedStore(context, workdir / "policies.json")
+    policy = EmbeddedStore(context, StoreConfig(path=workdir / "policies.json"))
     await policy.start()
     # public_access: a tunnel without a password (the sandbox's ingress rules allow it only so)
     await policy.create_sandbox({"id": "sb1", "addresses": [app_host], "ingress": {"public_access": True}})

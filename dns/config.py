@@ -1,25 +1,26 @@
-"""The DNS interceptor's options: its `[dns]` section, with the port and upstreams it takes from `[egress]` and
-`[resolver]`."""
+"""The DNS interceptor's options: its `[dns]` section, plus the port and upstreams it takes from `[egress]` and
+`[resolver]` (`supplied`: `gateway.settings` passes them when it builds the section; not options of [dns])."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Annotated, ClassVar, Literal
 
-if TYPE_CHECKING:
-    from gateway.config import Config
+from msgspec import Meta
+
+from gateway.config import OptionError, Section
+
+#: IXFR, AXFR and ANY are always refused.
+NEVER_FORWARDED = frozenset({251, 252, 255})
 
 
-@dataclass(frozen=True, slots=True)
-class DnsConfig:
-    """Options of the DNS interceptor. Defaults are the documented behaviour.
+class DnsConfig(Section, frozen=True):
+    """The DNS interceptor (its port is egress.dns_port, its upstreams [resolver]).
 
-    `from_config` reads what `gateway.config` has today (egress.dns_port, resolver.upstreams/timeout/min_ttl/
-    max_ttl); the other fields keep their defaults until a `[dns]` section (`Config.dns`, with attributes named
-    like these fields) exists there. `egress.rate_limit_max_wait` is deliberately not used: its default (5 s)
-    is as long as a stub resolver waits for an answer, so a throttled query would time out instead.
-    """
+    egress.rate_limit_max_wait is deliberately not used: its default (5 s) is as long as a stub resolver
+    waits for an answer, so a throttled query would time out instead."""
+
+    supplied: ClassVar[frozenset[str]] = frozenset({"port", "upstreams", "upstream_timeout", "min_ttl", "max_ttl"})
 
     port: int = 15053
     upstreams: tuple[str, ...] = ()  # empty: /etc/resolv.conf
@@ -27,54 +28,86 @@ class DnsConfig:
     #: TTLs of forwarded answers are clamped to [min_ttl, max_ttl]; negative answers to [min_ttl, negative_max_ttl].
     min_ttl: int = 5
     max_ttl: int = 3600
-    negative_max_ttl: int = 300
-    #: TTL and SOA minimum of synthetic answers (blocked names, empty HTTPS): small, so that a policy
-    #: change is seen by the sandbox's own caches within seconds.
-    blocked_ttl: int = 10
-    #: Types other than A, AAAA, HTTPS, SVCB for names the policy allows in `registry` / `allowlisted`:
-    #: "empty" answers NOERROR with no records (a stub resolver takes it as "no such data" and moves on;
-    #: REFUSED makes many try the next nameserver and report a server failure); "refuse" answers REFUSED.
-    other_qtypes: Literal["empty", "refuse"] = "empty"
-    #: Types forwarded like A/AAAA in `registry` / `allowlisted` (e.g. 33 for SRV, 16 for TXT). Default none.
-    extra_qtypes: frozenset[int] = frozenset()
-    #: Operator malware-domain list (hosts-file or one name per line); its names and their subdomains are
-    #: answered NXDOMAIN in every profile. Re-read when the file changes.
-    malware_blocklist: Path | None = None
-    blocklist_check_interval: float = 1.0
-    #: DNSSEC strict mode: SERVFAIL when the (validating) upstream does not set AD on an allowed name's answer.
-    require_ad: bool = False
-    cache_per_sandbox: int = 2048
-    cache_total: int = 200_000
-    #: Rate limit: a query over the sandbox's dns_queries_per_minute waits at most this long, else REFUSED
-    #: (well under the 1-5 s a stub resolver waits before it retries).
-    rate_limit_max_wait: float = 1.0
-    tcp_idle_timeout: float = 10.0
-    tcp_max_connections: int = 1024
-    tcp_max_per_sandbox: int = 64
-    #: Queries being answered at once (UDP and TCP), in total and per sandbox; beyond that UDP queries
-    #: are dropped (the client retries), so a flood cannot pile up tasks.
-    max_inflight: int = 4096
-    max_inflight_per_sandbox: int = 256
-    query_log_size: int = 1000
 
-    @classmethod
-    def from_config(cls, config: Config, **overrides: Any) -> DnsConfig:
-        egress, resolver = config.egress, config.resolver
-        values: dict[str, Any] = {
-            "port": egress.dns_port,
-            "upstreams": tuple(resolver.upstreams),
-            "upstream_timeout": resolver.timeout,
-            "min_ttl": resolver.min_ttl,
-            "max_ttl": resolver.max_ttl,
-        }
-        # Options a later [dns] section may carry; read when present, defaults otherwise.
-        dns_section = getattr(config, "dns", None)
-        if dns_section is not None:
-            for name in cls.__dataclass_fields__:
-                if hasattr(dns_section, name):
-                    values[name] = getattr(dns_section, name)
-        values.update(overrides)
-        if isinstance(values.get("malware_blocklist"), str):
-            values["malware_blocklist"] = Path(values["malware_blocklist"]) if values["malware_blocklist"] else None
-        values["extra_qtypes"] = frozenset(values.get("extra_qtypes", ()))
-        return cls(**values)
+    malware_blocklist: Annotated[
+        Path | None,
+        Meta(
+            description="Operator malware-domain list (hosts-file format or one name per line, # comments): the "
+            "names and their subdomains are answered NXDOMAIN in every profile. Re-read when the file changes."
+        ),
+    ] = None
+    blocklist_check_interval: Annotated[
+        float, Meta(ge=0.05, le=3600, description="Seconds between checks of the malware list for changes.")
+    ] = 1.0
+    blocked_ttl: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=86_400,
+            description="TTL (and SOA minimum) of blocked and synthetic answers: small, so that a policy change is "
+            "seen by the sandbox's own caches within seconds.",
+        ),
+    ] = 10
+    negative_max_ttl: Annotated[int, Meta(ge=0, le=86_400, description="Cap for cached negative answers.")] = 300
+    other_qtypes: Annotated[
+        Literal["empty", "refuse"],
+        Meta(
+            description="For names a registry/allowlisted policy allows, types other than A/AAAA (HTTPS/SVCB are "
+            'always answered empty): "empty" (NOERROR, no records: a stub resolver takes it as "no such data" '
+            'and moves on) or "refuse" (REFUSED).'
+        ),
+    ] = "empty"
+    extra_qtypes: Annotated[
+        frozenset[int], Meta(description="Types forwarded like A/AAAA (e.g. [33] for SRV, 16 for TXT).")
+    ] = frozenset()
+    require_ad: Annotated[
+        bool,
+        Meta(
+            description="DNSSEC strict mode: SERVFAIL when the (validating) upstream does not set AD for an "
+            "allowed name."
+        ),
+    ] = False
+    cache_per_sandbox: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=10_000_000,
+            description="Per-sandbox answer cache (never shared between sandboxes). The responses kept per query "
+            "packet (a repeated query is answered from them) are bounded the same way, separately (under 1 KiB each).",
+        ),
+    ] = 2048
+    cache_total: Annotated[int, Meta(ge=0, le=100_000_000, description="The caches' global bound.")] = 200_000
+    rate_limit_max_wait: Annotated[
+        float,
+        Meta(
+            ge=0,
+            le=30,
+            description="Over dns_queries_per_minute a query waits at most this long (s), then is answered REFUSED "
+            "(well under the 1-5 s a stub resolver waits before it retries).",
+        ),
+    ] = 1.0
+    tcp_idle_timeout: Annotated[
+        float, Meta(ge=0.1, le=3600, description="Seconds a silent DNS-over-TCP client is kept.")
+    ] = 10.0
+    tcp_max_connections: Annotated[int, Meta(ge=1, le=1_000_000, description="DNS-over-TCP connections in total.")] = (
+        1024
+    )
+    tcp_max_per_sandbox: Annotated[int, Meta(ge=1, le=1_000_000, description="...and per sandbox.")] = 64
+    max_inflight: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=10_000_000,
+            description="Queries being answered at once (UDP and TCP); beyond this UDP queries are dropped (the "
+            "client retries), so a flood cannot pile up tasks.",
+        ),
+    ] = 4096
+    max_inflight_per_sandbox: Annotated[int, Meta(ge=1, le=10_000_000, description="...and per sandbox.")] = 256
+    query_log_size: Annotated[
+        int, Meta(ge=0, le=1_000_000, description="Entries kept per sandbox in the query log.")
+    ] = 1000
+
+    def __post_init__(self) -> None:
+        for qtype in sorted(self.extra_qtypes):
+            if not 1 <= qtype <= 65535 or qtype in NEVER_FORWARDED:
+                raise OptionError("extra_qtypes", f"{qtype} is not a type that can be forwarded")

@@ -46,7 +46,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.config import ApiToken
+from gateway.api_config import ApiToken
 from gateway.decision import PROTOCOLS, CompiledPolicy, Verdict
 from gateway.dns.server import DnsInterceptor
 from gateway.errors import Forbidden, GatewayError, NotFound

@@ -440,7 +440,7 @@ def run_attach_command(args: argparse.Namespace, out: TextIO = sys.stdout, err: 
             removed = detach_netns(args.netns, gateway_netns=args.gateway_netns)
             emit({"netns": args.netns, "removed": removed})
             return EXIT_OK
-        from gateway.config import load_config
+        from gateway.settings import load_config
 
         config = load_config(getattr(args, "config", None))
         subnets, interfaces = config.sandbox_subnets, config.egress.sandbox_interfaces

@@ -40,7 +40,6 @@ from gateway.clibase import (
     config_or_exit,
 )
 from gateway.client import ApiError, ApiUnreachable
-from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.flags import (
     EGRESS_FLAGS,
@@ -63,6 +62,7 @@ from gateway.formatting import (
     store_description,
     template_rows,
 )
+from gateway.settings import Config
 from gateway.tunnel.cli import COMMANDS as TUNNEL_COMMANDS
 from gateway.tunnel.cli import add_parsers as add_tunnel_parsers
 from gateway.tunnel.cli import run_command as run_tunnel_command

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TextIO
 
 from gateway.client import ApiClient, ApiResponse, api_url
-from gateway.config import Config, load_config
 from gateway.errors import GatewayError
+from gateway.settings import Config, load_config
 
 EXIT_OK = 0
 EXIT_API_ERROR = 1

@@ -1,216 +1,197 @@
-"""Configuration: one TOML file with documented defaults, every option overridable by environment.
+"""Configuration machinery: one TOML file with documented defaults, every option overridable by environment.
+
+Each section is a typed model (`Section`, a frozen `msgspec.Struct`) owned by the component it configures:
+`[egress]` in gateway/engine/config.py, `[resolver]` in gateway/resolver.py, `[dns]` in dns/config.py,
+`[tunnel]` in tunnel/config.py, `[store]` in gateway/stores/config.py, `[audit]` in gateway/audit_config.py,
+`[api]` in gateway/api_config.py; the core ones (`[network]`, `[limits]`, `[log]`, `[presets]`) are here.
+A field declares an option once: its name, type, default, range (`msgspec.Meta(ge=, le=)`) and description,
+from which both the parser and gateway.example.toml (gateway/configdoc.py) come. `gateway.settings` puts the
+sections together into the `Config` the composition root reads; this module knows no component.
 
 Environment variables are `GATEWAY_<SECTION>__<KEY>` (double underscore between
 section and key), e.g. `GATEWAY_STORE__REDIS_URL=redis://127.0.0.1:6379/0`. A value
 is read as a TOML value when it parses as one (numbers, booleans, lists, inline
 tables) and as a plain string otherwise. `GATEWAY_CONFIG` names the file.
+
+msgspec, not pydantic-settings: the CLI loads this for every command, and `import msgspec` costs ~30-50 ms
+where `import pydantic_settings` costs ~210-260 ms here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
-import os
+import re
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+import msgspec
+from msgspec import Meta
 
 from gateway.decision import DEFAULT_LIMITS
 from gateway.errors import GatewayError
-from gateway.policy import LIMIT_RANGES, IPAddress, IPNetwork, Limits
+from gateway.policy import LIMIT_RANGES, Limits
 from gateway.presets import BUILTIN_PRESETS, Preset, make_preset
-from gateway.state import PolicyContext
-from gateway.tunnel.config import DEFAULTS as TUNNEL_DEFAULTS
-from gateway.tunnel.config import TunnelConfig, build_tunnel_config
+
+if TYPE_CHECKING:
+    from gateway.policy import IPAddress, IPNetwork
+
+    Network = IPNetwork
+    Address = IPAddress
+else:
+    # msgspec takes one class per custom type in a field: the common base of IPv4Network and IPv6Network
+    # (resp. the addresses); `_decode` turns the text into the right one.
+    Network = ipaddress._BaseNetwork
+    Address = ipaddress._BaseAddress
 
 ENV_PREFIX = "GATEWAY_"
-SCOPES = (
-    "admin",
-    "sandboxes:read",
-    "sandboxes:write",
-    "templates:read",
-    "templates:write",
-    "network:registry",
-    "network:allowlisted",
-    "network:unrestricted",
-    "audit:read",
-    "tunnels:read",
-    "tunnels:write",
-)
-
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "network": {"sandbox_subnets": ["10.75.0.0/16", "fdd4:1476:6c7e::/48"]},
-    "store": {
-        "backend": "auto",
-        "path": "var/policies.json",
-        "poll_interval": 0.5,
-        "redis_url": "",
-        "redis_prefix": "gw:",
-        "stream_maxlen": 100_000,
-        "resync_interval": 60.0,
-        "node_id": "",
-    },
-    "api": {"host": "127.0.0.1", "port": 8470, "tokens": []},
-    "limits": {
-        "connections_per_minute": DEFAULT_LIMITS.connections_per_minute,
-        "bandwidth_mbit": DEFAULT_LIMITS.bandwidth_mbit,
-        "burst_mbit": DEFAULT_LIMITS.burst_mbit,
-        "dns_queries_per_minute": DEFAULT_LIMITS.dns_queries_per_minute,
-    },
-    "log": {"format": "auto", "level": "info"},
-    "egress": {
-        "listen_port": 15001,
-        "dns_port": 15053,
-        "peek_timeout": 5.0,
-        "peek_max_bytes": 16384,
-        "max_peeking_per_sandbox": 64,
-        "max_peeking_total": 4096,
-        "connect_timeout": 10.0,
-        "idle_timeout": 300.0,
-        "rate_limit_max_wait": 5.0,
-        "blocklist_path": "",
-        "public_ranges": [],
-        "gateway_addresses": [],
-        "sandbox_interfaces": ["vif*"],
-        "fwmark": 1,
-        "route_table": 100,
-        "dial_mark": 2,
-        "unattached_log_interval": 10.0,
-    },
-    "resolver": {"upstreams": [], "timeout": 2.0, "min_ttl": 5, "max_ttl": 3600},
-    "dns": {
-        "malware_blocklist": "",
-        "blocklist_check_interval": 1.0,
-        "blocked_ttl": 10,
-        "negative_max_ttl": 300,
-        "other_qtypes": "empty",
-        "extra_qtypes": [],
-        "require_ad": False,
-        "cache_per_sandbox": 2048,
-        "cache_total": 200_000,
-        "rate_limit_max_wait": 1.0,
-        "tcp_idle_timeout": 10.0,
-        "tcp_max_connections": 1024,
-        "tcp_max_per_sandbox": 64,
-        "max_inflight": 4096,
-        "max_inflight_per_sandbox": 256,
-        "query_log_size": 1000,
-    },
-    "tunnel": dict(TUNNEL_DEFAULTS),
-    "audit": {"dir": "var/audit", "flush_interval": 1.0, "redis_stream": "", "redis_maxlen": 100_000},
-    "presets": {},
-}
 
 
-def _invalid(message: str, where: str) -> GatewayError:
+class OptionError(Exception):
+    """A rule across options broken, raised by a section's `__post_init__`: `key` is the option to blame
+    (relative to the section, e.g. `dns_port` or `tokens[0].token`). Not a ValueError, so that msgspec lets it
+    through instead of blaming the whole table."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A `[section]` of the configuration file. Subclasses declare each option as a field with its default and
+    `Annotated[..., Meta(description=...)]`; their docstring is the section's comment in the example file.
+
+    `supplied` names fields that are not options of the section but given by whoever builds the component
+    (the DNS interceptor's port comes from [egress]); they are neither read from the file nor documented."""
+
+    supplied: ClassVar[frozenset[str]] = frozenset()
+
+
+def option_names(model: type[Section]) -> list[str]:
+    return [f.name for f in msgspec.structs.fields(model) if f.name not in model.supplied]
+
+
+def invalid(message: str, where: str) -> GatewayError:
     return GatewayError("CONFIG_INVALID", message, where)
 
 
-@dataclass(frozen=True, slots=True)
-class ApiToken:
-    name: str
-    sha256: str
-    scopes: frozenset[str]
-
-    def matches(self, presented: str) -> bool:
-        digest = hashlib.sha256(presented.encode()).hexdigest()
-        return hmac.compare_digest(digest, self.sha256)
+# --------------------------------------------------------------------------- core sections
 
 
-@dataclass(frozen=True, slots=True)
-class StoreConfig:
-    backend: str
-    path: Path
-    poll_interval: float
-    redis_url: str
-    redis_prefix: str
-    stream_maxlen: int
-    resync_interval: float
-    node_id: str
+class NetworkConfig(Section, frozen=True):
+    """The sandboxes' side of the network."""
+
+    sandbox_subnets: Annotated[
+        tuple[Network, ...],
+        Meta(
+            min_length=1,
+            description="Addresses sandboxes may have. A sandbox record's addresses must fall inside these.",
+        ),
+    ] = (ipaddress.ip_network("10.75.0.0/16"), ipaddress.ip_network("fdd4:1476:6c7e::/48"))
 
 
-@dataclass(frozen=True, slots=True)
-class EgressConfig:
-    listen_port: int
-    dns_port: int
-    peek_timeout: float
-    peek_max_bytes: int
-    max_peeking_per_sandbox: int
-    max_peeking_total: int
-    connect_timeout: float
-    idle_timeout: float
-    rate_limit_max_wait: float
-    blocklist_path: Path | None
-    public_ranges: tuple[IPNetwork, ...]
-    gateway_addresses: tuple[IPAddress, ...]
-    sandbox_interfaces: tuple[str, ...]
-    fwmark: int
-    route_table: int
-    dial_mark: int
-    unattached_log_interval: float
+def _default(name: str) -> int:
+    value = getattr(DEFAULT_LIMITS, name)
+    assert isinstance(value, int)  # the decision's defaults set every limit
+    return value
 
 
-@dataclass(frozen=True, slots=True)
-class ResolverConfig:
-    upstreams: tuple[str, ...]  # "address" or "address:port" / "[v6]:port"; empty: /etc/resolv.conf
-    timeout: float
-    min_ttl: int
-    max_ttl: int
+class LimitsConfig(Section, frozen=True):
+    """Per-sandbox defaults (seed 000), used where neither the sandbox nor its template sets one."""
+
+    # The ranges are the policy parser's, the defaults the decision's: one declaration each.
+    connections_per_minute: Annotated[
+        int,
+        Meta(
+            ge=LIMIT_RANGES["connections_per_minute"][0],
+            le=LIMIT_RANGES["connections_per_minute"][1],
+            description="New connections a sandbox may open per minute.",
+        ),
+    ] = _default("connections_per_minute")
+    bandwidth_mbit: Annotated[
+        int,
+        Meta(
+            ge=LIMIT_RANGES["bandwidth_mbit"][0],
+            le=LIMIT_RANGES["bandwidth_mbit"][1],
+            description="Sustained bandwidth (Mbit/s).",
+        ),
+    ] = _default("bandwidth_mbit")
+    burst_mbit: Annotated[
+        int,
+        Meta(
+            ge=LIMIT_RANGES["burst_mbit"][0],
+            le=LIMIT_RANGES["burst_mbit"][1],
+            description="Burst (Mbit/s), at least bandwidth_mbit.",
+        ),
+    ] = _default("burst_mbit")
+    dns_queries_per_minute: Annotated[
+        int,
+        Meta(
+            ge=LIMIT_RANGES["dns_queries_per_minute"][0],
+            le=LIMIT_RANGES["dns_queries_per_minute"][1],
+            description="DNS queries a sandbox may send per minute.",
+        ),
+    ] = _default("dns_queries_per_minute")
+
+    def __post_init__(self) -> None:
+        if self.burst_mbit < self.bandwidth_mbit:
+            raise OptionError("burst_mbit", "burst_mbit must be at least bandwidth_mbit")
+
+    def limits(self) -> Limits:
+        return Limits(self.connections_per_minute, self.bandwidth_mbit, self.burst_mbit, self.dns_queries_per_minute)
 
 
-@dataclass(frozen=True, slots=True)
-class DnsSection:
-    """`[dns]`: the interceptor's own options (its port and upstreams come from [egress] and [resolver])."""
-
-    malware_blocklist: Path | None
-    blocklist_check_interval: float
-    blocked_ttl: int
-    negative_max_ttl: int
-    other_qtypes: str
-    extra_qtypes: frozenset[int]
-    require_ad: bool
-    cache_per_sandbox: int
-    cache_total: int
-    rate_limit_max_wait: float
-    tcp_idle_timeout: float
-    tcp_max_connections: int
-    tcp_max_per_sandbox: int
-    max_inflight: int
-    max_inflight_per_sandbox: int
-    query_log_size: int
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-@dataclass(frozen=True, slots=True)
-class AuditConfig:
-    dir: Path
-    flush_interval: float
-    redis_stream: str
-    redis_maxlen: int
+class LogConfig(Section, frozen=True):
+    """The service's log lines."""
+
+    format: Annotated[
+        Literal["auto", "json", "console"], Meta(description="auto: readable on a terminal, JSON lines otherwise.")
+    ] = "auto"
+    level: Annotated[str, Meta(description="debug, info, warning or error (any case).")] = "info"
+
+    def __post_init__(self) -> None:
+        level = self.level.lower()
+        if level not in LOG_LEVELS:
+            raise OptionError("level", f"{self.level!r} is not a log level; use {_choices(LOG_LEVELS)}")
+        msgspec.structs.force_setattr(self, "level", level)
 
 
-@dataclass(frozen=True, slots=True)
-class Config:
-    sandbox_subnets: tuple[IPNetwork, ...]
-    store: StoreConfig
-    api_host: str
-    api_port: int
-    tokens: tuple[ApiToken, ...]
-    default_limits: Limits
-    log_format: str
-    log_level: str
-    egress: EgressConfig
-    resolver: ResolverConfig
-    dns: DnsSection
-    tunnel: TunnelConfig
-    audit: AuditConfig
-    presets: Mapping[str, Preset] = field(default_factory=dict)
-    source: str = "defaults"
+#: `[presets.NAME]` tables are not a fixed set of options: `gateway.settings` parses them with `parse_presets`.
+PRESETS_DOC = """\
+Operator presets, usable by name in any policy's egress.presets, next to the built-in
+package-registries, git-hosts and ai-apis. ports omitted = any port.
+[presets.internal-apis]
+description = "Company APIs"
+hosts = ["api.internal.example.com", "*.svc.example.com"]
+ports = [443]"""
 
-    def policy_context(self) -> PolicyContext:
-        return PolicyContext(self.sandbox_subnets, self.presets, self.default_limits)
+
+def parse_presets(raw: Mapping[str, Any]) -> dict[str, Preset]:
+    presets: dict[str, Preset] = dict(BUILTIN_PRESETS)
+    for name, spec in raw.items():
+        where = f"presets.{name}"
+        if name in BUILTIN_PRESETS:
+            raise invalid(f"{name!r} is a built-in preset; choose another name", where)
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("hosts"), list) or not spec["hosts"]:
+            raise invalid("a preset is a table with a non-empty hosts list (and optional ports, description)", where)
+        unknown = set(spec) - {"hosts", "ports", "description"}
+        if unknown:
+            raise invalid(f"unknown preset option(s) {', '.join(sorted(unknown))}", where)
+        try:
+            presets[name] = make_preset(name, spec["hosts"], spec.get("ports"), str(spec.get("description", "")))
+        except GatewayError as exc:
+            raise invalid(exc.message, exc.field or where) from None
+    return presets
+
+
+# --------------------------------------------------------------------------- loading
 
 
 def _parse_env_value(text: str) -> Any:
@@ -220,308 +201,186 @@ def _parse_env_value(text: str) -> Any:
         return text
 
 
-def _merge(base: dict[str, dict[str, Any]], overlay: Mapping[str, Any], where: str) -> None:
-    for section, values in overlay.items():
-        if section not in base:
-            raise _invalid(f"unknown section [{section}]; known: {', '.join(sorted(base))}", f"{where}:{section}")
-        if not isinstance(values, Mapping):
-            raise _invalid(f"[{section}] must be a table", f"{where}:{section}")
-        for key, value in values.items():
-            if section != "presets" and key not in DEFAULTS[section]:
-                known = ", ".join(sorted(DEFAULTS[section]))
-                raise _invalid(f"unknown option {section}.{key}; known: {known}", f"{where}:{section}.{key}")
-            base[section][key] = value
+def _plain(kind: Any) -> Any:
+    while typing.get_origin(kind) is Annotated:
+        kind = typing.get_args(kind)[0]
+    return kind
 
 
-def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Defaults, then the TOML file, then environment overrides. Raises GatewayError(CONFIG_INVALID)."""
-    environ = os.environ if environ is None else environ
-    merged: dict[str, dict[str, Any]] = {section: dict(values) for section, values in DEFAULTS.items()}
-    path = path or environ.get(f"{ENV_PREFIX}CONFIG")
+def _union(kind: Any) -> tuple[Any, ...]:
+    kind = _plain(kind)
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return typing.get_args(kind)
+    return (kind,)
+
+
+def _takes_text(model: type[Section], key: str) -> bool:
+    """String and path options take environment text as it is, so GATEWAY_STORE__NODE_ID=123 stays "123"."""
+    for f in msgspec.structs.fields(model):
+        if f.name == key:
+            return any(k in (str, Path) or typing.get_origin(k) is Literal for k in _union(f.type))
+    return False
+
+
+def _optional_paths(model: type[Section]) -> set[str]:
+    return {f.name for f in msgspec.structs.fields(model) if set(_union(f.type)) == {Path, type(None)}}
+
+
+def read_sources(
+    sections: Mapping[str, type[Section] | None], path: str | Path | None, environ: Mapping[str, str]
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """The file's tables and the environment's overrides merged per section (the environment wins), each key
+    checked against its section's options; `None` marks a section of free-form tables ([presets])."""
+    merged: dict[str, dict[str, Any]] = {name: {} for name in sections}
     source = "defaults"
+    path = path or environ.get(f"{ENV_PREFIX}CONFIG")
+
+    def merge(overlay: Mapping[str, Any], where: str) -> None:
+        for section, values in overlay.items():
+            if section not in sections:
+                known = ", ".join(sorted(sections))
+                raise invalid(f"unknown section [{section}]; known: {known}", f"{where}:{section}")
+            if not isinstance(values, Mapping):
+                raise invalid(f"[{section}] must be a table", f"{where}:{section}")
+            model = sections[section]
+            for key, value in values.items():
+                if model is not None and key not in option_names(model):
+                    known = ", ".join(sorted(option_names(model)))
+                    raise invalid(f"unknown option {section}.{key}; known: {known}", f"{where}:{section}.{key}")
+                merged[section][key] = value
+
     if path:
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())
         except FileNotFoundError:
-            raise _invalid(f"config file {path} does not exist", str(path)) from None
+            raise invalid(f"config file {path} does not exist", str(path)) from None
         except tomllib.TOMLDecodeError as exc:
-            raise _invalid(f"config file {path} is not valid TOML: {exc}", str(path)) from None
-        _merge(merged, data, str(path))
+            raise invalid(f"config file {path} is not valid TOML: {exc}", str(path)) from None
+        merge(data, str(path))
         source = str(path)
     overrides: dict[str, dict[str, Any]] = {}
     for name, text in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
-        # String options take the text as it is, so GATEWAY_STORE__NODE_ID=123 stays "123".
-        is_text = isinstance(DEFAULTS.get(section, {}).get(key), str)
+        model = sections.get(section)
+        is_text = model is not None and _takes_text(model, key)
         overrides.setdefault(section, {})[key] = text if is_text else _parse_env_value(text)
-    _merge(merged, overrides, "environment")
-    return _build(merged, source)
+    merge(overrides, "environment")
+    return merged, source
 
 
-def _str(value: Any, where: str) -> str:
+def _decode(kind: type, value: Any) -> Any:
+    """msgspec's hook for the types it does not know: the text in the file becomes the Python value."""
     if not isinstance(value, str):
-        raise _invalid(f"expected a string, got {type(value).__name__}", where)
-    return value
-
-
-def _number(value: Any, where: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise _invalid(f"expected a number in {low}-{high}, got {value!r}", where)
-    return value
-
-
-def _check_redis_url(url: str) -> None:
-    """What the Redis client would refuse when `gateway run` connects, refused now. The URL is not repeated:
-    it may hold a password."""
-    from redis.asyncio.connection import parse_url
-
-    try:
-        parse_url(url)
-    except ValueError as exc:
-        reason = f"not a Redis URL: {exc}; use redis://host:port/db, rediss://host:port/db or unix:///path"
-        raise _invalid(reason, "store.redis_url") from None
-
-
-def _build(merged: dict[str, dict[str, Any]], source: str) -> Config:
-    net = merged["network"]
-    subnets: list[IPNetwork] = []
-    if not isinstance(net["sandbox_subnets"], list) or not net["sandbox_subnets"]:
-        raise _invalid("expected a non-empty list of CIDRs", "network.sandbox_subnets")
-    for index, text in enumerate(net["sandbox_subnets"]):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    if kind is Path:
+        return Path(value)
+    if kind is Network:
         try:
-            subnets.append(ipaddress.ip_network(_str(text, "network.sandbox_subnets"), strict=True))
+            return ipaddress.ip_network(value, strict=True)
         except ValueError as exc:
-            raise _invalid(f"{text!r} is not a CIDR ({exc})", f"network.sandbox_subnets[{index}]") from None
-
-    st = merged["store"]
-    backend = _str(st["backend"], "store.backend")
-    if backend not in ("auto", "embedded", "redis"):
-        raise _invalid(f"{backend!r} is not a store backend; use auto, embedded or redis", "store.backend")
-    redis_url = _str(st["redis_url"], "store.redis_url")
-    if backend == "auto":
-        backend = "redis" if redis_url else "embedded"
-    if backend == "redis" and not redis_url:
-        raise _invalid("the redis backend needs store.redis_url (redis://host:port/db)", "store.redis_url")
-    if redis_url:
-        _check_redis_url(redis_url)
-    store = StoreConfig(
-        backend=backend,
-        path=Path(_str(st["path"], "store.path")),
-        poll_interval=_number(st["poll_interval"], "store.poll_interval", 0.05, 60),
-        redis_url=redis_url,
-        redis_prefix=_str(st["redis_prefix"], "store.redis_prefix"),
-        stream_maxlen=int(_number(st["stream_maxlen"], "store.stream_maxlen", 100, 10_000_000)),
-        resync_interval=_number(st["resync_interval"], "store.resync_interval", 1, 86_400),
-        node_id=_str(st["node_id"], "store.node_id") or os.uname().nodename,
-    )
-
-    api = merged["api"]
-    tokens = _tokens(api["tokens"])
-
-    limit_values: dict[str, int] = {}
-    for name, value in merged["limits"].items():
-        low, high = LIMIT_RANGES[name]
-        limit_values[name] = int(_number(value, f"limits.{name}", low, high))
-    if limit_values["burst_mbit"] < limit_values["bandwidth_mbit"]:
-        raise _invalid("burst_mbit must be at least bandwidth_mbit", "limits.burst_mbit")
-
-    log = merged["log"]
-    log_format = _str(log["format"], "log.format")
-    if log_format not in ("auto", "json", "console"):
-        raise _invalid(f"{log_format!r} is not a log format; use auto, json or console", "log.format")
-    level = _str(log["level"], "log.level").lower()
-    if level not in ("debug", "info", "warning", "error"):
-        raise _invalid(f"{level!r} is not a log level", "log.level")
-
-    presets: dict[str, Preset] = dict(BUILTIN_PRESETS)
-    for name, spec in merged["presets"].items():
-        where = f"presets.{name}"
-        if name in BUILTIN_PRESETS:
-            raise _invalid(f"{name!r} is a built-in preset; choose another name", where)
-        if not isinstance(spec, Mapping) or not isinstance(spec.get("hosts"), list) or not spec["hosts"]:
-            raise _invalid("a preset is a table with a non-empty hosts list (and optional ports, description)", where)
-        unknown = set(spec) - {"hosts", "ports", "description"}
-        if unknown:
-            raise _invalid(f"unknown preset option(s) {', '.join(sorted(unknown))}", where)
+            raise ValueError(f"{value!r} is not a CIDR ({exc})") from None
+    if kind is Address:
         try:
-            presets[name] = make_preset(name, spec["hosts"], spec.get("ports"), str(spec.get("description", "")))
-        except GatewayError as exc:
-            raise _invalid(exc.message, exc.field or where) from None
-
-    audit = _audit(merged["audit"])
-    if audit.redis_stream and not store.redis_url:
-        raise _invalid("the flow-record mirror writes to the Redis at store.redis_url; set it", "audit.redis_stream")
-
-    return Config(
-        sandbox_subnets=tuple(subnets),
-        store=store,
-        api_host=_str(api["host"], "api.host"),
-        api_port=int(_number(api["port"], "api.port", 1, 65535)),
-        tokens=tokens,
-        default_limits=Limits(**limit_values),
-        log_format=log_format,
-        log_level=level,
-        egress=_egress(merged["egress"]),
-        resolver=_resolver(merged["resolver"]),
-        dns=_dns(merged["dns"]),
-        tunnel=build_tunnel_config(merged["tunnel"]),
-        audit=audit,
-        presets=presets,
-        source=source,
-    )
-
-
-def _str_list(value: Any, where: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _invalid("expected a list of strings", where)
-    return value
-
-
-def _networks(value: Any, where: str) -> tuple[IPNetwork, ...]:
-    out: list[IPNetwork] = []
-    for index, text in enumerate(_str_list(value, where)):
-        try:
-            out.append(ipaddress.ip_network(text, strict=True))
-        except ValueError as exc:
-            raise _invalid(f"{text!r} is not a CIDR ({exc})", f"{where}[{index}]") from None
-    return tuple(out)
-
-
-def _egress(section: dict[str, Any]) -> EgressConfig:
-    def num(key: str, low: float, high: float) -> float:
-        return _number(section[key], f"egress.{key}", low, high)
-
-    addresses: list[IPAddress] = []
-    for index, text in enumerate(_str_list(section["gateway_addresses"], "egress.gateway_addresses")):
-        try:
-            addresses.append(ipaddress.ip_address(text))
+            return ipaddress.ip_address(value)
         except ValueError:
-            raise _invalid(f"{text!r} is not an IP address", f"egress.gateway_addresses[{index}]") from None
-    blocklist = _str(section["blocklist_path"], "egress.blocklist_path")
-    config = EgressConfig(
-        listen_port=int(num("listen_port", 1, 65535)),
-        dns_port=int(num("dns_port", 1, 65535)),
-        peek_timeout=num("peek_timeout", 0.05, 120),
-        peek_max_bytes=int(num("peek_max_bytes", 1024, 1 << 20)),
-        max_peeking_per_sandbox=int(num("max_peeking_per_sandbox", 1, 1_000_000)),
-        max_peeking_total=int(num("max_peeking_total", 1, 10_000_000)),
-        connect_timeout=num("connect_timeout", 0.1, 300),
-        idle_timeout=num("idle_timeout", 1, 86_400),
-        rate_limit_max_wait=num("rate_limit_max_wait", 0, 300),
-        blocklist_path=Path(blocklist) if blocklist else None,
-        public_ranges=_networks(section["public_ranges"], "egress.public_ranges"),
-        gateway_addresses=tuple(addresses),
-        sandbox_interfaces=tuple(_str_list(section["sandbox_interfaces"], "egress.sandbox_interfaces")),
-        fwmark=int(num("fwmark", 1, 0xFFFFFFFF)),
-        route_table=int(num("route_table", 1, 0xFFFFFFFE)),
-        dial_mark=int(num("dial_mark", 1, 0xFFFFFFFF)),
-        unattached_log_interval=num("unattached_log_interval", 1, 3600),
-    )
-    if config.listen_port == config.dns_port:
-        raise _invalid("listen_port and dns_port must differ", "egress.dns_port")
-    if config.fwmark & config.dial_mark:
-        raise _invalid(
-            "dial_mark must share no bit with fwmark (dialled packets would be steered back)", "egress.dial_mark"
+            raise ValueError(f"{value!r} is not an IP address") from None
+    raise NotImplementedError(kind)
+
+
+_KINDS = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "array": "a list",
+    "object": "a table",
+}
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_TYPE = re.compile(r"^Expected `(?P<want>[^`]+)`, got `(?P<got>[^`]+)`$")
+_RANGE = re.compile(r"^Expected `(?P<want>\w+)` (?P<op>[<>]=?) (?P<bound>\S+)$")
+_LENGTH = re.compile(r"^Expected `(?P<want>\w+)` of length (?P<op>[<>]=?) (?P<bound>\S+)$")
+_ENUM = re.compile(r"^Invalid enum value (?P<value>.*)$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<key>[^`]+)`$")
+
+
+def number_text(value: float) -> str:
+    """A bound as people write it: 65535, 1048576, 0.05 (not 1.04858e+06)."""
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def _choices(options: typing.Iterable[str]) -> str:
+    names = list(options)
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
+def _field(model: type[Section], key: str) -> msgspec.structs.FieldInfo | None:
+    return next((f for f in msgspec.structs.fields(model) if f.name == key), None)
+
+
+def _human(model: type[Section], raw: Mapping[str, Any], what: str, path: str) -> str:
+    """msgspec's message in the words of this file's other messages, with the value when it is a plain option."""
+    top = re.match(r"^\.(\w+)", path)
+    info = _field(model, top.group(1)) if top else None
+    value = raw.get(top.group(1)) if top and path == top.group(0) else None
+    got = f", got {value!r}" if top and path == top.group(0) else ""
+    if m := _TYPE.match(what):
+        return f"expected {_KINDS.get(m['want'], m['want'])}, got {_KINDS.get(m['got'], m['got']).split()[-1]}"
+    if m := _RANGE.match(what):
+        meta = _meta(info.type) if info else None
+        if meta is not None and meta.ge is not None and meta.le is not None:
+            bounds = f"{number_text(meta.ge)}-{number_text(meta.le)}"
+            return f"expected {_KINDS[m['want']]} in {bounds}{got}"
+        return f"expected {_KINDS.get(m['want'], m['want'])} {m['op']} {m['bound']}{got}"
+    if m := _LENGTH.match(what):
+        noun = (
+            "a non-empty list" if m["op"] == ">=" and m["bound"] == "1" else f"a list of length {m['op']} {m['bound']}"
         )
-    return config
+        return f"expected {noun}{got}"
+    if m := _UNKNOWN.match(what):  # in a nested table (a section's own keys are checked by read_sources)
+        noun = getattr(_struct_at(model, path), "noun", "table")
+        return f"unknown {noun} option(s) {m['key']}"
+    if (m := _ENUM.match(what)) and info is not None:
+        options = typing.get_args(_plain(info.type))
+        return f"{m['value']} is not a choice; use {_choices(options)}"
+    return what[:1].lower() + what[1:]
 
 
-def _resolver(section: dict[str, Any]) -> ResolverConfig:
-    from gateway.resolver import parse_upstream  # here: gateway.resolver imports this module
-
-    upstreams = tuple(_str_list(section["upstreams"], "resolver.upstreams"))
-    for index, text in enumerate(upstreams):
-        try:
-            parse_upstream(text)
-        except ValueError as exc:
-            raise _invalid(
-                f"{exc}; an upstream is an address with an optional port (192.0.2.53, 192.0.2.53:5353, "
-                "[2001:db8::53]:53): the resolver cannot resolve its own name",
-                f"resolver.upstreams[{index}]",
-            ) from None
-    min_ttl = int(_number(section["min_ttl"], "resolver.min_ttl", 0, 86_400))
-    max_ttl = int(_number(section["max_ttl"], "resolver.max_ttl", 1, 604_800))
-    if min_ttl > max_ttl:
-        raise _invalid("min_ttl must not exceed max_ttl", "resolver.min_ttl")
-    return ResolverConfig(upstreams, _number(section["timeout"], "resolver.timeout", 0.05, 60), min_ttl, max_ttl)
-
-
-def _dns(section: dict[str, Any]) -> DnsSection:
-    def num(key: str, low: float, high: float) -> float:
-        return _number(section[key], f"dns.{key}", low, high)
-
-    other = _str(section["other_qtypes"], "dns.other_qtypes")
-    if other not in ("empty", "refuse"):
-        raise _invalid(f"{other!r} is not a choice; use empty or refuse", "dns.other_qtypes")
-    extra = section["extra_qtypes"]
-    if not isinstance(extra, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in extra):
-        raise _invalid("expected a list of DNS type numbers (e.g. [33] for SRV)", "dns.extra_qtypes")
-    for qtype in extra:
-        if not 1 <= qtype <= 65535 or qtype in (251, 252, 255):  # IXFR, AXFR, ANY are always refused
-            raise _invalid(f"{qtype} is not a type that can be forwarded", "dns.extra_qtypes")
-    if not isinstance(section["require_ad"], bool):
-        raise _invalid("expected true or false", "dns.require_ad")
-    blocklist = _str(section["malware_blocklist"], "dns.malware_blocklist")
-    return DnsSection(
-        malware_blocklist=Path(blocklist) if blocklist else None,
-        blocklist_check_interval=num("blocklist_check_interval", 0.05, 3600),
-        blocked_ttl=int(num("blocked_ttl", 0, 86_400)),
-        negative_max_ttl=int(num("negative_max_ttl", 0, 86_400)),
-        other_qtypes=other,
-        extra_qtypes=frozenset(extra),
-        require_ad=section["require_ad"],
-        cache_per_sandbox=int(num("cache_per_sandbox", 0, 10_000_000)),
-        cache_total=int(num("cache_total", 0, 100_000_000)),
-        rate_limit_max_wait=num("rate_limit_max_wait", 0, 30),
-        tcp_idle_timeout=num("tcp_idle_timeout", 0.1, 3600),
-        tcp_max_connections=int(num("tcp_max_connections", 1, 1_000_000)),
-        tcp_max_per_sandbox=int(num("tcp_max_per_sandbox", 1, 1_000_000)),
-        max_inflight=int(num("max_inflight", 1, 10_000_000)),
-        max_inflight_per_sandbox=int(num("max_inflight_per_sandbox", 1, 10_000_000)),
-        query_log_size=int(num("query_log_size", 0, 1_000_000)),
-    )
-
-
-def _audit(section: dict[str, Any]) -> AuditConfig:
-    return AuditConfig(
-        dir=Path(_str(section["dir"], "audit.dir")),
-        flush_interval=_number(section["flush_interval"], "audit.flush_interval", 0.05, 3600),
-        redis_stream=_str(section["redis_stream"], "audit.redis_stream"),
-        redis_maxlen=int(_number(section["redis_maxlen"], "audit.redis_maxlen", 100, 100_000_000)),
-    )
-
-
-def _tokens(raw: Any) -> tuple[ApiToken, ...]:
-    if not isinstance(raw, list):
-        raise _invalid("expected a list of {name, token | token_sha256, scopes}", "api.tokens")
-    tokens: list[ApiToken] = []
-    for index, entry in enumerate(raw):
-        where = f"api.tokens[{index}]"
-        if not isinstance(entry, Mapping):
-            raise _invalid("expected a table {name, token | token_sha256, scopes}", where)
-        unknown = set(entry) - {"name", "token", "token_sha256", "scopes"}
-        if unknown:
-            raise _invalid(f"unknown token option(s) {', '.join(sorted(unknown))}", where)
-        name = _str(entry.get("name", f"token-{index}"), f"{where}.name")
-        if ("token" in entry) == ("token_sha256" in entry):
-            raise _invalid("give exactly one of token (plain) or token_sha256 (hex digest)", where)
-        if "token" in entry:
-            secret = _str(entry["token"], f"{where}.token")
-            if len(secret) < 16:
-                raise _invalid("a token must be at least 16 characters", f"{where}.token")
-            digest = hashlib.sha256(secret.encode()).hexdigest()
+def _struct_at(model: type[Section], path: str) -> Any:
+    """The type of the value at `path` (`.tokens[0]`) inside the section."""
+    kind: Any = model
+    for name in re.findall(r"\.(\w+)|\[\d+\]", path):
+        if name:
+            info = _field(kind, name)
+            kind = _plain(info.type) if info else None
         else:
-            digest = _str(entry["token_sha256"], f"{where}.token_sha256").lower()
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise _invalid("token_sha256 must be 64 hex digits", f"{where}.token_sha256")
-        scopes = entry.get("scopes", [])
-        if not isinstance(scopes, list) or not scopes:
-            raise _invalid(f"scopes must be a non-empty list of: {', '.join(SCOPES)}", f"{where}.scopes")
-        for scope in scopes:
-            if scope not in SCOPES:
-                raise _invalid(f"unknown scope {scope!r}; known: {', '.join(SCOPES)}", f"{where}.scopes")
-        tokens.append(ApiToken(name, digest, frozenset(scopes)))
-    return tuple(tokens)
+            kind = _plain(typing.get_args(kind)[0]) if typing.get_args(kind) else None
+    return kind
+
+
+def _meta(kind: Any) -> Meta | None:
+    if typing.get_origin(kind) is Annotated:
+        return next((m for m in typing.get_args(kind)[1:] if isinstance(m, Meta)), None)
+    return None
+
+
+def build_section[S: Section](model: type[S], name: str, raw: Mapping[str, Any], **supplied: Any) -> S:
+    """The section from its merged table (missing options take their defaults), or GatewayError(CONFIG_INVALID)
+    naming the option (`egress.listen_port`, `api.tokens[0].scopes`). TOML has no null: an empty string stands
+    for "none" in an optional path option."""
+    values = dict(raw)
+    for key in _optional_paths(model):
+        if values.get(key) == "":
+            values[key] = None
+    values.update(supplied)
+    try:
+        return msgspec.convert(values, model, dec_hook=_decode)
+    except OptionError as exc:
+        raise invalid(exc.message, f"{name}.{exc.key}") from None
+    except msgspec.ValidationError as exc:
+        m = _AT.match(str(exc))
+        assert m is not None  # the pattern matches any text
+        path = m["path"] or ""
+        raise invalid(_human(model, values, m["what"], path), f"{name}{path}") from None

@@ -43,13 +43,14 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import structlog
 
-from gateway.config import AuditConfig
+from gateway.audit_config import AuditConfig
 from gateway.errors import GatewayError, NotFound
 from gateway.logs import json_line_stream
 from gateway.policy import ID_PATTERN
 
 if TYPE_CHECKING:
     import redis.asyncio
+
 
 __all__ = [
     "BATCH_NAME_PATTERN",

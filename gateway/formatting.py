@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.client import api_url
-from gateway.config import Config
+from gateway.settings import Config
 
 
 def cell(value: Any) -> str:

@@ -28,11 +28,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import structlog
 from dnslib import QTYPE, RCODE, DNSRecord
+from msgspec import Meta
 
-from gateway.config import ResolverConfig
+from gateway.config import OptionError, Section
 from gateway.untrusted import parse_decimal
 
 log = structlog.get_logger("gateway.resolver")
@@ -96,6 +98,31 @@ def parse_upstream(text: str) -> Upstream:
     except ValueError:
         raise ValueError(f"{host[:60]!r} is not an IP address") from None
     return Upstream(host, port)
+
+
+class ResolverConfig(Section, frozen=True):
+    """The gateway's own resolver (names are resolved by the gateway, never trusted from the client)."""
+
+    upstreams: Annotated[
+        tuple[str, ...],
+        Meta(description='"address" or "address:port" / "[v6]:port"; empty: the nameservers in /etc/resolv.conf.'),
+    ] = ()
+    timeout: Annotated[float, Meta(ge=0.05, le=60, description="Seconds to wait for an upstream.")] = 2.0
+    min_ttl: Annotated[int, Meta(ge=0, le=86_400, description="Answers are cached at least this long (s)...")] = 5
+    max_ttl: Annotated[int, Meta(ge=1, le=604_800, description="...and at most this long.")] = 3600
+
+    def __post_init__(self) -> None:
+        for index, text in enumerate(self.upstreams):
+            try:
+                parse_upstream(text)
+            except ValueError as exc:
+                raise OptionError(
+                    f"upstreams[{index}]",
+                    f"{exc}; an upstream is an address with an optional port (192.0.2.53, 192.0.2.53:5353, "
+                    "[2001:db8::53]:53): the resolver cannot resolve its own name",
+                ) from None
+        if self.min_ttl > self.max_ttl:
+            raise OptionError("min_ttl", "min_ttl must not exceed max_ttl")
 
 
 def system_upstreams(path: Path = Path("/etc/resolv.conf")) -> tuple[Upstream, ...]:

@@ -33,13 +33,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TextIO
 
+import msgspec
 import structlog
 from aiohttp import web
 
 from gateway.api import check_api_exposure, create_app
-from gateway.config import Config
 from gateway.destinations import Destinations, read_local_addresses
-from gateway.dns.config import DnsConfig
 from gateway.dns.server import DnsInterceptor
 from gateway.engine.engine import EgressEngine
 from gateway.errors import GatewayError
@@ -49,6 +48,7 @@ from gateway.learned import LearnedDestinations
 from gateway.nft import SteeringConfig, UnattachedSources, links_from_sandboxes, render_ruleset
 from gateway.ratelimit import BandwidthLimiter, ConnectionRateLimiter
 from gateway.resolver import Resolver
+from gateway.settings import Config
 from gateway.stores import open_store
 from gateway.stores.base import PolicyStore
 from gateway.tunnel.certs import build_server_context
@@ -113,7 +113,7 @@ async def serve(
     worker_argv: Callable[[int], list[str]] | None = None,
 ) -> int:
     """The main process until SIGINT/SIGTERM: store, flow log, tunnel, API and (`data_plane`) the data plane."""
-    store = open_store(config)
+    store = open_store(config.policy_context(), config.store)
     # One flow log for the API's audit routes and every data-plane component.
     flows = FlowLog.from_config(config.audit, config.store.redis_url)
     tunnels: TunnelService | None = None
@@ -202,12 +202,13 @@ async def serve(
 
 def worker_config(config: Config, worker: int) -> Config:
     """Worker k's configuration: its own egress port."""
-    return replace(config, egress=replace(config.egress, listen_port=config.egress.listen_port + worker))
+    egress = msgspec.structs.replace(config.egress, listen_port=config.egress.listen_port + worker)
+    return replace(config, egress=egress)
 
 
 async def serve_worker(config: Config, worker: int, workers: int) -> int:
     """A worker process: the store, the flow log and an egress engine, until stdin closes or SIGTERM/SIGINT."""
-    store = open_store(config)
+    store = open_store(config.policy_context(), config.store)
     flows = FlowLog.from_config(config.audit, config.store.redis_url)
     plane = DataPlane(worker_config(config, worker), store, flows, dns=False)
     loop = asyncio.get_running_loop()
@@ -281,9 +282,7 @@ class DataPlane:
         # Built now (no sockets yet) so the control API can serve its query log; it has its own rate
         # limiter: DNS queries and connections are separate budgets. A worker process has none.
         self.dns = (
-            DnsInterceptor(DnsConfig.from_config(config), lambda: store.state, learned=self.learned, flowlog=flowlog)
-            if dns
-            else None
+            DnsInterceptor(config.dns, lambda: store.state, learned=self.learned, flowlog=flowlog) if dns else None
         )
         self._tasks: list[asyncio.Task[None]] = []
         #: The steering input last applied (or last refused: not retried until it changes).

@@ -38,12 +38,11 @@ from dnslib.server import BaseResolver
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
 from gateway.api import route_specs
-from gateway.config import ResolverConfig
 from gateway.decision import DEFAULT_LIMITS, CompiledPolicy, compile_policy
 from gateway.openapi import openapi_document
 from gateway.policy import parse_sandbox, parse_template
 from gateway.presets import BUILTIN_PRESETS, Preset
-from gateway.resolver import Resolver, Upstream
+from gateway.resolver import Resolver, ResolverConfig, Upstream
 from gateway.state import PolicyContext
 from tests import authdns
 from tests.netns import INET_V4, Topology, live_namespaces, log_events, wait_for_line

@@ -14,10 +14,10 @@ import os
 import re
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import structlog
 from aiohttp import web
@@ -37,13 +37,13 @@ from gateway.api import (
     parse_explain_query,
     route_specs,
 )
-from gateway.config import Config, load_config
-from gateway.dns.config import DnsConfig
 from gateway.dns.server import DnsInterceptor
 from gateway.errors import GatewayError
 from gateway.flowlog import FIELD_NAMES, FlowLog, FlowRecord
 from gateway.policy import parse_sandbox, parse_template
 from gateway.service import DataPlane
+from gateway.settings import Config, load_config
+from gateway.stores.config import StoreConfig
 from gateway.stores.embedded import EmbeddedStore
 from gateway.tunnel.config import TunnelConfig
 from gateway.tunnel.model import parse_request
@@ -143,7 +143,7 @@ def config(tmp_path: Path) -> Config:
 
 @pytest.fixture
 async def store(config: Config) -> AsyncIterator[EmbeddedStore]:
-    instance = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
+    instance = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
     await instance.start()
     yield instance
     await instance.close()
@@ -163,7 +163,7 @@ async def test_health_and_readiness_need_no_token(api: Api) -> None:
 
 
 async def test_readyz_is_503_until_the_store_has_loaded(aiohttp_client: AiohttpClient, config: Config) -> None:
-    store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
+    store = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
     api = Api(await aiohttp_client(create_app(store, **api_section(config))))
     answer = await api.call("GET", "/readyz", token=None, expect=503)
     assert answer.code == "STORE_NOT_READY"
@@ -179,8 +179,8 @@ async def test_readyz_is_503_until_the_data_plane_serves(
 ) -> None:
     # A real data plane, built as `gateway run --data-plane --steer` builds it, before it has started: the API
     # serves already, but nothing of the plane does yet.
-    store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
-    plane = DataPlane(config, store, FlowLog(replace(config.audit, dir=tmp_path / "audit")), steer=True)
+    store = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
+    plane = DataPlane(config, store, FlowLog(msgspec.structs.replace(config.audit, dir=tmp_path / "audit")), steer=True)
     api = Api(await aiohttp_client(create_app(store, **api_section(config), dns=plane.dns, unready=plane.unready)))
     await store.start()
     try:
@@ -743,7 +743,7 @@ async def test_writes_are_logged_with_the_token_name_never_its_value(api: Api) -
 
 async def test_without_tokens_loopback_callers_need_none(aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
     config = write_config(tmp_path, tokens=False)
-    store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
+    store = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
     await store.start()
     try:
         with structlog.testing.capture_logs() as logs:
@@ -764,7 +764,7 @@ async def test_without_tokens_loopback_callers_need_none(aiohttp_client: Aiohttp
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "gateway.internal"])
 def test_without_tokens_the_api_refuses_to_listen_beyond_loopback(tmp_path: Path, host: str) -> None:
     config = write_config(tmp_path, tokens=False, host=host)
-    store = EmbeddedStore(config.policy_context(), config.store.path)
+    store = EmbeddedStore(config.policy_context(), config.store)
     with pytest.raises(GatewayError) as caught:
         create_app(store, **api_section(config))
     assert (caught.value.code, caught.value.field) == ("CONFIG_INVALID", "api.tokens")
@@ -781,7 +781,9 @@ async def test_openapi_is_served_without_a_token_and_is_a_valid_3_1_document(api
 
 
 def test_every_route_is_documented_and_every_documented_route_exists(config: Config, tmp_path: Path) -> None:
-    app = create_app(EmbeddedStore(config.policy_context(), tmp_path / "p.json"), **api_section(config))
+    app = create_app(
+        EmbeddedStore(config.policy_context(), StoreConfig(path=tmp_path / "p.json")), **api_section(config)
+    )
     registered: dict[str, set[str]] = {}
     for route in app.router.routes():
         registered.setdefault(route.resource.canonical, set()).add(route.method.lower())
@@ -924,7 +926,7 @@ def flow_record(sandbox: str, end_us: int, **changes: Any) -> FlowRecord:
 
 @pytest.fixture
 async def flows(tmp_path: Path, config: Config) -> AsyncIterator[FlowLog]:
-    instance = FlowLog(replace(config.audit, dir=tmp_path / "audit", flush_interval=3600.0))
+    instance = FlowLog(msgspec.structs.replace(config.audit, dir=tmp_path / "audit", flush_interval=3600.0))
     await instance.start()
     yield instance
     await instance.close()
@@ -1169,7 +1171,7 @@ def test_tunnel_example_bodies_pass_the_real_parser_and_their_schema() -> None:
 
 
 async def test_dns_query_log_of_a_sandbox(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config) -> None:
-    dns = DnsInterceptor(DnsConfig.from_config(config), lambda: store.state, upstreams=())
+    dns = DnsInterceptor(config.dns, lambda: store.state, upstreams=())
     api = Api(await aiohttp_client(create_app(store, **api_section(config), dns=dns)))
     await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
     # A real query packet from the sandbox's address, for a name its policy does not allow (no upstream needed).

@@ -6,9 +6,9 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -16,8 +16,8 @@ from aiohttp.test_utils import TestServer
 from gateway.api import create_app
 from gateway.cli import main
 from gateway.clibase import EXIT_API_ERROR, EXIT_OK
-from gateway.config import load_config
 from gateway.flowlog import FlowLog, FlowRecord
+from gateway.settings import load_config
 from gateway.stores.embedded import EmbeddedStore
 
 TOKEN = "audit-cli-token-0123456789"
@@ -55,9 +55,9 @@ async def server(aiohttp_server: AiohttpServer, tmp_path: Path) -> AsyncIterator
         f'[api]\ntokens = [{{ name = "auditor", token = "{TOKEN}", scopes = ["audit:read"] }}]\n'
     )
     config = load_config(config_path, environ={})
-    store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
+    store = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
     await store.start()
-    flows = FlowLog(replace(config.audit, dir=tmp_path / "audit", flush_interval=3600.0))
+    flows = FlowLog(msgspec.structs.replace(config.audit, dir=tmp_path / "audit", flush_interval=3600.0))
     await flows.start()
     for i in range(5):
         flows.record(record(T0 + i * 1000))

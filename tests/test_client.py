@@ -7,13 +7,14 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.api import create_app
 from gateway.client import ApiClient, ApiError, ApiUnreachable, api_url
-from gateway.config import load_config
+from gateway.settings import load_config
 from gateway.stores.embedded import EmbeddedStore
 
 AiohttpServer = Callable[[web.Application], Awaitable[TestServer]]
@@ -24,7 +25,7 @@ async def client(aiohttp_server: AiohttpServer, tmp_path: Path) -> AsyncIterator
     config_path = tmp_path / "gateway.toml"
     config_path.write_text(f'[store]\nbackend = "embedded"\npath = "{tmp_path / "p.json"}"\n')
     config = load_config(config_path, environ={})
-    store = EmbeddedStore(config.policy_context(), config.store.path, poll_interval=0.05)
+    store = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
     await store.start()
     server = await aiohttp_server(
         create_app(store, host=config.api_host, port=config.api_port, tokens=config.tokens, presets=config.presets)

@@ -32,9 +32,9 @@ from collections.abc import Callable
 
 import structlog
 
-from gateway.config import EgressConfig
 from gateway.decision import PORT_OR_PROFILE_RULES, CompiledPolicy, decide
 from gateway.destinations import BLOCKLIST_CHECK_INTERVAL, Destinations
+from gateway.engine.config import EgressConfig
 from gateway.engine.deny import bad_gateway, deny_with, reset
 from gateway.engine.dial import dial
 from gateway.engine.guard import FirstWordsGuard, HttpGuard

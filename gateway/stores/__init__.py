@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from gateway.config import Config
+from gateway.state import PolicyContext
 from gateway.stores.base import PolicyStore
+from gateway.stores.config import StoreConfig
 
 
-def open_store(config: Config) -> PolicyStore:
-    """The store the configuration asks for (not yet started)."""
-    if config.store.backend == "redis":
+def open_store(context: PolicyContext, config: StoreConfig) -> PolicyStore:
+    """The store the `[store]` section asks for (not yet started)."""
+    if config.backend == "redis":
         from gateway.stores.redis_store import RedisStore
 
-        return RedisStore(config.policy_context(), config.store)
+        return RedisStore(context, config)
     from gateway.stores.embedded import EmbeddedStore
 
-    return EmbeddedStore(config.policy_context(), config.store.path, config.store.poll_interval)
+    return EmbeddedStore(context, config)

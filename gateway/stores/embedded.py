@@ -15,15 +15,15 @@ import asyncio
 import contextlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import structlog
 
 from gateway.errors import Conflict, ErrorBody, NotFound
-from gateway.files import Signature, file_signature, read_regular_file, write_atomic
+from gateway.files import FileWatch, read_regular_file, write_atomic
 from gateway.state import SANDBOX, PolicyContext, Rejection
 from gateway.stores.base import Expect, PolicyStore, StoreUnavailable
+from gateway.stores.config import StoreConfig
 from gateway.untrusted import InvalidJson, parse_json
 
 log = structlog.get_logger("gateway.store.embedded")
@@ -60,19 +60,21 @@ def parse_policy_file(text: str | bytes) -> dict[str, dict[str, Any]]:
 class EmbeddedStore(PolicyStore):
     backend = "embedded"
 
-    def __init__(self, context: PolicyContext, path: Path, poll_interval: float = 0.5) -> None:
+    def __init__(self, context: PolicyContext, config: StoreConfig) -> None:
         super().__init__(context)
-        self.path = Path(path)
-        self.poll_interval = poll_interval
+        self.path = config.path
+        self.poll_interval = config.poll_interval
         self._sections: dict[str, dict[str, Any]] | None = None  # the file as last read, invalid records included
-        self._signature: Signature | None = None
+        #: Polled every poll_interval; it also absorbs our own writes, so that they are not read back.
+        self._file = FileWatch([self.path])
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._write({"templates": {}, "sandboxes": {}})
-            log.info("policy_file_created", path=str(self.path))
+            log.info("store.policy_file_created", path=str(self.path))
+        self._file.changed()
         self._reload()
         self.ready.set()
         self._watcher = asyncio.create_task(self._watch(), name="policy-file-watcher")
@@ -92,7 +94,7 @@ class EmbeddedStore(PolicyStore):
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval)
-            if file_signature(self.path) != self._signature:
+            if self._file.changed():
                 async with self._write_lock:
                     self._reload()
 
@@ -102,41 +104,39 @@ class EmbeddedStore(PolicyStore):
         try:
             self._load_file()
         except Exception as exc:  # a fault of ours, not of the file's content: logged with the traceback
-            log.exception("policy_file_load_failed", path=str(self.path))
-            self._reject(file_signature(self.path), f"could not be applied ({type(exc).__name__}: {exc})")
+            log.exception("store.policy_file_load_failed", path=str(self.path))
+            self._reject(f"could not be applied ({type(exc).__name__}: {exc})")
 
     def _load_file(self) -> None:
-        signature = file_signature(self.path)
         try:
             sections = parse_policy_file(read_regular_file(self.path))
         except (OSError, PolicyFileError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            self._reject(signature, reason)
+            self._reject(reason)
             return
-        self._signature = signature
         self._sections = sections
         self.state.rejections.pop((FILE, str(self.path)), None)
         before = set(self.state.rejections)
         self.state.replace_all(sections["templates"], sections["sandboxes"])
         for key, rejection in self.state.rejections.items():
             if key not in before:
-                log.error("policy_record_rejected", **rejection.to_dict())
+                log.error("store.policy_record_rejected", **rejection.to_dict())
         log.info(
-            "policy_file_loaded",
+            "store.policy_file_loaded",
             path=str(self.path),
             sandboxes=len(self.state.sandboxes),
             templates=len(self.state.templates),
             rejected=len(self.state.rejections),
         )
 
-    def _reject(self, signature: Signature | None, reason: str) -> None:
+    def _reject(self, reason: str) -> None:
         """The file as a whole is unusable: the last good policies stay, API writes wait for a fix (so one
-        cannot overwrite a half-finished edit), and the status says why until the file changes again."""
-        self._signature = signature
+        cannot overwrite a half-finished edit), and the status says why until the file changes again (the
+        watch took the file's signature before it was read)."""
         self._sections = None
         body = ErrorBody("POLICY_FILE_INVALID", f"{self.path}: {reason}; the last good policies stay in force")
         self.state.rejections[(FILE, str(self.path))] = Rejection(FILE, str(self.path), body, time.time())
-        log.error("policy_file_rejected", path=str(self.path), code=body.code, message=body.message)
+        log.error("store.policy_file_rejected", path=str(self.path), code=body.code, message=body.message)
 
     # ------------------------------------------------------------------ writing
 
@@ -167,4 +167,4 @@ class EmbeddedStore(PolicyStore):
 
     def _write(self, sections: dict[str, dict[str, Any]]) -> None:
         write_atomic(self.path, json.dumps(sections, indent=2, sort_keys=True).encode() + b"\n")
-        self._signature = file_signature(self.path)
+        self._file.changed()

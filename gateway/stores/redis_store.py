@@ -33,7 +33,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
@@ -44,10 +44,10 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.config import StoreConfig
 from gateway.errors import Conflict, ErrorBody, GatewayError, NotFound
 from gateway.state import SANDBOX, TEMPLATE, PolicyContext, PolicyState, Rejection
 from gateway.stores.base import Expect, PolicyStore, StoreUnavailable
+from gateway.stores.config import StoreConfig
 from gateway.untrusted import InvalidJson, parse_json
 
 log = structlog.get_logger("gateway.store.redis")
@@ -237,11 +237,13 @@ def parse_entries(entries: Sequence[Entry]) -> tuple[list[RecordKey], set[Record
             kind = fields[b"kind"].decode()
             name = fields[b"key"].decode()
         except (KeyError, UnicodeDecodeError):
-            log.warning("redis_change_entry_ignored", entry=entry_id.decode(), reason="needs kind and key (UTF-8)")
+            log.warning(
+                "store.redis_change_entry_ignored", entry=entry_id.decode(), reason="needs kind and key (UTF-8)"
+            )
             continue
         if kind not in KINDS or not name:
             log.warning(
-                "redis_change_entry_ignored",
+                "store.redis_change_entry_ignored",
                 entry=entry_id.decode(),
                 kind=kind,
                 key=name,
@@ -325,8 +327,8 @@ class RecordSync:
             for key, raw in snapshot.accepted.items():
                 try:
                     decoded[key[0]][key[1]] = decode_record(raw)
-                except GatewayError as exc:
-                    broken[key] = exc
+                except GatewayError as error:
+                    broken[key] = error
             self.state.replace_all(decoded[TEMPLATE], decoded[SANDBOX])
             self.applied = {key: raw for key, raw in snapshot.accepted.items() if self._in_force(key)}
             for key, exc in broken.items():
@@ -414,7 +416,7 @@ class RecordSync:
         except Exception as exc:
             # A parser bug must cost one record, not stop every other policy from loading
             # (the follower would otherwise resync and fail on it forever).
-            log.exception("policy_record_crashed", kind=kind, key=name)
+            log.exception("store.policy_record_crashed", kind=kind, key=name)
             return self._reject(key, ErrorBody("RECORD_UNPROCESSABLE", f"internal error processing it: {exc!r}"))
         if rejection is None:
             self.applied[key] = raw
@@ -449,7 +451,7 @@ class RecordSync:
             old, new = before.get(key), self.state.rejections.get(key)
             if new is not None and (old is None or old.error != new.error):
                 log.error(
-                    "policy_record_rejected",
+                    "store.policy_record_rejected",
                     kind=key[0],
                     key=key[1],
                     code=new.error.code,
@@ -457,7 +459,7 @@ class RecordSync:
                     field=new.error.field,
                 )
             elif new is None and old is not None:
-                log.info("policy_record_recovered", kind=key[0], key=key[1])
+                log.info("store.policy_record_recovered", kind=key[0], key=key[1])
 
     # ------------------------------------------------------------------ writing back
 
@@ -574,7 +576,7 @@ class RedisStore(PolicyStore):
                         "STORE_UNAVAILABLE",
                         f"cannot load policies from Redis at {self._url} within {self.start_timeout:g} s: {exc}",
                     ) from None
-                log.warning("redis_unavailable", url=self._url, error=str(exc), retry_in=backoff)
+                log.warning("store.redis_unavailable", url=self._url, error=str(exc), retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
         self.ready.set()
@@ -661,7 +663,7 @@ class RedisStore(PolicyStore):
         self._last_resync = time.time()
         self._next_resync = asyncio.get_running_loop().time() + self.config.resync_interval
         log.info(
-            "redis_policies_loaded" if reason == "start" else "redis_resynced",
+            "store.redis_policies_loaded" if reason == "start" else "store.redis_resynced",
             reason=reason,
             changed=changed,
             sandboxes=len(self.state.sandboxes),
@@ -693,7 +695,7 @@ class RedisStore(PolicyStore):
                     self._next_gap_check = now + GAP_CHECK_INTERVAL
                     gap = await self._gap()
                     if gap is not None:
-                        log.warning("redis_stream_gap", reason=gap, position=format_stream_id(self._position))
+                        log.warning("store.redis_stream_gap", reason=gap, position=format_stream_id(self._position))
                         resync_reason = "gap"
                 if resync_reason is not None:
                     await self._resync(resync_reason)
@@ -715,10 +717,10 @@ class RedisStore(PolicyStore):
                 await self._drop_idle_connections()
                 if isinstance(exc, RedisError):
                     log.warning(
-                        "redis_unavailable", url=self._url, error=str(exc) or type(exc).__name__, retry_in=backoff
+                        "store.redis_unavailable", url=self._url, error=str(exc) or type(exc).__name__, retry_in=backoff
                     )
                 else:
-                    log.exception("redis_follower_failed", retry_in=backoff)
+                    log.exception("store.redis_follower_failed", retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -749,7 +751,8 @@ class RedisStore(PolicyStore):
             for start in range(0, len(gone), WRITE_CHUNK):
                 pipe.hdel(self.keys.accepted(kind), *gone[start : start + WRITE_CHUNK])
         if plan.status_set:
-            pipe.hset(self.keys.rejected, mapping=plan.status_set)
+            # redis-py types mapping keys as a union of encodable types (Mapping's key is invariant)
+            pipe.hset(self.keys.rejected, mapping=cast("dict[Any, Any]", plan.status_set))
         if plan.status_del:
             pipe.hdel(self.keys.rejected, *plan.status_del)
         await pipe.execute()

@@ -20,7 +20,7 @@ import pytest
 from dnslib import AAAA, CNAME, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
 from dnslib.server import BaseResolver
 
-from gateway.config import AuditConfig
+from gateway.audit_config import AuditConfig
 from gateway.decision import DEFAULT_LIMITS
 from gateway.dns.config import DnsConfig
 from gateway.dns.policy import Code

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config
 from gateway.errors import GatewayError
+from gateway.settings import load_config
+from gateway.stores.config import StoreConfig
 from gateway.stores.embedded import EmbeddedStore
 
 CONTEXT = load_config(environ={}).policy_context()
@@ -37,7 +38,7 @@ def allowed(store: EmbeddedStore, host: str) -> bool:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[EmbeddedStore]:
-    instance = EmbeddedStore(CONTEXT, tmp_path / "policies.json", poll_interval=0.05)
+    instance = EmbeddedStore(CONTEXT, StoreConfig(path=tmp_path / "policies.json", poll_interval=0.05))
     await instance.start()
     yield instance
     await instance.close()
@@ -56,7 +57,7 @@ async def test_start_creates_an_empty_file_and_writes_persist_across_restart(sto
     assert oct(store.path.stat().st_mode & 0o777) == "0o600"
     await store.close()
 
-    again = EmbeddedStore(CONTEXT, store.path, poll_interval=0.05)
+    again = EmbeddedStore(CONTEXT, StoreConfig(path=store.path, poll_interval=0.05))
     await again.start()
     try:
         assert again.state.get_sandbox("sb-1").template == "base"
@@ -149,7 +150,7 @@ async def test_deleting_a_sandbox_removes_it_from_the_file(store: EmbeddedStore)
 
 async def test_a_failed_file_write_is_a_503_and_changes_nothing(tmp_path: Path) -> None:
     folder = tmp_path / "state"
-    store = EmbeddedStore(CONTEXT, folder / "policies.json", poll_interval=60)
+    store = EmbeddedStore(CONTEXT, StoreConfig(path=folder / "policies.json", poll_interval=60))
     await store.start()
     try:
         (folder / "policies.json").unlink()

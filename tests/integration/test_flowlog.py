@@ -19,10 +19,11 @@ import pytest
 import structlog
 from redis.asyncio import Redis
 
-from gateway.config import AuditConfig, load_config
+from gateway.audit_config import AuditConfig
 from gateway.errors import GatewayError
 from gateway.flowlog import BATCH_NAME_PATTERN, FlowLog, FlowRecord, render
 from gateway.logs import configure_logging, json_line_stream
+from gateway.settings import load_config
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer

@@ -20,9 +20,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.config import StoreConfig, load_config
 from gateway.errors import Conflict, NotFound
+from gateway.settings import load_config
 from gateway.stores.base import StoreUnavailable
+from gateway.stores.config import StoreConfig
 from gateway.stores.redis_store import RedisStore, safe_url, stream_gap, xread_entries
 
 if TYPE_CHECKING:
@@ -204,7 +205,7 @@ async def test_invalid_external_write_is_rejected_and_last_good_stays(
         await wait_for(lambda: rejected(store) == {"sandbox:sb-1": code}, timeout=1.0, what=f"{code} rejection")
     assert allows(store, "sb-1", "api.example.com") is True, "the last good version must still decide"
     assert store.state.sandboxes["sb-1"].profile == "allowlisted"
-    (entry,) = [e for e in logs if e["event"] == "policy_record_rejected"]
+    (entry,) = [e for e in logs if e["event"] == "store.policy_record_rejected"]
     assert entry["code"] == code and entry["key"] == "sb-1" and entry["message"]
 
     async def is_published() -> bool:
@@ -304,14 +305,14 @@ async def test_redis_killed_while_another_service_writes(
     store = await make_store()
     records, updates = 20, 200
     last_written: dict[str, int] = {}
-    done = 0
+    done = failures = 0
 
     def record(i: int) -> dict[str, Any]:
         sid = f"sb-{i % records}"
         return sandbox(sid, f"10.75.1.{i % records + 1}", [f"h{i}.example.com"])
 
     async def writer() -> None:
-        nonlocal done
+        nonlocal done, failures
         deadline = time.monotonic() + 30
         writer_client = Redis.from_url(redis_server.url, decode_responses=True, socket_timeout=2)
         try:
@@ -321,6 +322,7 @@ async def test_redis_killed_while_another_service_writes(
                     await external_write(writer_client, "sandbox", sid, record(done))
                 except (RedisConnectionError, RedisTimeoutError):  # also BusyLoadingError while the AOF loads
                     assert time.monotonic() < deadline, "writer could not finish"
+                    failures += 1
                     await asyncio.sleep(0.02)
                     continue  # the same update again: it may or may not have been stored
                 last_written[sid] = done
@@ -347,7 +349,7 @@ async def test_redis_killed_while_another_service_writes(
         assert "sb-1" in store.state.sandboxes, "the last good policies stay in force while Redis is down"
         await wait_for(lambda: not store.status()["connected"], timeout=2.0, what="outage noticed")
 
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: failures >= 1, timeout=5.0, what="the other service's writes failing too")
         redis_server.start()
         await asyncio.wait_for(task, 30)
     finally:
@@ -470,7 +472,7 @@ async def test_start_fails_clearly_when_redis_is_down(redis_server: RedisServer)
 
 
 def gap_logged(logs: list[dict[str, Any]]) -> bool:
-    return any(entry["event"] == "redis_stream_gap" for entry in logs)
+    return any(entry["event"] == "store.redis_stream_gap" for entry in logs)
 
 
 @pytest.mark.parametrize("loss", ["trimmed", "deleted entry", "stream deleted"])
@@ -589,7 +591,12 @@ async def test_writes_through_one_node_reach_the_other_within_a_second(client: R
     await wait_for(lambda: "base" not in b.state.templates, timeout=1.0, what="template delete on the other node")
 
     # Each node also saw the echo of its own writes; applying them again must not have caused anything.
-    await asyncio.sleep(0.2)
+    last = (await client.xinfo_stream(PREFIX + "changes"))["last-generated-id"]
+    await wait_for(
+        lambda: a.status()["last_stream_id"] == last == b.status()["last_stream_id"],
+        timeout=2.0,
+        what="both nodes past every echo",
+    )
     assert rejected(a) == {} and rejected(b) == {}
     assert await published(client) == {}
     assert await client.hgetall(PREFIX + "accepted:sandboxes") == {}

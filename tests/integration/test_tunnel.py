@@ -32,14 +32,16 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from cryptography import x509
 from redis.asyncio import Redis
 
-from gateway.config import AuditConfig, load_config
+from gateway.audit_config import AuditConfig
 from gateway.decision import DEFAULT_LIMITS
 from gateway.files import write_atomic
 from gateway.flowlog import FlowLog
+from gateway.settings import load_config
 from gateway.state import PolicyContext
+from gateway.stores.config import StoreConfig
 from gateway.stores.embedded import EmbeddedStore
 from gateway.tunnel.certs import CertPaths, ReloadingTLS, init_certs
-from gateway.tunnel.config import TunnelConfig, build_tunnel_config
+from gateway.tunnel.config import TunnelConfig
 from gateway.tunnel.login import COOKIE
 from gateway.tunnel.model import Tunnel, hash_password, new_tunnel_id, parse_request, verify_password
 from gateway.tunnel.server import TunnelServer
@@ -194,7 +196,7 @@ def make_certs(directory: Path, *, force: bool = False) -> CertPaths:
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
     paths = make_certs(tmp_path / "certs")
-    policy = EmbeddedStore(CONTEXT, tmp_path / "policies.json", poll_interval=0.05)
+    policy = EmbeddedStore(CONTEXT, StoreConfig(path=tmp_path / "policies.json", poll_interval=0.05))
     await policy.start()
     await policy.create_sandbox(SANDBOX)
     config = TunnelConfig(
@@ -289,8 +291,8 @@ def test_tunnel_config_reads_the_file_and_environment(tmp_path: Path) -> None:
     assert (config.domain, config.port, config.host, config.max_per_sandbox) == ("preview.example.test", 9443, "::1", 5)
     assert config.url_for("abc") == "https://abc.preview.example.test:9443/"
     with pytest.raises(Exception, match="unknown option"):
-        build_tunnel_config({"nope": 1})
-    assert load_config(None, environ={}).tunnel == build_tunnel_config({})
+        load_config(None, environ={"GATEWAY_TUNNEL__NOPE": "1"})
+    assert load_config(None, environ={}).tunnel == TunnelConfig()
 
 
 def test_login_throttle_counts_attempts_before_they_are_checked() -> None:
@@ -631,7 +633,7 @@ async def test_tunnels_survive_a_restart(env: Env, tmp_path: Path) -> None:
 async def test_redis_store_shares_tunnels_and_revocations_across_nodes(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    policy = EmbeddedStore(CONTEXT, tmp_path / "policies.json", poll_interval=0.05)
+    policy = EmbeddedStore(CONTEXT, StoreConfig(path=tmp_path / "policies.json", poll_interval=0.05))
     await policy.start()
     await policy.create_sandbox(SANDBOX)
     config = TunnelConfig(max_per_sandbox=2)
@@ -769,7 +771,7 @@ async def test_cli_certs_init_and_tunnel_commands(env: Env, tmp_path: Path) -> N
     from aiohttp.test_utils import TestServer
 
     from gateway.api import create_app
-    from gateway.config import load_config
+    from gateway.settings import load_config
 
     code, text = run_cli(["certs", "init", "--dir", str(tmp_path / "cli-certs"), "--domain", DOMAIN])
     assert code == 0 and "created CA and certificate" in text and (tmp_path / "cli-certs" / "tunnel.key").exists()
@@ -862,15 +864,13 @@ async def test_an_upstream_that_is_not_http_is_a_502(env: Env) -> None:
 
 
 async def test_tunnel_service_wires_store_and_server_beside_the_policy_store(tmp_path: Path) -> None:
-    from gateway.config import load_config
+    from gateway.settings import load_config
 
     paths = make_certs(tmp_path / "certs")
     config = load_config(environ={"GATEWAY_STORE__PATH": str(tmp_path / "policies.json")})
-    policy = EmbeddedStore(CONTEXT, config.store.path)
+    policy = EmbeddedStore(CONTEXT, config.store)
     await policy.start()
-    tunnel_config = build_tunnel_config(
-        {"cert_path": str(paths.cert), "key_path": str(paths.key), "port": free_port("127.0.0.1")}
-    )
+    tunnel_config = TunnelConfig(cert_path=paths.cert, key_path=paths.key, port=free_port("127.0.0.1"))
     service = TunnelService(policy, tunnel_config, policy_path=config.store.path)
     await service.start()
     try:
@@ -985,7 +985,7 @@ async def test_revocation_sends_the_websocket_client_a_policy_close(env: Env) ->
 async def test_the_tunnel_limit_holds_across_nodes_creating_at_the_same_instant(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    policy = EmbeddedStore(CONTEXT, tmp_path / "policies.json", poll_interval=0.05)
+    policy = EmbeddedStore(CONTEXT, StoreConfig(path=tmp_path / "policies.json", poll_interval=0.05))
     await policy.start()
     await policy.create_sandbox(SANDBOX)
     config = TunnelConfig(max_per_sandbox=3)

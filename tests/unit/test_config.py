@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Config, load_config
 from gateway.decision import DEFAULT_LIMITS
 from gateway.errors import GatewayError
 from gateway.policy import Limits
 from gateway.presets import BUILTIN_PRESETS
+from gateway.settings import Config, load_config
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -187,7 +187,7 @@ def test_unknown_section_or_option_in_the_environment(tmp_path: Path, name: str,
         ('["10.75.0.0/16", "nonsense"]', "network.sandbox_subnets[1]"),
         ("[]", "network.sandbox_subnets"),
         ('"10.75.0.0/16"', "network.sandbox_subnets"),
-        ("[5]", "network.sandbox_subnets"),
+        ("[5]", "network.sandbox_subnets[0]"),
     ],
 )
 def test_bad_subnet(tmp_path: Path, subnets: str, field: str) -> None:
@@ -267,11 +267,11 @@ scopes = ["sandboxes:read", "network:registry"]
 """,
     )
     ops, unnamed = config.tokens
-    assert ops.name == "ops" and ops.scopes == frozenset({"admin"})
-    assert ops.sha256 == hashlib.sha256(TOKEN.encode()).hexdigest()  # the plain token is not kept
+    assert ops.name == "ops" and ops.scopes == frozenset({"admin"}) and ops.token == ""
+    assert ops.token_sha256 == hashlib.sha256(TOKEN.encode()).hexdigest()  # the plain token is not kept
     assert ops.matches(TOKEN) and not ops.matches(TOKEN + "x")
     assert unnamed.name == "token-1"
-    assert unnamed.sha256 == digest
+    assert unnamed.token_sha256 == digest
     assert unnamed.matches("another-token-abcdef")
 
 
@@ -380,7 +380,7 @@ def test_string_options_take_environment_text_verbatim() -> None:
         ({"GATEWAY_EGRESS__GATEWAY_ADDRESSES": '["gw"]'}, "egress.gateway_addresses[0]"),
         ({"GATEWAY_EGRESS__PEEK_TIMEOUT": "0"}, "egress.peek_timeout"),
         ({"GATEWAY_RESOLVER__MIN_TTL": "7200", "GATEWAY_RESOLVER__MAX_TTL": "60"}, "resolver.min_ttl"),
-        ({"GATEWAY_RESOLVER__UPSTREAMS": "[1]"}, "resolver.upstreams"),
+        ({"GATEWAY_RESOLVER__UPSTREAMS": "[1]"}, "resolver.upstreams[0]"),
         ({"GATEWAY_AUDIT__FLUSH_INTERVAL": "0"}, "audit.flush_interval"),
     ],
 )

@@ -6,6 +6,7 @@ import contextlib
 import struct
 from pathlib import Path
 
+import msgspec
 from dnslib import AAAA, EDNS0, MX, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord, EDNSOption
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -334,7 +335,7 @@ def test_every_truncation_of_valid_queries() -> None:
 
 
 def test_config_from_the_gateway_config(tmp_path: Path) -> None:
-    from gateway.config import load_config
+    from gateway.settings import load_config
 
     config = load_config(
         None,
@@ -345,7 +346,7 @@ def test_config_from_the_gateway_config(tmp_path: Path) -> None:
             "GATEWAY_RESOLVER__MIN_TTL": "7",
         },
     )
-    dns = DnsConfig.from_config(config, malware_blocklist=str(tmp_path / "list"), extra_qtypes=[33])
+    dns = msgspec.structs.replace(config.dns, malware_blocklist=tmp_path / "list", extra_qtypes=frozenset({33}))
     assert (dns.port, dns.rate_limit_max_wait, dns.upstreams, dns.min_ttl, dns.max_ttl) == (
         5353,
         1.0,  # the DNS default, not the egress engine's connection wait
@@ -358,14 +359,8 @@ def test_config_from_the_gateway_config(tmp_path: Path) -> None:
 
 
 def test_the_dns_section_of_the_config_reaches_the_interceptor_with_the_same_defaults() -> None:
-    from dataclasses import fields
+    from gateway.settings import load_config
 
-    from gateway.config import load_config
-    from gateway.dns.config import DnsConfig
-
-    config = load_config(environ={})
-    built = DnsConfig.from_config(config)
-    for f in fields(config.dns):
-        assert getattr(built, f.name) == getattr(DnsConfig(), f.name), f.name
-    tuned = DnsConfig.from_config(load_config(environ={"GATEWAY_DNS__OTHER_QTYPES": "refuse"}))
+    assert load_config(environ={}).dns == DnsConfig()  # every field, the supplied port and upstreams too
+    tuned = load_config(environ={"GATEWAY_DNS__OTHER_QTYPES": "refuse"}).dns
     assert tuned.other_qtypes == "refuse"

@@ -18,10 +18,10 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.config import load_config
 from gateway.destinations import Destinations
 from gateway.dns.policy import DomainBlocklist
 from gateway.files import read_regular_file
+from gateway.settings import load_config
 from gateway.state import PolicyState
 from gateway.tunnel.config import TunnelConfig
 from gateway.tunnel.store import FileTunnelStore

@@ -10,8 +10,7 @@ from collections.abc import Iterator
 import pytest
 from dnslib import QTYPE, RR, A, DNSRecord
 
-from gateway.config import ResolverConfig
-from gateway.resolver import ResolveError, Resolver, Upstream, exchange, parse_upstream
+from gateway.resolver import ResolveError, Resolver, ResolverConfig, Upstream, exchange, parse_upstream
 from tests.factory import ResolverZone, make, resolver_server  # noqa: F401  (the fixture `server`)
 
 

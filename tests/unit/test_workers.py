@@ -6,9 +6,9 @@ from __future__ import annotations
 import zlib
 from dataclasses import replace
 
-from gateway.config import load_config
 from gateway.learned import LearnedDestinations
 from gateway.service import worker_config
+from gateway.settings import load_config
 from gateway.workers import LearnedFanout, apply_learned_line, worker_index
 
 

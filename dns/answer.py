@@ -68,6 +68,7 @@ from gateway.dns.wire import (
     synthetic,
     ttl_offsets,
 )
+from gateway.rules import Rule
 
 if TYPE_CHECKING:
     from gateway.decision import CompiledPolicy
@@ -121,7 +122,7 @@ def decide_packet(
         query = parse_query(data)
     except Malformed as exc:
         action = DROP if exc.response is None else ANSWER
-        return Decision(action, None, exc.response, exc.rcode, False, exc.code, exc.reason, "parse")
+        return Decision(action, None, exc.response, exc.rcode, False, exc.code, exc.reason, Rule.DNS_PARSE)
     return decide_query(query, policy, config, blocklist)
 
 
@@ -153,30 +154,30 @@ def decide_query(
             False,
             Code.BADVERS,
             f"EDNS version {query.edns_version} not supported",
-            "parse",
+            Rule.DNS_PARSE,
         )
     if policy is None:
         return answer(
             REFUSED,
             Code.REFUSED_UNKNOWN_SANDBOX,
             "source address belongs to no sandbox",
-            "default:deny",
+            Rule.DEFAULT_DENY,
             ede=EDE_PROHIBITED,
         )
     if policy.profile == "isolated":
         return answer(
-            REFUSED, Code.REFUSED_ISOLATED, "profile isolated allows no network", "profile:isolated", ede=EDE_PROHIBITED
+            REFUSED, Code.REFUSED_ISOLATED, "profile isolated allows no network", Rule.ISOLATED, ede=EDE_PROHIBITED
         )
     if query.qclass != C_IN:
-        return answer(REFUSED, Code.REFUSED_CLASS, f"class {query.qclass} not served (only IN)", "dns:class")
+        return answer(REFUSED, Code.REFUSED_CLASS, f"class {query.qclass} not served (only IN)", Rule.DNS_CLASS)
     if query.qtype in REFUSED_QTYPES:
-        return answer(REFUSED, Code.REFUSED_QTYPE, f"type {query.type_name} not served", "dns:qtype")
+        return answer(REFUSED, Code.REFUSED_QTYPE, f"type {query.type_name} not served", Rule.DNS_QTYPE)
     if not query.name_ok:
         return answer(
             NXDOMAIN,
             Code.BLOCKED_NAME,
             "blocked: name has labels with dots or unprintable bytes",
-            "dns:name",
+            Rule.DNS_NAME,
             soa=True,
             ede=EDE_BLOCKED,
         )
@@ -197,7 +198,7 @@ def decide_query(
                 NXDOMAIN,
                 Code.BLOCKED_MALWARE,
                 "blocked: malware domain list",
-                f"malware list {hit[0]} (line {hit[1]})",
+                Rule.MALWARE_LIST.label(f"{hit[0]} (line {hit[1]})"),
                 soa=True,
                 ede=EDE_BLOCKED,
             )
@@ -207,7 +208,7 @@ def decide_query(
                 NOERROR,
                 Code.EMPTY_HTTPS,
                 f"{query.type_name} answered empty (keeps the SNI visible)",
-                "dns:https",
+                Rule.DNS_HTTPS,
                 soa=True,
                 allowed=True,
             )
@@ -216,13 +217,13 @@ def decide_query(
                 REFUSED,
                 Code.REFUSED_QTYPE,
                 f"type {query.type_name} not served in profile {policy.profile}",
-                "dns:qtype",
+                Rule.DNS_QTYPE,
             )
         return answer(
             NOERROR,
             Code.EMPTY_QTYPE,
             f"type {query.type_name} answered empty in profile {policy.profile}",
-            "dns:qtype",
+            Rule.DNS_QTYPE,
             soa=True,
             allowed=True,
         )

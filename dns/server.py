@@ -63,6 +63,7 @@ from gateway.dns.wire import (
 )
 from gateway.ratelimit import ConnectionRateLimiter, TokenBucket
 from gateway.resolver import ResolveError, Upstream, exchange, parse_upstream, system_upstreams
+from gateway.rules import Rule
 
 if TYPE_CHECKING:
     from gateway.decision import CompiledPolicy
@@ -77,7 +78,7 @@ log = structlog.get_logger("gateway.dns")
 IP_TRANSPARENT, IPV6_TRANSPARENT = 19, 75
 IP_RECVORIGDSTADDR, IPV6_RECVORIGDSTADDR = 20, 74
 RATE_LIMIT_REASON: Final = "dns query rate limit"
-RATE_LIMIT_RULE: Final = "limits.dns_queries_per_minute"
+RATE_LIMIT_RULE: Final = Rule.DNS_QUERY_RATE.label()
 #: `counts` key of packets whose handling raised (a bug: each is answered with nothing and logged at debug).
 INTERNAL_ERROR: Final = "INTERNAL_ERROR"
 #: Datagrams read per wake-up of the UDP reader before yielding to the loop (fairness with TCP and tasks).

@@ -3,7 +3,7 @@
 Two tables per sandbox, flushed together, each bounded on its own:
 
 - **answers**, keyed by (lowercased name, type, DO bit): the upstream's answer as wire bytes
-  (`gateway.dns.policy.Answer`). `get` returns the entry and the whole seconds it has spent in the
+  (`gateway.dns.answer.Answer`). `get` returns the entry and the whole seconds it has spent in the
   cache, which `render` takes off every TTL on the way out. An entry lives for the answer's TTL as
   clamped by the policy layer (positive: [min_ttl, max_ttl]; negative: the SOA minimum within
   [min_ttl, negative_max_ttl]).
@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from gateway.dns.policy import Answer, Outcome
+from gateway.dns.answer import Answer, Outcome
 
 __all__ = ["CacheEntry", "DnsCache", "Ready"]
 

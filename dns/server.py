@@ -44,23 +44,16 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 from dnslib import RCODE
 
+from gateway.dns.answer import ANSWER, DROP, Answer, Decision, Outcome, accept_upstream, decide_packet, failure_answer
+from gateway.dns.blocklist import DomainBlocklist
 from gateway.dns.cache import CacheEntry, DnsCache, Ready
 from gateway.dns.config import DnsConfig
-from gateway.dns.policy import (
-    ANSWER,
-    DROP,
+from gateway.dns.wire import (
     EDE_NO_REACHABLE_AUTHORITY,
     EDE_OTHER,
     REFUSED,
-    Answer,
     Code,
-    Decision,
-    DomainBlocklist,
-    Outcome,
     Query,
-    accept_upstream,
-    decide,
-    failure_answer,
     parse_query,
     query_key,
     render,
@@ -70,6 +63,7 @@ from gateway.dns.policy import (
 )
 from gateway.ratelimit import ConnectionRateLimiter, TokenBucket
 from gateway.resolver import ResolveError, Upstream, exchange, parse_upstream, system_upstreams
+from gateway.rules import Rule
 
 if TYPE_CHECKING:
     from gateway.decision import CompiledPolicy
@@ -84,7 +78,7 @@ log = structlog.get_logger("gateway.dns")
 IP_TRANSPARENT, IPV6_TRANSPARENT = 19, 75
 IP_RECVORIGDSTADDR, IPV6_RECVORIGDSTADDR = 20, 74
 RATE_LIMIT_REASON: Final = "dns query rate limit"
-RATE_LIMIT_RULE: Final = "limits.dns_queries_per_minute"
+RATE_LIMIT_RULE: Final = Rule.DNS_QUERY_RATE.label()
 #: `counts` key of packets whose handling raised (a bug: each is answered with nothing and logged at debug).
 INTERNAL_ERROR: Final = "INTERNAL_ERROR"
 #: Datagrams read per wake-up of the UDP reader before yielding to the loop (fairness with TCP and tasks).
@@ -171,7 +165,7 @@ def _rate_limited(query: Query) -> tuple[bytes, Outcome]:
 
 
 @dataclass(slots=True)
-class _Pending:
+class Pending:
     """One query on its way: what `handle_now` found out, for `complete` to finish."""
 
     started: float
@@ -331,14 +325,14 @@ class DnsInterceptor:
     ) -> bytes | None:
         """The answer to one query packet from `client` sent to `server` (the original destination), or None."""
         result = self.handle_now(data, client, server, transport)
-        if isinstance(result, _Pending):
+        if isinstance(result, Pending):
             return await self.complete(result)
         return result
 
     def handle_now(
         self, data: bytes, client: tuple[Any, ...], server: tuple[Any, ...], transport: str
-    ) -> bytes | _Pending | None:
-        """Everything that needs no waiting, synchronously: the answer (or None to drop it), or a `_Pending` for
+    ) -> bytes | Pending | None:
+        """Everything that needs no waiting, synchronously: the answer (or None to drop it), or a `Pending` for
         `complete` when the query must wait for the rate limit or go upstream. Denied and cached queries never
         cost a task."""
         started = time.monotonic()
@@ -350,11 +344,11 @@ class DnsInterceptor:
                 again = self._answer_again(data, client, server, policy, started)
                 if again is not None:
                     return again
-        ctx = _Pending(started, time.time_ns() // 1000, data, client, server, transport, policy)
+        ctx = Pending(started, time.time_ns() // 1000, data, client, server, transport, policy)
         if policy is not None:
             ctx.sandbox_id = policy.sandbox_id
-        decision = ctx.decision = decide(data, policy, self.config, self.blocklist)
-        ctx.generation = self._generation()
+        ctx.generation = self._generation()  # reloads the malware list first: the decision itself does no I/O
+        decision = ctx.decision = decide_packet(data, policy, self.config, self.blocklist)
         self.counts[decision.code] += 1
         if decision.action == DROP:
             self._debug("dns.dropped", client=client[0], reason=decision.reason, size=len(data))
@@ -434,7 +428,7 @@ class DnsInterceptor:
         return self.limiter.bucket(policy.sandbox_id, policy.limits.dns_queries_per_minute)
 
     def _keep_ready(
-        self, ctx: _Pending, response: bytes, outcome: Outcome, entry: CacheEntry | None = None, second: int = 0
+        self, ctx: Pending, response: bytes, outcome: Outcome, entry: CacheEntry | None = None, second: int = 0
     ) -> None:
         """Keep a UDP response for `_answer_again` (made from `entry` rendered `second` seconds into its life),
         unless the policy changed while it was made."""
@@ -447,7 +441,7 @@ class DnsInterceptor:
         ready = Ready(response, str(decision.code), outcome, ctx.generation, entry, second)
         self.cache.put_ready(ctx.sandbox_id, found[0], ready)
 
-    def _respond(self, ctx: _Pending) -> bytes | _Pending:
+    def _respond(self, ctx: Pending) -> bytes | Pending:
         decision = ctx.decision
         assert decision is not None
         query = decision.query
@@ -474,7 +468,7 @@ class DnsInterceptor:
         entry, elapsed = hit
         return self._deliver(ctx, entry.answer, elapsed, cached=True, entry=entry)
 
-    async def complete(self, ctx: _Pending) -> bytes | None:
+    async def complete(self, ctx: Pending) -> bytes | None:
         """The waiting part: the rate-limit delay, then the upstream exchange when the cache did not answer."""
         if ctx.wait > 0:
             try:
@@ -485,7 +479,7 @@ class DnsInterceptor:
                 raise
             ctx.wait = 0.0
             result = self._respond(ctx)
-            if not isinstance(result, _Pending):
+            if not isinstance(result, Pending):
                 return result
         assert ctx.decision is not None and ctx.decision.query is not None and ctx.policy is not None
         answer, entry = await self._forward(ctx.sandbox_id, ctx.decision.query, ctx.policy)
@@ -504,7 +498,7 @@ class DnsInterceptor:
                 self.learned.add(sandbox_id, name, answer.addresses, remaining)
 
     def _deliver(
-        self, ctx: _Pending, answer: Answer, elapsed: float, *, cached: bool, entry: CacheEntry | None
+        self, ctx: Pending, answer: Answer, elapsed: float, *, cached: bool, entry: CacheEntry | None
     ) -> bytes:
         """The client's response from an answer (`entry`: the cache entry holding it, when it was stored)."""
         decision = ctx.decision
@@ -558,7 +552,7 @@ class DnsInterceptor:
         finally:
             del self._inflight[key]
 
-    def _record_pending(self, ctx: _Pending, outcome: Outcome, response: bytes) -> None:
+    def _record_pending(self, ctx: Pending, outcome: Outcome, response: bytes) -> None:
         self._record(
             ctx.sandbox_id,
             outcome,
@@ -760,7 +754,7 @@ class _UdpListener:
                 continue
             if result is None:
                 continue
-            if not isinstance(result, _Pending):
+            if not isinstance(result, Pending):
                 self._send(result, peer, dst)
                 continue
             source = str(peer[0])
@@ -774,7 +768,7 @@ class _UdpListener:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    async def _serve(self, pending: _Pending, peer: tuple[Any, ...], dst: tuple[Any, ...], source: str) -> None:
+    async def _serve(self, pending: Pending, peer: tuple[Any, ...], dst: tuple[Any, ...], source: str) -> None:
         try:
             response = await self.owner.complete(pending)
             if response is not None:

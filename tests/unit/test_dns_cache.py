@@ -7,17 +7,10 @@ import struct
 import pytest
 from dnslib import QTYPE, RR, A, DNSRecord
 
+from gateway.dns.answer import Answer, Outcome, accept_upstream
 from gateway.dns.cache import DnsCache, Ready
-from gateway.dns.policy import (
-    Answer,
-    Code,
-    DnsConfig,
-    Outcome,
-    accept_upstream,
-    parse_query,
-    render,
-    upstream_packet,
-)
+from gateway.dns.config import DnsConfig
+from gateway.dns.wire import Code, parse_query, render, upstream_packet
 from tests.factory import Clock, policy, query
 
 CONFIG = DnsConfig(min_ttl=5, max_ttl=3600)

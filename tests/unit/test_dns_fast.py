@@ -17,18 +17,12 @@ from hypothesis import strategies as st
 
 from gateway.decision import DEFAULT_LIMITS
 from gateway.dns import server as dns_server
+from gateway.dns.answer import accept_upstream
+from gateway.dns.blocklist import DomainBlocklist
 from gateway.dns.cache import DnsCache
-from gateway.dns.policy import (
-    Code,
-    DnsConfig,
-    DomainBlocklist,
-    accept_upstream,
-    parse_query,
-    query_key,
-    splice,
-    upstream_packet,
-)
+from gateway.dns.config import DnsConfig
 from gateway.dns.server import DnsInterceptor
+from gateway.dns.wire import Code, parse_query, query_key, splice, upstream_packet
 from gateway.learned import LearnedDestinations
 from gateway.presets import BUILTIN_PRESETS
 from gateway.ratelimit import ConnectionRateLimiter
@@ -91,13 +85,13 @@ def env(tmp_path: Path) -> Env:
 def slow_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
     """Every packet that took the slow way (was parsed and decided)."""
     calls: list[bytes] = []
-    decide = dns_server.decide
+    decide = dns_server.decide_packet
 
     def counting(data: bytes, *args: Any) -> Any:
         calls.append(data)
         return decide(data, *args)
 
-    monkeypatch.setattr(dns_server, "decide", counting)
+    monkeypatch.setattr(dns_server, "decide_packet", counting)
     yield calls
 
 
@@ -147,7 +141,7 @@ def test_a_cached_answer_again_is_byte_for_byte_the_slow_ways_with_the_ttl_count
         assert ttls(ask(fast_way, again)) == [292]  # rendered again as the second turns
         env.clock.now += 300
         slow_calls.clear()
-        assert isinstance(fast_way.handle_now(again, SB1, SERVER, "udp"), dns_server._Pending)  # expired: upstream
+        assert isinstance(fast_way.handle_now(again, SB1, SERVER, "udp"), dns_server.Pending)  # expired: upstream
         assert slow_calls == [again]
 
 
@@ -182,7 +176,7 @@ def test_a_policy_change_takes_effect_on_the_next_query(env: Env, slow_calls: li
     env.set("sb1", "10.75.0.1", {"allow_hosts": ["three.test"]})
     slow_calls.clear()
     assert DNSRecord.parse(ask(env.dns, allowed)).header.rcode == RCODE.NXDOMAIN  # no longer allowed
-    assert isinstance(env.dns.handle_now(denied, SB1, SERVER, "udp"), dns_server._Pending)  # now asked upstream
+    assert isinstance(env.dns.handle_now(denied, SB1, SERVER, "udp"), dns_server.Pending)  # now asked upstream
     assert slow_calls == [allowed, denied]
 
 
@@ -193,7 +187,7 @@ def test_a_sandbox_never_gets_another_sandboxs_answer(env: Env) -> None:
     ask(env.dns, packet)
     assert env.dns.cache.ready_size("sb1") == 1
     # sb2 sends the very same bytes: its own cache is empty, so the query goes upstream for it.
-    assert isinstance(env.dns.handle_now(packet, SB2, SERVER, "udp"), dns_server._Pending)
+    assert isinstance(env.dns.handle_now(packet, SB2, SERVER, "udp"), dns_server.Pending)
     # With a policy that denies the name, sb2 is told NXDOMAIN, whatever sb1 has cached.
     env.set("sb2", "10.75.0.2", {"allow_hosts": ["two.test"]})
     assert DNSRecord.parse(ask(env.dns, packet, SB2)).header.rcode == RCODE.NXDOMAIN
@@ -234,7 +228,7 @@ def test_the_rate_limit_holds_on_the_short_way(tmp_path: Path, slow_calls: list[
         assert DNSRecord.parse(ask(env.dns, packet)).header.rcode == RCODE.NXDOMAIN
     assert slow_calls == [packet]
     pending = env.dns.handle_now(packet, SB1, SERVER, "udp")  # must wait for its token: the slow way queues it
-    assert isinstance(pending, dns_server._Pending) and pending.wait == pytest.approx(1.0)
+    assert isinstance(pending, dns_server.Pending) and pending.wait == pytest.approx(1.0)
     assert env.dns.handle_now(packet, SB2, SERVER, "udp") is not None  # another sandbox is not affected
     slow_calls.clear()
     again = mixed_case(packet, 77)

@@ -11,20 +11,10 @@ from dnslib import AAAA, EDNS0, MX, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord, ED
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.dns.answer import ANSWER, DROP, FORWARD, accept_upstream, decide_packet
+from gateway.dns.blocklist import DomainBlocklist
 from gateway.dns.config import DnsConfig
-from gateway.dns.policy import (
-    ANSWER,
-    DROP,
-    FORWARD,
-    Code,
-    DomainBlocklist,
-    accept_upstream,
-    decide,
-    parse_query,
-    render,
-    ttl_offsets,
-    upstream_packet,
-)
+from gateway.dns.wire import Code, parse_query, render, ttl_offsets, upstream_packet
 from tests.factory import ede_of, policy, query
 
 CONFIG = DnsConfig()
@@ -43,16 +33,16 @@ def upstream_reply(packet: bytes, zone: str, *, rcode: int = 0, ad: bool = False
 
 
 def test_unknown_sandbox_and_isolated_are_refused() -> None:
-    d = decide(query("one.test", edns=True), None, CONFIG)
+    d = decide_packet(query("one.test", edns=True), None, CONFIG)
     assert (d.action, d.rcode, d.code, d.allowed) == (ANSWER, RCODE.REFUSED, Code.REFUSED_UNKNOWN_SANDBOX, False)
     assert ede_of(d.response) == (18, "source address belongs to no sandbox")
-    d = decide(query("one.test"), policy("isolated"), CONFIG)
+    d = decide_packet(query("one.test"), policy("isolated"), CONFIG)
     assert (d.rcode, d.code, d.rule) == (RCODE.REFUSED, Code.REFUSED_ISOLATED, "profile:isolated")
     assert DNSRecord.parse(d.response).header.id == 0x4242
 
 
 def test_denied_name_is_nxdomain_with_soa_and_extended_error_only_with_edns() -> None:
-    d = decide(query("Evil.Example.com", edns=True, do=True), ALLOW, CONFIG)
+    d = decide_packet(query("Evil.Example.com", edns=True, do=True), ALLOW, CONFIG)
     assert (d.action, d.code, d.rule) == (ANSWER, Code.BLOCKED_POLICY, "default:deny")
     answer = DNSRecord.parse(d.response)
     assert answer.header.rcode == RCODE.NXDOMAIN and answer.header.qr and not answer.rr
@@ -63,86 +53,86 @@ def test_denied_name_is_nxdomain_with_soa_and_extended_error_only_with_edns() ->
     assert ede_of(d.response) == (15, "blocked by sandbox policy: host not in allowlist")
     opt = next(rr for rr in answer.ar if rr.rtype == QTYPE.OPT)
     assert opt.ttl & 0x8000  # DO echoed
-    plain = DNSRecord.parse(decide(query("evil.example.com"), ALLOW, CONFIG).response)
+    plain = DNSRecord.parse(decide_packet(query("evil.example.com"), ALLOW, CONFIG).response)
     assert plain.header.rcode == RCODE.NXDOMAIN and not plain.ar  # no OPT to a client that sent none
 
 
 def test_allowed_names_forward_only_a_and_aaaa_https_svcb_empty_others_configurable() -> None:
     for qtype in ("A", "AAAA"):
-        d = decide(query("one.test", qtype), ALLOW, CONFIG)
+        d = decide_packet(query("one.test", qtype), ALLOW, CONFIG)
         assert (d.action, d.allowed, d.rule) == (FORWARD, True, "allow_hosts one.test")
-    assert decide(query("x.wild.test"), ALLOW, CONFIG).action == FORWARD
+    assert decide_packet(query("x.wild.test"), ALLOW, CONFIG).action == FORWARD
     for qtype in ("HTTPS", "SVCB"):
-        d = decide(query("one.test", qtype), ALLOW, CONFIG)
+        d = decide_packet(query("one.test", qtype), ALLOW, CONFIG)
         answer = DNSRecord.parse(d.response)
         assert (d.code, answer.header.rcode, len(answer.rr)) == (Code.EMPTY_HTTPS, RCODE.NOERROR, 0)
         assert answer.auth[0].rtype == QTYPE.SOA
-    d = decide(query("one.test", "MX"), ALLOW, CONFIG)
+    d = decide_packet(query("one.test", "MX"), ALLOW, CONFIG)
     assert (d.code, d.rcode) == (Code.EMPTY_QTYPE, RCODE.NOERROR)  # the documented default
     refusing = DnsConfig(other_qtypes="refuse")
-    assert decide(query("one.test", "MX"), ALLOW, refusing).rcode == RCODE.REFUSED
+    assert decide_packet(query("one.test", "MX"), ALLOW, refusing).rcode == RCODE.REFUSED
     srv = DnsConfig(extra_qtypes=frozenset({QTYPE.SRV}))
-    assert decide(query("one.test", "SRV"), ALLOW, srv).action == FORWARD
+    assert decide_packet(query("one.test", "SRV"), ALLOW, srv).action == FORWARD
     # A denied name stays denied whatever the type: never forwarded.
     for qtype in ("A", "TXT", "HTTPS", "MX"):
-        assert decide(query("other.test", qtype), ALLOW, CONFIG).code == Code.BLOCKED_POLICY
+        assert decide_packet(query("other.test", qtype), ALLOW, CONFIG).code == Code.BLOCKED_POLICY
 
 
 def test_any_and_zone_transfers_refused_even_unrestricted_which_forwards_the_rest() -> None:
     for qtype in ("ANY", "AXFR", "IXFR"):
-        d = decide(query("one.test", qtype), OPEN, CONFIG)
+        d = decide_packet(query("one.test", qtype), OPEN, CONFIG)
         assert (d.rcode, d.code) == (RCODE.REFUSED, Code.REFUSED_QTYPE)
     for qtype in ("A", "TXT", "MX", "HTTPS"):
-        d = decide(query("anything.example", qtype), OPEN, CONFIG)
+        d = decide_packet(query("anything.example", qtype), OPEN, CONFIG)
         assert (d.action, d.rule) == (FORWARD, "profile:unrestricted")
 
 
 def test_registry_profile_uses_the_registry_preset() -> None:
     reg = policy("registry")
-    assert decide(query("pypi.org"), reg, CONFIG).action == FORWARD
-    assert decide(query("example.com"), reg, CONFIG).code == Code.BLOCKED_POLICY
+    assert decide_packet(query("pypi.org"), reg, CONFIG).action == FORWARD
+    assert decide_packet(query("example.com"), reg, CONFIG).code == Code.BLOCKED_POLICY
 
 
 def test_malformed_queries_formerr_or_drop() -> None:
     good = query("one.test")
-    assert decide(good[:11], ALLOW, CONFIG).action == DROP  # no header
+    assert decide_packet(good[:11], ALLOW, CONFIG).action == DROP  # no header
     response = bytes(DNSRecord.parse(good).reply().pack())
-    assert decide(response, ALLOW, CONFIG).action == DROP  # never answer an answer
+    assert decide_packet(response, ALLOW, CONFIG).action == DROP  # never answer an answer
     two = DNSRecord.question("one.test")
     two.add_question(DNSRecord.question("two.test").q)
-    d = decide(bytes(two.pack()), ALLOW, CONFIG)
+    d = decide_packet(bytes(two.pack()), ALLOW, CONFIG)
     assert (d.rcode, d.code) == (RCODE.FORMERR, Code.FORMERR)
-    d = decide(good[:-3], ALLOW, CONFIG)
+    d = decide_packet(good[:-3], ALLOW, CONFIG)
     assert d.rcode == RCODE.FORMERR and d.response[:2] == good[:2] and d.response[2] & 0x80
     notify = bytearray(good)
     notify[2] = (notify[2] & 0x87) | (4 << 3)
-    assert decide(bytes(notify), ALLOW, CONFIG).rcode == RCODE.NOTIMP
+    assert decide_packet(bytes(notify), ALLOW, CONFIG).rcode == RCODE.NOTIMP
     no_question = good[:4] + b"\x00\x00" + good[6:12]
-    assert decide(no_question, ALLOW, CONFIG).rcode == RCODE.FORMERR
+    assert decide_packet(no_question, ALLOW, CONFIG).rcode == RCODE.FORMERR
 
 
 def test_odd_labels_edns_version_and_class() -> None:
     dotted = DNSRecord.question("x.test")
     dotted.q.qname.label = (b"one.test",)  # one label that prints like an allowed name
-    d = decide(bytes(dotted.pack()), ALLOW, CONFIG)
+    d = decide_packet(bytes(dotted.pack()), ALLOW, CONFIG)
     assert (d.rcode, d.code) == (RCODE.NXDOMAIN, Code.BLOCKED_NAME)
     record = DNSRecord.question("one.test")
     record.add_ar(EDNS0(udp_len=1232, version=1))
-    d = decide(bytes(record.pack()), ALLOW, CONFIG)
+    d = decide_packet(bytes(record.pack()), ALLOW, CONFIG)
     assert d.code == Code.BADVERS
     opt = next(rr for rr in DNSRecord.parse(d.response).ar if rr.rtype == QTYPE.OPT)
     assert opt.ttl >> 24 == 1  # extended rcode 16 = BADVERS
     twice = DNSRecord.question("one.test")
     twice.add_ar(EDNS0(udp_len=1232))
     twice.add_ar(EDNS0(udp_len=1232))
-    assert decide(bytes(twice.pack()), ALLOW, CONFIG).code == Code.FORMERR
+    assert decide_packet(bytes(twice.pack()), ALLOW, CONFIG).code == Code.FORMERR
     in_authority = DNSRecord.question("one.test")
     in_authority.add_auth(EDNS0(udp_len=1232))
-    assert decide(bytes(in_authority.pack()), ALLOW, CONFIG).code == Code.FORMERR
+    assert decide_packet(bytes(in_authority.pack()), ALLOW, CONFIG).code == Code.FORMERR
     long_name = query("one.test")[:12] + (b"\x3f" + b"a" * 63) * 4 + b"\x00\x00\x01\x00\x01"
-    assert decide(long_name, OPEN, CONFIG).code == Code.FORMERR  # 257 octets > 255
+    assert decide_packet(long_name, OPEN, CONFIG).code == Code.FORMERR  # 257 octets > 255
     chaos = DNSRecord.question("version.bind", "TXT", "CH")
-    assert decide(bytes(chaos.pack()), OPEN, CONFIG).code == Code.REFUSED_CLASS
+    assert decide_packet(bytes(chaos.pack()), OPEN, CONFIG).code == Code.REFUSED_CLASS
 
 
 def test_malware_blocklist_formats_subdomains_and_reload(tmp_path: Path) -> None:
@@ -152,19 +142,25 @@ def test_malware_blocklist_formats_subdomains_and_reload(tmp_path: Path) -> None
     blocklist = DomainBlocklist(path, check_interval=1.0, clock=lambda: now[0])
     assert len(blocklist) == 3
     for name in ("bad.example", "a.b.bad.example", "worse.example", "plain.example"):
-        d = decide(query(name, edns=True), OPEN, CONFIG, blocklist)
+        d = decide_packet(query(name, edns=True), OPEN, CONFIG, blocklist)
         assert (d.rcode, d.code) == (RCODE.NXDOMAIN, Code.BLOCKED_MALWARE)
         assert ede_of(d.response) == (15, "blocked: malware domain list")
-    assert decide(query("notbad.example"), OPEN, CONFIG, blocklist).action == FORWARD
-    assert decide(query("localhost"), OPEN, CONFIG, blocklist).action == FORWARD
+    assert decide_packet(query("notbad.example"), OPEN, CONFIG, blocklist).action == FORWARD
+    assert decide_packet(query("localhost"), OPEN, CONFIG, blocklist).action == FORWARD
     path.write_text("new.example\n")
-    assert decide(query("bad.example"), OPEN, CONFIG, blocklist).code == Code.BLOCKED_MALWARE  # not re-checked yet
+    blocklist.maybe_reload()  # within check_interval of the last check: not re-read
+    assert decide_packet(query("bad.example"), OPEN, CONFIG, blocklist).code == Code.BLOCKED_MALWARE
     now[0] = 2.0
-    assert decide(query("bad.example"), OPEN, CONFIG, blocklist).action == FORWARD
-    assert decide(query("x.new.example"), OPEN, CONFIG, blocklist).rule == "malware list new.example (line 1)"
+    assert decide_packet(query("bad.example"), OPEN, CONFIG, blocklist).code == Code.BLOCKED_MALWARE  # decide: no I/O
+    blocklist.maybe_reload()
+    assert decide_packet(query("bad.example"), OPEN, CONFIG, blocklist).action == FORWARD
+    assert decide_packet(query("x.new.example"), OPEN, CONFIG, blocklist).rule == "malware list new.example (line 1)"
     path.unlink()
     now[0] = 4.0
-    assert decide(query("new.example"), OPEN, CONFIG, blocklist).code == Code.BLOCKED_MALWARE  # last good list kept
+    blocklist.maybe_reload()
+    assert (
+        decide_packet(query("new.example"), OPEN, CONFIG, blocklist).code == Code.BLOCKED_MALWARE
+    )  # last good list kept
     assert blocklist.error
 
 
@@ -281,7 +277,7 @@ def test_ttl_offsets_skip_opt_and_reject_truncation() -> None:
 
 def _decide_everywhere(data: bytes) -> None:
     for pol in (None, ALLOW, OPEN, policy("isolated")):
-        d = decide(data, pol, CONFIG)
+        d = decide_packet(data, pol, CONFIG)
         assert d.action in (DROP, ANSWER, FORWARD)
         if d.action == ANSWER:
             assert len(d.response) >= 12 and d.response[2] & 0x80

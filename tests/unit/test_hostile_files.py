@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.destinations import Destinations
-from gateway.dns.policy import DomainBlocklist
+from gateway.dns.blocklist import DomainBlocklist
 from gateway.files import read_regular_file
 from gateway.settings import load_config
 from gateway.state import PolicyState
@@ -117,12 +117,14 @@ def test_the_malware_domain_list_keeps_its_last_list(tmp_path: Path, name: str) 
     assert blocklist.match("x.bad.example") == ("bad.example", 1)
     SPOILERS[name](path)
     now[0] += 10
+    blocklist.maybe_reload()
     result = blocklist.match("x.bad.example")
     if name != "not UTF-8":
         assert result == ("bad.example", 1) and blocklist.error
     _restore(path)
     path.write_text("worse.example\n")
     now[0] += 10
+    blocklist.maybe_reload()
     assert blocklist.match("x.bad.example") is None and blocklist.match("worse.example") is not None
 
 

@@ -40,7 +40,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import structlog
 from aiohttp import web
@@ -48,7 +48,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.api_config import ApiToken
 from gateway.decision import PROTOCOLS, CompiledPolicy, Verdict
-from gateway.dns.server import DnsInterceptor
 from gateway.errors import Forbidden, GatewayError, NotFound
 from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, check_batch_name
 from gateway.hostnames import normalize_pattern
@@ -135,8 +134,16 @@ ROUTES_KEY: Final[web.AppKey[dict[tuple[str, str], RouteSpec]]] = web.AppKey("ro
 OPEN_KEY: Final = web.AppKey("open_mode", bool)
 WRITE_LOCK_KEY: Final = web.AppKey("write_lock", asyncio.Lock)
 FLOWS_KEY: Final = web.AppKey("flows", FlowLog)  # absent when the API was built without a flow log
+
+
+class QueryLog(Protocol):
+    """What the API reads from the DNS interceptor (handed in by the composition root): its recent queries."""
+
+    def query_log(self, sandbox_id: str, limit: int = 100) -> list[dict[str, Any]]: ...
+
+
 TUNNELS_KEY: Final = web.AppKey("tunnels", TunnelStore)  # absent when the API was built without the tunnel service
-DNS_KEY: Final = web.AppKey("dns", DnsInterceptor)  # absent when the API was built without the data plane
+DNS_KEY: Final = web.AppKey("dns", QueryLog)  # absent when the API was built without the data plane
 #: The data plane's status (steering, unattached-source drops) for /v1/status; absent without the data plane.
 DATA_PLANE_STATUS_KEY: Final[web.AppKey[Callable[[], dict[str, Any]]]] = web.AppKey("data_plane_status")
 #: What, besides the store, does not serve yet (the data plane's parts); readiness waits for an empty list.
@@ -1270,7 +1277,7 @@ def create_app(
     presets: Mapping[str, Preset],
     flows: FlowLog | None = None,
     tunnels: TunnelStore | None = None,
-    dns: DnsInterceptor | None = None,
+    dns: QueryLog | None = None,
     data_plane_status: Callable[[], dict[str, Any]] | None = None,
     unready: Callable[[], list[str]] | None = None,
 ) -> web.Application:

@@ -61,13 +61,13 @@ from gateway.dns.wire import (
     synthetic,
     upstream_packet,
 )
+from gateway.flowlog import FlowLog, FlowRecord
 from gateway.ratelimit import ConnectionRateLimiter, TokenBucket
 from gateway.resolver import ResolveError, Upstream, exchange, parse_upstream, system_upstreams
 from gateway.rules import Rule
 
 if TYPE_CHECKING:
     from gateway.decision import CompiledPolicy
-    from gateway.flowlog import FlowLog
     from gateway.learned import LearnedDestinations
     from gateway.state import PolicyState
 
@@ -577,7 +577,8 @@ class DnsInterceptor:
         bytes_up: int,
         bytes_down: int,
     ) -> None:
-        """File one query in the sandbox's query log and, with a FlowLog, as a flow record."""
+        """The one place a query's decision is recorded: the sandbox's query-log ring (the API's recent view) and,
+        with a FlowLog, its flow record (which is also its log line)."""
         if not sandbox_id:
             self._debug("dns.unknown_source", client=client[0], code=str(outcome.code))
             return  # no sandbox to file it under; the counters still count it
@@ -593,8 +594,6 @@ class DnsInterceptor:
         if self.flowlog is None:
             return
         try:
-            from gateway.flowlog import FlowRecord
-
             self.flowlog.record(
                 FlowRecord(
                     start_us=start_us,

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from gateway.decision import DEFAULT_LIMITS, CompiledPolicy, Verdict, compile_policy, decide
 from gateway.policy import Sandbox, parse_sandbox
 from gateway.presets import BUILTIN_PRESETS, Preset, make_preset
+from gateway.rules import Rule
 
 SUBNETS = (ipaddress.ip_network("10.75.0.0/16"), ipaddress.ip_network("fdd4:1476:6c7e::/48"))
 Query = tuple[str | None, object, int | None, str]  # (hostname, address, port, protocol)
@@ -158,18 +159,18 @@ def dns_question(rng: random.Random) -> Query:
 
 
 def _allowed_by(prefix: str) -> Callable[[Verdict], bool]:
-    return lambda verdict: verdict.allowed and verdict.rule.startswith(prefix)
+    return lambda verdict: verdict.allowed and verdict.label.startswith(prefix)
 
 
 CASES: Sequence[Case] = (
     Case("allowed exact", 20, exact_host, _allowed_by("allow_hosts ")),
     Case("allowed wildcard", 10, wildcard_host, _allowed_by("allow_hosts *.")),
     Case("allowed preset (500)", 15, preset_host, _allowed_by("preset internal-500")),
-    Case("denied name", 15, denied_name, lambda v: not v.allowed and v.rule == "default:deny"),
+    Case("denied name", 15, denied_name, lambda v: not v.allowed and v.rule is Rule.DEFAULT_DENY),
     Case("cidr hit, no name", 10, cidr_hit, _allowed_by("allow_cidrs ")),
     Case("no hostname", 10, no_hostname, lambda v: not v.allowed and v.reason.startswith("no hostname")),
-    Case("deny_cidrs hit", 10, deny_hit, lambda v: not v.allowed and v.rule.startswith("deny_cidrs ")),
-    Case("dns question", 10, dns_question, lambda v: v.rule != "profile:isolated"),
+    Case("deny_cidrs hit", 10, deny_hit, lambda v: not v.allowed and v.label.startswith("deny_cidrs ")),
+    Case("dns question", 10, dns_question, lambda v: v.rule is not Rule.ISOLATED),
 )
 
 

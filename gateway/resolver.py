@@ -322,7 +322,9 @@ class Resolver:
         """Both answers fresh in the cache, with an address: the common case, answered without tasks or waits."""
         now = time.monotonic()
         results = (self._cache.get((name, QTYPE.A)), self._cache.get((name, QTYPE.AAAA)))
-        if any(r is None or r.expires <= now or r.error is not None for r in results):
+        # A family with no records (NODATA, cached like any answer) is an answer too: a name with only A records
+        # must not take the slow path, with its tasks, on every connection.
+        if any(r is None or r.expires <= now or (r.error is not None and r.error.code != "NODATA") for r in results):
             return None
         addresses = tuple(addr for r in results if r is not None for addr in r.addresses)
         if not addresses:

@@ -89,3 +89,16 @@ def test_parse_upstream(text: str, expected: Upstream) -> None:
 def test_parse_upstream_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         parse_upstream(text)
+
+
+async def test_a_cached_name_with_only_a_records_is_answered_without_suspending(
+    server: tuple[ResolverZone, int],
+) -> None:
+    """Its AAAA answer (NODATA) is cached like any answer: the per-connection path takes no tasks or waits."""
+    _, port = server
+    resolver = make(port)
+    assert (await resolver.resolve("v4only.test")).addresses == ("192.0.2.4",)
+    again = resolver.resolve("v4only.test")
+    with pytest.raises(StopIteration) as done:
+        again.send(None)  # a coroutine that never suspends finishes on its first step
+    assert done.value.value.addresses == ("192.0.2.4",)

@@ -962,6 +962,7 @@ def test_a_sandbox_deleted_and_created_again_in_the_policy_file_does_not_inherit
     assert wait_until(lambda: env.cli("sandbox", "get", "sb2", check=False).returncode == 0, 10)
     status, _, body = env.curl(tunnel, "/")
     assert status == 410 and json.loads(body)["code"] == "TUNNEL_GONE", body
+
     # Never served again; the store's periodic maintenance writes the revocation down (within its interval).
     def revoked() -> dict[str, Any] | None:
         shown = json.loads(env.cli("--json", "tunnel", "get", tunnel["id"]).stdout)

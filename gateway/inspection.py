@@ -1,0 +1,174 @@
+"""The inspection tier's vocabulary: what a marked allow entry asks of the HTTP requests on its connections.
+
+A policy's `egress.inspect` entries are allow entries (hosts, ports) that also carry HTTP rules and
+credential bindings. The engine hands a connection to such a host to the inspection tier (a mitmproxy
+process with the addon in `addons/`), together with an `InspectionContext`: who the sandbox is, which
+host it named, and the entry that marked it. The tier then decides every request on its own.
+
+These records are pure data shared by the policy parser (which builds them from JSON), the engine
+(which sends the context) and the addon (which enforces it). Secrets are referenced by name only: the
+values live in the gateway's `[inspection]` config and never in a policy record, in Redis or in a context.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+#: HTTP methods an entry may allow (TRACE is refused by the tier whatever an entry says: it echoes headers).
+HTTP_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "CONNECT")
+#: The ports an entry marks when it names none.
+DEFAULT_INSPECT_PORTS = (443,)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """A request header condition: exactly one of `equals`, `prefix` or `absent` is set.
+
+    `name` is lower-case. `equals`/`prefix` compare the value case-sensitively; with several copies of the
+    header, every copy must match (a second copy cannot smuggle a value past the first)."""
+
+    name: str
+    equals: str | None = None
+    prefix: str | None = None
+    absent: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        if self.equals is not None:
+            out["equals"] = self.equals
+        if self.prefix is not None:
+            out["prefix"] = self.prefix
+        if self.absent:
+            out["absent"] = True
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """Bind request header `header` (lower-case) to the gateway-held secret named `secret`.
+
+    The value sent upstream is `template` with `{secret}` replaced by the secret's value
+    (`Bearer {secret}` for a bearer token). Whatever copy of the header the sandbox sent is removed."""
+
+    header: str
+    secret: str
+    template: str = "{secret}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"header": self.header, "secret": self.secret, "template": self.template}
+
+
+@dataclass(frozen=True, slots=True)
+class InspectRule:
+    """One `egress.inspect` entry: an allow entry whose HTTP requests the tier decides.
+
+    Empty `methods` / `paths` / `headers` mean "no restriction of that kind". A path entry ending in `*`
+    is a prefix (`/repos/*`); otherwise it must equal the request path (query excluded) exactly or
+    be followed by `/` (`/user` matches `/user` and `/user/emails`, never `/username`)."""
+
+    hosts: tuple[str, ...]
+    ports: tuple[int, ...] = DEFAULT_INSPECT_PORTS
+    methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    headers: tuple[HeaderMatch, ...] = ()
+    deny_reason: str = ""
+    credentials: tuple[Credential, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "hosts": list(self.hosts),
+            "ports": list(self.ports),
+            "methods": list(self.methods),
+            "paths": list(self.paths),
+            "headers": [h.to_dict() for h in self.headers],
+            "deny_reason": self.deny_reason,
+            "credentials": [c.to_dict() for c in self.credentials],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InspectRule:
+        """The inverse of `to_dict` for records the gateway wrote itself (the policy parser validates input)."""
+        return cls(
+            hosts=tuple(data["hosts"]),
+            ports=tuple(data["ports"]),
+            methods=tuple(data["methods"]),
+            paths=tuple(data["paths"]),
+            headers=tuple(HeaderMatch(**h) for h in data["headers"]),
+            deny_reason=data["deny_reason"],
+            credentials=tuple(Credential(**c) for c in data["credentials"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class InspectionContext:
+    """What the engine tells the tier about one handed-over connection.
+
+    `host` is the name the sandbox gave (SNI, or Host for plain HTTP) and was allowed by `rule`;
+    `entry` is the pattern of `rule` that matched (`api.example.com`, `*.example.com`)."""
+
+    sandbox: str
+    host: str
+    port: int
+    entry: str
+    rule: InspectRule
+
+    def encode(self) -> str:
+        """One header-safe token (URL-safe base64 of JSON) for the hand-over request."""
+        body = {"sandbox": self.sandbox, "host": self.host, "port": self.port, "entry": self.entry}
+        body["rule"] = self.rule.to_dict()
+        return base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode()
+
+    @classmethod
+    def decode(cls, token: str) -> InspectionContext:
+        """The inverse of `encode`; ValueError (or KeyError/TypeError) for anything the engine did not write."""
+        data = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
+        return cls(data["sandbox"], data["host"], int(data["port"]), data["entry"], InspectRule.from_dict(data["rule"]))
+
+
+@dataclass(frozen=True, slots=True)
+class RequestVerdict:
+    allowed: bool
+    reason: str
+    #: Which condition decided: "method", "path", "header <name>", or "" when the request is allowed.
+    failed: str = ""
+
+
+def _path_matches(pattern: str, path: str) -> bool:
+    if pattern.endswith("*"):
+        return path.startswith(pattern[:-1])
+    return path == pattern or path.startswith(pattern.rstrip("/") + "/")
+
+
+def _header_matches(match: HeaderMatch, values: list[str]) -> bool:
+    if match.absent:
+        return not values
+    if not values:
+        return False
+    if match.equals is not None:
+        return all(value == match.equals for value in values)
+    prefix = match.prefix or ""
+    return all(value.startswith(prefix) for value in values)
+
+
+def decide_request(rule: InspectRule, method: str, path: str, headers: list[tuple[str, str]]) -> RequestVerdict:
+    """Whether `rule` allows one request. Pure. `path` excludes the query; header names in any case.
+
+    The denial's reason is the operator's `deny_reason` when the entry has one."""
+
+    def denied(what: str, failed: str) -> RequestVerdict:
+        return RequestVerdict(False, rule.deny_reason or what, failed)
+
+    if method == "TRACE":
+        return denied("TRACE is refused on inspected hosts (it echoes request headers back)", "method")
+    if rule.methods and method not in rule.methods:
+        return denied(f"method {method} not allowed (allowed: {', '.join(rule.methods)})", "method")
+    if rule.paths and not any(_path_matches(pattern, path) for pattern in rule.paths):
+        return denied(f"path {path} not allowed", "path")
+    for match in rule.headers:
+        values = [value for name, value in headers if name.lower() == match.name]
+        if not _header_matches(match, values):
+            return denied(f"header {match.name} does not match", f"header {match.name}")
+    return RequestVerdict(True, "request allowed by the entry's HTTP rules")

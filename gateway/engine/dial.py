@@ -1,12 +1,31 @@
 """Dialling the upstream: a non-blocking socket marked with `SO_MARK = dial_mark`, under a connect timeout.
 
 The ruleset's dial guard keys on this mark: a dial can never reach the gateway or a sandbox.
+
+The connect is driven here (`connect_ex`, then one writer callback) rather than by `loop.sock_connect`:
+uvloop's `sock_connect` resolves even an address literal through `getaddrinfo` in its thread pool (a
+thread hand-off per connection), and the address is always a literal here (the gateway resolved it).
+The timeout is a timer on the same future, not an `asyncio.timeout` scope.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
+
+_IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY})
+
+
+def _writable(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+def _expired(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_exception(TimeoutError())
 
 
 async def dial(address: str, port: int, mark: int, timeout: float) -> socket.socket:
@@ -17,8 +36,21 @@ async def dial(address: str, port: int, mark: int, timeout: float) -> socket.soc
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        async with asyncio.timeout(timeout):  # not wait_for: no extra coroutine layer per connection
-            await asyncio.get_running_loop().sock_connect(sock, (address, port))
+        error = sock.connect_ex((address, port))
+        if error in _IN_PROGRESS:
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[None] = loop.create_future()
+            fd = sock.fileno()
+            loop.add_writer(fd, _writable, done)
+            timer = loop.call_later(timeout, _expired, done)
+            try:
+                await done
+            finally:
+                loop.remove_writer(fd)
+                timer.cancel()
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
     except BaseException:
         sock.close()
         raise

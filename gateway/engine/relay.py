@@ -479,8 +479,10 @@ class _Half:
         self._pause_reading()
         self.ended = True
         relay = self.relay
+        # The upstream is not shut down when the other direction has ended too: the relay closes it at once, and
+        # the close sends the FIN (nothing is unread on it: its bytes were read to their end).
         # After a cut the client's write side stays open: the denial is still to be written to it.
-        if not (self is relay.down and relay.cut is not None):
+        if not (relay.down.ended if self is relay.up else relay.cut is not None):
             with contextlib.suppress(OSError):
                 self.dst.shutdown(socket.SHUT_WR)
         relay.half_done(self)

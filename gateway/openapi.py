@@ -29,11 +29,14 @@ from gateway.errors import ErrorBody
 from gateway.flowlog import BATCH_NAME_PATTERN, FIELD_NAMES, MAX_LIST_LIMIT, FlowRecord
 from gateway.policy import (
     ADDRESS_SCHEMA,
+    CREDENTIAL_SCHEMA,
     EGRESS_MODES,
     EGRESS_SCHEMA,
+    HEADER_MATCH_SCHEMA,
     HOSTNAME_SCHEMA,
     ID_SCHEMA,
     INGRESS_SCHEMA,
+    INSPECT_SCHEMA,
     LIMIT_RANGES,
     LIMITS_SCHEMA,
     PORT_SCHEMA,
@@ -298,6 +301,9 @@ def _schemas() -> dict[str, Any]:
         "Egress": _object(
             EGRESS_SCHEMA, (), "Fields left out (or null) are inherited from the template, then the profile."
         ),
+        "InspectEntry": _object(INSPECT_SCHEMA, ["hosts"]),
+        "HeaderMatch": _object(HEADER_MATCH_SCHEMA, ["name"]),
+        "Credential": _object(CREDENTIAL_SCHEMA, ["header", "secret"]),
         "Ingress": _object(INGRESS_SCHEMA),
         "Limits": _object(LIMITS_SCHEMA),
         "PrivateLink": _object(PRIVATE_LINK_SCHEMA, ["source"]),

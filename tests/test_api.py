@@ -806,7 +806,13 @@ def test_example_bodies_pass_the_real_parser_and_their_schema(config: Config) ->
     context = config.policy_context()
 
     def sandbox(raw: Any, sandbox_id: str | None = None) -> None:
-        parse_sandbox(raw, subnets=context.subnets, known_presets=context.presets, sandbox_id=sandbox_id)
+        parse_sandbox(
+            raw,
+            subnets=context.subnets,
+            known_presets=context.presets,
+            known_secrets=context.secrets,
+            sandbox_id=sandbox_id,
+        )
 
     def examples(path: str, method: str) -> list[tuple[str, Any, dict[str, Any]]]:
         out = []
@@ -822,12 +828,17 @@ def test_example_bodies_pass_the_real_parser_and_their_schema(config: Config) ->
         sandbox(value, sandbox_id=name.replace("_", "-"))
         schema_validator(schema).validate(value)
     for _, value, schema in examples("/v1/sandboxes/{id}", "patch"):
-        base = parse_sandbox(SANDBOX_EXAMPLES["allowlisted"], subnets=context.subnets, known_presets=context.presets)
+        base = parse_sandbox(
+            SANDBOX_EXAMPLES["allowlisted"],
+            subnets=context.subnets,
+            known_presets=context.presets,
+            known_secrets=context.secrets,
+        )
         sandbox(apply_merge_patch(base.to_dict(), value), sandbox_id=base.id)
         schema_validator(schema).validate(value)
     for path, method in (("/v1/templates", "post"), ("/v1/templates/{name}", "put")):
         for _, value, schema in examples(path, method):
-            parse_template(value, known_presets=context.presets)
+            parse_template(value, known_presets=context.presets, known_secrets=context.secrets)
             schema_validator(schema).validate(value)
     assert SANDBOX_PATCH_EXAMPLES and TEMPLATE_EXAMPLES
 
@@ -868,10 +879,10 @@ def test_request_schemas_list_exactly_the_fields_the_parser_accepts(config: Conf
     context = config.policy_context()
 
     def sandbox(raw: Any) -> object:
-        return parse_sandbox(raw, subnets=context.subnets, known_presets=context.presets)
+        return parse_sandbox(raw, subnets=context.subnets, known_presets=context.presets, known_secrets=context.secrets)
 
     def template(raw: Any) -> object:
-        return parse_template(raw, known_presets=context.presets)
+        return parse_template(raw, known_presets=context.presets, known_secrets=context.secrets)
 
     def tunnel(raw: Any) -> object:
         return parse_request(raw, default_ttl=60, max_ttl=3600)

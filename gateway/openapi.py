@@ -44,6 +44,7 @@ from gateway.policy import (
     PROFILES,
     SANDBOX_SCHEMA,
     TEMPLATE_SCHEMA,
+    nullable,
     schema_ref,
 )
 from gateway.state import Rejection
@@ -282,11 +283,32 @@ def _schemas() -> dict[str, Any]:
         "port": {"anyOf": [PORT_SCHEMA, {"type": "null"}]},
         "protocol": {"type": "string", "enum": list(PROTOCOLS)},
     }
+    asked_http = {"method": {"type": "string"}, "path": {"type": "string", "description": "Without its query."}}
+    http = {
+        "allowed": {"type": "boolean"},
+        "reason": {"type": "string", "description": "The entry's deny_reason when it has one and refuses."},
+        "failed": {"type": "string", "description": "method, path, or empty when allowed."},
+        "header_conditions": {
+            "type": "array",
+            "items": schema_ref("HeaderMatch"),
+            "description": "The entry's header conditions, which the request must also meet (explain takes no "
+            "headers).",
+        },
+    }
     explain = {
         **verdict,
         "sandbox": {"type": "string"},
-        "request": _object(asked, asked),
+        "request": _object(asked | asked_http, asked),
         "policy": schema_ref("EffectivePolicy"),
+        "http": nullable(
+            _object(
+                http,
+                http,
+                "Only when method or path was asked: the inspection tier's decision of that request, for a host "
+                "an inspect entry marks (then `allowed` and `reason` above include it); null when no entry marks "
+                "the connection, whose verdict then decides every request on it.",
+            )
+        ),
     }
     error = _fields(ErrorBody, {"code": {"pattern": "^[A-Z][A-Z0-9_]*$"}})
     rejection = _fields(Rejection, {"at": {"description": "Unix time of the rejection."}}, without="error")
@@ -357,7 +379,9 @@ def _schemas() -> dict[str, Any]:
         ),
         "Verdict": _object(verdict, verdict, closed=False),
         "Explain": _object(
-            explain, explain, "The verdict the data plane would give this connection, and the policy it used."
+            explain,
+            [name for name in explain if name != "http"],
+            "The verdict the data plane would give this connection, and the policy it used.",
         ),
         "Rejection": _object(
             rejection,

@@ -50,7 +50,7 @@ MAX_PATH_PATTERN = 256
 MAX_HEADER_VALUE = 1024
 MAX_SECRET_NAME = 63
 #: A header field name (RFC 9110 `token`); stored lower-case, as HTTP/2 sends them.
-HEADER_NAME_PATTERN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+HTTP_TOKEN_PATTERN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: Headers a credential may not bind: hop-by-hop and proxy headers (not forwarded, or the tier's own), and the
 #: ones that route or frame the request (binding them would let a secret redirect or desynchronise it).
 CREDENTIAL_FORBIDDEN_HEADERS = frozenset(
@@ -369,7 +369,7 @@ EGRESS_SCHEMA: Final[Mapping[str, Any]] = {
 }
 HEADER_NAME_SCHEMA: Final[Mapping[str, Any]] = {
     "type": "string",
-    "pattern": f"^{HEADER_NAME_PATTERN.pattern}$",
+    "pattern": f"^{HTTP_TOKEN_PATTERN.pattern}$",
     "description": "A header field name (RFC 9110 token); stored lower-case.",
 }
 HEADER_VALUE_SCHEMA: Final[Mapping[str, Any]] = {"type": "string", "maxLength": MAX_HEADER_VALUE}
@@ -522,7 +522,7 @@ def _string(value: object, path: str, limit: int) -> str:
 
 
 def _header_name(value: object, path: str) -> str:
-    if not isinstance(value, str) or not HEADER_NAME_PATTERN.fullmatch(value):
+    if not isinstance(value, str) or not HTTP_TOKEN_PATTERN.fullmatch(value):
         shown = repr(value) if isinstance(value, str) and len(value) <= 40 else "this"
         raise _fail(
             "INVALID_HEADER_NAME",
@@ -612,6 +612,14 @@ def _credential(value: object, path: str, known_secrets: frozenset[str]) -> Cred
             "(authorization, x-api-key, ...)",
             f"{path}.header",
         )
+    template = _string(data.get("template", "{secret}"), f"{path}.template", MAX_HEADER_VALUE)
+    if template.count("{secret}") != 1 or not _FIELD_VALUE.fullmatch(template):
+        raise _fail(
+            "CREDENTIAL_TEMPLATE",
+            "a template contains {secret} exactly once and otherwise visible ASCII, spaces and tabs "
+            "(no CR or LF): Bearer {secret}",
+            f"{path}.template",
+        )
     # The secret's name is never echoed: a value pasted here by mistake must not reach an error answer or a log.
     secret = _string(data["secret"], f"{path}.secret", MAX_SECRET_NAME)
     if secret not in known_secrets:
@@ -620,14 +628,6 @@ def _credential(value: object, path: str, known_secrets: frozenset[str]) -> Cred
             "UNKNOWN_SECRET",
             f"no secret of that name is configured in the gateway's [inspection] secrets (configured: {configured})",
             f"{path}.secret",
-        )
-    template = _string(data.get("template", "{secret}"), f"{path}.template", MAX_HEADER_VALUE)
-    if template.count("{secret}") != 1 or not _FIELD_VALUE.fullmatch(template):
-        raise _fail(
-            "CREDENTIAL_TEMPLATE",
-            "a template contains {secret} exactly once and otherwise visible ASCII, spaces and tabs "
-            "(no CR or LF): Bearer {secret}",
-            f"{path}.template",
         )
     return Credential(header=header, secret=secret, template=template)
 

@@ -14,6 +14,7 @@ from gateway.errors import GatewayError
 from gateway.inspection import Credential, HeaderMatch, InspectRule
 from gateway.policy import (
     EGRESS_FIELDS,
+    INSPECT_FIELDS,
     MAX_ADDRESSES,
     MAX_LIST_ENTRIES,
     Egress,
@@ -1188,3 +1189,27 @@ def test_duplicates_inside_one_entry_are_harmless() -> None:
         or ()
     )
     assert (rule.hosts, rule.methods, rule.paths) == (("a.com",), ("GET",), ("/x",))
+
+
+_inspect_values = st.sampled_from(
+    ["a.com", "GET", "get", "/x", "/x*", "*", "{secret}", "github", "authorization", ":path", "\r\n", True, None, 0]
+)
+_header_or_credential = st.dictionaries(
+    st.sampled_from(["name", "equals", "prefix", "absent", "header", "secret", "template", "value", "bogus"]),
+    _json | _inspect_values,
+    max_size=4,
+)
+_inspect_entry = st.dictionaries(
+    st.sampled_from([*INSPECT_FIELDS, "token", "bogus"]),
+    _json | _inspect_values | st.lists(_inspect_values | _header_or_credential, max_size=3),
+    max_size=5,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_inspect_entry | _json, max_size=3))
+def test_garbage_inspect_entries_are_refused_only_with_gateway_errors(entries: list[Any]) -> None:
+    try:
+        parse_egress({"inspect": entries}, "egress", PRESETS, SECRETS)
+    except GatewayError as exc:
+        assert exc.code and exc.message and exc.field and exc.field.startswith("egress.inspect")

@@ -920,6 +920,21 @@ SANDBOX_EXAMPLES: Final[Mapping[str, Any]] = {
         "private_links": ["ws-agent"],
     },
     "isolated": {"id": "untrusted-eval", "addresses": ["10.75.0.12"]},
+    "inspected_read_only": {
+        "id": "reviewer-3",
+        "addresses": ["10.75.0.13"],
+        "profile": "allowlisted",
+        "egress": {
+            "inspect": [
+                {
+                    "hosts": ["api.github.com"],
+                    "methods": ["GET", "HEAD", "OPTIONS"],
+                    "paths": ["/repos/*", "/user"],
+                    "deny_reason": "read-only GitHub",
+                }
+            ]
+        },
+    },
 }
 SANDBOX_PATCH_EXAMPLES: Final[Mapping[str, Any]] = {
     "add_hosts": {"egress": {"allow_hosts": ["api.github.com", "pypi.org"]}},

@@ -501,7 +501,8 @@ TEMPLATE_FIELDS: Final = tuple(TEMPLATE_SCHEMA)
 
 
 def _check_no_secret_values(data: Mapping[str, Any], allowed: Iterable[str], path: str) -> None:
-    """A key that reads as a secret value is refused before UNKNOWN_FIELD could echo the record back."""
+    """A key that reads as a secret value gets its own code (UNKNOWN_FIELD would only list the spellings), and a
+    message that never repeats what was sent."""
     allowed = set(allowed)
     for key in data:
         if key not in allowed and isinstance(key, str) and SECRET_VALUE_KEY.search(key):
@@ -542,7 +543,8 @@ def _method(value: object, path: str) -> str:
         hint = f"methods are upper-case: {value.upper()}"
     else:
         hint = f"use one of {', '.join(HTTP_METHODS)}"
-    raise _fail("INVALID_METHOD", f"{value!r} is not an allowed method; {hint}", path)
+    shown = repr(value) if isinstance(value, str) and len(value) <= 16 else "this"
+    raise _fail("INVALID_METHOD", f"{shown} is not an allowed method; {hint}", path)
 
 
 def _path_pattern(value: object, path: str) -> str:

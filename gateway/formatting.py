@@ -66,6 +66,7 @@ def egress_summary(egress: Mapping[str, Any]) -> str:
         ("presets", "preset"),
         ("allow_cidrs", "allow-cidr"),
         ("deny_cidrs", "deny-cidr"),
+        ("inspect", "inspect rule"),
     ):
         count = len(egress.get(key) or ())
         if count:

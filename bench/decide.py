@@ -85,6 +85,7 @@ def build_policy(preset: Preset) -> tuple[Sandbox, dict[str, Preset]]:
         },
         subnets=SUBNETS,
         known_presets=presets,
+        known_secrets=(),
     )
     return sandbox, presets
 

@@ -51,8 +51,9 @@ from gateway.decision import PROTOCOLS, CompiledPolicy, Verdict
 from gateway.errors import Forbidden, GatewayError, NotFound
 from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, check_batch_name
 from gateway.hostnames import normalize_pattern
+from gateway.inspection import decide_request
 from gateway.openapi import ERROR_CODES, JSON, MERGE_PATCH, NDJSON, Answer, Body, Query, openapi_document
-from gateway.policy import DEFAULT_PROFILE, PORT_SCHEMA, PROFILES, Sandbox
+from gateway.policy import DEFAULT_PROFILE, HTTP_TOKEN_PATTERN, PORT_SCHEMA, PROFILES, Sandbox
 from gateway.presets import Preset
 from gateway.rules import Rule
 from gateway.stores.base import PolicyStore
@@ -88,6 +89,9 @@ PUBLIC: Final = "public"
 AUTHENTICATED: Final = "authenticated"
 #: Default ports for explain when the caller gives none; tcp/udp have no sensible default.
 DEFAULT_PORTS: Final[Mapping[str, int | None]] = {"tls": 443, "http": 80, "dns": None}
+#: Explain's HTTP request (for hosts an inspect entry marks): the bounds of its method and path.
+MAX_EXPLAIN_METHOD: Final = 32
+MAX_EXPLAIN_PATH: Final = 4096
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -547,9 +551,15 @@ class ExplainRequest:
     address: str | None
     port: int | None
     protocol: str
+    #: The HTTP request on the connection, when one was asked about (the path without its query).
+    method: str | None = None
+    path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"host": self.host, "address": self.address, "port": self.port, "protocol": self.protocol}
+        asked = {"host": self.host, "address": self.address, "port": self.port, "protocol": self.protocol}
+        if self.method is not None:
+            asked |= {"method": self.method, "path": self.path}
+        return asked
 
 
 def _parse_port(text: str, field: str) -> int:
@@ -586,6 +596,36 @@ def _split_host_port(text: str) -> tuple[str, str | None]:
     return text, None
 
 
+def _parse_http_request(query: Mapping[str, str], protocol: str) -> tuple[str | None, str | None]:
+    """Explain's `method` and `path` (either implies the other's default: GET, /); the path loses its query,
+    as the tier decides without it."""
+    asked_method, asked_path = query.get("method"), query.get("path")
+    if not asked_method and not asked_path:
+        return None, None
+    if protocol not in ("tls", "http"):
+        raise GatewayError(
+            "INVALID_PARAMETER",
+            f"method and path describe an HTTP request, which a {protocol} question has none of; "
+            "ask with protocol tls or http",
+            "method" if asked_method else "path",
+        )
+    method, path = asked_method or "GET", asked_path or "/"
+    if len(method) > MAX_EXPLAIN_METHOD or not HTTP_TOKEN_PATTERN.fullmatch(method):
+        raise GatewayError(
+            "INVALID_METHOD", f"{_shown(method)} is not an HTTP method (case-sensitive, such as GET)", "method"
+        )
+    if len(path) > MAX_EXPLAIN_PATH or not path.startswith("/") or not (path.isascii() and path.isprintable()):
+        raise GatewayError(
+            "INVALID_PATH",
+            f"{_shown(path)} is not a request path: it starts with / and is visible ASCII (percent-encoded), "
+            f"at most {MAX_EXPLAIN_PATH} characters",
+            "path",
+        )
+    if " " in path:
+        raise GatewayError("INVALID_PATH", "a request path has no spaces (percent-encode them: %20)", "path")
+    return method, path.partition("?")[0].partition("#")[0]
+
+
 def parse_explain_query(query: Mapping[str, str]) -> ExplainRequest:
     """Validate explain's inputs; `host` may carry the port (`example.com:8443`, `[2001:db8::1]:443`)."""
     protocol = query.get("protocol", "tls").lower()
@@ -593,6 +633,7 @@ def parse_explain_query(query: Mapping[str, str]) -> ExplainRequest:
         raise GatewayError(
             "INVALID_PROTOCOL", f"{_shown(protocol)} is not a protocol; use one of {', '.join(PROTOCOLS)}", "protocol"
         )
+    method, path = _parse_http_request(query, protocol)
     hostname: str | None = None
     address = _parse_address(query["address"], "address") if query.get("address") else None
     port = _parse_port(query["port"], "port") if query.get("port") else None
@@ -631,7 +672,7 @@ def parse_explain_query(query: Mapping[str, str]) -> ExplainRequest:
         port = DEFAULT_PORTS.get(protocol)
         if port is None:
             raise GatewayError("MISSING_FIELD", f"protocol {protocol} has no default port; give port", "port")
-    return ExplainRequest(hostname, address, port, protocol)
+    return ExplainRequest(hostname, address, port, protocol, method, path)
 
 
 def _say_when_the_address_decides(verdict: Verdict, policy: CompiledPolicy, asked: ExplainRequest) -> Verdict:
@@ -651,6 +692,22 @@ def _say_when_the_address_decides(verdict: Verdict, policy: CompiledPolicy, aske
     )
 
 
+def _explain_http(verdict: Verdict, policy: CompiledPolicy, method: str, path: str) -> dict[str, Any] | None:
+    """The inspection tier's answer to the request, on a connection an inspect entry marks; None when no entry
+    marks it (then the connection's verdict decides every request on it). Explain takes no headers, so the
+    entry's header conditions are listed for the caller to check, not decided."""
+    rule = policy.inspect_rule(verdict.detail) if verdict.allowed and verdict.rule is Rule.INSPECT else None
+    if rule is None:
+        return None
+    decided = decide_request(dataclasses.replace(rule, headers=()), method, path, [])
+    return {
+        "allowed": decided.allowed,
+        "reason": decided.reason,
+        "failed": decided.failed,
+        "header_conditions": [match.to_dict() for match in rule.headers],
+    }
+
+
 async def explain(request: web.Request) -> web.Response:
     query = _params()
     sandbox_id = request.match_info["id"]
@@ -659,9 +716,12 @@ async def explain(request: web.Request) -> web.Response:
     asked = parse_explain_query(query)
     verdict, policy = state.explain(sandbox_id, asked.host, asked.address, asked.port, asked.protocol)
     verdict = _say_when_the_address_decides(verdict, policy, asked)
-    return web.json_response(
-        {**verdict.to_dict(), "sandbox": sandbox_id, "request": asked.to_dict(), "policy": policy.describe()}
-    )
+    answer = {**verdict.to_dict(), "sandbox": sandbox_id, "request": asked.to_dict(), "policy": policy.describe()}
+    if asked.method is not None and asked.path is not None:
+        http = answer["http"] = _explain_http(verdict, policy, asked.method, asked.path)
+        if http is not None and not http["allowed"]:
+            answer |= {"allowed": False, "reason": http["reason"]}  # the connection opens, the request is refused
+    return web.json_response(answer)
 
 
 # --------------------------------------------------------------------------- handlers: audit batches
@@ -860,6 +920,21 @@ SANDBOX_EXAMPLES: Final[Mapping[str, Any]] = {
         "private_links": ["ws-agent"],
     },
     "isolated": {"id": "untrusted-eval", "addresses": ["10.75.0.12"]},
+    "inspected_read_only": {
+        "id": "reviewer-3",
+        "addresses": ["10.75.0.13"],
+        "profile": "allowlisted",
+        "egress": {
+            "inspect": [
+                {
+                    "hosts": ["api.github.com"],
+                    "methods": ["GET", "HEAD", "OPTIONS"],
+                    "paths": ["/repos/*", "/user"],
+                    "deny_reason": "read-only GitHub",
+                }
+            ]
+        },
+    },
 }
 SANDBOX_PATCH_EXAMPLES: Final[Mapping[str, Any]] = {
     "add_hosts": {"egress": {"allow_hosts": ["api.github.com", "pypi.org"]}},
@@ -1068,7 +1143,8 @@ def route_specs() -> tuple[RouteSpec, ...]:
             {200: Answer("The verdict (allowed or not: both are 200).", "Explain")},
             {
                 400: "INVALID_PORT, INVALID_ADDRESS, INVALID_HOSTNAME, INVALID_PROTOCOL, MISSING_FIELD (neither host "
-                "nor address; tcp/udp without a port), UNKNOWN_PARAMETER.",
+                "nor address; tcp/udp without a port), INVALID_METHOD, INVALID_PATH, INVALID_PARAMETER (method or "
+                "path with a protocol other than tls or http), UNKNOWN_PARAMETER.",
                 404: None,
             },
             query=(
@@ -1084,6 +1160,17 @@ def route_specs() -> tuple[RouteSpec, ...]:
                     "protocol",
                     {"type": "string", "enum": list(PROTOCOLS), "default": "tls"},
                     "dns asks whether the name would resolve (decided on the name alone).",
+                ),
+                Query(
+                    "method",
+                    {"type": "string", "maxLength": MAX_EXPLAIN_METHOD},
+                    "An HTTP request on the connection (tls or http; default GET when path is given): for a host an "
+                    "egress.inspect entry marks, the answer's `http` is the inspection tier's decision of it.",
+                ),
+                Query(
+                    "path",
+                    {"type": "string", "maxLength": MAX_EXPLAIN_PATH},
+                    "The request's path (default /); a query is ignored, as the tier decides without it.",
                 ),
             ),
         ),

@@ -111,7 +111,13 @@ def cmd_template(ctx: Context, args: argparse.Namespace) -> None:
 
 def cmd_explain(ctx: Context, args: argparse.Namespace) -> int:
     answer = ctx.client.explain(
-        args.sandbox, host=args.host, address=args.address, protocol=args.protocol, port=args.port
+        args.sandbox,
+        host=args.host,
+        address=args.address,
+        protocol=args.protocol,
+        port=args.port,
+        method=args.method,
+        path=args.path,
     )
     ctx.emit(answer, format_verdict)
     return EXIT_OK if answer.data.get("allowed") else EXIT_DENIED
@@ -406,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="destination address, for CIDR rules")
     p.add_argument("--port")
     p.add_argument("--protocol", help="tls (default), http, tcp, udp or dns")
+    p.add_argument("--method", help="an HTTP request on the connection, decided as on an inspected host (default GET)")
+    p.add_argument("--path", help="that request's path (default /)")
 
     commands.add_parser("status", parents=[common], help="store backend, counts, rejected records")
     commands.add_parser("presets", parents=[common], help="list presets")

@@ -166,9 +166,12 @@ class ApiClient:
         address: str | None = None,
         protocol: str | None = None,
         port: str | None = None,
+        method: str | None = None,
+        path: str | None = None,
     ) -> ApiResponse:
-        """Would this connection of the sandbox be allowed? (the verdict, its reason and rule)."""
-        query = {"host": host, "address": address, "protocol": protocol, "port": port}
+        """Would this connection of the sandbox be allowed? (the verdict, its reason and rule). With `method` or
+        `path`, also that HTTP request, as the inspection tier would decide it on a marked host."""
+        query = {"host": host, "address": address, "protocol": protocol, "port": port, "method": method, "path": path}
         return self.request("GET", f"/v1/sandboxes/{_quote(sandbox_id)}/explain", query=query)
 
     # ------------------------------------------------------------------ templates

@@ -6,6 +6,10 @@ ceiling; `decide` is a pure function of the compiled policy and the connection's
 name and one for the parent of a first-level wildcard; CIDR lookups are one dict
 probe per distinct prefix length present (at most 33 for IPv4, 129 for IPv6),
 whatever the number of entries.
+
+The `egress.inspect` entries are the first host table: a name they mark (exactly or by a wildcard) on one
+of their ports is decided INSPECT even where allow_hosts or a preset also allows it, so the engine hands it
+to the inspection tier; on their other ports the later tables still answer.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from gateway.hostnames import normalize_query_name
+from gateway.inspection import InspectRule
 from gateway.policy import PROFILE_EGRESS_FIELDS, Egress, IPAddress, IPNetwork, Limits, Sandbox, Template
 from gateway.presets import REGISTRY_PRESET, Preset
 from gateway.rules import Rule
@@ -147,6 +152,7 @@ class CompiledPolicy:
         "_deny_verdicts",
         "_exact_verdicts",
         "_host_tables",
+        "_inspect_rules",
         "allow_all",
         "allow_internet",
         "effective_egress",
@@ -169,6 +175,7 @@ class CompiledPolicy:
         self.allow_internet = egress.allow_internet is not False
         self.allow_all = profile == "unrestricted" and egress.mode != "deny_all"
         self._host_tables = host_tables
+        self._inspect_rules = {pattern: rule for rule in egress.inspect or () for pattern in rule.hosts}
         # Verdicts whose reason depends only on the rule (an exact name's, a CIDR's) are built on the rule's
         # first hit and reused: bounded by the number of rules, and compiling stays as cheap as before.
         self._exact_verdicts: dict[tuple[str, Rule, str], Verdict] = {}
@@ -178,6 +185,10 @@ class CompiledPolicy:
         self._deny_nets = NetSet(egress.deny_cidrs or ())
         self._allow_ports = frozenset(egress.allow_ports) if egress.allow_ports else None
         self.limits = limits
+
+    def inspect_rule(self, pattern: str) -> InspectRule | None:
+        """The inspect entry behind a verdict of rule INSPECT, by the verdict's detail (its host pattern)."""
+        return self._inspect_rules.get(pattern)
 
     def name_allowed(self, name: str) -> Verdict:
         """Whether a name may be resolved (the DNS question), regardless of port."""
@@ -321,6 +332,10 @@ def compile_policy(
             host_tables.append(
                 HostTable.build((pattern, host_ports, Rule.ALLOW_HOSTS, pattern) for pattern in egress.allow_hosts)
             )
+        if egress.inspect:
+            # First: a marked name must reach the tier, whatever else also allows it on that port.
+            marked = ((p, frozenset(rule.ports), Rule.INSPECT, p) for rule in egress.inspect for p in rule.hosts)
+            host_tables.insert(0, HostTable.build(marked))
 
     base_limits = template.limits.merged_over(default_limits) if template else default_limits
     limits = sandbox.limits.merged_over(base_limits)

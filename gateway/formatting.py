@@ -66,6 +66,7 @@ def egress_summary(egress: Mapping[str, Any]) -> str:
         ("presets", "preset"),
         ("allow_cidrs", "allow-cidr"),
         ("deny_cidrs", "deny-cidr"),
+        ("inspect", "inspect rule"),
     ):
         count = len(egress.get(key) or ())
         if count:
@@ -86,10 +87,26 @@ def _target(request: Mapping[str, Any]) -> str:
     return where
 
 
+def _header_condition(match: Mapping[str, Any]) -> str:
+    if match.get("absent"):
+        return f"no {match['name']}"
+    return f"{match['name']}: {match['equals']}" if "equals" in match else f"{match['name']}: {match.get('prefix')}..."
+
+
 def format_verdict(answer: Mapping[str, Any]) -> str:
-    """`DENY  evil.com:443  host not in allowlist  (rule default:deny)`."""
+    """`DENY  evil.com:443  host not in allowlist  (rule default:deny)`; with an HTTP request asked,
+    `DENY  POST api.github.com:443 /repos/x  read-only GitHub  (rule inspect api.github.com)`."""
     word = "ALLOW" if answer.get("allowed") else "DENY"
-    return f"{word}  {_target(answer.get('request') or {})}  {answer.get('reason')}  (rule {answer.get('rule')})"
+    request = answer.get("request") or {}
+    target = _target(request)
+    if request.get("method"):
+        target = f"{request['method']} {target} {request.get('path')}"
+    line = f"{word}  {target}  {answer.get('reason')}  (rule {answer.get('rule')})"
+    http = answer.get("http") or {}
+    conditions = [_header_condition(match) for match in http.get("header_conditions", ())]
+    if http.get("allowed") and conditions:
+        line += f"\n  if its headers also match: {'; '.join(conditions)}"
+    return line
 
 
 def sandbox_rows(data: Any) -> str:

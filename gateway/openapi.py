@@ -29,11 +29,14 @@ from gateway.errors import ErrorBody
 from gateway.flowlog import BATCH_NAME_PATTERN, FIELD_NAMES, MAX_LIST_LIMIT, FlowRecord
 from gateway.policy import (
     ADDRESS_SCHEMA,
+    CREDENTIAL_SCHEMA,
     EGRESS_MODES,
     EGRESS_SCHEMA,
+    HEADER_MATCH_SCHEMA,
     HOSTNAME_SCHEMA,
     ID_SCHEMA,
     INGRESS_SCHEMA,
+    INSPECT_SCHEMA,
     LIMIT_RANGES,
     LIMITS_SCHEMA,
     PORT_SCHEMA,
@@ -41,6 +44,7 @@ from gateway.policy import (
     PROFILES,
     SANDBOX_SCHEMA,
     TEMPLATE_SCHEMA,
+    nullable,
     schema_ref,
 )
 from gateway.state import Rejection
@@ -279,11 +283,32 @@ def _schemas() -> dict[str, Any]:
         "port": {"anyOf": [PORT_SCHEMA, {"type": "null"}]},
         "protocol": {"type": "string", "enum": list(PROTOCOLS)},
     }
+    asked_http = {"method": {"type": "string"}, "path": {"type": "string", "description": "Without its query."}}
+    http = {
+        "allowed": {"type": "boolean"},
+        "reason": {"type": "string", "description": "The entry's deny_reason when it has one and refuses."},
+        "failed": {"type": "string", "description": "method, path, or empty when allowed."},
+        "header_conditions": {
+            "type": "array",
+            "items": schema_ref("HeaderMatch"),
+            "description": "The entry's header conditions, which the request must also meet (explain takes no "
+            "headers).",
+        },
+    }
     explain = {
         **verdict,
         "sandbox": {"type": "string"},
-        "request": _object(asked, asked),
+        "request": _object(asked | asked_http, asked),
         "policy": schema_ref("EffectivePolicy"),
+        "http": nullable(
+            _object(
+                http,
+                http,
+                "Only when method or path was asked: the inspection tier's decision of that request, for a host "
+                "an inspect entry marks (then `allowed` and `reason` above include it); null when no entry marks "
+                "the connection, whose verdict then decides every request on it.",
+            )
+        ),
     }
     error = _fields(ErrorBody, {"code": {"pattern": "^[A-Z][A-Z0-9_]*$"}})
     rejection = _fields(Rejection, {"at": {"description": "Unix time of the rejection."}}, without="error")
@@ -298,6 +323,9 @@ def _schemas() -> dict[str, Any]:
         "Egress": _object(
             EGRESS_SCHEMA, (), "Fields left out (or null) are inherited from the template, then the profile."
         ),
+        "InspectEntry": _object(INSPECT_SCHEMA, ["hosts"]),
+        "HeaderMatch": _object(HEADER_MATCH_SCHEMA, ["name"]),
+        "Credential": _object(CREDENTIAL_SCHEMA, ["header", "secret"]),
         "Ingress": _object(INGRESS_SCHEMA),
         "Limits": _object(LIMITS_SCHEMA),
         "PrivateLink": _object(PRIVATE_LINK_SCHEMA, ["source"]),
@@ -351,7 +379,9 @@ def _schemas() -> dict[str, Any]:
         ),
         "Verdict": _object(verdict, verdict, closed=False),
         "Explain": _object(
-            explain, explain, "The verdict the data plane would give this connection, and the policy it used."
+            explain,
+            [name for name in explain if name != "http"],
+            "The verdict the data plane would give this connection, and the policy it used.",
         ),
         "Rejection": _object(
             rejection,

@@ -23,6 +23,7 @@ from typing import Any, Final, TypeVar
 
 from gateway.errors import GatewayError
 from gateway.hostnames import MAX_HOSTNAME_LENGTH, normalize_pattern
+from gateway.inspection import DEFAULT_INSPECT_PORTS, HTTP_METHODS, Credential, HeaderMatch, InspectRule
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -43,6 +44,37 @@ ID_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62})$")
 MAX_DESCRIPTION = 500
 MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 253
+
+#: Inspect entries (`egress.inspect`): the bounds of their HTTP rules and credential bindings.
+MAX_PATH_PATTERN = 256
+MAX_HEADER_VALUE = 1024
+MAX_SECRET_NAME = 63
+#: A header field name (RFC 9110 `token`); stored lower-case, as HTTP/2 sends them.
+HTTP_TOKEN_PATTERN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: Headers a credential may not bind: hop-by-hop and proxy headers (not forwarded, or the tier's own), and the
+#: ones that route or frame the request (binding them would let a secret redirect or desynchronise it).
+CREDENTIAL_FORBIDDEN_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+#: A key in an inspect entry or a credential that reads as the secret itself: refused with its own code (a
+#: policy names secrets; their values live in the gateway's config), and its value is never echoed.
+SECRET_VALUE_KEY = re.compile(r"value|token|passw|api_?key|bearer|credential_?data", re.IGNORECASE)
+#: Visible ASCII and space: what paths, reasons and templates may contain (they end up in HTTP heads).
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")
+#: A header value to match: visible ASCII, space and tab (RFC 9110 field-vchar without obs-text).
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
 #: Ranges for limits: (minimum, maximum). Bandwidth: 1-10000 Mbit/s (scaibunker's range).
 LIMIT_RANGES: Mapping[str, tuple[int, int]] = {
@@ -172,6 +204,8 @@ class Egress:
     deny_cidrs: tuple[IPNetwork, ...] | None = None
     allow_ports: tuple[int, ...] | None = None
     host_ports: tuple[int, ...] | None = None
+    #: Allow entries whose HTTP requests the inspection tier decides; they win over allow_hosts and presets.
+    inspect: tuple[InspectRule, ...] | None = None
 
     def set_fields(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -186,6 +220,8 @@ class Egress:
             value = getattr(self, name)
             if name in ("allow_cidrs", "deny_cidrs"):
                 value = [str(net) for net in value]
+            elif name == "inspect":
+                value = [rule.to_dict() for rule in value]
             elif isinstance(value, tuple):
                 value = list(value)
             out[name] = value
@@ -322,6 +358,72 @@ EGRESS_SCHEMA: Final[Mapping[str, Any]] = {
     ),
     "allow_ports": nullable(list_schema(PORT_SCHEMA, "Restrict allow_cidrs to these ports; needs allow_cidrs.")),
     "host_ports": nullable(list_schema(PORT_SCHEMA, "Restrict allow_hosts to these ports (default: any).")),
+    "inspect": nullable(
+        list_schema(
+            schema_ref("InspectEntry"),
+            "Allow entries whose HTTP requests the inspection tier decides (methods, paths, headers) and to "
+            "which it adds gateway-held credentials. They win over allow_hosts and presets for their names and "
+            "ports; a host may appear in one entry only.",
+        )
+    ),
+}
+HEADER_NAME_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "string",
+    "pattern": f"^{HTTP_TOKEN_PATTERN.pattern}$",
+    "description": "A header field name (RFC 9110 token); stored lower-case.",
+}
+HEADER_VALUE_SCHEMA: Final[Mapping[str, Any]] = {"type": "string", "maxLength": MAX_HEADER_VALUE}
+HEADER_MATCH_SCHEMA: Final[Mapping[str, Any]] = {
+    "name": HEADER_NAME_SCHEMA,
+    "equals": {**HEADER_VALUE_SCHEMA, "description": "Every copy of the header has exactly this value."},
+    "prefix": {**HEADER_VALUE_SCHEMA, "description": "Every copy of the header starts with this."},
+    "absent": {"type": "boolean", "const": True, "description": "The request carries no such header."},
+}
+CREDENTIAL_SCHEMA: Final[Mapping[str, Any]] = {
+    "header": {
+        **HEADER_NAME_SCHEMA,
+        "description": "The request header the secret is sent in (authorization, x-api-key, ...); whatever copy "
+        "the sandbox sent is removed. Not hop-by-hop, host, content-length or transfer-encoding.",
+    },
+    "secret": {
+        "type": "string",
+        "maxLength": MAX_SECRET_NAME,
+        "description": "The name of a secret configured in the gateway's [inspection] section (never its value).",
+    },
+    "template": {
+        "type": "string",
+        "maxLength": MAX_HEADER_VALUE,
+        "default": "{secret}",
+        "description": "The header's value, with `{secret}` (exactly once) replaced by the secret: `Bearer {secret}`.",
+    },
+}
+INSPECT_SCHEMA: Final[Mapping[str, Any]] = {
+    "hosts": {**list_schema(HOSTNAME_SCHEMA, "The names this entry allows and marks."), "minItems": 1},
+    "ports": {
+        **list_schema(PORT_SCHEMA, "The ports it allows and marks."),
+        "minItems": 1,
+        "default": list(DEFAULT_INSPECT_PORTS),
+    },
+    "methods": list_schema(
+        {"type": "string", "enum": list(HTTP_METHODS)},
+        "Allowed methods, upper-case (default: any; TRACE is always refused).",
+    ),
+    "paths": list_schema(
+        {"type": "string", "pattern": "^/", "maxLength": MAX_PATH_PATTERN},
+        "Allowed paths, query excluded (default: any). `/repos/*` is a prefix; `/user` matches /user and "
+        "/user/..., never /username.",
+    ),
+    "headers": list_schema(
+        schema_ref("HeaderMatch"), "Conditions on request headers: a name and exactly one of equals, prefix, absent."
+    ),
+    "deny_reason": {
+        "type": "string",
+        "maxLength": MAX_DESCRIPTION,
+        "description": "What a refused request is told (printable ASCII); default: the failed condition.",
+    },
+    "credentials": list_schema(
+        schema_ref("Credential"), "Headers the tier sets from gateway-held secrets (HTTPS only)."
+    ),
 }
 LIMITS_SCHEMA: Final[Mapping[str, Any]] = {
     name: nullable({"type": "integer", "minimum": low, "maximum": high}) for name, (low, high) in LIMIT_RANGES.items()
@@ -390,8 +492,219 @@ TEMPLATE_SCHEMA: Final[Mapping[str, Any]] = {
     "limits": nullable(schema_ref("Limits")),
 }
 EGRESS_FIELDS: Final = tuple(EGRESS_SCHEMA)
+INSPECT_FIELDS: Final = tuple(INSPECT_SCHEMA)
 SANDBOX_FIELDS: Final = tuple(SANDBOX_SCHEMA)
 TEMPLATE_FIELDS: Final = tuple(TEMPLATE_SCHEMA)
+
+
+# --------------------------------------------------------------------------- inspect entries
+
+
+def _check_no_secret_values(data: Mapping[str, Any], allowed: Iterable[str], path: str) -> None:
+    """A key that reads as a secret value gets its own code (UNKNOWN_FIELD would only list the spellings), and a
+    message that never repeats what was sent."""
+    allowed = set(allowed)
+    for key in data:
+        if key not in allowed and isinstance(key, str) and SECRET_VALUE_KEY.search(key):
+            raise _fail(
+                "SECRET_VALUE_IN_POLICY",
+                "a policy names a secret (credentials[].secret), never its value: configure the value in the "
+                "gateway's [inspection] secrets and remove this field",
+                f"{path}.{key}",
+            )
+
+
+def _string(value: object, path: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise _fail("INVALID_TYPE", f"expected a string, got {_type_name(value)}", path)
+    if len(value) > limit:
+        raise _fail("TOO_LONG", f"{len(value)} characters; at most {limit}", path)
+    return value
+
+
+def _header_name(value: object, path: str) -> str:
+    if not isinstance(value, str) or not HTTP_TOKEN_PATTERN.fullmatch(value):
+        shown = repr(value) if isinstance(value, str) and len(value) <= 40 else "this"
+        raise _fail(
+            "INVALID_HEADER_NAME",
+            f"{shown} is not a header name: letters, digits and !#$%&'*+-.^_`|~ (RFC 9110 token); "
+            "no pseudo-headers (:authority)",
+            path,
+        )
+    return value.lower()
+
+
+def _method(value: object, path: str) -> str:
+    if isinstance(value, str) and value in HTTP_METHODS:
+        return value
+    if value == "TRACE":
+        hint = "TRACE is refused on inspected hosts whatever an entry says (it echoes request headers back)"
+    elif isinstance(value, str) and value.upper() in HTTP_METHODS:
+        hint = f"methods are upper-case: {value.upper()}"
+    else:
+        hint = f"use one of {', '.join(HTTP_METHODS)}"
+    shown = repr(value) if isinstance(value, str) and len(value) <= 16 else "this"
+    raise _fail("INVALID_METHOD", f"{shown} is not an allowed method; {hint}", path)
+
+
+def _path_pattern(value: object, path: str) -> str:
+    text = _string(value, path, MAX_PATH_PATTERN)
+    if not text.startswith("/"):
+        problem = "does not start with /"
+    elif not _PRINTABLE.fullmatch(text) or " " in text:
+        problem = "has a character other than visible ASCII (percent-encode it as the request would)"
+    elif "?" in text or "#" in text:
+        problem = "has a query or fragment (paths are matched without the query)"
+    elif "*" in text[:-1]:
+        problem = "has a * before its end (only a final * is allowed: /repos/*)"
+    else:
+        return text
+    raise _fail("INVALID_PATH_PATTERN", f"the path pattern {problem}", path)
+
+
+def _header_value(value: object, path: str, *, prefix: bool) -> str:
+    text = _string(value, path, MAX_HEADER_VALUE)
+    if not _FIELD_VALUE.fullmatch(text):
+        raise _fail("INVALID_HEADER_VALUE", "a header value is visible ASCII, spaces and tabs (no CR, LF or NUL)", path)
+    if text != text.lstrip(" \t") or (not prefix and text != text.rstrip(" \t")):
+        raise _fail(
+            "INVALID_HEADER_VALUE", "HTTP trims a value's surrounding whitespace, so this would never match", path
+        )
+    return text
+
+
+def _header_match(value: object, path: str) -> HeaderMatch:
+    data = _expect_mapping(value, path)
+    _check_known(data, HEADER_MATCH_SCHEMA, path)
+    if "name" not in data:
+        raise _fail("MISSING_FIELD", "a header condition names its header", f"{path}.name")
+    conditions = [key for key in ("equals", "prefix", "absent") if key in data]
+    if len(conditions) != 1 or data.get("absent", True) is not True:
+        if "absent" in data:
+            _bool(data["absent"], f"{path}.absent")
+        raise _fail(
+            "HEADER_MATCH_AMBIGUOUS",
+            "a header condition has exactly one of equals, prefix or absent: true"
+            + (f" (got {', '.join(conditions)})" if conditions else ""),
+            path,
+        )
+    return HeaderMatch(
+        name=_header_name(data["name"], f"{path}.name"),
+        equals=_header_value(data["equals"], f"{path}.equals", prefix=False) if "equals" in data else None,
+        prefix=_header_value(data["prefix"], f"{path}.prefix", prefix=True) if "prefix" in data else None,
+        absent="absent" in data,
+    )
+
+
+def _credential(value: object, path: str, known_secrets: frozenset[str]) -> Credential:
+    data = _expect_mapping(value, path)
+    _check_no_secret_values(data, CREDENTIAL_SCHEMA, path)
+    _check_known(data, CREDENTIAL_SCHEMA, path)
+    for required in ("header", "secret"):
+        if required not in data:
+            raise _fail("MISSING_FIELD", f"a credential names its {required}", f"{path}.{required}")
+    raw_header = data["header"]
+    if isinstance(raw_header, str) and raw_header.startswith(":"):
+        raise _fail("INVALID_CREDENTIAL_HEADER", "a credential cannot bind a pseudo-header", f"{path}.header")
+    header = _header_name(raw_header, f"{path}.header")
+    if header in CREDENTIAL_FORBIDDEN_HEADERS:
+        raise _fail(
+            "INVALID_CREDENTIAL_HEADER",
+            f"{header} routes, frames or is consumed by a proxy; bind a header the origin reads "
+            "(authorization, x-api-key, ...)",
+            f"{path}.header",
+        )
+    template = _string(data.get("template", "{secret}"), f"{path}.template", MAX_HEADER_VALUE)
+    if template.count("{secret}") != 1 or not _FIELD_VALUE.fullmatch(template):
+        raise _fail(
+            "CREDENTIAL_TEMPLATE",
+            "a template contains {secret} exactly once and otherwise visible ASCII, spaces and tabs "
+            "(no CR or LF): Bearer {secret}",
+            f"{path}.template",
+        )
+    # The secret's name is never echoed: a value pasted here by mistake must not reach an error answer or a log.
+    secret = _string(data["secret"], f"{path}.secret", MAX_SECRET_NAME)
+    if secret not in known_secrets:
+        configured = ", ".join(sorted(known_secrets)) or "none"
+        raise _fail(
+            "UNKNOWN_SECRET",
+            f"no secret of that name is configured in the gateway's [inspection] secrets (configured: {configured})",
+            f"{path}.secret",
+        )
+    return Credential(header=header, secret=secret, template=template)
+
+
+def _unique[T](
+    item: Callable[[object, str], T], key: Callable[[T], str], code: str, what: str, field: str
+) -> Callable[[object, str], T]:
+    """`item` for `_list`, refusing a second item with the same `key` (at `<item path>.<field>`, in input order)."""
+    first: dict[str, str] = {}
+
+    def parse(value: object, path: str) -> T:
+        parsed = item(value, path)
+        name = key(parsed)
+        if first.setdefault(name, path) != path:
+            raise _fail(code, f"{name} {what} in {first[name]}", f"{path}.{field}")
+        return parsed
+
+    return parse
+
+
+def _inspect_entry(value: object, path: str, known_secrets: frozenset[str]) -> InspectRule:
+    data = _expect_mapping(value, path)
+    _check_no_secret_values(data, INSPECT_FIELDS, path)
+    _check_known(data, INSPECT_FIELDS, path)
+    if "hosts" not in data:
+        raise _fail("MISSING_FIELD", "an inspect entry names the hosts it allows and marks", f"{path}.hosts")
+    hosts = _list(data["hosts"], f"{path}.hosts", _hostname)
+    ports = _list(data["ports"], f"{path}.ports", _port) if "ports" in data else DEFAULT_INSPECT_PORTS
+    for name, what in (("hosts", hosts), ("ports", ports)):
+        if not what:
+            raise _fail("MISSING_FIELD", f"an inspect entry needs at least one of its {name}", f"{path}.{name}")
+    deny_reason = _string(data.get("deny_reason", ""), f"{path}.deny_reason", MAX_DESCRIPTION)
+    if not _PRINTABLE.fullmatch(deny_reason):
+        raise _fail(
+            "INVALID_DENY_REASON",
+            "a deny reason is one line of visible ASCII and spaces (it is sent in a response header)",
+            f"{path}.deny_reason",
+        )
+    header_match = _unique(
+        _header_match, lambda m: m.name, "HEADER_MATCH_DUPLICATE", "already has a condition (one per header)", "name"
+    )
+    credential = _unique(
+        lambda item, where: _credential(item, where, known_secrets),
+        lambda c: c.header,
+        "CREDENTIAL_HEADER_DUPLICATE",
+        "is already bound to a secret",
+        "header",
+    )
+    return InspectRule(
+        hosts=hosts,
+        ports=ports,
+        methods=_list(data.get("methods", []), f"{path}.methods", _method),
+        paths=_list(data.get("paths", []), f"{path}.paths", _path_pattern),
+        headers=_list(data.get("headers", []), f"{path}.headers", header_match),
+        deny_reason=deny_reason,
+        credentials=_list(data.get("credentials", []), f"{path}.credentials", credential),
+    )
+
+
+def _inspect_entries(value: object, path: str, known_secrets: frozenset[str]) -> tuple[InspectRule, ...]:
+    owner: dict[str, str] = {}
+
+    def entry(item: object, where: str) -> InspectRule:
+        rule = _inspect_entry(item, where, known_secrets)
+        for position, raw in enumerate(_expect_mapping(item, where)["hosts"]):
+            host = _hostname(raw, f"{where}.hosts[{position}]")
+            if owner.setdefault(host, where) != where:
+                raise _fail(
+                    "INSPECT_HOST_DUPLICATE",
+                    f"{host} is already inspected by {owner[host]}; a host belongs to one entry",
+                    f"{where}.hosts[{position}]",
+                )
+        return rule
+
+    return _list(value, path, entry)
 
 
 def _looks_like_address(text: str) -> bool:
@@ -423,7 +736,7 @@ def _split_egress_list(entries: object, path: str) -> Egress:
     return Egress(allow_hosts=tuple(dict.fromkeys(hosts)), allow_cidrs=tuple(dict.fromkeys(cidrs)) if cidrs else None)
 
 
-def parse_egress(data: object, path: str, known_presets: Iterable[str]) -> Egress:
+def parse_egress(data: object, path: str, known_presets: Iterable[str], known_secrets: Iterable[str]) -> Egress:
     if data is None:
         return Egress()
     if isinstance(data, list):
@@ -454,6 +767,8 @@ def parse_egress(data: object, path: str, known_presets: Iterable[str]) -> Egres
             values[name] = _list(raw, where, preset)
         elif name in ("allow_cidrs", "deny_cidrs"):
             values[name] = _list(raw, where, _network)
+        elif name == "inspect":
+            values[name] = _inspect_entries(raw, where, frozenset(known_secrets))
         else:  # allow_ports, host_ports
             values[name] = _list(raw, where, _port)
     egress = Egress(**values)
@@ -464,7 +779,7 @@ def parse_egress(data: object, path: str, known_presets: Iterable[str]) -> Egres
 def _check_egress_rules(egress: Egress, path: str) -> None:
     """The egress-mode validation rules (zwrm's), which hold for a record on its own (template or sandbox)."""
     if egress.mode == "allow_all":
-        for name in ("allow_cidrs", "deny_cidrs", "allow_ports", "allow_hosts", "presets"):
+        for name in ("allow_cidrs", "deny_cidrs", "allow_ports", "allow_hosts", "presets", "inspect"):
             if getattr(egress, name):
                 raise _fail(
                     "EGRESS_MODE_CONFLICT",
@@ -486,7 +801,7 @@ def _check_egress_rules(egress: Egress, path: str) -> None:
                 f"{path}.deny_cidrs[{index}]",
             )
     if egress.allow_internet is False:
-        for name in ("allow_hosts", "presets", "allow_cidrs"):
+        for name in ("allow_hosts", "presets", "allow_cidrs", "inspect"):
             if getattr(egress, name):
                 raise _fail(
                     "EGRESS_DISABLED_WITH_RULES",
@@ -564,9 +879,12 @@ def parse_sandbox(
     *,
     subnets: Sequence[IPNetwork],
     known_presets: Iterable[str],
+    known_secrets: Iterable[str],
     sandbox_id: str | None = None,
 ) -> Sandbox:
-    """Parse and validate one sandbox record. `sandbox_id`, when given, is the id from the URL or key."""
+    """Parse and validate one sandbox record. `sandbox_id`, when given, is the id from the URL or key.
+
+    `known_presets` and `known_secrets` are the names the configuration defines (presets; [inspection] secrets)."""
     data = _expect_mapping(data, "")
     _check_known(data, SANDBOX_FIELDS, "")
     raw_id = data.get("id", sandbox_id)
@@ -599,7 +917,7 @@ def parse_sandbox(
     if template is not None:
         template = _identifier(template, "template", "template name")
 
-    egress = parse_egress(data.get("egress"), "egress", known_presets)
+    egress = parse_egress(data.get("egress"), "egress", known_presets, known_secrets)
     _check_profile_fields(profile, egress)
     return Sandbox(
         id=sid,
@@ -645,7 +963,9 @@ def _check_profile_fields(profile: str, egress: Egress) -> None:
         )
 
 
-def parse_template(data: object, *, known_presets: Iterable[str], name: str | None = None) -> Template:
+def parse_template(
+    data: object, *, known_presets: Iterable[str], known_secrets: Iterable[str], name: str | None = None
+) -> Template:
     data = _expect_mapping(data, "")
     _check_known(data, TEMPLATE_FIELDS, "")
     raw_name = data.get("name", name)
@@ -657,6 +977,6 @@ def parse_template(data: object, *, known_presets: Iterable[str], name: str | No
     return Template(
         name=tname,
         description=_text(data.get("description", ""), "description"),
-        egress=parse_egress(data.get("egress"), "egress", known_presets),
+        egress=parse_egress(data.get("egress"), "egress", known_presets, known_secrets),
         limits=parse_limits(data.get("limits"), "limits"),
     )

@@ -2,8 +2,8 @@
 
 One `StrEnum` shared by `decision.decide`, the egress engine, the DNS interceptor and the tunnel, so no
 code reads meaning back out of a string. A verdict carries a `Rule` and, for rules that name a policy
-entry (`allow_hosts api.example.com`, `allow_cidrs 10.0.0.0/8`, `preset pypi`), a detail; `label()`
-spells the pair as flow records, logs and `explain` show it (the strings are part of the record format
+entry (`allow_hosts api.example.com`, `allow_cidrs 10.0.0.0/8`, `preset pypi`, `inspect api.github.com`), a
+detail; `label()` spells the pair as flow records, logs and `explain` show it (the strings are part of the record format
 and do not change).
 """
 
@@ -50,6 +50,8 @@ class Rule(StrEnum):
     MALWARE_LIST = "malware list"
     # The tunnel (a detail names the tunnel).
     TUNNEL = "tunnel"
+    # An egress.inspect entry (a detail names its host pattern): allowed, and handed to the inspection tier.
+    INSPECT = "inspect"
 
     def label(self, detail: str = "") -> str:
         """The rule as records show it: `allow_hosts api.example.com`, `tunnel:ab12`, `default:deny`."""

@@ -33,6 +33,8 @@ class PolicyContext:
     subnets: tuple[IPNetwork, ...]
     presets: Mapping[str, Preset]
     default_limits: Limits
+    #: The names of the secrets the [inspection] config holds (inspect entries' credentials may bind only these).
+    secrets: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +69,15 @@ class PolicyState:
 
     def parse_sandbox(self, raw: object, sandbox_id: str | None = None) -> Sandbox:
         return parse_sandbox(
-            raw, subnets=self.context.subnets, known_presets=self.context.presets, sandbox_id=sandbox_id
+            raw,
+            subnets=self.context.subnets,
+            known_presets=self.context.presets,
+            known_secrets=self.context.secrets,
+            sandbox_id=sandbox_id,
         )
 
     def parse_template(self, raw: object, name: str | None = None) -> Template:
-        return parse_template(raw, known_presets=self.context.presets, name=name)
+        return parse_template(raw, known_presets=self.context.presets, known_secrets=self.context.secrets, name=name)
 
     # ------------------------------------------------------------------ reads
 

@@ -236,6 +236,7 @@ CONTEXT = PolicyContext(
     (ipaddress.ip_network("10.75.0.0/16"), ipaddress.ip_network("fdd4:1476:6c7e::/48")),
     BUILTIN_PRESETS,
     DEFAULT_LIMITS,
+    frozenset({"github", "openai"}),
 )
 
 
@@ -255,9 +256,11 @@ def policy(
         data["limits"] = limits
     parsed_template = None
     if template is not None:
-        parsed_template = parse_template({"name": "tpl", **template}, known_presets=presets)
+        parsed_template = parse_template(
+            {"name": "tpl", **template}, known_presets=presets, known_secrets=CONTEXT.secrets
+        )
         data["template"] = "tpl"
-    sandbox = parse_sandbox(data, subnets=CONTEXT.subnets, known_presets=presets)
+    sandbox = parse_sandbox(data, subnets=CONTEXT.subnets, known_presets=presets, known_secrets=CONTEXT.secrets)
     return compile_policy(sandbox, parsed_template, presets, CONTEXT.default_limits)
 
 

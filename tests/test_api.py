@@ -9,6 +9,7 @@ without a test failing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -141,9 +142,14 @@ def config(tmp_path: Path) -> Config:
     return write_config(tmp_path)
 
 
+#: The secret names the API's policy context knows (the [inspection] config would hold their values).
+SECRETS = frozenset({"github"})
+
+
 @pytest.fixture
 async def store(config: Config) -> AsyncIterator[EmbeddedStore]:
-    instance = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
+    context = dataclasses.replace(config.policy_context(), secrets=SECRETS)
+    instance = EmbeddedStore(context, msgspec.structs.replace(config.store, poll_interval=0.05))
     await instance.start()
     yield instance
     await instance.close()
@@ -522,6 +528,16 @@ async def test_explain_addresses_and_cidr_rules(api: Api) -> None:
         ("", "MISSING_FIELD", "host"),
         ("hostname=a.com", "UNKNOWN_PARAMETER", "hostname"),
         ("host=a.com&host=b.com", "INVALID_PARAMETER", "host"),
+        ("host=a.com&method=G%20T", "INVALID_METHOD", "method"),
+        ("host=a.com&method=" + "G" * 33, "INVALID_METHOD", "method"),
+        ("host=a.com&method=GET%0D%0A", "INVALID_METHOD", "method"),
+        ("host=a.com&path=repos", "INVALID_PATH", "path"),
+        ("host=a.com&path=/a%20b", "INVALID_PATH", "path"),
+        ("host=a.com&path=/a%0D%0AHost:%20b", "INVALID_PATH", "path"),
+        ("host=a.com&path=/b%C3%BCcher", "INVALID_PATH", "path"),
+        ("host=a.com&path=/" + "a" * 4096, "INVALID_PATH", "path"),
+        ("host=a.com&method=GET&protocol=dns", "INVALID_PARAMETER", "method"),
+        ("host=a.com&path=/&protocol=tcp&port=443", "INVALID_PARAMETER", "path"),
     ],
 )
 async def test_explain_rejects_bad_input(api: Api, query: str, code: str, field: str) -> None:
@@ -533,6 +549,117 @@ async def test_explain_rejects_bad_input(api: Api, query: str, code: str, field:
 async def test_explain_and_policy_of_an_unknown_sandbox_are_404(api: Api) -> None:
     assert (await api.call("GET", "/v1/sandboxes/ghost/explain?host=a.com", expect=404)).code == "SANDBOX_NOT_FOUND"
     assert (await api.call("GET", "/v1/sandboxes/ghost/policy", expect=404)).code == "SANDBOX_NOT_FOUND"
+
+
+GITHUB_READ_ONLY = {
+    "id": "gh-reader",
+    "addresses": ["10.75.0.70"],
+    "profile": "allowlisted",
+    "egress": {
+        "allow_hosts": ["api.github.com", "docs.example.com"],
+        "inspect": [
+            {
+                "hosts": ["api.github.com"],
+                "methods": ["GET", "HEAD"],
+                "paths": ["/repos/*", "/user"],
+                "headers": [{"name": "Accept", "prefix": "application/"}],
+                "deny_reason": "read-only GitHub",
+                "credentials": [{"header": "Authorization", "secret": "github", "template": "Bearer {secret}"}],
+            }
+        ],
+    },
+}
+
+
+async def test_an_inspect_entry_is_stored_as_written_and_explained_with_its_http_decision(api: Api) -> None:
+    created = (await api.call("POST", "/v1/sandboxes", GITHUB_READ_ONLY, expect=201)).body
+    [entry] = created["egress"]["inspect"]
+    assert entry["headers"] == [{"name": "accept", "prefix": "application/"}]
+    assert entry["credentials"] == [{"header": "authorization", "secret": "github", "template": "Bearer {secret}"}]
+    assert entry["ports"] == [443]
+    assert (await api.call("GET", "/v1/sandboxes/gh-reader", expect=200)).body == created
+    effective = (await api.call("GET", "/v1/sandboxes/gh-reader/policy", expect=200)).body
+    assert effective["egress"]["inspect"] == created["egress"]["inspect"]
+
+    async def explain(query: str) -> dict[str, Any]:
+        return (await api.call("GET", f"/v1/sandboxes/gh-reader/explain?{query}", token="reader", expect=200)).body
+
+    connection = await explain("host=api.github.com")
+    assert (connection["allowed"], connection["rule"]) == (True, "inspect api.github.com")
+    assert connection["reason"] == "host api.github.com allowed by inspect api.github.com"
+    assert "http" not in connection and "method" not in connection["request"]
+
+    read = await explain("host=api.github.com&method=GET&path=/repos/o/r/issues?state=open")
+    assert (read["allowed"], read["rule"]) == (True, "inspect api.github.com")
+    assert read["request"] | {"method": "GET", "path": "/repos/o/r/issues"} == read["request"]  # no query
+    assert read["http"] == {
+        "allowed": True,
+        "reason": "request allowed by the entry's HTTP rules",
+        "failed": "",
+        "header_conditions": [{"name": "accept", "prefix": "application/"}],
+    }
+    write = await explain("host=api.github.com&method=POST&path=/repos/o/r/issues")
+    assert (write["allowed"], write["rule"], write["reason"]) == (False, "inspect api.github.com", "read-only GitHub")
+    assert (write["http"]["allowed"], write["http"]["failed"]) == (False, "method")
+    elsewhere = await explain("host=api.github.com&path=/gists")  # GET by default
+    assert (elsewhere["allowed"], elsewhere["http"]["failed"], elsewhere["request"]["method"]) == (False, "path", "GET")
+    assert (await explain("host=api.github.com&method=HEAD"))["http"]["failed"] == "path"  # path / by default
+    assert (await explain("host=api.github.com&method=TRACE&path=/user"))["http"]["failed"] == "method"
+
+    # Off the entry's port, and on hosts no entry marks, the connection's verdict decides every request.
+    port = await explain("host=api.github.com:8443&method=POST&path=/x")
+    assert (port["allowed"], port["rule"], port["http"]) == (True, "allow_hosts api.github.com", None)
+    plain = await explain("host=docs.example.com&method=DELETE&path=/x")
+    assert (plain["allowed"], plain["rule"], plain["http"]) == (True, "allow_hosts docs.example.com", None)
+    refused = await explain("host=evil.example&method=GET&path=/")
+    assert (refused["allowed"], refused["rule"], refused["http"]) == (False, "default:deny", None)
+
+
+@pytest.mark.parametrize(
+    ("inspect", "code", "field"),
+    [
+        ([{"hosts": ["api.github.com"], "methods": ["get"]}], "INVALID_METHOD", "egress.inspect[0].methods[0]"),
+        (
+            [{"hosts": ["api.github.com"], "credentials": [{"header": "authorization", "secret": "gitlab"}]}],
+            "UNKNOWN_SECRET",
+            "egress.inspect[0].credentials[0].secret",
+        ),
+        (
+            [{"hosts": ["api.github.com"], "credentials": [{"header": "authorization", "value": "ghp_x" * 8}]}],
+            "SECRET_VALUE_IN_POLICY",
+            "egress.inspect[0].credentials[0].value",
+        ),
+        (
+            [{"hosts": ["api.github.com"], "credentials": [{"header": "host", "secret": "github"}]}],
+            "INVALID_CREDENTIAL_HEADER",
+            "egress.inspect[0].credentials[0].header",
+        ),
+        (
+            [{"hosts": ["api.github.com"]}, {"hosts": ["API.github.com"]}],
+            "INSPECT_HOST_DUPLICATE",
+            "egress.inspect[1].hosts[0]",
+        ),
+    ],
+)
+async def test_a_refused_inspect_entry_is_400_and_changes_nothing(
+    api: Api, inspect: list[Any], code: str, field: str
+) -> None:
+    await api.call("POST", "/v1/sandboxes", GITHUB_READ_ONLY, expect=201)
+    before = (await api.call("GET", "/v1/sandboxes", expect=200)).body
+    bad = {**GITHUB_READ_ONLY, "egress": {"inspect": inspect}}
+    for method, path, body in (
+        ("POST", "/v1/sandboxes", {**bad, "id": "other", "addresses": ["10.75.0.71"]}),
+        ("PUT", "/v1/sandboxes/gh-reader", bad),
+        ("PATCH", "/v1/sandboxes/gh-reader", {"egress": {"inspect": inspect}}),
+    ):
+        answer = await api.call(method, path, body, expect=400)
+        assert (answer.code, answer.body["field"]) == (code, field), (method, answer.body)
+        assert "ghp_x" not in answer.body["message"]
+    assert (await api.call("GET", "/v1/sandboxes", expect=200)).body == before
+    template = {"name": "gh", "egress": {"inspect": inspect}}
+    refused = await api.call("POST", "/v1/templates", template, expect=400)
+    assert (refused.code, refused.body["field"]) == (code, field)
+    assert (await api.call("GET", "/v1/templates", expect=200)).body == {"templates": []}
 
 
 def test_explain_query_parsing_normalises_names_and_defaults_ports() -> None:
@@ -806,7 +933,13 @@ def test_example_bodies_pass_the_real_parser_and_their_schema(config: Config) ->
     context = config.policy_context()
 
     def sandbox(raw: Any, sandbox_id: str | None = None) -> None:
-        parse_sandbox(raw, subnets=context.subnets, known_presets=context.presets, sandbox_id=sandbox_id)
+        parse_sandbox(
+            raw,
+            subnets=context.subnets,
+            known_presets=context.presets,
+            known_secrets=context.secrets,
+            sandbox_id=sandbox_id,
+        )
 
     def examples(path: str, method: str) -> list[tuple[str, Any, dict[str, Any]]]:
         out = []
@@ -822,12 +955,17 @@ def test_example_bodies_pass_the_real_parser_and_their_schema(config: Config) ->
         sandbox(value, sandbox_id=name.replace("_", "-"))
         schema_validator(schema).validate(value)
     for _, value, schema in examples("/v1/sandboxes/{id}", "patch"):
-        base = parse_sandbox(SANDBOX_EXAMPLES["allowlisted"], subnets=context.subnets, known_presets=context.presets)
+        base = parse_sandbox(
+            SANDBOX_EXAMPLES["allowlisted"],
+            subnets=context.subnets,
+            known_presets=context.presets,
+            known_secrets=context.secrets,
+        )
         sandbox(apply_merge_patch(base.to_dict(), value), sandbox_id=base.id)
         schema_validator(schema).validate(value)
     for path, method in (("/v1/templates", "post"), ("/v1/templates/{name}", "put")):
         for _, value, schema in examples(path, method):
-            parse_template(value, known_presets=context.presets)
+            parse_template(value, known_presets=context.presets, known_secrets=context.secrets)
             schema_validator(schema).validate(value)
     assert SANDBOX_PATCH_EXAMPLES and TEMPLATE_EXAMPLES
 
@@ -868,21 +1006,36 @@ def test_request_schemas_list_exactly_the_fields_the_parser_accepts(config: Conf
     context = config.policy_context()
 
     def sandbox(raw: Any) -> object:
-        return parse_sandbox(raw, subnets=context.subnets, known_presets=context.presets)
+        return parse_sandbox(raw, subnets=context.subnets, known_presets=context.presets, known_secrets=context.secrets)
 
     def template(raw: Any) -> object:
-        return parse_template(raw, known_presets=context.presets)
+        return parse_template(raw, known_presets=context.presets, known_secrets=context.secrets)
 
     def tunnel(raw: Any) -> object:
         return parse_request(raw, default_ttl=60, max_ttl=3600)
 
     base = {"id": "probe", "addresses": ["10.75.0.5"], "profile": "allowlisted"}
+
+    def inspect(entry: dict[str, Any]) -> dict[str, Any]:
+        return {**base, "egress": {"inspect": [{"hosts": ["a.example.com"], **entry}]}}
+
     probes = {
         "SandboxCreate": (sandbox, {**base, "zz_unknown": 1}, "zz_unknown"),
         "Egress": (sandbox, {**base, "egress": {"zz_unknown": 1}}, "egress.zz_unknown"),
         "Ingress": (sandbox, {**base, "ingress": {"zz_unknown": 1}}, "ingress.zz_unknown"),
         "Limits": (sandbox, {**base, "limits": {"zz_unknown": 1}}, "limits.zz_unknown"),
         "PrivateLink": (sandbox, {**base, "private_links": [{"zz_unknown": 1}]}, "private_links[0].zz_unknown"),
+        "InspectEntry": (sandbox, inspect({"zz_unknown": 1}), "egress.inspect[0].zz_unknown"),
+        "HeaderMatch": (
+            sandbox,
+            inspect({"headers": [{"zz_unknown": 1}]}),
+            "egress.inspect[0].headers[0].zz_unknown",
+        ),
+        "Credential": (
+            sandbox,
+            inspect({"credentials": [{"zz_unknown": 1}]}),
+            "egress.inspect[0].credentials[0].zz_unknown",
+        ),
         "TemplateCreate": (template, {"name": "probe", "zz_unknown": 1}, "zz_unknown"),
         "TunnelCreate": (tunnel, {"port": 80, "zz_unknown": 1}, "zz_unknown"),
     }

@@ -459,6 +459,27 @@ def test_explain_says_when_the_address_decides(server: Server) -> None:
     assert gateway("sandbox", "delete", "cidr-only", server=server).returncode == 0
 
 
+def test_explain_decides_an_http_request_on_an_inspected_host(server: Server) -> None:
+    entry = {"hosts": ["api.github.com"], "methods": ["GET"], "headers": [{"name": "accept", "prefix": "application/"}]}
+    record = {"id": "inspected", "addresses": ["10.75.1.75"], "profile": "allowlisted", "egress": {"inspect": [entry]}}
+    created = gateway("sandbox", "create", "--data", json.dumps(record), server=server)
+    assert created.returncode == 0, created.stderr
+    read = gateway("explain", "inspected", "api.github.com", "--method", "GET", "--path", "/repos/a?x=1", server=server)
+    assert (read.returncode, read.stdout) == (
+        0,
+        "ALLOW  GET api.github.com:443 /repos/a  host api.github.com allowed by inspect api.github.com  "
+        "(rule inspect api.github.com)\n  if its headers also match: accept: application/...\n",
+    )
+    write = gateway("explain", "inspected", "api.github.com", "--method", "POST", server=server)
+    assert (write.returncode, write.stdout) == (
+        4,
+        "DENY  POST api.github.com:443 /  method POST not allowed (allowed: GET)  (rule inspect api.github.com)\n",
+    )
+    bad = gateway("explain", "inspected", "api.github.com", "--path", "no-slash", server=server)
+    assert bad.returncode == 1 and bad.stderr.startswith("INVALID_PATH: ") and bad.stderr.endswith("(field path)\n")
+    assert gateway("sandbox", "delete", "inspected", server=server).returncode == 0
+
+
 RAW_EPOCH = re.compile(r"\b1[5-9]\d{8}(\.\d+)?\b")
 
 

@@ -32,6 +32,14 @@ def hosts(*names: str) -> dict[str, Any]:
     return allowlisted(allow_hosts=list(names))
 
 
+def entry(**fields: Any) -> dict[str, Any]:
+    return {"hosts": ["api.example.com"], **fields}
+
+
+def inspect(*entries: dict[str, Any]) -> dict[str, Any]:
+    return allowlisted(inspect=list(entries))
+
+
 LONG_LABEL = "a" * 64
 LONG_NAME = ".".join(["a" * 63] * 4) + ".com"  # 4*64 + 3 = 259 > 253
 
@@ -153,6 +161,72 @@ REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
         "private_links[0].protocol",
     ),
     ("51 labels", sandbox(labels={f"k{n}": "v" for n in range(51)}), "TOO_MANY_ENTRIES", "labels"),
+    ("inspect without hosts", inspect({"methods": ["GET"]}), "MISSING_FIELD", "egress.inspect[0].hosts"),
+    ("inspect lower-case method", inspect(entry(methods=["get"])), "INVALID_METHOD", "egress.inspect[0].methods[0]"),
+    ("inspect TRACE", inspect(entry(methods=["TRACE"])), "INVALID_METHOD", "egress.inspect[0].methods[0]"),
+    ("inspect relative path", inspect(entry(paths=["v1/*"])), "INVALID_PATH_PATTERN", "egress.inspect[0].paths[0]"),
+    ("inspect path mid *", inspect(entry(paths=["/a/*/b"])), "INVALID_PATH_PATTERN", "egress.inspect[0].paths[0]"),
+    ("inspect path too long", inspect(entry(paths=["/" + "p" * 256])), "TOO_LONG", "egress.inspect[0].paths[0]"),
+    (
+        "inspect pseudo-header condition",
+        inspect(entry(headers=[{"name": ":path", "equals": "/"}])),
+        "INVALID_HEADER_NAME",
+        "egress.inspect[0].headers[0].name",
+    ),
+    (
+        "inspect header condition with two tests",
+        inspect(entry(headers=[{"name": "accept", "equals": "a", "absent": True}])),
+        "HEADER_MATCH_AMBIGUOUS",
+        "egress.inspect[0].headers[0]",
+    ),
+    (
+        "inspect header value with CR/LF",
+        inspect(entry(headers=[{"name": "accept", "prefix": "a\r\nx: y"}])),
+        "INVALID_HEADER_VALUE",
+        "egress.inspect[0].headers[0].prefix",
+    ),
+    (
+        "inspect deny reason with CR/LF",
+        inspect(entry(deny_reason="no\r\nSet-Cookie: x=1")),
+        "INVALID_DENY_REASON",
+        "egress.inspect[0].deny_reason",
+    ),
+    (
+        "credential on transfer-encoding",
+        inspect(entry(credentials=[{"header": "Transfer-Encoding", "secret": "github"}])),
+        "INVALID_CREDENTIAL_HEADER",
+        "egress.inspect[0].credentials[0].header",
+    ),
+    (
+        "credential template without {secret}",
+        inspect(entry(credentials=[{"header": "authorization", "secret": "github", "template": "Bearer x"}])),
+        "CREDENTIAL_TEMPLATE",
+        "egress.inspect[0].credentials[0].template",
+    ),
+    (
+        "credential with a secret value",
+        inspect(entry(credentials=[{"header": "authorization", "value": "sk-live-0123456789"}])),
+        "SECRET_VALUE_IN_POLICY",
+        "egress.inspect[0].credentials[0].value",
+    ),
+    (
+        "credential with an unconfigured secret",
+        inspect(entry(credentials=[{"header": "authorization", "secret": "github"}])),
+        "UNKNOWN_SECRET",
+        "egress.inspect[0].credentials[0].secret",
+    ),
+    (
+        "one host in two inspect entries",
+        inspect(entry(), entry(methods=["GET"])),
+        "INSPECT_HOST_DUPLICATE",
+        "egress.inspect[1].hosts[0]",
+    ),
+    (
+        "registry with inspect",
+        sandbox(profile="registry", egress={"inspect": [entry()]}),
+        "PROFILE_CONFLICT",
+        "egress.inspect",
+    ),
 ]
 
 

@@ -187,6 +187,17 @@ INVALID_WRITES: dict[str, tuple[Callable[[dict[str, Any]], dict[str, Any] | str]
     "changed profile": (lambda r: {**r, "profile": "unrestricted", "egress": {}}, "PROFILE_IMMUTABLE"),
     "unknown template": (lambda r: {**r, "template": "no-such-template"}, "TEMPLATE_NOT_FOUND"),
     "garbage JSON": (lambda r: '{"id": "sb-1", "addresses": [', "INVALID_JSON"),
+    "unconfigured secret": (
+        lambda r: {
+            **r,
+            "egress": {"inspect": [{"hosts": ["a.com"], "credentials": [{"header": "x", "secret": "gh"}]}]},
+        },
+        "UNKNOWN_SECRET",
+    ),
+    "secret value": (
+        lambda r: {**r, "egress": {"inspect": [{"hosts": ["a.com"], "credentials": [{"header": "x", "value": "v"}]}]}},
+        "SECRET_VALUE_IN_POLICY",
+    ),
 }
 
 

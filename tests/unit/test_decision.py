@@ -414,6 +414,7 @@ def test_operator_preset() -> None:
         {"id": "sb1", "addresses": ["10.75.0.2"], "profile": "allowlisted", "egress": {"presets": ["internal"]}},
         subnets=CONTEXT.subnets,
         known_presets=presets,
+        known_secrets=(),
     )
     gone = compile_policy(sandbox, None, BUILTIN_PRESETS)
     assert decide(gone, "svc.corp.example", PUBLIC, 443, "tls") == NOT_LISTED
@@ -536,7 +537,9 @@ def test_burst_is_never_below_sustained(
 
 
 def test_compile_policy_accepts_a_custom_default() -> None:
-    sandbox = parse_sandbox({"id": "a", "addresses": ["10.75.0.9"]}, subnets=CONTEXT.subnets, known_presets=())
+    sandbox = parse_sandbox(
+        {"id": "a", "addresses": ["10.75.0.9"]}, subnets=CONTEXT.subnets, known_presets=(), known_secrets=()
+    )
     from gateway.policy import Limits
 
     compiled = compile_policy(sandbox, None, {}, Limits(7, 8, 9, 10))
@@ -588,3 +591,91 @@ def test_repeated_decisions_on_one_policy_keep_their_own_reasons() -> None:
 def test_a_cidr_in_both_lists_is_denied() -> None:
     p = policy(egress={"allow_cidrs": ["203.0.113.0/24"], "deny_cidrs": ["203.0.113.0/24"]})
     assert decide(p, None, "203.0.113.1", 443, "tcp") == cidr_denied("203.0.113.0/24")
+
+
+# --------------------------------------------------------------------------- egress.inspect
+
+READ_ONLY = {"hosts": ["api.github.com", "*.githubusercontent.com"], "methods": ["GET"], "deny_reason": "read-only"}
+
+
+def test_an_inspect_entry_allows_and_marks_its_hosts_on_its_ports() -> None:
+    p = policy(egress={"inspect": [READ_ONLY]})
+    assert decide(p, "api.github.com", PUBLIC, 443, "tls") == host_allowed("api.github.com", "inspect api.github.com")
+    assert decide(p, "raw.githubusercontent.com", PUBLIC, 443, "tls") == host_allowed(
+        "raw.githubusercontent.com", "inspect *.githubusercontent.com"
+    )
+    # 443 only by default; the name still resolves.
+    assert decide(p, "api.github.com", PUBLIC, 80, "http") == port_denied(
+        80, "api.github.com", "inspect api.github.com"
+    )
+    assert p.name_allowed("api.github.com") == host_allowed("api.github.com", "inspect api.github.com")
+    assert decide(p, "github.com", PUBLIC, 443, "tls") == NOT_LISTED
+
+
+def test_inspect_wins_over_allow_hosts_and_presets_on_its_ports_only() -> None:
+    p = policy(
+        egress={
+            "presets": ["git-hosts"],
+            "allow_hosts": ["api.github.com", "raw.githubusercontent.com"],
+            "inspect": [READ_ONLY],
+        }
+    )
+    for _ in range(2):  # the cached verdict is the same one
+        assert decide(p, "api.github.com", PUBLIC, 443, "tls").label == "inspect api.github.com"
+    # A wildcard entry marks a name that allow_hosts lists exactly: marked is marked.
+    assert decide(p, "raw.githubusercontent.com", PUBLIC, 443, "tls").label == "inspect *.githubusercontent.com"
+    # Off the entry's ports, the other rules answer as before.
+    assert decide(p, "api.github.com", PUBLIC, 8443, "tcp") == host_allowed(
+        "api.github.com", "allow_hosts api.github.com"
+    )
+
+
+def test_inspect_rule_gives_the_entry_behind_a_verdict() -> None:
+    second = {
+        "hosts": ["api.openai.com"],
+        "ports": [443, 8443],
+        "credentials": [{"header": "authorization", "secret": "openai", "template": "Bearer {secret}"}],
+    }
+    p = policy(egress={"inspect": [READ_ONLY, second]})
+    verdict = decide(p, "objects.githubusercontent.com", PUBLIC, 443, "tls")
+    entry = p.inspect_rule(verdict.detail)
+    assert entry is not None and entry.hosts == ("api.github.com", "*.githubusercontent.com")
+    assert entry.methods == ("GET",) and entry.deny_reason == "read-only"
+    openai = p.inspect_rule(decide(p, "api.openai.com", PUBLIC, 8443, "tcp").detail)
+    assert openai is not None and openai.credentials[0].secret == "openai"
+    assert p.inspect_rule("github.com") is None
+    assert policy(egress={"allow_hosts": ["api.github.com"]}).inspect_rule("api.github.com") is None
+
+
+def test_inspect_entries_are_inherited_and_overridden_like_every_field() -> None:
+    template = {"egress": {"inspect": [READ_ONLY]}}
+    inherited = policy(template=template)
+    assert decide(inherited, "api.github.com", PUBLIC, 443, "tls").label == "inspect api.github.com"
+    own = policy(egress={"inspect": [{"hosts": ["api.openai.com"]}]}, template=template)
+    assert decide(own, "api.github.com", PUBLIC, 443, "tls") == NOT_LISTED
+    assert own.inspect_rule("api.github.com") is None and own.inspect_rule("api.openai.com") is not None
+    # A registry sandbox never gains a template's inspect entries (they are allow entries).
+    registry = policy("registry", template=template)
+    assert decide(registry, "api.github.com", PUBLIC, 443, "tls") == NOT_LISTED
+    assert registry.inspect_rule("api.github.com") is None
+    assert registry.describe()["egress"] == {}
+
+
+def test_describe_shows_the_inspect_entries() -> None:
+    described = policy(egress={"inspect": [READ_ONLY]}).describe()
+    assert described["egress"]["inspect"] == [
+        {
+            "hosts": ["api.github.com", "*.githubusercontent.com"],
+            "ports": [443],
+            "methods": ["GET"],
+            "paths": [],
+            "headers": [],
+            "deny_reason": "read-only",
+            "credentials": [],
+        }
+    ]
+
+
+def test_unrestricted_deny_all_decides_inspect_entries_too() -> None:
+    p = policy("unrestricted", {"mode": "deny_all", "inspect": [READ_ONLY]})
+    assert decide(p, "api.github.com", PUBLIC, 443, "tls").label == "inspect api.github.com"

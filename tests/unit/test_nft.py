@@ -169,6 +169,7 @@ def _sandbox(sid: str, *addresses: str, links: list[Any] | None = None) -> Any:
         {"id": sid, "addresses": list(addresses), "private_links": links or []},
         subnets=(SANDBOX_V4, SANDBOX_V6),
         known_presets=(),
+        known_secrets=(),
     )
 
 

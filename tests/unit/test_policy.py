@@ -11,8 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import GatewayError
+from gateway.inspection import Credential, HeaderMatch, InspectRule
 from gateway.policy import (
     EGRESS_FIELDS,
+    INSPECT_FIELDS,
     MAX_ADDRESSES,
     MAX_LIST_ENTRIES,
     Egress,
@@ -33,6 +35,8 @@ SUBNETS = (ipaddress.ip_network("10.75.0.0/16"), ipaddress.ip_network("fdd4:1476
 PRESETS = set(BUILTIN_PRESETS)
 #: An operator with many presets, so a list of 51 distinct preset names is possible.
 MANY_PRESETS = PRESETS | {f"op-{i}" for i in range(60)}
+#: The secret names the [inspection] config would hold.
+SECRETS = {"github", "openai"}
 N = MAX_LIST_ENTRIES
 
 
@@ -42,12 +46,12 @@ def net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 def sandbox(presets: set[str] = PRESETS, **fields: Any) -> Sandbox:
     data = {"id": "sb1", "addresses": ["10.75.0.2"], **fields}
-    return parse_sandbox(data, subnets=SUBNETS, known_presets=presets)
+    return parse_sandbox(data, subnets=SUBNETS, known_presets=presets, known_secrets=SECRETS)
 
 
 def sandbox_error(data: object, presets: set[str] = PRESETS, sandbox_id: str | None = None) -> GatewayError:
     with pytest.raises(GatewayError) as info:
-        parse_sandbox(data, subnets=SUBNETS, known_presets=presets, sandbox_id=sandbox_id)
+        parse_sandbox(data, subnets=SUBNETS, known_presets=presets, known_secrets=SECRETS, sandbox_id=sandbox_id)
     return info.value
 
 
@@ -64,7 +68,7 @@ def egress_fails(code: str, field: str, egress: object, profile: str = "allowlis
 
 def template_error(data: object, name: str | None = None) -> GatewayError:
     with pytest.raises(GatewayError) as info:
-        parse_template(data, known_presets=PRESETS, name=name)
+        parse_template(data, known_presets=PRESETS, known_secrets=SECRETS, name=name)
     return info.value
 
 
@@ -174,7 +178,13 @@ def test_missing_id(data: dict[str, Any]) -> None:
 
 
 def test_id_from_the_key_when_the_record_has_none() -> None:
-    sb = parse_sandbox({"addresses": ["10.75.0.2"]}, subnets=SUBNETS, known_presets=PRESETS, sandbox_id="from-key")
+    sb = parse_sandbox(
+        {"addresses": ["10.75.0.2"]},
+        subnets=SUBNETS,
+        known_presets=PRESETS,
+        known_secrets=SECRETS,
+        sandbox_id="from-key",
+    )
     assert sb.id == "from-key"
 
 
@@ -464,6 +474,7 @@ GOOD_EGRESS_VALUES: dict[str, Any] = {
     "deny_cidrs": ["10.0.0.0/8"],
     "allow_ports": [443],
     "host_ports": [443],
+    "inspect": [{"hosts": ["api.github.com"]}],
 }
 
 
@@ -496,6 +507,7 @@ def test_isolated_with_an_empty_egress_object_is_fine() -> None:
         ({"allow_hosts": ["a.com"]}, "egress.allow_hosts"),
         ({"allow_cidrs": ["1.1.1.1/32"]}, "egress.allow_cidrs"),
         ({"host_ports": [443]}, "egress.host_ports"),
+        ({"inspect": [{"hosts": ["a.com"]}]}, "egress.inspect"),
         (["a.com"], "egress.allow_hosts"),
     ],
 )
@@ -562,7 +574,7 @@ def test_limits_parser_on_its_own() -> None:
 
 
 def test_egress_list_shorthand_splits_hosts_and_cidrs() -> None:
-    egress = parse_egress(["api.openai.com", "10.0.0.0/8", "1.1.1.1", "Registry.npmjs.org"], "egress", PRESETS)
+    egress = parse_egress(["api.openai.com", "10.0.0.0/8", "1.1.1.1", "Registry.npmjs.org"], "egress", PRESETS, SECRETS)
     assert egress == Egress(
         allow_hosts=("api.openai.com", "registry.npmjs.org"),
         allow_cidrs=(net("10.0.0.0/8"), net("1.1.1.1/32")),
@@ -570,10 +582,10 @@ def test_egress_list_shorthand_splits_hosts_and_cidrs() -> None:
 
 
 def test_egress_list_shorthand_ipv6_and_only_hosts() -> None:
-    egress = parse_egress(["2001:db8::/32", "2001:db8::53"], "egress", PRESETS)
+    egress = parse_egress(["2001:db8::/32", "2001:db8::53"], "egress", PRESETS, SECRETS)
     assert egress.allow_cidrs == (net("2001:db8::/32"), net("2001:db8::53/128"))
     assert egress.allow_hosts == ()
-    only_hosts = parse_egress(["a.com"], "egress", PRESETS)
+    only_hosts = parse_egress(["a.com"], "egress", PRESETS, SECRETS)
     assert only_hosts.allow_hosts == ("a.com",)
     assert only_hosts.allow_cidrs is None  # not set: a template's CIDRs still apply
 
@@ -673,6 +685,7 @@ def test_template_parse() -> None:
             "limits": {"bandwidth_mbit": 50},
         },
         known_presets=PRESETS,
+        known_secrets=SECRETS,
     )
     assert template.name == "secure-python"
     assert template.egress.allow_cidrs == (net("0.0.0.0/0"),)
@@ -680,7 +693,7 @@ def test_template_parse() -> None:
 
 
 def test_template_name_from_the_key() -> None:
-    assert parse_template({}, known_presets=PRESETS, name="t1") == Template(name="t1")
+    assert parse_template({}, known_presets=PRESETS, known_secrets=SECRETS, name="t1") == Template(name="t1")
 
 
 @pytest.mark.parametrize(
@@ -705,7 +718,9 @@ def test_template_errors(data: object, name: str | None, code: str, field: str) 
 
 def test_template_has_no_profile_ceiling() -> None:
     # A template may carry any egress; the ceiling is applied per sandbox when compiled.
-    template = parse_template({"name": "t", "egress": {"mode": "allow_all"}}, known_presets=PRESETS)
+    template = parse_template(
+        {"name": "t", "egress": {"mode": "allow_all"}}, known_presets=PRESETS, known_secrets=SECRETS
+    )
     assert template.egress.mode == "allow_all"
 
 
@@ -733,7 +748,7 @@ def test_sandbox_round_trip() -> None:
         labels={"tier": "free"},
     )
     data = json.loads(json.dumps(original.to_dict()))  # through JSON, as the stores keep it
-    again = parse_sandbox(data, subnets=SUBNETS, known_presets=PRESETS)
+    again = parse_sandbox(data, subnets=SUBNETS, known_presets=PRESETS, known_secrets=SECRETS)
     assert again == original
     assert again.to_dict() == original.to_dict()
 
@@ -741,7 +756,7 @@ def test_sandbox_round_trip() -> None:
 @pytest.mark.parametrize("profile", ["isolated", "registry", "allowlisted", "unrestricted"])
 def test_minimal_sandbox_round_trip(profile: str) -> None:
     original = sandbox(profile=profile)
-    assert parse_sandbox(original.to_dict(), subnets=SUBNETS, known_presets=PRESETS) == original
+    assert parse_sandbox(original.to_dict(), subnets=SUBNETS, known_presets=PRESETS, known_secrets=SECRETS) == original
 
 
 def test_template_round_trip() -> None:
@@ -759,10 +774,13 @@ def test_template_round_trip() -> None:
             "limits": {"bandwidth_mbit": 5},
         },
         known_presets=PRESETS,
+        known_secrets=SECRETS,
     )
     data = json.loads(json.dumps(original.to_dict()))
-    assert parse_template(data, known_presets=PRESETS) == original
-    assert parse_template(Template(name="t").to_dict(), known_presets=PRESETS) == Template(name="t")
+    assert parse_template(data, known_presets=PRESETS, known_secrets=SECRETS) == original
+    assert parse_template(Template(name="t").to_dict(), known_presets=PRESETS, known_secrets=SECRETS) == Template(
+        name="t"
+    )
 
 
 # --------------------------------------------------------------------------- robustness
@@ -796,7 +814,7 @@ _record = st.fixed_dictionaries(
 @given(_record | _json)
 def test_parse_sandbox_refuses_garbage_only_with_gateway_errors(data: object) -> None:
     try:
-        parse_sandbox(data, subnets=SUBNETS, known_presets=PRESETS)
+        parse_sandbox(data, subnets=SUBNETS, known_presets=PRESETS, known_secrets=SECRETS)
     except GatewayError as exc:
         assert exc.code and exc.message
 
@@ -805,7 +823,7 @@ def test_parse_sandbox_refuses_garbage_only_with_gateway_errors(data: object) ->
 @given(st.fixed_dictionaries({}, optional={"name": _json | st.just("t"), "egress": _json | _egress, "limits": _json}))
 def test_parse_template_refuses_garbage_only_with_gateway_errors(data: object) -> None:
     try:
-        parse_template(data, known_presets=PRESETS)
+        parse_template(data, known_presets=PRESETS, known_secrets=SECRETS)
     except GatewayError as exc:
         assert exc.code and exc.message
 
@@ -816,3 +834,382 @@ def test_explicitly_empty_lists_are_accepted_in_restrictive_profiles(profile: st
     assert sandbox(profile=profile, egress=[]).egress.allow_hosts == ()
     assert sandbox(profile=profile, egress={"allow_hosts": [], "allow_cidrs": []}).egress.allow_cidrs == ()
     fails("PROFILE_CONFLICT", "egress.allow_hosts", profile=profile, egress=["a.example.com"])
+
+
+# --------------------------------------------------------------------------- egress.inspect
+
+GITHUB_READ_ONLY: dict[str, Any] = {
+    "hosts": ["API.GitHub.com", "*.githubusercontent.com"],
+    "methods": ["GET", "HEAD", "OPTIONS"],
+    "paths": ["/repos/*", "/user"],
+    "headers": [{"name": "Accept", "prefix": "application/"}, {"name": "x-debug", "absent": True}],
+    "deny_reason": "read-only GitHub",
+    "credentials": [{"header": "Authorization", "secret": "github", "template": "Bearer {secret}"}],
+}
+
+
+def inspect_fails(code: str, field: str, *entries: Any, **egress: Any) -> GatewayError:
+    """An allowlisted sandbox with `egress.inspect` = `entries` (plus `egress`) is refused with `code` at `field`."""
+    return egress_fails(code, field, {"inspect": list(entries), **egress})
+
+
+def entry(**fields: Any) -> dict[str, Any]:
+    return {"hosts": ["api.example.com"], **fields}
+
+
+def test_an_inspect_entry_is_parsed_into_the_shared_vocabulary() -> None:
+    [rule] = sandbox(profile="allowlisted", egress={"inspect": [GITHUB_READ_ONLY]}).egress.inspect or ()
+    assert rule == InspectRule(
+        hosts=("api.github.com", "*.githubusercontent.com"),  # folded like allow_hosts
+        ports=(443,),
+        methods=("GET", "HEAD", "OPTIONS"),
+        paths=("/repos/*", "/user"),
+        headers=(HeaderMatch("accept", prefix="application/"), HeaderMatch("x-debug", absent=True)),
+        deny_reason="read-only GitHub",
+        credentials=(Credential("authorization", "github", "Bearer {secret}"),),
+    )
+
+
+def test_an_inspect_entry_needs_only_hosts() -> None:
+    [rule] = (
+        sandbox(profile="allowlisted", egress={"inspect": [{"hosts": ["a.com"], "ports": [443, 8443]}]}).egress.inspect
+        or ()
+    )
+    assert rule == InspectRule(hosts=("a.com",), ports=(443, 8443))
+    [default] = sandbox(profile="allowlisted", egress={"inspect": [{"hosts": ["a.com"]}]}).egress.inspect or ()
+    assert default == InspectRule(hosts=("a.com",))
+    [bare] = (
+        sandbox(
+            profile="allowlisted",
+            egress={"inspect": [entry(credentials=[{"header": "x-api-key", "secret": "openai"}])]},
+        ).egress.inspect
+        or ()
+    )
+    assert bare.credentials == (Credential("x-api-key", "openai", "{secret}"),)
+
+
+@pytest.mark.parametrize("profile", ["allowlisted", "unrestricted"])
+def test_inspect_round_trips_through_json(profile: str) -> None:
+    original = sandbox(profile=profile, egress={"mode": "deny_all", "inspect": [GITHUB_READ_ONLY, entry(ports=[80])]})
+    data = json.loads(json.dumps(original.to_dict()))
+    assert data["egress"]["inspect"][0]["headers"][1] == {"name": "x-debug", "absent": True}
+    again = parse_sandbox(data, subnets=SUBNETS, known_presets=PRESETS, known_secrets=SECRETS)
+    assert again == original and again.to_dict() == original.to_dict()
+
+
+def test_a_template_carries_inspect_entries() -> None:
+    template = parse_template(
+        {"name": "gh", "egress": {"inspect": [GITHUB_READ_ONLY]}}, known_presets=PRESETS, known_secrets=SECRETS
+    )
+    assert template.egress.inspect and template.egress.inspect[0].deny_reason == "read-only GitHub"
+    error = template_error({"name": "gh", "egress": {"inspect": [entry(methods=["get"])]}})
+    assert (error.code, error.field) == ("INVALID_METHOD", "egress.inspect[0].methods[0]")
+
+
+@pytest.mark.parametrize(
+    ("egress", "code", "field"),
+    [
+        ({"inspect": "api.example.com"}, "INVALID_TYPE", "egress.inspect"),
+        ({"inspect": ["api.example.com"]}, "INVALID_TYPE", "egress.inspect[0]"),
+        ({"inspect": [entry() for _ in range(N + 1)]}, "TOO_MANY_ENTRIES", "egress.inspect"),
+        ({"inspect": [{}]}, "MISSING_FIELD", "egress.inspect[0].hosts"),
+        ({"inspect": [{"hosts": []}]}, "MISSING_FIELD", "egress.inspect[0].hosts"),
+        ({"inspect": [{"hosts": "a.com"}]}, "INVALID_TYPE", "egress.inspect[0].hosts"),
+        ({"inspect": [{"hosts": [f"h{n}.com" for n in range(N + 1)]}]}, "TOO_MANY_ENTRIES", "egress.inspect[0].hosts"),
+        ({"inspect": [{"hosts": ["https://a.com"]}]}, "INVALID_HOSTNAME", "egress.inspect[0].hosts[0]"),
+        ({"inspect": [{"hosts": ["a.com", "*"]}]}, "INVALID_HOSTNAME", "egress.inspect[0].hosts[1]"),
+        ({"inspect": [entry(colour="red")]}, "UNKNOWN_FIELD", "egress.inspect[0].colour"),
+        ({"inspect": [entry(ports=[])]}, "MISSING_FIELD", "egress.inspect[0].ports"),
+        ({"inspect": [entry(ports=[0])]}, "INVALID_PORT", "egress.inspect[0].ports[0]"),
+        ({"inspect": [entry(ports=["443"])]}, "INVALID_TYPE", "egress.inspect[0].ports[0]"),
+        ({"inspect": [entry(ports=None)]}, "INVALID_TYPE", "egress.inspect[0].ports"),
+        ({"inspect": [entry(methods="GET")]}, "INVALID_TYPE", "egress.inspect[0].methods"),
+        ({"inspect": [entry(methods=["GET", "get"])]}, "INVALID_METHOD", "egress.inspect[0].methods[1]"),
+        ({"inspect": [entry(methods=["TRACE"])]}, "INVALID_METHOD", "egress.inspect[0].methods[0]"),
+        ({"inspect": [entry(methods=["BREW"])]}, "INVALID_METHOD", "egress.inspect[0].methods[0]"),
+        ({"inspect": [entry(methods=[7])]}, "INVALID_METHOD", "egress.inspect[0].methods[0]"),
+        ({"inspect": [entry(paths=["repos/*"])]}, "INVALID_PATH_PATTERN", "egress.inspect[0].paths[0]"),
+        ({"inspect": [entry(paths=["/a", "/r*s"])]}, "INVALID_PATH_PATTERN", "egress.inspect[0].paths[1]"),
+        ({"inspect": [entry(paths=["/a?b=1"])]}, "INVALID_PATH_PATTERN", "egress.inspect[0].paths[0]"),
+        ({"inspect": [entry(paths=["/a#b"])]}, "INVALID_PATH_PATTERN", "egress.inspect[0].paths[0]"),
+        ({"inspect": [entry(paths=["/a b"])]}, "INVALID_PATH_PATTERN", "egress.inspect[0].paths[0]"),
+        ({"inspect": [entry(paths=["/a\r\nHost: evil"])]}, "INVALID_PATH_PATTERN", "egress.inspect[0].paths[0]"),
+        ({"inspect": [entry(paths=["/bücher"])]}, "INVALID_PATH_PATTERN", "egress.inspect[0].paths[0]"),
+        ({"inspect": [entry(paths=["/" + "a" * 256])]}, "TOO_LONG", "egress.inspect[0].paths[0]"),
+        ({"inspect": [entry(paths=[3])]}, "INVALID_TYPE", "egress.inspect[0].paths[0]"),
+        ({"inspect": [entry(headers=[{"equals": "x"}])]}, "MISSING_FIELD", "egress.inspect[0].headers[0].name"),
+        ({"inspect": [entry(headers=[{"name": "a"}])]}, "HEADER_MATCH_AMBIGUOUS", "egress.inspect[0].headers[0]"),
+        (
+            {"inspect": [entry(headers=[{"name": "a", "equals": "x", "prefix": "x"}])]},
+            "HEADER_MATCH_AMBIGUOUS",
+            "egress.inspect[0].headers[0]",
+        ),
+        (
+            {"inspect": [entry(headers=[{"name": "a", "absent": False}])]},
+            "HEADER_MATCH_AMBIGUOUS",
+            "egress.inspect[0].headers[0]",
+        ),
+        (
+            {"inspect": [entry(headers=[{"name": "a", "absent": "yes"}])]},
+            "INVALID_TYPE",
+            "egress.inspect[0].headers[0].absent",
+        ),
+        (
+            {"inspect": [entry(headers=[{"name": "a", "value": "x"}])]},
+            "UNKNOWN_FIELD",
+            "egress.inspect[0].headers[0].value",
+        ),
+        (
+            {"inspect": [entry(headers=[{"name": ":authority", "equals": "a"}])]},
+            "INVALID_HEADER_NAME",
+            "egress.inspect[0].headers[0].name",
+        ),
+        (
+            {"inspect": [entry(headers=[{"name": "x y", "equals": "a"}])]},
+            "INVALID_HEADER_NAME",
+            "egress.inspect[0].headers[0].name",
+        ),
+        (
+            {"inspect": [entry(headers=[{"name": "ä", "equals": "a"}])]},
+            "INVALID_HEADER_NAME",
+            "egress.inspect[0].headers[0].name",
+        ),
+        (
+            {"inspect": [entry(headers=[{"name": "a", "equals": "x\r\ny: z"}])]},
+            "INVALID_HEADER_VALUE",
+            "egress.inspect[0].headers[0].equals",
+        ),
+        (
+            {"inspect": [entry(headers=[{"name": "a", "prefix": "ü"}])]},
+            "INVALID_HEADER_VALUE",
+            "egress.inspect[0].headers[0].prefix",
+        ),
+        (
+            {"inspect": [entry(headers=[{"name": "a", "equals": "x "}])]},
+            "INVALID_HEADER_VALUE",
+            "egress.inspect[0].headers[0].equals",
+        ),
+        (
+            {"inspect": [entry(headers=[{"name": "a", "equals": "x" * 1025}])]},
+            "TOO_LONG",
+            "egress.inspect[0].headers[0].equals",
+        ),
+        (
+            {"inspect": [entry(headers=[{"name": "Accept", "equals": "a"}, {"name": "accept", "absent": True}])]},
+            "HEADER_MATCH_DUPLICATE",
+            "egress.inspect[0].headers[1].name",
+        ),
+        ({"inspect": [entry(deny_reason=7)]}, "INVALID_TYPE", "egress.inspect[0].deny_reason"),
+        ({"inspect": [entry(deny_reason="x" * 501)]}, "TOO_LONG", "egress.inspect[0].deny_reason"),
+        (
+            {"inspect": [entry(deny_reason="no\r\nSet-Cookie: a")]},
+            "INVALID_DENY_REASON",
+            "egress.inspect[0].deny_reason",
+        ),
+        (
+            {"inspect": [entry(deny_reason="nur lesen, bitte schön")]},
+            "INVALID_DENY_REASON",
+            "egress.inspect[0].deny_reason",
+        ),
+        ({"inspect": [entry(credentials={})]}, "INVALID_TYPE", "egress.inspect[0].credentials"),
+        (
+            {"inspect": [entry(credentials=[{"secret": "github"}])]},
+            "MISSING_FIELD",
+            "egress.inspect[0].credentials[0].header",
+        ),
+        (
+            {"inspect": [entry(credentials=[{"header": "authorization"}])]},
+            "MISSING_FIELD",
+            "egress.inspect[0].credentials[0].secret",
+        ),
+        (
+            {"inspect": [entry(credentials=[{"header": "authorization", "secret": "nope"}])]},
+            "UNKNOWN_SECRET",
+            "egress.inspect[0].credentials[0].secret",
+        ),
+        (
+            {"inspect": [entry(credentials=[{"header": "authorization", "secret": ["github"]}])]},
+            "INVALID_TYPE",
+            "egress.inspect[0].credentials[0].secret",
+        ),
+        (
+            {"inspect": [entry(credentials=[{"header": "authorization", "secret": "g" * 64}])]},
+            "TOO_LONG",
+            "egress.inspect[0].credentials[0].secret",
+        ),
+        (
+            {"inspect": [entry(credentials=[{"header": ":authority", "secret": "github"}])]},
+            "INVALID_CREDENTIAL_HEADER",
+            "egress.inspect[0].credentials[0].header",
+        ),
+        (
+            {"inspect": [entry(credentials=[{"header": "x\r\ny", "secret": "github"}])]},
+            "INVALID_HEADER_NAME",
+            "egress.inspect[0].credentials[0].header",
+        ),
+        (
+            {"inspect": [entry(credentials=[{"header": "authorization", "secret": "github", "template": "Bearer"}])]},
+            "CREDENTIAL_TEMPLATE",
+            "egress.inspect[0].credentials[0].template",
+        ),
+        (
+            {
+                "inspect": [
+                    entry(credentials=[{"header": "authorization", "secret": "github", "template": "{secret}{secret}"}])
+                ]
+            },
+            "CREDENTIAL_TEMPLATE",
+            "egress.inspect[0].credentials[0].template",
+        ),
+        (
+            {
+                "inspect": [
+                    entry(credentials=[{"header": "a", "secret": "github", "template": "{secret}\r\nX-Injected: 1"}])
+                ]
+            },
+            "CREDENTIAL_TEMPLATE",
+            "egress.inspect[0].credentials[0].template",
+        ),
+        (
+            {"inspect": [entry(credentials=[{"header": "a", "secret": "github", "template": "Bärer {secret}"}])]},
+            "CREDENTIAL_TEMPLATE",
+            "egress.inspect[0].credentials[0].template",
+        ),
+        (
+            {"inspect": [entry(credentials=[{"header": "a", "secret": "github", "template": None}])]},
+            "INVALID_TYPE",
+            "egress.inspect[0].credentials[0].template",
+        ),
+        (
+            {
+                "inspect": [
+                    entry(
+                        credentials=[
+                            {"header": "Authorization", "secret": "github"},
+                            {"header": "x-api-key", "secret": "openai"},
+                            {"header": "authorization", "secret": "openai"},
+                        ]
+                    )
+                ]
+            },
+            "CREDENTIAL_HEADER_DUPLICATE",
+            "egress.inspect[0].credentials[2].header",
+        ),
+        (
+            {"inspect": [{"hosts": ["a.com", "b.com"]}, {"hosts": ["c.com", "B.com"]}]},
+            "INSPECT_HOST_DUPLICATE",
+            "egress.inspect[1].hosts[1]",
+        ),
+        (
+            {"inspect": [{"hosts": ["a.com"]}, {"hosts": ["a.com"]}]},
+            "INSPECT_HOST_DUPLICATE",
+            "egress.inspect[1].hosts[0]",
+        ),
+        (
+            {"inspect": [{"hosts": ["a.com"]}], "allow_internet": False},
+            "EGRESS_DISABLED_WITH_RULES",
+            "egress.inspect",
+        ),
+    ],
+)
+def test_inspect_entry_refusals(egress: dict[str, Any], code: str, field: str) -> None:
+    egress_fails(code, field, egress)
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["Host", "content-length", "Transfer-Encoding", "connection", "keep-alive", "te", "upgrade", "proxy-authorization"],
+)
+def test_a_credential_cannot_bind_a_hop_by_hop_or_framing_header(header: str) -> None:
+    credential = {"header": header, "secret": "github"}
+    error = inspect_fails(
+        "INVALID_CREDENTIAL_HEADER", "egress.inspect[0].credentials[0].header", entry(credentials=[credential])
+    )
+    assert header.lower() in error.message
+
+
+SECRET_VALUE = "ghp_0123456789abcdefghijklmnopqrstuvwxyzAB"
+
+
+@pytest.mark.parametrize(
+    ("entry_fields", "field"),
+    [
+        (
+            {"credentials": [{"header": "authorization", "secret": "github", "value": SECRET_VALUE}]},
+            "credentials[0].value",
+        ),
+        ({"credentials": [{"header": "authorization", "secret_value": SECRET_VALUE}]}, "credentials[0].secret_value"),
+        ({"credentials": [{"header": "authorization", "token": SECRET_VALUE}]}, "credentials[0].token"),
+        ({"credentials": [{"header": "authorization", "Password": SECRET_VALUE}]}, "credentials[0].Password"),
+        ({"credentials": [{"header": "x-api-key", "api_key": SECRET_VALUE}]}, "credentials[0].api_key"),
+        ({"token": SECRET_VALUE}, "token"),
+        ({"apikey": SECRET_VALUE}, "apikey"),
+    ],
+)
+def test_a_secret_value_in_a_policy_is_refused_and_never_echoed(entry_fields: dict[str, Any], field: str) -> None:
+    error = inspect_fails("SECRET_VALUE_IN_POLICY", f"egress.inspect[0].{field}", entry(**entry_fields))
+    assert SECRET_VALUE not in error.message
+
+
+def test_an_unknown_secret_name_is_not_echoed_but_the_configured_names_are() -> None:
+    credential = {"header": "authorization", "secret": SECRET_VALUE[:40]}
+    error = inspect_fails("UNKNOWN_SECRET", "egress.inspect[0].credentials[0].secret", entry(credentials=[credential]))
+    assert SECRET_VALUE[:40] not in error.message and "github, openai" in error.message
+    with pytest.raises(GatewayError) as none:
+        parse_sandbox(
+            {
+                "id": "sb1",
+                "addresses": ["10.75.0.2"],
+                "profile": "allowlisted",
+                "egress": {"inspect": [entry(credentials=[{"header": "a", "secret": "github"}])]},
+            },
+            subnets=SUBNETS,
+            known_presets=PRESETS,
+            known_secrets=(),
+        )
+    assert none.value.code == "UNKNOWN_SECRET" and "configured: none" in none.value.message
+
+
+def test_inspect_follows_the_profile_rules_of_allow_hosts() -> None:
+    for profile in ("isolated", "registry"):
+        egress_fails("PROFILE_CONFLICT", "egress.inspect", {"inspect": [entry()]}, profile=profile)
+        assert sandbox(profile=profile, egress={"inspect": []}).egress.inspect == ()  # an empty list widens nothing
+    unrestricted = {"id": "sb1", "addresses": ["10.75.0.2"], "profile": "unrestricted"}
+    error = sandbox_error({**unrestricted, "egress": {"mode": "allow_all", "inspect": [entry()]}})
+    assert (error.code, error.field) == ("EGRESS_MODE_CONFLICT", "egress.inspect")
+    assert sandbox(profile="unrestricted", egress={"mode": "deny_all", "inspect": [entry()]}).egress.inspect
+
+
+def test_duplicates_inside_one_entry_are_harmless() -> None:
+    [rule] = (
+        sandbox(
+            profile="allowlisted",
+            egress={"inspect": [{"hosts": ["a.com", "A.com"], "methods": ["GET", "GET"], "paths": ["/x", "/x"]}]},
+        ).egress.inspect
+        or ()
+    )
+    assert (rule.hosts, rule.methods, rule.paths) == (("a.com",), ("GET",), ("/x",))
+
+
+_inspect_values = st.sampled_from(
+    ["a.com", "GET", "get", "/x", "/x*", "*", "{secret}", "github", "authorization", ":path", "\r\n", True, None, 0]
+)
+_header_or_credential = st.dictionaries(
+    st.sampled_from(["name", "equals", "prefix", "absent", "header", "secret", "template", "value", "bogus"]),
+    _json | _inspect_values,
+    max_size=4,
+)
+_inspect_entry = st.dictionaries(
+    st.sampled_from([*INSPECT_FIELDS, "token", "bogus"]),
+    _json | _inspect_values | st.lists(_inspect_values | _header_or_credential, max_size=3),
+    max_size=5,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_inspect_entry | _json, max_size=3))
+def test_garbage_inspect_entries_are_refused_only_with_gateway_errors(entries: list[Any]) -> None:
+    try:
+        parse_egress({"inspect": entries}, "egress", PRESETS, SECRETS)
+    except GatewayError as exc:
+        assert exc.code and exc.message and exc.field and exc.field.startswith("egress.inspect")

@@ -38,7 +38,7 @@ import struct
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -62,6 +62,7 @@ from gateway.dns.wire import (
     upstream_packet,
 )
 from gateway.flowlog import FlowLog, FlowRecord
+from gateway.querylog import DnsQuery
 from gateway.ratelimit import ConnectionRateLimiter, TokenBucket
 from gateway.resolver import ResolveError, Upstream, exchange, parse_upstream, system_upstreams
 from gateway.rules import Rule
@@ -129,22 +130,24 @@ def _rcode_name(rcode: int) -> str:
 
 def _log_dict(sandbox_id: str, entry: LogEntry) -> dict[str, Any]:
     start_us, client, transport, latency, outcome = entry
-    return {
-        "time": start_us / 1e6,
-        "sandbox": sandbox_id,
-        "client": f"[{client[0]}]:{client[1]}" if ":" in str(client[0]) else f"{client[0]}:{client[1]}",
-        "transport": transport,
-        "name": outcome.name,
-        "type": outcome.type,
-        "rcode": _rcode_name(outcome.rcode),
-        "answers": list(outcome.answers),
-        "latency_ms": round(latency * 1000, 3),
-        "allowed": outcome.allowed,
-        "code": str(outcome.code),
-        "reason": outcome.reason,
-        "rule": outcome.rule,
-        "cached": outcome.cached,
-    }
+    return asdict(
+        DnsQuery(
+            time=start_us / 1e6,
+            sandbox=sandbox_id,
+            client=f"[{client[0]}]:{client[1]}" if ":" in str(client[0]) else f"{client[0]}:{client[1]}",
+            transport=transport,
+            name=outcome.name,
+            type=outcome.type,
+            rcode=_rcode_name(outcome.rcode),
+            answers=list(outcome.answers),
+            latency_ms=round(latency * 1000, 3),
+            allowed=outcome.allowed,
+            code=str(outcome.code),
+            reason=outcome.reason,
+            rule=outcome.rule,
+            cached=outcome.cached,
+        )
+    )
 
 
 def _rate_limited(query: Query) -> tuple[bytes, Outcome]:

@@ -55,7 +55,7 @@ def json_type(annotation: Any) -> dict[str, Any]:
         for extra in extras:
             if isinstance(extra, Note):
                 # a reference to a component says all there is to say: no sibling keywords from the type
-                schema = dict(extra.keywords) if "$ref" in extra.keywords else schema | extra.keywords
+                schema = dict(extra.keywords) if "$ref" in extra.keywords else {**schema, **extra.keywords}
         return schema
     if typing.get_origin(annotation) is typing.Literal:
         return {"type": "string", "enum": list(typing.get_args(annotation))}

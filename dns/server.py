@@ -26,7 +26,7 @@ question into it, with no parsing, policy walk or rendering. Everything around t
 on the slow way: the rate limit, the counts, the query log, the flow record, the DNS-learned addresses
 refreshed. It holds only while the policy object (the cache is flushed when it changes) and the malware
 list's generation are the ones it was decided under. Query-log entries are kept as tuples and turned into
-dicts only when read.
+`gateway.querylog.DnsQuery` records only when read.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import struct
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -130,24 +130,22 @@ def _rcode_name(rcode: int) -> str:
 
 def _log_dict(sandbox_id: str, entry: LogEntry) -> dict[str, Any]:
     start_us, client, transport, latency, outcome = entry
-    return asdict(
-        DnsQuery(
-            time=start_us / 1e6,
-            sandbox=sandbox_id,
-            client=f"[{client[0]}]:{client[1]}" if ":" in str(client[0]) else f"{client[0]}:{client[1]}",
-            transport=transport,
-            name=outcome.name,
-            type=outcome.type,
-            rcode=_rcode_name(outcome.rcode),
-            answers=list(outcome.answers),
-            latency_ms=round(latency * 1000, 3),
-            allowed=outcome.allowed,
-            code=str(outcome.code),
-            reason=outcome.reason,
-            rule=outcome.rule,
-            cached=outcome.cached,
-        )
-    )
+    return DnsQuery(
+        time=start_us / 1e6,
+        sandbox=sandbox_id,
+        client=f"[{client[0]}]:{client[1]}" if ":" in str(client[0]) else f"{client[0]}:{client[1]}",
+        transport=transport,
+        name=outcome.name,
+        type=outcome.type,
+        rcode=_rcode_name(outcome.rcode),
+        answers=list(outcome.answers),
+        latency_ms=round(latency * 1000, 3),
+        allowed=outcome.allowed,
+        code=str(outcome.code),
+        reason=outcome.reason,
+        rule=outcome.rule,
+        cached=outcome.cached,
+    ).to_dict()
 
 
 def _rate_limited(query: Query) -> tuple[bytes, Outcome]:

@@ -8,15 +8,17 @@ others do not.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any, Protocol
+from dataclasses import dataclass, fields
+from typing import Annotated, Any, Final, Protocol
 
 from gateway.schema import Note
 
 __all__ = ["DnsQuery", "QueryLog"]
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, and turned into a dict without `asdict`: a log read builds up to a thousand of these on the event
+# loop the data plane shares, and a frozen __init__ plus `asdict` cost ~10 us each against ~3 us.
+@dataclass(slots=True)
 class DnsQuery:
     """One DNS query of a sandbox: what it asked, what it was answered, whether its policy allowed it and why."""
 
@@ -34,6 +36,12 @@ class DnsQuery:
     reason: str
     rule: str
     cached: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in FIELDS}
+
+
+FIELDS: Final = tuple(f.name for f in fields(DnsQuery))
 
 
 class QueryLog(Protocol):

@@ -553,7 +553,7 @@ def parse_set_elements(text: str) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class SteeringStatus:
-    """Only with `gateway run --data-plane`."""
+    """The steering's state, which `GET /v1/status` shows as `data_plane` (only with `gateway run --data-plane`)."""
 
     steering: Annotated[bool, Note(description="Started with --steer.")]
     steering_applied: bool

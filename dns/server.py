@@ -26,7 +26,7 @@ question into it, with no parsing, policy walk or rendering. Everything around t
 on the slow way: the rate limit, the counts, the query log, the flow record, the DNS-learned addresses
 refreshed. It holds only while the policy object (the cache is flushed when it changes) and the malware
 list's generation are the ones it was decided under. Query-log entries are kept as tuples and turned into
-dicts only when read.
+`gateway.querylog.DnsQuery` records only when read.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from gateway.dns.wire import (
     upstream_packet,
 )
 from gateway.flowlog import FlowLog, FlowRecord
+from gateway.querylog import DnsQuery
 from gateway.ratelimit import ConnectionRateLimiter, TokenBucket
 from gateway.resolver import ResolveError, Upstream, exchange, parse_upstream, system_upstreams
 from gateway.rules import Rule
@@ -129,22 +130,22 @@ def _rcode_name(rcode: int) -> str:
 
 def _log_dict(sandbox_id: str, entry: LogEntry) -> dict[str, Any]:
     start_us, client, transport, latency, outcome = entry
-    return {
-        "time": start_us / 1e6,
-        "sandbox": sandbox_id,
-        "client": f"[{client[0]}]:{client[1]}" if ":" in str(client[0]) else f"{client[0]}:{client[1]}",
-        "transport": transport,
-        "name": outcome.name,
-        "type": outcome.type,
-        "rcode": _rcode_name(outcome.rcode),
-        "answers": list(outcome.answers),
-        "latency_ms": round(latency * 1000, 3),
-        "allowed": outcome.allowed,
-        "code": str(outcome.code),
-        "reason": outcome.reason,
-        "rule": outcome.rule,
-        "cached": outcome.cached,
-    }
+    return DnsQuery(
+        time=start_us / 1e6,
+        sandbox=sandbox_id,
+        client=f"[{client[0]}]:{client[1]}" if ":" in str(client[0]) else f"{client[0]}:{client[1]}",
+        transport=transport,
+        name=outcome.name,
+        type=outcome.type,
+        rcode=_rcode_name(outcome.rcode),
+        answers=list(outcome.answers),
+        latency_ms=round(latency * 1000, 3),
+        allowed=outcome.allowed,
+        code=str(outcome.code),
+        reason=outcome.reason,
+        rule=outcome.rule,
+        cached=outcome.cached,
+    ).to_dict()
 
 
 def _rate_limited(query: Query) -> tuple[bytes, Outcome]:

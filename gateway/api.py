@@ -40,14 +40,14 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.api_config import ApiToken
-from gateway.decision import PROTOCOLS, CompiledPolicy, Verdict
+from gateway.decision import PROTOCOLS, CompiledPolicy, ExplainRequest, Verdict
 from gateway.errors import Forbidden, GatewayError, NotFound
 from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, check_batch_name
 from gateway.hostnames import normalize_pattern
@@ -55,6 +55,7 @@ from gateway.inspection import decide_request
 from gateway.openapi import ERROR_CODES, JSON, MERGE_PATCH, NDJSON, Answer, Body, Query, openapi_document
 from gateway.policy import DEFAULT_PROFILE, HTTP_TOKEN_PATTERN, PORT_SCHEMA, PROFILES, Sandbox
 from gateway.presets import Preset
+from gateway.querylog import QueryLog
 from gateway.rules import Rule
 from gateway.stores.base import PolicyStore
 from gateway.tunnel.store import TunnelStore
@@ -69,7 +70,6 @@ __all__ = [
     "TEMPLATE_EXAMPLES",
     "TUNNEL_EXAMPLES",
     "Caller",
-    "ExplainRequest",
     "RouteSpec",
     "apply_merge_patch",
     "check_api_exposure",
@@ -138,12 +138,6 @@ ROUTES_KEY: Final[web.AppKey[dict[tuple[str, str], RouteSpec]]] = web.AppKey("ro
 OPEN_KEY: Final = web.AppKey("open_mode", bool)
 WRITE_LOCK_KEY: Final = web.AppKey("write_lock", asyncio.Lock)
 FLOWS_KEY: Final = web.AppKey("flows", FlowLog)  # absent when the API was built without a flow log
-
-
-class QueryLog(Protocol):
-    """What the API reads from the DNS interceptor (handed in by the composition root): its recent queries."""
-
-    def query_log(self, sandbox_id: str, limit: int = 100) -> list[dict[str, Any]]: ...
 
 
 TUNNELS_KEY: Final = web.AppKey("tunnels", TunnelStore)  # absent when the API was built without the tunnel service
@@ -543,23 +537,6 @@ async def sandbox_policy(request: web.Request) -> web.Response:
     sandbox_id = request.match_info["id"]
     state.get_sandbox(sandbox_id)  # 404 with the usual code when unknown
     return web.json_response(state.compiled[sandbox_id].describe())
-
-
-@dataclass(frozen=True, slots=True)
-class ExplainRequest:
-    host: str | None
-    address: str | None
-    port: int | None
-    protocol: str
-    #: The HTTP request on the connection, when one was asked about (the path without its query).
-    method: str | None = None
-    path: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        asked = {"host": self.host, "address": self.address, "port": self.port, "protocol": self.protocol}
-        if self.method is not None:
-            asked |= {"method": self.method, "path": self.path}
-        return asked
 
 
 def _parse_port(text: str, field: str) -> int:

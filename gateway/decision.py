@@ -17,14 +17,27 @@ from __future__ import annotations
 import functools
 import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Annotated, Any
 
 from gateway.hostnames import normalize_query_name
 from gateway.inspection import InspectRule
-from gateway.policy import PROFILE_EGRESS_FIELDS, Egress, IPAddress, IPNetwork, Limits, Sandbox, Template
+from gateway.policy import (
+    EGRESS_MODES,
+    PORT_SCHEMA,
+    PROFILE_EGRESS_FIELDS,
+    PROFILES,
+    Egress,
+    IPAddress,
+    IPNetwork,
+    Limits,
+    Sandbox,
+    Template,
+    schema_ref,
+)
 from gateway.presets import REGISTRY_PRESET, Preset
 from gateway.rules import Rule
+from gateway.schema import Note
 
 #: Refused in every profile (spam prevention; ZYBER's "Default Blocked", docs/feature-map.md).
 ALWAYS_BLOCKED_PORTS: Mapping[int, str] = {25: "SMTP", 465: "SMTPS", 587: "SMTP submission"}
@@ -47,15 +60,59 @@ class Verdict:
         return self.rule.label(self.detail)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"allowed": self.allowed, "reason": self.reason, "rule": self.label}
+        return asdict(VerdictView(self.allowed, self.reason, self.label))
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictView:
+    """What the data plane decides for a connection, and why."""
+
+    allowed: bool
+    reason: Annotated[str, Note(description="Why, for people.")]
+    rule: Annotated[
+        str,
+        Note(
+            description="Which rule decided, e.g. `allow_hosts api.github.com`, `preset git-hosts`, "
+            "`deny_cidrs 10.0.0.0/8`, `default:deny`."
+        ),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainRequest:
+    """The connection explain was asked about."""
+
+    host: str | None
+    address: str | None
+    port: Annotated[int, Note(PORT_SCHEMA)] | None
+    protocol: Annotated[str, Note(enum=list(PROTOCOLS))]
+    #: The HTTP request on the connection, when one was asked about (the path without its query).
+    method: str | None = None
+    path: Annotated[str, Note(description="Without its query.")] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
 class EffectiveLimits:
-    connections_per_minute: int
-    bandwidth_mbit: int
-    burst_mbit: int
-    dns_queries_per_minute: int
+    connections_per_minute: Annotated[int, Note(minimum=1)]
+    bandwidth_mbit: Annotated[int, Note(minimum=1)]
+    burst_mbit: Annotated[int, Note(minimum=1)]
+    dns_queries_per_minute: Annotated[int, Note(minimum=1)]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyView:
+    """The compiled policy the data plane enforces: the sandbox merged over its template, capped by its
+    profile, with the default limits filled in."""
+
+    sandbox: str
+    profile: Annotated[str, Note(enum=list(PROFILES))]
+    allow_internet: bool
+    mode: Annotated[str, Note(enum=list(EGRESS_MODES))]
+    egress: Annotated[dict[str, Any], Note(schema_ref("Egress"))]
+    limits: EffectiveLimits
 
 
 # Bound once: address_key runs per connection, and attribute lookups are a good part of its cost.
@@ -195,19 +252,16 @@ class CompiledPolicy:
         return decide(self, name, None, None, "dns")
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "sandbox": self.sandbox_id,
-            "profile": self.profile,
-            "allow_internet": self.allow_internet,
-            "mode": "allow_all" if self.allow_all else "deny_all",
-            "egress": self.effective_egress.to_dict(),
-            "limits": {
-                "connections_per_minute": self.limits.connections_per_minute,
-                "bandwidth_mbit": self.limits.bandwidth_mbit,
-                "burst_mbit": self.limits.burst_mbit,
-                "dns_queries_per_minute": self.limits.dns_queries_per_minute,
-            },
-        }
+        return asdict(
+            PolicyView(
+                sandbox=self.sandbox_id,
+                profile=self.profile,
+                allow_internet=self.allow_internet,
+                mode="allow_all" if self.allow_all else "deny_all",
+                egress=self.effective_egress.to_dict(),
+                limits=self.limits,
+            )
+        )
 
 
 _SMTP_VERDICTS = {

@@ -7,11 +7,17 @@ Every entry point (API, config file, Redis, CLI) reports problems through
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
+
+from gateway.schema import Note
 
 
 @dataclass(frozen=True, slots=True)
 class ErrorBody:
-    code: str
+    """Every error answer. `code` is stable; `message` is for people; `field` names the offending input (a JSON
+    path such as egress.allow_hosts[2], a query parameter or a header) or null."""
+
+    code: Annotated[str, Note(pattern="^[A-Z][A-Z0-9_]*$")]
     message: str
     field: str | None = None
 

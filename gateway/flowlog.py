@@ -37,16 +37,17 @@ import os
 import re
 import time
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 import structlog
 
 from gateway.audit_config import AuditConfig
 from gateway.errors import GatewayError, NotFound
 from gateway.logs import json_line_stream
-from gateway.policy import ID_PATTERN
+from gateway.policy import ADDRESS_SCHEMA, ID_PATTERN
+from gateway.schema import Note
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -56,6 +57,7 @@ __all__ = [
     "BATCH_NAME_PATTERN",
     "FIELD_NAMES",
     "MAX_LIST_LIMIT",
+    "BatchInfo",
     "FlowLog",
     "FlowRecord",
     "check_batch_name",
@@ -93,20 +95,20 @@ def now_us() -> int:
 class FlowRecord:
     """One connection's metadata. Deliberately has no field for payload, headers or credentials."""
 
-    start_us: int
-    end_us: int
+    start_us: Annotated[int, Note(description="µs since the epoch.")]
+    end_us: Annotated[int, Note(description="µs since the epoch.")]
     sandbox: str
-    src_addr: str
+    src_addr: Annotated[str, Note(ADDRESS_SCHEMA)]
     src_port: int
-    dst_addr: str
+    dst_addr: Annotated[str, Note(ADDRESS_SCHEMA, description="The address the gateway dialled.")]
     dst_port: int
-    orig_dst_addr: str
+    orig_dst_addr: Annotated[str, Note(ADDRESS_SCHEMA, description="The destination the sandbox asked for.")]
     orig_dst_port: int
-    hostname: str | None
+    hostname: Annotated[str | None, Note(description="TLS SNI or HTTP Host.")]
     protocol: FlowProtocol
-    bytes_up: int
-    bytes_down: int
-    duration_ms: float
+    bytes_up: Annotated[int, Note(minimum=0)]
+    bytes_down: Annotated[int, Note(minimum=0)]
+    duration_ms: Annotated[float, Note(minimum=0)]
     verdict: FlowVerdict
     reason: str
     rule: str
@@ -116,6 +118,18 @@ class FlowRecord:
 
 
 FIELD_NAMES: Final = tuple(f.name for f in fields(FlowRecord))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInfo:
+    """One batch file of a sandbox's flow records."""
+
+    name: Annotated[str, Note(pattern=BATCH_NAME_PATTERN.pattern)]
+    size: Annotated[int, Note(minimum=0, description="Bytes.")]
+    first_ts_us: Annotated[
+        int, Note(minimum=0, description="When the batch's first record was written (its end_us), µs since the epoch.")
+    ]
+
 
 _TEMPLATE: Final = (
     '{"start_us":%d,"end_us":%d,"sandbox":%s,"src_addr":%s,"src_port":%d,"dst_addr":%s,"dst_port":%d,'
@@ -454,7 +468,7 @@ class FlowLog:
             return [], None
         names.sort()
         page = names[:limit]
-        batches = [{"name": name, "size": size, "first_ts_us": first} for name, first, size in page]
+        batches = [asdict(BatchInfo(name, size, first)) for name, first, size in page]
         token = _encode_token(page[-1][0]) if len(names) > limit else None
         return batches, token
 

@@ -58,10 +58,11 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from gateway.errors import GatewayError
 from gateway.policy import IPAddress, IPNetwork, Sandbox
+from gateway.schema import Note
 
 TABLE = "sandbox_gateway"
 DEFAULT_EGRESS_PORT = 15001
@@ -548,6 +549,25 @@ def parse_set_elements(text: str) -> list[str]:
             if isinstance(value, str):
                 out.append(value)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class SteeringStatus:
+    """The steering's state, which `GET /v1/status` shows as `data_plane` (only with `gateway run --data-plane`)."""
+
+    steering: Annotated[bool, Note(description="Started with --steer.")]
+    steering_applied: bool
+    unattached_dropped: Annotated[
+        int,
+        Note(
+            minimum=0,
+            description="Packets dropped since start-up because their source, routed to the gateway, is no "
+            "sandbox's address (read every egress.unattached_log_interval).",
+        ),
+    ]
+    unattached_recent: Annotated[
+        list[str], Note(description="Such sources seen within the last interval (at most 64).")
+    ]
 
 
 @dataclass(slots=True)

@@ -2,10 +2,14 @@
 
 Each fact has one home, and this module only assembles: `paths` comes from the API's route table
 (`gateway.api.route_specs`: method, path, scope, operation id, summary, request body and examples, answers per
-status); the request schemas of sandboxes and templates from the tables the policy parser checks field names
-against (`gateway.policy`: names, types, limits, enums); the flow record from `gateway.flowlog.FlowRecord`'s
-fields and types; the tunnel request from `gateway.tunnel.model`'s field list and limits. What is left here
-is documentation only: descriptions, and the shapes of answers no parser reads back (status, explain, ...).
+status); the request schemas of sandboxes, templates and tunnels from the tables their parsers check field
+names against (`gateway.policy`, `gateway.tunnel.model.REQUEST_SCHEMA`: names, types, limits, enums); every
+answer a component builds from the typed record its producer fills (`gateway.schema.record_schema`: the
+store's status, the steering's, the DNS query log's entry, the tunnel's public view, the flow record, audit
+batches, presets, verdicts and effective policies, errors and rejections), with each field's documentation on
+the field itself. What is left here is the API's own wrapping: listings, the fields the API adds to an answer
+(status's `auth`, explain's question and policy), health and readiness, and the stored sandbox's references
+to the request components.
 
 Kept true by tests: every route the app registers is documented with the same methods and required scope
 (`x-required-scope`), every documented route exists, the example request bodies pass the real parser, the
@@ -17,37 +21,35 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from gateway import __version__
-from gateway.decision import PROTOCOLS
+from gateway.decision import ExplainRequest, PolicyView, VerdictView
 from gateway.errors import ErrorBody
-from gateway.flowlog import BATCH_NAME_PATTERN, FIELD_NAMES, MAX_LIST_LIMIT, FlowRecord
+from gateway.flowlog import BATCH_NAME_PATTERN, MAX_LIST_LIMIT, BatchInfo, FlowRecord
+from gateway.nft import SteeringStatus
 from gateway.policy import (
-    ADDRESS_SCHEMA,
     CREDENTIAL_SCHEMA,
-    EGRESS_MODES,
     EGRESS_SCHEMA,
     HEADER_MATCH_SCHEMA,
-    HOSTNAME_SCHEMA,
     ID_SCHEMA,
     INGRESS_SCHEMA,
     INSPECT_SCHEMA,
-    LIMIT_RANGES,
     LIMITS_SCHEMA,
-    PORT_SCHEMA,
     PRIVATE_LINK_SCHEMA,
-    PROFILES,
     SANDBOX_SCHEMA,
     TEMPLATE_SCHEMA,
     nullable,
     schema_ref,
 )
+from gateway.presets import PresetView
+from gateway.querylog import DnsQuery
+from gateway.schema import object_schema, record_schema
 from gateway.state import Rejection
+from gateway.stores.base import StoreStatus
 from gateway.tunnel import model as tunnel_model
 
 JSON: Final = "application/json"
@@ -110,82 +112,11 @@ class Route(typing.Protocol):
     def description(self) -> str | None: ...
 
 
-def _object(
-    properties: Mapping[str, Any], required: Iterable[str] = (), description: str | None = None, *, closed: bool = True
-) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "object", "properties": dict(properties)}
-    if required := list(required):
-        schema["required"] = required
-    if closed:
-        schema["additionalProperties"] = False
-    if description:
-        schema["description"] = description
-    return schema
-
-
 def _list_of(key: str, item: str, **limits: int) -> dict[str, Any]:
     """A `{key: [item, ...]}` answer, the shape of every listing."""
-    return _object({key: {"type": "array", "items": schema_ref(item), **limits}}, [key])
+    return object_schema({key: {"type": "array", "items": schema_ref(item), **limits}}, [key])
 
 
-def _json_type(annotation: Any) -> dict[str, Any]:
-    """The JSON Schema of a record field's Python type (int, float, str, bool, a Literal of strings, X | None)."""
-    if typing.get_origin(annotation) is typing.Literal:
-        return {"type": "string", "enum": list(typing.get_args(annotation))}
-    if isinstance(annotation, types.UnionType):
-        inner = [_json_type(arg)["type"] for arg in typing.get_args(annotation) if arg is not type(None)]
-        return {"type": [*inner, "null"]}
-    return {"type": {int: "integer", float: "number", str: "string", bool: "boolean"}[annotation]}
-
-
-def _fields(record: type, notes: Mapping[str, Mapping[str, Any]], without: str = "") -> dict[str, Any]:
-    """A dataclass's fields, in order, as JSON Schema properties from their types, with `notes` added."""
-    hints = typing.get_type_hints(record)
-    return {
-        f.name: {**_json_type(hints[f.name]), **notes.get(f.name, {})}
-        for f in dataclasses.fields(record)
-        if f.name != without
-    }
-
-
-#: Documentation of the flow record's fields; names and types come from FlowRecord itself.
-_FLOW_NOTES: Final[Mapping[str, Mapping[str, Any]]] = {
-    "start_us": {"description": "µs since the epoch."},
-    "end_us": {"description": "µs since the epoch."},
-    "src_addr": ADDRESS_SCHEMA,
-    "dst_addr": {**ADDRESS_SCHEMA, "description": "The address the gateway dialled."},
-    "orig_dst_addr": {**ADDRESS_SCHEMA, "description": "The destination the sandbox asked for."},
-    "hostname": {"description": "TLS SNI or HTTP Host."},
-    "bytes_up": {"minimum": 0},
-    "bytes_down": {"minimum": 0},
-    "duration_ms": {"minimum": 0},
-}
-
-#: Documentation of the tunnel request's fields; the names are the model's REQUEST_FIELDS, the limits its own.
-_TUNNEL_REQUEST: Final[Mapping[str, Mapping[str, Any]]] = {
-    "port": {**PORT_SCHEMA, "description": "The port inside the sandbox to expose (plain HTTP there)."},
-    "label": {"type": "string", "minLength": 1, "maxLength": tunnel_model.MAX_LABEL, "description": "For people only."},
-    "password": {
-        "type": "string",
-        "minLength": tunnel_model.MIN_PASSWORD,
-        "maxLength": tunnel_model.MAX_PASSWORD,
-        "writeOnly": True,
-        "description": "Protects the tunnel (login page, or HTTP Basic with any user name). Stored as an scrypt "
-        "hash; never returned or logged.",
-    },
-    "ttl": {
-        "type": "number",
-        "minimum": tunnel_model.MIN_TTL,
-        "description": "Seconds until the tunnel expires (default and maximum: [tunnel] default_ttl, max_ttl).",
-    },
-    "rewrite_host": {
-        "type": "boolean",
-        "default": False,
-        "description": "Send Host: localhost:<port> upstream, for dev servers that check Host.",
-    },
-}
-
-_TUNNEL_ID: Final = {"type": "string", "pattern": tunnel_model.ID_PATTERN.pattern}
 _NULLABLE_STRING: Final = {"type": ["string", "null"]}
 
 
@@ -199,91 +130,18 @@ def _schemas() -> dict[str, Any]:
         "private_links": {"type": "array", "items": schema_ref("PrivateLink")},
         "labels": {"type": "object", "additionalProperties": {"type": "string"}},
     }
-    tunnel = {
-        "id": _TUNNEL_ID,
-        "sandbox": {"type": "string"},
-        "address": {**ADDRESS_SCHEMA, "description": "The sandbox address the tunnel forwards to."},
-        "port": PORT_SCHEMA,
-        "label": _NULLABLE_STRING,
-        "url": {"type": "string", "description": "https://<id>.<tunnel domain>/"},
-        "password_protected": {"type": "boolean"},
-        "rewrite_host": {"type": "boolean"},
-        "created_at": {"type": "string", "format": "date-time"},
-        "expires_at": {"type": "string", "format": "date-time"},
-        "revoked_at": {**_NULLABLE_STRING, "format": "date-time"},
-        "revoked_reason": {
-            **_NULLABLE_STRING,
-            "description": f"{tunnel_model.REVOKED_BY_API} (by the API) or {tunnel_model.REVOKED_SANDBOX_GONE}.",
-        },
-        "state": {
-            "type": "string",
-            "enum": ["active", "expired", "revoked", "sandbox_gone", "ingress_denied"],
-            "description": "sandbox_gone: the sandbox was deleted or lost the address; about to be revoked. "
-            "ingress_denied: the sandbox's ingress rules no longer permit it; not served while they do not.",
-        },
-    }
-    dns_query = {
-        "time": {"type": "number", "description": "Seconds since the epoch."},
-        "sandbox": {"type": "string"},
-        "client": {"type": "string", "description": "The sandbox address and port that asked."},
-        "transport": {"type": "string", "enum": ["udp", "tcp"]},
-        "name": {"type": "string"},
-        "type": {"type": "string", "description": "The query type (A, AAAA, HTTPS, ...)."},
-        "rcode": {"type": "string", "description": "NOERROR, NXDOMAIN, REFUSED, SERVFAIL, FORMERR, ..."},
-        "answers": {"type": "array", "items": {"type": "string"}},
-        "latency_ms": {"type": "number"},
-        "allowed": {"type": "boolean"},
-        "code": {"type": "string", "description": "FORWARDED, CACHED, BLOCKED_POLICY, REFUSED_ISOLATED, ..."},
-        "reason": {"type": "string"},
-        "rule": {"type": "string"},
-        "cached": {"type": "boolean"},
-    }
-    data_plane = {
-        "steering": {"type": "boolean", "description": "Started with --steer."},
-        "steering_applied": {"type": "boolean"},
-        "unattached_dropped": {
-            "type": "integer",
-            "minimum": 0,
-            "description": "Packets dropped since start-up because their source, routed to the gateway, is no "
-            "sandbox's address (read every egress.unattached_log_interval).",
-        },
-        "unattached_recent": {
-            "type": "array",
-            "items": {"type": "string"},
-            "description": "Such sources seen within the last interval (at most 64).",
-        },
-    }
-    status = {
-        "backend": {"type": "string", "enum": ["embedded", "redis"]},
-        "ready": {"type": "boolean"},
-        "sandboxes": {"type": "integer", "minimum": 0},
-        "templates": {"type": "integer", "minimum": 0},
-        "rejected": {"type": "array", "items": schema_ref("Rejection")},
+    # The API's own part of two answers: /v1/status adds how it admits callers and, with the data plane, the
+    # steering's status; explain adds the sandbox, the question and the policy to the verdict.
+    status = record_schema(StoreStatus, closed=False)
+    status["properties"] |= {
         "auth": {
             "type": "string",
             "enum": ["tokens", "open-loopback"],
             "description": "open-loopback: no tokens configured, so the API listens on loopback only and admits "
             "every local caller.",
         },
-        "data_plane": _object(data_plane, data_plane, "Only with `gateway run --data-plane`."),
+        "data_plane": record_schema(SteeringStatus),
     }
-    effective_limits = {name: {"type": "integer", "minimum": 1} for name in LIMIT_RANGES}
-    verdict = {
-        "allowed": {"type": "boolean"},
-        "reason": {"type": "string", "description": "Why, for people."},
-        "rule": {
-            "type": "string",
-            "description": "Which rule decided, e.g. `allow_hosts api.github.com`, `preset git-hosts`, "
-            "`deny_cidrs 10.0.0.0/8`, `default:deny`.",
-        },
-    }
-    asked = {
-        "host": _NULLABLE_STRING,
-        "address": _NULLABLE_STRING,
-        "port": {"anyOf": [PORT_SCHEMA, {"type": "null"}]},
-        "protocol": {"type": "string", "enum": list(PROTOCOLS)},
-    }
-    asked_http = {"method": {"type": "string"}, "path": {"type": "string", "description": "Without its query."}}
     http = {
         "allowed": {"type": "boolean"},
         "reason": {"type": "string", "description": "The entry's deny_reason when it has one and refuses."},
@@ -295,13 +153,14 @@ def _schemas() -> dict[str, Any]:
             "headers).",
         },
     }
-    explain = {
-        **verdict,
+    status["required"].append("auth")
+    explain = record_schema(VerdictView)
+    explain["properties"] |= {
         "sandbox": {"type": "string"},
-        "request": _object(asked | asked_http, asked),
+        "request": record_schema(ExplainRequest),
         "policy": schema_ref("EffectivePolicy"),
         "http": nullable(
-            _object(
+            object_schema(
                 http,
                 http,
                 "Only when method or path was asked: the inspection tier's decision of that request, for a host "
@@ -310,105 +169,54 @@ def _schemas() -> dict[str, Any]:
             )
         ),
     }
-    error = _fields(ErrorBody, {"code": {"pattern": "^[A-Z][A-Z0-9_]*$"}})
-    rejection = _fields(Rejection, {"at": {"description": "Unix time of the rejection."}}, without="error")
-    rejection |= error  # the refusal's code, message and field, as in an error answer
+    explain["required"] = [name for name in explain["properties"] if name != "http"]
+    explain["description"] = "The verdict the data plane would give this connection, and the policy it used."
+    error = record_schema(ErrorBody)
+    rejection = record_schema(Rejection, without=["error"], closed=False)
+    rejection["properties"] |= error["properties"]  # the refusal's code, message and field, as in an error answer
+    rejection["required"] = list(rejection["properties"])
     return {
-        "Error": _object(
-            error,
-            error,
-            "Every error answer. `code` is stable; `message` is for people; `field` names the offending input (a "
-            "JSON path such as egress.allow_hosts[2], a query parameter or a header) or null.",
-        ),
-        "Egress": _object(
+        "Error": error,
+        "Egress": object_schema(
             EGRESS_SCHEMA, (), "Fields left out (or null) are inherited from the template, then the profile."
         ),
-        "InspectEntry": _object(INSPECT_SCHEMA, ["hosts"]),
-        "HeaderMatch": _object(HEADER_MATCH_SCHEMA, ["name"]),
-        "Credential": _object(CREDENTIAL_SCHEMA, ["header", "secret"]),
-        "Ingress": _object(INGRESS_SCHEMA),
-        "Limits": _object(LIMITS_SCHEMA),
-        "PrivateLink": _object(PRIVATE_LINK_SCHEMA, ["source"]),
-        "Sandbox": _object(
+        "InspectEntry": object_schema(INSPECT_SCHEMA, ["hosts"]),
+        "HeaderMatch": object_schema(HEADER_MATCH_SCHEMA, ["name"]),
+        "Credential": object_schema(CREDENTIAL_SCHEMA, ["header", "secret"]),
+        "Ingress": object_schema(INGRESS_SCHEMA),
+        "Limits": object_schema(LIMITS_SCHEMA),
+        "PrivateLink": object_schema(PRIVATE_LINK_SCHEMA, ["source"]),
+        "Sandbox": object_schema(
             stored_sandbox, SANDBOX_SCHEMA, "A sandbox record as stored (only set egress and limits fields appear)."
         ),
-        "SandboxCreate": _object(SANDBOX_SCHEMA, ["id", "addresses"]),
-        "SandboxReplace": _object(
+        "SandboxCreate": object_schema(SANDBOX_SCHEMA, ["id", "addresses"]),
+        "SandboxReplace": object_schema(
             SANDBOX_SCHEMA, ["addresses"], "The whole record; `id` may be left out and must match the URL when given."
         ),
-        "SandboxPatch": _object(
+        "SandboxPatch": object_schema(
             {name: {} for name in SANDBOX_SCHEMA},
             (),
             "A JSON merge patch (RFC 7396): objects merge, null removes a field, anything else replaces it. The "
             "result is validated as a whole record.",
         ),
         "SandboxList": _list_of("sandboxes", "Sandbox"),
-        "Template": _object(
+        "Template": object_schema(
             {**TEMPLATE_SCHEMA, "egress": schema_ref("Egress"), "limits": schema_ref("Limits")}, TEMPLATE_SCHEMA
         ),
-        "TemplateCreate": _object(TEMPLATE_SCHEMA, ["name"]),
-        "TemplateReplace": _object(
+        "TemplateCreate": object_schema(TEMPLATE_SCHEMA, ["name"]),
+        "TemplateReplace": object_schema(
             TEMPLATE_SCHEMA, (), "The whole template; `name` may be left out and must match the URL when given."
         ),
         "TemplateList": _list_of("templates", "Template"),
-        "Preset": _object(
-            {
-                "name": {"type": "string"},
-                "description": {"type": "string"},
-                "hosts": {"type": "array", "items": HOSTNAME_SCHEMA},
-                "ports": {
-                    "anyOf": [{"type": "array", "items": PORT_SCHEMA}, {"type": "null"}],
-                    "description": "null: any port.",
-                },
-            },
-            ["name", "description", "hosts", "ports"],
-        ),
+        "Preset": record_schema(PresetView),
         "PresetList": _list_of("presets", "Preset"),
-        "EffectivePolicy": _object(
-            {
-                "sandbox": {"type": "string"},
-                "profile": {"type": "string", "enum": list(PROFILES)},
-                "allow_internet": {"type": "boolean"},
-                "mode": {"type": "string", "enum": list(EGRESS_MODES)},
-                "egress": schema_ref("Egress"),
-                "limits": _object(effective_limits, effective_limits),
-            },
-            ["sandbox", "profile", "allow_internet", "mode", "egress", "limits"],
-            "The compiled policy the data plane enforces: the sandbox merged over its template, capped by its "
-            "profile, with the default limits filled in.",
-        ),
-        "Verdict": _object(verdict, verdict, closed=False),
-        "Explain": _object(
-            explain,
-            [name for name in explain if name != "http"],
-            "The verdict the data plane would give this connection, and the policy it used.",
-        ),
-        "Rejection": _object(
-            rejection,
-            rejection,
-            "A record written by someone other than this API (a file edit, another service) that failed "
-            "validation; the last good version stays in force until a valid one arrives.",
-            closed=False,
-        ),
-        "Status": _object(
-            status,
-            [name for name in status if name != "data_plane"],
-            "The policy store's state. Backends may add fields (the embedded store adds `path`).",
-            closed=False,
-        ),
-        "AuditBatch": _object(
-            {
-                "name": {"type": "string", "pattern": BATCH_NAME_PATTERN.pattern},
-                "size": {"type": "integer", "minimum": 0, "description": "Bytes."},
-                "first_ts_us": {
-                    "type": "integer",
-                    "minimum": 0,
-                    "description": "When the batch's first record was written (its end_us), µs since the epoch.",
-                },
-            },
-            ["name", "size", "first_ts_us"],
-        ),
-        "AuditBatchList": _object(
+        "EffectivePolicy": record_schema(PolicyView),
+        "Verdict": record_schema(VerdictView, closed=False),
+        "Explain": explain,
+        "Rejection": rejection,
+        "Status": status,
+        "AuditBatch": record_schema(BatchInfo),
+        "AuditBatchList": object_schema(
             {
                 "batches": {"type": "array", "items": schema_ref("AuditBatch"), "maxItems": MAX_LIST_LIMIT},
                 "next_continuation_token": {
@@ -418,22 +226,16 @@ def _schemas() -> dict[str, Any]:
             },
             ["batches", "next_continuation_token"],
         ),
-        "FlowRecord": _object(
-            _fields(FlowRecord, _FLOW_NOTES),
-            FIELD_NAMES,
-            "One line of an audit batch: one connection's metadata (never payload or credentials).",
+        "FlowRecord": record_schema(
+            FlowRecord, "One line of an audit batch: one connection's metadata (never payload or credentials)."
         ),
-        "DnsQuery": _object(dns_query, dns_query),
+        "DnsQuery": record_schema(DnsQuery),
         "DnsLog": _list_of("queries", "DnsQuery"),
-        "TunnelCreate": _object({name: _TUNNEL_REQUEST[name] for name in tunnel_model.REQUEST_FIELDS}, ["port"]),
-        "Tunnel": _object(
-            tunnel,
-            tunnel,
-            "A temporary HTTPS URL for a sandbox port. Its id is the random first label of the URL.",
-        ),
+        "TunnelCreate": object_schema(tunnel_model.REQUEST_SCHEMA, ["port"]),
+        "Tunnel": record_schema(tunnel_model.TunnelView),
         "TunnelList": _list_of("tunnels", "Tunnel"),
-        "Health": _object({"status": {"const": "ok"}}, ["status"]),
-        "Ready": _object({"ready": {"const": True}, "backend": {"type": "string"}}, ["ready", "backend"]),
+        "Health": object_schema({"status": {"const": "ok"}}, ["status"]),
+        "Ready": object_schema({"ready": {"const": True}, "backend": {"type": "string"}}, ["ready", "backend"]),
     }
 
 
@@ -461,7 +263,7 @@ ERROR_CODES: Final[Mapping[int, str]] = {
 #: Path parameters, by the segment they follow: `/v1/sandboxes/{id}` is a sandbox id wherever it appears.
 PATH_PARAMETERS: Final[Mapping[tuple[str, str], tuple[Mapping[str, Any], str]]] = {
     ("sandboxes", "id"): (ID_SCHEMA, "Sandbox id."),
-    ("tunnels", "id"): (_TUNNEL_ID, "Tunnel id (the first label of its URL)."),
+    ("tunnels", "id"): (tunnel_model.ID_SCHEMA, "Tunnel id (the first label of its URL)."),
     ("templates", "name"): (ID_SCHEMA, "Template name."),
     ("audit-batches", "name"): (
         {"type": "string", "pattern": BATCH_NAME_PATTERN.pattern},

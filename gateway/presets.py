@@ -7,10 +7,13 @@ A preset is a set of hostname patterns plus the ports they are reachable on
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Annotated
 
 from gateway.errors import GatewayError
 from gateway.hostnames import normalize_pattern
+from gateway.policy import HOSTNAME_SCHEMA, PORT_SCHEMA
+from gateway.schema import Note
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,12 +24,18 @@ class Preset:
     description: str = ""
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "description": self.description,
-            "hosts": list(self.hosts),
-            "ports": sorted(self.ports) if self.ports is not None else None,
-        }
+        ports = sorted(self.ports) if self.ports is not None else None
+        return asdict(PresetView(self.name, self.description, list(self.hosts), ports))
+
+
+@dataclass(frozen=True, slots=True)
+class PresetView:
+    """A named host list a policy can include (egress.presets)."""
+
+    name: str
+    description: str
+    hosts: list[Annotated[str, Note(HOSTNAME_SCHEMA)]]
+    ports: Annotated[list[Annotated[int, Note(PORT_SCHEMA)]] | None, Note(description="null: any port.")]
 
 
 def make_preset(name: str, hosts: Iterable[str], ports: Iterable[int] | None, description: str = "") -> Preset:

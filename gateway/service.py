@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, TextIO
 
 import msgspec
@@ -45,7 +45,7 @@ from gateway.errors import GatewayError
 from gateway.flowlog import FlowLog
 from gateway.formatting import listen_description, store_description
 from gateway.learned import LearnedDestinations
-from gateway.nft import SteeringConfig, UnattachedSources, links_from_sandboxes, render_ruleset
+from gateway.nft import SteeringConfig, SteeringStatus, UnattachedSources, links_from_sandboxes, render_ruleset
 from gateway.ratelimit import BandwidthLimiter, ConnectionRateLimiter
 from gateway.resolver import Resolver
 from gateway.settings import Config
@@ -352,12 +352,14 @@ class DataPlane:
 
     def status(self) -> dict[str, Any]:
         """The data plane's part of `GET /v1/status`."""
-        return {
-            "steering": self.steer,
-            "steering_applied": self._applied is not None,
-            "unattached_dropped": self.unattached.total,
-            "unattached_recent": list(self.unattached.recent),
-        }
+        return asdict(
+            SteeringStatus(
+                steering=self.steer,
+                steering_applied=self._applied is not None,
+                unattached_dropped=self.unattached.total,
+                unattached_recent=list(self.unattached.recent),
+            )
+        )
 
     def steering_config(self) -> SteeringConfig:
         """What the table must say now, from the store: attached addresses, their workers, private links."""

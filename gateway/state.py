@@ -13,12 +13,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from gateway.decision import CompiledPolicy, Verdict, address_key, compile_policy, decide
 from gateway.errors import Conflict, ErrorBody, GatewayError, NotFound
 from gateway.policy import IPNetwork, Limits, Sandbox, Template, parse_sandbox, parse_template
 from gateway.presets import Preset
+from gateway.schema import Note
 
 SANDBOX = "sandbox"
 TEMPLATE = "template"
@@ -39,12 +40,13 @@ class PolicyContext:
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """An invalid record written by someone other than this API (a file edit, another service)."""
+    """A record written by someone other than this API (a file edit, another service) that failed validation;
+    the last good version stays in force until a valid one arrives."""
 
     kind: str
     key: str
-    error: ErrorBody
-    at: float
+    error: ErrorBody  # flattened into the record's answer: its code, message and field, as in an error answer
+    at: Annotated[float, Note(description="Unix time of the rejection.")]
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "key": self.key, "at": self.at, **self.error.to_dict()}

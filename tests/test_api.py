@@ -187,9 +187,18 @@ async def test_readyz_is_503_until_the_data_plane_serves(
     # serves already, but nothing of the plane does yet.
     store = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
     plane = DataPlane(config, store, FlowLog(msgspec.structs.replace(config.audit, dir=tmp_path / "audit")), steer=True)
-    api = Api(await aiohttp_client(create_app(store, **api_section(config), dns=plane.dns, unready=plane.unready)))
+    app = create_app(store, **api_section(config), dns=plane.dns, unready=plane.unready, data_plane_status=plane.status)
+    api = Api(await aiohttp_client(app))
     await store.start()
     try:
+        # /v1/status carries the steering's status, checked against the document like every answer
+        steering = (await api.call("GET", "/v1/status", expect=200)).body["data_plane"]
+        assert steering == {
+            "steering": True,
+            "steering_applied": False,
+            "unattached_dropped": 0,
+            "unattached_recent": [],
+        }
         answer = await api.call("GET", "/readyz", token=None, expect=503)
         assert answer.code == "DATA_PLANE_NOT_READY"
         assert answer.body["message"] == (

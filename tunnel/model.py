@@ -19,10 +19,11 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal
 
 from gateway.errors import Forbidden, GatewayError
-from gateway.policy import Ingress, IPAddress
+from gateway.policy import ADDRESS_SCHEMA, PORT_SCHEMA, Ingress, IPAddress
+from gateway.schema import Note
 
 ID_BYTES: Final = 10  # 80 bits -> 16 base32 characters, no padding
 ID_PATTERN: Final = re.compile(r"^[a-z2-7]{16}$")
@@ -30,7 +31,31 @@ MAX_LABEL: Final = 64
 MIN_PASSWORD: Final = 8
 MAX_PASSWORD: Final = 256
 MIN_TTL: Final = 10.0
-REQUEST_FIELDS: Final = ("port", "label", "password", "ttl", "rewrite_host")
+ID_SCHEMA: Final[Mapping[str, Any]] = {"type": "string", "pattern": ID_PATTERN.pattern}
+#: The fields `parse_request` accepts, as the OpenAPI document publishes them (with the limits it checks).
+REQUEST_SCHEMA: Final[Mapping[str, Mapping[str, Any]]] = {
+    "port": {**PORT_SCHEMA, "description": "The port inside the sandbox to expose (plain HTTP there)."},
+    "label": {"type": "string", "minLength": 1, "maxLength": MAX_LABEL, "description": "For people only."},
+    "password": {
+        "type": "string",
+        "minLength": MIN_PASSWORD,
+        "maxLength": MAX_PASSWORD,
+        "writeOnly": True,
+        "description": "Protects the tunnel (login page, or HTTP Basic with any user name). Stored as an scrypt "
+        "hash; never returned or logged.",
+    },
+    "ttl": {
+        "type": "number",
+        "minimum": MIN_TTL,
+        "description": "Seconds until the tunnel expires (default and maximum: [tunnel] default_ttl, max_ttl).",
+    },
+    "rewrite_host": {
+        "type": "boolean",
+        "default": False,
+        "description": "Send Host: localhost:<port> upstream, for dev servers that check Host.",
+    },
+}
+REQUEST_FIELDS: Final = tuple(REQUEST_SCHEMA)
 
 # scrypt cost: 2^14 * 8 * 128 B = 16 MiB and ~50 ms per check; the login throttle keeps guessing slow too.
 SCRYPT_N: Final = 2**14
@@ -41,6 +66,8 @@ SCRYPT_LEN: Final = 32
 #: Why a tunnel stopped: these are the `revoked_reason` values.
 REVOKED_BY_API: Final = "revoked"
 REVOKED_SANDBOX_GONE: Final = "sandbox_deleted"
+#: A tunnel as its owner sees it; the store adds the last two (`TunnelStore.public`), which only it can tell.
+TunnelState = Literal["active", "expired", "revoked", "sandbox_gone", "ingress_denied"]
 
 
 def new_tunnel_id() -> str:
@@ -105,7 +132,7 @@ class Tunnel:
     def live(self, now: float | None = None) -> bool:
         return self.revoked_at is None and not self.expired(now)
 
-    def state(self, now: float | None = None) -> str:
+    def state(self, now: float | None = None) -> TunnelState:
         if self.revoked_at is not None:
             return "revoked"
         return "expired" if self.expired(now) else "active"
@@ -131,26 +158,51 @@ class Tunnel:
             "revoked_reason": self.revoked_reason,
         }
 
-    def to_public(self, url: str, now: float | None = None) -> dict[str, Any]:
+    def to_public(self, url: str, state: TunnelState) -> TunnelView:
         """What the API answers: no hash, only whether there is a password."""
-        return {
-            "id": self.id,
-            "sandbox": self.sandbox,
-            "address": self.address,
-            "port": self.port,
-            "label": self.label,
-            "url": url,
-            "password_protected": self.protected,
-            "rewrite_host": self.rewrite_host,
-            "created_at": _iso(self.created_at),
-            "expires_at": _iso(self.expires_at),
-            "revoked_at": _iso(self.revoked_at) if self.revoked_at is not None else None,
-            "revoked_reason": self.revoked_reason,
-            "state": self.state(now),
-        }
+        return TunnelView(
+            id=self.id,
+            sandbox=self.sandbox,
+            address=self.address,
+            port=self.port,
+            label=self.label,
+            url=url,
+            password_protected=self.protected,
+            rewrite_host=self.rewrite_host,
+            created_at=_iso(self.created_at),
+            expires_at=_iso(self.expires_at),
+            revoked_at=_iso(self.revoked_at) if self.revoked_at is not None else None,
+            revoked_reason=self.revoked_reason,
+            state=state,
+        )
 
     def __repr__(self) -> str:  # never print the hash, even by accident in a log line
         return f"Tunnel(id={self.id!r}, sandbox={self.sandbox!r}, port={self.port}, state={self.state()!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelView:
+    """A temporary HTTPS URL for a sandbox port. Its id is the random first label of the URL."""
+
+    id: Annotated[str, Note(ID_SCHEMA)]
+    sandbox: str
+    address: Annotated[str, Note(ADDRESS_SCHEMA, description="The sandbox address the tunnel forwards to.")]
+    port: Annotated[int, Note(PORT_SCHEMA)]
+    label: str | None
+    url: Annotated[str, Note(description="https://<id>.<tunnel domain>/")]
+    password_protected: bool
+    rewrite_host: bool
+    created_at: Annotated[str, Note(format="date-time")]
+    expires_at: Annotated[str, Note(format="date-time")]
+    revoked_at: Annotated[str | None, Note(format="date-time")]
+    revoked_reason: Annotated[str | None, Note(description=f"{REVOKED_BY_API} (by the API) or {REVOKED_SANDBOX_GONE}.")]
+    state: Annotated[
+        TunnelState,
+        Note(
+            description="sandbox_gone: the sandbox was deleted or lost the address; about to be revoked. "
+            "ingress_denied: the sandbox's ingress rules no longer permit it; not served while they do not."
+        ),
+    ]
 
 
 def _iso(ts: float) -> str:

@@ -34,7 +34,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -215,13 +215,13 @@ class TunnelStore(abc.ABC):
         return sorted((t for t in self.tunnels.values() if t.sandbox == sandbox_id), key=lambda t: t.created_at)
 
     def public(self, tunnel: Tunnel) -> dict[str, Any]:
-        body = tunnel.to_public(self.config.url_for(tunnel.id))
-        if body["state"] == "active":
+        state = tunnel.state()
+        if state == "active":
             if not self.alive(tunnel):
-                body["state"] = "sandbox_gone"
+                state = "sandbox_gone"
             elif self.ingress_refusal(tunnel) is not None:
-                body["state"] = "ingress_denied"
-        return body
+                state = "ingress_denied"
+        return asdict(tunnel.to_public(self.config.url_for(tunnel.id), state))
 
     def status(self) -> dict[str, Any]:
         return {

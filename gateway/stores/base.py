@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from typing import Any, Literal
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any, Literal
 
 from gateway.errors import GatewayError
-from gateway.policy import Sandbox, Template
+from gateway.policy import Sandbox, Template, schema_ref
+from gateway.schema import Note
 from gateway.state import SANDBOX, TEMPLATE, PolicyContext, PolicyState, Rejection
 
 #: What must hold in the backend for a write to go through: the key absent (create),
@@ -23,6 +25,17 @@ Expect = Literal["absent", "present", "any"]
 
 class StoreUnavailable(GatewayError):
     status = 503
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    """The policy store's state. Backends may add fields (the embedded store adds `path`)."""
+
+    backend: Annotated[str, Note(enum=["embedded", "redis"])]
+    ready: bool
+    sandboxes: Annotated[int, Note(minimum=0)]
+    templates: Annotated[int, Note(minimum=0)]
+    rejected: Annotated[list[dict[str, Any]], Note(items=schema_ref("Rejection"))]  # each a Rejection.to_dict()
 
 
 class PolicyStore(abc.ABC):
@@ -47,13 +60,15 @@ class PolicyStore(abc.ABC):
         """Durably write (or delete, `record=None`) one record; raise if `expect` does not hold."""
 
     def status(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "ready": self.ready.is_set(),
-            "sandboxes": len(self.state.sandboxes),
-            "templates": len(self.state.templates),
-            "rejected": [r.to_dict() for r in self.rejections()],
-        }
+        return asdict(
+            StoreStatus(
+                backend=self.backend,
+                ready=self.ready.is_set(),
+                sandboxes=len(self.state.sandboxes),
+                templates=len(self.state.templates),
+                rejected=[r.to_dict() for r in self.rejections()],
+            )
+        )
 
     def rejections(self) -> list[Rejection]:
         return sorted(self.state.rejections.values(), key=lambda r: (r.kind, r.key))

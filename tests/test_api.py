@@ -464,7 +464,14 @@ async def test_explain_allowed_and_denied_with_the_deciding_rule(api: Api) -> No
     allowed = (await api.call("GET", "/v1/sandboxes/agent-1/explain?host=api.github.com", token="reader")).body
     assert (allowed["allowed"], allowed["rule"]) == (True, "allow_hosts api.github.com")
     assert allowed["sandbox"] == "agent-1"
-    assert allowed["request"] == {"host": "api.github.com", "address": None, "port": 443, "protocol": "tls"}
+    assert allowed["request"] == {
+        "host": "api.github.com",
+        "address": None,
+        "port": 443,
+        "protocol": "tls",
+        "method": None,
+        "path": None,
+    }
     assert allowed["policy"]["egress"]["allow_hosts"] == ["api.github.com", "*.example.com"]
 
     wildcard = (await api.call("GET", "/v1/sandboxes/agent-1/explain?host=Docs.Example.com.:8443")).body
@@ -596,7 +603,7 @@ async def test_an_inspect_entry_is_stored_as_written_and_explained_with_its_http
     connection = await explain("host=api.github.com")
     assert (connection["allowed"], connection["rule"]) == (True, "inspect api.github.com")
     assert connection["reason"] == "host api.github.com allowed by inspect api.github.com"
-    assert "http" not in connection and "method" not in connection["request"]
+    assert "http" not in connection and (connection["request"]["method"], connection["request"]["path"]) == (None, None)
 
     read = await explain("host=api.github.com&method=GET&path=/repos/o/r/issues?state=open")
     assert (read["allowed"], read["rule"]) == (True, "inspect api.github.com")

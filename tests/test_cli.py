@@ -184,7 +184,7 @@ def test_sandbox_lifecycle_through_the_cli(server: Server, tmp_path: Path) -> No
     assert preset.stdout.startswith("DENY  api.openai.com:8443  port 8443 not allowed")
     http = gateway("explain", "cli-agent", "docs.example.com", "--protocol", "http", "--json", server=server)
     assert json.loads(http.stdout)["request"] == {
-        "host": "docs.example.com", "address": None, "port": 80, "protocol": "http",
+        "host": "docs.example.com", "address": None, "port": 80, "protocol": "http", "method": None, "path": None,
     }  # fmt: skip
 
     patch_file = tmp_path / "patch.json"

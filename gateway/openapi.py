@@ -155,6 +155,9 @@ _FLOW_NOTES: Final[Mapping[str, Mapping[str, Any]]] = {
     "bytes_up": {"minimum": 0},
     "bytes_down": {"minimum": 0},
     "duration_ms": {"minimum": 0},
+    "method": {"description": "An inspected HTTP request's method (null in a connection's record)."},
+    "path": {"description": "An inspected HTTP request's path, without the query."},
+    "status": {"description": "The status answered to an inspected HTTP request."},
 }
 
 #: Documentation of the tunnel request's fields; the names are the model's REQUEST_FIELDS, the limits its own.

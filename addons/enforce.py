@@ -51,8 +51,9 @@ REDACTED: Final = "[REDACTED]"
 MAX_SCRUB_BYTES: Final = 8 * 1024 * 1024
 #: Shorter secrets are refused: scrubbing them would rewrite ordinary text, and they are guessable anyway.
 MIN_SECRET_LENGTH: Final = 8
-#: A record's path is cut here, so that a record stays one atomic pipe write (PIPE_BUF: 4096 bytes).
+#: A record's path and reason are cut here, so that a record stays one atomic pipe write (PIPE_BUF: 4096 bytes).
 MAX_RECORD_PATH: Final = 1024
+MAX_RECORD_REASON: Final = 500
 
 _CONNECTION_HEADERS: Final = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
 _BAD_VALUE_BYTES: Final = re.compile(rb"[\r\n\x00]")
@@ -130,7 +131,7 @@ def target_fault(authority: str, hosts: Sequence[str], host: str, port: int) -> 
         return f"the request names no host (this connection is for {host})"
     for value in named:
         if not names_host(value, host, port):
-            return f"the request names {value!r} but this connection is for {host} (TLS SNI)"
+            return f"the request names {value[:100]!r} but this connection is for {host} (TLS SNI)"
     return None
 
 

@@ -32,6 +32,7 @@ from OpenSSL import SSL
 from gateway.addons.enforce import (
     CONTEXT_HEADER,
     MAX_RECORD_PATH,
+    MAX_RECORD_REASON,
     MAX_SCRUB_BYTES,
     Decision,
     Scrubber,
@@ -68,6 +69,22 @@ def _answer(status: int, reason: str, rule: str, extra: dict[str, str] | None = 
     return http.Response.make(status, body, dict(headers) | (extra or {}))
 
 
+def read_secrets(path: str) -> dict[str, str]:
+    """The `gateway_secrets` file ("" : no secrets). OptionsError (mitmproxy then refuses the option, and at
+    start-up does not run) when it is not owner-only, not this user's, or not a valid secrets object."""
+    if not path:
+        return {}
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, encoding="utf-8") as handle:
+            info = os.fstat(handle.fileno())
+            if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO) or info.st_uid != os.getuid():
+                raise ValueError("it must be owned by this user and readable by nobody else (mode 0600)")
+            return parse_secrets(handle.read())
+    except (OSError, ValueError) as exc:
+        raise exceptions.OptionsError(f"gateway_secrets {path}: {exc}") from None
+
+
 def _no_tls(*, server_side: bool) -> SSL.Connection:
     """A TLS connection that fails at its first step, before it sends anything (no protocol version is
     possible). This addon's hooks run before mitmproxy's own TLS configuration, which fills in any connection
@@ -101,27 +118,13 @@ class Inspect:
 
     def configure(self, updated: set[str]) -> None:
         if "gateway_secrets" in updated:
-            self.secrets = self._read_secrets(ctx.options.gateway_secrets)
+            self.secrets = read_secrets(ctx.options.gateway_secrets)
             self.scrubbers.clear()
         if "gateway_records_fd" in updated:
             self.records_fd = ctx.options.gateway_records_fd
             if self.records_fd >= 0:
                 # A stalled reader must cost records, never stall the proxy.
                 os.set_blocking(self.records_fd, False)
-
-    @staticmethod
-    def _read_secrets(path: str) -> dict[str, str]:
-        if not path:
-            return {}
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, encoding="utf-8") as handle:
-                info = os.fstat(handle.fileno())
-                if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO) or info.st_uid != os.getuid():
-                    raise ValueError("it must be owned by this user and readable by nobody else (mode 0600)")
-                return parse_secrets(handle.read())
-        except (OSError, ValueError) as exc:
-            raise exceptions.OptionsError(f"gateway_secrets {path}: {exc}") from None
 
     # ------------------------------------------------------------------ the hand-over
 
@@ -285,7 +288,7 @@ class Inspect:
         if refused is not None:
             verdict, reason = "deny", str(refused)
         elif response is None:
-            verdict, reason = "allow", f"upstream error: {flow.error.msg if flow.error else 'no response'}"[:200]
+            verdict, reason = "allow", f"upstream error: {flow.error.msg if flow.error else 'no response'}"
         else:
             verdict, reason = "allow", "request allowed by the entry's HTTP rules"
         end_us = time.time_ns() // 1000
@@ -307,7 +310,7 @@ class Inspect:
             bytes_down=len(response.raw_content or b"") if response is not None else 0,
             duration_ms=(end_us - start_us) / 1000,
             verdict=verdict,
-            reason=reason,
+            reason=reason[:MAX_RECORD_REASON],
             rule=f"inspect {context.entry}",
             method=flow.request.method[:20],
             path=request_path(flow.request.path)[:MAX_RECORD_PATH],

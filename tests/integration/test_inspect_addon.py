@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from gateway.addons.enforce import REDACTED
 from gateway.flowlog import FlowRecord
 from gateway.inspection import Credential, InspectionContext, InspectRule
 from tests.factory import REPO, free_port, make_pki, wait_until
@@ -83,6 +84,12 @@ class Origin:
         seen = {"method": request.method, "path": request.path_qs, "headers": list(request.headers.items())}
         seen["body"] = (await request.read()).decode(errors="replace")
         self.seen.append(seen)
+        if request.path == "/ws":  # a WebSocket that tells the client what Authorization it was opened with
+            socket_response = web.WebSocketResponse()
+            await socket_response.prepare(request)
+            await socket_response.send_str(f"opened with {request.headers.get('Authorization', '-')}")
+            await socket_response.close()
+            return socket_response
         if request.path == "/redirect":
             return web.Response(status=302, headers={"Location": f"https://{OTHER}:{request.url.port}/echo"})
         echoed = {"X-Echo-Authorization": request.headers.get("Authorization", "-")}
@@ -124,7 +131,7 @@ def rule(**changes: Any) -> InspectRule:
     base = InspectRule(
         hosts=(HOST,),
         methods=("GET", "HEAD"),
-        paths=("/echo", "/repos/*", "/redirect", "/gzip"),
+        paths=("/echo", "/repos/*", "/redirect", "/gzip", "/ws"),
         deny_reason="read-only GitHub",
         credentials=(Credential("authorization", "github", "Bearer {secret}"),),
     )
@@ -352,6 +359,16 @@ def test_the_secret_reaches_the_origin_and_never_the_sandbox(tier: Tier, path: s
     assert "Bearer [REDACTED]" in answer.body and "sandbox-placeholder" not in answer.body
 
 
+def test_websocket_messages_from_the_origin_are_scrubbed(tier: Tier) -> None:
+    key = base64.b64encode(b"0123456789abcdef").decode()
+    upgrade = (f"GET /ws HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
+    answer = raw(tier, context(tier.tls_port), upgrade.encode())
+    assert status_of(answer) == 101
+    assert f"opened with Bearer {REDACTED}".encode() in answer and SECRET.encode() not in answer
+    assert [v for k, v in tier.origin.saw("/ws")[-1]["headers"] if k.lower() == "authorization"] == [f"Bearer {SECRET}"]
+
+
 def test_a_redirect_to_another_host_carries_no_secret(tier: Tier) -> None:
     first = curl(tier, context(tier.tls_port), "/redirect?case=redirect")
     assert first.status == 302 and first.header("Location") == [f"https://{OTHER}:{tier.tls_port}/echo"]
@@ -383,6 +400,23 @@ def test_host_other_than_the_sni_is_421(tier: Tier) -> None:
     answer = curl(tier, context(tier.tls_port), "/echo?case=fronting", "-H", f"Host: {OTHER}")
     assert answer.status == 421 and OTHER in answer.body
     assert not tier.origin.saw("case=fronting")
+
+
+def test_an_absolute_form_target_must_name_the_host_too(tier: Tier) -> None:
+    request = (
+        f"GET https://{OTHER}:{tier.tls_port}/echo?case=absolute HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n"
+    )
+    answer = raw(tier, context(tier.tls_port), request.encode())
+    assert status_of(answer) == 421 and made_by_the_tier(answer)
+    assert not tier.origin.saw("case=absolute")
+
+
+def test_a_request_without_a_hand_over_is_never_proxied(tier: Tier) -> None:
+    url = f"http://127.0.0.1:{tier.plain_port}/echo?case=no-handover"
+    command = ["curl", "-sS", "--max-time", "10", "--proxy", f"http://127.0.0.1:{tier.proxy_port}", "-o", "/dev/null",
+               "-w", "%{http_code}", "--proxy-user", f"gateway:{TOKEN}", url]  # fmt: skip
+    assert subprocess.run(command, capture_output=True, text=True, timeout=30).stdout == "407"
+    assert not tier.origin.saw("case=no-handover")
 
 
 def test_an_sni_other_than_the_handed_over_host_gets_no_tls(tier: Tier) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from gateway.addons.enforce import REDACTED
+from gateway.addons.enforce import MAX_SCRUB_BYTES, REDACTED
 from gateway.flowlog import FlowRecord
 from gateway.inspection import Credential, InspectionContext, InspectRule
 from tests.factory import REPO, free_port, make_pki, wait_until
@@ -90,6 +90,10 @@ class Origin:
             await socket_response.send_str(f"opened with {request.headers.get('Authorization', '-')}")
             await socket_response.close()
             return socket_response
+        if request.path == "/big":  # above what the tier scrubs
+            return web.Response(body=b"x" * (MAX_SCRUB_BYTES + 1))
+        if request.path == "/weird":  # an encoding the tier cannot decode, so cannot scrub
+            return web.Response(body=b"opaque", headers={"Content-Encoding": "x-private"})
         if request.path == "/redirect":
             return web.Response(status=302, headers={"Location": f"https://{OTHER}:{request.url.port}/echo"})
         echoed = {"X-Echo-Authorization": request.headers.get("Authorization", "-")}
@@ -131,7 +135,7 @@ def rule(**changes: Any) -> InspectRule:
     base = InspectRule(
         hosts=(HOST,),
         methods=("GET", "HEAD"),
-        paths=("/echo", "/repos/*", "/redirect", "/gzip", "/ws"),
+        paths=("/echo", "/repos/*", "/redirect", "/gzip", "/ws", "/big", "/weird"),
         deny_reason="read-only GitHub",
         credentials=(Credential("authorization", "github", "Bearer {secret}"),),
     )
@@ -359,6 +363,16 @@ def test_the_secret_reaches_the_origin_and_never_the_sandbox(tier: Tier, path: s
     assert "Bearer [REDACTED]" in answer.body and "sandbox-placeholder" not in answer.body
 
 
+@pytest.mark.parametrize("path", ["/big", "/weird"])
+def test_a_response_that_cannot_be_scrubbed_is_refused(tier: Tier, path: str) -> None:
+    answer = curl(tier, context(tier.tls_port), path)
+    assert answer.status == 502 and answer.header("X-Gateway-Reason")
+    assert "scrubbed" in answer.body
+    # The same answers pass untouched where no secret was sent: scrubbing is for entries with credentials.
+    plain = curl(tier, context(tier.tls_port, credentials=()), path)
+    assert plain.status == 200
+
+
 def test_websocket_messages_from_the_origin_are_scrubbed(tier: Tier) -> None:
     key = base64.b64encode(b"0123456789abcdef").decode()
     upgrade = (f"GET /ws HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -409,6 +423,14 @@ def test_an_absolute_form_target_must_name_the_host_too(tier: Tier) -> None:
     answer = raw(tier, context(tier.tls_port), request.encode())
     assert status_of(answer) == 421 and made_by_the_tier(answer)
     assert not tier.origin.saw("case=absolute")
+
+
+def test_every_request_of_a_keep_alive_connection_is_checked(tier: Tier) -> None:
+    first = f"GET /echo?case=keepalive-1 HTTP/1.1\r\nHost: {HOST}\r\n\r\n"
+    second = f"GET /echo?case=keepalive-2 HTTP/1.1\r\nHost: {OTHER}\r\nConnection: close\r\n\r\n"
+    answer = raw(tier, context(tier.tls_port), (first + second).encode())
+    assert answer.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 421 " in answer
+    assert tier.origin.saw("case=keepalive-1") and not tier.origin.saw("case=keepalive-2")
 
 
 def test_a_request_without_a_hand_over_is_never_proxied(tier: Tier) -> None:

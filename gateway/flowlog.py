@@ -1,4 +1,5 @@
-"""Flow records: one metadata record per connection (and per denial), never payload or credentials.
+"""Flow records: one metadata record per connection (and per denial, and per request the inspection tier
+decided), never payload or credentials.
 
 Each record is rendered to JSON once (`render`, a fixed template: about a quarter of `json.dumps`' cost)
 and goes three ways:

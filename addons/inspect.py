@@ -6,9 +6,10 @@ Loaded by `mitmdump -s addons/inspect.py` (regular mode, loopback only) with the
 - `gateway_secrets`: the path of a JSON file {name: value} the supervisor writes for this process, owner-only
   (mode 0600 or stricter; anything looser is refused). A file, not the environment or the command line: those
   are readable by more processes (/proc/<pid>/environ, ps) and are inherited by children.
-The tier must keep mitmproxy's `validate_inbound_headers` on (it refuses most smuggling shapes) and should run
-with `connection_strategy=lazy`: a request refused here then never opens an upstream connection, and the
-client's ALPN (HTTP/2) does not depend on the origin's.
+The addon refuses to run (OptionsError: mitmdump exits at start-up) unless mitmproxy's `validate_inbound_headers`
+is on (it refuses most smuggling shapes) and `connection_strategy` is `lazy` (`REQUIRED_OPTIONS`): a request
+refused here then never opens an upstream connection, and the client's ALPN (HTTP/2) does not depend on the
+origin's.
 
 A connection is handed over with `CONNECT <vetted address>:<port>` (an address literal: mitmproxy does no DNS
 here) and the `X-Gateway-Context` header; the context is kept per client connection, so every HTTP/2 stream
@@ -53,6 +54,9 @@ if TYPE_CHECKING:
     from mitmproxy.addonmanager import Loader
 
 log = logging.getLogger("gateway.inspect")
+
+#: mitmproxy options this addon's guarantees rest on (see the module doc); any other value is refused.
+REQUIRED_OPTIONS: Final[dict[str, object]] = {"validate_inbound_headers": True, "connection_strategy": "lazy"}
 
 #: flow.metadata key: this flow's answer was made here (policy refusal), not by the origin.
 _REFUSED: Final = "gateway_refused"
@@ -117,6 +121,10 @@ class Inspect:
         loader.add_option("gateway_secrets", str, "", "Owner-only JSON file {name: value} of credential secrets.")
 
     def configure(self, updated: set[str]) -> None:
+        if updated & set(REQUIRED_OPTIONS):
+            found = {name: getattr(ctx.options, name) for name in REQUIRED_OPTIONS}
+            if found != REQUIRED_OPTIONS:
+                raise exceptions.OptionsError(f"the gateway's inspection addon needs {REQUIRED_OPTIONS}, not {found}")
         if "gateway_secrets" in updated:
             self.secrets = read_secrets(ctx.options.gateway_secrets)
             self.scrubbers.clear()

@@ -1,5 +1,5 @@
-"""The addon's secrets file: owner-only, this user's, a valid {name: value} object; else mitmproxy refuses the
-option (and a tier that cannot read its secrets does not start)."""
+"""The addon's options: the secrets file (owner-only, this user's, a valid {name: value} object) and the mitmproxy
+options its guarantees rest on; anything else is an OptionsError, so a misconfigured tier does not start."""
 
 from __future__ import annotations
 
@@ -49,3 +49,18 @@ def test_a_symlink_bad_json_or_a_missing_file_is_refused(tmp_path: Path) -> None
     for path in (str(tmp_path / "link.json"), write(tmp_path / "bad.json", "{", 0o600), str(tmp_path / "none")):
         with pytest.raises(OptionsError, match="gateway_secrets"):
             read_secrets(path)
+
+
+@pytest.mark.parametrize("changes", [{"connection_strategy": "eager"}, {"validate_inbound_headers": False}])
+def test_the_mitmproxy_options_the_addon_rests_on_are_required(changes: dict[str, object]) -> None:
+    from mitmproxy.addons.proxyserver import Proxyserver
+    from mitmproxy.exceptions import OptionsError
+    from mitmproxy.test import taddons
+
+    from gateway.addons.inspect import REQUIRED_OPTIONS, Inspect
+
+    addon = Inspect()
+    with taddons.context(Proxyserver(), addon) as tctx:
+        tctx.configure(addon, **REQUIRED_OPTIONS)
+        with pytest.raises(OptionsError, match="inspection addon needs"):
+            tctx.configure(addon, **changes)

@@ -134,6 +134,12 @@ class Inspect:
                 # A stalled reader must cost records, never stall the proxy.
                 os.set_blocking(self.records_fd, False)
 
+    def done(self) -> None:
+        # mitmproxy also removes this addon to reload a changed script file; should the new load fail, the proxy
+        # would run on with none of these checks. So whenever the addon goes, the tier goes (the supervisor
+        # restarts it, and while it is down the engine fails inspected connections closed).
+        ctx.master.shutdown()
+
     # ------------------------------------------------------------------ the hand-over
 
     def http_connect(self, flow: http.HTTPFlow) -> None:

@@ -16,6 +16,7 @@ import base64
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -147,6 +148,35 @@ def context(port: int, host: str = HOST, **changes: Any) -> InspectionContext:
     return InspectionContext("sb-1", host, port, host, inspect, "10.75.0.10", 40000, "198.18.1.1", port)
 
 
+def start_mitmdump(
+    directory: Path, script: Path, port: int, log: Path, options: Sequence[str], pass_fds: Sequence[int] = ()
+) -> subprocess.Popen[bytes]:
+    """`mitmdump` with the addon as the tier runs it (regular mode, loopback, lazy upstream connections), listening."""
+    command = [
+        str(Path(sys.executable).with_name("mitmdump")),
+        "--mode", f"regular@127.0.0.1:{port}",
+        "--set", f"confdir={directory / 'confdir'}",
+        "-s", str(script),
+        "--set", f"gateway_token={TOKEN}",
+        "--set", "connection_strategy=lazy",
+        *(arg for option in options for arg in ("--set", option)),
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, pass_fds=pass_fds)
+    assert wait_until(lambda: b"proxy listening" in log.read_bytes() or process.poll() is not None, timeout=30)
+    assert process.poll() is None, log.read_text()
+    return process
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @pytest.fixture(scope="module")
 def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
     directory = tmp_path_factory.mktemp("inspect")
@@ -159,31 +189,13 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     port, log = free_port(), directory / "mitmdump.log"
-    command = [
-        str(Path(sys.executable).with_name("mitmdump")),
-        "--mode", f"regular@127.0.0.1:{port}",
-        "--set", f"confdir={directory / 'confdir'}",
-        "-s", str(REPO / "addons" / "inspect.py"),
-        "--set", f"gateway_token={TOKEN}",
-        "--set", f"gateway_records_fd={write_fd}",
-        "--set", f"gateway_secrets={secrets}",
-        "--set", f"ssl_verify_upstream_trusted_ca={ca}",
-        "--set", "connection_strategy=lazy",
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, pass_fds=(write_fd,))
+    options = [f"gateway_records_fd={write_fd}", f"gateway_secrets={secrets}", f"ssl_verify_upstream_trusted_ca={ca}"]
+    process = start_mitmdump(directory, REPO / "addons" / "inspect.py", port, log, options, pass_fds=(write_fd,))
     os.close(write_fd)
     try:
-        assert wait_until(lambda: b"proxy listening" in log.read_bytes() or process.poll() is not None, timeout=30)
-        assert process.poll() is None, log.read_text()
         yield Tier(port, tls_port, plain_port, directory / "confdir", origin, read_fd, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         origin.close()
         os.close(read_fd)
     # A hook that raised would have been logged and skipped by mitmproxy: every test above then proved less.
@@ -527,3 +539,21 @@ def test_one_record_per_request_and_never_a_secret(tier: Tier) -> None:
         FlowRecord(**line)  # every line is a whole record the supervisor can hand to the FlowLog
     raw_lines = tier.raw_records()
     assert SECRET.encode() not in raw_lines and b"query-secret" not in raw_lines and b"Bearer" not in raw_lines
+
+
+# --------------------------------------------------------------------------- the addon never goes away quietly
+
+
+def test_a_reloaded_script_stops_the_tier_instead_of_running_without_it(tmp_path: Path) -> None:
+    # mitmproxy reloads a script whose file changed, removing the addon first; had the new load failed, the proxy
+    # would run on with no checks at all. The tier stops instead (its supervisor starts it again).
+    script = tmp_path / "inspect.py"
+    shutil.copy(REPO / "addons" / "inspect.py", script)
+    log = tmp_path / "mitmdump.log"
+    process = start_mitmdump(tmp_path, script, free_port(), log, [])
+    try:
+        later = script.stat().st_mtime + 10
+        os.utime(script, (later, later))
+        assert wait_until(lambda: process.poll() is not None, timeout=15), log.read_text()
+    finally:
+        stop(process)

@@ -3,12 +3,13 @@ them is `addons/inspect.py`).
 
 Order, for every request on a handed-over connection (`decide` below):
 1. framing: shapes one hop could read differently from the next are refused (400) before any policy decision.
-   mitmproxy itself refuses (with `validate_inbound_headers`, its default, which the tier must keep) CL+TE,
-   two Content-Lengths, two Transfer-Encodings, a Transfer-Encoding other than chunked last, bad chunk sizes,
-   and, through the h2 library, HTTP/2 connection-specific headers. What it lets through is refused here:
-   obs-fold (mitmproxy joins a folded line into one value with a CRLF inside and would forward it), CR/LF/NUL
-   in any value, two Host headers, and HTTP/2 or 3 connection-specific headers (again, should the option ever
-   be off).
+   mitmproxy itself refuses (with `validate_inbound_headers`, which the addon requires) CL+TE, two
+   Content-Lengths (also as a list), a signed length, two Transfer-Encodings, an unknown coding or chunked
+   not last, bad chunk sizes, a space before the colon, and (its h2 layer, with a GOAWAY) HTTP/2
+   connection-specific headers (tests/integration/test_inspect_addon.py shows each). What it lets through is
+   refused here: obs-fold (mitmproxy joins a folded line into one value with a CRLF inside and would forward
+   it), CR/LF/NUL in any value, two Host headers; and HTTP/2 or 3 connection-specific headers once more, as
+   this module's own rule rather than a library's.
 2. the target: Host, the HTTP/2 `:authority` and an absolute-form authority must all name the connection's
    host (the one the engine checked: the TLS SNI, which the shell compares too), port optional: else 421.
    This closes domain fronting inside TLS for marked hosts.
@@ -21,11 +22,11 @@ every copy of a bound header the sandbox sent is removed, on HTTPS and plain HTT
 the tier sets it from the gateway-held secret. A secret is bound to the entry's hosts: a redirect to another
 host is a new request on another connection, with that host's entry (if any), so nothing is sent there.
 
-Scrubbing: the responses of an entry with credentials have every occurrence of its secrets (as sent, JSON-
-escaped and percent-encoded) replaced by `REDACTED`, in header values, trailers, bodies and WebSocket
-messages, so an origin that echoes the request never shows the secret to the sandbox. Requests of such an
-entry ask for `Accept-Encoding: identity`, so bodies arrive as text; a body the tier cannot decode, or one
-larger than `MAX_SCRUB_BYTES`, is refused with 502 rather than passed on unread.
+Scrubbing: the responses of an entry with credentials (whole: the shell turns streaming off for them) have every
+occurrence of its secrets (as sent, JSON-escaped and percent-encoded) replaced by `REDACTED`, in header values,
+trailers, bodies and WebSocket messages, so an origin that echoes the request never shows the secret to the
+sandbox. Requests of such an entry ask for `Accept-Encoding: identity`, so bodies arrive as text; a body the
+tier cannot decode, or one larger than `MAX_SCRUB_BYTES`, is refused with 502 rather than passed on unread.
 """
 
 from __future__ import annotations

@@ -422,6 +422,24 @@ def test_a_wrong_token_is_refused_407(tier: Tier) -> None:
     assert not tier.origin.saw("case=token")
 
 
+def connect_status(tier: Tier, target: str, context_header: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", tier.proxy_port), timeout=10) as sock:
+        auth = base64.b64encode(f"gateway:{TOKEN}".encode()).decode()
+        sock.sendall(
+            f"CONNECT {target} HTTP/1.1\r\nProxy-Authorization: Basic {auth}\r\n"
+            f"X-Gateway-Context: {context_header}\r\n\r\n".encode()
+        )
+        return sock.recv(12)
+
+
+def test_a_hand_over_must_name_a_vetted_address_and_carry_the_engines_context(tier: Tier) -> None:
+    good = context(tier.tls_port).encode()
+    assert connect_status(tier, f"127.0.0.1:{tier.tls_port}", good) == b"HTTP/1.1 200"
+    assert connect_status(tier, f"{HOST}:{tier.tls_port}", good) == b"HTTP/1.1 400"  # a name: mitmproxy would resolve
+    assert connect_status(tier, f"127.0.0.1:{tier.plain_port}", good) == b"HTTP/1.1 400"  # not the context's port
+    assert connect_status(tier, f"127.0.0.1:{tier.tls_port}", "bm90IGpzb24=") == b"HTTP/1.1 400"
+
+
 def test_host_other_than_the_sni_is_421(tier: Tier) -> None:
     answer = curl(tier, context(tier.tls_port), "/echo?case=fronting", "-H", f"Host: {OTHER}")
     assert answer.status == 421 and OTHER in answer.body

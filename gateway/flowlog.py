@@ -1,4 +1,5 @@
-"""Flow records: one metadata record per connection (and per denial), never payload or credentials.
+"""Flow records: one metadata record per connection (and per denial, and per request the inspection tier
+decided), never payload or credentials.
 
 Each record is rendered to JSON once (`render`, a fixed template: about a quarter of `json.dumps`' cost)
 and goes three ways:
@@ -68,7 +69,7 @@ __all__ = [
 
 log = structlog.get_logger("gateway.flowlog")
 
-FlowProtocol = Literal["tls", "http", "tcp", "dns"]
+FlowProtocol = Literal["tls", "http", "https", "tcp", "dns"]
 FlowVerdict = Literal["allow", "deny"]
 
 #: `{ts_us}-{pid}.ndjson`: 16 digits keep lexical order chronological until the year 2286.
@@ -88,12 +89,13 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-# Not frozen: a frozen dataclass's __init__ sets each of the 17 fields through object.__setattr__ (~6 us a
+# Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__ (~6 us a
 # record, ten times a plain one), and a record is built for every connection, tunnel request and DNS query.
 # Records are built once and never changed.
 @dataclass(slots=True)
 class FlowRecord:
-    """One connection's metadata. Deliberately has no field for payload, headers or credentials."""
+    """One connection's (or one inspected HTTP request's) metadata. Deliberately has no field for payload, header
+    values or credentials."""
 
     start_us: Annotated[int, Note(description="µs since the epoch.")]
     end_us: Annotated[int, Note(description="µs since the epoch.")]
@@ -112,6 +114,14 @@ class FlowRecord:
     verdict: FlowVerdict
     reason: str
     rule: str
+    # One HTTP request's own facts, for the records of the inspection tier (one per request, protocol
+    # "http"/"https"); None in a connection's record.
+    method: Annotated[
+        str | None, Note(description="An inspected HTTP request's method (null in a connection's record).")
+    ] = None
+    #: Without the query: queries carry tokens.
+    path: Annotated[str | None, Note(description="An inspected HTTP request's path, without the query.")] = None
+    status: Annotated[int | None, Note(description="The status answered to an inspected HTTP request.")] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIELD_NAMES}
@@ -134,7 +144,7 @@ class BatchInfo:
 _TEMPLATE: Final = (
     '{"start_us":%d,"end_us":%d,"sandbox":%s,"src_addr":%s,"src_port":%d,"dst_addr":%s,"dst_port":%d,'
     '"orig_dst_addr":%s,"orig_dst_port":%d,"hostname":%s,"protocol":%s,"bytes_up":%d,"bytes_down":%d,'
-    '"duration_ms":%r,"verdict":%s,"reason":%s,"rule":%s}'
+    '"duration_ms":%r,"verdict":%s,"reason":%s,"rule":%s,"method":%s,"path":%s,"status":%s}'
 )
 _quote = json.encoder.encode_basestring_ascii  # C: escapes exactly as json.dumps does
 
@@ -161,16 +171,22 @@ def render(rec: FlowRecord) -> str:
     duration = rec.duration_ms
     types = {type(rec.start_us), type(rec.end_us), type(rec.src_port), type(rec.dst_port), type(rec.orig_dst_port),
              type(rec.bytes_up), type(rec.bytes_down)}  # fmt: skip
-    if types != _INTS or type(duration) not in (float, int) or not math.isfinite(duration):
+    status = rec.status
+    if (
+        types != _INTS
+        or type(duration) not in (float, int)
+        or not math.isfinite(duration)
+        or (status is not None and type(status) is not int)
+    ):
         # default=str: a caller passing an ipaddress object instead of text must not cost the whole batch.
         return json.dumps(rec.to_dict(), separators=(",", ":"), default=str)
     texts = (rec.sandbox, rec.src_addr, rec.dst_addr, rec.orig_dst_addr, rec.hostname, rec.protocol, rec.verdict,
-             rec.reason, rec.rule)  # fmt: skip
+             rec.reason, rec.rule, rec.method)  # fmt: skip
     quoted = _QUOTED
     try:
-        sandbox, src, dst, orig, hostname, protocol, verdict, reason, rule = [quoted[t] for t in texts]
+        sandbox, src, dst, orig, hostname, protocol, verdict, reason, rule, method = [quoted[t] for t in texts]
     except (KeyError, TypeError):
-        sandbox, src, dst, orig, hostname, protocol, verdict, reason, rule = map(_quoted, texts)
+        sandbox, src, dst, orig, hostname, protocol, verdict, reason, rule, method = map(_quoted, texts)
     return _TEMPLATE % (
         rec.start_us,
         rec.end_us,
@@ -189,6 +205,9 @@ def render(rec: FlowRecord) -> str:
         verdict,
         reason,
         rule,
+        method,
+        "null" if rec.path is None else _quote(str(rec.path)),  # paths rarely recur: not worth the cache
+        "null" if status is None else status,
     )
 
 

@@ -107,25 +107,35 @@ class InspectionContext:
     """What the engine tells the tier about one handed-over connection.
 
     `host` is the name the sandbox gave (SNI, or Host for plain HTTP) and was allowed by `rule`;
-    `entry` is the pattern of `rule` that matched (`api.example.com`, `*.example.com`)."""
+    `entry` is the pattern of `rule` that matched (`api.example.com`, `*.example.com`). The addresses are the
+    sandbox's side of the connection (its source, and the destination it dialled), for the tier's flow records:
+    the tier itself only sees the engine's loopback connection."""
 
     sandbox: str
     host: str
     port: int
     entry: str
     rule: InspectRule
+    src_addr: str = ""
+    src_port: int = 0
+    orig_dst_addr: str = ""
+    orig_dst_port: int = 0
 
     def encode(self) -> str:
         """One header-safe token (URL-safe base64 of JSON) for the hand-over request."""
         body = {"sandbox": self.sandbox, "host": self.host, "port": self.port, "entry": self.entry}
         body["rule"] = self.rule.to_dict()
+        body["src"] = [self.src_addr, self.src_port]
+        body["orig_dst"] = [self.orig_dst_addr, self.orig_dst_port]
         return base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode()
 
     @classmethod
     def decode(cls, token: str) -> InspectionContext:
         """The inverse of `encode`; ValueError (or KeyError/TypeError) for anything the engine did not write."""
         data = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
-        return cls(data["sandbox"], data["host"], int(data["port"]), data["entry"], InspectRule.from_dict(data["rule"]))
+        (src_addr, src_port), (orig_addr, orig_port) = data["src"], data["orig_dst"]
+        return cls(data["sandbox"], data["host"], int(data["port"]), data["entry"], InspectRule.from_dict(data["rule"]),
+                   str(src_addr), int(src_port), str(orig_addr), int(orig_port))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -867,19 +867,21 @@ def sanitize_reason(text: str, limit: int = _REASON_LIMIT) -> str:
     return text[:limit].rstrip()
 
 
-def http_forbidden(reason: str, rule: str = "") -> bytes:
-    """`HTTP/1.1 403 Forbidden` with the reason in `X-Gateway-Reason` and the body, and
-    `Connection: close` (the engine closes the connection after writing it)."""
+def forbidden_parts(reason: str, rule: str = "") -> tuple[list[tuple[str, str]], bytes]:
+    """A policy denial's headers and body (the reason in `X-Gateway-Reason` and the body): the same answer from
+    the fast path (`http_forbidden`) and from the inspection tier, which frames it itself."""
     clean = sanitize_reason(reason) or "denied"
-    body = f"Blocked by sandbox egress policy: {clean}\n".encode("ascii")
-    lines = [
-        "HTTP/1.1 403 Forbidden",
-        "Content-Type: text/plain",
-        f"Content-Length: {len(body)}",
-        f"X-Gateway-Reason: {clean}",
-    ]
+    headers = [("Content-Type", "text/plain"), ("X-Gateway-Reason", clean)]
     clean_rule = sanitize_reason(rule)
     if clean_rule:
-        lines.append(f"X-Gateway-Rule: {clean_rule}")
-    lines += ["Cache-Control: no-store", "Connection: close", "", ""]
+        headers.append(("X-Gateway-Rule", clean_rule))
+    headers.append(("Cache-Control", "no-store"))
+    return headers, f"Blocked by sandbox egress policy: {clean}\n".encode("ascii")
+
+
+def http_forbidden(reason: str, rule: str = "") -> bytes:
+    """`HTTP/1.1 403 Forbidden` and `Connection: close` (the engine closes the connection after writing it)."""
+    headers, body = forbidden_parts(reason, rule)
+    lines = ["HTTP/1.1 403 Forbidden", *(f"{name}: {value}" for name, value in headers)]
+    lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
     return "\r\n".join(lines).encode("ascii") + body

@@ -80,6 +80,7 @@ def test_record_fields_are_metadata_only() -> None:
     assert names == [
         "start_us", "end_us", "sandbox", "src_addr", "src_port", "dst_addr", "dst_port", "orig_dst_addr",
         "orig_dst_port", "hostname", "protocol", "bytes_up", "bytes_down", "duration_ms", "verdict", "reason", "rule",
+        "method", "path", "status",
     ]  # fmt: skip
     rec = flow()
     assert list(rec.to_dict()) == names
@@ -444,6 +445,8 @@ def test_a_stream_without_a_redis_url_is_a_configuration_error() -> None:
         {"duration_ms": float("nan")},
         {"bytes_up": True},
         {"bytes_down": 1.5},
+        {"protocol": "https", "method": "GET", "path": '/a"b\u00e9', "status": 200},
+        {"method": "POST", "path": "/", "status": True},
     ],
 )
 def test_render_says_what_json_dumps_says(changes: dict[str, object]) -> None:

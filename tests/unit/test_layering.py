@@ -24,6 +24,7 @@ PUBLIC_FACES = frozenset(
         "gateway.tunnel.config",
         "gateway.tunnel.model",
         "gateway.tunnel.store",
+        "gateway.tier.config",
     }
 )
 
@@ -33,6 +34,7 @@ COMPONENTS = {
     "dns": ("gateway.dns",),
     "tunnel": ("gateway.tunnel",),
     "api": ("gateway.api", "gateway.openapi"),
+    "tier": ("gateway.tier",),
 }
 
 

@@ -81,11 +81,12 @@ def permitted_names(cert: x509.Certificate) -> tuple[str, ...] | None:
 
 
 def make_ca(
-    common_name: str, permitted: Sequence[str], days: int
+    common_name: str, permitted: Sequence[str], days: int, *, exclude_addresses: bool
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A new self-signed CA that signs leaves only (path length 0). With `permitted` names it may vouch only for
-    those names and the names under them, and for no IP address: a stolen key cannot impersonate other sites to
-    machines that trust it (browsers, OpenSSL, Go, Java and Node enforce name constraints)."""
+    those names and the names under them (and, with `exclude_addresses`, for no IP address): a stolen key cannot
+    impersonate other sites to machines that trust it (browsers, OpenSSL, Go, Java and Node enforce name
+    constraints)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name(
         [
@@ -120,12 +121,10 @@ def make_ca(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
     if permitted:
-        # Every address excluded too: RFC 5280 constrains each name type on its own, so DNS subtrees alone
-        # would leave the CA vouching for any IP address.
-        excluded: list[x509.GeneralName] = [
-            x509.IPAddress(ipaddress.ip_network("0.0.0.0/0")),
-            x509.IPAddress(ipaddress.ip_network("::/0")),
-        ]
+        # RFC 5280 constrains each name type on its own: DNS subtrees alone leave the CA vouching for any address.
+        excluded: list[x509.GeneralName] | None = None
+        if exclude_addresses:
+            excluded = [x509.IPAddress(ipaddress.ip_network("0.0.0.0/0")), x509.IPAddress(ipaddress.ip_network("::/0"))]
         constraints = x509.NameConstraints([x509.DNSName(n) for n in permitted], excluded)
         builder = builder.add_extension(constraints, critical=True)
     return builder.sign(key, hashes.SHA256()), key

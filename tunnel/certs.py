@@ -124,7 +124,8 @@ def init_certs(domain: str, paths: CertPaths, *, force: bool = False) -> CertRes
         ca_key: CertificateIssuerPrivateKeyTypes
         if ca_pair is None or not fresh(ca_pair[0]):
             # Only names under the tunnel domain: a stolen CA key cannot impersonate other sites.
-            ca_cert, ca_key = make_ca(f"Sandbox gateway tunnel CA for {domain}", [domain], CA_DAYS)
+            name = f"Sandbox gateway tunnel CA for {domain}"
+            ca_cert, ca_key = make_ca(name, [domain], CA_DAYS, exclude_addresses=True)
             write_atomic(paths.ca_key, key_pem(ca_key), 0o600)
             write_atomic(paths.ca_cert, cert_pem(ca_cert), 0o644)
             created_ca = True

@@ -7,8 +7,8 @@ leaf with it) and `mitmproxy-ca-cert.pem` (the certificate alone, what sandboxes
 
 `ensure_ca` never replaces a CA that exists: sandboxes already trust it. One that no longer loads, has expired
 or was made for other permitted domains is refused (INSPECTION_CA_INVALID) with what to do; the operator
-deletes it deliberately. With `permitted_domains` the CA vouches only for those names and the names under them,
-and for no IP address.
+deletes it deliberately. With `permitted_domains` the CA vouches only for those names and the names under them
+(IP addresses stay unconstrained: see `ensure_ca`).
 """
 
 from __future__ import annotations
@@ -73,7 +73,9 @@ def ensure_ca(ca_dir: Path, permitted_domains: Sequence[str]) -> InspectionCA:
             write_atomic(cert_path, cert_pem(cert), 0o644)  # the public half, derived: safe to restore
         return InspectionCA(cert, cert_path, created=False)
     common_name = "Sandbox gateway inspection CA"
-    cert, key = make_ca(common_name, list(permitted_domains), CA_DAYS)
+    # Addresses stay unconstrained: mitmproxy names the dialled address (the engine's CONNECT target) in every
+    # leaf it makes, and an excluded IP subtree would make clients refuse each one.
+    cert, key = make_ca(common_name, list(permitted_domains), CA_DAYS, exclude_addresses=False)
     try:
         ca_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         ca_dir.chmod(0o700)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,10 @@ from gateway.audit_config import AuditConfig
 from gateway.errors import GatewayError
 from gateway.flowlog import FlowLog
 from gateway.settings import load_config
+from gateway.tier.ca import CERT_FILE
 from gateway.tier.config import InspectionConfig
 from gateway.tier.supervisor import TierSupervisor
+from gateway.tunnel.certs import CertPaths, init_certs
 from tests.factory import free_port, wait_until_async
 
 pytest.importorskip("mitmproxy")
@@ -142,3 +145,38 @@ async def test_a_missing_secret_or_addon_stops_the_start(tmp_path: Path, flowlog
         await TierSupervisor(config, flowlog, addon=tmp_path / "absent.py").start()
     assert caught.value.code == "INSPECTION_ADDON_MISSING"
     assert _children(os.getpid()) == set()
+
+
+async def test_tls_through_the_tier_is_served_with_the_name_constrained_ca(tmp_path: Path, flowlog: FlowLog) -> None:
+    """mitmproxy signs its leaves with the gateway's EC CA, inside the CA's name constraints, and dials the
+    CONNECT target, checking the origin against upstream_ca_file."""
+    origin_certs = CertPaths(*(tmp_path / "origin" / n for n in ("ca.crt", "ca.key", "origin.crt", "origin.key")))
+    init_certs("origin.test", origin_certs)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\norigin")
+        await writer.drain()
+        writer.close()
+
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(origin_certs.cert, origin_certs.key)
+    origin = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=served)
+    origin_port = origin.sockets[0].getsockname()[1]
+    addon = tmp_path / "stand_in.py"
+    addon.write_text(STAND_IN)
+    config = _config(tmp_path, permitted_domains=["origin.test"], upstream_ca_file=str(origin_certs.ca_cert))
+    supervisor = TierSupervisor(config, flowlog, addon=addon)
+    await supervisor.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", config.listen_port)
+        writer.write(f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\nHost: 127.0.0.1:{origin_port}\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        trusted = ssl.create_default_context(cafile=str(config.ca_dir / CERT_FILE))
+        await writer.start_tls(trusted, server_hostname="api.origin.test")
+        writer.write(b"GET / HTTP/1.1\r\nHost: api.origin.test\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 10)).endswith(b"origin")
+        writer.close()
+    finally:
+        await supervisor.close()
+        origin.close()

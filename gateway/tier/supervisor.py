@@ -32,6 +32,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -99,7 +100,8 @@ class TierSupervisor:
     async def start(self) -> None:
         """Start the tier unless it runs already, and wait until it listens. Raises GatewayError: the CA does not
         fit (INSPECTION_CA_INVALID), a secret is unavailable (SECRET_UNAVAILABLE), the addon is missing
-        (INSPECTION_ADDON_MISSING), or no process listened within start_timeout (INSPECTION_START_FAILED)."""
+        (INSPECTION_ADDON_MISSING), its port is taken (INSPECTION_PORT_IN_USE), or no process listened within
+        start_timeout (INSPECTION_START_FAILED)."""
         if self._task is not None:
             return
         if not self.addon.is_file():
@@ -189,8 +191,23 @@ class TierSupervisor:
             os.fchmod(fd, 0o600)
             handle.write(f"gateway_token: {json.dumps(self.token)}\n")
 
+    def _check_port_free(self) -> None:
+        """Readiness is "the port accepts": another listener there would pass for the tier, so refuse first."""
+        with socket.socket() as probe:
+            # As mitmproxy binds (a closed tier's connections in TIME_WAIT do not count; a listener does).
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", self.config.listen_port))
+            except OSError as exc:
+                raise GatewayError(
+                    "INSPECTION_PORT_IN_USE",
+                    f"127.0.0.1:{self.config.listen_port} is taken ({exc.strerror}); choose inspection.listen_port",
+                    "inspection.listen_port",
+                ) from None
+
     async def _launch(self) -> None:
         """One mitmdump, waited for until it accepts a connection, exits or start_timeout passes."""
+        self._check_port_free()
         values = self.config.secret_values()
         ensure_ca(self.config.ca_dir, self.config.permitted_domains)
         self._write_confdir_options()

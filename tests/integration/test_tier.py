@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import ssl
 from pathlib import Path
 
@@ -144,6 +145,13 @@ async def test_a_missing_secret_or_addon_stops_the_start(tmp_path: Path, flowlog
     with pytest.raises(GatewayError) as caught:
         await TierSupervisor(config, flowlog, addon=tmp_path / "absent.py").start()
     assert caught.value.code == "INSPECTION_ADDON_MISSING"
+    (tmp_path / "secret").write_text("back")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", config.listen_port))
+        taken.listen()  # something else answering there must not pass for the tier
+        with pytest.raises(GatewayError) as caught:
+            await TierSupervisor(config, flowlog, addon=addon).start()
+    assert caught.value.code == "INSPECTION_PORT_IN_USE"
     assert _children(os.getpid()) == set()
 
 

@@ -63,11 +63,6 @@ STOP_TIMEOUT: Final = 5.0
 READY_POLL: Final = 0.05
 
 
-def proxy_authorization(token: str) -> str:
-    """The hand-over request's Proxy-Authorization value for `token`."""
-    return "Basic " + base64.b64encode(f"gateway:{token}".encode()).decode()
-
-
 class TierSupervisor:
     def __init__(self, config: InspectionConfig, flowlog: FlowLog, *, addon: Path = ADDON) -> None:
         self.config = config
@@ -93,7 +88,8 @@ class TierSupervisor:
 
     @property
     def authorization(self) -> str:
-        return proxy_authorization(self.token)
+        """The hand-over request's Proxy-Authorization value."""
+        return "Basic " + base64.b64encode(f"gateway:{self.token}".encode()).decode()
 
     # ------------------------------------------------------------------ lifecycle
 

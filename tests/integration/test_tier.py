@@ -9,6 +9,7 @@ and the secrets), so the test sees that both arrived where the addon will read t
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -110,6 +111,8 @@ async def test_started_answering_restarted_after_kill_and_closed(tmp_path: Path,
     await supervisor.start()
     try:
         assert supervisor.ready and await _answers(config)
+        credentials = base64.b64decode(supervisor.authorization.removeprefix("Basic "))
+        assert credentials == f"gateway:{supervisor.token}".encode()
         first = supervisor.pid
         assert first is not None and first in _children(os.getpid())
         # the secrets and the token are nowhere on the command line

@@ -12,8 +12,9 @@ and never uses an HTTP proxy, so the token is only ever sent to the URL given (`
 This module is the parser and the dispatch. Its neighbours have one job each: `gateway.client` (the
 API client), `gateway.formatting` (tables and blocks for people), `gateway.flags` (records from
 flags), `gateway.clibase` (exit codes, `CliExit`, the parser class, `Context`), `gateway.service`
-(what `gateway run` starts). `gateway.tunnel.cli` and `gateway.attach` add their commands through
-`add_parsers`/`add_attach_commands` and run them; they import `gateway.clibase`, never this module.
+(what `gateway run` starts). `gateway.tunnel.cli`, `gateway.tier.cli` and `gateway.attach` add their commands
+through `add_parsers`/`add_certs_parser`/`add_attach_commands` and run them; they import `gateway.clibase`,
+never this module.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ from gateway.formatting import (
     template_rows,
 )
 from gateway.settings import Config
+from gateway.tier.cli import add_certs_parser as add_tier_certs_parser
 from gateway.tunnel.cli import COMMANDS as TUNNEL_COMMANDS
+from gateway.tunnel.cli import add_certs_parser as add_tunnel_certs_parser
 from gateway.tunnel.cli import add_parsers as add_tunnel_parsers
 from gateway.tunnel.cli import run_command as run_tunnel_command
 
@@ -419,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("presets", parents=[common], help="list presets")
     _audit_parser(commands, common)
     add_tunnel_parsers(commands, common)
+    certs = commands.add_parser("certs", help="local certificates: the tunnel's, the inspection CA").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=Parser
+    )
+    add_tunnel_certs_parser(certs, common)
+    add_tier_certs_parser(certs, common)
     return parser
 
 
@@ -461,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check_config(args, out)
         if args.command == "sandbox" and args.action in ("attach", "detach"):
             return run_attach_command(args, out, err)
+        if args.command == "certs":
+            return int(args.run(args, out))
         if args.command in TUNNEL_COMMANDS:
             return run_tunnel_command(args, out)
         ctx = Context(client_from_args(args), args.json, out)

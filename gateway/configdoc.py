@@ -58,10 +58,14 @@ def _comment(text: str) -> list[str]:
     return [f"# {line}".rstrip() for line in lines]
 
 
+def _default(field: msgspec.structs.FieldInfo) -> Any:
+    return field.default_factory() if field.default is msgspec.NODEFAULT else field.default
+
+
 def defaults(model: type[Section]) -> dict[str, Any]:
     """The section's defaults as the file spells them (fields' defaults, before any `__post_init__`)."""
     return {
-        f.name: msgspec.json.decode(msgspec.json.encode(f.default, enc_hook=str)) if f.default is not None else ""
+        f.name: msgspec.json.decode(msgspec.json.encode(_default(f), enc_hook=str)) if f.default is not None else ""
         for f in msgspec.structs.fields(model)
         if f.name not in model.supplied
     }
@@ -85,7 +89,7 @@ def render() -> str:
                 if meta.ge is not None and meta.le is not None:
                     bounds = f" Range: {number_text(meta.ge)}-{number_text(meta.le)}."
                 out += _comment(meta.description + bounds)
-            out.append(f"{field.name} = {toml_value(field.default)}")
+            out.append(f"{field.name} = {toml_value(_default(field))}")
             for example in (meta.examples or []) if meta is not None else []:
                 out.append(f"# {field.name} = [{toml_value(example)}]")
     return "\n".join(out) + "\n"

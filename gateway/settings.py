@@ -31,6 +31,7 @@ from gateway.presets import Preset
 from gateway.resolver import ResolverConfig
 from gateway.state import PolicyContext
 from gateway.stores.config import StoreConfig
+from gateway.tier.config import InspectionConfig
 from gateway.tunnel.config import TunnelConfig
 
 #: Every section in the order the example file shows them; None: free-form tables ([presets.NAME]).
@@ -46,6 +47,7 @@ SECTIONS: Mapping[str, type[Section] | None] = {
     "dns": DnsConfig,
     "tunnel": TunnelConfig,
     "audit": AuditConfig,
+    "inspection": InspectionConfig,
 }
 
 
@@ -64,6 +66,7 @@ class Config:
     dns: DnsConfig
     tunnel: TunnelConfig
     audit: AuditConfig
+    inspection: InspectionConfig
     presets: Mapping[str, Preset] = field(default_factory=dict)
     source: str = "defaults"
 
@@ -94,6 +97,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     )
     tunnel = build_section(TunnelConfig, "tunnel", raw["tunnel"])
     audit = build_section(AuditConfig, "audit", raw["audit"])
+    inspection = build_section(InspectionConfig, "inspection", raw["inspection"])
     if audit.redis_stream and not store.redis_url:
         raise invalid("the flow-record mirror writes to the Redis at store.redis_url; set it", "audit.redis_stream")
     return Config(
@@ -110,6 +114,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         dns=dns,
         tunnel=tunnel,
         audit=audit,
+        inspection=inspection,
         presets=presets,
         source=source,
     )

@@ -23,19 +23,19 @@ from pathlib import Path
 
 import structlog
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import GatewayError
 from gateway.files import FileWatch, write_atomic
+from gateway.x509util import cert_pem, fingerprint, fresh, key_pem, load_pair, make_ca, utc_now
 
 log = structlog.get_logger("gateway.tunnel.certs")
 
 CA_DAYS = 3650
 LEAF_DAYS = 397  # browsers refuse leaves valid for longer than 398 days
-RENEW_BEFORE = dt.timedelta(days=30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,41 +70,6 @@ class CertResult:
         )
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    encoding, fmt = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
-    return key.private_bytes(encoding, fmt, serialization.NoEncryption())
-
-
-#: Key types a certificate can be signed with (a key of another kind cannot be a CA's).
-_ISSUER_KEYS = (
-    ec.EllipticCurvePrivateKey,
-    rsa.RSAPrivateKey,
-    dsa.DSAPrivateKey,
-    ed25519.Ed25519PrivateKey,
-    ed448.Ed448PrivateKey,
-)
-
-
-def _load_pair(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes] | None:
-    try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError):
-        return None
-    if not isinstance(key, _ISSUER_KEYS) or cert.public_key() != key.public_key():
-        return None
-    return cert, key
-
-
-def _fresh(cert: x509.Certificate) -> bool:
-    now = _now()
-    return cert.not_valid_before_utc <= now and cert.not_valid_after_utc - RENEW_BEFORE > now
-
-
 def _leaf_names(domain: str) -> list[str]:
     return [f"*.{domain}", domain]
 
@@ -120,55 +85,11 @@ def _leaf_matches(leaf: x509.Certificate, ca: x509.Certificate, domain: str) -> 
     return sorted(names) == sorted(_leaf_names(domain))
 
 
-def _make_ca(domain: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Sandbox gateway (local)"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"Sandbox gateway tunnel CA for {domain}"),
-        ]
-    )
-    now = _now()
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        # Only names under the tunnel domain: a stolen CA key cannot impersonate other sites
-        # to machines that trust it (name constraints are enforced by browsers and OpenSSL).
-        .add_extension(
-            x509.NameConstraints(permitted_subtrees=[x509.DNSName(domain)], excluded_subtrees=None), critical=True
-        )
-        .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
 def _make_leaf(
     domain: str, ca: x509.Certificate, ca_key: CertificateIssuerPrivateKeyTypes
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = _now()
+    now = utc_now()
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"*.{domain}")]))
@@ -189,10 +110,6 @@ def _make_leaf(
     return cert, key
 
 
-def _fingerprint(cert: x509.Certificate) -> str:
-    return ":".join(f"{b:02X}" for b in cert.fingerprint(hashes.SHA256()))
-
-
 def init_certs(domain: str, paths: CertPaths, *, force: bool = False) -> CertResult:
     """Create (or keep) the local CA and the wildcard leaf. Raises GatewayError(CERT_WRITE_FAILED)."""
     domain = domain.strip().lower().rstrip(".")
@@ -202,28 +119,30 @@ def init_certs(domain: str, paths: CertPaths, *, force: bool = False) -> CertRes
     except ValueError:
         pass
     try:
-        ca_pair = None if force else _load_pair(paths.ca_cert, paths.ca_key)
+        ca_pair = None if force else load_pair(paths.ca_cert, paths.ca_key)
         created_ca = False
         ca_key: CertificateIssuerPrivateKeyTypes
-        if ca_pair is None or not _fresh(ca_pair[0]):
-            ca_cert, ca_key = _make_ca(domain)
-            write_atomic(paths.ca_key, _key_pem(ca_key), 0o600)
-            write_atomic(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        if ca_pair is None or not fresh(ca_pair[0]):
+            # Only names under the tunnel domain: a stolen CA key cannot impersonate other sites.
+            name = f"Sandbox gateway tunnel CA for {domain}"
+            ca_cert, ca_key = make_ca(name, [domain], CA_DAYS, exclude_addresses=True)
+            write_atomic(paths.ca_key, key_pem(ca_key), 0o600)
+            write_atomic(paths.ca_cert, cert_pem(ca_cert), 0o644)
             created_ca = True
         else:
             ca_cert, ca_key = ca_pair
-        leaf_pair = None if (force or created_ca) else _load_pair(paths.cert, paths.key)
+        leaf_pair = None if (force or created_ca) else load_pair(paths.cert, paths.key)
         created_leaf = False
-        if leaf_pair is None or not _fresh(leaf_pair[0]) or not _leaf_matches(leaf_pair[0], ca_cert, domain):
+        if leaf_pair is None or not fresh(leaf_pair[0]) or not _leaf_matches(leaf_pair[0], ca_cert, domain):
             leaf, leaf_key = _make_leaf(domain, ca_cert, ca_key)
-            write_atomic(paths.key, _key_pem(leaf_key), 0o600)
+            write_atomic(paths.key, key_pem(leaf_key), 0o600)
             # The chain (leaf then CA) so clients that only trust the CA can build the path.
-            chain = leaf.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)
+            chain = cert_pem(leaf) + cert_pem(ca_cert)
             write_atomic(paths.cert, chain, 0o644)
             created_leaf = True
     except OSError as exc:
         raise GatewayError("CERT_WRITE_FAILED", f"could not write the tunnel certificates: {exc}") from exc
-    return CertResult(created_ca, created_leaf, paths, domain, _fingerprint(ca_cert))
+    return CertResult(created_ca, created_leaf, paths, domain, fingerprint(ca_cert))
 
 
 # --------------------------------------------------------------------------- serving

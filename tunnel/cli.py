@@ -1,7 +1,8 @@
 """CLI commands for the tunnel: `gateway certs init` (local) and `gateway tunnel ...` (through the control API).
 
-Registered from `gateway/cli.py` by two small hooks: `add_parsers(commands, common)` in its
-parser and `run_command(args, out)` in its `main` for the commands in `COMMANDS`. It imports what
+Registered from `gateway/cli.py` by small hooks: `add_parsers(commands, common)` and `add_certs_parser(certs,
+common)` (into the `certs` group, which the inspection tier's `certs ca` shares) in its parser, and
+`run_command(args, out)` in its `main` for the commands in `COMMANDS`. It imports what
 commands share from `gateway.clibase` and the API client from `gateway.client`, never `gateway.cli`.
 Passwords are never taken from the command line (they would land in shell history and
 `ps`): `--password` prompts, `--password-file` reads the first line of a file (- for stdin).
@@ -30,18 +31,19 @@ from gateway.formatting import format_block, format_table
 from gateway.tunnel.certs import CertPaths, init_certs
 from gateway.tunnel.config import TunnelConfig
 
-COMMANDS = ("certs", "tunnel")
+COMMANDS = ("tunnel",)
 
 
-def add_parsers(commands: Any, common: Parser) -> None:
-    certs = commands.add_parser("certs", help="TLS certificates for the tunnel").add_subparsers(
-        dest="action", required=True, metavar="ACTION", parser_class=Parser
-    )
+def add_certs_parser(certs: Any, common: Parser) -> None:
+    """`certs init`; the `certs` group runs its subcommand's `run(args, out)`."""
     p = certs.add_parser("init", parents=[common], help="create a local CA and the wildcard certificate for tunnels")
     p.add_argument("--domain", help="tunnel domain (default: [tunnel] domain)")
     p.add_argument("--dir", metavar="DIR", help="write into DIR instead of the configured paths")
     p.add_argument("--force", action="store_true", help="renew the CA and certificate even if they are still valid")
+    p.set_defaults(run=cmd_certs)
 
+
+def add_parsers(commands: Any, common: Parser) -> None:
     tunnel = commands.add_parser("tunnel", help="temporary HTTPS URLs for sandbox ports").add_subparsers(
         dest="action", required=True, metavar="ACTION", parser_class=Parser
     )
@@ -61,8 +63,6 @@ def add_parsers(commands: Any, common: Parser) -> None:
 
 
 def run_command(args: argparse.Namespace, out: TextIO) -> int:
-    if args.command == "certs":
-        return cmd_certs(args, out)
     cmd_tunnel(Context(client_from_args(args), args.json, out), args)
     return EXIT_OK
 

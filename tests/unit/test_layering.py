@@ -16,7 +16,7 @@ FOLDERS = {"gateway": "gateway", "dns": "gateway.dns", "tunnel": "gateway.tunnel
 ROOT = "gateway.service"
 
 #: A component's public face: the modules another component may import (its config section; the tunnel's
-#: record model and store contract, which the control API serves).
+#: record model and store contract, which the control API serves; the commands it plugs into `gateway`).
 PUBLIC_FACES = frozenset(
     {
         "gateway.engine.config",
@@ -24,6 +24,9 @@ PUBLIC_FACES = frozenset(
         "gateway.tunnel.config",
         "gateway.tunnel.model",
         "gateway.tunnel.store",
+        "gateway.tunnel.cli",
+        "gateway.tier.config",
+        "gateway.tier.cli",
     }
 )
 
@@ -33,6 +36,7 @@ COMPONENTS = {
     "dns": ("gateway.dns",),
     "tunnel": ("gateway.tunnel",),
     "api": ("gateway.api", "gateway.openapi"),
+    "tier": ("gateway.tier",),
 }
 
 

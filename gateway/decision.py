@@ -243,6 +243,11 @@ class CompiledPolicy:
         self._allow_ports = frozenset(egress.allow_ports) if egress.allow_ports else None
         self.limits = limits
 
+    @property
+    def inspects(self) -> bool:
+        """Whether an `egress.inspect` entry marks any host (then the inspection tier must run)."""
+        return bool(self._inspect_rules)
+
     def inspect_rule(self, pattern: str) -> InspectRule | None:
         """The inspect entry behind a verdict of rule INSPECT, by the verdict's detail (its host pattern)."""
         return self._inspect_rules.get(pattern)

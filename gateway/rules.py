@@ -41,6 +41,7 @@ class Rule(StrEnum):
     TLS = "builtin:tls"
     HTTP = "builtin:http"
     HOST_MISMATCH = "builtin:host-mismatch"
+    INSPECTION_DOWN = "builtin:inspection"
     # The DNS interceptor's own rules.
     DNS_PARSE = "parse"
     DNS_CLASS = "dns:class"

@@ -41,6 +41,7 @@ from gateway.api import check_api_exposure, create_app
 from gateway.destinations import Destinations, read_local_addresses
 from gateway.dns.server import DnsInterceptor
 from gateway.engine.engine import EgressEngine
+from gateway.engine.handover import TierRoute
 from gateway.errors import GatewayError
 from gateway.flowlog import FlowLog
 from gateway.formatting import listen_description, store_description
@@ -51,6 +52,7 @@ from gateway.resolver import Resolver
 from gateway.settings import Config
 from gateway.stores import open_store
 from gateway.stores.base import PolicyStore
+from gateway.tier.supervisor import TierSupervisor
 from gateway.tunnel.certs import build_server_context
 from gateway.tunnel.service import TunnelService
 from gateway.workers import LISTENING_LINE, LearnedFanout, WorkerPool, apply_learned_line, worker_index
@@ -284,6 +286,8 @@ class DataPlane:
         self.dns = (
             DnsInterceptor(config.dns, lambda: store.state, learned=self.learned, flowlog=flowlog) if dns else None
         )
+        #: The inspection tier, started once some policy marks a host for it (and only in the main process).
+        self.tier = TierSupervisor(config.inspection, flowlog) if dns else None
         self._tasks: list[asyncio.Task[None]] = []
         #: The steering input last applied (or last refused: not retried until it changes).
         self._applied: SteeringConfig | None = None
@@ -305,6 +309,7 @@ class DataPlane:
             flowlog=self.flowlog,
             connection_limiter=ConnectionRateLimiter(),
             bandwidth=BandwidthLimiter(),
+            tier=self._tier_route(),
         )
         if self.steer:
             from gateway import netplumb
@@ -319,8 +324,31 @@ class DataPlane:
         if self.pool is not None:
             await self.pool.start()
         self._tasks.append(asyncio.create_task(self._refresh_local_addresses()))
+        if self.tier is not None:
+            self._tasks.append(asyncio.create_task(self._follow_inspection()))
         if self.steer:
             self._tasks.append(asyncio.create_task(self._follow_store()))
+
+    def _tier_route(self) -> TierRoute | None:
+        tier = self.tier
+        if tier is None:
+            return None
+        inspection = self.config.inspection
+        return TierRoute(inspection.listen_port, tier.authorization, lambda: tier.ready, inspection.excluded)
+
+    def _inspection_needed(self) -> bool:
+        return any(policy.inspects for policy in self.store.state.compiled.values())
+
+    async def _follow_inspection(self) -> None:
+        """Start the inspection tier once a policy marks a host (it then stays up, restarted when it dies)."""
+        assert self.tier is not None
+        while True:
+            if self._inspection_needed():
+                try:
+                    await self.tier.start()  # returns at once when it runs
+                except GatewayError as exc:  # inspected connections keep failing closed; try again later
+                    log.error("inspection.start_failed", error=str(exc))
+            await asyncio.sleep(STEERING_POLL)
 
     def unready(self) -> list[str]:
         """What of the data plane does not serve yet (nothing: it all does), for readiness."""
@@ -336,6 +364,8 @@ class DataPlane:
             waiting.append(f"the DNS interceptor does not listen on port {egress.dns_port} yet")
         if self.steer and self._applied is None:
             waiting.append("the steering table has not been applied yet")
+        if self.tier is not None and not self.tier.ready and self._inspection_needed():
+            waiting.append(f"the inspection tier does not serve on 127.0.0.1:{self.config.inspection.listen_port}")
         return waiting
 
     async def close(self) -> None:
@@ -349,6 +379,8 @@ class DataPlane:
             await self.engine.close()
         if self.dns is not None:
             await self.dns.close()
+        if self.tier is not None:
+            await self.tier.close()
 
     def status(self) -> dict[str, Any]:
         """The data plane's part of `GET /v1/status`."""

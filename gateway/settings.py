@@ -71,7 +71,9 @@ class Config:
     source: str = "defaults"
 
     def policy_context(self) -> PolicyContext:
-        return PolicyContext(self.sandbox_subnets, self.presets, self.default_limits)
+        return PolicyContext(
+            self.sandbox_subnets, self.presets, self.default_limits, secrets=self.inspection.secret_names()
+        )
 
 
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:

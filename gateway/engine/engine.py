@@ -38,6 +38,7 @@ from gateway.engine.config import EgressConfig
 from gateway.engine.deny import bad_gateway, deny_with, reset
 from gateway.engine.dial import dial
 from gateway.engine.guard import FirstWordsGuard, HttpGuard
+from gateway.engine.handover import HandoverFailed, TierRoute, hand_over
 from gateway.engine.listener import Listeners
 from gateway.engine.plan import Plan, plan_named, plan_unnamed
 from gateway.engine.record import Flow, FlowRecorder
@@ -54,6 +55,7 @@ from gateway.engine.session import (
     peek,
 )
 from gateway.flowlog import FlowLog
+from gateway.inspection import InspectionContext
 from gateway.learned import LearnedDestinations
 from gateway.peek.classify import TrafficKind
 from gateway.peek.http1 import http_forbidden
@@ -81,6 +83,7 @@ class EgressEngine:
         flowlog: FlowLog | None = None,
         connection_limiter: ConnectionRateLimiter | None = None,
         bandwidth: BandwidthLimiter | None = None,
+        tier: TierRoute | None = None,
         host: tuple[str, str] = ("0.0.0.0", "::"),
         splice: bool = True,
     ) -> None:
@@ -92,6 +95,8 @@ class EgressEngine:
         self.recorder = FlowRecorder(flowlog)
         self.connection_limiter = connection_limiter
         self.bandwidth = bandwidth
+        #: The inspection tier, for connections an `egress.inspect` entry marks (None: they are refused).
+        self.tier = tier
         self.host = host
         #: Relay TLS and opaque bytes with os.splice (kernel pipes, no copy through Python) where available.
         self.splice = splice and CAN_SPLICE
@@ -302,7 +307,18 @@ class EgressEngine:
         flow.allow(plan.reason, plan.label)
         egress = self.egress
         try:
-            upstream = await dial(plan.dial, flow.orig_dst_port, egress.dial_mark, egress.connect_timeout)
+            if plan.rule is Rule.INSPECT and not (self.tier is not None and self.tier.excluded(flow.hostname or "")):
+                upstream = await self._hand_over(flow, policy, plan)
+                guard = first_stop = None  # the tier decides every request on it
+            else:
+                upstream = await dial(plan.dial, flow.orig_dst_port, egress.dial_mark, egress.connect_timeout)
+        except HandoverFailed as exc:
+            self._deny(flow, f"{flow.hostname} is inspected and {exc}", Rule.INSPECTION_DOWN)
+            if flow.protocol == "http":
+                await deny_with(conn, bad_gateway(flow.reason))
+            else:
+                await deny_with(conn, tls_alert(AlertDescription.INTERNAL_ERROR))
+            return False
         except (OSError, TimeoutError) as exc:
             why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
             self._deny(flow, f"upstream {plan.dial} unreachable: {why}", Rule.DIAL_FAILED)
@@ -335,6 +351,27 @@ class EgressEngine:
             cut_grace=HTTP_CUT_GRACE,
         )
         return True
+
+    async def _hand_over(self, flow: Flow, policy: CompiledPolicy, plan: Plan) -> socket.socket:
+        """The connection goes to the inspection tier, with who asked for what, to dial plan.dial itself."""
+        rule = policy.inspect_rule(plan.detail)
+        if self.tier is None or rule is None or not flow.hostname:
+            raise HandoverFailed("no inspection tier runs here")
+        assert plan.dial is not None
+        context = InspectionContext(
+            flow.sandbox,
+            flow.hostname,
+            flow.orig_dst_port,
+            plan.detail,
+            rule,
+            src_addr=flow.src_addr,
+            src_port=flow.src_port,
+            orig_dst_addr=flow.orig_dst_addr,
+            orig_dst_port=flow.orig_dst_port,
+        )
+        upstream = await hand_over(self.tier, plan.dial, flow.orig_dst_port, context, self.egress.connect_timeout)
+        flow.reason += "; handed to the inspection tier"
+        return upstream
 
     def _relayed(self, conn: socket.socket, flow: Flow, relay: Relay) -> None:
         """The relay ended: close (or reset) the client, deliver a cut's denial, record the flow."""

@@ -344,6 +344,7 @@ class AlertDescription(IntEnum):
     HANDSHAKE_FAILURE = 40
     ACCESS_DENIED = 49
     DECODE_ERROR = 50
+    INTERNAL_ERROR = 80
     UNRECOGNIZED_NAME = 112
 
 

@@ -102,6 +102,12 @@ class InspectionConfig(Section, frozen=True):
     def secret_names(self) -> frozenset[str]:
         return frozenset(self.secrets)
 
+    def excluded(self, host: str) -> bool:
+        """Whether `host` (normalised) is never decrypted: an exact `exclude_hosts` name or one under a `*.` entry
+        (one extra label, as in allow_hosts)."""
+        dot = host.find(".")
+        return host in self.exclude_hosts or (dot > 0 and f"*.{host[dot + 1 :]}" in self.exclude_hosts)
+
     def secret_values(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
         """Every secret's value, read now. Raises GatewayError(SECRET_UNAVAILABLE) naming the secret (never its
         value) when a variable is unset or a file cannot be read, is empty or holds a line break."""

@@ -172,6 +172,8 @@ class TierSupervisor:
             "termlog_verbosity": "warn",
             # mitmproxy's own pages (mitm.it) are not for sandboxes.
             "onboarding": "false",
+            # The addon requires it: upstream is dialled only for a request the addon let through.
+            "connection_strategy": "lazy",
         }
         if config.upstream_ca_file is not None:
             options["ssl_verify_upstream_trusted_ca"] = str(config.upstream_ca_file)

@@ -190,6 +190,24 @@ async def test_bandwidth_bucket_throttles_and_a_throttled_relay_is_not_idle(wire
 
 
 @on_both_loops
+async def test_the_idle_clock_restarts_when_a_bandwidth_wait_ends(wired: Wired) -> None:
+    loop = asyncio.get_running_loop()
+    idle = 0.3
+    bucket = BandwidthLimiter().bucket("sb", "down", 8, 800)  # 1 MB/s, 1 MB sustained depth
+    started = time.monotonic()
+    wait = bucket.reserve(1_000_000 + 600_000)  # in debt: the next byte may go 0.6 s from now
+    assert wait == pytest.approx(0.6, abs=0.01)
+    relay = wired.start(sweeper(idle), down_bucket=bucket)
+    await loop.sock_sendall(wired.origin_app, b"x")  # read at once, then forwarded after the wait
+    assert await asyncio.wait_for(recv_exactly(wired.client_app, 1), 5) == b"x"
+    await asyncio.wait_for(wired.ended, 5)  # nothing moves after the byte: the idle timeout ends the relay
+    assert isinstance(relay.error, TimeoutError)
+    # Idle from the end of the wait on, not from the read before it (a sweep right after the wait would end it).
+    # The 10 ms allow for a loop whose timers run by the millisecond.
+    assert time.monotonic() - started >= wait + idle - 0.01
+
+
+@on_both_loops
 async def test_http_guard_cut_forwards_the_allowed_prefix_lets_the_upstream_answer_then_ends(wired: Wired) -> None:
     loop = asyncio.get_running_loop()
     tracker = HttpRequestTracker()

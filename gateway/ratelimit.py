@@ -178,6 +178,10 @@ class _PerSandboxBuckets[K, B: _Idle]:
     def __len__(self) -> int:
         return len(self._buckets)
 
+    def __contains__(self, key: object) -> bool:
+        """Whether the map keeps a bucket for `key` (a sandbox, or a sandbox and direction); asking creates none."""
+        return key in self._buckets
+
     def _maybe_sweep(self) -> None:
         now = self.clock()
         if now - self._last_sweep < self.sweep_interval:

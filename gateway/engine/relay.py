@@ -428,7 +428,11 @@ class _Half:
 
     def flush(self) -> None:
         """Forward what is pending; then read on, wait for the destination, or end the direction."""
-        self.timer = None
+        if self.timer is not None:
+            # A bandwidth wait just ended. It was no idleness, so the idle clock restarts now: left at the read
+            # before the wait, it would let a sweep that runs before the next read end the relay.
+            self.timer = None
+            self.relay.last = time.monotonic()
         try:
             if self.pending is not None:
                 view = self.pending

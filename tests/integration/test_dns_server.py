@@ -341,7 +341,7 @@ async def test_a_stream_of_random_and_mangled_packets_does_not_hurt_the_server(g
     rng = random.Random(4)
     seeds = [query("one.test"), query("alias.test", "AAAA", edns=True, do=True), query("x.test", "HTTPS")]
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(
+    transport, flood = await loop.create_datagram_endpoint(
         _Client, local_addr=("127.0.0.5", 0), remote_addr=("127.0.0.1", gw.port)
     )
     try:
@@ -356,9 +356,12 @@ async def test_a_stream_of_random_and_mangled_packets_does_not_hurt_the_server(g
             transport.sendto(packet)
             if i % 50 == 0:
                 await asyncio.sleep(0)
+        # The server reads its socket in order: once this query is answered, it has been through the whole stream.
+        transport.sendto(query("one.test", qid=0xBEEF))
+        while (await asyncio.wait_for(flood.answers.get(), 5))[:2] != b"\xbe\xef":
+            pass
     finally:
         transport.close()
-    await asyncio.sleep(0.2)
     assert parsed(await ask_udp(gw.port, query("one.test"), "127.0.0.2")).header.rcode == RCODE.NOERROR
     (answer,) = await ask_tcp(gw.port, [b"\xff" * 5, query("one.test", qid=9)], expect=1)  # the first: dropped
     assert answer[:2] == b"\x00\x09"

@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import fields, replace
@@ -24,6 +25,7 @@ from gateway.errors import GatewayError
 from gateway.flowlog import BATCH_NAME_PATTERN, FlowLog, FlowRecord, render
 from gateway.logs import configure_logging, json_line_stream
 from gateway.settings import load_config
+from tests.factory import wait_until_async
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer
@@ -135,10 +137,7 @@ async def test_the_background_task_flushes_every_interval(tmp_path: Path) -> Non
     await flows.start()
     try:
         flows.record(flow())
-        for _ in range(200):
-            if flows.list_batches("sb-1")[0]:
-                break
-            await asyncio.sleep(0.01)
+        assert await wait_until_async(lambda: flows.list_batches("sb-1")[0])  # written with no flush() call
         assert len(flows.list_batches("sb-1")[0]) == 1
     finally:
         await flows.close()
@@ -263,6 +262,7 @@ async def test_no_partial_file_is_ever_listed(flows: FlowLog, tmp_path: Path) ->
     stop = False
     bad: list[str] = []
     complete = 0
+    reading = threading.Event()
 
     def reader() -> int:
         checked = 0
@@ -272,10 +272,11 @@ async def test_no_partial_file_is_ever_listed(flows: FlowLog, tmp_path: Path) ->
                 if len(data) != batch["size"] or not data.endswith(b"\n") or data.count(b"\n") != 200:
                     bad.append(batch["name"])
                 checked += 1
-            time.sleep(0.0005)  # let the writer have the GIL too
+            reading.set()
         return checked
 
     task = asyncio.create_task(asyncio.to_thread(reader))
+    assert await wait_until_async(reading.is_set)  # the writer starts while the reader lists
     for i in range(12):
         for j in range(200):
             flows.record(flow(end_us=T0 + i * 1000 + j, hostname=f"h{j}.example.com"))
@@ -336,10 +337,7 @@ async def test_redis_mirror_writes_every_record_with_a_length_cap(tmp_path: Path
         await flows.start()
         try:
             flows.record(flow(hostname=None, protocol="tcp"))
-            for _ in range(200):
-                if flows.mirrored:
-                    break
-                await asyncio.sleep(0.01)
+            assert await wait_until_async(lambda: flows.mirrored)
             [(_, entry)] = await client.xrange("gw:flows")
             expected = flow(hostname=None, protocol="tcp").to_dict()
             assert entry == {k: str(v) for k, v in expected.items() if v is not None}
@@ -372,10 +370,7 @@ async def test_redis_down_neither_blocks_nor_loses_file_batches(tmp_path: Path, 
                 for i in range(50):
                     flows.record(flow(end_us=T0 + i))
                 assert time.monotonic() - started < 0.5
-                for _ in range(300):
-                    if flows.mirror_dropped == 50 and flows.written == 50:
-                        break
-                    await asyncio.sleep(0.01)
+                assert await wait_until_async(lambda: flows.mirror_dropped == 50 and flows.written == 50)
         finally:
             await flows.close()
         assert (flows.written, flows.mirrored, flows.mirror_dropped) == (50, 0, 50)

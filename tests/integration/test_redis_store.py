@@ -482,6 +482,11 @@ async def test_start_fails_clearly_when_redis_is_down(redis_server: RedisServer)
 # --------------------------------------------------------------------------- gaps in the change stream
 
 
+async def xinfo_calls(client: Redis) -> int:
+    """How many XINFO STREAM the server answered so far (the store asks one at each gap check and snapshot)."""
+    return int((await client.info("commandstats")).get("cmdstat_xinfo|stream", {"calls": 0})["calls"])
+
+
 def gap_logged(logs: list[dict[str, Any]]) -> bool:
     return any(entry["event"] == "store.redis_stream_gap" for entry in logs)
 
@@ -539,7 +544,14 @@ async def test_stream_trimmed_while_the_gateway_was_down(client: Redis, make_sto
         assert second.status()["last_stream_id"] == last_generated
         await external_write(client, "sandbox", "sb-3", sandbox("sb-3", "10.75.0.3", ["v1.example.com"]))
         await wait_for(lambda: "sb-3" in second.state.sandboxes, timeout=1.0)
-        await asyncio.sleep(1.2)  # at least one gap check
+        # Two more gap checks (XINFO STREAM, which nothing else asks now): the first one's verdict was logged
+        # before the follower sent the second.
+        checks = await xinfo_calls(client)
+
+        async def checked_twice() -> bool:
+            return await xinfo_calls(client) >= checks + 2
+
+        await eventually(checked_twice, timeout=5.0, what="two gap checks")
     assert not gap_logged(logs), "an empty, trimmed stream is not a gap once the snapshot took its last id"
 
 

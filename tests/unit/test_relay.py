@@ -6,10 +6,12 @@ Topology of every test: client app <-> [client | Relay | upstream] <-> origin ap
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import socket
 import struct
+import termios
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from gateway.engine.guard import HttpGuard
 from gateway.engine.relay import SPLICE_AFTER, AfterAnswer, GuardStop, IdleSweeper, Relay
 from gateway.peek.http1 import CONTINUE_TIMEOUT, HttpRequestTracker
 from gateway.ratelimit import BandwidthLimiter
-from tests.factory import policy
+from tests.factory import policy, wait_until_async
 
 Scenario = Callable[["Wired"], Coroutine[Any, Any, None]]
 
@@ -89,6 +91,11 @@ async def recv_to_eof(sock: socket.socket) -> bytes:
     return bytes(data)
 
 
+def unread(sock: socket.socket) -> int:
+    """Bytes that arrived at `sock` and wait to be read."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)))[0])
+
+
 def sweeper(idle: float = 30.0) -> IdleSweeper:
     return IdleSweeper(asyncio.get_running_loop(), idle, interval=0.05)
 
@@ -122,8 +129,15 @@ async def test_bulk_moves_to_splice_and_keeps_every_byte_in_order_under_backpres
         wired.origin_app.shutdown(socket.SHUT_WR)
 
     sender = asyncio.create_task(origin())
-    await asyncio.sleep(0.3)  # the client reads nothing yet: the relay must stop reading, not buffer 24 MiB
-    assert relay.down.forwarded < len(payload)
+
+    def stopped_reading() -> bool:
+        # The client reads nothing yet: the relay must stop reading, not buffer 24 MiB. It waits for the client
+        # with no reader on the upstream, whose unread bytes stay in its socket (the origin's TCP window closes).
+        down = relay.down
+        return down.writing and not down.reading and unread(wired.upstream) > 0
+
+    assert await wait_until_async(stopped_reading, timeout=10)
+    assert relay.down.forwarded + relay.down.in_pipe < len(payload)
     assert relay.down.pipe_r >= 0  # past SPLICE_AFTER the direction splices
     received = await asyncio.wait_for(recv_to_eof(wired.client_app), 30)
     await sender
@@ -152,7 +166,8 @@ async def test_idle_timeout_ends_the_relay_only_after_the_shared_idle_clock_ran_
     sweep = sweeper(0.3)
     started = time.monotonic()
     relay = wired.start(sweep)
-    await asyncio.sleep(0.2)
+    # Two thirds of the relay's own idle clock run out (and the sweeps meanwhile keep it), then it moves a byte.
+    assert await wait_until_async(lambda: time.monotonic() - relay.last >= 0.2 and not relay.done)
     await loop.sock_sendall(wired.origin_app, b"x")  # activity in either direction restarts the clock
     assert await recv_exactly(wired.client_app, 1) == b"x"
     moved = time.monotonic()
@@ -187,6 +202,24 @@ async def test_bandwidth_bucket_throttles_and_a_throttled_relay_is_not_idle(wire
     wired.client_app.shutdown(socket.SHUT_WR)
     await asyncio.wait_for(wired.ended, 5)
     assert relay.error is None
+
+
+@on_both_loops
+async def test_the_idle_clock_restarts_when_a_bandwidth_wait_ends(wired: Wired) -> None:
+    loop = asyncio.get_running_loop()
+    idle = 0.3
+    bucket = BandwidthLimiter().bucket("sb", "down", 8, 800)  # 1 MB/s, 1 MB sustained depth
+    started = time.monotonic()
+    wait = bucket.reserve(1_000_000 + 600_000)  # in debt: the next byte may go 0.6 s from now
+    assert wait == pytest.approx(0.6, abs=0.01)
+    relay = wired.start(sweeper(idle), down_bucket=bucket)
+    await loop.sock_sendall(wired.origin_app, b"x")  # read at once, then forwarded after the wait
+    assert await asyncio.wait_for(recv_exactly(wired.client_app, 1), 5) == b"x"
+    await asyncio.wait_for(wired.ended, 5)  # nothing moves after the byte: the idle timeout ends the relay
+    assert isinstance(relay.error, TimeoutError)
+    # Idle from the end of the wait on, not from the read before it (a sweep right after the wait would end it).
+    # The 10 ms allow for a loop whose timers run by the millisecond.
+    assert time.monotonic() - started >= wait + idle - 0.01
 
 
 @on_both_loops
@@ -247,10 +280,16 @@ def start_held(wired: Wired, first: bytes, **options: object) -> Relay:
     return wired.start(sweeper(), first=first, first_stop=stop, guard=guard, **options)
 
 
-async def assert_held(sock: socket.socket) -> None:
-    await asyncio.sleep(0.1)
+def assert_nothing_to_read(sock: socket.socket) -> None:
     with pytest.raises(BlockingIOError):
         sock.recv(1)
+
+
+def assert_held(relay: Relay, forwarded: bytes, held: bytes, origin_app: socket.socket) -> None:
+    """The client's bytes after `forwarded` wait in the relay for the server's answer: none went upstream."""
+    assert relay.up.held == held and not relay.up.reading  # the client is not read meanwhile either
+    assert relay.bytes_up == len(forwarded)
+    assert_nothing_to_read(origin_app)
 
 
 @on_both_loops
@@ -258,7 +297,7 @@ async def test_a_websocket_upgrade_passes_the_new_protocol_unchecked(wired: Wire
     loop = asyncio.get_running_loop()
     relay = start_held(wired, UPGRADE + FRONTED)  # the client does not wait for the 101
     assert await recv_exactly(wired.origin_app, len(UPGRADE)) == UPGRADE
-    await assert_held(wired.origin_app)  # held until the server answered
+    assert_held(relay, UPGRADE, FRONTED, wired.origin_app)  # held until the server answered
     await loop.sock_sendall(wired.origin_app, SWITCHED)
     assert await recv_exactly(wired.origin_app, len(FRONTED)) == FRONTED
     assert await recv_exactly(wired.client_app, len(SWITCHED)) == SWITCHED
@@ -297,7 +336,9 @@ async def test_a_101_to_another_protocol_cuts_before_it_reaches_the_client(wired
     assert relay.cut is not None and relay.cut[0].startswith("HTTP_UPGRADE_REFUSED: the server switched to 'h2c'")
     assert relay.cut[1] == "builtin:http"
     assert await recv_to_eof(wired.origin_app) == b""  # the held bytes never went: the upstream is closed
-    await assert_held(wired.client_app)  # nor did the 101 reach the client (the caller writes the denial)
+    # Nor did the 101 reach the client (the caller writes the denial); the relay has ended: none can follow.
+    assert relay.bytes_down == 0
+    assert_nothing_to_read(wired.client_app)
 
 
 EXPECT = b"POST /up HTTP/1.1\r\nHost: a.test\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"
@@ -312,7 +353,7 @@ async def test_expect_holds_the_body_until_100_continue(wired: Wired) -> None:
     loop = asyncio.get_running_loop()
     relay = start_held(wired, EXPECT + b"data")
     assert await recv_exactly(wired.origin_app, len(EXPECT)) == EXPECT
-    await assert_held(wired.origin_app)
+    assert_held(relay, EXPECT, b"data", wired.origin_app)
     await loop.sock_sendall(wired.origin_app, b"HTTP/1.1 100 Continue\r\n\r\n")
     assert await recv_exactly(wired.origin_app, 4) == b"data"
     # The connection is checked as before: a later request for another host is cut.

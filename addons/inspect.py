@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import stat
 import time
 import weakref
@@ -79,12 +80,16 @@ def read_secrets(path: str) -> dict[str, str]:
     if not path:
         return {}
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, encoding="utf-8") as handle:
-            info = os.fstat(handle.fileno())
+        inherited = re.fullmatch(r"/dev/fd/(\d+)", path)
+        # The supervisor hands an inherited memory file as /dev/fd/N (a symlink, which O_NOFOLLOW refuses).
+        fd = os.dup(int(inherited[1])) if inherited else os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            info = os.fstat(fd)
             if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO) or info.st_uid != os.getuid():
                 raise ValueError("it must be owned by this user and readable by nobody else (mode 0600)")
-            return parse_secrets(handle.read())
+            return parse_secrets(os.pread(fd, info.st_size, 0).decode("utf-8"))
+        finally:
+            os.close(fd)
     except (OSError, ValueError) as exc:
         raise exceptions.OptionsError(f"gateway_secrets {path}: {exc}") from None
 

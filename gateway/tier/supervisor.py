@@ -210,6 +210,7 @@ class TierSupervisor:
         ensure_ca(self.config.ca_dir, self.config.permitted_domains)
         self._write_confdir_options()
         secrets_fd = os.memfd_create("gateway-inspection-secrets", os.MFD_CLOEXEC)
+        os.fchmod(secrets_fd, 0o600)  # a memfd starts at 0777; the addon refuses a secrets file others could read
         read_fd, write_fd = os.pipe()
         try:
             os.write(secrets_fd, json.dumps(values).encode())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import json
 import os
 import shutil
@@ -34,8 +33,6 @@ from gateway.addons.enforce import MAX_SCRUB_BYTES, REDACTED
 from gateway.flowlog import FlowRecord
 from gateway.inspection import Credential, InspectionContext, InspectRule
 from tests.factory import REPO, free_port, make_pki, wait_until
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("mitmproxy") is None, reason="mitmproxy is not installed")
 
 TOKEN = "per-run-token-0123456789"
 SECRET = "ghp_Secret/Value+42&x"  # JSON- and percent-escaping both change it: the scrubber must see every form

@@ -29,8 +29,6 @@ from gateway.tier.supervisor import TierSupervisor
 from gateway.tunnel.certs import CertPaths, init_certs
 from tests.factory import free_port, wait_until_async
 
-pytest.importorskip("mitmproxy")
-
 STAND_IN = """
 import json, os
 from mitmproxy import ctx

@@ -3,14 +3,11 @@ options its guarantees rest on; anything else is an OptionsError, so a misconfig
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("mitmproxy") is None, reason="mitmproxy is not installed")
 
 
 def write(path: Path, content: str, mode: int) -> str:

@@ -76,7 +76,7 @@ def inspected_policies() -> dict[str, Any]:
                     "allow_hosts": ["later.test"],
                     "inspect": [
                         {
-                            "hosts": ["allowed.test"],
+                            "hosts": ["allowed.test", "denied.test"],
                             "methods": ["GET"],
                             "paths": ["/echo", "/ok"],
                             "deny_reason": "read-only access to allowed.test",
@@ -100,6 +100,8 @@ class InspectionEnv(EgressEnv):
             "GATEWAY_INSPECTION__CA_DIR": str(workdir / "inspection"),
             "GATEWAY_INSPECTION__UPSTREAM_CA_FILE": str(self.ca),
             "GATEWAY_INSPECTION__SECRETS": '{ api = { env = "TEST_INSPECTION_SECRET" } }',
+            # A pinning client's host: marked by the entry, kept opaque by the operator.
+            "GATEWAY_INSPECTION__EXCLUDE_HOSTS": '["denied.test"]',
             "TEST_INSPECTION_SECRET": SECRET,
         }
 
@@ -109,7 +111,7 @@ class InspectionEnv(EgressEnv):
         return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30, check=False)
 
     def https(self, name: str, path: str, *extra: str, ca: Path | None = None) -> subprocess.CompletedProcess[str]:
-        address = {"allowed.test": "198.18.1.1", "later.test": "198.18.1.3"}[name]
+        address = {"allowed.test": "198.18.1.1", "denied.test": "198.18.1.2", "later.test": "198.18.1.3"}[name]
         argv = ["curl", "-sS", "-i", "--connect-timeout", "3", "-m", "8", "--cacert", str(ca or self.tier_ca)]
         argv += [*pin(name, 443, address), *extra, f"https://{name}{path}"]
         return self.topo.run("sb1", argv, check=False, timeout=20)
@@ -137,9 +139,9 @@ def inspection_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inspect
         e = InspectionEnv(topo, tmp_path_factory.mktemp("inspection"))
         topo.attach_with_cli()
         topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(EGRESS_ZONE))
+        addresses = ["198.18.1.1", "198.18.1.2", "198.18.1.3"]
         origin = topo.popen(
-            "inet",
-            [sys.executable, "-u", "-c", ECHO_ORIGIN, str(e.cert), str(e.key), str(e.seen), "198.18.1.1", "198.18.1.3"],
+            "inet", [sys.executable, "-u", "-c", ECHO_ORIGIN, str(e.cert), str(e.key), str(e.seen), *addresses]
         )
         wait_for_line(origin, "ready", 10)
         e.write_policies(inspected_policies())
@@ -192,6 +194,23 @@ def test_a_host_not_marked_stays_on_the_fast_path(env: InspectionEnv) -> None:
     assert [v for k, v in seen["headers"] if k.lower() == "authorization"] == [SANDBOX_COPY]
     # And the inspection CA cannot stand in for it: nothing decrypts this host.
     assert status_of(env.https("later.test", "/echo")) == 0
+
+
+def test_an_excluded_host_stays_opaque_and_still_checked_by_name(env: InspectionEnv) -> None:
+    answer = env.https("denied.test", "/anything", "-X", "POST", "-H", f"Authorization: {SANDBOX_COPY}", ca=env.ca)
+    assert status_of(answer) == 200, answer.stdout + answer.stderr  # the origin's own certificate: not decrypted
+    seen = env.origin_saw()[-1]
+    assert (seen["method"], seen["path"]) == ("POST", "/anything")  # no HTTP rules apply to what is not seen
+    assert [v for k, v in seen["headers"] if k.lower() == "authorization"] == [SANDBOX_COPY]  # nor credentials
+    # Still decided by name on the fast path: SNI naming a host no entry allows is refused at the same address.
+    other = env.topo.run(
+        "sb1",
+        ["curl", "-sS", "-k", "--connect-timeout", "3", "-m", "8", *pin("nowhere.test", 443, "198.18.1.2"),
+         "https://nowhere.test/"],
+        check=False,
+        timeout=15,
+    )  # fmt: skip
+    assert other.returncode != 0
 
 
 def test_records_name_each_inspected_request_and_hold_no_secret(env: InspectionEnv) -> None:

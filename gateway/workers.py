@@ -30,6 +30,7 @@ import structlog
 
 from gateway.learned import LearnedDestinations
 from gateway.policy import IPAddress
+from gateway.processes import wait_or_kill
 
 log = structlog.get_logger("gateway.workers")
 
@@ -155,9 +156,4 @@ class WorkerPool:
             if process.returncode is None and process.stdin is not None:
                 process.stdin.close()  # the worker's signal to stop
         for process in self.processes.values():
-            try:
-                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
+            await wait_or_kill(process, STOP_TIMEOUT)

@@ -46,6 +46,7 @@ import structlog
 import gateway.addons
 from gateway.errors import GatewayError
 from gateway.flowlog import FlowLog, FlowRecord
+from gateway.processes import wait_or_kill
 from gateway.tier.ca import ensure_ca
 from gateway.tier.config import InspectionConfig
 
@@ -255,12 +256,7 @@ class TierSupervisor:
             return
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
+        await wait_or_kill(process, STOP_TIMEOUT)
         log.info("inspection.stopped", pid=process.pid, returncode=process.returncode)
 
     # ------------------------------------------------------------------ the child's output and records

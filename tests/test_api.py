@@ -8,7 +8,6 @@ without a test failing.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -49,7 +48,7 @@ from gateway.stores.embedded import EmbeddedStore
 from gateway.tunnel.config import TunnelConfig
 from gateway.tunnel.model import parse_request
 from gateway.tunnel.store import FileTunnelStore, TunnelStore
-from tests.factory import DOC, Answer, check_documented, schema_validator
+from tests.factory import DOC, Answer, check_documented, schema_validator, wait_until_async
 
 AiohttpClient = Callable[[web.Application], Awaitable[TestClient]]
 
@@ -222,12 +221,8 @@ async def test_status_counts_and_shows_records_rejected_from_the_file(api: Api, 
     edited = store.path.with_name("edited.json")
     edited.write_text(json.dumps(data))
     edited.replace(store.path)  # atomic, so the watcher never reads half a file
-    for _ in range(200):
-        status = (await api.call("GET", "/v1/status", expect=200)).body
-        if status["rejected"]:
-            break
-        await asyncio.sleep(0.02)
-    [rejection] = status["rejected"]
+    assert await wait_until_async(store.rejections)  # the watcher has read the edit
+    [rejection] = (await api.call("GET", "/v1/status", expect=200)).body["rejected"]
     assert (rejection["kind"], rejection["key"], rejection["code"]) == ("sandbox", "agent-1", "INVALID_HOSTNAME")
     explain = await api.call("GET", "/v1/sandboxes/agent-1/explain?host=api.github.com", expect=200)
     assert explain.body["allowed"] is True

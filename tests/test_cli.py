@@ -7,14 +7,23 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.factory import ADMIN_TOKEN, LIMITED_TOKEN, Server, clean_env, free_port, gateway, start_server, write_config
+from tests.factory import (
+    ADMIN_TOKEN,
+    LIMITED_TOKEN,
+    Server,
+    clean_env,
+    free_port,
+    gateway,
+    start_server,
+    wait_until,
+    write_config,
+)
 from tests.redis_server import RedisServer
 
 
@@ -52,13 +61,15 @@ def test_run_on_redis_serves_api_writes_and_applies_writes_of_other_services(
             tx.hset("gw:sandboxes", "r2", json.dumps(record))
             tx.xadd("gw:changes", {"kind": "sandbox", "key": "r2", "op": "put", "source": "test"})
             tx.execute()
-        deadline = time.monotonic() + 2
-        while True:
-            explained = gateway("--json", "explain", "r2", "api.example.com", server=server)
-            if explained.returncode == 0 and json.loads(explained.stdout)["allowed"]:
-                break
-            assert time.monotonic() < deadline, explained.stdout + explained.stderr
-            time.sleep(0.05)
+
+        def explained() -> subprocess.CompletedProcess[str]:
+            return gateway("--json", "explain", "r2", "api.example.com", server=server)
+
+        def allowed() -> bool:
+            answer = explained()
+            return answer.returncode == 0 and json.loads(answer.stdout)["allowed"] is True
+
+        assert wait_until(allowed, 2), explained()  # its repr shows stdout and stderr
         status = json.loads(gateway("--json", "status", server=server).stdout)
         assert (status["backend"], status["sandboxes"]) == ("redis", 2)
     finally:
@@ -494,10 +505,7 @@ def test_human_output_has_no_python_none_and_no_raw_epochs(server: Server) -> No
     data = json.loads(policies.read_text())
     data["sandboxes"]["broken"] = {"id": "broken", "addresses": ["not an address"]}
     policies.write_text(json.dumps(data))  # a rejection, which has a time
-    deadline = time.monotonic() + 10
-    while "broken" not in gateway("status", server=server).stdout:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert wait_until(lambda: "broken" in gateway("status", server=server).stdout, 10)
     outputs = [
         gateway(*args, server=server)
         for args in (

@@ -5,13 +5,12 @@ records written into the policy file (rejected, shown in /v1/status, the last go
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.factory import LIMITED_TOKEN, Server
+from tests.factory import LIMITED_TOKEN, Server, wait_until
 from tests.product import ProductApi
 
 
@@ -311,15 +310,14 @@ def test_a_token_without_the_profile_scope_is_403_before_validation(api: Product
     limited.call("DELETE", "/v1/sandboxes/scoped", expect=204)
 
 
-def wait_for_rejection(api: ProductApi, sandbox_id: str, deadline_s: float = 10.0) -> dict[str, Any]:
-    deadline = time.monotonic() + deadline_s
-    while True:
+def wait_for_rejection(api: ProductApi, sandbox_id: str) -> dict[str, Any]:
+    def rejection() -> dict[str, Any] | None:
         status = api.call("GET", "/v1/status", expect=200).body
-        for rejected in status["rejected"]:
-            if (rejected["kind"], rejected["key"]) == ("sandbox", sandbox_id):
-                return rejected
-        assert time.monotonic() < deadline, status
-        time.sleep(0.05)
+        return next((r for r in status["rejected"] if (r["kind"], r["key"]) == ("sandbox", sandbox_id)), None)
+
+    found = wait_until(rejection, 10)
+    assert found is not None, api.call("GET", "/v1/status", expect=200).body
+    return found
 
 
 # The file's key names the record, so the id rows do not apply to it.
@@ -353,8 +351,6 @@ def test_the_same_records_written_into_the_policy_file_are_rejected_and_the_last
         data["sandboxes"].pop("new", None)
         data["sandboxes"]["filed"] = stored
         policies.write_text(json.dumps(data))
-        deadline = time.monotonic() + 10
-        while api.call("GET", "/v1/status", expect=200).body["rejected"]:  # a valid version clears it
-            assert time.monotonic() < deadline, name
-            time.sleep(0.05)
+        cleared = wait_until(lambda: not api.call("GET", "/v1/status", expect=200).body["rejected"], 10)
+        assert cleared, name  # a valid version clears it
     api.call("DELETE", "/v1/sandboxes/filed", expect=204)

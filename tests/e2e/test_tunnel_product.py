@@ -38,17 +38,27 @@ FREE, BURST, RATE = 5, 14, 1.0  # [tunnel] login_free_failures, login_tunnel_bur
 #: Extra client addresses of the internet namespace (the gateway answers them on its /24).
 GUESSERS = [f"198.18.0.{n}" for n in range(11, 17)]
 
-#: The sandbox apps, one behaviour per port (argv: log file, address, ports...). Every accepted connection,
-#: request head and end of a connection is a JSON line in the log.
+#: The sandbox apps, one behaviour per port (argv: log file, the gateway's log file, address, ports...). Every
+#: accepted connection, request head and end of a connection is a JSON line in the log.
 APPS = r"""
 import json, socket, sys, threading, time
-log_path, address, ports = sys.argv[1], sys.argv[2], [int(p) for p in sys.argv[3:]]
+log_path, gateway_log, address, ports = sys.argv[1], sys.argv[2], sys.argv[3], [int(p) for p in sys.argv[4:]]
 lock = threading.Lock()
 counter = [0]
 def log(**record):
     with lock:
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+def flows(port):
+    # The gateway writes an exchange's flow record once it has ended, its app connection back in the pool.
+    records = []
+    with open(gateway_log) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass
+    return sum(isinstance(r, dict) and r.get("event") == "flow" and r.get("dst_port") == port for r in records)
 def read_head(conn, buf):
     while b"\r\n\r\n" not in buf:
         data = conn.recv(65536)
@@ -103,7 +113,7 @@ def serve(conn, port, n):
                 conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
                 for _ in range(5):
                     conn.sendall(b"5\r\ntick\n\r\n")
-                    time.sleep(0.2)
+                    time.sleep(0.2)  # an answer that lasts: the client sends its body after the first tick
                 conn.sendall(b"0\r\n\r\n")
                 continue
             while len(buf) < length:
@@ -119,13 +129,13 @@ def serve(conn, port, n):
                 conn.sendall(("\r\n".join(["HTTP/1.1 101 Switching Protocols", *fields, "", ""])).encode())
                 for _ in range(300):  # 30 s at most
                     conn.sendall(b"\x81\x04tick")
-                    time.sleep(0.1)
+                    time.sleep(0.1)  # a live feed's pace: tests read the frames as they come, never time them
                 return
             if port == 3000 and path == "/stream":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
                 for _ in range(300):  # 30 s at most
                     conn.sendall(b"5\r\ntick\n\r\n")
-                    time.sleep(0.1)
+                    time.sleep(0.1)  # a live feed's pace: tests read the chunks as they come, never time them
                 return
             if port == 3000:
                 body = json.dumps({"path": path, "headers": [[k, v.strip()] for k, v in headers]}).encode()
@@ -133,8 +143,11 @@ def serve(conn, port, n):
             elif port == 3001 and path == "/same":  # two answers for one request, in one write
                 conn.sendall(answer("HTTP/1.1 200 OK", b"ok") + INJECTED)
             elif port == 3001 and path == "/later":  # an answer, then more while the connection is idle
+                ended = flows(port)  # the earlier exchanges with this app (one a time: the tests are sequential)
                 conn.sendall(answer("HTTP/1.1 200 OK", b"ok"))
-                time.sleep(0.2)
+                deadline = time.monotonic() + 10
+                while flows(port) == ended and time.monotonic() < deadline:
+                    time.sleep(0.05)
                 conn.sendall(INJECTED)
             elif port == 3001:
                 conn.sendall(answer("HTTP/1.1 200 OK", b"fine"))
@@ -560,7 +573,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         assert made.returncode == 0, made.stdout + made.stderr
         for name, sb in (("sb1", topo.sandbox(1)), ("sb2", topo.sandbox(2))):
             ports = ("3000", "3001", "3002", "3003", "3004", "3005")
-            topo.start_python(name, APPS, str(e.app_logs[name]), str(sb.v4), *ports)
+            topo.start_python(name, APPS, str(e.app_logs[name]), str(e.log_file), str(sb.v4), *ports)
         e.start_gateway()
         e.sandbox({"id": "sb1", "addresses": ["10.75.0.1"], "ingress": {"public_access": True}}, create=True)
         e.sandbox({"id": "sb2", "addresses": ["10.75.0.2"]}, create=True)

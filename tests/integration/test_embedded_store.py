@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ from gateway.errors import GatewayError
 from gateway.settings import load_config
 from gateway.stores.config import StoreConfig
 from gateway.stores.embedded import EmbeddedStore
+from tests.factory import wait_until_async
 
 CONTEXT = load_config(environ={}).policy_context()
 SANDBOX = {
@@ -21,14 +21,6 @@ SANDBOX = {
     "profile": "allowlisted",
     "egress": {"allow_hosts": ["api.example.com"]},
 }
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 def allowed(store: EmbeddedStore, host: str) -> bool:
@@ -71,14 +63,14 @@ async def test_start_creates_an_empty_file_and_writes_persist_across_restart(sto
 async def test_hand_edit_is_applied_without_restart(store: EmbeddedStore) -> None:
     await store.create_sandbox(SANDBOX)
     edit(store.path, lambda d: d["sandboxes"]["sb-1"]["egress"].update(allow_hosts=["new.example.com"]))
-    await wait_for(lambda: allowed(store, "new.example.com"))
+    assert await wait_until_async(lambda: allowed(store, "new.example.com"))
     assert not allowed(store, "api.example.com")
 
 
 async def test_broken_file_keeps_last_good_policy_and_refuses_api_writes(store: EmbeddedStore) -> None:
     await store.create_sandbox(SANDBOX)
     store.path.write_text('{"sandboxes": {"sb-1": ')  # truncated by a bad editor save
-    await wait_for(lambda: bool(store.rejections()))
+    assert await wait_until_async(store.rejections)
     (rejection,) = store.rejections()
     assert rejection.error.code == "POLICY_FILE_INVALID"
     assert "not valid JSON" in rejection.error.message
@@ -91,7 +83,7 @@ async def test_broken_file_keeps_last_good_policy_and_refuses_api_writes(store: 
     assert "sb-2" not in store.state.sandboxes
 
     store.path.write_text(json.dumps({"sandboxes": {"sb-1": {**SANDBOX, "egress": {"allow_hosts": ["b.example"]}}}}))
-    await wait_for(lambda: not store.rejections())
+    assert await wait_until_async(lambda: not store.rejections())
     assert allowed(store, "b.example")
 
 
@@ -104,7 +96,7 @@ async def test_one_invalid_record_keeps_its_last_good_version_while_others_apply
         data["sandboxes"]["sb-2"]["egress"]["allow_hosts"] = ["other.example.com"]
 
     edit(store.path, mutate)
-    await wait_for(lambda: bool(store.rejections()))
+    assert await wait_until_async(store.rejections)
     (rejection,) = store.rejections()
     assert (rejection.kind, rejection.key, rejection.error.code) == ("sandbox", "sb-1", "INVALID_HOSTNAME")
     assert rejection.error.field == "egress.allow_hosts[0]"
@@ -117,7 +109,7 @@ async def test_one_invalid_record_keeps_its_last_good_version_while_others_apply
 async def test_profile_change_by_hand_is_rejected(store: EmbeddedStore) -> None:
     await store.create_sandbox(SANDBOX)
     edit(store.path, lambda d: d["sandboxes"]["sb-1"].update(profile="unrestricted", egress={}))
-    await wait_for(lambda: bool(store.rejections()))
+    assert await wait_until_async(store.rejections)
     assert store.rejections()[0].error.code == "PROFILE_IMMUTABLE"
     assert store.state.get_sandbox("sb-1").profile == "allowlisted"
 
@@ -126,7 +118,7 @@ async def test_removing_a_template_still_in_use_by_hand_is_rejected(store: Embed
     await store.put_template("base", {"egress": {"presets": ["ai-apis"]}}, create=True)
     await store.create_sandbox({**SANDBOX, "template": "base"})
     edit(store.path, lambda d: d["templates"].clear())
-    await wait_for(lambda: bool(store.rejections()))
+    assert await wait_until_async(store.rejections)
     assert store.rejections()[0].error.code == "TEMPLATE_IN_USE"
     assert allowed(store, "api.openai.com")
 
@@ -134,7 +126,7 @@ async def test_removing_a_template_still_in_use_by_hand_is_rejected(store: Embed
 async def test_api_write_keeps_other_records_exactly_as_written_in_the_file(store: EmbeddedStore) -> None:
     await store.create_sandbox(SANDBOX)
     edit(store.path, lambda d: d["sandboxes"]["sb-1"].update(profile="registry"))  # rejected edit
-    await wait_for(lambda: bool(store.rejections()))
+    assert await wait_until_async(store.rejections)
     await store.create_sandbox({**SANDBOX, "id": "sb-2", "addresses": ["10.75.0.11"]})
     on_disk = json.loads(store.path.read_text())
     assert on_disk["sandboxes"]["sb-1"]["profile"] == "registry"  # the operator's edit is not overwritten

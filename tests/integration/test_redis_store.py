@@ -25,6 +25,7 @@ from gateway.settings import load_config
 from gateway.stores.base import StoreUnavailable
 from gateway.stores.config import StoreConfig
 from gateway.stores.redis_store import RedisStore, safe_url, stream_gap, xread_entries
+from tests.factory import wait_until_async
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer
@@ -76,18 +77,9 @@ async def external_write(client: Redis, kind: str, key: str, value: dict[str, An
         await pipe.execute()
 
 
-async def wait_for(predicate: Callable[[], object], timeout: float, what: str = "condition") -> float:
-    """Seconds until `predicate()` is true; fails after `timeout`."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
-
-
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Like wait_for, for conditions that need Redis to be asked (what the store wrote back)."""
+    """`wait_until_async` for conditions that need Redis to be asked (what the store wrote back): that one
+    takes only a plain predicate."""
     deadline = time.monotonic() + timeout
     while not await check():
         if time.monotonic() > deadline:
@@ -145,28 +137,29 @@ async def test_external_writes_apply_within_a_second(client: Redis, make_store: 
     await external_write(client, "sandbox", "sb-1", sandbox("sb-1", "10.75.0.1", template="base"))
     await external_write(client, "sandbox", "sb-2", {**sandbox("sb-2", "10.75.0.2", template="base")})
     await external_write(client, "sandbox", "sb-3", sandbox("sb-3", "10.75.0.3", ["api.example.com"]))
-    await wait_for(
-        lambda: allows(store, "sb-1", "pypi.org") and allows(store, "sb-2", "pypi.org")
-        and allows(store, "sb-3", "api.example.com"),
-        timeout=1.0,
-        what="external records applied",
-    )  # fmt: skip
+    assert await wait_until_async(
+        lambda: (
+            allows(store, "sb-1", "pypi.org")
+            and allows(store, "sb-2", "pypi.org")
+            and allows(store, "sb-3", "api.example.com")
+        ),
+        1.0,
+    ), "external records applied"
     policy = store.state.policy_for_address("10.75.0.3")
     assert policy is not None and policy.sandbox_id == "sb-3"
 
     # A template change reaches every sandbox that inherits from it, and only those.
     await external_write(client, "template", "base", template("base", ["files.example.org"]))
-    await wait_for(
+    assert await wait_until_async(
         lambda: all(
             allows(store, s, "files.example.org") and not allows(store, s, "pypi.org") for s in ("sb-1", "sb-2")
         ),
-        timeout=1.0,
-        what="template change applied to both sandboxes",
-    )
+        1.0,
+    ), "template change applied to both sandboxes"
     assert allows(store, "sb-3", "files.example.org") is False
 
     await external_write(client, "sandbox", "sb-3", None)
-    await wait_for(lambda: "sb-3" not in store.state.sandboxes, timeout=1.0, what="delete applied")
+    assert await wait_until_async(lambda: "sb-3" not in store.state.sandboxes, 1.0), "delete applied"
     assert store.state.policy_for_address("10.75.0.3") is None
 
     async def accepted_ids() -> bool:
@@ -208,12 +201,12 @@ async def test_invalid_external_write_is_rejected_and_last_good_stays(
     store = await make_store()
     good = sandbox("sb-1", "10.75.0.1", ["api.example.com"])
     await external_write(client, "sandbox", "sb-1", good)
-    await wait_for(lambda: allows(store, "sb-1", "api.example.com"), timeout=1.0, what="v1 applied")
+    assert await wait_until_async(lambda: allows(store, "sb-1", "api.example.com"), 1.0), "v1 applied"
 
     mutate, code = INVALID_WRITES[case]
     with structlog.testing.capture_logs() as logs:
         await external_write(client, "sandbox", "sb-1", mutate(good))
-        await wait_for(lambda: rejected(store) == {"sandbox:sb-1": code}, timeout=1.0, what=f"{code} rejection")
+        assert await wait_until_async(lambda: rejected(store) == {"sandbox:sb-1": code}, 1.0), f"{code} rejection"
     assert allows(store, "sb-1", "api.example.com") is True, "the last good version must still decide"
     assert store.state.sandboxes["sb-1"].profile == "allowlisted"
     (entry,) = [e for e in logs if e["event"] == "store.policy_record_rejected"]
@@ -230,7 +223,7 @@ async def test_invalid_external_write_is_rejected_and_last_good_stays(
     assert accepted["egress"] == {"allow_hosts": ["api.example.com"]}, "the accepted copy is still the last good one"
 
     await external_write(client, "sandbox", "sb-1", sandbox("sb-1", "10.75.0.1", ["v2.example.com"]))
-    await wait_for(lambda: allows(store, "sb-1", "v2.example.com"), timeout=1.0, what="valid v2 applied")
+    assert await wait_until_async(lambda: allows(store, "sb-1", "v2.example.com"), 1.0), "valid v2 applied"
     assert rejected(store) == {}
     assert allows(store, "sb-1", "api.example.com") is False
 
@@ -245,11 +238,11 @@ async def test_sandbox_waiting_for_its_template_applies_when_the_template_arrive
 ) -> None:
     store = await make_store()
     await external_write(client, "sandbox", "sb-1", sandbox("sb-1", "10.75.0.1", template="later"))
-    await wait_for(lambda: rejected(store) == {"sandbox:sb-1": "TEMPLATE_NOT_FOUND"}, timeout=1.0)
+    assert await wait_until_async(lambda: rejected(store) == {"sandbox:sb-1": "TEMPLATE_NOT_FOUND"}, 1.0)
     assert "sb-1" not in store.state.sandboxes  # never accepted: nothing to fall back to, so it fails closed
 
     await external_write(client, "template", "later", template("later", ["pypi.org"]))
-    await wait_for(lambda: allows(store, "sb-1", "pypi.org"), timeout=1.0, what="sandbox retried")
+    assert await wait_until_async(lambda: allows(store, "sb-1", "pypi.org"), 1.0), "sandbox retried"
     assert rejected(store) == {}
 
     async def cleared() -> bool:
@@ -264,7 +257,7 @@ async def test_one_transaction_moving_an_address_and_recreating_with_a_new_profi
     store = await make_store()
     await external_write(client, "sandbox", "sb-1", sandbox("sb-1", "10.75.0.1", ["one.example.com"]))
     await external_write(client, "sandbox", "sb-2", sandbox("sb-2", "10.75.0.2", ["two.example.com"]))
-    await wait_for(lambda: len(store.state.sandboxes) == 2, timeout=1.0)
+    assert await wait_until_async(lambda: len(store.state.sandboxes) == 2, 1.0)
 
     # sb-1 takes sb-2's address while sb-2 moves away, in one transaction: whatever order the
     # gateway applies them in, both must end up accepted.
@@ -279,7 +272,7 @@ async def test_one_transaction_moving_an_address_and_recreating_with_a_new_profi
         one, three = store.state.policy_for_address("10.75.0.2"), store.state.policy_for_address("10.75.0.3")
         return one is not None and one.sandbox_id == "sb-1" and three is not None and three.sandbox_id == "sb-2"
 
-    await wait_for(moved, timeout=1.0, what="address move")
+    assert await wait_until_async(moved, 1.0), "address move"
     assert store.state.policy_for_address("10.75.0.1") is None
     assert rejected(store) == {}
 
@@ -291,11 +284,9 @@ async def test_one_transaction_moving_an_address_and_recreating_with_a_new_profi
         pipe.hset(PREFIX + "sandboxes", "sb-2", json.dumps(sandbox("sb-2", "10.75.0.3", profile="isolated")))
         pipe.xadd(PREFIX + "changes", {"kind": "sandbox", "key": "sb-2", "op": "put"})
         await pipe.execute()
-    await wait_for(
-        lambda: "sb-2" in store.state.sandboxes and store.state.sandboxes["sb-2"].profile == "isolated",
-        timeout=1.0,
-        what="re-created sandbox",
-    )
+    assert await wait_until_async(
+        lambda: "sb-2" in store.state.sandboxes and store.state.sandboxes["sb-2"].profile == "isolated", 1.0
+    ), "re-created sandbox"
     assert rejected(store) == {}
 
 
@@ -304,7 +295,7 @@ async def test_writer_that_forgot_xadd_is_picked_up_by_the_periodic_resync(
 ) -> None:
     store = await make_store(resync_interval=1.0)
     await client.hset(PREFIX + "sandboxes", "sb-1", json.dumps(sandbox("sb-1", "10.75.0.1", ["api.example.com"])))
-    await wait_for(lambda: allows(store, "sb-1", "api.example.com"), timeout=3.0, what="periodic resync")
+    assert await wait_until_async(lambda: allows(store, "sb-1", "api.example.com"), 3.0), "periodic resync"
 
 
 # --------------------------------------------------------------------------- crashes and restarts
@@ -317,6 +308,7 @@ async def test_redis_killed_while_another_service_writes(
     records, updates = 20, 200
     last_written: dict[str, int] = {}
     done = failures = 0
+    under_way = asyncio.Event()  # the kill comes while the writer is busy, however fast it is
 
     def record(i: int) -> dict[str, Any]:
         sid = f"sb-{i % records}"
@@ -338,14 +330,15 @@ async def test_redis_killed_while_another_service_writes(
                     continue  # the same update again: it may or may not have been stored
                 last_written[sid] = done
                 done += 1
-                await asyncio.sleep(0.003)
+                if done == 60:
+                    under_way.set()
         finally:
             await writer_client.aclose()
 
     task = asyncio.create_task(writer())
     try:
-        await wait_for(lambda: done >= 60, timeout=10, what="writer progress")
-        redis_server.kill()
+        await asyncio.wait_for(under_way.wait(), 10)
+        redis_server.kill()  # at once: the writer's next write (or the one it has sent) meets a dead server
 
         # API writes during the outage answer 503 and change nothing.
         with pytest.raises(StoreUnavailable) as info:
@@ -358,9 +351,9 @@ async def test_redis_killed_while_another_service_writes(
         assert "sb-api" not in store.state.sandboxes
         assert store.state.sandboxes["sb-0"].egress.allow_hosts != ("hijack.example.com",)
         assert "sb-1" in store.state.sandboxes, "the last good policies stay in force while Redis is down"
-        await wait_for(lambda: not store.status()["connected"], timeout=2.0, what="outage noticed")
+        assert await wait_until_async(lambda: not store.status()["connected"], 2.0), "outage noticed"
 
-        await wait_for(lambda: failures >= 1, timeout=5.0, what="the other service's writes failing too")
+        assert await wait_until_async(lambda: failures >= 1, 5.0), "the other service's writes failing too"
         redis_server.start()
         await asyncio.wait_for(task, 30)
     finally:
@@ -373,8 +366,8 @@ async def test_redis_killed_while_another_service_writes(
     def converged() -> bool:
         return {sid: sb.egress.allow_hosts for sid, sb in store.state.sandboxes.items()} == expected
 
-    await wait_for(converged, timeout=5.0, what="final state of every record")
-    await wait_for(lambda: store.status()["connected"], timeout=2.0, what="reconnected")
+    assert await wait_until_async(converged, 5.0), "final state of every record"
+    assert await wait_until_async(lambda: store.status()["connected"], 2.0), "reconnected"
     assert rejected(store) == {}
     assert not await client.hexists(PREFIX + "sandboxes", "sb-api"), "a write refused with 503 must not appear"
     assert json.loads(await client.hget(PREFIX + "sandboxes", "sb-0"))["egress"]["allow_hosts"] != [
@@ -396,9 +389,9 @@ async def test_the_first_writes_after_a_redis_restart_succeed(redis_server: Redi
     redis_server.kill()
     with pytest.raises(StoreUnavailable):
         await store.delete_sandbox("sb-0")
-    await wait_for(lambda: not store.status()["connected"], timeout=5.0, what="outage noticed")
+    assert await wait_until_async(lambda: not store.status()["connected"], 5.0), "outage noticed"
     redis_server.start()
-    await wait_for(lambda: store.status()["connected"], timeout=10.0, what="reconnected")
+    assert await wait_until_async(lambda: store.status()["connected"], 10.0), "reconnected"
     for i in range(8):  # one after another: each takes the most recently used idle connection
         await store.replace_sandbox(f"sb-{i}", sandbox(f"sb-{i}", f"10.75.3.{i + 1}", ["b.example.com"]))
     assert {sb.egress.allow_hosts for sb in store.state.sandboxes.values()} == {("b.example.com",)}
@@ -418,7 +411,7 @@ async def test_redis_back_without_its_data_is_followed_not_ignored(
     redis_server.start()
     await client.hset(PREFIX + "sandboxes", "sb-9", json.dumps(sandbox("sb-9", "10.75.0.9", ["new.example.com"])))
 
-    await wait_for(lambda: set(store.state.sandboxes) == {"sb-9"}, timeout=5.0, what="state of the emptied Redis")
+    assert await wait_until_async(lambda: set(store.state.sandboxes) == {"sb-9"}, 5.0), "state of the emptied Redis"
     assert allows(store, "sb-1", "api.example.com") is None
     assert store.state.policy_for_address("10.75.0.1") is None
     assert store.ready.is_set()
@@ -433,7 +426,7 @@ async def test_gateway_restart_restores_state_and_falls_back_for_records_broken_
         await first.create_sandbox(sandbox(f"sb-{i}", f"10.75.0.{i}", [f"v1-{i}.example.com"]))
     await first.create_sandbox(sandbox("sb-t", "10.75.0.20", template="base"))
     await external_write(client, "sandbox", "sb-5", sandbox("sb-5", "10.75.0.5", ["v1-5.example.com"]))
-    await wait_for(lambda: "sb-5" in first.state.sandboxes, timeout=1.0)
+    assert await wait_until_async(lambda: "sb-5" in first.state.sandboxes, 1.0)
     await first.close()
 
     # While no gateway runs, other services change things, some of them badly.
@@ -465,7 +458,7 @@ async def test_gateway_restart_restores_state_and_falls_back_for_records_broken_
 
     # It keeps following after the restart.
     await external_write(client, "sandbox", "sb-2", sandbox("sb-2", "10.75.0.2", ["v3-2.example.com"]))
-    await wait_for(lambda: allows(second, "sb-2", "v3-2.example.com"), timeout=1.0)
+    assert await wait_until_async(lambda: allows(second, "sb-2", "v3-2.example.com"), 1.0)
     assert rejected(second) == {"sandbox:sb-1": "PROFILE_IMMUTABLE"}
 
 
@@ -497,7 +490,7 @@ async def test_missed_notifications_while_following_are_recovered_by_a_resync(
 ) -> None:
     store = await make_store()
     await external_write(client, "sandbox", "sb-1", sandbox("sb-1", "10.75.0.1", ["v1.example.com"]))
-    await wait_for(lambda: allows(store, "sb-1", "v1.example.com"), timeout=1.0)
+    assert await wait_until_async(lambda: allows(store, "sb-1", "v1.example.com"), 1.0)
 
     # The notification disappears in the same transaction that wrote it, so the blocked
     # follower never reads it: only gap detection can notice (the periodic resync is an hour away).
@@ -515,22 +508,20 @@ async def test_missed_notifications_while_following_are_recovered_by_a_resync(
             else:
                 pipe.delete(changes)
             await pipe.execute()
-        await wait_for(
-            lambda: allows(store, "sb-1", "v2.example.com") and allows(store, "sb-2", "v1.example.com"),
-            timeout=3.0,
-            what="resync after the gap",
-        )
+        assert await wait_until_async(
+            lambda: allows(store, "sb-1", "v2.example.com") and allows(store, "sb-2", "v1.example.com"), 3.0
+        ), "resync after the gap"
     assert gap_logged(logs)
 
     # Following continues from the right place afterwards.
     await external_write(client, "sandbox", "sb-3", sandbox("sb-3", "10.75.0.3", ["v1.example.com"]))
-    await wait_for(lambda: allows(store, "sb-3", "v1.example.com"), timeout=1.0, what="following after the gap")
+    assert await wait_until_async(lambda: allows(store, "sb-3", "v1.example.com"), 1.0), "following after the gap"
 
 
 async def test_stream_trimmed_while_the_gateway_was_down(client: Redis, make_store: MakeStore) -> None:
     first = await make_store()
     await external_write(client, "sandbox", "sb-1", sandbox("sb-1", "10.75.0.1", ["v1.example.com"]))
-    await wait_for(lambda: "sb-1" in first.state.sandboxes, timeout=1.0)
+    assert await wait_until_async(lambda: "sb-1" in first.state.sandboxes, 1.0)
     await first.close()
 
     await external_write(client, "sandbox", "sb-1", sandbox("sb-1", "10.75.0.1", ["v2.example.com"]))
@@ -543,7 +534,7 @@ async def test_stream_trimmed_while_the_gateway_was_down(client: Redis, make_sto
         assert allows(second, "sb-1", "v2.example.com") and allows(second, "sb-2", "v1.example.com")
         assert second.status()["last_stream_id"] == last_generated
         await external_write(client, "sandbox", "sb-3", sandbox("sb-3", "10.75.0.3", ["v1.example.com"]))
-        await wait_for(lambda: "sb-3" in second.state.sandboxes, timeout=1.0)
+        assert await wait_until_async(lambda: "sb-3" in second.state.sandboxes, 1.0)
         # Two more gap checks (XINFO STREAM, which nothing else asks now): the first one's verdict was logged
         # before the follower sent the second.
         checks = await xinfo_calls(client)
@@ -573,13 +564,12 @@ async def test_two_nodes_creating_the_same_id_exactly_one_wins(make_store: MakeS
         assert len(winners) == 1 and len(losers) == 1, results
         assert isinstance(losers[0], Conflict) and losers[0].code == "SANDBOX_EXISTS"
         hosts = winners[0].egress.allow_hosts
-        await wait_for(
+        assert await wait_until_async(
             lambda sid=sid, hosts=hosts: all(
                 sid in s.state.sandboxes and s.state.sandboxes[sid].egress.allow_hosts == hosts for s in (a, b)
             ),
-            timeout=1.0,
-            what="both nodes agree on the winner",
-        )
+            1.0,
+        ), "both nodes agree on the winner"
 
     results = await asyncio.gather(
         a.put_template("shared", template("shared", ["a.example.com"]), create=True),
@@ -597,28 +587,24 @@ async def test_writes_through_one_node_reach_the_other_within_a_second(client: R
 
     await a.put_template("base", template("base", ["pypi.org"]), create=True)
     await a.create_sandbox(sandbox("sb-1", "10.75.0.1", template="base"))
-    await wait_for(lambda: allows(b, "sb-1", "pypi.org"), timeout=1.0, what="create on the other node")
+    assert await wait_until_async(lambda: allows(b, "sb-1", "pypi.org"), 1.0), "create on the other node"
 
     await a.replace_sandbox("sb-1", {**sandbox("sb-1", "10.75.0.1", ["api.example.com"]), "template": "base"})
-    await wait_for(
-        lambda: allows(b, "sb-1", "api.example.com") and not allows(b, "sb-1", "pypi.org"),
-        timeout=1.0,
-        what="update on the other node",
-    )
+    assert await wait_until_async(
+        lambda: allows(b, "sb-1", "api.example.com") and not allows(b, "sb-1", "pypi.org"), 1.0
+    ), "update on the other node"
     await b.put_template("base", template("base", ["files.example.org"]), create=False)
-    await wait_for(lambda: "files.example.org" in a.state.templates["base"].egress.allow_hosts, timeout=1.0)
+    assert await wait_until_async(lambda: "files.example.org" in a.state.templates["base"].egress.allow_hosts, 1.0)
 
     await b.delete_sandbox("sb-1")
-    await wait_for(lambda: "sb-1" not in a.state.sandboxes, timeout=1.0, what="delete on the other node")
+    assert await wait_until_async(lambda: "sb-1" not in a.state.sandboxes, 1.0), "delete on the other node"
     await a.delete_template("base")
-    await wait_for(lambda: "base" not in b.state.templates, timeout=1.0, what="template delete on the other node")
+    assert await wait_until_async(lambda: "base" not in b.state.templates, 1.0), "template delete on the other node"
 
     # Each node also saw the echo of its own writes; applying them again must not have caused anything.
     last = (await client.xinfo_stream(PREFIX + "changes"))["last-generated-id"]
-    await wait_for(
-        lambda: a.status()["last_stream_id"] == last == b.status()["last_stream_id"],
-        timeout=2.0,
-        what="both nodes past every echo",
+    assert await wait_until_async(lambda: a.status()["last_stream_id"] == last == b.status()["last_stream_id"], 2.0), (
+        "both nodes past every echo"
     )
     assert rejected(a) == {} and rejected(b) == {}
     assert await published(client) == {}

@@ -21,7 +21,7 @@ import ssl
 import stat
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from gateway.tunnel.server import TunnelServer
 from gateway.tunnel.service import TunnelService
 from gateway.tunnel.store import FileTunnelStore, RedisTunnelStore, TunnelStore
 from gateway.tunnel.throttle import LoginThrottle, client_key
+from tests.factory import wait_until_async
 from tests.redis_server import RedisServer
 
 DOMAIN = "tunnel.localhost"
@@ -101,7 +102,7 @@ def sandbox_app() -> web.Application:
         await response.prepare(request)
         for n in range(1000):  # bounded: the test ends it long before
             await response.write(f"data: {n}\n\n".encode())
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # a live feed's pace: tests read the events as they come, never time them
         return response
 
     async def upload(request: web.Request) -> web.Response:
@@ -238,13 +239,6 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         await flows.close()
         await store.close()
         await policy.close()
-
-
-async def within(seconds: float, condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def basic(password: str) -> dict[str, str]:
@@ -559,7 +553,7 @@ async def test_revocation_closes_open_websocket_and_sse(env: Env) -> None:
     assert (await ws.receive(timeout=2)).data == "echo:x"
     sse = await env.client.get(env.url(tunnel.id, "/sse"))
     await asyncio.wait_for(sse.content.readuntil(b"\n\n"), 2)
-    await within(2, lambda: env.server.cutter.live_connections(tunnel.id) == 2)
+    assert await wait_until_async(lambda: env.server.cutter.live_connections(tunnel.id) == 2, 2)
 
     started = time.monotonic()
     await env.store.revoke(tunnel.id)
@@ -583,7 +577,7 @@ async def test_expiry_and_sandbox_deletion_end_tunnels_and_connections(env: Env)
     data = json.loads(env.store.path.read_text())
     data["tunnels"][tunnel.id]["expires_at"] = soon
     write_atomic(env.store.path, json.dumps(data).encode())
-    await within(2, lambda: env.store.get(tunnel.id).expires_at == soon)  # the store polls the file
+    assert await wait_until_async(lambda: env.store.get(tunnel.id).expires_at == soon, 2)  # the store polls the file
     ws = await env.client.ws_connect(env.url(tunnel.id, "/ws"))
     message = await ws.receive(timeout=3)
     assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
@@ -599,7 +593,7 @@ async def test_expiry_and_sandbox_deletion_end_tunnels_and_connections(env: Env)
     await ws.close()
     async with env.client.get(env.url(other.id)) as response:
         assert response.status == 410
-    await within(3, lambda: env.store.get(other.id).revoked_reason == "sandbox_deleted")
+    assert await wait_until_async(lambda: env.store.get(other.id).revoked_reason == "sandbox_deleted", 3)
 
 
 async def test_certificate_files_are_reloaded_when_they_change(env: Env, tmp_path: Path) -> None:
@@ -644,11 +638,11 @@ async def test_redis_store_shares_tunnels_and_revocations_across_nodes(
         ended: list[str] = []
         nodes[1].add_listener(lambda t: ended.append(t.id))
         tunnel = await nodes[0].create("sb1", {"port": 3000, "password": PASSWORD})
-        await within(1, lambda: tunnel.id in nodes[1].tunnels)
+        assert await wait_until_async(lambda: tunnel.id in nodes[1].tunnels, 1)
         assert nodes[1].tunnels[tunnel.id] == tunnel
         started = time.monotonic()
         await nodes[0].revoke(tunnel.id)
-        await within(1, lambda: ended == [tunnel.id])
+        assert await wait_until_async(lambda: ended == [tunnel.id], 1)
         assert time.monotonic() - started < 1 and not nodes[1].alive(nodes[1].get(tunnel.id))
         restarted = RedisTunnelStore(policy.state, config, redis_server.url, "gwtest:")
         await restarted.start()
@@ -657,17 +651,17 @@ async def test_redis_store_shares_tunnels_and_revocations_across_nodes(
 
         # Login sessions: made on one node, honoured at once on the other, ended everywhere by logout.
         live = await nodes[0].create("sb1", {"port": 3001, "password": PASSWORD})
-        await within(1, lambda: live.id in nodes[1].tunnels)
+        assert await wait_until_async(lambda: live.id in nodes[1].tunnels, 1)
         token = await nodes[0].create_session(live.id, 60)
         assert await nodes[1].find_session(token, live.id)
         assert not await nodes[1].find_session(token, tunnel.id)  # bound to its tunnel
         await nodes[0].end_session(token)
-        await within(1, lambda: not nodes[1].sessions)
+        assert await wait_until_async(lambda: not nodes[1].sessions, 1)
         assert not await nodes[1].find_session(token, live.id)
         # Revoking the tunnel drops its sessions from the store too.
         token = await nodes[0].create_session(live.id, 60)
         await nodes[1].revoke(live.id)
-        await within(3, lambda: not nodes[0].sessions and not nodes[1].sessions)
+        assert await wait_until_async(lambda: not nodes[0].sessions and not nodes[1].sessions, 3)
     finally:
         for node in nodes:
             await node.close()
@@ -814,14 +808,14 @@ async def test_a_second_node_on_the_same_file_sees_new_tunnels_and_revocations(e
         ended: list[str] = []
         other.add_listener(lambda t: ended.append(t.id))
         tunnel = await env.expose()
-        await within(2, lambda: tunnel.id in other.tunnels)
+        assert await wait_until_async(lambda: tunnel.id in other.tunnels, 2)
         await env.store.revoke(tunnel.id)
-        await within(2, lambda: ended == [tunnel.id])
+        assert await wait_until_async(lambda: ended == [tunnel.id], 2)
         # And the other way round: a revocation written by the second node reaches the serving one.
         second = await env.expose()
-        await within(2, lambda: second.id in other.tunnels)
+        assert await wait_until_async(lambda: second.id in other.tunnels, 2)
         await other.revoke(second.id)
-        await within(2, lambda: not env.store.alive(env.store.get(second.id)))
+        assert await wait_until_async(lambda: not env.store.alive(env.store.get(second.id)), 2)
     finally:
         await other.close()
 
@@ -1000,7 +994,9 @@ async def test_the_tunnel_limit_holds_across_nodes_creating_at_the_same_instant(
         refused = [r for r in results if not isinstance(r, Tunnel)]
         assert len(made) == 3 and len(refused) == 3
         assert all(getattr(r, "code", None) == "TOO_MANY_TUNNELS" for r in refused)
-        await within(2, lambda: all(len([t for t in n.tunnels.values() if n.alive(t)]) == 3 for n in nodes))
+        assert await wait_until_async(
+            lambda: all(len([t for t in n.tunnels.values() if n.alive(t)]) == 3 for n in nodes), 2
+        )
         # A revoked tunnel frees its place, on either node.
         await nodes[1].revoke(made[0].id)
         again = await nodes[0].create("sb1", {"port": 4000})

@@ -50,13 +50,27 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
 
 
-async def exchange(pool: UpstreamPool, port: int, head: bytes, *, method: bytes = b"GET") -> tuple[int, bytes, bool]:
-    """One request through the pool; returns (status, body, whether the connection went back to the pool)."""
+async def exchange(
+    pool: UpstreamPool,
+    port: int,
+    head: bytes,
+    *,
+    method: bytes = b"GET",
+    on_body: Callable[[bytes], None] = lambda piece: None,
+) -> tuple[int, bytes, bool]:
+    """One request through the pool; returns (status, body, whether the connection went back to the pool).
+    `on_body` sees every piece of the body as it is handed over, for an app that answers step by step."""
     conn = await pool.acquire(APP_HOST, port)
     conn.start(head, head_request=method == b"HEAD")
     answer = await conn.response_head()
-    body = [conn.take_held()]
-    conn.attach(body.append)
+    body: list[bytes] = []
+
+    def receive(piece: bytes) -> None:
+        body.append(piece)
+        on_body(piece)
+
+    receive(conn.take_held())
+    conn.attach(receive)
     await conn.wait_done()
     before = pool.idle_count(APP_HOST, port)
     pool.release(conn)
@@ -82,17 +96,23 @@ async def test_keep_alive_connections_are_reused() -> None:
 
 
 async def test_a_body_without_content_length_ends_with_the_close_and_the_connection_is_not_reused() -> None:
+    first_seen = asyncio.Event()
+
     async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst ")
         await writer.drain()
-        await asyncio.sleep(0.05)
+        await first_seen.wait()  # the rest comes in a later read, after the pool has handed over a first piece
         writer.write(b"second")
         await writer.drain()
 
+    def seen(piece: bytes) -> None:
+        if piece:
+            first_seen.set()
+
     pool = UpstreamPool(connect_timeout=2)
     async with app(until_close) as (port, _):
-        assert await exchange(pool, port, GET) == (200, b"first second", False)
+        assert await exchange(pool, port, GET, on_body=seen) == (200, b"first second", False)
 
 
 async def test_chunked_responses_and_informational_answers() -> None:

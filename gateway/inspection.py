@@ -19,8 +19,15 @@ from typing import Any
 
 #: HTTP methods an entry may allow (TRACE is refused by the tier whatever an entry says: it echoes headers).
 HTTP_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "CONNECT")
+#: The environment variable that hands the tier's per-run token to egress worker processes (never a config option).
+TIER_TOKEN_VARIABLE = "SANDBOX_GATEWAY_TIER_TOKEN"
 #: The ports an entry marks when it names none.
 DEFAULT_INSPECT_PORTS = (443,)
+
+
+def tier_authorization(token: str) -> str:
+    """The hand-over request's `Proxy-Authorization` value for the tier's per-run token."""
+    return "Basic " + base64.b64encode(f"gateway:{token}".encode()).decode()
 
 
 @dataclass(frozen=True, slots=True)

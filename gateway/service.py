@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import resource
 import signal
 import sys
@@ -45,6 +46,7 @@ from gateway.engine.handover import TierRoute
 from gateway.errors import GatewayError
 from gateway.flowlog import FlowLog
 from gateway.formatting import listen_description, store_description
+from gateway.inspection import TIER_TOKEN_VARIABLE, tier_authorization
 from gateway.learned import LearnedDestinations
 from gateway.nft import SteeringConfig, SteeringStatus, UnattachedSources, links_from_sandboxes, render_ruleset
 from gateway.ratelimit import BandwidthLimiter, ConnectionRateLimiter
@@ -288,6 +290,8 @@ class DataPlane:
         )
         #: The inspection tier, started once some policy marks a host for it (and only in the main process).
         self.tier = TierSupervisor(config.inspection, flowlog) if dns else None
+        if self.tier is not None and pool is not None:
+            pool.environment[TIER_TOKEN_VARIABLE] = self.tier.token  # the workers hand over to the same tier
         self._tasks: list[asyncio.Task[None]] = []
         #: The steering input last applied (or last refused: not retried until it changes).
         self._applied: SteeringConfig | None = None
@@ -330,11 +334,16 @@ class DataPlane:
             self._tasks.append(asyncio.create_task(self._follow_store()))
 
     def _tier_route(self) -> TierRoute | None:
-        tier = self.tier
-        if tier is None:
-            return None
+        """The main process's engine asks its supervisor whether the tier serves; a worker process has the token from
+        the main process and tries (a tier that is down refuses the hand-over: the connection fails closed)."""
         inspection = self.config.inspection
-        return TierRoute(inspection.listen_port, tier.authorization, lambda: tier.ready, inspection.excluded)
+        tier = self.tier
+        if tier is not None:
+            return TierRoute(inspection.listen_port, tier.authorization, lambda: tier.ready, inspection.excluded)
+        token = os.environ.get(TIER_TOKEN_VARIABLE)
+        if not token:
+            return None
+        return TierRoute(inspection.listen_port, tier_authorization(token), lambda: True, inspection.excluded)
 
     def _inspection_needed(self) -> bool:
         return any(policy.inspects for policy in self.store.state.compiled.values())

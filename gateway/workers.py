@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -84,6 +85,8 @@ class WorkerPool:
             raise ValueError("a pool is for two or more workers")
         self.workers = workers
         self.argv_for = argv_for
+        #: Variables added to the workers' environment (what a worker needs from this process at start).
+        self.environment: dict[str, str] = {}
         self.processes: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = 0
         self.dropped_lines = 0
@@ -99,7 +102,10 @@ class WorkerPool:
 
     async def _spawn(self, worker: int) -> None:
         process = await asyncio.create_subprocess_exec(
-            *self.argv_for(worker), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+            *self.argv_for(worker),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, **self.environment},
         )
         self.processes[worker] = process
         log.info("worker.started", worker=worker, pid=process.pid)

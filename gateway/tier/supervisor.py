@@ -26,7 +26,6 @@ closed and nothing else changes.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -46,6 +45,7 @@ import structlog
 import gateway.addons
 from gateway.errors import GatewayError
 from gateway.flowlog import FlowLog, FlowRecord
+from gateway.inspection import tier_authorization
 from gateway.processes import wait_or_kill
 from gateway.tier.ca import ensure_ca
 from gateway.tier.config import InspectionConfig
@@ -90,7 +90,7 @@ class TierSupervisor:
     @property
     def authorization(self) -> str:
         """The hand-over request's Proxy-Authorization value."""
-        return "Basic " + base64.b64encode(f"gateway:{self.token}".encode()).decode()
+        return tier_authorization(self.token)
 
     # ------------------------------------------------------------------ lifecycle
 

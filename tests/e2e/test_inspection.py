@@ -251,3 +251,29 @@ def test_with_the_tier_down_marked_hosts_fail_closed_and_others_pass_then_it_is_
     assert wait_until(lambda: env.tier_pid() not in (None, pid), 20)
     assert wait_until(lambda: status_of(env.https("allowed.test", "/ok")) == 200, 30)
     assert status_of(env.https("allowed.test", "/echo", "-X", "POST")) == 403
+
+
+def test_a_worker_process_hands_marked_hosts_to_the_main_process_tier(env: InspectionEnv) -> None:
+    """Last in the module: it restarts the gateway with `--workers 3`, where sb1 is served by worker 1."""
+    assert env.gateway is not None
+    batches = env.workdir / "audit" / "sb1"
+    earlier = set(batches.glob("*.ndjson"))
+    env.gateway.send_signal(signal.SIGTERM)
+    env.gateway.wait(20)
+    env.start_gateway("--workers", "3")
+    assert wait_until(lambda: status_of(env.https("allowed.test", "/ok")) == 200, 30)
+    before = len(env.origin_saw())
+    answer = env.https("allowed.test", "/echo")
+    assert status_of(answer) == 200 and SECRET not in answer.stdout
+    (seen,) = env.origin_saw()[before:]
+    assert [v for k, v in seen["headers"] if k.lower() == "authorization"] == [f"Bearer {SECRET}"]
+    assert status_of(env.https("allowed.test", "/echo", "-X", "POST")) == 403
+    # Flow-record batches are named {ts_us}-{pid}: sb1's connections were decided by another process than the main
+    # one (whose tier wrote the per-request records).
+    main = env.gateway.pid
+
+    def deciders() -> set[int]:
+        written = set(batches.glob("*.ndjson")) - earlier
+        return {int(path.stem.split("-")[1]) for path in written} - {main}
+
+    assert wait_until(lambda: bool(deciders()), 10)

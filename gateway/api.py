@@ -146,6 +146,8 @@ DNS_KEY: Final = web.AppKey("dns", QueryLog)  # absent when the API was built wi
 DATA_PLANE_STATUS_KEY: Final[web.AppKey[Callable[[], dict[str, Any]]]] = web.AppKey("data_plane_status")
 #: What, besides the store, does not serve yet (the data plane's parts); readiness waits for an empty list.
 READINESS_KEY: Final[web.AppKey[Callable[[], list[str]]]] = web.AppKey("readiness")
+#: Hosts the operator keeps opaque although an inspect entry marks them ([inspection] exclude_hosts).
+INSPECTION_EXCLUDED_KEY: Final[web.AppKey[Callable[[str], bool]]] = web.AppKey("inspection_excluded")
 DOCUMENT_KEY: Final = web.AppKey("openapi_document", bytes)  # /openapi.json, rendered
 MAX_DNS_LOG: Final = 1000
 
@@ -693,9 +695,16 @@ async def explain(request: web.Request) -> web.Response:
     asked = parse_explain_query(query)
     verdict, policy = state.explain(sandbox_id, asked.host, asked.address, asked.port, asked.protocol)
     verdict = _say_when_the_address_decides(verdict, policy, asked)
+    excluded = verdict.rule is Rule.INSPECT and request.app[INSPECTION_EXCLUDED_KEY](asked.host or "")
+    if excluded:
+        verdict = dataclasses.replace(
+            verdict,
+            reason=f"{verdict.reason}; excluded from inspection ([inspection] exclude_hosts): relayed opaque, the "
+            "entry's HTTP rules and credentials do not apply",
+        )
     answer = {**verdict.to_dict(), "sandbox": sandbox_id, "request": asked.to_dict(), "policy": policy.describe()}
     if asked.method is not None and asked.path is not None:
-        http = answer["http"] = _explain_http(verdict, policy, asked.method, asked.path)
+        http = answer["http"] = None if excluded else _explain_http(verdict, policy, asked.method, asked.path)
         if http is not None and not http["allowed"]:
             answer |= {"allowed": False, "reason": http["reason"]}  # the connection opens, the request is refused
     return web.json_response(answer)
@@ -1344,12 +1353,14 @@ def create_app(
     dns: QueryLog | None = None,
     data_plane_status: Callable[[], dict[str, Any]] | None = None,
     unready: Callable[[], list[str]] | None = None,
+    inspection_excluded: Callable[[str], bool] | None = None,
 ) -> web.Application:
     """The API over `store` (started by the caller), listening at `host`:`port` (the [api] section, with the
     `tokens` that may call it), answering GET /v1/presets with `presets`; and, when given, the flow log's audit
     batches (without one those routes answer 503 AUDIT_DISABLED), the tunnel store (without it, 503
     TUNNELS_DISABLED) and the DNS interceptor's query log (without it, 503 DNS_DISABLED). `unready` says what
-    else must serve before /readyz is 200 (the data plane's parts). Raises CONFIG_INVALID for an exposed API
+    else must serve before /readyz is 200 (the data plane's parts); `inspection_excluded` which marked hosts stay
+    opaque, for explain. Raises CONFIG_INVALID for an exposed API
     without tokens."""
     check_api_exposure(host, tokens)
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)  # once: the same filter is not added twice
@@ -1360,6 +1371,7 @@ def create_app(
     app[OPEN_KEY] = not tokens
     app[WRITE_LOCK_KEY] = asyncio.Lock()
     app[READINESS_KEY] = unready or list
+    app[INSPECTION_EXCLUDED_KEY] = inspection_excluded or (lambda host: False)
     if flows is not None:
         app[FLOWS_KEY] = flows
     if tunnels is not None:

@@ -145,6 +145,7 @@ async def serve(
             dns=plane.dns if plane else None,
             data_plane_status=plane.status if plane else None,
             unready=plane.unready if plane else None,
+            inspection_excluded=config.inspection.excluded,
         )
     except GatewayError as exc:
         raise StartupError(str(exc), config_error=True) from None

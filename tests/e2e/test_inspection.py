@@ -122,7 +122,9 @@ class InspectionEnv(EgressEnv):
         return [json.loads(line) for line in self.seen.read_text().splitlines()]
 
     def tier_pid(self) -> int | None:
-        found = subprocess.run(["pgrep", "-f", "mitmproxy.tools.main"], capture_output=True, text=True, check=False)
+        assert self.gateway is not None  # its own child: another run's tier on this machine is not ours
+        argv = ["pgrep", "-P", str(self.gateway.pid), "-f", "mitmproxy.tools.main"]
+        found = subprocess.run(argv, capture_output=True, text=True, check=False)
         pids = [int(p) for p in found.stdout.split()]
         return pids[0] if pids else None
 
@@ -211,6 +213,14 @@ def test_an_excluded_host_stays_opaque_and_still_checked_by_name(env: Inspection
         timeout=15,
     )  # fmt: skip
     assert other.returncode != 0
+    # explain says so too, through the operator's CLI and the running gateway's API.
+    cli = [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", "--json", "explain", "sb1"]
+    for host, inspected in (("denied.test", False), ("allowed.test", True)):
+        shown = env.topo.run("gw", [*cli, host, "--method", "POST", "--path", "/x"], check=False, timeout=20)
+        answer = json.loads(shown.stdout)
+        assert answer["rule"] == f"inspect {host}"
+        assert ("excluded from inspection" in answer["reason"]) is not inspected
+        assert (answer["allowed"], answer["http"] is None) == (not inspected, not inspected), answer
 
 
 def test_records_name_each_inspected_request_and_hold_no_secret(env: InspectionEnv) -> None:

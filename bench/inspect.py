@@ -272,6 +272,9 @@ class InspectBench(Bench):
                         phase.rps.append(run["ok"] / run["elapsed"])
                         phase.cpu_ms.append((cpu1[0] - cpu0[0]) * 1000 / run["ok"])
                         phase.child_cpu_ms.append((cpu1[0] - cpu0[0] - own1[0] + own0[0]) * 1000 / run["ok"])
+                        print(
+                            f"  {label}: {phase.rps[-1]:.0f} req/s, {phase.cpu_ms[-1]:.4f} ms CPU / request", flush=True
+                        )
                     if run["errors"]:
                         result.notes.append(f"{label}: {run['errors']} errors, e.g. {run['first_errors'][:1]}")
         finally:

@@ -262,16 +262,18 @@ class InspectBench(Bench):
             for label, mode in phases:
                 phase = result.phases[label] = Phase()
                 for _ in range(plan.rounds):
-                    own0, cpu0 = cpu_seconds([proc.pid]), cpu_seconds(descendants(proc.pid))
+                    tree = descendants(proc.pid)
+                    cpu0, child0 = cpu_seconds(tree), cpu_seconds(tree[1:])
                     run = self.http(dial, ca, UNBOUNDED, plan.threads, mode, plan.round_seconds)
-                    own1, cpu1 = cpu_seconds([proc.pid]), cpu_seconds(descendants(proc.pid))
+                    tree = descendants(proc.pid)
+                    cpu1, child1 = cpu_seconds(tree), cpu_seconds(tree[1:])
                     phase.errors += run["errors"]
                     phase.connections += run["connections"]
                     phase.requests += run["ok"]
                     if run["ok"]:
                         phase.rps.append(run["ok"] / run["elapsed"])
                         phase.cpu_ms.append((cpu1[0] - cpu0[0]) * 1000 / run["ok"])
-                        phase.child_cpu_ms.append((cpu1[0] - cpu0[0] - own1[0] + own0[0]) * 1000 / run["ok"])
+                        phase.child_cpu_ms.append((child1[0] - child0[0]) * 1000 / run["ok"])
                         print(
                             f"  {label}: {phase.rps[-1]:.0f} req/s, {phase.cpu_ms[-1]:.4f} ms CPU / request", flush=True
                         )

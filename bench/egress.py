@@ -409,7 +409,7 @@ http {{
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_session_tickets off;
-        keepalive_requests 1000000;  # bench/inspect.py's keep-alive clients: no reconnect every 1000 requests
+        keepalive_requests 1000000;  # bench/inspection.py's keep-alive clients: no reconnect every 1000 requests
         location / {{ return 200 "ok\\n"; }}
     }}
 }}

@@ -24,8 +24,8 @@ rounds' spread. A round lasts `--round-seconds` (so a fast subject makes more re
 enough CPU ticks). Phases: keep-alive (`--threads` connections, each sending small GETs one after the other)
 and, unless `--no-new-conns`, one new TLS connection per request (`--threads` clients).
 
-    sudo .venv/bin/python bench/inspect.py            # defaults: about 3-4 minutes on 2 cores
-    sudo .venv/bin/python bench/inspect.py --quick    # small counts, < 90 s: checks the harness works
+    sudo .venv/bin/python bench/inspection.py            # defaults: about 4-5 minutes on 2 cores
+    sudo .venv/bin/python bench/inspection.py --quick    # small counts, about a minute: checks the harness works
 
 Targets: tier CPU per request <= 1.2 x mitmdump's; fast-path-tier-on within noise of fast-path (requests/s and
 CPU per request). Exit status 0 when every target passes, 1 when one fails, 2 when it cannot run.
@@ -33,18 +33,13 @@ CPU per request). Exit status 0 when every target passes, 1 when one fails, 2 wh
 
 from __future__ import annotations
 
-import sys
-
-# This file's folder is sys.path[0] when it runs, and its name is the standard library's `inspect` (which
-# dataclasses, argparse's helpers... import): the folder goes last, so it still serves `from egress import`.
-sys.path.append(sys.path.pop(0))
-
 import argparse
 import json
 import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -241,8 +236,7 @@ class InspectBench(Bench):
     def http(
         self, dial: tuple[str, int], ca: Path, count: int, threads: int, mode: str, seconds: float
     ) -> dict[str, Any]:
-        # -P: the working directory stays off sys.path (from bench/, this file would shadow `inspect`).
-        argv = [sys.executable, "-P", "-c", HTTP_CLIENT, dial[0], str(dial[1]), ORIGIN, str(ca)]
+        argv = [sys.executable, "-c", HTTP_CLIENT, dial[0], str(dial[1]), ORIGIN, str(ca)]
         argv += [str(count), str(threads), str(seconds), mode]
         return json.loads(self.topo.run("sb1", argv, timeout=seconds + 60).stdout)
 

@@ -409,6 +409,7 @@ http {{
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_session_tickets off;
+        keepalive_requests 1000000;  # bench/inspection.py's keep-alive clients: no reconnect every 1000 requests
         location / {{ return 200 "ok\\n"; }}
     }}
 }}
@@ -585,18 +586,25 @@ class Bench:
                             NAMES["cps.test"], 443)  # fmt: skip
 
     def start_and_wait(self, ns: str, argv: list[str], host: str, port: int, **kwargs: Any) -> subprocess.Popen[Any]:
-        with (self.workdir / f"{Path(argv[0]).name}-{ns}.out").open("a") as out:
+        output = self.workdir / f"{Path(argv[0]).name}-{ns}.out"
+        with output.open("a") as out:
             proc = self.topo.popen(ns, argv, stdout=out, stderr=out, **kwargs)
+        self.wait_listening(proc, ns, host, port, output)
+        return proc
+
+    def wait_listening(
+        self, proc: subprocess.Popen[Any], ns: str, host: str, port: int, output: Path, seconds: float = 15
+    ) -> None:
+        """Until something accepts on host:port in `ns`; TopologyError when `proc` exits first (tail of `output`)."""
         probe = f"import socket; socket.create_connection(({host!r}, {port}), timeout=1).close()"
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                text = (self.workdir / f"{Path(argv[0]).name}-{ns}.out").read_text()[-2000:]
-                raise TopologyError(f"{argv[0]} exited with {proc.returncode} at start: {text}")
+                raise TopologyError(f"{proc.args} exited with {proc.returncode} at start: {output.read_text()[-2000:]}")
             if self.topo.run(ns, [sys.executable, "-c", probe], check=False).returncode == 0:
-                return proc
+                return
             time.sleep(0.2)
-        raise TopologyError(f"{argv[0]} not listening on {host}:{port} after 15 s")
+        raise TopologyError(f"nothing listening on {host}:{port} in {ns} after {seconds:g} s")
 
     def start_subject(self, subject: str) -> tuple[subprocess.Popen[Any] | None, Callable[[str], tuple[str, int]]]:
         """Start `subject` in the gateway namespace; returns its process and name -> (dial host, port)."""
@@ -619,16 +627,26 @@ class Bench:
             proc = self.start_and_wait("gw", argv, PROXY_ADDRESS, BARE_RELAY_PORTS["cps.test"])
             return proc, lambda name: (PROXY_ADDRESS, BARE_RELAY_PORTS[name])
         assert subject in ("gateway", "gateway-nocap", "gateway-baseline")
+        return self.start_gateway(subject, gateway_policies()), lambda name: (NAMES[name], 443)
+
+    def start_gateway(
+        self, subject: str, policies: dict[str, Any], environment: dict[str, str] | None = None
+    ) -> subprocess.Popen[Any]:
+        """`gateway run --data-plane --steer` in the gateway namespace with `policies`, once its engine listens.
+
+        `subject` picks the checkout (gateway-baseline) and the launcher (gateway-nocap); `environment` adds
+        GATEWAY_<SECTION>__<KEY> settings (and what they reference) to the gateway's environment."""
         # The steering the attach tooling leaves (policy routing, nft table); the gateway then writes its own table.
         self.topo.plumb(self.topo.steering_config(dial_mark=2))
         policy_file = self.workdir / "policies.json"
-        policy_file.write_text(json.dumps(gateway_policies()))
+        policy_file.write_text(json.dumps(policies))
         config = self.workdir / "gateway.toml"
         config.write_text(gateway_toml(self.workdir, policy_file))
         checkout = self.opts.baseline if subject == "gateway-baseline" and self.opts.baseline else REPO
         python = str(checkout / ".venv/bin/python") if checkout != REPO else sys.executable
         env = {**os.environ, "PYTHONPATH": str(checkout)}
         env["GATEWAY_EGRESS__PUBLIC_RANGES"] = '["198.18.0.0/15", "2001:db8::/32"]'
+        env.update(environment or {})
         log = (self.workdir / "gateway.log").open("a")
         proc = self.topo.popen(
             "gw",
@@ -645,7 +663,7 @@ class Bench:
         log.close()
         wait_for_line(proc, "egress engine listening", 30)
         threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()  # never let stdout fill up
-        return proc, lambda name: (NAMES[name], 443)
+        return proc
 
     # ---------------------------------------------------------------- phases
 
@@ -856,6 +874,12 @@ def _on_signal(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally blocks: processes killed, namespaces deleted
 
 
+def unwind_on_signals() -> None:
+    """SIGTERM, SIGINT and SIGHUP unwind the main process through its finally blocks (see _on_signal)."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _on_signal)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small counts (< 60 s): checks the harness works")
@@ -918,8 +942,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ensure_packages(subjects, install=not args.no_install)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, _on_signal)
+    unwind_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="bench-egress-"))
     results: dict[str, Result] = {}
     started = time.monotonic()

@@ -757,6 +757,38 @@ class Bench:
 # --------------------------------------------------------------------------- report
 
 
+def run_subjects[R](
+    topo: Topology,
+    workdir: Path,
+    setup: Callable[[], None],
+    measure: Callable[[str], R],
+    subjects: list[str],
+    *,
+    keep_workdir: bool,
+) -> dict[str, R]:
+    """Build the topology, `setup`, then `measure` each subject in order; namespaces and the workdir go at the end
+    (also on failure), with a warning for any namespace left behind."""
+    results: dict[str, R] = {}
+    try:
+        with topo:
+            print(f"topology {topo.prefix}: {topo.sandboxes[0].netns} -> {topo.gw} -> {topo.inet}", flush=True)
+            setup()
+            for subject in subjects:
+                t0 = time.monotonic()
+                print(f"measuring {subject} ...", flush=True)
+                results[subject] = measure(subject)
+                print(f"  done in {time.monotonic() - t0:.1f} s", flush=True)
+    finally:
+        left = live_namespaces(topo.prefix)
+        if left:
+            print(f"WARNING: namespaces left behind: {left}", file=sys.stderr)
+        if keep_workdir:
+            print(f"workdir kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
 def report(results: dict[str, Result], opts: Options, subjects: list[str]) -> bool:
     order = [s for s in SUBJECTS if s in results]
     rows: list[tuple[str, Callable[[Result], str]]] = [
@@ -944,29 +976,11 @@ def main(argv: list[str] | None = None) -> int:
 
     unwind_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="bench-egress-"))
-    results: dict[str, Result] = {}
     started = time.monotonic()
     topo = Topology(sandboxes=1, origins=3)
-    try:
-        with topo:
-            print(f"topology {topo.prefix}: {topo.sandboxes[0].netns} -> {topo.gw} -> {topo.inet}", flush=True)
-            bench = Bench(topo, workdir, opts)
-            bench.setup()
-            for subject in RUN_ORDER:
-                if subject not in subjects:
-                    continue
-                t0 = time.monotonic()
-                print(f"measuring {subject} ...", flush=True)
-                results[subject] = bench.measure(subject)
-                print(f"  done in {time.monotonic() - t0:.1f} s", flush=True)
-    finally:
-        left = live_namespaces(topo.prefix)
-        if left:
-            print(f"WARNING: namespaces left behind: {left}", file=sys.stderr)
-        if args.keep_workdir:
-            print(f"workdir kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    bench = Bench(topo, workdir, opts)
+    chosen = [subject for subject in RUN_ORDER if subject in subjects]
+    results = run_subjects(topo, workdir, bench.setup, bench.measure, chosen, keep_workdir=args.keep_workdir)
 
     print(
         f"\n{opts.cps_count} new TLS connections ({opts.cps_threads} client threads), {opts.latency_count} "

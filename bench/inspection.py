@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -47,10 +46,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from egress import NAMES, PROXY_ADDRESS, REPO, Bench, Options, ensure_packages, gateway_policies, unwind_on_signals
+from egress import (
+    NAMES,
+    PROXY_ADDRESS,
+    REPO,
+    Bench,
+    Options,
+    ensure_packages,
+    gateway_policies,
+    run_subjects,
+    unwind_on_signals,
+)
 from procstat import cpu_seconds, descendants, fmt
 
-from tests.netns import Topology, TopologyError, live_namespaces
+from tests.netns import Topology, TopologyError
 
 SUBJECTS = ("mitmdump", "fast-path", "fast-path-tier-on", "tier")  # also the run order: mitmdump is dialled
 # directly at the gateway namespace's own address, which a gateway's nft table (left behind) would drop.
@@ -395,30 +404,13 @@ def main(argv: list[str] | None = None) -> int:
 
     unwind_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="bench-inspect-"))
-    results: dict[str, Result] = {}
     started, load_before = time.monotonic(), os.getloadavg()[0]
     topo = Topology(sandboxes=1, origins=3)
     # egress.py's Bench: only its origins and plumbing are used here (no bulk bytes, no idle connections).
     opts = Options(cps_count=0, cps_threads=0, latency_count=0, bulk_bytes=0, idle=0, phase_seconds=plan.round_seconds)
-    try:
-        with topo:
-            print(f"topology {topo.prefix}: {topo.sandboxes[0].netns} -> {topo.gw} -> {topo.inet}", flush=True)
-            bench = InspectBench(topo, workdir, opts, plan)
-            bench.setup()
-            for subject in SUBJECTS:
-                if subject in subjects:
-                    t0 = time.monotonic()
-                    print(f"measuring {subject} ...", flush=True)
-                    results[subject] = bench.measure_inspect(subject)
-                    print(f"  done in {time.monotonic() - t0:.1f} s", flush=True)
-    finally:
-        left = live_namespaces(topo.prefix)
-        if left:
-            print(f"WARNING: namespaces left behind: {left}", file=sys.stderr)
-        if args.keep_workdir:
-            print(f"workdir kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    bench = InspectBench(topo, workdir, opts, plan)
+    chosen = [subject for subject in SUBJECTS if subject in subjects]
+    results = run_subjects(topo, workdir, bench.setup, bench.measure_inspect, chosen, keep_workdir=args.keep_workdir)
 
     phases = f"keep-alive: {plan.threads} connections"
     if plan.new_conns:

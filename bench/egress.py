@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aptget import install_missing  # bench/ is on sys.path when a script runs
 from procstat import cpu_seconds, descendants, fmt, have, rss_kib
@@ -789,6 +789,22 @@ def run_subjects[R](
     return results
 
 
+class Noted(Protocol):
+    notes: list[str]
+
+
+def print_table[R: Noted](rows: list[tuple[str, Callable[[R], str]]], results: dict[str, R]) -> None:
+    """The subjects side by side (in `results`' order), one metric per row, then each subject's notes."""
+    width, col = 34, max([12, *(len(s) + 2 for s in results)])
+    print("\nmetric".ljust(width + 1) + "".join(s.rjust(col) for s in results))
+    print("-" * (width + col * len(results)))
+    for label, get in rows:
+        print(label.ljust(width) + "".join(get(result).rjust(col) for result in results.values()))
+    for subject, result in results.items():
+        for note in result.notes:
+            print(f"note [{subject}]: {note}")
+
+
 def report(results: dict[str, Result], opts: Options, subjects: list[str]) -> bool:
     order = [s for s in SUBJECTS if s in results]
     rows: list[tuple[str, Callable[[Result], str]]] = [
@@ -803,16 +819,7 @@ def report(results: dict[str, Result], opts: Options, subjects: list[str]) -> bo
         ("  of which kernel (stime) %", lambda r: fmt(r.bulk_sys_share and r.bulk_sys_share * 100, ".0f")),
         (f"KiB / idle conn ({opts.idle} held)", lambda r: fmt(r.kib_per_idle, ".2f")),
     ]
-    width = 34
-    print()
-    col = max([12, *(len(s) + 2 for s in order)])
-    print("metric".ljust(width) + "".join(s.rjust(col) for s in order))
-    print("-" * (width + col * len(order)))
-    for label, get in rows:
-        print(label.ljust(width) + "".join(get(results[s]).rjust(col) for s in order))
-    for s in order:
-        for note in results[s].notes:
-            print(f"note [{s}]: {note}")
+    print_table(rows, {s: results[s] for s in order})
 
     ok = True
     gw = results.get("gateway")

@@ -54,6 +54,7 @@ from egress import (
     Options,
     ensure_packages,
     gateway_policies,
+    print_table,
     run_subjects,
     unwind_on_signals,
 )
@@ -320,14 +321,7 @@ def report(results: dict[str, Result]) -> bool:
             ),
         ]
     rows.append(("proxy processes", lambda r: str(r.processes)))
-    width, col = 34, max(12, *(len(s) + 2 for s in order))
-    print("\nmetric".ljust(width + 1) + "".join(s.rjust(col) for s in order))
-    print("-" * (width + col * len(order)))
-    for label, get in rows:
-        print(label.ljust(width) + "".join(get(results[s]).rjust(col) for s in order))
-    for s in order:
-        for note in results[s].notes:
-            print(f"note [{s}]: {note}")
+    print_table(rows, {s: results[s] for s in order})
 
     ok = True
 

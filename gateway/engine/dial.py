@@ -15,7 +15,9 @@ import errno
 import os
 import socket
 
-_IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY})
+#: connect_ex's answers that mean "connecting": an interrupted connect goes on asynchronously too. (EAGAIN is
+#: no such answer on Linux TCP: it means no local port was free, so the socket would never connect.)
+_IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EINTR})
 
 
 def _writable(done: asyncio.Future[None]) -> None:

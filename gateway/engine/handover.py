@@ -69,9 +69,10 @@ async def hand_over(
         status = head.split(b"\r\n", 1)[0].split(b" ", 2)
         if len(status) < 2 or status[1] != b"200" or rest:
             raise HandoverFailed(f"the inspection tier refused the hand-over: {head[:80]!r}")
-    except BaseException as exc:
+    except (OSError, TimeoutError) as exc:
         sock.close()
-        if isinstance(exc, (OSError, TimeoutError)):
-            raise HandoverFailed(f"the inspection tier did not answer the hand-over: {exc!r}") from None
+        raise HandoverFailed(f"the inspection tier did not answer the hand-over: {exc!r}") from None
+    except BaseException:  # refused, or the connection's task cancelled: the socket goes either way
+        sock.close()
         raise
     return sock

@@ -64,6 +64,7 @@ from gateway.dns.wire import (
 from gateway.flowlog import FlowLog, FlowRecord
 from gateway.querylog import DnsQuery
 from gateway.ratelimit import ConnectionRateLimiter, TokenBucket
+from gateway.readiness import rearm_reader
 from gateway.resolver import ResolveError, Upstream, exchange, parse_upstream, system_upstreams
 from gateway.rules import Rule
 
@@ -738,7 +739,7 @@ class _UdpListener:
                 return
             except OSError as exc:  # e.g. ICMP errors reported on the socket: nothing to do with the next packet
                 owner._debug("dns.udp_recv_error", error=str(exc))
-                return
+                continue
             if self.transparent:
                 dst = _orig_dst(self.family, ancillary)
                 if dst is None:
@@ -767,6 +768,7 @@ class _UdpListener:
             task = self.loop.create_task(self._serve(result, peer, dst, source))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+        rearm_reader(self.loop, self.sock.fileno(), self._readable)  # a full batch: the rest on the next turn
 
     async def _serve(self, pending: Pending, peer: tuple[Any, ...], dst: tuple[Any, ...], source: str) -> None:
         try:

@@ -2,8 +2,8 @@
 
 Each accepted connection's original destination is the accepted socket's own address (IP_TRANSPARENT).
 Accepting is driven by a reader callback on the event loop, bounded per wake-up (`ACCEPT_BATCH`) so one
-listener cannot starve the loop; after accept() failed (EMFILE, ENOBUFS...) the listener is left alone
-for `ACCEPT_BACKOFF` and then resumed.
+listener cannot starve the loop (a full batch re-arms the reader: `gateway.readiness`); after accept()
+failed (EMFILE, ENOBUFS...) the listener is left alone for `ACCEPT_BACKOFF` and then resumed.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import socket
 from collections.abc import Callable
 
 import structlog
+
+from gateway.readiness import rearm_reader
 
 log = structlog.get_logger("gateway.egress")
 
@@ -81,6 +83,7 @@ class Listeners:
                 return
             conn.setblocking(False)
             self.on_accept(conn)
+        rearm_reader(asyncio.get_running_loop(), listener.fileno(), self._accept_ready, listener)
 
     def _resume_accepting(self, listener: socket.socket) -> None:
         if listener in self.sockets:

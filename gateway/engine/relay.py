@@ -1,7 +1,8 @@
 """Relaying one allowed connection both ways, driven by event-loop callbacks (no task per connection).
 
 Each direction (`_Half`) keeps a reader callback on its source for as long as it may read, so a
-wait costs no future, no task switch and no epoll change. A direction moves its first
+wait costs no future, no task switch and no epoll change; a wake-up reads until the source would block
+or the direction stops reading (`gateway.readiness` says why), up to `READ_BUDGET`. A direction moves its first
 `SPLICE_AFTER` bytes by copying (`recv`/`send`: a TLS handshake and a small request/response
 never pay for a kernel pipe's creation) and then switches to `os.splice` through a pipe, so bulk
 bytes never enter Python.
@@ -43,6 +44,8 @@ COPY_CHUNK = 64 * 1024
 #: Bytes a direction moves by copying before it switches to splice.
 SPLICE_AFTER = 64 * 1024
 PIPE_SIZE = 1 << 20
+#: Bytes a direction moves per wake-up at most before the other connections get their turn.
+READ_BUDGET = 4 << 20
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), spelled out for Pythons built without it
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 CAN_SPLICE = hasattr(os, "splice")
@@ -368,25 +371,36 @@ class _Half:
             self.pipe_r = self.pipe_w = -1
 
     def readable(self) -> None:
-        spliced = self.pipe_w >= 0 and self.watch is None  # an answer is watched in copied bytes
-        try:
+        """Read until the source would block, ended or failed, or this direction stopped reading (backpressure, a
+        bandwidth wait, a held request, the relay's end): under uvloop a reset with bytes queued before it wakes
+        the reader once, and a direction that took one chunk of them would wait for the idle timeout."""
+        budget = READ_BUDGET
+        while self.reading:
+            spliced = self.pipe_w >= 0 and self.watch is None  # an answer is watched in copied bytes
+            try:
+                if spliced:
+                    n = os.splice(self.sfd, self.pipe_w, PIPE_SIZE, flags=_SPLICE_FLAGS)
+                    self.in_pipe += n
+                else:
+                    data = self.src.recv(COPY_CHUNK)
+                    n = len(data)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.relay.finish(exc)
+                return
+            self.relay.last = time.monotonic()
             if spliced:
-                n = os.splice(self.sfd, self.pipe_w, PIPE_SIZE, flags=_SPLICE_FLAGS)
-                self.in_pipe += n
+                if n == 0:
+                    self.eof = True
+                self._charge(n)
             else:
-                data = self.src.recv(COPY_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.relay.finish(exc)
-            return
-        self.relay.last = time.monotonic()
-        if spliced:
-            if n == 0:
-                self.eof = True
-            self._charge(n)
-            return
-        self.take(data, self.guard.feed(data) if data and self.guard is not None else None)
+                self.take(data, self.guard.feed(data) if data and self.guard is not None else None)
+            budget -= n
+            if budget <= 0 and self.reading:  # other connections' turn; re-armed (gateway.readiness)
+                self._pause_reading()
+                self.resume_reading()
+                return
 
     def take(self, data: bytes, stop: GuardStop | None) -> None:
         """Bytes copied from the source (b"" = its end), with where the guard stopped them: forward what may go."""

@@ -186,6 +186,44 @@ async def test_a_reset_breaks_the_relay_with_the_error(wired: Wired) -> None:
     assert isinstance(relay.error, OSError)
 
 
+def tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+TCP_CLOSE = 7  # include/net/tcp_states.h: where a socket that received a reset is
+
+
+@pytest.mark.parametrize("size", [7, 3 * SPLICE_AFTER], ids=["copied", "spliced"])
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_bytes_then_a_reset_arriving_together_still_end_the_relay(loop_kind: str, size: int) -> None:
+    """uvloop reports an error event (EPOLLERR) to a reader once and then stops polling its descriptor: a reader
+    that read one chunk of what was queued and waited to be called again would never be, and the relay would hold
+    both sockets until the idle timeout (a sandbox could pile those up at will)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        client_app, client = tcp_pair()
+        upstream, origin_app = tcp_pair()
+        payload = os.urandom(size)
+        ended: asyncio.Future[Relay] = loop.create_future()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * size)  # all of it fits, queued unread
+        try:
+            await loop.sock_sendall(client_app, payload)
+            assert await wait_until_async(lambda: unread(client) == size)
+            client_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client_app.close()  # RST behind the bytes: the relay's first wake-up sees both (EPOLLIN | EPOLLERR)
+            assert await wait_until_async(lambda: tcp_state(client) == TCP_CLOSE)
+            relay = Relay(client, upstream, ended.set_result, sweeper=sweeper())
+            assert await recv_exactly(origin_app, size) == payload  # what came before the reset still goes
+            await asyncio.wait_for(ended, 5)  # not the sweeper's 30 s idle timeout
+            assert isinstance(relay.error, ConnectionResetError)
+        finally:
+            for sock in (client, upstream, origin_app):
+                sock.close()
+
+    asyncio.run(main(), loop_factory=uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop)
+
+
 @on_both_loops
 async def test_bandwidth_bucket_throttles_and_a_throttled_relay_is_not_idle(wired: Wired) -> None:
     loop = asyncio.get_running_loop()

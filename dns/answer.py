@@ -10,7 +10,9 @@
 - `FORWARD`: ask the upstreams `upstream_packet(query, config)`, then turn their answer into the
   client's with `accept_upstream` and `render`.
 
-A denied name never reaches `FORWARD`, so it never leaves the gateway (no exfiltration through DNS).
+A denied name never reaches `FORWARD`, so it never leaves the gateway (no exfiltration through DNS). In
+report mode (`egress.enforcement: report`) a name only the allowlist would deny is forwarded like an
+allowed one, its decision marked `would_deny` (the verdict's, `gateway.decision.decide`).
 Every decision carries a stable `code` (below) and the reason and rule of the policy verdict.
 
 Choices worth knowing:
@@ -100,6 +102,7 @@ class Outcome(NamedTuple):
     reason: str
     rule: str
     cached: bool
+    would_deny: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,7 @@ class Decision:
     code: Code
     reason: str
     rule: str
+    would_deny: bool = False  # allowed (answered) only because the policy is in report mode
 
 
 def decide_packet(
@@ -138,10 +142,12 @@ def decide_query(
         soa: bool = False,
         ede: int | None = None,
         allowed: bool = False,
+        would_deny: bool = False,
     ) -> Decision:
         wire = synthetic(query, rcode, soa_ttl=config.blocked_ttl if soa else None)
         ede_option = (ede, reason) if ede is not None else None
-        return Decision(ANSWER, query, render(wire, (), 0, query, ede=ede_option), rcode, allowed, code, reason, rule)
+        response = render(wire, (), 0, query, ede=ede_option)
+        return Decision(ANSWER, query, response, rcode, allowed, code, reason, rule, would_deny)
 
     if query.edns and query.edns_version > 0:
         wire = synthetic(query, NOERROR)
@@ -211,6 +217,7 @@ def decide_query(
                 Rule.DNS_HTTPS,
                 soa=True,
                 allowed=True,
+                would_deny=verdict.would_deny,
             )
         if config.other_qtypes == "refuse":
             return answer(
@@ -226,8 +233,9 @@ def decide_query(
             Rule.DNS_QTYPE,
             soa=True,
             allowed=True,
+            would_deny=verdict.would_deny,
         )
-    return Decision(FORWARD, query, None, -1, True, Code.FORWARDED, verdict.reason, verdict.label)
+    return Decision(FORWARD, query, None, -1, True, Code.FORWARDED, verdict.reason, verdict.label, verdict.would_deny)
 
 
 # --------------------------------------------------------------------------- upstream answers

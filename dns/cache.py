@@ -56,7 +56,6 @@ class Ready:
     """The response last sent to one query packet over UDP (see the module doc)."""
 
     response: bytes  # as sent but for the id and the question's letter case, which each query brings
-    code: str  # the decision's code, for the interceptor's counts (a str hashes faster than the StrEnum)
     outcome: Outcome  # what the query log records for it
     generation: int  # of the malware blocklist it was decided under (0: no list read)
     entry: CacheEntry | None = None  # the cached answer it renders; None: made from the policy alone

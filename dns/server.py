@@ -61,7 +61,7 @@ from gateway.dns.wire import (
     synthetic,
     upstream_packet,
 )
-from gateway.flowlog import FlowLog, FlowRecord
+from gateway.flowlog import FlowLog, FlowRecord, flow_verdict
 from gateway.querylog import DnsQuery
 from gateway.ratelimit import ConnectionRateLimiter, TokenBucket
 from gateway.readiness import rearm_reader
@@ -81,7 +81,7 @@ IP_TRANSPARENT, IPV6_TRANSPARENT = 19, 75
 IP_RECVORIGDSTADDR, IPV6_RECVORIGDSTADDR = 20, 74
 RATE_LIMIT_REASON: Final = "dns query rate limit"
 RATE_LIMIT_RULE: Final = Rule.DNS_QUERY_RATE.label()
-#: `counts` key of packets whose handling raised (a bug: each is answered with nothing and logged at debug).
+#: `queries` code of packets whose handling raised (a bug: each is answered with nothing and logged at debug).
 INTERNAL_ERROR: Final = "INTERNAL_ERROR"
 #: Datagrams read per wake-up of the UDP reader before yielding to the loop (fairness with TCP and tasks).
 UDP_BATCH: Final = 64
@@ -146,6 +146,7 @@ def _log_dict(sandbox_id: str, entry: LogEntry) -> dict[str, Any]:
         reason=outcome.reason,
         rule=outcome.rule,
         cached=outcome.cached,
+        would_deny=outcome.would_deny,
     ).to_dict()
 
 
@@ -212,7 +213,10 @@ class DnsInterceptor:
         if blocklist is None and config.malware_blocklist is not None:
             blocklist = DomainBlocklist(config.malware_blocklist, config.blocklist_check_interval)
         self.blocklist = blocklist
-        self.counts: Counter[str] = Counter()
+        #: Every query once, when its fate is sealed: by (code, rcode of the answer or -1 when none was sent, allowed).
+        #: The code stays beside the rcode: NXDOMAIN alone would not tell a policy block from a malware block,
+        #: nor NOERROR a cached answer from a forwarded one.
+        self.queries: Counter[tuple[str, int, bool]] = Counter()
         self.upstream_queries = 0  # exchanges sent upstream (tests, metrics)
         self._logs: OrderedDict[str, deque[LogEntry]] = OrderedDict()
         self._inflight: dict[tuple[str, int, str, int, bool], asyncio.Future[tuple[Answer, CacheEntry | None]]] = {}
@@ -309,6 +313,26 @@ class DnsInterceptor:
         """Drop the sandbox's cached answers (its policy changed). Returns how many."""
         return self.cache.flush(sandbox_id)
 
+    @property
+    def counts(self) -> Counter[str]:
+        """Queries by code."""
+        out: Counter[str] = Counter()
+        for (code, _, _), n in self.queries.items():
+            out[str(code)] += n
+        return out
+
+    def query_counts(self) -> dict[tuple[str, str, str], int]:
+        """Queries by (code, rcode name (DROPPED: no answer was sent), verdict), for metrics."""
+        out: dict[tuple[str, str, str], int] = {}
+        for (code, rcode, allowed), n in self.queries.items():
+            key = (str(code), _rcode_name(rcode), "allow" if allowed else "deny")
+            out[key] = out.get(key, 0) + n
+        return out
+
+    def _unanswered(self, code: str, allowed: bool = False) -> None:
+        """Count a query that gets no answer and no record (dropped, shed, or its handling failed)."""
+        self.queries[(code, -1, allowed)] += 1
+
     def stats(self) -> dict[str, Any]:
         return {
             "counts": dict(self.counts),
@@ -351,8 +375,8 @@ class DnsInterceptor:
             ctx.sandbox_id = policy.sandbox_id
         ctx.generation = self._generation()  # reloads the malware list first: the decision itself does no I/O
         decision = ctx.decision = decide_packet(data, policy, self.config, self.blocklist)
-        self.counts[decision.code] += 1
         if decision.action == DROP:
+            self._unanswered(decision.code)
             self._debug("dns.dropped", client=client[0], reason=decision.reason, size=len(data))
             return None
         query = decision.query
@@ -362,8 +386,8 @@ class DnsInterceptor:
             bucket = ctx.bucket = self._bucket(policy)
             wait = bucket.try_reserve(1, self.config.rate_limit_max_wait)
             if wait is None:  # over the limit by more than the longest wait: refused, no token taken
-                self.counts[Code.REFUSED_RATE_LIMIT] += 1
                 if query is None:
+                    self._unanswered(Code.REFUSED_RATE_LIMIT)
                     return None
                 response, outcome = _rate_limited(query)
                 self._record_pending(ctx, outcome, response)
@@ -401,10 +425,8 @@ class DnsInterceptor:
         if wait is not None and wait > 0:
             bucket.refund(1)  # the slow way takes it again and queues the query for it
             return None
-        self.counts[ready.code] += 1
         # parse_query(data) below cannot fail: a packet with this key was parsed before.
         if wait is None:  # over the limit by more than the longest wait: refused, no token taken
-            self.counts[Code.REFUSED_RATE_LIMIT] += 1
             response, outcome = _rate_limited(parse_query(data))
         else:
             entry = ready.entry
@@ -440,7 +462,7 @@ class DnsInterceptor:
         found = query_key(ctx.data)
         if found is None or self.cache.bound(ctx.sandbox_id) is not ctx.policy:
             return
-        ready = Ready(response, str(decision.code), outcome, ctx.generation, entry, second)
+        ready = Ready(response, outcome, ctx.generation, entry, second)
         self.cache.put_ready(ctx.sandbox_id, found[0], ready)
 
     def _respond(self, ctx: Pending) -> bytes | Pending:
@@ -459,6 +481,7 @@ class DnsInterceptor:
                 decision.reason,
                 decision.rule,
                 False,
+                decision.would_deny,
             )
             self._record_pending(ctx, outcome, response)
             self._keep_ready(ctx, response, outcome)
@@ -518,6 +541,7 @@ class DnsInterceptor:
             answer.reason or decision.reason,
             decision.rule,
             cached,
+            decision.would_deny,
         )
         self._record_pending(ctx, outcome, response)
         if entry is not None:  # the same packet again is answered from the cache: log it as such
@@ -579,8 +603,9 @@ class DnsInterceptor:
         bytes_up: int,
         bytes_down: int,
     ) -> None:
-        """The one place a query's decision is recorded: the sandbox's query-log ring (the API's recent view) and,
-        with a FlowLog, its flow record (which is also its log line)."""
+        """The one place a query's decision is recorded: its count, the sandbox's query-log ring (the API's recent
+        view) and, with a FlowLog, its flow record (which is also its log line)."""
+        self.queries[(outcome.code, outcome.rcode, outcome.allowed)] += 1
         if not sandbox_id:
             self._debug("dns.unknown_source", client=client[0], code=str(outcome.code))
             return  # no sandbox to file it under; the counters still count it
@@ -612,7 +637,7 @@ class DnsInterceptor:
                     bytes_up=bytes_up,
                     bytes_down=bytes_down,
                     duration_ms=round(latency * 1000, 3),
-                    verdict="allow" if outcome.allowed else "deny",
+                    verdict=flow_verdict(outcome.allowed, outcome.would_deny),
                     reason=outcome.reason,
                     rule=outcome.rule,
                 )
@@ -629,7 +654,7 @@ class DnsInterceptor:
         if self._tcp_count >= self.config.tcp_max_connections or (
             self._tcp_by_source[source] >= self.config.tcp_max_per_sandbox
         ):
-            self.counts["TCP_REFUSED_CONNECTION_LIMIT"] += 1
+            self._unanswered("TCP_REFUSED_CONNECTION_LIMIT")  # its queries are never read
             writer.close()
             return
         task = asyncio.current_task()
@@ -650,7 +675,7 @@ class DnsInterceptor:
                 try:
                     response = await self.handle(data, peer, local, "tcp")
                 except Exception as exc:
-                    self.counts[INTERNAL_ERROR] += 1
+                    self._unanswered(INTERNAL_ERROR)
                     self._debug("dns.handle_failed", error=repr(exc))
                     response = None
                 if response is None:
@@ -750,7 +775,7 @@ class _UdpListener:
             try:
                 result = owner.handle_now(data, peer, dst, "udp")
             except Exception as exc:  # one bad packet costs its own answer, nothing more
-                owner.counts[INTERNAL_ERROR] += 1
+                owner._unanswered(INTERNAL_ERROR)
                 owner._debug("dns.handle_failed", error=repr(exc))
                 continue
             if result is None:
@@ -760,7 +785,7 @@ class _UdpListener:
                 continue
             source = str(peer[0])
             if len(self.tasks) >= config.max_inflight or self.by_source[source] >= config.max_inflight_per_sandbox:
-                owner.counts["UDP_DROPPED_INFLIGHT"] += 1
+                owner._unanswered("UDP_DROPPED_INFLIGHT", result.decision is not None and result.decision.allowed)
                 if result.bucket is not None:
                     result.bucket.refund(1)  # not answered: the token is not spent
                 continue
@@ -776,7 +801,7 @@ class _UdpListener:
             if response is not None:
                 self._send(response, peer, dst)
         except Exception as exc:
-            self.owner.counts[INTERNAL_ERROR] += 1
+            self.owner._unanswered(INTERNAL_ERROR)
             self.owner._debug("dns.handle_failed", error=repr(exc))
         finally:
             self.by_source[source] -= 1

@@ -8,7 +8,7 @@ Authentication is `Authorization: Bearer <token>` against the configured tokens 
 SHA-256 digests are kept; comparison is constant time). Scopes: reads need
 `sandboxes:read` / `templates:read`, writes `sandboxes:write` / `templates:write`,
 `admin` implies every scope; flow record batches need `audit:read`; tunnels (temporary port
-exposure) need `tunnels:read` / `tunnels:write`. Writing a
+exposure) need `tunnels:read` / `tunnels:write`; `/metrics` needs `metrics:read`. Writing a
 sandbox whose profile is not `isolated` also needs `network:<profile>`: creating one with
 that profile, and replacing, patching or deleting one that has it. The scope is checked
 before the record is validated (403 before 400) and before the store is touched, so a
@@ -37,6 +37,7 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -47,11 +48,13 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.api_config import ApiToken
+from gateway.client import CUT_HEADER
 from gateway.decision import PROTOCOLS, CompiledPolicy, ExplainRequest, Verdict
 from gateway.errors import Forbidden, GatewayError, NotFound
-from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, check_batch_name
+from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, FlowVerdict, check_batch_name, check_sandbox_id
 from gateway.hostnames import normalize_pattern
 from gateway.inspection import decide_request
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.openapi import ERROR_CODES, JSON, MERGE_PATCH, NDJSON, Answer, Body, Query, openapi_document
 from gateway.policy import DEFAULT_PROFILE, HTTP_TOKEN_PATTERN, PORT_SCHEMA, PROFILES, Sandbox
 from gateway.presets import Preset
@@ -131,11 +134,30 @@ class RouteSpec:
         return self.scope == PUBLIC
 
 
+class ApiTokens:
+    """The tokens that may call the API now: SIGHUP replaces them (`replace`) while the API serves.
+    None of them: the API is open, which only a loopback address allows."""
+
+    __slots__ = ("current", "host")
+
+    def __init__(self, host: str, tokens: Sequence[ApiToken]) -> None:
+        self.host = host
+        self.current = tuple(tokens)
+
+    def replace(self, tokens: Sequence[ApiToken]) -> None:
+        """Raises CONFIG_INVALID (and keeps the current ones) when the API would be exposed without tokens."""
+        check_api_exposure(self.host, tokens)
+        self.current = tuple(tokens)
+
+    @property
+    def open(self) -> bool:
+        return not self.current
+
+
 STORE_KEY: Final = web.AppKey("store", PolicyStore)
-TOKENS_KEY: Final[web.AppKey[tuple[ApiToken, ...]]] = web.AppKey("tokens")
+TOKENS_KEY: Final = web.AppKey("tokens", ApiTokens)
 PRESETS_KEY: Final[web.AppKey[Mapping[str, Preset]]] = web.AppKey("presets")
 ROUTES_KEY: Final[web.AppKey[dict[tuple[str, str], RouteSpec]]] = web.AppKey("routes")  # by (method, path)
-OPEN_KEY: Final = web.AppKey("open_mode", bool)
 WRITE_LOCK_KEY: Final = web.AppKey("write_lock", asyncio.Lock)
 FLOWS_KEY: Final = web.AppKey("flows", FlowLog)  # absent when the API was built without a flow log
 
@@ -146,10 +168,16 @@ DNS_KEY: Final = web.AppKey("dns", QueryLog)  # absent when the API was built wi
 DATA_PLANE_STATUS_KEY: Final[web.AppKey[Callable[[], dict[str, Any]]]] = web.AppKey("data_plane_status")
 #: What, besides the store, does not serve yet (the data plane's parts); readiness waits for an empty list.
 READINESS_KEY: Final[web.AppKey[Callable[[], list[str]]]] = web.AppKey("readiness")
+DRAINING_KEY: Final[web.AppKey[Callable[[], bool]]] = web.AppKey("draining")
 #: Hosts the operator keeps opaque although an inspect entry marks them ([inspection] exclude_hosts).
 INSPECTION_EXCLUDED_KEY: Final[web.AppKey[Callable[[str], bool]]] = web.AppKey("inspection_excluded")
-DOCUMENT_KEY: Final = web.AppKey("openapi_document", bytes)  # /openapi.json, rendered
+DOCUMENT_KEY: Final = web.AppKey("openapi_document", bytes)
+#: The Prometheus exposition of the gateway's counters, rendered per scrape, and its media type.
+METRICS_KEY: Final[web.AppKey[Callable[[], bytes]]] = web.AppKey("metrics")  # /openapi.json, rendered
 MAX_DNS_LOG: Final = 1000
+#: Seconds between the empty lines a quiet flow stream sends: how a subscriber that went away is noticed.
+STREAM_HEARTBEAT: Final = 10.0
+VERDICTS: Final = typing.get_args(FlowVerdict)
 
 
 @dataclass(slots=True)
@@ -364,7 +392,8 @@ async def _handle(request: web.Request, handler: Handler, exchange: _Exchange) -
 
 
 def _admit(request: web.Request) -> Caller:
-    if request.app[OPEN_KEY]:
+    tokens = request.app[TOKENS_KEY]
+    if tokens.open:
         host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
         if not is_loopback_host(host):
             raise Forbidden(
@@ -374,8 +403,7 @@ def _admit(request: web.Request) -> Caller:
                 "Host",
             )
         return Caller("anonymous", frozenset({"admin"}))
-    tokens = request.app[TOKENS_KEY]
-    return _authenticate(tokens, request.headers.get("Authorization"))
+    return _authenticate(tokens.current, request.headers.get("Authorization"))
 
 
 def _http_error(exc: web.HTTPException) -> web.Response:
@@ -412,9 +440,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    if request.app[DRAINING_KEY]():  # first: a load balancer must stop sending at once
+        return _error(503, "DRAINING", "the gateway is shutting down: new egress connections are refused")
     store = request.app[STORE_KEY]
     if not store.ready.is_set():
         return _error(503, "STORE_NOT_READY", f"the {store.backend} policy store has not loaded yet")
+    lagging = store.out_of_sync()
+    if lagging is not None:
+        return _error(503, "STORE_NOT_SYNCED", lagging)
     waiting = request.app[READINESS_KEY]()
     if waiting:
         return _error(503, "DATA_PLANE_NOT_READY", "; ".join(waiting))
@@ -427,10 +460,15 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     body = request.app[STORE_KEY].status()
-    body["auth"] = "open-loopback" if request.app[OPEN_KEY] else "tokens"
+    body["auth"] = "open-loopback" if request.app[TOKENS_KEY].open else "tokens"
     if DATA_PLANE_STATUS_KEY in request.app:
         body["data_plane"] = request.app[DATA_PLANE_STATUS_KEY]()
     return web.json_response(body)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS_KEY]() if METRICS_KEY in request.app else b""
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def list_presets(request: web.Request) -> web.Response:
@@ -502,7 +540,8 @@ async def replace_sandbox(request: web.Request) -> web.Response:
     async with _write_lock(request):
         _require_sandbox_scope(request, sandbox_id)  # again under the lock: the record may have been replaced
         sandbox = await store.replace_sandbox(sandbox_id, raw)
-    return web.json_response(sandbox.to_dict())
+        cut = _cut(store)
+    return web.json_response(sandbox.to_dict(), headers=cut)
 
 
 async def patch_sandbox(request: web.Request) -> web.Response:
@@ -518,20 +557,23 @@ async def patch_sandbox(request: web.Request) -> web.Response:
         current = _require_sandbox_scope(request, sandbox_id)
         merged = apply_merge_patch(current.to_dict(), patch)
         sandbox = await store.replace_sandbox(sandbox_id, merged)
-    return web.json_response(sandbox.to_dict())
+        cut = _cut(store)
+    return web.json_response(sandbox.to_dict(), headers=cut)
 
 
 async def delete_sandbox(request: web.Request) -> web.Response:
     sandbox_id = request.match_info["id"]
+    store = request.app[STORE_KEY]
     async with _write_lock(request):
         _require_sandbox_scope(request, sandbox_id)
-        await request.app[STORE_KEY].delete_sandbox(sandbox_id)
+        await store.delete_sandbox(sandbox_id)
+        cut = _cut(store)
     tunnels = request.app.get(TUNNELS_KEY)
     if tunnels is not None:
         # Exposure lasts until the sandbox does. The tunnel store's maintenance would find these
         # too (and does, for deletions by other writers); here it happens before the answer.
         await tunnels.revoke_sandbox(sandbox_id)
-    return web.Response(status=204)
+    return web.Response(status=204, headers=cut)
 
 
 async def sandbox_policy(request: web.Request) -> web.Response:
@@ -659,23 +701,28 @@ def _say_when_the_address_decides(verdict: Verdict, policy: CompiledPolicy, aske
     about a name alone cannot. "host not in allowlist" would then read as a final answer where the address
     was the missing half: say so (explain does not resolve the name: which address the sandbox dials is the
     sandbox's choice)."""
-    if verdict.allowed or asked.address is not None or asked.protocol == "dns" or not asked.host:
+    if verdict.rule is not Rule.DEFAULT_DENY or asked.address is not None or asked.protocol == "dns":
+        return verdict  # a default:deny verdict is a deny, or a would-deny in report mode
+    if not asked.host or not policy.effective_egress.allow_cidrs:
         return verdict
-    if verdict.rule is not Rule.DEFAULT_DENY or not policy.effective_egress.allow_cidrs:
-        return verdict
-    return Verdict(
-        False,
-        f"{verdict.reason}; allow_cidrs decide by the destination address, which was not given: "
+    return dataclasses.replace(
+        verdict,
+        reason=f"{verdict.reason}; allow_cidrs decide by the destination address, which was not given: "
         "ask again with the address the sandbox would connect to",
-        verdict.rule,
     )
+
+
+def _inspected(verdict: Verdict) -> bool:
+    """Whether the connection goes to the inspection tier: an inspect entry allows it (a would-deny verdict of
+    that rule is a port the entry does not mark, relayed as it is in report mode)."""
+    return verdict.allowed and verdict.rule is Rule.INSPECT and not verdict.would_deny
 
 
 def _explain_http(verdict: Verdict, policy: CompiledPolicy, method: str, path: str) -> dict[str, Any] | None:
     """The inspection tier's answer to the request, on a connection an inspect entry marks; None when no entry
     marks it (then the connection's verdict decides every request on it). Explain takes no headers, so the
     entry's header conditions are listed for the caller to check, not decided."""
-    rule = policy.inspect_rule(verdict.detail) if verdict.allowed and verdict.rule is Rule.INSPECT else None
+    rule = policy.inspect_rule(verdict.detail) if _inspected(verdict) else None
     if rule is None:
         return None
     decided = decide_request(dataclasses.replace(rule, headers=()), method, path, [])
@@ -695,7 +742,7 @@ async def explain(request: web.Request) -> web.Response:
     asked = parse_explain_query(query)
     verdict, policy = state.explain(sandbox_id, asked.host, asked.address, asked.port, asked.protocol)
     verdict = _say_when_the_address_decides(verdict, policy, asked)
-    excluded = verdict.rule is Rule.INSPECT and request.app[INSPECTION_EXCLUDED_KEY](asked.host or "")
+    excluded = _inspected(verdict) and request.app[INSPECTION_EXCLUDED_KEY](asked.host or "")
     if excluded:
         verdict = dataclasses.replace(
             verdict,
@@ -753,6 +800,38 @@ async def get_audit_batch(request: web.Request) -> web.Response:
     name = check_batch_name(request.match_info["name"])
     body = await asyncio.to_thread(flows.read_batch, sandbox_id, name)
     return web.Response(body=body, content_type=NDJSON)
+
+
+async def stream_flows(request: web.Request) -> web.StreamResponse:
+    query = _params()
+    flows = request.app.get(FLOWS_KEY)
+    if flows is None:
+        raise GatewayError("AUDIT_DISABLED", "this gateway was started without a flow log, so there are no records",
+                           status=503)  # fmt: skip
+    sandbox = query.get("sandbox")
+    if sandbox is not None:
+        check_sandbox_id(sandbox)
+    verdict = query.get("verdict")
+    if verdict is not None and verdict not in VERDICTS:
+        raise GatewayError(
+            "INVALID_PARAMETER", f"verdict must be one of {', '.join(VERDICTS)}, got {_shown(verdict)}", "verdict"
+        )
+    subscription = flows.subscribe(sandbox, verdict)
+    try:
+        response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
+        await response.prepare(request)
+        lagged = 0
+        while True:
+            lines = await subscription.next(STREAM_HEARTBEAT)
+            body = "".join(line + "\n" for line in lines)
+            if subscription.lagged != lagged:  # said where it happened, so the reader knows the view has a gap
+                body += json.dumps({"note": "lagged", "dropped": subscription.lagged - lagged}) + "\n"
+                lagged = subscription.lagged
+            await response.write(body.encode() or b"\n")  # raises once the subscriber has gone
+    except (ConnectionError, asyncio.CancelledError):
+        return response
+    finally:
+        flows.unsubscribe(subscription)
 
 
 async def dns_log(request: web.Request) -> web.Response:
@@ -835,9 +914,11 @@ async def get_template(request: web.Request) -> web.Response:
 
 async def replace_template(request: web.Request) -> web.Response:
     raw = await _read_json(request)
+    store = request.app[STORE_KEY]
     async with _write_lock(request):
-        template = await request.app[STORE_KEY].put_template(request.match_info["name"], raw, create=False)
-    return web.json_response(template.to_dict())
+        template = await store.put_template(request.match_info["name"], raw, create=False)
+        cut = _cut(store)
+    return web.json_response(template.to_dict(), headers=cut)
 
 
 async def delete_template(request: web.Request) -> web.Response:
@@ -848,6 +929,18 @@ async def delete_template(request: web.Request) -> web.Response:
 
 def _write_lock(request: web.Request) -> asyncio.Lock:
     return request.app[WRITE_LOCK_KEY]
+
+
+CUT_ANSWER: Final = {
+    CUT_HEADER: "How many established connections of the sandbox (or the template's sandboxes) this write ended "
+    "because the policy in force no longer allows them (0 when it widened or kept them); counted by the process "
+    "that answers."
+}
+
+
+def _cut(store: PolicyStore) -> dict[str, str]:
+    """Read right after the write returned (no await between): the state's last commit is this write's."""
+    return {CUT_HEADER: str(store.state.last_cut)}
 
 
 # --------------------------------------------------------------------------- malformed requests
@@ -980,7 +1073,9 @@ def route_specs() -> tuple[RouteSpec, ...]:
             "service",
             {200: Answer("The store is loaded; the engine, its workers and DNS listen; steered.", "Ready")},
             {
-                503: "STORE_NOT_READY: the policy store has not loaded yet. DATA_PLANE_NOT_READY: the message names "
+                503: "DRAINING: the gateway is shutting down (SIGTERM/SIGINT) and refuses new egress connections. "
+                "STORE_NOT_READY: the policy store has not loaded yet. STORE_NOT_SYNCED: the Redis store lost "
+                "its connection (or has had no answer for a few seconds). DATA_PLANE_NOT_READY: the message names "
                 "each part that does not serve yet (the egress engine or a worker not listening, the DNS "
                 "interceptor not listening, the steering table not applied)."
             },
@@ -994,6 +1089,18 @@ def route_specs() -> tuple[RouteSpec, ...]:
             "This document",
             "service",
             {200: Answer("The OpenAPI 3.1 document.", {"type": "object"})},
+        ),
+        RouteSpec(
+            "GET",
+            "/metrics",
+            metrics,
+            "metrics:read",
+            "metrics",
+            "Prometheus metrics: connections, bytes, DNS queries, flow records, store, inspection tier, workers",
+            "service",
+            {200: Answer("The Prometheus text exposition format.", {"type": "string"}, media="text/plain")},
+            description="Needs a token with `metrics:read` (or `admin`), sent as `Authorization: Bearer <token>` "
+            "(Prometheus: `authorization: {credentials: <token>}` in the scrape config). The README lists the names.",
         ),
         RouteSpec(
             "GET",
@@ -1063,7 +1170,7 @@ def route_specs() -> tuple[RouteSpec, ...]:
             "sandboxes.replace",
             "Replace a sandbox (it must exist; create with POST)",
             "sandboxes",
-            {200: Answer("Replaced.", "Sandbox")},
+            {200: Answer("Replaced.", "Sandbox", headers=CUT_ANSWER)},
             {
                 **_WRITE_ERRORS,
                 403: _SANDBOX_WRITE_403,
@@ -1084,7 +1191,7 @@ def route_specs() -> tuple[RouteSpec, ...]:
             "sandboxes.patch",
             "Change a sandbox with a JSON merge patch (RFC 7396)",
             "sandboxes",
-            {200: Answer("The record after the patch.", "Sandbox")},
+            {200: Answer("The record after the patch.", "Sandbox", headers=CUT_ANSWER)},
             {
                 **_WRITE_ERRORS,
                 403: _SANDBOX_WRITE_403,
@@ -1103,7 +1210,7 @@ def route_specs() -> tuple[RouteSpec, ...]:
             "sandboxes.delete",
             "Delete a sandbox",
             "sandboxes",
-            {204: Answer("Deleted; its traffic is refused from now on.")},
+            {204: Answer("Deleted; its traffic is refused from now on, its connections ended.", headers=CUT_ANSWER)},
             {403: _SANDBOX_WRITE_403, 404: None, 503: None},
             description=_PROFILE_SCOPE,
         ),
@@ -1227,6 +1334,36 @@ def route_specs() -> tuple[RouteSpec, ...]:
         ),
         RouteSpec(
             "GET",
+            "/v1/flows/stream",
+            stream_flows,
+            "audit:read",
+            "flows.stream",
+            "Follow the flow records live",
+            "audit",
+            {
+                200: Answer(
+                    "NDJSON, chunked, until the client leaves: one FlowRecord (components.schemas.FlowRecord) per line "
+                    'as each is decided; an empty line when nothing happened for a while; {"note":"lagged","dropped":n}'
+                    " when this reader fell behind and n records were skipped.",
+                    {"type": "string"},
+                    NDJSON,
+                )
+            },
+            {
+                400: "INVALID_ID (sandbox), INVALID_PARAMETER (verdict), UNKNOWN_PARAMETER.",
+                503: "AUDIT_DISABLED: the gateway runs without a flow log. TOO_MANY_SUBSCRIBERS: "
+                "audit.max_stream_subscribers live views are served already.",
+            },
+            query=(
+                Query("sandbox", {"type": "string"}, "Only this sandbox's records."),
+                Query("verdict", {"type": "string", "enum": list(VERDICTS)}, "Only records with this verdict."),
+            ),
+            description="The live view of every flow record the gateway (every worker of it) decides from now on, "
+            "the records the audit batches get. Each reader has a bounded buffer: one that does not keep up loses "
+            "records (said by a lagged note), it never slows the data plane.",
+        ),
+        RouteSpec(
+            "GET",
             f"{sandbox_id}/tunnels",
             list_tunnels,
             "tunnels:read",
@@ -1323,7 +1460,7 @@ def route_specs() -> tuple[RouteSpec, ...]:
             "templates.replace",
             "Replace a template (it must exist; create with POST)",
             "templates",
-            {200: Answer("Replaced; sandboxes using it are recompiled at once.", "Template")},
+            {200: Answer("Replaced; sandboxes using it are recompiled at once.", "Template", headers=CUT_ANSWER)},
             {**_WRITE_ERRORS, 404: None},
             body=Body("TemplateReplace", TEMPLATE_EXAMPLES),
         ),
@@ -1353,24 +1490,27 @@ def create_app(
     dns: QueryLog | None = None,
     data_plane_status: Callable[[], dict[str, Any]] | None = None,
     unready: Callable[[], list[str]] | None = None,
+    draining: Callable[[], bool] | None = None,
     inspection_excluded: Callable[[str], bool] | None = None,
+    metrics: Callable[[], bytes] | None = None,
 ) -> web.Application:
     """The API over `store` (started by the caller), listening at `host`:`port` (the [api] section, with the
     `tokens` that may call it), answering GET /v1/presets with `presets`; and, when given, the flow log's audit
     batches (without one those routes answer 503 AUDIT_DISABLED), the tunnel store (without it, 503
     TUNNELS_DISABLED) and the DNS interceptor's query log (without it, 503 DNS_DISABLED). `unready` says what
-    else must serve before /readyz is 200 (the data plane's parts); `inspection_excluded` which marked hosts stay
-    opaque, for explain. Raises CONFIG_INVALID for an exposed API
+    else must serve before /readyz is 200 (the data plane's parts), `draining` whether the gateway is shutting
+    down (then /readyz is 503 DRAINING); `inspection_excluded` which marked hosts stay opaque, for explain;
+    `metrics` renders GET /metrics (without it the answer is empty). Raises CONFIG_INVALID for an exposed API
     without tokens."""
     check_api_exposure(host, tokens)
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)  # once: the same filter is not added twice
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY_BYTES)
     app[STORE_KEY] = store
-    app[TOKENS_KEY] = tuple(tokens)
+    app[TOKENS_KEY] = ApiTokens(host, tokens)
     app[PRESETS_KEY] = presets
-    app[OPEN_KEY] = not tokens
     app[WRITE_LOCK_KEY] = asyncio.Lock()
     app[READINESS_KEY] = unready or list
+    app[DRAINING_KEY] = draining or (lambda: False)
     app[INSPECTION_EXCLUDED_KEY] = inspection_excluded or (lambda host: False)
     if flows is not None:
         app[FLOWS_KEY] = flows
@@ -1380,6 +1520,8 @@ def create_app(
         app[DNS_KEY] = dns
     if data_plane_status is not None:
         app[DATA_PLANE_STATUS_KEY] = data_plane_status
+    if metrics is not None:
+        app[METRICS_KEY] = metrics
     table: dict[tuple[str, str], RouteSpec] = {}
     specs = route_specs()
     # Rendered once: the document only changes with the code.
@@ -1389,7 +1531,7 @@ def create_app(
         app.router.add_route(spec.method, spec.path, spec.handler, name=spec.action)
         table[(spec.method, spec.path)] = spec
     app[ROUTES_KEY] = table
-    if app[OPEN_KEY]:
+    if not tokens:
         app.on_startup.append(_warn_open(host, port))
     return app
 

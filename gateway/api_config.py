@@ -11,7 +11,7 @@ from typing import Annotated, ClassVar
 import msgspec
 from msgspec import Meta
 
-from gateway.config import OptionError, Section
+from gateway.config import LIVE, OptionError, Section
 
 SCOPES = (
     "admin",
@@ -25,6 +25,7 @@ SCOPES = (
     "audit:read",
     "tunnels:read",
     "tunnels:write",
+    "metrics:read",
 )
 
 
@@ -84,6 +85,7 @@ class ApiConfig(Section, frozen=True):
                 },
                 {"name": "viewer", "token_sha256": "<64 hex digits>", "scopes": ["sandboxes:read", "templates:read"]},
             ],
+            extra=LIVE,
         ),
     ] = ()
 

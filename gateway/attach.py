@@ -443,7 +443,7 @@ def run_attach_command(args: argparse.Namespace, out: TextIO = sys.stdout, err: 
         from gateway.settings import load_config
 
         config = load_config(getattr(args, "config", None))
-        subnets, interfaces = config.sandbox_subnets, config.egress.sandbox_interfaces
+        subnets, interfaces = config.network.sandbox_subnets, config.egress.sandbox_interfaces
         if args.interface is not None:
             if args.ifname is not None:
                 raise AttachError("USAGE", "--ifname is for --netns; --interface names the interface", status=400)

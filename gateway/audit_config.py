@@ -23,3 +23,13 @@ class AuditConfig(Section, frozen=True):
         ),
     ] = ""
     redis_maxlen: Annotated[int, Meta(ge=100, le=100_000_000, description="The mirror stream's length cap.")] = 100_000
+    log_records: Annotated[
+        bool,
+        Meta(
+            description="Also write every flow record to the log as an info event `flow` (off: records are records, "
+            "read them from the batches, the Redis stream or `gateway audit tail`)."
+        ),
+    ] = False
+    max_stream_subscribers: Annotated[
+        int, Meta(ge=1, le=1000, description="Live flow views (GET /v1/flows/stream) served at once.")
+    ] = 16

@@ -40,7 +40,9 @@ from gateway.clibase import (
     client_from_args,
     config_or_exit,
 )
-from gateway.client import ApiError, ApiUnreachable
+from gateway.client import ApiError, ApiResponse, ApiUnreachable
+from gateway.clihelp import SHELLS, add_examples, completion_script
+from gateway.demo.run import run as run_demo
 from gateway.errors import GatewayError
 from gateway.flags import (
     EGRESS_FLAGS,
@@ -54,6 +56,7 @@ from gateway.flags import (
 from gateway.formatting import (
     audit_rows,
     dns_rows,
+    flow_line,
     format_block,
     format_verdict,
     listen_description,
@@ -87,12 +90,18 @@ def cmd_sandbox(ctx: Context, args: argparse.Namespace) -> None:
         ctx.emit(answer, lambda d: f"created sandbox {d['id']}\n" + format_block(d))
     elif action == "update":
         answer = c.replace_sandbox(args.id, require_body(args))
-        ctx.emit(answer, lambda d: f"replaced sandbox {d['id']}\n" + format_block(d))
+        ctx.emit(answer, lambda d: f"replaced sandbox {d['id']}{_cut_note(answer)}\n" + format_block(d))
     elif action == "patch":
         answer = c.patch_sandbox(args.id, require_body(args))
-        ctx.emit(answer, lambda d: f"patched sandbox {d['id']}\n" + format_block(d))
+        ctx.emit(answer, lambda d: f"patched sandbox {d['id']}{_cut_note(answer)}\n" + format_block(d))
     elif action == "delete":
-        ctx.emit(c.delete_sandbox(args.id), lambda _: f"deleted sandbox {args.id}")
+        answer = c.delete_sandbox(args.id)
+        ctx.emit(answer, lambda _: f"deleted sandbox {args.id}{_cut_note(answer)}")
+
+
+def _cut_note(answer: ApiResponse) -> str:
+    cut = answer.cut_flows
+    return f"; ended {cut} open connection{'s' * (cut != 1)} it no longer allows" if cut else ""
 
 
 def cmd_template(ctx: Context, args: argparse.Namespace) -> None:
@@ -107,7 +116,7 @@ def cmd_template(ctx: Context, args: argparse.Namespace) -> None:
         ctx.emit(answer, lambda d: f"created template {d['name']}\n" + format_block(d))
     elif action == "update":
         answer = c.replace_template(args.name, require_body(args))
-        ctx.emit(answer, lambda d: f"replaced template {d['name']}\n" + format_block(d))
+        ctx.emit(answer, lambda d: f"replaced template {d['name']}{_cut_note(answer)}\n" + format_block(d))
     elif action == "delete":
         ctx.emit(c.delete_template(args.name), lambda _: f"deleted template {args.name}")
 
@@ -134,16 +143,18 @@ def cmd_presets(ctx: Context, args: argparse.Namespace) -> None:
     ctx.emit(ctx.client.presets(), preset_rows)
 
 
-def cmd_audit(ctx: Context, args: argparse.Namespace) -> None:
+def cmd_audit(ctx: Context, args: argparse.Namespace) -> int | None:
     """`audit list` pages through the batches (every page with --all); `audit get` prints a batch's NDJSON;
-    `audit dns` shows the sandbox's recent DNS queries."""
+    `audit dns` shows the sandbox's recent DNS queries; `audit tail` follows the records live."""
     if args.action == "dns":
         ctx.emit(ctx.client.dns_log(args.sandbox, limit=args.limit), lambda data: dns_rows(data["queries"]))
-        return
+        return None
+    if args.action == "tail":
+        return _audit_tail(ctx, args)
     if args.action == "get":
         answer = ctx.client.audit_batch(args.sandbox, args.name)
         ctx.out.write(answer.text if answer.text.endswith("\n") or not answer.text else answer.text + "\n")
-        return
+        return None
     batches: list[Any] = []
     token: str | None = None
     while True:
@@ -156,10 +167,27 @@ def cmd_audit(ctx: Context, args: argparse.Namespace) -> None:
             break
     if ctx.json_output:
         ctx.out.write(json.dumps({"batches": batches, "next_continuation_token": token}) + "\n")
-        return
+        return None
     ctx.out.write(audit_rows(batches) + "\n")
     if token is not None:
         ctx.out.write("more batches follow: use --all, or --since-us after the last one shown\n")
+    return None
+
+
+def _audit_tail(ctx: Context, args: argparse.Namespace) -> int:
+    """Each record as it is decided, a line each (--json: the record's JSON), until Ctrl-C (exit 0). A gap (this
+    view fell behind) is said on stderr."""
+    try:
+        verdict = "deny" if args.deny else "would_deny" if args.would_deny else None
+        for item in ctx.client.stream_flows(sandbox=args.sandbox, verdict=verdict):
+            if "note" in item:
+                sys.stderr.write(f"-- {item.get('dropped', '?')} records skipped: this view fell behind --\n")
+                continue
+            ctx.out.write((json.dumps(item) if ctx.json_output else flow_line(item)) + "\n")
+            ctx.out.flush()
+    except KeyboardInterrupt:
+        return EXIT_OK
+    raise CliExit(EXIT_UNREACHABLE, "the gateway ended the flow stream (it stopped)")
 
 
 # --------------------------------------------------------------------------- run / check-config
@@ -182,19 +210,19 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
 
     config = config_or_exit(args.config)
     _check_runnable(config)
-    limits = config.default_limits
+    limits = config.limits.limits()
     lines = [
         f"config:          {config.source}",
         f"store:           {store_description(config)}",
-        f"api:             {listen_description([(config.api_host, config.api_port)])}",
-        f"sandbox subnets: {', '.join(str(n) for n in config.sandbox_subnets)}",
+        f"api:             {listen_description([(config.api.host, config.api.port)])}",
+        f"sandbox subnets: {', '.join(str(n) for n in config.network.sandbox_subnets)}",
         f"default limits:  {limits.connections_per_minute} conn/min, {limits.bandwidth_mbit} Mbit/s "
         f"(burst {limits.burst_mbit}), {limits.dns_queries_per_minute} DNS queries/min",
     ]
-    if config.tokens:
-        lines.append(f"tokens:          {len(config.tokens)}")
-        width = max(len(t.name) for t in config.tokens)
-        lines += [f"  {t.name.ljust(width)}  {', '.join(sorted(t.scopes))}" for t in config.tokens]
+    if config.api.tokens:
+        lines.append(f"tokens:          {len(config.api.tokens)}")
+        width = max(len(t.name) for t in config.api.tokens)
+        lines += [f"  {t.name.ljust(width)}  {', '.join(sorted(t.scopes))}" for t in config.api.tokens]
     else:
         lines.append("tokens:          none: the API is open to every local process (it listens on loopback only)")
     lines.append(f"presets:         {len(config.presets)}")
@@ -247,6 +275,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             event_loop=args.event_loop,
             worker=args.worker_index,  # set when a main process's pool started this one (gateway.workers)
             worker_argv=worker_argv,
+            config_path=args.config,
         )
     except StartupError as exc:
         raise CliExit(EXIT_USAGE if exc.config_error else EXIT_API_ERROR, exc.message) from None
@@ -370,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # set by the main process
     commands.add_parser("check-config", parents=[common], help="validate the configuration and summarise it")
+    p = commands.add_parser(
+        "demo", help="show the gateway working in throw-away namespaces: a sandbox, its decisions, a tunnel (root)"
+    )
+    p.add_argument("--no-wait", action="store_true", help="clean up and exit at once (0: every decision as expected)")
+    p.add_argument("--port", type=int, default=8443, help="the loopback port the tunnel URL opens on (default 8443)")
 
     sandbox = commands.add_parser("sandbox", help="manage sandboxes").add_subparsers(
         dest="action", required=True, metavar="ACTION", parser_class=Parser
@@ -427,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_tunnel_certs_parser(certs, common)
     add_tier_certs_parser(certs, common)
+    p = commands.add_parser("completion", help="print a shell completion script (bash or zsh)")
+    p.add_argument("shell", choices=SHELLS)
+    add_examples(parser)
     return parser
 
 
@@ -442,6 +479,13 @@ def _audit_parser(commands: Any, common: Parser) -> None:
     p = audit.add_parser("get", parents=[common], help="print one batch (NDJSON, one flow record per line)")
     p.add_argument("sandbox")
     p.add_argument("name", help="a batch name from `audit list`")
+    p = audit.add_parser("tail", parents=[common], help="follow flow records live, one line each (Ctrl-C ends)")
+    p.add_argument("sandbox", nargs="?", help="only this sandbox's records")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--deny", action="store_true", help="only denials")
+    only.add_argument(
+        "--would-deny", action="store_true", help="only what report mode let pass that enforce would deny"
+    )
     p = audit.add_parser("dns", parents=[common], help="a sandbox's recent DNS queries (needs --data-plane)")
     p.add_argument("sandbox")
     p.add_argument("--limit", type=int, default=100, metavar="N", help="how many of the latest queries (1-1000)")
@@ -462,11 +506,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, err = sys.stdout, sys.stderr
     args: argparse.Namespace | None = None
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command == "completion":
+            out.write(completion_script(parser, args.shell))
+            return EXIT_OK
         if args.command == "run":
             return cmd_run(args, out)
         if args.command == "check-config":
             return cmd_check_config(args, out)
+        if args.command == "demo":
+            return run_demo(out, wait=not args.no_wait, port=args.port)
         if args.command == "sandbox" and args.action in ("attach", "detach"):
             return run_attach_command(args, out, err)
         if args.command == "certs":

@@ -83,7 +83,7 @@ def client_from_args(args: argparse.Namespace) -> ApiClient:
     url = args.api or os.environ.get("GATEWAY_API_URL")
     if not url:
         config = config_or_exit(args.config)
-        url = api_url(config.api_host, config.api_port)
+        url = api_url(config.api.host, config.api.port)
     if not url.startswith(("http://", "https://")):
         raise CliExit(EXIT_USAGE, f"--api {url!r} must start with http:// or https://")
     return ApiClient(url, args.token or os.environ.get("GATEWAY_TOKEN") or None)

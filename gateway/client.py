@@ -17,25 +17,41 @@ follows redirects and never uses an HTTP proxy, so the bearer token is only ever
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_TIMEOUT = 15.0
+
+
+#: Seconds without a byte before a live stream counts as gone (the server sends an empty line every 10).
+STREAM_TIMEOUT = 60.0
+
+
+#: On the answer to a policy write: how many established connections it ended (the live cut).
+CUT_HEADER = "X-Gateway-Cut-Flows"
 
 
 @dataclass(frozen=True, slots=True)
 class ApiResponse:
     status: int
     text: str
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def data(self) -> Any:
         return json.loads(self.text) if self.text else None
+
+    @property
+    def cut_flows(self) -> int | None:
+        """The connections a policy write ended because the new policy no longer allows them (None: not a write)."""
+        value = self.headers.get(CUT_HEADER)
+        return int(value) if value is not None and value.isdigit() else None
 
 
 class ApiError(Exception):
@@ -109,6 +125,20 @@ class ApiClient:
         content_type: str = "application/json",
     ) -> ApiResponse:
         """Any route: `body` is sent as JSON; query values that are None are left out."""
+        with self._open(method, path, body, query, content_type, self.timeout) as answer:
+            return ApiResponse(answer.status, answer.read().decode("utf-8", "replace"), dict(answer.headers.items()))
+
+    @contextlib.contextmanager
+    def _open(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        query: Mapping[str, str | None] | None,
+        content_type: str,
+        timeout: float,
+    ) -> Iterator[Any]:
+        """The open answer of a 2xx; ApiError for an error answer, ApiUnreachable for no answer."""
         url = self.base_url + path
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
@@ -120,8 +150,8 @@ class ApiClient:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with self._opener.open(request, timeout=self.timeout) as answer:
-                return ApiResponse(answer.status, answer.read().decode("utf-8", "replace"))
+            with self._opener.open(request, timeout=timeout) as answer:
+                yield answer
         except urllib.error.HTTPError as exc:
             raise ApiError(ApiResponse(exc.code, exc.read().decode("utf-8", "replace"))) from None
         except urllib.error.URLError as exc:
@@ -230,3 +260,12 @@ class ApiClient:
     def dns_log(self, sandbox_id: str, *, limit: int = 100) -> ApiResponse:
         """The sandbox's latest DNS queries (needs `gateway run --data-plane`)."""
         return self.request("GET", f"/v1/sandboxes/{_quote(sandbox_id)}/dns-log", query={"limit": str(limit)})
+
+    def stream_flows(self, *, sandbox: str | None = None, verdict: str | None = None) -> Iterator[dict[str, Any]]:
+        """GET /v1/flows/stream: each flow record (and each {"note": ...}) as it comes, until the server ends it.
+        The socket timeout is generous: a quiet stream sends an empty line every few seconds."""
+        query = {"sandbox": sandbox, "verdict": verdict}
+        with self._open("GET", "/v1/flows/stream", None, query, "application/json", STREAM_TIMEOUT) as answer:
+            for line in answer:
+                if line.strip():
+                    yield json.loads(line)

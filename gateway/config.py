@@ -26,7 +26,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
 from msgspec import Meta
@@ -69,6 +69,19 @@ class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     (the DNS interceptor's port comes from [egress]); they are neither read from the file nor documented."""
 
     supplied: ClassVar[frozenset[str]] = frozenset()
+
+
+#: `Meta(extra=LIVE)` marks an option SIGHUP applies to a running gateway; any other option needs a restart.
+LIVE: Final[dict[str, Any]] = {"live": True}
+
+
+def live_options(model: type[Section]) -> frozenset[str]:
+    """The options of `model` a reload applies while the gateway runs (marked `Meta(extra=LIVE)`)."""
+    return frozenset(
+        f.name
+        for f in msgspec.structs.fields(model)
+        if any(isinstance(m, Meta) and (m.extra or {}).get("live") for m in getattr(f.type, "__metadata__", ()))
+    )
 
 
 def option_names(model: type[Section]) -> list[str]:
@@ -154,7 +167,7 @@ class LogConfig(Section, frozen=True):
     format: Annotated[
         Literal["auto", "json", "console"], Meta(description="auto: readable on a terminal, JSON lines otherwise.")
     ] = "auto"
-    level: Annotated[str, Meta(description="debug, info, warning or error (any case).")] = "info"
+    level: Annotated[str, Meta(description="debug, info, warning or error (any case).", extra=LIVE)] = "info"
 
     def __post_init__(self) -> None:
         level = self.level.lower()

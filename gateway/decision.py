@@ -10,6 +10,11 @@ whatever the number of entries.
 The `egress.inspect` entries are the first host table: a name they mark (exactly or by a wildcard) on one
 of their ports is decided INSPECT even where allow_hosts or a preset also allows it, so the engine hands it
 to the inspection tier; on their other ports the later tables still answer.
+
+A policy in report mode (`egress.enforcement: report`) turns a denial whose rule is `Rule.reportable` (an
+allowlist's miss) into an allowing verdict marked `would_deny`, in `decide` and only there: every caller (the
+engine's plan, the DNS interceptor, explain) lets it pass and records it as would-deny with the rule that
+would have denied.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from gateway.hostnames import normalize_query_name
 from gateway.inspection import InspectRule
 from gateway.policy import (
     EGRESS_MODES,
+    ENFORCEMENT_MODES,
     PORT_SCHEMA,
     PROFILE_EGRESS_FIELDS,
     PROFILES,
@@ -47,12 +53,14 @@ PROTOCOLS = ("tls", "http", "tcp", "udp", "dns")
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """The answer of `decide`: the rule that decided and, for a rule naming a policy entry, which entry."""
+    """The answer of `decide`: the rule that decided and, for a rule naming a policy entry, which entry.
+    `would_deny`: allowed only because the policy is in report mode; `rule` is the one that would deny."""
 
     allowed: bool
     reason: str
     rule: Rule
     detail: str = ""
+    would_deny: bool = False
 
     @property
     def label(self) -> str:
@@ -60,7 +68,7 @@ class Verdict:
         return self.rule.label(self.detail)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(VerdictView(self.allowed, self.reason, self.label))
+        return asdict(VerdictView(self.allowed, self.reason, self.label, self.would_deny))
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +84,13 @@ class VerdictView:
             "`deny_cidrs 10.0.0.0/8`, `default:deny`."
         ),
     ]
+    would_deny: Annotated[
+        bool,
+        Note(
+            description="Allowed only because the policy is in report mode (egress.enforcement report): under "
+            "enforce, `rule` would deny it."
+        ),
+    ] = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +126,7 @@ class PolicyView:
     profile: Annotated[str, Note(enum=list(PROFILES))]
     allow_internet: bool
     mode: Annotated[str, Note(enum=list(EGRESS_MODES))]
+    enforcement: Annotated[str, Note(enum=list(ENFORCEMENT_MODES))]
     egress: Annotated[dict[str, Any], Note(schema_ref("Egress"))]
     limits: EffectiveLimits
 
@@ -191,6 +207,11 @@ class HostTable:
                 exact.setdefault(pattern, []).append((ports, rule, detail))
         return cls({name: tuple(r) for name, r in exact.items()}, {name: tuple(r) for name, r in wildcard.items()})
 
+    def covers(self, name: str) -> bool:
+        """Whether an entry names `name` (exactly, or as a first-level wildcard), whatever its ports."""
+        dot = name.find(".")
+        return name in self.exact or (dot > 0 and name[dot + 1 :] in self.wildcard)
+
 
 @functools.lru_cache(maxsize=1024)
 def preset_table(preset: Preset) -> HostTable:
@@ -207,6 +228,7 @@ class CompiledPolicy:
         "_allow_verdicts",
         "_deny_nets",
         "_deny_verdicts",
+        "_ech_names",
         "_exact_verdicts",
         "_host_tables",
         "_inspect_rules",
@@ -215,6 +237,7 @@ class CompiledPolicy:
         "effective_egress",
         "limits",
         "profile",
+        "report",
         "sandbox_id",
     )
 
@@ -231,7 +254,9 @@ class CompiledPolicy:
         self.effective_egress = egress
         self.allow_internet = egress.allow_internet is not False
         self.allow_all = profile == "unrestricted" and egress.mode != "deny_all"
+        self.report = egress.enforcement == "report"
         self._host_tables = host_tables
+        self._ech_names = HostTable.build((pattern, None, Rule.ECH, pattern) for pattern in egress.allow_ech or ())
         self._inspect_rules = {pattern: rule for rule in egress.inspect or () for pattern in rule.hosts}
         # Verdicts whose reason depends only on the rule (an exact name's, a CIDR's) are built on the rule's
         # first hit and reused: bounded by the number of rules, and compiling stays as cheap as before.
@@ -252,6 +277,13 @@ class CompiledPolicy:
         """The inspect entry behind a verdict of rule INSPECT, by the verdict's detail (its host pattern)."""
         return self._inspect_rules.get(pattern)
 
+    def ech_accepted(self, outer_name: str | None) -> bool:
+        """May a ClientHello carrying Encrypted Client Hello with this outer name pass? ECH hides the real
+        destination, so only where no name is checked anyway (allow_all) or an `allow_ech` entry opts it in."""
+        if self.allow_all:
+            return True
+        return outer_name is not None and self._ech_names.covers(outer_name)
+
     def name_allowed(self, name: str) -> Verdict:
         """Whether a name may be resolved (the DNS question), regardless of port."""
         return decide(self, name, None, None, "dns")
@@ -263,6 +295,7 @@ class CompiledPolicy:
                 profile=self.profile,
                 allow_internet=self.allow_internet,
                 mode="allow_all" if self.allow_all else "deny_all",
+                enforcement="report" if self.report else "enforce",
                 egress=self.effective_egress.to_dict(),
                 limits=self.limits,
             )
@@ -294,8 +327,23 @@ def decide(
 
     `hostname` is the TLS SNI, HTTP Host or DNS question (None when the connection
     carries no name). `address` is None for a DNS question, which is decided on the
-    name alone.
+    name alone. In report mode a denial by a reportable rule comes back allowed and `would_deny`.
     """
+    verdict = _decide(policy, hostname, address, port, protocol)
+    if verdict.allowed or not policy.report or not verdict.rule.reportable:
+        return verdict
+    reason = f"report mode: would deny ({verdict.reason})"
+    return Verdict(True, reason, verdict.rule, verdict.detail, would_deny=True)
+
+
+def _decide(
+    policy: CompiledPolicy,
+    hostname: str | None,
+    address: str | IPAddress | None,
+    port: int | None,
+    protocol: str,
+) -> Verdict:
+    """`decide` as enforced."""
     if port is not None and port in _SMTP_VERDICTS:
         return _SMTP_VERDICTS[port]
     if policy.profile == "isolated":

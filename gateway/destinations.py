@@ -6,17 +6,22 @@ answers in a few dict probes (one per distinct prefix length, via `decision.NetS
 touches a file: `reload_blocklist()`, called periodically by the engine (every
 `BLOCKLIST_CHECK_INTERVAL`), replaces the table when the file changed (`gateway.files.FileWatch`).
 
-Three kinds of refusal, in this order:
+Four kinds of refusal, in this order:
 
-* `blocklist` (operator threat feed) and `gateway` (the gateway's own addresses): refused
-  in every profile, even when a CIDR rule of the policy would allow them. A sandbox has
-  no business reaching the gateway's services, and a threat feed outranks a policy.
-* `special`: loopback, RFC 1918, CGNAT, link-local (incl. the 169.254.169.254 metadata
-  service), multicast, reserved, documentation and benchmarking ranges, IPv6 ULA /
-  link-local / multicast, and the IPv6 forms that embed an IPv4 address (mapped,
-  compatible, 6to4, Teredo, NAT64), which are unwrapped and the embedded IPv4 checked.
-  These are refused unless an explicit `allow_cidrs` rule of the sandbox's policy
-  allows the address (`Refusal.overridable`). Ranges in `public_ranges` (config) count
+* `blocklist` (operator threat feed), `gateway` (the gateway's own addresses) and `metadata`
+  (the clouds' instance-metadata and host-agent endpoints: the whole IPv4 link-local range, where
+  most of them live, and the ones outside it such as Alibaba's 100.100.100.200, Azure's
+  WireServer 168.63.129.16, Oracle's 192.0.0.192, AWS's and Google's fd00:ec2::254 and
+  fd20:ce::254): refused in every profile, even when a CIDR rule of the policy or the
+  operator's `public_ranges` would allow them. A sandbox has no business reaching the gateway's
+  services or the credentials a metadata service hands out, and a threat feed outranks a policy.
+  An IPv6 address embedding an IPv4 one (IPv4-mapped, IPv4-compatible, 6to4, Teredo server and
+  client, NAT64 in the well-known and the local-use prefix) is refused with its embedded
+  address's refusal first, so no spelling reaches these.
+* `special`: loopback, RFC 1918, CGNAT, link-local, multicast, reserved, documentation and
+  benchmarking ranges, IPv6 ULA / link-local / multicast, and the embedded forms above around
+  such an address. These are refused unless an explicit `allow_cidrs` rule of the sandbox's
+  policy allows the address (`Refusal.overridable`). Ranges in `public_ranges` (config) count
   as public: tests declare their fake internet (198.18/15, 2001:db8::/32) that way.
 """
 
@@ -32,7 +37,7 @@ import structlog
 
 from gateway.decision import NetSet, address_key
 from gateway.files import FileWatch, read_regular_file
-from gateway.policy import IPAddress, IPNetwork
+from gateway.policy import METADATA_ENDPOINTS, IPAddress, IPNetwork
 from gateway.rules import Rule
 
 log = structlog.get_logger("gateway.destinations")
@@ -46,7 +51,6 @@ _V4_SPECIAL: tuple[tuple[str, str], ...] = (
     ("100.64.0.0/10", "shared address space (CGNAT 100.64.0.0/10)"),
     ("127.0.0.0/8", "loopback address"),
     ("169.254.0.0/16", "link-local address"),
-    ("169.254.169.254/32", "metadata service"),
     ("172.16.0.0/12", "private address (RFC 1918)"),
     ("192.0.0.0/24", "IETF protocol assignment (192.0.0.0/24)"),
     ("192.0.2.0/24", "documentation address (TEST-NET-1)"),
@@ -75,18 +79,19 @@ _V6_SPECIAL: tuple[tuple[str, str], ...] = (
     ("ff00::/8", "multicast address"),
 )
 
-_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
-_COMPAT = ipaddress.ip_network("::/96")
-_6TO4 = ipaddress.ip_network("2002::/16")
-_TEREDO = ipaddress.ip_network("2001::/32")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# The IPv6 forms that embed an IPv4 address, as integer prefixes (a dial check must stay cheap).
+_COMPAT_PREFIX = 0  # ::/96 (IPv4-mapped ::ffff:0:0/96 is unwrapped by `address_key` already)
+_6TO4_PREFIX = 0x2002  # 2002::/16
+_TEREDO_PREFIX = 0x20010000  # 2001::/32
+_NAT64_PREFIX = 0x0064FF9B << 64  # 64:ff9b::/96, as value >> 32
+_NAT64_LOCAL_PREFIX = 0x0064FF9B0001  # 64:ff9b:1::/48: RFC 8215, here in its /96 form (the IPv4 last)
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """Why a destination address is refused. `overridable`: an allow_cidrs rule may still allow it."""
 
-    kind: str  # "special" | "gateway" | "blocklist"
+    kind: str  # "special" | "gateway" | "blocklist" | "metadata"
     reason: str
     rule: Rule
     overridable: bool
@@ -95,20 +100,25 @@ class Refusal:
 def embedded_ipv4(address: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Address]]:
     """The IPv4 addresses an IPv6 address carries (mapped, compatible, 6to4, Teredo, NAT64), with the form's name."""
     value = int(address)
-    out: list[tuple[str, ipaddress.IPv4Address]] = []
-    if address in _MAPPED:
-        out.append(("IPv4-mapped", ipaddress.IPv4Address(value & 0xFFFFFFFF)))
-    elif address in _COMPAT and value > 1:
-        out.append(("IPv4-compatible", ipaddress.IPv4Address(value & 0xFFFFFFFF)))
-    elif address in _6TO4:
-        out.append(("6to4", ipaddress.IPv4Address((value >> 80) & 0xFFFFFFFF)))
-    elif address in _TEREDO:
+    if value >> 32 == 0xFFFF:
+        return [("IPv4-mapped", ipaddress.IPv4Address(value & 0xFFFFFFFF))]
+    return [(form, ipaddress.IPv4Address(inner)) for form, inner in _embedded(value)]
+
+
+def _embedded(value: int) -> list[tuple[str, int]]:
+    """`embedded_ipv4` on an IPv6 address's integer value (not IPv4-mapped: that one is unwrapped before)."""
+    if value >> 32 == _COMPAT_PREFIX:
+        return [("IPv4-compatible", value)] if value > 1 else []
+    if value >> 112 == _6TO4_PREFIX:
+        return [("6to4", (value >> 80) & 0xFFFFFFFF)]
+    if value >> 96 == _TEREDO_PREFIX:
         # RFC 4380 4: server IPv4 in bits 32-63, client IPv4 obfuscated (inverted) in the last 32 bits.
-        out.append(("Teredo server", ipaddress.IPv4Address((value >> 64) & 0xFFFFFFFF)))
-        out.append(("Teredo client", ipaddress.IPv4Address(~value & 0xFFFFFFFF)))
-    elif address in _NAT64:
-        out.append(("NAT64", ipaddress.IPv4Address(value & 0xFFFFFFFF)))
-    return out
+        return [("Teredo server", (value >> 64) & 0xFFFFFFFF), ("Teredo client", ~value & 0xFFFFFFFF)]
+    if value >> 32 == _NAT64_PREFIX:
+        return [("NAT64", value & 0xFFFFFFFF)]
+    if value >> 80 == _NAT64_LOCAL_PREFIX:
+        return [("local-use NAT64", value & 0xFFFFFFFF)]
+    return []
 
 
 def parse_blocklist(text: str, source: str = "blocklist") -> tuple[dict[str, int], list[tuple[int, str]]]:
@@ -147,6 +157,8 @@ class Destinations:
             nets.append(net)
             self._labels[str(net)] = label
         self._special = NetSet(nets)
+        self._metadata = NetSet(ipaddress.ip_network(text) for text, _ in METADATA_ENDPOINTS)
+        self._metadata_labels = {str(ipaddress.ip_network(text)): label for text, label in METADATA_ENDPOINTS}
         self._configured_own = tuple(gateway_addresses)
         self._own: set[tuple[int, int]] = set()
         self.set_local_addresses(local_addresses)
@@ -203,7 +215,27 @@ class Destinations:
             key = address_key(address)  # IPv4-mapped is unwrapped here already
         except ValueError:
             return Refusal("special", f"unparseable address {address!r}", Rule.SPECIAL_ADDRESS, False)
-        text = str(address)
+        refusal = self._always_refused(key, address)
+        if refusal is not None:
+            return refusal
+        embedded = _embedded(key[1]) if key[0] == 6 else ()
+        for form, inner in embedded:  # before public_ranges: no spelling reaches what is always refused
+            refusal = self._always_refused((4, inner), inner)
+            if refusal is not None:
+                return _wrapped(refusal, form, inner, address)
+        if self._public.match(key) is not None:
+            return None
+        hit = self._special.match(key)
+        if hit is not None:
+            return Refusal("special", f"{self._labels[hit]} {_shown(key, address)}", Rule.SPECIAL_ADDRESS, True)
+        for form, inner in embedded:
+            refusal = self.check(ipaddress.IPv4Address(inner))
+            if refusal is not None:
+                return _wrapped(refusal, form, inner, address)
+        return None
+
+    def _always_refused(self, key: tuple[int, int], address: object) -> Refusal | None:
+        """The refusals no policy and no `public_ranges` override: blocklist, own address, metadata."""
         if self._block:
             hit = self._block.match(key)
             if hit is not None:
@@ -211,26 +243,22 @@ class Destinations:
                 where = f" (line {line})" if line else ""
                 return Refusal("blocklist", f"operator blocklist {hit}{where}", Rule.BLOCKLIST, False)
         if key in self._own:
-            return Refusal("gateway", f"the gateway's own address {text}", Rule.GATEWAY_ADDRESS, False)
-        if self._public.match(key) is not None:
-            return None
-        hit = self._special.match(key)
+            return Refusal("gateway", f"the gateway's own address {_shown(key, address)}", Rule.GATEWAY_ADDRESS, False)
+        hit = self._metadata.match(key)
         if hit is not None:
-            label = self._labels[hit]
-            shown = str(ipaddress.ip_address(key[1]) if key[0] == 4 else text)
-            return Refusal("special", f"{label} {shown}", Rule.SPECIAL_ADDRESS, True)
-        if key[0] == 6:
-            for form, inner in embedded_ipv4(ipaddress.IPv6Address(key[1])):
-                inner_refusal = self.check(inner)
-                if inner_refusal is not None:
-                    why = inner_refusal.reason.rsplit(" ", 1)[0]
-                    return Refusal(
-                        inner_refusal.kind,
-                        f"IPv4 {inner} embedded in {form} {text} is refused: {why}",
-                        inner_refusal.rule,
-                        inner_refusal.overridable,
-                    )
+            return Refusal("metadata", f"{self._metadata_labels[hit]} {_shown(key, address)}", Rule.METADATA, False)
         return None
+
+
+def _shown(key: tuple[int, int], address: object) -> str:
+    """An address as refusals name it: IPv4 as such (also when it came IPv4-mapped), IPv6 as given."""
+    return str(ipaddress.IPv4Address(key[1])) if key[0] == 4 else str(address)
+
+
+def _wrapped(inner: Refusal, form: str, embedded: int, address: object) -> Refusal:
+    why = inner.reason.rsplit(" ", 1)[0]
+    reason = f"IPv4 {ipaddress.IPv4Address(embedded)} embedded in {form} {address} is refused: {why}"
+    return Refusal(inner.kind, reason, inner.rule, inner.overridable)
 
 
 def read_local_addresses() -> list[IPAddress]:

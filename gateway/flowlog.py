@@ -4,10 +4,13 @@ decided), never payload or credentials.
 Each record is rendered to JSON once (`render`, a fixed template: about a quarter of `json.dumps`' cost)
 and goes three ways:
 
-- a structured log line (event `flow`): with JSON logging (`gateway.logs.json_line_stream`) the
-  rendered record plus `event`, `level` and `timestamp`, the lines of one event-loop turn written
-  together at the end of that turn; otherwise (console logging, or a test capturing logs) through
-  structlog at once;
+- live subscribers (`subscribe`, what GET /v1/flows/stream serves): each holds the lines of its sandbox and
+  verdict in a bounded buffer; one that does not read loses its oldest lines (counted), it never slows the
+  data plane or grows;
+- only with `audit.log_records`, a structured log line (event `flow`): with JSON logging
+  (`gateway.logs.json_line_stream`) the rendered record plus `event`, `level` and `timestamp`, the lines of
+  one event-loop turn written together at the end of that turn; otherwise through structlog at once. Off by
+  default: records are records, not console chatter;
 - an NDJSON audit batch per sandbox: every `flush_interval` a background task
   writes the records queued for each sandbox to `<dir>/<sandbox id>/<ts_us>-<pid>.ndjson`,
   where `ts_us` is the first record's `end_us` (records are queued when a connection
@@ -19,6 +22,10 @@ and goes three ways:
 - optionally a Redis stream (`audit.redis_stream`), capped near `audit.redis_maxlen`
   entries (`XADD MAXLEN ~`). The mirror has its own queue and task: Redis being slow or
   down delays or loses only the mirror, never the files.
+
+A worker process of `--workers N` has a forwarding flow log instead (`forward`): the lines of one event-loop
+turn go to `forward` together at the end of that turn (one write to the pipe to the main process, whose flow
+log is the one sink), and nothing else.
 
 `record()` is what the data plane calls: it never blocks and never raises. The queue is
 bounded; when it is full the record is dropped and counted (the log line is still
@@ -38,10 +45,12 @@ import os
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
+import msgspec
 import structlog
 
 from gateway.audit_config import AuditConfig
@@ -61,8 +70,11 @@ __all__ = [
     "BatchInfo",
     "FlowLog",
     "FlowRecord",
+    "Subscription",
     "check_batch_name",
     "check_sandbox_id",
+    "decode_record",
+    "flow_verdict",
     "now_us",
     "render",
 ]
@@ -70,7 +82,16 @@ __all__ = [
 log = structlog.get_logger("gateway.flowlog")
 
 FlowProtocol = Literal["tls", "http", "https", "tcp", "dns"]
-FlowVerdict = Literal["allow", "deny"]
+#: would_deny: allowed only because the sandbox's policy is in report mode; `rule` is the one that would deny.
+FlowVerdict = Literal["allow", "deny", "would_deny"]
+
+
+def flow_verdict(allowed: bool, would_deny: bool) -> FlowVerdict:
+    """The record's verdict of a decision: `would_deny` is allowed only because the policy is in report mode."""
+    if not allowed:
+        return "deny"
+    return "would_deny" if would_deny else "allow"
+
 
 #: `{ts_us}-{pid}.ndjson`: 16 digits keep lexical order chronological until the year 2286.
 BATCH_NAME_PATTERN: Final = re.compile(r"^(\d{16})-(\d{1,10})\.ndjson$")
@@ -80,6 +101,8 @@ DEFAULT_QUEUE_SIZE: Final = 100_000
 #: Records per file at most; a busier interval is split over several files.
 MAX_BATCH_RECORDS: Final = 10_000
 REDIS_TIMEOUT: Final = 5.0
+#: Lines held for one live subscriber that does not read; beyond this its oldest are dropped (and counted).
+SUBSCRIBER_BUFFER: Final = 1000
 FILE_MODE: Final = 0o640
 DIR_MODE: Final = 0o750
 
@@ -128,6 +151,44 @@ class FlowRecord:
 
 
 FIELD_NAMES: Final = tuple(f.name for f in fields(FlowRecord))
+
+
+def decode_record(line: bytes) -> FlowRecord:
+    """A record from its JSON (what `render` wrote, in another process). Raises ValueError for anything else."""
+    try:
+        return msgspec.json.decode(line, type=FlowRecord)
+    except msgspec.DecodeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class Subscription:
+    """One live view of the records: those of `sandbox` (None: all) with `verdict` (None: both), as rendered JSON,
+    in a buffer of `size` lines. A reader that falls behind loses the oldest lines, counted in `lagged`."""
+
+    def __init__(self, sandbox: str | None, verdict: str | None, size: int = SUBSCRIBER_BUFFER) -> None:
+        self.sandbox = sandbox
+        self.verdict = verdict
+        self.lines: deque[str] = deque(maxlen=size)
+        self.lagged = 0
+        self._wakeup = asyncio.Event()
+
+    def offer(self, rec: FlowRecord, line: str) -> None:
+        if self.sandbox not in (None, rec.sandbox) or self.verdict not in (None, rec.verdict):
+            return
+        if len(self.lines) == self.lines.maxlen:
+            self.lagged += 1
+        self.lines.append(line)
+        self._wakeup.set()
+
+    async def next(self, timeout: float) -> list[str]:
+        """The lines queued since the last call; waits up to `timeout` seconds for one (then an empty list)."""
+        if not self.lines:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+        self._wakeup.clear()
+        lines = list(self.lines)
+        self.lines.clear()
+        return lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +321,7 @@ class FlowLog:
         redis: redis.asyncio.Redis | None = None,
         *,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        forward: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.config = config
         self.dir = Path(config.dir)
@@ -268,8 +330,11 @@ class FlowLog:
         self.queue_size = queue_size
         self.pid = os.getpid()
         self._pending: list[tuple[FlowRecord, str]] = []  # with its rendered JSON
-        self._log_lines: list[str] = []  # rendered records waiting for the end of this event-loop turn
-        self._log_scheduled = False
+        #: Forwarding (a worker process): no batches, mirror, log or subscribers of its own.
+        self.forward = forward
+        self._turn_lines: list[str] = []  # rendered records waiting for the end of this event-loop turn
+        self._turn_scheduled = False
+        self._subscribers: set[Subscription] = set()
         self._mirror: deque[FlowRecord] = deque()
         self._last_ts: dict[str, int] = {}  # per sandbox: batch names strictly increase within this process
         self._task: asyncio.Task[None] | None = None
@@ -297,17 +362,21 @@ class FlowLog:
 
     # ------------------------------------------------------------------ the data plane's side
 
-    def record(self, rec: FlowRecord) -> None:
-        """Queue one record. Never blocks and never raises: the data plane must not wait on its audit trail."""
+    def record(self, rec: FlowRecord, rendered: str | None = None) -> None:
+        """Queue one record. Never blocks and never raises: the data plane must not wait on its audit trail.
+        `rendered`: the record's `render` already made (a worker's, which the main process need not redo)."""
         try:
-            line = render(rec)
-            if self._log_scheduled:  # JSON lines were on at the start of this turn of the loop
-                self._log_lines.append(line)
-            elif json_line_stream() is not None:
-                self._log_lines.append(line)
-                self._schedule_log_lines()
-            else:
-                log.info("flow", **rec.to_dict())
+            line = render(rec) if rendered is None else rendered
+            if self.forward is not None:
+                self._at_turn_end(line)
+                return
+            if self.config.log_records:
+                if self._turn_scheduled or json_line_stream() is not None:
+                    self._at_turn_end(line)
+                else:
+                    log.info("flow", **rec.to_dict())
+            for subscriber in self._subscribers:
+                subscriber.offer(rec, line)
             if len(self._pending) >= self.queue_size:
                 self.dropped += 1
                 if not self._drop_warned:
@@ -325,20 +394,29 @@ class FlowLog:
             with contextlib.suppress(Exception):
                 self.dropped += 1
 
-    def _schedule_log_lines(self) -> None:
+    def _at_turn_end(self, line: str) -> None:
+        self._turn_lines.append(line)
+        if self._turn_scheduled:
+            return
         try:
-            asyncio.get_running_loop().call_soon(self._write_log_lines)
-            self._log_scheduled = True
+            asyncio.get_running_loop().call_soon(self._end_turn)
+            self._turn_scheduled = True
         except RuntimeError:  # no event loop (a script, a test): now
-            self._write_log_lines()
+            self._end_turn()
 
-    def _write_log_lines(self) -> None:
-        """The `flow` log lines queued during this turn of the event loop, in one write."""
-        self._log_scheduled = False
-        lines, self._log_lines = self._log_lines, []
-        stream = json_line_stream()
+    def _end_turn(self) -> None:
+        """The lines queued during this turn of the event loop: forwarded, or written as `flow` log lines, at once."""
+        self._turn_scheduled = False
+        lines, self._turn_lines = self._turn_lines, []
         if not lines:
             return
+        if self.forward is not None:
+            try:
+                self.forward(lines)
+            except Exception:  # a broken pipe must not break a connection
+                self.dropped += len(lines)
+            return
+        stream = json_line_stream()
         if stream is None:  # the logging configuration changed during this turn: through structlog, then
             for line in lines:
                 log.info("flow", **json.loads(line))
@@ -349,6 +427,20 @@ class FlowLog:
             stream.flush()
         except Exception:  # a broken log sink must not break a connection
             pass
+
+    # ------------------------------------------------------------------ live subscribers
+
+    def subscribe(self, sandbox: str | None = None, verdict: str | None = None) -> Subscription:
+        """A live view of the records from now on. Raises GatewayError TOO_MANY_SUBSCRIBERS (503) at the cap."""
+        if len(self._subscribers) >= self.config.max_stream_subscribers:
+            raise GatewayError("TOO_MANY_SUBSCRIBERS", f"{len(self._subscribers)} live flow views are served already "
+                               "(audit.max_stream_subscribers)", status=503)  # fmt: skip
+        subscription = Subscription(sandbox, verdict)
+        self._subscribers.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscribers.discard(subscription)
 
     @property
     def pending(self) -> int:
@@ -375,7 +467,7 @@ class FlowLog:
 
     async def close(self) -> None:
         """Stop the tasks, then write what is queued (and try the mirror once more, briefly)."""
-        self._write_log_lines()
+        self._end_turn()
         for task in (self._task, self._mirror_task):
             if task is not None:
                 task.cancel()

@@ -6,6 +6,7 @@ Every value goes through `cell`, so a person never sees Python's `None`/`True` n
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
@@ -96,7 +97,7 @@ def _header_condition(match: Mapping[str, Any]) -> str:
 def format_verdict(answer: Mapping[str, Any]) -> str:
     """`DENY  evil.com:443  host not in allowlist  (rule default:deny)`; with an HTTP request asked,
     `DENY  POST api.github.com:443 /repos/x  read-only GitHub  (rule inspect api.github.com)`."""
-    word = "ALLOW" if answer.get("allowed") else "DENY"
+    word = "WOULD-DENY" if answer.get("would_deny") else "ALLOW" if answer.get("allowed") else "DENY"
     request = answer.get("request") or {}
     target = _target(request)
     if request.get("method"):
@@ -211,3 +212,28 @@ def dns_rows(queries: Sequence[Mapping[str, Any]]) -> str:
         for q in queries
     ]
     return format_table(("TIME (UTC)", "NAME", "TYPE", "RCODE", "ANSWERS", "VERDICT", "REASON"), rows)
+
+
+def _endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_FLOW_VERDICTS = {"allow": "allow", "would_deny": "WOULD-DENY"}
+
+
+def flow_line(record: Mapping[str, Any]) -> str:
+    """One flow record as `gateway audit tail` shows it: time (UTC), sandbox, verdict, protocol, what the sandbox
+    asked for (hostname, else address) -> what was dialled, bytes for allows, the request for inspected ones, rule
+    and reason."""
+    when = datetime.fromtimestamp(record["end_us"] / 1e6, UTC).strftime("%H:%M:%S.%f")[:-3]
+    verdict = _FLOW_VERDICTS.get(record["verdict"], "DENY")
+    asked = _endpoint(record.get("hostname") or record["orig_dst_addr"], record["orig_dst_port"])
+    parts = [when, record["sandbox"], verdict, record["protocol"], asked, "->",
+             _endpoint(record["dst_addr"], record["dst_port"])]  # fmt: skip
+    if record.get("method"):
+        parts.append(f"{record['method']} {record.get('path') or '/'} {record.get('status') or '-'}")
+    if record["verdict"] != "deny":
+        parts.append(f"up={record['bytes_up']} down={record['bytes_down']}")
+    parts.append(f"rule={record['rule'] or '-'}")
+    parts.append(f"reason={json.dumps(record['reason'])}")
+    return " ".join(parts)

@@ -35,11 +35,30 @@ UNSUPPORTED_PROFILES = {
     "it filters at L3/L4 and above. Use allowlisted or unrestricted.",
 }
 EGRESS_MODES = ("allow_all", "deny_all")
+#: `egress.enforcement`: `report` lets what the allowlist would deny pass, recorded as would_deny (see
+#: `gateway.rules.Rule.reportable` for what stays enforced); `enforce`, the default, denies it.
+ENFORCEMENT_MODES = ("enforce", "report")
 #: L4 protocols a private link may open; one link opens one (list the link twice for both).
 LINK_PROTOCOLS = ("tcp", "udp")
 MAX_LIST_ENTRIES = 50
 MAX_ADDRESSES = 8
 METADATA_RANGE = ipaddress.ip_network("169.254.0.0/16")
+#: The destinations the data plane refuses whatever a policy or `public_ranges` say (gateway/destinations.py),
+#: so an allow_cidrs entry inside one is refused. Sources: each cloud's instance-metadata documentation.
+METADATA_ENDPOINTS: tuple[tuple[str, str], ...] = (
+    (str(METADATA_RANGE), "link-local address (cloud metadata services live here)"),
+    ("169.254.169.254/32", "cloud metadata service (AWS, GCP, Azure, OCI, OpenStack, DigitalOcean)"),
+    ("169.254.170.2/32", "cloud metadata service (AWS ECS task metadata)"),
+    ("169.254.170.23/32", "cloud metadata service (AWS EKS Pod Identity)"),
+    ("169.254.0.23/32", "cloud metadata service (Tencent Cloud)"),
+    ("100.100.100.200/32", "cloud metadata service (Alibaba Cloud)"),
+    ("168.63.129.16/32", "cloud host agent (Azure WireServer)"),
+    ("192.0.0.192/32", "cloud metadata service (Oracle Cloud)"),
+    ("fd00:ec2::254/128", "cloud metadata service (AWS IMDS over IPv6)"),
+    ("fd00:ec2::23/128", "cloud metadata service (AWS EKS Pod Identity over IPv6)"),
+    ("fd20:ce::254/128", "cloud metadata service (Google Cloud over IPv6)"),
+)
+_METADATA_NETS = tuple(ipaddress.ip_network(text) for text, _ in METADATA_ENDPOINTS)
 ID_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62})$")
 MAX_DESCRIPTION = 500
 MAX_LABEL_KEY = 63
@@ -206,6 +225,10 @@ class Egress:
     host_ports: tuple[int, ...] | None = None
     #: Allow entries whose HTTP requests the inspection tier decides; they win over allow_hosts and presets.
     inspect: tuple[InspectRule, ...] | None = None
+    #: Outer (public) names whose Encrypted Client Hello is accepted; any other ECH hello is refused.
+    allow_ech: tuple[str, ...] | None = None
+    #: `report`: the allowlist's denials pass and are recorded as would_deny (rolling out a narrower policy).
+    enforcement: str | None = None
 
     def set_fields(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -365,6 +388,26 @@ EGRESS_SCHEMA: Final[Mapping[str, Any]] = {
             "which it adds gateway-held credentials. They win over allow_hosts and presets for their names and "
             "ports; a host may appear in one entry only.",
         )
+    ),
+    "allow_ech": nullable(
+        list_schema(
+            HOSTNAME_SCHEMA,
+            "Outer (public) TLS names whose Encrypted Client Hello is accepted. ECH hides the real destination "
+            "behind the outer name (a CDN's ECH key serves every site it hosts), so every other ClientHello "
+            "carrying ECH is refused; the outer name must still be allowed by the rest of the policy.",
+        )
+    ),
+    "enforcement": nullable(
+        {
+            "type": "string",
+            "enum": list(ENFORCEMENT_MODES),
+            "default": "enforce",
+            "description": "`report`: connections and DNS questions the allowlist would deny (a name, address or "
+            "port not listed) pass and are recorded with verdict would_deny and the rule that would have denied "
+            "them. The built-in guards (metadata, special and the gateway's own addresses, SMTP, ECH, malformed "
+            "input), deny_cidrs, allow_internet false and rate limits stay enforced. Profiles allowlisted and "
+            "unrestricted.",
+        }
     ),
 }
 HEADER_NAME_SCHEMA: Final[Mapping[str, Any]] = {
@@ -761,7 +804,11 @@ def parse_egress(data: object, path: str, known_presets: Iterable[str], known_se
             values[name] = raw
         elif name == "allow_internet":
             values[name] = _bool(raw, where)
-        elif name == "allow_hosts":
+        elif name == "enforcement":
+            if raw not in ENFORCEMENT_MODES:
+                raise _fail("INVALID_ENFORCEMENT", f"{raw!r} is not an enforcement; use enforce or report", where)
+            values[name] = raw
+        elif name in ("allow_hosts", "allow_ech"):
             values[name] = _list(raw, where, _hostname)
         elif name == "presets":
             values[name] = _list(raw, where, preset)
@@ -779,7 +826,7 @@ def parse_egress(data: object, path: str, known_presets: Iterable[str], known_se
 def _check_egress_rules(egress: Egress, path: str) -> None:
     """The egress-mode validation rules (zwrm's), which hold for a record on its own (template or sandbox)."""
     if egress.mode == "allow_all":
-        for name in ("allow_cidrs", "deny_cidrs", "allow_ports", "allow_hosts", "presets", "inspect"):
+        for name in ("allow_cidrs", "deny_cidrs", "allow_ports", "allow_hosts", "presets", "inspect", "allow_ech"):
             if getattr(egress, name):
                 raise _fail(
                     "EGRESS_MODE_CONFLICT",
@@ -792,6 +839,15 @@ def _check_egress_rules(egress: Egress, path: str) -> None:
             "allow_ports restricts allow_cidrs, so allow_cidrs must be set",
             f"{path}.allow_ports",
         )
+    for index, net in enumerate(egress.allow_cidrs or ()):
+        inside = next((m for m in _METADATA_NETS if m.version == net.version and net.subnet_of(m)), None)  # type: ignore[arg-type]
+        if inside is not None:
+            raise _fail(
+                "ALLOW_METADATA_ENDPOINT",
+                f"{net} lies in {inside} (a cloud metadata endpoint), which the gateway refuses for every sandbox "
+                "whatever the policy says; remove it from allow_cidrs",
+                f"{path}.allow_cidrs[{index}]",
+            )
     for index, net in enumerate(egress.deny_cidrs or ()):
         if net.version == 4 and net.overlaps(METADATA_RANGE):
             raise _fail(
@@ -801,7 +857,7 @@ def _check_egress_rules(egress: Egress, path: str) -> None:
                 f"{path}.deny_cidrs[{index}]",
             )
     if egress.allow_internet is False:
-        for name in ("allow_hosts", "presets", "allow_cidrs", "inspect"):
+        for name in ("allow_hosts", "presets", "allow_cidrs", "inspect", "allow_ech"):
             if getattr(egress, name):
                 raise _fail(
                     "EGRESS_DISABLED_WITH_RULES",

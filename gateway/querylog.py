@@ -36,6 +36,9 @@ class DnsQuery:
     reason: str
     rule: str
     cached: bool
+    would_deny: Annotated[
+        bool, Note(description="Answered only because the policy is in report mode; `rule` would deny it.")
+    ]
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIELDS}

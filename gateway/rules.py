@@ -32,6 +32,7 @@ class Rule(StrEnum):
     # Guards built into the gateway, whatever the policy says.
     SMTP = "builtin:smtp"
     SPECIAL_ADDRESS = "builtin:special"
+    METADATA = "builtin:metadata"
     BLOCKLIST = "builtin:blocklist"
     GATEWAY_ADDRESS = "builtin:gateway"
     RESOLVE_FAILED = "builtin:resolve"
@@ -39,6 +40,8 @@ class Rule(StrEnum):
     PEEK = "builtin:peek"
     PEEK_CAP = "builtin:peek-cap"
     TLS = "builtin:tls"
+    #: A ClientHello carrying Encrypted Client Hello whose outer name no `egress.allow_ech` entry opts in.
+    ECH = "builtin:ech"
     HTTP = "builtin:http"
     HOST_MISMATCH = "builtin:host-mismatch"
     INSPECTION_DOWN = "builtin:inspection"
@@ -54,8 +57,20 @@ class Rule(StrEnum):
     # An egress.inspect entry (a detail names its host pattern): allowed, and handed to the inspection tier.
     INSPECT = "inspect"
 
+    @property
+    def reportable(self) -> bool:
+        """Whether report mode (`egress.enforcement: report`) lets a denial by this rule pass, recorded as
+        `would_deny`: only an allowlist's miss (a name, an address or a port it does not list). Every other denial
+        stays enforced in report mode: the built-in guards (metadata, the gateway's own and special addresses,
+        SMTP, ECH, malformed or smuggled protocol input), deny_cidrs, the isolated profile and the allow_internet
+        switch, rate limits. A rule added later is enforced unless it is listed here."""
+        return self in _REPORTABLE
+
     def label(self, detail: str = "") -> str:
         """The rule as records show it: `allow_hosts api.example.com`, `tunnel:ab12`, `default:deny`."""
         if not detail:
             return self.value
         return f"{self.value}:{detail}" if self is Rule.TUNNEL else f"{self.value} {detail}"
+
+
+_REPORTABLE = frozenset({Rule.DEFAULT_DENY, Rule.ALLOW_PORTS, Rule.ALLOW_HOSTS, Rule.PRESET, Rule.INSPECT})

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import resource
 import signal
@@ -38,7 +39,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from gateway.api import check_api_exposure, create_app
+from gateway.api import TOKENS_KEY, ApiTokens, check_api_exposure, create_app
 from gateway.destinations import Destinations, read_local_addresses
 from gateway.dns.server import DnsInterceptor
 from gateway.engine.engine import EgressEngine
@@ -48,16 +49,28 @@ from gateway.flowlog import FlowLog
 from gateway.formatting import listen_description, store_description
 from gateway.inspection import TIER_TOKEN_VARIABLE, tier_authorization
 from gateway.learned import LearnedDestinations
+from gateway.metrics import Snapshot, TierSnapshot, registry_for, render
 from gateway.nft import SteeringConfig, SteeringStatus, UnattachedSources, links_from_sandboxes, render_ruleset
 from gateway.ratelimit import BandwidthLimiter, ConnectionRateLimiter
 from gateway.resolver import Resolver
-from gateway.settings import Config
+from gateway.settings import Config, load_config, plan_reload
 from gateway.stores import open_store
 from gateway.stores.base import PolicyStore
 from gateway.tier.supervisor import TierSupervisor
 from gateway.tunnel.certs import build_server_context
 from gateway.tunnel.service import TunnelService
-from gateway.workers import LISTENING_LINE, LearnedFanout, WorkerPool, apply_learned_line, worker_index
+from gateway.workers import (
+    COUNTERS_INTERVAL,
+    LISTENING_LINE,
+    MAX_PENDING_BYTES,
+    EngineCounters,
+    LearnedFanout,
+    WorkerPool,
+    apply_learned_line,
+    counters_line,
+    record_lines,
+    worker_index,
+)
 
 log = structlog.get_logger("gateway.service")
 
@@ -72,10 +85,91 @@ class StartupError(Exception):
         self.config_error = config_error
 
 
+class Shutdown:
+    """SIGTERM/SIGINT: the first asks for a drain (`requested`), a second one (or `now`) for closing at once."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.hurry = asyncio.Event()
+
+    def signal(self) -> None:
+        if self.requested.is_set():
+            self.hurry.set()
+        self.requested.set()
+
+    def now(self) -> None:
+        self.requested.set()
+        self.hurry.set()
+
+    def draining(self) -> bool:
+        return self.requested.is_set()
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.signal)
+
+    def remove(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+class Reloader:
+    """SIGHUP: load the configuration again (the same file, the environment as it is now), exactly as at start.
+    An invalid one changes nothing (logged with its code); of a valid one the options marked live
+    (`gateway.config.LIVE`) are applied and every other changed option is logged as needing a restart and keeps
+    its running value. `config` is what runs now; `tokens` the API's, `pool` the workers to pass SIGHUP on to."""
+
+    def __init__(
+        self, config: Config, path: str | None, *, tokens: ApiTokens | None = None, pool: WorkerPool | None = None
+    ) -> None:
+        self.config = config
+        self.path = path
+        self.tokens = tokens
+        self.pool = pool
+
+    def reload(self) -> None:
+        from gateway.logs import configure_logging
+
+        if self.pool is not None:
+            self.pool.send_signal(signal.SIGHUP)  # each worker reads the file itself
+        try:
+            loaded = load_config(self.path)
+            plan = plan_reload(self.config, loaded)
+            if self.tokens is not None:
+                self.tokens.replace(plan.config.api.tokens)
+        except GatewayError as exc:
+            log.error("config.reload_failed", code=exc.code, error=str(exc), source=self.path or "defaults")
+            return
+        configure_logging(plan.config.log.format, plan.config.log.level)
+        self.config = plan.config
+        for option in plan.restart_needed:
+            log.warning("config.restart_needed", option=option, reason="changed in the file; the running value stays")
+        log.info("config.reloaded", applied=list(plan.applied), restart_needed=list(plan.restart_needed))
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    def remove(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+
+async def drain(plane: DataPlane, shutdown: Shutdown, timeout: float) -> None:
+    """Reset new connections, let the open ones end for up to `timeout` (or until `shutdown.hurry`); the caller
+    then closes the plane, which cuts what is left."""
+    log.info("gateway.draining", open_flows=plane.stop_accepting(), timeout=timeout)
+    if timeout > 0 and not shutdown.hurry.is_set():
+        waits = [asyncio.ensure_future(plane.drained()), asyncio.ensure_future(shutdown.hurry.wait())]
+        _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    log.info("gateway.drained", cut=plane.open_flows())
+
+
 def check_runnable(config: Config) -> None:
     """What `gateway run` refuses at start-up beyond what loading the configuration checks: `run` calls this
     before it starts anything, and `check-config` calls it, so the two never disagree. Raises GatewayError."""
-    check_api_exposure(config.api_host, config.tokens)
+    check_api_exposure(config.api.host, config.api.tokens)
     if config.tunnel.enabled:  # the tunnel serves from its first second: the pair must load now
         build_server_context(config.tunnel.cert_path, config.tunnel.key_path)
 
@@ -90,20 +184,29 @@ def run(
     event_loop: str = "uvloop",
     worker: int | None = None,
     worker_argv: Callable[[int], list[str]] | None = None,
+    config_path: str | None = None,
 ) -> int:
     """`gateway run` after its flags were checked: logging, the event loop, then `serve` (or, for a process
     started by a main process's pool, `serve_worker`). Returns the exit code."""
     from gateway.logs import configure_logging
 
-    configure_logging(config.log_format, config.log_level)
+    configure_logging(config.log.format, config.log.level)
     loop_factory = None
     if event_loop == "uvloop":
         import uvloop
 
         loop_factory = uvloop.new_event_loop
     if worker is not None:
-        return asyncio.run(serve_worker(config, worker, workers), loop_factory=loop_factory)
-    main = serve(config, out, data_plane=data_plane, steer=steer, workers=workers, worker_argv=worker_argv)
+        return asyncio.run(serve_worker(config, worker, workers, config_path), loop_factory=loop_factory)
+    main = serve(
+        config,
+        out,
+        data_plane=data_plane,
+        steer=steer,
+        workers=workers,
+        worker_argv=worker_argv,
+        config_path=config_path,
+    )
     return asyncio.run(main, loop_factory=loop_factory)
 
 
@@ -115,14 +218,17 @@ async def serve(
     steer: bool = False,
     workers: int = 1,
     worker_argv: Callable[[int], list[str]] | None = None,
+    config_path: str | None = None,
 ) -> int:
-    """The main process until SIGINT/SIGTERM: store, flow log, tunnel, API and (`data_plane`) the data plane."""
+    """The main process until SIGINT/SIGTERM: store, flow log, tunnel, API and (`data_plane`) the data plane.
+    The first signal drains the data plane (`drain`) while everything else serves; a second closes at once."""
     store = open_store(config.policy_context(), config.store)
     # One flow log for the API's audit routes and every data-plane component.
     flows = FlowLog.from_config(config.audit, config.store.redis_url)
     tunnels: TunnelService | None = None
-    pool = WorkerPool(workers, worker_argv) if workers > 1 and worker_argv is not None else None
+    pool = WorkerPool(workers, worker_argv, flows.record) if workers > 1 and worker_argv is not None else None
     plane = DataPlane(config, store, flows, steer=steer, pool=pool) if data_plane else None  # nothing listens yet
+    shutdown = Shutdown()
     try:
         if config.tunnel.enabled:  # loads the certificate now: a missing one stops start-up with CERT_INVALID
             tunnels = TunnelService(
@@ -136,23 +242,25 @@ async def serve(
         # refuses an exposed API without tokens before anything starts
         app = create_app(
             store,
-            host=config.api_host,
-            port=config.api_port,
-            tokens=config.tokens,
+            host=config.api.host,
+            port=config.api.port,
+            tokens=config.api.tokens,
             presets=config.presets,
             flows=flows,
             tunnels=tunnels.store if tunnels else None,
             dns=plane.dns if plane else None,
             data_plane_status=plane.status if plane else None,
             unready=plane.unready if plane else None,
+            draining=shutdown.draining,
             inspection_excluded=config.inspection.excluded,
+            metrics=functools.partial(render, registry_for(lambda: snapshot(store, flows, plane, tunnels))),
         )
     except GatewayError as exc:
         raise StartupError(str(exc), config_error=True) from None
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    shutdown.install(loop)
+    reloader = Reloader(config, config_path, tokens=app[TOKENS_KEY], pool=pool)
+    reloader.install(loop)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     started: DataPlane | None = None
     try:
@@ -167,12 +275,12 @@ async def serve(
             await tunnels.start()
             out.write(f"tunnels served on https://*.{config.tunnel.domain}:{config.tunnel.origin_port}/\n")
         await runner.setup()
-        site = web.TCPSite(runner, config.api_host, config.api_port)
+        site = web.TCPSite(runner, config.api.host, config.api.port)
         try:
             await site.start()
         except OSError as exc:
             raise StartupError(
-                f"LISTEN_FAILED: cannot listen on {config.api_host}:{config.api_port}: {exc.strerror or exc}",
+                f"LISTEN_FAILED: cannot listen on {config.api.host}:{config.api.port}: {exc.strerror or exc}",
                 config_error=False,
             ) from None
         listening = listen_description(runner.addresses)  # as bound, not as configured
@@ -190,8 +298,10 @@ async def serve(
             ports = f"ports {first}-{first + workers - 1} ({workers} workers)" if workers > 1 else f"port {first}"
             out.write(f"egress engine listening on {ports}{steering}\n")
             out.flush()
-        await stop.wait()
+        await shutdown.requested.wait()
         log.info("gateway.stopping")
+        if started is not None:  # the API (and readiness: 503 DRAINING), DNS and the tunnel keep serving meanwhile
+            await drain(started, shutdown, reloader.config.egress.drain_timeout)
     finally:
         if started is not None:
             await started.close()
@@ -200,9 +310,44 @@ async def serve(
             await tunnels.close()
         await flows.close()  # writes what is still queued
         await store.close()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        shutdown.remove(loop)
+        reloader.remove(loop)
     return 0
+
+
+def snapshot(store: PolicyStore, flows: FlowLog, plane: DataPlane | None, tunnels: TunnelService | None) -> Snapshot:
+    """Every exported counter, read now from the components that keep them (for GET /metrics)."""
+    state = store.state
+    server = tunnels.server if tunnels is not None else None
+    base = Snapshot(
+        store_ready=store.ready.is_set(),
+        store_sync_lag=store.sync_lag(),
+        store_rejected=len(state.rejections),
+        sandboxes=len(state.sandboxes),
+        flow_records_written=flows.written,
+        flow_records_dropped=flows.dropped,
+        tunnel_requests=dict(server.answered) if server is not None else None,
+        tunnel_logins=dict(server.login.results) if server is not None else None,
+    )
+    if plane is None:
+        return base
+    tier, pool = plane.tier, plane.pool
+    egress = plane.counters()
+    if pool is not None:
+        egress.add(pool.totals())
+    return replace(
+        base,
+        flow_records_dropped=egress.flow_records_dropped,  # this process's flow log's and the workers'
+        connections=egress.connections,
+        bytes_up=egress.bytes_up,
+        bytes_down=egress.bytes_down,
+        relaying=egress.relaying,
+        decisions=egress.decisions,
+        dials=egress.dials,
+        dns_queries=plane.dns.query_counts() if plane.dns is not None else None,
+        tier=TierSnapshot(tier.ready, tier.restarts, tier.bad_records) if tier is not None else None,
+        worker_restarts=pool.restarts if pool is not None else 0,  # one process: none to restart
+    )
 
 
 def worker_config(config: Config, worker: int) -> Config:
@@ -211,15 +356,26 @@ def worker_config(config: Config, worker: int) -> Config:
     return replace(config, egress=egress)
 
 
-async def serve_worker(config: Config, worker: int, workers: int) -> int:
-    """A worker process: the store, the flow log and an egress engine, until stdin closes or SIGTERM/SIGINT."""
-    store = open_store(config.policy_context(), config.store)
-    flows = FlowLog.from_config(config.audit, config.store.redis_url)
-    plane = DataPlane(worker_config(config, worker), store, flows, dns=False)
+async def serve_worker(config: Config, worker: int, workers: int, config_path: str | None = None) -> int:
+    """A worker process: the store and an egress engine, until stdin closes or SIGTERM/SIGINT. Its flow records go
+    to the main process on stdout (`gateway.workers`), the records of one loop turn in one write."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    out_transport, out_protocol = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout.buffer)
+    # Non-blocking: a main process slow to read delays nothing here; beyond the bound, records are dropped (counted).
+    output = asyncio.StreamWriter(out_transport, out_protocol, None, loop)
+
+    def forward(lines: list[str]) -> None:
+        if output.transport.get_write_buffer_size() > MAX_PENDING_BYTES:
+            raise OSError("the main process does not read its records")  # counted as dropped by the flow log
+        output.write(record_lines(lines))
+
+    store = open_store(config.policy_context(), config.store)
+    flows = FlowLog(config.audit, forward=forward)
+    plane = DataPlane(worker_config(config, worker), store, flows, dns=False)
+    shutdown = Shutdown()
+    shutdown.install(loop)
+    reloader = Reloader(config, config_path)
+    reloader.install(loop)
     reader = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
 
@@ -227,22 +383,40 @@ async def serve_worker(config: Config, worker: int, workers: int) -> int:
         while line := await reader.readline():
             if not apply_learned_line(plane.learned, line):
                 log.warning("worker.bad_learned_line", worker=worker)
-        stop.set()  # the main process is gone
+        shutdown.now()  # the main process is gone, or closes at once
+
+    def report() -> None:  # the main process's /metrics sums these
+        if not output.transport.is_closing():  # else the main process is gone: nothing to tell
+            output.write(counters_line(plane.counters()))
+
+    async def report_every_interval() -> None:
+        while True:
+            await asyncio.sleep(COUNTERS_INTERVAL)
+            report()
 
     try:
         await store.start()
         await flows.start()
         await plane.start()
         log.info("worker.listening", worker=worker, of=workers, port=config.egress.listen_port + worker)
-        sys.stdout.buffer.write(LISTENING_LINE)
-        sys.stdout.buffer.flush()
+        output.write(LISTENING_LINE)
         learning = asyncio.create_task(learn())
-        await stop.wait()
+        reporting = asyncio.create_task(report_every_interval())
+        await shutdown.requested.wait()
+        await drain(plane, shutdown, reloader.config.egress.drain_timeout)
         learning.cancel()
+        reporting.cancel()
     finally:
         await plane.close()
-        await flows.close()
+        await flows.close()  # forwards what the closing connections recorded
+        report()  # the last counts, connections the close ended included
         await store.close()
+        with contextlib.suppress(OSError):  # every record queued reaches the main process before this one exits
+            await output.drain()
+            output.close()
+            await output.wait_closed()
+        if flows.dropped:
+            log.warning("worker.records_dropped", worker=worker, dropped=flows.dropped)
     return 0
 
 
@@ -316,6 +490,7 @@ class DataPlane:
             bandwidth=BandwidthLimiter(),
             tier=self._tier_route(),
         )
+        self.store.state.change_listeners.append(self.policy_changed)
         if self.steer:
             from gateway import netplumb
 
@@ -333,6 +508,16 @@ class DataPlane:
             self._tasks.append(asyncio.create_task(self._follow_inspection()))
         if self.steer:
             self._tasks.append(asyncio.create_task(self._follow_store()))
+
+    def policy_changed(self, sandbox_id: str) -> int:
+        """The live cut in this process: the sandbox's DNS-learned addresses its policy no longer justifies go
+        first, then its relayed connections the policy no longer allows (see `EgressEngine.policy_changed`)."""
+        policy = self.store.state.compiled.get(sandbox_id)
+        if policy is None:
+            self.learned.forget(sandbox_id)
+        else:
+            self.learned.retain(sandbox_id, lambda name: policy.name_allowed(name).allowed)
+        return self.engine.policy_changed(sandbox_id) if self.engine is not None else 0
 
     def _tier_route(self) -> TierRoute | None:
         """The main process's engine asks its supervisor whether the tier serves; a worker process has the token from
@@ -360,6 +545,22 @@ class DataPlane:
                     log.error("inspection.start_failed", error=str(exc))
             await asyncio.sleep(STEERING_POLL)
 
+    def counters(self) -> EngineCounters:
+        """This process's egress running totals (the engine's are zero before it starts): copies, to be summed."""
+        engine = self.engine
+        if engine is None:
+            return EngineCounters(flow_records_dropped=self.flowlog.dropped)
+        recorder = engine.recorder
+        return EngineCounters(
+            dict(recorder.connections),
+            recorder.bytes_up,
+            recorder.bytes_down,
+            engine.relaying,
+            {key: histogram.copy() for key, histogram in recorder.decisions.items()},
+            {key: histogram.copy() for key, histogram in recorder.dials.items()},
+            self.flowlog.dropped,
+        )
+
     def unready(self) -> list[str]:
         """What of the data plane does not serve yet (nothing: it all does), for readiness."""
         egress = self.config.egress
@@ -379,6 +580,8 @@ class DataPlane:
         return waiting
 
     async def close(self) -> None:
+        if self.policy_changed in self.store.state.change_listeners:
+            self.store.state.change_listeners.remove(self.policy_changed)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -391,6 +594,23 @@ class DataPlane:
             await self.dns.close()
         if self.tier is not None:
             await self.tier.close()
+
+    def stop_accepting(self) -> int:
+        """Draining starts: new connections are reset at once (in every worker); returns this process's open flows.
+        The steering table stays in force throughout, and after the exit too (see the class docstring)."""
+        if self.pool is not None:
+            self.pool.drain()
+        return self.engine.stop_accepting() if self.engine is not None else 0
+
+    def open_flows(self) -> int:
+        return self.engine.open_flows() if self.engine is not None else 0
+
+    async def drained(self) -> None:
+        """Returns once this process's connections have ended and every worker has exited."""
+        if self.engine is not None:
+            await self.engine.drained()
+        if self.pool is not None:
+            await self.pool.exited()
 
     def status(self) -> dict[str, Any]:
         """The data plane's part of `GET /v1/status`."""
@@ -406,7 +626,7 @@ class DataPlane:
     def steering_config(self) -> SteeringConfig:
         """What the table must say now, from the store: attached addresses, their workers, private links."""
         egress = self.config.egress
-        subnets = self.config.sandbox_subnets
+        subnets = self.config.network.sandbox_subnets
         sandboxes = list(self.store.state.sandboxes.values())
         worker_of = {
             address: worker_index(sandbox.id, self.workers) if self.workers > 1 else 0

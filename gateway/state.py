@@ -66,6 +66,12 @@ class PolicyState:
         #: Called with the id of every sandbox removed, whoever removed it (what lived on it must not outlive it,
         #: even when a record under the same id comes back a moment later).
         self.removal_listeners: list[Callable[[str], None]] = []
+        #: Called with the id of every sandbox whose policy changed or that was removed, whoever changed it, once
+        #: the change is in force; each returns how many established flows it ended because of it (the live cut).
+        self.change_listeners: list[Callable[[str], int]] = []
+        #: The flows the last commit (a sandbox set or removed, a template set) ended: read by the writer that
+        #: made it, right after its write returned.
+        self.last_cut = 0
 
     # ------------------------------------------------------------------ parsing
 
@@ -169,6 +175,7 @@ class PolicyState:
         for addr in sandbox.addresses:
             self.by_address[address_key(addr)] = sandbox.id
         self.rejections.pop((SANDBOX, sandbox.id), None)
+        self.last_cut = self._changed(sandbox.id)
 
     def remove_sandbox(self, sandbox_id: str) -> Sandbox:
         sandbox = self.get_sandbox(sandbox_id)
@@ -179,13 +186,20 @@ class PolicyState:
         self.rejections.pop((SANDBOX, sandbox_id), None)
         for listener in self.removal_listeners:
             listener(sandbox_id)
+        self.last_cut = self._changed(sandbox_id)
         return sandbox
 
     def set_template(self, template: Template) -> None:
         self.templates[template.name] = template
         self.rejections.pop((TEMPLATE, template.name), None)
+        cut = 0
         for sandbox_id in self.dependents(template.name):
             self.set_sandbox(self.sandboxes[sandbox_id])
+            cut += self.last_cut
+        self.last_cut = cut
+
+    def _changed(self, sandbox_id: str) -> int:
+        return sum(listener(sandbox_id) for listener in self.change_listeners)
 
     def remove_template(self, name: str) -> Template:
         self.check_remove_template(name)

@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from cryptography import x509
@@ -36,6 +36,7 @@ from cryptography.x509.oid import NameOID
 from dnslib import AAAA, CNAME, EDNS0, QTYPE, RR, A, DNSRecord
 from dnslib.server import BaseResolver
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.api import route_specs
 from gateway.decision import DEFAULT_LIMITS, CompiledPolicy, compile_policy
@@ -391,6 +392,8 @@ EGRESS_ZONE = {
     "later.test": {"A": ["198.18.1.3"], "AAAA": ["2001:db8:1::3"]},
     "rebind.test": {"A": ["10.1.2.3"]},
     "meta.test": {"A": ["169.254.169.254"]},
+    "wire.test": {"A": ["168.63.129.16"]},  # Azure's WireServer: a metadata endpoint outside link-local
+    "ali6.test": {"AAAA": ["64:ff9b::6464:64c8"]},  # Alibaba's 100.100.100.200, NAT64-wrapped
     "serial.test": {"A": ["198.18.2.{n}"]},  # {n}: the number of queries the zone server got for it
     "secret.test": {"A": ["198.18.3.{n}"]},  # allowed to no sandbox but the unrestricted sb2
 }
@@ -629,7 +632,7 @@ def egress_policies(later_allowed: bool = False) -> dict[str, Any]:
                 "id": "sb1",
                 "addresses": ["10.75.0.1", "fdd4:1476:6c7e::1"],
                 "profile": "allowlisted",
-                "egress": {"allow_hosts": hosts, "allow_cidrs": ["198.18.1.4/32"]},
+                "egress": {"allow_hosts": hosts, "allow_cidrs": ["198.18.1.4/32"], "allow_ech": ["allowed.test"]},
             },
             "sb2": {"id": "sb2", "addresses": ["10.75.0.2", "fdd4:1476:6c7e::2"], "profile": "unrestricted"},
             "sb4": {
@@ -674,6 +677,9 @@ class EgressEnv:
                     "[audit]",
                     f'dir = "{self.workdir / "audit"}"',
                     "flush_interval = 0.2",
+                    # Most tests read a record the moment its connection ended: from the log, written in that loop
+                    # turn (the batches come up to a flush interval later). test_workers turns it off again.
+                    "log_records = true",
                     "[log]",
                     'format = "json"',
                     "[egress]",
@@ -708,6 +714,20 @@ class EgressEnv:
         wait_for_line(self.gateway, "egress engine listening", 20)
         self.wait_ready()
 
+    def stop_gateway(self, timeout: float = 20.0) -> int:
+        """SIGTERM and the exit code; a gateway still running after `timeout` fails the test with what its log says
+        about the stop (a drain held by a flow that never ended shows as `open_flows`), then is killed."""
+        gateway = self.gateway
+        assert gateway is not None
+        gateway.send_signal(signal.SIGTERM)
+        try:
+            return gateway.wait(timeout)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait(5)
+            tail = "\n".join(self.log_file.read_text(errors="replace").splitlines()[-40:])
+            raise AssertionError(f"the gateway did not stop within {timeout} s; its log ends:\n{tail}") from None
+
     def readyz(self) -> subprocess.CompletedProcess[str]:
         return self.topo.run("gw", ["curl", "-sS", "-m", "2", "http://127.0.0.1:8470/readyz"], check=False)
 
@@ -735,6 +755,48 @@ class EgressEnv:
     def log_events(self, event: str) -> list[dict[str, Any]]:
         return log_events(self.log_file, event)
 
+    def flows(self) -> list[dict[str, Any]]:
+        """Every flow record in the audit batches written so far (every sandbox, every process), in batch order."""
+        records = []
+        for batch in sorted((self.workdir / "audit").glob("*/*.ndjson")):
+            records += [json.loads(line) for line in batch.read_text().splitlines() if line]
+        return records
+
+
+#: Labels each sample is keyed by, per sample name (the rest of a sample's labels are fixed).
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+class InTopology(Protocol):
+    """A test world whose gateway runs in `topo`'s gateway namespace, its API on 127.0.0.1:8470."""
+
+    @property
+    def topo(self) -> Topology: ...
+
+
+def scrape(env: InTopology) -> tuple[str, Samples]:
+    """GET /metrics from the gateway's namespace with curl, parsed by prometheus-client's parser."""
+    out = env.topo.run("gw", ["curl", "-sS", "-m", "3", "-i", "http://127.0.0.1:8470/metrics"], check=False)
+    head, _, body = out.stdout.replace("\r\n", "\n").partition("\n\n")
+    assert head.startswith("HTTP/1.1 200") and "content-type: text/plain" in head.lower(), out.stdout + out.stderr
+    samples: Samples = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return body, samples
+
+
+def dashboard_metrics() -> set[str]:
+    """Every metric name the Grafana dashboard (docs/grafana-dashboard.json) queries."""
+    dashboard = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    return {name for expr in exprs for name in re.findall(r"\bgateway_[a-z_]+", expr)}
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
 
 def assert_dns_answer_unlocks_opaque_tcp(env: EgressEnv, sb: str) -> None:
     """The sandbox's own DNS answer for allowed.test makes its address (port 22, SSH-like) reachable."""
@@ -744,6 +806,29 @@ def assert_dns_answer_unlocks_opaque_tcp(env: EgressEnv, sb: str) -> None:
     assert answer.stdout.split() == ["198.18.1.1"], answer.stdout + answer.stderr
     out = env.topo.python(sb, BANNER_CLIENT, "198.18.1.1", "22").strip()
     assert out == "DATA SSH-2.0-TestOrigin 198.18.1.1|ECHO SSH-2.0-TestClient|", out
+
+
+class AuditTail:
+    """`gateway audit tail ARGS` in the gateway's namespace, every line it prints collected."""
+
+    def __init__(self, env: InTopology, *args: str) -> None:
+        cli = [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", "audit", "tail", *args]
+        self.process = env.topo.popen("gw", cli)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def records(self) -> list[dict[str, Any]]:
+        """The lines as records (with --json)."""
+        return [json.loads(line) for line in self.lines]
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=10)
 
 
 def pin(name: str, port: int, address: str) -> list[str]:

@@ -1,400 +1,45 @@
-"""Throw-away network topologies in namespaces, for end-to-end tests and benchmarks (needs root).
-
-    with Topology(sandboxes=2) as topo:
-        topo.attach_with_cli()      # `gateway sandbox attach --interface vifN.0 --address ...`, as an operator
-        ...                         # start `gateway run --data-plane --steer` in topo.gw (tests/factory.EgressEnv)
-        topo.run("sb1", ["curl", "-m", "3", "http://198.18.1.1/"])
-
-The topology plays the VMM: it creates the namespaces and veths. Everything the gateway host
-needs beyond that comes from the product (the attach CLI, then `gateway run --steer`: sysctls,
-ip rules, the nft table). `plumb` does the latter by hand, for benchmarks that run without it.
-
-Layout (every name starts with a unique prefix `gwt<6 hex>`, so parallel runs never collide):
-
-* `<prefix>-sbN`: sandbox N. `eth0` holds 10.75.0.N/32 and fdd4:1476:6c7e::N/128, with
-  `default via 169.254.1.1 dev eth0 onlink` (answered by proxy ARP) and `default via fe80::1`.
-* `<prefix>-gw`: the gateway host. `vifN.0` faces sandbox N (no IPv4 address, fe80::1
-  link-local; the host route and proxy ARP come from `gateway sandbox attach --interface`, seed 002's model);
-  `up0` faces the internet: 198.18.0.2/24 and 2001:db8:ff::2/64, default routes via `.1`.
-* `<prefix>-inet`: "the internet". `eth0` holds 198.18.0.1/24 and 2001:db8:ff::1/64; origin
-  addresses 198.18.1.1..K/32 and 2001:db8:1::1..K/128 sit on `lo`. It routes the sandbox
-  subnets back to the gateway, so anything the gateway *forwarded* would get an answer:
-  a test that sees no answer proves the gateway did not forward it.
-
-Nothing touches the root namespace: veths are created inside the namespaces. `close()`
-(also `__exit__` and an `atexit` safety net) kills every process started in the
-namespaces and deletes them.
+"""The namespace topology of the end-to-end tests and benchmarks: the product's (gateway/demo/topology.py, which
+`gateway demo` uses too), with a unique random prefix per run, plus what only tests use: log lines, `Lan` (hosts
+on one bridge, for tests across nodes) and `in_namespace` (a thread inside a namespace).
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import ipaddress
 import json
 import os
 import secrets
-import signal
-import subprocess
-import sys
-import threading
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from gateway import netplumb
-from gateway.nft import LinkRule, SteeringConfig, render_ruleset
-from gateway.policy import IPAddress
+from gateway.demo.fakenet import ORIGIN_SERVER
+from gateway.demo.topology import (
+    GATEWAY_V4,
+    GATEWAY_V6,
+    INET_V4,
+    IP,
+    Topology,
+    TopologyError,
+    live_namespaces,
+    wait_for_line,
+)
 
-SANDBOX_V4 = ipaddress.IPv4Network("10.75.0.0/16")
-SANDBOX_V6 = ipaddress.IPv6Network("fdd4:1476:6c7e::/48")
-GATEWAY_V4 = ipaddress.ip_address("198.18.0.2")
-GATEWAY_V6 = ipaddress.ip_address("2001:db8:ff::2")
-INET_V4 = ipaddress.ip_address("198.18.0.1")
-INET_V6 = ipaddress.ip_address("2001:db8:ff::1")
-GATEWAY_LINK_LOCAL = "fe80::1"
-SANDBOX_NEXT_HOP_V4 = "169.254.1.1"
-SANDBOX_INTERFACE_PATTERN = "vif*"
-IP = "/usr/sbin/ip" if Path("/usr/sbin/ip").exists() else "ip"
-DEFAULT_TIMEOUT = 15.0
-
-#: A tiny origin server for the internet namespace: HTTP on every port given, any address,
-#: answering `ORIGIN <local address> <local port>`. Benchmarks may start their own.
-ORIGIN_SERVER = r"""
-import socket, sys, threading
-def serve(conn):
-    with conn:
-        conn.settimeout(3)
-        data = b""
-        try:
-            while b"\r\n\r\n" not in data and len(data) < 65536:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-        except OSError:
-            pass
-        host, port = conn.getsockname()[:2]
-        body = f"ORIGIN {host} {port}\n".encode()
-        try:
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
-        except OSError:
-            pass
-def listen(port):
-    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.bind(("::", port))
-    s.listen(512)
-    while True:
-        conn, _ = s.accept()
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
-for port in sys.argv[1:]:
-    threading.Thread(target=listen, args=(int(port),), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
-
-_LIVE: set[Topology] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True, slots=True)
-class Sandbox:
-    index: int
-    netns: str
-    v4: ipaddress.IPv4Address
-    v6: ipaddress.IPv6Address
-    interface: str = "eth0"  # inside the sandbox
-    gw_interface: str = ""  # the gateway-side end of its veth
-
-    @property
-    def addresses(self) -> tuple[IPAddress, IPAddress]:
-        return (self.v4, self.v6)
-
-
-class TopologyError(RuntimeError):
-    pass
-
-
-class Topology:
-    def __init__(self, sandboxes: int = 2, origins: int = 3, prefix: str | None = None) -> None:
-        if not 1 <= sandboxes <= 250 or not 1 <= origins <= 250:
-            raise ValueError("1-250 sandboxes and origins")
-        self.prefix = prefix or f"gwt{secrets.token_hex(3)}"
-        self.gw = f"{self.prefix}-gw"
-        self.inet = f"{self.prefix}-inet"
-        self.sandboxes: list[Sandbox] = [
-            Sandbox(
-                index=i,
-                netns=f"{self.prefix}-sb{i}",
-                v4=SANDBOX_V4[i],
-                v6=SANDBOX_V6[i],
-                gw_interface=f"vif{i}.0",
-            )
-            for i in range(1, sandboxes + 1)
-        ]
-        self.origins_v4 = [ipaddress.ip_address(f"198.18.1.{i}") for i in range(1, origins + 1)]
-        self.origins_v6 = [ipaddress.ip_address(f"2001:db8:1::{i:x}") for i in range(1, origins + 1)]
-        self.namespaces: list[str] = []
-        self.processes: list[subprocess.Popen[Any]] = []
-        self.closed = False
-        self.config: SteeringConfig | None = None
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def __enter__(self) -> Topology:
-        with _LIVE_LOCK:
-            _LIVE.add(self)
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _ip(self, *args: str, netns: str | None = None) -> None:
-        argv = [IP, *(["-n", netns] if netns else []), *args]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=DEFAULT_TIMEOUT, check=False)
-        if proc.returncode != 0:
-            raise TopologyError(f"{' '.join(argv)}: {proc.stderr.strip()}")
-
-    def _add_namespace(self, name: str) -> None:
-        self._ip("netns", "add", name)
-        self.namespaces.append(name)
-        self._ip("link", "set", "lo", "up", netns=name)
-        # Addresses usable at once: no duplicate address detection in a throw-away namespace.
-        netplumb.write_sysctls(
-            {"net/ipv6/conf/all/accept_dad": "0", "net/ipv6/conf/default/accept_dad": "0"}, netns=name
-        )
-
-    def _build(self) -> None:
-        for name in (self.gw, self.inet, *(sb.netns for sb in self.sandboxes)):
-            self._add_namespace(name)
-        gw, inet = self.gw, self.inet
-
-        # gateway <-> internet
-        self._ip("link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", inet, netns=gw)
-        self._ip("addr", "add", f"{GATEWAY_V4}/24", "dev", "up0", netns=gw)
-        self._ip("addr", "add", f"{GATEWAY_V6}/64", "dev", "up0", "nodad", netns=gw)
-        self._ip("link", "set", "up0", "up", netns=gw)
-        self._ip("route", "add", "default", "via", str(INET_V4), netns=gw)
-        self._ip("-6", "route", "add", "default", "via", str(INET_V6), netns=gw)
-        self._ip("addr", "add", f"{INET_V4}/24", "dev", "eth0", netns=inet)
-        self._ip("addr", "add", f"{INET_V6}/64", "dev", "eth0", "nodad", netns=inet)
-        self._ip("link", "set", "eth0", "up", netns=inet)
-        for origin in (*self.origins_v4, *self.origins_v6):
-            self._ip("addr", "add", f"{origin}/{origin.max_prefixlen}", "dev", "lo", netns=inet)
-        self._ip("route", "add", str(SANDBOX_V4), "via", str(GATEWAY_V4), netns=inet)
-        self._ip("-6", "route", "add", str(SANDBOX_V6), "via", str(GATEWAY_V6), netns=inet)
-
-        # gateway <-> each sandbox (no bridge; host route + proxy ARP come from the attach CLI)
-        for sb in self.sandboxes:
-            veth = ("type", "veth", "peer", "name", "eth0", "netns", sb.netns)
-            self._ip("link", "add", sb.gw_interface, *veth, netns=gw)
-            self._ip("addr", "add", f"{GATEWAY_LINK_LOCAL}/64", "dev", sb.gw_interface, "nodad", netns=gw)
-            self._ip("link", "set", sb.gw_interface, "up", netns=gw)
-            self._ip("addr", "add", f"{sb.v4}/32", "dev", "eth0", netns=sb.netns)
-            self._ip("addr", "add", f"{sb.v6}/128", "dev", "eth0", "nodad", netns=sb.netns)
-            self._ip("link", "set", "eth0", "up", netns=sb.netns)
-            self._ip("route", "add", "default", "via", SANDBOX_NEXT_HOP_V4, "dev", "eth0", "onlink", netns=sb.netns)
-            self._ip("-6", "route", "add", "default", "via", GATEWAY_LINK_LOCAL, "dev", "eth0", netns=sb.netns)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self.kill_all()
-            for name in self.namespaces:
-                self._kill_namespace_pids(name)
-            for name in reversed(self.namespaces):
-                with contextlib.suppress(Exception):
-                    self._ip("netns", "del", name)
-        finally:
-            with _LIVE_LOCK:
-                _LIVE.discard(self)
-
-    def _kill_namespace_pids(self, name: str) -> None:
-        """Anything still running inside one of *our* namespaces was started by this topology's user."""
-        proc = subprocess.run([IP, "netns", "pids", name], capture_output=True, text=True, timeout=5, check=False)
-        for line in proc.stdout.split():
-            with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
-                os.kill(int(line), signal.SIGKILL)
-
-    # ------------------------------------------------------------------ processes
-
-    def ns(self, name: str) -> str:
-        """`gw`, `inet`, `sbN` or a full namespace name -> the full name."""
-        if name in self.namespaces:
-            return name
-        full = f"{self.prefix}-{name}"
-        if full not in self.namespaces:
-            raise KeyError(f"no namespace {name!r} in this topology")
-        return full
-
-    def argv(self, ns: str, cmd: Sequence[str] | str) -> list[str]:
-        cmd = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
-        return [IP, "netns", "exec", self.ns(ns), *cmd]
-
-    def run(
-        self,
-        ns: str,
-        cmd: Sequence[str] | str,
-        *,
-        check: bool = True,
-        timeout: float = DEFAULT_TIMEOUT,
-        input: str | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        try:
-            proc = subprocess.run(
-                self.argv(ns, cmd), input=input, capture_output=True, text=True, timeout=timeout, check=False
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise TopologyError(f"{cmd!r} in {ns} timed out after {timeout}s") from exc
-        if check and proc.returncode != 0:
-            raise TopologyError(f"{cmd!r} in {ns} failed ({proc.returncode}): {proc.stderr.strip()}")
-        return proc
-
-    def popen(self, ns: str, cmd: Sequence[str] | str, **kwargs: Any) -> subprocess.Popen[Any]:
-        """Start a process in `ns` (own process group, killed at close)."""
-        kwargs.setdefault("stdout", subprocess.PIPE)
-        kwargs.setdefault("stderr", subprocess.PIPE)
-        kwargs.setdefault("text", True)
-        proc = subprocess.Popen(self.argv(ns, cmd), start_new_session=True, **kwargs)
-        self.processes.append(proc)
-        return proc
-
-    def python(self, ns: str, code: str, *args: str, timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> str:
-        """Run a Python snippet in `ns` with this interpreter; returns stdout."""
-        return self.run(ns, [sys.executable, "-c", code, *args], timeout=timeout, check=check).stdout
-
-    def start_python(
-        self, ns: str, code: str, *args: str, ready: str | None = "ready", timeout: float = 10.0
-    ) -> subprocess.Popen[Any]:
-        """Start a Python snippet in `ns`; wait until it prints `ready` on stdout (when given)."""
-        proc = self.popen(ns, [sys.executable, "-u", "-c", code, *args])
-        if ready is not None:
-            wait_for_line(proc, ready, timeout)
-        return proc
-
-    def kill(self, proc: subprocess.Popen[Any], timeout: float = 3.0) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout)
-        for stream in (proc.stdout, proc.stderr, proc.stdin):
-            if stream is not None:
-                with contextlib.suppress(Exception):
-                    stream.close()
-
-    def kill_all(self) -> None:
-        while self.processes:
-            self.kill(self.processes.pop())
-
-    def start_origin(self, ports: Iterable[int] = (80, 8443)) -> subprocess.Popen[Any]:
-        """The HTTP origin in the internet namespace, on every origin address."""
-        return self.start_python("inet", ORIGIN_SERVER, *(str(p) for p in ports))
-
-    # ------------------------------------------------------------------ the gateway
-
-    @property
-    def interface_map(self) -> dict[IPAddress, str]:
-        return {address: sb.gw_interface for sb in self.sandboxes for address in sb.addresses}
-
-    def sandbox(self, index: int) -> Sandbox:
-        return self.sandboxes[index - 1]
-
-    def steering_config(
-        self, *, attached: Iterable[Sandbox] | None = None, links: Iterable[LinkRule] = (), **overrides: Any
-    ) -> SteeringConfig:
-        chosen = self.sandboxes if attached is None else list(attached)
-        return SteeringConfig(
-            sandbox_subnets=(SANDBOX_V4, SANDBOX_V6),
-            sandbox_interfaces=(SANDBOX_INTERFACE_PATTERN,),
-            attached=frozenset(a for sb in chosen for a in sb.addresses),
-            gateway_addresses=frozenset({GATEWAY_V4, GATEWAY_V6}),
-            private_links=tuple(links),
-            **overrides,
-        )
-
-    def attach_with_cli(self, sandboxes: Iterable[Sandbox] | None = None) -> None:
-        """What an operator runs for each interface its VMM made: `gateway sandbox attach --interface vifN.0
-        --address A --address B` inside the gateway namespace (host routes + proxy ARP/NDP)."""
-        for sb in self.sandboxes if sandboxes is None else sandboxes:
-            argv = [sys.executable, "-m", "gateway.cli", "sandbox", "attach", "--interface", sb.gw_interface]
-            for address in sb.addresses:
-                argv += ["--address", str(address)]
-            self.run("gw", argv, timeout=30)
-
-    def plumb(self, config: SteeringConfig) -> None:
-        """Everything the gateway host needs for `config`: sysctls, host routes, ip rules, the nft table."""
-        netplumb.ensure_sysctls(netns=self.gw)
-        netplumb.reconcile(
-            config.attached,
-            {a: name for a, name in self.interface_map.items() if a in config.attached},
-            netns=self.gw,
-            subnets=config.sandbox_subnets,
-        )
-        netplumb.ensure_routing_for(config.policy_routing, netns=self.gw)
-        self.apply(config)
-
-    def apply(self, config: SteeringConfig) -> None:
-        netplumb.apply_ruleset(render_ruleset(config), netns=self.gw)
-        self.config = config
-
-    def with_config(self, **changes: Any) -> SteeringConfig:
-        if self.config is None:
-            raise TopologyError("plumb() first")
-        return replace(self.config, **changes)
-
-
-def wait_for_line(proc: subprocess.Popen[Any], expected: str, timeout: float) -> str:
-    """Read `proc`'s stdout until a line contains `expected` (bounded by `timeout`)."""
-    assert proc.stdout is not None
-    result: list[str] = []
-    done = threading.Event()
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if expected in line:
-                result.append(line)
-                break
-        done.set()
-
-    threading.Thread(target=reader, daemon=True).start()
-    if not done.wait(timeout) or not result:
-        stderr = ""
-        if proc.poll() is not None and proc.stderr is not None:
-            stderr = proc.stderr.read()
-        raise TopologyError(f"process did not print {expected!r} within {timeout}s: {stderr.strip()}")
-    return result[0]
-
-
-def live_namespaces(prefix: str) -> list[str]:
-    out = subprocess.run([IP, "netns", "list"], capture_output=True, text=True, timeout=5, check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
-
-
-def _cleanup_all() -> None:
-    with _LIVE_LOCK:
-        live = list(_LIVE)
-    for topo in live:
-        with contextlib.suppress(Exception):
-            topo.close()
-
-
-atexit.register(_cleanup_all)
+__all__ = [
+    "GATEWAY_V4",
+    "GATEWAY_V6",
+    "INET_V4",
+    "IP",
+    "ORIGIN_SERVER",
+    "Lan",
+    "Topology",
+    "TopologyError",
+    "in_namespace",
+    "live_namespaces",
+    "log_events",
+    "wait_for_line",
+]
 
 
 def log_events(log_file: Path, event: str) -> list[dict[str, Any]]:
@@ -408,3 +53,45 @@ def log_events(log_file: Path, event: str) -> list[dict[str, Any]]:
         if isinstance(data, dict) and data.get("event") == event:
             found.append(data)
     return found
+
+
+class Lan(Topology):
+    """Namespaces `<prefix>-<name>` on one bridge in `<prefix>-hub` (10.98.0.1/24), member N at 10.98.0.(N+2):
+    separate hosts on one network (two gateway nodes, their Redis, an app), for tests of what crosses hosts.
+    Only Topology's lifecycle and process helpers apply (`run`, `popen`, `start_python`, `close`), not its
+    gateway layout."""
+
+    def __init__(self, members: Sequence[str], prefix: str | None = None) -> None:
+        super().__init__(sandboxes=1, origins=1, prefix=prefix or f"gwn{secrets.token_hex(3)}")
+        self.hub = f"{self.prefix}-hub"
+        self.addresses = {name: ipaddress.ip_address(f"10.98.0.{n + 2}") for n, name in enumerate(members)}
+        self.addresses["hub"] = ipaddress.ip_address("10.98.0.1")
+
+    def __enter__(self) -> Lan:
+        super().__enter__()
+        return self
+
+    def _build(self) -> None:
+        self._add_namespace(self.hub)
+        self._ip("link", "add", "br0", "type", "bridge", netns=self.hub)
+        self._ip("addr", "add", f"{self.addresses['hub']}/24", "dev", "br0", netns=self.hub)
+        self._ip("link", "set", "br0", "up", netns=self.hub)
+        for n, (name, address) in enumerate(item for item in self.addresses.items() if item[0] != "hub"):
+            netns = f"{self.prefix}-{name}"
+            self._add_namespace(netns)
+            port = f"port{n}"
+            self._ip("link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns, netns=self.hub)
+            self._ip("link", "set", port, "master", "br0", "up", netns=self.hub)
+            self._ip("addr", "add", f"{address}/24", "dev", "eth0", netns=netns)
+            self._ip("link", "set", "eth0", "up", netns=netns)
+
+
+def in_namespace(netns: str) -> ThreadPoolExecutor:
+    """A thread inside `netns`: what it runs (an HTTP client, a socket) sees that namespace's network, while the
+    test process stays in its own. setns(2) on a network namespace moves only the calling thread."""
+
+    def enter() -> None:
+        with open(f"/run/netns/{netns}") as handle:
+            os.setns(handle.fileno(), os.CLONE_NEWNET)
+
+    return ThreadPoolExecutor(max_workers=1, initializer=enter, thread_name_prefix=netns)

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.factory import wait_until
+from tests.netns import IP, in_namespace
 
 
 class RedisServerError(RuntimeError):
@@ -39,16 +40,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ping(port: int, timeout: float = 0.5) -> bytes:
+def ping(port: int, timeout: float = 0.5, host: str = "127.0.0.1") -> bytes:
     """The server's raw answer to PING (b"+PONG", or an error such as b"-LOADING ...")."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(b"*1\r\n$4\r\nPING\r\n")
         return sock.recv(256).split(b"\r\n", 1)[0]
 
 
 class RedisServer:
-    def __init__(self, directory: Path, *, port: int | None = None, executable: str | None = None) -> None:
+    """On loopback, or (`netns`) inside that network namespace on its address `host`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        port: int | None = None,
+        executable: str | None = None,
+        netns: str | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.directory = Path(directory)
+        self.netns = netns
+        self.host = host
         self.directory.mkdir(parents=True, exist_ok=True)
         self.executable = executable or find_redis_server()
         self.port = port or free_port()
@@ -57,7 +70,7 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -68,9 +81,12 @@ class RedisServer:
         if self.running:
             return
         command = [
+            *([IP, "netns", "exec", self.netns] if self.netns else []),
             self.executable,
             "--port", str(self.port),
-            "--bind", "127.0.0.1",
+            "--bind", self.host,
+            # Off the loopback only inside a test's own namespace, where every client is one of the test's.
+            "--protected-mode", "yes" if self.netns is None else "no",
             "--dir", str(self.directory),
             "--appendonly", "yes",
             "--appendfsync", "always",
@@ -80,16 +96,24 @@ class RedisServer:
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         answers = [b""]
+        pinger = in_namespace(self.netns) if self.netns else None
 
         def pong() -> bool:
             if self.process is not None and self.process.poll() is not None:
                 raise RedisServerError(f"redis-server exited with {self.process.returncode}: {self._log_tail()}")
             with contextlib.suppress(OSError):
-                answers.append(ping(self.port))
+                if pinger is None:
+                    answers.append(ping(self.port))
+                else:
+                    answers.append(pinger.submit(ping, self.port, 0.5, self.host).result())
             return answers[-1] == b"+PONG"
 
-        if wait_until(pong, timeout, interval=0.01):
-            return
+        try:
+            if wait_until(pong, timeout, interval=0.01):
+                return
+        finally:
+            if pinger is not None:
+                pinger.shutdown()
         answer = answers[-1]
         self.kill()
         raise RedisServerError(f"redis-server on port {self.port} did not answer PING within {timeout} s "

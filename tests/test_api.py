@@ -8,7 +8,9 @@ without a test failing.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -24,6 +26,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from dnslib import RCODE, DNSRecord
 from openapi_spec_validator import validate as validate_spec
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.api import (
     MAX_BODY_BYTES,
@@ -40,8 +43,9 @@ from gateway.api import (
 from gateway.dns.server import DnsInterceptor
 from gateway.errors import GatewayError
 from gateway.flowlog import FIELD_NAMES, FlowLog, FlowRecord
+from gateway.metrics import registry_for, render
 from gateway.policy import parse_sandbox, parse_template
-from gateway.service import DataPlane
+from gateway.service import DataPlane, snapshot
 from gateway.settings import Config, load_config
 from gateway.stores.config import StoreConfig
 from gateway.stores.embedded import EmbeddedStore
@@ -63,6 +67,7 @@ TOKENS: dict[str, tuple[str, list[str]]] = {
     "templater": ("templater-secret-0123456789", ["templates:read", "templates:write"]),
     "auditor": ("auditor-secret-0123456789", ["audit:read"]),
     "tunnel-viewer": ("tunnel-viewer-secret-0123456789", ["tunnels:read"]),
+    "scraper": ("scraper-secret-0123456789", ["metrics:read"]),
 }
 
 ALLOWLISTED = {
@@ -97,7 +102,7 @@ def write_config(tmp_path: Path, *, tokens: bool = True, host: str = "127.0.0.1"
 
 def api_section(config: Config) -> dict[str, Any]:
     """What create_app takes from the configuration: the [api] section and the presets."""
-    return {"host": config.api_host, "port": config.api_port, "tokens": config.tokens, "presets": config.presets}
+    return {"host": config.api.host, "port": config.api.port, "tokens": config.api.tokens, "presets": config.presets}
 
 
 # --------------------------------------------------------------------------- answers checked against the document
@@ -165,6 +170,23 @@ async def api(aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Confi
 async def test_health_and_readiness_need_no_token(api: Api) -> None:
     assert (await api.call("GET", "/healthz", token=None, expect=200)).body == {"status": "ok"}
     assert (await api.call("GET", "/readyz", token=None, expect=200)).body == {"ready": True, "backend": "embedded"}
+
+
+async def test_metrics_need_metrics_read_and_count_what_the_store_holds(
+    aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config, tmp_path: Path
+) -> None:
+    flows = FlowLog(msgspec.structs.replace(config.audit, dir=tmp_path / "audit"))
+    metrics = functools.partial(render, registry_for(lambda: snapshot(store, flows, None, None)))
+    api = Api(await aiohttp_client(create_app(store, **api_section(config), metrics=metrics)))
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    assert (await api.call("GET", "/metrics", token=None, expect=401)).code == "UNAUTHENTICATED"
+    assert (await api.call("GET", "/metrics", token="reader", expect=403)).code == "INSUFFICIENT_SCOPE"
+    answer = await api.call("GET", "/metrics", token="scraper", expect=200)
+    assert answer.headers["Content-Type"].startswith("text/plain")
+    samples = {s.name: s.value for f in text_string_to_metric_families(answer.body) for s in f.samples}
+    assert samples["gateway_sandboxes"] == 1 and samples["gateway_store_ready"] == 1
+    assert samples["gateway_flow_records_dropped_total"] == 0
+    assert not any(name.startswith("gateway_egress") for name in samples)  # no data plane, no data-plane families
 
 
 async def test_readyz_is_503_until_the_store_has_loaded(aiohttp_client: AiohttpClient, config: Config) -> None:
@@ -479,12 +501,37 @@ async def test_explain_allowed_and_denied_with_the_deciding_rule(api: Api) -> No
 
     denied = (await api.call("GET", "/v1/sandboxes/agent-1/explain?host=evil.com")).body
     assert (denied["allowed"], denied["rule"], denied["reason"]) == (False, "default:deny", "host not in allowlist")
+    assert (denied["would_deny"], denied["policy"]["enforcement"]) == (False, "enforce")
     smtp = (await api.call("GET", "/v1/sandboxes/agent-1/explain?host=api.github.com&port=25&protocol=tcp")).body
     assert (smtp["allowed"], smtp["rule"]) == (False, "builtin:smtp")
     http = (await api.call("GET", "/v1/sandboxes/agent-1/explain?host=api.github.com&protocol=http")).body
     assert http["request"]["port"] == 80
     dns = (await api.call("GET", "/v1/sandboxes/agent-1/explain?host=a.example.com&protocol=dns")).body
     assert (dns["allowed"], dns["request"]["port"]) == (True, None)
+
+
+async def test_explain_in_report_mode_says_what_enforce_would_do(api: Api) -> None:
+    record = {
+        "id": "rollout",
+        "addresses": ["10.75.0.61"],
+        "profile": "allowlisted",
+        "egress": {"allow_hosts": ["api.github.com"], "allow_cidrs": ["1.1.1.0/24"], "enforcement": "report"},
+    }
+    await api.call("POST", "/v1/sandboxes", record, expect=201)
+    base = "/v1/sandboxes/rollout/explain"
+    would = (await api.call("GET", f"{base}?host=evil.com&address=8.8.8.8")).body
+    assert (would["allowed"], would["would_deny"], would["rule"]) == (True, True, "default:deny")
+    assert would["reason"] == "report mode: would deny (host not in allowlist)"
+    assert would["policy"]["enforcement"] == "report" and would["policy"]["egress"]["enforcement"] == "report"
+    # Asked about a name alone, the reason says the address may decide (as it does for a denial).
+    by_name = (await api.call("GET", f"{base}?host=evil.com")).body
+    assert (by_name["allowed"], by_name["would_deny"]) == (True, True)
+    assert by_name["reason"].endswith("allow_cidrs decide by the destination address, which was not given: "
+                                      "ask again with the address the sandbox would connect to")  # fmt: skip
+    allowed = (await api.call("GET", f"{base}?host=api.github.com")).body
+    assert (allowed["allowed"], allowed["would_deny"]) == (True, False)
+    smtp = (await api.call("GET", f"{base}?host=evil.com&port=25&protocol=tcp")).body
+    assert (smtp["allowed"], smtp["would_deny"], smtp["rule"]) == (False, False, "builtin:smtp")
 
 
 async def test_explain_addresses_and_cidr_rules(api: Api) -> None:
@@ -1213,6 +1260,56 @@ async def test_audit_routes_are_503_without_a_flow_log(api: Api) -> None:
 
 
 # --------------------------------------------------------------------------- tunnels
+
+
+@pytest.mark.parametrize(
+    ("query", "code", "field"),
+    [
+        ("verdict=maybe", "INVALID_PARAMETER", "verdict"),
+        ("sandbox=..%2Fetc", "INVALID_ID", "id"),
+        ("sandbox=a&sandbox=b", "INVALID_PARAMETER", "sandbox"),
+        ("since_us=1", "UNKNOWN_PARAMETER", "since_us"),
+    ],
+)
+async def test_flow_stream_refuses_bad_parameters(audit_api: Api, query: str, code: str, field: str) -> None:
+    answer = await audit_api.call("GET", f"/v1/flows/stream?{query}", token="auditor", expect=400)
+    assert (answer.code, answer.body["field"]) == (code, field)
+
+
+async def test_flow_stream_needs_audit_read(audit_api: Api) -> None:
+    assert (await audit_api.call("GET", "/v1/flows/stream", token=None, expect=401)).code == "UNAUTHENTICATED"
+    await audit_api.call("GET", "/v1/flows/stream", token="reader", expect=403)
+
+
+async def test_flow_stream_follows_the_records_filtered_and_caps_its_subscribers(
+    aiohttp_client: AiohttpClient, store: EmbeddedStore, config: Config, tmp_path: Path
+) -> None:
+    flows = FlowLog(msgspec.structs.replace(config.audit, dir=tmp_path / "audit", max_stream_subscribers=1))
+    api = Api(await aiohttp_client(create_app(store, **api_section(config), flows=flows)))
+    auth = {"Authorization": f"Bearer {TOKENS['auditor'][0]}"}
+    stream = await api.client.get("/v1/flows/stream?sandbox=agent-1&verdict=deny", headers=auth)
+    assert (stream.status, stream.content_type) == (200, "application/x-ndjson")
+    busy = await api.call("GET", "/v1/flows/stream", token="auditor", expect=503)
+    assert busy.code == "TOO_MANY_SUBSCRIBERS"
+    flows.record(flow_record("agent-1", T0, verdict="allow"))
+    flows.record(flow_record("other", T0 + 1, verdict="deny"))
+    flows.record(flow_record("agent-1", T0 + 2, verdict="deny", reason="host not in allowlist", rule="default:deny"))
+    line = await asyncio.wait_for(stream.content.readline(), 5)
+    assert (
+        json.loads(line)
+        == flow_record("agent-1", T0 + 2, verdict="deny", reason="host not in allowlist", rule="default:deny").to_dict()
+    )
+    stream.close()  # the subscriber leaves: noticed at the next write, and its place is free again
+
+    def freed() -> bool:
+        flows.record(flow_record("agent-1", T0 + 3, verdict="deny"))
+        try:
+            flows.unsubscribe(flows.subscribe())
+        except GatewayError:
+            return False
+        return True
+
+    assert await wait_until_async(freed, timeout=5, interval=0.05)
 
 
 @pytest.fixture

@@ -64,7 +64,12 @@ async def server(aiohttp_server: AiohttpServer, tmp_path: Path) -> AsyncIterator
         await flows.flush()
     srv = await aiohttp_server(
         create_app(
-            store, host=config.api_host, port=config.api_port, tokens=config.tokens, presets=config.presets, flows=flows
+            store,
+            host=config.api.host,
+            port=config.api.port,
+            tokens=config.api.tokens,
+            presets=config.presets,
+            flows=flows,
         )
     )
     yield str(srv.make_url("")).rstrip("/"), flows

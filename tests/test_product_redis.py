@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.factory import Server, free_port, gateway, start_server, wait_until, write_config
 from tests.product import ProductApi
@@ -89,6 +90,7 @@ def test_a_plain_redis_writer_reaches_both_nodes_and_a_bad_write_keeps_the_last_
 
     for bad, code in (
         ({**good, "egress": {"allow_hosts": ["https://api.example.com"]}}, "INVALID_HOSTNAME"),
+        ({**good, "egress": {"allow_hosts": ["api.example.com"], "enforcement": "report-only"}}, "INVALID_ENFORCEMENT"),
         ("{not json", "INVALID_JSON"),
     ):
         write(client, "billed", bad)
@@ -128,3 +130,31 @@ def test_run_with_redis_down_refuses_to_start_and_says_where(tmp_path: Path) -> 
     last = result.stderr.strip().splitlines()[-1]  # after the JSON log lines of its retries
     assert last.startswith("STORE_UNAVAILABLE: ") and url in last, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def sync_lag(api: ProductApi) -> float:
+    """`gateway_store_sync_lag_seconds` from the node's GET /metrics."""
+    body = api.call("GET", "/metrics", expect=200).body
+    assert isinstance(body, str)
+    [lag] = [f for f in text_string_to_metric_families(body) if f.name == "gateway_store_sync_lag_seconds"]
+    return float(lag.samples[0].value)
+
+
+def test_readyz_is_503_and_the_sync_lag_grows_while_redis_is_down_and_both_recover_once_it_is_back(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    node = start_node(tmp_path, redis_server.url, "a")
+    try:
+        api = ProductApi(node.url)
+        assert api.call("GET", "/readyz", expect=200)
+        assert wait_until(lambda: sync_lag(api) < 1.5, 5), sync_lag(api)  # its follower's read blocks up to 1 s
+        redis_server.kill()
+        lost = wait_until(lambda: api.call("GET", "/readyz").status == 503, 10)
+        assert lost, api.call("GET", "/readyz").body
+        assert api.call("GET", "/readyz").code == "STORE_NOT_SYNCED"
+        assert wait_until(lambda: sync_lag(api) > 6, 10), sync_lag(api)  # past readiness's 5 s: still growing
+        redis_server.start()
+        assert wait_until(lambda: api.call("GET", "/readyz").status == 200, 15)
+        assert wait_until(lambda: sync_lag(api) < 1.5, 5), sync_lag(api)
+    finally:
+        node.stop()

@@ -61,6 +61,9 @@ class Login:
         #: so other tunnels' logins and tunnel creation keep going.
         self._hashing = asyncio.Semaphore(MAX_CONCURRENT_HASHES)
         self._basic_ok: dict[bytes, float] = {}
+        #: Password checks by result (ok, failed, throttled), for /metrics; a session or a remembered Basic
+        #: credential is no check and is not counted.
+        self.results: dict[str, int] = {"ok": 0, "failed": 0, "throttled": 0}
 
     def prune(self, now: float) -> None:
         """Forget Basic credentials checked more than BASIC_CACHE_TTL before `now` (wall clock) and stale
@@ -124,6 +127,7 @@ class Login:
         """Throttled, constant-time (scrypt + compare_digest) password check; raises 429 while throttled."""
         wait = self.throttle.admit(tunnel.id, client)
         if wait > 0:
+            self.results["throttled"] += 1
             seconds = max(1, math.ceil(wait))
             raise Refused(
                 429,
@@ -136,6 +140,7 @@ class Login:
             ok = await asyncio.to_thread(verify_password, password, tunnel.password_hash)
         if ok:
             self.throttle.success(tunnel.id, client)
+        self.results["ok" if ok else "failed"] += 1
         return ok
 
     async def _login(self, client: str, request: Request, tunnel: Tunnel) -> Page:

@@ -72,6 +72,8 @@ class TunnelServer:
         self.proxy = AppProxy(self.pool)
         self.cutter = Cutter(store)
         self.connections: set[ClientConnection] = set()
+        #: Requests answered, by the status the client got (the app's or the gateway's own), for /metrics.
+        self.answered: dict[int, int] = {}
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._last_idle_check = 0.0
@@ -155,6 +157,7 @@ class TunnelServer:
                 body = b'{"code": "INTERNAL_ERROR", "message": "the gateway failed", "field": null}'
                 conn.write(simple_response(500, [(b"Content-Type", b"application/json")], body, close=True))
         finally:
+            self.answered[exchange.status] = self.answered.get(exchange.status, 0) + 1
             if self.flows is not None and exchange.tunnel is not None:
                 listen = (self.config.host, self.config.port)
                 self.flows.record(flow_record(conn, exchange, exchange.tunnel, listen, now_us()))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from msgspec import Meta
 
-from gateway.config import Address, Network, OptionError, Section
+from gateway.config import LIVE, Address, Network, OptionError, Section
 
 
 class EgressConfig(Section, frozen=True):
@@ -76,6 +76,16 @@ class EgressConfig(Section, frozen=True):
             "per this many seconds.",
         ),
     ] = 10.0
+    drain_timeout: Annotated[
+        float,
+        Meta(
+            ge=0,
+            le=86_400,
+            description="On SIGTERM/SIGINT: how long (s) established connections may go on while new ones are reset; "
+            "what is still open then is closed (0: close at once).",
+            extra=LIVE,
+        ),
+    ] = 30.0
 
     def __post_init__(self) -> None:
         if self.listen_port == self.dns_port:

@@ -29,6 +29,7 @@ import functools
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -40,7 +41,7 @@ from gateway.engine.dial import dial
 from gateway.engine.guard import FirstWordsGuard, HttpGuard
 from gateway.engine.handover import HandoverFailed, TierRoute, hand_over
 from gateway.engine.listener import Listeners
-from gateway.engine.plan import Plan, plan_named, plan_unnamed
+from gateway.engine.plan import Plan, plan_named, plan_unnamed, replan
 from gateway.engine.record import Flow, FlowRecorder
 from gateway.engine.relay import CAN_SPLICE, Guard, GuardStop, IdleSweeper, Relay
 from gateway.engine.session import (
@@ -69,6 +70,27 @@ log = structlog.get_logger("gateway.egress")
 
 #: How long a keep-alive connection cut at a refused request waits for the upstream to finish earlier responses.
 HTTP_CUT_GRACE = 5.0
+POLICY_CUT_PREFIX = "cut when the sandbox's policy changed"
+ECH_REFUSED_REASON = (
+    "Encrypted Client Hello hides the real destination behind its outer name; no egress.allow_ech entry opts it in"
+)
+
+
+class PolicyCut(Exception):
+    """Why a relayed connection was ended: its sandbox's new policy no longer allows it (see `policy_changed`)."""
+
+    def __init__(self, reason: str, rule: str) -> None:
+        super().__init__(reason)
+        self.reason, self.rule = reason, rule
+
+
+@dataclass(slots=True)
+class _Relayed:
+    """What a policy change decides a relayed connection on again."""
+
+    flow: Flow
+    plan: Plan
+    guard: Guard | None
 
 
 class EgressEngine:
@@ -102,15 +124,25 @@ class EgressEngine:
         self.splice = splice and CAN_SPLICE
         self._listeners = Listeners(self._accepted)
         self._connections: set[asyncio.Task[None]] = set()
+        #: Relayed connections per sandbox, for the live cut.
+        self._relayed_by_sandbox: dict[str, dict[Relay, _Relayed]] = {}
         self._peeking: dict[str, int] = {}
         self._peeking_total = 0
         self._sweeper: IdleSweeper | None = None
         self._blocklist_task: asyncio.Task[None] | None = None
-        self.stats = {"accepted": 0, "allowed": 0, "denied": 0}
+        #: Set by `stop_accepting`: new connections are reset at once, open ones go on.
+        self.draining = False
+        self._drained = asyncio.Event()
+        self.stats = {"accepted": 0, "allowed": 0, "denied": 0, "refused_draining": 0}
 
     @property
     def listeners(self) -> list[socket.socket]:
         return self._listeners.sockets
+
+    @property
+    def relaying(self) -> int:
+        """Connections being relayed now (allowed, dialled, not ended)."""
+        return 0 if self._sweeper is None else len(self._sweeper.relays)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -147,19 +179,46 @@ class EgressEngine:
         # Denials started by relays that just ended.
         await asyncio.gather(*self._connections, return_exceptions=True)
 
+    def open_flows(self) -> int:
+        """Connections being decided or relayed now (a relayed one holds no task: the sweeper knows it)."""
+        return len(self._connections) + self.relaying
+
+    def stop_accepting(self) -> int:
+        """Start draining: from now on a new connection is reset at once (the listeners stay open, so a sandbox
+        is told at once instead of its SYN finding no listener and timing out). Returns the open flows."""
+        self.draining = True
+        self._check_drained()
+        return self.open_flows()
+
+    async def drained(self) -> None:
+        """Returns once draining and no connection is open any more."""
+        await self._drained.wait()
+
+    def _check_drained(self) -> None:
+        if self.draining and not self.open_flows():
+            self._drained.set()
+
     def _accepted(self, conn: socket.socket) -> None:
-        self._track(asyncio.create_task(self._handle(conn)))
+        if self.draining:
+            self.stats["refused_draining"] += 1
+            reset(conn)
+            return
+        self._track(asyncio.create_task(self._handle(conn, time.perf_counter())))
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._connections.add(task)
-        task.add_done_callback(self._connections.discard)
+        task.add_done_callback(self._untrack)
+
+    def _untrack(self, task: asyncio.Task[None]) -> None:
+        self._connections.discard(task)
+        self._check_drained()
 
     # ------------------------------------------------------------------ per connection
 
-    async def _handle(self, conn: socket.socket) -> None:
+    async def _handle(self, conn: socket.socket, accepted: float) -> None:
         relayed = False
         try:
-            relayed = await self._connection(conn)
+            relayed = await self._connection(conn, accepted)
         except Exception:
             log.exception("egress.error")
             reset(conn)
@@ -167,8 +226,9 @@ class EgressEngine:
             if not relayed:  # once relayed, the relay's end closes it
                 conn.close()
 
-    async def _connection(self, conn: socket.socket) -> bool:
-        """Decide one accepted connection; True when it was handed to a relay (which then owns the socket)."""
+    async def _connection(self, conn: socket.socket, accepted: float) -> bool:
+        """Decide one accepted connection (`accepted`: its perf_counter time, for the decision latency); True
+        when it was handed to a relay (which then owns the socket)."""
         self.stats["accepted"] += 1
         try:
             peer = conn.getpeername()
@@ -176,7 +236,7 @@ class EgressEngine:
         except OSError:
             return False  # already gone
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        flow = Flow(time.time_ns() // 1000, "", peer[0], peer[1], local[0], local[1])
+        flow = Flow(time.time_ns() // 1000, "", peer[0], peer[1], local[0], local[1], accepted=accepted)
         policy = self.state_provider().policy_for_address(flow.src_addr)
         if policy is None:
             self._deny(flow, "unknown sandbox (source address not attached to any sandbox)", Rule.UNKNOWN_SOURCE)
@@ -238,6 +298,10 @@ class EgressEngine:
             case TlsHello(data=data, hello=hello):
                 flow.protocol = "tls"
                 flow.hostname = hello.sni
+                if hello.has_ech and not policy.ech_accepted(hello.sni):
+                    self._deny(flow, ECH_REFUSED_REASON, Rule.ECH)
+                    await deny_with(conn, tls_alert(AlertDescription.ACCESS_DENIED, hello.record_version))
+                    return False
                 if hello.sni:
                     plan = await plan_named(policy, hello.sni, orig, port, "tls", self.destinations, self.resolver)
                 else:
@@ -304,14 +368,20 @@ class EgressEngine:
         """Dial and hand both sockets to a `Relay`; True when it owns the client socket from now on."""
         assert plan.dial is not None
         flow.dst_addr, flow.dst_port = plan.dial, flow.orig_dst_port
-        flow.allow(plan.reason, plan.label)
+        flow.allow(plan.reason, plan.label, plan.would_deny)
+        self.recorder.decided(flow)
         egress = self.egress
         try:
-            if plan.rule is Rule.INSPECT and not (self.tier is not None and self.tier.excluded(flow.hostname or "")):
+            # A would-deny INSPECT plan is a port no inspect entry marks: relayed as it is, not inspected.
+            if (
+                plan.rule is Rule.INSPECT
+                and not plan.would_deny
+                and not (self.tier is not None and self.tier.excluded(flow.hostname or ""))
+            ):
                 upstream = await self._hand_over(flow, policy, plan)
                 guard = first_stop = None  # the tier decides every request on it
             else:
-                upstream = await dial(plan.dial, flow.orig_dst_port, egress.dial_mark, egress.connect_timeout)
+                upstream = await self._dial(plan.dial, flow.orig_dst_port)
         except HandoverFailed as exc:
             self._deny(flow, f"{flow.hostname} is inspected and {exc}", Rule.INSPECTION_DOWN)
             if flow.protocol == "http":
@@ -337,7 +407,7 @@ class EgressEngine:
         sweeper = self._sweeper
         if sweeper is None or sweeper.loop is not loop:
             sweeper = self._sweeper = IdleSweeper(loop, egress.idle_timeout)
-        Relay(
+        relay = Relay(
             conn,
             upstream,
             functools.partial(self._relayed, conn, flow),
@@ -350,7 +420,21 @@ class EgressEngine:
             splice=self.splice,
             cut_grace=HTTP_CUT_GRACE,
         )
+        if not relay.done:  # (its first bytes can end it at once)
+            self._relayed_by_sandbox.setdefault(flow.sandbox, {})[relay] = _Relayed(flow, plan, guard)
         return True
+
+    async def _dial(self, address: str, port: int) -> socket.socket:
+        """The upstream connect (`dial`), its time observed by outcome."""
+        egress = self.egress
+        started = time.perf_counter()
+        try:
+            upstream = await dial(address, port, egress.dial_mark, egress.connect_timeout)
+        except (OSError, TimeoutError):
+            self.recorder.dialled(False, time.perf_counter() - started)
+            raise
+        self.recorder.dialled(True, time.perf_counter() - started)
+        return upstream
 
     async def _hand_over(self, flow: Flow, policy: CompiledPolicy, plan: Plan) -> socket.socket:
         """The connection goes to the inspection tier, with who asked for what, to dial plan.dial itself."""
@@ -376,7 +460,13 @@ class EgressEngine:
     def _relayed(self, conn: socket.socket, flow: Flow, relay: Relay) -> None:
         """The relay ended: close (or reset) the client, deliver a cut's denial, record the flow."""
         flow.bytes_up, flow.bytes_down = relay.bytes_up, relay.bytes_down
-        if relay.error is not None:
+        relayed = self._relayed_by_sandbox.get(flow.sandbox)
+        if relayed is not None and relayed.pop(relay, None) is not None and not relayed:
+            del self._relayed_by_sandbox[flow.sandbox]
+        if isinstance(relay.error, PolicyCut):
+            flow.deny(f"{POLICY_CUT_PREFIX}: {relay.error.reason}", relay.error.rule)
+            reset(conn)
+        elif relay.error is not None:
             if isinstance(relay.error, TimeoutError):
                 flow.reason += f"; closed after {self.egress.idle_timeout}s idle"
             reset(conn)
@@ -391,8 +481,44 @@ class EgressEngine:
         else:
             conn.close()
         self.recorder.record(flow)
+        self._check_drained()
+
+    def policy_changed(self, sandbox_id: str) -> int:
+        """The sandbox's policy changed or it was removed: end (RST both ways) each of its relayed connections the
+        policy in force now no longer allows, as a new connection with the same name and address would be refused;
+        the others go on under it. Returns how many were ended."""
+        relayed = self._relayed_by_sandbox.get(sandbox_id)
+        if not relayed:
+            return 0
+        state = self.state_provider()
+        cut = 0
+        for relay, entry in list(relayed.items()):
+            flow = entry.flow
+            policy = state.policy_for_address(flow.src_addr)
+            if policy is None or policy.sandbox_id != sandbox_id:
+                gone = f"{flow.src_addr} is no longer an address of sandbox {sandbox_id}"
+                refusal = PolicyCut(gone, Rule.UNKNOWN_SOURCE)
+            else:
+                plan = replan(
+                    policy, entry.plan.name, flow.dst_addr, flow.orig_dst_port, flow.protocol, self.destinations,
+                    self.learned,
+                )  # fmt: skip
+                if plan.allowed:
+                    if isinstance(entry.guard, HttpGuard):
+                        entry.guard.policy = policy  # its later requests are decided on the policy in force
+                    continue
+                refusal = PolicyCut(plan.reason, plan.label)
+            relay.finish(refusal)
+            cut += 1
+        if cut:
+            log.info("egress.policy_cut", sandbox=sandbox_id, flows=cut)
+        return cut
 
     def _deny(self, flow: Flow, reason: str, rule: str) -> None:
+        # Allowed before: that verdict was timed in _relay, and this is its dial or hand-over failing.
+        timed = flow.allowed
         flow.deny(reason, rule)
+        if not timed:
+            self.recorder.decided(flow)
         self.stats["denied"] += 1
         self.recorder.record(flow)

@@ -6,6 +6,9 @@ host or nothing). Every address is checked against `Destinations` (private, link
 blocklist; DNS rebinding lands here). Unnamed connections are allowed only by an `allow_cidrs` rule or
 by a DNS-learned address of this sandbox.
 
+A verdict that allows only because the policy is in report mode (`Verdict.would_deny`) is planned like any
+allowing one (the address checks still refuse what they refuse), and the plan says so.
+
 `decide` runs once per (name, address, port) the plan needs: the verdict on the original destination
 is reused when it is among the resolved addresses (the common case), and the address-only verdict
 that lets `allow_cidrs` override a special-range refusal is asked only when there is such a refusal.
@@ -33,6 +36,9 @@ class Plan:
     dial: str | None = None  # the address to dial (the port is always the original one)
     from_allow_cidrs: bool = False
     unresolvable: bool = False
+    #: The name an allowed plan was decided on (None: by address): what a policy change decides it on again.
+    name: str | None = None
+    would_deny: bool = False  # allowed only because the policy is in report mode
 
     @property
     def label(self) -> str:
@@ -69,7 +75,7 @@ def plan_unnamed(
     if refusal is not None and not (refusal.overridable and from_cidrs):
         return Plan(False, refusal.reason, refusal.rule)
     reason = verdict.reason if name is None else f"{verdict.reason} (address learned from DNS for {name})"
-    return Plan(True, reason, verdict.rule, verdict.detail, orig, from_cidrs)
+    return Plan(True, reason, verdict.rule, verdict.detail, orig, from_cidrs, would_deny=verdict.would_deny)
 
 
 async def plan_named(
@@ -91,7 +97,7 @@ async def plan_named(
         refusal = destinations.check(orig)
         if refusal is not None and not refusal.overridable:
             return Plan(False, refusal.reason, refusal.rule)
-        return Plan(True, verdict.reason, verdict.rule, verdict.detail, orig, True)
+        return Plan(True, verdict.reason, verdict.rule, verdict.detail, orig, True, name=name)
     try:
         resolved = await resolver.resolve(name)
     except ResolveError as exc:
@@ -101,7 +107,7 @@ async def plan_named(
     if orig in addresses and _usable(policy, destinations, orig, port):
         # The common case: the client dialled an address the name resolves to, and that address may be
         # reached: it is the one dialled whatever the others are, so they need no checks.
-        return Plan(True, verdict.reason, verdict.rule, verdict.detail, orig)
+        return Plan(True, verdict.reason, verdict.rule, verdict.detail, orig, name=name, would_deny=verdict.would_deny)
     usable: list[str] = []
     first_refusal: str | None = None
     first_rule, first_detail = Rule.SPECIAL_ADDRESS, ""
@@ -129,4 +135,27 @@ async def plan_named(
     else:
         same_family = [a for a in usable if (":" in a) == (":" in orig)]
         dial = (same_family or usable)[0]
-    return Plan(True, verdict.reason, verdict.rule, verdict.detail, dial)
+    return Plan(True, verdict.reason, verdict.rule, verdict.detail, dial, name=name, would_deny=verdict.would_deny)
+
+
+def replan(
+    policy: CompiledPolicy,
+    name: str | None,
+    address: str,
+    port: int,
+    protocol: str,
+    destinations: Destinations,
+    learned: LearnedDestinations | None,
+) -> Plan:
+    """An established connection decided again once its sandbox's policy changed (the live cut): by the name
+    its plan used at the address it was dialled to, or, unnamed, exactly as a new connection to it would be."""
+    if name is None:
+        return plan_unnamed(policy, address, port, protocol, destinations, learned)
+    verdict = decide(policy, name, address, port, protocol)
+    if not verdict.allowed:
+        return _refused(verdict)
+    if not _usable(policy, destinations, address, port):
+        refusal = destinations.check(address)
+        assert refusal is not None  # unusable means refused and not overridden
+        return Plan(False, refusal.reason, refusal.rule)
+    return Plan(True, verdict.reason, verdict.rule, verdict.detail, address, name=name, would_deny=verdict.would_deny)

@@ -5,6 +5,11 @@ name, protocol, dialled address, byte counts) and its verdict; `FlowRecorder.rec
 `FlowRecord` exactly once, when the connection's fate is sealed (denied, or relayed and ended). The flow
 log writes the `flow` line from it; without a flow log the record is logged as that line here. There is
 no second log line per denial: the record is the log line.
+
+The recorder also keeps the engine's running totals (connections by protocol, verdict and rule; bytes each
+way; the decision and dial latency histograms of `gateway.latency`) as plain ints, read by the metrics
+collector at scrape time: a dict update and a bucket increment per connection, not a prometheus-client
+call on the hot path.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from gateway.flowlog import FlowLog, FlowProtocol, FlowRecord
+from gateway.flowlog import FlowLog, FlowProtocol, FlowRecord, flow_verdict
+from gateway.latency import Histogram, observe
 
 log = structlog.get_logger("gateway.egress")
 
@@ -36,21 +42,39 @@ class Flow:
     allowed: bool = False
     reason: str = ""
     rule: str = ""  # the rule's label, as records show it
+    would_deny: bool = False  # allowed only because the policy is in report mode
+    accepted: float = 0.0  # time.perf_counter() when the connection was accepted (for the decision latency)
 
     def deny(self, reason: str, rule: str) -> None:
         self.allowed, self.reason, self.rule = False, reason, rule
 
-    def allow(self, reason: str, rule: str) -> None:
-        self.allowed, self.reason, self.rule = True, reason, rule
+    def allow(self, reason: str, rule: str, would_deny: bool = False) -> None:
+        self.allowed, self.reason, self.rule, self.would_deny = True, reason, rule, would_deny
 
 
 class FlowRecorder:
     """Builds the record from a `Flow` and hands it to the flow log (never raises, never blocks)."""
 
-    __slots__ = ("flowlog",)
+    __slots__ = ("bytes_down", "bytes_up", "connections", "decisions", "dials", "flowlog")
 
     def __init__(self, flowlog: FlowLog | None) -> None:
         self.flowlog = flowlog
+        #: Recorded connections by (protocol, verdict, rule).
+        self.connections: dict[tuple[str, str, str], int] = {}
+        self.bytes_up = 0
+        self.bytes_down = 0
+        #: Seconds from the accept to the verdict (peek, limits, resolution, policy), by (protocol, verdict).
+        self.decisions: dict[tuple[str, str], Histogram] = {}
+        #: Seconds the upstream connect took, by outcome (ok, failed).
+        self.dials: dict[str, Histogram] = {}
+
+    def decided(self, flow: Flow) -> None:
+        """The flow's verdict was given now: observe how long it took since the accept (once per connection)."""
+        verdict = flow_verdict(flow.allowed, flow.would_deny)
+        observe(self.decisions, (flow.protocol, verdict), time.perf_counter() - flow.accepted)
+
+    def dialled(self, ok: bool, seconds: float) -> None:
+        observe(self.dials, "ok" if ok else "failed", seconds)
 
     def record(self, flow: Flow) -> None:
         end_us = time.time_ns() // 1000
@@ -69,10 +93,14 @@ class FlowRecorder:
             bytes_up=flow.bytes_up,
             bytes_down=flow.bytes_down,
             duration_ms=max(0, end_us - flow.start_us) / 1000,
-            verdict="allow" if flow.allowed else "deny",
+            verdict=flow_verdict(flow.allowed, flow.would_deny),
             reason=flow.reason,
             rule=flow.rule,
         )
+        key = (record.protocol, record.verdict, record.rule)
+        self.connections[key] = self.connections.get(key, 0) + 1
+        self.bytes_up += flow.bytes_up
+        self.bytes_down += flow.bytes_down
         if self.flowlog is None:
             log.info("flow", **record.to_dict())  # the flow log writes this line itself when it is there
         else:

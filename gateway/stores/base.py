@@ -59,6 +59,15 @@ class PolicyStore(abc.ABC):
     async def _persist(self, kind: str, key: str, record: dict[str, Any] | None, expect: Expect) -> None:
         """Durably write (or delete, `record=None`) one record; raise if `expect` does not hold."""
 
+    def out_of_sync(self) -> str | None:
+        """Why the loaded state may lag behind the store's source (None: it follows it), for readiness."""
+        return None
+
+    def sync_lag(self) -> float:
+        """Seconds the loaded state may be behind the store's source, for metrics. 0 here: the embedded store's
+        file is local (API writes go through it; a hand edit waits for the next poll, a configured delay)."""
+        return 0.0
+
     def status(self) -> dict[str, Any]:
         return asdict(
             StoreStatus(

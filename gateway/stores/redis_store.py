@@ -68,6 +68,8 @@ UNBLOCKS: Mapping[str, frozenset[str]] = {
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 2.0
 READ_BLOCK_MS = 1000
+#: The follower answers at least once per READ_BLOCK_MS; no answer for this long means the state may lag (readiness).
+SYNC_STALE_AFTER = 5.0
 READ_COUNT = 1000
 GAP_CHECK_INTERVAL = 1.0
 WRITE_CHUNK = 1000
@@ -543,6 +545,11 @@ class RedisStore(PolicyStore):
         self._position: StreamId = (0, 0)
         self._entries_read = 0
         self._connected = False
+        #: When the change-stream follower last had an answer from Redis (monotonic).
+        self._last_contact = time.monotonic()
+        #: The state holds every change Redis had at this moment (monotonic): when the snapshot or the change-stream
+        #: read whose entries were applied last was answered.
+        self._synced_at = time.monotonic()
         self._last_resync: float | None = None
         self._next_resync = 0.0
         self._next_gap_check = 0.0
@@ -592,6 +599,19 @@ class RedisStore(PolicyStore):
             await self._redis.aclose()
             self._redis = None
         self._connected = False
+
+    def out_of_sync(self) -> str | None:
+        if not self._connected:
+            return f"not connected to Redis at {self._url}: policy changes may not be followed"
+        silent = time.monotonic() - self._last_contact
+        if silent > SYNC_STALE_AFTER:
+            return f"no answer from Redis at {self._url} for {silent:.0f}s: policy changes may not be followed"
+        return None
+
+    def sync_lag(self) -> float:
+        # An upper bound: while a blocking read waits (up to READ_BLOCK_MS) Redis would have sent any change at
+        # once, but only its answer confirms that Redis was there.
+        return max(0.0, time.monotonic() - self._synced_at)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -649,6 +669,7 @@ class RedisStore(PolicyStore):
         started = time.monotonic()
         async with self._write_lock:
             snapshot = await self._snapshot()
+            answered = time.monotonic()
             if self._loaded:
                 changed = len(self.sync.apply(self.sync.diff(snapshot.live)))
             else:
@@ -659,7 +680,9 @@ class RedisStore(PolicyStore):
             self._entries_read = snapshot.entries_added
             self.sync.adopt(snapshot)
             await self._write_back(None)
+        self._synced_at = answered
         self._connected = True
+        self._last_contact = time.monotonic()
         self._last_resync = time.time()
         self._next_resync = asyncio.get_running_loop().time() + self.config.resync_interval
         log.info(
@@ -706,9 +729,11 @@ class RedisStore(PolicyStore):
                     {self.keys.changes: format_stream_id(self._position)}, count=READ_COUNT, block=READ_BLOCK_MS
                 )
                 self._connected = True
+                answered = self._last_contact = time.monotonic()
                 entries = xread_entries(reply)
                 if entries:
                     await self._process(entries)
+                self._synced_at = answered
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the follower must outlive any error; it resyncs afterwards

@@ -39,14 +39,13 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Final
 
-import msgspec
 import structlog
 
 import gateway.addons
 from gateway.errors import GatewayError
-from gateway.flowlog import FlowLog, FlowRecord
+from gateway.flowlog import FlowLog, decode_record
 from gateway.inspection import tier_authorization
-from gateway.processes import wait_or_kill
+from gateway.processes import read_lines, wait_or_kill
 from gateway.tier.ca import ensure_ca
 from gateway.tier.config import InspectionConfig
 
@@ -280,25 +279,17 @@ class TierSupervisor:
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
         )
         try:
-            while True:
-                try:
-                    line = await reader.readline()
-                except ValueError:  # a line longer than MAX_RECORD_LINE: dropped, the next one is read
-                    self._bad_record("longer than the limit")
-                    continue
-                if not line:
-                    return
-                if not line.endswith(b"\n"):  # the process died in the middle of a line
-                    self._bad_record("cut short")
-                    return
-                try:
-                    record = msgspec.json.decode(line, type=FlowRecord)
-                except msgspec.DecodeError as exc:
-                    self._bad_record(str(exc))
-                    continue
-                self.flowlog.record(record)
+            await read_lines(reader, self._record_line, self._bad_record)
         finally:
             transport.close()
+
+    def _record_line(self, line: bytes) -> None:
+        try:
+            record = decode_record(line)
+        except ValueError as exc:
+            self._bad_record(str(exc))
+            return
+        self.flowlog.record(record)
 
     def _bad_record(self, why: str) -> None:
         self.bad_records += 1

@@ -15,6 +15,7 @@ engine-claims, workers, rate-limit and steering modules build on it too.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -584,9 +585,20 @@ def test_dns_rebinding_and_metadata_are_refused(env: EgressEnv) -> None:
     # Even a sandbox allowed everything cannot reach the metadata service or a private address.
     out = env.curl("sb2", "http://169.254.169.254/latest/meta-data/", "-i")
     assert out.stdout.startswith("HTTP/1.1 403"), out.stdout
-    assert "X-Gateway-Reason: metadata service 169.254.169.254" in out.stdout
+    assert "X-Gateway-Reason: cloud metadata service (AWS, GCP, Azure, OCI, OpenStack, DigitalOcean) 169" in out.stdout
+    assert "X-Gateway-Rule: builtin:metadata" in out.stdout
     out = env.curl("sb2", "http://[64:ff9b::a9fe:a9fe]/", "-i")  # the same, wrapped in NAT64
     assert "X-Gateway-Reason: IPv4 169.254.169.254 embedded in NAT64" in out.stdout, out.stdout
+    # The endpoints outside link-local, directly, in another IPv6 spelling, and through a DNS answer.
+    for url, pinned in (
+        ("http://168.63.129.16/machine", ()),
+        ("http://[2002:6464:64c8::1]/", ()),  # 6to4 around 100.100.100.200
+        ("http://wire.test/", pin("wire.test", 80, "198.18.1.1")),
+        ("http://ali6.test/", pin("ali6.test", 80, "198.18.1.1")),
+    ):
+        out = env.curl("sb2", url, "-i", *pinned)
+        assert out.stdout.startswith("HTTP/1.1 403"), (url, out.stdout)
+        assert "X-Gateway-Rule: builtin:metadata" in out.stdout, (url, out.stdout)
     # ... while the public internet works for it.
     out = env.curl("sb2", "http://198.18.1.3/")
     assert out.stdout.startswith("ORIGIN 198.18.1.3 host=198.18.1.3"), out.stderr
@@ -746,6 +758,73 @@ def _client_hello(name: str) -> bytes:
     with contextlib.suppress(ssl.SSLWantReadError):
         tls.do_handshake()
     return out.read()
+
+
+# An ECH extension (RFC 9849 outer form): cipher suite, config id, enc, payload; its content is never read.
+ECH_EXTENSION = b"\xfe\x0d" + (10).to_bytes(2, "big") + b"\x00\x00\x01\x00\x01\x42\x00\x00\x00\x00"
+
+TLS_FIRST_ANSWER = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.sendall(bytes.fromhex(sys.argv[3]))
+try:
+    print(s.recv(7).hex())
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+
+
+def _with_ech(record: bytes) -> bytes:
+    """A real client's one-record ClientHello with an Encrypted Client Hello extension appended."""
+    body = bytearray(record[9:])  # record header (5) + handshake header (4)
+    at = 2 + 32  # legacy_version, random
+    at += 1 + body[at]  # session id
+    at += 2 + int.from_bytes(body[at : at + 2], "big")  # cipher suites
+    at += 1 + body[at]  # compression methods
+    body[at : at + 2] = (int.from_bytes(body[at : at + 2], "big") + len(ECH_EXTENSION)).to_bytes(2, "big")
+    body += ECH_EXTENSION
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    return record[:3] + len(handshake).to_bytes(2, "big") + handshake
+
+
+@pytest.mark.root
+def test_encrypted_client_hello_is_refused_unless_the_outer_name_is_opted_in(env: EgressEnv) -> None:
+    def first_answer(sb: str, name: str, ech: bool) -> str:
+        hello = _client_hello(name)
+        assert hello[0] == 0x16 and len(hello) == 5 + int.from_bytes(hello[3:5], "big")  # one record
+        payload = _with_ech(hello) if ech else hello
+        return env.topo.python(sb, TLS_FIRST_ANSWER, "198.18.1.1", "443", payload.hex()).strip()
+
+    # A refusal is an alert record (0x15) ending fatal (2), access_denied (49 = 0x31).
+    # sb4 may reach allowed.test but opts in no ECH name: the hello's outer name could hide any site.
+    refused = first_answer("sb4", "allowed.test", ech=True)
+    assert refused.startswith("15") and refused.endswith("0231"), refused
+    assert first_answer("sb4", "allowed.test", ech=False).startswith("16")  # the same hello without ECH passes
+    # sb1 opts allowed.test in: its ECH hello reaches the origin, which answers with its ServerHello.
+    assert first_answer("sb1", "allowed.test", ech=True).startswith("16")
+
+
+def _reframed(record: bytes, cuts: list[int]) -> bytes:
+    """A one-record ClientHello re-sent as several TLS records, cut at these handshake-message offsets."""
+    handshake = record[5:]
+    edges = [0, *cuts, len(handshake)]
+    pieces = [handshake[a:b] for a, b in itertools.pairwise(edges)]
+    return b"".join(record[:3] + len(p).to_bytes(2, "big") + p for p in pieces)
+
+
+@pytest.mark.root
+def test_a_client_hello_split_across_tls_records_is_decided_as_one(env: EgressEnv) -> None:
+    for name, passes in (("denied.test", False), ("allowed.test", True)):
+        hello = _client_hello(name)
+        sni_at = hello.index(name.encode()) - 5  # inside the server_name extension, mid-name
+        for cuts in ([sni_at + 3], [1, 2, 3, sni_at - 2, sni_at + 1], list(range(40, len(hello) - 5, 9))):
+            payload = _reframed(hello, cuts)
+            assert payload.count(b"\x16\x03\x01") >= len(cuts) + 1
+            out = env.topo.python("sb4", TLS_FIRST_ANSWER, "198.18.1.1", "443", payload.hex()).strip()
+            if passes:
+                assert out.startswith("16"), (name, cuts, out)  # the origin's ServerHello
+            else:
+                assert out.startswith("15") and out.endswith("0231"), (name, cuts, out)  # access_denied
 
 
 def _silent_then(env: EgressEnv, sb: str, address: str, port: int, payload: bytes) -> str:

@@ -4,7 +4,6 @@ and decided by it, and special-purpose destinations are refused unless a CIDR ru
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 
 import pytest
@@ -87,8 +86,7 @@ def without_public_ranges(env: EgressEnv) -> Iterator[EgressEnv]:
 
     def restart(**environment: str) -> None:
         assert env.gateway is not None
-        env.gateway.send_signal(signal.SIGTERM)
-        env.gateway.wait(timeout=15)
+        env.stop_gateway(15)
         env.environment.update(environment)
         env.start_gateway()
 

@@ -268,8 +268,7 @@ def test_a_worker_process_hands_marked_hosts_to_the_main_process_tier(env: Inspe
     assert env.gateway is not None
     batches = env.workdir / "audit" / "sb1"
     earlier = set(batches.glob("*.ndjson"))
-    env.gateway.send_signal(signal.SIGTERM)
-    env.gateway.wait(20)
+    env.stop_gateway()
     env.start_gateway("--workers", "3")
     assert wait_until(lambda: status_of(env.https("allowed.test", "/ok")) == 200, 30)
     before = len(env.origin_saw())

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.factory import wait_until
+from tests.factory import Samples, dashboard_metrics, delta, scrape, wait_until
 from tests.netns import INET_V4, Topology, live_namespaces, log_events, wait_for_line
 
 REPO = Path(__file__).resolve().parents[2]
@@ -443,6 +443,7 @@ class Env:
                     "poll_interval = 0.1",
                     "[audit]",
                     f'dir = "{self.workdir / "audit"}"',
+                    "log_records = true",  # the app side counts exchanges by their `flow` log lines
                     "[log]",
                     'format = "json"',
                     "[egress]",
@@ -654,6 +655,32 @@ def test_a_flood_from_many_addresses_never_keeps_out_a_client_that_signed_in_bef
 
 
 # --------------------------------------------------------------------------- a hostile app
+
+
+@pytest.mark.root
+def test_metrics_count_each_password_check_by_result_and_each_answer_by_status(env: Env) -> None:
+    tunnel = env.expose("sb1", 3000, password=True)  # a fresh tunnel: its throttle has counted nothing
+    _, before = scrape(env)
+    # One more wrong password than the free ones, sent at once: FREE checked and failed, then throttled.
+    burst = [str(env.ca), GATEWAY, str(PORT), env.host(tunnel), str(FREE + 1), basic("wrong-password"), ""]
+    assert json.loads(env.topo.python("inet", BURST_CLIENT, *burst, timeout=60)) == {"401": FREE, "429": 1}
+    status, _, _ = env.curl(tunnel, "/", "-H", f"Authorization: {basic(PASSWORD)}", ns="gw")
+    assert status == 200
+
+    def answered(after: Samples) -> float:
+        return sum(delta(before, after, "gateway_tunnel_requests_total", status=s) for s in ("200", "401", "429"))
+
+    # A request is counted once its answer is written, which the client may see first.
+    assert wait_until(lambda: answered(scrape(env)[1]) >= FREE + 2), scrape(env)[0]
+    _, after = scrape(env)
+    assert delta(before, after, "gateway_tunnel_requests_total", status="401") == FREE
+    assert delta(before, after, "gateway_tunnel_requests_total", status="429") == 1
+    assert delta(before, after, "gateway_tunnel_requests_total", status="200") == 1
+    assert delta(before, after, "gateway_tunnel_logins_total", result="failed") == FREE
+    assert delta(before, after, "gateway_tunnel_logins_total", result="throttled") == 1
+    assert delta(before, after, "gateway_tunnel_logins_total", result="ok") == 1
+    tunnel_families = {name for name in dashboard_metrics() if name.startswith("gateway_tunnel_")}
+    assert tunnel_families and tunnel_families <= {name for name, _ in after}, tunnel_families
 
 
 @pytest.mark.root

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from gateway.audit_config import AuditConfig
 from gateway.errors import GatewayError
-from gateway.flowlog import BATCH_NAME_PATTERN, FlowLog, FlowRecord, render
+from gateway.flowlog import BATCH_NAME_PATTERN, SUBSCRIBER_BUFFER, FlowLog, FlowRecord, render
 from gateway.logs import configure_logging, json_line_stream
 from gateway.settings import load_config
 from tests.factory import wait_until_async
@@ -56,14 +56,32 @@ def flow(sandbox: str = "sb-1", end_us: int = T0, **changes: object) -> FlowReco
     return replace(record, **changes)  # type: ignore[arg-type]
 
 
-def audit(tmp_path: Path, *, stream: str = "", maxlen: int = 100_000, interval: float = 3600.0) -> AuditConfig:
+def audit(
+    tmp_path: Path,
+    *,
+    stream: str = "",
+    maxlen: int = 100_000,
+    interval: float = 3600.0,
+    log_records: bool = False,
+    subscribers: int = 16,
+) -> AuditConfig:
     # A long flush interval by default: the tests flush explicitly, so only the mechanism under test writes.
-    return AuditConfig(dir=tmp_path / "audit", flush_interval=interval, redis_stream=stream, redis_maxlen=maxlen)
+    return AuditConfig(dir=tmp_path / "audit", flush_interval=interval, redis_stream=stream, redis_maxlen=maxlen,
+                       log_records=log_records, max_stream_subscribers=subscribers)  # fmt: skip
 
 
 @pytest.fixture
 async def flows(tmp_path: Path) -> AsyncIterator[FlowLog]:
     instance = FlowLog(audit(tmp_path))
+    await instance.start()
+    yield instance
+    await instance.close()
+
+
+@pytest.fixture
+async def logging_flows(tmp_path: Path) -> AsyncIterator[FlowLog]:
+    """A flow log with `audit.log_records` on."""
+    instance = FlowLog(audit(tmp_path, log_records=True))
     await instance.start()
     yield instance
     await instance.close()
@@ -93,7 +111,14 @@ def test_record_fields_are_metadata_only() -> None:
         FlowRecord(**rec.to_dict(), payload=b"secret")  # type: ignore[call-arg]
 
 
-async def test_each_record_is_also_a_structured_log_line(flows: FlowLog) -> None:
+async def test_records_are_not_log_lines_by_default(flows: FlowLog) -> None:
+    with structlog.testing.capture_logs() as logs:
+        flows.record(flow(verdict="deny"))
+    assert [entry for entry in logs if entry["event"] == "flow"] == [] and flows.pending == 1
+
+
+async def test_with_log_records_each_record_is_also_a_structured_log_line(logging_flows: FlowLog) -> None:
+    flows = logging_flows
     with structlog.testing.capture_logs() as logs:
         flows.record(flow(verdict="deny", reason="host not in allowlist", rule="default:deny"))
     [line] = [entry for entry in logs if entry["event"] == "flow"]
@@ -291,7 +316,7 @@ async def test_no_partial_file_is_ever_listed(flows: FlowLog, tmp_path: Path) ->
 
 
 async def test_a_full_queue_drops_and_counts_and_never_raises(tmp_path: Path) -> None:
-    flows = FlowLog(audit(tmp_path), queue_size=10)
+    flows = FlowLog(audit(tmp_path, log_records=True), queue_size=10)
     with structlog.testing.capture_logs() as logs:
         started = time.monotonic()
         for i in range(25):
@@ -451,8 +476,9 @@ def test_render_says_what_json_dumps_says(changes: dict[str, object]) -> None:
 
 
 async def test_with_json_logging_the_lines_of_one_loop_turn_are_written_together(
-    flows: FlowLog, monkeypatch: pytest.MonkeyPatch
+    logging_flows: FlowLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    flows = logging_flows
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
     saved = structlog.get_config()
@@ -477,3 +503,56 @@ async def test_with_json_logging_the_lines_of_one_loop_turn_are_written_together
         assert json_line_stream() is None  # info lines are not wanted at all
     finally:
         structlog.configure(**saved)
+
+
+# --------------------------------------------------------------------------- live subscribers
+
+
+async def test_a_subscriber_gets_its_sandbox_and_verdict_only(flows: FlowLog) -> None:
+    denials = flows.subscribe("sb-1", "deny")
+    everything = flows.subscribe()
+    flows.record(flow(verdict="deny", rule="default:deny"))
+    flows.record(flow(verdict="allow"))
+    flows.record(flow(sandbox="sb-2", verdict="deny"))
+    [line] = await denials.next(1.0)
+    assert json.loads(line) == flow(verdict="deny", rule="default:deny").to_dict()
+    assert len(await everything.next(1.0)) == 3
+    assert await denials.next(0.01) == []  # nothing new: waits, then nothing
+    flows.unsubscribe(denials)
+    flows.record(flow(verdict="deny"))
+    assert list(denials.lines) == []
+
+
+async def test_a_subscriber_that_does_not_read_loses_its_oldest_lines_counted(flows: FlowLog) -> None:
+    slow = flows.subscribe()
+    for i in range(SUBSCRIBER_BUFFER + 250):
+        flows.record(flow(end_us=T0 + i))
+    lines = await slow.next(1.0)
+    assert len(lines) == SUBSCRIBER_BUFFER and slow.lagged == 250
+    assert json.loads(lines[0])["end_us"] == T0 + 250  # the newest kept
+    assert flows.pending == SUBSCRIBER_BUFFER + 250  # the batches lose nothing
+
+
+async def test_subscribers_are_capped(tmp_path: Path) -> None:
+    flows = FlowLog(audit(tmp_path, subscribers=2))
+    first = flows.subscribe()
+    flows.subscribe()
+    with pytest.raises(GatewayError) as raised:
+        flows.subscribe()
+    assert (raised.value.code, raised.value.status) == ("TOO_MANY_SUBSCRIBERS", 503)
+    flows.unsubscribe(first)
+    flows.subscribe()
+
+
+async def test_a_forwarding_flow_log_hands_over_one_loop_turn_at_once_and_keeps_nothing(tmp_path: Path) -> None:
+    turns: list[list[str]] = []
+    flows = FlowLog(audit(tmp_path), forward=turns.append)
+    flows.record(flow(end_us=T0))
+    flows.record(flow(end_us=T0 + 1))
+    assert turns == []
+    await asyncio.sleep(0)
+    assert [[json.loads(line)["end_us"] for line in turn] for turn in turns] == [[T0, T0 + 1]]
+    flows.record(flow(end_us=T0 + 2))
+    await flows.close()  # what is queued at shutdown is handed over, not lost
+    assert len(turns) == 2 and flows.pending == 0
+    assert not (tmp_path / "audit" / "sb-1").exists()

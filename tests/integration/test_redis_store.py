@@ -397,6 +397,20 @@ async def test_the_first_writes_after_a_redis_restart_succeed(redis_server: Redi
     assert {sb.egress.allow_hosts for sb in store.state.sandboxes.values()} == {("b.example.com",)}
 
 
+async def test_the_sync_lag_grows_while_redis_is_down_and_drops_once_the_store_has_caught_up(
+    redis_server: RedisServer, client: Redis, make_store: MakeStore
+) -> None:
+    store = await make_store()
+    # The follower's read blocks up to 1 s: each answer confirms the state held every change until then.
+    assert await wait_until_async(lambda: store.sync_lag() < 1.5, 5.0), store.sync_lag()
+    redis_server.kill()
+    assert await wait_until_async(lambda: store.sync_lag() > 3.0, 10.0), "the lag grows while Redis is away"
+    redis_server.start()
+    await external_write(client, "sandbox", "sb-new", sandbox("sb-new", "10.75.0.20", ["new.example.com"]))
+    assert await wait_until_async(lambda: "sb-new" in store.state.sandboxes, 10.0), "caught up"
+    assert await wait_until_async(lambda: store.sync_lag() < 1.5, 5.0), store.sync_lag()
+
+
 async def test_redis_back_without_its_data_is_followed_not_ignored(
     redis_server: RedisServer, client: Redis, make_store: MakeStore
 ) -> None:

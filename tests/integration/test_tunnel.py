@@ -774,9 +774,9 @@ async def test_cli_certs_init_and_tunnel_commands(env: Env, tmp_path: Path) -> N
     server = TestServer(
         create_app(
             env.policy,
-            host=config.api_host,
-            port=config.api_port,
-            tokens=config.tokens,
+            host=config.api.host,
+            port=config.api.port,
+            tokens=config.api.tokens,
             presets=config.presets,
             tunnels=env.store,
         ),

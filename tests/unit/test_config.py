@@ -37,7 +37,7 @@ def invalid(tmp_path: Path, text: str = "", environ: dict[str, str] | None = Non
 def test_defaults() -> None:
     config = load_config(environ={})
     assert config.source == "defaults"
-    assert config.sandbox_subnets == (
+    assert config.network.sandbox_subnets == (
         ipaddress.ip_network("10.75.0.0/16"),
         ipaddress.ip_network("fdd4:1476:6c7e::/48"),
     )
@@ -46,19 +46,19 @@ def test_defaults() -> None:
     assert config.store.redis_url == ""
     assert config.store.redis_prefix == "gw:"
     assert config.store.node_id == os.uname().nodename
-    assert (config.api_host, config.api_port) == ("127.0.0.1", 8470)
-    assert config.tokens == ()
-    assert config.default_limits == DEFAULT_LIMITS == Limits(1000, 100, 1000, 500)
-    assert (config.log_format, config.log_level) == ("auto", "info")
+    assert (config.api.host, config.api.port) == ("127.0.0.1", 8470)
+    assert config.api.tokens == ()
+    assert config.limits.limits() == DEFAULT_LIMITS == Limits(1000, 100, 1000, 500)
+    assert (config.log.format, config.log.level) == ("auto", "info")
     assert dict(config.presets) == dict(BUILTIN_PRESETS)
 
 
 def test_policy_context_follows_the_config() -> None:
     config = load_config(environ={})
     context = config.policy_context()
-    assert context.subnets == config.sandbox_subnets
+    assert context.subnets == config.network.sandbox_subnets
     assert context.presets == config.presets
-    assert context.default_limits == config.default_limits
+    assert context.default_limits == config.limits.limits()
 
 
 def test_toml_file(tmp_path: Path) -> None:
@@ -89,19 +89,19 @@ level = "DEBUG"
     )
     config = load_config(path, environ={})
     assert config.source == str(path)
-    assert config.sandbox_subnets == (ipaddress.ip_network("10.80.0.0/16"),)
+    assert config.network.sandbox_subnets == (ipaddress.ip_network("10.80.0.0/16"),)
     assert config.store.path == Path("/var/lib/gateway/policies.json")
     assert config.store.poll_interval == 2.0
     assert config.store.node_id == "node-7"
-    assert (config.api_host, config.api_port) == ("0.0.0.0", 9000)
-    assert config.default_limits == Limits(1000, 50, 60, 500)
-    assert (config.log_format, config.log_level) == ("json", "debug")
+    assert (config.api.host, config.api.port) == ("0.0.0.0", 9000)
+    assert config.limits.limits() == Limits(1000, 50, 60, 500)
+    assert (config.log.format, config.log.level) == ("json", "debug")
 
 
 def test_config_file_named_by_the_environment(tmp_path: Path) -> None:
     path = write(tmp_path, "[api]\nport = 9100\n")
     config = load_config(environ={"GATEWAY_CONFIG": str(path)})
-    assert config.api_port == 9100
+    assert config.api.port == 9100
     assert config.source == str(path)
 
 
@@ -114,7 +114,7 @@ def test_env_redis_url_selects_redis() -> None:
 def test_env_overrides_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, '[api]\nport = 9000\nhost = "0.0.0.0"\n')
     config = load_config(path, environ={"GATEWAY_API__PORT": "9001"})
-    assert (config.api_host, config.api_port) == ("0.0.0.0", 9001)
+    assert (config.api.host, config.api.port) == ("0.0.0.0", 9001)
 
 
 def test_env_values_use_toml_syntax_for_lists_tables_and_numbers() -> None:
@@ -127,12 +127,12 @@ def test_env_values_use_toml_syntax_for_lists_tables_and_numbers() -> None:
             "GATEWAY_LOG__FORMAT": "console",  # not TOML: a plain string
         }
     )
-    assert config.sandbox_subnets == (ipaddress.ip_network("10.90.0.0/16"), ipaddress.ip_network("fd00:1::/64"))
+    assert config.network.sandbox_subnets == (ipaddress.ip_network("10.90.0.0/16"), ipaddress.ip_network("fd00:1::/64"))
     assert config.presets["internal"].hosts == ("*.corp.example", "git.corp.example")
     assert config.presets["internal"].ports == frozenset({443})
-    assert config.default_limits.bandwidth_mbit == 20
+    assert config.limits.limits().bandwidth_mbit == 20
     assert config.store.poll_interval == 1.5
-    assert config.log_format == "console"
+    assert config.log.format == "console"
 
 
 def test_unrelated_environment_is_ignored() -> None:
@@ -241,7 +241,7 @@ def test_burst_below_sustained(tmp_path: Path) -> None:
     assert error.field == "limits.burst_mbit"
     assert "at least bandwidth_mbit" in error.message
     config = load_config(write(tmp_path, "[limits]\nbandwidth_mbit = 2000\nburst_mbit = 2000\n"), environ={})
-    assert (config.default_limits.bandwidth_mbit, config.default_limits.burst_mbit) == (2000, 2000)
+    assert (config.limits.limits().bandwidth_mbit, config.limits.limits().burst_mbit) == (2000, 2000)
 
 
 # --------------------------------------------------------------------------- API tokens
@@ -266,7 +266,7 @@ token_sha256 = "{digest.upper()}"
 scopes = ["sandboxes:read", "network:registry"]
 """,
     )
-    ops, unnamed = config.tokens
+    ops, unnamed = config.api.tokens
     assert ops.name == "ops" and ops.scopes == frozenset({"admin"}) and ops.token == ""
     assert ops.token_sha256 == hashlib.sha256(TOKEN.encode()).hexdigest()  # the plain token is not kept
     assert ops.matches(TOKEN) and not ops.matches(TOKEN + "x")
@@ -298,7 +298,7 @@ def test_token_rules(tmp_path: Path, entry: str, field: str, says: str) -> None:
 
 def test_token_of_exactly_16_characters_is_accepted(tmp_path: Path) -> None:
     config = tokens_config(tmp_path, '[[api.tokens]]\ntoken = "0123456789abcdef"\nscopes = ["admin"]\n')
-    assert config.tokens[0].matches("0123456789abcdef")
+    assert config.api.tokens[0].matches("0123456789abcdef")
 
 
 def test_tokens_must_be_a_list(tmp_path: Path) -> None:

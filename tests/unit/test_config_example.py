@@ -29,7 +29,7 @@ def test_example_config_loads_to_the_same_config_as_no_file() -> None:
     from_file = load_config(EXAMPLE, environ={})
     assert dataclasses.replace(from_file, source="defaults") == load_config(environ={})
     assert from_file.store == load_config(environ={}).store
-    assert from_file.default_limits == load_config(environ={}).default_limits
+    assert from_file.limits.limits() == load_config(environ={}).limits.limits()
 
 
 def test_every_option_is_described() -> None:

@@ -14,6 +14,7 @@ from gateway.decision import (
     compile_policy,
     decide,
 )
+from gateway.errors import GatewayError
 from gateway.policy import PROFILES, Egress, parse_sandbox
 from gateway.presets import BUILTIN_PRESETS, make_preset
 from gateway.rules import Rule
@@ -679,3 +680,85 @@ def test_describe_shows_the_inspect_entries() -> None:
 def test_unrestricted_deny_all_decides_inspect_entries_too() -> None:
     p = policy("unrestricted", {"mode": "deny_all", "inspect": [READ_ONLY]})
     assert decide(p, "api.github.com", PUBLIC, 443, "tls").label == "inspect api.github.com"
+
+
+def test_encrypted_client_hello_is_accepted_only_for_opted_in_outer_names() -> None:
+    pol = policy("allowlisted", {"allow_hosts": ["*.cdn.test", "a.test"], "allow_ech": ["ech.cdn.test", "*.ech.test"]})
+    assert pol.ech_accepted("ech.cdn.test")
+    assert pol.ech_accepted("x.ech.test")
+    for name in ("a.test", "other.cdn.test", "ech.test", "x.y.ech.test", "", None):
+        assert not pol.ech_accepted(name), name
+    # No name is checked under allow_all, so ECH hides nothing there; deny_all unrestricted checks names again.
+    assert policy("unrestricted").ech_accepted("anything.test")
+    assert not policy("unrestricted", {"mode": "deny_all", "allow_hosts": ["a.test"]}).ech_accepted("a.test")
+    assert not policy("registry").ech_accepted("pypi.org")
+
+
+def test_allow_ech_is_a_per_record_field_with_the_hostname_grammar() -> None:
+    with pytest.raises(GatewayError) as info:
+        policy("allowlisted", {"allow_ech": ["https://x.test"]})
+    assert info.value.field == "egress.allow_ech[0]"
+    with pytest.raises(GatewayError) as info:
+        policy("unrestricted", {"mode": "allow_all", "allow_ech": ["x.test"]})
+    assert info.value.code == "EGRESS_MODE_CONFLICT"
+
+
+# --------------------------------------------------------------------------- report mode (egress.enforcement)
+
+REPORT = {"allow_hosts": ["a.test"], "host_ports": [443], "allow_cidrs": ["93.184.0.0/16"], "allow_ports": [22]}
+
+
+def would_deny(verdict: Verdict) -> Verdict:
+    return Verdict(True, f"report mode: would deny ({verdict.reason})", verdict.rule, verdict.detail, True)
+
+
+def test_only_allowlist_misses_are_reportable() -> None:
+    # A deliberate list: every other rule (and any rule added later) stays enforced in report mode.
+    assert {rule for rule in Rule if rule.reportable} == {
+        Rule.DEFAULT_DENY,
+        Rule.ALLOW_PORTS,
+        Rule.ALLOW_HOSTS,
+        Rule.PRESET,
+        Rule.INSPECT,
+    }
+
+
+def test_report_mode_lets_the_allowlists_denials_pass_as_would_deny() -> None:
+    enforced = policy("allowlisted", REPORT)
+    reported = policy("allowlisted", {**REPORT, "enforcement": "report"})
+    for asked in [
+        ("b.test", PUBLIC, 443, "tls"),  # not listed
+        ("a.test", PUBLIC, 8443, "tls"),  # a listed name on a port host_ports does not list
+        (None, "93.184.1.1", 443, "tcp"),  # an allow_cidrs address on a port allow_ports does not list
+        (None, "1.1.1.1", 443, "tcp"),  # no name, address not listed
+        ("b.test", None, None, "dns"),
+    ]:
+        verdict = decide(enforced, *asked)
+        assert not verdict.allowed and verdict.rule.reportable
+        assert decide(reported, *asked) == would_deny(verdict)
+    assert reported.name_allowed("b.test") == would_deny(NOT_LISTED)
+    # What the policy allows is allowed as before, not would-deny.
+    assert decide(reported, "a.test", PUBLIC, 443, "tls") == host_allowed("a.test", "allow_hosts a.test")
+    assert decide(reported, None, "93.184.1.1", 22, "tcp") == cidr_allowed("93.184.0.0/16")
+
+
+def test_report_mode_keeps_smtp_deny_cidrs_and_the_internet_switch_enforced() -> None:
+    reported = policy("allowlisted", {**REPORT, "deny_cidrs": ["93.184.216.0/24"], "enforcement": "report"})
+    assert decide(reported, "b.test", PUBLIC, 443, "tls") == cidr_denied("93.184.216.0/24")
+    assert decide(reported, "b.test", "1.1.1.1", 25, "tcp").rule is Rule.SMTP
+    off = policy("allowlisted", {"allow_internet": False, "enforcement": "report"})
+    assert decide(off, "b.test", PUBLIC, 443, "tls") == NO_INTERNET
+
+
+def test_report_mode_is_inherited_from_a_template_within_the_profiles_ceiling() -> None:
+    template = {"egress": {"allow_hosts": ["a.test"], "enforcement": "report"}}
+    inherited = policy("allowlisted", template=template)
+    assert inherited.report and decide(inherited, "b.test", PUBLIC, 443, "tls") == would_deny(NOT_LISTED)
+    assert inherited.describe()["enforcement"] == "report"
+    overridden = policy("allowlisted", {"enforcement": "enforce"}, template=template)
+    assert not overridden.report and decide(overridden, "b.test", PUBLIC, 443, "tls") == NOT_LISTED
+    assert overridden.describe()["enforcement"] == "enforce"
+    # The registry profile may not use it, so a template's report mode is ignored there (like its allow_hosts).
+    registry = policy("registry", template=template)
+    assert not registry.report and not decide(registry, "b.test", PUBLIC, 443, "tls").allowed
+    assert not policy("isolated", template=template).report

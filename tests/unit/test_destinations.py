@@ -21,8 +21,6 @@ def dest() -> Destinations:
 @pytest.mark.parametrize(
     ("address", "reason"),
     [
-        ("169.254.169.254", "metadata service 169.254.169.254"),
-        ("169.254.1.1", "link-local address 169.254.1.1"),
         ("10.1.2.3", "private address (RFC 1918) 10.1.2.3"),
         ("172.16.0.1", "private address (RFC 1918) 172.16.0.1"),
         ("192.168.1.1", "private address (RFC 1918) 192.168.1.1"),
@@ -44,7 +42,7 @@ def dest() -> Destinations:
         ("2001:db8::1", "documentation address (2001:db8::/32) 2001:db8::1"),
         ("64:ff9b:1::1", "local-use NAT64 address (64:ff9b:1::/48) 64:ff9b:1::1"),
         # IPv4-mapped is unwrapped before anything else: it *is* that IPv4 address.
-        ("::ffff:169.254.169.254", "metadata service 169.254.169.254"),
+        ("::ffff:10.9.8.7", "private address (RFC 1918) 10.9.8.7"),
     ],
 )
 def test_special_purpose_addresses_are_refused_with_a_reason(dest: Destinations, address: str, reason: str) -> None:
@@ -52,6 +50,73 @@ def test_special_purpose_addresses_are_refused_with_a_reason(dest: Destinations,
     assert refusal is not None
     assert refusal.reason == reason
     assert refusal.kind == "special" and refusal.overridable and refusal.rule == "builtin:special"
+
+
+METADATA = [
+    ("169.254.169.254", "cloud metadata service (AWS, GCP, Azure, OCI, OpenStack, DigitalOcean)"),
+    ("169.254.170.2", "cloud metadata service (AWS ECS task metadata)"),
+    ("169.254.170.23", "cloud metadata service (AWS EKS Pod Identity)"),
+    ("169.254.0.23", "cloud metadata service (Tencent Cloud)"),
+    ("169.254.1.1", "link-local address (cloud metadata services live here)"),
+    ("100.100.100.200", "cloud metadata service (Alibaba Cloud)"),
+    ("168.63.129.16", "cloud host agent (Azure WireServer)"),
+    ("192.0.0.192", "cloud metadata service (Oracle Cloud)"),
+    ("fd00:ec2::254", "cloud metadata service (AWS IMDS over IPv6)"),
+    ("fd00:ec2::23", "cloud metadata service (AWS EKS Pod Identity over IPv6)"),
+    ("fd20:ce::254", "cloud metadata service (Google Cloud over IPv6)"),
+]
+
+
+@pytest.mark.parametrize(("address", "label"), METADATA)
+def test_metadata_endpoints_are_refused_whatever_the_public_ranges_say(address: str, label: str) -> None:
+    # Even an operator who declares every address public (a lab, a CGNAT overlay) keeps them closed.
+    dest = Destinations([ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")])
+    refusal = dest.check(address)
+    assert refusal is not None
+    assert (refusal.kind, refusal.reason, refusal.rule, refusal.overridable) == (
+        "metadata",
+        f"{label} {address}",
+        "builtin:metadata",
+        False,
+    )
+
+
+def _spellings(v4: str) -> list[tuple[str, str]]:
+    """Every IPv6 spelling of an IPv4 address the gateway unwraps, with the form's name."""
+    value = int(ipaddress.IPv4Address(v4))
+    inverted = ~value & 0xFFFFFFFF
+    return [
+        (f"::ffff:{v4}", ""),  # IPv4-mapped: it *is* the IPv4 address
+        (str(ipaddress.IPv6Address(value)), "IPv4-compatible"),
+        (str(ipaddress.IPv6Address((0x2002 << 112) | (value << 80) | 1)), "6to4"),
+        (str(ipaddress.IPv6Address((0x20010000 << 96) | (value << 64))), "Teredo server"),
+        (str(ipaddress.IPv6Address((0x20010000 << 96) | (0x08080808 << 64) | inverted)), "Teredo client"),
+        (str(ipaddress.IPv6Address((0x0064FF9B << 96) | value)), "NAT64"),
+        (str(ipaddress.IPv6Address((0x0064FF9B0001 << 80) | value)), "local-use NAT64"),
+    ]
+
+
+@pytest.mark.parametrize("v4", ["169.254.169.254", "100.100.100.200", "168.63.129.16", "192.0.0.192"])
+@pytest.mark.parametrize("form", range(7))
+def test_every_ipv6_spelling_of_a_metadata_endpoint_is_refused(v4: str, form: int) -> None:
+    address, name = _spellings(v4)[form]
+    dest = Destinations([ipaddress.ip_network("::/0"), ipaddress.ip_network("0.0.0.0/0")])
+    refusal = dest.check(address)
+    assert refusal is not None and refusal.kind == "metadata" and not refusal.overridable
+    if name:
+        assert refusal.reason.startswith(f"IPv4 {v4} embedded in {name} {address} is refused: cloud ")
+    else:
+        assert refusal.reason.endswith(f" {v4}")
+
+
+def test_every_ipv6_spelling_of_the_gateways_own_and_blocklisted_addresses_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "blocklist.txt"
+    path.write_text("8.8.4.0/24\n")
+    dest = Destinations([ipaddress.ip_network("::/0")], [ipaddress.ip_address("9.9.9.9")], path)
+    for v4, kind in (("9.9.9.9", "gateway"), ("8.8.4.4", "blocklist")):
+        for address, _ in _spellings(v4):
+            refusal = dest.check(address)
+            assert refusal is not None and (refusal.kind, refusal.overridable) == (kind, False), address
 
 
 @pytest.mark.parametrize(

@@ -111,8 +111,8 @@ def test_ready_responses_expire_with_their_answer_and_go_with_the_sandboxs_entri
     outcome = Outcome("one.test", "A", 0, (), True, Code.CACHED, "", "", True)
     entry = cache.put("sb1", "one.test", QTYPE.A, False, answer_for("one.test", "192.0.2.1", 60))
     assert entry is not None
-    cache.put_ready("sb1", b"from-answer", Ready(b"r1", Code.FORWARDED, outcome, 0, entry))
-    cache.put_ready("sb1", b"from-policy", Ready(b"r2", Code.BLOCKED_POLICY, outcome, 0))
+    cache.put_ready("sb1", b"from-answer", Ready(b"r1", outcome, 0, entry))
+    cache.put_ready("sb1", b"from-policy", Ready(b"r2", outcome, 0))
     clock.now += 30.5
     hit = cache.get_ready("sb1", b"from-answer")
     assert hit is not None and hit[0].response == b"r1" and hit[1] == 30.5
@@ -121,10 +121,10 @@ def test_ready_responses_expire_with_their_answer_and_go_with_the_sandboxs_entri
     assert cache.get_ready("sb1", b"from-answer") is None  # its answer's TTL is over
     assert cache.get_ready("sb1", b"from-policy") is not None  # lives until the policy changes
     for key in (b"a", b"b", b"c"):
-        cache.put_ready("sb1", key, Ready(b"r", Code.BLOCKED_POLICY, outcome, 0))
+        cache.put_ready("sb1", key, Ready(b"r", outcome, 0))
     assert cache.ready_size("sb1") == 2 and cache.size("sb1") == 1  # bounded on their own
-    cache.put_ready("sb2", b"a", Ready(b"r", Code.BLOCKED_POLICY, outcome, 0))
-    cache.put_ready("sb3", b"a", Ready(b"r", Code.BLOCKED_POLICY, outcome, 0))
+    cache.put_ready("sb2", b"a", Ready(b"r", outcome, 0))
+    cache.put_ready("sb3", b"a", Ready(b"r", outcome, 0))
     assert cache.ready_size() == 3 and cache.ready_size("sb1") == 1  # globally too: sb1 was the least recent
     cache.bind_policy("sb2", policy("allowlisted", {"allow_hosts": ["one.test"]}))
     cache.bind_policy("sb2", policy("allowlisted", {"allow_hosts": ["two.test"]}))

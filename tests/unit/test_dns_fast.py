@@ -166,6 +166,7 @@ def test_a_denied_name_again_is_the_same_nxdomain_with_ede_and_is_logged(env: En
         ("denied.example", "NXDOMAIN", Code.BLOCKED_POLICY, False)
     ] * 2
     assert env.dns.counts[Code.BLOCKED_POLICY] == 2
+    assert env.dns.query_counts() == {("BLOCKED_POLICY", "NXDOMAIN", "deny"): 2}  # the short way counts like the slow
 
 
 def test_a_policy_change_takes_effect_on_the_next_query(env: Env, slow_calls: list[bytes]) -> None:
@@ -210,6 +211,7 @@ def test_a_hit_refreshes_the_learned_destinations_and_counts_as_cached(env: Env)
     assert learned.lookup("sb1", "192.0.2.1") is None
     last = env.dns.query_log("sb1", 1)[0]
     assert (last["code"], last["cached"], last["answers"]) == (Code.CACHED, True, ["192.0.2.1"])
+    assert env.dns.query_counts() == {("CACHED", "NOERROR", "allow"): 2}  # the slow way's hit, then the short way's
 
 
 def test_a_malware_list_change_takes_effect_on_the_next_query(env: Env) -> None:
@@ -237,6 +239,11 @@ def test_the_rate_limit_holds_on_the_short_way(tmp_path: Path, slow_calls: list[
     assert DNSRecord.parse(refused).header.rcode == RCODE.REFUSED and refused[:2] == b"\x00\x4d"
     assert ede_of(refused) == (0, "dns query rate limit")
     assert env.dns.counts[Code.REFUSED_RATE_LIMIT] == 1
+    # Counted once, as refused (not also under the code it was decided with), the 60 before it as answered.
+    assert env.dns.query_counts() == {
+        ("BLOCKED_POLICY", "NXDOMAIN", "deny"): 61,
+        ("REFUSED_RATE_LIMIT", "REFUSED", "deny"): 1,
+    }
     assert env.dns.query_log("sb1", 1)[0]["code"] == Code.REFUSED_RATE_LIMIT
     # The slow way refuses the same packet with the same bytes.
     slow_way = env.interceptor()
@@ -275,3 +282,8 @@ def test_names_that_are_not_plain_labels_have_no_key() -> None:
     pointer = packet[:12] + b"\xc0\x0c" + packet[-4:]  # a compression pointer in the question
     assert query_key(pointer) is None
     assert query_key(packet[:12] + b"\x40" + b"a" * 64 + packet[-5:]) is None  # a label over 63 bytes
+
+
+def test_a_packet_given_no_answer_counts_as_dropped(env: Env) -> None:
+    assert env.dns.handle_now(b"\x00\x01", SB1, SERVER, "udp") is None  # shorter than a DNS header
+    assert env.dns.query_counts() == {("DROPPED", "DROPPED", "deny"): 1}

@@ -135,6 +135,25 @@ def test_odd_labels_edns_version_and_class() -> None:
     assert decide_packet(bytes(chaos.pack()), OPEN, CONFIG).code == Code.REFUSED_CLASS
 
 
+def test_report_mode_forwards_what_the_allowlist_would_deny_marked_would_deny(tmp_path: Path) -> None:
+    report = policy("allowlisted", {"allow_hosts": ["one.test"], "enforcement": "report"})
+    d = decide_packet(query("other.test"), report, CONFIG)
+    assert (d.action, d.allowed, d.would_deny, d.rule) == (FORWARD, True, True, "default:deny")
+    assert d.reason == "report mode: would deny (host not in allowlist)"
+    d = decide_packet(query("one.test"), report, CONFIG)
+    assert (d.action, d.would_deny, d.rule) == (FORWARD, False, "allow_hosts one.test")
+    d = decide_packet(query("other.test", "HTTPS"), report, CONFIG)
+    assert (d.code, d.allowed, d.would_deny) == (Code.EMPTY_HTTPS, True, True)
+    # The malware list and malformed names are not the allowlist's: enforced in report mode too.
+    path = tmp_path / "malware.hosts"
+    path.write_text("bad.example\n")
+    d = decide_packet(query("bad.example"), report, CONFIG, DomainBlocklist(path))
+    assert (d.code, d.allowed, d.would_deny) == (Code.BLOCKED_MALWARE, False, False)
+    dotted = DNSRecord.question("x.test")
+    dotted.q.qname.label = (b"other.test",)  # one label with a dot in it
+    assert decide_packet(bytes(dotted.pack()), report, CONFIG).code == Code.BLOCKED_NAME
+
+
 def test_malware_blocklist_formats_subdomains_and_reload(tmp_path: Path) -> None:
     path = tmp_path / "malware.hosts"
     path.write_text("# feed\n127.0.0.1 localhost\n0.0.0.0 bad.example  # trailing\n:: worse.example\nplain.example\n")

@@ -437,9 +437,18 @@ def test_deny_cidrs_next_to_the_metadata_range_accepted(cidr: str) -> None:
     assert sandbox(profile="allowlisted", egress={"deny_cidrs": [cidr]}).egress.deny_cidrs == (net(cidr),)
 
 
-def test_metadata_range_may_be_allowed() -> None:
-    sb = sandbox(profile="allowlisted", egress={"allow_cidrs": ["169.254.169.254/32"]})
-    assert sb.egress.allow_cidrs == (net("169.254.169.254/32"),)
+@pytest.mark.parametrize(
+    "cidr", ["169.254.169.254/32", "169.254.0.0/16", "169.254.7.0/24", "168.63.129.16/32", "fd00:ec2::254/128"]
+)
+def test_allow_cidrs_inside_a_metadata_endpoint_refused(cidr: str) -> None:
+    error = egress_fails("ALLOW_METADATA_ENDPOINT", "egress.allow_cidrs[0]", {"allow_cidrs": [cidr]})
+    assert "refuses for every sandbox" in error.message
+
+
+@pytest.mark.parametrize("cidr", ["100.64.0.0/10", "168.63.0.0/16", "fd00::/8", "169.0.0.0/8"])
+def test_allow_cidrs_around_a_metadata_endpoint_accepted(cidr: str) -> None:
+    # A wider range (a CGNAT overlay, a ULA network) is a real need; its metadata endpoint stays refused at dial time.
+    assert sandbox(profile="allowlisted", egress={"allow_cidrs": [cidr]}).egress.allow_cidrs == (net(cidr),)
 
 
 @pytest.mark.parametrize(
@@ -475,6 +484,8 @@ GOOD_EGRESS_VALUES: dict[str, Any] = {
     "allow_ports": [443],
     "host_ports": [443],
     "inspect": [{"hosts": ["api.github.com"]}],
+    "allow_ech": ["cloudflare-ech.com"],
+    "enforcement": "report",
 }
 
 
@@ -520,6 +531,25 @@ def test_registry_accepts_presets_deny_cidrs_and_allow_internet() -> None:
     egress = {"presets": ["git-hosts"], "deny_cidrs": ["10.0.0.0/8"], "allow_internet": True, "mode": "deny_all"}
     sb = sandbox(profile="registry", egress=egress)
     assert sb.egress.presets == ("git-hosts",)
+
+
+def test_enforcement_is_enforce_or_report_on_a_sandbox_or_a_template() -> None:
+    assert sandbox(profile="allowlisted", egress={"enforcement": "report"}).egress.enforcement == "report"
+    assert sandbox(profile="unrestricted", egress={"enforcement": "enforce"}).egress.enforcement == "enforce"
+    assert sandbox(profile="allowlisted", egress={"enforcement": None}).egress.enforcement is None  # null: inherit
+    template = parse_template({"egress": {"enforcement": "report"}}, known_presets=PRESETS, known_secrets=SECRETS,
+                              name="t1")  # fmt: skip
+    assert template.egress.enforcement == "report"
+    for bad in ("audit", "REPORT", "", True, 1, ["report"]):
+        error = egress_fails("INVALID_ENFORCEMENT", "egress.enforcement", {"enforcement": bad})
+        assert "use enforce or report" in error.message
+    assert template_error({"egress": {"enforcement": "dry-run"}}, "t1").code == "INVALID_ENFORCEMENT"
+
+
+def test_registry_cannot_use_report_mode() -> None:
+    # Report mode passes any name the allowlist misses: past the registry profile's ceiling (its scope's grant).
+    error = egress_fails("PROFILE_CONFLICT", "egress.enforcement", {"enforcement": "report"}, profile="registry")
+    assert "registry" in error.message
 
 
 @pytest.mark.parametrize("profile", ["registry", "allowlisted"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from gateway.engine.record import Flow, FlowRecorder
 from gateway.flowlog import FlowRecord
 from gateway.rules import Rule
@@ -39,3 +41,18 @@ def test_one_record_per_connection_built_from_its_facts_and_verdict() -> None:
         10,
         20,
     )
+
+
+def test_the_verdict_latency_is_observed_by_protocol_and_verdict_and_the_dial_by_outcome() -> None:
+    recorder = FlowRecorder(_Records())  # type: ignore[arg-type]
+    flow = Flow(1_000, "sb1", "10.75.0.2", 40000, "198.18.1.1", 443, protocol="tls", accepted=time.perf_counter())
+    flow.allow("allowed", Rule.ALLOW_HOSTS.label("one.test"))
+    recorder.decided(flow)
+    recorder.dialled(False, 0.003)
+    assert list(recorder.decisions) == [("tls", "allow")] and recorder.decisions[("tls", "allow")].count == 1
+    assert 0 <= recorder.decisions[("tls", "allow")].sum < 60
+    assert list(recorder.dials) == ["failed"] and recorder.dials["failed"].sum == 0.003
+    denied = Flow(2_000, "sb1", "10.75.0.2", 40001, "198.18.1.1", 80, protocol="http", accepted=time.perf_counter())
+    denied.deny("host not in allowlist", Rule.DEFAULT_DENY)
+    recorder.decided(denied)
+    assert recorder.decisions[("http", "deny")].count == 1

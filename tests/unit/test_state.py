@@ -385,3 +385,30 @@ def test_records_round_trip_through_a_snapshot(state: PolicyState) -> None:
     assert copy.by_address == state.by_address
     assert copy.compiled["a"].limits == state.compiled["a"].limits
     assert decide(copy.compiled["a"], "x.a.com", "10.1.1.1", 443, "tls").label == "deny_cidrs 10.0.0.0/8"
+
+
+# --------------------------------------------------------------------------- change listeners (the live cut)
+
+
+def test_every_change_of_a_sandboxs_policy_is_heard_and_its_cut_counted(state: PolicyState) -> None:
+    heard: list[str] = []
+
+    def listener(sandbox_id: str) -> int:
+        heard.append(sandbox_id)
+        return 2 if sandbox_id == "sb-b" else 1
+
+    state.change_listeners.append(listener)
+    create_template(state, {"name": "base", "egress": {"allow_hosts": ["a.test"]}})
+    create(state, record("sb-a", "10.75.0.2", template="base"))
+    create(state, record("sb-b", "10.75.0.3", template="base"))
+    create(state, record("sb-c", "10.75.0.4"))
+    assert heard == ["sb-a", "sb-b", "sb-c"] and state.last_cut == 1
+    heard.clear()
+    state.set_template(state.parse_template({"name": "base", "egress": {"allow_hosts": ["b.test"]}}))
+    assert sorted(heard) == ["sb-a", "sb-b"] and state.last_cut == 3  # the template's sandboxes, summed
+    heard.clear()
+    state.remove_sandbox("sb-b")
+    assert heard == ["sb-b"] and state.last_cut == 2
+    heard.clear()
+    state.apply_external(SANDBOX, "sb-c", None)  # another writer's deletion is heard too
+    assert heard == ["sb-c"]

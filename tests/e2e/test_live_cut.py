@@ -1,0 +1,165 @@
+"""The live cut through `gateway run`: narrowing a sandbox's policy (or deleting it) with the CLI ends, before the
+answer, the established connections the new policy no longer allows (a TLS WebSocket, opaque TCP to a DNS-learned
+address) and flushes the learned addresses it no longer justifies; widening ends nothing. Same world as
+test_egress (its `env` fixture): sb1 is allowlisted for allowed.test, among others."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.factory import BANNER_CLIENT, EgressEnv, egress_env, wait_until  # noqa: F401  (the fixture `env`)
+from tests.netns import wait_for_line
+
+#: Three long-lived connections from a sandbox, probed on demand: `check` prints {name: "alive" | "cut"}.
+#: A and B are TLS WebSockets (the origin echoes after the 101), C is opaque TCP to port 23 (read until EOF).
+HOLDER = r"""
+import base64, json, os, socket, ssl, sys
+ca = sys.argv[1]
+ctx = ssl.create_default_context(cafile=ca)
+
+def websocket(name, address):
+    s = ctx.wrap_socket(socket.create_connection((address, 443), timeout=5), server_hostname=name)
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((f"GET /ws HTTP/1.1\r\nHost: {name}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise SystemExit("closed before the 101")
+        head += chunk
+    assert head.split(b" ")[1] == b"101", head
+    return s
+
+def echoes(s):
+    try:
+        s.sendall(b"ping")
+        return s.recv(16) == b"ping"
+    except (OSError, ssl.SSLError):
+        return False
+
+def open_(s):  # opaque: the origin says nothing until our FIN, so any readable event is the end
+    try:
+        s.recv(1, socket.MSG_PEEK)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+def opaque(address, port):
+    s = socket.create_connection((address, port), timeout=5)
+    s.sendall(b"SSH-2.0-TestClient\r\n")  # a client that speaks first: decided on these bytes, then relayed
+    s.setblocking(False)  # probed without waiting (a socket with a timeout would wait for readability first)
+    return s
+
+conns = {"A": websocket("allowed.test", "198.18.1.1"), "B": websocket("later.test", "198.18.1.3"),
+         "C": opaque("198.18.1.1", 23)}
+print("ready", flush=True)
+for line in sys.stdin:
+    status = {n: "alive" if (open_(s) if n == "C" else echoes(s)) else "cut" for n, s in conns.items()}
+    print(json.dumps(status), flush=True)
+"""
+
+
+class _Holder:
+    """HOLDER in sb1, for one `with` block (its connections close when the block ends)."""
+
+    def __init__(self, env: EgressEnv) -> None:
+        self.env = env
+        self.process = env.topo.popen("sb1", [sys.executable, "-u", "-c", HOLDER, str(env.ca)], stdin=subprocess.PIPE)
+
+    def __enter__(self) -> _Holder:
+        wait_for_line(self.process, "ready", 15)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.env.topo.kill(self.process)
+
+    def check(self) -> dict[str, str]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write("check\n")
+        self.process.stdin.flush()
+        status: dict[str, str] = json.loads(self.process.stdout.readline())
+        return status
+
+
+def _cli(env: EgressEnv, *args: str) -> str:
+    argv = [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", *args]
+    result = env.topo.run("gw", argv, check=False, timeout=20)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _hosts(env: EgressEnv, *hosts: str) -> str:
+    patch = json.dumps({"egress": {"allow_hosts": list(hosts)}})
+    return _cli(env, "sandbox", "patch", "sb1", "--data", patch).splitlines()[0]
+
+
+def _learn(env: EgressEnv) -> None:
+    """sb1's own DNS answer for allowed.test (retried: after sb1 was created again, `--steer` adds its address to
+    the table on its next look at the store, and until then its packets are dropped)."""
+    dig = ["dig", "+time=1", "+tries=1", "@198.18.1.2", "allowed.test", "A", "+short"]
+    assert wait_until(lambda: env.topo.run("sb1", dig, check=False, timeout=10).stdout.split() == ["198.18.1.1"], 10)
+
+
+def _cut_records(env: EgressEnv) -> list[dict[str, Any]]:
+    return [f for f in env.log_events("flow") if f["reason"].startswith("cut when the sandbox's policy changed")]
+
+
+@pytest.mark.root
+def test_narrowing_cuts_what_it_no_longer_allows_and_widening_cuts_nothing(env: EgressEnv) -> None:
+    assert _hosts(env, "allowed.test", "later.test") == "patched sandbox sb1"
+    _learn(env)  # 198.18.1.1 now vouches for allowed.test: opaque TCP to it (C) is allowed
+    with _Holder(env) as holder:
+        assert holder.check() == {"A": "alive", "B": "alive", "C": "alive"}
+
+        assert _hosts(env, "allowed.test", "later.test", "wider.test") == "patched sandbox sb1"  # widening: no cut
+        assert holder.check() == {"A": "alive", "B": "alive", "C": "alive"}
+
+        # Narrowing: A (allowed.test over TLS) and C (its learned address) end before the answer; B goes on.
+        assert _hosts(env, "later.test") == "patched sandbox sb1; ended 2 open connections it no longer allows"
+        assert wait_until(lambda: holder.check() == {"A": "cut", "B": "alive", "C": "cut"}, timeout=5, interval=0.05)
+        records = wait_until(lambda: len(_cut_records(env)) == 2 and _cut_records(env), timeout=5)
+        assert records and {(r["hostname"], r["dst_port"], r["verdict"]) for r in records} == {
+            ("allowed.test", 443, "deny"),
+            (None, 23, "deny"),
+        }
+        assert all(r["bytes_up"] > 0 for r in records if r["dst_port"] == 443)  # they had been relaying
+
+    # The learned address went with the name: allowing the name again does not reopen it without a new answer.
+    assert _hosts(env, "allowed.test", "later.test") == "patched sandbox sb1"
+    assert env.topo.python("sb1", BANNER_CLIENT, "198.18.1.1", "22").strip() == "RESET"
+    _learn(env)
+    assert env.topo.python("sb1", BANNER_CLIENT, "198.18.1.1", "22").strip().startswith("DATA SSH-2.0-TestOrigin")
+
+
+@pytest.mark.root
+def test_deleting_the_sandbox_cuts_all_of_its_connections(env: EgressEnv) -> None:
+    assert _hosts(env, "allowed.test", "later.test")
+    _learn(env)
+    with _Holder(env) as holder:
+        assert holder.check() == {"A": "alive", "B": "alive", "C": "alive"}
+        record = _cli(env, "--json", "sandbox", "get", "sb1")
+        deleted = _cli(env, "sandbox", "delete", "sb1").strip()
+        assert deleted == "deleted sandbox sb1; ended 3 open connections it no longer allows"
+        assert wait_until(lambda: holder.check() == {"A": "cut", "B": "cut", "C": "cut"}, timeout=5, interval=0.05)
+    assert _cli(env, "sandbox", "create", "--data", record).startswith("created sandbox sb1")
+
+
+@pytest.mark.root
+def test_switching_report_mode_to_enforce_cuts_what_was_only_would_deny(env: EgressEnv) -> None:
+    report = {"egress": {"allow_hosts": ["allowed.test"], "enforcement": "report"}}
+    assert _cli(env, "sandbox", "patch", "sb1", "--data", json.dumps(report)).startswith("patched sandbox sb1\n")
+    _learn(env)
+    with _Holder(env) as holder:  # B (later.test) passes only as would_deny
+        assert holder.check() == {"A": "alive", "B": "alive", "C": "alive"}
+        enforce = json.dumps({"egress": {"enforcement": "enforce"}})
+        patched = _cli(env, "sandbox", "patch", "sb1", "--data", enforce).splitlines()[0]
+        assert patched == "patched sandbox sb1; ended 1 open connection it no longer allows"
+        assert wait_until(lambda: holder.check() == {"A": "alive", "B": "cut", "C": "alive"}, timeout=5, interval=0.05)

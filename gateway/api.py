@@ -50,6 +50,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from gateway.api_config import ApiToken
 from gateway.client import CUT_HEADER
 from gateway.decision import PROTOCOLS, CompiledPolicy, ExplainRequest, Verdict
+from gateway.destinations import Refusal
 from gateway.errors import Forbidden, GatewayError, NotFound
 from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, FlowVerdict, check_batch_name, check_sandbox_id
 from gateway.hostnames import normalize_pattern
@@ -171,6 +172,9 @@ READINESS_KEY: Final[web.AppKey[Callable[[], list[str]]]] = web.AppKey("readines
 DRAINING_KEY: Final[web.AppKey[Callable[[], bool]]] = web.AppKey("draining")
 #: Hosts the operator keeps opaque although an inspect entry marks them ([inspection] exclude_hosts).
 INSPECTION_EXCLUDED_KEY: Final[web.AppKey[Callable[[str], bool]]] = web.AppKey("inspection_excluded")
+#: Why the data plane would refuse to dial an address a sandbox's verdict allows (None: it would dial it).
+DialRefusal = Callable[[CompiledPolicy, str, int], Refusal | None]
+DIAL_REFUSAL_KEY: Final[web.AppKey[DialRefusal]] = web.AppKey("dial_refusal")
 DOCUMENT_KEY: Final = web.AppKey("openapi_document", bytes)
 #: The Prometheus exposition of the gateway's counters, rendered per scrape, and its media type.
 METRICS_KEY: Final[web.AppKey[Callable[[], bytes]]] = web.AppKey("metrics")  # /openapi.json, rendered
@@ -742,6 +746,11 @@ async def explain(request: web.Request) -> web.Response:
     asked = parse_explain_query(query)
     verdict, policy = state.explain(sandbox_id, asked.host, asked.address, asked.port, asked.protocol)
     verdict = _say_when_the_address_decides(verdict, policy, asked)
+    if verdict.allowed and asked.address is not None and asked.port is not None:
+        # The engine refuses these addresses whatever the verdict (report mode included): so does explain.
+        refusal = request.app[DIAL_REFUSAL_KEY](policy, asked.address, asked.port)
+        if refusal is not None:
+            verdict = Verdict(False, refusal.reason, refusal.rule)
     excluded = _inspected(verdict) and request.app[INSPECTION_EXCLUDED_KEY](asked.host or "")
     if excluded:
         verdict = dataclasses.replace(
@@ -1492,6 +1501,7 @@ def create_app(
     unready: Callable[[], list[str]] | None = None,
     draining: Callable[[], bool] | None = None,
     inspection_excluded: Callable[[str], bool] | None = None,
+    dial_refusal: DialRefusal | None = None,
     metrics: Callable[[], bytes] | None = None,
 ) -> web.Application:
     """The API over `store` (started by the caller), listening at `host`:`port` (the [api] section, with the
@@ -1499,9 +1509,9 @@ def create_app(
     batches (without one those routes answer 503 AUDIT_DISABLED), the tunnel store (without it, 503
     TUNNELS_DISABLED) and the DNS interceptor's query log (without it, 503 DNS_DISABLED). `unready` says what
     else must serve before /readyz is 200 (the data plane's parts), `draining` whether the gateway is shutting
-    down (then /readyz is 503 DRAINING); `inspection_excluded` which marked hosts stay opaque, for explain;
-    `metrics` renders GET /metrics (without it the answer is empty). Raises CONFIG_INVALID for an exposed API
-    without tokens."""
+    down (then /readyz is 503 DRAINING); `inspection_excluded` which marked hosts stay opaque and
+    `dial_refusal` the data plane's address guards, both for explain; `metrics` renders GET /metrics (without it
+    the answer is empty). Raises CONFIG_INVALID for an exposed API without tokens."""
     check_api_exposure(host, tokens)
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)  # once: the same filter is not added twice
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY_BYTES)
@@ -1512,6 +1522,7 @@ def create_app(
     app[READINESS_KEY] = unready or list
     app[DRAINING_KEY] = draining or (lambda: False)
     app[INSPECTION_EXCLUDED_KEY] = inspection_excluded or (lambda host: False)
+    app[DIAL_REFUSAL_KEY] = dial_refusal or (lambda policy, address, port: None)
     if flows is not None:
         app[FLOWS_KEY] = flows
     if tunnels is not None:

@@ -40,10 +40,12 @@ import structlog
 from aiohttp import web
 
 from gateway.api import TOKENS_KEY, ApiTokens, check_api_exposure, create_app
-from gateway.destinations import Destinations, read_local_addresses
+from gateway.decision import CompiledPolicy
+from gateway.destinations import Destinations, Refusal, read_local_addresses
 from gateway.dns.server import DnsInterceptor
 from gateway.engine.engine import EgressEngine
 from gateway.engine.handover import TierRoute
+from gateway.engine.plan import dial_refusal
 from gateway.errors import GatewayError
 from gateway.flowlog import FlowLog
 from gateway.formatting import listen_description, store_description
@@ -253,6 +255,7 @@ async def serve(
             unready=plane.unready if plane else None,
             draining=shutdown.draining,
             inspection_excluded=config.inspection.excluded,
+            dial_refusal=plane.dial_refusal if plane else None,
             metrics=functools.partial(render, registry_for(lambda: snapshot(store, flows, plane, tunnels))),
         )
     except GatewayError as exc:
@@ -604,6 +607,10 @@ class DataPlane:
 
     def open_flows(self) -> int:
         return self.engine.open_flows() if self.engine is not None else 0
+
+    def dial_refusal(self, policy: CompiledPolicy, address: str, port: int) -> Refusal | None:
+        """The engine's address guards for explain (None before the data plane started: nothing dials yet)."""
+        return None if self.destinations is None else dial_refusal(policy, self.destinations, address, port)
 
     async def drained(self) -> None:
         """Returns once this process's connections have ended and every worker has exited."""

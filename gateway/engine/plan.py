@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.decision import CompiledPolicy, Verdict, decide
-from gateway.destinations import Destinations
+from gateway.destinations import Destinations, Refusal
 from gateway.learned import LearnedDestinations
 from gateway.resolver import ResolveError, Resolver
 from gateway.rules import Rule
@@ -45,12 +45,18 @@ class Plan:
         return self.rule.label(self.detail)
 
 
+def dial_refusal(policy: CompiledPolicy, destinations: Destinations, address: str, port: int) -> Refusal | None:
+    """Why `address`, which the sandbox's verdict allows, may still not be dialled (None: it may): the address
+    guards, which only an allow_cidrs rule of the policy overrides, and only for an overridable refusal."""
+    refusal = destinations.check(address)
+    if refusal is None or (refusal.overridable and decide(policy, None, address, port, "tcp").rule is Rule.ALLOW_CIDRS):
+        return None
+    return refusal
+
+
 def _usable(policy: CompiledPolicy, destinations: Destinations, address: str, port: int) -> bool:
     """The original destination, already allowed by the name's verdict: may it be dialled?"""
-    refusal = destinations.check(address)
-    return refusal is None or (
-        refusal.overridable and decide(policy, None, address, port, "tcp").rule is Rule.ALLOW_CIDRS
-    )
+    return dial_refusal(policy, destinations, address, port) is None
 
 
 def _refused(verdict: Verdict) -> Plan:

@@ -158,6 +158,11 @@ def test_guards_and_deny_cidrs_stay_enforced_in_report_mode(reporting: EgressEnv
     assert "X-Gateway-Rule: deny_cidrs 198.18.1.3/32" in out.stdout, out.stdout
     refused = [f for f in env.log_events("flow") if f["sandbox"] == SB and f["verdict"] == "deny"]
     assert {f["rule"] for f in refused} >= {"builtin:metadata", "builtin:special", "deny_cidrs 198.18.1.3/32"}
+    # explain says what the engine does: the address guards decide before report mode could let it pass.
+    for address, rule in (("169.254.169.254", "builtin:metadata"), ("::ffff:169.254.169.254", "builtin:metadata")):
+        status, explained = api(env, "GET", f"/v1/sandboxes/{SB}/explain?address={address}&port=80&protocol=http")
+        assert status == 200, explained
+        assert (explained["allowed"], explained["would_deny"], explained["rule"]) == (False, False, rule), explained
 
 
 @pytest.mark.root

@@ -363,7 +363,11 @@ async def serve_worker(config: Config, worker: int, workers: int, config_path: s
     """A worker process: the store and an egress engine, until stdin closes or SIGTERM/SIGINT. Its flow records go
     to the main process on stdout (`gateway.workers`), the records of one loop turn in one write."""
     loop = asyncio.get_running_loop()
-    out_transport, out_protocol = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout.buffer)
+    # StreamWriter.drain() waits through its protocol's flow control, which a plain asyncio.Protocol lacks (drain
+    # would raise AttributeError): a StreamReaderProtocol has it.
+    out_transport, out_protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), sys.stdout.buffer
+    )
     # Non-blocking: a main process slow to read delays nothing here; beyond the bound, records are dropped (counted).
     output = asyncio.StreamWriter(out_transport, out_protocol, None, loop)
 

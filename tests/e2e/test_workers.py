@@ -226,6 +226,9 @@ def test_a_dead_worker_fails_closed_and_is_restarted(env: EgressEnv) -> None:
 def test_workers_stop_with_the_main_process(env: EgressEnv) -> None:
     [worker] = _worker_pids(env)
     assert env.gateway is not None
+    logged = len(env.log_file.read_text(errors="replace"))
     env.stop_gateway()
     assert wait_until(lambda: not os.path.exists(f"/proc/{worker}"), timeout=10, interval=0.1)
+    # The worker's stop is a clean one: its last records flushed to the main process, no traceback.
+    assert "Traceback" not in env.log_file.read_text(errors="replace")[logged:]
     assert _fetch(env, "sb2", timeout=2).returncode != 0

@@ -27,6 +27,11 @@ def demo(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def demo_no_wait() -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "gateway.cli", "demo", "--no-wait", "--port", "0"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+
+
 class Output:
     """A running demo's output, read as it comes (a thread), so a test can wait for a line."""
 
@@ -50,13 +55,7 @@ def nothing_left() -> Iterator[None]:
 
 @pytest.mark.root
 def test_demo_no_wait_shows_each_decision_with_its_reason_and_the_tunnel_url(nothing_left: None) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "demo", "--no-wait", "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    done = demo_no_wait()
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
     assert re.search(r"✓ allowed dig allowed\.example +NOERROR 198\.18\.1\.1; rule allow_hosts allowed\.example", out)
@@ -108,13 +107,7 @@ def test_a_killed_demos_leftovers_are_reported_and_removed_by_the_next(nothing_l
     left = live_namespaces(f"{PREFIX}-")
     running = [pid for name in left for pid in _netns_pids(name)]
     assert left and running and WORKDIR.exists()  # a killed demo cleans up nothing
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "demo", "--no-wait", "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    done = demo_no_wait()
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"removing what an earlier demo left: namespaces {', '.join(left)}" in done.stdout
     assert f"removing what an earlier demo left: {WORKDIR}" in done.stdout

@@ -35,6 +35,16 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         server.kill()
 
 
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """`gateway run` of one test's own (modules that share one across their tests define theirs)."""
+    instance = start_server(tmp_path)
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
 @pytest.fixture(scope="module")
 def product_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """`gateway run` on the embedded store and a free loopback port, for the tests of one module."""

@@ -835,16 +835,22 @@ def pin(name: str, port: int, address: str) -> list[str]:
     return ["--resolve", f"{name}:{port}:{address}"]
 
 
+def egress_world(topo: Topology, workdir: Path) -> EgressEnv:
+    """The egress world in `topo`, the gateway not started yet: attached, the zone's DNS and the origins serving."""
+    e = EgressEnv(topo, workdir)
+    # Host routes and proxy ARP from the operator's attach tooling; `gateway run --steer` does the rest.
+    topo.attach_with_cli()
+    topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(EGRESS_ZONE))
+    origins = topo.popen("inet", [sys.executable, "-u", "-c", ORIGINS, str(e.cert), str(e.key)])
+    wait_for_line(origins, "ready", 10)
+    return e
+
+
 @pytest.fixture(scope="module", name="env")
 def egress_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EgressEnv]:
     """The egress world, one per test module that imports it (it is used there as `env`)."""
     with Topology(sandboxes=5, origins=4) as topo:
-        e = EgressEnv(topo, tmp_path_factory.mktemp("egress"))
-        # Host routes and proxy ARP from the operator's attach tooling; `gateway run --steer` does the rest.
-        topo.attach_with_cli()
-        topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(EGRESS_ZONE))
-        origins = topo.popen("inet", [sys.executable, "-u", "-c", ORIGINS, str(e.cert), str(e.key)])
-        wait_for_line(origins, "ready", 10)
+        e = egress_world(topo, tmp_path_factory.mktemp("egress"))
         e.write_policies(egress_policies())
         e.start_gateway()
         yield e

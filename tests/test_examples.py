@@ -7,10 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.factory import ADMIN_TOKEN, REPO, Server, clean_env, free_port, gateway, start_server, wait_until
 from tests.redis_server import RedisServer
@@ -18,15 +15,6 @@ from tests.redis_server import RedisServer
 EXAMPLES = REPO / "examples"
 POLICIES = sorted((EXAMPLES / "policies").glob("*.json"))
 TEMPLATES = sorted((EXAMPLES / "templates").glob("*.json"))
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    running = start_server(tmp_path)
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def test_there_is_a_policy_per_profile() -> None:

@@ -9,22 +9,13 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.factory import ADMIN_TOKEN, Server, start_server, wait_until
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    instance = start_server(tmp_path)
-    try:
-        yield instance
-    finally:
-        instance.stop()
 
 
 def call(server: Server, method: str, path: str, data: bytes | None = None) -> tuple[int, Any]:

@@ -4,9 +4,7 @@ once. Same origins and zone as test_egress (port 23 answers once the client's FI
 
 from __future__ import annotations
 
-import json
 import signal
-import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -15,9 +13,8 @@ from typing import Any
 import pytest
 
 from gateway.workers import worker_index
-from tests import authdns
-from tests.factory import EGRESS_ZONE, ORIGINS, EgressEnv, egress_policies, wait_until
-from tests.netns import INET_V4, Topology, live_namespaces, wait_for_line
+from tests.factory import EgressEnv, egress_policies, egress_world, wait_until
+from tests.netns import Topology, live_namespaces, wait_for_line
 
 #: A long-lived flow: connect to the port-23 origin, say hello, print "ready", wait for the file argv[2] to
 #: exist, then half-close and print what the origin answers ("GOT 5") or how the connection ended.
@@ -52,11 +49,7 @@ def _worker_sandbox() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EgressEnv]:
     with Topology(sandboxes=2, origins=4) as topo:
-        e = EgressEnv(topo, tmp_path_factory.mktemp("lifecycle"))
-        topo.attach_with_cli()
-        topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(EGRESS_ZONE))
-        origins = topo.popen("inet", [sys.executable, "-u", "-c", ORIGINS, str(e.cert), str(e.key)])
-        wait_for_line(origins, "ready", 10)
+        e = egress_world(topo, tmp_path_factory.mktemp("lifecycle"))
         policies = egress_policies()
         # sb2's address as a sandbox that worker 1 of two serves (`worker_index`), so a worker's drain is seen too.
         policies["sandboxes"] = {"sb1": policies["sandboxes"]["sb1"], WORKER_SANDBOX: _worker_sandbox()}

@@ -45,7 +45,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
@@ -582,6 +582,34 @@ class FlowLog:
         batches = [asdict(BatchInfo(name, size, first)) for name, first, size in page]
         token = _encode_token(page[-1][0]) if len(names) > limit else None
         return batches, token
+
+    def lines_since(self, sandbox_id: str, since_us: int) -> Iterator[bytes]:
+        """The record lines of the sandbox's batches that may hold records that ended at or after `since_us`, oldest
+        first: the batches first written from then on, and the one before them (written earlier, it may hold
+        later records). Reads one batch at a time; the caller filters the records by time."""
+        check_sandbox_id(sandbox_id)
+        try:
+            with os.scandir(self.dir / sandbox_id) as entries:
+                names = sorted(
+                    entry.name
+                    for entry in entries
+                    if BATCH_NAME_PATTERN.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+                )
+        except FileNotFoundError:
+            return
+        start = 0
+        for index, name in enumerate(names):
+            if int(name[:TS_DIGITS]) >= since_us:
+                break
+            start = index
+        else:
+            start = max(len(names) - 1, 0)
+        for name in names[start:]:
+            try:
+                body = self.read_batch(sandbox_id, name)
+            except NotFound:  # removed since the listing (retention): nothing to replay in it
+                continue
+            yield from body.splitlines()
 
     def has_sandbox(self, sandbox_id: str) -> bool:
         """Whether batches were ever written for this sandbox (they outlive the sandbox's policy record)."""

@@ -123,6 +123,18 @@ class PolicyState:
             raise NotFound("SANDBOX_NOT_FOUND", f"no sandbox {sandbox_id!r}", "id")
         return decide(policy, hostname, address, port, protocol), policy
 
+    def candidate(self, sandbox_id: str, raw: object) -> CompiledPolicy:
+        """A candidate record for an existing sandbox, parsed and checked exactly as a replace (PUT) would be (the
+        same errors) and compiled over the template it names, as the replace would compile it. Nothing is
+        applied."""
+        sandbox = self.parse_sandbox(raw, sandbox_id=sandbox_id)
+        self.check_sandbox(sandbox, create=False)
+        return self._compile(sandbox)
+
+    def _compile(self, sandbox: Sandbox) -> CompiledPolicy:
+        template = self.templates.get(sandbox.template) if sandbox.template else None
+        return compile_policy(sandbox, template, self.context.presets, self.context.default_limits)
+
     def dependents(self, template_name: str) -> list[str]:
         return sorted(sid for sid, sb in self.sandboxes.items() if sb.template == template_name)
 
@@ -166,8 +178,7 @@ class PolicyState:
     # ------------------------------------------------------------------ commits (after checks passed)
 
     def set_sandbox(self, sandbox: Sandbox) -> None:
-        template = self.templates.get(sandbox.template) if sandbox.template else None
-        compiled = compile_policy(sandbox, template, self.context.presets, self.context.default_limits)
+        compiled = self._compile(sandbox)
         self._unindex(sandbox.id)
         self.sandboxes[sandbox.id] = sandbox
         self.compiled[sandbox.id] = compiled

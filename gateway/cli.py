@@ -55,6 +55,7 @@ from gateway.flags import (
 )
 from gateway.formatting import (
     audit_rows,
+    diff_block,
     dns_rows,
     flow_line,
     format_block,
@@ -133,6 +134,11 @@ def cmd_explain(ctx: Context, args: argparse.Namespace) -> int:
     )
     ctx.emit(answer, format_verdict)
     return EXIT_OK if answer.data.get("allowed") else EXIT_DENIED
+
+
+def cmd_policy(ctx: Context, args: argparse.Namespace) -> None:
+    """`policy diff`: the candidate record replayed against the sandbox's recorded flows; nothing is applied."""
+    ctx.emit(ctx.client.policy_diff(args.sandbox, require_body(args), since=args.since), diff_block)
 
 
 def cmd_status(ctx: Context, args: argparse.Namespace) -> None:
@@ -452,6 +458,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="an HTTP request on the connection, decided as on an inspected host (default GET)")
     p.add_argument("--path", help="that request's path (default /)")
 
+    policy = commands.add_parser("policy", help="try a policy before applying it").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=Parser
+    )
+    p = policy.add_parser(
+        "diff", parents=[common], help="replay the recorded flows against a candidate record: what it newly denies"
+    )
+    p.add_argument("sandbox")
+    _body_options(p)
+    p.add_argument("--since", metavar="DURATION", help="how far back: 90s, 30m, 24h (default), 7d; at most 30d")
+
     commands.add_parser("status", parents=[common], help="store backend, counts, rejected records")
     commands.add_parser("presets", parents=[common], help="list presets")
     _audit_parser(commands, common)
@@ -496,6 +512,7 @@ CLIENT_COMMANDS: dict[str, Callable[[Context, argparse.Namespace], int | None]] 
     "sandbox": cmd_sandbox,
     "template": cmd_template,
     "explain": cmd_explain,
+    "policy": cmd_policy,
     "status": cmd_status,
     "presets": cmd_presets,
     "audit": cmd_audit,

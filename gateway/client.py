@@ -188,6 +188,12 @@ class ApiClient:
     def delete_sandbox(self, sandbox_id: str) -> ApiResponse:
         return self.request("DELETE", f"/v1/sandboxes/{_quote(sandbox_id)}")
 
+    def policy_diff(self, sandbox_id: str, candidate: Any, *, since: str | None = None) -> ApiResponse:
+        """What the candidate record would newly deny or allow among the sandbox's recorded flows of the last
+        `since` (`24h` when None); nothing is applied."""
+        path = f"/v1/sandboxes/{_quote(sandbox_id)}/policy/diff"
+        return self.request("POST", path, candidate, query={"since": since})
+
     def explain(
         self,
         sandbox_id: str,

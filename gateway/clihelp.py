@@ -36,6 +36,8 @@ EXAMPLES: dict[str, str] = {
     "template create": "gateway template create --name python-dev --preset package-registries",
     "template update": "gateway template update python-dev --file python-dev.json",
     "explain": "gateway explain agent-42 api.example.com:443",
+    "policy": "gateway policy diff agent-42 --file candidate.json",
+    "policy diff": "gateway policy diff agent-42 --file candidate.json --since 7d --json",
     "status": "gateway status",
     "presets": "gateway presets --json",
     "audit": "gateway audit list agent-42",

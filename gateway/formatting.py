@@ -237,3 +237,48 @@ def flow_line(record: Mapping[str, Any]) -> str:
     parts.append(f"rule={record['rule'] or '-'}")
     parts.append(f"reason={json.dumps(record['reason'])}")
     return " ".join(parts)
+
+
+def _diff_rows(groups: Sequence[Mapping[str, Any]]) -> str:
+    rows = [
+        (
+            g["name"] or ", ".join(g["addresses"]) + " (no name: by address only)",
+            g["port"],
+            g["protocol"],
+            g["count"],
+            datetime.fromtimestamp(g["first_seen_us"] / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            datetime.fromtimestamp(g["last_seen_us"] / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            g["recorded_rule"],
+            g["rule"] + (" (report mode: would deny)" if g["verdict"] == "would_deny" else ""),
+        )
+        for g in groups
+    ]
+    return format_table(("NAME", "PORT", "PROTO", "FLOWS", "FIRST SEEN", "LAST SEEN", "WAS", "NOW"), rows)
+
+
+def diff_block(data: Mapping[str, Any]) -> str:
+    """`gateway policy diff`: what the candidate newly denies and allows, what stays, what was not replayed."""
+    lines = [
+        f"sandbox {data['sandbox']}: {data['records']} records since "
+        f"{datetime.fromtimestamp(data['since_us'] / 1e6, UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}, "
+        f"{data['replayed']} replayed ({data['decisions']} distinct decisions); nothing was applied",
+    ]
+    for title, key in (("newly denied", "newly_denied"), ("newly allowed", "newly_allowed")):
+        lines.append("")
+        lines.append(f"{title}: {data[key + '_records']} records")
+        if data[key]:
+            lines.append(_diff_rows(data[key]))
+    if data["truncated"]:
+        lines.append("(only the largest groups are listed; --json has the same list)")
+    lines.append("")
+    lines.append(f"unchanged: {data['unchanged_allowed']} allowed, {data['unchanged_denied']} denied")
+    if any(g["by_address_only"] for g in (*data["newly_denied"], *data["newly_allowed"])):
+        lines.append(
+            "flows without a name are decided by address only: a name the sandbox resolved through the gateway's "
+            "DNS could decide them otherwise"
+        )
+    for skipped in data["not_replayed"]:
+        lines.append(f"not replayed: {skipped['count']} records ({skipped['rule']}): {skipped['explanation']}")
+    if data["unreadable"]:
+        lines.append(f"unreadable: {data['unreadable']} lines of the batches are not flow records")
+    return "\n".join(lines)

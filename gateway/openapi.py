@@ -47,6 +47,7 @@ from gateway.policy import (
 )
 from gateway.presets import PresetView
 from gateway.querylog import DnsQuery
+from gateway.replay import PolicyDiff
 from gateway.schema import object_schema, record_schema
 from gateway.state import Rejection
 from gateway.stores.base import StoreStatus
@@ -230,6 +231,7 @@ def _schemas() -> dict[str, Any]:
             FlowRecord, "One line of an audit batch: one connection's metadata (never payload or credentials)."
         ),
         "DnsQuery": record_schema(DnsQuery),
+        "PolicyDiff": record_schema(PolicyDiff),
         "DnsLog": _list_of("queries", "DnsQuery"),
         "TunnelCreate": object_schema(tunnel_model.REQUEST_SCHEMA, ["port"]),
         "Tunnel": record_schema(tunnel_model.TunnelView),

@@ -42,7 +42,7 @@ from gateway.api import (
 )
 from gateway.dns.server import DnsInterceptor
 from gateway.errors import GatewayError
-from gateway.flowlog import FIELD_NAMES, FlowLog, FlowRecord
+from gateway.flowlog import FIELD_NAMES, FlowLog, FlowRecord, now_us
 from gateway.metrics import registry_for, render
 from gateway.policy import parse_sandbox, parse_template
 from gateway.service import DataPlane, snapshot
@@ -1527,3 +1527,86 @@ async def test_hostile_json_bodies_are_400_never_500(api: Api, store: EmbeddedSt
         assert answer.code in ("INVALID_JSON", "INVALID_TYPE", "INVALID_FIELD", "UNKNOWN_FIELD"), answer.body
         assert len(answer.body["message"]) < 300
     assert store.path.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- policy diff (replay)
+
+NARROWER = {"addresses": ["10.75.0.10"], "profile": "allowlisted", "egress": {"allow_hosts": ["api.github.com"]}}
+HOUR_US = 3600 * 1_000_000
+
+
+async def test_policy_diff_replays_the_window_against_the_candidate_and_applies_nothing(
+    audit_api: Api, flows: FlowLog, store: EmbeddedStore
+) -> None:
+    await audit_api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    now = now_us()
+    old = {"hostname": "old.example.com", "rule": "allow_hosts *.example.com"}
+    # One batch whose first record is before the window and whose later ones are in it (it is read too).
+    flows.record(flow_record("agent-1", now - 3 * HOUR_US, **old))
+    flows.record(flow_record("agent-1", now - HOUR_US // 2, hostname="docs.example.com", rule=old["rule"]))
+    await flows.flush()
+    flows.record(flow_record("agent-1", now - HOUR_US // 4))  # api.github.com: allowed before and after
+    flows.record(flow_record("agent-1", now - 1000, hostname="docs.example.com", rule=old["rule"]))
+    flows.record(flow_record("agent-1", now - 999, hostname="evil.test", verdict="deny", rule="default:deny"))
+    flows.record(flow_record("agent-1", now - 998, hostname=None, dst_port=22, orig_dst_port=22, protocol="tcp",
+                             verdict="deny", rule="builtin:metadata"))  # fmt: skip
+    await flows.flush()
+    before = (store.path.read_bytes(), (await audit_api.call("GET", "/v1/sandboxes/agent-1/policy")).body)
+    batches = (await audit_api.call("GET", "/v1/sandboxes/agent-1/audit-batches")).body
+
+    diff = (await audit_api.call("POST", "/v1/sandboxes/agent-1/policy/diff?since=1h", NARROWER, token="auditor",
+                                 expect=200)).body  # fmt: skip
+    assert [(g["name"], g["port"], g["protocol"], g["count"]) for g in diff["newly_denied"]] == [
+        ("docs.example.com", 443, "tls", 2)
+    ]
+    denied = diff["newly_denied"][0]
+    assert (denied["rule"], denied["recorded_rule"], denied["verdict"]) == ("default:deny", old["rule"], "deny")
+    assert denied["first_seen_us"] == now - HOUR_US // 2 and denied["last_seen_us"] == now - 1000
+    assert (diff["records"], diff["replayed"], diff["unchanged_allowed"], diff["unchanged_denied"]) == (5, 4, 1, 1)
+    assert [(s["why"], s["rule"], s["count"]) for s in diff["not_replayed"]] == [("guard", "builtin:metadata", 1)]
+    assert diff["policy"]["egress"]["allow_hosts"] == ["api.github.com"] and diff["newly_allowed"] == []
+
+    whole_day = (await audit_api.call("POST", "/v1/sandboxes/agent-1/policy/diff", NARROWER, expect=200)).body
+    assert [(g["name"], g["count"]) for g in whole_day["newly_denied"]] == [
+        ("docs.example.com", 2),
+        ("old.example.com", 1),
+    ]
+    assert store.path.read_bytes() == before[0]
+    assert (await audit_api.call("GET", "/v1/sandboxes/agent-1/policy")).body == before[1]
+    assert (await audit_api.call("GET", "/v1/sandboxes/agent-1/audit-batches")).body == batches
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "status", "code", "field"),
+    [
+        ("?since=0h", NARROWER, 400, "INVALID_PARAMETER", "since"),
+        ("?since=24", NARROWER, 400, "INVALID_PARAMETER", "since"),
+        ("?since=31d", NARROWER, 400, "INVALID_PARAMETER", "since"),
+        ("?since_us=1", NARROWER, 400, "UNKNOWN_PARAMETER", "since_us"),
+        ("", {**NARROWER, "egress": {"allow_hosts": ["https://x"]}}, 400, "INVALID_HOSTNAME", "egress.allow_hosts[0]"),
+        ("", {**NARROWER, "profile": "unrestricted"}, 409, "PROFILE_IMMUTABLE", "profile"),
+        ("", {**NARROWER, "template": "nope"}, 400, "TEMPLATE_NOT_FOUND", "template"),
+        ("", {**NARROWER, "id": "other"}, 400, "ID_MISMATCH", "id"),
+        ("", [], 400, "INVALID_TYPE", ""),
+    ],
+)
+async def test_policy_diff_refuses_what_a_put_would_refuse_and_changes_nothing(
+    audit_api: Api, flows: FlowLog, store: EmbeddedStore, query: str, body: Any, status: int, code: str, field: str
+) -> None:
+    await audit_api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    before = store.path.read_bytes()
+    answer = await audit_api.call("POST", f"/v1/sandboxes/agent-1/policy/diff{query}", body, expect=status)
+    assert (answer.code, answer.body["field"]) == (code, field)
+    assert store.path.read_bytes() == before
+
+
+async def test_policy_diff_needs_audit_read_a_sandbox_and_a_flow_log(audit_api: Api, api: Api) -> None:
+    await audit_api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    refused = await audit_api.call("POST", "/v1/sandboxes/agent-1/policy/diff", NARROWER, token="reader", expect=403)
+    assert refused.code == "INSUFFICIENT_SCOPE"
+    ghost = await audit_api.call("POST", "/v1/sandboxes/ghost/policy/diff", NARROWER, expect=404)
+    assert ghost.code == "SANDBOX_NOT_FOUND"
+    quiet = (await audit_api.call("POST", "/v1/sandboxes/agent-1/policy/diff", NARROWER, expect=200)).body
+    assert (quiet["records"], quiet["newly_denied"], quiet["not_replayed"]) == (0, [], [])
+    without = await api.call("POST", "/v1/sandboxes/agent-1/policy/diff", NARROWER, expect=503)
+    assert without.code == "AUDIT_DISABLED"

@@ -776,7 +776,7 @@ async def policy_diff(request: web.Request) -> web.Response:
     candidate = state.candidate(sandbox_id, await _read_json(request))
     since_us = now_us() - seconds * 1_000_000
     # Reading the batches and deciding every distinct flow: off the event loop, which also runs the data plane.
-    diff = await asyncio.to_thread(lambda: replay(sandbox_id, flows.lines_since(sandbox_id, since_us), candidate,
+    diff = await asyncio.to_thread(lambda: replay(sandbox_id, flows.batches_since(sandbox_id, since_us), candidate,
                                                   since_us))  # fmt: skip
     return web.json_response(diff.to_dict())
 

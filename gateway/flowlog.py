@@ -583,8 +583,8 @@ class FlowLog:
         token = _encode_token(page[-1][0]) if len(names) > limit else None
         return batches, token
 
-    def lines_since(self, sandbox_id: str, since_us: int) -> Iterator[bytes]:
-        """The record lines of the sandbox's batches that may hold records that ended at or after `since_us`, oldest
+    def batches_since(self, sandbox_id: str, since_us: int) -> Iterator[bytes]:
+        """The NDJSON of the sandbox's batches that may hold records that ended at or after `since_us`, oldest
         first: the batches first written from then on, and the one before them (written earlier, it may hold
         later records). Reads one batch at a time; the caller filters the records by time."""
         check_sandbox_id(sandbox_id)
@@ -609,7 +609,7 @@ class FlowLog:
                 body = self.read_batch(sandbox_id, name)
             except NotFound:  # removed since the listing (retention): nothing to replay in it
                 continue
-            yield from body.splitlines()
+            yield body
 
     def has_sandbox(self, sandbox_id: str) -> bool:
         """Whether batches were ever written for this sandbox (they outlive the sandbox's policy record)."""

@@ -61,7 +61,7 @@ def dns(name: str, verdict: str = "allow", rule: str = "allow_hosts api.example.
 
 
 def diff(lines: list[bytes], candidate: CompiledPolicy, since_us: int = 0) -> PolicyDiff:
-    return replay("sb1", lines, candidate, since_us)
+    return replay("sb1", [b"\n".join(lines)], candidate, since_us)
 
 
 def names(groups: list[Any]) -> list[tuple[str | None, int | None, str, int]]:
@@ -279,12 +279,14 @@ def test_only_this_sandboxs_records_in_the_window_count_and_bad_lines_are_counte
         flow("pypi.org", end_us=T0 + 5, sandbox="other"),
         b"{not json",
         b'{"start_us": "x"}',
+        flow("pypi.org", end_us=T0 + 6).replace(b'"verdict":"allow"', b'"verdict":"maybe"'),
+        flow("pypi.org", end_us=T0 + 7).replace(b'"protocol":"tls"', b'"protocol":"gopher"'),
         b"",
         flow("pypi.org", end_us=T0 + 10),
     ]
     result = diff(lines, policy("allowlisted", {"allow_hosts": ["api.example.com"]}), since_us=T0)
     assert (
-        result.records == 1 and result.unreadable == 2 and names(result.newly_denied) == [("pypi.org", 443, "tls", 1)]
+        result.records == 1 and result.unreadable == 4 and names(result.newly_denied) == [("pypi.org", 443, "tls", 1)]
     )
 
 

@@ -16,7 +16,7 @@ Two figures, each the best of `--repeats` runs (the median is printed beside it)
   route's parsing of the candidate, the JSON answer), timed by the client.
 
     .venv/bin/python bench/replay.py                      # defaults
-    .venv/bin/python bench/replay.py --flows 1000000      # a sandbox ten times busier
+    .venv/bin/python bench/replay.py --repeats 1 --max-seconds 0   # a quick look that never fails
 
 Exits 1 if the API's best time is over --max-seconds (default 2, the issue's target).
 """
@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--names", type=int, default=5000, help="distinct names among them (default 5000)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per figure (default 5)")
     parser.add_argument("--seed", type=int, default=14)
-    parser.add_argument("--max-seconds", type=float, default=2.0, help="fail if the API takes longer (default 2)")
+    parser.add_argument(
+        "--max-seconds", type=float, default=2.0, help="fail if the API takes longer (default 2; 0: never)"
+    )
     args = parser.parse_args(argv)
 
     records = workload(args.flows, args.names, args.seed)
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"api  (POST .../policy/diff?since=24h): best {api_best:.3f} s, median {api_median:.3f} s, "
           f"answer {len(json.dumps(answer)) / 1e3:.0f} kB")  # fmt: skip
     assert answer["newly_denied_records"] == diff.newly_denied_records
-    if api_best > args.max_seconds:
+    if args.max_seconds and api_best > args.max_seconds:
         print(f"FAIL: the API took {api_best:.3f} s, over {args.max_seconds} s", file=sys.stderr)
         return 1
     return 0

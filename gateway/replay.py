@@ -11,7 +11,8 @@ A record cannot tell everything, and the answer says so rather than guess:
 - a flow that carried no name is decided again by its address only (`by_address_only`): a name the sandbox
   resolved through the gateway's DNS (a learned destination) may decide such a connection, and the record
   does not carry it. A recorded flow that carried no name but was decided by a host rule (the learned name) is
-  not replayed at all;
+  not replayed at all, nor is one denied before its first bytes were read (allow_internet false, the isolated
+  profile), which carries no name either;
 - a record decided by a built-in guard (metadata, special addresses, the blocklist, peek, TLS, ECH, dial,
   resolution), a limit or a DNS rule before the policy (class, type, name grammar) kept the outcome the
   guard gave: the candidate changes the policy, not the guard. An allow_cidrs entry may lift a special-address
@@ -75,11 +76,16 @@ NAME_RULES: Final = frozenset({Rule.ALLOW_HOSTS, Rule.PRESET, Rule.INSPECT})
 #: verdict is what the candidate changes.
 DNS_AFTER_POLICY: Final = frozenset({Rule.DNS_HTTPS, Rule.DNS_QTYPE})
 
-NotReplayedWhy = Literal["guard", "learned_name", "inspected_request", "tunnel"]
+NotReplayedWhy = Literal["guard", "learned_name", "unread", "inspected_request", "tunnel"]
+#: Denials the engine gives before it reads a byte (engine: PORT_OR_PROFILE_RULES): such a record carries no
+#: name even when the connection would have sent one. SMTP is left out: it denies whatever the name.
+UNREAD_RULES: Final = frozenset({Rule.NO_INTERNET, Rule.ISOLATED})
 _WHY_TEXT: Final[dict[str, str]] = {
     "guard": "decided by a built-in guard, a limit or a DNS rule, not by the policy: the candidate keeps that outcome",
     "learned_name": "carried no name but was decided by a host rule (a name learned from DNS, which the record "
     "does not carry)",
+    "unread": "denied before its first bytes were read (allow_internet false, profile isolated): the record has "
+    "no name to decide it on",
     "inspected_request": "a request the inspection tier decided; its connection's record is replayed",
     "tunnel": "a request through a tunnel (ingress), which egress policy does not decide",
 }
@@ -265,8 +271,10 @@ def _not_replayed(
         return None if rule in POLICY_RULES or allowed_name else "guard"
     if rule not in POLICY_RULES:
         return "guard"
-    if rule in NAME_RULES and name is None:
+    if name is None and rule in NAME_RULES:
         return "learned_name"
+    if name is None and rule in UNREAD_RULES:
+        return "unread"
     return None
 
 

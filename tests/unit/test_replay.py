@@ -243,6 +243,15 @@ def test_a_flow_without_a_name_decided_by_a_host_rule_used_a_learned_name_and_is
     assert [(s.why, s.rule) for s in result.not_replayed] == [("learned_name", "allow_hosts")]
 
 
+@pytest.mark.parametrize("rule", ["egress.allow_internet", "profile:isolated"])
+def test_a_connection_denied_before_its_first_bytes_has_no_name_to_replay(rule: str) -> None:
+    lines = [flow(None, 443, "tcp", "deny", rule), flow("api.example.com", 443, "tls", "allow")]
+    result = diff(lines, policy("allowlisted", {"allow_internet": False}))
+    assert [(s.why, s.rule, s.count) for s in result.not_replayed] == [("unread", rule, 1)]
+    assert names(result.newly_denied) == [("api.example.com", 443, "tls", 1)]  # a named record is decided again
+    assert result.newly_denied[0].rule == "egress.allow_internet"
+
+
 @pytest.mark.parametrize(
     ("rule", "why"),
     [

@@ -1610,3 +1610,20 @@ async def test_policy_diff_needs_audit_read_a_sandbox_and_a_flow_log(audit_api: 
     assert (quiet["records"], quiet["newly_denied"], quiet["not_replayed"]) == (0, [], [])
     without = await api.call("POST", "/v1/sandboxes/agent-1/policy/diff", NARROWER, expect=503)
     assert without.code == "AUDIT_DISABLED"
+
+
+async def test_batches_since_reads_the_window_and_the_batch_before_it(flows: FlowLog, tmp_path: Path) -> None:
+    assert list(flows.batches_since("agent-1", 0)) == []  # no batches yet: nothing, no error
+    await _write_batches(flows, "agent-1", 4)  # batches first written at T0, T0+1000, T0+2000, T0+3000
+    (flows.dir / "agent-1" / ".tmp-1-1.ndjson").write_text("not a batch\n")
+
+    def firsts(since_us: int) -> list[int]:
+        return [json.loads(body.splitlines()[0])["end_us"] for body in flows.batches_since("agent-1", since_us)]
+
+    assert firsts(0) == [T0, T0 + 1000, T0 + 2000, T0 + 3000]
+    assert firsts(T0 + 1500) == [T0 + 1000, T0 + 2000, T0 + 3000]  # the one before may hold later records
+    assert firsts(T0 + 2000) == [T0 + 1000, T0 + 2000, T0 + 3000]
+    assert firsts(T0 + 10_000) == [T0 + 3000]  # all before: the last may still hold some
+    with pytest.raises(GatewayError) as caught:
+        list(flows.batches_since("../x", 0))
+    assert caught.value.code == "INVALID_ID"

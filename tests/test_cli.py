@@ -518,6 +518,7 @@ def test_human_output_has_no_python_none_and_no_raw_epochs(server: Server) -> No
             ("presets",),
             ("explain", "human", "pypi.org"),
             ("audit", "list", "human"),
+            ("policy", "diff", "human", "--data", '{"addresses": ["10.75.1.80"], "profile": "registry"}'),
         )
     ]
     for result in outputs:
@@ -527,6 +528,7 @@ def test_human_output_has_no_python_none_and_no_raw_epochs(server: Server) -> No
     status = outputs[5].stdout
     assert re.search(r"sandbox broken since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(\d+ s ago\): ", status), status
     assert "description: -" in outputs[4].stdout
+    assert outputs[-1].stdout.startswith("sandbox human: 0 records since "), outputs[-1].stdout
     data["sandboxes"].pop("broken")
     policies.write_text(json.dumps(data))
     assert gateway("sandbox", "delete", "human", server=server).returncode == 0

@@ -70,6 +70,7 @@ __all__ = [
     "AUTHENTICATED",
     "MAX_BODY_BYTES",
     "PUBLIC",
+    "REPLAY_LOCK_KEY",
     "SANDBOX_EXAMPLES",
     "SANDBOX_PATCH_EXAMPLES",
     "TEMPLATE_EXAMPLES",
@@ -161,6 +162,8 @@ TOKENS_KEY: Final = web.AppKey("tokens", ApiTokens)
 PRESETS_KEY: Final[web.AppKey[Mapping[str, Preset]]] = web.AppKey("presets")
 ROUTES_KEY: Final[web.AppKey[dict[tuple[str, str], RouteSpec]]] = web.AppKey("routes")  # by (method, path)
 WRITE_LOCK_KEY: Final = web.AppKey("write_lock", asyncio.Lock)
+#: Held while a policy diff replays: one at a time, since a replay's CPU is the data plane's too (the GIL).
+REPLAY_LOCK_KEY: Final = web.AppKey("replay_lock", asyncio.Lock)
 FLOWS_KEY: Final = web.AppKey("flows", FlowLog)  # absent when the API was built without a flow log
 
 
@@ -774,10 +777,16 @@ async def policy_diff(request: web.Request) -> web.Response:
     state.get_sandbox(sandbox_id)  # a candidate is for a sandbox that exists, as a PUT's record is
     seconds = parse_since(query.get("since", DEFAULT_SINCE))
     candidate = state.candidate(sandbox_id, await _read_json(request))
-    since_us = now_us() - seconds * 1_000_000
-    # Reading the batches and deciding every distinct flow: off the event loop, which also runs the data plane.
-    diff = await asyncio.to_thread(lambda: replay(sandbox_id, flows.batches_since(sandbox_id, since_us), candidate,
-                                                  since_us))  # fmt: skip
+    lock = request.app[REPLAY_LOCK_KEY]
+    if lock.locked():  # refused rather than queued: waiting callers would hold the CPU one after another
+        raise GatewayError("REPLAY_BUSY", "another policy diff is replaying on this gateway; try again when it ends",
+                           status=503)  # fmt: skip
+    async with lock:
+        since_us = now_us() - seconds * 1_000_000
+        # Reading the batches and deciding every distinct flow: off the event loop, which runs the data plane.
+        diff = await asyncio.to_thread(
+            lambda: replay(sandbox_id, flows.batches_since(sandbox_id, since_us), candidate, since_us)
+        )
     return web.json_response(diff.to_dict())
 
 
@@ -1307,7 +1316,7 @@ def route_specs() -> tuple[RouteSpec, ...]:
                 409: "PROFILE_IMMUTABLE: the candidate's profile differs from the stored one. ADDRESS_IN_USE.",
                 413: None,
                 415: None,
-                503: _AUDIT_DISABLED,
+                503: f"{_AUDIT_DISABLED} REPLAY_BUSY: another diff is replaying on this gateway (one at a time).",
             },
             body=Body(
                 "SandboxReplace",
@@ -1571,6 +1580,7 @@ def create_app(
     app[TOKENS_KEY] = ApiTokens(host, tokens)
     app[PRESETS_KEY] = presets
     app[WRITE_LOCK_KEY] = asyncio.Lock()
+    app[REPLAY_LOCK_KEY] = asyncio.Lock()
     app[READINESS_KEY] = unready or list
     app[DRAINING_KEY] = draining or (lambda: False)
     app[INSPECTION_EXCLUDED_KEY] = inspection_excluded or (lambda host: False)

@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.api import (
     MAX_BODY_BYTES,
     PUBLIC,
+    REPLAY_LOCK_KEY,
     SANDBOX_EXAMPLES,
     SANDBOX_PATCH_EXAMPLES,
     TEMPLATE_EXAMPLES,
@@ -1610,6 +1611,11 @@ async def test_policy_diff_needs_audit_read_a_sandbox_and_a_flow_log(audit_api: 
     assert (quiet["records"], quiet["newly_denied"], quiet["not_replayed"]) == (0, [], [])
     without = await api.call("POST", "/v1/sandboxes/agent-1/policy/diff", NARROWER, expect=503)
     assert without.code == "AUDIT_DISABLED"
+    # One replay at a time: while one runs, another is refused, not queued.
+    async with audit_api.client.server.app[REPLAY_LOCK_KEY]:
+        busy = await audit_api.call("POST", "/v1/sandboxes/agent-1/policy/diff", NARROWER, expect=503)
+    assert busy.code == "REPLAY_BUSY"
+    await audit_api.call("POST", "/v1/sandboxes/agent-1/policy/diff", NARROWER, expect=200)
 
 
 async def test_batches_since_reads_the_window_and_the_batch_before_it(flows: FlowLog, tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """Replay: a sandbox's recorded flows and DNS queries decided again under a candidate policy, before it is applied.
 
-`replay` is pure: it reads NDJSON record lines (what the flow log's batches hold), decides each distinct
-(name, address, port, protocol) once with `decision.decide` under the candidate's compiled policy, and compares
-that with the recorded verdict. What counts is whether the flow passes: a recorded `would_deny` (report mode)
+`replay` is pure: it reads the flow log's batches (NDJSON, a record a line, as `FlowLog.batches_since` gives
+them), reduces the records to distinct recorded flows, decides each distinct (name, address, port, protocol)
+once with `decision.decide` under the candidate's compiled policy, and compares that with the recorded
+verdict. What counts is whether the flow passes: a recorded `would_deny` (report mode)
 passed, so a candidate that enforces and denies it makes it newly denied; a candidate in report mode lets a
 denial by an allowlist's miss pass (its verdict says `would_deny`).
 

@@ -385,3 +385,27 @@ def test_a_candidate_is_compiled_over_the_template_it_names_and_nothing_is_appli
     candidate = state.candidate("sb1", {"addresses": ["10.75.0.2"], "profile": "allowlisted", "template": "t"})
     assert candidate.describe()["egress"]["allow_hosts"] == ["pypi.org"]
     assert state.compiled["sb1"] is before and state.sandboxes["sb1"].template is None
+
+
+def test_an_idna_entry_matches_the_a_label_a_connection_carries() -> None:
+    lines = [
+        flow("xn--bcher-kva.example", verdict="deny", rule="default:deny"),
+        dns("XN--BCHER-KVA.example.", "deny", "default:deny"),
+    ]
+    result = diff(lines, policy("allowlisted", {"allow_hosts": ["bücher.example"]}))
+    assert names(result.newly_allowed) == [
+        ("xn--bcher-kva.example", None, "dns", 1),
+        ("xn--bcher-kva.example", 443, "tls", 1),
+    ]
+
+
+@pytest.mark.parametrize(
+    "hostname",
+    ["*.example.com", "api.example.com:443", "1.2.3.4", "[::1]", "a" * 5000, "ex ample.com", "é.example", ""],
+)
+@pytest.mark.parametrize("port", [0, 1, 65535, 70000, -1])
+def test_hostile_record_fields_are_decided_or_counted_never_raised(hostname: str, port: int) -> None:
+    lines = [flow(hostname, port, protocol, "allow", "allow_hosts api.example.com") for protocol in ("tls", "http")]
+    result = diff(lines, policy("allowlisted", {"allow_hosts": ["api.example.com"]}))
+    assert result.records == 2 and result.records == result.replayed + sum(s.count for s in result.not_replayed)
+    assert result.newly_allowed == [] and result.unchanged_allowed + result.newly_denied_records == result.replayed

@@ -11,6 +11,11 @@ The `egress.inspect` entries are the first host table: a name they mark (exactly
 of their ports is decided INSPECT even where allow_hosts or a preset also allows it, so the engine hands it
 to the inspection tier; on their other ports the later tables still answer.
 
+The `egress.deny_hosts` entries are looked up before every allow rule and profile switch (only SMTP and the
+isolated profile come first): a name they refuse is refused whatever allows it, allow_all included. A host
+entry with a port (`api.example.com:8443`, in allow_hosts or deny_hosts) applies to that port only; a DNS
+question has no port, so only a bare deny entry refuses it.
+
 A policy in report mode (`egress.enforcement: report`) turns a denial whose rule is `Rule.reportable` (an
 allowlist's miss) into an allowing verdict marked `would_deny`, in `decide` and only there: every caller (the
 engine's plan, the DNS interceptor, explain) lets it pass and records it as would-deny with the rule that
@@ -25,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Any
 
-from gateway.hostnames import normalize_query_name
+from gateway.hostnames import normalize_query_name, split_host_entry
 from gateway.inspection import InspectRule
 from gateway.policy import (
     EGRESS_MODES,
@@ -207,10 +212,30 @@ class HostTable:
                 exact.setdefault(pattern, []).append((ports, rule, detail))
         return cls({name: tuple(r) for name, r in exact.items()}, {name: tuple(r) for name, r in wildcard.items()})
 
+    def denial(self, name: str, port: int | None) -> str | None:
+        """The detail of the first entry refusing `name` on `port` (a deny list's lookup): a bare entry refuses
+        every port, a host:port entry its own port only, so a question with no port (DNS) only by a bare one."""
+        dot = name.find(".")
+        candidates = (*self.exact.get(name, ()), *(self.wildcard.get(name[dot + 1 :], ()) if dot > 0 else ()))
+        for ports, _, detail in candidates:
+            if ports is None or (port is not None and port in ports):
+                return detail
+        return None
+
     def covers(self, name: str) -> bool:
         """Whether an entry names `name` (exactly, or as a first-level wildcard), whatever its ports."""
         dot = name.find(".")
         return name in self.exact or (dot > 0 and name[dot + 1 :] in self.wildcard)
+
+
+def host_entry_rules(
+    entries: Iterable[str], bare_ports: frozenset[int] | None, rule: Rule
+) -> Iterable[tuple[str, frozenset[int] | None, Rule, str]]:
+    """`HostTable.build`'s rules for canonical host entries: a host:port entry on its port, a bare one on
+    `bare_ports` (None: any); each names its entry as the detail (`allow_hosts api.example.com:8443`)."""
+    for entry in entries:
+        pattern, port = split_host_entry(entry)
+        yield pattern, bare_ports if port is None else frozenset((port,)), rule, entry
 
 
 @functools.lru_cache(maxsize=1024)
@@ -226,6 +251,7 @@ class CompiledPolicy:
         "_allow_nets",
         "_allow_ports",
         "_allow_verdicts",
+        "_deny_hosts",
         "_deny_nets",
         "_deny_verdicts",
         "_ech_names",
@@ -256,6 +282,8 @@ class CompiledPolicy:
         self.allow_all = profile == "unrestricted" and egress.mode != "deny_all"
         self.report = egress.enforcement == "report"
         self._host_tables = host_tables
+        denied = egress.deny_hosts
+        self._deny_hosts = HostTable.build(host_entry_rules(denied, None, Rule.DENY_HOSTS)) if denied else None
         self._ech_names = HostTable.build((pattern, None, Rule.ECH, pattern) for pattern in egress.allow_ech or ())
         self._inspect_rules = {pattern: rule for rule in egress.inspect or () for pattern in rule.hosts}
         # Verdicts whose reason depends only on the rule (an exact name's, a CIDR's) are built on the rule's
@@ -348,6 +376,14 @@ def _decide(
         return _SMTP_VERDICTS[port]
     if policy.profile == "isolated":
         return _ISOLATED
+    name = normalize_query_name(hostname) if hostname else None
+    if name and policy._deny_hosts is not None:
+        # Before every allow rule and profile switch: deny wins over allow_hosts, presets, inspect and allow_all.
+        denied_by = policy._deny_hosts.denial(name, port)
+        if denied_by is not None:
+            return Verdict(
+                False, f"host {name} denied by {Rule.DENY_HOSTS.label(denied_by)}", Rule.DENY_HOSTS, denied_by
+            )
     if protocol == "dns":
         # unrestricted resolves every name (also under mode deny_all, whose CIDR rules need names
         # to resolve). With allow_internet false, DNS still resolves and only connections are
@@ -371,7 +407,6 @@ def _decide(
             return verdict
     if policy.allow_all:
         return _ALLOW_ALL
-    name = normalize_query_name(hostname) if hostname else None
     port_miss: tuple[Rule, str] | None = None
     if name:
         dot = name.find(".")
@@ -436,9 +471,7 @@ def compile_policy(
                 host_tables.append(preset_table(preset))
         if egress.allow_hosts:
             host_ports = frozenset(egress.host_ports) if egress.host_ports else None
-            host_tables.append(
-                HostTable.build((pattern, host_ports, Rule.ALLOW_HOSTS, pattern) for pattern in egress.allow_hosts)
-            )
+            host_tables.append(HostTable.build(host_entry_rules(egress.allow_hosts, host_ports, Rule.ALLOW_HOSTS)))
         if egress.inspect:
             # First: a marked name must reach the tier, whatever else also allows it on that port.
             marked = ((p, frozenset(rule.ports), Rule.INSPECT, p) for rule in egress.inspect for p in rule.hosts)

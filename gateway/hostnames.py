@@ -7,6 +7,9 @@ no scheme, no path, no `**`, no mid-label wildcard, RFC 1035 labels of 1-63
 characters. Internationalised names are stored as punycode (IDNA 2008 / UTS 46,
 via the `idna` package, which the standard library's IDNA 2003 codec is not), and a
 trailing dot is folded.
+
+A host entry (`allow_hosts`, `deny_hosts`) is a pattern, optionally with one port: `api.example.com:8443`
+names that host on that port only. Its canonical form is the pattern's, then `:port` in plain decimal.
 """
 
 from __future__ import annotations
@@ -115,6 +118,41 @@ def normalize_pattern(value: object) -> str:
     if len(name) + (2 if wildcard else 0) > MAX_HOSTNAME_LENGTH:
         raise _invalid(original, f"is longer than {MAX_HOSTNAME_LENGTH} characters")
     return ("*." if wildcard else "") + name
+
+
+#: What makes `x:y` something other than host:port (a URL, a path, user information, whitespace).
+_NOT_HOST_PORT = re.compile(r"://|[/?#@\s]")
+#: A port in a host entry: plain ASCII decimal, no sign, no leading zero (`str.isdigit` would take `٤٤٣`).
+_ENTRY_PORT = re.compile(r"[1-9][0-9]{0,4}")
+
+
+def normalize_host_entry(value: object) -> str:
+    """Validate a host entry (a pattern, or `pattern:port`) and return its canonical form.
+
+    Raises GatewayError: INVALID_HOSTNAME for the name (a URL, an IPv6 literal, ...), INVALID_PORT for the port.
+    """
+    if not isinstance(value, str) or ":" not in value or _NOT_HOST_PORT.search(value):
+        return normalize_pattern(value)  # a bare pattern; or its errors name a non-string, a URL, a path, a space
+    if value.startswith("[") or is_ip_literal(value):
+        raise _invalid(value, "is an IP address; put addresses in allow_cidrs / deny_cidrs")
+    host, _, port = value.rpartition(":")
+    if ":" in host:
+        if is_ip_literal(host):
+            raise _invalid(value, "is an IP address; put addresses in allow_cidrs / deny_cidrs")
+        raise _invalid(value, "has more than one ':'; give host or host:port")
+    if not host:
+        raise _invalid(value, "has a port but no hostname")
+    if not port:
+        raise GatewayError("INVALID_PORT", f"{value!r} has a ':' but no port; give host:port (1-65535) or only host")
+    if not _ENTRY_PORT.fullmatch(port) or int(port) > 65535:
+        raise GatewayError("INVALID_PORT", f"{value!r}: {port[:20]!r} is not a port in 1-65535 (plain decimal)")
+    return f"{normalize_pattern(host)}:{port}"
+
+
+def split_host_entry(entry: str) -> tuple[str, int | None]:
+    """A canonical host entry as (pattern, port or None for a bare pattern)."""
+    pattern, _, port = entry.partition(":")
+    return pattern, int(port) if port else None
 
 
 def normalize_query_name(name: str) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final, TypeVar
 
 from gateway.errors import GatewayError
-from gateway.hostnames import MAX_HOSTNAME_LENGTH, normalize_pattern
+from gateway.hostnames import MAX_HOSTNAME_LENGTH, normalize_host_entry, normalize_pattern
 from gateway.inspection import DEFAULT_INSPECT_PORTS, HTTP_METHODS, Credential, HeaderMatch, InspectRule
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -167,6 +167,13 @@ def _hostname(value: object, path: str) -> str:
         raise _fail(exc.code, exc.message, path) from None
 
 
+def _host_entry(value: object, path: str) -> str:
+    try:
+        return normalize_host_entry(value)
+    except GatewayError as exc:
+        raise _fail(exc.code, exc.message, path) from None
+
+
 def _network(value: object, path: str) -> IPNetwork:
     if not isinstance(value, str):
         raise _fail("INVALID_CIDR", f"expected a CIDR string such as 10.0.0.0/8, got {_type_name(value)}", path)
@@ -217,7 +224,11 @@ class Egress:
 
     mode: str | None = None
     allow_internet: bool | None = None
+    #: Host entries (`api.example.com`, `*.example.com`, `api.example.com:8443`), canonical.
     allow_hosts: tuple[str, ...] | None = None
+    #: Host entries refused in every profile that looks at names, before any allow rule; a template's and a
+    #: sandbox's lists are unioned (a sandbox cannot lift its template's denials).
+    deny_hosts: tuple[str, ...] | None = None
     presets: tuple[str, ...] | None = None
     allow_cidrs: tuple[IPNetwork, ...] | None = None
     deny_cidrs: tuple[IPNetwork, ...] | None = None
@@ -234,8 +245,12 @@ class Egress:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
     def merged_over(self, base: Egress) -> Egress:
-        """This record's set fields over `base` (a template's)."""
-        return replace(base, **{name: getattr(self, name) for name in self.set_fields()})
+        """This record's set fields over `base` (a template's); the fields in UNIONED_EGRESS_FIELDS add to base's."""
+        own = {name: getattr(self, name) for name in self.set_fields()}
+        for name in UNIONED_EGRESS_FIELDS:
+            if name in own and getattr(base, name):
+                own[name] = tuple(dict.fromkeys((*getattr(base, name), *own[name])))
+        return replace(base, **own)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -349,6 +364,13 @@ HOSTNAME_SCHEMA: Final[Mapping[str, Any]] = {
     "exactly one extra label). No scheme, path, port, `**` or mid-label `*`; labels are 1-63 RFC 1035 "
     "characters; internationalised names are stored as punycode.",
 }
+HOST_ENTRY_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "string",
+    "maxLength": MAX_HOSTNAME_LENGTH + len(":65535"),
+    "description": "A hostname as above (api.example.com, *.example.com), optionally with one port: "
+    "api.example.com:8443 names that host on port 8443 only. The port is plain decimal 1-65535; no scheme, path, "
+    "IP address or IPv6 literal.",
+}
 CIDR_SCHEMA: Final[Mapping[str, Any]] = {
     "type": "string",
     "description": "A network in CIDR notation with no host bits set (10.0.0.0/8).",
@@ -373,7 +395,21 @@ def list_schema(item: Mapping[str, Any], description: str, limit: int = MAX_LIST
 EGRESS_SCHEMA: Final[Mapping[str, Any]] = {
     "mode": nullable({"type": "string", "enum": list(EGRESS_MODES)}),
     "allow_internet": nullable({"type": "boolean"}),
-    "allow_hosts": nullable(list_schema(HOSTNAME_SCHEMA, "Hostnames the sandbox may reach (TLS SNI / HTTP Host).")),
+    "allow_hosts": nullable(
+        list_schema(
+            HOST_ENTRY_SCHEMA,
+            "Hostnames the sandbox may reach (TLS SNI / HTTP Host): a bare name on host_ports (default: any "
+            "port), a host:port entry on its port only.",
+        )
+    ),
+    "deny_hosts": nullable(
+        list_schema(
+            HOST_ENTRY_SCHEMA,
+            "Hostnames refused (TLS SNI, HTTP Host, DNS: NXDOMAIN) whatever allows them: allow_hosts, presets, "
+            "inspect and the unrestricted profile. A host:port entry refuses that port only (DNS still resolves "
+            "the name). Unioned with the template's list. Enforced also in report mode.",
+        )
+    ),
     "presets": nullable(list_schema({"type": "string"}, "Names of presets (GET /v1/presets) to include.")),
     "allow_cidrs": nullable(list_schema(CIDR_SCHEMA, "Destinations allowed by address (deny_all mode).")),
     "deny_cidrs": nullable(
@@ -405,8 +441,8 @@ EGRESS_SCHEMA: Final[Mapping[str, Any]] = {
             "description": "`report`: connections and DNS questions the allowlist would deny (a name, address or "
             "port not listed) pass and are recorded with verdict would_deny and the rule that would have denied "
             "them. The built-in guards (metadata, special and the gateway's own addresses, SMTP, ECH, malformed "
-            "input), deny_cidrs, allow_internet false and rate limits stay enforced. Profiles allowlisted and "
-            "unrestricted.",
+            "input), deny_cidrs, deny_hosts, allow_internet false and rate limits stay enforced. Profiles "
+            "allowlisted and unrestricted.",
         }
     ),
 }
@@ -535,6 +571,8 @@ TEMPLATE_SCHEMA: Final[Mapping[str, Any]] = {
     "limits": nullable(schema_ref("Limits")),
 }
 EGRESS_FIELDS: Final = tuple(EGRESS_SCHEMA)
+#: Egress fields a sandbox adds to its template's instead of replacing them: denials, which only narrow.
+UNIONED_EGRESS_FIELDS: Final = ("deny_hosts",)
 INSPECT_FIELDS: Final = tuple(INSPECT_SCHEMA)
 SANDBOX_FIELDS: Final = tuple(SANDBOX_SCHEMA)
 TEMPLATE_FIELDS: Final = tuple(TEMPLATE_SCHEMA)
@@ -775,7 +813,7 @@ def _split_egress_list(entries: object, path: str) -> Egress:
             except ValueError:
                 if "/" in entry and _looks_like_address(entry.split("/", 1)[0]):
                     cidrs.append(_network(entry, where))  # raises the precise CIDR error
-        hosts.append(_hostname(entry, where))
+        hosts.append(_host_entry(entry, where))
     return Egress(allow_hosts=tuple(dict.fromkeys(hosts)), allow_cidrs=tuple(dict.fromkeys(cidrs)) if cidrs else None)
 
 
@@ -808,7 +846,9 @@ def parse_egress(data: object, path: str, known_presets: Iterable[str], known_se
             if raw not in ENFORCEMENT_MODES:
                 raise _fail("INVALID_ENFORCEMENT", f"{raw!r} is not an enforcement; use enforce or report", where)
             values[name] = raw
-        elif name in ("allow_hosts", "allow_ech"):
+        elif name in ("allow_hosts", "deny_hosts"):
+            values[name] = _list(raw, where, _host_entry)
+        elif name == "allow_ech":
             values[name] = _list(raw, where, _hostname)
         elif name == "presets":
             values[name] = _list(raw, where, preset)
@@ -992,7 +1032,7 @@ def parse_sandbox(
 #: caller's scope was checked against, so a field that would widen it is refused here.
 PROFILE_EGRESS_FIELDS: Mapping[str, frozenset[str]] = {
     "isolated": frozenset(),
-    "registry": frozenset({"allow_internet", "presets", "deny_cidrs", "mode"}),
+    "registry": frozenset({"allow_internet", "presets", "deny_cidrs", "deny_hosts", "mode"}),
     "allowlisted": frozenset(EGRESS_FIELDS),
     "unrestricted": frozenset(EGRESS_FIELDS),
 }

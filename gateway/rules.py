@@ -18,6 +18,8 @@ class Rule(StrEnum):
     PRESET = "preset"
     ALLOW_CIDRS = "allow_cidrs"
     DENY_CIDRS = "deny_cidrs"
+    #: An egress.deny_hosts entry: refused before every allow rule, in every profile that looks at names.
+    DENY_HOSTS = "deny_hosts"
     ALLOW_PORTS = "allow_ports"
     # Profile and egress switches.
     ALLOW_ALL = "egress.mode:allow_all"
@@ -62,8 +64,9 @@ class Rule(StrEnum):
         """Whether report mode (`egress.enforcement: report`) lets a denial by this rule pass, recorded as
         `would_deny`: only an allowlist's miss (a name, an address or a port it does not list). Every other denial
         stays enforced in report mode: the built-in guards (metadata, the gateway's own and special addresses,
-        SMTP, ECH, malformed or smuggled protocol input), deny_cidrs, the isolated profile and the allow_internet
-        switch, rate limits. A rule added later is enforced unless it is listed here."""
+        SMTP, ECH, malformed or smuggled protocol input), deny_cidrs and deny_hosts (an operator's explicit
+        refusal, not a miss), the isolated profile and the allow_internet switch, rate limits. A rule added later
+        is enforced unless it is listed here."""
         return self in _REPORTABLE
 
     def label(self, detail: str = "") -> str:

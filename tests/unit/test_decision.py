@@ -762,3 +762,123 @@ def test_report_mode_is_inherited_from_a_template_within_the_profiles_ceiling() 
     registry = policy("registry", template=template)
     assert not registry.report and not decide(registry, "b.test", PUBLIC, 443, "tls").allowed
     assert not policy("isolated", template=template).report
+
+
+# --------------------------------------------------------------------------- egress.deny_hosts, host:port entries
+
+
+def host_denied(name: str, entry: str) -> Verdict:
+    return Verdict(False, f"host {name} denied by deny_hosts {entry}", Rule.DENY_HOSTS, entry)
+
+
+DENY = {"deny_hosts": ["tracker.example", "*.ads.example", "tls-only.example:443"]}
+
+
+@pytest.mark.parametrize(
+    ("name", "entry"),
+    [
+        ("tracker.example", "tracker.example"),
+        ("TRACKER.Example.", "tracker.example"),  # the spellings a connection or question may carry
+        ("x.ads.example", "*.ads.example"),
+        ("X.ADS.EXAMPLE.", "*.ads.example"),
+    ],
+)
+@pytest.mark.parametrize("protocol", ["tls", "http"])
+@pytest.mark.parametrize("port", [80, 443, 8443])
+def test_a_denied_name_is_refused_under_unrestricted_on_every_port(
+    name: str, entry: str, protocol: str, port: int
+) -> None:
+    for unrestricted in (policy("unrestricted", DENY), policy("unrestricted", {**DENY, "mode": "deny_all"})):
+        assert decide(unrestricted, name, PUBLIC, port, protocol) == host_denied(name.lower().rstrip("."), entry)
+
+
+def test_a_wildcard_denies_one_extra_label_only_and_other_names_pass() -> None:
+    unrestricted = policy("unrestricted", DENY)
+    for name in ("ads.example", "a.b.ads.example", "tracker.example.net", "nottracker.example", "example"):
+        assert decide(unrestricted, name, PUBLIC, 443, "tls") == ALLOW_ALL, name
+    assert decide(unrestricted, None, PUBLIC, 443, "tcp") == ALLOW_ALL  # no name: nothing to deny by name
+
+
+def test_deny_wins_over_allow_hosts_presets_and_inspect() -> None:
+    allowing = {
+        "allow_hosts": ["tracker.example", "*.ads.example"],
+        "presets": ["git-hosts"],
+        "inspect": [{"hosts": ["api.github.com"]}],
+        "deny_hosts": ["tracker.example", "*.ads.example", "github.com", "api.github.com"],
+    }
+    for profile in ("allowlisted", "unrestricted"):
+        p = policy(profile, {**allowing, **({"mode": "deny_all"} if profile == "unrestricted" else {})})
+        assert decide(p, "tracker.example", PUBLIC, 443, "tls") == host_denied("tracker.example", "tracker.example")
+        assert decide(p, "x.ads.example", PUBLIC, 443, "http") == host_denied("x.ads.example", "*.ads.example")
+        assert decide(p, "github.com", PUBLIC, 443, "tls") == host_denied("github.com", "github.com")  # a preset's
+        assert decide(p, "api.github.com", PUBLIC, 443, "tls") == host_denied("api.github.com", "api.github.com")
+    registry = policy("registry", {"deny_hosts": ["pypi.org"]})
+    assert decide(registry, "pypi.org", PUBLIC, 443, "tls") == host_denied("pypi.org", "pypi.org")
+
+
+def test_deny_hosts_answers_dns_nxdomain_worthy_but_a_port_entry_leaves_the_name_resolvable() -> None:
+    unrestricted = policy("unrestricted", DENY)
+    assert unrestricted.name_allowed("tracker.example") == host_denied("tracker.example", "tracker.example")
+    assert unrestricted.name_allowed("a.ads.example") == host_denied("a.ads.example", "*.ads.example")
+    # Denied on 443 only: it resolves, and other ports pass.
+    assert unrestricted.name_allowed("tls-only.example").allowed
+    assert decide(unrestricted, "tls-only.example", PUBLIC, 443, "tls") == host_denied(
+        "tls-only.example", "tls-only.example:443"
+    )
+    assert decide(unrestricted, "tls-only.example", PUBLIC, 80, "http") == ALLOW_ALL
+
+
+def test_deny_hosts_from_the_template_and_the_sandbox_both_deny() -> None:
+    p = policy("unrestricted", {"deny_hosts": ["own.example"]}, template={"egress": {"deny_hosts": ["tpl.example"]}})
+    assert decide(p, "own.example", PUBLIC, 443, "tls") == host_denied("own.example", "own.example")
+    assert decide(p, "tpl.example", PUBLIC, 443, "tls") == host_denied("tpl.example", "tpl.example")
+    assert p.describe()["egress"]["deny_hosts"] == ["tpl.example", "own.example"]
+
+
+def test_deny_hosts_stays_enforced_in_report_mode() -> None:
+    # An operator's explicit refusal, like deny_cidrs: report mode passes only what an allowlist misses.
+    reported = policy("allowlisted", {**REPORT, "deny_hosts": ["a.test"], "enforcement": "report"})
+    assert decide(reported, "a.test", PUBLIC, 443, "tls") == host_denied("a.test", "a.test")
+    assert reported.name_allowed("a.test") == host_denied("a.test", "a.test")
+    assert decide(reported, "b.test", "1.1.1.1", 443, "tls") == would_deny(NOT_LISTED)
+    assert not Rule.DENY_HOSTS.reportable
+
+
+def test_isolated_and_smtp_and_the_internet_switch_come_before_the_deny_list() -> None:
+    assert decide(policy("isolated"), "tracker.example", PUBLIC, 443, "tls") == ISOLATED
+    assert decide(policy("unrestricted", DENY), "tracker.example", PUBLIC, 25, "tcp").rule is Rule.SMTP
+
+
+def test_a_host_port_entry_allows_its_port_only() -> None:
+    p = policy("allowlisted", {"allow_hosts": ["api.example.com:8443", "*.svc.example:443"]})
+    assert decide(p, "api.example.com", PUBLIC, 8443, "tls") == host_allowed(
+        "api.example.com", "allow_hosts api.example.com:8443"
+    )
+    assert decide(p, "API.example.com.", PUBLIC, 8443, "tls").allowed
+    for port in (443, 80, 8444, 1):
+        assert decide(p, "api.example.com", PUBLIC, port, "tls") == port_denied(
+            port, "api.example.com", "allow_hosts api.example.com:8443"
+        )
+    assert decide(p, "a.svc.example", PUBLIC, 443, "tls") == host_allowed(
+        "a.svc.example", "allow_hosts *.svc.example:443"
+    )
+    assert decide(p, "a.svc.example", PUBLIC, 80, "http").rule is Rule.ALLOW_HOSTS  # the port miss names the entry
+    assert not decide(p, "a.svc.example", PUBLIC, 80, "http").allowed
+    assert p.name_allowed("api.example.com").allowed  # DNS has no port: the name resolves
+
+
+def test_a_bare_entry_keeps_host_ports_and_a_host_port_entry_is_its_own() -> None:
+    p = policy("allowlisted", {"allow_hosts": ["bare.example", "api.example.com:8443"], "host_ports": [443]})
+    assert decide(p, "bare.example", PUBLIC, 443, "tls").allowed
+    assert not decide(p, "bare.example", PUBLIC, 8443, "tls").allowed
+    assert decide(p, "api.example.com", PUBLIC, 8443, "tls").allowed  # not subject to host_ports
+    assert not decide(p, "api.example.com", PUBLIC, 443, "tls").allowed
+
+
+def test_two_ports_for_one_name_are_two_entries() -> None:
+    p = policy("allowlisted", {"allow_hosts": ["api.example.com:8443", "api.example.com:443"]})
+    assert decide(p, "api.example.com", PUBLIC, 443, "tls") == host_allowed(
+        "api.example.com", "allow_hosts api.example.com:443"
+    )
+    assert decide(p, "api.example.com", PUBLIC, 8443, "tls").allowed
+    assert not decide(p, "api.example.com", PUBLIC, 80, "http").allowed

@@ -87,6 +87,23 @@ def test_any_and_zone_transfers_refused_even_unrestricted_which_forwards_the_res
         assert (d.action, d.rule) == (FORWARD, "profile:unrestricted")
 
 
+def test_a_denied_name_is_nxdomain_with_its_rule_even_unrestricted_and_in_report_mode() -> None:
+    deny = {"deny_hosts": ["tracker.test", "*.ads.test", "web.test:443"]}
+    for p in (policy("unrestricted", deny), policy("allowlisted", {**deny, "allow_hosts": ["tracker.test"]})):
+        for name, entry in (("Tracker.Test.", "tracker.test"), ("x.ads.test", "*.ads.test")):
+            d = decide_packet(query(name, edns=True), p, CONFIG)
+            assert (d.action, d.rcode, d.code, d.rule) == (
+                ANSWER, RCODE.NXDOMAIN, Code.BLOCKED_POLICY, f"deny_hosts {entry}"
+            )  # fmt: skip
+            reason = f"blocked by sandbox policy: host {name.lower().rstrip('.')} denied by deny_hosts {entry}"
+            assert ede_of(d.response) == (15, reason)
+    # Denied on one port only: the name still resolves.
+    assert decide_packet(query("web.test"), policy("unrestricted", deny), CONFIG).action == FORWARD
+    assert decide_packet(query("other.test"), policy("unrestricted", deny), CONFIG).action == FORWARD
+    reported = policy("allowlisted", {**deny, "enforcement": "report"})
+    assert decide_packet(query("tracker.test"), reported, CONFIG).rcode == RCODE.NXDOMAIN
+
+
 def test_registry_profile_uses_the_registry_preset() -> None:
     reg = policy("registry")
     assert decide_packet(query("pypi.org"), reg, CONFIG).action == FORWARD

@@ -478,6 +478,7 @@ GOOD_EGRESS_VALUES: dict[str, Any] = {
     "mode": "deny_all",
     "allow_internet": True,
     "allow_hosts": ["a.com"],
+    "deny_hosts": ["*.tracker.example"],
     "presets": ["git-hosts"],
     "allow_cidrs": ["1.1.1.1/32"],
     "deny_cidrs": ["10.0.0.0/8"],
@@ -1243,3 +1244,92 @@ def test_garbage_inspect_entries_are_refused_only_with_gateway_errors(entries: l
         parse_egress({"inspect": entries}, "egress", PRESETS, SECRETS)
     except GatewayError as exc:
         assert exc.code and exc.message and exc.field and exc.field.startswith("egress.inspect")
+
+
+# --------------------------------------------------------------------------- host entries: deny_hosts, host:port
+
+
+@pytest.mark.parametrize("name", ["allow_hosts", "deny_hosts"])
+@pytest.mark.parametrize(
+    ("entry", "canonical"),
+    [
+        ("api.example.com:8443", "api.example.com:8443"),
+        ("API.Example.COM.:443", "api.example.com:443"),  # case and the trailing dot fold as for a bare name
+        ("*.tracker.example:80", "*.tracker.example:80"),  # a wildcard takes a port too
+        ("bücher.example:1", "xn--bcher-kva.example:1"),  # IDNA as for a bare name
+        ("a.example:65535", "a.example:65535"),
+        ("*.tracker.example", "*.tracker.example"),  # a bare entry is unchanged
+    ],
+)
+def test_host_entries_take_an_optional_port_in_canonical_form(name: str, entry: str, canonical: str) -> None:
+    assert getattr(sandbox(profile="allowlisted", egress={name: [entry]}).egress, name) == (canonical,)
+
+
+@pytest.mark.parametrize("name", ["allow_hosts", "deny_hosts"])
+@pytest.mark.parametrize(
+    ("entry", "code", "says"),
+    [
+        ("a.example:", "INVALID_PORT", "no port"),
+        ("a.example:0", "INVALID_PORT", "not a port in 1-65535"),
+        ("a.example:65536", "INVALID_PORT", "not a port in 1-65535"),
+        ("a.example:99999999999", "INVALID_PORT", "not a port in 1-65535"),
+        ("a.example:0443", "INVALID_PORT", "plain decimal"),  # no leading zero: one spelling per entry
+        ("a.example:+443", "INVALID_PORT", "plain decimal"),
+        ("a.example:-1", "INVALID_PORT", "plain decimal"),
+        ("a.example:0x1bb", "INVALID_PORT", "plain decimal"),
+        ("a.example:\u0664\u0664\u0663", "INVALID_PORT", "plain decimal"),  # Arabic-Indic digits pass isdigit()
+        ("a.example:https", "INVALID_PORT", "plain decimal"),
+        ("a.example:443:80", "INVALID_HOSTNAME", "more than one ':'"),
+        (":443", "INVALID_HOSTNAME", "no hostname"),
+        ("https://a.example:443", "INVALID_HOSTNAME", "is a URL"),
+        ("a.example:443/path", "INVALID_HOSTNAME", "contains a path"),
+        ("user@a.example:22", "INVALID_HOSTNAME", "user information"),
+        ("a.example: 443", "INVALID_HOSTNAME", "whitespace"),
+        ("[2001:db8::1]:443", "INVALID_HOSTNAME", "is an IP address"),
+        ("[::1]", "INVALID_HOSTNAME", "is an IP address"),
+        ("2001:db8::1", "INVALID_HOSTNAME", "is an IP address"),
+        ("::ffff:1.2.3.4", "INVALID_HOSTNAME", "is an IP address"),
+        ("1.2.3.4:80", "INVALID_HOSTNAME", "is an IP address"),
+        ("*.*.a.example:443", "INVALID_HOSTNAME", "double wildcard"),
+        ("a.*.example:443", "INVALID_HOSTNAME", "wildcard inside"),
+        ("*:443", "INVALID_HOSTNAME", "matches every host"),
+    ],
+)
+def test_hostile_host_entries_are_refused_with_a_stable_code(name: str, entry: str, code: str, says: str) -> None:
+    error = egress_fails(code, f"egress.{name}[1]", {name: ["ok.example", entry]})
+    assert says in error.message, error
+
+
+def test_the_list_shorthand_takes_host_port_entries() -> None:
+    egress = sandbox(profile="allowlisted", egress=["api.example.com:8443", "10.0.0.0/8"]).egress
+    assert egress.allow_hosts == ("api.example.com:8443",)
+    egress_fails("INVALID_PORT", "egress[0]", ["api.example.com:0"])
+
+
+def test_allow_ech_and_inspect_hosts_stay_bare_names() -> None:
+    egress_fails("INVALID_HOSTNAME", "egress.allow_ech[0]", {"allow_ech": ["a.example:443"]})
+    egress_fails("INVALID_HOSTNAME", "egress.inspect[0].hosts[0]", {"inspect": [{"hosts": ["a.example:443"]}]})
+
+
+@pytest.mark.parametrize("profile", ["registry", "allowlisted", "unrestricted"])
+def test_deny_hosts_in_every_profile_that_looks_at_names(profile: str) -> None:
+    assert sandbox(profile=profile, egress={"deny_hosts": ["t.example"]}).egress.deny_hosts == ("t.example",)
+
+
+def test_deny_hosts_with_allow_all_or_the_internet_off_is_no_conflict() -> None:
+    # It only narrows: mode allow_all (the unrestricted profile's point) and allow_internet false both take it.
+    both = sandbox(profile="unrestricted", egress={"mode": "allow_all", "deny_hosts": ["t.example"]})
+    assert both.egress.deny_hosts == ("t.example",)
+    off = sandbox(profile="allowlisted", egress={"allow_internet": False, "deny_hosts": ["t.example"]})
+    assert off.egress.deny_hosts == ("t.example",)
+
+
+def test_deny_hosts_is_unioned_with_the_templates_and_other_fields_still_replace() -> None:
+    template = Egress(deny_hosts=("a.example", "*.b.example"), allow_hosts=("x.example",))
+    own = Egress(deny_hosts=("c.example", "a.example"), allow_hosts=("y.example",))
+    merged = own.merged_over(template)
+    assert merged.deny_hosts == ("a.example", "*.b.example", "c.example")
+    assert merged.allow_hosts == ("y.example",)
+    assert Egress(deny_hosts=()).merged_over(template).deny_hosts == ("a.example", "*.b.example")  # never lifted
+    assert Egress().merged_over(template).deny_hosts == template.deny_hosts
+    assert own.merged_over(Egress()).deny_hosts == own.deny_hosts

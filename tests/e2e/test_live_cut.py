@@ -163,3 +163,22 @@ def test_switching_report_mode_to_enforce_cuts_what_was_only_would_deny(env: Egr
         patched = _cli(env, "sandbox", "patch", "sb1", "--data", enforce).splitlines()[0]
         assert patched == "patched sandbox sb1; ended 1 open connection it no longer allows"
         assert wait_until(lambda: holder.check() == {"A": "alive", "B": "cut", "C": "alive"}, timeout=5, interval=0.05)
+
+
+@pytest.mark.root
+def test_adding_a_deny_hosts_entry_cuts_what_it_now_denies(env: EgressEnv) -> None:
+    assert _hosts(env, "allowed.test", "later.test")
+    _learn(env)
+    with _Holder(env) as holder:
+        assert holder.check() == {"A": "alive", "B": "alive", "C": "alive"}
+        earlier = len(_cut_records(env))
+        deny = json.dumps({"egress": {"deny_hosts": ["allowed.test"]}})  # allow_hosts still lists it: deny wins
+        patched = _cli(env, "sandbox", "patch", "sb1", "--data", deny).splitlines()[0]
+        assert patched == "patched sandbox sb1; ended 2 open connections it no longer allows"
+        assert wait_until(lambda: holder.check() == {"A": "cut", "B": "alive", "C": "cut"}, timeout=5, interval=0.05)
+        cut = lambda: {(r["hostname"], r["dst_port"], r["rule"]) for r in _cut_records(env)[earlier:]}  # noqa: E731
+        # The opaque one went with its learned address (flushed with the name), so no name decided it.
+        expected = {("allowed.test", 443, "deny_hosts allowed.test"), (None, 23, "default:deny")}
+        assert wait_until(lambda: cut() == expected, timeout=5), cut()
+    undeny = json.dumps({"egress": {"deny_hosts": None}})  # the merge patch's null removes the field
+    assert _cli(env, "sandbox", "patch", "sb1", "--data", undeny).startswith("patched sandbox sb1\n")

@@ -324,7 +324,15 @@ def _client_options(defaults: bool) -> Parser:
 
 def _egress_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("egress (repeatable flags also take comma-separated lists)")
-    group.add_argument("--allow-host", action="append", metavar="HOST", help="allowed hostname or *.domain")
+    group.add_argument(
+        "--allow-host", action="append", metavar="HOST", help="allowed hostname or *.domain, optionally HOST:PORT"
+    )
+    group.add_argument(
+        "--deny-host",
+        action="append",
+        metavar="HOST",
+        help="refused hostname or *.domain (optionally HOST:PORT), whatever allows it; also under allow_all",
+    )
     group.add_argument("--preset", action="append", metavar="NAME", help="include a preset (see `gateway presets`)")
     group.add_argument(
         "--egress-allow-cidr",

@@ -41,6 +41,7 @@ def egress_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     egress: dict[str, Any] = {}
     for flag, key in (
         ("allow_host", "allow_hosts"),
+        ("deny_host", "deny_hosts"),
         ("preset", "presets"),
         ("allow_cidr", "allow_cidrs"),
         ("deny_cidr", "deny_cidrs"),

@@ -64,6 +64,7 @@ def egress_summary(egress: Mapping[str, Any]) -> str:
         parts.append(str(egress["mode"]))
     for key, word in (
         ("allow_hosts", "host"),
+        ("deny_hosts", "deny-host"),
         ("presets", "preset"),
         ("allow_cidrs", "allow-cidr"),
         ("deny_cidrs", "deny-cidr"),

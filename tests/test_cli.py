@@ -426,6 +426,35 @@ def test_the_readme_egress_flags_work_on_sandboxes_and_templates(server: Server)
     assert gateway("template", "delete", "secure-python", server=server).returncode == 0
 
 
+def test_the_readme_deny_host_example_and_host_port_entries(server: Server) -> None:
+    created = gateway(
+        "sandbox", "create", "--id", "web-3", "--address", "10.75.0.3", "--profile", "unrestricted",
+        "--deny-host", "*.tracker.example", "--deny-host", "ads.example:443", "--json", server=server,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["egress"] == {"deny_hosts": ["*.tracker.example", "ads.example:443"]}  # no mode
+    denied = gateway("explain", "web-3", "x.tracker.example", server=server)
+    assert denied.returncode == 4 and denied.stdout == (
+        "DENY  x.tracker.example:443  host x.tracker.example denied by deny_hosts *.tracker.example  "
+        "(rule deny_hosts *.tracker.example)\n"
+    )
+    assert gateway("explain", "web-3", "ads.example:443", server=server).returncode == 4
+    assert gateway("explain", "web-3", "ads.example:80", "--protocol", "http", server=server).returncode == 0
+    assert gateway("explain", "web-3", "example.org", server=server).returncode == 0
+    ported = gateway(
+        "sandbox", "create", "--id", "web-4", "--address", "10.75.0.4", "--profile", "allowlisted",
+        "--allow-host", "api.example.com:8443", server=server,
+    )  # fmt: skip
+    assert ported.returncode == 0, ported.stderr
+    assert gateway("explain", "web-4", "api.example.com:8443", server=server).returncode == 0
+    refused = gateway("explain", "web-4", "api.example.com:443", server=server)
+    assert refused.returncode == 4 and "(rule allow_hosts api.example.com:8443)" in refused.stdout, refused.stdout
+    bad = gateway("sandbox", "patch", "web-4", "--data", '{"egress": {"deny_hosts": ["a.example:0"]}}', server=server)
+    assert bad.returncode == 1 and bad.stderr.startswith("INVALID_PORT: ") and "egress.deny_hosts[0]" in bad.stderr
+    for name in ("web-3", "web-4"):
+        assert gateway("sandbox", "delete", name, server=server).returncode == 0
+
+
 @pytest.mark.parametrize(
     ("args", "usage"),
     [

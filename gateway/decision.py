@@ -307,8 +307,9 @@ class CompiledPolicy:
 
     def ech_accepted(self, outer_name: str | None) -> bool:
         """May a ClientHello carrying Encrypted Client Hello with this outer name pass? ECH hides the real
-        destination, so only where no name is checked anyway (allow_all) or an `allow_ech` entry opts it in."""
-        if self.allow_all:
+        destination, so only where no name is checked anyway (allow_all without deny_hosts: with them, a CDN's
+        outer name would carry a denied inner one past them) or an `allow_ech` entry opts it in."""
+        if self.allow_all and self._deny_hosts is None:
             return True
         return outer_name is not None and self._ech_names.covers(outer_name)
 

@@ -690,6 +690,10 @@ def test_encrypted_client_hello_is_accepted_only_for_opted_in_outer_names() -> N
         assert not pol.ech_accepted(name), name
     # No name is checked under allow_all, so ECH hides nothing there; deny_all unrestricted checks names again.
     assert policy("unrestricted").ech_accepted("anything.test")
+    # A deny list checks names even under allow_all: ECH would hide a denied name behind an outer one.
+    denying = policy("unrestricted", {"deny_hosts": ["tracker.test"]})
+    assert not denying.ech_accepted("cdn.test") and not denying.ech_accepted(None)
+    assert policy("unrestricted", {"deny_hosts": ["tracker.test"], "allow_ech": ["cdn.test"]}).ech_accepted("cdn.test")
     assert not policy("unrestricted", {"mode": "deny_all", "allow_hosts": ["a.test"]}).ech_accepted("a.test")
     assert not policy("registry").ech_accepted("pypi.org")
 

@@ -355,8 +355,8 @@ def test_replace_all_swap_of_addresses_keeps_a_consistent_last_good_state(state:
 
 def test_replace_all_invalid_record_keeps_last_good(state: PolicyState) -> None:
     state.replace_all({}, {"a": record("a", egress={"allow_hosts": ["a.com"]})})
-    rejections = state.replace_all({}, {"a": record("a", egress={"allow_hosts": ["a.com:443"]})})
-    assert [(r.key, r.error.code) for r in rejections] == [("a", "INVALID_HOSTNAME")]
+    rejections = state.replace_all({}, {"a": record("a", egress={"allow_hosts": ["a.com:0"]})})
+    assert [(r.key, r.error.code) for r in rejections] == [("a", "INVALID_PORT")]
     assert allowed(state, "a", "a.com")
 
 
@@ -364,7 +364,7 @@ def test_replace_all_forgets_the_rejection_of_a_record_that_is_gone(state: Polic
     state.replace_all({}, {"a": record("a")})
     rejections = state.replace_all(
         {"t": {"name": "t", "egress": {"allow_hosts": ["*"]}}},
-        {"a": record("a"), "new": record("new", "10.75.0.9", egress={"allow_hosts": ["a.com:443"]})},
+        {"a": record("a"), "new": record("new", "10.75.0.9", egress={"allow_hosts": ["a.com:0"]})},
     )
     assert sorted((r.kind, r.key) for r in rejections) == [(SANDBOX, "new"), (TEMPLATE, "t")]
     # never applied, so nothing to remove but the rejection, which would otherwise be shown for ever

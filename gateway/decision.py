@@ -215,9 +215,13 @@ class HostTable:
     def denial(self, name: str, port: int | None) -> str | None:
         """The detail of the first entry refusing `name` on `port` (a deny list's lookup): a bare entry refuses
         every port, a host:port entry its own port only, so a question with no port (DNS) only by a bare one."""
-        dot = name.find(".")
-        candidates = (*self.exact.get(name, ()), *(self.wildcard.get(name[dot + 1 :], ()) if dot > 0 else ()))
-        for ports, _, detail in candidates:
+        rules = self.exact.get(name)
+        if rules is None:
+            dot = name.find(".")
+            rules = self.wildcard.get(name[dot + 1 :]) if dot > 0 else None
+        elif (dot := name.find(".")) > 0 and name[dot + 1 :] in self.wildcard:
+            rules = (*rules, *self.wildcard[name[dot + 1 :]])  # rare: the name and its parent's wildcard are listed
+        for ports, _, detail in rules or ():
             if ports is None or (port is not None and port in ports):
                 return detail
         return None

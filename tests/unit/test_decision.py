@@ -886,3 +886,14 @@ def test_two_ports_for_one_name_are_two_entries() -> None:
     )
     assert decide(p, "api.example.com", PUBLIC, 8443, "tls").allowed
     assert not decide(p, "api.example.com", PUBLIC, 80, "http").allowed
+
+
+def test_a_name_listed_on_a_port_is_still_denied_on_others_by_its_parents_wildcard() -> None:
+    p = policy("unrestricted", {"deny_hosts": ["a.ads.example:443", "*.ads.example:80", "*.web.example"]})
+    assert decide(p, "a.ads.example", PUBLIC, 443, "tls") == host_denied("a.ads.example", "a.ads.example:443")
+    assert decide(p, "a.ads.example", PUBLIC, 80, "http") == host_denied("a.ads.example", "*.ads.example:80")
+    assert decide(p, "a.ads.example", PUBLIC, 8080, "http") == ALLOW_ALL
+    assert p.name_allowed("a.ads.example").allowed  # only port entries: it resolves
+    both = policy("unrestricted", {"deny_hosts": ["x.web.example:443", "*.web.example"]})
+    assert decide(both, "x.web.example", PUBLIC, 8080, "http") == host_denied("x.web.example", "*.web.example")
+    assert not both.name_allowed("x.web.example").allowed

@@ -846,6 +846,83 @@ def egress_world(topo: Topology, workdir: Path) -> EgressEnv:
     return e
 
 
+# ------------------------------ long-lived connections (tests/e2e/test_live_cut.py, test_deny_hosts.py)
+
+
+#: Three long-lived connections from a sandbox, probed on demand: `check` prints {name: "alive" | "cut"}.
+#: A and B are TLS WebSockets (the origin echoes after the 101), C is opaque TCP to port 23 (read until EOF).
+HOLDER = r"""
+import base64, json, os, socket, ssl, sys
+ca = sys.argv[1]
+ctx = ssl.create_default_context(cafile=ca)
+
+def websocket(name, address):
+    s = ctx.wrap_socket(socket.create_connection((address, 443), timeout=5), server_hostname=name)
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((f"GET /ws HTTP/1.1\r\nHost: {name}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise SystemExit("closed before the 101")
+        head += chunk
+    assert head.split(b" ")[1] == b"101", head
+    return s
+
+def echoes(s):
+    try:
+        s.sendall(b"ping")
+        return s.recv(16) == b"ping"
+    except (OSError, ssl.SSLError):
+        return False
+
+def open_(s):  # opaque: the origin says nothing until our FIN, so any readable event is the end
+    try:
+        s.recv(1, socket.MSG_PEEK)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+def opaque(address, port):
+    s = socket.create_connection((address, port), timeout=5)
+    s.sendall(b"SSH-2.0-TestClient\r\n")  # a client that speaks first: decided on these bytes, then relayed
+    s.setblocking(False)  # probed without waiting (a socket with a timeout would wait for readability first)
+    return s
+
+conns = {"A": websocket("allowed.test", "198.18.1.1"), "B": websocket("later.test", "198.18.1.3"),
+         "C": opaque("198.18.1.1", 23)}
+print("ready", flush=True)
+for line in sys.stdin:
+    status = {n: "alive" if (open_(s) if n == "C" else echoes(s)) else "cut" for n, s in conns.items()}
+    print(json.dumps(status), flush=True)
+"""
+
+
+class Holder:
+    """HOLDER in sandbox `sb`, for one `with` block (its connections close when the block ends)."""
+
+    def __init__(self, env: EgressEnv, sb: str) -> None:
+        self.env = env
+        self.process = env.topo.popen(sb, [sys.executable, "-u", "-c", HOLDER, str(env.ca)], stdin=subprocess.PIPE)
+
+    def __enter__(self) -> Holder:
+        wait_for_line(self.process, "ready", 15)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.env.topo.kill(self.process)
+
+    def check(self) -> dict[str, str]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write("check\n")
+        self.process.stdin.flush()
+        status: dict[str, str] = json.loads(self.process.stdout.readline())
+        return status
+
+
 @pytest.fixture(scope="module", name="env")
 def egress_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EgressEnv]:
     """The egress world, one per test module that imports it (it is used there as `env`)."""

@@ -6,17 +6,19 @@ sb3, created through the API as unrestricted from a template that denies later.t
 both names are refused over TLS (an alert) and HTTP (a 403 naming the rule), their DNS questions get NXDOMAIN with
 an Extended DNS Error naming the entry, while allowed.test passes; flow records and explain name the
 `deny_hosts <entry>` rule. sb4's allow list becomes `allowed.test:443`: HTTPS passes, HTTP on port 80 is refused;
-a hostile entry is refused with its code and changes nothing.
+a hostile entry is refused with its code and changes nothing. A deny entry added to sb3's template through the CLI
+ends sb3's open connection to that name before the answer; the others go on.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import pytest
 
-from tests.factory import EgressEnv, egress_env, pin, wait_until  # noqa: F401  (the fixture `env`)
+from tests.factory import EgressEnv, Holder, egress_env, pin, wait_until  # noqa: F401  (the fixture `env`)
 
 API = "http://127.0.0.1:8470"
 SB = "sb3"  # attached, and in no record until the test creates it
@@ -136,3 +138,29 @@ def test_a_host_port_entry_allows_its_port_and_refuses_another(denying: EgressEn
     assert status == 200 and record["egress"]["allow_hosts"] == ["allowed.test:443"], record
     tls = env.curl("sb4", "https://allowed.test/", *pin("allowed.test", 443, "198.18.1.1"))
     assert tls.returncode == 0, tls.stderr
+
+
+@pytest.mark.root
+def test_a_deny_entry_added_to_the_template_cuts_open_connections_to_that_name(denying: EgressEnv) -> None:
+    env = denying
+    cli = [sys.executable, "-m", "gateway.cli", "--api", API, "template", "update", "no-later", "--data"]
+
+    def template_denies(*hosts: str) -> str:
+        result = env.topo.run("gw", [*cli, json.dumps({"egress": {"deny_hosts": list(hosts)}})], check=False)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()[0]
+
+    assert template_denies() == "replaced template no-later"  # later.test passes again: the holder's B opens
+    with Holder(env, SB) as holder:  # A: allowed.test (TLS), B: later.test (TLS), C: opaque TCP to 198.18.1.1:23
+        assert holder.check() == {"A": "alive", "B": "alive", "C": "alive"}
+        cut = template_denies("allowed.test")
+        assert cut == "replaced template no-later; ended 1 open connection it no longer allows", cut
+        # C names no host: under unrestricted it is decided by address, which no name denies (deny_cidrs would).
+        assert wait_until(lambda: holder.check() == {"A": "cut", "B": "alive", "C": "alive"}, timeout=5, interval=0.05)
+    records = [
+        f
+        for f in flows_of(env, SB, "allowed.test", "tls")
+        if f["reason"].startswith("cut when the sandbox's policy changed")
+    ]
+    assert [r["rule"] for r in records] == ["deny_hosts allowed.test"], records
+    assert template_denies("later.test") == "replaced template no-later"

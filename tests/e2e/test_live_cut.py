@@ -6,87 +6,12 @@ test_egress (its `env` fixture): sb1 is allowlisted for allowed.test, among othe
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from typing import Any
 
 import pytest
 
-from tests.factory import BANNER_CLIENT, EgressEnv, egress_env, wait_until  # noqa: F401  (the fixture `env`)
-from tests.netns import wait_for_line
-
-#: Three long-lived connections from a sandbox, probed on demand: `check` prints {name: "alive" | "cut"}.
-#: A and B are TLS WebSockets (the origin echoes after the 101), C is opaque TCP to port 23 (read until EOF).
-HOLDER = r"""
-import base64, json, os, socket, ssl, sys
-ca = sys.argv[1]
-ctx = ssl.create_default_context(cafile=ca)
-
-def websocket(name, address):
-    s = ctx.wrap_socket(socket.create_connection((address, 443), timeout=5), server_hostname=name)
-    key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall((f"GET /ws HTTP/1.1\r\nHost: {name}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(4096)
-        if not chunk:
-            raise SystemExit("closed before the 101")
-        head += chunk
-    assert head.split(b" ")[1] == b"101", head
-    return s
-
-def echoes(s):
-    try:
-        s.sendall(b"ping")
-        return s.recv(16) == b"ping"
-    except (OSError, ssl.SSLError):
-        return False
-
-def open_(s):  # opaque: the origin says nothing until our FIN, so any readable event is the end
-    try:
-        s.recv(1, socket.MSG_PEEK)
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-
-def opaque(address, port):
-    s = socket.create_connection((address, port), timeout=5)
-    s.sendall(b"SSH-2.0-TestClient\r\n")  # a client that speaks first: decided on these bytes, then relayed
-    s.setblocking(False)  # probed without waiting (a socket with a timeout would wait for readability first)
-    return s
-
-conns = {"A": websocket("allowed.test", "198.18.1.1"), "B": websocket("later.test", "198.18.1.3"),
-         "C": opaque("198.18.1.1", 23)}
-print("ready", flush=True)
-for line in sys.stdin:
-    status = {n: "alive" if (open_(s) if n == "C" else echoes(s)) else "cut" for n, s in conns.items()}
-    print(json.dumps(status), flush=True)
-"""
-
-
-class _Holder:
-    """HOLDER in sb1, for one `with` block (its connections close when the block ends)."""
-
-    def __init__(self, env: EgressEnv) -> None:
-        self.env = env
-        self.process = env.topo.popen("sb1", [sys.executable, "-u", "-c", HOLDER, str(env.ca)], stdin=subprocess.PIPE)
-
-    def __enter__(self) -> _Holder:
-        wait_for_line(self.process, "ready", 15)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.env.topo.kill(self.process)
-
-    def check(self) -> dict[str, str]:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write("check\n")
-        self.process.stdin.flush()
-        status: dict[str, str] = json.loads(self.process.stdout.readline())
-        return status
+from tests.factory import BANNER_CLIENT, EgressEnv, Holder, egress_env, wait_until  # noqa: F401  (the fixture `env`)
 
 
 def _cli(env: EgressEnv, *args: str) -> str:
@@ -116,7 +41,7 @@ def _cut_records(env: EgressEnv) -> list[dict[str, Any]]:
 def test_narrowing_cuts_what_it_no_longer_allows_and_widening_cuts_nothing(env: EgressEnv) -> None:
     assert _hosts(env, "allowed.test", "later.test") == "patched sandbox sb1"
     _learn(env)  # 198.18.1.1 now vouches for allowed.test: opaque TCP to it (C) is allowed
-    with _Holder(env) as holder:
+    with Holder(env, "sb1") as holder:
         assert holder.check() == {"A": "alive", "B": "alive", "C": "alive"}
 
         assert _hosts(env, "allowed.test", "later.test", "wider.test") == "patched sandbox sb1"  # widening: no cut
@@ -143,7 +68,7 @@ def test_narrowing_cuts_what_it_no_longer_allows_and_widening_cuts_nothing(env: 
 def test_deleting_the_sandbox_cuts_all_of_its_connections(env: EgressEnv) -> None:
     assert _hosts(env, "allowed.test", "later.test")
     _learn(env)
-    with _Holder(env) as holder:
+    with Holder(env, "sb1") as holder:
         assert holder.check() == {"A": "alive", "B": "alive", "C": "alive"}
         record = _cli(env, "--json", "sandbox", "get", "sb1")
         deleted = _cli(env, "sandbox", "delete", "sb1").strip()
@@ -157,7 +82,7 @@ def test_switching_report_mode_to_enforce_cuts_what_was_only_would_deny(env: Egr
     report = {"egress": {"allow_hosts": ["allowed.test"], "enforcement": "report"}}
     assert _cli(env, "sandbox", "patch", "sb1", "--data", json.dumps(report)).startswith("patched sandbox sb1\n")
     _learn(env)
-    with _Holder(env) as holder:  # B (later.test) passes only as would_deny
+    with Holder(env, "sb1") as holder:  # B (later.test) passes only as would_deny
         assert holder.check() == {"A": "alive", "B": "alive", "C": "alive"}
         enforce = json.dumps({"egress": {"enforcement": "enforce"}})
         patched = _cli(env, "sandbox", "patch", "sb1", "--data", enforce).splitlines()[0]
@@ -169,7 +94,7 @@ def test_switching_report_mode_to_enforce_cuts_what_was_only_would_deny(env: Egr
 def test_adding_a_deny_hosts_entry_cuts_what_it_now_denies(env: EgressEnv) -> None:
     assert _hosts(env, "allowed.test", "later.test")
     _learn(env)
-    with _Holder(env) as holder:
+    with Holder(env, "sb1") as holder:
         assert holder.check() == {"A": "alive", "B": "alive", "C": "alive"}
         earlier = len(_cut_records(env))
         deny = json.dumps({"egress": {"deny_hosts": ["allowed.test"]}})  # allow_hosts still lists it: deny wins

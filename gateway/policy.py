@@ -866,7 +866,8 @@ def parse_egress(data: object, path: str, known_presets: Iterable[str], known_se
 def _check_egress_rules(egress: Egress, path: str) -> None:
     """The egress-mode validation rules (zwrm's), which hold for a record on its own (template or sandbox)."""
     if egress.mode == "allow_all":
-        for name in ("allow_cidrs", "deny_cidrs", "allow_ports", "allow_hosts", "presets", "inspect", "allow_ech"):
+        # Not allow_ech: with deny_hosts (here or from the template) allow_all checks names, and ECH with them.
+        for name in ("allow_cidrs", "deny_cidrs", "allow_ports", "allow_hosts", "presets", "inspect"):
             if getattr(egress, name):
                 raise _fail(
                     "EGRESS_MODE_CONFLICT",

@@ -694,6 +694,8 @@ def test_encrypted_client_hello_is_accepted_only_for_opted_in_outer_names() -> N
     denying = policy("unrestricted", {"deny_hosts": ["tracker.test"]})
     assert not denying.ech_accepted("cdn.test") and not denying.ech_accepted(None)
     assert policy("unrestricted", {"deny_hosts": ["tracker.test"], "allow_ech": ["cdn.test"]}).ech_accepted("cdn.test")
+    explicit = {"mode": "allow_all", "deny_hosts": ["tracker.test"], "allow_ech": ["cdn.test"]}  # no mode conflict
+    assert policy("unrestricted", explicit).ech_accepted("cdn.test")
     assert not policy("unrestricted", {"mode": "deny_all", "allow_hosts": ["a.test"]}).ech_accepted("a.test")
     assert not policy("registry").ech_accepted("pypi.org")
 
@@ -702,9 +704,13 @@ def test_allow_ech_is_a_per_record_field_with_the_hostname_grammar() -> None:
     with pytest.raises(GatewayError) as info:
         policy("allowlisted", {"allow_ech": ["https://x.test"]})
     assert info.value.field == "egress.allow_ech[0]"
-    with pytest.raises(GatewayError) as info:
-        policy("unrestricted", {"mode": "allow_all", "allow_ech": ["x.test"]})
-    assert info.value.code == "EGRESS_MODE_CONFLICT"
+    # No conflict with mode allow_all: with deny_hosts (its own or a template's) allow_all checks names, ECH too.
+    assert policy("unrestricted", {"mode": "allow_all", "allow_ech": ["x.test"]}).ech_accepted("other.test")
+    templated = policy("unrestricted", {"mode": "allow_all", "allow_ech": ["x.test"]}, template=DENYING_TEMPLATE)
+    assert templated.ech_accepted("x.test") and not templated.ech_accepted("other.test")
+
+
+DENYING_TEMPLATE = {"egress": {"deny_hosts": ["tracker.test"]}}
 
 
 # --------------------------------------------------------------------------- report mode (egress.enforcement)

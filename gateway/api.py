@@ -1017,6 +1017,12 @@ SANDBOX_EXAMPLES: Final[Mapping[str, Any]] = {
         "profile": "unrestricted",
         "egress": {"deny_cidrs": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]},
     },
+    "unrestricted_minus_trackers": {
+        "id": "browser-4",
+        "addresses": ["10.75.0.14"],
+        "profile": "unrestricted",
+        "egress": {"deny_hosts": ["*.tracker.example", "ads.example.net", "telemetry.example.org:443"]},
+    },
     "cidr_rules": {
         "id": "dns-only",
         "addresses": ["10.75.0.10"],
@@ -1049,7 +1055,8 @@ SANDBOX_EXAMPLES: Final[Mapping[str, Any]] = {
     },
 }
 SANDBOX_PATCH_EXAMPLES: Final[Mapping[str, Any]] = {
-    "add_hosts": {"egress": {"allow_hosts": ["api.github.com", "pypi.org"]}},
+    "add_hosts": {"egress": {"allow_hosts": ["api.github.com", "pypi.org", "build.example.net:8443"]}},
+    "deny_hosts": {"egress": {"deny_hosts": ["*.tracker.example"]}},
     "drop_own_limits": {"limits": None},
     "relabel": {"labels": {"team": "platform"}},
 }

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.errors import GatewayError
-from gateway.hostnames import MAX_HOSTNAME_LENGTH, normalize_pattern, normalize_query_name
+from gateway.hostnames import (
+    MAX_HOSTNAME_LENGTH,
+    normalize_host_entry,
+    normalize_pattern,
+    normalize_query_name,
+    split_host_entry,
+)
 
 
 def rejected(value: object) -> GatewayError:
@@ -211,3 +219,28 @@ def test_error_has_no_field_of_its_own() -> None:
 )
 def test_normalize_query_name(name: str, expected: str) -> None:
     assert normalize_query_name(name) == expected
+
+
+# --------------------------------------------------------------------------- host entries (pattern[:port])
+
+_ENTRY_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet="abc.*-:[]0123456789/@ \u0664", max_size=30),
+    st.builds(
+        lambda h, p: f"{h}:{p}", st.sampled_from(["a.example", "*.a.example", "A.Example.", ""]), st.text(max_size=8)
+    ),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_ENTRY_TEXT)
+def test_a_host_entry_is_refused_with_a_stable_code_or_canonical_and_a_fixed_point(value: str) -> None:
+    try:
+        entry = normalize_host_entry(value)
+    except GatewayError as exc:
+        assert exc.code in ("INVALID_HOSTNAME", "INVALID_PORT"), exc
+        return
+    assert normalize_host_entry(entry) == entry
+    pattern, port = split_host_entry(entry)
+    assert normalize_pattern(pattern) == pattern
+    assert port is None or (1 <= port <= 65535 and entry == f"{pattern}:{port}")

@@ -381,9 +381,10 @@ def _decide(
         return _SMTP_VERDICTS[port]
     if policy.profile == "isolated":
         return _ISOLATED
-    name = normalize_query_name(hostname) if hostname else None
-    if name and policy._deny_hosts is not None:
+    name = None
+    if hostname and policy._deny_hosts is not None:
         # Before every allow rule and profile switch: deny wins over allow_hosts, presets, inspect and allow_all.
+        name = normalize_query_name(hostname)
         denied_by = policy._deny_hosts.denial(name, port)
         if denied_by is not None:
             return Verdict(
@@ -412,6 +413,8 @@ def _decide(
             return verdict
     if policy.allow_all:
         return _ALLOW_ALL
+    if hostname and name is None:  # not normalised above (no deny list): allow_all, the common case, skips it
+        name = normalize_query_name(hostname)
     port_miss: tuple[Rule, str] | None = None
     if name:
         dot = name.find(".")

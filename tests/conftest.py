@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,12 @@ if str(REPO) not in sys.path:  # `tests.redis_server` is importable however pyte
 
 from tests.factory import Server, start_server  # noqa: E402
 from tests.redis_server import RedisServer, RedisServerError, find_redis_server  # noqa: E402
+
+# A suite started in the background of a non-interactive shell inherits SIGINT ignored, and so would every
+# process it starts (an ignored signal stays ignored across exec): the tests that press Ctrl-C on a `gateway`
+# command (demo, audit tail) would then wait in vain. A handled SIGINT is reset to the default in children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

@@ -774,6 +774,17 @@ class InTopology(Protocol):
     def topo(self) -> Topology: ...
 
 
+def api(env: InTopology, method: str, path: str, body: object = None) -> tuple[int, Any]:
+    """(status, JSON answer) of one API call from the gateway's namespace, with curl."""
+    argv = ["curl", "-sS", "-m", "5", "-o", "-", "-w", "\n%{http_code}", "-X", method, f"http://127.0.0.1:8470{path}"]
+    if body is not None:
+        argv += ["-H", "Content-Type: application/json", "--data", json.dumps(body)]
+    out = env.topo.run("gw", argv, check=False, timeout=10)
+    text, _, status = out.stdout.rpartition("\n")
+    assert status.isdigit(), out.stdout + out.stderr
+    return int(status), json.loads(text) if text.strip() else None
+
+
 def scrape(env: InTopology) -> tuple[str, Samples]:
     """GET /metrics from the gateway's namespace with curl, parsed by prometheus-client's parser."""
     out = env.topo.run("gw", ["curl", "-sS", "-m", "3", "-i", "http://127.0.0.1:8470/metrics"], check=False)

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_report_mode import api
 from tests.factory import (
     EgressEnv,
+    api,
     egress_env,  # noqa: F401  (the fixture `env`)
     pin,
     wait_until,

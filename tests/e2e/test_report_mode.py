@@ -10,7 +10,6 @@ no restart; an unknown enforcement value is refused with its code and changes no
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
@@ -20,6 +19,7 @@ from tests.factory import (
     BANNER_CLIENT,
     AuditTail,
     EgressEnv,
+    api,
     delta,
     egress_env,  # noqa: F401  (the fixture `env`)
     pin,
@@ -30,17 +30,6 @@ from tests.factory import (
 API = "http://127.0.0.1:8470"
 WOULD_DENY = "report mode: would deny (host not in allowlist)"
 SB = "sb3"  # attached, and in no record until the test creates it
-
-
-def api(env: EgressEnv, method: str, path: str, body: object = None) -> tuple[int, Any]:
-    """(status, JSON answer) of one API call from the gateway's namespace."""
-    argv = ["curl", "-sS", "-m", "5", "-o", "-", "-w", "\n%{http_code}", "-X", method, f"{API}{path}"]
-    if body is not None:
-        argv += ["-H", "Content-Type: application/json", "--data", json.dumps(body)]
-    out = env.topo.run("gw", argv, check=False, timeout=10)
-    text, _, status = out.stdout.rpartition("\n")
-    assert status.isdigit(), out.stdout + out.stderr
-    return int(status), json.loads(text) if text.strip() else None
 
 
 def flows_of(env: EgressEnv, hostname: str, protocol: str) -> list[dict[str, Any]]:

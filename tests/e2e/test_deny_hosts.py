@@ -18,21 +18,10 @@ from typing import Any
 
 import pytest
 
-from tests.factory import EgressEnv, Holder, egress_env, pin, wait_until  # noqa: F401  (the fixture `env`)
+from tests.factory import EgressEnv, Holder, api, egress_env, pin, wait_until  # noqa: F401  (the fixture `env`)
 
 API = "http://127.0.0.1:8470"
 SB = "sb3"  # attached, and in no record until the test creates it
-
-
-def api(env: EgressEnv, method: str, path: str, body: object = None) -> tuple[int, Any]:
-    """(status, JSON answer) of one API call from the gateway's namespace."""
-    argv = ["curl", "-sS", "-m", "5", "-o", "-", "-w", "\n%{http_code}", "-X", method, f"{API}{path}"]
-    if body is not None:
-        argv += ["-H", "Content-Type: application/json", "--data", json.dumps(body)]
-    out = env.topo.run("gw", argv, check=False, timeout=10)
-    text, _, status = out.stdout.rpartition("\n")
-    assert status.isdigit(), out.stdout + out.stderr
-    return int(status), json.loads(text) if text.strip() else None
 
 
 def flows_of(env: EgressEnv, sb: str, hostname: str, protocol: str) -> list[dict[str, Any]]:

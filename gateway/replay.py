@@ -62,6 +62,7 @@ POLICY_RULES: Final = frozenset(
         Rule.INSPECT,
         Rule.ALLOW_CIDRS,
         Rule.DENY_CIDRS,
+        Rule.DENY_HOSTS,
         Rule.ALLOW_PORTS,
         Rule.ALLOW_ALL,
         Rule.NO_INTERNET,
@@ -72,7 +73,7 @@ POLICY_RULES: Final = frozenset(
     }
 )
 #: Policy rules that match a name: recorded for a flow without one, they decided a name learned from DNS.
-NAME_RULES: Final = frozenset({Rule.ALLOW_HOSTS, Rule.PRESET, Rule.INSPECT})
+NAME_RULES: Final = frozenset({Rule.ALLOW_HOSTS, Rule.PRESET, Rule.INSPECT, Rule.DENY_HOSTS})
 #: DNS answers given after the policy allowed the name (an empty answer for a type not served): the name's
 #: verdict is what the candidate changes.
 DNS_AFTER_POLICY: Final = frozenset({Rule.DNS_HTTPS, Rule.DNS_QTYPE})

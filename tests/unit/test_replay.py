@@ -102,6 +102,20 @@ def test_a_broader_candidate_lists_what_it_newly_allows_and_the_rule_that_does()
     assert result.unchanged_denied == 1 and result.newly_denied == []
 
 
+def test_a_deny_hosts_entry_added_or_dropped_flips_what_it_names() -> None:
+    unrestricted = policy("unrestricted", {"deny_hosts": ["*.tracker.example"]})
+    allowed = [
+        flow("ads.tracker.example", rule="egress.mode:allow_all"),
+        flow("api.example.com", rule="egress.mode:allow_all"),
+    ]
+    result = diff(allowed, unrestricted)
+    assert names(result.newly_denied) == [("ads.tracker.example", 443, "tls", 1)]
+    assert result.newly_denied[0].rule == "deny_hosts *.tracker.example" and result.unchanged_allowed == 1
+    denied = [flow("ads.tracker.example", verdict="deny", rule="deny_hosts *.tracker.example")]
+    result = diff(denied, policy("unrestricted", {}))
+    assert names(result.newly_allowed) == [("ads.tracker.example", 443, "tls", 1)] and result.replayed == 1
+
+
 @pytest.mark.parametrize("spelling", ["PyPI.org", "pypi.org.", "PYPI.ORG."])
 def test_spellings_of_one_name_are_one_group_under_its_normal_form(spelling: str) -> None:
     lines = [flow("pypi.org", rule="allow_hosts pypi.org"), flow(spelling, rule="allow_hosts pypi.org")]

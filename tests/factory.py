@@ -755,6 +755,19 @@ class EgressEnv:
     def log_events(self, event: str) -> list[dict[str, Any]]:
         return log_events(self.log_file, event)
 
+    def logged_flows(self, sb: str, hostname: str, protocol: str) -> list[dict[str, Any]]:
+        """The flow records in the log for `sb`'s connections to `hostname` over `protocol`."""
+        return [
+            f
+            for f in self.log_events("flow")
+            if f["sandbox"] == sb and f.get("hostname") == hostname and f["protocol"] == protocol
+        ]
+
+    def wait_steered(self, sb: str) -> None:
+        """Until `sb` reaches allowed.test over TLS: a sandbox created through the API is steered within a second."""
+        steered = lambda: self.curl(sb, "https://allowed.test/", *pin("allowed.test", 443, "198.18.1.1"), timeout=2)  # noqa: E731
+        assert wait_until(lambda: steered().returncode == 0, timeout=10, interval=0.2)
+
     def flows(self) -> list[dict[str, Any]]:
         """Every flow record in the audit batches written so far (every sandbox, every process), in batch order."""
         records = []

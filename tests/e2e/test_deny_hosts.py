@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 import pytest
 
@@ -22,14 +21,6 @@ from tests.factory import EgressEnv, Holder, api, egress_env, pin, wait_until  #
 
 API = "http://127.0.0.1:8470"
 SB = "sb3"  # attached, and in no record until the test creates it
-
-
-def flows_of(env: EgressEnv, sb: str, hostname: str, protocol: str) -> list[dict[str, Any]]:
-    return [
-        f
-        for f in env.log_events("flow")
-        if f["sandbox"] == sb and f.get("hostname") == hostname and f["protocol"] == protocol
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +38,7 @@ def denying(env: EgressEnv) -> EgressEnv:
     status, answer = api(env, "POST", "/v1/sandboxes", record)
     assert status == 201, answer
     assert answer["egress"]["deny_hosts"] == ["denied.test"], answer
-    # The gateway re-applies its table within about a second.
-    steered = lambda: env.curl(SB, "https://allowed.test/", *pin("allowed.test", 443, "198.18.1.1"), timeout=2)  # noqa: E731
-    assert wait_until(lambda: steered().returncode == 0, timeout=10, interval=0.2)
+    env.wait_steered(SB)
     return env
 
 
@@ -66,7 +55,7 @@ def test_a_denied_name_is_refused_over_tls_and_http_under_unrestricted(denying: 
         assert f"X-Gateway-Reason: {reason}" in http.stdout and f"X-Gateway-Rule: {rule}" in http.stdout, http.stdout
         assert "ORIGIN" not in http.stdout
         for protocol in ("tls", "http"):
-            records = flows_of(env, SB, name, protocol)
+            records = env.logged_flows(SB, name, protocol)
             assert records and {(r["verdict"], r["rule"], r["reason"]) for r in records} == {("deny", rule, reason)}
 
     # What no entry names passes, as unrestricted allows: also plain HTTP, and a name the wildcard-free entry
@@ -75,7 +64,7 @@ def test_a_denied_name_is_refused_over_tls_and_http_under_unrestricted(denying: 
     assert tls.stdout.strip() == "ORIGIN 198.18.1.1 host=allowed.test sni=allowed.test path=/", tls.stderr
     http = env.curl(SB, "http://allowed.test/h", *pin("allowed.test", 80, "198.18.1.1"))
     assert http.stdout.strip() == "ORIGIN 198.18.1.1 host=allowed.test sni=- path=/h", http.stderr
-    assert {r["rule"] for r in flows_of(env, SB, "allowed.test", "tls")} == {"egress.mode:allow_all"}
+    assert {r["rule"] for r in env.logged_flows(SB, "allowed.test", "tls")} == {"egress.mode:allow_all"}
 
     # Explain names the rule, through the API.
     status, explained = api(env, "GET", f"/v1/sandboxes/{SB}/explain?host=denied.test:443&address=198.18.1.2")
@@ -148,7 +137,7 @@ def test_a_deny_entry_added_to_the_template_cuts_open_connections_to_that_name(d
         assert wait_until(lambda: holder.check() == {"A": "cut", "B": "alive", "C": "alive"}, timeout=5, interval=0.05)
     records = [
         f
-        for f in flows_of(env, SB, "allowed.test", "tls")
+        for f in env.logged_flows(SB, "allowed.test", "tls")
         if f["reason"].startswith("cut when the sandbox's policy changed")
     ]
     assert [r["rule"] for r in records] == ["deny_hosts allowed.test"], records

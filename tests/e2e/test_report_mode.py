@@ -11,7 +11,6 @@ no restart; an unknown enforcement value is refused with its code and changes no
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import pytest
 
@@ -32,14 +31,6 @@ WOULD_DENY = "report mode: would deny (host not in allowlist)"
 SB = "sb3"  # attached, and in no record until the test creates it
 
 
-def flows_of(env: EgressEnv, hostname: str, protocol: str) -> list[dict[str, Any]]:
-    return [
-        f
-        for f in env.log_events("flow")
-        if f["sandbox"] == SB and f.get("hostname") == hostname and f["protocol"] == protocol
-    ]
-
-
 @pytest.fixture(scope="module")
 def reporting(env: EgressEnv) -> EgressEnv:
     """sb3 in report mode (from its template), allowed allowed.test, denied 198.18.1.3 by deny_cidrs."""
@@ -54,9 +45,7 @@ def reporting(env: EgressEnv) -> EgressEnv:
     }
     status, answer = api(env, "POST", "/v1/sandboxes", record)
     assert status == 201, answer
-    # The gateway re-applies its table within about a second.
-    steered = lambda: env.curl(SB, "https://allowed.test/", *pin("allowed.test", 443, "198.18.1.1"), timeout=2)  # noqa: E731
-    assert wait_until(lambda: steered().returncode == 0, timeout=10, interval=0.2)
+    env.wait_steered(SB)
     return env
 
 
@@ -73,10 +62,10 @@ def test_what_the_allowlist_would_deny_passes_and_is_recorded_would_deny(reporti
     assert allowed.stdout.startswith("ORIGIN 198.18.1.1 host=allowed.test"), allowed.stderr
 
     for protocol in ("tls", "http"):
-        (record,) = flows_of(env, "denied.test", protocol)
+        (record,) = env.logged_flows(SB, "denied.test", protocol)
         assert (record["verdict"], record["rule"], record["reason"]) == ("would_deny", "default:deny", WOULD_DENY)
         assert record["dst_addr"] == "198.18.1.2" and record["bytes_down"] > 0, record
-    assert {f["verdict"] for f in flows_of(env, "allowed.test", "tls")} == {"allow"}
+    assert {f["verdict"] for f in env.logged_flows(SB, "allowed.test", "tls")} == {"allow"}
     _, after = scrape(env)
     for protocol in ("tls", "http"):
         labels = {"protocol": protocol, "verdict": "would_deny", "rule": "default:deny"}
@@ -122,7 +111,7 @@ def test_dns_answers_a_would_deny_name_and_its_address_opens_opaque_tcp(reportin
         True,
         "default:deny",
     ), query
-    (record,) = flows_of(env, "denied.test", "dns")
+    (record,) = env.logged_flows(SB, "denied.test", "dns")
     assert (record["verdict"], record["rule"], record["reason"]) == ("would_deny", "default:deny", WOULD_DENY)
     out = env.topo.python(SB, BANNER_CLIENT, "198.18.1.2", "22").strip()
     assert out == "DATA SSH-2.0-TestOrigin 198.18.1.2|ECHO SSH-2.0-TestClient|", out
@@ -192,5 +181,5 @@ def test_switching_to_enforce_through_the_api_refuses_the_next_request(reporting
     http = env.curl(SB, "http://denied.test/", "-i", *pin("denied.test", 80, "198.18.1.2"))
     assert http.stdout.startswith("HTTP/1.1 403") and "X-Gateway-Reason: host not in allowlist" in http.stdout
     assert "status: NXDOMAIN" in env.dig(SB, "@198.18.1.2", "denied.test", "A")
-    last = flows_of(env, "denied.test", "tls")[-1]
+    last = env.logged_flows(SB, "denied.test", "tls")[-1]
     assert (last["verdict"], last["rule"], last["reason"]) == ("deny", "default:deny", "host not in allowlist")

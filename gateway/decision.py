@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, replace
 from typing import Annotated, Any
 
 from gateway.hostnames import normalize_query_name, split_host_entry
@@ -191,6 +191,37 @@ class NetSet:
         return any(self._tables.values())
 
 
+class NeverReach:
+    """The `[invariants]` assertions that apply to one sandbox, ready for `decide`: each (networks, ports, name,
+    description) refuses an address in its networks on one of its ports (an empty side: any)."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, assertions: Iterable[tuple[Iterable[IPNetwork], frozenset[int], str, str]]) -> None:
+        self._entries = tuple(
+            (NetSet(nets) if nets else None, ports or None, Verdict(False, f"refused by {text}", Rule.INVARIANT, name))
+            for nets, ports, name, text in assertions
+        )
+
+    def refusal(self, address: str | IPAddress | None, port: int | None) -> Verdict | None:
+        key = None
+        for nets, ports, verdict in self._entries:
+            if ports is not None and port not in ports:
+                continue
+            if nets is not None:
+                if address is None:
+                    continue
+                if key is None:
+                    try:
+                        key = address_key(address)
+                    except ValueError:
+                        return None  # decide refuses an unparseable address itself
+                if nets.match(key) is None:
+                    continue
+            return verdict
+        return None
+
+
 HostRule = tuple[frozenset[int] | None, Rule, str]  # (ports or None for any port, rule, its detail)
 
 
@@ -262,8 +293,10 @@ class CompiledPolicy:
         "_exact_verdicts",
         "_host_tables",
         "_inspect_rules",
+        "_never_reach",
         "allow_all",
         "allow_internet",
+        "ceilings",
         "effective_egress",
         "limits",
         "profile",
@@ -278,6 +311,8 @@ class CompiledPolicy:
         egress: Egress,
         host_tables: tuple[HostTable, ...],
         limits: EffectiveLimits,
+        never_reach: NeverReach | None = None,
+        ceilings: tuple[tuple[str, CompiledPolicy], ...] = (),
     ) -> None:
         self.sandbox_id = sandbox_id
         self.profile = profile
@@ -299,6 +334,9 @@ class CompiledPolicy:
         self._deny_nets = NetSet(egress.deny_cidrs or ())
         self._allow_ports = frozenset(egress.allow_ports) if egress.allow_ports else None
         self.limits = limits
+        self._never_reach = never_reach
+        #: (template name, that template compiled alone for this sandbox): a verdict allows only where each does.
+        self.ceilings = ceilings
 
     @property
     def inspects(self) -> bool:
@@ -316,6 +354,27 @@ class CompiledPolicy:
         if self.allow_all and self._deny_hosts is None:
             return True
         return outer_name is not None and self._ech_names.covers(outer_name)
+
+    def covers_host(self, pattern: str, ports: frozenset[int] | None) -> bool:
+        """Whether this policy's host rules allow every name `pattern` (a name or `*.parent`) stands for on every
+        one of `ports` (None: any port), and its deny_hosts refuse none of them: a ceiling's write check."""
+        if self._deny_hosts is not None and self._deny_hosts.denial(pattern.removeprefix("*."), None) is not None:
+            return False
+        granted: set[int] = set()
+        for table in self._host_tables:
+            if pattern.startswith("*."):
+                rules = table.wildcard.get(pattern[2:], ())
+            else:
+                dot = pattern.find(".")
+                rules = (
+                    *table.exact.get(pattern, ()),
+                    *(table.wildcard.get(pattern[dot + 1 :], ()) if dot > 0 else ()),
+                )
+            for rule_ports, _, _ in rules:
+                if rule_ports is None:
+                    return True
+                granted |= rule_ports
+        return ports is not None and bool(ports) and ports <= granted
 
     def name_allowed(self, name: str) -> Verdict:
         """Whether a name may be resolved (the DNS question), regardless of port."""
@@ -363,10 +422,39 @@ def decide(
     name alone. In report mode a denial by a reportable rule comes back allowed and `would_deny`.
     """
     verdict = _decide(policy, hostname, address, port, protocol)
-    if verdict.allowed or not policy.report or not verdict.rule.reportable:
-        return verdict
-    reason = f"report mode: would deny ({verdict.reason})"
-    return Verdict(True, reason, verdict.rule, verdict.detail, would_deny=True)
+    if not verdict.allowed:
+        if not policy.report or not verdict.rule.reportable:
+            return verdict
+        verdict = Verdict(True, f"report mode: would deny ({verdict.reason})", verdict.rule, verdict.detail, True)
+    return _within_ceilings(policy, verdict, hostname, address, port, protocol) if policy.ceilings else verdict
+
+
+def _within_ceilings(
+    policy: CompiledPolicy,
+    verdict: Verdict,
+    hostname: str | None,
+    address: str | IPAddress | None,
+    port: int | None,
+    protocol: str,
+) -> Verdict:
+    """An allowing verdict, kept only where every ceiling of the policy allows the connection too."""
+    for name, ceiling in policy.ceilings:
+        bound = decide(ceiling, hostname, address, port, protocol)
+        if not bound.allowed:
+            return Verdict(False, f"beyond the ceiling template {name}: {bound.reason}", Rule.CEILING, name)
+        if bound.rule is Rule.INSPECT and (
+            verdict.rule is not Rule.INSPECT
+            or policy.inspect_rule(verdict.detail) != ceiling.inspect_rule(bound.detail)
+        ):
+            reason = f"the ceiling template {name} inspects this host under its own HTTP rules, which this policy drops"
+            return Verdict(False, reason, Rule.CEILING, name)
+        if (verdict.rule is Rule.ALLOW_CIDRS and bound.rule is not Rule.ALLOW_CIDRS) or (
+            bound.would_deny and not verdict.would_deny
+        ):
+            # The ceiling's way through: an allow_cidrs entry of the sandbox alone neither lifts a special-address
+            # refusal nor skips resolving the name, and the ceiling's report mode marks what it would deny.
+            verdict = bound
+    return verdict
 
 
 def _decide(
@@ -379,6 +467,10 @@ def _decide(
     """`decide` as enforced."""
     if port is not None and port in _SMTP_VERDICTS:
         return _SMTP_VERDICTS[port]
+    if policy._never_reach is not None:
+        refused = policy._never_reach.refusal(address, port)
+        if refused is not None:
+            return refused
     if policy.profile == "isolated":
         return _ISOLATED
     name = None
@@ -455,8 +547,12 @@ def compile_policy(
     template: Template | None,
     presets: Mapping[str, Preset],
     default_limits: Limits = DEFAULT_LIMITS,
+    never_reach: NeverReach | None = None,
+    ceilings: tuple[tuple[str, CompiledPolicy], ...] = (),
 ) -> CompiledPolicy:
-    """Merge sandbox over template, apply the profile's ceiling, and index the result.
+    """Merge sandbox over template, apply the profile's ceiling, and index the result. `never_reach` and
+    `ceilings` are the operator's invariants that apply to the sandbox (gateway.invariants); a ceiling's limits
+    cap the sandbox's.
 
     Template fields the sandbox's profile may not use are ignored (a registry sandbox
     never gains a template's allow_hosts); the sandbox's own fields were already
@@ -493,4 +589,8 @@ def compile_policy(
         burst_mbit=max(limits.burst_mbit or 1, limits.bandwidth_mbit or 1),
         dns_queries_per_minute=limits.dns_queries_per_minute or 1,
     )
-    return CompiledPolicy(sandbox.id, sandbox.profile, egress, tuple(host_tables), effective)
+    for _, ceiling in ceilings:
+        effective = EffectiveLimits(
+            *(min(mine, cap) for mine, cap in zip(astuple(effective), astuple(ceiling.limits), strict=True))
+        )
+    return CompiledPolicy(sandbox.id, sandbox.profile, egress, tuple(host_tables), effective, never_reach, ceilings)

@@ -250,7 +250,9 @@ ERROR_CODES: Final[Mapping[int, str]] = {
     "INVALID_PROFILE, PROFILE_NOT_SUPPORTED, PROFILE_CONFLICT, INVALID_HOSTNAME, INVALID_CIDR, INVALID_ADDRESS, "
     "ADDRESS_OUTSIDE_SUBNETS, INVALID_PORT, INVALID_MODE, UNKNOWN_PRESET, TOO_MANY_ENTRIES, EGRESS_MODE_CONFLICT, "
     "ALLOW_PORTS_WITHOUT_CIDRS, ALLOW_METADATA_ENDPOINT, DENY_METADATA_RANGE, EGRESS_DISABLED_WITH_RULES, "
-    "OUT_OF_RANGE, BURST_BELOW_SUSTAINED, TEMPLATE_NOT_FOUND (a sandbox names a template that does not exist).",
+    "OUT_OF_RANGE, BURST_BELOW_SUSTAINED, TEMPLATE_NOT_FOUND (a sandbox names a template that does not exist); "
+    "and the operator's [invariants]: INVARIANT_VIOLATED (the record grants what a never_reach assertion forbids), "
+    "CEILING_EXCEEDED (it widens beyond its ceiling template), CEILING_TEMPLATE_NOT_FOUND.",
     401: "UNAUTHENTICATED: no token, a malformed Authorization header, or an unknown token.",
     403: "INSUFFICIENT_SCOPE: the token lacks the scope in x-required-scope. HOST_NOT_ALLOWED: no tokens are "
     "configured and the request was not addressed to a loopback name.",

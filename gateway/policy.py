@@ -339,11 +339,14 @@ class Template:
     description: str = ""
     egress: Egress = field(default_factory=Egress)
     limits: Limits = field(default_factory=Limits)
+    #: Sandboxes naming this template stay within it (gateway.invariants).
+    ceiling: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "description": self.description,
+            "ceiling": self.ceiling,
             "egress": self.egress.to_dict(),
             "limits": self.limits.to_dict(),
         }
@@ -567,6 +570,11 @@ SANDBOX_SCHEMA: Final[Mapping[str, Any]] = {
 TEMPLATE_SCHEMA: Final[Mapping[str, Any]] = {
     "name": ID_SCHEMA,
     "description": {"type": "string", "maxLength": MAX_DESCRIPTION},
+    "ceiling": {
+        "type": "boolean",
+        "description": "A ceiling: sandboxes naming this template cannot widen it (a record that does is refused; "
+        "a connection passes only where the template alone allows it too).",
+    },
     "egress": nullable(schema_ref("Egress")),
     "limits": nullable(schema_ref("Limits")),
 }
@@ -1076,4 +1084,5 @@ def parse_template(
         description=_text(data.get("description", ""), "description"),
         egress=parse_egress(data.get("egress"), "egress", known_presets, known_secrets),
         limits=parse_limits(data.get("limits"), "limits"),
+        ceiling=_bool(data.get("ceiling", False), "ceiling"),
     )

@@ -54,6 +54,9 @@ class Rule(StrEnum):
     DNS_NAME = "dns:name"
     DNS_HTTPS = "dns:https"
     MALWARE_LIST = "malware list"
+    # The operator's [invariants] (a detail names the assertion, resp. the ceiling template): enforced always.
+    INVARIANT = "invariant"
+    CEILING = "ceiling"
     # The tunnel (a detail names the tunnel).
     TUNNEL = "tunnel"
     # An egress.inspect entry (a detail names its host pattern): allowed, and handed to the inspection tier.

@@ -31,6 +31,7 @@ from gateway.config import (
 )
 from gateway.dns.config import DnsConfig
 from gateway.engine.config import EgressConfig
+from gateway.invariants import Invariants, InvariantsConfig, redis_endpoint, service_assertion
 from gateway.presets import Preset
 from gateway.resolver import ResolverConfig
 from gateway.state import PolicyContext
@@ -52,6 +53,7 @@ SECTIONS: Mapping[str, type[Section] | None] = {
     "tunnel": TunnelConfig,
     "audit": AuditConfig,
     "inspection": InspectionConfig,
+    "invariants": InvariantsConfig,
 }
 
 
@@ -70,6 +72,7 @@ class Config:
     tunnel: TunnelConfig
     audit: AuditConfig
     inspection: InspectionConfig
+    invariants: InvariantsConfig
     presets: Mapping[str, Preset] = field(default_factory=dict)
     source: str = "defaults"
 
@@ -79,8 +82,22 @@ class Config:
         return {name: getattr(self, name) for name, model in SECTIONS.items() if model is not None}
 
     def policy_context(self) -> PolicyContext:
+        services = service_assertion(
+            [
+                (self.api.host, self.api.port),
+                ("127.0.0.1", self.inspection.listen_port),
+                *redis_endpoint(self.store.redis_url),
+            ]
+        )
+        invariants = Invariants(
+            (*([services] if services else []), *self.invariants.never_reach), self.invariants.ceilings
+        )
         return PolicyContext(
-            self.network.sandbox_subnets, self.presets, self.limits.limits(), secrets=self.inspection.secret_names()
+            self.network.sandbox_subnets,
+            self.presets,
+            self.limits.limits(),
+            secrets=self.inspection.secret_names(),
+            invariants=invariants,
         )
 
 
@@ -110,6 +127,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         tunnel=build_section(TunnelConfig, "tunnel", raw["tunnel"]),
         audit=build_section(AuditConfig, "audit", raw["audit"]),
         inspection=build_section(InspectionConfig, "inspection", raw["inspection"]),
+        invariants=build_section(InvariantsConfig, "invariants", raw["invariants"]),
         presets=parse_presets(raw["presets"]),
         source=source,
     )

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from gateway.decision import CompiledPolicy, Verdict, address_key, compile_policy, decide
 from gateway.errors import Conflict, ErrorBody, GatewayError, NotFound
+from gateway.invariants import Invariants, exceeds, never_reach_guard, violations
 from gateway.policy import IPNetwork, Limits, Sandbox, Template, parse_sandbox, parse_template
 from gateway.presets import Preset
 from gateway.schema import Note
@@ -36,6 +37,8 @@ class PolicyContext:
     default_limits: Limits
     #: The names of the secrets the [inspection] config holds (inspect entries' credentials may bind only these).
     secrets: frozenset[str] = frozenset()
+    #: The operator's assertions and ceilings ([invariants], with the built-in gateway-services one).
+    invariants: Invariants = field(default_factory=Invariants)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,12 +134,46 @@ class PolicyState:
         self.check_sandbox(sandbox, create=False)
         return self._compile(sandbox)
 
-    def _compile(self, sandbox: Sandbox) -> CompiledPolicy:
-        template = self.templates.get(sandbox.template) if sandbox.template else None
-        return compile_policy(sandbox, template, self.context.presets, self.context.default_limits)
+    def _compile(self, sandbox: Sandbox, *, bounded: bool = True, over: Template | None = None) -> CompiledPolicy:
+        """The sandbox's policy, with the invariants that apply to it (`bounded`), or without them: what its
+        record alone grants, which the write checks compare with them. `over`: its template's candidate."""
+        template = over or (self.templates.get(sandbox.template) if sandbox.template else None)
+        context = self.context
+        if not bounded:
+            return compile_policy(sandbox, template, context.presets, context.default_limits)
+        guard = never_reach_guard(context.invariants.assertions_for(sandbox.labels))
+        ceilings = tuple((name, self._ceiling(sandbox, name)) for name in self.ceiling_names(sandbox))
+        return compile_policy(sandbox, template, context.presets, context.default_limits, guard, ceilings)
+
+    def ceiling_names(self, sandbox: Sandbox) -> tuple[str, ...]:
+        """The templates `sandbox` stays within: the one it names if that is marked a ceiling, and those the
+        [invariants] ceilings select by its labels."""
+        named = self.templates.get(sandbox.template) if sandbox.template else None
+        own = (named.name,) if named is not None and named.ceiling else ()
+        return tuple(dict.fromkeys((*own, *self.context.invariants.ceiling_templates(sandbox.labels))))
+
+    def _ceiling(self, sandbox: Sandbox, name: str) -> CompiledPolicy:
+        """Template `name` compiled alone for `sandbox` (its profile, its id); a missing one refuses everything."""
+        template = self.templates.get(name)
+        if template is None:
+            bare = Sandbox(sandbox.id, sandbox.addresses, profile="isolated")
+            return compile_policy(bare, None, self.context.presets, self.context.default_limits)
+        # The sandbox's profile where it is the narrower one; an unrestricted sandbox gets allow_all only from a
+        # ceiling that says so (else the profile would lift every ceiling).
+        profile = sandbox.profile
+        if profile == "unrestricted" and template.egress.mode != "allow_all":
+            profile = "allowlisted"
+        bare = Sandbox(sandbox.id, sandbox.addresses, profile=profile, template=name)
+        return compile_policy(bare, template, self.context.presets, self.context.default_limits)
 
     def dependents(self, template_name: str) -> list[str]:
-        return sorted(sid for sid, sb in self.sandboxes.items() if sb.template == template_name)
+        """The sandboxes whose policy a change of the template changes: those naming it and, when an [invariants]
+        ceiling uses it, those that ceiling selects."""
+        return sorted(
+            sid
+            for sid, sb in self.sandboxes.items()
+            if sb.template == template_name or template_name in self.context.invariants.ceiling_templates(sb.labels)
+        )
 
     # ------------------------------------------------------------------ checks (raise, change nothing)
 
@@ -160,6 +197,40 @@ class PolicyState:
             owner = self.by_address.get(address_key(addr))
             if owner is not None and owner != sandbox.id:
                 raise Conflict("ADDRESS_IN_USE", f"{addr} belongs to sandbox {owner!r}", f"addresses[{index}]")
+        self._check_invariants(sandbox)
+
+    def _check_invariants(self, sandbox: Sandbox, candidate: Template | None = None) -> None:
+        """Raise the first invariant the sandbox's record breaks: INVARIANT_VIOLATED, CEILING_EXCEEDED (or
+        CEILING_TEMPLATE_NOT_FOUND). With `candidate`, a template being written, the sandbox is checked over it."""
+        over = candidate if candidate is not None and candidate.name == sandbox.template else None
+        policy = self._compile(sandbox, bounded=False, over=over)
+        for assertion in self.context.invariants.assertions_for(sandbox.labels):
+            for where, message in violations(policy.effective_egress, assertion):
+                raise self._violation("INVARIANT_VIOLATED", sandbox, where, message, candidate)
+        for name in self.ceiling_names(sandbox):
+            if candidate is not None and name == candidate.name:
+                continue  # a ceiling's own change narrows (or widens) the ceiling: the sandbox stays within it
+            if name not in self.templates:
+                raise GatewayError(
+                    "CEILING_TEMPLATE_NOT_FOUND",
+                    f"the [invariants] ceiling of sandboxes with these labels is template {name!r}, which does not "
+                    "exist: create it first",
+                    "labels",
+                )
+            for where, message in exceeds(policy, self._ceiling(sandbox, name), name, sandbox.limits):
+                raise self._violation("CEILING_EXCEEDED", sandbox, where, message, candidate)
+
+    @staticmethod
+    def _violation(code: str, sandbox: Sandbox, where: str, message: str, candidate: Template | None) -> GatewayError:
+        """The error for a finding: at its field when the record being written sets it, else at the sandbox's
+        template field, saying where the value comes from."""
+        if candidate is not None:
+            return GatewayError(code, f"sandbox {sandbox.id!r} would break it: {message}", where)
+        section, _, rest = where.partition(".")
+        record = sandbox.egress if section == "egress" else sandbox.limits
+        if sandbox.template is None or getattr(record, rest.split("[")[0].split(".")[0], None) is not None:
+            return GatewayError(code, message, where)
+        return GatewayError(code, f"{message} (set by template {sandbox.template!r})", "template")
 
     def check_template(self, template: Template, *, create: bool | None) -> None:
         exists = template.name in self.templates
@@ -167,6 +238,8 @@ class PolicyState:
             raise Conflict("TEMPLATE_EXISTS", f"template {template.name!r} already exists", "name")
         if create is False and not exists:
             raise NotFound("TEMPLATE_NOT_FOUND", f"no template {template.name!r}", "name")
+        for sandbox_id in self.dependents(template.name):
+            self._check_invariants(self.sandboxes[sandbox_id], template)
 
     def check_remove_template(self, name: str) -> None:
         self.get_template(name)
@@ -245,6 +318,7 @@ class PolicyState:
                     self.rejections.pop((TEMPLATE, key), None)
                     return None
                 template = self.parse_template(raw, name=key)
+                self.check_template(template, create=None)
                 self.set_template(template)
             else:
                 raise GatewayError("UNKNOWN_KIND", f"unknown record kind {kind!r}", "kind")

@@ -659,6 +659,8 @@ class EgressEnv:
         self.gateway: subprocess.Popen[Any] | None = None
         #: More GATEWAY_<SECTION>__<KEY> settings for the gateway's environment (a module's own needs).
         self.environment: dict[str, str] = {}
+        #: More sections for the gateway's config file (a module's own needs), as TOML.
+        self.config_sections = ""
 
     def write_policies(self, data: dict[str, Any]) -> None:
         tmp = self.policy_file.with_suffix(".tmp")
@@ -697,6 +699,7 @@ class EgressEnv:
                 ]
             )
             + "\n"
+            + self.config_sections
         )
         env = dict(os.environ)
         env["GATEWAY_EGRESS__PUBLIC_RANGES"] = '["198.18.0.0/15", "2001:db8::/32"]'

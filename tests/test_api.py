@@ -775,7 +775,13 @@ async def test_template_crud_and_conflicts(api: Api, store: EmbeddedStore) -> No
     base = {"name": "base", "egress": {"presets": ["git-hosts"]}}
     created = await api.call("POST", "/v1/templates", base, token="templater", expect=201)
     assert created.headers["Location"] == "/v1/templates/base"
-    assert created.body == {"name": "base", "description": "", "egress": {"presets": ["git-hosts"]}, "limits": {}}
+    assert created.body == {
+        "name": "base",
+        "description": "",
+        "ceiling": False,
+        "egress": {"presets": ["git-hosts"]},
+        "limits": {},
+    }
     assert (await api.call("POST", "/v1/templates", base, expect=409)).code == "TEMPLATE_EXISTS"
     assert (await api.call("GET", "/v1/templates", token="reader", expect=200)).body == {"templates": [created.body]}
     assert (await api.call("GET", "/v1/templates/base", token="reader", expect=200)).body == created.body

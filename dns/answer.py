@@ -70,6 +70,7 @@ from gateway.dns.wire import (
     synthetic,
     ttl_offsets,
 )
+from gateway.flowlog import new_denial_id
 from gateway.rules import Rule
 
 if TYPE_CHECKING:
@@ -103,6 +104,8 @@ class Outcome(NamedTuple):
     rule: str
     cached: bool
     would_deny: bool = False
+    message: str = ""  # a denial's: the operator's message for its rule
+    denial_id: str = ""  # a denial's id (an answer kept for the same packet again repeats it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,13 @@ class Decision:
     reason: str
     rule: str
     would_deny: bool = False  # allowed (answered) only because the policy is in report mode
+    message: str = ""  # a denial's: the operator's message for its rule
+    denial_id: str = ""  # a denial's id, also in its EDE text
+
+
+def denial_text(reason: str, message: str, denial_id: str) -> str:
+    """A denial's Extended DNS Error text: why, the operator's message, the id to quote."""
+    return f"{reason}{f' -- {message}' if message else ''} (denial {denial_id})"
 
 
 def decide_packet(
@@ -145,9 +155,15 @@ def decide_query(
         would_deny: bool = False,
     ) -> Decision:
         wire = synthetic(query, rcode, soa_ttl=config.blocked_ttl if soa else None)
-        ede_option = (ede, reason) if ede is not None else None
+        message = denial_id = ""
+        if not allowed:
+            denial_id = new_denial_id()
+            message = policy.message_for(rule) if policy is not None else ""
+        ede_option = (
+            (ede, denial_text(reason, message, denial_id) if denial_id else reason) if ede is not None else None
+        )
         response = render(wire, (), 0, query, ede=ede_option)
-        return Decision(ANSWER, query, response, rcode, allowed, code, reason, rule, would_deny)
+        return Decision(ANSWER, query, response, rcode, allowed, code, reason, rule, would_deny, message, denial_id)
 
     if query.edns and query.edns_version > 0:
         wire = synthetic(query, NOERROR)

@@ -44,7 +44,17 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 from dnslib import RCODE
 
-from gateway.dns.answer import ANSWER, DROP, Answer, Decision, Outcome, accept_upstream, decide_packet, failure_answer
+from gateway.dns.answer import (
+    ANSWER,
+    DROP,
+    Answer,
+    Decision,
+    Outcome,
+    accept_upstream,
+    decide_packet,
+    denial_text,
+    failure_answer,
+)
 from gateway.dns.blocklist import DomainBlocklist
 from gateway.dns.cache import CacheEntry, DnsCache, Ready
 from gateway.dns.config import DnsConfig
@@ -61,7 +71,7 @@ from gateway.dns.wire import (
     synthetic,
     upstream_packet,
 )
-from gateway.flowlog import FlowLog, FlowRecord, flow_verdict
+from gateway.flowlog import FlowLog, FlowRecord, flow_verdict, new_denial_id
 from gateway.querylog import DnsQuery
 from gateway.ratelimit import ConnectionRateLimiter, TokenBucket
 from gateway.readiness import rearm_reader
@@ -147,12 +157,15 @@ def _log_dict(sandbox_id: str, entry: LogEntry) -> dict[str, Any]:
         rule=outcome.rule,
         cached=outcome.cached,
         would_deny=outcome.would_deny,
+        denial_id=outcome.denial_id or None,
     ).to_dict()
 
 
 def _rate_limited(query: Query) -> tuple[bytes, Outcome]:
     """REFUSED with the reason (EDE) for a query over its sandbox's rate limit, and its log outcome."""
-    response = render(synthetic(query, REFUSED), (), 0, query, ede=(EDE_OTHER, RATE_LIMIT_REASON))
+    denial_id = new_denial_id()
+    ede = (EDE_OTHER, denial_text(RATE_LIMIT_REASON, "", denial_id))
+    response = render(synthetic(query, REFUSED), (), 0, query, ede=ede)
     outcome = Outcome(
         query.name,
         query.type_name,
@@ -163,6 +176,7 @@ def _rate_limited(query: Query) -> tuple[bytes, Outcome]:
         RATE_LIMIT_REASON,
         RATE_LIMIT_RULE,
         False,
+        denial_id=denial_id,
     )
     return response, outcome
 
@@ -482,6 +496,8 @@ class DnsInterceptor:
                 decision.rule,
                 False,
                 decision.would_deny,
+                decision.message,
+                decision.denial_id,
             )
             self._record_pending(ctx, outcome, response)
             self._keep_ready(ctx, response, outcome)
@@ -640,6 +656,8 @@ class DnsInterceptor:
                     verdict=flow_verdict(outcome.allowed, outcome.would_deny),
                     reason=outcome.reason,
                     rule=outcome.rule,
+                    message=outcome.message or None,
+                    denial_id=outcome.denial_id or None,
                 )
             )
         except Exception:  # the audit trail must never break DNS

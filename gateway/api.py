@@ -835,6 +835,16 @@ async def get_audit_batch(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type=NDJSON)
 
 
+async def get_denial(request: web.Request) -> web.Response:
+    flows = request.app.get(FLOWS_KEY)
+    if flows is None:
+        raise GatewayError("AUDIT_DISABLED", "this gateway was started without a flow log, so there are no records",
+                           status=503)  # fmt: skip
+    # A lookup past the recent ones reads batches: off the event loop, which also runs the data plane.
+    record = await asyncio.to_thread(flows.denial, request.match_info["id"])
+    return web.json_response(record.to_dict())
+
+
 async def stream_flows(request: web.Request) -> web.StreamResponse:
     query = _params()
     flows = request.app.get(FLOWS_KEY)
@@ -1408,6 +1418,26 @@ def route_specs() -> tuple[RouteSpec, ...]:
             description="The per-sandbox query log: name, type, answer or rcode, latency, and whether the policy "
             "allowed it and why. Kept in memory (dns.query_log_size per sandbox); every query is also a flow record "
             "in the audit batches.",
+        ),
+        RouteSpec(
+            "GET",
+            "/v1/denials/{id}",
+            get_denial,
+            "audit:read",
+            "denials.get",
+            "Look up a denial by the id the sandbox was told",
+            "audit",
+            {200: Answer("The denial's flow record.", "FlowRecord")},
+            {
+                400: "INVALID_PARAMETER: not a denial id (8 hex digits, '-', 10 hex digits).",
+                404: "DENIAL_NOT_FOUND: no such denial in the records kept (recent ones in memory, older ones in the "
+                "audit batches written around the id's time).",
+                503: _AUDIT_DISABLED,
+            },
+            description="Every denial gets an id, told the sandbox in the 403's X-Gateway-Denial-Id header and "
+            "body and in the DNS answer's Extended DNS Error text, and kept in its flow record (`denial_id`): a "
+            "user quotes it, the operator finds here which rule refused what, and the operator's message "
+            "(egress.deny_messages) they were shown.",
         ),
         RouteSpec(
             "GET",

@@ -151,12 +151,16 @@ def cmd_presets(ctx: Context, args: argparse.Namespace) -> None:
 
 def cmd_audit(ctx: Context, args: argparse.Namespace) -> int | None:
     """`audit list` pages through the batches (every page with --all); `audit get` prints a batch's NDJSON;
-    `audit dns` shows the sandbox's recent DNS queries; `audit tail` follows the records live."""
+    `audit dns` shows the sandbox's recent DNS queries; `audit tail` follows the records live; `audit denial`
+    shows the record of one denial."""
     if args.action == "dns":
         ctx.emit(ctx.client.dns_log(args.sandbox, limit=args.limit), lambda data: dns_rows(data["queries"]))
         return None
     if args.action == "tail":
         return _audit_tail(ctx, args)
+    if args.action == "denial":
+        ctx.emit(ctx.client.denial(args.denial_id), flow_line)
+        return None
     if args.action == "get":
         answer = ctx.client.audit_batch(args.sandbox, args.name)
         ctx.out.write(answer.text if answer.text.endswith("\n") or not answer.text else answer.text + "\n")
@@ -510,6 +514,8 @@ def _audit_parser(commands: Any, common: Parser) -> None:
     only.add_argument(
         "--would-deny", action="store_true", help="only what report mode let pass that enforce would deny"
     )
+    p = audit.add_parser("denial", parents=[common], help="the flow record of a denial, by the id the sandbox was told")
+    p.add_argument("denial_id", help="as in X-Gateway-Denial-Id or a DNS answer's EDE text")
     p = audit.add_parser("dns", parents=[common], help="a sandbox's recent DNS queries (needs --data-plane)")
     p.add_argument("sandbox")
     p.add_argument("--limit", type=int, default=100, metavar="N", help="how many of the latest queries (1-1000)")

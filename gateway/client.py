@@ -263,6 +263,10 @@ class ApiClient:
         """One batch as NDJSON text (one flow record per line)."""
         return self.request("GET", f"/v1/sandboxes/{_quote(sandbox_id)}/audit-batches/{_quote(name)}")
 
+    def denial(self, denial_id: str) -> ApiResponse:
+        """The flow record of the denial with this id (as the sandbox was told it)."""
+        return self.request("GET", f"/v1/denials/{_quote(denial_id)}")
+
     def dns_log(self, sandbox_id: str, *, limit: int = 100) -> ApiResponse:
         """The sandbox's latest DNS queries (needs `gateway run --data-plane`)."""
         return self.request("GET", f"/v1/sandboxes/{_quote(sandbox_id)}/dns-log", query={"limit": str(limit)})

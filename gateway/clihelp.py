@@ -45,6 +45,7 @@ EXAMPLES: dict[str, str] = {
     "audit get": "gateway audit get agent-42 1733160000000000-4242.ndjson",
     "audit dns": "gateway audit dns agent-42 --limit 20",
     "audit tail": "gateway audit tail agent-42 --deny",
+    "audit denial": "gateway audit denial 6930b2c1-4f2a9c1b3d",
     "tunnel": "gateway tunnel list agent-42",
     "tunnel expose": "gateway tunnel expose agent-42 8080 --password",
     "tunnel list": "gateway tunnel list agent-42",

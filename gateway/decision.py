@@ -293,6 +293,7 @@ class CompiledPolicy:
         "_exact_verdicts",
         "_host_tables",
         "_inspect_rules",
+        "_messages",
         "_never_reach",
         "allow_all",
         "allow_internet",
@@ -335,6 +336,7 @@ class CompiledPolicy:
         self._allow_ports = frozenset(egress.allow_ports) if egress.allow_ports else None
         self.limits = limits
         self._never_reach = never_reach
+        self._messages = egress.deny_messages or {}
         #: (template name, that template compiled alone for this sandbox): a verdict allows only where each does.
         self.ceilings = ceilings
 
@@ -354,6 +356,18 @@ class CompiledPolicy:
         if self.allow_all and self._deny_hosts is None:
             return True
         return outer_name is not None and self._ech_names.covers(outer_name)
+
+    def message_for(self, label: str) -> str:
+        """The operator's message for a denial by the rule `label` names (`deny_hosts *.x.example`): the one for
+        that entry, else the one for the rule, else none. Only denials ask, so the fast path never does."""
+        messages = self._messages
+        if not messages:
+            return ""
+        found = messages.get(label)
+        if found is None:
+            rule = Rule.of_label(label)
+            found = messages.get(rule.value, "") if rule is not None else ""
+        return found
 
     def covers_host(self, pattern: str, ports: frozenset[int] | None) -> bool:
         """Whether this policy's host rules allow every name `pattern` (a name or `*.parent`) stands for on every

@@ -43,6 +43,7 @@ import json
 import math
 import os
 import re
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -75,6 +76,7 @@ __all__ = [
     "check_sandbox_id",
     "decode_record",
     "flow_verdict",
+    "new_denial_id",
     "now_us",
     "render",
 ]
@@ -105,6 +107,19 @@ REDIS_TIMEOUT: Final = 5.0
 SUBSCRIBER_BUFFER: Final = 1000
 FILE_MODE: Final = 0o640
 DIR_MODE: Final = 0o750
+
+
+#: `{unix seconds, hex}-{40 random bits, hex}`: the time says which batches may hold the record.
+DENIAL_ID_PATTERN: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{10}")
+#: Denials the flow log keeps by id in memory (the newest), for a lookup before their batch is written.
+DENIAL_INDEX_SIZE: Final = 10_000
+#: How far around a denial id's time a lookup reads batches (records are queued when the connection closes,
+#: batches cover a flush interval).
+DENIAL_SEARCH_SECONDS: Final = 120
+
+
+def new_denial_id() -> str:
+    return f"{time.time_ns() // 1_000_000_000:08x}-{secrets.token_hex(5)}"
 
 
 def now_us() -> int:
@@ -145,6 +160,13 @@ class FlowRecord:
     #: Without the query: queries carry tokens.
     path: Annotated[str | None, Note(description="An inspected HTTP request's path, without the query.")] = None
     status: Annotated[int | None, Note(description="The status answered to an inspected HTTP request.")] = None
+    #: Set on denials only: what the sandbox was told (the operator's message) and the id it can quote.
+    message: Annotated[
+        str | None, Note(description="The operator's message for the rule that denied (egress.deny_messages).")
+    ] = None
+    denial_id: Annotated[
+        str | None, Note(description="A denial's id, told the sandbox; GET /v1/denials/{id} finds this record.")
+    ] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIELD_NAMES}
@@ -205,7 +227,8 @@ class BatchInfo:
 _TEMPLATE: Final = (
     '{"start_us":%d,"end_us":%d,"sandbox":%s,"src_addr":%s,"src_port":%d,"dst_addr":%s,"dst_port":%d,'
     '"orig_dst_addr":%s,"orig_dst_port":%d,"hostname":%s,"protocol":%s,"bytes_up":%d,"bytes_down":%d,'
-    '"duration_ms":%r,"verdict":%s,"reason":%s,"rule":%s,"method":%s,"path":%s,"status":%s}'
+    '"duration_ms":%r,"verdict":%s,"reason":%s,"rule":%s,"method":%s,"path":%s,"status":%s,"message":%s,'
+    '"denial_id":%s}'
 )
 _quote = json.encoder.encode_basestring_ascii  # C: escapes exactly as json.dumps does
 
@@ -269,6 +292,8 @@ def render(rec: FlowRecord) -> str:
         method,
         "null" if rec.path is None else _quote(str(rec.path)),  # paths rarely recur: not worth the cache
         "null" if status is None else status,
+        "null" if rec.message is None else _quote(str(rec.message)),
+        "null" if rec.denial_id is None else _quote(str(rec.denial_id)),
     )
 
 
@@ -335,6 +360,7 @@ class FlowLog:
         self._turn_lines: list[str] = []  # rendered records waiting for the end of this event-loop turn
         self._turn_scheduled = False
         self._subscribers: set[Subscription] = set()
+        self._denials: dict[str, FlowRecord] = {}  # by denial id, oldest first (insertion order), bounded
         self._mirror: deque[FlowRecord] = deque()
         self._last_ts: dict[str, int] = {}  # per sandbox: batch names strictly increase within this process
         self._task: asyncio.Task[None] | None = None
@@ -377,6 +403,11 @@ class FlowLog:
                     log.info("flow", **rec.to_dict())
             for subscriber in self._subscribers:
                 subscriber.offer(rec, line)
+            if rec.denial_id is not None:
+                denials = self._denials
+                denials[rec.denial_id] = rec
+                if len(denials) > DENIAL_INDEX_SIZE:
+                    del denials[next(iter(denials))]
             if len(self._pending) >= self.queue_size:
                 self.dropped += 1
                 if not self._drop_warned:
@@ -583,10 +614,11 @@ class FlowLog:
         token = _encode_token(page[-1][0]) if len(names) > limit else None
         return batches, token
 
-    def batches_since(self, sandbox_id: str, since_us: int) -> Iterator[bytes]:
-        """The NDJSON of the sandbox's batches that may hold records that ended at or after `since_us`, oldest
-        first: the batches first written from then on, and the one before them (written earlier, it may hold
-        later records). Reads one batch at a time; the caller filters the records by time."""
+    def batches_since(self, sandbox_id: str, since_us: int, until_us: int | None = None) -> Iterator[bytes]:
+        """The NDJSON of the sandbox's batches that may hold records that ended at or after `since_us` (and, with
+        `until_us`, were first written before it), oldest first: the batches first written from then on, and the
+        one before them (written earlier, it may hold later records). Reads one batch at a time; the caller
+        filters the records by time."""
         check_sandbox_id(sandbox_id)
         try:
             with os.scandir(self.dir / sandbox_id) as entries:
@@ -605,11 +637,38 @@ class FlowLog:
         else:
             start = max(len(names) - 1, 0)
         for name in names[start:]:
+            if until_us is not None and int(name[:TS_DIGITS]) > until_us:
+                return
             try:
                 body = self.read_batch(sandbox_id, name)
             except NotFound:  # removed since the listing (retention): nothing to replay in it
                 continue
             yield body
+
+    def denial(self, denial_id: str) -> FlowRecord:
+        """The record of the denial with this id: from memory while it is recent, else from the batches written
+        around its time (every sandbox's). Raises GatewayError (400) for a malformed id, NotFound otherwise."""
+        if not DENIAL_ID_PATTERN.fullmatch(denial_id):
+            raise GatewayError("INVALID_PARAMETER", "a denial id is 8 hex digits, '-', 10 hex digits", "id")
+        found = self._denials.get(denial_id)
+        if found is not None:
+            return found
+        at_us = int(denial_id[:8], 16) * 1_000_000
+        window_us = DENIAL_SEARCH_SECONDS * 1_000_000
+        needle = f'"denial_id":"{denial_id}"'.encode()
+        try:
+            sandboxes = [entry.name for entry in os.scandir(self.dir) if entry.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            sandboxes = []
+        for sandbox_id in sandboxes:
+            if not ID_PATTERN.fullmatch(sandbox_id):
+                continue
+            for batch in self.batches_since(sandbox_id, at_us - window_us, until_us=at_us + window_us):
+                if needle in batch:
+                    for line in batch.splitlines():
+                        if needle in line:
+                            return decode_record(line)
+        raise NotFound("DENIAL_NOT_FOUND", f"no denial {denial_id} in the flow records kept", "id")
 
     def has_sandbox(self, sandbox_id: str) -> bool:
         """Whether batches were ever written for this sandbox (they outlive the sandbox's policy record)."""

@@ -237,6 +237,10 @@ def flow_line(record: Mapping[str, Any]) -> str:
         parts.append(f"up={record['bytes_up']} down={record['bytes_down']}")
     parts.append(f"rule={record['rule'] or '-'}")
     parts.append(f"reason={json.dumps(record['reason'])}")
+    if record.get("message"):
+        parts.append(f"message={json.dumps(record['message'])}")
+    if record.get("denial_id"):
+        parts.append(f"denial={record['denial_id']}")
     return " ".join(parts)
 
 

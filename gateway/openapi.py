@@ -29,7 +29,7 @@ from typing import Any, Final
 from gateway import __version__
 from gateway.decision import ExplainRequest, PolicyView, VerdictView
 from gateway.errors import ErrorBody
-from gateway.flowlog import BATCH_NAME_PATTERN, MAX_LIST_LIMIT, BatchInfo, FlowRecord
+from gateway.flowlog import BATCH_NAME_PATTERN, DENIAL_ID_PATTERN, MAX_LIST_LIMIT, BatchInfo, FlowRecord
 from gateway.nft import SteeringStatus
 from gateway.policy import (
     CREDENTIAL_SCHEMA,
@@ -272,6 +272,10 @@ PATH_PARAMETERS: Final[Mapping[tuple[str, str], tuple[Mapping[str, Any], str]]] 
     ("audit-batches", "name"): (
         {"type": "string", "pattern": BATCH_NAME_PATTERN.pattern},
         "A batch name from the listing: {ts_us}-{pid}.ndjson.",
+    ),
+    ("denials", "id"): (
+        {"type": "string", "pattern": f"^{DENIAL_ID_PATTERN.pattern}$"},
+        "A denial id, as the sandbox was told it (X-Gateway-Denial-Id, a DNS answer's EDE text).",
     ),
 }
 

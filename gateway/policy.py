@@ -24,6 +24,7 @@ from typing import Any, Final, TypeVar
 from gateway.errors import GatewayError
 from gateway.hostnames import MAX_HOSTNAME_LENGTH, normalize_host_entry, normalize_pattern
 from gateway.inspection import DEFAULT_INSPECT_PORTS, HTTP_METHODS, Credential, HeaderMatch, InspectRule
+from gateway.rules import Rule
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -61,6 +62,10 @@ METADATA_ENDPOINTS: tuple[tuple[str, str], ...] = (
 _METADATA_NETS = tuple(ipaddress.ip_network(text) for text, _ in METADATA_ENDPOINTS)
 ID_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62})$")
 MAX_DESCRIPTION = 500
+#: An operator's message to a sandbox: sent in a 403's header and body and a DNS answer's EDE text.
+MAX_DENY_MESSAGE = 200
+#: A deny_messages key: a rule, or a rule and the entry it names (`deny_hosts *.tracker.example`).
+MAX_MESSAGE_KEY = 300
 MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 253
 
@@ -240,6 +245,8 @@ class Egress:
     allow_ech: tuple[str, ...] | None = None
     #: `report`: the allowlist's denials pass and are recorded as would_deny (rolling out a narrower policy).
     enforcement: str | None = None
+    #: The operator's message per denying rule (`default:deny`, `deny_hosts *.tracker.example`), told the sandbox.
+    deny_messages: Mapping[str, str] | None = None
 
     def set_fields(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -250,6 +257,8 @@ class Egress:
         for name in UNIONED_EGRESS_FIELDS:
             if name in own and getattr(base, name):
                 own[name] = tuple(dict.fromkeys((*getattr(base, name), *own[name])))
+        if "deny_messages" in own and base.deny_messages:
+            own["deny_messages"] = {**base.deny_messages, **own["deny_messages"]}  # per key, the sandbox's wins
         return replace(base, **own)
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,6 +269,8 @@ class Egress:
                 value = [str(net) for net in value]
             elif name == "inspect":
                 value = [rule.to_dict() for rule in value]
+            elif name == "deny_messages":
+                value = dict(value)
             elif isinstance(value, tuple):
                 value = list(value)
             out[name] = value
@@ -446,6 +457,20 @@ EGRESS_SCHEMA: Final[Mapping[str, Any]] = {
             "them. The built-in guards (metadata, special and the gateway's own addresses, SMTP, ECH, malformed "
             "input), deny_cidrs, deny_hosts, allow_internet false and rate limits stay enforced. Profiles "
             "allowlisted and unrestricted.",
+        }
+    ),
+    "deny_messages": nullable(
+        {
+            "type": "object",
+            "maxProperties": MAX_LIST_ENTRIES,
+            "propertyNames": {"type": "string", "maxLength": MAX_MESSAGE_KEY},
+            "additionalProperties": {"type": "string", "minLength": 1, "maxLength": MAX_DENY_MESSAGE},
+            "description": "The operator's message per denying rule, told the sandbox with each denial (a 403's "
+            "X-Gateway-Message header and body, the DNS answer's Extended DNS Error text) and kept in the flow "
+            "record. A key is a rule as records show it, alone (`default:deny`, `deny_hosts`, "
+            "`builtin:metadata`) or with its entry (`deny_hosts *.tracker.example`), which wins. One line of "
+            "visible ASCII. A sandbox's keys are added to its template's (the sandbox's text wins per key).",
+            "examples": [{"default:deny": "Only package registries are reachable; ask #platform for more"}],
         }
     ),
 }
@@ -864,11 +889,42 @@ def parse_egress(data: object, path: str, known_presets: Iterable[str], known_se
             values[name] = _list(raw, where, _network)
         elif name == "inspect":
             values[name] = _inspect_entries(raw, where, frozenset(known_secrets))
+        elif name == "deny_messages":
+            values[name] = _deny_messages(raw, where)
         else:  # allow_ports, host_ports
             values[name] = _list(raw, where, _port)
     egress = Egress(**values)
     _check_egress_rules(egress, path)
     return egress
+
+
+def _deny_messages(value: object, path: str) -> dict[str, str]:
+    data = _expect_mapping(value, path)
+    if len(data) > MAX_LIST_ENTRIES:
+        raise _fail("TOO_MANY_ENTRIES", f"at most {MAX_LIST_ENTRIES} messages", path)
+    messages: dict[str, str] = {}
+    for key, text in data.items():
+        where = f"{path}.{key}" if isinstance(key, str) and _PRINTABLE.fullmatch(key) and len(key) <= 60 else path
+        if not isinstance(key, str) or len(key) > MAX_MESSAGE_KEY or not _PRINTABLE.fullmatch(key):
+            raise _fail("INVALID_MESSAGE_RULE", f"a key is a rule as records show it, at most {MAX_MESSAGE_KEY} "
+                        "visible ASCII characters", where)  # fmt: skip
+        if Rule.of_label(key) is None:
+            raise _fail(
+                "INVALID_MESSAGE_RULE",
+                f"{key!r} names no rule; a key is a rule as flow records show it, e.g. default:deny, deny_hosts, "
+                "deny_hosts *.tracker.example, builtin:metadata",
+                where,
+            )
+        text = _string(text, where, MAX_DENY_MESSAGE)
+        if not text.strip() or not _PRINTABLE.fullmatch(text):
+            raise _fail(
+                "INVALID_MESSAGE",
+                "a message is one non-empty line of visible ASCII and spaces (it is sent in a response header and "
+                "a DNS answer)",
+                where,
+            )
+        messages[key] = text.strip()
+    return messages
 
 
 def _check_egress_rules(egress: Egress, path: str) -> None:
@@ -1040,8 +1096,8 @@ def parse_sandbox(
 #: Egress fields a sandbox may set itself, per profile. The profile is the ceiling the
 #: caller's scope was checked against, so a field that would widen it is refused here.
 PROFILE_EGRESS_FIELDS: Mapping[str, frozenset[str]] = {
-    "isolated": frozenset(),
-    "registry": frozenset({"allow_internet", "presets", "deny_cidrs", "deny_hosts", "mode"}),
+    "isolated": frozenset({"deny_messages"}),
+    "registry": frozenset({"allow_internet", "presets", "deny_cidrs", "deny_hosts", "mode", "deny_messages"}),
     "allowlisted": frozenset(EGRESS_FIELDS),
     "unrestricted": frozenset(EGRESS_FIELDS),
 }

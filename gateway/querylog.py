@@ -39,6 +39,7 @@ class DnsQuery:
     would_deny: Annotated[
         bool, Note(description="Answered only because the policy is in report mode; `rule` would deny it.")
     ]
+    denial_id: Annotated[str | None, Note(description="A denial's id (in its EDE text and flow record).")] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIELDS}

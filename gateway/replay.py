@@ -248,18 +248,6 @@ class _Group:
         )
 
 
-_RULES_LONGEST_FIRST: Final = sorted(Rule, key=lambda rule: len(rule.value), reverse=True)
-
-
-def rule_of(label: str) -> Rule | None:
-    """The rule of a record's label (`allow_hosts api.example.com`, `tunnel:ab12`, `malware list x (line 3)`)."""
-    for rule in _RULES_LONGEST_FIRST:
-        value = rule.value
-        if label.startswith(value) and (len(label) == len(value) or label[len(value)] in " :"):
-            return rule
-    return None
-
-
 def _not_replayed(
     protocol: str, verdict: str, rule: Rule | None, name: str | None, inspected: bool
 ) -> NotReplayedWhy | None:
@@ -321,7 +309,7 @@ def replay(sandbox_id: str, batches: Iterable[bytes], candidate: CompiledPolicy,
     rules: dict[str, Rule | None] = {}
     for (hostname, protocol, address, port, recorded, label, inspected), entry in seen.items():
         records += entry.count
-        rule = rules[label] if label in rules else rules.setdefault(label, rule_of(label))
+        rule = rules[label] if label in rules else rules.setdefault(label, Rule.of_label(label))
         name = _name(hostname, protocol)
         why = _not_replayed(protocol, recorded, rule, name, inspected)
         if why is not None:

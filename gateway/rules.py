@@ -72,6 +72,15 @@ class Rule(StrEnum):
         is enforced unless it is listed here."""
         return self in _REPORTABLE
 
+    @classmethod
+    def of_label(cls, label: str) -> Rule | None:
+        """The rule of a record's label (`allow_hosts api.example.com`, `tunnel:ab12`, `malware list x (line 3)`)."""
+        for rule in _LONGEST_FIRST:
+            value = rule.value
+            if label.startswith(value) and (len(label) == len(value) or label[len(value)] in " :"):
+                return rule
+        return None
+
     def label(self, detail: str = "") -> str:
         """The rule as records show it: `allow_hosts api.example.com`, `tunnel:ab12`, `default:deny`."""
         if not detail:
@@ -80,3 +89,4 @@ class Rule(StrEnum):
 
 
 _REPORTABLE = frozenset({Rule.DEFAULT_DENY, Rule.ALLOW_PORTS, Rule.ALLOW_HOSTS, Rule.PRESET, Rule.INSPECT})
+_LONGEST_FIRST = sorted(Rule, key=lambda rule: len(rule.value), reverse=True)

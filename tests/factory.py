@@ -302,12 +302,19 @@ def query(name: str, qtype: str = "A", *, edns: bool = False, do: bool = False, 
     return bytes(record.pack())
 
 
-def ede_of(response: bytes) -> tuple[int, str] | None:
+#: The end of a denial's EDE text: the id a user quotes (checked here, left off what `ede_of` returns).
+DENIAL_SUFFIX = re.compile(r" \(denial [0-9a-f]{8}-[0-9a-f]{10}\)\Z")
+
+
+def ede_of(response: bytes, *, denial_id: bool = False) -> tuple[int, str] | None:
+    """The Extended DNS Error (code, text) of a response. A denial's text ends with its id, which is cut off unless
+    `denial_id`."""
     for rr in DNSRecord.parse(response).ar:
         if rr.rtype == QTYPE.OPT:
             for opt in rr.rdata:
                 if opt.code == 15:
-                    return struct.unpack("!H", opt.data[:2])[0], opt.data[2:].decode()
+                    text = opt.data[2:].decode()
+                    return struct.unpack("!H", opt.data[:2])[0], text if denial_id else DENIAL_SUFFIX.sub("", text)
     return None
 
 

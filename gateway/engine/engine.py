@@ -243,6 +243,7 @@ class EgressEngine:
             reset(conn)
             return False
         flow.sandbox = sandbox = policy.sandbox_id
+        flow.policy = policy
         # Denials that depend on nothing the peek could reveal (SMTP ports, isolated, internet off) are given
         # at once: a server-speaks-first client would otherwise wait out the whole peek deadline first.
         early = decide(policy, None, None, flow.orig_dst_port, "tcp")
@@ -321,7 +322,7 @@ class EgressEngine:
                     plan = plan_unnamed(policy, orig, port, "http", self.destinations, self.learned)
                 if not plan.allowed:
                     self._deny(flow, plan.reason, plan.label)
-                    await deny_with(conn, http_forbidden(plan.reason, plan.label))
+                    await deny_with(conn, http_forbidden(plan.reason, plan.label, flow.message, flow.denial_id))
                     return False
                 guard = HttpGuard(policy, tracker, head.host, port)
                 # Requests pipelined behind the first one, read while peeking, are checked like later chunks.
@@ -344,7 +345,7 @@ class EgressEngine:
             case PeekFailed(kind=TrafficKind.HTTP, reason=reason):
                 flow.protocol = "http"
                 self._deny(flow, reason, Rule.HTTP)
-                await deny_with(conn, http_forbidden(reason, Rule.HTTP))
+                await deny_with(conn, http_forbidden(reason, Rule.HTTP, flow.message, flow.denial_id))
                 return False
             case PeekFailed(reason=reason):
                 self._deny(flow, reason, Rule.PEEK)
@@ -473,7 +474,8 @@ class EgressEngine:
         elif relay.cut is not None:
             reason, rule = relay.cut
             flow.deny(reason, rule)
-            self._track(asyncio.get_running_loop().create_task(deny_with(conn, http_forbidden(reason, rule))))
+            forbidden = http_forbidden(reason, rule, flow.message, flow.denial_id)
+            self._track(asyncio.get_running_loop().create_task(deny_with(conn, forbidden)))
         elif relay.closed_early:
             flow.reason += "; ended at the server's answers (Expect): the client's later bytes were not forwarded"
             # Nothing to add to the server's answer; draining first keeps the close from resetting it away.

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from gateway.flowlog import FlowLog, FlowProtocol, FlowRecord, flow_verdict
+from gateway.decision import CompiledPolicy
+from gateway.flowlog import FlowLog, FlowProtocol, FlowRecord, flow_verdict, new_denial_id
 from gateway.latency import Histogram, observe
 
 log = structlog.get_logger("gateway.egress")
@@ -44,9 +45,14 @@ class Flow:
     rule: str = ""  # the rule's label, as records show it
     would_deny: bool = False  # allowed only because the policy is in report mode
     accepted: float = 0.0  # time.perf_counter() when the connection was accepted (for the decision latency)
+    policy: CompiledPolicy | None = None  # the sandbox's, once known: its operator messages for denials
+    message: str = ""  # a denial's: the operator's message for its rule
+    denial_id: str = ""  # a denial's: the id told the sandbox, which finds this record
 
     def deny(self, reason: str, rule: str) -> None:
         self.allowed, self.reason, self.rule = False, reason, rule
+        self.denial_id = new_denial_id()
+        self.message = self.policy.message_for(rule) if self.policy is not None else ""
 
     def allow(self, reason: str, rule: str, would_deny: bool = False) -> None:
         self.allowed, self.reason, self.rule, self.would_deny = True, reason, rule, would_deny
@@ -96,6 +102,8 @@ class FlowRecorder:
             verdict=flow_verdict(flow.allowed, flow.would_deny),
             reason=flow.reason,
             rule=flow.rule,
+            message=flow.message or None,
+            denial_id=flow.denial_id or None,
         )
         key = (record.protocol, record.verdict, record.rule)
         self.connections[key] = self.connections.get(key, 0) + 1

@@ -867,21 +867,33 @@ def sanitize_reason(text: str, limit: int = _REASON_LIMIT) -> str:
     return text[:limit].rstrip()
 
 
-def forbidden_parts(reason: str, rule: str = "") -> tuple[list[tuple[str, str]], bytes]:
-    """A policy denial's headers and body (the reason in `X-Gateway-Reason` and the body): the same answer from
-    the fast path (`http_forbidden`) and from the inspection tier, which frames it itself."""
+def forbidden_parts(
+    reason: str, rule: str = "", message: str = "", denial_id: str = ""
+) -> tuple[list[tuple[str, str]], bytes]:
+    """A policy denial's headers and body (the reason in `X-Gateway-Reason` and the body; the operator's message,
+    if any, in `X-Gateway-Message`; the denial's id in `X-Gateway-Denial-Id`): the same answer from the fast path
+    (`http_forbidden`) and from the inspection tier, which frames it itself."""
     clean = sanitize_reason(reason) or "denied"
     headers = [("Content-Type", "text/plain"), ("X-Gateway-Reason", clean)]
     clean_rule = sanitize_reason(rule)
     if clean_rule:
         headers.append(("X-Gateway-Rule", clean_rule))
+    body = f"Blocked by sandbox egress policy: {clean}\n"
+    clean_message = sanitize_reason(message)
+    if clean_message:
+        headers.append(("X-Gateway-Message", clean_message))
+        body += f"{clean_message}\n"
+    clean_id = sanitize_reason(denial_id)
+    if clean_id:
+        headers.append(("X-Gateway-Denial-Id", clean_id))
+        body += f"Denial id: {clean_id} (quote it to the operator)\n"
     headers.append(("Cache-Control", "no-store"))
-    return headers, f"Blocked by sandbox egress policy: {clean}\n".encode("ascii")
+    return headers, body.encode("ascii")
 
 
-def http_forbidden(reason: str, rule: str = "") -> bytes:
+def http_forbidden(reason: str, rule: str = "", message: str = "", denial_id: str = "") -> bytes:
     """`HTTP/1.1 403 Forbidden` and `Connection: close` (the engine closes the connection after writing it)."""
-    headers, body = forbidden_parts(reason, rule)
+    headers, body = forbidden_parts(reason, rule, message, denial_id)
     lines = ["HTTP/1.1 403 Forbidden", *(f"{name}: {value}" for name, value in headers)]
     lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
     return "\r\n".join(lines).encode("ascii") + body

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import string
 import struct
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from gateway.presets import BUILTIN_PRESETS
 from gateway.ratelimit import ConnectionRateLimiter
 from gateway.resolver import Upstream
 from gateway.state import PolicyContext, PolicyState
-from tests.factory import Clock, ede_of, query
+from tests.factory import DENIAL_SUFFIX, Clock, ede_of, query
 
 SERVER = ("127.0.0.1", 53)
 SB1, SB2 = ("10.75.0.1", 5301), ("10.75.0.2", 5302)
@@ -160,8 +161,13 @@ def test_a_denied_name_again_is_the_same_nxdomain_with_ede_and_is_logged(env: En
     first = ask(env.dns, packet)
     second = ask(env.dns, packet)
     assert slow_calls == [packet] and first == second
-    assert ede_of(second) == (15, "blocked by sandbox policy: host not in allowlist")
+    # The answer kept for the same packet again repeats its denial id: both records name the first denial.
+    code, text = ede_of(second, denial_id=True) or (0, "")
+    assert code == 15 and re.fullmatch(
+        r"blocked by sandbox policy: host not in allowlist \(denial [0-9a-f-]{19}\)", text
+    )
     log = env.dns.query_log("sb1")
+    assert log[0]["denial_id"] == log[1]["denial_id"] and log[0]["denial_id"] in text
     assert [(e["name"], e["rcode"], e["code"], e["allowed"]) for e in log] == [
         ("denied.example", "NXDOMAIN", Code.BLOCKED_POLICY, False)
     ] * 2
@@ -245,12 +251,14 @@ def test_the_rate_limit_holds_on_the_short_way(tmp_path: Path, slow_calls: list[
         ("REFUSED_RATE_LIMIT", "REFUSED", "deny"): 1,
     }
     assert env.dns.query_log("sb1", 1)[0]["code"] == Code.REFUSED_RATE_LIMIT
-    # The slow way refuses the same packet with the same bytes.
+    # The slow way refuses the same packet with the same bytes, but for the denial's own id.
     slow_way = env.interceptor()
     other = query("other.example")
     for _ in range(61):
         slow_way.handle_now(other, SB1, SERVER, "udp")
-    assert ask(slow_way, again) == refused
+    slow = ask(slow_way, again)
+    assert DENIAL_SUFFIX.sub("", slow.decode("latin-1")) == DENIAL_SUFFIX.sub("", refused.decode("latin-1"))
+    assert ede_of(slow, denial_id=True) != ede_of(refused, denial_id=True)
 
 
 @given(

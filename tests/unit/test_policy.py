@@ -487,14 +487,17 @@ GOOD_EGRESS_VALUES: dict[str, Any] = {
     "inspect": [{"hosts": ["api.github.com"]}],
     "allow_ech": ["cloudflare-ech.com"],
     "enforcement": "report",
+    "deny_messages": {"default:deny": "ask #platform"},
 }
+#: What every profile takes, isolated too: an operator's words to the sandbox grant nothing.
+EVERY_PROFILE_FIELDS = ("deny_messages",)
 
 
 def test_good_egress_values_cover_every_field() -> None:
     assert set(GOOD_EGRESS_VALUES) == set(EGRESS_FIELDS)
 
 
-@pytest.mark.parametrize("name", EGRESS_FIELDS)
+@pytest.mark.parametrize("name", [name for name in EGRESS_FIELDS if name not in EVERY_PROFILE_FIELDS])
 def test_isolated_takes_no_egress_field(name: str) -> None:
     egress: dict[str, Any] = {name: GOOD_EGRESS_VALUES[name]}
     if name == "allow_ports":
@@ -503,6 +506,15 @@ def test_isolated_takes_no_egress_field(name: str) -> None:
     assert error.code == "PROFILE_CONFLICT"
     assert error.field in (f"egress.{name}", "egress.allow_cidrs")
     assert "isolated" in error.message
+
+
+@pytest.mark.parametrize("profile", ["isolated", "registry", "allowlisted", "unrestricted"])
+def test_every_profile_takes_deny_messages(profile: str) -> None:
+    record = {"id": "sb1", "addresses": ["10.75.0.2"], "profile": profile, "egress": {"deny_messages": {"x": "y"}}}
+    assert sandbox_error(record).code == "INVALID_MESSAGE_RULE"  # validated, not refused by the profile
+    record["egress"] = {"deny_messages": {"profile:isolated": "no network here, by design"}}
+    parsed = sandbox(profile=profile, egress=record["egress"])
+    assert parsed.egress.deny_messages == {"profile:isolated": "no network here, by design"}
 
 
 def test_isolated_with_allow_all_is_a_profile_conflict() -> None:

@@ -12,7 +12,10 @@
 
 A denied name never reaches `FORWARD`, so it never leaves the gateway (no exfiltration through DNS). In
 report mode (`egress.enforcement: report`) a name only the allowlist would deny is forwarded like an
-allowed one, its decision marked `would_deny` (the verdict's, `gateway.decision.decide`).
+allowed one, its decision marked `would_deny` (the verdict's, `gateway.decision.decide`). A name a wildcard
+entry allows (or report mode lets through) is the sandbox's own making: its labels must pass the shape limits
+(`gateway.dns.budget.label_limit`, NXDOMAIN otherwise), and its FORWARD is marked `budgeted` for the server
+to check the sandbox's name budget before it goes upstream.
 Every decision carries a stable `code` (below) and the reason and rule of the policy verdict.
 
 Choices worth knowing:
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from dnslib import DNSHeader, DNSRecord
 
 from gateway.dns.blocklist import DomainBlocklist
+from gateway.dns.budget import label_limit
 from gateway.dns.config import DnsConfig
 from gateway.dns.wire import (
     BADVERS,
@@ -121,6 +125,9 @@ class Decision:
     would_deny: bool = False  # allowed (answered) only because the policy is in report mode
     message: str = ""  # a denial's: the operator's message for its rule
     denial_id: str = ""  # a denial's id, also in its EDE text
+    #: FORWARD of a name no entry spells out (a wildcard's, or one report mode lets through): it must pass the
+    #: sandbox's name budget before it goes upstream (gateway.dns.budget).
+    budgeted: bool = False
 
 
 def denial_text(reason: str, message: str, denial_id: str) -> str:
@@ -224,6 +231,14 @@ def decide_query(
                 soa=True,
                 ede=EDE_BLOCKED,
             )
+    budgeted = verdict.wildcard or verdict.would_deny
+    if budgeted:
+        # A wildcard matched the first label only; a name report mode lets through is the client's own throughout.
+        labels = query.name.split(".")
+        own = labels[:1] if verdict.wildcard else labels
+        limited = label_limit(own, config.max_label_length, config.max_label_entropy)
+        if limited is not None:
+            return answer(NXDOMAIN, limited.code, limited.reason, Rule.DNS_LABEL, soa=True, ede=EDE_BLOCKED)
     if policy.profile != "unrestricted" and query.qtype not in (T_A, T_AAAA) and query.qtype not in config.extra_qtypes:
         if query.qtype in EMPTY_QTYPES:
             return answer(
@@ -251,7 +266,18 @@ def decide_query(
             allowed=True,
             would_deny=verdict.would_deny,
         )
-    return Decision(FORWARD, query, None, -1, True, Code.FORWARDED, verdict.reason, verdict.label, verdict.would_deny)
+    return Decision(
+        FORWARD,
+        query,
+        None,
+        -1,
+        True,
+        Code.FORWARDED,
+        verdict.reason,
+        verdict.label,
+        verdict.would_deny,
+        budgeted=budgeted,
+    )
 
 
 # --------------------------------------------------------------------------- upstream answers

@@ -12,6 +12,9 @@ from gateway.config import OptionError, Section
 
 #: IXFR, AXFR and ANY are always refused.
 NEVER_FORWARDED = frozenset({251, 252, 255})
+#: Labels shorter than this are never judged random (max_label_entropy): a short label's entropy is capped by its
+#: length, and short random-looking labels are common on purpose (CDN ids such as d1a2b3c4.cloudfront.net).
+RANDOM_MIN_LENGTH = 20
 
 
 class DnsConfig(Section, frozen=True):
@@ -103,6 +106,49 @@ class DnsConfig(Section, frozen=True):
         ),
     ] = 4096
     max_inflight_per_sandbox: Annotated[int, Meta(ge=1, le=10_000_000, description="...and per sandbox.")] = 256
+    name_budget: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=1_000_000,
+            description="Distinct names a sandbox may send upstream per budget_window under wildcard allow entries "
+            "(and in report mode, names only report mode lets through; exact entries never count): past it a new name "
+            "is REFUSED (EDE DNS_NAME_BUDGET) until the window moves on; names already asked in the window keep "
+            "resolving. 0: off.",
+        ),
+    ] = 200
+    nxdomain_budget: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=1_000_000,
+            description="...and of those, names the upstream answered NXDOMAIN: past it a new name is REFUSED "
+            "(EDE DNS_NXDOMAIN_BUDGET). 0: off.",
+        ),
+    ] = 50
+    budget_window: Annotated[
+        float, Meta(ge=1, le=86_400, description="Seconds of the sliding window the two budgets count over.")
+    ] = 60.0
+    max_label_length: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=63,
+            description="Longest label a wildcard allow entry matches (63 is the protocol's); a longer one is "
+            "NXDOMAIN (EDE DNS_LABEL_LENGTH) and never goes upstream. 0: off.",
+        ),
+    ] = 40
+    max_label_entropy: Annotated[
+        float,
+        Meta(
+            ge=0,
+            le=6,
+            description=f"A label of {RANDOM_MIN_LENGTH} characters or more that a wildcard allow entry matches is "
+            "NXDOMAIN (EDE "
+            "DNS_LABEL_RANDOM) when its Shannon entropy is above this many bits per character (random base32/36 "
+            "text is 4.2-4.5 at 32-40 characters, hostnames made of words stay under 3.8). 0: off.",
+        ),
+    ] = 4.0
     query_log_size: Annotated[
         int, Meta(ge=0, le=1_000_000, description="Entries kept per sandbox in the query log.")
     ] = 1000

@@ -12,12 +12,13 @@ Two ways to listen, same handling:
 Per query (`DnsInterceptor.handle`): the sandbox is the owner of the source address in the live
 `PolicyState` (`state_provider()`); unknown sources are REFUSED. The pure `decide` says drop, answer or
 forward; the sandbox's `dns_queries_per_minute` is enforced (wait up to `rate_limit_max_wait`, then
-REFUSED); forwarded queries are answered from the sandbox's cache or sent to the upstreams with
-`gateway.resolver.exchange` (random id on the wire, UDP with TCP fallback, source checks), concurrent
-identical queries of one sandbox sharing one upstream exchange. Addresses of allowed A/AAAA answers go to
-`LearnedDestinations`; every query goes to the sandbox's query-log ring and, when a FlowLog is given, to
-the flow log (protocol "dns"). A bad packet can cost its own answer, never the server: each packet is
-handled in its own task under a catch-all, bounded in number.
+REFUSED); forwarded queries are answered from the sandbox's cache or, when a name a wildcard allowed fits
+the sandbox's name budget (`gateway.dns.budget`: REFUSED otherwise, never kept for `_answer_again`), sent
+to the upstreams with `gateway.resolver.exchange` (random id on the wire, UDP with TCP fallback, source
+checks), concurrent identical queries of one sandbox sharing one upstream exchange. Addresses of allowed
+A/AAAA answers go to `LearnedDestinations`; every query goes to the sandbox's query-log ring and, when a
+FlowLog is given, to the flow log (protocol "dns"). A bad packet can cost its own answer, never the
+server: each packet is handled in its own task under a catch-all, bounded in number.
 
 The common UDP cases, a name the sandbox asked before (a cached answer) and a denied name asked again,
 take a shorter way (`_answer_again`): the sandbox's cache keeps the response last sent to that very
@@ -56,11 +57,14 @@ from gateway.dns.answer import (
     failure_answer,
 )
 from gateway.dns.blocklist import DomainBlocklist
+from gateway.dns.budget import NameBudgets
 from gateway.dns.cache import CacheEntry, DnsCache, Ready
 from gateway.dns.config import DnsConfig
 from gateway.dns.wire import (
+    EDE_BLOCKED,
     EDE_NO_REACHABLE_AUTHORITY,
     EDE_OTHER,
+    NXDOMAIN,
     REFUSED,
     Code,
     Query,
@@ -161,24 +165,20 @@ def _log_dict(sandbox_id: str, entry: LogEntry) -> dict[str, Any]:
     ).to_dict()
 
 
-def _rate_limited(query: Query) -> tuple[bytes, Outcome]:
-    """REFUSED with the reason (EDE) for a query over its sandbox's rate limit, and its log outcome."""
+def _refused(
+    query: Query, code: Code, reason: str, rule: str, ede_code: int, would_deny: bool = False
+) -> tuple[bytes, Outcome]:
+    """REFUSED with the reason (EDE, with the denial's id) for a query over one of its sandbox's limits, and its
+    log outcome."""
     denial_id = new_denial_id()
-    ede = (EDE_OTHER, denial_text(RATE_LIMIT_REASON, "", denial_id))
-    response = render(synthetic(query, REFUSED), (), 0, query, ede=ede)
-    outcome = Outcome(
-        query.name,
-        query.type_name,
-        REFUSED,
-        (),
-        False,
-        Code.REFUSED_RATE_LIMIT,
-        RATE_LIMIT_REASON,
-        RATE_LIMIT_RULE,
-        False,
-        denial_id=denial_id,
-    )
-    return response, outcome
+    response = render(synthetic(query, REFUSED), (), 0, query, ede=(ede_code, denial_text(reason, "", denial_id)))
+    outcome = Outcome(query.name, query.type_name, REFUSED, (), False, code, reason, rule, False, would_deny)
+    return response, outcome._replace(denial_id=denial_id)
+
+
+def _rate_limited(query: Query) -> tuple[bytes, Outcome]:
+    """The answer to a query over its sandbox's rate limit."""
+    return _refused(query, Code.REFUSED_RATE_LIMIT, RATE_LIMIT_REASON, RATE_LIMIT_RULE, EDE_OTHER)
 
 
 @dataclass(slots=True)
@@ -213,6 +213,7 @@ class DnsInterceptor:
         limiter: ConnectionRateLimiter | None = None,
         cache: DnsCache | None = None,
         blocklist: DomainBlocklist | None = None,
+        budgets: NameBudgets | None = None,
     ) -> None:
         self.config = config
         self.state_provider = state_provider
@@ -227,6 +228,9 @@ class DnsInterceptor:
         if blocklist is None and config.malware_blocklist is not None:
             blocklist = DomainBlocklist(config.malware_blocklist, config.blocklist_check_interval)
         self.blocklist = blocklist
+        if budgets is None:
+            budgets = NameBudgets(config.name_budget, config.nxdomain_budget, config.budget_window)
+        self.budgets = budgets
         #: Every query once, when its fate is sealed: by (code, rcode of the answer or -1 when none was sent, allowed).
         #: The code stays beside the rcode: NXDOMAIN alone would not tell a policy block from a malware block,
         #: nor NOERROR a cached answer from a forwarded one.
@@ -505,6 +509,14 @@ class DnsInterceptor:
         assert query is not None  # FORWARD always has a query
         hit = self.cache.get(ctx.sandbox_id, query.name, query.qtype, query.do)
         if hit is None:
+            if decision.budgeted:  # it would go upstream: a new name must fit the sandbox's budget
+                limited = self.budgets.admit(ctx.sandbox_id, query.name)
+                if limited is not None:  # not kept for `_answer_again`: the window moves on
+                    response, outcome = _refused(
+                        query, limited.code, limited.reason, Rule.DNS_BUDGET, EDE_BLOCKED, decision.would_deny
+                    )
+                    self._record_pending(ctx, outcome, response)
+                    return response
             return ctx
         entry, elapsed = hit
         return self._deliver(ctx, entry.answer, elapsed, cached=True, entry=entry)
@@ -524,6 +536,8 @@ class DnsInterceptor:
                 return result
         assert ctx.decision is not None and ctx.decision.query is not None and ctx.policy is not None
         answer, entry = await self._forward(ctx.sandbox_id, ctx.decision.query, ctx.policy)
+        if answer.rcode == NXDOMAIN and ctx.decision.budgeted:
+            self.budgets.nxdomain(ctx.sandbox_id, ctx.decision.query.name)
         return self._deliver(ctx, answer, 0.0, cached=False, entry=entry)
 
     def _render(self, answer: Answer, elapsed: float, query: Query, transport: str) -> bytes:

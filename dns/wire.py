@@ -59,11 +59,15 @@ class Code(StrEnum):
     BLOCKED_POLICY = "BLOCKED_POLICY"
     BLOCKED_MALWARE = "BLOCKED_MALWARE"
     BLOCKED_NAME = "BLOCKED_NAME"  # labels with dots or unprintable bytes: no policy can match them
+    BLOCKED_LABEL_LENGTH = "BLOCKED_LABEL_LENGTH"  # the label a wildcard matched is over dns.max_label_length
+    BLOCKED_LABEL_RANDOM = "BLOCKED_LABEL_RANDOM"  # ... or looks random (dns.max_label_entropy)
     REFUSED_UNKNOWN_SANDBOX = "REFUSED_UNKNOWN_SANDBOX"
     REFUSED_ISOLATED = "REFUSED_ISOLATED"
     REFUSED_QTYPE = "REFUSED_QTYPE"
     REFUSED_CLASS = "REFUSED_CLASS"
     REFUSED_RATE_LIMIT = "REFUSED_RATE_LIMIT"
+    REFUSED_NAME_BUDGET = "REFUSED_NAME_BUDGET"  # a new name past dns.name_budget distinct names in the window
+    REFUSED_NXDOMAIN_BUDGET = "REFUSED_NXDOMAIN_BUDGET"  # a new name past dns.nxdomain_budget NXDOMAINs
     EMPTY_HTTPS = "EMPTY_HTTPS"
     EMPTY_QTYPE = "EMPTY_QTYPE"
     FORMERR = "FORMERR"

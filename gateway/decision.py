@@ -59,13 +59,16 @@ PROTOCOLS = ("tls", "http", "tcp", "udp", "dns")
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """The answer of `decide`: the rule that decided and, for a rule naming a policy entry, which entry.
-    `would_deny`: allowed only because the policy is in report mode; `rule` is the one that would deny."""
+    `would_deny`: allowed only because the policy is in report mode; `rule` is the one that would deny.
+    `wildcard`: allowed by a wildcard entry (`*.example.com`), so the name's first label is the client's own
+    choice (the DNS interceptor limits such names: gateway.dns.budget)."""
 
     allowed: bool
     reason: str
     rule: Rule
     detail: str = ""
     would_deny: bool = False
+    wildcard: bool = False
 
     @property
     def label(self) -> str:
@@ -537,7 +540,8 @@ def _decide(
             if parent is not None:
                 for ports, rule, detail in table.wildcard.get(parent, ()):
                     if ports is None or port is None or port in ports:
-                        return Verdict(True, f"host {name} allowed by {rule.label(detail)}", rule, detail)
+                        reason = f"host {name} allowed by {rule.label(detail)}"
+                        return Verdict(True, reason, rule, detail, wildcard=True)
                     port_miss = rule, detail
     if key is not None:
         allowed_by = policy._allow_nets.match(key)

@@ -53,6 +53,10 @@ class Rule(StrEnum):
     DNS_QTYPE = "dns:qtype"
     DNS_NAME = "dns:name"
     DNS_HTTPS = "dns:https"
+    #: A label under a wildcard entry over a shape limit (dns.max_label_length, dns.max_label_entropy).
+    DNS_LABEL = "builtin:dns_label"
+    #: A new name past the sandbox's distinct-name or NXDOMAIN budget (dns.name_budget, dns.nxdomain_budget).
+    DNS_BUDGET = "builtin:dns_budget"
     MALWARE_LIST = "malware list"
     # The operator's [invariants] (a detail names the assertion, resp. the ceiling template): enforced always.
     INVARIANT = "invariant"

@@ -22,6 +22,7 @@ from dnslib.server import BaseResolver
 
 from gateway.audit_config import AuditConfig
 from gateway.decision import DEFAULT_LIMITS
+from gateway.dns.budget import NameBudgets
 from gateway.dns.config import DnsConfig
 from gateway.dns.server import INTERNAL_ERROR, DnsInterceptor
 from gateway.dns.wire import Code
@@ -31,7 +32,7 @@ from gateway.presets import BUILTIN_PRESETS
 from gateway.resolver import Upstream
 from gateway.state import PolicyContext, PolicyState
 from tests import authdns
-from tests.factory import ede_of, query
+from tests.factory import Clock, ede_of, query
 
 ZONE: dict[str, list[tuple[str, Any, int]]] = {
     "one.test": [("A", "192.0.2.1", 300), ("AAAA", "2001:db8::1", 300), ("HTTPS", None, 300)],
@@ -41,6 +42,10 @@ ZONE: dict[str, list[tuple[str, Any, int]]] = {
     "txt.test": [("TXT", "hello from the zone", 300)],
     "signed.test": [("A", "192.0.2.7", 300)],
     "bad.example": [("A", "192.0.2.66", 300)],
+    **{
+        f"{n}.wild.test": [("A", f"192.0.2.{80 + i}", 300), ("AAAA", f"2001:db8::{80 + i}", 300)]
+        for i, n in enumerate(("a", "b", "c", "d"))
+    },
 }
 SIGNED = {"signed.test"}
 
@@ -103,6 +108,12 @@ SANDBOXES: dict[str, dict[str, Any]] = {
         "profile": "allowlisted",
         "egress": {"allow_hosts": ["one.test"]},
         "limits": {"dns_queries_per_minute": 60},
+    },
+    # Every name directly under wild.test, by a wildcard: the names it makes up are budgeted.
+    "sb-wild": {
+        "addresses": ["127.0.0.7"],
+        "profile": "allowlisted",
+        "egress": {"allow_hosts": ["*.wild.test", "one.test"]},
     },
 }
 
@@ -276,6 +287,61 @@ async def test_rate_limit_throttles_then_refuses(gw: Gateway) -> None:
     assert parsed(await ask_udp(gw.port, query("denied.test"), "127.0.0.3")).header.rcode == RCODE.NXDOMAIN
     codes = [e["code"] for e in gw.dns.query_log("sb-slow", 2)]
     assert codes == [Code.REFUSED_RATE_LIMIT, Code.BLOCKED_POLICY]  # the throttled query finished last
+
+
+async def test_name_budgets_refuse_new_names_under_a_wildcard_and_keep_known_ones(
+    upstream: tuple[Zone, int],
+) -> None:
+    zone, port = upstream
+    clock = Clock()
+    state = make_state()
+    budgets = NameBudgets(4, 2, 60.0, clock=clock)
+    dns = DnsInterceptor(DnsConfig(), lambda: state, upstreams=(Upstream("127.0.0.1", port),), budgets=budgets)
+    bound = await dns.start_plain("127.0.0.1", 0)
+    wild = "127.0.0.7"
+
+    async def rcode(name: str, qtype: str = "A") -> int:
+        return int(parsed(await ask_udp(bound, query(name, qtype), wild)).header.rcode)
+
+    try:
+        assert await rcode("a.wild.test") == RCODE.NOERROR
+        for name in ("gone1.wild.test", "gone2.wild.test"):  # made up: NXDOMAIN upstream; 2 is the NXDOMAIN budget
+            assert await rcode(name) == RCODE.NXDOMAIN
+        # A new name now: refused with the reason, and never asked upstream; the same packet again too (a refusal
+        # is not kept as the packet's ready answer: the window moves on).
+        for _ in range(2):
+            data = await ask_udp(bound, query("gone3.wild.test", edns=True), wild)
+            assert parsed(data).header.rcode == RCODE.REFUSED
+            assert ede_of(data) == (15, "DNS_NXDOMAIN_BUDGET: sandbox got more than 2 NXDOMAIN answers in 60 s")
+        assert zone.count("gone3.wild.test") == 0
+        # Known names keep resolving: cached, and another type of the same name goes upstream.
+        assert await rcode("A.Wild.Test.") == RCODE.NOERROR
+        assert await rcode("a.wild.test", "AAAA") == RCODE.NOERROR
+        assert zone.count("a.wild.test") == 2
+        # The sandbox's exact entry is not budgeted.
+        assert await rcode("one.test") == RCODE.NOERROR
+        (refused, *_) = [e for e in dns.query_log("sb-wild") if e["name"] == "gone3.wild.test"]
+        assert (refused["code"], refused["rule"], refused["rcode"], refused["allowed"]) == (
+            Code.REFUSED_NXDOMAIN_BUDGET,
+            "builtin:dns_budget",
+            "REFUSED",
+            False,
+        )
+        assert dns.query_counts()[(Code.REFUSED_NXDOMAIN_BUDGET, "REFUSED", "deny")] == 2
+        # The window moves on: the name goes upstream.
+        clock.now += 61
+        assert await rcode("gone3.wild.test") == RCODE.NXDOMAIN
+        assert zone.count("gone3.wild.test") == 1
+        # ... and the distinct-name budget (4): gone3 and three more, then a new name is refused.
+        for name in ("b.wild.test", "c.wild.test", "d.wild.test"):
+            assert await rcode(name) == RCODE.NOERROR
+        data = await ask_udp(bound, query("e.wild.test", edns=True), wild)
+        assert parsed(data).header.rcode == RCODE.REFUSED
+        assert ede_of(data) == (15, "DNS_NAME_BUDGET: sandbox queried more than 4 distinct names in 60 s")
+        assert zone.count("e.wild.test") == 0
+        assert await rcode("b.wild.test", "AAAA") == RCODE.NOERROR  # known: still resolves
+    finally:
+        await dns.close()
 
 
 async def test_unknown_source_and_isolated_are_refused_and_nothing_goes_upstream(gw: Gateway) -> None:

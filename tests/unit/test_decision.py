@@ -35,8 +35,10 @@ def split_label(label: str) -> tuple[Rule, str]:
     return Rule(rule), detail
 
 
-def host_allowed(name: str, rule: str) -> Verdict:
-    return Verdict(True, f"host {name} allowed by {rule}", *split_label(rule))
+def host_allowed(name: str, rule: str, *, wildcard: bool | None = None) -> Verdict:
+    """The verdict of an allow entry (`wildcard`: matched by a wildcard; by default, whether the rule names one)."""
+    matched_by_wildcard = "*." in rule if wildcard is None else wildcard
+    return Verdict(True, f"host {name} allowed by {rule}", *split_label(rule), wildcard=matched_by_wildcard)
 
 
 def cidr_allowed(cidr: str) -> Verdict:
@@ -408,7 +410,9 @@ def test_operator_preset() -> None:
     internal = make_preset("internal", ["*.corp.example", "git.corp.example"], [443, 8443])
     presets = {**BUILTIN_PRESETS, "internal": internal}
     p = policy(egress={"presets": ["internal"]}, presets=presets)
-    assert decide(p, "svc.corp.example", PUBLIC, 8443, "tls") == host_allowed("svc.corp.example", "preset internal")
+    assert decide(p, "svc.corp.example", PUBLIC, 8443, "tls") == host_allowed(
+        "svc.corp.example", "preset internal", wildcard=True
+    )
     assert decide(p, "svc.corp.example", PUBLIC, 80, "http") == port_denied(80, "svc.corp.example", "preset internal")
     # A preset removed from the configuration since the record was accepted grants nothing.
     sandbox = parse_sandbox(

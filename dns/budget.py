@@ -47,10 +47,17 @@ class Limited(NamedTuple):
     reason: str
 
 
+#: n·log2(n) for every count a character of a name can have (a name is at most 255 bytes).
+_N_LOG_N: Final = tuple(n * math.log2(n) if n else 0.0 for n in range(256))
+
+
 def label_entropy(label: str) -> float:
-    """Shannon entropy of the label's characters, in bits per character."""
+    """Shannon entropy of the label's characters (at most 255, as in a name), in bits per character:
+    log2(size) - Σ n·log2(n) / size."""
     size = len(label)
-    return -sum(n / size * math.log2(n / size) for n in Counter(label).values()) if size else 0.0
+    if not size:
+        return 0.0
+    return math.log2(size) - sum(_N_LOG_N[n] for n in Counter(label).values()) / size
 
 
 def label_limit(labels: list[str], max_length: int, max_entropy: float) -> Limited | None:

@@ -226,7 +226,18 @@ def test_an_empty_answer_given_after_the_policy_allowed_the_name_is_replayed_by_
     assert names(result.newly_denied) == [("pypi.org", None, "dns", 1)]
 
 
-@pytest.mark.parametrize("rule", ["dns:qtype", "dns:class", "dns:name", "parse", "malware list evil.test (line 3)"])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "dns:qtype",
+        "dns:class",
+        "dns:name",
+        "parse",
+        "malware list evil.test (line 3)",
+        "builtin:dns_label",  # the exfiltration limits: a candidate allowing the name does not lift them
+        "builtin:dns_budget",
+    ],
+)
 def test_dns_refusals_before_or_beside_the_policy_are_not_replayed(rule: str) -> None:
     result = diff([dns("evil.test", "deny", rule)], policy("unrestricted"))
     assert result.replayed == 0 and result.newly_allowed == []

@@ -165,14 +165,12 @@ def _log_dict(sandbox_id: str, entry: LogEntry) -> dict[str, Any]:
     ).to_dict()
 
 
-def _refused(
-    query: Query, code: Code, reason: str, rule: str, ede_code: int, would_deny: bool = False
-) -> tuple[bytes, Outcome]:
+def _refused(query: Query, code: Code, reason: str, rule: str, ede_code: int) -> tuple[bytes, Outcome]:
     """REFUSED with the reason (EDE, with the denial's id) for a query over one of its sandbox's limits, and its
-    log outcome."""
+    log outcome (a limit holds in report mode too: the query is denied, not `would_deny`)."""
     denial_id = new_denial_id()
     response = render(synthetic(query, REFUSED), (), 0, query, ede=(ede_code, denial_text(reason, "", denial_id)))
-    outcome = Outcome(query.name, query.type_name, REFUSED, (), False, code, reason, rule, False, would_deny)
+    outcome = Outcome(query.name, query.type_name, REFUSED, (), False, code, reason, rule, False)
     return response, outcome._replace(denial_id=denial_id)
 
 
@@ -512,9 +510,7 @@ class DnsInterceptor:
             if decision.budgeted:  # it would go upstream: a new name must fit the sandbox's budget
                 limited = self.budgets.admit(ctx.sandbox_id, query.name)
                 if limited is not None:  # not kept for `_answer_again`: the window moves on
-                    response, outcome = _refused(
-                        query, limited.code, limited.reason, Rule.DNS_BUDGET, EDE_BLOCKED, decision.would_deny
-                    )
+                    response, outcome = _refused(query, limited.code, limited.reason, Rule.DNS_BUDGET, EDE_BLOCKED)
                     self._record_pending(ctx, outcome, response)
                     return response
             return ctx

@@ -115,6 +115,12 @@ SANDBOXES: dict[str, dict[str, Any]] = {
         "profile": "allowlisted",
         "egress": {"allow_hosts": ["*.wild.test", "one.test"]},
     },
+    # Report mode lets every name through: those only report mode allows are budgeted too.
+    "sb-report": {
+        "addresses": ["127.0.0.8"],
+        "profile": "allowlisted",
+        "egress": {"allow_hosts": ["one.test"], "enforcement": "report"},
+    },
 }
 
 
@@ -340,6 +346,20 @@ async def test_name_budgets_refuse_new_names_under_a_wildcard_and_keep_known_one
         assert ede_of(data) == (15, "DNS_NAME_BUDGET: sandbox queried more than 4 distinct names in 60 s")
         assert zone.count("e.wild.test") == 0
         assert await rcode("b.wild.test", "AAAA") == RCODE.NOERROR  # known: still resolves
+        # Over TCP the same.
+        (data,) = await ask_tcp(bound, [query("e.wild.test", edns=True)], wild)
+        assert parsed(data).header.rcode == RCODE.REFUSED and ede_of(data) is not None
+        (data,) = await ask_tcp(bound, [query("b.wild.test")], wild)
+        assert parsed(data).header.rcode == RCODE.NOERROR
+        # Report mode: names only report mode lets through go upstream within the budgets, then are refused
+        # (denied, not `would_deny`: a limit holds in report mode).
+        for name in ("r1.other.test", "r2.other.test"):
+            assert parsed(await ask_udp(bound, query(name), "127.0.0.8")).header.rcode == RCODE.NXDOMAIN
+        assert parsed(await ask_udp(bound, query("r3.other.test"), "127.0.0.8")).header.rcode == RCODE.REFUSED
+        assert zone.count("r3.other.test") == 0
+        entry = dns.query_log("sb-report", 1)[0]
+        assert (entry["code"], entry["allowed"], entry["would_deny"]) == (Code.REFUSED_NXDOMAIN_BUDGET, False, False)
+        assert dns.query_log("sb-report", 2)[0]["would_deny"] is True  # r2 went upstream, allowed by report mode
     finally:
         await dns.close()
 

@@ -236,7 +236,7 @@ def decide_query(
         # A wildcard matched the first label only; a name report mode lets through is the client's own throughout.
         labels = query.name.split(".")
         own = labels[:1] if verdict.wildcard else labels
-        limited = label_limit(own, config.max_label_length, config.max_label_entropy)
+        limited = label_limit(own, config.max_label_length, config.max_label_alternations)
         if limited is not None:
             return answer(NXDOMAIN, limited.code, limited.reason, Rule.DNS_LABEL, soa=True, ede=EDE_BLOCKED)
     if policy.profile != "unrestricted" and query.qtype not in (T_A, T_AAAA) and query.qtype not in config.extra_qtypes:

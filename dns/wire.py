@@ -60,7 +60,7 @@ class Code(StrEnum):
     BLOCKED_MALWARE = "BLOCKED_MALWARE"
     BLOCKED_NAME = "BLOCKED_NAME"  # labels with dots or unprintable bytes: no policy can match them
     BLOCKED_LABEL_LENGTH = "BLOCKED_LABEL_LENGTH"  # the label a wildcard matched is over dns.max_label_length
-    BLOCKED_LABEL_RANDOM = "BLOCKED_LABEL_RANDOM"  # ... or looks random (dns.max_label_entropy)
+    BLOCKED_LABEL_RANDOM = "BLOCKED_LABEL_RANDOM"  # ... or looks random (dns.max_label_alternations)
     REFUSED_UNKNOWN_SANDBOX = "REFUSED_UNKNOWN_SANDBOX"
     REFUSED_ISOLATED = "REFUSED_ISOLATED"
     REFUSED_QTYPE = "REFUSED_QTYPE"

@@ -53,7 +53,7 @@ class Rule(StrEnum):
     DNS_QTYPE = "dns:qtype"
     DNS_NAME = "dns:name"
     DNS_HTTPS = "dns:https"
-    #: A label under a wildcard entry over a shape limit (dns.max_label_length, dns.max_label_entropy).
+    #: A label under a wildcard entry over a shape limit (dns.max_label_length, dns.max_label_alternations).
     DNS_LABEL = "builtin:dns_label"
     #: A new name past the sandbox's distinct-name or NXDOMAIN budget (dns.name_budget, dns.nxdomain_budget).
     DNS_BUDGET = "builtin:dns_budget"

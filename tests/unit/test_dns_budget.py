@@ -9,7 +9,7 @@ import string
 from dnslib import RCODE, DNSRecord
 
 from gateway.dns.answer import ANSWER, FORWARD, decide_packet
-from gateway.dns.budget import MAX_NAMES_UNBUDGETED, NameBudgets, label_entropy, label_limit
+from gateway.dns.budget import MAX_NAMES_UNBUDGETED, NameBudgets, label_alternations, label_limit
 from gateway.dns.config import DnsConfig
 from gateway.dns.wire import Code, parse_query
 from gateway.rules import Rule
@@ -31,6 +31,11 @@ ORDINARY = (
     "europe-west1-docker",
     "xn--mnchen-3ya",
     "objects-githubusercontent",
+    "my-company-artifacts-bucket-2024",  # 4.1 bits per character: an entropy test would have refused it
+    "prod-registry-k8s-io-us-east-1",
+    "ip-172-31-20-15-us-west-2",
+    "ec2-54-123-45-67-compute-1",
+    "pr-12345-preview-frontend-app",
     "a",
 )
 
@@ -45,7 +50,7 @@ def random_label(size: int, alphabet: str = string.ascii_lowercase + string.digi
 
 def test_ordinary_labels_pass_the_default_shape_limits() -> None:
     for label in ORDINARY:
-        assert label_limit([label], CONFIG.max_label_length, CONFIG.max_label_entropy) is None, label
+        assert label_limit([label], CONFIG.max_label_length, CONFIG.max_label_alternations) is None, label
         d = decide_packet(query(f"{label}.wild.test"), WILD, CONFIG)
         assert (d.action, d.budgeted) == (FORWARD, True), label
 
@@ -66,25 +71,37 @@ def test_a_long_label_under_a_wildcard_is_nxdomain_naming_the_limit() -> None:
     assert decide_packet(query(f"{'a' * 63}.wild.test"), WILD, DnsConfig(max_label_length=0)).action == FORWARD
 
 
-def test_a_random_label_under_a_wildcard_is_nxdomain_in_every_spelling() -> None:
-    label = random_label(32, string.ascii_lowercase + "234567")  # base32, as DNS tunnels encode
-    assert label_entropy(label) > CONFIG.max_label_entropy
+def test_alternations_count_switches_between_letters_and_digits() -> None:
+    expected = {"a1b2": 3, "web-2024": 0, "0a0a": 3, "abc": 0, "": 0, "k8s": 2, "x-1-y": 0}
+    assert {label: label_alternations(label) for label in expected} == expected
+
+
+def test_encoded_data_under_a_wildcard_is_nxdomain_in_every_spelling() -> None:
+    for alphabet in (string.hexdigits[:16], string.ascii_lowercase + "234567", string.ascii_lowercase + string.digits):
+        label = random_label(32, alphabet, seed=3)  # hex, base32, base36: as DNS tunnels encode
+        assert label_alternations(label) > CONFIG.max_label_alternations, label
+        assert decide_packet(query(f"{label}.wild.test"), WILD, CONFIG).code == Code.BLOCKED_LABEL_RANDOM, label
+    label = random_label(32, seed=3)
     for spelling in (f"{label}.wild.test", f"{label.upper()}.Wild.Test.", f"{label}.WILD.TEST"):
         d = decide_packet(query(spelling, edns=True), WILD, CONFIG)
         assert (d.rcode, d.code, d.rule) == (RCODE.NXDOMAIN, Code.BLOCKED_LABEL_RANDOM, Rule.DNS_LABEL), spelling
-        assert d.reason.startswith("DNS_LABEL_RANDOM: label under a wildcard entry looks random (")
+        alternations = label_alternations(label)
+        assert d.reason == (
+            f"DNS_LABEL_RANDOM: label under a wildcard entry looks random ({alternations} letter/digit alternations "
+            "in 32 characters, over dns.max_label_alternations 8)"
+        )
         assert ede_of(d.response) == (15, d.reason)
         answer = DNSRecord.parse(d.response)
         assert answer.auth and not answer.rr  # an SOA for negative caching, like every blocked name
     # Whatever the type asked: the name is refused, not answered empty.
     assert decide_packet(query(f"{label}.wild.test", "HTTPS"), WILD, CONFIG).code == Code.BLOCKED_LABEL_RANDOM
-    assert decide_packet(query(f"{label}.wild.test"), WILD, DnsConfig(max_label_entropy=0)).action == FORWARD
+    assert decide_packet(query(f"{label}.wild.test"), WILD, DnsConfig(max_label_alternations=0)).action == FORWARD
 
 
 def test_short_labels_are_never_judged_random() -> None:
     for size in (8, 12, 19):
         label = random_label(size, seed=size)
-        assert label_limit([label], 40, 0.5) is None  # however low the threshold
+        assert label_limit([label], 40, 1) is None  # however low the threshold
 
 
 def test_exact_entries_are_never_limited_only_wildcards_and_report_mode() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.factory import EgressEnv, delta, scrape, wait_until
+from tests.factory import DENIAL_SUFFIX, EgressEnv, delta, scrape, wait_until
 from tests.netns import INET_V4, Topology, live_namespaces
 
 NAME_BUDGET, NXDOMAIN_BUDGET = 10, 4
@@ -103,14 +103,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def answers(output: str) -> dict[str, tuple[str, str | None]]:
-    """dig's output for several names: name -> (status, EDE text or None)."""
+    """dig's output for several names: name -> (status, EDE text (without a denial's id) or None)."""
     found = {}
     for chunk in output.split("->>HEADER<<-")[1:]:
         status = re.search(r"status: (\w+)", chunk)
         question = re.search(r"QUESTION SECTION:\n;(\S+?)\.\s", chunk)
         ede = re.search(r"EDE: \d+ \(\w+\): \((.*)\)", chunk)
         assert status and question, chunk
-        found[question.group(1).lower()] = (status.group(1), ede.group(1) if ede else None)
+        text = DENIAL_SUFFIX.sub("", ede.group(1)) if ede else None
+        found[question.group(1).lower()] = (status.group(1), text)
     return found
 
 

@@ -49,7 +49,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.api_config import ApiToken
 from gateway.client import CUT_HEADER
-from gateway.decision import PROTOCOLS, CompiledPolicy, ExplainRequest, Verdict
+from gateway.decision import PROTOCOLS, ChainStep, CompiledPolicy, ExplainRequest, Verdict
 from gateway.destinations import Refusal
 from gateway.errors import Forbidden, GatewayError, NotFound
 from gateway.flowlog import MAX_LIST_LIMIT, FlowLog, FlowVerdict, check_batch_name, check_sandbox_id, now_us
@@ -748,7 +748,15 @@ async def explain(request: web.Request) -> web.Response:
     state = request.app[STORE_KEY].state
     state.get_sandbox(sandbox_id)  # unknown sandbox: 404 before input errors would mislead
     asked = parse_explain_query(query)
-    verdict, policy = state.explain(sandbox_id, asked.host, asked.address, asked.port, asked.protocol)
+    chain: list[ChainStep] = []
+    verdict, policy = state.explain(
+        sandbox_id,
+        asked.host,
+        asked.address,
+        asked.port,
+        asked.protocol,
+        lambda rule, result: chain.append(ChainStep(rule.label(), result)),
+    )
     verdict = _say_when_the_address_decides(verdict, policy, asked)
     if verdict.allowed and asked.address is not None and asked.port is not None:
         # The engine refuses these addresses whatever the verdict (report mode included): so does explain.
@@ -762,7 +770,14 @@ async def explain(request: web.Request) -> web.Response:
             reason=f"{verdict.reason}; excluded from inspection ([inspection] exclude_hosts): relayed opaque, the "
             "entry's HTTP rules and credentials do not apply",
         )
-    answer = {**verdict.to_dict(), "sandbox": sandbox_id, "request": asked.to_dict(), "policy": policy.describe()}
+    chain.append(ChainStep(verdict.label, verdict.reason, decided=True))
+    answer = {
+        **verdict.to_dict(),
+        "sandbox": sandbox_id,
+        "request": asked.to_dict(),
+        "chain": [step.to_dict() for step in chain],
+        "policy": policy.describe(),
+    }
     if asked.method is not None and asked.path is not None:
         http = answer["http"] = None if excluded else _explain_http(verdict, policy, asked.method, asked.path)
         if http is not None and not http["allowed"]:

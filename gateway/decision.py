@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, astuple, dataclass, replace
 from typing import Annotated, Any
 
@@ -99,6 +99,18 @@ class VerdictView:
             "enforce, `rule` would deny it."
         ),
     ] = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChainStep:
+    """One step of explain's precedence chain: a rule looked at, in `decide`'s order, and what it found."""
+
+    rule: Annotated[str, Note(description="The rule, as records show it (`deny_hosts`, `default:deny`).")]
+    result: Annotated[str, Note(description="What it found: why it passed the connection on, or the verdict.")]
+    decided: Annotated[bool, Note(description="The last step: the one whose verdict stands.")] = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,19 +443,27 @@ def decide(
     address: str | IPAddress | None,
     port: int | None,
     protocol: str,
+    note: Callable[[Rule, str], None] | None = None,
 ) -> Verdict:
     """The one decision function. Pure; fails closed; the reason says which rule decided.
 
     `hostname` is the TLS SNI, HTTP Host or DNS question (None when the connection
     carries no name). `address` is None for a DNS question, which is decided on the
     name alone. In report mode a denial by a reportable rule comes back allowed and `would_deny`.
+    `note`, when given (explain's precedence chain), is told each step that was looked at and did not decide.
     """
-    verdict = _decide(policy, hostname, address, port, protocol)
+    verdict = _decide(policy, hostname, address, port, protocol, note)
     if not verdict.allowed:
         if not policy.report or not verdict.rule.reportable:
             return verdict
+        if note:
+            note(verdict.rule, f"would deny ({verdict.reason}); report mode lets it pass")
         verdict = Verdict(True, f"report mode: would deny ({verdict.reason})", verdict.rule, verdict.detail, True)
-    return _within_ceilings(policy, verdict, hostname, address, port, protocol) if policy.ceilings else verdict
+    if not policy.ceilings:
+        return verdict
+    if note:
+        note(verdict.rule, verdict.reason)  # what the policy alone decided; the ceilings come after it
+    return _within_ceilings(policy, verdict, hostname, address, port, protocol, note)
 
 
 def _within_ceilings(
@@ -453,10 +473,13 @@ def _within_ceilings(
     address: str | IPAddress | None,
     port: int | None,
     protocol: str,
+    note: Callable[[Rule, str], None] | None = None,
 ) -> Verdict:
     """An allowing verdict, kept only where every ceiling of the policy allows the connection too."""
     for name, ceiling in policy.ceilings:
         bound = decide(ceiling, hostname, address, port, protocol)
+        if note and bound.allowed:
+            note(Rule.CEILING, f"template {name} allows it too ({bound.label})")
         if not bound.allowed:
             return Verdict(False, f"beyond the ceiling template {name}: {bound.reason}", Rule.CEILING, name)
         if bound.rule is Rule.INSPECT and (
@@ -480,14 +503,19 @@ def _decide(
     address: str | IPAddress | None,
     port: int | None,
     protocol: str,
+    note: Callable[[Rule, str], None] | None = None,
 ) -> Verdict:
-    """`decide` as enforced."""
+    """`decide` as enforced. `note` (explain's) hears each step that was looked at and did not decide."""
     if port is not None and port in _SMTP_VERDICTS:
         return _SMTP_VERDICTS[port]
+    if note:
+        note(Rule.SMTP, "not an SMTP port" if port is not None else "no port (a DNS question)")
     if policy._never_reach is not None:
         refused = policy._never_reach.refusal(address, port)
         if refused is not None:
             return refused
+        if note:
+            note(Rule.INVARIANT, "no [invariants] assertion forbids it")
     if policy.profile == "isolated":
         return _ISOLATED
     name = None
@@ -499,6 +527,8 @@ def _decide(
             return Verdict(
                 False, f"host {name} denied by {Rule.DENY_HOSTS.label(denied_by)}", Rule.DENY_HOSTS, denied_by
             )
+        if note:
+            note(Rule.DENY_HOSTS, f"no entry denies {name}")
     if protocol == "dns":
         # unrestricted resolves every name (also under mode deny_all, whose CIDR rules need names
         # to resolve). With allow_internet false, DNS still resolves and only connections are
@@ -507,6 +537,8 @@ def _decide(
             return _DNS_UNRESTRICTED
     elif not policy.allow_internet:
         return _NO_INTERNET
+    elif note:
+        note(Rule.NO_INTERNET, "egress allowed")
     key = None
     if address is not None:
         try:
@@ -520,8 +552,12 @@ def _decide(
                 verdict = Verdict(False, f"address in deny_cidrs {denied_by}", Rule.DENY_CIDRS, denied_by)
                 policy._deny_verdicts[denied_by] = verdict
             return verdict
+        if note and policy._deny_nets:
+            note(Rule.DENY_CIDRS, f"{address} is in no entry")
     if policy.allow_all:
         return _ALLOW_ALL
+    if note:
+        note(Rule.ALLOW_ALL, f"not in force (profile {policy.profile}): only what the policy lists is allowed")
     if hostname and name is None:  # not normalised above (no deny list): allow_all, the common case, skips it
         name = normalize_query_name(hostname)
     port_miss: tuple[Rule, str] | None = None
@@ -543,6 +579,11 @@ def _decide(
                         reason = f"host {name} allowed by {rule.label(detail)}"
                         return Verdict(True, reason, rule, detail, wildcard=True)
                     port_miss = rule, detail
+        if note:
+            missed = (
+                f"{port_miss[0].label(port_miss[1])} names it, not on port {port}" if port_miss else "none names it"
+            )
+            note(Rule.ALLOW_HOSTS, f"inspect entries, presets and allow_hosts for {name}: {missed}")
     if key is not None:
         allowed_by = policy._allow_nets.match(key)
         if allowed_by is not None:
@@ -554,6 +595,8 @@ def _decide(
                 return verdict
             if port_miss is None:
                 return Verdict(False, f"port {port} not in allow_ports for allow_cidrs {allowed_by}", Rule.ALLOW_PORTS)
+        elif note:
+            note(Rule.ALLOW_CIDRS, f"{address} is in no entry")
     if port_miss is not None:
         rule, detail = port_miss
         return Verdict(False, f"port {port} not allowed for host {name} ({rule.label(detail)})", rule, detail)

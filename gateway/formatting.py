@@ -97,7 +97,8 @@ def _header_condition(match: Mapping[str, Any]) -> str:
 
 def format_verdict(answer: Mapping[str, Any]) -> str:
     """`DENY  evil.com:443  host not in allowlist  (rule default:deny)`; with an HTTP request asked,
-    `DENY  POST api.github.com:443 /repos/x  read-only GitHub  (rule inspect api.github.com)`."""
+    `DENY  POST api.github.com:443 /repos/x  read-only GitHub  (rule inspect api.github.com)`; then the precedence
+    chain, a numbered line per rule looked at, the deciding one marked `=>`."""
     word = "WOULD-DENY" if answer.get("would_deny") else "ALLOW" if answer.get("allowed") else "DENY"
     request = answer.get("request") or {}
     target = _target(request)
@@ -108,6 +109,12 @@ def format_verdict(answer: Mapping[str, Any]) -> str:
     conditions = [_header_condition(match) for match in http.get("header_conditions", ())]
     if http.get("allowed") and conditions:
         line += f"\n  if its headers also match: {'; '.join(conditions)}"
+    steps = answer.get("chain") or ()
+    if steps:
+        line += "\n  precedence chain:" + "".join(
+            f"\n  {index:>3}. {'=> ' if step.get('decided') else ''}{step.get('rule')}: {step.get('result')}"
+            for index, step in enumerate(steps, 1)
+        )
     return line
 
 

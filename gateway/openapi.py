@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gateway import __version__
-from gateway.decision import ExplainRequest, PolicyView, VerdictView
+from gateway.decision import ChainStep, ExplainRequest, PolicyView, VerdictView
 from gateway.errors import ErrorBody
 from gateway.flowlog import BATCH_NAME_PATTERN, DENIAL_ID_PATTERN, MAX_LIST_LIMIT, BatchInfo, FlowRecord
 from gateway.nft import SteeringStatus
@@ -159,6 +159,12 @@ def _schemas() -> dict[str, Any]:
     explain["properties"] |= {
         "sandbox": {"type": "string"},
         "request": record_schema(ExplainRequest),
+        "chain": {
+            "type": "array",
+            "items": record_schema(ChainStep),
+            "description": "The precedence chain: each rule looked at, in the order decide applies them, with what "
+            "it found; the last one decided.",
+        },
         "policy": schema_ref("EffectivePolicy"),
         "http": nullable(
             object_schema(

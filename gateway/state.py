@@ -20,6 +20,7 @@ from gateway.errors import Conflict, ErrorBody, GatewayError, NotFound
 from gateway.invariants import Invariants, exceeds, never_reach_guard, violations
 from gateway.policy import IPNetwork, Limits, Sandbox, Template, parse_sandbox, parse_template
 from gateway.presets import Preset
+from gateway.rules import Rule
 from gateway.schema import Note
 
 SANDBOX = "sandbox"
@@ -119,12 +120,18 @@ class PolicyState:
             raise NotFound("TEMPLATE_NOT_FOUND", f"no template {name!r}", "name") from None
 
     def explain(
-        self, sandbox_id: str, hostname: str | None, address: str | None, port: int | None, protocol: str
+        self,
+        sandbox_id: str,
+        hostname: str | None,
+        address: str | None,
+        port: int | None,
+        protocol: str,
+        note: Callable[[Rule, str], None] | None = None,
     ) -> tuple[Verdict, CompiledPolicy]:
         policy = self.compiled.get(sandbox_id)
         if policy is None:
             raise NotFound("SANDBOX_NOT_FOUND", f"no sandbox {sandbox_id!r}", "id")
-        return decide(policy, hostname, address, port, protocol), policy
+        return decide(policy, hostname, address, port, protocol, note), policy
 
     def candidate(self, sandbox_id: str, raw: object) -> CompiledPolicy:
         """A candidate record for an existing sandbox, parsed and checked exactly as a replace (PUT) would be (the

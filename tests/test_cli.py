@@ -39,6 +39,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 # --------------------------------------------------------------------------- run / check-config
 
 
+def verdict_line(explained: str) -> str:
+    """What `gateway explain` prints before its precedence chain."""
+    return explained.split("  precedence chain:\n")[0]
+
+
 def test_run_on_redis_serves_api_writes_and_applies_writes_of_other_services(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -187,9 +192,16 @@ def test_sandbox_lifecycle_through_the_cli(server: Server, tmp_path: Path) -> No
     assert allow.stdout == (
         "ALLOW  api.github.com:443  host api.github.com allowed by allow_hosts api.github.com  "
         "(rule allow_hosts api.github.com)\n"
+        "  precedence chain:\n"
+        "    1. builtin:smtp: not an SMTP port\n"
+        "    2. invariant: no [invariants] assertion forbids it\n"
+        "    3. egress.allow_internet: egress allowed\n"
+        "    4. egress.mode:allow_all: not in force (profile allowlisted): only what the policy lists is allowed\n"
+        "    5. => allow_hosts api.github.com: host api.github.com allowed by allow_hosts api.github.com\n"
     )
     deny = gateway("explain", "cli-agent", "evil.com", server=server)
-    assert deny.stdout == "DENY  evil.com:443  host not in allowlist  (rule default:deny)\n"
+    assert verdict_line(deny.stdout) == "DENY  evil.com:443  host not in allowlist  (rule default:deny)\n"
+    assert "6. => default:deny: host not in allowlist" in deny.stdout, deny.stdout
     assert deny.returncode == 4  # a verdict, not a failure: its own exit code
     preset = gateway("explain", "cli-agent", "api.openai.com:8443", server=server)
     assert preset.stdout.startswith("DENY  api.openai.com:8443  port 8443 not allowed")
@@ -230,7 +242,9 @@ def test_allow_cidr_implies_deny_all(server: Server) -> None:
         "mode": "deny_all", "allow_cidrs": ["1.1.1.1/32", "1.0.0.1/32"], "allow_ports": [443],
     }  # fmt: skip
     ok = gateway("explain", "cli-cidr", "1.1.1.1:443", server=server)
-    assert ok.stdout == "ALLOW  1.1.1.1:443  address in allow_cidrs 1.1.1.1/32  (rule allow_cidrs 1.1.1.1/32)\n"
+    assert verdict_line(ok.stdout) == (
+        "ALLOW  1.1.1.1:443  address in allow_cidrs 1.1.1.1/32  (rule allow_cidrs 1.1.1.1/32)\n"
+    )
     port = gateway("explain", "cli-cidr", "--address", "1.1.1.1", "--port", "22", "--protocol", "tcp", server=server)
     assert port.stdout.startswith("DENY  1.1.1.1:22/tcp  port 22 not in allow_ports")
 
@@ -434,7 +448,7 @@ def test_the_readme_deny_host_example_and_host_port_entries(server: Server) -> N
     assert created.returncode == 0, created.stderr
     assert json.loads(created.stdout)["egress"] == {"deny_hosts": ["*.tracker.example", "ads.example:443"]}  # no mode
     denied = gateway("explain", "web-3", "x.tracker.example", server=server)
-    assert denied.returncode == 4 and denied.stdout == (
+    assert denied.returncode == 4 and verdict_line(denied.stdout) == (
         "DENY  x.tracker.example:443  host x.tracker.example denied by deny_hosts *.tracker.example  "
         "(rule deny_hosts *.tracker.example)\n"
     )
@@ -505,13 +519,13 @@ def test_explain_decides_an_http_request_on_an_inspected_host(server: Server) ->
     created = gateway("sandbox", "create", "--data", json.dumps(record), server=server)
     assert created.returncode == 0, created.stderr
     read = gateway("explain", "inspected", "api.github.com", "--method", "GET", "--path", "/repos/a?x=1", server=server)
-    assert (read.returncode, read.stdout) == (
+    assert (read.returncode, verdict_line(read.stdout)) == (
         0,
         "ALLOW  GET api.github.com:443 /repos/a  host api.github.com allowed by inspect api.github.com  "
         "(rule inspect api.github.com)\n  if its headers also match: accept: application/...\n",
     )
     write = gateway("explain", "inspected", "api.github.com", "--method", "POST", server=server)
-    assert (write.returncode, write.stdout) == (
+    assert (write.returncode, verdict_line(write.stdout)) == (
         4,
         "DENY  POST api.github.com:443 /  method POST not allowed (allowed: GET)  (rule inspect api.github.com)\n",
     )

@@ -907,3 +907,55 @@ def test_a_name_listed_on_a_port_is_still_denied_on_others_by_its_parents_wildca
     both = policy("unrestricted", {"deny_hosts": ["x.web.example:443", "*.web.example"]})
     assert decide(both, "x.web.example", PUBLIC, 8080, "http") == host_denied("x.web.example", "*.web.example")
     assert not both.name_allowed("x.web.example").allowed
+
+
+# --------------------------------------------------------------------------- explain's precedence chain
+
+
+CHAIN_CASES = [
+    ("allowlisted", {"allow_hosts": ["a.com:8443", "*.b.com"], "deny_hosts": ["x.b.com"]}, "a.com", PUBLIC, 443, "tls"),
+    (
+        "allowlisted",
+        {"allow_hosts": ["a.com:8443", "*.b.com"], "deny_hosts": ["x.b.com"]},
+        "y.b.com",
+        PUBLIC,
+        443,
+        "tls",
+    ),
+    (
+        "allowlisted",
+        {"allow_hosts": ["a.com:8443", "*.b.com"], "deny_hosts": ["x.b.com"]},
+        "x.b.com",
+        None,
+        None,
+        "dns",
+    ),
+    ("allowlisted", {"allow_cidrs": ["192.0.2.0/24"], "deny_cidrs": ["192.0.2.9/32"]}, None, "192.0.2.9", 22, "tcp"),
+    ("allowlisted", {"allow_cidrs": ["192.0.2.0/24"], "allow_ports": [443]}, None, "192.0.2.1", 22, "tcp"),
+    ("allowlisted", {"allow_hosts": ["a.com"], "enforcement": "report"}, "c.com", PUBLIC, 443, "tls"),
+    ("unrestricted", {}, "c.com", PUBLIC, 25, "tcp"),
+    ("unrestricted", {}, "c.com", PUBLIC, 443, "tls"),
+    ("isolated", {}, "c.com", PUBLIC, 443, "tls"),
+]
+
+
+@pytest.mark.parametrize(("profile", "egress", "host", "address", "port", "protocol"), CHAIN_CASES)
+def test_the_chain_explain_hears_does_not_change_the_verdict_and_follows_the_documented_order(
+    profile: str, egress: dict[str, object], host: str | None, address: str | None, port: int | None, protocol: str
+) -> None:
+    p = policy(profile, egress)
+    steps: list[Rule] = []
+    heard = decide(p, host, address, port, protocol, lambda rule, result: steps.append(rule))
+    assert heard == decide(p, host, address, port, protocol)
+    order = [Rule.SMTP, Rule.INVARIANT, Rule.DENY_HOSTS, Rule.NO_INTERNET, Rule.DENY_CIDRS, Rule.ALLOW_ALL,
+             Rule.ALLOW_HOSTS, Rule.ALLOW_CIDRS]  # fmt: skip
+    passed = [rule for rule in steps if not (heard.would_deny and rule is heard.rule)]
+    assert passed == sorted(passed, key=order.index), steps
+    if port in SMTP:
+        assert steps == []  # the first step decided
+    if profile == "isolated":
+        assert steps == [Rule.SMTP]
+    if heard.would_deny:
+        assert steps[-1] is heard.rule  # report mode says what would have denied, then lets it pass
+    if egress.get("deny_hosts") and host:
+        assert Rule.DENY_HOSTS in steps or heard.rule is Rule.DENY_HOSTS

@@ -173,7 +173,7 @@ class PolicyDiff:
 
 
 @dataclass(slots=True)
-class _Seen:
+class Seen:
     """The records of one distinct recorded flow (its rule included): how many, when the first and last ended."""
 
     count: int
@@ -222,7 +222,7 @@ class _Group:
     count: int = 0
     addresses: set[str] = field(default_factory=set)
 
-    def add(self, entry: _Seen, rule: str, address: str | None) -> None:
+    def add(self, entry: Seen, rule: str, address: str | None) -> None:
         self.count += entry.count
         self.first_us = min(self.first_us, entry.first_us)
         if entry.last_us >= self.last_us:
@@ -248,7 +248,7 @@ class _Group:
         )
 
 
-def _not_replayed(
+def why_not_replayed(
     protocol: str, verdict: str, rule: Rule | None, name: str | None, inspected: bool
 ) -> NotReplayedWhy | None:
     """Why a recorded flow is not decided again (None: it is)."""
@@ -268,7 +268,7 @@ def _not_replayed(
     return None
 
 
-def _name(hostname: str | None, protocol: str) -> str | None:
+def decided_name(hostname: str | None, protocol: str) -> str | None:
     """The name the engine decided the connection on: an HTTP Host that is an address is decided by address."""
     if not hostname:
         return None
@@ -278,12 +278,14 @@ def _name(hostname: str | None, protocol: str) -> str | None:
     return normalize_query_name(hostname)
 
 
-def replay(sandbox_id: str, batches: Iterable[bytes], candidate: CompiledPolicy, since_us: int) -> PolicyDiff:
-    """The candidate's diff over the batches (NDJSON, a flow record a line) of `sandbox_id`, for the records that
-    ended at or after `since_us`; records of other sandboxes are skipped, lines that are not records counted."""
-    # First the records, each reduced to its distinct recorded flow (most of a busy sandbox's records repeat a
-    # few thousand); then each distinct flow classified and decided once.
-    seen: dict[tuple[str | None, str, str, int, str, str, bool], _Seen] = {}
+#: A distinct recorded flow: (hostname, protocol, destination address, port, verdict, rule label, inspected).
+FlowKey = tuple[str | None, str, str, int, str, str, bool]
+
+
+def distinct_flows(sandbox_id: str, batches: Iterable[bytes], since_us: int) -> tuple[dict[FlowKey, Seen], int]:
+    """The distinct recorded flows of `sandbox_id` that ended at or after `since_us` in the batches (NDJSON, a
+    flow record a line), each with how many records and when; and how many lines are not records."""
+    seen: dict[FlowKey, Seen] = {}
     unreadable = 0
     for batch in batches:
         decoded, bad = _decode(batch)
@@ -295,31 +297,47 @@ def replay(sandbox_id: str, batches: Iterable[bytes], candidate: CompiledPolicy,
             key = (r.hostname, r.protocol, r.orig_dst_addr, r.orig_dst_port, r.verdict, r.rule, r.method is not None)
             entry = seen.get(key)
             if entry is None:
-                seen[key] = _Seen(1, end_us, end_us)
+                seen[key] = Seen(1, end_us, end_us)
                 continue
             entry.count += 1
             if end_us < entry.first_us:
                 entry.first_us = end_us
             if end_us >= entry.last_us:
                 entry.last_us = end_us
+    return seen, unreadable
+
+
+#: `decide`'s arguments after the policy: (name, address, port, protocol).
+DecisionKey = tuple[str | None, str | None, int | None, str]
+
+
+def decision_key_of(name: str | None, protocol: str, address: str, port: int) -> DecisionKey:
+    """What a recorded flow is decided on: a DNS question on its name alone, a connection on all four."""
+    return (name, None, None, "dns") if protocol == "dns" else (name, address, port, protocol)
+
+
+def replay(sandbox_id: str, batches: Iterable[bytes], candidate: CompiledPolicy, since_us: int) -> PolicyDiff:
+    """The candidate's diff over the batches (NDJSON, a flow record a line) of `sandbox_id`, for the records that
+    ended at or after `since_us`; records of other sandboxes are skipped, lines that are not records counted."""
+    # First the records, each reduced to its distinct recorded flow (most of a busy sandbox's records repeat a
+    # few thousand); then each distinct flow classified and decided once.
+    seen, unreadable = distinct_flows(sandbox_id, batches, since_us)
     records = replayed = unchanged_allowed = unchanged_denied = 0
-    verdicts: dict[tuple[str | None, str | None, int | None, str], Verdict] = {}
+    verdicts: dict[DecisionKey, Verdict] = {}
     changed: dict[tuple[bool, str | None, int | None, str], _Group] = {}
     skipped: dict[tuple[NotReplayedWhy, str], int] = {}
     rules: dict[str, Rule | None] = {}
     for (hostname, protocol, address, port, recorded, label, inspected), entry in seen.items():
         records += entry.count
         rule = rules[label] if label in rules else rules.setdefault(label, Rule.of_label(label))
-        name = _name(hostname, protocol)
-        why = _not_replayed(protocol, recorded, rule, name, inspected)
+        name = decided_name(hostname, protocol)
+        why = why_not_replayed(protocol, recorded, rule, name, inspected)
         if why is not None:
             skipped_key = (why, rule.value if rule is not None else label)
             skipped[skipped_key] = skipped.get(skipped_key, 0) + entry.count
             continue
         replayed += entry.count
-        decision_key: tuple[str | None, str | None, int | None, str] = (
-            (name, None, None, "dns") if protocol == "dns" else (name, address, port, protocol)
-        )
+        decision_key = decision_key_of(name, protocol, address, port)
         verdict = verdicts.get(decision_key)
         if verdict is None:
             verdict = verdicts[decision_key] = decide(candidate, *decision_key)

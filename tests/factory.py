@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -40,6 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.api import route_specs
 from gateway.decision import DEFAULT_LIMITS, CompiledPolicy, compile_policy
+from gateway.flowlog import FlowRecord, render
 from gateway.openapi import openapi_document
 from gateway.policy import parse_sandbox, parse_template
 from gateway.presets import BUILTIN_PRESETS, Preset
@@ -263,6 +265,54 @@ def policy(
         data["template"] = "tpl"
     sandbox = parse_sandbox(data, subnets=CONTEXT.subnets, known_presets=presets, known_secrets=CONTEXT.secrets)
     return compile_policy(sandbox, parsed_template, presets, CONTEXT.default_limits)
+
+
+# ------------------------------ flow records as the flow log writes them (tests/unit/test_replay.py, test_suggest.py)
+
+PUBLIC = "93.184.216.34"
+RECORDS_T0 = 1_700_000_000_000_000
+_clock = itertools.count(RECORDS_T0, 1_000_000)
+
+
+def flow(
+    hostname: str | None,
+    port: int = 443,
+    protocol: str = "tls",
+    verdict: str = "allow",
+    rule: str = "allow_hosts api.example.com",
+    *,
+    address: str = PUBLIC,
+    end_us: int | None = None,
+    sandbox: str = "sb1",
+    **extra: Any,
+) -> bytes:
+    """One record line as the flow log writes it."""
+    end = next(_clock) if end_us is None else end_us
+    record = FlowRecord(
+        start_us=end - 1000,
+        end_us=end,
+        sandbox=sandbox,
+        src_addr="10.75.0.2",
+        src_port=40000,
+        dst_addr=address,
+        dst_port=port,
+        orig_dst_addr=address,
+        orig_dst_port=port,
+        hostname=hostname,
+        protocol=protocol,  # type: ignore[arg-type]
+        bytes_up=10,
+        bytes_down=20,
+        duration_ms=1.0,
+        verdict=verdict,  # type: ignore[arg-type]
+        reason="recorded",
+        rule=rule,
+        **extra,
+    )
+    return render(record).encode()
+
+
+def dns(name: str, verdict: str = "allow", rule: str = "allow_hosts api.example.com") -> bytes:
+    return flow(name, 53, "dns", verdict, rule, address="10.75.0.1")
 
 
 # ------------------------------ genuine ClientHellos (tests/unit/test_peek.py)

@@ -2,62 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import pytest
 
 from gateway.decision import CompiledPolicy
 from gateway.errors import GatewayError
-from gateway.flowlog import FlowRecord, render
 from gateway.replay import MAX_SINCE_SECONDS, PolicyDiff, parse_since, replay
 from gateway.state import PolicyState
-from tests.factory import CONTEXT, policy
-
-PUBLIC = "93.184.216.34"
-T0 = 1_700_000_000_000_000
-_clock = itertools.count(T0, 1_000_000)
-
-
-def flow(
-    hostname: str | None,
-    port: int = 443,
-    protocol: str = "tls",
-    verdict: str = "allow",
-    rule: str = "allow_hosts api.example.com",
-    *,
-    address: str = PUBLIC,
-    end_us: int | None = None,
-    sandbox: str = "sb1",
-    **extra: Any,
-) -> bytes:
-    """One record line as the flow log writes it."""
-    end = next(_clock) if end_us is None else end_us
-    record = FlowRecord(
-        start_us=end - 1000,
-        end_us=end,
-        sandbox=sandbox,
-        src_addr="10.75.0.2",
-        src_port=40000,
-        dst_addr=address,
-        dst_port=port,
-        orig_dst_addr=address,
-        orig_dst_port=port,
-        hostname=hostname,
-        protocol=protocol,  # type: ignore[arg-type]
-        bytes_up=10,
-        bytes_down=20,
-        duration_ms=1.0,
-        verdict=verdict,  # type: ignore[arg-type]
-        reason="recorded",
-        rule=rule,
-        **extra,
-    )
-    return render(record).encode()
-
-
-def dns(name: str, verdict: str = "allow", rule: str = "allow_hosts api.example.com") -> bytes:
-    return flow(name, 53, "dns", verdict, rule, address="10.75.0.1")
+from tests.factory import CONTEXT, PUBLIC, RECORDS_T0, dns, flow, policy
 
 
 def diff(lines: list[bytes], candidate: CompiledPolicy, since_us: int = 0) -> PolicyDiff:
@@ -309,16 +262,16 @@ def test_the_inspection_tiers_request_records_are_not_replayed_but_their_connect
 
 def test_only_this_sandboxs_records_in_the_window_count_and_bad_lines_are_counted() -> None:
     lines = [
-        flow("pypi.org", end_us=T0 - 1),
-        flow("pypi.org", end_us=T0 + 5, sandbox="other"),
+        flow("pypi.org", end_us=RECORDS_T0 - 1),
+        flow("pypi.org", end_us=RECORDS_T0 + 5, sandbox="other"),
         b"{not json",
         b'{"start_us": "x"}',
-        flow("pypi.org", end_us=T0 + 6).replace(b'"verdict":"allow"', b'"verdict":"maybe"'),
-        flow("pypi.org", end_us=T0 + 7).replace(b'"protocol":"tls"', b'"protocol":"gopher"'),
+        flow("pypi.org", end_us=RECORDS_T0 + 6).replace(b'"verdict":"allow"', b'"verdict":"maybe"'),
+        flow("pypi.org", end_us=RECORDS_T0 + 7).replace(b'"protocol":"tls"', b'"protocol":"gopher"'),
         b"",
-        flow("pypi.org", end_us=T0 + 10),
+        flow("pypi.org", end_us=RECORDS_T0 + 10),
     ]
-    result = diff(lines, policy("allowlisted", {"allow_hosts": ["api.example.com"]}), since_us=T0)
+    result = diff(lines, policy("allowlisted", {"allow_hosts": ["api.example.com"]}), since_us=RECORDS_T0)
     assert (
         result.records == 1 and result.unreadable == 4 and names(result.newly_denied) == [("pypi.org", 443, "tls", 1)]
     )

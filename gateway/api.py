@@ -33,12 +33,13 @@ merge patch (RFC 7396) applied to the stored record and validated as a whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import json
 import logging
 import typing
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final
@@ -63,6 +64,7 @@ from gateway.querylog import QueryLog
 from gateway.replay import DEFAULT_SINCE, MAX_SINCE_SECONDS, parse_since, replay
 from gateway.rules import Rule
 from gateway.stores.base import PolicyStore
+from gateway.suggest import check_applicable, kept_record, suggest
 from gateway.tunnel.store import TunnelStore
 from gateway.untrusted import InvalidJson, parse_decimal, parse_json
 
@@ -162,7 +164,8 @@ TOKENS_KEY: Final = web.AppKey("tokens", ApiTokens)
 PRESETS_KEY: Final[web.AppKey[Mapping[str, Preset]]] = web.AppKey("presets")
 ROUTES_KEY: Final[web.AppKey[dict[tuple[str, str], RouteSpec]]] = web.AppKey("routes")  # by (method, path)
 WRITE_LOCK_KEY: Final = web.AppKey("write_lock", asyncio.Lock)
-#: Held while a policy diff replays: one at a time, since a replay's CPU is the data plane's too (the GIL).
+#: Held while a policy diff replays or a suggestion reads the flow log: one at a time, since their CPU is the
+#: data plane's too (the GIL).
 REPLAY_LOCK_KEY: Final = web.AppKey("replay_lock", asyncio.Lock)
 FLOWS_KEY: Final = web.AppKey("flows", FlowLog)  # absent when the API was built without a flow log
 
@@ -792,17 +795,43 @@ async def policy_diff(request: web.Request) -> web.Response:
     state.get_sandbox(sandbox_id)  # a candidate is for a sandbox that exists, as a PUT's record is
     seconds = parse_since(query.get("since", DEFAULT_SINCE))
     candidate = state.candidate(sandbox_id, await _read_json(request))
-    lock = request.app[REPLAY_LOCK_KEY]
-    if lock.locked():  # refused rather than queued: waiting callers would hold the CPU one after another
-        raise GatewayError("REPLAY_BUSY", "another policy diff is replaying on this gateway; try again when it ends",
-                           status=503)  # fmt: skip
-    async with lock:
+    async with _replaying(request):
         since_us = now_us() - seconds * 1_000_000
         # Reading the batches and deciding every distinct flow: off the event loop, which runs the data plane.
         diff = await asyncio.to_thread(
             lambda: replay(sandbox_id, flows.batches_since(sandbox_id, since_us), candidate, since_us)
         )
     return web.json_response(diff.to_dict())
+
+
+async def policy_suggest(request: web.Request) -> web.Response:
+    query = _params()
+    flows, sandbox_id = _audit_sandbox(request)
+    state = request.app[STORE_KEY].state
+    sandbox = state.get_sandbox(sandbox_id)  # batches outlive a record, but a suggestion replaces one
+    seconds = parse_since(query.get("since", DEFAULT_SINCE))
+    kept = state.candidate(sandbox_id, kept_record(sandbox))
+    check_applicable(sandbox, kept)
+    async with _replaying(request):
+        since_us = now_us() - seconds * 1_000_000
+        suggestion = await asyncio.to_thread(
+            lambda: suggest(sandbox, flows.batches_since(sandbox_id, since_us), kept, since_us)
+        )
+    # Checked on the event loop, which owns the policy state: the record is one a PUT would take.
+    state.candidate(sandbox_id, suggestion.record)
+    return web.json_response(suggestion.to_dict())
+
+
+@contextlib.asynccontextmanager
+async def _replaying(request: web.Request) -> AsyncIterator[None]:
+    """The gateway's one flow-log reading slot (policy diff, policy suggest), or REPLAY_BUSY (503): refused
+    rather than queued, since waiting callers would hold the CPU one after another."""
+    lock = request.app[REPLAY_LOCK_KEY]
+    if lock.locked():
+        raise GatewayError("REPLAY_BUSY", "another policy diff or suggestion is reading the flow log on this "
+                           "gateway; try again when it ends", status=503)  # fmt: skip
+    async with lock:
+        yield
 
 
 # --------------------------------------------------------------------------- handlers: audit batches
@@ -1348,7 +1377,7 @@ def route_specs() -> tuple[RouteSpec, ...]:
                 409: "PROFILE_IMMUTABLE: the candidate's profile differs from the stored one. ADDRESS_IN_USE.",
                 413: None,
                 415: None,
-                503: f"{_AUDIT_DISABLED} REPLAY_BUSY: another diff is replaying on this gateway (one at a time).",
+                503: f"{_AUDIT_DISABLED} REPLAY_BUSY: a diff or a suggestion is reading the flow log (one at a time).",
             },
             body=Body(
                 "SandboxReplace",
@@ -1368,6 +1397,39 @@ def route_specs() -> tuple[RouteSpec, ...]:
             "decided by address only (by_address_only: a name learned from the gateway's DNS could decide them "
             "otherwise); records a guard, a limit or the inspection tier decided, and tunnel requests, are not "
             "replayed but counted in not_replayed. Needs audit:read: the answer names the sandbox's destinations.",
+        ),
+        RouteSpec(
+            "GET",
+            f"{sandbox_id}/policy/suggest",
+            policy_suggest,
+            "audit:read",
+            "sandboxes.policy_suggest",
+            "The smallest allowlist that would have allowed the recorded flows and DNS queries, as a candidate record",
+            "sandboxes",
+            {200: Answer("The suggestion and its evidence; nothing is applied.", "PolicySuggestion")},
+            {
+                400: "INVALID_PARAMETER (since), UNKNOWN_PARAMETER.",
+                404: "SANDBOX_NOT_FOUND.",
+                409: "SUGGEST_NOT_APPLICABLE: no allowlist applies to the sandbox (profile registry or isolated, "
+                "allow_all, allow_internet false). SUGGESTION_TOO_LARGE: more entries than a list holds. "
+                "ADDRESS_IN_USE: the record changed meanwhile.",
+                503: f"{_AUDIT_DISABLED} REPLAY_BUSY: a diff or a suggestion is reading the flow log (one at a time).",
+            },
+            query=(
+                Query(
+                    "since",
+                    {"type": "string", "pattern": "^[1-9][0-9]{0,6}[smhd]$", "default": DEFAULT_SINCE},
+                    f"How far back to read: 90s, 30m, 24h, 7d (at most {MAX_SINCE_SECONDS // 86400}d).",
+                ),
+            ),
+            description="A GET: it takes no body and changes nothing. The window's flows and DNS questions the "
+            "sandbox's allowlist decided (allowed, denied, or would-deny in report mode) become allow_hosts "
+            "entries (a name with its port unless host_ports covers it, 443 by default; three or more names one "
+            "label under a parent that is not a top-level domain or a public-suffix-like pair as `*.parent`) and, "
+            "for flows that carried no name, /32 or /128 allow_cidrs entries with their ports in allow_ports. "
+            "Records a built-in guard, a limit or a rule the record keeps decided are counted in `excluded`, never "
+            "listed. `record` is the current record with those lists replaced (the enforcement mode stays), "
+            "checked as a PUT would check it. Needs audit:read: the answer names the sandbox's destinations.",
         ),
         RouteSpec(
             "GET",

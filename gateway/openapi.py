@@ -51,6 +51,7 @@ from gateway.replay import PolicyDiff
 from gateway.schema import object_schema, record_schema
 from gateway.state import Rejection
 from gateway.stores.base import StoreStatus
+from gateway.suggest import PolicySuggestion
 from gateway.tunnel import model as tunnel_model
 
 JSON: Final = "application/json"
@@ -238,6 +239,7 @@ def _schemas() -> dict[str, Any]:
         ),
         "DnsQuery": record_schema(DnsQuery),
         "PolicyDiff": record_schema(PolicyDiff),
+        "PolicySuggestion": record_schema(PolicySuggestion),
         "DnsLog": _list_of("queries", "DnsQuery"),
         "TunnelCreate": object_schema(tunnel_model.REQUEST_SCHEMA, ["port"]),
         "Tunnel": record_schema(tunnel_model.TunnelView),

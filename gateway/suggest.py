@@ -21,14 +21,14 @@ allow (presets, inspect entries), names or ports no entry can express, and the r
 either (learned names, unread denials, inspected requests, tunnels).
 
 The candidate is the current record with allow_hosts, allow_cidrs and allow_ports (and host_ports when a bare
-entry needs it) replaced; everything else, the enforcement mode included, stays. It is compiled with the
-caller's `compile` (the policy parser, as a PUT takes a record), so a suggestion that would not parse raises.
+entry needs it) replaced; everything else, the enforcement mode included, stays. The caller compiles it as a PUT
+would take it (the API does; a suggestion the parser refused would be refused with the parser's error).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Final, Literal
 
@@ -40,7 +40,7 @@ from gateway.replay import Seen, decided_name, decision_key_of, distinct_flows, 
 from gateway.rules import Rule
 from gateway.schema import Note
 
-__all__ = ["MIN_SIBLINGS", "PolicySuggestion", "SuggestedEntry", "suggest"]
+__all__ = ["MIN_SIBLINGS", "PolicySuggestion", "SuggestedEntry", "check_applicable", "kept_record", "suggest"]
 
 #: Distinct names one label under a parent that become `*.parent`.
 MIN_SIBLINGS: Final = 3
@@ -249,18 +249,19 @@ def check_applicable(sandbox: Sandbox, kept: CompiledPolicy) -> None:
                            status=409)  # fmt: skip
 
 
-def suggest(
-    sandbox: Sandbox,
-    batches: Iterable[bytes],
-    compile_record: Callable[[dict[str, Any]], CompiledPolicy],
-    since_us: int,
-) -> PolicySuggestion:
-    """The suggestion for `sandbox` from the batches' records that ended at or after `since_us`. `compile_record`
-    parses and compiles a record as a PUT of it would (its GatewayErrors propagate)."""
+def kept_record(sandbox: Sandbox) -> dict[str, Any]:
+    """The sandbox's record without its allowlist (the replaced fields set empty, so a template's do not come
+    back): compiled, what decides the flows the suggestion needs no entry for."""
     current = sandbox.to_dict()
-    kept_record = {**current, "egress": {**current["egress"], **{name: [] for name in REPLACED_FIELDS}}}
-    kept = compile_record(kept_record)
+    return {**current, "egress": {**current["egress"], **{name: [] for name in REPLACED_FIELDS}}}
+
+
+def suggest(sandbox: Sandbox, batches: Iterable[bytes], kept: CompiledPolicy, since_us: int) -> PolicySuggestion:
+    """The suggestion for `sandbox` from the batches' records that ended at or after `since_us`. `kept` is
+    `kept_record(sandbox)` compiled as a PUT of it would be; the caller checks the answer's record the same way
+    (here it is only built: parsing reads the live policy state, which belongs to the caller's thread)."""
     check_applicable(sandbox, kept)
+    current = sandbox.to_dict()
     bare_ports = frozenset(kept.effective_egress.host_ports or (DEFAULT_BARE_PORT,))
 
     seen, unreadable = distinct_flows(sandbox.id, batches, since_us)
@@ -324,7 +325,6 @@ def suggest(
     if not kept.effective_egress.host_ports and any(":" not in entry for entry in host_entries):
         egress["host_ports"] = [DEFAULT_BARE_PORT]
     candidate = {**current, "egress": egress}
-    compile_record(candidate)  # the policy parser takes it, or its error says why
     entries = [host_entries[e].view(e, "allow_hosts") for e in sorted(host_entries)]
     entries += [cidr_entries[net].view(net, "allow_cidrs") for net in cidr_order]
     return PolicySuggestion(

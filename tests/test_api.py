@@ -1624,6 +1624,74 @@ async def test_policy_diff_needs_audit_read_a_sandbox_and_a_flow_log(audit_api: 
     await audit_api.call("POST", "/v1/sandboxes/agent-1/policy/diff", NARROWER, expect=200)
 
 
+# --------------------------------------------------------------------------- policy suggest
+
+
+async def test_policy_suggest_answers_a_record_a_put_takes_that_newly_denies_nothing(
+    audit_api: Api, flows: FlowLog, store: EmbeddedStore
+) -> None:
+    await audit_api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    now = now_us()
+    flows.record(
+        flow_record("agent-1", now - 3 * HOUR_US, hostname="old.example.com", rule="allow_hosts *.example.com")
+    )
+    flows.record(
+        flow_record("agent-1", now - HOUR_US // 2, hostname="docs.example.com", rule="allow_hosts *.example.com")
+    )
+    flows.record(
+        flow_record(
+            "agent-1",
+            now - 1000,
+            hostname="new.test",
+            dst_port=8443,
+            orig_dst_port=8443,
+            verdict="deny",
+            rule="default:deny",
+        )
+    )
+    flows.record(flow_record("agent-1", now - 998, hostname=None, dst_port=22, orig_dst_port=22, protocol="tcp",
+                             verdict="deny", rule="builtin:metadata"))  # fmt: skip
+    await flows.flush()
+    before = (store.path.read_bytes(), (await audit_api.call("GET", "/v1/sandboxes/agent-1")).body)
+
+    answer = (await audit_api.call("GET", "/v1/sandboxes/agent-1/policy/suggest?since=1h", token="auditor",
+                                   expect=200)).body  # fmt: skip
+    assert [(e["entry"], e["records"], e["denied_records"]) for e in answer["entries"]] == [
+        ("docs.example.com", 1, 0),
+        ("new.test:8443", 1, 1),
+    ]
+    assert (answer["records"], answer["covered_records"]) == (3, 2)  # old.example.com is before the window
+    assert [(e["why"], e["rule"], e["count"]) for e in answer["excluded"]] == [("guard", "builtin:metadata", 1)]
+    record = answer["record"]
+    assert record["egress"]["allow_hosts"] == ["docs.example.com", "new.test:8443"]
+    assert {k: v for k, v in record.items() if k != "egress"} == {k: v for k, v in before[1].items() if k != "egress"}
+    assert (store.path.read_bytes(), (await audit_api.call("GET", "/v1/sandboxes/agent-1")).body) == before
+
+    # Tried, then applied, as the README says: the diff denies nothing it used; the PUT takes the record.
+    diff = (await audit_api.call("POST", "/v1/sandboxes/agent-1/policy/diff?since=1h", record, expect=200)).body
+    assert diff["newly_denied"] == [] and [g["name"] for g in diff["newly_allowed"]] == ["new.test"]
+    await audit_api.call("PUT", "/v1/sandboxes/agent-1", record, expect=200)
+
+
+async def test_policy_suggest_needs_audit_read_a_sandbox_an_allowlist_and_a_flow_log(audit_api: Api, api: Api) -> None:
+    await audit_api.call("POST", "/v1/sandboxes", ALLOWLISTED, expect=201)
+    path = "/v1/sandboxes/agent-1/policy/suggest"
+    assert (await audit_api.call("GET", path, token="reader", expect=403)).code == "INSUFFICIENT_SCOPE"
+    assert (await audit_api.call("GET", "/v1/sandboxes/ghost/policy/suggest", expect=404)).code == "SANDBOX_NOT_FOUND"
+    for query, code in (("?since=31d", "INVALID_PARAMETER"), ("?since=", "INVALID_PARAMETER"),
+                        ("?window=1h", "UNKNOWN_PARAMETER")):  # fmt: skip
+        assert (await audit_api.call("GET", path + query, expect=400)).code == code
+    quiet = (await audit_api.call("GET", path, expect=200)).body
+    assert (quiet["records"], quiet["entries"], quiet["record"]["egress"]["allow_hosts"]) == (0, [], [])
+    assert (await api.call("GET", path, expect=503)).code == "AUDIT_DISABLED"
+    async with audit_api.client.server.app[REPLAY_LOCK_KEY]:
+        assert (await audit_api.call("GET", path, expect=503)).code == "REPLAY_BUSY"
+    await audit_api.call("POST", "/v1/sandboxes", {"id": "reg-1", "addresses": ["10.75.0.11"], "profile": "registry"},
+                         expect=201)  # fmt: skip
+    refused = await audit_api.call("GET", "/v1/sandboxes/reg-1/policy/suggest", expect=409)
+    assert refused.code == "SUGGEST_NOT_APPLICABLE" and "profile registry" in refused.body["message"]
+
+
 async def test_batches_since_reads_the_window_and_the_batch_before_it(flows: FlowLog, tmp_path: Path) -> None:
     assert list(flows.batches_since("agent-1", 0)) == []  # no batches yet: nothing, no error
     await _write_batches(flows, "agent-1", 4)  # batches first written at T0, T0+1000, T0+2000, T0+3000

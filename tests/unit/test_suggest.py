@@ -14,7 +14,7 @@ from gateway.errors import GatewayError
 from gateway.policy import MAX_LIST_ENTRIES
 from gateway.replay import replay
 from gateway.state import PolicyState
-from gateway.suggest import MIN_SIBLINGS, PolicySuggestion, suggest, wildcard_parent
+from gateway.suggest import MIN_SIBLINGS, PolicySuggestion, kept_record, suggest, wildcard_parent
 from tests.factory import CONTEXT, PUBLIC, dns, flow
 
 DENY = {"verdict": "deny", "rule": "default:deny"}
@@ -36,8 +36,9 @@ def run(lines: list[bytes], egress: Any = None, *, profile: str = "allowlisted",
     sandbox = state.parse_sandbox(raw)
     state.check_sandbox(sandbox, create=True)
     state.set_sandbox(sandbox)
-    result = suggest(sandbox, [b"\n".join(lines)], lambda data: state.candidate("sb1", data), since_us)
-    parsed = state.parse_sandbox(result.record)  # as a PUT of it would parse it (raises if it does not)
+    result = suggest(sandbox, [b"\n".join(lines)], state.candidate("sb1", kept_record(sandbox)), since_us)
+    state.candidate("sb1", result.record)  # as a PUT of it would take it (raises if it would not)
+    parsed = state.parse_sandbox(result.record)
     assert list(parsed.egress.allow_hosts or ()) == result.record["egress"]["allow_hosts"]
     enforced = {**result.record, "egress": {**result.record["egress"], "enforcement": "enforce"}}
     diff = replay("sb1", [b"\n".join(lines)], state.candidate("sb1", enforced), since_us)

@@ -65,6 +65,7 @@ from gateway.formatting import (
     sandbox_rows,
     status_block,
     store_description,
+    suggestion_block,
     template_rows,
 )
 from gateway.settings import Config
@@ -137,8 +138,22 @@ def cmd_explain(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_policy(ctx: Context, args: argparse.Namespace) -> None:
-    """`policy diff`: the candidate record replayed against the sandbox's recorded flows; nothing is applied."""
-    ctx.emit(ctx.client.policy_diff(args.sandbox, require_body(args), since=args.since), diff_block)
+    """`policy diff`: the candidate record replayed against the sandbox's recorded flows; `policy suggest`: the
+    smallest allowlist those flows needed, as a record (`--write FILE` saves it). Nothing is applied."""
+    if args.action == "diff":
+        ctx.emit(ctx.client.policy_diff(args.sandbox, require_body(args), since=args.since), diff_block)
+        return
+    answer = ctx.client.policy_suggest(args.sandbox, since=args.since)
+    hint = f"gateway policy suggest {args.sandbox} --write FILE     # the record, to review and edit"
+    if args.write is not None:
+        try:
+            with open(args.write, "w", encoding="utf-8") as out:
+                json.dump(answer.data["record"], out, indent=2)
+                out.write("\n")
+        except OSError as exc:
+            raise CliExit(EXIT_USAGE, f"cannot write {args.write}: {exc.strerror}") from None
+        hint = f"the record is in {args.write}: review it, then use it as FILE"
+    ctx.emit(answer, lambda data: suggestion_block(data, hint))
 
 
 def cmd_status(ctx: Context, args: argparse.Namespace) -> None:
@@ -479,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sandbox")
     _body_options(p)
     p.add_argument("--since", metavar="DURATION", help="how far back: 90s, 30m, 24h (default), 7d; at most 30d")
+    p = policy.add_parser(
+        "suggest", parents=[common], help="the smallest allowlist the recorded flows needed, as a record to apply"
+    )
+    p.add_argument("sandbox")
+    p.add_argument("--since", metavar="DURATION", help="how far back: 90s, 30m, 24h (default), 7d; at most 30d")
+    p.add_argument("--write", metavar="FILE", help="also write the candidate record (JSON) to FILE")
 
     commands.add_parser("status", parents=[common], help="store backend, counts, rejected records")
     commands.add_parser("presets", parents=[common], help="list presets")

@@ -194,6 +194,11 @@ class ApiClient:
         path = f"/v1/sandboxes/{_quote(sandbox_id)}/policy/diff"
         return self.request("POST", path, candidate, query={"since": since})
 
+    def policy_suggest(self, sandbox_id: str, *, since: str | None = None) -> ApiResponse:
+        """The smallest allowlist that would have allowed the sandbox's recorded flows of the last `since` (`24h`
+        when None), as a candidate record with its evidence; nothing is applied."""
+        return self.request("GET", f"/v1/sandboxes/{_quote(sandbox_id)}/policy/suggest", query={"since": since})
+
     def explain(
         self,
         sandbox_id: str,

@@ -38,6 +38,7 @@ EXAMPLES: dict[str, str] = {
     "explain": "gateway explain agent-42 api.example.com:443",
     "policy": "gateway policy diff agent-42 --file candidate.json",
     "policy diff": "gateway policy diff agent-42 --file candidate.json --since 7d --json",
+    "policy suggest": "gateway policy suggest agent-42 --since 7d --write agent-42.json",
     "status": "gateway status",
     "presets": "gateway presets --json",
     "audit": "gateway audit list agent-42",

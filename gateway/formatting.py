@@ -294,3 +294,51 @@ def diff_block(data: Mapping[str, Any]) -> str:
     if data["unreadable"]:
         lines.append(f"unreadable: {data['unreadable']} lines of the batches are not flow records")
     return "\n".join(lines)
+
+
+def _utc(epoch_us: int) -> str:
+    return datetime.fromtimestamp(epoch_us / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _names_cell(entry: Mapping[str, Any]) -> str:
+    names, more = entry["names"], entry["names_total"] - len(entry["names"])
+    return ", ".join(names) + (f" (+{more})" if more else "") if names else "-"
+
+
+def suggestion_block(data: Mapping[str, Any], write_hint: str) -> str:
+    """`gateway policy suggest`: the entries with their evidence, what was left out, and how to apply it.
+    `write_hint` is the file the record was written to (`--write`), or how to write one."""
+    entries = data["entries"]
+    lines = [
+        f"sandbox {data['sandbox']}: {data['records']} records since {_utc(data['since_us'])}, "
+        f"{data['covered_records']} covered by {len(entries)} entries; nothing was applied",
+        "",
+    ]
+    if entries:
+        rows = [
+            (e["entry"], e["field"], e["records"], e["denied_records"], ",".join(str(p) for p in e["ports"]) or "-",
+             _names_cell(e), _utc(e["first_seen_us"]), _utc(e["last_seen_us"]))
+            for e in entries
+        ]  # fmt: skip
+        lines.append(format_table(("ENTRY", "LIST", "FLOWS", "DENIED", "PORTS", "NAMES", "FIRST SEEN", "LAST SEEN"),
+                                  rows))  # fmt: skip
+    else:
+        lines.append("no entries: nothing in the window needs one")
+    for left in data["excluded"]:
+        lines.append(f"left out: {left['count']} records ({left['rule']}): {left['explanation']}")
+    if data["unreadable"]:
+        lines.append(f"unreadable: {data['unreadable']} lines of the batches are not flow records")
+    egress = data["record"]["egress"]
+    lines += ["", "the candidate record's allowlist (the rest of the record is the current one):"]
+    for name in ("allow_hosts", "allow_cidrs", "allow_ports", "host_ports"):
+        if name in egress:
+            lines.append(f"  egress.{name}: {', '.join(str(v) for v in egress[name]) or '(none)'}")
+    sandbox = data["sandbox"]
+    lines += [
+        "",
+        "to apply it:",
+        f"  {write_hint}",
+        f"  gateway policy diff {sandbox} --file FILE       # what it would newly deny (nothing, for this window)",
+        f"  gateway sandbox update {sandbox} --file FILE    # apply it (set egress.enforcement to enforce when ready)",
+    ]
+    return "\n".join(lines)

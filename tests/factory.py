@@ -453,6 +453,8 @@ EGRESS_ZONE = {
     "ali6.test": {"AAAA": ["64:ff9b::6464:64c8"]},  # Alibaba's 100.100.100.200, NAT64-wrapped
     "serial.test": {"A": ["198.18.2.{n}"]},  # {n}: the number of queries the zone server got for it
     "secret.test": {"A": ["198.18.3.{n}"]},  # allowed to no sandbox but the unrestricted sb2
+    # Siblings under one parent (tests/e2e/test_policy_suggest.py collapses them to a wildcard).
+    **{f"{label}.cdn.test": {"A": ["198.18.1.3"]} for label in "abcd"},
 }
 #: sb4's DNS budget (per minute) and the longest a query over it waits before it is refused (gateway [dns]).
 DNS_LIMIT, DNS_MAX_WAIT = 60, 2.0

@@ -18,7 +18,9 @@ Left out, and counted by why: records a built-in guard, a limit or a DNS rule be
 guard refuses them whatever the allowlist says, so listing them would promise what the gateway will not do),
 denials by a rule the record keeps (deny_hosts, deny_cidrs, SMTP), flows the rules the record keeps already
 allow (presets, inspect entries), names or ports no entry can express, and the records replay cannot decide
-either (learned names, unread denials, inspected requests, tunnels).
+either (unread denials, inspected requests, tunnels, names learned from DNS by a wildcard or a preset). A flow
+without a name that an exact allow_hosts entry allowed used the name the gateway's DNS taught it (the entry
+names it): that name on that port.
 
 The candidate is the current record with allow_hosts, allow_cidrs and allow_ports (and host_ports when a bare
 entry needs it) replaced; everything else, the enforcement mode included, stays. The caller compiles it as a PUT
@@ -32,11 +34,11 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Final, Literal
 
-from gateway.decision import CompiledPolicy, decide
+from gateway.decision import CompiledPolicy, Verdict, decide
 from gateway.errors import GatewayError
-from gateway.hostnames import normalize_pattern
+from gateway.hostnames import normalize_pattern, split_host_entry
 from gateway.policy import MAX_LIST_ENTRIES, PROFILE_EGRESS_FIELDS, Sandbox, schema_ref
-from gateway.replay import Seen, decided_name, decision_key_of, distinct_flows, why_not_replayed
+from gateway.replay import DecisionKey, Seen, decided_name, decision_key_of, distinct_flows, rule_of, why_not_replayed
 from gateway.rules import Rule
 from gateway.schema import Note
 
@@ -64,8 +66,8 @@ _WHY_TEXT: Final[dict[str, str]] = {
     "kept_denial": "denied by a rule the candidate keeps (deny_hosts, deny_cidrs, a blocked port)",
     "already_allowed": "allowed by a rule the candidate keeps (a preset, an inspect entry)",
     "unusable": "a name or port no allowlist entry can express (not a hostname pattern, a port outside 1-65535)",
-    "learned_name": "carried no name but was decided by a host rule (a name learned from DNS; the DNS question "
-    "gives the name)",
+    "learned_name": "carried no name but was decided by a wildcard or a preset (a name learned from DNS, which the "
+    "record does not carry; the DNS question gives the name)",
     "unread": "denied before its first bytes were read (allow_internet false, profile isolated)",
     "inspected_request": "a request the inspection tier decided; its connection is counted",
     "tunnel": "a request through a tunnel (ingress), which egress policy does not decide",
@@ -269,14 +271,27 @@ def suggest(sandbox: Sandbox, batches: Iterable[bytes], kept: CompiledPolicy, si
     name_uses: dict[str, dict[int | None, _Use]] = {}
     address_uses: dict[str, dict[int, _Use]] = {}
     excluded: dict[tuple[ExcludedWhy, str], int] = {}
+    # Memoized as replay does: a busy sandbox's distinct flows share a few labels, names and decisions.
+    rules: dict[str, Rule | None] = {}
+    entry_names: dict[str, str | None] = {}
+    verdicts: dict[DecisionKey, Verdict] = {}
     for (hostname, protocol, address, port, recorded, label, inspected), entry in seen.items():
         records += entry.count
-        rule = Rule.of_label(label)
+        rule = rules[label] if label in rules else rules.setdefault(label, rule_of(label))
         name = decided_name(hostname, protocol)
         why: ExcludedWhy | None = why_not_replayed(protocol, recorded, rule, name, inspected)
         shown = rule.value if rule is not None else label
+        if why == "learned_name" and rule is Rule.ALLOW_HOSTS:
+            # Decided by the name the gateway's DNS answer taught it, which the label names when the entry is an
+            # exact one: that name was used on this port (with host_ports [443], a bare entry would not be).
+            learned, _ = split_host_entry(label.partition(" ")[2])
+            if "*" not in learned:
+                why, name = None, learned
         if why is None:
-            verdict = decide(kept, *decision_key_of(name, protocol, address, port))
+            key = decision_key_of(name, protocol, address, port)
+            verdict = verdicts.get(key)
+            if verdict is None:
+                verdict = verdicts[key] = decide(kept, *key)
             if verdict.allowed and not verdict.would_deny:
                 why, shown = "already_allowed", verdict.rule.value
             elif verdict.rule in KEPT_DENIALS:
@@ -287,7 +302,7 @@ def suggest(sandbox: Sandbox, batches: Iterable[bytes], kept: CompiledPolicy, si
         if why is None:
             denied = recorded != "allow"
             if name is not None:
-                usable = _entry_name(name)
+                usable = entry_names[name] if name in entry_names else entry_names.setdefault(name, _entry_name(name))
                 if usable is not None:
                     name_uses.setdefault(usable, {}).setdefault(use_port, _Use()).add(entry, denied)
                     continue

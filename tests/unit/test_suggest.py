@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 
+from gateway.decision import decide
 from gateway.errors import GatewayError
 from gateway.policy import MAX_LIST_ENTRIES
 from gateway.replay import replay
 from gateway.state import PolicyState
 from gateway.suggest import MIN_SIBLINGS, PolicySuggestion, kept_record, suggest, wildcard_parent
-from tests.factory import CONTEXT, PUBLIC, dns, flow
+from tests.factory import CONTEXT, PUBLIC, dns, flow, policy
 
 DENY = {"verdict": "deny", "rule": "default:deny"}
 WOULD = {"verdict": "would_deny", "rule": "default:deny"}
@@ -154,6 +155,16 @@ def test_no_address_flows_leave_no_cidr_rules_not_even_the_templates() -> None:
     result = run([flow("api.example.com", **DENY)], template={"allow_cidrs": ["198.51.100.0/24"],
                                                                "allow_hosts": ["old.example.com"]})  # fmt: skip
     assert result.record["egress"]["allow_cidrs"] == [] and hosts(result) == ["api.example.com"]
+
+
+def test_a_name_learned_from_dns_keeps_the_port_it_was_used_on() -> None:
+    # No name in the record, but the exact entry that allowed it names the name the DNS answer taught it.
+    lines = [flow(None, 22, "tcp", rule="allow_hosts git.example.com"), dns("git.example.com"),
+             flow(None, 22, "tcp", rule="allow_hosts *.cdn.example.com", address="198.51.100.9")]  # fmt: skip
+    result = run(lines, {"allow_hosts": ["git.example.com", "*.cdn.example.com"]})
+    assert hosts(result) == ["git.example.com:22"] and result.entries[0].records == 2
+    assert excluded(result) == {("learned_name", "allow_hosts"): 1}  # a wildcard does not say which name
+    assert decide(policy("allowlisted", result.record["egress"]), "git.example.com", PUBLIC, 22, "tcp").allowed
 
 
 # --------------------------------------------------------------------------- what is left out

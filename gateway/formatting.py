@@ -251,6 +251,11 @@ def flow_line(record: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _utc(epoch_us: int) -> str:
+    """A record time (µs since the epoch) as the tables show it: ISO 8601 UTC to the second."""
+    return datetime.fromtimestamp(epoch_us / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _diff_rows(groups: Sequence[Mapping[str, Any]]) -> str:
     rows = [
         (
@@ -258,8 +263,8 @@ def _diff_rows(groups: Sequence[Mapping[str, Any]]) -> str:
             g["port"],
             g["protocol"],
             g["count"],
-            datetime.fromtimestamp(g["first_seen_us"] / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            datetime.fromtimestamp(g["last_seen_us"] / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            _utc(g["first_seen_us"]),
+            _utc(g["last_seen_us"]),
             g["recorded_rule"],
             g["rule"] + (" (report mode: would deny)" if g["verdict"] == "would_deny" else ""),
         )
@@ -271,8 +276,7 @@ def _diff_rows(groups: Sequence[Mapping[str, Any]]) -> str:
 def diff_block(data: Mapping[str, Any]) -> str:
     """`gateway policy diff`: what the candidate newly denies and allows, what stays, what was not replayed."""
     lines = [
-        f"sandbox {data['sandbox']}: {data['records']} records since "
-        f"{datetime.fromtimestamp(data['since_us'] / 1e6, UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}, "
+        f"sandbox {data['sandbox']}: {data['records']} records since {_utc(data['since_us'])}, "
         f"{data['replayed']} replayed ({data['decisions']} distinct decisions); nothing was applied",
     ]
     for title, key in (("newly denied", "newly_denied"), ("newly allowed", "newly_allowed")):
@@ -294,10 +298,6 @@ def diff_block(data: Mapping[str, Any]) -> str:
     if data["unreadable"]:
         lines.append(f"unreadable: {data['unreadable']} lines of the batches are not flow records")
     return "\n".join(lines)
-
-
-def _utc(epoch_us: int) -> str:
-    return datetime.fromtimestamp(epoch_us / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _names_cell(entry: Mapping[str, Any]) -> str:

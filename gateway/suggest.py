@@ -11,8 +11,9 @@ mode: what it wanted), and turns them into `allow_hosts`, `allow_cidrs` and `all
 - at least `MIN_SIBLINGS` distinct names one label under the same parent become `*.parent` (which matches
   exactly one extra label), with the union of their ports, unless the parent is a top-level domain, one label,
   or a public-suffix-like pair (`co.uk`): a wildcard there would allow strangers' names;
-- a flow without a name gives its address as a /32 or /128 in allow_cidrs, and its port to allow_ports (which
-  restricts every allow_cidrs entry: the schema has no per-address port).
+- a flow without a name, or whose name no entry can express (`_`, `*`, non-ASCII), gives its address as a /32
+  or /128 in allow_cidrs, and its port to allow_ports (which restricts every allow_cidrs entry: the schema has
+  no per-address port).
 
 Left out, and counted by why: records a built-in guard, a limit or a DNS rule before the policy decided (the
 guard refuses them whatever the allowlist says, so listing them would promise what the gateway will not do),
@@ -65,7 +66,8 @@ _WHY_TEXT: Final[dict[str, str]] = {
     "guard": "refused by a built-in guard, a limit or a DNS rule before the policy: no entry would allow them",
     "kept_denial": "denied by a rule the candidate keeps (deny_hosts, deny_cidrs, a blocked port)",
     "already_allowed": "allowed by a rule the candidate keeps (a preset, an inspect entry)",
-    "unusable": "a name or port no allowlist entry can express (not a hostname pattern, a port outside 1-65535)",
+    "unusable": "a DNS name or a port no allowlist entry can express (not a hostname pattern, a port outside "
+    "1-65535, an unparseable address)",
     "learned_name": "carried no name but was decided by a wildcard or a preset (a name learned from DNS, which the "
     "record does not carry; the DNS question gives the name)",
     "unread": "denied before its first bytes were read (allow_internet false, profile isolated)",
@@ -306,7 +308,9 @@ def suggest(sandbox: Sandbox, batches: Iterable[bytes], kept: CompiledPolicy, si
                 if usable is not None:
                     name_uses.setdefault(usable, {}).setdefault(use_port, _Use()).add(entry, denied)
                     continue
-            elif use_port is not None and (network := _address_network(address)) is not None:
+            # A connection without a name, or whose name no entry can express (decide tries the address after
+            # the name's miss): its address.
+            if use_port is not None and (network := _address_network(address)) is not None:
                 address_uses.setdefault(network, {}).setdefault(use_port, _Use()).add(entry, denied)
                 continue
             why = "unusable"

@@ -9,9 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.decision import decide
 from gateway.errors import GatewayError
+from gateway.flowlog import flow_verdict
 from gateway.policy import MAX_LIST_ENTRIES
 from gateway.replay import replay
 from gateway.state import PolicyState
@@ -211,8 +214,10 @@ def test_spellings_of_one_name_are_one_entry(spelling: str) -> None:
 
 
 def test_an_idna_name_is_its_a_label_and_a_unicode_one_no_entry_can_match() -> None:
-    result = run([flow("XN--BCHER-KVA.example.", **DENY), flow("bücher.example", **DENY)])
+    lines = [flow("XN--BCHER-KVA.example.", **DENY), flow("bücher.example", **DENY), dns("bücher.example", **DENY)]
+    result = run(lines)
     assert hosts(result) == ["xn--bcher-kva.example"] and excluded(result) == {("unusable", "default:deny"): 1}
+    assert result.record["egress"]["allow_cidrs"] == [f"{PUBLIC}/32"]  # the connection, by its address
 
 
 @pytest.mark.parametrize(
@@ -220,9 +225,11 @@ def test_an_idna_name_is_its_a_label_and_a_unicode_one_no_entry_can_match() -> N
     ["*.example.com", "*", "a_b.example.com", "api.example.com:443", "[::1]", "a" * 5000, "ex ample.com",
      "xn--zz.example", "a..example.com", "-a.example.com"],
 )  # fmt: skip
-def test_names_no_entry_can_express_are_counted_never_suggested(hostname: str) -> None:
+def test_names_no_entry_can_express_are_never_suggested_their_connections_go_by_address(hostname: str) -> None:
     result = run([flow(hostname, **DENY), dns(hostname, **DENY)])
-    assert hosts(result) == [] and sum(e.count for e in result.excluded) == 2
+    assert hosts(result) == [] and excluded(result) == {("unusable", "default:deny"): 1}  # the DNS question
+    (by_address,) = result.entries
+    assert (by_address.entry, by_address.names, by_address.ports) == (f"{PUBLIC}/32", [], [443])
 
 
 @pytest.mark.parametrize("port", [0, -1, 65536, 10**12])
@@ -271,3 +278,52 @@ def test_an_unrestricted_sandbox_under_deny_all_in_report_mode_gets_a_suggestion
     result = run([flow("a.example.com", **WOULD)], {"mode": "deny_all", "enforcement": "report"},
                  profile="unrestricted")  # fmt: skip
     assert hosts(result) == ["a.example.com"]
+
+
+# --------------------------------------------------------------------------- any mix of records
+
+_NAMES = st.sampled_from(
+    ["api.example.com", "a.cdn.example.com", "b.cdn.example.com", "c.cdn.example.com", "cdn.example.com",
+     "x.co.uk", "y.co.uk", "z.co.uk", "API.Example.com.", "xn--bcher-kva.example", "a_b.example.com", "pypi.org",
+     "github.com", "*.evil.example"]
+)  # fmt: skip
+_RECORD = st.tuples(
+    st.one_of(st.none(), _NAMES),
+    st.sampled_from([22, 80, 443, 8443, 25]),
+    st.sampled_from(["tls", "http", "tcp", "dns"]),
+    st.sampled_from(["203.0.113.5", "203.0.113.6", "198.51.100.7", "2001:db8::5", "::ffff:203.0.113.5"]),
+    st.booleans(),  # a guard refused it (it never reached the policy's verdict)
+)
+_LIVE = st.fixed_dictionaries(
+    {
+        "allow_hosts": st.sampled_from([[], ["api.example.com"], ["*.cdn.example.com", "api.example.com:8443"]]),
+        "allow_cidrs": st.sampled_from([[], ["203.0.113.0/24"]]),
+        "deny_hosts": st.just(["pypi.org"]),
+        "presets": st.just(["git-hosts"]),
+        "enforcement": st.sampled_from(["enforce", "report"]),
+    },
+    optional={"host_ports": st.just([443, 8443])},
+)
+
+
+@given(st.lists(_RECORD, max_size=40), _LIVE)
+@settings(max_examples=200, deadline=None)
+def test_any_mix_gives_a_record_that_parses_newly_denies_nothing_and_counts_every_record(
+    records: list[tuple[Any, ...]], live: dict[str, Any]
+) -> None:
+    """Records as the engine writes them (decided by the live policy, or refused by a guard), any mix."""
+    decided = policy("allowlisted", live)
+    lines = []
+    for name, port, protocol, address, guarded in records:
+        if protocol == "dns":
+            name = name or "api.example.com"
+        verdict = decide(decided, name, *((None, None) if protocol == "dns" else (address, port)), protocol)
+        outcome = ("deny", "builtin:special") if guarded and protocol != "dns" else (
+            flow_verdict(verdict.allowed, verdict.would_deny), verdict.label)  # fmt: skip
+        lines.append(
+            dns(name, *outcome) if protocol == "dns" else flow(name, port, protocol, *outcome, address=address)
+        )
+    result = run(lines, live)  # parses, and replaying it enforced newly denies nothing
+    assert result.covered_records + sum(e.count for e in result.excluded) == result.records == len(lines)
+    assert not any(entry.startswith(("*.co.uk", "*.evil")) for entry in hosts(result))
+    assert len(set(hosts(result))) == len(hosts(result))

@@ -178,7 +178,7 @@ class _Evidence:
         )
 
 
-def _entry_name(name: str) -> str | None:
+def entry_name(name: str) -> str | None:
     """The name as an allow_hosts entry matches it, or None when no entry can: an entry is a canonical pattern,
     and decide looks names up lowercased without a trailing dot, so only a name that is its own canonical form
     (ASCII, punycode for IDNA, no `*`) is one an entry would match."""
@@ -304,7 +304,7 @@ def suggest(sandbox: Sandbox, batches: Iterable[bytes], kept: CompiledPolicy, si
         if why is None:
             denied = recorded != "allow"
             if name is not None:
-                usable = entry_names[name] if name in entry_names else entry_names.setdefault(name, _entry_name(name))
+                usable = entry_names[name] if name in entry_names else entry_names.setdefault(name, entry_name(name))
                 if usable is not None:
                     name_uses.setdefault(usable, {}).setdefault(use_port, _Use()).add(entry, denied)
                     continue

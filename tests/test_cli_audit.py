@@ -1,8 +1,10 @@
-"""`gateway audit list|get` against a real API server (in this process) with a real flow log on disk."""
+"""`gateway audit list|get` and `gateway policy suggest` against a real API server (in this process) with a real
+flow log on disk."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,8 +17,8 @@ from aiohttp.test_utils import TestServer
 
 from gateway.api import create_app
 from gateway.cli import main
-from gateway.clibase import EXIT_API_ERROR, EXIT_OK
-from gateway.flowlog import FlowLog, FlowRecord
+from gateway.clibase import EXIT_API_ERROR, EXIT_OK, EXIT_USAGE
+from gateway.flowlog import FlowLog, FlowRecord, now_us
 from gateway.settings import load_config
 from gateway.stores.embedded import EmbeddedStore
 
@@ -54,6 +56,14 @@ async def server(aiohttp_server: AiohttpServer, tmp_path: Path) -> AsyncIterator
         f'[store]\nbackend = "embedded"\npath = "{tmp_path / "p.json"}"\n'
         f'[api]\ntokens = [{{ name = "auditor", token = "{TOKEN}", scopes = ["audit:read"] }}]\n'
     )
+    # sb-1's record (its batches would outlive it), for `policy suggest`.
+    sandbox = {
+        "id": "sb-1",
+        "addresses": ["10.75.0.5"],
+        "profile": "allowlisted",
+        "egress": {"allow_hosts": ["pypi.org"]},
+    }
+    (tmp_path / "p.json").write_text(json.dumps({"templates": {}, "sandboxes": {"sb-1": sandbox}}))
     config = load_config(config_path, environ={})
     store = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
     await store.start()
@@ -116,3 +126,32 @@ async def test_audit_errors_exit_1_with_the_code(
     assert capsys.readouterr().err.startswith("SANDBOX_NOT_FOUND:")
     assert await gateway(url, "audit", "get", "sb-1", "../p.json") == EXIT_API_ERROR
     assert capsys.readouterr().err.startswith("INVALID_BATCH_NAME:")
+
+
+async def test_policy_suggest_prints_the_entries_and_writes_the_record(
+    server: tuple[str, FlowLog], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    url, flows = server
+    denied = dataclasses.replace(
+        record(now_us()), hostname="files.pythonhosted.org", verdict="deny", rule="default:deny"
+    )
+    flows.record(denied)
+    flows.record(record(now_us()))
+    await flows.flush()
+    path = tmp_path / "sb-1.json"
+    assert await gateway(url, "policy", "suggest", "sb-1", "--since", "1h", "--write", str(path)) == EXIT_OK
+    shown = capsys.readouterr().out
+    assert shown.startswith("sandbox sb-1: 2 records since ") and f"the record is in {path}" in shown
+    (row,) = [line for line in shown.splitlines() if line.startswith("files.pythonhosted.org ")]
+    assert row.split()[1:6] == ["allow_hosts", "1", "1", "443", "files.pythonhosted.org"]
+    assert "gateway sandbox update sb-1 --file FILE" in shown and "None" not in shown
+    written = json.loads(path.read_text())
+    assert written["egress"]["allow_hosts"] == ["files.pythonhosted.org", "pypi.org"]
+
+    assert await gateway(url, "--json", "policy", "suggest", "sb-1", "--since", "1h") == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["record"] == written
+    nowhere = tmp_path / "missing" / "x.json"
+    assert await gateway(url, "policy", "suggest", "sb-1", "--write", str(nowhere)) == EXIT_USAGE
+    assert capsys.readouterr().err.startswith(f"cannot write {nowhere}: No such file or directory")
+    assert await gateway(url, "policy", "suggest", "sb-1", "--since", "99y") == EXIT_API_ERROR
+    assert capsys.readouterr().err.startswith("INVALID_PARAMETER:")

@@ -7,7 +7,8 @@ mode: what it wanted), and turns them into `allow_hosts`, `allow_cidrs` and `all
 - a flow with a name (TLS SNI, HTTP Host, DNS question) gives that name; its ports decide the entry's form: a
   name used only on the ports a bare entry covers (`host_ports`; 443 when the record sets none, and then the
   candidate sets `host_ports: [443]` so that a bare entry means what the evidence shows) is a bare entry, any
-  other port a `name:port` entry. A DNS question has no port: a name only resolved is a bare entry;
+  other port a `name:port` entry. A DNS question has no port and any entry of its name answers it: it joins the
+  bare entry, or the lowest-port one when there is no bare one (a name only resolved is a bare entry);
 - at least `MIN_SIBLINGS` distinct names one label under the same parent become `*.parent` (which matches
   exactly one extra label), with the union of their ports, unless the parent is a top-level domain, one label,
   or a public-suffix-like pair (`co.uk`): a wildcard there would allow strangers' names;
@@ -18,7 +19,7 @@ mode: what it wanted), and turns them into `allow_hosts`, `allow_cidrs` and `all
 Left out, and counted by why: records a built-in guard, a limit or a DNS rule before the policy decided (the
 guard refuses them whatever the allowlist says, so listing them would promise what the gateway will not do),
 denials by a rule the record keeps (deny_hosts, deny_cidrs, SMTP), flows the rules the record keeps already
-allow (presets, inspect entries), names or ports no entry can express, and the records replay cannot decide
+allow (presets, inspect entries), DNS names and ports no entry can express, and the records replay cannot decide
 either (unread denials, inspected requests, tunnels, names learned from DNS by a wildcard or a preset). A flow
 without a name that an exact allow_hosts entry allowed used the name the gateway's DNS taught it (the entry
 names it): that name on that port.

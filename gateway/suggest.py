@@ -40,7 +40,7 @@ from gateway.decision import CompiledPolicy, Verdict, decide
 from gateway.errors import GatewayError
 from gateway.hostnames import normalize_pattern, split_host_entry
 from gateway.policy import MAX_LIST_ENTRIES, PROFILE_EGRESS_FIELDS, Sandbox, schema_ref
-from gateway.replay import DecisionKey, Seen, decided_name, decision_key_of, distinct_flows, rule_of, why_not_replayed
+from gateway.replay import DecisionKey, Seen, decided_name, decision_key_of, distinct_flows, why_not_replayed
 from gateway.rules import Rule
 from gateway.schema import Note
 
@@ -280,7 +280,7 @@ def suggest(sandbox: Sandbox, batches: Iterable[bytes], kept: CompiledPolicy, si
     verdicts: dict[DecisionKey, Verdict] = {}
     for (hostname, protocol, address, port, recorded, label, inspected), entry in seen.items():
         records += entry.count
-        rule = rules[label] if label in rules else rules.setdefault(label, rule_of(label))
+        rule = rules[label] if label in rules else rules.setdefault(label, Rule.of_label(label))
         name = decided_name(hostname, protocol)
         why: ExcludedWhy | None = why_not_replayed(protocol, recorded, rule, name, inspected)
         shown = rule.value if rule is not None else label

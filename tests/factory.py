@@ -267,15 +267,15 @@ def policy(
     return compile_policy(sandbox, parsed_template, presets, CONTEXT.default_limits)
 
 
-# ------------------------------ flow records as the flow log writes them (tests/unit/test_replay.py, test_suggest.py)
+# ------------------------------ flow records (tests/unit/test_replay.py, test_suggest.py, integration/test_flowlog.py)
 
 PUBLIC = "93.184.216.34"
 RECORDS_T0 = 1_700_000_000_000_000
 _clock = itertools.count(RECORDS_T0, 1_000_000)
 
 
-def flow(
-    hostname: str | None,
+def flow_record(
+    hostname: str | None = "api.example.com",
     port: int = 443,
     protocol: str = "tls",
     verdict: str = "allow",
@@ -285,30 +285,34 @@ def flow(
     end_us: int | None = None,
     sandbox: str = "sb1",
     **extra: Any,
-) -> bytes:
-    """One record line as the flow log writes it."""
+) -> FlowRecord:
+    """One flow record (`extra`: any other field's value); `end_us` defaults to a clock a second a record."""
     end = next(_clock) if end_us is None else end_us
-    record = FlowRecord(
-        start_us=end - 1000,
-        end_us=end,
-        sandbox=sandbox,
-        src_addr="10.75.0.2",
-        src_port=40000,
-        dst_addr=address,
-        dst_port=port,
-        orig_dst_addr=address,
-        orig_dst_port=port,
-        hostname=hostname,
-        protocol=protocol,  # type: ignore[arg-type]
-        bytes_up=10,
-        bytes_down=20,
-        duration_ms=1.0,
-        verdict=verdict,  # type: ignore[arg-type]
-        reason="recorded",
-        rule=rule,
-        **extra,
-    )
-    return render(record).encode()
+    fields: dict[str, Any] = {
+        "start_us": end - 1000,
+        "end_us": end,
+        "sandbox": sandbox,
+        "src_addr": "10.75.0.2",
+        "src_port": 40000,
+        "dst_addr": address,
+        "dst_port": port,
+        "orig_dst_addr": address,
+        "orig_dst_port": port,
+        "hostname": hostname,
+        "protocol": protocol,
+        "bytes_up": 10,
+        "bytes_down": 20,
+        "duration_ms": 1.0,
+        "verdict": verdict,
+        "reason": "recorded",
+        "rule": rule,
+    }
+    return FlowRecord(**(fields | extra))
+
+
+def flow(hostname: str | None, *args: Any, **fields: Any) -> bytes:
+    """One record line as the flow log writes it (`flow_record`'s arguments)."""
+    return render(flow_record(hostname, *args, **fields)).encode()
 
 
 def dns(name: str, verdict: str = "allow", rule: str = "allow_hosts api.example.com") -> bytes:

@@ -92,9 +92,11 @@ def test_what_the_allowlist_would_deny_passes_and_is_recorded_would_deny(reporti
     ]
     shown = env.topo.run("gw", cli, check=False, timeout=20)
     assert shown.returncode == 0, shown.stderr  # it passes: exit 0, as for ALLOW
-    assert shown.stdout == f"WOULD-DENY  denied.test:443 via 198.18.1.2  {WOULD_DENY}  (rule default:deny)\n", (
-        shown.stdout
-    )
+    verdict, chain = shown.stdout.split("  precedence chain:\n")
+    assert verdict == f"WOULD-DENY  denied.test:443 via 198.18.1.2  {WOULD_DENY}  (rule default:deny)\n", shown.stdout
+    # The chain says what would have denied, that report mode let it pass, and what stands.
+    assert "default:deny: would deny (host not in allowlist); report mode lets it pass" in chain, chain
+    assert chain.rstrip().endswith(f"=> default:deny: {WOULD_DENY}"), chain
 
 
 @pytest.mark.root

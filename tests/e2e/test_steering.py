@@ -256,7 +256,9 @@ def test_tcp_to_any_port_reaches_the_engine_with_the_original_destination(steer:
     assert steer.tcp("sb2", "198.18.1.3", 5432) == "OK ORIGIN ::ffff:198.18.1.3 5432"
     # An address nobody routes is still the engine's to decide (sb1's CIDRs do not allow it): its 403.
     refused = steer.tcp("sb1", "203.0.113.77", 5432)
-    assert refused == "OK Blocked by sandbox egress policy: no hostname (SNI/Host) and address not in allow_cidrs"
+    first, *rest = refused.splitlines()
+    assert first == "OK Blocked by sandbox egress policy: no hostname (SNI/Host) and address not in allow_cidrs"
+    assert rest and rest[-1].startswith("Denial id: "), refused
     assert wait_until(lambda: steer.flows(orig_dst_addr="203.0.113.77"), 5)
     seen = {(f["src_addr"], f["orig_dst_addr"], f["orig_dst_port"], f["verdict"]) for f in steer.flows()}
     assert ("10.75.0.1", "198.18.1.2", 8443, "allow") in seen  # the peer is the sandbox's own address: no NAT

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,7 @@ from gateway.errors import GatewayError
 from gateway.flowlog import BATCH_NAME_PATTERN, SUBSCRIBER_BUFFER, FlowLog, FlowRecord, render
 from gateway.logs import configure_logging, json_line_stream
 from gateway.settings import load_config
-from tests.factory import wait_until_async
+from tests.factory import flow_record, wait_until_async
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer
@@ -34,26 +34,9 @@ T0 = 1_700_000_000_000_000  # µs since the epoch
 
 
 def flow(sandbox: str = "sb-1", end_us: int = T0, **changes: object) -> FlowRecord:
-    record = FlowRecord(
-        start_us=end_us - 2_500,
-        end_us=end_us,
-        sandbox=sandbox,
-        src_addr="10.75.0.10",
-        src_port=40000,
-        dst_addr="93.184.216.34",
-        dst_port=443,
-        orig_dst_addr="93.184.216.34",
-        orig_dst_port=443,
-        hostname="example.com",
-        protocol="tls",
-        bytes_up=517,
-        bytes_down=4096,
-        duration_ms=2.5,
-        verdict="allow",
-        reason="allowed by policy",
-        rule="allow_hosts example.com",
-    )
-    return replace(record, **changes)  # type: ignore[arg-type]
+    fields = {"hostname": "example.com", "rule": "allow_hosts example.com", "src_addr": "10.75.0.10",
+              "bytes_up": 517, "bytes_down": 4096, "reason": "allowed by policy", **changes}  # fmt: skip
+    return flow_record(sandbox=sandbox, end_us=end_us, **fields)
 
 
 def audit(
@@ -100,7 +83,7 @@ def test_record_fields_are_metadata_only() -> None:
     assert names == [
         "start_us", "end_us", "sandbox", "src_addr", "src_port", "dst_addr", "dst_port", "orig_dst_addr",
         "orig_dst_port", "hostname", "protocol", "bytes_up", "bytes_down", "duration_ms", "verdict", "reason", "rule",
-        "method", "path", "status",
+        "method", "path", "status", "message", "denial_id",
     ]  # fmt: skip
     rec = flow()
     assert list(rec.to_dict()) == names

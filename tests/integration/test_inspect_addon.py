@@ -546,7 +546,8 @@ def test_one_record_per_request_and_never_a_secret(tier: Tier) -> None:
         "dst_addr": "127.0.0.1", "dst_port": tier.tls_port, "orig_dst_addr": "198.18.1.1",
         "orig_dst_port": tier.tls_port, "hostname": HOST, "protocol": "https", "bytes_up": 0, "bytes_down": 0,
         "duration_ms": 0, "verdict": "allow", "reason": "request allowed by the entry's HTTP rules",
-        "rule": f"inspect {HOST}", "method": "GET", "path": "/echo", "status": 200,
+        "rule": f"inspect {HOST}", "method": "GET", "path": "/echo", "status": 200, "message": None,
+        "denial_id": None,
     }  # fmt: skip
     assert denied[-1]["verdict"] == "deny" and denied[-1]["status"] == 403
     assert denied[-1]["reason"] == "read-only GitHub"

@@ -455,7 +455,9 @@ class DnsInterceptor:
                 self._learn(sandbox_id, ready.outcome.name, entry.answer, elapsed)
             response = splice(data, end, ready.response)
             outcome = ready.outcome
-        self._record(sandbox_id, outcome, started, start_us, client, server, "udp", len(data), len(response))
+        self._record(
+            sandbox_id, policy.revision, outcome, started, start_us, client, server, "udp", len(data), len(response)
+        )
         return response
 
     def _generation(self) -> int:
@@ -607,6 +609,7 @@ class DnsInterceptor:
     def _record_pending(self, ctx: Pending, outcome: Outcome, response: bytes) -> None:
         self._record(
             ctx.sandbox_id,
+            ctx.policy.revision if ctx.policy is not None else None,
             outcome,
             ctx.started,
             ctx.start_us,
@@ -620,6 +623,7 @@ class DnsInterceptor:
     def _record(
         self,
         sandbox_id: str,
+        revision: str | None,
         outcome: Outcome,
         started: float,
         start_us: int,
@@ -668,6 +672,7 @@ class DnsInterceptor:
                     rule=outcome.rule,
                     message=outcome.message or None,
                     denial_id=outcome.denial_id or None,
+                    revision=revision,
                 )
             )
         except Exception:  # the audit trail must never break DNS

@@ -47,6 +47,7 @@ from gateway.policy import (
     schema_ref,
 )
 from gateway.presets import REGISTRY_PRESET, Preset
+from gateway.revisions import REVISION_PATTERN, revision_id
 from gateway.rules import Rule
 from gateway.schema import Note
 
@@ -143,6 +144,9 @@ class PolicyView:
     profile, with the default limits filled in."""
 
     sandbox: str
+    revision: Annotated[
+        str, Note(pattern=REVISION_PATTERN.pattern, description="The revision of the records it was compiled from.")
+    ]
     profile: Annotated[str, Note(enum=list(PROFILES))]
     allow_internet: bool
     mode: Annotated[str, Note(enum=list(EGRESS_MODES))]
@@ -317,6 +321,7 @@ class CompiledPolicy:
         "limits",
         "profile",
         "report",
+        "revision",
         "sandbox_id",
     )
 
@@ -329,8 +334,11 @@ class CompiledPolicy:
         limits: EffectiveLimits,
         never_reach: NeverReach | None = None,
         ceilings: tuple[tuple[str, CompiledPolicy], ...] = (),
+        revision: str = "",
     ) -> None:
         self.sandbox_id = sandbox_id
+        #: The content id of the records it was compiled from (`gateway.revisions`): what flow records name.
+        self.revision = revision
         self.profile = profile
         self.effective_egress = egress
         self.allow_internet = egress.allow_internet is not False
@@ -413,6 +421,7 @@ class CompiledPolicy:
         return asdict(
             PolicyView(
                 sandbox=self.sandbox_id,
+                revision=self.revision,
                 profile=self.profile,
                 allow_internet=self.allow_internet,
                 mode="allow_all" if self.allow_all else "deny_all",
@@ -654,4 +663,9 @@ def compile_policy(
         effective = EffectiveLimits(
             *(min(mine, cap) for mine, cap in zip(astuple(effective), astuple(ceiling.limits), strict=True))
         )
-    return CompiledPolicy(sandbox.id, sandbox.profile, egress, tuple(host_tables), effective, never_reach, ceilings)
+    # A ceiling changes what the sandbox may do: its revision is part of the sandbox's.
+    bounds = {name: ceiling.revision for name, ceiling in ceilings}
+    revision = revision_id(sandbox.to_dict(), template.to_dict() if template else None, bounds)
+    return CompiledPolicy(
+        sandbox.id, sandbox.profile, egress, tuple(host_tables), effective, never_reach, ceilings, revision
+    )

@@ -167,6 +167,13 @@ class FlowRecord:
     denial_id: Annotated[
         str | None, Note(description="A denial's id, told the sandbox; GET /v1/denials/{id} finds this record.")
     ] = None
+    revision: Annotated[
+        str | None,
+        Note(
+            description="The revision of the sandbox's policy that decided (null where no policy decides: an "
+            "unknown source, a tunnel request, an inspected request)."
+        ),
+    ] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIELD_NAMES}
@@ -228,7 +235,7 @@ _TEMPLATE: Final = (
     '{"start_us":%d,"end_us":%d,"sandbox":%s,"src_addr":%s,"src_port":%d,"dst_addr":%s,"dst_port":%d,'
     '"orig_dst_addr":%s,"orig_dst_port":%d,"hostname":%s,"protocol":%s,"bytes_up":%d,"bytes_down":%d,'
     '"duration_ms":%r,"verdict":%s,"reason":%s,"rule":%s,"method":%s,"path":%s,"status":%s,"message":%s,'
-    '"denial_id":%s}'
+    '"denial_id":%s,"revision":%s}'
 )
 _quote = json.encoder.encode_basestring_ascii  # C: escapes exactly as json.dumps does
 
@@ -265,12 +272,14 @@ def render(rec: FlowRecord) -> str:
         # default=str: a caller passing an ipaddress object instead of text must not cost the whole batch.
         return json.dumps(rec.to_dict(), separators=(",", ":"), default=str)
     texts = (rec.sandbox, rec.src_addr, rec.dst_addr, rec.orig_dst_addr, rec.hostname, rec.protocol, rec.verdict,
-             rec.reason, rec.rule, rec.method)  # fmt: skip
+             rec.reason, rec.rule, rec.method, rec.revision)  # fmt: skip
     quoted = _QUOTED
     try:
-        sandbox, src, dst, orig, hostname, protocol, verdict, reason, rule, method = [quoted[t] for t in texts]
+        sandbox, src, dst, orig, hostname, protocol, verdict, reason, rule, method, revision = [
+            quoted[t] for t in texts
+        ]
     except (KeyError, TypeError):
-        sandbox, src, dst, orig, hostname, protocol, verdict, reason, rule, method = map(_quoted, texts)
+        sandbox, src, dst, orig, hostname, protocol, verdict, reason, rule, method, revision = map(_quoted, texts)
     return _TEMPLATE % (
         rec.start_us,
         rec.end_us,
@@ -294,6 +303,7 @@ def render(rec: FlowRecord) -> str:
         "null" if status is None else status,
         "null" if rec.message is None else _quote(str(rec.message)),
         "null" if rec.denial_id is None else _quote(str(rec.denial_id)),
+        revision,
     )
 
 

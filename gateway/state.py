@@ -10,8 +10,9 @@ through the API, until a valid version arrives.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -20,6 +21,7 @@ from gateway.errors import Conflict, ErrorBody, GatewayError, NotFound
 from gateway.invariants import Invariants, exceeds, never_reach_guard, violations
 from gateway.policy import IPNetwork, Limits, Sandbox, Template, parse_sandbox, parse_template
 from gateway.presets import Preset
+from gateway.revisions import Revision, RevisionHistory, RevisionSource
 from gateway.rules import Rule
 from gateway.schema import Note
 
@@ -57,7 +59,7 @@ class Rejection:
 
 
 class PolicyState:
-    def __init__(self, context: PolicyContext) -> None:
+    def __init__(self, context: PolicyContext, external_source: RevisionSource = "file") -> None:
         self.context = context
         self.sandboxes: dict[str, Sandbox] = {}
         self.templates: dict[str, Template] = {}
@@ -76,6 +78,13 @@ class PolicyState:
         #: The flows the last commit (a sandbox set or removed, a template set) ended: read by the writer that
         #: made it, right after its write returned.
         self.last_cut = 0
+        #: The recent revisions of each sandbox (kept by the store where it keeps them).
+        self.history = RevisionHistory()
+        #: Who the commits in progress come from: "api" unless `apply_external` applies an outside record,
+        #: which comes from `external_source` (the store's: a hand edit of its file, a record in Redis).
+        self.source: RevisionSource = "api"
+        self.external_source: RevisionSource = external_source
+        self.removal_listeners.append(self.history.forget)
 
     # ------------------------------------------------------------------ parsing
 
@@ -266,7 +275,21 @@ class PolicyState:
         for addr in sandbox.addresses:
             self.by_address[address_key(addr)] = sandbox.id
         self.rejections.pop((SANDBOX, sandbox.id), None)
+        self._note_revision(sandbox, compiled)
         self.last_cut = self._changed(sandbox.id)
+
+    def _note_revision(self, sandbox: Sandbox, compiled: CompiledPolicy) -> None:
+        """The policy just put in force is the sandbox's newest revision (unless it already was)."""
+        entry = Revision(compiled.revision, time.time(), self.source, sandbox.to_dict(), sandbox.template)
+        self.history.add(sandbox.id, entry)
+
+    @contextlib.contextmanager
+    def _writes_from(self, source: RevisionSource) -> Iterator[None]:
+        outer, self.source = self.source, source
+        try:
+            yield
+        finally:
+            self.source = outer
 
     def remove_sandbox(self, sandbox_id: str) -> Sandbox:
         sandbox = self.get_sandbox(sandbox_id)
@@ -308,6 +331,10 @@ class PolicyState:
 
     def apply_external(self, kind: str, key: str, raw: object | None) -> Rejection | None:
         """Apply one record as another writer left it (`None`: deleted). Invalid: keep last good, record why."""
+        with self._writes_from(self.external_source):
+            return self._apply_external(kind, key, raw)
+
+    def _apply_external(self, kind: str, key: str, raw: object | None) -> Rejection | None:
         try:
             if kind == SANDBOX:
                 if raw is None:

@@ -244,6 +244,7 @@ class EgressEngine:
             return False
         flow.sandbox = sandbox = policy.sandbox_id
         flow.policy = policy
+        flow.revision = policy.revision
         # Denials that depend on nothing the peek could reveal (SMTP ports, isolated, internet off) are given
         # at once: a server-speaks-first client would otherwise wait out the whole peek deadline first.
         early = decide(policy, None, None, flow.orig_dst_port, "tcp")
@@ -510,6 +511,7 @@ class EgressEngine:
                         entry.guard.policy = policy  # its later requests are decided on the policy in force
                     continue
                 refusal = PolicyCut(plan.reason, plan.label)
+                flow.revision = policy.revision  # the revision that ended it decided its record
             relay.finish(refusal)
             cut += 1
         if cut:

@@ -44,6 +44,7 @@ class Flow:
     reason: str = ""
     rule: str = ""  # the rule's label, as records show it
     would_deny: bool = False  # allowed only because the policy is in report mode
+    revision: str | None = None  # of the policy that decided (None: no policy, an unknown source)
     accepted: float = 0.0  # time.perf_counter() when the connection was accepted (for the decision latency)
     policy: CompiledPolicy | None = None  # the sandbox's, once known: its operator messages for denials
     message: str = ""  # a denial's: the operator's message for its rule
@@ -104,6 +105,7 @@ class FlowRecorder:
             rule=flow.rule,
             message=flow.message or None,
             denial_id=flow.denial_id or None,
+            revision=flow.revision,
         )
         key = (record.protocol, record.verdict, record.rule)
         self.connections[key] = self.connections.get(key, 0) + 1

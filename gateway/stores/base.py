@@ -13,8 +13,9 @@ import asyncio
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 
-from gateway.errors import GatewayError
+from gateway.errors import Conflict, GatewayError
 from gateway.policy import Sandbox, Template, schema_ref
+from gateway.revisions import Revision, RevisionSource
 from gateway.schema import Note
 from gateway.state import SANDBOX, TEMPLATE, PolicyContext, PolicyState, Rejection
 
@@ -40,9 +41,11 @@ class StoreStatus:
 
 class PolicyStore(abc.ABC):
     backend: str = "?"
+    #: The source the revision history names for records this store follows from other writers.
+    external_source: RevisionSource = "file"
 
     def __init__(self, context: PolicyContext) -> None:
-        self.state = PolicyState(context)
+        self.state = PolicyState(context, self.external_source)
         self.ready = asyncio.Event()
         self._write_lock = asyncio.Lock()
 
@@ -82,6 +85,11 @@ class PolicyStore(abc.ABC):
     def rejections(self) -> list[Rejection]:
         return sorted(self.state.rejections.values(), key=lambda r: (r.kind, r.key))
 
+    @abc.abstractmethod
+    def _revisions_committed(self) -> None:
+        """A commit may have added to the revision history (or dropped a sandbox's): the backend saves it where
+        it keeps it."""
+
     # ------------------------------------------------------------------ writes
 
     async def create_sandbox(self, raw: object) -> Sandbox:
@@ -90,21 +98,45 @@ class PolicyStore(abc.ABC):
             self.state.check_sandbox(sandbox, create=True)
             await self._persist(SANDBOX, sandbox.id, sandbox.to_dict(), "absent")
             self.state.set_sandbox(sandbox)
+            self._revisions_committed()
             return sandbox
 
-    async def replace_sandbox(self, sandbox_id: str, raw: object) -> Sandbox:
+    async def replace_sandbox(self, sandbox_id: str, raw: object, *, revision: str | None = None) -> Sandbox:
+        """`revision`: the one the caller read (a record sent back with its `revision`); the write is refused
+        when another revision is in force by now, so a read-modify-write cannot undo a change it never saw."""
         async with self._write_lock:
-            sandbox = self.state.parse_sandbox(raw, sandbox_id=sandbox_id)
-            self.state.check_sandbox(sandbox, create=False)
-            await self._persist(SANDBOX, sandbox.id, sandbox.to_dict(), "present")
-            self.state.set_sandbox(sandbox)
-            return sandbox
+            return await self._replace_sandbox(sandbox_id, raw, revision)
+
+    async def restore_sandbox(self, sandbox_id: str, revision: str | None) -> Revision:
+        """Re-apply the record of one of the sandbox's recent revisions (None: the previous one) through the
+        same checks as a replace. Returns the history entry restored."""
+        async with self._write_lock:
+            self.state.get_sandbox(sandbox_id)
+            entry = self.state.history.find(sandbox_id, revision)
+            await self._replace_sandbox(sandbox_id, entry.record, None)
+            return entry
+
+    async def _replace_sandbox(self, sandbox_id: str, raw: object, revision: str | None) -> Sandbox:
+        sandbox = self.state.parse_sandbox(raw, sandbox_id=sandbox_id)
+        self.state.check_sandbox(sandbox, create=False)
+        current = self.state.compiled[sandbox_id].revision
+        if revision is not None and revision != current:
+            raise Conflict(
+                "REVISION_CONFLICT",
+                f"the record sent was read at revision {revision}, but {current} is in force now; read it again",
+                "revision",
+            )
+        await self._persist(SANDBOX, sandbox.id, sandbox.to_dict(), "present")
+        self.state.set_sandbox(sandbox)
+        self._revisions_committed()
+        return sandbox
 
     async def delete_sandbox(self, sandbox_id: str) -> Sandbox:
         async with self._write_lock:
             sandbox = self.state.get_sandbox(sandbox_id)
             await self._persist(SANDBOX, sandbox_id, None, "present")
             self.state.remove_sandbox(sandbox_id)
+            self._revisions_committed()
             return sandbox
 
     async def put_template(self, name: str, raw: object, *, create: bool | None) -> Template:
@@ -114,6 +146,7 @@ class PolicyStore(abc.ABC):
             expect: Expect = "absent" if create is True else "present" if create is False else "any"
             await self._persist(TEMPLATE, name, template.to_dict(), expect)
             self.state.set_template(template)
+            self._revisions_committed()
             return template
 
     async def delete_template(self, name: str) -> Template:

@@ -7,6 +7,10 @@ keeps its last good version. Either way the error is logged and shown in the sta
 and the last good policy stays in force.
 
 File format: `{"templates": {name: record}, "sandboxes": {id: record}}`.
+
+The revision history (`gateway.revisions`) is kept next to it, in `<file>.revisions` (written atomically after
+every change that adds to it, read at start), so that a restart keeps what can be restored. It is the
+gateway's own file, not a policy: one that cannot be read is logged and started afresh.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -68,14 +73,20 @@ class EmbeddedStore(PolicyStore):
         #: Polled every poll_interval; it also absorbs our own writes, so that they are not read back.
         self._file = FileWatch([self.path])
         self._watcher: asyncio.Task[None] | None = None
+        self.revisions_path = revisions_path(self.path)
+        self._revisions_saved = -1  # the history's version last written
 
     async def start(self) -> None:
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._write({"templates": {}, "sandboxes": {}})
             log.info("store.policy_file_created", path=str(self.path))
+        self._load_revisions()
         self._file.changed()
         self._reload()
+        # Sandboxes removed from the file while no gateway ran take their history with them.
+        self.state.history.keep_only(self.state.sandboxes)
+        self._revisions_committed()
         self.ready.set()
         self._watcher = asyncio.create_task(self._watch(), name="policy-file-watcher")
 
@@ -106,6 +117,7 @@ class EmbeddedStore(PolicyStore):
         except Exception as exc:  # a fault of ours, not of the file's content: logged with the traceback
             log.exception("store.policy_file_load_failed", path=str(self.path))
             self._reject(f"could not be applied ({type(exc).__name__}: {exc})")
+        self._revisions_committed()
 
     def _load_file(self) -> None:
         try:
@@ -165,6 +177,37 @@ class EmbeddedStore(PolicyStore):
             raise StoreUnavailable("STORE_WRITE_FAILED", f"could not write {self.path}: {exc}") from exc
         self._sections = sections
 
+    # ------------------------------------------------------------------ revision history
+
+    def _load_revisions(self) -> None:
+        history = self.state.history
+        try:
+            skipped = history.load(parse_json(read_regular_file(self.revisions_path)))
+        except FileNotFoundError:
+            return
+        except (OSError, InvalidJson) as exc:
+            log.error("store.revisions_unreadable", path=str(self.revisions_path), error=str(exc))
+            return
+        if skipped:
+            log.warning("store.revisions_skipped", path=str(self.revisions_path), entries=skipped)
+        self._revisions_saved = history.version
+
+    def _revisions_committed(self) -> None:
+        history = self.state.history
+        if history.version == self._revisions_saved:
+            return
+        try:
+            write_atomic(self.revisions_path, json.dumps(history.to_dict(), sort_keys=True).encode() + b"\n")
+        except OSError as exc:  # the policy write itself went through; only what can be restored after a restart lags
+            log.error("store.revisions_write_failed", path=str(self.revisions_path), error=str(exc))
+            return
+        self._revisions_saved = history.version
+
     def _write(self, sections: dict[str, dict[str, Any]]) -> None:
         write_atomic(self.path, json.dumps(sections, indent=2, sort_keys=True).encode() + b"\n")
         self._file.changed()
+
+
+def revisions_path(policy_path: Path) -> Path:
+    """Where the embedded store keeps the revision history of the policies in `policy_path`."""
+    return policy_path.with_name(policy_path.name + ".revisions")

@@ -530,6 +530,7 @@ class RecordSync:
 
 class RedisStore(PolicyStore):
     backend = "redis"
+    external_source = "redis"
 
     def __init__(self, context: PolicyContext, config: StoreConfig, *, start_timeout: float = 10.0) -> None:
         super().__init__(context)
@@ -791,6 +792,10 @@ class RedisStore(PolicyStore):
                 await self._redis.connection_pool.disconnect(inuse_connections=False)
 
     # ------------------------------------------------------------------ writing
+
+    def _revisions_committed(self) -> None:
+        """Not saved: with Redis the history lives in each node's memory (revision ids agree between nodes, the
+        history starts again at a restart). Shared history in Redis is not implemented yet."""
 
     async def _persist(self, kind: str, key: str, record: dict[str, Any] | None, expect: Expect) -> None:
         if self._script is None:

@@ -49,7 +49,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.api_config import ApiToken
-from gateway.client import CUT_HEADER
+from gateway.client import CUT_HEADER, RESTORED_HEADER, REVISION_HEADER
 from gateway.decision import PROTOCOLS, ChainStep, CompiledPolicy, ExplainRequest, Verdict
 from gateway.destinations import Refusal
 from gateway.errors import Forbidden, GatewayError, NotFound
@@ -62,7 +62,9 @@ from gateway.policy import DEFAULT_PROFILE, HTTP_TOKEN_PATTERN, PORT_SCHEMA, PRO
 from gateway.presets import Preset
 from gateway.querylog import QueryLog
 from gateway.replay import DEFAULT_SINCE, MAX_SINCE_SECONDS, parse_since, replay
+from gateway.revisions import HISTORY_SIZE, check_revision
 from gateway.rules import Rule
+from gateway.state import PolicyState
 from gateway.stores.base import PolicyStore
 from gateway.suggest import check_applicable, kept_record, suggest
 from gateway.tunnel.store import TunnelStore
@@ -502,9 +504,10 @@ async def list_sandboxes(request: web.Request) -> web.Response:
             "INVALID_PROFILE", f"{_shown(profile)} is not a profile; use one of {', '.join(PROFILES)}", "profile"
         )
     template = query.get("template")
-    sandboxes = request.app[STORE_KEY].state.sandboxes
+    state = request.app[STORE_KEY].state
+    sandboxes = state.sandboxes
     records = [
-        sandboxes[sid].to_dict()
+        _sandbox_answer(state, sandboxes[sid])
         for sid in sorted(sandboxes)
         if (profile is None or sandboxes[sid].profile == profile)
         and (template is None or sandboxes[sid].template == template)
@@ -517,6 +520,27 @@ def _claimed_profile(raw: object) -> str:
     that is not a known profile needs no scope: validation refuses it next."""
     profile = raw.get("profile", DEFAULT_PROFILE) if isinstance(raw, dict) else DEFAULT_PROFILE
     return profile if isinstance(profile, str) and profile in PROFILES else DEFAULT_PROFILE
+
+
+def _sandbox_answer(state: PolicyState, sandbox: Sandbox) -> dict[str, Any]:
+    """The record as the API shows it: with the revision in force (read-only, never stored)."""
+    return {**sandbox.to_dict(), "revision": state.compiled[sandbox.id].revision}
+
+
+def _split_revision(raw: object) -> tuple[object, str | None]:
+    """A record sent back as the API showed it carries the `revision` it was read at: taken out of the record
+    (it is not a field of it) and returned, for the write to check it is still the one in force."""
+    if not isinstance(raw, dict) or "revision" not in raw:
+        return raw, None
+    record = dict(raw)
+    return record, check_revision(record.pop("revision"))
+
+
+def _written(store: PolicyStore, sandbox: Sandbox, status: int = 200, **headers: str) -> web.Response:
+    """A sandbox write's answer: the record with its revision, which the header repeats, and the live cut."""
+    answer = _sandbox_answer(store.state, sandbox)
+    headers |= {REVISION_HEADER: answer["revision"], **_cut(store)}
+    return web.json_response(answer, status=status, headers=headers)
 
 
 def _require_sandbox_scope(request: web.Request, sandbox_id: str) -> Sandbox:
@@ -533,13 +557,15 @@ async def create_sandbox(request: web.Request) -> web.Response:
     if isinstance(raw, dict) and isinstance(raw.get("id"), str):
         _set_target(raw["id"][:64])  # the write log names the record even when the write is refused
     _require_network(_caller(), _claimed_profile(raw))
+    raw, _ = _split_revision(raw)  # a record copied from a GET: no revision of a new sandbox to compare it with
     async with _write_lock(request):
         sandbox = await store.create_sandbox(raw)
-    return web.json_response(sandbox.to_dict(), status=201, headers={"Location": _sandbox_url(sandbox.id)})
+        return _written(store, sandbox, 201, Location=_sandbox_url(sandbox.id))
 
 
 async def get_sandbox(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STORE_KEY].state.get_sandbox(request.match_info["id"]).to_dict())
+    state = request.app[STORE_KEY].state
+    return web.json_response(_sandbox_answer(state, state.get_sandbox(request.match_info["id"])))
 
 
 async def replace_sandbox(request: web.Request) -> web.Response:
@@ -548,11 +574,11 @@ async def replace_sandbox(request: web.Request) -> web.Response:
     _require_sandbox_scope(request, sandbox_id)  # before the body is read: no work for a caller who may not act
     raw = await _read_json(request)
     _require_network(_caller(), _claimed_profile(raw))
+    raw, revision = _split_revision(raw)
     async with _write_lock(request):
         _require_sandbox_scope(request, sandbox_id)  # again under the lock: the record may have been replaced
-        sandbox = await store.replace_sandbox(sandbox_id, raw)
-        cut = _cut(store)
-    return web.json_response(sandbox.to_dict(), headers=cut)
+        sandbox = await store.replace_sandbox(sandbox_id, raw, revision=revision)
+        return _written(store, sandbox)
 
 
 async def patch_sandbox(request: web.Request) -> web.Response:
@@ -563,13 +589,13 @@ async def patch_sandbox(request: web.Request) -> web.Response:
     if not isinstance(patch, dict):
         raise GatewayError("INVALID_TYPE", "a merge patch is a JSON object (RFC 7396)")
     _require_network(_caller(), _claimed_profile(patch))
+    patch, revision = _split_revision(patch)
     # Read, merge and write under one lock so a concurrent API write is never lost.
     async with _write_lock(request):
         current = _require_sandbox_scope(request, sandbox_id)
         merged = apply_merge_patch(current.to_dict(), patch)
-        sandbox = await store.replace_sandbox(sandbox_id, merged)
-        cut = _cut(store)
-    return web.json_response(sandbox.to_dict(), headers=cut)
+        sandbox = await store.replace_sandbox(sandbox_id, merged, revision=revision)
+        return _written(store, sandbox)
 
 
 async def delete_sandbox(request: web.Request) -> web.Response:
@@ -585,6 +611,37 @@ async def delete_sandbox(request: web.Request) -> web.Response:
         # too (and does, for deletions by other writers); here it happens before the answer.
         await tunnels.revoke_sandbox(sandbox_id)
     return web.Response(status=204, headers=cut)
+
+
+async def sandbox_revisions(request: web.Request) -> web.Response:
+    state = request.app[STORE_KEY].state
+    sandbox_id = request.match_info["id"]
+    state.get_sandbox(sandbox_id)
+    entries = [entry.to_dict() for entry in state.history.entries(sandbox_id)]
+    return web.json_response(
+        {"sandbox": sandbox_id, "revision": state.compiled[sandbox_id].revision, "revisions": entries}
+    )
+
+
+async def restore_sandbox(request: web.Request) -> web.Response:
+    store = request.app[STORE_KEY]
+    sandbox_id = request.match_info["id"]
+    _require_sandbox_scope(request, sandbox_id)
+    body = await _read_json(request)
+    if not isinstance(body, dict):
+        raise GatewayError("INVALID_TYPE", 'the body is a JSON object: {"revision": "r..."}, or {} for the previous')
+    unknown = sorted(set(body) - {"revision"})
+    if unknown:
+        raise GatewayError(
+            "UNKNOWN_FIELD", f"unknown field {unknown[0][:40]!r}; the body has only revision", unknown[0]
+        )
+    revision = None if body.get("revision") is None else check_revision(body["revision"])
+    async with _write_lock(request):
+        _require_sandbox_scope(request, sandbox_id)  # a restore keeps the profile (or is PROFILE_IMMUTABLE)
+        restored = await store.restore_sandbox(sandbox_id, revision)
+        response = _written(store, store.state.get_sandbox(sandbox_id))
+    response.headers[RESTORED_HEADER] = restored.revision
+    return response
 
 
 async def sandbox_policy(request: web.Request) -> web.Response:
@@ -1025,6 +1082,12 @@ CUT_ANSWER: Final = {
 }
 
 
+REVISION_ANSWER: Final = {
+    REVISION_HEADER: "The revision of the sandbox's policy now in force (as the body's `revision`): the content id "
+    "of its record and its template's, the same on every node."
+}
+
+
 def _cut(store: PolicyStore) -> dict[str, str]:
     """Read right after the write returned (no await between): the state's last commit is this write's."""
     return {CUT_HEADER: str(store.state.last_cut)}
@@ -1148,6 +1211,9 @@ _TUNNELS_DISABLED: Final = (
     "TUNNELS_DISABLED: this API was started without the tunnel service. Also STORE_UNAVAILABLE / STORE_WRITE_FAILED."
 )
 _WRITE_ERRORS: Final = {413: None, 415: None, 503: None}  # every write reads a body and reaches the store
+_STALE: Final = (
+    "REVISION_CONFLICT: the record sent carries the revision it was read at, and another is in force by now."
+)
 
 
 def route_specs() -> tuple[RouteSpec, ...]:
@@ -1236,7 +1302,7 @@ def route_specs() -> tuple[RouteSpec, ...]:
             "sandboxes.create",
             "Create a sandbox",
             "sandboxes",
-            {201: Answer("Created.", "Sandbox", headers={"Location": "/v1/sandboxes/{id}"})},
+            {201: Answer("Created.", "Sandbox", headers={"Location": "/v1/sandboxes/{id}", **REVISION_ANSWER})},
             {
                 **_WRITE_ERRORS,
                 403: _SANDBOX_WRITE_403,
@@ -1264,12 +1330,12 @@ def route_specs() -> tuple[RouteSpec, ...]:
             "sandboxes.replace",
             "Replace a sandbox (it must exist; create with POST)",
             "sandboxes",
-            {200: Answer("Replaced.", "Sandbox", headers=CUT_ANSWER)},
+            {200: Answer("Replaced.", "Sandbox", headers={**CUT_ANSWER, **REVISION_ANSWER})},
             {
                 **_WRITE_ERRORS,
                 403: _SANDBOX_WRITE_403,
                 404: None,
-                409: "PROFILE_IMMUTABLE: the profile differs from the stored one. ADDRESS_IN_USE.",
+                409: f"PROFILE_IMMUTABLE: the profile differs from the stored one. ADDRESS_IN_USE. {_STALE}",
             },
             body=Body(
                 "SandboxReplace",
@@ -1285,12 +1351,12 @@ def route_specs() -> tuple[RouteSpec, ...]:
             "sandboxes.patch",
             "Change a sandbox with a JSON merge patch (RFC 7396)",
             "sandboxes",
-            {200: Answer("The record after the patch.", "Sandbox", headers=CUT_ANSWER)},
+            {200: Answer("The record after the patch.", "Sandbox", headers={**CUT_ANSWER, **REVISION_ANSWER})},
             {
                 **_WRITE_ERRORS,
                 403: _SANDBOX_WRITE_403,
                 404: None,
-                409: "PROFILE_IMMUTABLE: the patch changes the profile. ADDRESS_IN_USE.",
+                409: f"PROFILE_IMMUTABLE: the patch changes the profile. ADDRESS_IN_USE. {_STALE}",
             },
             body=Body("SandboxPatch", SANDBOX_PATCH_EXAMPLES, (MERGE_PATCH, JSON)),
             description="The patch is applied to the stored record and the result validated as a whole. Send it as "
@@ -1306,7 +1372,53 @@ def route_specs() -> tuple[RouteSpec, ...]:
             "sandboxes",
             {204: Answer("Deleted; its traffic is refused from now on, its connections ended.", headers=CUT_ANSWER)},
             {403: _SANDBOX_WRITE_403, 404: None, 503: None},
-            description=_PROFILE_SCOPE,
+            description=_PROFILE_SCOPE + " Its revision history goes with it.",
+        ),
+        RouteSpec(
+            "GET",
+            f"{sandbox_id}/revisions",
+            sandbox_revisions,
+            "sandboxes:read",
+            "sandboxes.revisions",
+            f"The sandbox's last {HISTORY_SIZE} policy revisions",
+            "sandboxes",
+            {200: Answer("Newest (the one in force) first, each with its record, time and source.", "RevisionList")},
+            {404: None},
+            description="Every accepted change of the sandbox's record or of its template's is a revision, whoever "
+            "wrote it (api, file: a hand edit of the policy file, redis: a record another service wrote).",
+        ),
+        RouteSpec(
+            "POST",
+            f"{sandbox_id}/restore",
+            restore_sandbox,
+            "sandboxes:write",
+            "sandboxes.restore",
+            "Re-apply the record of one of the sandbox's recent revisions (default: the previous one)",
+            "sandboxes",
+            {
+                200: Answer(
+                    "Restored: the record now in force. Its revision is the one restored unless the template "
+                    "changed since (a restore re-applies the sandbox's record over the template in force).",
+                    "Sandbox",
+                    headers={
+                        **CUT_ANSWER,
+                        **REVISION_ANSWER,
+                        RESTORED_HEADER: "The revision whose record was re-applied.",
+                    },
+                )
+            },
+            {
+                **_WRITE_ERRORS,
+                400: "INVALID_REVISION, UNKNOWN_FIELD, INVALID_TYPE; and the validation codes of the record restored "
+                "(a preset removed from the configuration since, say).",
+                403: _SANDBOX_WRITE_403,
+                404: "SANDBOX_NOT_FOUND. REVISION_NOT_FOUND: no such revision among the recent ones, or no previous.",
+                409: "PROFILE_IMMUTABLE: the revision's profile differs from the one in force (the sandbox was "
+                "deleted and created again). ADDRESS_IN_USE: another sandbox holds one of its addresses now.",
+            },
+            body=Body("RestoreRequest", {"previous": {}, "by-id": {"revision": "r0123456789ab"}}),
+            description="The record goes through the same checks, live cut and answer as a replace (PUT). "
+            + _PROFILE_SCOPE,
         ),
         RouteSpec(
             "GET",

@@ -40,7 +40,7 @@ from gateway.clibase import (
     client_from_args,
     config_or_exit,
 )
-from gateway.client import ApiError, ApiResponse, ApiUnreachable
+from gateway.client import RESTORED_HEADER, ApiError, ApiResponse, ApiUnreachable
 from gateway.clihelp import SHELLS, add_examples, completion_script
 from gateway.demo.run import run as run_demo
 from gateway.errors import GatewayError
@@ -62,6 +62,7 @@ from gateway.formatting import (
     format_verdict,
     listen_description,
     preset_rows,
+    revision_rows,
     sandbox_rows,
     status_block,
     store_description,
@@ -139,21 +140,35 @@ def cmd_explain(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_policy(ctx: Context, args: argparse.Namespace) -> None:
     """`policy diff`: the candidate record replayed against the sandbox's recorded flows; `policy suggest`: the
-    smallest allowlist those flows needed, as a record (`--write FILE` saves it). Nothing is applied."""
+    smallest allowlist those flows needed, as a record (`--write FILE` saves it); nothing is applied. `policy
+    revisions`: its recent revisions; `policy restore`: one of them (default the previous) applied again."""
+    c = ctx.client
     if args.action == "diff":
-        ctx.emit(ctx.client.policy_diff(args.sandbox, require_body(args), since=args.since), diff_block)
-        return
-    answer = ctx.client.policy_suggest(args.sandbox, since=args.since)
-    hint = f"gateway policy suggest {args.sandbox} --write FILE     # the record, to review and edit"
-    if args.write is not None:
-        try:
-            with open(args.write, "w", encoding="utf-8") as out:
-                json.dump(answer.data["record"], out, indent=2)
-                out.write("\n")
-        except OSError as exc:
-            raise CliExit(EXIT_USAGE, f"cannot write {args.write}: {exc.strerror}") from None
-        hint = f"the record is in {args.write}: review it, then use it as FILE"
-    ctx.emit(answer, lambda data: suggestion_block(data, hint))
+        ctx.emit(c.policy_diff(args.sandbox, require_body(args), since=args.since), diff_block)
+    elif args.action == "revisions":
+        ctx.emit(c.sandbox_revisions(args.sandbox), revision_rows)
+    elif args.action == "restore":
+        answer = c.restore_sandbox(args.sandbox, args.revision)
+        restored = answer.headers.get(RESTORED_HEADER, "?")
+        ctx.emit(
+            answer,
+            lambda d: (
+                f"restored sandbox {d['id']} to {restored}: revision {d['revision']} in force"
+                f"{_cut_note(answer)}\n" + format_block(d)
+            ),
+        )
+    else:
+        suggestion = c.policy_suggest(args.sandbox, since=args.since)
+        hint = f"gateway policy suggest {args.sandbox} --write FILE     # the record, to review and edit"
+        if args.write is not None:
+            try:
+                with open(args.write, "w", encoding="utf-8") as out:
+                    json.dump(suggestion.data["record"], out, indent=2)
+                    out.write("\n")
+            except OSError as exc:
+                raise CliExit(EXIT_USAGE, f"cannot write {args.write}: {exc.strerror}") from None
+            hint = f"the record is in {args.write}: review it, then use it as FILE"
+        ctx.emit(suggestion, lambda data: suggestion_block(data, hint))
 
 
 def cmd_status(ctx: Context, args: argparse.Namespace) -> None:
@@ -485,9 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="an HTTP request on the connection, decided as on an inspected host (default GET)")
     p.add_argument("--path", help="that request's path (default /)")
 
-    policy = commands.add_parser("policy", help="try a policy before applying it").add_subparsers(
-        dest="action", required=True, metavar="ACTION", parser_class=Parser
-    )
+    policy = commands.add_parser(
+        "policy", help="try a policy before applying it; list and restore its revisions"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=Parser)
     p = policy.add_parser(
         "diff", parents=[common], help="replay the recorded flows against a candidate record: what it newly denies"
     )
@@ -500,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sandbox")
     p.add_argument("--since", metavar="DURATION", help="how far back: 90s, 30m, 24h (default), 7d; at most 30d")
     p.add_argument("--write", metavar="FILE", help="also write the candidate record (JSON) to FILE")
+    p = policy.add_parser("revisions", parents=[common], help="a sandbox's recent policy revisions, newest first")
+    p.add_argument("sandbox")
+    p = policy.add_parser(
+        "restore", parents=[common], help="apply one of its recent revisions again (default: the previous one)"
+    )
+    p.add_argument("sandbox")
+    p.add_argument("--revision", metavar="R", help="the revision to restore (r + 12 hex digits, from `revisions`)")
 
     commands.add_parser("status", parents=[common], help="store backend, counts, rejected records")
     commands.add_parser("presets", parents=[common], help="list presets")

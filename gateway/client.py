@@ -35,6 +35,10 @@ STREAM_TIMEOUT = 60.0
 
 #: On the answer to a policy write: how many established connections it ended (the live cut).
 CUT_HEADER = "X-Gateway-Cut-Flows"
+#: On the answer to a sandbox write: the revision of its policy now in force.
+REVISION_HEADER = "X-Gateway-Revision"
+#: On the answer to a restore: the revision whose record was applied again.
+RESTORED_HEADER = "X-Gateway-Restored-Revision"
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +191,15 @@ class ApiClient:
 
     def delete_sandbox(self, sandbox_id: str) -> ApiResponse:
         return self.request("DELETE", f"/v1/sandboxes/{_quote(sandbox_id)}")
+
+    def sandbox_revisions(self, sandbox_id: str) -> ApiResponse:
+        """The sandbox's recent policy revisions, newest (the one in force) first."""
+        return self.request("GET", f"/v1/sandboxes/{_quote(sandbox_id)}/revisions")
+
+    def restore_sandbox(self, sandbox_id: str, revision: str | None = None) -> ApiResponse:
+        """Re-apply the record of one of its recent revisions (None: the previous one)."""
+        body = {} if revision is None else {"revision": revision}
+        return self.request("POST", f"/v1/sandboxes/{_quote(sandbox_id)}/restore", body)
 
     def policy_diff(self, sandbox_id: str, candidate: Any, *, since: str | None = None) -> ApiResponse:
         """What the candidate record would newly deny or allow among the sandbox's recorded flows of the last

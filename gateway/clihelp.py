@@ -39,6 +39,8 @@ EXAMPLES: dict[str, str] = {
     "policy": "gateway policy diff agent-42 --file candidate.json",
     "policy diff": "gateway policy diff agent-42 --file candidate.json --since 7d --json",
     "policy suggest": "gateway policy suggest agent-42 --since 7d --write agent-42.json",
+    "policy revisions": "gateway policy revisions agent-42",
+    "policy restore": "gateway policy restore agent-42 --revision r3f2a9c0d1b7e",
     "status": "gateway status",
     "presets": "gateway presets --json",
     "audit": "gateway audit list agent-42",

@@ -126,6 +126,21 @@ def sandbox_rows(data: Any) -> str:
     return format_table(("ID", "PROFILE", "TEMPLATE", "ADDRESSES", "EGRESS"), rows)
 
 
+def revision_rows(data: Any) -> str:
+    """`gateway policy revisions`: newest first, the one in force marked."""
+    rows = [
+        (
+            ("* " if r["revision"] == data["revision"] else "  ") + r["revision"],
+            format_time(r["at"]),
+            r["source"],
+            r["template"],
+            egress_summary(r["record"].get("egress") or {}),
+        )
+        for r in data["revisions"]
+    ]
+    return format_table(("REVISION", "ACCEPTED", "SOURCE", "TEMPLATE", "EGRESS"), rows) + "\n(* in force)"
+
+
 def template_rows(data: Any) -> str:
     templates = data["templates"]
     if not templates:
@@ -243,6 +258,8 @@ def flow_line(record: Mapping[str, Any]) -> str:
     if record["verdict"] != "deny":
         parts.append(f"up={record['bytes_up']} down={record['bytes_down']}")
     parts.append(f"rule={record['rule'] or '-'}")
+    if record.get("revision"):
+        parts.append(f"revision={record['revision']}")
     parts.append(f"reason={json.dumps(record['reason'])}")
     if record.get("message"):
         parts.append(f"message={json.dumps(record['message'])}")

@@ -48,6 +48,7 @@ from gateway.policy import (
 from gateway.presets import PresetView
 from gateway.querylog import DnsQuery
 from gateway.replay import PolicyDiff
+from gateway.revisions import HISTORY_SIZE, REVISION_PATTERN, Revision
 from gateway.schema import object_schema, record_schema
 from gateway.state import Rejection
 from gateway.stores.base import StoreStatus
@@ -132,6 +133,14 @@ def _schemas() -> dict[str, Any]:
         "private_links": {"type": "array", "items": schema_ref("PrivateLink")},
         "labels": {"type": "object", "additionalProperties": {"type": "string"}},
     }
+    revision = {"type": "string", "pattern": REVISION_PATTERN.pattern}
+    # A record read from the API and sent back carries its revision: a replace or patch then goes through only
+    # while that revision is still in force (REVISION_CONFLICT otherwise); a create ignores it.
+    sent_revision = {
+        **revision,
+        "description": "Optional: the revision the record was read at (as GET answered); the write is refused with "
+        "REVISION_CONFLICT when another is in force by now.",
+    }
     # The API's own part of two answers: /v1/status adds how it admits callers and, with the data plane, the
     # steering's status; explain adds the sandbox, the question and the policy to the verdict.
     status = record_schema(StoreStatus, closed=False)
@@ -195,19 +204,49 @@ def _schemas() -> dict[str, Any]:
         "Limits": object_schema(LIMITS_SCHEMA),
         "PrivateLink": object_schema(PRIVATE_LINK_SCHEMA, ["source"]),
         "Sandbox": object_schema(
-            stored_sandbox, SANDBOX_SCHEMA, "A sandbox record as stored (only set egress and limits fields appear)."
+            {
+                **stored_sandbox,
+                "revision": {
+                    **revision,
+                    "readOnly": True,
+                    "description": "The revision of its policy in force: the content id of this record and its "
+                    "template's, the same on every node (not stored).",
+                },
+            },
+            [*SANDBOX_SCHEMA, "revision"],
+            "A sandbox record as stored (only set egress and limits fields appear), with its revision.",
         ),
-        "SandboxCreate": object_schema(SANDBOX_SCHEMA, ["id", "addresses"]),
+        "SandboxCreate": object_schema(
+            {**SANDBOX_SCHEMA, "revision": {**revision, "description": "Ignored (a record copied from a GET)."}},
+            ["id", "addresses"],
+        ),
         "SandboxReplace": object_schema(
-            SANDBOX_SCHEMA, ["addresses"], "The whole record; `id` may be left out and must match the URL when given."
+            {**SANDBOX_SCHEMA, "revision": sent_revision},
+            ["addresses"],
+            "The whole record; `id` may be left out and must match the URL when given.",
         ),
         "SandboxPatch": object_schema(
-            {name: {} for name in SANDBOX_SCHEMA},
+            {**{name: {} for name in SANDBOX_SCHEMA}, "revision": sent_revision},
             (),
             "A JSON merge patch (RFC 7396): objects merge, null removes a field, anything else replaces it. The "
             "result is validated as a whole record.",
         ),
         "SandboxList": _list_of("sandboxes", "Sandbox"),
+        "Revision": record_schema(Revision),
+        "RevisionList": object_schema(
+            {
+                "sandbox": {"type": "string"},
+                "revision": {**revision, "description": "The revision in force."},
+                "revisions": {"type": "array", "items": schema_ref("Revision"), "maxItems": HISTORY_SIZE},
+            },
+            ["sandbox", "revision", "revisions"],
+            "The sandbox's last distinct revisions, newest (the one in force) first; one accepted again moves to "
+            "the front.",
+        ),
+        "RestoreRequest": object_schema(
+            {"revision": {**revision, "description": "Which revision's record to re-apply; default the previous."}},
+            (),
+        ),
         "Template": object_schema(
             {**TEMPLATE_SCHEMA, "egress": schema_ref("Egress"), "limits": schema_ref("Limits")}, TEMPLATE_SCHEMA
         ),

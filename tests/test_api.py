@@ -46,6 +46,7 @@ from gateway.errors import GatewayError
 from gateway.flowlog import FIELD_NAMES, FlowLog, FlowRecord, now_us
 from gateway.metrics import registry_for, render
 from gateway.policy import parse_sandbox, parse_template
+from gateway.revisions import revision_id
 from gateway.service import DataPlane, snapshot
 from gateway.settings import Config, load_config
 from gateway.stores.config import StoreConfig
@@ -268,7 +269,9 @@ async def test_sandbox_crud_round_trip(api: Api, store: EmbeddedStore) -> None:
     assert created.headers["Location"] == "/v1/sandboxes/agent-1"
     assert created.body["egress"] == {"allow_hosts": ["api.github.com", "*.example.com"]}
     assert (await api.call("GET", "/v1/sandboxes/agent-1", token="reader", expect=200)).body == created.body
-    assert json.loads(store.path.read_text())["sandboxes"]["agent-1"] == created.body
+    stored = json.loads(store.path.read_text())["sandboxes"]["agent-1"]
+    assert stored == {k: v for k, v in created.body.items() if k != "revision"}  # the revision is not stored
+    assert created.body["revision"] == created.headers["X-Gateway-Revision"] == revision_id(stored, None)
 
     listed = await api.call("GET", "/v1/sandboxes", token="reader", expect=200)
     assert [s["id"] for s in listed.body["sandboxes"]] == ["agent-1"]
@@ -446,7 +449,8 @@ async def test_patch_merges_into_the_stored_record(api: Api, store: EmbeddedStor
     assert body["labels"] == {"team": "research", "owner": "ana"}  # objects merge
     assert body["egress"] == {"allow_hosts": ["api.github.com", "*.example.com"], "presets": ["ai-apis"]}
     assert body["limits"] == {}  # null removes
-    assert json.loads(store.path.read_text())["sandboxes"]["agent-1"] == body
+    stored = json.loads(store.path.read_text())["sandboxes"]["agent-1"]
+    assert {**stored, "revision": patched.headers["X-Gateway-Revision"]} == body
 
     lists_replace = await api.call("PATCH", "/v1/sandboxes/agent-1", {"egress": {"allow_hosts": ["pypi.org"]}})
     assert lists_replace.body["egress"]["allow_hosts"] == ["pypi.org"]
@@ -1106,7 +1110,9 @@ def test_request_schemas_list_exactly_the_fields_the_parser_accepts(config: Conf
     }
     schemas = DOC["components"]["schemas"]
     for name, (parse, record, path) in probes.items():
-        assert set(schemas[name]["properties"]) == _accepted_fields(parse, record, path), name
+        # A sandbox's `revision` is the API's: taken out of the body before the parser sees it.
+        api_only = {"revision"} if name == "SandboxCreate" else set()
+        assert set(schemas[name]["properties"]) - api_only == _accepted_fields(parse, record, path), name
         assert schemas[name]["additionalProperties"] is False, name
     for same in ("SandboxReplace", "SandboxPatch", "Sandbox"):
         assert set(schemas[same]["properties"]) == set(schemas["SandboxCreate"]["properties"]), same
@@ -1707,3 +1713,66 @@ async def test_batches_since_reads_the_window_and_the_batch_before_it(flows: Flo
     with pytest.raises(GatewayError) as caught:
         list(flows.batches_since("../x", 0))
     assert caught.value.code == "INVALID_ID"
+
+
+# --------------------------------------------------------------------------- revisions
+
+
+async def test_revisions_are_listed_and_the_previous_one_restored(api: Api, store: EmbeddedStore) -> None:
+    created = await api.call("POST", "/v1/sandboxes", ALLOWLISTED, token="writer", expect=201)
+    first = created.headers["X-Gateway-Revision"]
+    narrowed = {**ALLOWLISTED, "egress": {"allow_hosts": ["api.github.com"]}}
+    replaced = await api.call("PUT", "/v1/sandboxes/agent-1", narrowed, token="writer", expect=200)
+    second = replaced.body["revision"]
+    assert second == replaced.headers["X-Gateway-Revision"] != first
+
+    listed = (await api.call("GET", "/v1/sandboxes/agent-1/revisions", token="reader", expect=200)).body
+    assert listed["revision"] == second
+    assert [(r["revision"], r["source"]) for r in listed["revisions"]] == [(second, "api"), (first, "api")]
+    assert listed["revisions"][1]["record"]["egress"] == ALLOWLISTED["egress"]
+    explained = await api.call("GET", "/v1/sandboxes/agent-1/explain?host=api.github.com", token="reader")
+    assert explained.body["policy"]["revision"] == second
+
+    restored = await api.call("POST", "/v1/sandboxes/agent-1/restore", {}, token="writer", expect=200)
+    assert restored.headers["X-Gateway-Restored-Revision"] == first == restored.headers["X-Gateway-Revision"]
+    assert restored.headers["X-Gateway-Cut-Flows"] == "0"
+    assert restored.body["egress"] == ALLOWLISTED["egress"] and restored.body["revision"] == first
+    assert store.state.compiled["agent-1"].revision == first
+    by_id = await api.call("POST", "/v1/sandboxes/agent-1/restore", {"revision": second}, token="writer", expect=200)
+    assert by_id.body["revision"] == second
+    await api.call("POST", "/v1/sandboxes/agent-1/restore", {}, token="reader", expect=403)
+
+
+async def test_restore_refuses_what_it_cannot_restore(api: Api) -> None:
+    await api.call("POST", "/v1/sandboxes", ALLOWLISTED, token="writer", expect=201)
+    cases: list[tuple[Any, int, str]] = [
+        ({}, 404, "REVISION_NOT_FOUND"),  # no previous revision yet
+        ({"revision": "r000000000000"}, 404, "REVISION_NOT_FOUND"),
+        ({"revision": "R000000000000"}, 400, "INVALID_REVISION"),
+        ({"revision": "r0"}, 400, "INVALID_REVISION"),
+        ({"revision": 5}, 400, "INVALID_REVISION"),
+        ({"revision": ["r000000000000"]}, 400, "INVALID_REVISION"),
+        ({"revisoin": "r000000000000"}, 400, "UNKNOWN_FIELD"),
+        (["r000000000000"], 400, "INVALID_TYPE"),
+    ]
+    for body, status, code in cases:
+        answer = await api.call("POST", "/v1/sandboxes/agent-1/restore", body, token="writer", expect=status)
+        assert answer.body["code"] == code, body
+    missing = await api.call("POST", "/v1/sandboxes/nobody/restore", {}, token="writer", expect=404)
+    assert missing.body["code"] == "SANDBOX_NOT_FOUND"
+    await api.call("GET", "/v1/sandboxes/nobody/revisions", token="reader", expect=404)
+
+
+async def test_a_record_sent_back_with_its_revision_is_a_precondition(api: Api) -> None:
+    created = await api.call("POST", "/v1/sandboxes", {**ALLOWLISTED, "revision": "r000000000000"}, expect=201)
+    read = (await api.call("GET", "/v1/sandboxes/agent-1", token="reader", expect=200)).body
+    assert read["revision"] == created.body["revision"]  # the one a POST carried is ignored
+    changed = await api.call("PUT", "/v1/sandboxes/agent-1", {**read, "labels": {"v": "1"}}, expect=200)
+    stale = await api.call("PUT", "/v1/sandboxes/agent-1", {**read, "labels": {"v": "2"}}, expect=409)
+    assert stale.body["code"] == "REVISION_CONFLICT" and stale.body["field"] == "revision"
+    patch = {"labels": {"v": "3"}, "revision": read["revision"]}
+    assert (await api.call("PATCH", "/v1/sandboxes/agent-1", patch, expect=409)).body["code"] == "REVISION_CONFLICT"
+    patch["revision"] = changed.body["revision"]
+    assert (await api.call("PATCH", "/v1/sandboxes/agent-1", patch, expect=200)).body["labels"] == {"v": "3"}
+    bad = await api.call("PUT", "/v1/sandboxes/agent-1", {**read, "revision": "latest"}, expect=400)
+    assert bad.body["code"] == "INVALID_REVISION"

@@ -232,6 +232,34 @@ def test_sandbox_lifecycle_through_the_cli(server: Server, tmp_path: Path) -> No
     assert gone.stderr == "SANDBOX_NOT_FOUND: no sandbox 'cli-agent' (field id)\n"
 
 
+def test_policy_revisions_and_restore_through_the_cli(server: Server) -> None:
+    created = gateway(
+        "sandbox", "create", "--id", "cli-rev", "--address", "10.75.1.30", "--profile", "allowlisted",
+        "--allow-host", "api.github.com", "--json", server=server,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    first = json.loads(created.stdout)["revision"]
+    narrowed = gateway("sandbox", "patch", "cli-rev", "--data", '{"egress": {"allow_hosts": ["pypi.org"]}}',
+                       "--json", server=server)  # fmt: skip
+    second = json.loads(narrowed.stdout)["revision"]
+
+    listed = gateway("policy", "revisions", "cli-rev", server=server)
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split() == ["REVISION", "ACCEPTED", "SOURCE", "TEMPLATE", "EGRESS"]
+    assert rows[0].split()[:2] == ["*", second] and rows[1].split()[0] == first
+    assert " api " in rows[1] and "1 host" in rows[1]
+
+    restored = gateway("policy", "restore", "cli-rev", server=server)
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stdout.startswith(f"restored sandbox cli-rev to {first}: revision {first} in force\n")
+    by_id = gateway("policy", "restore", "cli-rev", "--revision", second, "--json", server=server)
+    assert json.loads(by_id.stdout)["revision"] == second
+    unknown = gateway("policy", "restore", "cli-rev", "--revision", "r000000000000", server=server)
+    assert unknown.returncode == 1 and unknown.stderr.startswith("REVISION_NOT_FOUND: ")
+    assert gateway("sandbox", "delete", "cli-rev", server=server).returncode == 0
+
+
 def test_allow_cidr_implies_deny_all(server: Server) -> None:
     created = gateway(
         "sandbox", "create", "--id", "cli-cidr", "--address", "10.75.1.10", "--profile", "allowlisted",
@@ -561,6 +589,7 @@ def test_human_output_has_no_python_none_and_no_raw_epochs(server: Server) -> No
             ("presets",),
             ("explain", "human", "pypi.org"),
             ("audit", "list", "human"),
+            ("policy", "revisions", "human"),
             ("policy", "diff", "human", "--data", '{"addresses": ["10.75.1.80"], "profile": "registry"}'),
         )
     ]

@@ -376,7 +376,7 @@ async def serve_worker(config: Config, worker: int, workers: int, config_path: s
             raise OSError("the main process does not read its records")  # counted as dropped by the flow log
         output.write(record_lines(lines))
 
-    store = open_store(config.policy_context(), config.store)
+    store = open_store(config.policy_context(), config.store, keeps_history=False)
     flows = FlowLog(config.audit, forward=forward)
     plane = DataPlane(worker_config(config, worker), store, flows, dns=False)
     shutdown = Shutdown()

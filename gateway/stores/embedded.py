@@ -65,7 +65,7 @@ def parse_policy_file(text: str | bytes) -> dict[str, dict[str, Any]]:
 class EmbeddedStore(PolicyStore):
     backend = "embedded"
 
-    def __init__(self, context: PolicyContext, config: StoreConfig) -> None:
+    def __init__(self, context: PolicyContext, config: StoreConfig, *, keeps_history: bool = True) -> None:
         super().__init__(context)
         self.path = config.path
         self.poll_interval = config.poll_interval
@@ -73,7 +73,9 @@ class EmbeddedStore(PolicyStore):
         #: Polled every poll_interval; it also absorbs our own writes, so that they are not read back.
         self._file = FileWatch([self.path])
         self._watcher: asyncio.Task[None] | None = None
-        self.revisions_path = revisions_path(self.path)
+        #: Where the revision history is kept; None in a worker's store (the main process's store keeps it: a
+        #: worker reads the API's writes back from the file, so it would name their source wrongly).
+        self.revisions_path = revisions_path(self.path) if keeps_history else None
         self._revisions_saved = -1  # the history's version last written
 
     async def start(self) -> None:
@@ -181,6 +183,8 @@ class EmbeddedStore(PolicyStore):
 
     def _load_revisions(self) -> None:
         history = self.state.history
+        if self.revisions_path is None:
+            return
         try:
             skipped = history.load(parse_json(read_regular_file(self.revisions_path)))
         except FileNotFoundError:
@@ -194,7 +198,7 @@ class EmbeddedStore(PolicyStore):
 
     def _revisions_committed(self) -> None:
         history = self.state.history
-        if history.version == self._revisions_saved:
+        if self.revisions_path is None or history.version == self._revisions_saved:
             return
         try:
             write_atomic(self.revisions_path, json.dumps(history.to_dict(), sort_keys=True).encode() + b"\n")

@@ -265,3 +265,23 @@ async def test_a_replace_carrying_a_stale_revision_is_refused(tmp_path: Path) ->
         assert store.state.sandboxes["a"].labels == {"x": "1"}
     finally:
         await store.close()
+
+
+async def test_a_workers_store_writes_no_history(tmp_path: Path) -> None:
+    path = tmp_path / "policies.json"
+    main, worker = (
+        store_at(path),
+        EmbeddedStore(CONTEXT, StoreConfig(path=path, poll_interval=0.05), keeps_history=False),
+    )
+    await main.start()
+    await worker.start()
+    try:
+        await main.create_sandbox(record())
+        saved = revisions_path(path).read_text()
+        worker._reload()  # what its watcher does once the file changed: it reads the API's write back
+        assert worker.state.compiled["a"].revision == main.state.compiled["a"].revision
+        assert revisions_path(path).read_text() == saved
+        assert json.loads(saved)["a"][0]["source"] == "api"
+    finally:
+        await worker.close()
+        await main.close()

@@ -76,7 +76,7 @@ class EmbeddedStore(PolicyStore):
         #: Where the revision history is kept; None in a worker's store (the main process's store keeps it: a
         #: worker reads the API's writes back from the file, so it would name their source wrongly).
         self.revisions_path = revisions_path(self.path) if keeps_history else None
-        self._revisions_saved = -1  # the history's version last written
+        self._revisions_saved = 0  # the history's version last written (0: empty, no file needed)
 
     async def start(self) -> None:
         if not self.path.exists():

@@ -536,11 +536,10 @@ def _split_revision(raw: object) -> tuple[object, str | None]:
     return record, check_revision(record.pop("revision"))
 
 
-def _written(store: PolicyStore, sandbox: Sandbox, status: int = 200, **headers: str) -> web.Response:
-    """A sandbox write's answer: the record with its revision, which the header repeats, and the live cut."""
+def _written(store: PolicyStore, sandbox: Sandbox) -> web.Response:
+    """A sandbox change's answer: the record with its revision, which the header repeats, and the live cut."""
     answer = _sandbox_answer(store.state, sandbox)
-    headers |= {REVISION_HEADER: answer["revision"], **_cut(store)}
-    return web.json_response(answer, status=status, headers=headers)
+    return web.json_response(answer, headers={REVISION_HEADER: answer["revision"], **_cut(store)})
 
 
 def _require_sandbox_scope(request: web.Request, sandbox_id: str) -> Sandbox:
@@ -560,7 +559,9 @@ async def create_sandbox(request: web.Request) -> web.Response:
     raw, _ = _split_revision(raw)  # a record copied from a GET: no revision of a new sandbox to compare it with
     async with _write_lock(request):
         sandbox = await store.create_sandbox(raw)
-        return _written(store, sandbox, 201, Location=_sandbox_url(sandbox.id))
+        answer = _sandbox_answer(store.state, sandbox)  # under the lock: the revision this write put in force
+    headers = {"Location": _sandbox_url(sandbox.id), REVISION_HEADER: answer["revision"]}
+    return web.json_response(answer, status=201, headers=headers)
 
 
 async def get_sandbox(request: web.Request) -> web.Response:

@@ -292,7 +292,8 @@ def _schemas() -> dict[str, Any]:
 
 #: What each status means when the route adds nothing (400 also carries every validation code of the parser).
 ERROR_CODES: Final[Mapping[int, str]] = {
-    400: "Invalid input. API codes: INVALID_JSON, UNKNOWN_PARAMETER, INVALID_PARAMETER, INVALID_TYPE; and every "
+    400: "Invalid input. API codes: INVALID_JSON, UNKNOWN_PARAMETER, INVALID_PARAMETER, INVALID_TYPE, "
+    "INVALID_REVISION (a sandbox record's `revision` is not a revision id); and every "
     "validation code of the policy parser, e.g. MISSING_FIELD, UNKNOWN_FIELD, INVALID_ID, ID_MISMATCH, "
     "INVALID_PROFILE, PROFILE_NOT_SUPPORTED, PROFILE_CONFLICT, INVALID_HOSTNAME, INVALID_CIDR, INVALID_ADDRESS, "
     "ADDRESS_OUTSIDE_SUBNETS, INVALID_PORT, INVALID_MODE, UNKNOWN_PRESET, TOO_MANY_ENTRIES, EGRESS_MODE_CONFLICT, "

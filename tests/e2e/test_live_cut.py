@@ -56,6 +56,8 @@ def test_narrowing_cuts_what_it_no_longer_allows_and_widening_cuts_nothing(env: 
             (None, 23, "deny"),
         }
         assert all(r["bytes_up"] > 0 for r in records if r["dst_port"] == 443)  # they had been relaying
+        narrowed = json.loads(_cli(env, "--json", "sandbox", "get", "sb1"))["revision"]
+        assert {r["revision"] for r in records} == {narrowed}  # the revision that ended them decided their records
 
     # The learned address went with the name: allowing the name again does not reopen it without a new answer.
     assert _hosts(env, "allowed.test", "later.test") == "patched sandbox sb1"

@@ -615,13 +615,12 @@ async def delete_sandbox(request: web.Request) -> web.Response:
 
 
 async def sandbox_revisions(request: web.Request) -> web.Response:
-    state = request.app[STORE_KEY].state
+    store = request.app[STORE_KEY]
     sandbox_id = request.match_info["id"]
-    state.get_sandbox(sandbox_id)
-    entries = [entry.to_dict() for entry in state.history.entries(sandbox_id)]
-    return web.json_response(
-        {"sandbox": sandbox_id, "revision": state.compiled[sandbox_id].revision, "revisions": entries}
-    )
+    store.state.get_sandbox(sandbox_id)
+    revision = store.state.compiled[sandbox_id].revision  # read before the await: the answer is of one moment
+    entries = [entry.to_dict() for entry in await store.revisions(sandbox_id)]
+    return web.json_response({"sandbox": sandbox_id, "revision": revision, "revisions": entries})
 
 
 async def restore_sandbox(request: web.Request) -> web.Response:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal, get_args
 
@@ -91,6 +91,23 @@ class Revision:
         return cls(revision, float(at), str(source), record, template)
 
 
+def find_revision(entries: Sequence[Revision], sandbox_id: str, revision: str | None) -> Revision:
+    """The entry to restore among a sandbox's `entries` (newest first): `revision`, or (None) the one before the
+    revision in force."""
+    if revision is None:
+        if len(entries) < 2:
+            raise NotFound("REVISION_NOT_FOUND", f"sandbox {sandbox_id!r} has no previous revision", "revision")
+        return entries[1]
+    for entry in entries:
+        if entry.revision == revision:
+            return entry
+    raise NotFound(
+        "REVISION_NOT_FOUND",
+        f"sandbox {sandbox_id!r} has no revision {revision} among its last {HISTORY_SIZE}",
+        "revision",
+    )
+
+
 class RevisionHistory:
     """The last `size` distinct revisions of each sandbox, newest first."""
 
@@ -99,6 +116,9 @@ class RevisionHistory:
         self._by_sandbox: dict[str, list[Revision]] = {}
         #: Bumped on every change, so a store saves the history only when it changed.
         self.version = 0
+        #: Called with (sandbox id, the entry now in force) for every new revision, and (sandbox id, None) when
+        #: a sandbox's history is dropped: a store that shares the history between nodes passes them on.
+        self.listeners: list[Callable[[str, Revision | None], None]] = []
 
     def current(self, sandbox_id: str) -> Revision | None:
         entries = self._by_sandbox.get(sandbox_id)
@@ -112,30 +132,21 @@ class RevisionHistory:
             return False
         entries[:] = [entry, *(e for e in entries if e.revision != entry.revision)][: self.size]
         self.version += 1
+        for listener in self.listeners:
+            listener(sandbox_id, entry)
         return True
 
     def forget(self, sandbox_id: str) -> None:
         if self._by_sandbox.pop(sandbox_id, None) is not None:
             self.version += 1
+            for listener in self.listeners:
+                listener(sandbox_id, None)
 
     def entries(self, sandbox_id: str) -> list[Revision]:
         return list(self._by_sandbox.get(sandbox_id, ()))
 
     def find(self, sandbox_id: str, revision: str | None) -> Revision:
-        """The entry to restore: `revision`, or (None) the one before the revision in force."""
-        entries = self._by_sandbox.get(sandbox_id, [])
-        if revision is None:
-            if len(entries) < 2:
-                raise NotFound("REVISION_NOT_FOUND", f"sandbox {sandbox_id!r} has no previous revision", "revision")
-            return entries[1]
-        for entry in entries:
-            if entry.revision == revision:
-                return entry
-        raise NotFound(
-            "REVISION_NOT_FOUND",
-            f"sandbox {sandbox_id!r} has no revision {revision} among its last {self.size}",
-            "revision",
-        )
+        return find_revision(self._by_sandbox.get(sandbox_id, []), sandbox_id, revision)
 
     def keep_only(self, sandbox_ids: Iterable[str]) -> None:
         """Drop the history of every sandbox not in `sandbox_ids` (removed while no gateway followed)."""

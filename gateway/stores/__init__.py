@@ -13,7 +13,7 @@ def open_store(context: PolicyContext, config: StoreConfig, *, keeps_history: bo
     if config.backend == "redis":
         from gateway.stores.redis_store import RedisStore
 
-        return RedisStore(context, config)
+        return RedisStore(context, config, keeps_history=keeps_history)
     from gateway.stores.embedded import EmbeddedStore
 
     return EmbeddedStore(context, config, keeps_history=keeps_history)

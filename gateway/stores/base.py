@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from gateway.errors import Conflict, GatewayError
 from gateway.policy import Sandbox, Template, schema_ref
-from gateway.revisions import Revision, RevisionSource
+from gateway.revisions import Revision, RevisionSource, find_revision
 from gateway.schema import Note
 from gateway.state import SANDBOX, TEMPLATE, PolicyContext, PolicyState, Rejection
 
@@ -85,8 +85,13 @@ class PolicyStore(abc.ABC):
     def rejections(self) -> list[Rejection]:
         return sorted(self.state.rejections.values(), key=lambda r: (r.kind, r.key))
 
+    async def revisions(self, sandbox_id: str) -> list[Revision]:
+        """The sandbox's recent revisions, newest first (404 for an unknown sandbox)."""
+        self.state.get_sandbox(sandbox_id)
+        return self.state.history.entries(sandbox_id)
+
     @abc.abstractmethod
-    def _revisions_committed(self) -> None:
+    async def _revisions_committed(self) -> None:
         """A commit may have added to the revision history (or dropped a sandbox's): the backend saves it where
         it keeps it."""
 
@@ -98,7 +103,7 @@ class PolicyStore(abc.ABC):
             self.state.check_sandbox(sandbox, create=True)
             await self._persist(SANDBOX, sandbox.id, sandbox.to_dict(), "absent")
             self.state.set_sandbox(sandbox)
-            self._revisions_committed()
+            await self._revisions_committed()
             return sandbox
 
     async def replace_sandbox(self, sandbox_id: str, raw: object, *, revision: str | None = None) -> Sandbox:
@@ -111,8 +116,7 @@ class PolicyStore(abc.ABC):
         """Re-apply the record of one of the sandbox's recent revisions (None: the previous one) through the
         same checks as a replace. Returns the history entry restored."""
         async with self._write_lock:
-            self.state.get_sandbox(sandbox_id)
-            entry = self.state.history.find(sandbox_id, revision)
+            entry = find_revision(await self.revisions(sandbox_id), sandbox_id, revision)
             await self._replace_sandbox(sandbox_id, entry.record, None)
             return entry
 
@@ -128,7 +132,7 @@ class PolicyStore(abc.ABC):
             )
         await self._persist(SANDBOX, sandbox.id, sandbox.to_dict(), "present")
         self.state.set_sandbox(sandbox)
-        self._revisions_committed()
+        await self._revisions_committed()
         return sandbox
 
     async def delete_sandbox(self, sandbox_id: str) -> Sandbox:
@@ -136,7 +140,7 @@ class PolicyStore(abc.ABC):
             sandbox = self.state.get_sandbox(sandbox_id)
             await self._persist(SANDBOX, sandbox_id, None, "present")
             self.state.remove_sandbox(sandbox_id)
-            self._revisions_committed()
+            await self._revisions_committed()
             return sandbox
 
     async def put_template(self, name: str, raw: object, *, create: bool | None) -> Template:
@@ -146,7 +150,7 @@ class PolicyStore(abc.ABC):
             expect: Expect = "absent" if create is True else "present" if create is False else "any"
             await self._persist(TEMPLATE, name, template.to_dict(), expect)
             self.state.set_template(template)
-            self._revisions_committed()
+            await self._revisions_committed()
             return template
 
     async def delete_template(self, name: str) -> Template:

@@ -88,7 +88,7 @@ class EmbeddedStore(PolicyStore):
         self._reload()
         # Sandboxes removed from the file while no gateway ran take their history with them.
         self.state.history.keep_only(self.state.sandboxes)
-        self._revisions_committed()
+        self._save_revisions()
         self.ready.set()
         self._watcher = asyncio.create_task(self._watch(), name="policy-file-watcher")
 
@@ -119,7 +119,7 @@ class EmbeddedStore(PolicyStore):
         except Exception as exc:  # a fault of ours, not of the file's content: logged with the traceback
             log.exception("store.policy_file_load_failed", path=str(self.path))
             self._reject(f"could not be applied ({type(exc).__name__}: {exc})")
-        self._revisions_committed()
+        self._save_revisions()
 
     def _load_file(self) -> None:
         try:
@@ -196,7 +196,10 @@ class EmbeddedStore(PolicyStore):
             log.warning("store.revisions_skipped", path=str(self.revisions_path), entries=skipped)
         self._revisions_saved = history.version
 
-    def _revisions_committed(self) -> None:
+    async def _revisions_committed(self) -> None:
+        self._save_revisions()
+
+    def _save_revisions(self) -> None:
         history = self.state.history
         if self.revisions_path is None or history.version == self._revisions_saved:
             return

@@ -13,6 +13,8 @@ docs/redis-contract.md); the gateway follows. Key schema, P = `store.redis_prefi
   existing sandbox still cannot change across a restart.
 - `P status:rejected`: "kind:key" -> JSON {kind, key, code, message, field, at, node} for
   every record the gateway refuses, removed once a valid version (or a delete) arrives.
+- `P revisions:<sandbox id>`: list, the sandbox's last revisions, newest first (gateway.revisions), shared by
+  every node: each offers the revisions it puts in force (PUSH_REVISION_LUA).
 
 Nothing is lost between loading and following: the snapshot (all hashes and the stream's
 last id) is one MULTI/EXEC, and following starts at that id. Whenever an update may have
@@ -45,6 +47,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import Conflict, ErrorBody, GatewayError, NotFound
+from gateway.revisions import HISTORY_SIZE, Revision
 from gateway.state import SANDBOX, TEMPLATE, PolicyContext, PolicyState, Rejection
 from gateway.stores.base import Expect, PolicyStore, StoreUnavailable
 from gateway.stores.config import StoreConfig
@@ -99,6 +102,34 @@ return redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*',
 """
 
 
+# The shared revision history (gateway.revisions): one capped list per sandbox, newest first, JSON entries. Every
+# node offers the revision it just put in force; only one that is still the live record (the sandbox's raw value
+# and its template's are those the node applied: a node that lags offers nothing stale) and not already the newest
+# entry is pushed, a former entry of the same revision removed.
+# KEYS: the sandbox's list, live sandboxes hash, live templates hash.
+# ARGV: sandbox id, revision id, entry JSON, size, sandbox raw, template name ("" for none), template raw.
+PUSH_REVISION_LUA = """
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[5] then return 0 end
+if ARGV[6] ~= '' and redis.call('HGET', KEYS[3], ARGV[6]) ~= ARGV[7] then return 0 end
+local entries = redis.call('LRANGE', KEYS[1], 0, -1)
+for index, entry in ipairs(entries) do
+  local ok, decoded = pcall(cjson.decode, entry)
+  if ok and type(decoded) == 'table' and decoded['revision'] == ARGV[2] then
+    if index == 1 then return 0 end
+    redis.call('LREM', KEYS[1], 0, entry)
+  end
+end
+redis.call('LPUSH', KEYS[1], ARGV[3])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[4]) - 1)
+return 1
+"""
+# A removed sandbox's history goes with it, unless the sandbox is back by now. KEYS: its list, live sandboxes hash.
+DROP_REVISIONS_LUA = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 # --------------------------------------------------------------------------- pure helpers
 
 
@@ -110,6 +141,7 @@ class Keys:
     accepted_sandboxes: str
     accepted_templates: str
     rejected: str
+    revisions_prefix: str
 
     @classmethod
     def for_prefix(cls, prefix: str) -> Keys:
@@ -120,7 +152,11 @@ class Keys:
             accepted_sandboxes=f"{prefix}accepted:sandboxes",
             accepted_templates=f"{prefix}accepted:templates",
             rejected=f"{prefix}status:rejected",
+            revisions_prefix=f"{prefix}revisions:",
         )
+
+    def revisions(self, sandbox_id: str) -> str:
+        return self.revisions_prefix + sandbox_id
 
     def live(self, kind: str) -> str:
         return self.sandboxes if kind == SANDBOX else self.templates
@@ -532,7 +568,9 @@ class RedisStore(PolicyStore):
     backend = "redis"
     external_source = "redis"
 
-    def __init__(self, context: PolicyContext, config: StoreConfig, *, start_timeout: float = 10.0) -> None:
+    def __init__(
+        self, context: PolicyContext, config: StoreConfig, *, start_timeout: float = 10.0, keeps_history: bool = True
+    ) -> None:
         super().__init__(context)
         self.config = config
         self.keys = Keys.for_prefix(config.redis_prefix)
@@ -554,6 +592,17 @@ class RedisStore(PolicyStore):
         self._last_resync: float | None = None
         self._next_resync = 0.0
         self._next_gap_check = 0.0
+        #: Sandboxes whose newest revision (or removal) is not in the shared history yet.
+        self._revisions_due: set[str] = set()
+        self._revisions_wakeup = asyncio.Event()
+        self._revisions_lock = asyncio.Lock()
+        self._revisions_task: asyncio.Task[None] | None = None
+        self._push_revision: AsyncScript | None = None
+        self._drop_revisions: AsyncScript | None = None
+        #: False in an egress worker: the main process's store shares the history (a worker would only repeat it).
+        self.keeps_history = keeps_history
+        if keeps_history:
+            self.state.history.listeners.append(self._revision_due)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -569,6 +618,8 @@ class RedisStore(PolicyStore):
             client_name=f"gateway:{node}",  # shows the gateway nodes in CLIENT LIST
         )
         self._script = self._redis.register_script(PERSIST_LUA)
+        self._push_revision = self._redis.register_script(PUSH_REVISION_LUA)
+        self._drop_revisions = self._redis.register_script(DROP_REVISIONS_LUA)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.start_timeout
         backoff = BACKOFF_MIN
@@ -589,8 +640,15 @@ class RedisStore(PolicyStore):
                 backoff = min(backoff * 2, BACKOFF_MAX)
         self.ready.set()
         self._follower = asyncio.create_task(self._follow(), name="redis-policy-follower")
+        if self.keeps_history:
+            self._revisions_task = asyncio.create_task(self._share_revisions(), name="redis-revision-history")
 
     async def close(self) -> None:
+        if self._revisions_task is not None:
+            self._revisions_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._revisions_task
+            self._revisions_task = None
         if self._follower is not None:
             self._follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -793,9 +851,86 @@ class RedisStore(PolicyStore):
 
     # ------------------------------------------------------------------ writing
 
-    def _revisions_committed(self) -> None:
-        """Not saved: with Redis the history lives in each node's memory (revision ids agree between nodes, the
-        history starts again at a restart). Shared history in Redis is not implemented yet."""
+    # ------------------------------------------------------------------ the shared revision history
+
+    def _revision_due(self, sandbox_id: str, _entry: object) -> None:
+        self._revisions_due.add(sandbox_id)
+        self._revisions_wakeup.set()
+
+    async def _revisions_committed(self) -> None:
+        """An API write's revision is shared before the write answers (then it is the newest entry even when
+        another node offers the same revision a moment later: that one names the source redis)."""
+        try:
+            await self._flush_revisions()
+        except RedisError as exc:  # the write itself went through; the task offers it again
+            log.warning("store.revisions_not_shared", error=str(exc), pending=len(self._revisions_due))
+            self._revisions_wakeup.set()
+
+    async def revisions(self, sandbox_id: str) -> list[Revision]:
+        """The shared history in Redis, after this node's own newest revisions are in it."""
+        self.state.get_sandbox(sandbox_id)
+        try:
+            await self._flush_revisions()
+            raws = await self._client.lrange(self.keys.revisions(sandbox_id), 0, HISTORY_SIZE - 1)
+        except RedisError as exc:
+            raise StoreUnavailable(
+                "STORE_UNAVAILABLE", f"cannot read the revision history from Redis at {self._url}: {exc}"
+            ) from None
+        entries = []
+        for raw in raws:
+            try:
+                entries.append(Revision.from_dict(parse_json(raw)))
+            except (InvalidJson, ValueError):
+                continue  # not an entry the gateway wrote: skipped, as the embedded store skips one
+        return entries
+
+    async def _share_revisions(self) -> None:
+        while True:
+            await self._revisions_wakeup.wait()
+            self._revisions_wakeup.clear()
+            try:
+                await self._flush_revisions()
+            except RedisError as exc:
+                log.warning("store.revisions_not_shared", error=str(exc), pending=len(self._revisions_due))
+                await asyncio.sleep(BACKOFF_MAX)
+                self._revisions_wakeup.set()
+
+    async def _flush_revisions(self) -> None:
+        """Offer the newest revision of every sandbox that has one due (or drop the history of one removed). A
+        failure leaves the rest due."""
+        async with self._revisions_lock:
+            while self._revisions_due:
+                sandbox_id = self._revisions_due.pop()  # before the await: one due again meanwhile stays due
+                try:
+                    await self._share_revision(sandbox_id)
+                except BaseException:
+                    self._revisions_due.add(sandbox_id)
+                    raise
+
+    async def _share_revision(self, sandbox_id: str) -> None:
+        if self._push_revision is None or self._drop_revisions is None:
+            return
+        history_key = self.keys.revisions(sandbox_id)
+        entry = self.state.history.current(sandbox_id) if sandbox_id in self.state.sandboxes else None
+        if entry is None:
+            await self._drop_revisions(keys=[history_key, self.keys.sandboxes], args=[sandbox_id])
+            return
+        raw = self.sync.applied.get((SANDBOX, sandbox_id))
+        template_raw = self.sync.applied.get((TEMPLATE, entry.template)) if entry.template else b""
+        if raw is None or template_raw is None:
+            return  # not applied from a value Redis holds: nothing to compare the live record with
+        await self._push_revision(
+            keys=[history_key, self.keys.sandboxes, self.keys.templates],
+            args=[
+                sandbox_id,
+                entry.revision,
+                json.dumps(entry.to_dict(), sort_keys=True),
+                HISTORY_SIZE,
+                raw,
+                entry.template or "",
+                template_raw,
+            ],
+        )
 
     async def _persist(self, kind: str, key: str, record: dict[str, Any] | None, expect: Expect) -> None:
         if self._script is None:

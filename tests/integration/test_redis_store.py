@@ -21,6 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import Conflict, NotFound
+from gateway.revisions import Revision
 from gateway.settings import load_config
 from gateway.stores.base import StoreUnavailable
 from gateway.stores.config import StoreConfig
@@ -677,3 +678,65 @@ def test_passwords_stay_out_of_messages() -> None:
     assert safe_url("redis://:s3cret@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
     assert safe_url("redis://gw:s3cret@redis/1") == "redis://gw:***@redis/1"
     assert safe_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+# --------------------------------------------------------------------------- the shared revision history
+
+
+async def test_the_revision_history_is_shared_between_nodes_and_outlives_them(
+    make_store: MakeStore, client: Redis
+) -> None:
+    a = await make_store(node="node-a")
+    b = await make_store(node="node-b")
+    await a.create_sandbox(sandbox("sb-1", "10.75.0.10", ["a.example"]))
+    first = a.state.compiled["sb-1"].revision
+    await a.replace_sandbox("sb-1", sandbox("sb-1", "10.75.0.10", ["b.example"]))
+    second = a.state.compiled["sb-1"].revision
+    await wait_until_async(lambda: allows(b, "sb-1", "b.example"))
+
+    async def listed(store: RedisStore) -> list[tuple[str, str]]:
+        return [(e.revision, e.source) for e in await store.revisions("sb-1")]
+
+    assert await listed(a) == await listed(b) == [(second, "api"), (first, "api")]  # node b's offers were no news
+
+    # Another service's write is a revision of source redis, offered by both nodes and listed once.
+    await external_write(client, "sandbox", "sb-1", sandbox("sb-1", "10.75.0.10", ["c.example"]))
+    await wait_until_async(lambda: allows(a, "sb-1", "c.example") and allows(b, "sb-1", "c.example"))
+    third = a.state.compiled["sb-1"].revision
+    assert third == b.state.compiled["sb-1"].revision
+    await eventually(lambda: _has(listed(b), third), 5, "the service's revision in the history")
+    assert await listed(a) == [(third, "redis"), (second, "api"), (first, "api")]
+    assert len(await client.lrange(PREFIX + "revisions:sb-1", 0, -1)) == 3
+
+    # Restoring on node b, from the shared history, goes through the write path; node a follows.
+    restored = await b.restore_sandbox("sb-1", first)
+    assert restored.revision == first
+    await wait_until_async(lambda: allows(a, "sb-1", "a.example"))
+    assert [r for r, _ in await listed(a)] == [first, third, second]
+
+    # A new node (or a restarted one) reads the same history; a deletion takes it away.
+    c = await make_store(node="node-c")
+    assert [r for r, _ in await listed(c)] == [first, third, second]
+    await a.delete_sandbox("sb-1")
+    assert await client.exists(PREFIX + "revisions:sb-1") == 0
+
+
+async def _has(listing: Awaitable[list[tuple[str, str]]], revision: str) -> bool:
+    return any(r == revision for r, _ in await listing)
+
+
+async def test_a_node_that_lags_offers_nothing_stale(make_store: MakeStore, client: Redis) -> None:
+    a = await make_store(node="node-a")
+    await a.create_sandbox(sandbox("sb-1", "10.75.0.10", ["a.example"]))
+    first = a.state.compiled["sb-1"].revision
+    # The live record changes behind node a's back (no change entry: a does not follow it until a resync). A
+    # revision a offers now is not of the live record, so it is not pushed over what is in force.
+    await client.hset(PREFIX + "sandboxes", "sb-1", json.dumps(sandbox("sb-1", "10.75.0.10", ["z.example"])))
+    a.state.history.add(
+        "sb-1", Revision("r0000000000ff", time.time(), "api", a.state.sandboxes["sb-1"].to_dict(), None)
+    )
+    await a._flush_revisions()
+    assert [json.loads(e)["revision"] for e in await client.lrange(PREFIX + "revisions:sb-1", 0, -1)] == [first]
+    # A garbage entry another writer left in the list costs that entry only.
+    await client.rpush(PREFIX + "revisions:sb-1", "not json")
+    assert [e.revision for e in await a.revisions("sb-1")] == [first]

@@ -182,10 +182,21 @@ def test_a_policy_change_and_a_deletion_on_one_node_reach_the_other_within_a_sec
     assert within(lambda: allowed(b, "shared", "one.example.com:443") is True, written), "B never saw it"
     assert allowed(b, "shared", "two.example.com:443") is False
 
+    first = a.call("GET", "/v1/sandboxes/shared", expect=200).body["revision"]
     a.call("PUT", "/v1/sandboxes/shared", {**record, "egress": {"allow_hosts": ["two.example.com"]}}, expect=200)
     written = time.monotonic()
     assert within(lambda: allowed(b, "shared", "two.example.com:443") is True, written), "B kept the old policy"
     assert allowed(b, "shared", "one.example.com:443") is False
+
+    # The revision history is shared: B lists A's writes (same ids: content ids) and restores the previous one.
+    second = b.call("GET", "/v1/sandboxes/shared", expect=200).body["revision"]
+    listed = b.call("GET", "/v1/sandboxes/shared/revisions", expect=200).body["revisions"]
+    assert [(r["revision"], r["source"]) for r in listed] == [(second, "api"), (first, "api")]
+    restored = b.call("POST", "/v1/sandboxes/shared/restore", {}, expect=200)
+    assert restored.headers["X-Gateway-Revision"] == first
+    written = time.monotonic()
+    assert within(lambda: allowed(a, "shared", "one.example.com:443") is True, written), "A kept the narrowed policy"
+    assert [r["revision"] for r in a.call("GET", "/v1/sandboxes/shared/revisions").body["revisions"]] == [first, second]
 
     a.call("DELETE", "/v1/sandboxes/shared", expect=204)
     written = time.monotonic()

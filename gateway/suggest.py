@@ -122,7 +122,7 @@ class PolicySuggestion:
     record: Annotated[
         dict[str, Any],
         Note(
-            schema_ref("Sandbox"),
+            schema_ref("SandboxReplace"),
             description="The candidate: the current record with allow_hosts, allow_cidrs, allow_ports (and "
             "host_ports) replaced. Review it, try it with policy diff, apply it with a PUT.",
         ),

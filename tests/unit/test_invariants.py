@@ -269,8 +269,10 @@ def test_narrowing_a_ceiling_narrows_its_sandboxes_at_once(tmp_path: Path) -> No
         "egress": {**CEILING["egress"], "allow_hosts": ["pypi.org"]},
         "limits": {"bandwidth_mbit": 5},
     }
+    before = state.compiled["sb"].revision
     write_template(state, narrowed)  # accepted: narrowing a ceiling is what it is for
     policy = state.compiled["sb"]
+    assert policy.revision != before  # a new revision of the sandbox, which flow records name
     verdict = decide(policy, "files.pythonhosted.org", PUBLIC, 443, "tls")
     assert (verdict.allowed, verdict.rule, verdict.detail) == (False, Rule.CEILING, "ci-ceiling")
     assert decide(policy, "files.pythonhosted.org", None, None, "dns").rule is Rule.CEILING

@@ -41,7 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.api import route_specs
 from gateway.decision import DEFAULT_LIMITS, CompiledPolicy, compile_policy
-from gateway.flowlog import FlowRecord, render
+from gateway.flowlog import BATCH_NAME_PATTERN, FlowRecord, render
 from gateway.openapi import openapi_document
 from gateway.policy import parse_sandbox, parse_template
 from gateway.presets import BUILTIN_PRESETS, Preset
@@ -710,6 +710,16 @@ def egress_policies(later_allowed: bool = False) -> dict[str, Any]:
     }
 
 
+def audit_batches(directory: Path, sandbox: str = "*") -> list[Path]:
+    """The finished audit batches under a flow log's directory (of one sandbox, or all), oldest first: the flow
+    log writes each under a temporary dot-name first and renames it, so those are not batches (yet)."""
+    return sorted(p for p in directory.glob(f"{sandbox}/*.ndjson") if BATCH_NAME_PATTERN.fullmatch(p.name))
+
+
+def batch_records(batch: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in batch.read_text().splitlines() if line]
+
+
 class EgressEnv:
     def __init__(self, topo: Topology, workdir: Path) -> None:
         self.topo = topo
@@ -836,10 +846,7 @@ class EgressEnv:
 
     def flows(self) -> list[dict[str, Any]]:
         """Every flow record in the audit batches written so far (every sandbox, every process), in batch order."""
-        records = []
-        for batch in sorted((self.workdir / "audit").glob("*/*.ndjson")):
-            records += [json.loads(line) for line in batch.read_text().splitlines() if line]
-        return records
+        return [record for batch in audit_batches(self.workdir / "audit") for record in batch_records(batch)]
 
 
 #: Labels each sample is keyed by, per sample name (the rest of a sample's labels are fixed).

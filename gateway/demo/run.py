@@ -255,7 +255,11 @@ class Demo:
         shown = self.topo.run(f"sb{self.sandbox.index}", [*argv, f"http://{name}/"], check=False, timeout=15)
         body, _, code = shown.stdout.rpartition("\n")
         allowed = code == "200" and body.startswith("ORIGIN")
-        detail = f"HTTP {code} {body.strip()[:60]!r}" if code != "000" else shown.stderr.strip()[:80]
+        detail = (
+            f"HTTP {code} {(body.strip().splitlines() or [''])[0][:60]!r}"
+            if code != "000"
+            else shown.stderr.strip()[:80]
+        )
         reason = self.explain(f"{name}:80", "--protocol", "http", "--address", address)
         return Check(f"curl http://{name}/", expect_allowed, allowed, f"{detail}; {reason}")
 

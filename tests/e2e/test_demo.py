@@ -63,7 +63,10 @@ def test_demo_no_wait_shows_each_decision_with_its_reason_and_the_tunnel_url(not
     assert re.search(r"✓ allowed curl http://allowed\.example/ +HTTP 200 'ORIGIN \S*198\.18\.1\.1 80'", out)
     assert re.search(r"✓ denied  curl http://denied\.example/ +HTTP 403 .*rule default:deny: host not in allow", out)
     # The gateway's own records, live from `gateway audit tail`.
-    assert re.search(r"flow record: \S+ \S+ DENY http denied\.example:80 -> \S+ rule=default:deny reason=", out), out
+    assert re.search(
+        r"flow record: \S+ \S+ DENY http denied\.example:80 -> \S+ rule=default:deny revision=r[0-9a-f]{12} reason=",
+        out,
+    ), out
     assert re.search(r"flow record: \S+ \S+ allow http allowed\.example:80 -> \S+ up=\d+ down=\d+ rule=allow_h", out)
     assert URL.search(out), out
     assert "4 of 4 decisions as expected" in out

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests import authdns
-from tests.factory import EGRESS_ZONE, REPO, EgressEnv, pin, wait_until
+from tests.factory import EGRESS_ZONE, REPO, EgressEnv, audit_batches, batch_records, pin, wait_until
 from tests.netns import INET_V4, Topology, live_namespaces, wait_for_line
 
 pytestmark = pytest.mark.root
@@ -228,10 +228,7 @@ def test_records_name_each_inspected_request_and_hold_no_secret(env: InspectionE
     audit = env.workdir / "audit"
 
     def inspected() -> list[dict[str, Any]]:
-        records = []
-        for path in audit.rglob("*.ndjson"):
-            records += [json.loads(line) for line in path.read_text().splitlines()]
-        return [r for r in records if r.get("method")]
+        return [r for batch in audit_batches(audit) for r in batch_records(batch) if r.get("method")]
 
     assert wait_until(lambda: any(r["path"] == "/ok" for r in inspected()), 10)
     records = inspected()
@@ -239,10 +236,9 @@ def test_records_name_each_inspected_request_and_hold_no_secret(env: InspectionE
         ("GET", "/ok", "allow"),
         ("POST", "/echo", "deny"),
     }
-    for path in [*audit.rglob("*"), env.log_file]:
-        if path.is_file():
-            text = path.read_text(errors="replace")
-            assert SECRET not in text and "token=abc" not in text, path
+    for path in [*audit_batches(audit), env.log_file]:
+        text = path.read_text(errors="replace")
+        assert SECRET not in text and "token=abc" not in text, path
 
 
 def test_with_the_tier_down_marked_hosts_fail_closed_and_others_pass_then_it_is_back(env: InspectionEnv) -> None:
@@ -267,7 +263,7 @@ def test_a_worker_process_hands_marked_hosts_to_the_main_process_tier(env: Inspe
     """Last in the module: it restarts the gateway with `--workers 3`, where sb1 is served by worker 1."""
     assert env.gateway is not None
     batches = env.workdir / "audit" / "sb1"
-    earlier = set(batches.glob("*.ndjson"))
+    earlier = set(audit_batches(batches.parent, "sb1"))
     env.stop_gateway()
     env.start_gateway("--workers", "3")
     assert wait_until(lambda: status_of(env.https("allowed.test", "/ok")) == 200, 30)
@@ -282,7 +278,7 @@ def test_a_worker_process_hands_marked_hosts_to_the_main_process_tier(env: Inspe
     main = env.gateway.pid
 
     def deciders() -> set[int]:
-        written = set(batches.glob("*.ndjson")) - earlier
+        written = set(audit_batches(batches.parent, "sb1")) - earlier
         return {int(path.stem.split("-")[1]) for path in written} - {main}
 
     assert wait_until(lambda: bool(deciders()), 10)

@@ -46,7 +46,7 @@ from gateway.addons.enforce import (
     request_path,
     scrubber_for,
 )
-from gateway.flowlog import FlowRecord, FlowVerdict, render
+from gateway.flowlog import FlowRecord, FlowVerdict, new_denial_id, render
 from gateway.inspection import InspectionContext
 from gateway.peek.http1 import forbidden_parts
 
@@ -61,6 +61,7 @@ REQUIRED_OPTIONS: Final[dict[str, object]] = {"validate_inbound_headers": True, 
 
 #: flow.metadata key: this flow's answer was made here (policy refusal), not by the origin.
 _REFUSED: Final = "gateway_refused"
+_DENIAL_ID: Final = "gateway_denial_id"
 _STARTED: Final = "gateway_started_us"
 
 
@@ -69,8 +70,13 @@ def _event(event: str, **fields: object) -> None:
     log.warning("%s %s", event, " ".join(f"{key}={value!r}" for key, value in fields.items()))
 
 
-def _answer(status: int, reason: str, rule: str, extra: dict[str, str] | None = None) -> http.Response:
-    headers, body = forbidden_parts(reason, rule)
+def _answer(
+    flow: http.HTTPFlow, status: int, reason: str, rule: str, extra: dict[str, str] | None = None
+) -> http.Response:
+    """The tier's refusal of `flow`, with a denial id of its own (in the answer and, later, the request's record)."""
+    flow.metadata[_REFUSED] = reason
+    denial_id = flow.metadata[_DENIAL_ID] = new_denial_id()
+    headers, body = forbidden_parts(reason, rule, denial_id=denial_id)
     return http.Response.make(status, body, dict(headers) | (extra or {}))
 
 
@@ -233,10 +239,9 @@ class Inspect:
             request.headers["Accept-Encoding"] = "identity"  # text the scrubber can read
 
     def _refuse(self, flow: http.HTTPFlow, decision: Decision, rule: str) -> None:
-        flow.metadata[_REFUSED] = decision.reason
         flow.request.stream = False  # mitmproxy cannot both answer now and stream the body on
         extra = {"Proxy-Authenticate": 'Basic realm="gateway"'} if decision.status == 407 else None
-        flow.response = _answer(decision.status, decision.reason, rule, extra)
+        flow.response = _answer(flow, decision.status, decision.reason, rule, extra)
 
     # ------------------------------------------------------------------ responses
 
@@ -257,8 +262,7 @@ class Inspect:
             except Exception as exc:  # never pass on what was not scrubbed
                 log.exception("inspect.scrub_failed")
                 reason = f"the tier failed to scrub this response ({type(exc).__name__})"
-                flow.metadata[_REFUSED] = reason
-                flow.response = _answer(502, reason, rule)
+                flow.response = _answer(flow, 502, reason, rule)
         self._record(flow)
 
     def _scrub(self, flow: http.HTTPFlow, response: http.Response, scrubber: Scrubber, rule: str) -> None:
@@ -269,8 +273,7 @@ class Inspect:
             body = None
         if body is None or len(raw) > MAX_SCRUB_BYTES or len(body) > MAX_SCRUB_BYTES:
             reason = "the response of a host with credentials is too large or not decodable to be scrubbed"
-            flow.metadata[_REFUSED] = reason
-            flow.response = _answer(502, reason, rule)
+            flow.response = _answer(flow, 502, reason, rule)
             return
         clean = scrubber.data(body)
         if clean != body:
@@ -334,6 +337,7 @@ class Inspect:
             method=flow.request.method[:20],
             path=request_path(flow.request.path)[:MAX_RECORD_PATH],
             status=response.status_code if response is not None else None,
+            denial_id=flow.metadata.get(_DENIAL_ID),
         )
         self._write((render(record) + "\n").encode())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,6 +180,17 @@ def test_a_method_or_path_the_entry_does_not_allow_is_refused_with_its_reason(en
     trace = env.https("allowed.test", "/echo", "-X", "TRACE")
     assert status_of(trace) == 403
     assert env.origin_saw()[before:] == []  # none of them reached the origin
+    # Each refusal has its own denial id, which finds the request's record through the API (CLI).
+    ids = [re.search(r"^X-Gateway-Denial-Id: (\S+)\r?$", answer.stdout, re.M | re.I) for answer in (post, other, trace)]
+    assert all(ids) and len({found.group(1) for found in ids if found}) == 3, post.stdout
+    first = ids[0].group(1) if ids[0] else ""
+    lookup = [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", "--json", "audit", "denial", first]
+    shown = lambda: env.topo.run("gw", lookup, check=False, timeout=20)  # noqa: E731
+    assert wait_until(lambda: shown().returncode == 0, 10), shown().stderr
+    record = json.loads(shown().stdout)
+    assert (record["method"], record["path"], record["status"], record["verdict"], record["denial_id"]) == (
+        "POST", "/echo", 403, "deny", first
+    ), record  # fmt: skip
 
 
 def test_a_host_header_naming_another_host_is_421(env: InspectionEnv) -> None:

@@ -331,8 +331,13 @@ def test_get_allowed_and_post_denied_with_the_reason(tier: Tier) -> None:
     assert denied.status == 403
     assert denied.header("X-Gateway-Reason") == ["read-only GitHub"]
     assert denied.header("X-Gateway-Rule") == [f"inspect {HOST}"]
-    assert denied.body == "Blocked by sandbox egress policy: read-only GitHub\n"
+    [denial_id] = denied.header("X-Gateway-Denial-Id")
+    assert denied.body == (
+        f"Blocked by sandbox egress policy: read-only GitHub\nDenial id: {denial_id} (quote it to the operator)\n"
+    )
     assert tier.origin.saw("case=get") and not tier.origin.saw("case=post")
+    # The request's record carries the id (what GET /v1/denials/{id} finds).
+    assert wait_until(lambda: [r for r in tier.records() if r["denial_id"] == denial_id])
 
 
 def test_a_path_rule_and_dot_segments(tier: Tier) -> None:

@@ -894,14 +894,19 @@ async def _replaying(request: web.Request) -> AsyncIterator[None]:
 # --------------------------------------------------------------------------- handlers: audit batches
 
 
+def _flow_log(request: web.Request, what: str = "records") -> FlowLog:
+    """The gateway's flow log; 503 AUDIT_DISABLED when it runs without one (so there are no `what`)."""
+    flows = request.app.get(FLOWS_KEY)
+    if flows is None:
+        raise GatewayError("AUDIT_DISABLED", f"this gateway was started without a flow log, so there are no {what}",
+                           status=503)  # fmt: skip
+    return flows
+
+
 def _audit_sandbox(request: web.Request) -> tuple[FlowLog, str]:
     """The flow log and a sandbox id that has a record or batches. Batches outlive the sandbox's record, so a
     deleted sandbox's audit trail stays readable; an id with neither is 404."""
-    flows = request.app.get(FLOWS_KEY)
-    if flows is None:
-        raise GatewayError(
-            "AUDIT_DISABLED", "this gateway was started without a flow log, so there are no audit batches", status=503
-        )
+    flows = _flow_log(request, "audit batches")
     sandbox_id = request.match_info["id"]
     if sandbox_id not in request.app[STORE_KEY].state.sandboxes and not flows.has_sandbox(sandbox_id):
         raise NotFound("SANDBOX_NOT_FOUND", f"no sandbox {sandbox_id!r} and no audit batches for it", "id")
@@ -937,10 +942,7 @@ async def get_audit_batch(request: web.Request) -> web.Response:
 
 
 async def get_denial(request: web.Request) -> web.Response:
-    flows = request.app.get(FLOWS_KEY)
-    if flows is None:
-        raise GatewayError("AUDIT_DISABLED", "this gateway was started without a flow log, so there are no records",
-                           status=503)  # fmt: skip
+    flows = _flow_log(request)
     # A lookup past the recent ones reads batches: off the event loop, which also runs the data plane.
     record = await asyncio.to_thread(flows.denial, request.match_info["id"])
     return web.json_response(record.to_dict())
@@ -948,10 +950,7 @@ async def get_denial(request: web.Request) -> web.Response:
 
 async def stream_flows(request: web.Request) -> web.StreamResponse:
     query = _params()
-    flows = request.app.get(FLOWS_KEY)
-    if flows is None:
-        raise GatewayError("AUDIT_DISABLED", "this gateway was started without a flow log, so there are no records",
-                           status=503)  # fmt: skip
+    flows = _flow_log(request)
     sandbox = query.get("sandbox")
     if sandbox is not None:
         check_sandbox_id(sandbox)

@@ -39,6 +39,11 @@ GATEWAY_SERVICES: Final = "gateway-services"
 LOOPBACK: Final[tuple[IPNetwork, ...]] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
+def carries(labels: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
+    """Whether a sandbox with `labels` carries every one of `wanted` (an assertion's or a ceiling's selector)."""
+    return all(labels.get(key) == value for key, value in wanted.items())
+
+
 class Assertion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Destinations no sandbox (or no sandbox with `labels`) reaches: an address in `cidrs` on a port in `ports`;
     either may be empty (every address, resp. every port), not both."""
@@ -54,7 +59,7 @@ class Assertion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reason: Annotated[str, Meta(description="Why, for people: shown in the error and the denial.")] = ""
 
     def applies_to(self, labels: Mapping[str, str]) -> bool:
-        return all(labels.get(key) == value for key, value in self.labels.items())
+        return carries(labels, self.labels)
 
     def describe(self) -> str:
         where = ", ".join(str(net) for net in self.cidrs) or "any address"
@@ -72,7 +77,7 @@ class Ceiling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     template: Annotated[str, Meta(description="The template used as their ceiling.")]
 
     def applies_to(self, labels: Mapping[str, str]) -> bool:
-        return all(labels.get(key) == value for key, value in self.labels.items())
+        return carries(labels, self.labels)
 
 
 class InvariantsConfig(Section, frozen=True):
@@ -250,7 +255,7 @@ def exceeds(policy: CompiledPolicy, ceiling: CompiledPolicy, name: str, own_limi
     ):
         yield "egress.allow_ports", f"allow_ports {list(egress.allow_ports or ()) or 'any'} is {beyond}"
     for index, outer in enumerate(egress.allow_ech or ()):
-        if not ceiling.ech_accepted(outer.removeprefix("*.")) and not ceiling.ech_accepted(outer):
+        if not ceiling.ech_accepted(outer):
             yield f"egress.allow_ech[{index}]", f"allow_ech {outer} is {beyond}"
     kept = set(egress.inspect or ())
     for rule in top.inspect or ():

@@ -113,10 +113,17 @@ class NameBudgets:
         sandboxes: int = MAX_SANDBOXES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.names, self.nxdomains, self.window = names, nxdomains, window
         self.max_sandboxes = sandboxes
         self.clock = clock
         self._windows: OrderedDict[str, _Window] = OrderedDict()
+        self.reconfigure(names, nxdomains, window)
+
+    def reconfigure(self, names: int, nxdomains: int, window: float) -> None:
+        """New budgets (a reload): the names and NXDOMAINs already in each window count against them. Turned off,
+        nothing more is tracked; turned on from off, every window starts empty."""
+        self.names, self.nxdomains, self.window = names, nxdomains, window
+        if not self.enabled:
+            self._windows.clear()
         self._names_text = f"DNS_NAME_BUDGET: sandbox queried more than {names} distinct names in {window:g} s"
         self._nxdomains_text = (
             f"DNS_NXDOMAIN_BUDGET: sandbox got more than {nxdomains} NXDOMAIN answers in {window:g} s"

@@ -124,6 +124,10 @@ class _Tables[K, V: _Expiring]:
     def size(self, sandbox_id: str) -> int:
         return len(self._tables.get(sandbox_id, ()))
 
+    def clear(self) -> None:
+        self._tables.clear()
+        self.total = 0
+
 
 class DnsCache:
     def __init__(
@@ -200,6 +204,11 @@ class DnsCache:
         """Forget every entry of one sandbox (its policy changed, or it went away). Returns how many answers."""
         self._ready.flush(sandbox_id)
         return self._answers.flush(sandbox_id)
+
+    def clear(self) -> None:
+        """Forget every sandbox's entries (the options they were made under changed); the policy bindings stay."""
+        self._ready.clear()
+        self._answers.clear()
 
     def forget(self, sandbox_id: str) -> None:
         """The sandbox is gone: its entries and the policy reference go."""

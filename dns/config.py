@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Literal
 
 from msgspec import Meta
 
-from gateway.config import OptionError, Section
+from gateway.config import LIVE, OptionError, Section
 
 #: IXFR, AXFR and ANY are always refused.
 NEVER_FORWARDED = frozenset({251, 252, 255})
@@ -49,25 +49,30 @@ class DnsConfig(Section, frozen=True):
             le=86_400,
             description="TTL (and SOA minimum) of blocked and synthetic answers: small, so that a policy change is "
             "seen by the sandbox's own caches within seconds.",
+            extra=LIVE,
         ),
     ] = 10
-    negative_max_ttl: Annotated[int, Meta(ge=0, le=86_400, description="Cap for cached negative answers.")] = 300
+    negative_max_ttl: Annotated[
+        int, Meta(ge=0, le=86_400, description="Cap for cached negative answers.", extra=LIVE)
+    ] = 300
     other_qtypes: Annotated[
         Literal["empty", "refuse"],
         Meta(
             description="For names a registry/allowlisted policy allows, types other than A/AAAA (HTTPS/SVCB are "
             'always answered empty): "empty" (NOERROR, no records: a stub resolver takes it as "no such data" '
-            'and moves on) or "refuse" (REFUSED).'
+            'and moves on) or "refuse" (REFUSED).',
+            extra=LIVE,
         ),
     ] = "empty"
     extra_qtypes: Annotated[
-        frozenset[int], Meta(description="Types forwarded like A/AAAA (e.g. [33] for SRV, 16 for TXT).")
+        frozenset[int], Meta(description="Types forwarded like A/AAAA (e.g. [33] for SRV, 16 for TXT).", extra=LIVE)
     ] = frozenset()
     require_ad: Annotated[
         bool,
         Meta(
             description="DNSSEC strict mode: SERVFAIL when the (validating) upstream does not set AD for an "
-            "allowed name."
+            "allowed name.",
+            extra=LIVE,
         ),
     ] = False
     cache_per_sandbox: Annotated[
@@ -87,15 +92,16 @@ class DnsConfig(Section, frozen=True):
             le=30,
             description="Over dns_queries_per_minute a query waits at most this long (s), then is answered REFUSED "
             "(well under the 1-5 s a stub resolver waits before it retries).",
+            extra=LIVE,
         ),
     ] = 1.0
     tcp_idle_timeout: Annotated[
-        float, Meta(ge=0.1, le=3600, description="Seconds a silent DNS-over-TCP client is kept.")
+        float, Meta(ge=0.1, le=3600, description="Seconds a silent DNS-over-TCP client is kept.", extra=LIVE)
     ] = 10.0
-    tcp_max_connections: Annotated[int, Meta(ge=1, le=1_000_000, description="DNS-over-TCP connections in total.")] = (
-        1024
-    )
-    tcp_max_per_sandbox: Annotated[int, Meta(ge=1, le=1_000_000, description="...and per sandbox.")] = 64
+    tcp_max_connections: Annotated[
+        int, Meta(ge=1, le=1_000_000, description="DNS-over-TCP connections in total.", extra=LIVE)
+    ] = 1024
+    tcp_max_per_sandbox: Annotated[int, Meta(ge=1, le=1_000_000, description="...and per sandbox.", extra=LIVE)] = 64
     max_inflight: Annotated[
         int,
         Meta(
@@ -103,9 +109,12 @@ class DnsConfig(Section, frozen=True):
             le=10_000_000,
             description="Queries being answered at once (UDP and TCP); beyond this UDP queries are dropped (the "
             "client retries), so a flood cannot pile up tasks.",
+            extra=LIVE,
         ),
     ] = 4096
-    max_inflight_per_sandbox: Annotated[int, Meta(ge=1, le=10_000_000, description="...and per sandbox.")] = 256
+    max_inflight_per_sandbox: Annotated[
+        int, Meta(ge=1, le=10_000_000, description="...and per sandbox.", extra=LIVE)
+    ] = 256
     name_budget: Annotated[
         int,
         Meta(
@@ -115,6 +124,7 @@ class DnsConfig(Section, frozen=True):
             "(and in report mode, names only report mode lets through; exact entries never count): past it a new name "
             "is REFUSED (EDE DNS_NAME_BUDGET) until the window moves on; names already asked in the window keep "
             "resolving. 0: off.",
+            extra=LIVE,
         ),
     ] = 200
     nxdomain_budget: Annotated[
@@ -124,10 +134,12 @@ class DnsConfig(Section, frozen=True):
             le=1_000_000,
             description="...and of those, names the upstream answered NXDOMAIN: past it a new name is REFUSED "
             "(EDE DNS_NXDOMAIN_BUDGET). 0: off.",
+            extra=LIVE,
         ),
     ] = 50
     budget_window: Annotated[
-        float, Meta(ge=1, le=86_400, description="Seconds of the sliding window the two budgets count over.")
+        float,
+        Meta(ge=1, le=86_400, description="Seconds of the sliding window the two budgets count over.", extra=LIVE),
     ] = 60.0
     max_label_length: Annotated[
         int,
@@ -136,6 +148,7 @@ class DnsConfig(Section, frozen=True):
             le=63,
             description="Longest label a wildcard allow entry matches (63 is the protocol's); a longer one is "
             "NXDOMAIN (EDE DNS_LABEL_LENGTH) and never goes upstream. 0: off.",
+            extra=LIVE,
         ),
     ] = 40
     max_label_alternations: Annotated[
@@ -147,6 +160,7 @@ class DnsConfig(Section, frozen=True):
             "NXDOMAIN (EDE DNS_LABEL_RANDOM) when it switches between letters and digits more often than this: "
             "encoded data (hex, base32, base36) switches every 2-3 characters (a median of 9-18 times in 20-40 "
             "characters), names made of words and numbers a handful of times. 0: off.",
+            extra=LIVE,
         ),
     ] = 8
     query_log_size: Annotated[

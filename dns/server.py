@@ -243,6 +243,16 @@ class DnsInterceptor:
         self._tcp_tasks: set[asyncio.Task[None]] = set()
         self._debug = _CappedDebug()
 
+    def reconfigure(self, config: DnsConfig) -> None:
+        """The `[dns]` section a reload made (only its live options differ): each new query is decided, limited and
+        budgeted under it. Cached answers and kept responses were made under the old one (a TTL, a label limit,
+        require_ad): they go, and are asked for again."""
+        if config == self.config:
+            return
+        self.config = config
+        self.budgets.reconfigure(config.name_budget, config.nxdomain_budget, config.budget_window)
+        self.cache.clear()
+
     # ------------------------------------------------------------------ listeners
 
     async def start_plain(self, host: str, port: int = 0) -> int:

@@ -31,7 +31,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from typing import Any, TextIO
 
@@ -119,15 +119,23 @@ class Reloader:
     """SIGHUP: load the configuration again (the same file, the environment as it is now), exactly as at start.
     An invalid one changes nothing (logged with its code); of a valid one the options marked live
     (`gateway.config.LIVE`) are applied and every other changed option is logged as needing a restart and keeps
-    its running value. `config` is what runs now; `tokens` the API's, `pool` the workers to pass SIGHUP on to."""
+    its running value. `config` is what runs now; `tokens` the API's, `pool` the workers to pass SIGHUP on to;
+    `components` get the configuration that runs from now on when a live option of theirs may have changed."""
 
     def __init__(
-        self, config: Config, path: str | None, *, tokens: ApiTokens | None = None, pool: WorkerPool | None = None
+        self,
+        config: Config,
+        path: str | None,
+        *,
+        tokens: ApiTokens | None = None,
+        pool: WorkerPool | None = None,
+        components: Sequence[Callable[[Config], None]] = (),
     ) -> None:
         self.config = config
         self.path = path
         self.tokens = tokens
         self.pool = pool
+        self.components = tuple(components)
 
     def reload(self) -> None:
         from gateway.logs import configure_logging
@@ -144,6 +152,9 @@ class Reloader:
             return
         configure_logging(plan.config.log.format, plan.config.log.level)
         self.config = plan.config
+        if plan.applied:
+            for reconfigure in self.components:
+                reconfigure(plan.config)
         for option in plan.restart_needed:
             log.warning("config.restart_needed", option=option, reason="changed in the file; the running value stays")
         log.info("config.reloaded", applied=list(plan.applied), restart_needed=list(plan.restart_needed))
@@ -262,7 +273,9 @@ async def serve(
         raise StartupError(str(exc), config_error=True) from None
     loop = asyncio.get_running_loop()
     shutdown.install(loop)
-    reloader = Reloader(config, config_path, tokens=app[TOKENS_KEY], pool=pool)
+    reloader = Reloader(
+        config, config_path, tokens=app[TOKENS_KEY], pool=pool, components=[plane.reconfigure] if plane else []
+    )
     reloader.install(loop)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     started: DataPlane | None = None
@@ -381,7 +394,7 @@ async def serve_worker(config: Config, worker: int, workers: int, config_path: s
     plane = DataPlane(worker_config(config, worker), store, flows, dns=False)
     shutdown = Shutdown()
     shutdown.install(loop)
-    reloader = Reloader(config, config_path)
+    reloader = Reloader(config, config_path, components=[lambda c: plane.reconfigure(worker_config(c, worker))])
     reloader.install(loop)
     reader = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -515,6 +528,14 @@ class DataPlane:
             self._tasks.append(asyncio.create_task(self._follow_inspection()))
         if self.steer:
             self._tasks.append(asyncio.create_task(self._follow_store()))
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload's configuration (its restart-only options as they run): the engine and DNS take their sections."""
+        self.config = config
+        if self.engine is not None:
+            self.engine.reconfigure(config.egress)
+        if self.dns is not None:
+            self.dns.reconfigure(config.dns)
 
     def policy_changed(self, sandbox_id: str) -> int:
         """The live cut in this process: the sandbox's DNS-learned addresses its policy no longer justifies go

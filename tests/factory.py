@@ -621,6 +621,25 @@ threading.Event().wait()
 """
 
 
+#: `count` connections to (address, 22) that say nothing; each prints DATA (the SSH-like banner came), EOF or RESET.
+SILENT_CLIENTS = r"""
+import socket, sys
+def connect():
+    try:
+        return socket.create_connection((sys.argv[1], 22), timeout=8)
+    except ConnectionResetError:  # refused so fast (a loaded client) that connect() itself saw the reset
+        return None
+socks = [connect() for _ in range(int(sys.argv[2]))]
+out = []
+for s in socks:  # say nothing: each connection waits in the peek phase until the peek deadline
+    try:
+        out.append("RESET" if s is None else "DATA" if s.recv(64).startswith(b"SSH-2.0") else "EOF")
+    except ConnectionResetError:
+        out.append("RESET")
+print(" ".join(out))
+"""
+
+
 BANNER_CLIENT = r"""
 import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])

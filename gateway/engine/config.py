@@ -21,23 +21,31 @@ class EgressConfig(Section, frozen=True):
             ge=0.05,
             le=120,
             description="Peeking at the first bytes (TLS ClientHello / HTTP request head): its deadline (s).",
+            extra=LIVE,
         ),
     ] = 5.0
-    peek_max_bytes: Annotated[int, Meta(ge=1024, le=1 << 20, description="How much is peeked at most.")] = 16384
+    peek_max_bytes: Annotated[int, Meta(ge=1024, le=1 << 20, description="How much is peeked at most.", extra=LIVE)] = (
+        16384
+    )
     max_peeking_per_sandbox: Annotated[
-        int, Meta(ge=1, le=1_000_000, description="Connections of one sandbox that may be peeking at once.")
+        int, Meta(ge=1, le=1_000_000, description="Connections of one sandbox that may be peeking at once.", extra=LIVE)
     ] = 64
     max_peeking_total: Annotated[
-        int, Meta(ge=1, le=10_000_000, description="Connections that may be peeking at once, in total.")
+        int, Meta(ge=1, le=10_000_000, description="Connections that may be peeking at once, in total.", extra=LIVE)
     ] = 4096
-    connect_timeout: Annotated[float, Meta(ge=0.1, le=300, description="Seconds to reach the destination.")] = 10.0
-    idle_timeout: Annotated[float, Meta(ge=1, le=86_400, description="Seconds a silent connection is kept.")] = 300.0
+    connect_timeout: Annotated[
+        float, Meta(ge=0.1, le=300, description="Seconds to reach the destination.", extra=LIVE)
+    ] = 10.0
+    idle_timeout: Annotated[
+        float, Meta(ge=1, le=86_400, description="Seconds a silent connection is kept.", extra=LIVE)
+    ] = 300.0
     rate_limit_max_wait: Annotated[
         float,
         Meta(
             ge=0,
             le=300,
             description="Over connections_per_minute a new connection waits up to this long (s), then is refused.",
+            extra=LIVE,
         ),
     ] = 5.0
     blocklist_path: Annotated[

@@ -153,6 +153,13 @@ class EgressEngine:
             self._blocklist_task = asyncio.create_task(self._follow_blocklist())
         log.info("egress.listening", port=self.egress.listen_port, splice=self.splice)
 
+    def reconfigure(self, egress: EgressConfig) -> None:
+        """The `[egress]` section a reload made (only its live options differ): each new connection is peeked, capped,
+        limited and dialled under it; open connections keep going and are held to the new idle timeout."""
+        self.egress = egress
+        if self._sweeper is not None:
+            self._sweeper.retime(egress.idle_timeout)
+
     async def _follow_blocklist(self) -> None:
         """The operator blocklist is reloaded here, on a schedule, so that the per-connection check never stats it."""
         while True:

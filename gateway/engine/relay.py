@@ -112,14 +112,19 @@ class IdleSweeper:
     Scheduled only while some relay is registered; a relay waiting on a bandwidth timer is not idle.
     """
 
-    __slots__ = ("handle", "idle_timeout", "interval", "loop", "relays")
+    __slots__ = ("every", "handle", "idle_timeout", "interval", "loop", "relays")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float, interval: float = 1.0) -> None:
         self.loop = loop
-        self.idle_timeout = idle_timeout
-        self.interval = min(interval, idle_timeout / 4)  # a relay lives at most a quarter over its idle timeout
+        self.every = interval
         self.relays: set[Relay] = set()
         self.handle: asyncio.TimerHandle | None = None
+        self.retime(idle_timeout)
+
+    def retime(self, idle_timeout: float) -> None:
+        """A new idle timeout (a reload): every relay is held to it from the next sweep on."""
+        self.idle_timeout = idle_timeout
+        self.interval = min(self.every, idle_timeout / 4)  # a relay lives at most a quarter over its idle timeout
 
     def add(self, relay: Relay) -> None:
         self.relays.add(relay)

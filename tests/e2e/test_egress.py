@@ -32,6 +32,7 @@ from tests.factory import (
     DENIAL_SUFFIX,
     DNS_LIMIT,
     PEEK_CAP,
+    SILENT_CLIENTS,
     EgressEnv,
     assert_dns_answer_unlocks_opaque_tcp,
     egress_env,  # noqa: F401  (the fixture `env`)
@@ -78,23 +79,6 @@ data = b""
 while chunk := s.recv(4096):
     data += chunk
 print(data.decode().strip())
-"""
-
-SILENT_CLIENTS = r"""
-import socket, sys
-def connect():
-    try:
-        return socket.create_connection((sys.argv[1], 22), timeout=8)
-    except ConnectionResetError:  # refused so fast (a loaded client) that connect() itself saw the reset
-        return None
-socks = [connect() for _ in range(int(sys.argv[2]))]
-out = []
-for s in socks:  # say nothing: each connection waits in the peek phase until the peek deadline
-    try:
-        out.append("RESET" if s is None else "DATA" if s.recv(64).startswith(b"SSH-2.0") else "EOF")
-    except ConnectionResetError:
-        out.append("RESET")
-print(" ".join(out))
 """
 
 #: Ask `name` (A) `count` times with the same packet but for its id, one after another; print each answer's

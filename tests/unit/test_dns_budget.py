@@ -216,3 +216,19 @@ def test_both_budgets_off_track_nothing() -> None:
     for i in range(1000):
         assert b.admit("sb", f"n{i}.wild.test") is None
     assert len(b) == 0
+
+
+def test_new_budgets_from_a_reload_count_what_each_window_holds_already() -> None:
+    b, _ = budgets(names=5, nxdomains=0)
+    for i in range(3):
+        assert b.admit("sb", f"n{i}.wild.test") is None
+    b.reconfigure(3, 0, 30.0)  # lowered below what the window holds: no new name until it slides
+    refused = b.admit("sb", "n3.wild.test")
+    assert refused is not None
+    assert refused.reason == "DNS_NAME_BUDGET: sandbox queried more than 3 distinct names in 30 s"
+    assert b.admit("sb", "n0.wild.test") is None  # names already asked keep resolving
+    b.reconfigure(0, 0, 30.0)  # off: nothing is tracked any more
+    assert b.admit("sb", "n3.wild.test") is None and len(b) == 0
+    b.reconfigure(1, 0, 30.0)  # on again: every window starts empty
+    assert b.admit("sb", "n4.wild.test") is None
+    assert b.admit("sb", "n5.wild.test") is not None

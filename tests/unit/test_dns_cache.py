@@ -94,6 +94,22 @@ def test_flush_and_policy_change() -> None:
     assert cache.bound("sb1") is None
 
 
+def test_clear_forgets_every_answer_and_kept_response_and_keeps_the_policy_bindings() -> None:
+    cache = DnsCache(clock=Clock())
+    bound = policy("allowlisted", {"allow_hosts": ["one.test"]})
+    cache.bind_policy("sb1", bound)
+    outcome = Outcome("one.test", "A", 0, (), True, Code.CACHED, "", "", True)
+    for sandbox in ("sb1", "sb2"):
+        cache.put(sandbox, "one.test", QTYPE.A, False, answer_for("one.test", "192.0.2.1", 300))
+        cache.put_ready(sandbox, b"packet", Ready(b"r", outcome, 0))
+    cache.clear()
+    assert (len(cache), cache.ready_size()) == (0, 0)
+    assert cache.get("sb1", "one.test", QTYPE.A, False) is None and cache.get_ready("sb2", b"packet") is None
+    assert cache.bound("sb1") is bound
+    cache.put("sb1", "one.test", QTYPE.A, False, answer_for("one.test", "192.0.2.1", 300))
+    assert cache.size() == 1  # the totals start again from nothing
+
+
 def test_answer_wire_ttl_offsets_are_right() -> None:
     answer = answer_for("one.test", "192.0.2.1", 123)
     (offset,) = answer.offsets

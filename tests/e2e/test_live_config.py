@@ -1,0 +1,127 @@
+"""SIGHUP applies the live `[egress]` and `[dns]` options to a running `gateway run --data-plane --steer`: the
+operator edits the config file and sends the signal, nothing else.
+
+Before the reload a 15-character label under sb3's wildcard goes upstream; a held connection stays open. An invalid
+value (max_label_length = 64) changes nothing. Then the reload: the held connection is cut by the new idle timeout,
+the label is refused by the new `dns.max_label_length`, and connections waiting for their first bytes are capped by
+the new `egress.max_peeking_per_sandbox`, each with its rule in the flow records.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import pytest
+
+from tests.factory import (
+    PEEK_CAP,
+    SILENT_CLIENTS,
+    EgressEnv,
+    egress_env,  # noqa: F401  (the fixture `env`)
+    egress_policies,
+    wait_until,
+)
+from tests.netns import wait_for_line
+
+RESOLVER = "@198.18.1.2"  # any address: DNS to port 53 is intercepted
+LABEL_NAME = "abcdefghijklmno.wild.test"  # a 15-character label under sb3's wildcard entry
+
+#: One connection to the SSH-like origin, relayed once its banner came ("open"); then "RESET" or "EOF" when the
+#: gateway ends it, "ALIVE" if nothing ended it within 20 s.
+HOLDER = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 22), timeout=10)
+assert s.recv(64).startswith(b"SSH-2.0")
+print("open", flush=True)
+s.settimeout(20)
+try:
+    print("EOF" if s.recv(64) == b"" else "DATA", flush=True)
+except ConnectionResetError:
+    print("RESET", flush=True)
+except TimeoutError:
+    print("ALIVE", flush=True)
+"""
+
+
+def policies() -> dict[str, Any]:
+    data = egress_policies()
+    data["sandboxes"]["sb3"] = {
+        "id": "sb3",
+        "addresses": ["10.75.0.3", "fdd4:1476:6c7e::3"],
+        "profile": "allowlisted",
+        "egress": {"allow_hosts": ["allowed.test", "*.wild.test"]},
+    }
+    return data
+
+
+def reload(env: EgressEnv, edit: dict[str, str]) -> None:
+    """Edit the config file (each old text replaced once) and send SIGHUP."""
+    config = env.workdir / "gateway.toml"
+    text = config.read_text()
+    for old, new in edit.items():
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    config.write_text(text)
+    assert env.gateway is not None
+    env.gateway.send_signal(signal.SIGHUP)
+
+
+def label_refused(env: EgressEnv) -> bool:
+    return "DNS_LABEL_LENGTH" in env.dig("sb3", RESOLVER, LABEL_NAME, "A")
+
+
+@pytest.mark.root
+def test_sighup_applies_live_egress_and_dns_options_to_the_running_data_plane(env: EgressEnv) -> None:
+    env.write_policies(policies())
+    assert wait_until(lambda: env.dig("sb3", RESOLVER, "allowed.test", "A", "+short").split() == ["198.18.1.1"], 10)
+    assert not label_refused(env)  # under the default max_label_length (40) it goes upstream
+    holder = env.topo.start_python("sb1", HOLDER, "198.18.1.4", ready="open", timeout=15)
+
+    # An invalid value: the whole file is refused, nothing changes.
+    reload(env, {"[dns]\n": "[dns]\nmax_label_length = 64\n"})
+    assert wait_until(lambda: env.log_events("config.reload_failed"), 10)
+    assert env.log_events("config.reload_failed")[0]["code"] == "CONFIG_INVALID"
+    assert not label_refused(env)
+
+    reload(
+        env,
+        {
+            "max_label_length = 64\n": "max_label_length = 10\n",
+            f"max_peeking_per_sandbox = {PEEK_CAP}\n": "max_peeking_per_sandbox = 1\nidle_timeout = 1\n",
+            "peek_timeout = 2.0\n": "peek_timeout = 3.0\n",
+        },
+    )
+    assert wait_until(lambda: env.log_events("config.reloaded"), 10)
+    applied = env.log_events("config.reloaded")[0]["applied"]
+    assert set(applied) == {
+        "dns.max_label_length",
+        "egress.max_peeking_per_sandbox",
+        "egress.idle_timeout",
+        "egress.peek_timeout",
+    }
+    assert env.log_events("config.restart_needed") == []
+
+    # The connection opened before the reload is held to the new idle timeout.
+    assert holder.stdout is not None
+    assert wait_for_line(holder, "", 20).strip() == "RESET"
+
+    def idle_cut() -> list[dict[str, Any]]:
+        return [f for f in env.log_events("flow") if f["reason"].endswith("; closed after 1.0s idle")]
+
+    assert wait_until(idle_cut, 5)
+    assert (idle_cut()[0]["orig_dst_addr"], idle_cut()[0]["orig_dst_port"]) == ("198.18.1.4", 22)
+
+    # The label is refused under the new limit, and never goes upstream.
+    refused = env.dig("sb3", RESOLVER, LABEL_NAME, "A")
+    assert "status: NXDOMAIN" in refused, refused
+    assert "DNS_LABEL_LENGTH: label of 15 characters under a wildcard entry, over dns.max_label_length 10" in refused
+    logged = [e for e in env.dns_log("sb3") if e["name"] == LABEL_NAME]
+    assert [e["code"] for e in logged][-1] == "BLOCKED_LABEL_LENGTH"
+
+    # One connection may wait for its first bytes now: of three silent ones, two are refused at once.
+    capped_before = [f for f in env.log_events("flow") if f.get("rule") == "builtin:peek-cap"]
+    out = env.topo.python("sb1", SILENT_CLIENTS, "198.18.1.4", "3", timeout=20).split()
+    assert out == ["DATA", "RESET", "RESET"], out
+    capped = [f for f in env.log_events("flow") if f.get("rule") == "builtin:peek-cap"]
+    assert len(capped) - len(capped_before) == 2

@@ -640,6 +640,23 @@ print(" ".join(out))
 """
 
 
+#: One connection to the SSH-like origin, relayed once its banner came ("open"); then "RESET" or "EOF" when the
+#: gateway ends it, "ALIVE" if nothing ended it within 20 s.
+SILENT_HOLDER = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 22), timeout=10)
+assert s.recv(64).startswith(b"SSH-2.0")
+print("open", flush=True)
+s.settimeout(20)
+try:
+    print("EOF" if s.recv(64) == b"" else "DATA", flush=True)
+except ConnectionResetError:
+    print("RESET", flush=True)
+except TimeoutError:
+    print("ALIVE", flush=True)
+"""
+
+
 BANNER_CLIENT = r"""
 import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])

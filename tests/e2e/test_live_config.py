@@ -17,6 +17,7 @@ import pytest
 from tests.factory import (
     PEEK_CAP,
     SILENT_CLIENTS,
+    SILENT_HOLDER,
     EgressEnv,
     egress_env,  # noqa: F401  (the fixture `env`)
     egress_policies,
@@ -26,22 +27,6 @@ from tests.netns import wait_for_line
 
 RESOLVER = "@198.18.1.2"  # any address: DNS to port 53 is intercepted
 LABEL_NAME = "abcdefghijklmno.wild.test"  # a 15-character label under sb3's wildcard entry
-
-#: One connection to the SSH-like origin, relayed once its banner came ("open"); then "RESET" or "EOF" when the
-#: gateway ends it, "ALIVE" if nothing ended it within 20 s.
-HOLDER = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], 22), timeout=10)
-assert s.recv(64).startswith(b"SSH-2.0")
-print("open", flush=True)
-s.settimeout(20)
-try:
-    print("EOF" if s.recv(64) == b"" else "DATA", flush=True)
-except ConnectionResetError:
-    print("RESET", flush=True)
-except TimeoutError:
-    print("ALIVE", flush=True)
-"""
 
 
 def policies() -> dict[str, Any]:
@@ -76,7 +61,7 @@ def test_sighup_applies_live_egress_and_dns_options_to_the_running_data_plane(en
     env.write_policies(policies())
     assert wait_until(lambda: env.dig("sb3", RESOLVER, "allowed.test", "A", "+short").split() == ["198.18.1.1"], 10)
     assert not label_refused(env)  # under the default max_label_length (40) it goes upstream
-    holder = env.topo.start_python("sb1", HOLDER, "198.18.1.4", ready="open", timeout=15)
+    holder = env.topo.start_python("sb1", SILENT_HOLDER, "198.18.1.4", ready="open", timeout=15)
 
     # An invalid value: the whole file is refused, nothing changes.
     reload(env, {"[dns]\n": "[dns]\nmax_label_length = 64\n"})

@@ -21,6 +21,7 @@ from tests.factory import (
     BANNER_CLIENT,
     EGRESS_ZONE,
     ORIGINS,
+    SILENT_HOLDER,
     AuditTail,
     EgressEnv,
     assert_dns_answer_unlocks_opaque_tcp,
@@ -201,6 +202,24 @@ def test_the_main_scrape_sums_the_workers_latency_histograms(env: EgressEnv) -> 
     decisions, decisions_inf, decided_seconds, dials, dials_inf, dial_seconds = found
     assert decisions == decisions_inf == 4 and 0 < decided_seconds < 40, found  # two allowed requests per process
     assert dials == dials_inf == 2 and 0 < dial_seconds < 6, found  # one refused dial per process
+
+
+@pytest.mark.root
+def test_sighup_reaches_the_workers_engines(env: EgressEnv) -> None:
+    # A connection the worker relays (opaque TCP to the address sb2's own DNS answer returned) outlives the old
+    # idle timeout (300 s) only until the worker takes the new one from the edited file.
+    assert_dns_answer_unlocks_opaque_tcp(env, "sb2")
+    holder = env.topo.start_python("sb2", SILENT_HOLDER, "198.18.1.1", ready="open", timeout=15)
+    config = env.workdir / "gateway.toml"
+    running = config.read_text()
+    config.write_text(running.replace("[egress]\n", "[egress]\nidle_timeout = 1\n", 1))
+    assert env.gateway is not None
+    env.gateway.send_signal(signal.SIGHUP)
+    try:
+        assert wait_for_line(holder, "", 20).strip() == "RESET"
+    finally:  # the later tests run under the running values again
+        config.write_text(running)
+        env.gateway.send_signal(signal.SIGHUP)
 
 
 @pytest.mark.root

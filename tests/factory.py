@@ -867,13 +867,14 @@ class EgressEnv:
     def log_events(self, event: str) -> list[dict[str, Any]]:
         return log_events(self.log_file, event)
 
-    def logged_flows(self, sb: str, hostname: str, protocol: str) -> list[dict[str, Any]]:
-        """The flow records in the log for `sb`'s connections to `hostname` over `protocol`."""
-        return [
-            f
-            for f in self.log_events("flow")
-            if f["sandbox"] == sb and f.get("hostname") == hostname and f["protocol"] == protocol
-        ]
+    def logged_flows(
+        self, sb: str | None = None, hostname: str | None = None, protocol: str | None = None, **match: object
+    ) -> list[dict[str, Any]]:
+        """The flow records in the log, oldest first: `sb`'s connections to `hostname` over `protocol` (each when
+        given) whose other fields equal `match` (e.g. `verdict="deny", rule="builtin:peek-cap"`)."""
+        given = (("sandbox", sb), ("hostname", hostname), ("protocol", protocol))
+        wanted = {**match, **{field: value for field, value in given if value is not None}}
+        return [f for f in self.log_events("flow") if all(f.get(k) == v for k, v in wanted.items())]
 
     def wait_steered(self, sb: str) -> None:
         """Until `sb` reaches allowed.test over TLS: a sandbox created through the API is steered within a second."""

@@ -285,7 +285,7 @@ def test_allowed_https_and_http_keep_alive_work_over_ipv4_and_ipv6(env: EgressEn
         "ORIGIN 198.18.1.1 host=allowed.test sni=- path=/b",
     ], out.stderr
     assert "re-using existing" in out.stderr.lower() or "reusing existing" in out.stderr.lower(), out.stderr
-    flows = [f for f in env.log_events("flow") if f.get("hostname") == "allowed.test"]
+    flows = env.logged_flows(hostname="allowed.test")
     assert flows and all(f["verdict"] == "allow" and f["bytes_down"] > 0 for f in flows)
 
 
@@ -299,7 +299,7 @@ def test_denied_names_get_an_explicit_denial(env: EgressEnv) -> None:
     assert http.stdout.startswith("HTTP/1.1 403"), http.stdout
     assert "X-Gateway-Reason: host not in allowlist" in http.stdout
     assert "ORIGIN" not in http.stdout
-    denials = [d for d in env.log_events("flow") if d["verdict"] == "deny" and d.get("hostname") == "denied.test"]
+    denials = env.logged_flows(hostname="denied.test", verdict="deny")
     assert {d["reason"] for d in denials} == {"host not in allowlist"} and len(denials) >= 3
 
     # ... and each denial is a flow record in the sandbox's NDJSON audit batches.
@@ -533,7 +533,7 @@ def test_the_operator_blocklist_refuses_in_every_profile_and_reloads_without_res
             for address in ("198.18.1.1", "2001:db8:1::1"):
                 result = env.curl(sb, url, *pin("allowed.test", 443, address))
                 assert result.returncode != 0 and "ORIGIN" not in result.stdout, (sb, address, result)
-        denied = [d for d in env.log_events("flow") if d["verdict"] == "deny" and d.get("rule") == "builtin:blocklist"]
+        denied = env.logged_flows(verdict="deny", rule="builtin:blocklist")
         assert denied and "operator blocklist" in denied[-1]["reason"]
     finally:
         env.blocklist.write_text("")
@@ -604,11 +604,7 @@ def test_smtp_is_refused_in_every_profile_and_opaque_tcp_needs_a_cidr_rule(env: 
     assert env.topo.python("sb1", HALF_CLOSE_CLIENT, "198.18.1.4", str(3 << 20), timeout=20).strip() == (
         f"GOT {3 << 20}"
     )
-    denied = [
-        d
-        for d in env.log_events("flow")
-        if d["verdict"] == "deny" and (d["orig_dst_addr"], d["orig_dst_port"]) == ("198.18.1.3", 22)
-    ]
+    denied = env.logged_flows(verdict="deny", orig_dst_addr="198.18.1.3", orig_dst_port=22)
     assert denied and denied[-1]["reason"] == "no hostname (SNI/Host) and address not in allow_cidrs"
 
 
@@ -618,7 +614,7 @@ def test_connections_waiting_for_first_bytes_are_capped_per_sandbox(env: EgressE
     # The first PEEK_CAP wait out the peek deadline and are then relayed by address (allow_cidrs); the rest are
     # refused at once instead of piling up.
     assert out == ["DATA"] * PEEK_CAP + ["RESET"] * 4, out
-    capped = [d for d in env.log_events("flow") if d["verdict"] == "deny" and d.get("rule") == "builtin:peek-cap"]
+    capped = env.logged_flows(verdict="deny", rule="builtin:peek-cap")
     assert len(capped) == 4 and capped[-1]["reason"] == "too many connections waiting for their first bytes"
     # The cap counts only connections still waiting: once those were decided, a new one waits again.
     assert env.topo.python("sb1", SILENT_CLIENTS, "198.18.1.4", "1", timeout=20).split() == ["DATA"]
@@ -662,7 +658,7 @@ def test_an_isolated_sandbox_has_no_connection_and_no_dns(env: EgressEnv) -> Non
     for args in (("allowed.test", "A"), ("+tcp", "allowed.test", "A"), ("allowed.test", "AAAA")):
         answer = env.dig("sb5", "@198.18.1.2", *args)
         assert "status: REFUSED" in answer and "ANSWER: 0" in answer, answer
-    denials = [d for d in env.log_events("flow") if d["verdict"] == "deny" and d.get("sandbox") == "sb5"]
+    denials = env.logged_flows("sb5", verdict="deny")
     assert denials and {d["rule"] for d in denials} == {"profile:isolated"}, denials
 
 

@@ -105,8 +105,8 @@ def test_sighup_applies_live_egress_and_dns_options_to_the_running_data_plane(en
     assert [e["code"] for e in logged][-1] == "BLOCKED_LABEL_LENGTH"
 
     # One connection may wait for its first bytes now: of three silent ones, two are refused at once.
-    capped_before = [f for f in env.log_events("flow") if f.get("rule") == "builtin:peek-cap"]
+    capped_before = env.logged_flows(rule="builtin:peek-cap")
     out = env.topo.python("sb1", SILENT_CLIENTS, "198.18.1.4", "3", timeout=20).split()
     assert out == ["DATA", "RESET", "RESET"], out
-    capped = [f for f in env.log_events("flow") if f.get("rule") == "builtin:peek-cap"]
+    capped = env.logged_flows(rule="builtin:peek-cap")
     assert len(capped) - len(capped_before) == 2

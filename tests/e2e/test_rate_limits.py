@@ -193,7 +193,7 @@ def test_connections_per_minute_admit_a_burst_then_wait_then_refuse(env: EgressE
     assert admitted[2] - burst_end >= (1 - burst_seconds * TOKEN_RATE) / TOKEN_RATE - 0.2, (burst_seconds, admitted)
     assert len(attempts) >= 5  # it really was refused for a while (>= 1 s of retries)
 
-    denials = [d for d in env.log_events("flow") if d["verdict"] == "deny" and d.get("sandbox") == "sb1"]
+    denials = env.logged_flows("sb1", verdict="deny")
     assert denials and {d["reason"] for d in denials} == {"connection rate limit"}, denials
     assert {d["rule"] for d in denials} == {"limits.connections_per_minute"}
 
@@ -245,9 +245,9 @@ def test_bandwidth_is_throttled_and_shared_by_the_sandbox_connections(env: Egres
     up_floor = (upload - PEAK_DEPTH) / BYTES_PER_SECOND
     assert up_floor - 0.3 <= seconds <= up_floor * 2 + 2, seconds
 
-    flows = [f for f in env.log_events("flow") if f.get("sandbox") == "sb2" and f.get("bytes_down", 0) >= 2 * MB]
+    flows = [f for f in env.logged_flows("sb2") if f.get("bytes_down", 0) >= 2 * MB]
     assert len(flows) == 3 and all(f["verdict"] == "allow" for f in flows), flows
-    assert [f["bytes_up"] for f in env.log_events("flow") if f.get("sandbox") == "sb2"][-1] >= upload
+    assert env.logged_flows("sb2")[-1]["bytes_up"] >= upload
 
     # A policy change raising the limit applies to the next connection: 4 MB at 400 Mbit/s is quick.
     env.write_policies(_policies(mbit=400))

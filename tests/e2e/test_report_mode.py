@@ -117,10 +117,7 @@ def test_dns_answers_a_would_deny_name_and_its_address_opens_opaque_tcp(reportin
     assert (record["verdict"], record["rule"], record["reason"]) == ("would_deny", "default:deny", WOULD_DENY)
     out = env.topo.python(SB, BANNER_CLIENT, "198.18.1.2", "22").strip()
     assert out == "DATA SSH-2.0-TestOrigin 198.18.1.2|ECHO SSH-2.0-TestClient|", out
-    (opaque,) = [
-        f for f in env.log_events("flow") if f["sandbox"] == SB and (f["orig_dst_addr"], f["orig_dst_port"]) == (
-            "198.18.1.2", 22)
-    ]  # fmt: skip
+    (opaque,) = env.logged_flows(SB, orig_dst_addr="198.18.1.2", orig_dst_port=22)
     assert (opaque["verdict"], opaque["rule"], opaque["protocol"]) == ("would_deny", "default:deny", "tcp"), opaque
     assert opaque["reason"] == f"{WOULD_DENY} (address learned from DNS for denied.test)"
 
@@ -136,7 +133,7 @@ def test_guards_and_deny_cidrs_stay_enforced_in_report_mode(reporting: EgressEnv
     assert out.stdout.startswith("HTTP/1.1 403") and "X-Gateway-Rule: builtin:special" in out.stdout, out.stdout
     out = env.curl(SB, "http://later.test/", "-i", *pin("later.test", 80, "198.18.1.3"))
     assert "X-Gateway-Rule: deny_cidrs 198.18.1.3/32" in out.stdout, out.stdout
-    refused = [f for f in env.log_events("flow") if f["sandbox"] == SB and f["verdict"] == "deny"]
+    refused = env.logged_flows(SB, verdict="deny")
     assert {f["rule"] for f in refused} >= {"builtin:metadata", "builtin:special", "deny_cidrs 198.18.1.3/32"}
     # explain says what the engine does: the address guards decide before report mode could let it pass.
     for address, rule in (("169.254.169.254", "builtin:metadata"), ("::ffff:169.254.169.254", "builtin:metadata")):

@@ -189,9 +189,6 @@ class Steer:
     def sysctl(self, key: str) -> str:
         return self.topo.run("gw", ["cat", f"/proc/sys/{key}"]).stdout.strip()
 
-    def flows(self, **match: object) -> list[dict[str, Any]]:
-        return [f for f in self.env.log_events("flow") if all(f.get(k) == v for k, v in match.items())]
-
 
 @pytest.fixture(scope="module")
 def steer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Steer]:
@@ -259,8 +256,8 @@ def test_tcp_to_any_port_reaches_the_engine_with_the_original_destination(steer:
     first, *rest = refused.splitlines()
     assert first == "OK Blocked by sandbox egress policy: no hostname (SNI/Host) and address not in allow_cidrs"
     assert rest and rest[-1].startswith("Denial id: "), refused
-    assert wait_until(lambda: steer.flows(orig_dst_addr="203.0.113.77"), 5)
-    seen = {(f["src_addr"], f["orig_dst_addr"], f["orig_dst_port"], f["verdict"]) for f in steer.flows()}
+    assert wait_until(lambda: steer.env.logged_flows(orig_dst_addr="203.0.113.77"), 5)
+    seen = {(f["src_addr"], f["orig_dst_addr"], f["orig_dst_port"], f["verdict"]) for f in steer.env.logged_flows()}
     assert ("10.75.0.1", "198.18.1.2", 8443, "allow") in seen  # the peer is the sandbox's own address: no NAT
     assert ("fdd4:1476:6c7e::2", "2001:db8:1::3", 8443, "allow") in seen
     assert ("10.75.0.1", "203.0.113.77", 5432, "deny") in seen
@@ -318,7 +315,8 @@ def test_other_ports_to_addresses_inside_the_sandbox_subnets_and_the_gateway_sta
     for target, out in zip(targets, outs, strict=True):
         assert out.startswith("FAIL") and "ORIGIN" not in out, (target, out)
     # Dropped by the table, not refused by the engine: none of them is a flow.
-    assert not [f for f in steer.flows(src_addr="10.75.0.1") if f["orig_dst_port"] in (6379, 54, 8470, EGRESS_PORT)]
+    probed = (6379, 54, 8470, EGRESS_PORT)
+    assert not [f for f in steer.env.logged_flows(src_addr="10.75.0.1") if f["orig_dst_port"] in probed]
     # The TPROXY port is not reachable directly from the internet either.
     assert steer.tcp("inet", str(GATEWAY_V4), EGRESS_PORT).startswith("FAIL")
 
@@ -394,7 +392,8 @@ def test_private_links_from_the_api_open_one_direction_one_protocol_their_ports_
     assert code == 200
     assert wait_until(lambda: steer.udp("sb1", sb2_v4, 5000) == "NOREPLY", 10)
     # Never via the engine (DNS to sb2's addresses is the interceptor's, and a flow of its own).
-    assert not [f for f in steer.flows() if f["orig_dst_addr"] in (sb2_v4, sb2_v6) and f["protocol"] != "dns"]
+    engine = [f for f in steer.env.logged_flows() if f["protocol"] != "dns"]
+    assert not [f for f in engine if f["orig_dst_addr"] in (sb2_v4, sb2_v6)]
 
 
 @pytest.mark.root
@@ -469,7 +468,7 @@ def test_an_attached_source_without_a_record_is_dropped_counted_and_logged_until
         lambda: steer.tcp("sb3", "2001:db8:1::1", 80),
     )
     assert [out.split()[0] for out in outs] == ["FAIL", "NOREPLY", "FAIL"], outs
-    assert not steer.flows(src_addr="10.75.0.3")
+    assert not steer.env.logged_flows(src_addr="10.75.0.3")
 
     def logged() -> set[str]:
         return {e["address"] for e in steer.env.log_events("steering.unattached_source")}

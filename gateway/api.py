@@ -1536,7 +1536,7 @@ def route_specs() -> tuple[RouteSpec, ...]:
             description="A GET: it takes no body and changes nothing. The window's flows and DNS questions the "
             "sandbox's allowlist decided (allowed, denied, or would-deny in report mode) become allow_hosts "
             "entries (a name with its port unless host_ports covers it, 443 by default; three or more names one "
-            "label under a parent that is not a top-level domain or a public-suffix-like pair as `*.parent`) and, "
+            "label under a parent that is no public suffix (the Public Suffix List) as `*.parent`) and, "
             "for flows that carried no name, /32 or /128 allow_cidrs entries with their ports in allow_ports. "
             "Records a built-in guard, a limit or a rule the record keeps decided are counted in `excluded`, never "
             "listed. `record` is the current record with those lists replaced (the enforcement mode stays), "

@@ -14,12 +14,17 @@ names that host on that port only. Its canonical form is the pattern's, then `:p
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+from typing import TYPE_CHECKING
 
 import idna
 
 from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from publicsuffixlist import PublicSuffixList
 
 MAX_HOSTNAME_LENGTH = 253
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -197,3 +202,17 @@ def is_ip_literal(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+@functools.cache
+def _public_suffix_list() -> PublicSuffixList:
+    from publicsuffixlist import PublicSuffixList  # parsing the list takes ~50 ms: only when asked
+
+    return PublicSuffixList()
+
+
+def is_public_suffix(name: str) -> bool:
+    """Whether names one label below `name` belong to different registrants: `name` is on the Public Suffix List
+    bundled with the `publicsuffixlist` package (offline; its private section too: `github.io`, `s3.amazonaws.com`,
+    `cloudfront.net`), or a top-level domain it does not know (the list's default rule, as browsers apply it)."""
+    return bool(_public_suffix_list().is_public(name))

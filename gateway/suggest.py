@@ -10,8 +10,8 @@ mode: what it wanted), and turns them into `allow_hosts`, `allow_cidrs` and `all
   other port a `name:port` entry. A DNS question has no port and any entry of its name answers it: it joins the
   bare entry, or the lowest-port one when there is no bare one (a name only resolved is a bare entry);
 - at least `MIN_SIBLINGS` distinct names one label under the same parent become `*.parent` (which matches
-  exactly one extra label), with the union of their ports, unless the parent is a top-level domain, one label,
-  or a public-suffix-like pair (`co.uk`): a wildcard there would allow strangers' names;
+  exactly one extra label), with the union of their ports, unless the parent is a public suffix (`com`, `co.uk`,
+  `github.io`, `s3.amazonaws.com`: the Public Suffix List): a wildcard there would allow strangers' names;
 - a flow without a name, or whose name no entry can express (`_`, `*`, non-ASCII), gives its address as a /32
   or /128 in allow_cidrs, and its port to allow_ports (which restricts every allow_cidrs entry: the schema has
   no per-address port).
@@ -38,7 +38,7 @@ from typing import Annotated, Any, Final, Literal
 
 from gateway.decision import CompiledPolicy, Verdict, decide
 from gateway.errors import GatewayError
-from gateway.hostnames import normalize_pattern, split_host_entry
+from gateway.hostnames import is_public_suffix, normalize_pattern, split_host_entry
 from gateway.policy import MAX_LIST_ENTRIES, PROFILE_EGRESS_FIELDS, Sandbox, schema_ref
 from gateway.replay import DecisionKey, Seen, decided_name, decision_key_of, distinct_flows, why_not_replayed
 from gateway.rules import Rule
@@ -52,9 +52,6 @@ MIN_SIBLINGS: Final = 3
 DEFAULT_BARE_PORT: Final = 443
 #: Names listed per entry at most (the count is always whole).
 MAX_EVIDENCE_NAMES: Final = 20
-#: Second-level labels that, under a two-letter country code, form a public suffix (`co.uk`, `com.au`): a
-#: wildcard directly under one would allow every registrant's names. A heuristic, not the Public Suffix List.
-SUFFIX_SECOND_LEVELS: Final = frozenset({"ac", "co", "com", "edu", "gov", "go", "ne", "net", "or", "org"})
 #: The allowlist fields the suggestion replaces.
 REPLACED_FIELDS: Final = ("allow_hosts", "allow_cidrs", "allow_ports")
 #: Denials by rules the candidate keeps (or the port guard): no allow entry lifts them.
@@ -203,12 +200,9 @@ def _address_network(address: str) -> str | None:
 
 
 def wildcard_parent(parent: str) -> bool:
-    """Whether `*.parent` is a wildcard the suggestion may propose: the parent has two labels or more and is not a
-    public-suffix-like pair (`co.uk`), so the wildcard never spans a top-level domain's registrants."""
-    labels = parent.split(".")
-    if len(labels) < 2:
-        return False
-    return not (len(labels) == 2 and len(labels[1]) == 2 and labels[0] in SUFFIX_SECOND_LEVELS)
+    """Whether `*.parent` is a wildcard the suggestion may propose: the parent is no public suffix, so the wildcard
+    never spans several registrants' names (`*.co.uk`, `*.github.io`, every bucket of `*.s3.amazonaws.com`)."""
+    return not is_public_suffix(parent)
 
 
 def _patterns(names: Iterable[str]) -> dict[str, list[str]]:

@@ -13,6 +13,7 @@ import msgspec
 from msgspec import Meta
 
 from gateway.config import OptionError, Section
+from gateway.hostnames import is_public_suffix
 
 _YEAR = 365 * 86400
 
@@ -123,9 +124,7 @@ def shared_site_warning(domain: str) -> str | None:
     public suffix, every `<id>.<domain>` is one site, so one tunnel's page can set cookies (Domain=<domain>)
     that every other tunnel's app receives. The check uses the Public Suffix List bundled with the
     `publicsuffixlist` package (offline; the rule for names it does not know, `*`, is the browsers' too)."""
-    from publicsuffixlist import PublicSuffixList
-
-    if PublicSuffixList().is_public(domain):
+    if is_public_suffix(domain):
         return None
     return (
         f"tunnel domain {domain} is not a public suffix: all tunnels share one site, so a tunnel's page can "

@@ -14,6 +14,13 @@ that profile, and replacing, patching or deleting one that has it. The scope is 
 before the record is validated (403 before 400) and before the store is touched, so a
 refused caller causes no work and changes nothing.
 
+A token may be limited to some sandboxes (`sandboxes` in its [[api.tokens]] entry); `Caller.may_see` is the one
+check. A sandbox outside the caller's sandboxes answers every route exactly as a missing one (404), lists and
+the flow stream leave it out, a denial or a tunnel of it is not found; creating one is 403 SANDBOX_OUT_OF_SCOPE
+(before validation, like the profile's scope). Routes that describe or change the whole gateway are closed to
+such a token: the configuration refuses it admin, templates:write and metrics:read, and /v1/status answers it
+403 GATEWAY_WIDE_ROUTE.
+
 With no tokens configured the API is *open*, and therefore refuses to be built
 unless it listens on loopback only (`check_api_exposure`). In open mode it also
 refuses requests whose Host header is not a loopback name, so a web page cannot
@@ -48,7 +55,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.api_config import ApiToken
+from gateway.api_config import ApiToken, SandboxScope
 from gateway.client import CUT_HEADER, RESTORED_HEADER, REVISION_HEADER
 from gateway.decision import PROTOCOLS, ChainStep, CompiledPolicy, ExplainRequest, Verdict
 from gateway.destinations import Refusal
@@ -108,13 +115,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who is calling: the token's name (never its value) and its scopes."""
+    """Who is calling: the token's name (never its value), its scopes and the sandboxes it is limited to (None:
+    every sandbox)."""
 
     name: str
     scopes: frozenset[str]
+    sandboxes: SandboxScope | None = None
 
     def has(self, scope: str) -> bool:
         return "admin" in self.scopes or scope in self.scopes
+
+    def may_see(self, sandbox_id: str) -> bool:
+        """Whether this caller may see and act on the sandbox: the one check every route that names or returns
+        sandboxes makes (a sandbox it may not see answers as one that does not exist)."""
+        return self.sandboxes is None or sandbox_id in self.sandboxes
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +259,7 @@ def _authenticate(tokens: Iterable[ApiToken], header: str | None) -> Caller:
             found = token
     if found is None:
         raise _unauthenticated("unknown token", invalid=True)
-    return Caller(found.name, found.scopes)
+    return Caller(found.name, found.scopes, found.scope)
 
 
 class _Unauthenticated(GatewayError):
@@ -264,6 +278,34 @@ def _unauthenticated(message: str, *, invalid: bool = False) -> _Unauthenticated
 def _require(caller: Caller, scope: str) -> None:
     if not caller.has(scope):
         raise Forbidden("INSUFFICIENT_SCOPE", f"token {caller.name!r} lacks scope {scope}")
+
+
+def _require_in_scope(caller: Caller, raw: object, *, create: bool) -> None:
+    """A record a scoped caller sends names only sandboxes it may act on: the id it creates (a record without a
+    string id is out of scope too) and the sources of its private links (a link from another tenant's sandbox
+    would open a path out of it). Read before validation, like the profile, so that nothing else is said first."""
+    if caller.sandboxes is None:
+        return
+    record = raw if isinstance(raw, dict) else {}
+    if create:
+        sandbox_id = record.get("id")
+        if not isinstance(sandbox_id, str) or not caller.may_see(sandbox_id):
+            shown = _shown(sandbox_id) if isinstance(sandbox_id, str) else "no id"
+            raise Forbidden(
+                "SANDBOX_OUT_OF_SCOPE",
+                f"token {caller.name!r} may only create sandboxes matching {', '.join(caller.sandboxes.patterns)}; "
+                f"the record has {shown}",
+                "id",
+            )
+    links = record.get("private_links")
+    for index, link in enumerate(links if isinstance(links, list) else []):
+        source = link.get("source") if isinstance(link, dict) else link
+        if isinstance(source, str) and not caller.may_see(source):
+            raise Forbidden(
+                "SANDBOX_OUT_OF_SCOPE",
+                f"token {caller.name!r} may not link sandbox {_shown(source)} (outside its sandboxes) into this one",
+                f"private_links[{index}]",
+            )
 
 
 def _require_network(caller: Caller, profile: str) -> None:
@@ -472,6 +514,15 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
+    caller = _caller()
+    if caller.sandboxes is not None:
+        # Refused rather than cut down: the status describes the whole gateway (every sandbox's rejected records,
+        # the data plane's drops by source), and a field added to it later must not leak by default.
+        raise Forbidden(
+            "GATEWAY_WIDE_ROUTE",
+            f"token {caller.name!r} is limited to some sandboxes and the status describes the whole gateway; list "
+            "your sandboxes with GET /v1/sandboxes",
+        )
     body = request.app[STORE_KEY].status()
     body["auth"] = "open-loopback" if request.app[TOKENS_KEY].open else "tokens"
     if DATA_PLANE_STATUS_KEY in request.app:
@@ -506,10 +557,12 @@ async def list_sandboxes(request: web.Request) -> web.Response:
     template = query.get("template")
     state = request.app[STORE_KEY].state
     sandboxes = state.sandboxes
+    caller = _caller()
     records = [
         _sandbox_answer(state, sandboxes[sid])
         for sid in sorted(sandboxes)
-        if (profile is None or sandboxes[sid].profile == profile)
+        if caller.may_see(sid)
+        and (profile is None or sandboxes[sid].profile == profile)
         and (template is None or sandboxes[sid].template == template)
     ]
     return web.json_response({"sandboxes": records})
@@ -542,10 +595,16 @@ def _written(store: PolicyStore, sandbox: Sandbox) -> web.Response:
     return web.json_response(answer, headers={REVISION_HEADER: answer["revision"], **_cut(store)})
 
 
+def _sandbox(request: web.Request, sandbox_id: str) -> Sandbox:
+    """The sandbox's record; 404 SANDBOX_NOT_FOUND when there is none or the caller may not see it (the same
+    answer, so that a scoped token cannot probe for other sandboxes' ids)."""
+    return request.app[STORE_KEY].state.get_sandbox(sandbox_id, _caller().may_see)
+
+
 def _require_sandbox_scope(request: web.Request, sandbox_id: str) -> Sandbox:
-    """The current record (404 when none), once the caller holds its profile's scope: changing or deleting a
-    sandbox is acting on that profile's network as much as creating one."""
-    current = request.app[STORE_KEY].state.get_sandbox(sandbox_id)
+    """The current record (404 when none or out of the caller's sandboxes), once the caller holds its profile's
+    scope: changing or deleting a sandbox is acting on that profile's network as much as creating one."""
+    current = _sandbox(request, sandbox_id)
     _require_network(_caller(), current.profile)
     return current
 
@@ -555,6 +614,7 @@ async def create_sandbox(request: web.Request) -> web.Response:
     raw = await _read_json(request)
     if isinstance(raw, dict) and isinstance(raw.get("id"), str):
         _set_target(raw["id"][:64])  # the write log names the record even when the write is refused
+    _require_in_scope(_caller(), raw, create=True)
     _require_network(_caller(), _claimed_profile(raw))
     raw, _ = _split_revision(raw)  # a record copied from a GET: no revision of a new sandbox to compare it with
     async with _write_lock(request):
@@ -566,7 +626,7 @@ async def create_sandbox(request: web.Request) -> web.Response:
 
 async def get_sandbox(request: web.Request) -> web.Response:
     state = request.app[STORE_KEY].state
-    return web.json_response(_sandbox_answer(state, state.get_sandbox(request.match_info["id"])))
+    return web.json_response(_sandbox_answer(state, _sandbox(request, request.match_info["id"])))
 
 
 async def replace_sandbox(request: web.Request) -> web.Response:
@@ -574,6 +634,7 @@ async def replace_sandbox(request: web.Request) -> web.Response:
     sandbox_id = request.match_info["id"]
     _require_sandbox_scope(request, sandbox_id)  # before the body is read: no work for a caller who may not act
     raw = await _read_json(request)
+    _require_in_scope(_caller(), raw, create=False)
     _require_network(_caller(), _claimed_profile(raw))
     raw, revision = _split_revision(raw)
     async with _write_lock(request):
@@ -589,6 +650,7 @@ async def patch_sandbox(request: web.Request) -> web.Response:
     patch = await _read_json(request)
     if not isinstance(patch, dict):
         raise GatewayError("INVALID_TYPE", "a merge patch is a JSON object (RFC 7396)")
+    _require_in_scope(_caller(), patch, create=False)
     _require_network(_caller(), _claimed_profile(patch))
     patch, revision = _split_revision(patch)
     # Read, merge and write under one lock so a concurrent API write is never lost.
@@ -617,7 +679,7 @@ async def delete_sandbox(request: web.Request) -> web.Response:
 async def sandbox_revisions(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
     sandbox_id = request.match_info["id"]
-    store.state.get_sandbox(sandbox_id)
+    _sandbox(request, sandbox_id)
     revision = store.state.compiled[sandbox_id].revision  # read before the await: the answer is of one moment
     entries = [entry.to_dict() for entry in await store.revisions(sandbox_id)]
     return web.json_response({"sandbox": sandbox_id, "revision": revision, "revisions": entries})
@@ -647,7 +709,7 @@ async def restore_sandbox(request: web.Request) -> web.Response:
 async def sandbox_policy(request: web.Request) -> web.Response:
     state = request.app[STORE_KEY].state
     sandbox_id = request.match_info["id"]
-    state.get_sandbox(sandbox_id)  # 404 with the usual code when unknown
+    _sandbox(request, sandbox_id)  # 404 with the usual code when unknown
     return web.json_response(state.compiled[sandbox_id].describe())
 
 
@@ -806,7 +868,7 @@ async def explain(request: web.Request) -> web.Response:
     query = _params()
     sandbox_id = request.match_info["id"]
     state = request.app[STORE_KEY].state
-    state.get_sandbox(sandbox_id)  # unknown sandbox: 404 before input errors would mislead
+    _sandbox(request, sandbox_id)  # unknown sandbox: 404 before input errors would mislead
     asked = parse_explain_query(query)
     chain: list[ChainStep] = []
     verdict, policy = state.explain(
@@ -849,7 +911,7 @@ async def policy_diff(request: web.Request) -> web.Response:
     query = _params()
     flows, sandbox_id = _audit_sandbox(request)
     state = request.app[STORE_KEY].state
-    state.get_sandbox(sandbox_id)  # a candidate is for a sandbox that exists, as a PUT's record is
+    _sandbox(request, sandbox_id)  # a candidate is for a sandbox that exists, as a PUT's record is
     seconds = parse_since(query.get("since", DEFAULT_SINCE))
     candidate = state.candidate(sandbox_id, await _read_json(request))
     async with _replaying(request):
@@ -865,7 +927,7 @@ async def policy_suggest(request: web.Request) -> web.Response:
     query = _params()
     flows, sandbox_id = _audit_sandbox(request)
     state = request.app[STORE_KEY].state
-    sandbox = state.get_sandbox(sandbox_id)  # batches outlive a record, but a suggestion replaces one
+    sandbox = _sandbox(request, sandbox_id)  # batches outlive a record, but a suggestion replaces one
     seconds = parse_since(query.get("since", DEFAULT_SINCE))
     kept = state.candidate(sandbox_id, kept_record(sandbox))
     check_applicable(sandbox, kept)
@@ -908,7 +970,8 @@ def _audit_sandbox(request: web.Request) -> tuple[FlowLog, str]:
     deleted sandbox's audit trail stays readable; an id with neither is 404."""
     flows = _flow_log(request, "audit batches")
     sandbox_id = request.match_info["id"]
-    if sandbox_id not in request.app[STORE_KEY].state.sandboxes and not flows.has_sandbox(sandbox_id):
+    known = sandbox_id in request.app[STORE_KEY].state.sandboxes or flows.has_sandbox(sandbox_id)
+    if not known or not _caller().may_see(sandbox_id):
         raise NotFound("SANDBOX_NOT_FOUND", f"no sandbox {sandbox_id!r} and no audit batches for it", "id")
     return flows, sandbox_id
 
@@ -944,7 +1007,7 @@ async def get_audit_batch(request: web.Request) -> web.Response:
 async def get_denial(request: web.Request) -> web.Response:
     flows = _flow_log(request)
     # A lookup past the recent ones reads batches: off the event loop, which also runs the data plane.
-    record = await asyncio.to_thread(flows.denial, request.match_info["id"])
+    record = await asyncio.to_thread(flows.denial, request.match_info["id"], _caller().may_see)
     return web.json_response(record.to_dict())
 
 
@@ -959,7 +1022,9 @@ async def stream_flows(request: web.Request) -> web.StreamResponse:
         raise GatewayError(
             "INVALID_PARAMETER", f"verdict must be one of {', '.join(VERDICTS)}, got {_shown(verdict)}", "verdict"
         )
-    subscription = flows.subscribe(sandbox, verdict)
+    # A scoped caller's view holds only its sandboxes' records: one out of its scope shows nothing, as an
+    # unknown sandbox does.
+    subscription = flows.subscribe(sandbox, verdict, _caller().may_see)
     try:
         response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
         await response.prepare(request)
@@ -985,7 +1050,7 @@ async def dns_log(request: web.Request) -> web.Response:
             "DNS_DISABLED", "this gateway runs without the data plane, so there is no DNS query log", status=503
         )
     sandbox_id = request.match_info["id"]
-    request.app[STORE_KEY].state.get_sandbox(sandbox_id)
+    _sandbox(request, sandbox_id)
     limit = _int_parameter(query, "limit", 100, 1, MAX_DNS_LOG)
     return web.json_response({"queries": dns.query_log(sandbox_id, limit)})
 
@@ -1007,14 +1072,14 @@ def _tunnels(request: web.Request) -> TunnelStore:
 async def list_tunnels(request: web.Request) -> web.Response:
     tunnels = _tunnels(request)
     sandbox_id = request.match_info["id"]
-    request.app[STORE_KEY].state.get_sandbox(sandbox_id)
+    _sandbox(request, sandbox_id)
     return web.json_response({"tunnels": [tunnels.public(t) for t in tunnels.for_sandbox(sandbox_id)]})
 
 
 async def create_tunnel(request: web.Request) -> web.Response:
     tunnels = _tunnels(request)
     sandbox_id = request.match_info["id"]
-    request.app[STORE_KEY].state.get_sandbox(sandbox_id)  # 404 before body errors would mislead
+    _sandbox(request, sandbox_id)  # 404 before body errors would mislead
     raw = await _read_json(request)
     tunnel = await tunnels.create(sandbox_id, raw)
     _set_target(f"{sandbox_id}/tunnel:{tunnel.id[:4]}")  # the id is the URL: log only a prefix
@@ -1023,14 +1088,14 @@ async def create_tunnel(request: web.Request) -> web.Response:
 
 async def get_tunnel(request: web.Request) -> web.Response:
     tunnels = _tunnels(request)
-    return web.json_response(tunnels.public(tunnels.get(request.match_info["id"])))
+    return web.json_response(tunnels.public(tunnels.get(request.match_info["id"], _caller().may_see)))
 
 
 async def revoke_tunnel(request: web.Request) -> web.Response:
     tunnels = _tunnels(request)
     tunnel_id = request.match_info["id"]
     _set_target(f"tunnel:{tunnel_id[:4]}")
-    return web.json_response(tunnels.public(await tunnels.revoke(tunnel_id)))
+    return web.json_response(tunnels.public(await tunnels.revoke(tunnel_id, visible=_caller().may_see)))
 
 
 # --------------------------------------------------------------------------- handlers: templates
@@ -1204,7 +1269,10 @@ _PROFILE_SCOPE: Final = (
     "network:<profile>; without it the answer is 403 NETWORK_PROFILE_DENIED, before the body is validated, "
     "and nothing is written."
 )
-_SANDBOX_WRITE_403: Final = ERROR_CODES[403] + " NETWORK_PROFILE_DENIED: the token lacks network:<profile>."
+_SANDBOX_WRITE_403: Final = (
+    ERROR_CODES[403] + " NETWORK_PROFILE_DENIED: the token lacks network:<profile>. SANDBOX_OUT_OF_SCOPE: the token "
+    "is limited to some sandboxes and the record creates another, or links one of the others in (private_links)."
+)
 _AUDIT_DISABLED: Final = "AUDIT_DISABLED: the gateway runs without a flow log."
 _TUNNELS_DISABLED: Final = (
     "TUNNELS_DISABLED: this API was started without the tunnel service. Also STORE_UNAVAILABLE / STORE_WRITE_FAILED."
@@ -1270,6 +1338,10 @@ def route_specs() -> tuple[RouteSpec, ...]:
             "Store backend, readiness, counts and rejected outside records",
             "service",
             {200: Answer("The store's status.", "Status")},
+            {
+                403: ERROR_CODES[403] + " GATEWAY_WIDE_ROUTE: the token is limited to some sandboxes, and the status "
+                "describes the whole gateway."
+            },
         ),
         RouteSpec(
             "GET",

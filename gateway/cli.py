@@ -262,7 +262,11 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     if config.api.tokens:
         lines.append(f"tokens:          {len(config.api.tokens)}")
         width = max(len(t.name) for t in config.api.tokens)
-        lines += [f"  {t.name.ljust(width)}  {', '.join(sorted(t.scopes))}" for t in config.api.tokens]
+        lines += [
+            f"  {t.name.ljust(width)}  {', '.join(sorted(t.scopes))}"
+            + ("" if t.sandboxes is None else f"  sandboxes: {', '.join(t.sandboxes)}")
+            for t in config.api.tokens
+        ]
     else:
         lines.append("tokens:          none: the API is open to every local process (it listens on loopback only)")
     lines.append(f"presets:         {len(config.presets)}")

@@ -194,15 +194,24 @@ class Subscription:
     """One live view of the records: those of `sandbox` (None: all) with `verdict` (None: both), as rendered JSON,
     in a buffer of `size` lines. A reader that falls behind loses the oldest lines, counted in `lagged`."""
 
-    def __init__(self, sandbox: str | None, verdict: str | None, size: int = SUBSCRIBER_BUFFER) -> None:
+    def __init__(
+        self,
+        sandbox: str | None,
+        verdict: str | None,
+        size: int = SUBSCRIBER_BUFFER,
+        visible: Callable[[str], bool] | None = None,
+    ) -> None:
         self.sandbox = sandbox
         self.verdict = verdict
+        self.visible = visible  # the reader's scope: records of other sandboxes are never offered to it
         self.lines: deque[str] = deque(maxlen=size)
         self.lagged = 0
         self._wakeup = asyncio.Event()
 
     def offer(self, rec: FlowRecord, line: str) -> None:
         if self.sandbox not in (None, rec.sandbox) or self.verdict not in (None, rec.verdict):
+            return
+        if self.visible is not None and not self.visible(rec.sandbox):
             return
         if len(self.lines) == self.lines.maxlen:
             self.lagged += 1
@@ -471,12 +480,15 @@ class FlowLog:
 
     # ------------------------------------------------------------------ live subscribers
 
-    def subscribe(self, sandbox: str | None = None, verdict: str | None = None) -> Subscription:
-        """A live view of the records from now on. Raises GatewayError TOO_MANY_SUBSCRIBERS (503) at the cap."""
+    def subscribe(
+        self, sandbox: str | None = None, verdict: str | None = None, visible: Callable[[str], bool] | None = None
+    ) -> Subscription:
+        """A live view of the records from now on (only those of sandboxes `visible` accepts, when given). Raises
+        GatewayError TOO_MANY_SUBSCRIBERS (503) at the cap."""
         if len(self._subscribers) >= self.config.max_stream_subscribers:
             raise GatewayError("TOO_MANY_SUBSCRIBERS", f"{len(self._subscribers)} live flow views are served already "
                                "(audit.max_stream_subscribers)", status=503)  # fmt: skip
-        subscription = Subscription(sandbox, verdict)
+        subscription = Subscription(sandbox, verdict, visible=visible)
         self._subscribers.add(subscription)
         return subscription
 
@@ -655,13 +667,17 @@ class FlowLog:
                 continue
             yield body
 
-    def denial(self, denial_id: str) -> FlowRecord:
+    def denial(self, denial_id: str, visible: Callable[[str], bool] | None = None) -> FlowRecord:
         """The record of the denial with this id: from memory while it is recent, else from the batches written
-        around its time (every sandbox's). Raises GatewayError (400) for a malformed id, NotFound otherwise."""
+        around its time (every sandbox's, or those `visible` accepts: the caller's scope). Raises GatewayError
+        (400) for a malformed id, NotFound otherwise (also for a denial of a sandbox `visible` refuses)."""
         if not DENIAL_ID_PATTERN.fullmatch(denial_id):
             raise GatewayError("INVALID_PARAMETER", "a denial id is 8 hex digits, '-', 10 hex digits", "id")
+        not_found = NotFound("DENIAL_NOT_FOUND", f"no denial {denial_id} in the flow records kept", "id")
         found = self._denials.get(denial_id)
         if found is not None:
+            if visible is not None and not visible(found.sandbox):
+                raise not_found
             return found
         at_us = int(denial_id[:8], 16) * 1_000_000
         window_us = DENIAL_SEARCH_SECONDS * 1_000_000
@@ -671,14 +687,14 @@ class FlowLog:
         except FileNotFoundError:
             sandboxes = []
         for sandbox_id in sandboxes:
-            if not ID_PATTERN.fullmatch(sandbox_id):
+            if not ID_PATTERN.fullmatch(sandbox_id) or (visible is not None and not visible(sandbox_id)):
                 continue
             for batch in self.batches_since(sandbox_id, at_us - window_us, until_us=at_us + window_us):
                 if needle in batch:
                     for line in batch.splitlines():
                         if needle in line:
                             return decode_record(line)
-        raise NotFound("DENIAL_NOT_FOUND", f"no denial {denial_id} in the flow records kept", "id")
+        raise not_found
 
     def has_sandbox(self, sandbox_id: str) -> bool:
         """Whether batches were ever written for this sandbox (they outlive the sandbox's policy record)."""

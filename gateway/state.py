@@ -116,11 +116,13 @@ class PolicyState:
         self._by_text[address] = policy
         return policy
 
-    def get_sandbox(self, sandbox_id: str) -> Sandbox:
-        try:
-            return self.sandboxes[sandbox_id]
-        except KeyError:
-            raise NotFound("SANDBOX_NOT_FOUND", f"no sandbox {sandbox_id!r}", "id") from None
+    def get_sandbox(self, sandbox_id: str, visible: Callable[[str], bool] | None = None) -> Sandbox:
+        """The record; NotFound when there is none, or when `visible` (the caller's scope) refuses the id: then
+        the answer is the same as for a missing one."""
+        found = self.sandboxes.get(sandbox_id)
+        if found is None or (visible is not None and not visible(sandbox_id)):
+            raise NotFound("SANDBOX_NOT_FOUND", f"no sandbox {sandbox_id!r}", "id")
+        return found
 
     def get_template(self, name: str) -> Template:
         try:

@@ -205,9 +205,11 @@ class TunnelStore(abc.ABC):
         self._record_checks[tunnel.id] = checks
         return checks
 
-    def get(self, tunnel_id: str) -> Tunnel:
+    def get(self, tunnel_id: str, visible: Callable[[str], bool] | None = None) -> Tunnel:
+        """The tunnel; TUNNEL_NOT_FOUND when there is none, or when `visible` (the caller's scope) refuses its
+        sandbox: the same answer."""
         tunnel = self.tunnels.get(tunnel_id)
-        if tunnel is None:
+        if tunnel is None or (visible is not None and not visible(tunnel.sandbox)):
             raise NotFound("TUNNEL_NOT_FOUND", f"no tunnel {tunnel_id!r}", "id")
         return tunnel
 
@@ -269,10 +271,12 @@ class TunnelStore(abc.ABC):
         other nodes write to concurrently checks the limit again, atomically, where it writes."""
         await self._persist([tunnel], [])
 
-    async def revoke(self, tunnel_id: str, reason: str = REVOKED_BY_API) -> Tunnel:
-        """Revoke (idempotent: revoking a dead tunnel answers it as it is)."""
+    async def revoke(
+        self, tunnel_id: str, reason: str = REVOKED_BY_API, *, visible: Callable[[str], bool] | None = None
+    ) -> Tunnel:
+        """Revoke (idempotent: revoking a dead tunnel answers it as it is); `visible` as for `get`."""
         async with self._lock:
-            tunnel = self.get(tunnel_id)
+            tunnel = self.get(tunnel_id, visible)
             if tunnel.revoked_at is not None:
                 return tunnel
             revoked = tunnel.revoke(reason)

@@ -306,6 +306,58 @@ def test_tokens_must_be_a_list(tmp_path: Path) -> None:
     assert invalid(tmp_path, "[api]\ntokens = [5]\n").field == "api.tokens[0]"
 
 
+def test_a_token_limited_to_sandboxes_matches_ids_and_prefixes_only(tmp_path: Path) -> None:
+    config = tokens_config(
+        tmp_path,
+        f'[[api.tokens]]\nname = "tenant"\ntoken = "{TOKEN}"\nscopes = ["sandboxes:read", "audit:read"]\n'
+        'sandboxes = ["tenant-a-*", "ci-42"]\n'
+        f'[[api.tokens]]\nname = "ops"\ntoken = "{TOKEN}x"\nscopes = ["admin"]\n',
+    )
+    tenant, ops = config.api.tokens
+    assert tenant.sandboxes == ("tenant-a-*", "ci-42") and ops.sandboxes is None and ops.scope is None
+    scope = tenant.scope
+    assert scope is not None
+    inside = ["tenant-a-", "tenant-a-1", "tenant-a-x_y", "ci-42"]
+    outside = ["tenant-a", "tenant-b-1", "ci-4", "ci-421", "xtenant-a-1", "TENANT-A-1", ""]
+    assert [i for i in inside if i in scope] == inside
+    assert [o for o in outside if o in scope] == []
+
+
+@pytest.mark.parametrize(
+    ("sandboxes", "field", "says"),
+    [
+        ("[]", "api.tokens[0].sandboxes", "at least one sandbox id"),
+        ('["ok", "Tenant-A"]', "api.tokens[0].sandboxes[1]", "'Tenant-A' is not a sandbox id or an id prefix"),
+        ('["a*b"]', "api.tokens[0].sandboxes[0]", "'*' may only end a pattern"),
+        ('["*a"]', "api.tokens[0].sandboxes[0]", "'*' may only end a pattern"),
+        ('["a**"]', "api.tokens[0].sandboxes[0]", "'*' may only end a pattern"),
+        ('["*"]', "api.tokens[0].sandboxes[0]", "leave sandboxes out"),
+        ('["-a*"]', "api.tokens[0].sandboxes[0]", "is not a sandbox id"),
+        ('["a b"]', "api.tokens[0].sandboxes[0]", "is not a sandbox id"),
+        (f'["{"a" * 64}"]', "api.tokens[0].sandboxes[0]", "1-63 characters"),
+        ('["a\\n"]', "api.tokens[0].sandboxes[0]", "is not a sandbox id"),
+        ('"tenant-a-*"', "api.tokens[0].sandboxes", "expected array"),
+        ('""', "api.tokens[0].sandboxes", "expected array"),
+        ("[5]", "api.tokens[0].sandboxes[0]", "expected a string"),
+        (str([f"s{i}" for i in range(101)]).replace("'", '"'), "api.tokens[0].sandboxes", "at most 100"),
+    ],
+)
+def test_sandbox_patterns_are_checked(tmp_path: Path, sandboxes: str, field: str, says: str) -> None:
+    entry = f'[[api.tokens]]\ntoken = "{TOKEN}"\nscopes = ["sandboxes:read"]\nsandboxes = {sandboxes}\n'
+    error = invalid(tmp_path, entry)
+    assert (error.field, says in error.message) == (field, True), error.message
+
+
+@pytest.mark.parametrize("scope", ["admin", "templates:write", "metrics:read"])
+def test_a_token_limited_to_sandboxes_cannot_hold_a_gateway_wide_scope(tmp_path: Path, scope: str) -> None:
+    entry = f'[[api.tokens]]\ntoken = "{TOKEN}"\nscopes = ["sandboxes:read", "{scope}"]\nsandboxes = ["a-*"]\n'
+    error = invalid(tmp_path, entry)
+    assert error.field == "api.tokens[0].scopes"
+    assert f"a token limited to some sandboxes cannot hold {scope}" in error.message
+    # The same scopes without `sandboxes` are as before.
+    assert tokens_config(tmp_path, entry.replace('sandboxes = ["a-*"]\n', "")).api.tokens[0].sandboxes is None
+
+
 # --------------------------------------------------------------------------- operator presets
 
 

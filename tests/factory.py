@@ -897,9 +897,11 @@ class InTopology(Protocol):
     def topo(self) -> Topology: ...
 
 
-def api(env: InTopology, method: str, path: str, body: object = None) -> tuple[int, Any]:
-    """(status, JSON answer) of one API call from the gateway's namespace, with curl."""
+def api(env: InTopology, method: str, path: str, body: object = None, *, token: str | None = None) -> tuple[int, Any]:
+    """(status, JSON answer) of one API call from the gateway's namespace, with curl (and `token`, if given)."""
     argv = ["curl", "-sS", "-m", "5", "-o", "-", "-w", "\n%{http_code}", "-X", method, f"http://127.0.0.1:8470{path}"]
+    if token is not None:
+        argv += ["-H", f"Authorization: Bearer {token}"]
     if body is not None:
         argv += ["-H", "Content-Type: application/json", "--data", json.dumps(body)]
     out = env.topo.run("gw", argv, check=False, timeout=10)
@@ -943,11 +945,13 @@ def assert_dns_answer_unlocks_opaque_tcp(env: EgressEnv, sb: str) -> None:
 
 
 class AuditTail:
-    """`gateway audit tail ARGS` in the gateway's namespace, every line it prints collected."""
+    """`gateway audit tail ARGS` in the gateway's namespace (with `token` in GATEWAY_TOKEN, if given), every line it
+    prints collected."""
 
-    def __init__(self, env: InTopology, *args: str) -> None:
+    def __init__(self, env: InTopology, *args: str, token: str | None = None) -> None:
         cli = [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", "audit", "tail", *args]
-        self.process = env.topo.popen("gw", cli)
+        environment = {**os.environ, "GATEWAY_TOKEN": token} if token is not None else None
+        self.process = env.topo.popen("gw", cli, env=environment)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 

@@ -69,9 +69,9 @@ from gateway.policy import DEFAULT_PROFILE, HTTP_TOKEN_PATTERN, PORT_SCHEMA, PRO
 from gateway.presets import Preset
 from gateway.querylog import QueryLog
 from gateway.replay import DEFAULT_SINCE, MAX_SINCE_SECONDS, parse_since, replay
-from gateway.revisions import HISTORY_SIZE, check_revision
+from gateway.revisions import HISTORY_SIZE, check_revision, find_revision
 from gateway.rules import Rule
-from gateway.state import PolicyState
+from gateway.state import AddressInUse, PolicyState
 from gateway.stores.base import PolicyStore
 from gateway.suggest import check_applicable, kept_record, suggest
 from gateway.tunnel.store import TunnelStore
@@ -431,6 +431,8 @@ async def _handle(request: web.Request, handler: Handler, exchange: _Exchange) -
         )
         return _error(exc.status, exc.code, exc.message, exc.field, **{"WWW-Authenticate": exc.challenge})
     except GatewayError as exc:
+        if isinstance(exc, AddressInUse) and exchange.caller is not None and not exchange.caller.may_see(exc.owner):
+            exc = exc.hidden()  # the address is taken, but by a sandbox this caller may not know of
         response = _error(exc.status, exc.code, exc.message, exc.field)
         _log_write(request, spec, exchange, response.status, exc.code)
         return response
@@ -700,6 +702,9 @@ async def restore_sandbox(request: web.Request) -> web.Response:
     revision = None if body.get("revision") is None else check_revision(body["revision"])
     async with _write_lock(request):
         _require_sandbox_scope(request, sandbox_id)  # a restore keeps the profile (or is PROFILE_IMMUTABLE)
+        if _caller().sandboxes is not None:  # the record restored is written as this caller's: its links too
+            entry = find_revision(await store.revisions(sandbox_id), sandbox_id, revision)
+            _require_in_scope(_caller(), entry.record, create=False)
         restored = await store.restore_sandbox(sandbox_id, revision)
         response = _written(store, store.state.get_sandbox(sandbox_id))
     response.headers[RESTORED_HEADER] = restored.revision

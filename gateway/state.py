@@ -31,6 +31,20 @@ TEMPLATE = "template"
 ADDRESS_MEMO_SIZE = 65536
 
 
+class AddressInUse(Conflict):
+    """ADDRESS_IN_USE: the address belongs to another sandbox, `owner` (which the API names only to a caller that
+    may see it)."""
+
+    def __init__(self, address: str, owner: str, field: str) -> None:
+        super().__init__("ADDRESS_IN_USE", f"{address} belongs to sandbox {owner!r}", field)
+        self.address = address
+        self.owner = owner
+
+    def hidden(self) -> Conflict:
+        """The same refusal without the owner's id."""
+        return Conflict("ADDRESS_IN_USE", f"{self.address} belongs to another sandbox", self.field)
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyContext:
     """What validation and compilation need from the configuration."""
@@ -214,7 +228,7 @@ class PolicyState:
         for index, addr in enumerate(sandbox.addresses):
             owner = self.by_address.get(address_key(addr))
             if owner is not None and owner != sandbox.id:
-                raise Conflict("ADDRESS_IN_USE", f"{addr} belongs to sandbox {owner!r}", f"addresses[{index}]")
+                raise AddressInUse(str(addr), owner, f"addresses[{index}]")
         self._check_invariants(sandbox)
 
     def _check_invariants(self, sandbox: Sandbox, candidate: Template | None = None) -> None:

@@ -1951,3 +1951,27 @@ async def test_a_scoped_tokens_flow_stream_carries_only_its_sandboxes_records(sc
     assert {len(s.lines) for s in flows._subscribers} == {0}
     for response in (everything, theirs, nobody):
         response.close()
+
+
+async def test_a_scoped_token_is_not_told_other_sandboxes_ids_and_restores_no_link_from_them(
+    scoped_api: Api, store: EmbeddedStore
+) -> None:
+    taken = _tenant_record("tenant-a-2", "10.75.0.22")  # THEIRS' address
+    hidden = await scoped_api.call("POST", "/v1/sandboxes", taken, token="tenant", expect=409)
+    assert (hidden.code, hidden.body["field"]) == ("ADDRESS_IN_USE", "addresses[0]")
+    assert hidden.body["message"] == "10.75.0.22 belongs to another sandbox"
+    await scoped_api.call("POST", "/v1/sandboxes", _tenant_record("ci-42", "10.75.0.23"), expect=201)
+    mine_taken = await scoped_api.call("POST", "/v1/sandboxes", {**taken, "addresses": ["10.75.0.23"]}, token="tenant")
+    assert mine_taken.status == 409 and "'ci-42'" in mine_taken.body["message"]  # one it may see is named
+    shown = await scoped_api.call("POST", "/v1/sandboxes", taken, expect=409)
+    assert f"{THEIRS!r}" in shown.body["message"]
+    # A full token linked THEIRS into MINE, then took the link away: restoring that revision would re-open it.
+    linked = {k: v for k, v in _tenant_record(MINE, "10.75.0.21", private_links=[THEIRS]).items() if k != "id"}
+    await scoped_api.call("PUT", f"/v1/sandboxes/{MINE}", linked, expect=200)
+    await scoped_api.call("PATCH", f"/v1/sandboxes/{MINE}", {"private_links": None}, token="tenant", expect=200)
+    before = store.state.sandboxes[MINE]
+    refused = await scoped_api.call("POST", f"/v1/sandboxes/{MINE}/restore", {}, token="tenant", expect=403)
+    assert (refused.code, refused.body["field"]) == ("SANDBOX_OUT_OF_SCOPE", "private_links[0]")
+    assert store.state.sandboxes[MINE] == before
+    restored = await scoped_api.call("POST", f"/v1/sandboxes/{MINE}/restore", {}, expect=200)
+    assert restored.body["private_links"][0]["source"] == THEIRS

@@ -304,7 +304,8 @@ ERROR_CODES: Final[Mapping[int, str]] = {
     401: "UNAUTHENTICATED: no token, a malformed Authorization header, or an unknown token.",
     403: "INSUFFICIENT_SCOPE: the token lacks the scope in x-required-scope. HOST_NOT_ALLOWED: no tokens are "
     "configured and the request was not addressed to a loopback name.",
-    404: "SANDBOX_NOT_FOUND / TEMPLATE_NOT_FOUND / BATCH_NOT_FOUND.",
+    404: "SANDBOX_NOT_FOUND / TEMPLATE_NOT_FOUND / BATCH_NOT_FOUND. A sandbox outside the sandboxes a token is "
+    "limited to answers as one that does not exist.",
     409: "Conflict with the stored state.",
     413: "BODY_TOO_LARGE: the body is over 1 MiB.",
     415: "UNSUPPORTED_MEDIA_TYPE: the body is not sent as application/json.",
@@ -445,7 +446,9 @@ def openapi_document(routes: Iterable[Route]) -> dict[str, Any]:
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "An API token from [[api.tokens]] in the gateway configuration.",
+                    "description": "An API token from [[api.tokens]] in the gateway configuration. A token with "
+                    "`sandboxes` sees and acts on those sandboxes only: others answer 404 as if absent, lists and "
+                    "the flow stream leave them out.",
                 }
             },
         },

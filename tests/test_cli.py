@@ -152,6 +152,20 @@ def test_check_config_reports_errors_with_exit_2(tmp_path: Path, content: str, f
         assert result.stderr.rstrip().endswith(f"{field})") and "(field " in result.stderr
 
 
+def test_check_config_lists_a_tokens_sandboxes_and_refuses_a_gateway_wide_scope_on_it(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 18999)
+    ci = 'scopes = ["sandboxes:read", "sandboxes:write"] }'
+    config.write_text(config.read_text().replace(ci, ci[:-1] + ', sandboxes = ["tenant-a-*", "ci-42"] }'))
+    result = gateway("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "  ci   sandboxes:read, sandboxes:write  sandboxes: tenant-a-*, ci-42" in result.stdout
+    config.write_text(config.read_text().replace('"sandboxes:write"]', '"sandboxes:write", "templates:write"]'))
+    refused = gateway("check-config", "--config", str(config))
+    assert (refused.returncode, refused.stdout) == (2, "")
+    assert refused.stderr.startswith("CONFIG_INVALID: a token limited to some sandboxes cannot hold templates:write")
+    assert "(field " in refused.stderr and "api.tokens[1].scopes)" in refused.stderr
+
+
 def test_check_config_without_tokens_on_loopback_warns_but_passes(tmp_path: Path) -> None:
     result = gateway("check-config", "--config", str(write_config(tmp_path, 18998, tokens=False)))
     assert result.returncode == 0

@@ -338,6 +338,7 @@ class Inspect:
             path=request_path(flow.request.path)[:MAX_RECORD_PATH],
             status=response.status_code if response is not None else None,
             denial_id=flow.metadata.get(_DENIAL_ID),
+            revision=context.revision,  # the policy whose entry decided this request (the hand-over's)
         )
         self._write((render(record) + "\n").encode())
 

@@ -170,8 +170,9 @@ class FlowRecord:
     revision: Annotated[
         str | None,
         Note(
-            description="The revision of the sandbox's policy that decided (null where no policy decides: an "
-            "unknown source, a tunnel request, an inspected request)."
+            description="The revision of the sandbox's policy that decided (an inspected request: the policy its "
+            "connection was handed over with; a tunnel request: the sandbox's policy it was served under; null "
+            "where no policy decides: an unknown source)."
         ),
     ] = None
 

@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.revisions import REVISION_PATTERN
+
 #: HTTP methods an entry may allow (TRACE is refused by the tier whatever an entry says: it echoes headers).
 HTTP_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "CONNECT")
 #: The environment variable that hands the tier's per-run token to egress worker processes (never a config option).
@@ -116,7 +118,8 @@ class InspectionContext:
     `host` is the name the sandbox gave (SNI, or Host for plain HTTP) and was allowed by `rule`;
     `entry` is the pattern of `rule` that matched (`api.example.com`, `*.example.com`). The addresses are the
     sandbox's side of the connection (its source, and the destination it dialled), for the tier's flow records:
-    the tier itself only sees the engine's loopback connection."""
+    the tier itself only sees the engine's loopback connection. `revision` is the revision of the compiled policy
+    `rule` was taken from: the one the tier decides this connection's requests with, which its records name."""
 
     sandbox: str
     host: str
@@ -127,6 +130,7 @@ class InspectionContext:
     src_port: int = 0
     orig_dst_addr: str = ""
     orig_dst_port: int = 0
+    revision: str | None = None
 
     def encode(self) -> str:
         """One header-safe token (URL-safe base64 of JSON) for the hand-over request."""
@@ -134,6 +138,7 @@ class InspectionContext:
         body["rule"] = self.rule.to_dict()
         body["src"] = [self.src_addr, self.src_port]
         body["orig_dst"] = [self.orig_dst_addr, self.orig_dst_port]
+        body["revision"] = self.revision
         return base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode()
 
     @classmethod
@@ -141,8 +146,11 @@ class InspectionContext:
         """The inverse of `encode`; ValueError (or KeyError/TypeError) for anything the engine did not write."""
         data = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
         (src_addr, src_port), (orig_addr, orig_port) = data["src"], data["orig_dst"]
+        revision = data["revision"]
+        if revision is not None and not (isinstance(revision, str) and REVISION_PATTERN.fullmatch(revision)):
+            raise ValueError("the context's revision is not a revision id")
         return cls(data["sandbox"], data["host"], int(data["port"]), data["entry"], InspectRule.from_dict(data["rule"]),
-                   str(src_addr), int(src_port), str(orig_addr), int(orig_port))  # fmt: skip
+                   str(src_addr), int(src_port), str(orig_addr), int(orig_port), revision)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,8 @@ Every request the tunnel serves or refuses for a known tunnel is exactly one `Fl
 canonical decision line), built here and nowhere else: the flow log writes it as the `flow` log line and into
 the sandbox's audit batches, so a refusal is never logged a second time. Its rule is `Rule.TUNNEL` with the
 tunnel's first four characters (`tunnel:ab12`); its reason is `tunnel <code>` when the gateway itself refused
-(a wrong password, an unreachable app) and `tunnel <status>` when the app answered.
+(a wrong password, an unreachable app) and `tunnel <status>` when the app answered. Its revision is that of the
+sandbox policy in force when the request was routed: the record whose addresses and ingress rules decided it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from gateway.tunnel.wire import ClientConnection
 class Exchange:
     """One request's facts, for its flow record."""
 
-    __slots__ = ("bytes_down", "bytes_up", "head_sent", "host", "reason", "started_us", "status", "tunnel")
+    __slots__ = ("bytes_down", "bytes_up", "head_sent", "host", "reason", "revision", "started_us", "status", "tunnel")
 
     def __init__(self) -> None:
         self.tunnel: Tunnel | None = None
@@ -28,6 +29,7 @@ class Exchange:
         self.status = 0
         self.reason = ""  # set only when the gateway itself refused: the refusal's code
         self.head_sent = False
+        self.revision: str | None = None  # of the sandbox policy the request was decided against
         self.started_us = now_us()
 
 
@@ -56,4 +58,5 @@ def flow_record(
         "allow" if allowed else "deny",  # verdict
         f"tunnel {exchange.reason or exchange.status}",  # reason
         Rule.TUNNEL.label(tunnel.id[:4]),  # rule
+        revision=exchange.revision,
     )

@@ -171,6 +171,7 @@ class TunnelServer:
             raise Refused(400, "ABSOLUTE_FORM_REFUSED", "only origin-form request targets (/path) are served")
         tunnel, host = self._find(request, conn)
         exchange.tunnel, exchange.host = tunnel, host
+        exchange.revision = self.store.revision(tunnel)  # the record `_find` and the ingress check below read
         refusal = self.store.ingress_refusal(tunnel, conn.remote)
         if refusal is not None:  # before the login page too: a source the record refuses may not even guess
             raise Refused(refusal.status, refusal.code, refusal.message)

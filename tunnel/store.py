@@ -187,6 +187,12 @@ class TunnelStore(abc.ABC):
         sandbox = self.policy.sandboxes.get(tunnel.sandbox)
         return source_refusal(sandbox.ingress, client) if sandbox is not None else None
 
+    def revision(self, tunnel: Tunnel) -> str | None:
+        """The revision of the sandbox policy in force now, whose record (addresses, ingress rules) `alive` and
+        `ingress_refusal` decide the tunnel's requests with; None when the sandbox is gone."""
+        compiled = self.policy.compiled.get(tunnel.sandbox)
+        return compiled.revision if compiled is not None else None
+
     def has_ingress_sources(self, tunnel: Tunnel) -> bool:
         sandbox = self.policy.sandboxes.get(tunnel.sandbox)
         return sandbox is not None and bool(sandbox.ingress.sources)

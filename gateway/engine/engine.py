@@ -461,6 +461,7 @@ class EgressEngine:
             src_port=flow.src_port,
             orig_dst_addr=flow.orig_dst_addr,
             orig_dst_port=flow.orig_dst_port,
+            revision=policy.revision,  # `rule` is this policy's: what the tier decides the requests with
         )
         upstream = await hand_over(self.tier, plan.dial, flow.orig_dst_port, context, self.egress.connect_timeout)
         flow.reason += "; handed to the inspection tier"

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests import authdns
-from tests.factory import EGRESS_ZONE, REPO, EgressEnv, audit_batches, batch_records, pin, wait_until
+from tests.factory import EGRESS_ZONE, REPO, EgressEnv, api, audit_batches, batch_records, pin, wait_until
 from tests.netns import INET_V4, Topology, live_namespaces, wait_for_line
 
 pytestmark = pytest.mark.root
@@ -251,6 +251,10 @@ def test_records_name_each_inspected_request_and_hold_no_secret(env: InspectionE
     for path in [*audit_batches(audit), env.log_file]:
         text = path.read_text(errors="replace")
         assert SECRET not in text and "token=abc" not in text, path
+    # Each request was decided with the entry of the policy its connection was handed over with: sb1's, as the API
+    # names it (the policy file has not changed since).
+    status, shown = api(env, "GET", "/v1/sandboxes/sb1")
+    assert status == 200 and {r["revision"] for r in records} == {shown["revision"]}, records
 
 
 def test_with_the_tier_down_marked_hosts_fail_closed_and_others_pass_then_it_is_back(env: InspectionEnv) -> None:

@@ -1272,6 +1272,9 @@ def test_every_tunnel_request_is_a_metadata_only_flow_record_in_the_audit_batche
         ("deny", "tunnel WRONG_PASSWORD"),
     ], records
     assert {r["dst_addr"] for r in records} == {"10.75.0.1"} and {r["dst_port"] for r in records} == {3000}
+    # Both were decided against sb1's record (its addresses and ingress rules): the revision the API names.
+    shown = env.topo.run("gw", ["curl", "-sS", f"{API}/v1/sandboxes/sb1"], timeout=20)
+    assert {r["revision"] for r in records} == {json.loads(shown.stdout)["revision"]}, records
     text = json.dumps(records)
     for leaked in (
         PASSWORD,

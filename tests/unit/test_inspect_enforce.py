@@ -35,7 +35,7 @@ RULE = InspectRule(
     credentials=(Credential("authorization", "github", "Bearer {secret}"), Credential("x-api-key", "other")),
 )
 CONTEXT = InspectionContext(
-    "sb-1", "api.example.com", 443, "api.example.com", RULE, "10.75.0.10", 40000, "1.2.3.4", 443
+    "sb-1", "api.example.com", 443, "api.example.com", RULE, "10.75.0.10", 40000, "1.2.3.4", 443, "r0123456789ab"
 )
 SECRETS = {"github": "ghp_0123456789", "other": "key-abcdefgh"}
 
@@ -50,6 +50,10 @@ def test_the_context_survives_the_hand_over_header() -> None:
     assert InspectionContext.decode(token) == CONTEXT
     with pytest.raises((ValueError, KeyError, TypeError)):
         InspectionContext.decode(base64.urlsafe_b64encode(b'{"sandbox": "x"}').decode())
+    # The revision its records name: the engine's policy's, a revision id or none; anything else is no context.
+    assert InspectionContext.decode(replace(CONTEXT, revision=None).encode()).revision is None
+    with pytest.raises(ValueError, match="revision"):
+        InspectionContext.decode(replace(CONTEXT, revision="r1; drop").encode())
 
 
 def test_proxy_authorization_is_basic_gateway_and_the_token() -> None:

@@ -29,7 +29,7 @@ from typing import Annotated, ClassVar, Final
 import msgspec
 from msgspec import Meta
 
-from gateway.config import Network, OptionError, Section
+from gateway.config import LIVE, Network, OptionError, Section
 from gateway.decision import CompiledPolicy, NeverReach
 from gateway.hostnames import split_host_entry
 from gateway.policy import ID_PATTERN, Egress, IPNetwork, Limits
@@ -84,13 +84,15 @@ class InvariantsConfig(Section, frozen=True):
     """Assertions every policy write must satisfy, from every source (API, policy file, Redis). A violating
     write is refused with the assertion it breaks and the last good policy stays in force; the data plane
     refuses what the assertions forbid whatever a policy allows. The gateway's own service endpoints (the
-    API, the inspection tier, Redis) are always such an assertion (`gateway-services`)."""
+    API, the inspection tier, Redis) are always such an assertion (`gateway-services`). SIGHUP applies a change
+    at once: the next connection and write are held to it."""
 
     never_reach: Annotated[
         tuple[Assertion, ...],
         Meta(
             description="Tables {name, cidrs, ports, labels, reason}: destinations no sandbox (or no sandbox "
             "with all of `labels`) reaches.",
+            extra=LIVE,
             examples=[
                 {"name": "no-databases", "cidrs": ["10.20.0.0/16"], "ports": [5432, 6379], "reason": "prod data"},
                 {"name": "no-ssh", "ports": [22], "labels": {"tier": "untrusted"}},
@@ -102,6 +104,7 @@ class InvariantsConfig(Section, frozen=True):
         Meta(
             description="Tables {labels, template}: sandboxes with all of `labels` stay within `template` (a "
             "template marked `ceiling: true` is the ceiling of the sandboxes naming it).",
+            extra=LIVE,
             examples=[{"labels": {"tier": "ci"}, "template": "ci-ceiling"}],
         ),
     ] = ()

@@ -27,8 +27,9 @@ from gateway.schema import Note
 #: Distinct revisions kept per sandbox.
 HISTORY_SIZE: Final = 20
 REVISION_PATTERN: Final = re.compile(r"^r[0-9a-f]{12}$")
-#: Who wrote the record: the control API, a hand edit of the embedded store's file, a record in Redis.
-RevisionSource = Literal["api", "file", "redis"]
+#: Who wrote the record: the control API, a hand edit of the embedded store's file, a record in Redis; or the
+#: configuration, when a reload changed the [invariants] ceilings that bound the sandbox.
+RevisionSource = Literal["api", "file", "redis", "config"]
 SOURCES: Final = get_args(RevisionSource)
 
 
@@ -58,7 +59,14 @@ class Revision:
 
     revision: Annotated[str, Note(pattern=REVISION_PATTERN.pattern)]
     at: Annotated[float, Note(description="Unix time it was accepted (last, when accepted again).")]
-    source: Annotated[str, Note(enum=list(SOURCES), description="Who wrote it: api, file (a hand edit), redis.")]
+    source: Annotated[
+        str,
+        Note(
+            enum=list(SOURCES),
+            description="Who wrote it: api, file (a hand edit), redis; config: a reload changed "
+            "the [invariants] ceilings bounding it.",
+        ),
+    ]
     record: Annotated[dict[str, Any], Note(description="The sandbox record as accepted (a restore re-applies it).")]
     template: Annotated[
         str | None, Note(description="The template it compiled over; a restore applies the template in force now.")

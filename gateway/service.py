@@ -120,7 +120,9 @@ class Reloader:
     An invalid one changes nothing (logged with its code); of a valid one the options marked live
     (`gateway.config.LIVE`) are applied and every other changed option is logged as needing a restart and keeps
     its running value. `config` is what runs now; `tokens` the API's, `pool` the workers to pass SIGHUP on to;
-    `components` get the configuration that runs from now on when a live option of theirs may have changed."""
+    `components` get the configuration that runs from now on when a live option of theirs may have changed;
+    `store` the policy store whose state changed [invariants] are put in force in (each process its own), and
+    `report`: whether this process logs the sandboxes that break them (the main one; its workers find the same)."""
 
     def __init__(
         self,
@@ -130,12 +132,17 @@ class Reloader:
         tokens: ApiTokens | None = None,
         pool: WorkerPool | None = None,
         components: Sequence[Callable[[Config], None]] = (),
+        store: PolicyStore | None = None,
+        report: bool = True,
     ) -> None:
         self.config = config
         self.path = path
         self.tokens = tokens
         self.pool = pool
         self.components = tuple(components)
+        self.store = store
+        self.report = report
+        self._applying: set[asyncio.Task[None]] = set()
 
     def reload(self) -> None:
         from gateway.logs import configure_logging
@@ -151,6 +158,7 @@ class Reloader:
             log.error("config.reload_failed", code=exc.code, error=str(exc), source=self.path or "defaults")
             return
         configure_logging(plan.config.log.format, plan.config.log.level)
+        invariants_changed = plan.config.invariants != self.config.invariants
         self.config = plan.config
         if plan.applied:
             for reconfigure in self.components:
@@ -158,6 +166,28 @@ class Reloader:
         for option in plan.restart_needed:
             log.warning("config.restart_needed", option=option, reason="changed in the file; the running value stays")
         log.info("config.reloaded", applied=list(plan.applied), restart_needed=list(plan.restart_needed))
+        if invariants_changed and self.store is not None:
+            task = asyncio.get_running_loop().create_task(self._apply_invariants(self.store, plan.config))
+            self._applying.add(task)
+            task.add_done_callback(self._applying.discard)
+
+    async def _apply_invariants(self, store: PolicyStore, config: Config) -> None:
+        """The reloaded [invariants] in force (with the built-in gateway-services assertion of the running
+        listeners), between two writes; each sandbox whose record breaks them is one log line."""
+        invariants = config.policy_context().invariants
+        violating = await store.apply_invariants(invariants)
+        if self.report:
+            for found in violating:
+                error = found.error
+                log.warning("invariants.violated", sandbox=found.key, code=error.code, error=error.message,
+                            field=error.field)  # fmt: skip
+        log.info(
+            "invariants.applied",
+            never_reach=[a.name for a in invariants.never_reach],
+            ceilings=len(invariants.ceilings),
+            violating=len(violating),
+            cut=store.state.last_cut,
+        )
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -274,7 +304,12 @@ async def serve(
     loop = asyncio.get_running_loop()
     shutdown.install(loop)
     reloader = Reloader(
-        config, config_path, tokens=app[TOKENS_KEY], pool=pool, components=[plane.reconfigure] if plane else []
+        config,
+        config_path,
+        tokens=app[TOKENS_KEY],
+        pool=pool,
+        components=[plane.reconfigure] if plane else [],
+        store=store,
     )
     reloader.install(loop)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -394,7 +429,13 @@ async def serve_worker(config: Config, worker: int, workers: int, config_path: s
     plane = DataPlane(worker_config(config, worker), store, flows, dns=False)
     shutdown = Shutdown()
     shutdown.install(loop)
-    reloader = Reloader(config, config_path, components=[lambda c: plane.reconfigure(worker_config(c, worker))])
+    reloader = Reloader(
+        config,
+        config_path,
+        components=[lambda c: plane.reconfigure(worker_config(c, worker))],
+        store=store,
+        report=False,
+    )
     reloader.install(loop)
     reader = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

@@ -11,6 +11,7 @@ through the API, until a valid version arrives.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -80,6 +81,10 @@ class PolicyState:
         self.compiled: dict[str, CompiledPolicy] = {}
         self.by_address: dict[tuple[int, int], str] = {}
         self.rejections: dict[tuple[str, str], Rejection] = {}
+        #: Sandboxes whose record in force breaks an [invariants] assertion or ceiling put in force after it was
+        #: accepted (a reload): kept, held to the invariants at connection time, and reported, until a write that
+        #: passes the checks replaces the record (or a later reload drops what it broke).
+        self.violations: dict[str, Rejection] = {}
         # policy_for_address runs for every DNS query and connection, and parsing the address text is most of
         # its cost: the answer per text, forgotten whenever a sandbox (so the index or a policy) changes.
         self._by_text: dict[str, CompiledPolicy | None] = {}
@@ -231,6 +236,13 @@ class PolicyState:
                 raise AddressInUse(str(addr), owner, f"addresses[{index}]")
         self._check_invariants(sandbox)
 
+    def _passes(self, sandbox: Sandbox) -> bool:
+        try:
+            self._check_invariants(sandbox)
+        except GatewayError:
+            return False
+        return True
+
     def _check_invariants(self, sandbox: Sandbox, candidate: Template | None = None) -> None:
         """Raise the first invariant the sandbox's record breaks: INVARIANT_VIOLATED, CEILING_EXCEEDED (or
         CEILING_TEMPLATE_NOT_FOUND). With `candidate`, a template being written, the sandbox is checked over it."""
@@ -291,8 +303,38 @@ class PolicyState:
         for addr in sandbox.addresses:
             self.by_address[address_key(addr)] = sandbox.id
         self.rejections.pop((SANDBOX, sandbox.id), None)
+        self.violations.pop(sandbox.id, None)  # it passed the checks of the invariants in force
         self._note_revision(sandbox, compiled)
         self.last_cut = self._changed(sandbox.id)
+
+    def set_invariants(self, invariants: Invariants) -> list[Rejection]:
+        """Put new [invariants] in force (a reload): every sandbox is compiled again under them at once, so `decide`
+        refuses what they forbid from the next connection and the live cut ends the open flows they no longer
+        allow; every later write is checked against them. A record in force that breaks them stays (its
+        connections are held to them anyway) and is returned, and kept in `violations`, as its rejection would be
+        (when they made it invalid: it passed the ones before, or was reported already).
+        A sandbox whose compiled policy changes is a new revision of it when its ceilings changed (source
+        `config`)."""
+        ids = sorted(self.sandboxes)
+        # Reported: what a reload made invalid (a record that already exceeded a ceiling narrowed since, by a
+        # template write, is not a reload's finding).
+        reported = {sid for sid in ids if sid in self.violations or self._passes(self.sandboxes[sid])}
+        self.context = dataclasses.replace(self.context, invariants=invariants)
+        self.violations.clear()
+        with self._writes_from("config"):
+            for sandbox_id in ids:  # all in force before any listener reads one
+                sandbox = self.sandboxes[sandbox_id]
+                self.compiled[sandbox_id] = compiled = self._compile(sandbox)
+                self._note_revision(sandbox, compiled)
+                if sandbox_id not in reported:
+                    continue
+                try:
+                    self._check_invariants(sandbox)
+                except GatewayError as exc:
+                    self.violations[sandbox_id] = Rejection(SANDBOX, sandbox_id, exc.body, time.time())
+        self._by_text.clear()
+        self.last_cut = sum(self._changed(sandbox_id) for sandbox_id in ids)
+        return [self.violations[key] for key in sorted(self.violations)]
 
     def _note_revision(self, sandbox: Sandbox, compiled: CompiledPolicy) -> None:
         """The policy just put in force is the sandbox's newest revision (unless it already was)."""
@@ -314,6 +356,7 @@ class PolicyState:
         del self.compiled[sandbox_id]
         self._by_text.clear()
         self.rejections.pop((SANDBOX, sandbox_id), None)
+        self.violations.pop(sandbox_id, None)
         for listener in self.removal_listeners:
             listener(sandbox_id)
         self.last_cut = self._changed(sandbox_id)

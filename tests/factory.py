@@ -776,8 +776,13 @@ class EgressEnv:
         tmp.write_text(json.dumps(data))
         tmp.replace(self.policy_file)  # atomic: the store never reads half a file
 
-    def start_gateway(self, *extra: str) -> None:
-        config = self.workdir / "gateway.toml"
+    @property
+    def config_file(self) -> Path:
+        return self.workdir / "gateway.toml"
+
+    def write_config(self) -> Path:
+        """The gateway's config file: the world's settings, then `config_sections`."""
+        config = self.config_file
         config.write_text(
             "\n".join(
                 [
@@ -810,6 +815,17 @@ class EgressEnv:
             + "\n"
             + self.config_sections
         )
+        return config
+
+    def reload(self, config_sections: str) -> None:
+        """SIGHUP the running gateway after writing its config file again with these sections."""
+        assert self.gateway is not None
+        self.config_sections = config_sections
+        self.write_config()
+        self.gateway.send_signal(signal.SIGHUP)
+
+    def start_gateway(self, *extra: str) -> None:
+        config = self.write_config()
         env = dict(os.environ)
         env["GATEWAY_EGRESS__PUBLIC_RANGES"] = '["198.18.0.0/15", "2001:db8::/32"]'
         env["PYTHONPATH"] = str(REPO)
@@ -1030,21 +1046,25 @@ def opaque(address, port):
     s.setblocking(False)  # probed without waiting (a socket with a timeout would wait for readability first)
     return s
 
-conns = {"A": websocket("allowed.test", "198.18.1.1"), "B": websocket("later.test", "198.18.1.3"),
-         "C": opaque("198.18.1.1", 23)}
+specs = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {
+    "A": ["websocket", "allowed.test", "198.18.1.1"], "B": ["websocket", "later.test", "198.18.1.3"],
+    "C": ["opaque", "198.18.1.1", 23]}
+conns = {n: (kind, (websocket if kind == "websocket" else opaque)(*args)) for n, (kind, *args) in specs.items()}
 print("ready", flush=True)
 for line in sys.stdin:
-    status = {n: "alive" if (open_(s) if n == "C" else echoes(s)) else "cut" for n, s in conns.items()}
+    status = {n: "alive" if (open_(s) if kind == "opaque" else echoes(s)) else "cut" for n, (kind, s) in conns.items()}
     print(json.dumps(status), flush=True)
 """
 
 
 class Holder:
-    """HOLDER in sandbox `sb`, for one `with` block (its connections close when the block ends)."""
+    """HOLDER in sandbox `sb`, for one `with` block (its connections close when the block ends). `conns`: other
+    connections than A, B and C, by name: ["websocket", name, address] or ["opaque", address, port]."""
 
-    def __init__(self, env: EgressEnv, sb: str) -> None:
+    def __init__(self, env: EgressEnv, sb: str, conns: dict[str, list[str | int]] | None = None) -> None:
         self.env = env
-        self.process = env.topo.popen(sb, [sys.executable, "-u", "-c", HOLDER, str(env.ca)], stdin=subprocess.PIPE)
+        argv = [sys.executable, "-u", "-c", HOLDER, str(env.ca), *([json.dumps(conns)] if conns else [])]
+        self.process = env.topo.popen(sb, argv, stdin=subprocess.PIPE)
 
     def __enter__(self) -> Holder:
         wait_for_line(self.process, "ready", 15)

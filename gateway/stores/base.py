@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 
 from gateway.errors import Conflict, GatewayError
+from gateway.invariants import Invariants
 from gateway.policy import Sandbox, Template, schema_ref
 from gateway.revisions import Revision, RevisionSource, find_revision
 from gateway.schema import Note
@@ -37,6 +38,15 @@ class StoreStatus:
     sandboxes: Annotated[int, Note(minimum=0)]
     templates: Annotated[int, Note(minimum=0)]
     rejected: Annotated[list[dict[str, Any]], Note(items=schema_ref("Rejection"))]  # each a Rejection.to_dict()
+    violating: Annotated[
+        list[dict[str, Any]],
+        Note(
+            items=schema_ref("Rejection"),
+            description="Sandboxes whose record in force breaks an [invariants] assertion or ceiling a reload put "
+            "in force after it was accepted: kept (their connections are held to the invariants), until a write "
+            "that passes the checks replaces it.",
+        ),
+    ]
 
 
 class PolicyStore(abc.ABC):
@@ -79,6 +89,7 @@ class PolicyStore(abc.ABC):
                 sandboxes=len(self.state.sandboxes),
                 templates=len(self.state.templates),
                 rejected=[r.to_dict() for r in self.rejections()],
+                violating=[self.state.violations[key].to_dict() for key in sorted(self.state.violations)],
             )
         )
 
@@ -96,6 +107,14 @@ class PolicyStore(abc.ABC):
         it keeps it."""
 
     # ------------------------------------------------------------------ writes
+
+    async def apply_invariants(self, invariants: Invariants) -> list[Rejection]:
+        """Put reloaded [invariants] in force (`PolicyState.set_invariants`), between writes: a write checked
+        under the old ones is committed first. Returns the sandboxes whose record in force breaks them."""
+        async with self._write_lock:
+            violating = self.state.set_invariants(invariants)
+            await self._revisions_committed()
+            return violating
 
     async def create_sandbox(self, raw: object) -> Sandbox:
         async with self._write_lock:

@@ -9,6 +9,9 @@ its API (curl in the gateway's namespace) and its policy file, with curl and dig
 - sb4, labelled tier=ci, stays within the template ci-ceiling: a PATCH widening its allow list is refused with
   CEILING_EXCEEDED; narrowing the ceiling through the API cuts sb4's access to the name it dropped at once
   (connections refused with `ceiling ci-ceiling`, DNS NXDOMAIN); the ceiling cannot be deleted while it bounds sb4.
+- Last (it rewrites the config file): an assertion added by SIGHUP holds at once for the next connection, ends an
+  open one (the live cut) and refuses the next write; sb1, whose record grants it, keeps its record and is
+  reported; a bad [invariants] on the next SIGHUP changes nothing; one dropping it lets the connections pass again.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.factory import EgressEnv, api, egress_policies, egress_world, pin, wait_until
+from tests.factory import EgressEnv, Holder, api, egress_policies, egress_world, pin, wait_until
 from tests.netns import Topology, live_namespaces
 
 INVARIANTS = """
@@ -121,3 +124,58 @@ def test_a_label_ceiling_refuses_widening_and_narrows_its_sandboxes_live(env: Eg
     assert (status, answer["code"]) == (409, "TEMPLATE_IN_USE"), answer
     status, explained = api(env, "GET", "/v1/sandboxes/sb4/explain?host=allowed.test:443&address=198.18.1.1")
     assert status == 200 and (explained["allowed"], explained["rule"]) == (False, "ceiling ci-ceiling"), explained
+
+
+#: INVARIANTS with one more assertion, added by a reload: sb2 (unrestricted) reaches 198.18.1.1 on ports 80 and 23
+#: before it; sb1's record grants 198.18.1.4 (allow_cidrs, any port).
+NO_FIRST = INVARIANTS.replace(
+    "never_reach = [",
+    'never_reach = [{ name = "no-first", cidrs = ["198.18.1.1/32", "198.18.1.4/32"], ports = [80, 23] }, ',
+)
+
+
+@pytest.mark.root
+def test_an_assertion_added_by_sighup_holds_at_once_for_connections_and_writes(env: EgressEnv) -> None:
+    assert env.gateway is not None
+    plain = ("allowed.test", 80, "198.18.1.1")
+    assert env.curl("sb2", "http://allowed.test/", *pin(*plain)).stdout.startswith("ORIGIN 198.18.1.1")
+    fourth = env.curl("sb1", "http://198.18.1.4/")
+    assert fourth.stdout.startswith("ORIGIN 198.18.1.4"), fourth.stdout + fourth.stderr
+    applied = lambda: env.log_events("invariants.applied")  # noqa: E731
+    failed = lambda: env.log_events("config.reload_failed")  # noqa: E731
+    with Holder(env, "sb2", {"C": ["opaque", "198.18.1.1", 23]}) as holder:
+        assert holder.check() == {"C": "alive"}
+        env.reload(NO_FIRST)
+        assert wait_until(lambda: len(applied()) == 1, timeout=10), env.log_file.read_text()[-2000:]
+        assert applied()[0]["never_reach"] == ["gateway-services", "no-first", "no-later"]
+        assert holder.check() == {"C": "cut"}  # the open connection it forbids, ended at once
+    refused = env.curl("sb2", "http://allowed.test/", *pin(*plain))
+    assert "ORIGIN" not in refused.stdout, refused.stdout
+    record = env.logged_flows("sb2", "allowed.test", "http")[-1]
+    assert (record["verdict"], record["rule"]) == ("deny", "invariant no-first"), record
+    assert "ORIGIN" not in env.curl("sb1", "http://198.18.1.4/").stdout
+    # sb1's record grants what it forbids: kept in force (held to it, above), reported in the status and the log.
+    _, status = api(env, "GET", "/v1/status")
+    violating = [(v["key"], v["code"], v["field"]) for v in status["violating"]]
+    assert violating == [("sb1", "INVARIANT_VIOLATED", "egress.allow_cidrs[0]")], status["violating"]
+    assert [(e["sandbox"], e["code"]) for e in env.log_events("invariants.violated")] == [("sb1", "INVARIANT_VIOLATED")]
+    status_code, sb1 = api(env, "GET", "/v1/sandboxes/sb1")
+    assert status_code == 200 and sb1["egress"]["allow_cidrs"] == ["198.18.1.4/32"], sb1
+    # Every later write is checked against it.
+    status_code, answer = api(env, "PATCH", "/v1/sandboxes/sb4", {"egress": {"allow_cidrs": ["198.18.1.0/24"]}})
+    assert (status_code, answer["code"]) == (400, "INVARIANT_VIOLATED") and "no-first" in answer["message"], answer
+
+    # A bad [invariants] on the next SIGHUP changes nothing.
+    env.reload('[invariants]\nnever_reach = [{ name = "no-first" }]\n')
+    assert wait_until(lambda: len(failed()) == 1, timeout=10)
+    assert failed()[0]["code"] == "CONFIG_INVALID" and len(applied()) == 1
+    assert "ORIGIN" not in env.curl("sb2", "http://allowed.test/", *pin(*plain)).stdout
+    assert env.logged_flows("sb2", "allowed.test", "http")[-1]["rule"] == "invariant no-first"
+
+    # Dropping it: the connections pass again, sb1 is no longer reported.
+    env.reload(INVARIANTS)
+    assert wait_until(lambda: len(applied()) == 2, timeout=10)
+    assert env.curl("sb2", "http://allowed.test/", *pin(*plain)).stdout.startswith("ORIGIN 198.18.1.1")
+    assert env.curl("sb1", "http://198.18.1.4/").stdout.startswith("ORIGIN 198.18.1.4")
+    _, status = api(env, "GET", "/v1/status")
+    assert status["violating"] == []

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.decision import decide
 from gateway.errors import GatewayError
+from gateway.invariants import Invariants
 from gateway.rules import Rule
 from gateway.settings import load_config
 from gateway.state import SANDBOX, TEMPLATE, PolicyState
@@ -316,3 +317,70 @@ def test_a_ceilings_inspect_entries_stay_with_its_sandboxes(tmp_path: Path) -> N
     write(state, ci(egress={"inspect": inspect}))
     assert decide(state.compiled["sb"], "api.example.com", PUBLIC, 443, "tls").rule is Rule.INSPECT
     refused(state, ci(egress={"inspect": [], "allow_hosts": ["pypi.org"]}), "CEILING_EXCEEDED", "egress.inspect")
+
+
+# --------------------------------------------------------------------------- a reload puts new invariants in force
+
+
+def invariants_of(tmp_path: Path, text: str) -> Invariants:
+    path = tmp_path / "reloaded.toml"
+    path.write_text(text)
+    return load_config(path, {}).policy_context().invariants
+
+
+def test_reloaded_assertions_hold_at_once_and_records_breaking_them_stay_reported(tmp_path: Path) -> None:
+    state = state_for(tmp_path, "")
+    write(state, record(egress={"allow_cidrs": ["10.20.0.0/16"]}))
+    write(state, record("other", addresses=["10.75.0.3"], egress={"allow_cidrs": ["10.30.0.0/16"]}))
+    cut: list[str] = []
+    state.change_listeners.append(lambda sid: cut.append(sid) or 1)
+    before = state.compiled["sb"]
+    assert decide(before, None, "10.20.1.1", 5432, "tcp").allowed
+    found = state.set_invariants(invariants_of(tmp_path, INVARIANTS))
+    assert [(r.key, r.error.code, r.error.field) for r in found] == [
+        ("sb", "INVARIANT_VIOLATED", "egress.allow_cidrs[0]")
+    ]
+    assert state.violations == {"sb": found[0]}
+    assert cut == ["other", "sb"] and state.last_cut == 2  # the live cut looked at each sandbox
+    verdict = decide(state.compiled["sb"], None, "10.20.1.1", 5432, "tcp")  # the record stays, held to the assertion
+    assert (verdict.allowed, verdict.rule, verdict.detail) == (False, Rule.INVARIANT, "no-databases")
+    assert state.sandboxes["sb"].egress.allow_cidrs and state.compiled["sb"].revision == before.revision
+    # Every later write is checked against them; a write that passes replaces the violator.
+    refused(state, record(egress={"allow_cidrs": ["10.20.0.0/24"]}), "INVARIANT_VIOLATED", "egress.allow_cidrs[0]")
+    write(state, record(egress={"allow_cidrs": ["10.30.0.0/16"]}))
+    assert state.violations == {}
+    # A reload that drops them: the next connection passes again.
+    state.set_invariants(invariants_of(tmp_path, ""))
+    write(state, record(egress={"allow_cidrs": ["10.20.0.0/16"]}))
+    assert decide(state.compiled["sb"], None, "10.20.1.1", 5432, "tcp").allowed
+
+
+def test_a_reloaded_ceiling_bounds_its_sandboxes_at_once_and_is_a_new_revision_from_the_config(tmp_path: Path) -> None:
+    state = state_for(tmp_path, "")
+    write_template(state, CEILING)
+    write(state, ci(egress={"allow_hosts": ["pypi.org", "other.example"]}))
+    before = state.compiled["sb"].revision
+    assert decide(state.compiled["sb"], "other.example", PUBLIC, 443, "tls").allowed
+    (found,) = state.set_invariants(invariants_of(tmp_path, INVARIANTS))
+    assert (found.key, found.error.code, found.error.field) == ("sb", "CEILING_EXCEEDED", "egress.allow_hosts[1]")
+    policy = state.compiled["sb"]
+    verdict = decide(policy, "other.example", PUBLIC, 443, "tls")
+    assert (verdict.allowed, verdict.rule, verdict.detail) == (False, Rule.CEILING, "ci-ceiling")
+    assert decide(policy, "pypi.org", PUBLIC, 443, "tls").allowed
+    entry = state.history.entries("sb")[0]
+    assert policy.revision != before and (entry.revision, entry.source) == (policy.revision, "config")
+    # A ceiling naming a template that does not exist fails closed: reported, and nothing passes.
+    state.set_invariants(
+        invariants_of(tmp_path, '[invariants]\nceilings = [{ labels = { tier = "ci" }, template = "gone" }]\n')
+    )
+    assert state.violations["sb"].error.code == "CEILING_TEMPLATE_NOT_FOUND"
+    assert not decide(state.compiled["sb"], "pypi.org", PUBLIC, 443, "tls").allowed
+
+
+def test_a_reload_reports_what_it_made_invalid_not_what_a_narrowed_ceiling_template_left(tmp_path: Path) -> None:
+    state = ci_state(tmp_path)
+    write(state, ci(egress={"allow_hosts": ["pypi.org", "files.pythonhosted.org"]}))
+    write_template(state, {**CEILING, "egress": {**CEILING["egress"], "allow_hosts": ["pypi.org"]}})
+    assert state.set_invariants(invariants_of(tmp_path, INVARIANTS + "\n")) == []  # nothing new in force
+    assert state.violations == {}
+    assert decide(state.compiled["sb"], "files.pythonhosted.org", PUBLIC, 443, "tls").rule is Rule.CEILING

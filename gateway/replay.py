@@ -21,6 +21,10 @@ A record cannot tell everything, and the answer says so rather than guess:
 - the inspection tier's per-request records (their connection's record is replayed) and tunnel requests
   (ingress, not egress) are not replayed.
 
+A named connection the gateway dialled to another address than the one the sandbox asked for (the name's own
+address, where the sandbox's pointed elsewhere) is decided on both: the asked one first, as the engine does, then
+the dialled one, which a candidate's address rules (`deny_cidrs`) may refuse, as they refuse a resolved address.
+
 Those are counted in `not_replayed` by why and rule.
 """
 
@@ -183,8 +187,8 @@ class Seen:
 
 #: The fields replay reads, with FlowRecord's own types (decoding only these is over twice as fast as the whole
 #: record, and 100,000 records must replay in well under 2 s).
-_READ: Final = ("end_us", "sandbox", "orig_dst_addr", "orig_dst_port", "hostname", "protocol", "verdict", "rule",
-                "method")  # fmt: skip
+_READ: Final = ("end_us", "sandbox", "dst_addr", "orig_dst_addr", "orig_dst_port", "hostname", "protocol", "verdict",
+                "rule", "method")  # fmt: skip
 _DEFAULTS: Final = {f.name: f.default for f in fields(FlowRecord) if f.default is not MISSING}
 _HINTS: Final = typing.get_type_hints(FlowRecord, include_extras=True)
 _Replayed: Final = msgspec.defstruct(
@@ -278,8 +282,9 @@ def decided_name(hostname: str | None, protocol: str) -> str | None:
     return normalize_query_name(hostname)
 
 
-#: A distinct recorded flow: (hostname, protocol, destination address, port, verdict, rule label, inspected).
-FlowKey = tuple[str | None, str, str, int, str, str, bool]
+#: A distinct recorded flow: (hostname, protocol, destination address, port, verdict, rule label, inspected, the
+#: address dialled when it is another: None when it is the same).
+FlowKey = tuple[str | None, str, str, int, str, str, bool, str | None]
 
 
 def distinct_flows(sandbox_id: str, batches: Iterable[bytes], since_us: int) -> tuple[dict[FlowKey, Seen], int]:
@@ -294,7 +299,9 @@ def distinct_flows(sandbox_id: str, batches: Iterable[bytes], since_us: int) -> 
             end_us = r.end_us
             if end_us < since_us or r.sandbox != sandbox_id:
                 continue
-            key = (r.hostname, r.protocol, r.orig_dst_addr, r.orig_dst_port, r.verdict, r.rule, r.method is not None)
+            orig, dialled = r.orig_dst_addr, r.dst_addr
+            key = (r.hostname, r.protocol, orig, r.orig_dst_port, r.verdict, r.rule, r.method is not None,
+                   None if dialled == orig or not dialled else dialled)  # fmt: skip
             entry = seen.get(key)
             if entry is None:
                 seen[key] = Seen(1, end_us, end_us)
@@ -327,7 +334,7 @@ def replay(sandbox_id: str, batches: Iterable[bytes], candidate: CompiledPolicy,
     changed: dict[tuple[bool, str | None, int | None, str], _Group] = {}
     skipped: dict[tuple[NotReplayedWhy, str], int] = {}
     rules: dict[str, Rule | None] = {}
-    for (hostname, protocol, address, port, recorded, label, inspected), entry in seen.items():
+    for (hostname, protocol, address, port, recorded, label, inspected, dialled), entry in seen.items():
         records += entry.count
         rule = rules[label] if label in rules else rules.setdefault(label, Rule.of_label(label))
         name = decided_name(hostname, protocol)
@@ -341,6 +348,15 @@ def replay(sandbox_id: str, batches: Iterable[bytes], candidate: CompiledPolicy,
         verdict = verdicts.get(decision_key)
         if verdict is None:
             verdict = verdicts[decision_key] = decide(candidate, *decision_key)
+        if dialled is not None and name is not None and verdict.allowed and protocol != "dns":
+            # Allowed by its name at the address asked for: the address it was dialled to is decided too (the
+            # engine decides every resolved address it would dial on the name and that address).
+            dialled_key = (name, dialled, port, protocol)
+            at_dialled = verdicts.get(dialled_key)
+            if at_dialled is None:
+                at_dialled = verdicts[dialled_key] = decide(candidate, *dialled_key)
+            if not at_dialled.allowed:
+                verdict = at_dialled
         passed = recorded != "deny"
         if passed == verdict.allowed:
             if passed:

@@ -272,7 +272,7 @@ def suggest(sandbox: Sandbox, batches: Iterable[bytes], kept: CompiledPolicy, si
     rules: dict[str, Rule | None] = {}
     entry_names: dict[str, str | None] = {}
     verdicts: dict[DecisionKey, Verdict] = {}
-    for (hostname, protocol, address, port, recorded, label, inspected), entry in seen.items():
+    for (hostname, protocol, address, port, recorded, label, inspected, _dialled), entry in seen.items():
         records += entry.count
         rule = rules[label] if label in rules else rules.setdefault(label, Rule.of_label(label))
         name = decided_name(hostname, protocol)

@@ -120,3 +120,30 @@ def test_policy_diff_lists_what_a_narrower_candidate_would_deny_and_applies_noth
     assert api(env, "GET", f"/v1/sandboxes/{SB}")[1] == record_before
     assert sandbox_flows(env) == flows_before
     assert later()
+
+
+@pytest.mark.root
+def test_a_candidates_deny_cidrs_apply_to_the_address_a_flow_was_dialled_to(env: EgressEnv) -> None:
+    """After the test above (SB exists). later.test asked for at allowed.test's address: the gateway dials the
+    name's own address, 198.18.1.3, which the candidate's deny_cidrs refuse: the flow is newly denied too."""
+    asked = env.curl(SB, "https://later.test/", *pin("later.test", 443, "198.18.1.1"))
+    assert asked.stdout.startswith("ORIGIN 198.18.1.3 host=later.test"), asked.stdout + asked.stderr
+
+    def dialled_elsewhere() -> list[dict[str, Any]]:
+        return [
+            f
+            for f in sandbox_flows(env)
+            if (f["hostname"], f["protocol"], f["orig_dst_addr"], f["dst_addr"])
+            == ("later.test", "tls", "198.18.1.1", "198.18.1.3")
+        ]
+
+    assert wait_until(dialled_elsewhere, timeout=10, interval=0.2), sandbox_flows(env)
+    later_tls = [f for f in sandbox_flows(env) if (f["hostname"], f["protocol"]) == ("later.test", "tls")]
+    candidate = {**RECORD, "egress": {**RECORD["egress"], "deny_cidrs": ["198.18.1.3/32"]}}
+    code, out, err = diff_cli(env, candidate, "--json")
+    assert code == 0, err
+    answer = json.loads(out)
+    (tls,) = [g for g in answer["newly_denied"] if (g["name"], g["protocol"]) == ("later.test", "tls")]
+    assert (tls["rule"], tls["count"]) == ("deny_cidrs 198.18.1.3/32", len(later_tls)), tls
+    assert tls["addresses"] == ["198.18.1.1", "198.18.1.3"], tls  # the addresses the sandbox asked for
+    assert not any(g["name"] == "allowed.test" for g in answer["newly_denied"])

@@ -160,6 +160,26 @@ def test_report_mode_keeps_enforcing_deny_cidrs() -> None:
     assert result.newly_denied[0].rule == "deny_cidrs 93.184.216.0/24" and result.newly_denied[0].verdict == "deny"
 
 
+def test_deny_cidrs_newly_deny_a_named_flow_by_the_address_it_was_dialled_to() -> None:
+    # The sandbox asked for 203.0.113.9 (its own resolution, or a pinned one); the gateway dialled the name's own
+    # address, PUBLIC: the candidate's deny_cidrs refuse that one, as the engine refuses a resolved address.
+    elsewhere = "203.0.113.9"
+    lines = [flow("api.example.com", address=elsewhere, dst_addr=PUBLIC) for _ in range(3)]
+    lines.append(flow("api.example.com", address=elsewhere, dst_addr="198.51.100.7"))
+    candidate = policy("allowlisted", {"allow_hosts": ["api.example.com"], "deny_cidrs": ["93.184.216.0/24"]})
+    result = diff(lines, candidate)
+    assert names(result.newly_denied) == [("api.example.com", 443, "tls", 3)]
+    group = result.newly_denied[0]
+    assert (group.rule, group.verdict, group.addresses) == ("deny_cidrs 93.184.216.0/24", "deny", [elsewhere])
+    assert result.unchanged_allowed == 1  # dialled elsewhere, outside the network
+    # The asked address alone decides where nothing else was dialled (the record says the same address).
+    assert diff([flow("api.example.com", address=elsewhere)], candidate).newly_denied == []
+    # A flow without a name was dialled where the sandbox asked: one address, one decision.
+    unnamed = [flow(None, address=PUBLIC, rule="allow_cidrs 93.184.216.0/24", protocol="tcp")]
+    cidrs = policy("allowlisted", {"allow_cidrs": ["93.184.216.0/24"], "deny_cidrs": ["93.184.216.34/32"]})
+    assert names(diff(unnamed, cidrs).newly_denied) == [(None, 443, "tcp", 1)]
+
+
 # --------------------------------------------------------------------------- DNS
 
 

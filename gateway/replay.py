@@ -348,9 +348,16 @@ def replay(sandbox_id: str, batches: Iterable[bytes], candidate: CompiledPolicy,
         verdict = verdicts.get(decision_key)
         if verdict is None:
             verdict = verdicts[decision_key] = decide(candidate, *decision_key)
-        if dialled is not None and name is not None and verdict.allowed and protocol != "dns":
+        if (
+            dialled is not None
+            and name is not None
+            and protocol != "dns"
+            and verdict.allowed
+            and verdict.rule is not Rule.ALLOW_CIDRS
+        ):
             # Allowed by its name at the address asked for: the address it was dialled to is decided too (the
-            # engine decides every resolved address it would dial on the name and that address).
+            # engine decides every resolved address it would dial on the name and that address; allowed by
+            # allow_cidrs, it dials the address asked for, as an unnamed connection).
             dialled_key = (name, dialled, port, protocol)
             at_dialled = verdicts.get(dialled_key)
             if at_dialled is None:

@@ -174,6 +174,9 @@ def test_deny_cidrs_newly_deny_a_named_flow_by_the_address_it_was_dialled_to() -
     assert result.unchanged_allowed == 1  # dialled elsewhere, outside the network
     # The asked address alone decides where nothing else was dialled (the record says the same address).
     assert diff([flow("api.example.com", address=elsewhere)], candidate).newly_denied == []
+    # A candidate allowing the asked address itself (allow_cidrs) would have it dialled there, not by the name.
+    by_address = policy("allowlisted", {"allow_cidrs": [f"{elsewhere}/32"], "deny_cidrs": ["93.184.216.0/24"]})
+    assert diff(lines[:1], by_address).newly_denied == []
     # A flow without a name was dialled where the sandbox asked: one address, one decision.
     unnamed = [flow(None, address=PUBLIC, rule="allow_cidrs 93.184.216.0/24", protocol="tcp")]
     cidrs = policy("allowlisted", {"allow_cidrs": ["93.184.216.0/24"], "deny_cidrs": ["93.184.216.34/32"]})

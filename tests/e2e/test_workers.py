@@ -223,6 +223,26 @@ def test_sighup_reaches_the_workers_engines(env: EgressEnv) -> None:
 
 
 @pytest.mark.root
+def test_sighup_puts_new_invariants_in_force_in_every_worker(env: EgressEnv) -> None:
+    assert _fetch(env, "sb1").returncode == 0 and _fetch(env, "sb2").returncode == 0
+    applied = lambda: env.log_events("invariants.applied")  # noqa: E731
+    before = len(applied())
+    env.reload('[invariants]\nnever_reach = [{ name = "no-allowed", cidrs = ["198.18.1.1/32"], ports = [443] }]\n')
+    assert wait_until(lambda: len(applied()) == before + 2, timeout=10)  # the main process and worker 1
+    for sb, sandbox in (("sb1", MAIN_SANDBOX), ("sb2", WORKER_SANDBOX)):
+        refused = _fetch(env, sb)
+        assert refused.returncode != 0 and "alert access denied" in refused.stderr.lower(), refused.stderr
+
+        def denied(sandbox: str = sandbox) -> bool:
+            return any(f["sandbox"] == sandbox and f["rule"] == "invariant no-allowed" for f in env.flows())
+
+        assert wait_until(denied, timeout=10), sandbox
+    env.reload("")
+    assert wait_until(lambda: len(applied()) == before + 4, timeout=10)
+    assert _fetch(env, "sb1").returncode == 0 and _fetch(env, "sb2").returncode == 0
+
+
+@pytest.mark.root
 def test_a_dead_worker_fails_closed_and_is_restarted(env: EgressEnv) -> None:
     [worker] = _worker_pids(env)
     os.kill(worker, signal.SIGKILL)

@@ -255,6 +255,15 @@ def test_records_name_each_inspected_request_and_hold_no_secret(env: InspectionE
     # names it (the policy file has not changed since).
     status, shown = api(env, "GET", "/v1/sandboxes/sb1")
     assert status == 200 and {r["revision"] for r in records} == {shown["revision"]}, records
+    # A new revision (a label changes the record): the next connection's requests name it.
+    status, changed = api(env, "PATCH", "/v1/sandboxes/sb1", {"labels": {"step": "two"}})
+    assert status == 200 and changed["revision"] != shown["revision"], changed
+    assert status_of(env.https("allowed.test", "/ok?second")) == 200
+
+    def second() -> list[dict[str, Any]]:
+        return [r for r in inspected() if r["path"] == "/ok" and r["revision"] == changed["revision"]]
+
+    assert wait_until(second, 10), inspected()
 
 
 def test_with_the_tier_down_marked_hosts_fail_closed_and_others_pass_then_it_is_back(env: InspectionEnv) -> None:

@@ -1273,8 +1273,14 @@ def test_every_tunnel_request_is_a_metadata_only_flow_record_in_the_audit_batche
     ], records
     assert {r["dst_addr"] for r in records} == {"10.75.0.1"} and {r["dst_port"] for r in records} == {3000}
     # Both were decided against sb1's record (its addresses and ingress rules): the revision the API names.
-    shown = env.topo.run("gw", ["curl", "-sS", f"{API}/v1/sandboxes/sb1"], timeout=20)
-    assert {r["revision"] for r in records} == {json.loads(shown.stdout)["revision"]}, records
+    shown = json.loads(env.topo.run("gw", ["curl", "-sS", f"{API}/v1/sandboxes/sb1"], timeout=20).stdout)
+    assert {r["revision"] for r in records} == {shown["revision"]}, records
+    # A new revision of sb1 (a label): the tunnel's next request is served under it, and its record says so.
+    env.sandbox({**shown, "labels": {**shown.get("labels", {}), "step": "two"}})
+    changed = json.loads(env.topo.run("gw", ["curl", "-sS", f"{API}/v1/sandboxes/sb1"], timeout=20).stdout)
+    assert changed["revision"] != shown["revision"], changed
+    assert env.curl(tunnel, "/", "-H", f"Authorization: {basic(PASSWORD)}")[0] == 200
+    assert wait_until(lambda: changed["revision"] in {r["revision"] for r in ours()}, 15), ours()
     text = json.dumps(records)
     for leaked in (
         PASSWORD,

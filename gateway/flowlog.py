@@ -176,6 +176,15 @@ class FlowRecord:
         ),
     ] = None
 
+    learned_name: Annotated[
+        str | None,
+        Note(
+            description="A connection that carried no name (opaque TCP, TLS without SNI, HTTP with an address as "
+            "Host) to an address the gateway's DNS had answered this sandbox with, for this name: it was decided on "
+            "that name (null otherwise)."
+        ),
+    ] = None
+
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIELD_NAMES}
 
@@ -245,7 +254,7 @@ _TEMPLATE: Final = (
     '{"start_us":%d,"end_us":%d,"sandbox":%s,"src_addr":%s,"src_port":%d,"dst_addr":%s,"dst_port":%d,'
     '"orig_dst_addr":%s,"orig_dst_port":%d,"hostname":%s,"protocol":%s,"bytes_up":%d,"bytes_down":%d,'
     '"duration_ms":%r,"verdict":%s,"reason":%s,"rule":%s,"method":%s,"path":%s,"status":%s,"message":%s,'
-    '"denial_id":%s,"revision":%s}'
+    '"denial_id":%s,"revision":%s,"learned_name":%s}'
 )
 _quote = json.encoder.encode_basestring_ascii  # C: escapes exactly as json.dumps does
 
@@ -282,14 +291,16 @@ def render(rec: FlowRecord) -> str:
         # default=str: a caller passing an ipaddress object instead of text must not cost the whole batch.
         return json.dumps(rec.to_dict(), separators=(",", ":"), default=str)
     texts = (rec.sandbox, rec.src_addr, rec.dst_addr, rec.orig_dst_addr, rec.hostname, rec.protocol, rec.verdict,
-             rec.reason, rec.rule, rec.method, rec.revision)  # fmt: skip
+             rec.reason, rec.rule, rec.method, rec.revision, rec.learned_name)  # fmt: skip
     quoted = _QUOTED
     try:
-        sandbox, src, dst, orig, hostname, protocol, verdict, reason, rule, method, revision = [
+        sandbox, src, dst, orig, hostname, protocol, verdict, reason, rule, method, revision, learned = [
             quoted[t] for t in texts
         ]
     except (KeyError, TypeError):
-        sandbox, src, dst, orig, hostname, protocol, verdict, reason, rule, method, revision = map(_quoted, texts)
+        sandbox, src, dst, orig, hostname, protocol, verdict, reason, rule, method, revision, learned = map(
+            _quoted, texts
+        )
     return _TEMPLATE % (
         rec.start_us,
         rec.end_us,
@@ -314,6 +325,7 @@ def render(rec: FlowRecord) -> str:
         "null" if rec.message is None else _quote(str(rec.message)),
         "null" if rec.denial_id is None else _quote(str(rec.denial_id)),
         revision,
+        learned,
     )
 
 

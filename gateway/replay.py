@@ -9,11 +9,11 @@ denial by an allowlist's miss pass (its verdict says `would_deny`).
 
 A record cannot tell everything, and the answer says so rather than guess:
 
-- a flow that carried no name is decided again by its address only (`by_address_only`): a name the sandbox
-  resolved through the gateway's DNS (a learned destination) may decide such a connection, and the record
-  does not carry it. A recorded flow that carried no name but was decided by a host rule (the learned name) is
-  not replayed at all, nor is one denied before its first bytes were read (allow_internet false, the isolated
-  profile), which carries no name either;
+- a flow that carried no name is decided again on the name its address was learned from DNS for
+  (`learned_name`, as the engine decided it), else by its address only (`by_address_only`). A record written
+  before records carried that name, which carried no name but was decided by a host rule, is not replayed, nor
+  is one denied before its first bytes were read (allow_internet false, the isolated profile), which carries no
+  name either;
 - a record decided by a built-in guard (metadata, special addresses, the blocklist, peek, TLS, ECH, dial,
   resolution), a limit or a DNS rule before the policy (class, type, name grammar) kept the outcome the
   guard gave: the candidate changes the policy, not the guard. An allow_cidrs entry may lift a special-address
@@ -88,8 +88,8 @@ NotReplayedWhy = Literal["guard", "learned_name", "unread", "inspected_request",
 UNREAD_RULES: Final = frozenset({Rule.NO_INTERNET, Rule.ISOLATED})
 _WHY_TEXT: Final[dict[str, str]] = {
     "guard": "decided by a built-in guard, a limit or a DNS rule, not by the policy: the candidate keeps that outcome",
-    "learned_name": "carried no name but was decided by a host rule (a name learned from DNS, which the record "
-    "does not carry)",
+    "learned_name": "carried no name but was decided by a host rule (a name learned from DNS, which records "
+    "written before records carried learned_name do not carry)",
     "unread": "denied before its first bytes were read (allow_internet false, profile isolated): the record has "
     "no name to decide it on",
     "inspected_request": "a request the inspection tier decided; its connection's record is replayed",
@@ -188,7 +188,7 @@ class Seen:
 #: The fields replay reads, with FlowRecord's own types (decoding only these is over twice as fast as the whole
 #: record, and 100,000 records must replay in well under 2 s).
 _READ: Final = ("end_us", "sandbox", "dst_addr", "orig_dst_addr", "orig_dst_port", "hostname", "protocol", "verdict",
-                "rule", "method")  # fmt: skip
+                "rule", "method", "learned_name")  # fmt: skip
 _DEFAULTS: Final = {f.name: f.default for f in fields(FlowRecord) if f.default is not MISSING}
 _HINTS: Final = typing.get_type_hints(FlowRecord, include_extras=True)
 _Replayed: Final = msgspec.defstruct(
@@ -283,8 +283,8 @@ def decided_name(hostname: str | None, protocol: str) -> str | None:
 
 
 #: A distinct recorded flow: (hostname, protocol, destination address, port, verdict, rule label, inspected, the
-#: address dialled when it is another: None when it is the same).
-FlowKey = tuple[str | None, str, str, int, str, str, bool, str | None]
+#: address dialled when it is another: None when it is the same, the name its address was learned from DNS for).
+FlowKey = tuple[str | None, str, str, int, str, str, bool, str | None, str | None]
 
 
 def distinct_flows(sandbox_id: str, batches: Iterable[bytes], since_us: int) -> tuple[dict[FlowKey, Seen], int]:
@@ -301,7 +301,7 @@ def distinct_flows(sandbox_id: str, batches: Iterable[bytes], since_us: int) -> 
                 continue
             orig, dialled = r.orig_dst_addr, r.dst_addr
             key = (r.hostname, r.protocol, orig, r.orig_dst_port, r.verdict, r.rule, r.method is not None,
-                   None if dialled == orig or not dialled else dialled)  # fmt: skip
+                   None if dialled == orig or not dialled else dialled, r.learned_name)  # fmt: skip
             entry = seen.get(key)
             if entry is None:
                 seen[key] = Seen(1, end_us, end_us)
@@ -334,10 +334,10 @@ def replay(sandbox_id: str, batches: Iterable[bytes], candidate: CompiledPolicy,
     changed: dict[tuple[bool, str | None, int | None, str], _Group] = {}
     skipped: dict[tuple[NotReplayedWhy, str], int] = {}
     rules: dict[str, Rule | None] = {}
-    for (hostname, protocol, address, port, recorded, label, inspected, dialled), entry in seen.items():
+    for (hostname, protocol, address, port, recorded, label, inspected, dialled, learned), entry in seen.items():
         records += entry.count
         rule = rules[label] if label in rules else rules.setdefault(label, Rule.of_label(label))
-        name = decided_name(hostname, protocol)
+        name = decided_name(hostname, protocol) or learned
         why = why_not_replayed(protocol, recorded, rule, name, inspected)
         if why is not None:
             skipped_key = (why, rule.value if rule is not None else label)

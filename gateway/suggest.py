@@ -20,9 +20,9 @@ Left out, and counted by why: records a built-in guard, a limit or a DNS rule be
 guard refuses them whatever the allowlist says, so listing them would promise what the gateway will not do),
 denials by a rule the record keeps (deny_hosts, deny_cidrs, SMTP), flows the rules the record keeps already
 allow (presets, inspect entries), DNS names and ports no entry can express, and the records replay cannot decide
-either (unread denials, inspected requests, tunnels, names learned from DNS by a wildcard or a preset). A flow
-without a name that an exact allow_hosts entry allowed used the name the gateway's DNS taught it (the entry
-names it): that name on that port.
+either (unread denials, inspected requests, tunnels). A flow without a name of its own to an address the gateway's
+DNS answered with gives the name it was learned for (`learned_name`) on that port; in a record written before
+records carried it, an exact allow_hosts entry's label names it (a wildcard's or a preset's does not: left out).
 
 The candidate is the current record with allow_hosts, allow_cidrs and allow_ports (and host_ports when a bare
 entry needs it) replaced; everything else, the enforcement mode included, stays. The caller compiles it as a PUT
@@ -66,8 +66,8 @@ _WHY_TEXT: Final[dict[str, str]] = {
     "already_allowed": "allowed by a rule the candidate keeps (a preset, an inspect entry)",
     "unusable": "a DNS name or a port no allowlist entry can express (not a hostname pattern, a port outside "
     "1-65535, an unparseable address)",
-    "learned_name": "carried no name but was decided by a wildcard or a preset (a name learned from DNS, which the "
-    "record does not carry; the DNS question gives the name)",
+    "learned_name": "carried no name but was decided by a wildcard or a preset (a name learned from DNS, which "
+    "records written before records carried learned_name do not carry; the DNS question gives the name)",
     "unread": "denied before its first bytes were read (allow_internet false, profile isolated)",
     "inspected_request": "a request the inspection tier decided; its connection is counted",
     "tunnel": "a request through a tunnel (ingress), which egress policy does not decide",
@@ -272,10 +272,10 @@ def suggest(sandbox: Sandbox, batches: Iterable[bytes], kept: CompiledPolicy, si
     rules: dict[str, Rule | None] = {}
     entry_names: dict[str, str | None] = {}
     verdicts: dict[DecisionKey, Verdict] = {}
-    for (hostname, protocol, address, port, recorded, label, inspected, _dialled), entry in seen.items():
+    for (hostname, protocol, address, port, recorded, label, inspected, _dialled, learned), entry in seen.items():
         records += entry.count
         rule = rules[label] if label in rules else rules.setdefault(label, Rule.of_label(label))
-        name = decided_name(hostname, protocol)
+        name = decided_name(hostname, protocol) or learned
         why: ExcludedWhy | None = why_not_replayed(protocol, recorded, rule, name, inspected)
         shown = rule.value if rule is not None else label
         if why == "learned_name" and rule is Rule.ALLOW_HOSTS:

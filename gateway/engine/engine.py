@@ -314,7 +314,7 @@ class EgressEngine:
                 if hello.sni:
                     plan = await plan_named(policy, hello.sni, orig, port, "tls", self.destinations, self.resolver)
                 else:
-                    plan = plan_unnamed(policy, orig, port, "tls", self.destinations, self.learned)
+                    plan = self._unnamed(flow, policy, "tls")
                 if not plan.allowed:
                     self._deny(flow, plan.reason, plan.label)
                     alert = AlertDescription.UNRECOGNIZED_NAME if plan.unresolvable else AlertDescription.ACCESS_DENIED
@@ -327,7 +327,7 @@ class EgressEngine:
                 if head.host and not head.host_is_ip:
                     plan = await plan_named(policy, head.host, orig, port, "http", self.destinations, self.resolver)
                 else:
-                    plan = plan_unnamed(policy, orig, port, "http", self.destinations, self.learned)
+                    plan = self._unnamed(flow, policy, "http")
                 if not plan.allowed:
                     self._deny(flow, plan.reason, plan.label)
                     await deny_with(conn, http_forbidden(plan.reason, plan.label, flow.message, flow.denial_id))
@@ -337,7 +337,7 @@ class EgressEngine:
                 first_stop = guard.check(later, 0) if later else None
                 return await self._relay(conn, flow, policy, plan, data, guard, first_stop)
             case Opaque(data=data):
-                plan = plan_unnamed(policy, orig, port, "tcp", self.destinations, self.learned)
+                plan = self._unnamed(flow, policy, "tcp")
                 if not plan.allowed:
                     self._deny(flow, plan.reason, plan.label)
                     reset(conn)
@@ -361,6 +361,13 @@ class EgressEngine:
                 return False
             case Closed():
                 return False  # connected and closed without a byte: nothing to decide, nothing to record
+
+    def _unnamed(self, flow: Flow, policy: CompiledPolicy, protocol: str) -> Plan:
+        """The plan of a connection without a usable name; its record names the name a DNS-learned address was
+        decided on, if any."""
+        plan = plan_unnamed(policy, flow.orig_dst_addr, flow.orig_dst_port, protocol, self.destinations, self.learned)
+        flow.learned_name = plan.learned
+        return plan
 
     # ------------------------------------------------------------------ dial + relay
 

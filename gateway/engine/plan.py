@@ -39,6 +39,8 @@ class Plan:
     #: The name an allowed plan was decided on (None: by address): what a policy change decides it on again.
     name: str | None = None
     would_deny: bool = False  # allowed only because the policy is in report mode
+    #: No name of its own: the one the sandbox's DNS answer gave its address for, which decided it.
+    learned: str | None = None
 
     @property
     def label(self) -> str:
@@ -75,13 +77,15 @@ def plan_unnamed(
     name = learned.lookup(policy.sandbox_id, orig) if learned is not None else None
     verdict = decide(policy, name, orig, port, protocol)
     if not verdict.allowed:
-        return _refused(verdict)
+        return Plan(False, verdict.reason, verdict.rule, verdict.detail, learned=name)
     from_cidrs = verdict.rule is Rule.ALLOW_CIDRS
     refusal = destinations.check(orig)
     if refusal is not None and not (refusal.overridable and from_cidrs):
-        return Plan(False, refusal.reason, refusal.rule)
+        return Plan(False, refusal.reason, refusal.rule, learned=name)
     reason = verdict.reason if name is None else f"{verdict.reason} (address learned from DNS for {name})"
-    return Plan(True, reason, verdict.rule, verdict.detail, orig, from_cidrs, would_deny=verdict.would_deny)
+    return Plan(
+        True, reason, verdict.rule, verdict.detail, orig, from_cidrs, would_deny=verdict.would_deny, learned=name
+    )
 
 
 async def plan_named(

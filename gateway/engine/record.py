@@ -49,6 +49,7 @@ class Flow:
     policy: CompiledPolicy | None = None  # the sandbox's, once known: its operator messages for denials
     message: str = ""  # a denial's: the operator's message for its rule
     denial_id: str = ""  # a denial's: the id told the sandbox, which finds this record
+    learned_name: str | None = None  # no name of its own: the one its address was learned from DNS for
 
     def deny(self, reason: str, rule: str) -> None:
         self.allowed, self.reason, self.rule = False, reason, rule
@@ -106,6 +107,7 @@ class FlowRecorder:
             message=flow.message or None,
             denial_id=flow.denial_id or None,
             revision=flow.revision,
+            learned_name=flow.learned_name,
         )
         key = (record.protocol, record.verdict, record.rule)
         self.connections[key] = self.connections.get(key, 0) + 1

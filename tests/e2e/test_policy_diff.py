@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.factory import (
+    BANNER_CLIENT,
     EgressEnv,
     api,
     egress_env,  # noqa: F401  (the fixture `env`)
@@ -147,3 +148,30 @@ def test_a_candidates_deny_cidrs_apply_to_the_address_a_flow_was_dialled_to(env:
     assert (tls["rule"], tls["count"]) == ("deny_cidrs 198.18.1.3/32", len(later_tls)), tls
     assert tls["addresses"] == ["198.18.1.1", "198.18.1.3"], tls  # the addresses the sandbox asked for
     assert not any(g["name"] == "allowed.test" for g in answer["newly_denied"])
+
+
+@pytest.mark.root
+def test_a_connection_to_a_dns_learned_address_is_replayed_on_the_name_it_was_learned_for(env: EgressEnv) -> None:
+    """After the tests above (SB exists). Opaque TCP carries no name: the gateway allowed it because SB's own DNS
+    answer for allowed.test gave the address; its record names that name, and the diff decides it on it."""
+    assert env.dig(SB, "@198.18.1.2", "allowed.test", "A", "+short").split() == ["198.18.1.1"]
+    out = env.topo.python(SB, BANNER_CLIENT, "198.18.1.1", "22").strip()
+    assert out.startswith("DATA SSH-2.0-TestOrigin 198.18.1.1"), out
+
+    def learned() -> list[dict[str, Any]]:
+        return [f for f in sandbox_flows(env) if (f["orig_dst_addr"], f["orig_dst_port"]) == ("198.18.1.1", 22)]
+
+    assert wait_until(learned, timeout=10, interval=0.2), sandbox_flows(env)
+    (record,) = learned()
+    assert (record["hostname"], record["learned_name"], record["rule"]) == (
+        None,
+        "allowed.test",
+        "allow_hosts allowed.test",
+    )
+    code, out, err = diff_cli(env, {**RECORD, "egress": {"allow_hosts": ["later.test"]}}, "--json")
+    assert code == 0, err
+    answer = json.loads(out)
+    (opaque,) = [g for g in answer["newly_denied"] if (g["port"], g["protocol"]) == (22, "tcp")]
+    assert (opaque["name"], opaque["by_address_only"], opaque["rule"]) == ("allowed.test", False, "default:deny")
+    assert opaque["addresses"] == ["198.18.1.1"] and opaque["count"] == 1
+    assert not [n for n in answer["not_replayed"] if n["why"] == "learned_name"]

@@ -83,7 +83,7 @@ def test_record_fields_are_metadata_only() -> None:
     assert names == [
         "start_us", "end_us", "sandbox", "src_addr", "src_port", "dst_addr", "dst_port", "orig_dst_addr",
         "orig_dst_port", "hostname", "protocol", "bytes_up", "bytes_down", "duration_ms", "verdict", "reason", "rule",
-        "method", "path", "status", "message", "denial_id", "revision",
+        "method", "path", "status", "message", "denial_id", "revision", "learned_name",
     ]  # fmt: skip
     rec = flow()
     assert list(rec.to_dict()) == names

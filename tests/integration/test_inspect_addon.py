@@ -554,6 +554,7 @@ def test_one_record_per_request_and_never_a_secret(tier: Tier) -> None:
         "rule": f"inspect {HOST}", "method": "GET", "path": "/echo", "status": 200, "message": None,
         "denial_id": None,
         "revision": None,  # the tier does not know the policy's revision; the connection's record names it
+        "learned_name": None,
     }  # fmt: skip
     assert denied[-1]["verdict"] == "deny" and denied[-1]["status"] == 403
     assert denied[-1]["reason"] == "read-only GitHub"

@@ -115,7 +115,9 @@ def test_opaque_tcp_by_a_dns_learned_address_per_sandbox_with_ttl() -> None:
     learned.add("sb9", "git.example.com", ["8.8.4.4"], ttl=30)  # another sandbox's answer vouches for nothing here
     plan = plan_unnamed(pol, "8.8.8.8", 22, "tcp", DEST, learned)
     assert plan.allowed and "learned from DNS for git.example.com" in plan.reason
-    assert not plan_unnamed(pol, "8.8.4.4", 22, "tcp", DEST, learned).allowed
+    assert plan.learned == "git.example.com"  # the record names it
+    refused = plan_unnamed(pol, "8.8.4.4", 22, "tcp", DEST, learned)
+    assert not refused.allowed and refused.learned is None
     now[0] = 31
     assert not plan_unnamed(pol, "8.8.8.8", 22, "tcp", DEST, learned).allowed
 

@@ -244,6 +244,22 @@ def test_a_flow_without_a_name_decided_by_a_host_rule_used_a_learned_name_and_is
     assert [(s.why, s.rule) for s in result.not_replayed] == [("learned_name", "allow_hosts")]
 
 
+def test_a_flow_without_a_name_to_a_dns_learned_address_is_decided_on_the_name_it_was_learned_for() -> None:
+    learned = [
+        flow(None, 22, "tcp", rule="allow_hosts *.cdn.example.com", learned_name="a.cdn.example.com"),
+        flow(None, 22, "tcp", rule="allow_hosts *.cdn.example.com", learned_name="b.cdn.example.com"),
+    ]
+    # The wildcard narrowed to one name: the other's connections are newly denied, by that name.
+    result = diff(learned, policy("allowlisted", {"allow_hosts": ["a.cdn.example.com"]}))
+    assert result.replayed == 2 and result.not_replayed == []
+    (group,) = result.newly_denied
+    assert (group.name, group.port, group.protocol, group.by_address_only) == ("b.cdn.example.com", 22, "tcp", False)
+    assert result.unchanged_allowed == 1
+    # A candidate that allows neither name but the address itself keeps both (decided as the engine would).
+    by_cidr = diff(learned, policy("allowlisted", {"allow_cidrs": [f"{PUBLIC}/32"]}))
+    assert by_cidr.newly_denied == [] and by_cidr.unchanged_allowed == 2
+
+
 @pytest.mark.parametrize("rule", ["egress.allow_internet", "profile:isolated"])
 def test_a_connection_denied_before_its_first_bytes_has_no_name_to_replay(rule: str) -> None:
     lines = [flow(None, 443, "tcp", "deny", rule), flow("api.example.com", 443, "tls", "allow")]

@@ -178,6 +178,14 @@ def test_a_name_learned_from_dns_keeps_the_port_it_was_used_on() -> None:
     assert decide(policy("allowlisted", result.record["egress"]), "git.example.com", PUBLIC, 22, "tcp").allowed
 
 
+def test_a_record_naming_the_learned_name_gives_it_whatever_entry_allowed_it() -> None:
+    lines = [flow(None, 22, "tcp", rule="allow_hosts *.cdn.example.com", address="198.51.100.9",
+                  learned_name="a.cdn.example.com"),
+             flow(None, 5432, "tcp", rule="preset pypi", learned_name="db.example.com")]  # fmt: skip
+    result = run(lines, {"allow_hosts": ["*.cdn.example.com"]})
+    assert hosts(result) == ["a.cdn.example.com:22", "db.example.com:5432"] and excluded(result) == {}
+
+
 # --------------------------------------------------------------------------- what is left out
 
 

@@ -989,6 +989,18 @@ def pin(name: str, port: int, address: str) -> list[str]:
     return ["--resolve", f"{name}:{port}:{address}"]
 
 
+def allowlisted(*sandboxes: tuple[str, str, list[str]]) -> dict[str, Any]:
+    """A policy file of allowlisted sandboxes, each (id, its one address, its allow_hosts)."""
+    return {
+        "templates": {},
+        "sandboxes": {
+            sandbox_id: {"id": sandbox_id, "addresses": [address], "profile": "allowlisted",
+                         "egress": {"allow_hosts": hosts}}
+            for sandbox_id, address, hosts in sandboxes
+        },
+    }  # fmt: skip
+
+
 def egress_world(topo: Topology, workdir: Path) -> EgressEnv:
     """The egress world in `topo`, the gateway not started yet: attached, the zone's DNS and the origins serving."""
     e = EgressEnv(topo, workdir)

@@ -4,16 +4,13 @@ while the full token's shows both, and the scoped token's lookup of the other sa
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 from collections.abc import Iterator
 
 import pytest
 
-from tests import authdns
-from tests.factory import EGRESS_ZONE, ORIGINS, AuditTail, EgressEnv, api, pin, wait_until
-from tests.netns import INET_V4, Topology, live_namespaces, wait_for_line
+from tests.factory import AuditTail, EgressEnv, allowlisted, api, egress_world, pin, wait_until
+from tests.netns import Topology, live_namespaces
 
 MINE, THEIRS = "tenant-a-1", "other"
 FULL_TOKEN = "e2e-full-token-0123456789"
@@ -26,28 +23,12 @@ TOKENS = (
 )
 
 
-def _policies() -> dict[str, object]:
-    def sandbox(sandbox_id: str, address: str) -> dict[str, object]:
-        return {
-            "id": sandbox_id,
-            "addresses": [address],
-            "profile": "allowlisted",
-            "egress": {"allow_hosts": ["allowed.test"]},
-        }
-
-    return {"templates": {}, "sandboxes": {MINE: sandbox(MINE, "10.75.0.1"), THEIRS: sandbox(THEIRS, "10.75.0.2")}}
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EgressEnv]:
     with Topology(sandboxes=2, origins=4) as topo:
-        e = EgressEnv(topo, tmp_path_factory.mktemp("scope"))
+        e = egress_world(topo, tmp_path_factory.mktemp("scope"))
         e.config_sections = TOKENS
-        topo.attach_with_cli()
-        topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(EGRESS_ZONE))
-        origins = topo.popen("inet", [sys.executable, "-u", "-c", ORIGINS, str(e.cert), str(e.key)])
-        wait_for_line(origins, "ready", 10)
-        e.write_policies(_policies())
+        e.write_policies(allowlisted((MINE, "10.75.0.1", ["allowed.test"]), (THEIRS, "10.75.0.2", ["allowed.test"])))
         e.start_gateway()
         yield e
     assert live_namespaces(topo.prefix) == []

@@ -16,56 +16,36 @@ import pytest
 
 from gateway.flowlog import FIELD_NAMES
 from gateway.workers import worker_index
-from tests import authdns
 from tests.factory import (
     BANNER_CLIENT,
-    EGRESS_ZONE,
-    ORIGINS,
     SILENT_HOLDER,
     AuditTail,
     EgressEnv,
+    allowlisted,
     assert_dns_answer_unlocks_opaque_tcp,
     delta,
+    egress_world,
     pin,
     scrape,
     wait_until,
 )
-from tests.netns import INET_V4, Topology, live_namespaces, wait_for_line
+from tests.netns import Topology, live_namespaces, wait_for_line
 
 #: One sandbox per worker (`worker_index` of the id decides, as in the gateway).
 MAIN_SANDBOX, WORKER_SANDBOX = "alpha", "beta"
 
 
-def _policies() -> dict[str, object]:
-    def sandbox(sandbox_id: str, address: str) -> dict[str, object]:
-        return {
-            "id": sandbox_id,
-            "addresses": [address],
-            "profile": "allowlisted",
-            # later.test: fetched only by the metrics test, so its rule's count moves by that test's connections alone
-            "egress": {"allow_hosts": ["allowed.test", "later.test"]},
-        }
-
-    return {
-        "templates": {},
-        "sandboxes": {
-            MAIN_SANDBOX: sandbox(MAIN_SANDBOX, "10.75.0.1"),
-            WORKER_SANDBOX: sandbox(WORKER_SANDBOX, "10.75.0.2"),
-        },
-    }
+#: later.test: fetched only by the metrics test, so its rule's count moves by that test's connections alone.
+HOSTS = ["allowed.test", "later.test"]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EgressEnv]:
     assert (worker_index(MAIN_SANDBOX, 2), worker_index(WORKER_SANDBOX, 2)) == (0, 1)
     with Topology(sandboxes=2, origins=4) as topo:
-        e = EgressEnv(topo, tmp_path_factory.mktemp("workers"))
+        e = egress_world(topo, tmp_path_factory.mktemp("workers"))
         e.environment["GATEWAY_AUDIT__LOG_RECORDS"] = "false"  # the default: records are not console lines
-        topo.attach_with_cli()
-        topo.start_python("inet", authdns.ZONE_SERVER_SCRIPT, str(INET_V4), json.dumps(EGRESS_ZONE))
-        origins = topo.popen("inet", [sys.executable, "-u", "-c", ORIGINS, str(e.cert), str(e.key)])
-        wait_for_line(origins, "ready", 10)
-        e.write_policies(_policies())
+        e.write_policies(allowlisted((MAIN_SANDBOX, "10.75.0.1", HOSTS), (WORKER_SANDBOX, "10.75.0.2", HOSTS)))
         e.start_gateway("--workers", "2")
         yield e
     assert live_namespaces(topo.prefix) == []

@@ -150,7 +150,7 @@ async def time_api(
     policy_file.write_text(json.dumps({"templates": {}, "sandboxes": {SANDBOX: LIVE, SUGGESTED: SUGGESTED_LIVE}}))
     store = EmbeddedStore(CONTEXT, StoreConfig(backend="embedded", path=policy_file))
     await store.start()
-    app = create_app(store, host="127.0.0.1", port=0, tokens=(), presets=BUILTIN_PRESETS, flows=flows)
+    app = create_app(store, host="127.0.0.1", port=0, tokens=(), flows=flows)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

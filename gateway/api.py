@@ -66,7 +66,6 @@ from gateway.inspection import decide_request
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.openapi import ERROR_CODES, JSON, MERGE_PATCH, NDJSON, Answer, Body, Query, openapi_document
 from gateway.policy import DEFAULT_PROFILE, HTTP_TOKEN_PATTERN, PORT_SCHEMA, PROFILES, Sandbox
-from gateway.presets import Preset
 from gateway.querylog import QueryLog
 from gateway.replay import DEFAULT_SINCE, MAX_SINCE_SECONDS, parse_since, replay
 from gateway.revisions import HISTORY_SIZE, check_revision, find_revision
@@ -177,7 +176,6 @@ class ApiTokens:
 
 STORE_KEY: Final = web.AppKey("store", PolicyStore)
 TOKENS_KEY: Final = web.AppKey("tokens", ApiTokens)
-PRESETS_KEY: Final[web.AppKey[Mapping[str, Preset]]] = web.AppKey("presets")
 ROUTES_KEY: Final[web.AppKey[dict[tuple[str, str], RouteSpec]]] = web.AppKey("routes")  # by (method, path)
 WRITE_LOCK_KEY: Final = web.AppKey("write_lock", asyncio.Lock)
 #: Held while a policy diff replays or a suggestion reads the flow log: one at a time, since their CPU is the
@@ -538,7 +536,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def list_presets(request: web.Request) -> web.Response:
-    presets = request.app[PRESETS_KEY]
+    presets = request.app[STORE_KEY].state.context.presets  # the configuration's, as the last reload left them
     return web.json_response({"presets": [presets[name].to_dict() for name in sorted(presets)]})
 
 
@@ -1856,7 +1854,6 @@ def create_app(
     host: str,
     port: int,
     tokens: Sequence[ApiToken],
-    presets: Mapping[str, Preset],
     flows: FlowLog | None = None,
     tunnels: TunnelStore | None = None,
     dns: QueryLog | None = None,
@@ -1868,7 +1865,7 @@ def create_app(
     metrics: Callable[[], bytes] | None = None,
 ) -> web.Application:
     """The API over `store` (started by the caller), listening at `host`:`port` (the [api] section, with the
-    `tokens` that may call it), answering GET /v1/presets with `presets`; and, when given, the flow log's audit
+    `tokens` that may call it); and, when given, the flow log's audit
     batches (without one those routes answer 503 AUDIT_DISABLED), the tunnel store (without it, 503
     TUNNELS_DISABLED) and the DNS interceptor's query log (without it, 503 DNS_DISABLED). `unready` says what
     else must serve before /readyz is 200 (the data plane's parts), `draining` whether the gateway is shutting
@@ -1880,7 +1877,6 @@ def create_app(
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY_BYTES)
     app[STORE_KEY] = store
     app[TOKENS_KEY] = ApiTokens(host, tokens)
-    app[PRESETS_KEY] = presets
     app[WRITE_LOCK_KEY] = asyncio.Lock()
     app[REPLAY_LOCK_KEY] = asyncio.Lock()
     app[READINESS_KEY] = unready or list

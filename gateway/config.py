@@ -123,6 +123,7 @@ class LimitsConfig(Section, frozen=True):
             ge=LIMIT_RANGES["connections_per_minute"][0],
             le=LIMIT_RANGES["connections_per_minute"][1],
             description="New connections a sandbox may open per minute.",
+            extra=LIVE,
         ),
     ] = _default("connections_per_minute")
     bandwidth_mbit: Annotated[
@@ -131,6 +132,7 @@ class LimitsConfig(Section, frozen=True):
             ge=LIMIT_RANGES["bandwidth_mbit"][0],
             le=LIMIT_RANGES["bandwidth_mbit"][1],
             description="Sustained bandwidth (Mbit/s).",
+            extra=LIVE,
         ),
     ] = _default("bandwidth_mbit")
     burst_mbit: Annotated[
@@ -139,6 +141,7 @@ class LimitsConfig(Section, frozen=True):
             ge=LIMIT_RANGES["burst_mbit"][0],
             le=LIMIT_RANGES["burst_mbit"][1],
             description="Burst (Mbit/s), at least bandwidth_mbit.",
+            extra=LIVE,
         ),
     ] = _default("burst_mbit")
     dns_queries_per_minute: Annotated[
@@ -147,6 +150,7 @@ class LimitsConfig(Section, frozen=True):
             ge=LIMIT_RANGES["dns_queries_per_minute"][0],
             le=LIMIT_RANGES["dns_queries_per_minute"][1],
             description="DNS queries a sandbox may send per minute.",
+            extra=LIVE,
         ),
     ] = _default("dns_queries_per_minute")
 

@@ -56,6 +56,7 @@ from gateway.nft import SteeringConfig, SteeringStatus, UnattachedSources, links
 from gateway.ratelimit import BandwidthLimiter, ConnectionRateLimiter
 from gateway.resolver import Resolver
 from gateway.settings import Config, load_config, plan_reload
+from gateway.state import PolicyContext
 from gateway.stores import open_store
 from gateway.stores.base import PolicyStore
 from gateway.tier.supervisor import TierSupervisor
@@ -158,7 +159,8 @@ class Reloader:
             log.error("config.reload_failed", code=exc.code, error=str(exc), source=self.path or "defaults")
             return
         configure_logging(plan.config.log.format, plan.config.log.level)
-        invariants_changed = plan.config.invariants != self.config.invariants
+        context = plan.config.policy_context()
+        context_changed = context != self.config.policy_context()
         self.config = plan.config
         if plan.applied:
             for reconfigure in self.components:
@@ -166,25 +168,27 @@ class Reloader:
         for option in plan.restart_needed:
             log.warning("config.restart_needed", option=option, reason="changed in the file; the running value stays")
         log.info("config.reloaded", applied=list(plan.applied), restart_needed=list(plan.restart_needed))
-        if invariants_changed and self.store is not None:
-            task = asyncio.get_running_loop().create_task(self._apply_invariants(self.store, plan.config))
+        if context_changed and self.store is not None:
+            task = asyncio.get_running_loop().create_task(self._apply_context(self.store, context))
             self._applying.add(task)
             task.add_done_callback(self._applying.discard)
 
-    async def _apply_invariants(self, store: PolicyStore, config: Config) -> None:
-        """The reloaded [invariants] in force (with the built-in gateway-services assertion of the running
-        listeners), between two writes; each sandbox whose record breaks them is one log line."""
-        invariants = config.policy_context().invariants
-        violating = await store.apply_invariants(invariants)
+    async def _apply_context(self, store: PolicyStore, context: PolicyContext) -> None:
+        """The reloaded [invariants] (with the built-in gateway-services assertion of the running listeners),
+        presets and [limits] defaults in force, between two writes; each sandbox whose record breaks the
+        invariants is one log line."""
+        invariants = context.invariants
+        violating = await store.apply_context(context)
         if self.report:
             for found in violating:
                 error = found.error
                 log.warning("invariants.violated", sandbox=found.key, code=error.code, error=error.message,
                             field=error.field)  # fmt: skip
         log.info(
-            "invariants.applied",
+            "policies.recompiled",
             never_reach=[a.name for a in invariants.never_reach],
             ceilings=len(invariants.ceilings),
+            presets=sorted(context.presets),
             violating=len(violating),
             cut=store.state.last_cut,
         )
@@ -288,7 +292,6 @@ async def serve(
             host=config.api.host,
             port=config.api.port,
             tokens=config.api.tokens,
-            presets=config.presets,
             flows=flows,
             tunnels=tunnels.store if tunnels else None,
             dns=plane.dns if plane else None,

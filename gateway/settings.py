@@ -148,8 +148,9 @@ class Reload:
 
 def plan_reload(running: Config, loaded: Config) -> Reload:
     """Compare a freshly loaded configuration with the running one, option by option (pure)."""
-    applied: list[str] = []
-    restart: list[str] = ["presets"] if loaded.presets != running.presets else []
+    # The operator presets are live as a whole ([presets.NAME] tables are no options): every policy is compiled again.
+    applied: list[str] = ["presets"] if loaded.presets != running.presets else []
+    restart: list[str] = []
     merged: dict[str, Any] = {}  # section name -> Section, as Config's keyword arguments
     for name, section in running.sections.items():
         new = loaded.sections[name]
@@ -158,5 +159,5 @@ def plan_reload(running: Config, loaded: Config) -> Reload:
         applied += [f"{name}.{o}" for o in changed if o in live]
         restart += [f"{name}.{o}" for o in changed if o not in live]
         merged[name] = msgspec.structs.replace(section, **{o: getattr(new, o) for o in changed if o in live})
-    config = replace(running, source=loaded.source, **merged)
+    config = replace(running, source=loaded.source, presets=loaded.presets, **merged)
     return Reload(config, tuple(applied), tuple(restart))

@@ -11,7 +11,6 @@ through the API, until a valid version arrives.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -307,10 +306,12 @@ class PolicyState:
         self._note_revision(sandbox, compiled)
         self.last_cut = self._changed(sandbox.id)
 
-    def set_invariants(self, invariants: Invariants) -> list[Rejection]:
-        """Put new [invariants] in force (a reload): every sandbox is compiled again under them at once, so `decide`
-        refuses what they forbid from the next connection and the live cut ends the open flows they no longer
-        allow; every later write is checked against them. A record in force that breaks them stays (its
+    def set_context(self, context: PolicyContext) -> list[Rejection]:
+        """Put a reloaded configuration's policy context in force: [invariants], the operator presets and the
+        [limits] defaults. Every sandbox is compiled again under it at once, so `decide` refuses what it forbids
+        from the next connection (a preset removed grants nothing, as a record naming a preset the config no
+        longer has always did) and the live cut ends the open flows it no longer allows; every later write is
+        checked against it. A record in force that breaks them stays (its
         connections are held to them anyway) and is returned, and kept in `violations`, as its rejection would be
         (when they made it invalid: it passed the ones before, or was reported already).
         A sandbox whose compiled policy changes is a new revision of it when its ceilings changed (source
@@ -319,7 +320,7 @@ class PolicyState:
         # Reported: what a reload made invalid (a record that already exceeded a ceiling narrowed since, by a
         # template write, is not a reload's finding).
         reported = {sid for sid in ids if sid in self.violations or self._passes(self.sandboxes[sid])}
-        self.context = dataclasses.replace(self.context, invariants=invariants)
+        self.context = context
         self.violations.clear()
         with self._writes_from("config"):
             for sandbox_id in ids:  # all in force before any listener reads one

@@ -120,8 +120,8 @@ def write_config(tmp_path: Path, *, tokens: bool = True, host: str = "127.0.0.1"
 
 
 def api_section(config: Config) -> dict[str, Any]:
-    """What create_app takes from the configuration: the [api] section and the presets."""
-    return {"host": config.api.host, "port": config.api.port, "tokens": config.api.tokens, "presets": config.presets}
+    """What create_app takes from the configuration: the [api] section."""
+    return {"host": config.api.host, "port": config.api.port, "tokens": config.api.tokens}
 
 
 # --------------------------------------------------------------------------- answers checked against the document

@@ -78,7 +78,6 @@ async def server(aiohttp_server: AiohttpServer, tmp_path: Path) -> AsyncIterator
             host=config.api.host,
             port=config.api.port,
             tokens=config.api.tokens,
-            presets=config.presets,
             flows=flows,
         )
     )

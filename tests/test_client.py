@@ -28,7 +28,7 @@ async def client(aiohttp_server: AiohttpServer, tmp_path: Path) -> AsyncIterator
     store = EmbeddedStore(config.policy_context(), msgspec.structs.replace(config.store, poll_interval=0.05))
     await store.start()
     server = await aiohttp_server(
-        create_app(store, host=config.api.host, port=config.api.port, tokens=config.api.tokens, presets=config.presets)
+        create_app(store, host=config.api.host, port=config.api.port, tokens=config.api.tokens)
     )
     yield ApiClient(str(server.make_url("")), token=None)
     await store.close()

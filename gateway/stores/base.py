@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 
 from gateway.errors import Conflict, GatewayError
-from gateway.invariants import Invariants
 from gateway.policy import Sandbox, Template, schema_ref
 from gateway.revisions import Revision, RevisionSource, find_revision
 from gateway.schema import Note
@@ -108,11 +107,12 @@ class PolicyStore(abc.ABC):
 
     # ------------------------------------------------------------------ writes
 
-    async def apply_invariants(self, invariants: Invariants) -> list[Rejection]:
-        """Put reloaded [invariants] in force (`PolicyState.set_invariants`), between writes: a write checked
-        under the old ones is committed first. Returns the sandboxes whose record in force breaks them."""
+    async def apply_context(self, context: PolicyContext) -> list[Rejection]:
+        """Put a reloaded policy context in force (`PolicyState.set_context`: invariants, presets, limits
+        defaults), between writes: a write checked under the old one is committed first. Returns the sandboxes
+        whose record in force breaks its invariants."""
         async with self._write_lock:
-            violating = self.state.set_invariants(invariants)
+            violating = self.state.set_context(context)
             await self._revisions_committed()
             return violating
 

@@ -141,7 +141,7 @@ def test_an_assertion_added_by_sighup_holds_at_once_for_connections_and_writes(e
     assert env.curl("sb2", "http://allowed.test/", *pin(*plain)).stdout.startswith("ORIGIN 198.18.1.1")
     fourth = env.curl("sb1", "http://198.18.1.4/")
     assert fourth.stdout.startswith("ORIGIN 198.18.1.4"), fourth.stdout + fourth.stderr
-    applied = lambda: env.log_events("invariants.applied")  # noqa: E731
+    applied = lambda: env.log_events("policies.recompiled")  # noqa: E731
     failed = lambda: env.log_events("config.reload_failed")  # noqa: E731
     with Holder(env, "sb2", {"C": ["opaque", "198.18.1.1", 23]}) as holder:
         assert holder.check() == {"C": "alive"}

@@ -19,8 +19,10 @@ from tests.factory import (
     SILENT_CLIENTS,
     SILENT_HOLDER,
     EgressEnv,
+    api,
     egress_env,  # noqa: F401  (the fixture `env`)
     egress_policies,
+    pin,
     wait_until,
 )
 from tests.netns import wait_for_line
@@ -110,3 +112,29 @@ def test_sighup_applies_live_egress_and_dns_options_to_the_running_data_plane(en
     assert out == ["DATA", "RESET", "RESET"], out
     capped = env.logged_flows(rule="builtin:peek-cap")
     assert len(capped) - len(capped_before) == 2
+
+
+@pytest.mark.root
+def test_sighup_puts_an_operators_changed_preset_in_force_for_the_sandboxes_naming_it(env: EgressEnv) -> None:
+    def recompiled() -> int:
+        return len(env.log_events("policies.recompiled"))
+
+    def reaches(name: str, address: str) -> bool:
+        return env.curl("sb3", f"https://{name}/", *pin(name, 443, address), timeout=3).returncode == 0
+
+    before = recompiled()
+    reload(env, {"[dns]\n": '[presets.team]\nhosts = ["later.test"]\n[dns]\n'})
+    assert wait_until(lambda: recompiled() == before + 1, 10)
+    data = policies()
+    data["sandboxes"]["sb3"]["egress"] = {"allow_hosts": ["allowed.test"], "presets": ["team"]}
+    env.write_policies(data)  # a record naming the preset: accepted now that the configuration has it
+    assert wait_until(lambda: reaches("later.test", "198.18.1.3"), 10)
+    assert not reaches("denied.test", "198.18.1.2")
+
+    reload(env, {'hosts = ["later.test"]': 'hosts = ["denied.test"]'})
+    assert wait_until(lambda: recompiled() == before + 2, 10)
+    reloaded = [e for e in env.log_events("config.reloaded") if "presets" in e["applied"]]
+    assert len(reloaded) == 2 and env.log_events("config.restart_needed") == []
+    assert reaches("denied.test", "198.18.1.2") and not reaches("later.test", "198.18.1.3")
+    status, answer = api(env, "GET", "/v1/presets")
+    assert status == 200 and {p["name"]: p["hosts"] for p in answer["presets"]}["team"] == ["denied.test"]

@@ -205,7 +205,7 @@ def test_sighup_reaches_the_workers_engines(env: EgressEnv) -> None:
 @pytest.mark.root
 def test_sighup_puts_new_invariants_in_force_in_every_worker(env: EgressEnv) -> None:
     assert _fetch(env, "sb1").returncode == 0 and _fetch(env, "sb2").returncode == 0
-    applied = lambda: env.log_events("invariants.applied")  # noqa: E731
+    applied = lambda: env.log_events("policies.recompiled")  # noqa: E731
     before = len(applied())
     env.reload('[invariants]\nnever_reach = [{ name = "no-allowed", cidrs = ["198.18.1.1/32"], ports = [443] }]\n')
     assert wait_until(lambda: len(applied()) == before + 2, timeout=10)  # the main process and worker 1

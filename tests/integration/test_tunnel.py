@@ -777,7 +777,6 @@ async def test_cli_certs_init_and_tunnel_commands(env: Env, tmp_path: Path) -> N
             host=config.api.host,
             port=config.api.port,
             tokens=config.api.tokens,
-            presets=config.presets,
             tunnels=env.store,
         ),
         host="127.0.0.1",

@@ -9,10 +9,9 @@ import pytest
 
 from gateway.decision import decide
 from gateway.errors import GatewayError
-from gateway.invariants import Invariants
 from gateway.rules import Rule
 from gateway.settings import load_config
-from gateway.state import SANDBOX, TEMPLATE, PolicyState
+from gateway.state import SANDBOX, TEMPLATE, PolicyContext, PolicyState
 
 PUBLIC = "93.184.216.34"
 
@@ -322,10 +321,11 @@ def test_a_ceilings_inspect_entries_stay_with_its_sandboxes(tmp_path: Path) -> N
 # --------------------------------------------------------------------------- a reload puts new invariants in force
 
 
-def invariants_of(tmp_path: Path, text: str) -> Invariants:
+def context_of(tmp_path: Path, text: str) -> PolicyContext:
+    """The policy context a reload of a config file with `text` puts in force."""
     path = tmp_path / "reloaded.toml"
     path.write_text(text)
-    return load_config(path, {}).policy_context().invariants
+    return load_config(path, {}).policy_context()
 
 
 def test_reloaded_assertions_hold_at_once_and_records_breaking_them_stay_reported(tmp_path: Path) -> None:
@@ -336,7 +336,7 @@ def test_reloaded_assertions_hold_at_once_and_records_breaking_them_stay_reporte
     state.change_listeners.append(lambda sid: cut.append(sid) or 1)
     before = state.compiled["sb"]
     assert decide(before, None, "10.20.1.1", 5432, "tcp").allowed
-    found = state.set_invariants(invariants_of(tmp_path, INVARIANTS))
+    found = state.set_context(context_of(tmp_path, INVARIANTS))
     assert [(r.key, r.error.code, r.error.field) for r in found] == [
         ("sb", "INVARIANT_VIOLATED", "egress.allow_cidrs[0]")
     ]
@@ -350,7 +350,7 @@ def test_reloaded_assertions_hold_at_once_and_records_breaking_them_stay_reporte
     write(state, record(egress={"allow_cidrs": ["10.30.0.0/16"]}))
     assert state.violations == {}
     # A reload that drops them: the next connection passes again.
-    state.set_invariants(invariants_of(tmp_path, ""))
+    state.set_context(context_of(tmp_path, ""))
     write(state, record(egress={"allow_cidrs": ["10.20.0.0/16"]}))
     assert decide(state.compiled["sb"], None, "10.20.1.1", 5432, "tcp").allowed
 
@@ -361,7 +361,7 @@ def test_a_reloaded_ceiling_bounds_its_sandboxes_at_once_and_is_a_new_revision_f
     write(state, ci(egress={"allow_hosts": ["pypi.org", "other.example"]}))
     before = state.compiled["sb"].revision
     assert decide(state.compiled["sb"], "other.example", PUBLIC, 443, "tls").allowed
-    (found,) = state.set_invariants(invariants_of(tmp_path, INVARIANTS))
+    (found,) = state.set_context(context_of(tmp_path, INVARIANTS))
     assert (found.key, found.error.code, found.error.field) == ("sb", "CEILING_EXCEEDED", "egress.allow_hosts[1]")
     policy = state.compiled["sb"]
     verdict = decide(policy, "other.example", PUBLIC, 443, "tls")
@@ -370,8 +370,8 @@ def test_a_reloaded_ceiling_bounds_its_sandboxes_at_once_and_is_a_new_revision_f
     entry = state.history.entries("sb")[0]
     assert policy.revision != before and (entry.revision, entry.source) == (policy.revision, "config")
     # A ceiling naming a template that does not exist fails closed: reported, and nothing passes.
-    state.set_invariants(
-        invariants_of(tmp_path, '[invariants]\nceilings = [{ labels = { tier = "ci" }, template = "gone" }]\n')
+    state.set_context(
+        context_of(tmp_path, '[invariants]\nceilings = [{ labels = { tier = "ci" }, template = "gone" }]\n')
     )
     assert state.violations["sb"].error.code == "CEILING_TEMPLATE_NOT_FOUND"
     assert not decide(state.compiled["sb"], "pypi.org", PUBLIC, 443, "tls").allowed
@@ -381,6 +381,6 @@ def test_a_reload_reports_what_it_made_invalid_not_what_a_narrowed_ceiling_templ
     state = ci_state(tmp_path)
     write(state, ci(egress={"allow_hosts": ["pypi.org", "files.pythonhosted.org"]}))
     write_template(state, {**CEILING, "egress": {**CEILING["egress"], "allow_hosts": ["pypi.org"]}})
-    assert state.set_invariants(invariants_of(tmp_path, INVARIANTS + "\n")) == []  # nothing new in force
+    assert state.set_context(context_of(tmp_path, INVARIANTS + "\n")) == []  # nothing new in force
     assert state.violations == {}
     assert decide(state.compiled["sb"], "files.pythonhosted.org", PUBLIC, 443, "tls").rule is Rule.CEILING

@@ -69,3 +69,18 @@ def test_the_data_planes_limits_and_timeouts_are_live_and_its_ports_marks_and_li
     egress, dns = plan.config.egress, plan.config.dns
     assert (egress.peek_timeout, egress.listen_port, egress.fwmark) == (3.0, 15001, 1)
     assert (dns.name_budget, dns.max_label_length, dns.require_ad, dns.cache_total) == (5, 20, True, 200_000)
+
+
+def test_presets_and_limits_defaults_are_live() -> None:
+    running = load_config(None, {})
+    loaded = load_config(
+        None,
+        {
+            "GATEWAY_PRESETS__TEAM": '{ hosts = ["api.team.example"] }',
+            "GATEWAY_LIMITS__CONNECTIONS_PER_MINUTE": "30",
+        },
+    )
+    plan = plan_reload(running, loaded)
+    assert (set(plan.applied), plan.restart_needed) == ({"presets", "limits.connections_per_minute"}, ())
+    assert plan.config.presets["team"].hosts == ("api.team.example",)
+    assert plan.config.policy_context().default_limits.connections_per_minute == 30

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 
 from gateway.decision import DEFAULT_LIMITS, Verdict, decide
 from gateway.errors import Conflict, GatewayError, NotFound
-from gateway.presets import BUILTIN_PRESETS
+from gateway.presets import BUILTIN_PRESETS, make_preset
 from gateway.rules import Rule
 from gateway.state import SANDBOX, TEMPLATE, PolicyContext, PolicyState
 
@@ -412,3 +413,26 @@ def test_every_change_of_a_sandboxs_policy_is_heard_and_its_cut_counted(state: P
     heard.clear()
     state.apply_external(SANDBOX, "sb-c", None)  # another writer's deletion is heard too
     assert heard == ["sb-c"]
+
+
+# --------------------------------------------------------------------------- a reload's policy context
+
+
+def test_a_reloaded_context_recompiles_every_sandbox_under_its_presets_and_limits_defaults() -> None:
+    team = make_preset("team", ["api.team.example"], None, "")
+    state = PolicyState(dataclasses.replace(CONTEXT, presets={**BUILTIN_PRESETS, "team": team}))
+    create(state, record("a", egress={"presets": ["team"]}))
+    create(state, record("b", "10.75.0.3", limits={"connections_per_minute": 5}))
+    cut: list[str] = []
+    state.change_listeners.append(lambda sid: cut.append(sid) or 0)
+    assert allowed(state, "a", "api.team.example") and not allowed(state, "a", "new.team.example")
+    widened = {**BUILTIN_PRESETS, "team": make_preset("team", ["new.team.example"], None, "")}
+    lower = dataclasses.replace(DEFAULT_LIMITS, connections_per_minute=10)
+    assert state.set_context(dataclasses.replace(CONTEXT, presets=widened, default_limits=lower)) == []
+    assert allowed(state, "a", "new.team.example") and not allowed(state, "a", "api.team.example")
+    assert state.compiled["a"].limits.connections_per_minute == 10  # the new default
+    assert state.compiled["b"].limits.connections_per_minute == 5  # its own stays
+    assert sorted(cut) == ["a", "b"]  # the live cut looked at each
+    # A preset the configuration no longer has grants nothing; the record stays.
+    state.set_context(CONTEXT)
+    assert not allowed(state, "a", "new.team.example") and "a" in state.sandboxes

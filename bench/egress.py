@@ -45,9 +45,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from aptget import install_missing  # bench/ is on sys.path when a script runs
 from procstat import cpu_seconds, descendants, fmt, have, rss_kib
@@ -789,6 +789,32 @@ def run_subjects[R](
     return results
 
 
+PAIR: Final = ("gateway-baseline", "gateway")
+
+
+def alternated(chosen: list[str], rounds: int) -> list[str]:
+    """The order to measure `chosen` in: the two gateways `rounds` times, each round's first the other's second
+    of the round before (the baseline first in round 1, as with one round), in the gateway's place of the order."""
+    if rounds == 1 or not all(s in chosen for s in PAIR):
+        return chosen
+    at = chosen.index(PAIR[0])
+    pairs = [s for r in range(rounds) for s in (PAIR if r % 2 == 0 else PAIR[::-1])]
+    return [*chosen[:at], *pairs, *(s for s in chosen[at:] if s not in PAIR)]
+
+
+def median_result(rounds: list[Result]) -> Result:
+    """One subject's rounds as one result: each metric's median over the rounds that measured it."""
+    if len(rounds) == 1:
+        return rounds[0]
+    merged = Result(rounds[0].subject, notes=[n for r in rounds for n in r.notes])
+    for item in fields(Result):
+        values = [getattr(r, item.name) for r in rounds]
+        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        if item.name not in ("subject", "notes") and numbers:
+            setattr(merged, item.name, statistics.median(numbers))
+    return merged
+
+
 class Noted(Protocol):
     notes: list[str]
 
@@ -950,8 +976,20 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure the gateway of another checkout (its own .venv, e.g. a git worktree of an older "
         "commit) as subject gateway-baseline, in the same run: before/after figures side by side",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --baseline: measure the gateway and gateway-baseline this many times each, alternating which "
+        "goes first (the one measured first and the one measured second differ by more than the code may); the "
+        "table shows each one's median round, metric by metric, and every round's CPU per connection",
+    )
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs and logs (path printed)")
     args = parser.parse_args(argv)
+    if not 1 <= args.rounds <= 10:
+        parser.error("--rounds must be 1-10")
+    if args.rounds > 1 and args.baseline is None:
+        parser.error("--rounds needs --baseline CHECKOUT (it alternates the two gateways)")
 
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
     if args.baseline is not None:
@@ -987,7 +1025,15 @@ def main(argv: list[str] | None = None) -> int:
     topo = Topology(sandboxes=1, origins=3)
     bench = Bench(topo, workdir, opts)
     chosen = [subject for subject in RUN_ORDER if subject in subjects]
-    results = run_subjects(topo, workdir, bench.setup, bench.measure, chosen, keep_workdir=args.keep_workdir)
+    measured: dict[str, list[Result]] = {}
+
+    def measure(subject: str) -> Result:
+        result = bench.measure(subject)
+        measured.setdefault(subject, []).append(result)
+        return result
+
+    run_subjects(topo, workdir, bench.setup, measure, alternated(chosen, args.rounds), keep_workdir=args.keep_workdir)
+    results = {subject: median_result(rounds) for subject, rounds in measured.items()}
 
     print(
         f"\n{opts.cps_count} new TLS connections ({opts.cps_threads} client threads), {opts.latency_count} "
@@ -1000,6 +1046,12 @@ def main(argv: list[str] | None = None) -> int:
         "the proxy's processes (softirq work done while a proxy is on the CPU counts as its stime here: tick "
         "accounting; the rest, in ksoftirqd or on the other core, counts for no subject)."
     )
+    if args.rounds > 1:
+        print(f"\n{args.rounds} rounds of the two gateways, alternating which went first; CPU ms / new conn:")
+        for index, (now, before) in enumerate(zip(measured["gateway"], measured["gateway-baseline"], strict=True)):
+            first = "gateway-baseline" if index % 2 == 0 else "gateway"
+            print(f"  round {index + 1} (first: {first}): gateway {fmt(now.cpu_ms_per_conn, '.3f')}, "
+                  f"gateway-baseline {fmt(before.cpu_ms_per_conn, '.3f')}")  # fmt: skip
     ok = report(results, opts, subjects)
     if opts.profile is not None and opts.profile.exists():
         import pstats

@@ -811,7 +811,8 @@ def median_result(rounds: list[Result]) -> Result:
         values = [getattr(r, item.name) for r in rounds]
         numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
         if item.name not in ("subject", "notes") and numbers:
-            setattr(merged, item.name, statistics.median(numbers))
+            counts = all(isinstance(v, int) for v in numbers)  # a count stays a count (held connections, errors)
+            setattr(merged, item.name, statistics.median_low(numbers) if counts else statistics.median(numbers))
     return merged
 
 

@@ -6,6 +6,7 @@ both; an invalid one is rejected by both and the last good version stays, also a
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.factory import Server, free_port, gateway, start_server, wait_until, write_config
+from tests.netns import log_events
 from tests.product import ProductApi
 from tests.redis_server import RedisServer
 
@@ -158,3 +160,31 @@ def test_readyz_is_503_and_the_sync_lag_grows_while_redis_is_down_and_both_recov
         assert wait_until(lambda: sync_lag(api) < 1.5, 5), sync_lag(api)
     finally:
         node.stop()
+
+
+def test_a_preset_changed_by_sighup_is_in_force_on_both_nodes_for_a_sandbox_stored_in_redis(
+    nodes: list[Server],
+) -> None:
+    apis = [ProductApi(server.url) for server in nodes]
+
+    def reload(hosts: str) -> None:
+        for server in nodes:
+            before = len(log_events(server.stderr, "policies.recompiled"))
+            text = server.config.read_text().split("[presets.team]")[0]
+            server.config.write_text(f"{text}[presets.team]\nhosts = {hosts}\n")
+            server.process.send_signal(signal.SIGHUP)
+            assert wait_until(lambda s=server, n=before: len(log_events(s.stderr, "policies.recompiled")) > n, 10)
+
+    def allowed(api: ProductApi, host: str) -> bool:
+        answer = api.call("GET", f"/v1/sandboxes/team-1/explain?host={host}&port=443", expect=200).body
+        return bool(answer["allowed"])
+
+    reload('["a.team.example"]')  # added live: a record may name it now
+    record = {"id": "team-1", "addresses": ["10.75.6.50"], "profile": "allowlisted", "egress": {"presets": ["team"]}}
+    apis[0].call("POST", "/v1/sandboxes", record, expect=201)
+    for api in apis:
+        assert wait_until(lambda api=api: api.call("GET", "/v1/sandboxes/team-1").status == 200, 10)
+        assert allowed(api, "a.team.example") and not allowed(api, "b.team.example")
+    reload('["b.team.example"]')
+    for api in apis:
+        assert allowed(api, "b.team.example") and not allowed(api, "a.team.example")

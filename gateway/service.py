@@ -122,8 +122,9 @@ class Reloader:
     (`gateway.config.LIVE`) are applied and every other changed option is logged as needing a restart and keeps
     its running value. `config` is what runs now; `tokens` the API's, `pool` the workers to pass SIGHUP on to;
     `components` get the configuration that runs from now on when a live option of theirs may have changed;
-    `store` the policy store whose state changed [invariants] are put in force in (each process its own), and
-    `report`: whether this process logs the sandboxes that break them (the main one; its workers find the same)."""
+    `store` the policy store a changed policy context (invariants, presets, limits defaults) is put in force in
+    (each process its own), and `report`: whether this process logs the sandboxes that break the invariants (the
+    main one; its workers find the same)."""
 
     def __init__(
         self,

@@ -756,6 +756,10 @@ def batch_records(batch: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in batch.read_text().splitlines() if line]
 
 
+#: The API of a gateway a test world runs in its gateway namespace.
+NAMESPACE_API = "http://127.0.0.1:8470"
+
+
 class EgressEnv:
     def __init__(self, topo: Topology, workdir: Path) -> None:
         self.topo = topo
@@ -857,7 +861,7 @@ class EgressEnv:
             raise AssertionError(f"the gateway did not stop within {timeout} s; its log ends:\n{tail}") from None
 
     def readyz(self) -> subprocess.CompletedProcess[str]:
-        return self.topo.run("gw", ["curl", "-sS", "-m", "2", "http://127.0.0.1:8470/readyz"], check=False)
+        return self.topo.run("gw", ["curl", "-sS", "-m", "2", f"{NAMESPACE_API}/readyz"], check=False)
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Until /readyz says ready: the store loaded and every part of the data plane serves."""
@@ -875,7 +879,7 @@ class EgressEnv:
 
     def dns_log(self, sb: str) -> list[dict[str, Any]]:
         """The sandbox's DNS query log, through the CLI and the API of the running gateway."""
-        cli = [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", "--json", "audit", "dns", sb]
+        cli = [sys.executable, "-m", "gateway.cli", "--api", NAMESPACE_API, "--json", "audit", "dns", sb]
         shown = self.topo.run("gw", cli, check=False, timeout=20)
         queries: list[dict[str, Any]] = json.loads(shown.stdout)["queries"]
         return queries
@@ -915,7 +919,7 @@ class InTopology(Protocol):
 
 def api(env: InTopology, method: str, path: str, body: object = None, *, token: str | None = None) -> tuple[int, Any]:
     """(status, JSON answer) of one API call from the gateway's namespace, with curl (and `token`, if given)."""
-    argv = ["curl", "-sS", "-m", "5", "-o", "-", "-w", "\n%{http_code}", "-X", method, f"http://127.0.0.1:8470{path}"]
+    argv = ["curl", "-sS", "-m", "5", "-o", "-", "-w", "\n%{http_code}", "-X", method, f"{NAMESPACE_API}{path}"]
     if token is not None:
         argv += ["-H", f"Authorization: Bearer {token}"]
     if body is not None:
@@ -928,7 +932,7 @@ def api(env: InTopology, method: str, path: str, body: object = None, *, token: 
 
 def scrape(env: InTopology) -> tuple[str, Samples]:
     """GET /metrics from the gateway's namespace with curl, parsed by prometheus-client's parser."""
-    out = env.topo.run("gw", ["curl", "-sS", "-m", "3", "-i", "http://127.0.0.1:8470/metrics"], check=False)
+    out = env.topo.run("gw", ["curl", "-sS", "-m", "3", "-i", f"{NAMESPACE_API}/metrics"], check=False)
     head, _, body = out.stdout.replace("\r\n", "\n").partition("\n\n")
     assert head.startswith("HTTP/1.1 200") and "content-type: text/plain" in head.lower(), out.stdout + out.stderr
     samples: Samples = {}
@@ -965,7 +969,7 @@ class AuditTail:
     prints collected."""
 
     def __init__(self, env: InTopology, *args: str, token: str | None = None) -> None:
-        cli = [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", "audit", "tail", *args]
+        cli = [sys.executable, "-m", "gateway.cli", "--api", NAMESPACE_API, "audit", "tail", *args]
         environment = {**os.environ, "GATEWAY_TOKEN": token} if token is not None else None
         self.process = env.topo.popen("gw", cli, env=environment)
         self.lines: list[str] = []

@@ -17,9 +17,9 @@ import sys
 
 import pytest
 
-from tests.factory import EgressEnv, Holder, api, egress_env, pin, wait_until  # noqa: F401  (the fixture `env`)
+from tests.factory import NAMESPACE_API, EgressEnv, Holder, api, egress_env, pin, wait_until  # noqa: F401  (the fixture `env`)
 
-API = "http://127.0.0.1:8470"
+API = NAMESPACE_API
 SB = "sb3"  # attached, and in no record until the test creates it
 
 

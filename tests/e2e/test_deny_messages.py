@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.factory import EgressEnv, api, egress_env, pin, wait_until  # noqa: F401  (the fixture `env`)
+from tests.factory import NAMESPACE_API, EgressEnv, api, egress_env, pin, wait_until  # noqa: F401  (the fixture `env`)
 
 SB = "sb4"
 MISS = "Only allowed.test is reachable from here; ask #platform"
@@ -39,7 +39,7 @@ def header(response: str, name: str) -> str:
 
 
 def cli(env: EgressEnv, *args: str) -> str:
-    argv = [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", *args]
+    argv = [sys.executable, "-m", "gateway.cli", "--api", NAMESPACE_API, *args]
     done = env.topo.run("gw", argv, check=False, timeout=20)
     assert done.returncode == 0, done.stderr
     return done.stdout

@@ -31,6 +31,7 @@ from tests.factory import (
     BANNER_CLIENT,
     DENIAL_SUFFIX,
     DNS_LIMIT,
+    NAMESPACE_API,
     PEEK_CAP,
     SILENT_CLIENTS,
     EgressEnv,
@@ -863,7 +864,7 @@ def test_a_policy_change_applies_to_the_next_connection(env: EgressEnv) -> None:
     before = env.curl("sb1", "https://later.test/", *pin("later.test", 443, "198.18.1.3"))
     assert "alert access denied" in before.stderr.lower(), before.stderr
     env.write_policies(egress_policies(later_allowed=True))
-    shown = ["curl", "-sS", "-m", "2", "http://127.0.0.1:8470/v1/sandboxes/sb1"]
+    shown = ["curl", "-sS", "-m", "2", f"{NAMESPACE_API}/v1/sandboxes/sb1"]
     assert wait_until(lambda: "later.test" in env.topo.run("gw", shown, check=False).stdout, timeout=10), (
         "the store did not pick up the policy file"
     )
@@ -886,7 +887,7 @@ def test_a_sandbox_added_through_the_api_is_steered_and_decided(env: EgressEnv) 
     created = env.topo.run(
         "gw",
         ["curl", "-sS", "-m", "3", "-H", "Content-Type: application/json", "--data", json.dumps(record),
-         "http://127.0.0.1:8470/v1/sandboxes"],
+         f"{NAMESPACE_API}/v1/sandboxes"],
         check=False,
     )  # fmt: skip
     assert '"id": "sb3"' in created.stdout or '"id":"sb3"' in created.stdout, created.stdout + created.stderr

@@ -21,7 +21,17 @@ from typing import Any
 import pytest
 
 from tests import authdns
-from tests.factory import EGRESS_ZONE, REPO, EgressEnv, api, audit_batches, batch_records, pin, wait_until
+from tests.factory import (
+    EGRESS_ZONE,
+    NAMESPACE_API,
+    REPO,
+    EgressEnv,
+    api,
+    audit_batches,
+    batch_records,
+    pin,
+    wait_until,
+)
 from tests.netns import INET_V4, Topology, live_namespaces, wait_for_line
 
 pytestmark = pytest.mark.root
@@ -184,7 +194,7 @@ def test_a_method_or_path_the_entry_does_not_allow_is_refused_with_its_reason(en
     ids = [re.search(r"^X-Gateway-Denial-Id: (\S+)\r?$", answer.stdout, re.M | re.I) for answer in (post, other, trace)]
     assert all(ids) and len({found.group(1) for found in ids if found}) == 3, post.stdout
     first = ids[0].group(1) if ids[0] else ""
-    lookup = [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", "--json", "audit", "denial", first]
+    lookup = [sys.executable, "-m", "gateway.cli", "--api", NAMESPACE_API, "--json", "audit", "denial", first]
     shown = lambda: env.topo.run("gw", lookup, check=False, timeout=20)  # noqa: E731
     assert wait_until(lambda: shown().returncode == 0, 10), shown().stderr
     record = json.loads(shown().stdout)
@@ -226,7 +236,7 @@ def test_an_excluded_host_stays_opaque_and_still_checked_by_name(env: Inspection
     )  # fmt: skip
     assert other.returncode != 0
     # explain says so too, through the operator's CLI and the running gateway's API.
-    cli = [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", "--json", "explain", "sb1"]
+    cli = [sys.executable, "-m", "gateway.cli", "--api", NAMESPACE_API, "--json", "explain", "sb1"]
     for host, inspected in (("denied.test", False), ("allowed.test", True)):
         shown = env.topo.run("gw", [*cli, host, "--method", "POST", "--path", "/x"], check=False, timeout=20)
         answer = json.loads(shown.stdout)

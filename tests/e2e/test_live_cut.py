@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from tests.factory import BANNER_CLIENT, EgressEnv, Holder, egress_env, wait_until  # noqa: F401  (the fixture `env`)
+from tests.factory import BANNER_CLIENT, NAMESPACE_API, EgressEnv, Holder, egress_env, wait_until  # noqa: F401  (the fixture `env`)
 
 
 def _cli(env: EgressEnv, *args: str) -> str:
-    argv = [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", *args]
+    argv = [sys.executable, "-m", "gateway.cli", "--api", NAMESPACE_API, *args]
     result = env.topo.run("gw", argv, check=False, timeout=20)
     assert result.returncode == 0, result.stderr
     return result.stdout

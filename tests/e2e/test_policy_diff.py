@@ -19,6 +19,7 @@ import pytest
 
 from tests.factory import (
     BANNER_CLIENT,
+    NAMESPACE_API,
     EgressEnv,
     api,
     egress_env,  # noqa: F401  (the fixture `env`)
@@ -26,7 +27,7 @@ from tests.factory import (
     wait_until,
 )
 
-API = "http://127.0.0.1:8470"
+API = NAMESPACE_API
 SB = "sb3"  # attached, and in no record until the test creates it
 RECORD = {
     "id": SB,

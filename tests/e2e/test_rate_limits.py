@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.factory import EgressEnv, wait_until
+from tests.factory import NAMESPACE_API, EgressEnv, wait_until
 from tests.netns import Topology, live_namespaces, wait_for_line
 
 ORIGIN = "198.18.1.1"
@@ -164,7 +164,7 @@ def _download(env: EgressEnv, sb: str, size: int, parallel: int = 1) -> tuple[fl
 
 
 def _wait_for_policy(env: EgressEnv, sandbox: str, needle: str) -> None:
-    shown = ["curl", "-sS", "-m", "2", f"http://127.0.0.1:8470/v1/sandboxes/{sandbox}"]
+    shown = ["curl", "-sS", "-m", "2", f"{NAMESPACE_API}/v1/sandboxes/{sandbox}"]
     if not wait_until(lambda: needle in env.topo.run("gw", shown).stdout.replace(" ", ""), timeout=10):
         pytest.fail(f"the store did not pick up {needle} for {sandbox}")
 

@@ -16,6 +16,7 @@ import pytest
 
 from tests.factory import (
     BANNER_CLIENT,
+    NAMESPACE_API,
     AuditTail,
     EgressEnv,
     api,
@@ -26,7 +27,7 @@ from tests.factory import (
     wait_until,
 )
 
-API = "http://127.0.0.1:8470"
+API = NAMESPACE_API
 WOULD_DENY = "report mode: would deny (host not in allowlist)"
 SB = "sb3"  # attached, and in no record until the test creates it
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.factory import (
+    NAMESPACE_API,
     EgressEnv,
     api,
     egress_env,  # noqa: F401  (the fixture `env`)
@@ -23,7 +24,7 @@ from tests.factory import (
     wait_until,
 )
 
-API = "http://127.0.0.1:8470"
+API = NAMESPACE_API
 SB = "sb3"  # attached, and in no record until the test creates it
 WIDE = ["allowed.test", "denied.test"]
 

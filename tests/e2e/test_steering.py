@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 
 from tests import authdns
-from tests.factory import EGRESS_ZONE, EgressEnv, wait_until
+from tests.factory import EGRESS_ZONE, NAMESPACE_API, EgressEnv, wait_until
 from tests.netns import GATEWAY_V4, GATEWAY_V6, INET_V4, ORIGIN_SERVER, Topology, live_namespaces
 
-API = "http://127.0.0.1:8470"
+API = NAMESPACE_API
 EGRESS_PORT = 15001
 #: The gateway's own addresses inside the sandbox subnets (on its loopback), as a resolver a sandbox is given.
 GW_SANDBOX_V4, GW_SANDBOX_V6 = "10.75.255.254", "fdd4:1476:6c7e::fffe"

@@ -25,14 +25,14 @@ from typing import Any
 
 import pytest
 
-from tests.factory import Samples, dashboard_metrics, delta, scrape, wait_until
+from tests.factory import NAMESPACE_API, Samples, dashboard_metrics, delta, scrape, wait_until
 from tests.netns import INET_V4, Topology, live_namespaces, log_events, wait_for_line
 
 REPO = Path(__file__).resolve().parents[2]
 DOMAIN = "tunnel.test"
 PORT = 8443
 GATEWAY = "198.18.0.2"  # the gateway's internet-side address, where the tunnel listens for the internet
-API = "http://127.0.0.1:8470"
+API = NAMESPACE_API
 PASSWORD = "correct horse battery"
 FREE, BURST, RATE = 5, 14, 1.0  # [tunnel] login_free_failures, login_tunnel_burst, login_tunnel_rate
 #: Extra client addresses of the internet namespace (the gateway answers them on its /24).

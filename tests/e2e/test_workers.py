@@ -18,6 +18,7 @@ from gateway.flowlog import FIELD_NAMES
 from gateway.workers import worker_index
 from tests.factory import (
     BANNER_CLIENT,
+    NAMESPACE_API,
     SILENT_HOLDER,
     AuditTail,
     EgressEnv,
@@ -116,7 +117,7 @@ def test_audit_tail_shows_every_workers_records_live_filtered(env: EgressEnv) ->
     [allowed] = [line for line in beta.lines if " allow tls allowed.test:443 -> 198.18.1.1:443 up=" in line][:1]
     assert ' reason="' in allowed and " rule=" in allowed
     # ... and the worker's records are in the audit batches too, which the API lists.
-    batches = env.topo.run("gw", [sys.executable, "-m", "gateway.cli", "--api", "http://127.0.0.1:8470", "--json",
+    batches = env.topo.run("gw", [sys.executable, "-m", "gateway.cli", "--api", NAMESPACE_API, "--json",
                                   "audit", "list", WORKER_SANDBOX], check=False, timeout=20)  # fmt: skip
     assert json.loads(batches.stdout)["batches"], batches
     assert wait_until(lambda: any(r.get("hostname") == "denied.test" for r in env.flows()), timeout=10)

@@ -1,15 +1,16 @@
 """The inspection tier's mitmproxy addon: a thin shell that applies `addons/enforce.py` to mitmproxy's hooks.
 
-Loaded by `mitmdump -s addons/inspect.py` (regular mode, loopback only) with these options of its own:
+Loaded once by the tier's process, `python -m gateway.tier.proxy --addon <this file>` (mitmproxy's regular mode,
+loopback only, none of mitmdump's other addons), with these options of its own:
 - `gateway_token`: the per-run token the engine sends as Proxy-Authorization Basic `gateway:<token>`;
 - `gateway_records_fd`: a pipe the supervisor reads, one flow record (`gateway.flowlog.render`) per line;
 - `gateway_secrets`: the path of a JSON file {name: value} the supervisor writes for this process, owner-only
   (mode 0600 or stricter; anything looser is refused). A file, not the environment or the command line: those
   are readable by more processes (/proc/<pid>/environ, ps) and are inherited by children.
-The addon refuses to run (OptionsError: mitmdump exits at start-up) unless mitmproxy's `validate_inbound_headers`
-is on (it refuses most smuggling shapes) and `connection_strategy` is `lazy` (`REQUIRED_OPTIONS`): a request
-refused here then never opens an upstream connection, and the client's ALPN (HTTP/2) does not depend on the
-origin's.
+The addon refuses to run (OptionsError: the tier's process exits at start-up) unless mitmproxy's
+`validate_inbound_headers` is on (it refuses most smuggling shapes) and `connection_strategy` is `lazy`
+(`REQUIRED_OPTIONS`): a request refused here then never opens an upstream connection, and the client's ALPN (HTTP/2)
+does not depend on the origin's.
 
 A connection is handed over with `CONNECT <vetted address>:<port>` (an address literal: mitmproxy does no DNS
 here) and the `X-Gateway-Context` header; the context is kept per client connection, so every HTTP/2 stream
@@ -144,12 +145,6 @@ class Inspect:
             if self.records_fd >= 0:
                 # A stalled reader must cost records, never stall the proxy.
                 os.set_blocking(self.records_fd, False)
-
-    def done(self) -> None:
-        # mitmproxy also removes this addon to reload a changed script file; should the new load fail, the proxy
-        # would run on with none of these checks. So whenever the addon goes, the tier goes (the supervisor
-        # restarts it, and while it is down the engine fails inspected connections closed).
-        ctx.master.shutdown()
 
     # ------------------------------------------------------------------ the hand-over
 

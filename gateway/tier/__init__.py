@@ -1,2 +1,2 @@
-"""The inspection tier: a supervised mitmdump process on loopback (`supervisor`), its CA (`ca`) and its
+"""The inspection tier: a supervised mitmproxy process on loopback (`proxy`, run by `supervisor`), its CA (`ca`) and its
 `[inspection]` section (`config`, the tier's public face)."""

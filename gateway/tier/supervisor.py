@@ -1,6 +1,7 @@
-"""The inspection tier's process: a mitmdump on 127.0.0.1, started, watched, restarted and stopped from here.
+"""The inspection tier's process (`gateway.tier.proxy`: mitmproxy with the tier's addon) on 127.0.0.1, started,
+watched, restarted and stopped from here.
 
-How things reach mitmdump (the addon in addons/inspect.py reads them as mitmproxy options):
+How things reach the process (the addon in addons/inspect.py reads them as mitmproxy options):
 
 - `gateway_token`: a random token made once per supervisor (`.token`, what the engine sends as
   `Proxy-Authorization: Basic base64("gateway:<token>")`). It is NOT on the command line, which every local
@@ -53,8 +54,6 @@ log = structlog.get_logger("gateway.tier")
 
 #: The production addon; tests hand the supervisor another script.
 ADDON: Final = Path(gateway.addons.__file__).resolve().parent / "inspect.py"
-#: mitmproxy.tools.main has no `__main__`: this is what its `mitmdump` console script runs.
-_LAUNCH: Final = "import sys; from mitmproxy.tools.main import mitmdump; sys.exit(mitmdump())"
 #: The only variables the child inherits.
 _ENVIRONMENT: Final = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH")
 MAX_RECORD_LINE: Final = 65536
@@ -108,7 +107,7 @@ class TierSupervisor:
             await self.close()
             raise GatewayError(
                 "INSPECTION_START_FAILED",
-                f"mitmdump did not listen on 127.0.0.1:{self.config.listen_port} within "
+                f"the tier's process did not listen on 127.0.0.1:{self.config.listen_port} within "
                 f"{self.config.start_timeout:g} s: {' | '.join(self._output) or 'no output'}",
                 "inspection.listen_port",
             )
@@ -162,16 +161,12 @@ class TierSupervisor:
 
     def _command(self, records_fd: int, secrets_fd: int) -> list[str]:
         config = self.config
-        command = [sys.executable, "-c", _LAUNCH]
-        command += ["--mode", f"regular@127.0.0.1:{config.listen_port}", "--set", f"confdir={config.ca_dir}"]
-        command += ["--scripts", str(self.addon)]
+        command = [sys.executable, "-m", "gateway.tier.proxy", "--listen-port", str(config.listen_port)]
+        command += ["--confdir", str(config.ca_dir), "--addon", str(self.addon)]
         options = {
             "gateway_records_fd": str(records_fd),
             "gateway_secrets": f"/dev/fd/{secrets_fd}",
-            "flow_detail": "0",
             "termlog_verbosity": "warn",
-            # mitmproxy's own pages (mitm.it) are not for sandboxes.
-            "onboarding": "false",
             # The addon requires it: upstream is dialled only for a request the addon let through.
             "connection_strategy": "lazy",
         }
@@ -204,7 +199,7 @@ class TierSupervisor:
                 ) from None
 
     async def _launch(self) -> None:
-        """One mitmdump, waited for until it accepts a connection, exits or start_timeout passes."""
+        """One tier process, waited for until it accepts a connection, exits or start_timeout passes."""
         self._check_port_free()
         values = self.config.secret_values()
         ensure_ca(self.config.ca_dir, self.config.permitted_domains)

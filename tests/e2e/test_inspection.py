@@ -134,7 +134,7 @@ class InspectionEnv(EgressEnv):
 
     def tier_pid(self) -> int | None:
         assert self.gateway is not None  # its own child: another run's tier on this machine is not ours
-        argv = ["pgrep", "-P", str(self.gateway.pid), "-f", "mitmproxy.tools.main"]
+        argv = ["pgrep", "-P", str(self.gateway.pid), "-f", "gateway.tier.proxy"]
         found = subprocess.run(argv, capture_output=True, text=True, check=False)
         pids = [int(p) for p in found.stdout.split()]
         return pids[0] if pids else None

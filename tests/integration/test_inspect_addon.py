@@ -1,7 +1,7 @@
-"""The inspection addon in a real `mitmdump` (loopback, ports from the OS), in front of a real TLS origin that
-echoes what it receives, driven the way the engine hands a connection over: CONNECT to the vetted address with
-Proxy-Authorization and X-Gateway-Context, then TLS to the origin's name through the tier's CA (curl, or a raw
-socket when the bytes themselves are the point).
+"""The inspection addon in the tier's real mitmproxy process (`gateway.tier.proxy`, loopback, ports from the OS), in
+front of a real TLS origin that echoes what it receives, driven the way the engine hands a connection over: CONNECT
+to the vetted address with Proxy-Authorization and X-Gateway-Context, then TLS to the origin's name through the
+tier's CA (curl, or a raw socket when the bytes themselves are the point).
 
 The origin (aiohttp, test CA from tests/factory.make_pki) answers every request with a JSON echo of its method,
 path and headers, also echoing Authorization into a response header; /redirect answers 302 to another host;
@@ -15,7 +15,6 @@ import asyncio
 import base64
 import json
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -145,15 +144,13 @@ def context(port: int, host: str = HOST, **changes: Any) -> InspectionContext:
     return InspectionContext("sb-1", host, port, host, inspect, "10.75.0.10", 40000, "198.18.1.1", port)
 
 
-def start_mitmdump(
+def start_tier(
     directory: Path, script: Path, port: int, log: Path, options: Sequence[str], pass_fds: Sequence[int] = ()
 ) -> subprocess.Popen[bytes]:
-    """`mitmdump` with the addon as the tier runs it (regular mode, loopback, lazy upstream connections), listening."""
+    """The tier's process with the addon as the supervisor starts it (loopback, lazy upstream), listening."""
     command = [
-        str(Path(sys.executable).with_name("mitmdump")),
-        "--mode", f"regular@127.0.0.1:{port}",
-        "--set", f"confdir={directory / 'confdir'}",
-        "-s", str(script),
+        sys.executable, "-m", "gateway.tier.proxy", "--listen-port", str(port),
+        "--confdir", str(directory / "confdir"), "--addon", str(script),
         "--set", f"gateway_token={TOKEN}",
         "--set", "connection_strategy=lazy",
         *(arg for option in options for arg in ("--set", option)),
@@ -185,9 +182,9 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
     secrets.chmod(0o600)
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
-    port, log = free_port(), directory / "mitmdump.log"
+    port, log = free_port(), directory / "tier.log"
     options = [f"gateway_records_fd={write_fd}", f"gateway_secrets={secrets}", f"ssl_verify_upstream_trusted_ca={ca}"]
-    process = start_mitmdump(directory, REPO / "addons" / "inspect.py", port, log, options, pass_fds=(write_fd,))
+    process = start_tier(directory, REPO / "addons" / "inspect.py", port, log, options, pass_fds=(write_fd,))
     os.close(write_fd)
     try:
         yield Tier(port, tls_port, plain_port, directory / "confdir", origin, read_fd, log)
@@ -564,19 +561,53 @@ def test_one_record_per_request_and_never_a_secret(tier: Tier) -> None:
     assert SECRET.encode() not in raw_lines and b"query-secret" not in raw_lines and b"Bearer" not in raw_lines
 
 
-# --------------------------------------------------------------------------- the addon never goes away quietly
+# --------------------------------------------------------------------------- the tier's process
 
 
-def test_a_reloaded_script_stops_the_tier_instead_of_running_without_it(tmp_path: Path) -> None:
-    # mitmproxy reloads a script whose file changed, removing the addon first; had the new load failed, the proxy
-    # would run on with no checks at all. The tier stops instead (its supervisor starts it again).
-    script = tmp_path / "inspect.py"
-    shutil.copy(REPO / "addons" / "inspect.py", script)
-    log = tmp_path / "mitmdump.log"
-    process = start_mitmdump(tmp_path, script, free_port(), log, [])
-    try:
-        later = script.stat().st_mtime + 10
-        os.utime(script, (later, later))
-        assert wait_until(lambda: process.poll() is not None, timeout=15), log.read_text()
-    finally:
-        stop(process)
+def run_tier_to_exit(tmp_path: Path, script: Path, *settings: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "gateway.tier.proxy", "--listen-port", str(free_port()),
+               "--confdir", str(tmp_path / "confdir"), "--addon", str(script)]  # fmt: skip
+    command += [arg for setting in settings for arg in ("--set", setting)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        # Options of mitmdump's addons the tier does not load: the pages for sandboxes, rewriting, replay, saving.
+        ("onboarding=true", "onboarding"),
+        ("map_local=|example.com|/etc", "map_local"),
+        ("server_replay=/tmp/flows", "server_replay"),
+        ("save_stream_file=/tmp/flows", "save_stream_file"),
+        ("scripts=/tmp/other.py", "scripts"),
+        # A misspelt option of a loaded addon is refused, not kept for an addon that never comes.
+        ("ssl_verify_upstream_trusted_cas=/tmp/ca.pem", "ssl_verify_upstream_trusted_cas"),
+    ],
+)
+def test_the_tier_process_refuses_an_option_no_loaded_addon_has(tmp_path: Path, setting: str, named: str) -> None:
+    done = run_tier_to_exit(tmp_path, REPO / "addons" / "inspect.py", setting, "connection_strategy=lazy")
+    assert done.returncode == 1, done
+    assert f"unknown options ['{named}']" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ("connection_strategy=eager",),
+        (),  # mitmproxy's default strategy is eager: no option change would show it to the addon
+        ("connection_strategy=lazy", "validate_inbound_headers=false"),
+    ],
+)
+def test_the_tier_process_refuses_option_values_the_addon_refuses(tmp_path: Path, settings: tuple[str, ...]) -> None:
+    done = run_tier_to_exit(tmp_path, REPO / "addons" / "inspect.py", *settings)
+    assert done.returncode == 1, done
+    assert "the gateway's inspection addon needs" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("source", ["def broken(:\n", "addons = []\n", "import no_such_module_here\n"])
+def test_the_tier_process_does_not_run_without_its_addon(tmp_path: Path, source: str) -> None:
+    script = tmp_path / "addon.py"
+    script.write_text(source)
+    done = run_tier_to_exit(tmp_path, script)
+    assert done.returncode == 1, done
+    assert "the addon did not load, or defines no `addons` list" in done.stderr, done.stderr

@@ -1,9 +1,9 @@
-"""The tier's supervisor with a real mitmdump: started on loopback, answering, restarted after kill -9, records
-from its pipe reaching a FlowLog, and no process left after close().
+"""The tier's supervisor with its real mitmproxy process (`gateway.tier.proxy`): started on loopback, answering,
+restarted after kill -9, records from its pipe reaching a FlowLog, and no process left after close().
 
-Until the addon (addons/inspect.py) is merged, mitmdump runs a stand-in script that only declares the three
-options the supervisor sets and, once running, writes one flow record carrying what it was given (the token
-and the secrets), so the test sees that both arrived where the addon will read them.
+The process runs a stand-in addon that only declares the three options the supervisor sets and, once running, writes
+one flow record carrying what it was given (the token and the secrets), so the test sees that both arrived where the
+addon will read them.
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ One run builds one throw-away topology with bench/egress.py's pieces (tests/netn
 `200 ok`, its authoritative DNS) and measures every subject with the same HTTPS client in the sandbox
 namespace against that origin:
 
-* `mitmdump`: mitmdump alone as a plain reverse proxy, `--mode reverse:https://198.18.1.1:443` on
-  198.18.0.2:8443 in the gateway namespace, with the tier's own options minus its addon; dialled directly
-  by the client, which trusts mitmdump's CA. `keep_host_header` keeps the client's SNI and Host (cps.test)
-  upstream, as the tier does, so the upstream certificate is checked against the same name.
+* `mitmdump`: mitmdump alone as a plain reverse proxy, `--mode reverse:https://198.18.1.1:443` on 198.18.0.2:8443 in
+  the gateway namespace, with the tier's own options minus its addon; dialled directly by the client, which trusts
+  mitmdump's CA (made as the tier's: EC P-256, where mitmdump's default is RSA). `keep_host_header` keeps the
+  client's SNI and Host (cps.test) upstream, as the tier does, so the upstream certificate is checked against the
+  same name.
 * `fast-path`: `gateway run --data-plane --steer`, cps.test a plain allow_hosts entry, no inspect entry:
   the tier is not running. The client dials the origin's address and is steered transparently.
 * `fast-path-tier-on`: the same, but the policy also marks another name (`other.test`) with an inspect
@@ -17,12 +18,14 @@ namespace against that origin:
 * `tier`: cps.test marked by an inspect entry (GET only, one credential injected as Authorization), the
   client steered transparently and trusting the CA `gateway certs ca` prints.
 
-Proxy CPU = utime+stime from /proc of the subject's process and its descendants (the gateway and its
-mitmdump child; for the fast paths too, so an idle tier's own CPU counts against tier-on), before and
-after each round. Each phase runs `--rounds` times on the same process; the table shows medians and the
-rounds' spread. A round lasts `--round-seconds` (so a fast subject makes more requests, and every subject
-enough CPU ticks). Phases: keep-alive (`--threads` connections, each sending small GETs one after the other)
-and, unless `--no-new-conns`, one new TLS connection per request (`--threads` clients).
+Proxy CPU = utime+stime from /proc of the subject's process and its descendants (the gateway and its tier process,
+mitmproxy with the gateway's addon; for the fast paths too, so an idle tier's own CPU counts against tier-on),
+before and after each round. Each phase runs `--rounds` times on the same process; with `--cycles N` the subjects
+are measured in order N times (the gateway's nft table flushed after each gateway subject) and every subject's
+rounds are pooled, so that a slower or faster spell of the machine falls on every subject. The table shows medians
+and the rounds' spread. A round lasts `--round-seconds` (so a fast subject makes more requests, and every subject
+enough CPU ticks). Phases: keep-alive (`--threads` connections, each sending small GETs one after the other) and,
+unless `--no-new-conns`, one new TLS connection per request (`--threads` clients).
 
     sudo .venv/bin/python bench/inspection.py            # defaults: about 4-5 minutes on 2 cores
     sudo .venv/bin/python bench/inspection.py --quick    # small counts, about a minute: checks the harness works
@@ -60,6 +63,7 @@ from egress import (
 )
 from procstat import cpu_seconds, descendants, fmt
 
+from gateway.tier.ca import ensure_ca
 from tests.netns import Topology, TopologyError
 
 SUBJECTS = ("mitmdump", "fast-path", "fast-path-tier-on", "tier")  # also the run order: mitmdump is dialled
@@ -196,6 +200,7 @@ class InspectBench(Bench):
     def __init__(self, topo: Topology, workdir: Path, opts: Options, plan: Plan) -> None:
         super().__init__(topo, workdir, opts)
         self.plan = plan
+        self.results: dict[str, Result] = {}
         self.tier_env = {
             "GATEWAY_INSPECTION__CA_DIR": str(workdir / "inspection"),
             "GATEWAY_INSPECTION__UPSTREAM_CA_FILE": str(self.cert),  # the origin's self-signed certificate
@@ -207,16 +212,19 @@ class InspectBench(Bench):
         """Start `subject`; returns its process, where the client dials, and the CA the client trusts."""
         if subject == "mitmdump":
             confdir = self.workdir / "mitmdump-alone"
+            confdir.mkdir(mode=0o700, exist_ok=True)
+            # The tier's kind of CA (EC P-256): a new connection's handshake signature then costs both the same.
+            ensure_ca(confdir, ())
             argv = [str(Path(sys.executable).parent / "mitmdump"), "--mode",
                     f"reverse:https://{NAMES[ORIGIN]}:443@{PROXY_ADDRESS}:{MITMDUMP_PORT}"]  # fmt: skip
             options = {
                 "confdir": str(confdir),
                 "ssl_verify_upstream_trusted_ca": str(self.cert),
                 "keep_host_header": "true",
-                # As gateway/tier/supervisor.py runs the tier.
+                # mitmdump's own addons kept quiet (the tier's process has neither), then the tier's options.
                 "flow_detail": "0",
-                "termlog_verbosity": "warn",
                 "onboarding": "false",
+                "termlog_verbosity": "warn",
                 "connection_strategy": "lazy",
             }
             for name, value in options.items():
@@ -251,7 +259,8 @@ class InspectBench(Bench):
         return json.loads(self.topo.run("sb1", argv, timeout=seconds + 60).stdout)
 
     def measure_inspect(self, subject: str) -> Result:
-        result = Result(subject)
+        """`subject`'s rounds, added to those of its earlier cycles (`--cycles`)."""
+        result = self.results.setdefault(subject, Result(subject))
         proc, dial, ca = self.start_inspect_subject(subject)
         plan = self.plan
         try:
@@ -264,7 +273,7 @@ class InspectBench(Bench):
             result.processes = len(descendants(proc.pid))
             phases = [("keep-alive", "keepalive"), *([("new-conn", "new")] if plan.new_conns else [])]
             for label, mode in phases:
-                phase = result.phases[label] = Phase()
+                phase = result.phases.setdefault(label, Phase())
                 for _ in range(plan.rounds):
                     tree = descendants(proc.pid)
                     cpu0, child0 = cpu_seconds(tree), cpu_seconds(tree[1:])
@@ -286,6 +295,8 @@ class InspectBench(Bench):
         finally:
             self.topo.kill(proc)
             self.topo.processes.remove(proc)
+            if subject != "mitmdump":  # its table would drop the next cycle's direct traffic to mitmdump
+                self.topo.run("gw", ["nft", "flush", "ruleset"], timeout=30)
         return result
 
 
@@ -312,7 +323,7 @@ def report(results: dict[str, Result]) -> bool:
             (f"{label} proxy CPU ms / request", lambda r, pick=pick: fmt(Phase.median(pick(r, "cpu_ms")), ".4f")),
             ("  spread of rounds %", lambda r, pick=pick: fmt(_pct(Phase.spread(pick(r, "cpu_ms"))), ".1f")),
             (
-                "  of which mitmdump child ms",
+                "  of which tier process ms",
                 lambda r, pick=pick: fmt(Phase.median(pick(r, "child_cpu_ms")) if r.processes > 1 else None, ".4f"),
             ),
             (
@@ -376,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-new-conns", action="store_true", help="keep-alive phase only")
     parser.add_argument("--rounds", type=int, help="rounds per phase (default 5, quick 3)")
     parser.add_argument("--round-seconds", type=float, help="length of a round (default 6, quick 2)")
+    parser.add_argument(
+        "--cycles", type=int, default=1, help="measure the subjects in order this many times, rounds pooled (1)"
+    )
     parser.add_argument("--no-install", action="store_true", help="print the apt command and exit 2 when missing")
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs and logs (path printed)")
     args = parser.parse_args(argv)
@@ -403,20 +417,22 @@ def main(argv: list[str] | None = None) -> int:
     # egress.py's Bench: only its origins and plumbing are used here (no bulk bytes, no idle connections).
     opts = Options(cps_count=0, cps_threads=0, latency_count=0, bulk_bytes=0, idle=0, phase_seconds=plan.round_seconds)
     bench = InspectBench(topo, workdir, opts, plan)
-    chosen = [subject for subject in SUBJECTS if subject in subjects]
+    cycles = max(1, min(args.cycles, 10))
+    chosen = [subject for subject in SUBJECTS if subject in subjects] * cycles
     results = run_subjects(topo, workdir, bench.setup, bench.measure_inspect, chosen, keep_workdir=args.keep_workdir)
 
     phases = f"keep-alive: {plan.threads} connections"
     if plan.new_conns:
         phases += f"; new-conn: a new TLS connection per request, {plan.threads} clients"
     print(
-        f"\n{phases}; {plan.rounds} rounds of {plan.round_seconds:g} s per phase, medians shown; "
+        f"\n{phases}; {plan.rounds} rounds of {plan.round_seconds:g} s per phase and subject, "
+        f"{cycles} cycle(s) of the subjects in order, medians of all rounds shown; "
         f"{os.cpu_count()} CPUs; 1-min load {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; "
         f"total {time.monotonic() - started:.0f} s"
     )
     print(
         "mitmdump is dialled directly at 198.18.0.2:8443; the gateway subjects at the origin's address (steered). "
-        "Proxy CPU = utime+stime of the subject's process tree (gateway + mitmdump child for the gateway subjects)."
+        "Proxy CPU = utime+stime of the subject's process tree (gateway + its tier process for the gateway subjects)."
     )
     return 0 if report(results) else 1
 

@@ -80,12 +80,11 @@ async def serve(arguments: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, proxy.shutdown)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a peer gone mid-write is an error on that connection only
     await proxy.run()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    asyncio.run(serve(parse_arguments(sys.argv[1:] if argv is None else argv)))
+def main() -> None:
+    asyncio.run(serve(parse_arguments(sys.argv[1:])))
 
 
 if __name__ == "__main__":

@@ -860,6 +860,13 @@ class EgressEnv:
             tail = "\n".join(self.log_file.read_text(errors="replace").splitlines()[-40:])
             raise AssertionError(f"the gateway did not stop within {timeout} s; its log ends:\n{tail}") from None
 
+    def worker_pids(self, index: int) -> list[int]:
+        """The pids of the running gateway's worker `index` (1..N-1 of `--workers N`; none between two lives)."""
+        assert self.gateway is not None
+        argv = ["pgrep", "-P", str(self.gateway.pid), "-f", f"worker-index {index}( |$)"]
+        found = subprocess.run(argv, capture_output=True, text=True, check=False)
+        return [int(pid) for pid in found.stdout.split()]
+
     def readyz(self) -> subprocess.CompletedProcess[str]:
         return self.topo.run("gw", ["curl", "-sS", "-m", "2", f"{NAMESPACE_API}/readyz"], check=False)
 

@@ -52,12 +52,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EgressEnv]:
     assert live_namespaces(topo.prefix) == []
 
 
-def _worker_pids(env: EgressEnv) -> list[int]:
-    assert env.gateway is not None
-    found = subprocess.run(["pgrep", "-P", str(env.gateway.pid), "-f", "worker-index 1"], capture_output=True)
-    return [int(pid) for pid in found.stdout.split()]
-
-
 def _fetch(
     env: EgressEnv, sb: str, timeout: float = 6.0, host: str = "allowed.test", address: str = "198.18.1.1"
 ) -> subprocess.CompletedProcess[str]:
@@ -80,7 +74,7 @@ def _batch_pids(env: EgressEnv, sandbox: str) -> set[int]:
 
 @pytest.mark.root
 def test_each_sandbox_is_served_by_its_worker_process(env: EgressEnv) -> None:
-    [worker] = _worker_pids(env)
+    [worker] = env.worker_pids(1)
     for sb in ("sb1", "sb2"):
         result = _fetch(env, sb)
         assert result.stdout.startswith("ORIGIN 198.18.1.1 host=allowed.test sni=allowed.test"), result
@@ -225,7 +219,7 @@ def test_sighup_puts_new_invariants_in_force_in_every_worker(env: EgressEnv) -> 
 
 @pytest.mark.root
 def test_a_dead_worker_fails_closed_and_is_restarted(env: EgressEnv) -> None:
-    [worker] = _worker_pids(env)
+    [worker] = env.worker_pids(1)
     os.kill(worker, signal.SIGKILL)
     # Dead (a zombie until the main process reaps it) means its listening socket is closed.
     assert wait_until(lambda: _dead(worker), timeout=5, interval=0.02)
@@ -233,7 +227,7 @@ def test_a_dead_worker_fails_closed_and_is_restarted(env: EgressEnv) -> None:
     assert _fetch(env, "sb1").returncode == 0  # the other worker's sandboxes are untouched
 
     def restarted() -> bool:
-        pids = _worker_pids(env)
+        pids = env.worker_pids(1)
         return bool(pids) and pids != [worker] and _fetch(env, "sb2", timeout=2).returncode == 0
 
     if not wait_until(restarted, timeout=20, interval=0.5):
@@ -244,7 +238,7 @@ def test_a_dead_worker_fails_closed_and_is_restarted(env: EgressEnv) -> None:
 
 @pytest.mark.root
 def test_workers_stop_with_the_main_process(env: EgressEnv) -> None:
-    [worker] = _worker_pids(env)
+    [worker] = env.worker_pids(1)
     assert env.gateway is not None
     logged = len(env.log_file.read_text(errors="replace"))
     env.stop_gateway()

@@ -41,7 +41,7 @@ ADDONS: Final = (
 
 
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gateway.tier.proxy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     parser.add_argument("--listen-port", type=int, required=True, help="port on 127.0.0.1")
     parser.add_argument("--confdir", type=Path, required=True, help="mitmproxy's confdir: the CA and config.yaml")
     parser.add_argument("--addon", type=Path, required=True, help="the addon file (its module-level `addons`)")

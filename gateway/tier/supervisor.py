@@ -36,7 +36,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any, Final
 
@@ -57,9 +57,21 @@ ADDON: Final = Path(gateway.addons.__file__).resolve().parent / "inspect.py"
 #: The only variables the child inherits.
 _ENVIRONMENT: Final = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH")
 MAX_RECORD_LINE: Final = 65536
+#: The tier's process (gateway/tier/proxy.py), as `python -m` runs it; not imported here, which would load mitmproxy
+#: into every gateway process.
+TIER_MODULE: Final = "gateway.tier.proxy"
 OUTPUT_TAIL: Final = 20
 STOP_TIMEOUT: Final = 5.0
 READY_POLL: Final = 0.05
+
+
+def tier_command(listen_port: int, confdir: Path, addon: Path, settings: Iterable[str] = ()) -> list[str]:
+    """The command line of the tier's process (`settings`: mitmproxy options, each "name=value")."""
+    argv = [sys.executable, "-m", TIER_MODULE, "--listen-port", str(listen_port), "--confdir", str(confdir)]
+    argv += ["--addon", str(addon)]
+    for setting in settings:
+        argv += ["--set", setting]
+    return argv
 
 
 class TierSupervisor:
@@ -161,8 +173,6 @@ class TierSupervisor:
 
     def _command(self, records_fd: int, secrets_fd: int) -> list[str]:
         config = self.config
-        command = [sys.executable, "-m", "gateway.tier.proxy", "--listen-port", str(config.listen_port)]
-        command += ["--confdir", str(config.ca_dir), "--addon", str(self.addon)]
         options = {
             "gateway_records_fd": str(records_fd),
             "gateway_secrets": f"/dev/fd/{secrets_fd}",
@@ -172,9 +182,8 @@ class TierSupervisor:
         }
         if config.upstream_ca_file is not None:
             options["ssl_verify_upstream_trusted_ca"] = str(config.upstream_ca_file)
-        for name, value in options.items():
-            command += ["--set", f"{name}={value}"]
-        return command
+        settings = (f"{name}={value}" for name, value in options.items())
+        return tier_command(config.listen_port, config.ca_dir, self.addon, settings)
 
     def _write_confdir_options(self) -> None:
         """The token, in mitmproxy's confdir config file (0600): see the module's docstring."""

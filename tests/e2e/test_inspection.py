@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from gateway.tier.supervisor import TIER_MODULE
 from gateway.workers import worker_index
 from tests import authdns
 from tests.factory import (
@@ -135,7 +136,7 @@ class InspectionEnv(EgressEnv):
 
     def tier_pid(self) -> int | None:
         assert self.gateway is not None  # its own child: another run's tier on this machine is not ours
-        argv = ["pgrep", "-P", str(self.gateway.pid), "-f", "gateway.tier.proxy"]
+        argv = ["pgrep", "-P", str(self.gateway.pid), "-f", TIER_MODULE]
         found = subprocess.run(argv, capture_output=True, text=True, check=False)
         pids = [int(p) for p in found.stdout.split()]
         return pids[0] if pids else None

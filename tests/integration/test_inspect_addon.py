@@ -18,7 +18,6 @@ import os
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -31,6 +30,7 @@ import pytest
 from gateway.addons.enforce import MAX_SCRUB_BYTES, REDACTED
 from gateway.flowlog import FlowRecord
 from gateway.inspection import Credential, InspectionContext, InspectRule
+from gateway.tier.supervisor import tier_command
 from tests.factory import REPO, free_port, make_pki, wait_until
 
 TOKEN = "per-run-token-0123456789"
@@ -148,13 +148,9 @@ def start_tier(
     directory: Path, script: Path, port: int, log: Path, options: Sequence[str], pass_fds: Sequence[int] = ()
 ) -> subprocess.Popen[bytes]:
     """The tier's process with the addon as the supervisor starts it (loopback, lazy upstream), listening."""
-    command = [
-        sys.executable, "-m", "gateway.tier.proxy", "--listen-port", str(port),
-        "--confdir", str(directory / "confdir"), "--addon", str(script),
-        "--set", f"gateway_token={TOKEN}",
-        "--set", "connection_strategy=lazy",
-        *(arg for option in options for arg in ("--set", option)),
-    ]  # fmt: skip
+    command = tier_command(
+        port, directory / "confdir", script, [f"gateway_token={TOKEN}", "connection_strategy=lazy", *options]
+    )
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, pass_fds=pass_fds)
     assert wait_until(lambda: b"proxy listening" in log.read_bytes() or process.poll() is not None, timeout=30)
@@ -565,9 +561,7 @@ def test_one_record_per_request_and_never_a_secret(tier: Tier) -> None:
 
 
 def run_tier_to_exit(tmp_path: Path, script: Path, *settings: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "gateway.tier.proxy", "--listen-port", str(free_port()),
-               "--confdir", str(tmp_path / "confdir"), "--addon", str(script)]  # fmt: skip
-    command += [arg for setting in settings for arg in ("--set", setting)]
+    command = tier_command(free_port(), tmp_path / "confdir", script, settings)
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
 

@@ -31,8 +31,6 @@ tier cannot decode, or one larger than `MAX_SCRUB_BYTES`, is refused with 502 ra
 
 from __future__ import annotations
 
-import base64
-import hmac
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,10 +40,6 @@ from urllib.parse import quote, unquote
 
 from gateway.inspection import InspectionContext, decide_request
 
-#: The user name of the engine's Proxy-Authorization (Basic `gateway:<per-run token>`).
-PROXY_USER: Final = "gateway"
-#: The hand-over header carrying `InspectionContext.encode()`.
-CONTEXT_HEADER: Final = "X-Gateway-Context"
 #: What replaces a secret in a response.
 REDACTED: Final = "[REDACTED]"
 #: Bodies (decoded) scrubbed at most; above this a response of an entry with credentials is refused.
@@ -76,14 +70,6 @@ class Decision:
 
 
 ALLOWED: Final = Decision(0, "request allowed by the entry's HTTP rules")
-
-
-def proxy_authorized(header: str | None, token: str) -> bool:
-    """Whether a Proxy-Authorization value is Basic `gateway:<token>`; compared in constant time."""
-    if not token or header is None:
-        return False
-    expected = "Basic " + base64.b64encode(f"{PROXY_USER}:{token}".encode()).decode("ascii")
-    return hmac.compare_digest(header.strip().encode("utf-8", "replace"), expected.encode("ascii"))
 
 
 def _same_name(given: str, host: str) -> bool:

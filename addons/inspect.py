@@ -1,39 +1,37 @@
 """The inspection tier's mitmproxy addon: a thin shell that applies `addons/enforce.py` to mitmproxy's hooks.
 
-Loaded once by the tier's process, `python -m gateway.tier.proxy --addon <this file>` (mitmproxy's regular mode,
-loopback only, none of mitmdump's other addons), with these options of its own:
-- `gateway_token`: the per-run token the engine sends as Proxy-Authorization Basic `gateway:<token>`;
+Loaded once by the tier's process, `python -m gateway.tier.proxy --addon <this file>`, beside the tier's hand-over
+listener (`gateway.tier.handover`, which owns the option `gateway_token`) and none of mitmdump's other addons, with
+these options of its own:
 - `gateway_records_fd`: a pipe the supervisor reads, one flow record (`gateway.flowlog.render`) per line;
 - `gateway_secrets`: the path of a JSON file {name: value} the supervisor writes for this process, owner-only
   (mode 0600 or stricter; anything looser is refused). A file, not the environment or the command line: those
   are readable by more processes (/proc/<pid>/environ, ps) and are inherited by children.
-The addon refuses to run (OptionsError: the tier's process exits at start-up) unless mitmproxy's
-`validate_inbound_headers` is on (it refuses most smuggling shapes) and `connection_strategy` is `lazy`
-(`REQUIRED_OPTIONS`): a request refused here then never opens an upstream connection, and the client's ALPN (HTTP/2)
-does not depend on the origin's.
+The addon refuses to run (OptionsError: the tier's process exits at start-up) outside that process (no hand-over
+listener), or unless mitmproxy's `validate_inbound_headers` is on (it refuses most smuggling shapes) and
+`connection_strategy` is `lazy` (`REQUIRED_OPTIONS`): a request refused here then never opens an upstream
+connection, and the client's ALPN (HTTP/2) does not depend on the origin's.
 
-A connection is handed over with `CONNECT <vetted address>:<port>` (an address literal: mitmproxy does no DNS
-here) and the `X-Gateway-Context` header; the context is kept per client connection, so every HTTP/2 stream
-and keep-alive request of that connection is decided against it. A request on a connection without a context
-(no CONNECT, or a refused one) is answered 407 and never proxied.
+Every connection comes with the `InspectionContext` the engine handed it over with (the listener's `contexts`, per
+client connection), so every HTTP/2 stream and keep-alive request of that connection is decided against it. A
+request on a connection without one is answered 407 and never proxied.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import re
 import stat
 import time
 import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from mitmproxy import ctx, exceptions, http
 from OpenSSL import SSL
 
 from gateway.addons.enforce import (
-    CONTEXT_HEADER,
     MAX_RECORD_PATH,
     MAX_RECORD_REASON,
     MAX_SCRUB_BYTES,
@@ -43,7 +41,6 @@ from gateway.addons.enforce import (
     decide,
     names_sni,
     parse_secrets,
-    proxy_authorized,
     request_path,
     scrubber_for,
 )
@@ -118,7 +115,8 @@ def _no_tls(*, server_side: bool) -> SSL.Connection:
 
 class Inspect:
     def __init__(self) -> None:
-        self.contexts: weakref.WeakKeyDictionary[connection.Client, InspectionContext] = weakref.WeakKeyDictionary()
+        #: The hand-over listener's contexts (an empty stand-in until `configure` finds the listener).
+        self.contexts: Mapping[connection.Client, InspectionContext] = {}
         self.refused_tls: weakref.WeakSet[connection.Client] = weakref.WeakSet()
         self.scrubbers: weakref.WeakKeyDictionary[connection.Client, Scrubber] = weakref.WeakKeyDictionary()
         self.secrets: dict[str, str] = {}
@@ -128,11 +126,17 @@ class Inspect:
     # ------------------------------------------------------------------ options
 
     def load(self, loader: Loader) -> None:
-        loader.add_option("gateway_token", str, "", "Proxy-Authorization token of the gateway's hand-over.")
         loader.add_option("gateway_records_fd", int, -1, "File descriptor for flow records (JSON lines); -1: none.")
         loader.add_option("gateway_secrets", str, "", "Owner-only JSON file {name: value} of credential secrets.")
 
     def configure(self, updated: set[str]) -> None:
+        handover = ctx.master.addons.get("handover")
+        if handover is None:
+            raise exceptions.OptionsError(
+                "the gateway's inspection addon runs in the tier's process (python -m gateway.tier.proxy), whose "
+                "hand-over listener tells it what each connection was allowed for"
+            )
+        self.contexts = handover.contexts
         if updated & set(REQUIRED_OPTIONS):
             found = {name: getattr(ctx.options, name) for name in REQUIRED_OPTIONS}
             if found != REQUIRED_OPTIONS:
@@ -146,28 +150,7 @@ class Inspect:
                 # A stalled reader must cost records, never stall the proxy.
                 os.set_blocking(self.records_fd, False)
 
-    # ------------------------------------------------------------------ the hand-over
-
-    def http_connect(self, flow: http.HTTPFlow) -> None:
-        headers = flow.request.headers
-        if not proxy_authorized(headers.get("Proxy-Authorization"), ctx.options.gateway_token):
-            _event("inspect.connect_unauthorized", client=flow.client_conn.peername)
-            flow.response = http.Response.make(
-                407, b"proxy authentication required\n", {"Proxy-Authenticate": 'Basic realm="gateway"'}
-            )
-            return
-        try:
-            context = InspectionContext.decode(headers.get(CONTEXT_HEADER, ""))
-            ipaddress.ip_address(flow.request.host)  # the engine dials what it vetted: never a name to resolve
-            if flow.request.port != context.port:
-                raise ValueError(f"CONNECT port {flow.request.port} is not the context's {context.port}")
-        except (ValueError, KeyError, TypeError) as exc:
-            _event("inspect.connect_invalid", client=flow.client_conn.peername, error=str(exc)[:200])
-            flow.response = http.Response.make(400, b"invalid hand-over\n")
-            return
-        del headers["Proxy-Authorization"]
-        del headers[CONTEXT_HEADER]
-        self.contexts[flow.client_conn] = context
+    # ------------------------------------------------------------------ TLS
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         client = data.context.client

@@ -13,6 +13,8 @@ values live in the gateway's `[inspection]` config and never in a policy record,
 from __future__ import annotations
 
 import base64
+import hmac
+import ipaddress
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +27,12 @@ HTTP_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "CON
 TIER_TOKEN_VARIABLE = "SANDBOX_GATEWAY_TIER_TOKEN"
 #: The ports an entry marks when it names none.
 DEFAULT_INSPECT_PORTS = (443,)
-
-
-def tier_authorization(token: str) -> str:
-    """The hand-over request's `Proxy-Authorization` value for the tier's per-run token."""
-    return "Basic " + base64.b64encode(f"gateway:{token}".encode()).decode()
+#: The first word of a hand-over line (see `handover_line`).
+HANDOVER_VERSION = "GATEWAY-HANDOVER/1"
+#: The tier's one-byte answer to a hand-over line it accepts, written before any byte of mitmproxy's.
+HANDOVER_ACCEPTED = b"\x06"
+#: A hand-over line is at most this long (a context carries one entry's rules: far less).
+MAX_HANDOVER_LINE = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +136,7 @@ class InspectionContext:
     revision: str | None = None
 
     def encode(self) -> str:
-        """One header-safe token (URL-safe base64 of JSON) for the hand-over request."""
+        """One word (URL-safe base64 of JSON) for the hand-over line."""
         body = {"sandbox": self.sandbox, "host": self.host, "port": self.port, "entry": self.entry}
         body["rule"] = self.rule.to_dict()
         body["src"] = [self.src_addr, self.src_port]
@@ -151,6 +154,31 @@ class InspectionContext:
             raise ValueError("the context's revision is not a revision id")
         return cls(data["sandbox"], data["host"], int(data["port"]), data["entry"], InspectRule.from_dict(data["rule"]),
                    str(src_addr), int(src_port), str(orig_addr), int(orig_port), revision)  # fmt: skip
+
+
+def handover_line(token: str, address: str, port: int, context: InspectionContext) -> bytes:
+    """What the engine writes to the tier before the sandbox's first bytes: the per-run token, the vetted
+    address and port the tier is to dial (an address literal: the tier does no DNS), and the context."""
+    return f"{HANDOVER_VERSION} {token} {address} {port} {context.encode()}\n".encode("ascii")
+
+
+def parse_handover(line: bytes, token: str) -> tuple[str, int, InspectionContext]:
+    """The inverse of `handover_line` for the tier: (address, port, context). ValueError, saying what is wrong,
+    for a line the engine did not write with `token` (the token compared in constant time)."""
+    words = line.rstrip(b"\n").split(b" ")
+    if len(words) != 5 or words[0] != HANDOVER_VERSION.encode():
+        raise ValueError(f"not a {HANDOVER_VERSION} line")
+    if not token or not hmac.compare_digest(words[1], token.encode()):
+        raise ValueError("the hand-over token is wrong")
+    address = str(ipaddress.ip_address(words[2].decode("ascii")))  # never a name to resolve
+    port = int(words[3])
+    try:
+        context = InspectionContext.decode(words[4].decode("ascii"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"the hand-over's context is not the engine's: {exc!r}") from None
+    if port != context.port:
+        raise ValueError(f"the hand-over's port {port} is not the context's {context.port}")
+    return address, port, context
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,7 +49,7 @@ from gateway.engine.plan import dial_refusal
 from gateway.errors import GatewayError
 from gateway.flowlog import FlowLog
 from gateway.formatting import listen_description, store_description
-from gateway.inspection import TIER_TOKEN_VARIABLE, tier_authorization
+from gateway.inspection import TIER_TOKEN_VARIABLE
 from gateway.learned import LearnedDestinations
 from gateway.metrics import Snapshot, TierSnapshot, registry_for, render
 from gateway.nft import SteeringConfig, SteeringStatus, UnattachedSources, links_from_sandboxes, render_ruleset
@@ -598,11 +598,11 @@ class DataPlane:
         inspection = self.config.inspection
         tier = self.tier
         if tier is not None:
-            return TierRoute(inspection.listen_port, tier.authorization, lambda: tier.ready, inspection.excluded)
+            return TierRoute(inspection.listen_port, tier.token, lambda: tier.ready, inspection.excluded)
         token = os.environ.get(TIER_TOKEN_VARIABLE)
         if not token:
             return None
-        return TierRoute(inspection.listen_port, tier_authorization(token), lambda: True, inspection.excluded)
+        return TierRoute(inspection.listen_port, token, lambda: True, inspection.excluded)
 
     def _inspection_needed(self) -> bool:
         return any(policy.inspects for policy in self.store.state.compiled.values())

@@ -1,10 +1,12 @@
-"""Handing a marked connection to the inspection tier: one CONNECT on loopback, then the relay as usual.
+"""Handing a marked connection to the inspection tier: one line on a loopback connection, then the relay as usual.
 
-The engine has decided the connection (an `egress.inspect` entry allowed its name) and vetted the
-address to dial; the tier (mitmproxy with the gateway's addon) decides every request inside it. The
-hand-over request names that vetted address as the CONNECT target, so the tier dials exactly what the
-fast path would have (it does no DNS of its own), and carries the sandbox's identity and the entry as
-an `InspectionContext`, authenticated by the per-run token (`Proxy-Authorization`).
+The engine has decided the connection (an `egress.inspect` entry allowed its name) and vetted the address to dial;
+the tier (mitmproxy with the gateway's addon) decides every request inside it. The hand-over line
+(`gateway.inspection.handover_line`) names that vetted address, so the tier dials exactly what the fast path would
+have (it does no DNS of its own), and carries the sandbox's identity and the entry as an `InspectionContext`, with
+the per-run token. The tier takes the connection as a transparent one to that address (mitmproxy then runs no HTTP
+CONNECT layer around every event of it) and answers `HANDOVER_ACCEPTED`, one byte, before any byte of mitmproxy's:
+a tier that refuses, or is hung, is noticed here within the timeout, before the sandbox has been sent anything.
 
 The engine knows the tier only as a `TierRoute` handed to it by the composition root.
 """
@@ -17,18 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.engine.dial import dial
-from gateway.inspection import InspectionContext
-
-#: The tier's answer to the hand-over is one short status line and a few headers.
-MAX_ANSWER = 4096
+from gateway.inspection import HANDOVER_ACCEPTED, InspectionContext, handover_line
 
 
 @dataclass(frozen=True, slots=True)
 class TierRoute:
-    """Where the inspection tier listens and whether it serves; `excluded(host)`: a host kept opaque (pinned)."""
+    """Where the inspection tier listens, its per-run token, whether it serves; `excluded(host)`: a host kept
+    opaque (pinned)."""
 
     port: int
-    authorization: str
+    token: str
     ready: Callable[[], bool]
     excluded: Callable[[str], bool]
 
@@ -37,18 +37,10 @@ class HandoverFailed(Exception):
     """The tier is down or refused the hand-over; the message says which."""
 
 
-def connect_request(route: TierRoute, target: str, port: int, context: InspectionContext) -> bytes:
-    authority = f"[{target}]:{port}" if ":" in target else f"{target}:{port}"
-    return (
-        f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: {route.authorization}\r\n"
-        f"X-Gateway-Context: {context.encode()}\r\n\r\n"
-    ).encode("ascii")
-
-
 async def hand_over(
     route: TierRoute, target: str, port: int, context: InspectionContext, timeout: float
 ) -> socket.socket:
-    """A loopback socket to the tier, past its `200` to the CONNECT for (target, port); HandoverFailed otherwise."""
+    """A loopback socket to the tier, which has accepted the hand-over for (target, port); HandoverFailed otherwise."""
     if not route.ready():
         raise HandoverFailed("the inspection tier is not running")
     try:
@@ -58,17 +50,10 @@ async def hand_over(
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
-            await loop.sock_sendall(sock, connect_request(route, target, port, context))
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                chunk = await loop.sock_recv(sock, MAX_ANSWER - len(answer))
-                if not chunk or len(answer) + len(chunk) >= MAX_ANSWER:
-                    raise HandoverFailed("the inspection tier closed the hand-over or answered too much")
-                answer += chunk
-        head, _, rest = answer.partition(b"\r\n\r\n")
-        status = head.split(b"\r\n", 1)[0].split(b" ", 2)
-        if len(status) < 2 or status[1] != b"200" or rest:
-            raise HandoverFailed(f"the inspection tier refused the hand-over: {head[:80]!r}")
+            await loop.sock_sendall(sock, handover_line(route.token, target, port, context))
+            answer = await loop.sock_recv(sock, len(HANDOVER_ACCEPTED))
+        if answer != HANDOVER_ACCEPTED:
+            raise HandoverFailed(f"the inspection tier refused the hand-over (it answered {answer!r})")
     except (OSError, TimeoutError) as exc:
         sock.close()
         raise HandoverFailed(f"the inspection tier did not answer the hand-over: {exc!r}") from None

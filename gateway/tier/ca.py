@@ -73,7 +73,7 @@ def ensure_ca(ca_dir: Path, permitted_domains: Sequence[str]) -> InspectionCA:
             write_atomic(cert_path, cert_pem(cert), 0o644)  # the public half, derived: safe to restore
         return InspectionCA(cert, cert_path, created=False)
     common_name = "Sandbox gateway inspection CA"
-    # Addresses stay unconstrained: mitmproxy names the dialled address (the engine's CONNECT target) in every
+    # Addresses stay unconstrained: mitmproxy names the dialled address (the hand-over's vetted address) in every
     # leaf it makes, and an excluded IP subtree would make clients refuse each one.
     cert, key = make_ca(common_name, list(permitted_domains), CA_DAYS, exclude_addresses=False)
     try:

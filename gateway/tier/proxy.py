@@ -4,8 +4,9 @@
 cookies, flow files, the onboarding pages, scripts reloaded when their file changes. The tier uses none of them,
 and each is code a hostile sandbox's traffic would reach. mitmproxy also offers every event to every addon (a
 connection passes some twenty hooks, each a walk over all of them), so in mitmdump the walk alone costs more than
-the tier's own checks. This process runs `ADDONS` and the addon file it is given, loaded once: a changed file is
-never reloaded, so the tier never runs for a moment without its checks.
+the tier's own checks. This process runs `ADDONS`, the hand-over listener (`gateway.tier.handover`: the engine's
+connections come in there, as transparent ones to the address the engine vetted) and the addon file it is given,
+loaded once: a changed file is never reloaded, so the tier never runs for a moment without its checks.
 
     python -m gateway.tier.proxy --listen-port N --confdir DIR --addon FILE [--set name=value ...]
 
@@ -27,6 +28,8 @@ from typing import Any, Final
 
 from mitmproxy import exceptions, hooks, master, options, optmanager
 from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, script, tlsconfig
+
+from gateway.tier.handover import Handover
 
 #: What the tier needs of mitmproxy: options and commands, the listener, the choice of layers, certificates, and
 #: the refusal of h2c upgrades (HTTP/2 only inside TLS). errorcheck makes a start-up error an exit status.
@@ -59,10 +62,11 @@ def load_addons(path: Path) -> list[Any]:
 
 
 async def serve(arguments: argparse.Namespace) -> None:
-    opts = options.Options(confdir=str(arguments.confdir), mode=[f"regular@127.0.0.1:{arguments.listen_port}"])
+    # No mode: mitmproxy runs no listener of its own; connections come in through the hand-over listener.
+    opts = options.Options(confdir=str(arguments.confdir), mode=[])
     proxy = master.Master(opts, with_termlog=True)
     tier_addons = load_addons(arguments.addon)
-    proxy.addons.add(*(addon() for addon in ADDONS), *tier_addons)
+    proxy.addons.add(*(addon() for addon in ADDONS), Handover(arguments.listen_port), *tier_addons)
     try:
         opts.set(*arguments.settings, defer=True)
         optmanager.load_paths(opts, str(arguments.confdir / "config.yaml"))

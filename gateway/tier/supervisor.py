@@ -3,8 +3,8 @@ watched, restarted and stopped from here.
 
 How things reach the process (the addon in addons/inspect.py reads them as mitmproxy options):
 
-- `gateway_token`: a random token made once per supervisor (`.token`, what the engine sends as
-  `Proxy-Authorization: Basic base64("gateway:<token>")`). It is NOT on the command line, which every local
+- `gateway_token`: a random token made once per supervisor (`.token`, what the engine sends in its hand-over
+  line, `gateway.inspection.handover_line`). It is NOT on the command line, which every local
   user can read in /proc: it is written to `config.yaml` in the CA directory (0600, next to the CA key, which
   guards far more), a file mitmproxy reads at start from its confdir. That file is rewritten on every start
   and removed at close, so nothing an operator leaves there survives.
@@ -45,7 +45,6 @@ import structlog
 import gateway.addons
 from gateway.errors import GatewayError
 from gateway.flowlog import FlowLog, decode_record
-from gateway.inspection import tier_authorization
 from gateway.processes import read_lines, wait_or_kill
 from gateway.tier.ca import ensure_ca
 from gateway.tier.config import InspectionConfig
@@ -96,11 +95,6 @@ class TierSupervisor:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None and self._process.returncode is None else None
-
-    @property
-    def authorization(self) -> str:
-        """The hand-over request's Proxy-Authorization value."""
-        return tier_authorization(self.token)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -1,7 +1,8 @@
 """The inspection addon in the tier's real mitmproxy process (`gateway.tier.proxy`, loopback, ports from the OS), in
-front of a real TLS origin that echoes what it receives, driven the way the engine hands a connection over: CONNECT
-to the vetted address with Proxy-Authorization and X-Gateway-Context, then TLS to the origin's name through the
-tier's CA (curl, or a raw socket when the bytes themselves are the point).
+front of a real TLS origin that echoes what it receives, driven the way the engine hands a connection over: the
+hand-over line (token, vetted address, context) and the tier's one-byte acceptance, then TLS to the origin's name
+through the tier's CA (curl behind a local hand-over relay that stands in for the engine, or a raw socket when the
+bytes themselves are the point).
 
 The origin (aiohttp, test CA from tests/factory.make_pki) answers every request with a JSON echo of its method,
 path and headers, also echoing Authorization into a response header; /redirect answers 302 to another host;
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -29,7 +32,7 @@ import pytest
 
 from gateway.addons.enforce import MAX_SCRUB_BYTES, REDACTED
 from gateway.flowlog import FlowRecord
-from gateway.inspection import Credential, InspectionContext, InspectRule
+from gateway.inspection import HANDOVER_ACCEPTED, Credential, InspectionContext, InspectRule, handover_line
 from gateway.tier.supervisor import tier_command
 from tests.factory import REPO, free_port, make_pki, wait_until
 
@@ -194,17 +197,70 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
 
 @dataclass
 class Answer:
-    connect: int  # the hand-over's status (0: none)
-    status: int  # the request's (0: none)
+    status: int  # 0: none
     headers: str
     body: str
     exit_code: int
 
     def header(self, name: str) -> list[str]:
-        """The values of `name` in the final response (curl -D also holds the hand-over's answer)."""
+        """The values of `name` in the final response."""
         block = self.headers.replace("\r\n", "\n").strip().split("\n\n")[-1]
         pairs = [line.split(":", 1) for line in block.splitlines()[1:] if ":" in line]
         return [value.strip() for key, value in pairs if key.strip().lower() == name.lower()]
+
+
+def open_hand_over(tier: Tier, ctx: InspectionContext, token: str = TOKEN, line: bytes | None = None) -> socket.socket:
+    """A connection to the tier that has sent the engine's hand-over line (or `line`) for `ctx`, to 127.0.0.1."""
+    sock = socket.create_connection(("127.0.0.1", tier.proxy_port), timeout=10)
+    sock.sendall(line if line is not None else handover_line(token, "127.0.0.1", ctx.port, ctx))
+    return sock
+
+
+def accepted(sock: socket.socket) -> bool:
+    """The tier's answer to the line: its acceptance byte, or the connection closed with nothing written."""
+    answer = sock.recv(64)
+    assert answer in (HANDOVER_ACCEPTED, b""), answer
+    return answer == HANDOVER_ACCEPTED
+
+
+def _pipe(source: socket.socket, destination: socket.socket) -> None:
+    """One direction, until the end of file or a reset (curl resets a connection it closes with bytes unread)."""
+    with contextlib.suppress(OSError):
+        while chunk := source.recv(65536):
+            destination.sendall(chunk)
+    with contextlib.suppress(OSError):
+        destination.shutdown(socket.SHUT_WR)
+
+
+@contextlib.contextmanager
+def relayed(tier: Tier, ctx: InspectionContext, token: str) -> Iterator[int]:
+    """A local port whose one connection is handed over to the tier as the engine does it (line, then acceptance)
+    and relayed: what curl dials in place of the engine. A refused hand-over closes curl's connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(15)
+
+    def serve() -> None:
+        try:
+            client, _ = listener.accept()
+        except OSError:
+            return
+        client.settimeout(15)
+        with client, open_hand_over(tier, ctx, token) as upstream:
+            upstream.settimeout(15)
+            if not accepted(upstream):
+                return
+            back = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
+            back.start()
+            _pipe(client, upstream)
+            back.join(15)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        thread.join(20)
 
 
 def curl(
@@ -216,39 +272,29 @@ def curl(
     plain: bool = False,
     token: str = TOKEN,
 ) -> Answer:
-    """One request through the tier, curl doing the hand-over CONNECT to 127.0.0.1 as the engine would."""
+    """One request through the tier, curl's connection handed over to it as the engine would."""
     port = tier.plain_port if plain else tier.tls_port
     scheme = "http" if plain else "https"
     out = tier.confdir.parent
-    command = [
-        "curl", "-sS", "--max-time", "10", "--proxytunnel",
-        "--proxy", f"http://127.0.0.1:{tier.proxy_port}", "--proxy-user", f"gateway:{token}",
-        "--proxy-header", f"X-Gateway-Context: {ctx.encode()}",
-        "--cacert", str(tier.confdir / "mitmproxy-ca-cert.pem"),
-        "--connect-to", f"{host}:{port}:127.0.0.1:{port}",
-        "-D", str(out / "headers"), "-o", str(out / "body"), "-w", "%{http_connect} %{http_code}",
-        *args, f"{scheme}://{host}:{port}{path}",
-    ]  # fmt: skip
     for name in ("headers", "body"):
         (out / name).unlink(missing_ok=True)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    connect, status = (int(code) for code in done.stdout.split())
+    with relayed(tier, ctx, token) as relay_port:
+        command = [
+            "curl", "-sS", "--max-time", "10",
+            "--cacert", str(tier.confdir / "mitmproxy-ca-cert.pem"),
+            "--connect-to", f"{host}:{port}:127.0.0.1:{relay_port}",
+            "-D", str(out / "headers"), "-o", str(out / "body"), "-w", "%{http_code}",
+            *args, f"{scheme}://{host}:{port}{path}",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
     files = {name: (out / name).read_text() if (out / name).exists() else "" for name in ("headers", "body")}
-    return Answer(connect, status, files["headers"], files["body"], done.returncode)
+    return Answer(int(done.stdout), files["headers"], files["body"], done.returncode)
 
 
 def raw(tier: Tier, ctx: InspectionContext, request: bytes, *, sni: str = HOST) -> bytes:
     """The hand-over by hand, then `request` as bytes over TLS; everything the tier answers until it closes."""
-    with socket.create_connection(("127.0.0.1", tier.proxy_port), timeout=10) as sock:
-        auth = base64.b64encode(f"gateway:{TOKEN}".encode()).decode()
-        sock.sendall(
-            f"CONNECT 127.0.0.1:{tier.tls_port} HTTP/1.1\r\nHost: 127.0.0.1:{tier.tls_port}\r\n"
-            f"Proxy-Authorization: Basic {auth}\r\nX-Gateway-Context: {ctx.encode()}\r\n\r\n".encode()
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(1)
-        assert head.startswith(b"HTTP/1.1 200"), head
+    with open_hand_over(tier, ctx) as sock:
+        assert accepted(sock)
         client = ssl.create_default_context(cafile=str(tier.confdir / "mitmproxy-ca-cert.pem"))
         client.set_alpn_protocols(["http/1.1"])
         with client.wrap_socket(sock, server_hostname=sni) as tls:
@@ -268,15 +314,8 @@ def h2(tier: Tier, ctx: InspectionContext, headers: Sequence[tuple[str, str]]) -
     from h2.connection import H2Connection
     from h2.events import ConnectionTerminated, ResponseReceived, StreamEnded, StreamReset
 
-    with socket.create_connection(("127.0.0.1", tier.proxy_port), timeout=10) as sock:
-        auth = base64.b64encode(f"gateway:{TOKEN}".encode()).decode()
-        sock.sendall(
-            f"CONNECT 127.0.0.1:{tier.tls_port} HTTP/1.1\r\nProxy-Authorization: Basic {auth}\r\n"
-            f"X-Gateway-Context: {ctx.encode()}\r\n\r\n".encode()
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(1)
+    with open_hand_over(tier, ctx) as sock:
+        assert accepted(sock)
         client = ssl.create_default_context(cafile=str(tier.confdir / "mitmproxy-ca-cert.pem"))
         client.set_alpn_protocols(["h2"])
         with client.wrap_socket(sock, server_hostname=HOST) as tls:
@@ -316,7 +355,7 @@ def status_of(answer: bytes) -> int:
 
 def test_get_allowed_and_post_denied_with_the_reason(tier: Tier) -> None:
     ok = curl(tier, context(tier.tls_port), "/echo?case=get")
-    assert (ok.connect, ok.status) == (200, 200)
+    assert ok.status == 200
     assert json.loads(ok.body)["method"] == "GET"
     injected = [v for k, v in tier.origin.saw("case=get")[-1]["headers"] if k.lower() == "authorization"]
     assert injected == [f"Bearer {SECRET}"]  # also when the sandbox sent no copy of its own
@@ -411,28 +450,39 @@ def test_plain_http_gets_no_secret_and_loses_the_sandbox_copy(tier: Tier) -> Non
 # --------------------------------------------------------------------------- who may talk, and about which host
 
 
-def test_a_wrong_token_is_refused_407(tier: Tier) -> None:
+def test_a_wrong_token_is_refused(tier: Tier) -> None:
     answer = curl(tier, context(tier.tls_port), "/echo?case=token", token="wrong-token")
-    assert answer.connect == 407 and answer.status in (0, 407)
+    assert answer.status == 0 and answer.exit_code != 0
     assert not tier.origin.saw("case=token")
+    assert wait_until(lambda: b"inspect.handover_refused error='the hand-over token is wrong'" in tier.log.read_bytes())
 
 
-def connect_status(tier: Tier, target: str, context_header: str) -> bytes:
-    with socket.create_connection(("127.0.0.1", tier.proxy_port), timeout=10) as sock:
-        auth = base64.b64encode(f"gateway:{TOKEN}".encode()).decode()
-        sock.sendall(
-            f"CONNECT {target} HTTP/1.1\r\nProxy-Authorization: Basic {auth}\r\n"
-            f"X-Gateway-Context: {context_header}\r\n\r\n".encode()
-        )
-        return sock.recv(12)
-
-
-def test_a_hand_over_must_name_a_vetted_address_and_carry_the_engines_context(tier: Tier) -> None:
-    good = context(tier.tls_port).encode()
-    assert connect_status(tier, f"127.0.0.1:{tier.tls_port}", good) == b"HTTP/1.1 200"
-    assert connect_status(tier, f"{HOST}:{tier.tls_port}", good) == b"HTTP/1.1 400"  # a name: mitmproxy would resolve
-    assert connect_status(tier, f"127.0.0.1:{tier.plain_port}", good) == b"HTTP/1.1 400"  # not the context's port
-    assert connect_status(tier, f"127.0.0.1:{tier.tls_port}", "bm90IGpzb24=") == b"HTTP/1.1 400"
+@pytest.mark.parametrize(
+    ("shape", "why"),
+    [
+        ("a name", "does not appear to be an IPv4 or IPv6 address"),  # mitmproxy would resolve it
+        ("another port", "is not the context's"),
+        ("no context", "the hand-over's context is not the engine's"),
+        ("the tier itself", "the hand-over names the tier itself"),
+        ("an HTTP request", "not a GATEWAY-HANDOVER/1 line"),  # a client that did not come through the engine
+        ("a CONNECT", "not a GATEWAY-HANDOVER/1 line"),
+    ],
+)
+def test_a_hand_over_must_name_a_vetted_address_and_carry_the_engines_context(tier: Tier, shape: str, why: str) -> None:
+    ctx = context(tier.tls_port)
+    line = {
+        "a name": handover_line(TOKEN, HOST, tier.tls_port, ctx),
+        "another port": handover_line(TOKEN, "127.0.0.1", tier.plain_port, ctx),
+        "no context": handover_line(TOKEN, "127.0.0.1", tier.tls_port, ctx).rsplit(b" ", 1)[0] + b" bm90IGpzb24=\n",
+        "the tier itself": handover_line(TOKEN, "127.0.0.1", tier.proxy_port, context(tier.proxy_port)),
+        "an HTTP request": f"GET http://127.0.0.1:{tier.plain_port}/echo HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode(),
+        "a CONNECT": f"CONNECT 127.0.0.1:{tier.tls_port} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode(),
+    }[shape]
+    with open_hand_over(tier, ctx, line=line) as sock:
+        assert not accepted(sock)  # closed, and nothing written: the engine's relay would pass it to the sandbox
+    assert wait_until(lambda: why.encode() in tier.log.read_bytes())
+    with open_hand_over(tier, ctx) as sock:  # the guard of this test: the engine's own line is accepted
+        assert accepted(sock)
 
 
 def test_host_other_than_the_sni_is_421(tier: Tier) -> None:
@@ -461,14 +511,22 @@ def test_every_request_of_a_keep_alive_connection_is_checked(tier: Tier) -> None
 def test_a_request_without_a_hand_over_is_never_proxied(tier: Tier) -> None:
     url = f"http://127.0.0.1:{tier.plain_port}/echo?case=no-handover"
     command = ["curl", "-sS", "--max-time", "10", "--proxy", f"http://127.0.0.1:{tier.proxy_port}", "-o", "/dev/null",
-               "-w", "%{http_code}", "--proxy-user", f"gateway:{TOKEN}", url]  # fmt: skip
-    assert subprocess.run(command, capture_output=True, text=True, timeout=30).stdout == "407"
+               "-w", "%{http_code}", url]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert done.stdout == "000" and done.returncode != 0, done  # closed: no answer at all
     assert not tier.origin.saw("case=no-handover")
+
+
+def test_a_connect_inside_a_handed_over_connection_is_refused(tier: Tier) -> None:
+    request = f"CONNECT {OTHER}:{tier.tls_port} HTTP/1.1\r\nHost: {OTHER}:{tier.tls_port}\r\n\r\n"
+    answer = raw(tier, context(tier.tls_port), request.encode())
+    assert status_of(answer) == 400 and made_by_the_tier(answer), answer[:300]
+    assert not [seen for seen in tier.origin.seen if seen["method"] == "CONNECT"]
 
 
 def test_an_sni_other_than_the_handed_over_host_gets_no_tls(tier: Tier) -> None:
     answer = curl(tier, context(tier.tls_port), "/echo?case=sni", host=OTHER)
-    assert answer.connect == 200 and answer.status == 0 and answer.exit_code != 0
+    assert answer.status == 0 and answer.exit_code != 0
     assert not tier.origin.saw("case=sni")
 
 
@@ -482,7 +540,7 @@ def test_http2_authority_and_host_must_name_the_host(tier: Tier) -> None:
     assert h2(tier, context(tier.tls_port), both)[0] in (0, 421)  # the h2 library may refuse it first
     assert tier.origin.saw("case=h2ok") and not tier.origin.saw("case=h2authority") and not tier.origin.saw("h2host")
     http2 = curl(tier, context(tier.tls_port), "/echo?case=curlh2", "--http2", "-H", f"Host: {OTHER}")
-    assert http2.status == 421 and http2.headers.startswith("HTTP/1.1 200")  # the hand-over, then h2
+    assert http2.status == 421 and http2.headers.startswith("HTTP/2 421")
 
 
 # --------------------------------------------------------------------------- smuggling shapes
@@ -605,3 +663,13 @@ def test_the_tier_process_does_not_run_without_its_addon(tmp_path: Path, source:
     done = run_tier_to_exit(tmp_path, script)
     assert done.returncode == 1, done
     assert "the addon did not load, or defines no `addons` list" in done.stderr, done.stderr
+
+
+def test_the_addon_does_not_run_without_the_hand_over_listener(tmp_path: Path) -> None:
+    """Under plain mitmdump no connection would carry the engine's context: the addon refuses to start there."""
+    mitmdump = Path(sys.executable).parent / "mitmdump"
+    command = [str(mitmdump), "--set", f"confdir={tmp_path}", "--listen-host", "127.0.0.1", "-p", "0",
+               "--set", "connection_strategy=lazy", "-s", str(REPO / "addons" / "inspect.py")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done
+    assert "the gateway's inspection addon runs in the tier's process" in done.stdout + done.stderr

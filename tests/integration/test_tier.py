@@ -1,15 +1,14 @@
 """The tier's supervisor with its real mitmproxy process (`gateway.tier.proxy`): started on loopback, answering,
 restarted after kill -9, records from its pipe reaching a FlowLog, and no process left after close().
 
-The process runs a stand-in addon that only declares the three options the supervisor sets and, once running, writes
-one flow record carrying what it was given (the token and the secrets), so the test sees that both arrived where the
-addon will read them.
+The process runs a stand-in addon that only declares the two options of the inspection addon the supervisor sets
+(the token is the hand-over listener's) and, once running, writes one flow record carrying what it was given (the
+token and the secrets), so the test sees that both arrived where the addon will read them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import signal
@@ -22,6 +21,7 @@ import pytest
 from gateway.audit_config import AuditConfig
 from gateway.errors import GatewayError
 from gateway.flowlog import FlowLog
+from gateway.inspection import HANDOVER_ACCEPTED, InspectionContext, InspectRule, handover_line
 from gateway.settings import load_config
 from gateway.tier.ca import CERT_FILE
 from gateway.tier.config import InspectionConfig
@@ -35,7 +35,6 @@ from mitmproxy import ctx
 
 class StandIn:
     def load(self, loader):
-        loader.add_option("gateway_token", str, "", "the hand-over token")
         loader.add_option("gateway_records_fd", int, -1, "where flow records go")
         loader.add_option("gateway_secrets", str, "", "the secrets file")
 
@@ -68,16 +67,30 @@ def _config(tmp_path: Path, **options: object) -> InspectionConfig:
     return load_config(tmp_path / "gateway.toml", environ={}).inspection
 
 
-async def _answers(config: InspectionConfig) -> bool:
-    """The port speaks HTTP proxy: a request for an address nothing listens on gets mitmproxy's answer."""
+def _context(port: int, host: str = "api.example.com") -> InspectionContext:
+    return InspectionContext("agent-1", host, port, host, InspectRule(hosts=(host,), ports=(port,)))
+
+
+async def _hand_over(
+    config: InspectionConfig, token: str, port: int, host: str = "api.example.com"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the tier, handed over as the engine does it, past the tier's acceptance."""
     reader, writer = await asyncio.open_connection("127.0.0.1", config.listen_port)
+    writer.write(handover_line(token, "127.0.0.1", port, _context(port, host)))
+    assert await asyncio.wait_for(reader.readexactly(len(HANDOVER_ACCEPTED)), 10) == HANDOVER_ACCEPTED
+    return reader, writer
+
+
+async def _answers(config: InspectionConfig, token: str) -> bool:
+    """The port takes hand-overs: a request handed over to an address nothing listens on gets mitmproxy's answer."""
+    reader, writer = await _hand_over(config, token, 1)
     try:
-        writer.write(b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n")
+        writer.write(b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
         await writer.drain()
         status = await asyncio.wait_for(reader.readline(), 10)
     finally:
         writer.close()
-    return status.startswith(b"HTTP/1.1 ")
+    return status.startswith(b"HTTP/1.1 502 ")
 
 
 def _children(pid: int) -> set[int]:
@@ -108,9 +121,7 @@ async def test_started_answering_restarted_after_kill_and_closed(tmp_path: Path,
     supervisor = TierSupervisor(config, flowlog, addon=addon)
     await supervisor.start()
     try:
-        assert supervisor.ready and await _answers(config)
-        credentials = base64.b64decode(supervisor.authorization.removeprefix("Basic "))
-        assert credentials == f"gateway:{supervisor.token}".encode()
+        assert supervisor.ready and await _answers(config, supervisor.token)
         first = supervisor.pid
         assert first is not None and first in _children(os.getpid())
         # the secrets and the token are nowhere on the command line
@@ -121,7 +132,7 @@ async def test_started_answering_restarted_after_kill_and_closed(tmp_path: Path,
         await wait_until_async(lambda: flowlog.pending >= 1, timeout=15)
         os.kill(first, signal.SIGKILL)
         assert await wait_until_async(lambda: supervisor.restarts == 1 and supervisor.ready, timeout=60)
-        assert supervisor.pid != first and await _answers(config)
+        assert supervisor.pid != first and await _answers(config, supervisor.token)
         await wait_until_async(lambda: flowlog.pending >= 2, timeout=15)
     finally:
         await supervisor.close()
@@ -158,7 +169,7 @@ async def test_a_missing_secret_or_addon_stops_the_start(tmp_path: Path, flowlog
 
 async def test_tls_through_the_tier_is_served_with_the_name_constrained_ca(tmp_path: Path, flowlog: FlowLog) -> None:
     """mitmproxy signs its leaves with the gateway's EC CA, inside the CA's name constraints, and dials the
-    CONNECT target, checking the origin against upstream_ca_file."""
+    hand-over's address, checking the origin against upstream_ca_file."""
     origin_certs = CertPaths(*(tmp_path / "origin" / n for n in ("ca.crt", "ca.key", "origin.crt", "origin.key")))
     init_certs("origin.test", origin_certs)
 
@@ -178,9 +189,7 @@ async def test_tls_through_the_tier_is_served_with_the_name_constrained_ca(tmp_p
     supervisor = TierSupervisor(config, flowlog, addon=addon)
     await supervisor.start()
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", config.listen_port)
-        writer.write(f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\nHost: 127.0.0.1:{origin_port}\r\n\r\n".encode())
-        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        reader, writer = await _hand_over(config, supervisor.token, origin_port, "api.origin.test")
         trusted = ssl.create_default_context(cafile=str(config.ca_dir / CERT_FILE))
         await writer.start_tls(trusted, server_hostname="api.origin.test")
         writer.write(b"GET / HTTP/1.1\r\nHost: api.origin.test\r\n\r\n")

@@ -20,12 +20,19 @@ from gateway.addons.enforce import (
     names_sni,
     parse_secrets,
     path_fault,
-    proxy_authorized,
     request_path,
     scrubber_for,
     target_fault,
 )
-from gateway.inspection import Credential, HeaderMatch, InspectionContext, InspectRule
+from gateway.inspection import (
+    MAX_HANDOVER_LINE,
+    Credential,
+    HeaderMatch,
+    InspectionContext,
+    InspectRule,
+    handover_line,
+    parse_handover,
+)
 
 RULE = InspectRule(
     hosts=("api.example.com",),
@@ -44,7 +51,7 @@ def fields(*pairs: tuple[str, str]) -> list[tuple[bytes, bytes]]:
     return [(name.encode(), value.encode()) for name, value in pairs]
 
 
-def test_the_context_survives_the_hand_over_header() -> None:
+def test_the_context_survives_the_hand_over_line() -> None:
     token = CONTEXT.encode()
     assert token.isascii() and "\r" not in token and "\n" not in token
     assert InspectionContext.decode(token) == CONTEXT
@@ -56,14 +63,36 @@ def test_the_context_survives_the_hand_over_header() -> None:
         InspectionContext.decode(replace(CONTEXT, revision="r1; drop").encode())
 
 
-def test_proxy_authorization_is_basic_gateway_and_the_token() -> None:
-    good = "Basic " + base64.b64encode(b"gateway:tok-123").decode()
-    assert proxy_authorized(good, "tok-123")
-    assert not proxy_authorized(good, "tok-124")
-    assert not proxy_authorized("Basic " + base64.b64encode(b"other:tok-123").decode(), "tok-123")
-    assert not proxy_authorized(None, "tok-123")
-    assert not proxy_authorized(good, "")  # no token configured: nobody, not everybody
-    assert not proxy_authorized("Basic \xff", "tok-123")
+def test_the_hand_over_line_round_trips() -> None:
+    line = handover_line("tok-123", "2001:db8::1", 443, CONTEXT)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1 and len(line) < MAX_HANDOVER_LINE
+    assert parse_handover(line, "tok-123") == ("2001:db8::1", 443, CONTEXT)
+
+
+GOOD = handover_line("tok-123", "192.0.2.7", 443, CONTEXT)
+
+
+@pytest.mark.parametrize(
+    ("line", "token", "why"),
+    [
+        (GOOD, "tok-124", "token is wrong"),
+        (GOOD, "", "token is wrong"),  # no token configured: nobody, not everybody
+        (GOOD.replace(b"tok-123", b"tok-12"), "tok-123", "token is wrong"),  # a prefix of the token
+        (b"GET / HTTP/1.1\r\n", "tok-123", "not a GATEWAY-HANDOVER/1 line"),  # a request without a hand-over
+        (b"CONNECT 192.0.2.7:443 HTTP/1.1\r\n", "tok-123", "not a GATEWAY-HANDOVER/1 line"),
+        (GOOD.replace(b"/1 ", b"/2 "), "tok-123", "not a GATEWAY-HANDOVER/1 line"),
+        (GOOD.replace(b" 443 ", b" 443  "), "tok-123", "not a GATEWAY-HANDOVER/1 line"),  # an extra word
+        (GOOD.replace(b"192.0.2.7", b"api.example.com"), "tok-123", "does not appear to be an IPv4 or IPv6"),
+        (GOOD.replace(b" 443 ", b" 8443 "), "tok-123", "port 8443 is not the context's 443"),
+        (GOOD.replace(b" 443 ", b" x "), "tok-123", "invalid literal"),
+        (GOOD[:-20] + b"\n", "tok-123", "context is not the engine's"),
+        (GOOD.rsplit(b" ", 1)[0] + b" " + base64.urlsafe_b64encode(b'{"sandbox": "x"}') + b"\n", "tok-123", "engine's"),
+        (b"GATEWAY-HANDOVER/1 \xff 192.0.2.7 443 x\n", "tok-123", "token is wrong"),
+    ],
+)
+def test_a_hand_over_line_not_the_engines_is_refused(line: bytes, token: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        parse_handover(line, token)
 
 
 @pytest.mark.parametrize(

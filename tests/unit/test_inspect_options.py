@@ -1,5 +1,6 @@
 """The addon's options: the secrets file (owner-only, this user's, a valid {name: value} object) and the mitmproxy
-options its guarantees rest on; anything else is an OptionsError, so a misconfigured tier does not start."""
+options its guarantees rest on, and the tier's hand-over listener beside it; anything else is an OptionsError, so a
+misconfigured tier does not start."""
 
 from __future__ import annotations
 
@@ -55,9 +56,22 @@ def test_the_mitmproxy_options_the_addon_rests_on_are_required(changes: dict[str
     from mitmproxy.test import taddons
 
     from gateway.addons.inspect import REQUIRED_OPTIONS, Inspect
+    from gateway.tier.handover import Handover
 
     addon = Inspect()
-    with taddons.context(Proxyserver(), addon) as tctx:
+    with taddons.context(Proxyserver(), Handover(0), addon) as tctx:
         tctx.configure(addon, **REQUIRED_OPTIONS)
         with pytest.raises(OptionsError, match="inspection addon needs"):
             tctx.configure(addon, **changes)
+
+
+def test_the_addon_needs_the_hand_over_listener() -> None:
+    from mitmproxy.addons.proxyserver import Proxyserver
+    from mitmproxy.exceptions import OptionsError
+    from mitmproxy.test import taddons
+
+    from gateway.addons.inspect import REQUIRED_OPTIONS, Inspect
+
+    addon = Inspect()
+    with taddons.context(Proxyserver(), addon) as tctx, pytest.raises(OptionsError, match="the tier's process"):
+        tctx.configure(addon, **REQUIRED_OPTIONS)

@@ -160,16 +160,18 @@ class Forwarder:
                 return
             with upstream:
                 upstream.settimeout(None)
-                back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+                back = threading.Thread(target=pump, args=(upstream, client), daemon=True)
                 back.start()
-                _pump(client, upstream)
+                pump(client, upstream)
                 back.join()
 
     def close(self) -> None:
         self.listener.close()
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
+def pump(source: socket.socket, sink: socket.socket) -> None:
+    """One direction between two blocking sockets, until the end of file or a reset (a client that closes with
+    bytes unread resets); then the sink's write side is shut."""
     with contextlib.suppress(OSError):
         while data := source.recv(65536):
             sink.sendall(data)

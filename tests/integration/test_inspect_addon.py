@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from gateway.addons.enforce import MAX_SCRUB_BYTES, REDACTED
+from gateway.demo.run import pump
 from gateway.flowlog import FlowRecord
 from gateway.inspection import HANDOVER_ACCEPTED, Credential, InspectionContext, InspectRule, handover_line
 from gateway.tier.supervisor import tier_command
@@ -223,15 +224,6 @@ def accepted(sock: socket.socket) -> bool:
     return answer == HANDOVER_ACCEPTED
 
 
-def _pipe(source: socket.socket, destination: socket.socket) -> None:
-    """One direction, until the end of file or a reset (curl resets a connection it closes with bytes unread)."""
-    with contextlib.suppress(OSError):
-        while chunk := source.recv(65536):
-            destination.sendall(chunk)
-    with contextlib.suppress(OSError):
-        destination.shutdown(socket.SHUT_WR)
-
-
 @contextlib.contextmanager
 def relayed(tier: Tier, ctx: InspectionContext, token: str) -> Iterator[int]:
     """A local port whose one connection is handed over to the tier as the engine does it (line, then acceptance)
@@ -249,9 +241,9 @@ def relayed(tier: Tier, ctx: InspectionContext, token: str) -> Iterator[int]:
             upstream.settimeout(15)
             if not accepted(upstream):
                 return
-            back = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
+            back = threading.Thread(target=pump, args=(upstream, client), daemon=True)
             back.start()
-            _pipe(client, upstream)
+            pump(client, upstream)
             back.join(15)
 
     thread = threading.Thread(target=serve, daemon=True)

@@ -20,7 +20,11 @@ class EgressConfig(Section, frozen=True):
         Meta(
             ge=0.05,
             le=120,
-            description="Peeking at the first bytes (TLS ClientHello / HTTP request head): its deadline (s).",
+            description=(
+                "Peeking at the first bytes (TLS ClientHello / HTTP request head): its deadline (s), counted from the "
+                "handshake. From 1 s on, the kernel holds a connection that has sent nothing for the first second of "
+                "it (TCP_DEFER_ACCEPT), so that a client's first bytes are there when the gateway accepts it."
+            ),
             extra=LIVE,
         ),
     ] = 5.0

@@ -33,9 +33,8 @@ def _expired(done: asyncio.Future[None]) -> None:
 async def dial(address: str, port: int, mark: int, timeout: float) -> socket.socket:
     """A connected socket to (address, port); OSError or TimeoutError when it cannot be had in `timeout`."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # non-blocking without an ioctl more
     try:
-        sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         error = sock.connect_ex((address, port))

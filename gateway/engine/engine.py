@@ -1,6 +1,7 @@
 """`EgressEngine`: the steps of the egress pipeline, in order, for every accepted connection.
 
-1. Accept (`listener`). Identify the sandbox by source address in the *current* policy state
+1. Accept (`listener`; the kernel holds a connection until its first bytes arrive, for up to a second,
+   which the peek deadline counts). Identify the sandbox by source address in the *current* policy state
    (looked up at accept time, so a policy change applies to the next connection). Unknown: RST.
    Denials that depend on nothing the peek could reveal (SMTP ports, isolated, internet off) are
    given at once: a server-speaks-first client would otherwise wait out the whole peek deadline.
@@ -30,6 +31,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -40,7 +42,7 @@ from gateway.engine.deny import bad_gateway, deny_with, reset
 from gateway.engine.dial import dial
 from gateway.engine.guard import FirstWordsGuard, HttpGuard
 from gateway.engine.handover import HandoverFailed, TierRoute, hand_over
-from gateway.engine.listener import Listeners
+from gateway.engine.listener import DEFER_ACCEPT, Listeners
 from gateway.engine.plan import Plan, plan_named, plan_unnamed, replan
 from gateway.engine.record import Flow, FlowRecorder
 from gateway.engine.relay import CAN_SPLICE, Guard, GuardStop, IdleSweeper, Relay
@@ -148,7 +150,7 @@ class EgressEngine:
 
     async def start(self) -> None:
         """Open the IPv4 and IPv6 transparent listeners (needs CAP_NET_ADMIN)."""
-        self._listeners.open(self.host, self.egress.listen_port)
+        self._listeners.open(self.host, self.egress.listen_port, self._defers(self.egress))
         if self.destinations.blocklist_path is not None:
             self._blocklist_task = asyncio.create_task(self._follow_blocklist())
         log.info("egress.listening", port=self.egress.listen_port, splice=self.splice)
@@ -157,8 +159,15 @@ class EgressEngine:
         """The `[egress]` section a reload made (only its live options differ): each new connection is peeked, capped,
         limited and dialled under it; open connections keep going and are held to the new idle timeout."""
         self.egress = egress
+        self._listeners.defer(self._defers(egress))
         if self._sweeper is not None:
             self._sweeper.retime(egress.idle_timeout)
+
+    @staticmethod
+    def _defers(egress: EgressConfig) -> bool:
+        """Whether the listeners have the kernel hold a silent connection (`listener.DEFER_ACCEPT`): only when the
+        peek deadline leaves room for it, so that a shorter one (for server-speaks-first protocols) stays as short."""
+        return egress.peek_timeout >= DEFER_ACCEPT
 
     async def _follow_blocklist(self) -> None:
         """The operator blocklist is reloaded here, on a schedule, so that the per-connection check never stats it."""
@@ -205,12 +214,12 @@ class EgressEngine:
         if self.draining and not self.open_flows():
             self._drained.set()
 
-    def _accepted(self, conn: socket.socket) -> None:
+    def _accepted(self, conn: socket.socket, peer: tuple[Any, ...]) -> None:
         if self.draining:
             self.stats["refused_draining"] += 1
             reset(conn)
             return
-        self._track(asyncio.create_task(self._handle(conn, time.perf_counter())))
+        self._track(asyncio.create_task(self._handle(conn, peer, time.perf_counter())))
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._connections.add(task)
@@ -222,10 +231,10 @@ class EgressEngine:
 
     # ------------------------------------------------------------------ per connection
 
-    async def _handle(self, conn: socket.socket, accepted: float) -> None:
+    async def _handle(self, conn: socket.socket, peer: tuple[Any, ...], accepted: float) -> None:
         relayed = False
         try:
-            relayed = await self._connection(conn, accepted)
+            relayed = await self._connection(conn, peer, accepted)
         except Exception:
             log.exception("egress.error")
             reset(conn)
@@ -233,12 +242,11 @@ class EgressEngine:
             if not relayed:  # once relayed, the relay's end closes it
                 conn.close()
 
-    async def _connection(self, conn: socket.socket, accepted: float) -> bool:
-        """Decide one accepted connection (`accepted`: its perf_counter time, for the decision latency); True
-        when it was handed to a relay (which then owns the socket)."""
+    async def _connection(self, conn: socket.socket, peer: tuple[Any, ...], accepted: float) -> bool:
+        """Decide one accepted connection (`peer`: its source address; `accepted`: its perf_counter time, for the
+        decision latency); True when it was handed to a relay (which then owns the socket)."""
         self.stats["accepted"] += 1
         try:
-            peer = conn.getpeername()
             local = conn.getsockname()
         except OSError:
             return False  # already gone
@@ -288,8 +296,14 @@ class EgressEngine:
                 return False
             if peeked is None:
                 loop = asyncio.get_running_loop()
+                # Accepted with nothing to read yet: the kernel held it for the listeners' deferral already, which
+                # the peek deadline counts (it runs from the handshake).
                 peeked = await peek(
-                    lambda n: loop.sock_recv(conn, n), egress.peek_timeout, egress.peek_max_bytes, peeker
+                    lambda n: loop.sock_recv(conn, n),
+                    egress.peek_timeout,
+                    egress.peek_max_bytes,
+                    peeker,
+                    waited=self._listeners.deferral,
                 )
         finally:
             if waiting:

@@ -129,11 +129,16 @@ class Peeker:
 
 
 async def peek(
-    recv: Callable[[int], Awaitable[bytes]], timeout: float, max_bytes: int, peeker: Peeker | None = None
+    recv: Callable[[int], Awaitable[bytes]],
+    timeout: float,
+    max_bytes: int,
+    peeker: Peeker | None = None,
+    *,
+    waited: float = 0.0,
 ) -> Peeked:
     """Read (never forward) until the traffic is classified and its name known, within `timeout` and `max_bytes`.
-    `peeker` continues a peek that already has some bytes."""
-    deadline = time.monotonic() + timeout
+    `peeker` continues a peek that already has some bytes; `waited` seconds of the deadline are already spent."""
+    deadline = time.monotonic() + timeout - waited
     peeker = peeker or Peeker(max_bytes)
     while True:
         remaining = deadline - time.monotonic()

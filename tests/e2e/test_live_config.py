@@ -106,10 +106,11 @@ def test_sighup_applies_live_egress_and_dns_options_to_the_running_data_plane(en
     logged = [e for e in env.dns_log("sb3") if e["name"] == LABEL_NAME]
     assert [e["code"] for e in logged][-1] == "BLOCKED_LABEL_LENGTH"
 
-    # One connection may wait for its first bytes now: of three silent ones, two are refused at once.
+    # One connection may wait for its first bytes now: of three silent ones, two are refused at once (which two
+    # is the kernel's order of letting deferred connections go).
     capped_before = env.logged_flows(rule="builtin:peek-cap")
     out = env.topo.python("sb1", SILENT_CLIENTS, "198.18.1.4", "3", timeout=20).split()
-    assert out == ["DATA", "RESET", "RESET"], out
+    assert sorted(out) == ["DATA", "RESET", "RESET"], out
     capped = env.logged_flows(rule="builtin:peek-cap")
     assert len(capped) - len(capped_before) == 2
 

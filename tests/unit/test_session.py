@@ -51,6 +51,15 @@ async def test_peek_gives_up_within_bounds() -> None:
     assert cut_short.reason == "client closed the connection before its request was complete"
 
 
+async def test_peek_counts_the_time_already_waited_against_its_deadline() -> None:
+    # A connection the kernel held for the deferred accept has spent that much of its deadline: the peek gives up
+    # when the rest is over (well inside the whole deadline), and says the deadline the operator configured.
+    partial = await asyncio.wait_for(peek(_reader(b"\x16\x03\x01\x00").read, 5.0, 16384, waited=4.8), 2.0)
+    assert isinstance(partial, PeekFailed) and "within 5.0s" in partial.reason
+    silent = await asyncio.wait_for(peek(_reader().read, 5.0, 16384, waited=5.0), 1.0)
+    assert isinstance(silent, Opaque) and not silent.data
+
+
 def test_peeker_decides_from_bytes_already_read_and_keeps_every_byte() -> None:
     hello = genuine_hello("one.test")
     whole = Peeker(16384).feed(hello)

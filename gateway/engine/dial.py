@@ -15,6 +15,8 @@ import errno
 import os
 import socket
 
+from gateway.readiness import park_reader
+
 #: connect_ex's answers that mean "connecting": an interrupted connect goes on asynchronously too. (EAGAIN is
 #: no such answer on Linux TCP: it means no local port was free, so the socket would never connect.)
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EINTR})
@@ -30,8 +32,10 @@ def _expired(done: asyncio.Future[None]) -> None:
         done.set_exception(TimeoutError())
 
 
-async def dial(address: str, port: int, mark: int, timeout: float) -> socket.socket:
-    """A connected socket to (address, port); OSError or TimeoutError when it cannot be had in `timeout`."""
+async def dial(address: str, port: int, mark: int, timeout: float, *, park: bool = False) -> socket.socket:
+    """A connected socket to (address, port); OSError or TimeoutError when it cannot be had in `timeout`. With
+    `park`, the poll registration the connect was waited on is kept for the caller's reader
+    (`gateway.readiness.park_reader`): the caller must then add its reader before it yields to the loop."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # non-blocking without an ioctl more
     try:
@@ -46,10 +50,12 @@ async def dial(address: str, port: int, mark: int, timeout: float) -> socket.soc
             timer = loop.call_later(timeout, _expired, done)
             try:
                 await done
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if park and not error:
+                    park_reader(loop, sock)  # before the writer goes, so the registration stays
             finally:
                 loop.remove_writer(fd)
                 timer.cancel()
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             raise OSError(error, os.strerror(error))
     except BaseException:

@@ -250,7 +250,6 @@ class EgressEngine:
             local = conn.getsockname()
         except OSError:
             return False  # already gone
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         flow = Flow(time.time_ns() // 1000, "", peer[0], peer[1], local[0], local[1], accepted=accepted)
         policy = self.state_provider().policy_for_address(flow.src_addr)
         if policy is None:
@@ -455,11 +454,12 @@ class EgressEngine:
         return True
 
     async def _dial(self, address: str, port: int) -> socket.socket:
-        """The upstream connect (`dial`), its time observed by outcome."""
+        """The upstream connect (`dial`), its time observed by outcome. The socket comes with its poll registration
+        parked for the relay, which `_relay` builds before it yields to the loop."""
         egress = self.egress
         started = time.perf_counter()
         try:
-            upstream = await dial(address, port, egress.dial_mark, egress.connect_timeout)
+            upstream = await dial(address, port, egress.dial_mark, egress.connect_timeout, park=True)
         except (OSError, TimeoutError):
             self.recorder.dialled(False, time.perf_counter() - started)
             raise

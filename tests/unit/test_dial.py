@@ -4,9 +4,10 @@ connect, its failures, and the poll registration it can park for the relay (gate
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -33,26 +34,33 @@ def _server() -> socket.socket:
     return server
 
 
+@contextlib.asynccontextmanager
+async def parked_dial() -> AsyncIterator[tuple[socket.socket, socket.socket]]:
+    """(upstream, origin): a dial with `park` to a loopback origin, and the origin's end of it; both closed after."""
+    with _server() as server:
+        accepting = asyncio.ensure_future(_accepted(server))
+        upstream = await dial("127.0.0.1", server.getsockname()[1], 0, 5.0, park=True)
+        origin = await accepting
+        try:
+            yield upstream, origin
+        finally:
+            origin.close()
+            upstream.close()
+
+
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_the_parked_registration_hands_over_to_the_next_reader(loop_kind: str) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        with _server() as server:
-            accepting = asyncio.ensure_future(_accepted(server))
-            upstream = await dial("127.0.0.1", server.getsockname()[1], 0, 5.0, park=True)
-            origin = await accepting
-            try:
-                assert upstream.getblocking() is False
-                got: asyncio.Future[bytes] = loop.create_future()
-                # The next owner's reader takes the slot the placeholder held, as the relay's does.
-                loop.add_reader(upstream.fileno(), lambda: got.done() or got.set_result(upstream.recv(64)))
-                origin.send(b"banner")
-                assert await asyncio.wait_for(got, 5) == b"banner"
-                loop.remove_reader(upstream.fileno())
-            finally:
-                origin.close()
-                upstream.close()
-            assert upstream.fileno() == -1  # closed for real: nothing of the placeholder holds it open
+        async with parked_dial() as (upstream, origin):
+            assert upstream.getblocking() is False
+            got: asyncio.Future[bytes] = loop.create_future()
+            # The next owner's reader takes the slot the placeholder held, as the relay's does.
+            loop.add_reader(upstream.fileno(), lambda: got.done() or got.set_result(upstream.recv(64)))
+            origin.send(b"banner")
+            assert await asyncio.wait_for(got, 5) == b"banner"
+            loop.remove_reader(upstream.fileno())
+        assert upstream.fileno() == -1  # closed for real: nothing of the placeholder holds it open
 
     run(loop_kind, main)
 
@@ -70,27 +78,20 @@ def test_bytes_before_the_next_owner_leave_it_to_read_them(loop_kind: str, monke
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        with _server() as server:
-            accepting = asyncio.ensure_future(_accepted(server))
-            upstream = await dial("127.0.0.1", server.getsockname()[1], 0, 5.0, park=True)
-            origin = await accepting
-            try:
-                origin.send(b"early")  # the server speaks while the placeholder holds the slot
-                for _ in range(1000):  # loop turns, until the placeholder was woken
-                    await asyncio.sleep(0)
-                    if woken:
-                        break
-                for _ in range(20):  # and it went: the bytes still there wake it no more
-                    await asyncio.sleep(0)
-                assert woken == [upstream]
-                got: asyncio.Future[bytes] = loop.create_future()
-                loop.add_reader(upstream.fileno(), lambda: got.done() or got.set_result(upstream.recv(64)))
-                assert await asyncio.wait_for(got, 5) == b"early"  # registered afresh, told at once
-                loop.remove_reader(upstream.fileno())
-            finally:
-                origin.close()
-                upstream.close()
-            assert upstream.fileno() == -1
+        async with parked_dial() as (upstream, origin):
+            origin.send(b"early")  # the server speaks while the placeholder holds the slot
+            for _ in range(1000):  # loop turns, until the placeholder was woken
+                await asyncio.sleep(0)
+                if woken:
+                    break
+            for _ in range(20):  # and it went: the bytes still there wake it no more
+                await asyncio.sleep(0)
+            assert woken == [upstream]
+            got: asyncio.Future[bytes] = loop.create_future()
+            loop.add_reader(upstream.fileno(), lambda: got.done() or got.set_result(upstream.recv(64)))
+            assert await asyncio.wait_for(got, 5) == b"early"  # registered afresh, told at once
+            loop.remove_reader(upstream.fileno())
+        assert upstream.fileno() == -1
 
     run(loop_kind, main)
 
